@@ -1,0 +1,43 @@
+# The two commands that matter: `make run` (the whole product on embedded defaults) and
+# `make test` (everything against the real PostgreSQL and Redis).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/factory_saas
+REDIS_URL ?= redis://127.0.0.1:6379/0
+TEST_ENV := DJANGO_SETTINGS_MODULE=factory_saas.settings.test DATABASE_URL=$(DATABASE_URL) REDIS_URL=$(REDIS_URL)
+
+.PHONY: install run test lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch is pinned to 2.13.0; on these machines pip takes the CPU wheel already on disk.
+	$(BIN)/python -m pip install --quiet -e ".[worker,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	export DJANGO_SETTINGS_MODULE=factory_saas.settings.embedded; \
+	$(BIN)/python manage.py migrate --noinput && \
+	$(BIN)/python manage.py seed_demo && \
+	exec $(BIN)/python manage.py run_embedded
+
+lint: install
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
+test: install
+	$(TEST_ENV) $(BIN)/python manage.py check_services
+	$(MAKE) lint
+	$(TEST_ENV) $(BIN)/python manage.py makemigrations --check --dry-run
+	$(TEST_ENV) $(BIN)/python manage.py spectacular --validate --fail-on-warn --file /dev/null
+	$(TEST_ENV) $(BIN)/pytest
+
+clean:
+	rm -rf var db.sqlite3 test-artifacts

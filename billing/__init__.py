@@ -1,0 +1,1 @@
+"""Rate card, usage ledger, budgets, Stripe and invoices (issue: billing)."""

@@ -1,0 +1,17 @@
+"""The REST API router: /api/v1/, its OpenAPI schema and its docs (served without a CDN)."""
+
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
+
+from tenants.api import urls as tenants_urls
+
+org_urlpatterns = [
+    *tenants_urls.org_urlpatterns,
+]
+
+urlpatterns = [
+    *tenants_urls.urlpatterns,
+    path("orgs/<slug:org_slug>/", include(org_urlpatterns)),
+    path("schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("docs/", SpectacularSwaggerSplitView.as_view(url_name="schema"), name="swagger-ui"),
+]

@@ -1,0 +1,1 @@
+"""Settings package: base, embedded (the `make run` default), test and production."""

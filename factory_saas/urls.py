@@ -1,0 +1,28 @@
+from django.conf import settings
+from django.contrib import admin
+from django.contrib.staticfiles.urls import staticfiles_urlpatterns
+from django.urls import include, path
+from django.views.generic import RedirectView
+
+from . import health, views
+
+dashboard_patterns = ([path("", views.home, name="home")], "dashboard")
+
+urlpatterns = [
+    path("healthz", health.healthz, name="healthz"),
+    path("readyz", health.readyz, name="readyz"),
+    # Staff sign in through the same throttled form as everyone else.
+    path(
+        "admin/login/",
+        RedirectView.as_view(pattern_name="account_login", query_string=True),
+        name="admin_login_redirect",
+    ),
+    path("admin/", admin.site.urls),
+    path("accounts/", include("allauth.urls")),
+    path("api/v1/", include("factory_saas.api")),
+    path("", include(dashboard_patterns)),
+    path("", include("tenants.urls")),
+]
+
+if settings.DEBUG:
+    urlpatterns += staticfiles_urlpatterns()

@@ -1,0 +1,1 @@
+"""The GPU pool: resource classes, workers, jobs, scheduler, dispatch and recipes."""

@@ -1,0 +1,1 @@
+"""Datasets, the model registry, artifact storage and lineage (issue: registry)."""

@@ -1,0 +1,46 @@
+"""Scope checks: each view declares the scope every action needs; anything undeclared is denied."""
+
+from rest_framework import exceptions, permissions
+
+
+class DenyAll(permissions.BasePermission):
+    """The default: a view that declares nothing allows nothing."""
+
+    def has_permission(self, request, view):
+        if not (request.user and request.user.is_authenticated):
+            raise exceptions.NotAuthenticated
+        return False
+
+
+def required_scope(view, request) -> str | None:
+    key = getattr(view, "action", None) or request.method.lower()
+    return view.required_scopes.get(key)
+
+
+class HasOrganizationScope(permissions.BasePermission):
+    """Authenticated, then a member of the organization (else 404), then the declared scope."""
+
+    message = "Your role in this organization does not allow this."
+
+    def has_permission(self, request, view):
+        if not (request.user and request.user.is_authenticated):
+            raise exceptions.NotAuthenticated
+        view.resolve_organization()
+        scope = required_scope(view, request)
+        if scope is None:
+            return False
+        if scope not in view.granted_scopes:
+            self.message = f"This needs the `{scope}` scope, which your role or key does not grant."
+            return False
+        return True
+
+
+class IsUserSession(permissions.BasePermission):
+    """Actions only a person may take in their own name, never an API key."""
+
+    message = "API keys cannot do this; sign in as a user."
+
+    def has_permission(self, request, view):
+        if not (request.user and request.user.is_authenticated):
+            raise exceptions.NotAuthenticated
+        return request.auth is None

@@ -1,0 +1,56 @@
+"""Roles and the scopes they grant: the one table every permission check reads."""
+
+from django.db import models
+
+
+class Role(models.TextChoices):
+    OWNER = "owner", "Owner"
+    ADMIN = "admin", "Admin"
+    DEVELOPER = "developer", "Developer"
+    VIEWER = "viewer", "Viewer"
+    BILLING = "billing", "Billing"
+
+
+# Every scope the platform knows, with what it allows; API keys may carry any subset of their
+# creator's role scopes.
+SCOPES: dict[str, str] = {
+    "org:read": "See the organization",
+    "org:admin": "Rename the organization and change its settings",
+    "members:read": "See members and pending invitations",
+    "members:admin": "Invite people and revoke invitations",
+    "members:owner": "Change members' roles and remove members",
+    "keys:write": "Create and revoke one's own API keys",
+    "keys:admin": "See and revoke every API key of the organization",
+    "audit:read": "Read the audit log",
+    "jobs:read": "See jobs, their logs and metrics",
+    "jobs:write": "Submit, cancel and retry jobs",
+    "datasets:read": "See and download datasets",
+    "datasets:write": "Upload and delete datasets",
+    "models:read": "See and download models",
+    "models:write": "Register and edit models",
+    "models:promote": "Move model aliases such as production",
+    "billing:read": "See usage, costs and invoices",
+    "billing:admin": "Manage budgets and payment methods",
+}
+
+_READ = {"org:read", "members:read", "keys:write"}
+_BUILD = {
+    "jobs:read",
+    "jobs:write",
+    "datasets:read",
+    "datasets:write",
+    "models:read",
+    "models:write",
+}
+
+ROLE_SCOPES: dict[str, frozenset[str]] = {
+    Role.OWNER: frozenset(SCOPES),
+    Role.ADMIN: frozenset(SCOPES) - {"members:owner", "billing:admin"},
+    Role.DEVELOPER: frozenset(_READ | _BUILD | {"models:promote"}),
+    Role.VIEWER: frozenset(_READ | {"jobs:read", "datasets:read", "models:read"}),
+    Role.BILLING: frozenset(_READ | {"billing:read", "billing:admin"}),
+}
+
+
+def scopes_for_role(role: str) -> frozenset[str]:
+    return ROLE_SCOPES.get(role, frozenset())

@@ -1,0 +1,114 @@
+"""Reads of tenant data; each takes the organization explicitly and never writes."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from datetime import datetime
+
+from django.db.models import QuerySet
+from django.http import Http404
+
+from .models import ApiKey, AuditEvent, Invitation, Membership, Organization, User
+from .scopes import scopes_for_role
+
+
+def hash_secret(secret: str) -> str:
+    # Secrets are long random strings, so a fast hash is enough; a slow KDF buys nothing here.
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def organization_list_for_user(*, user: User) -> QuerySet[Organization]:
+    return Organization.objects.filter(tenants_membership_set__user=user).order_by("name")
+
+
+def membership_get(*, organization: Organization, user: User) -> Membership | None:
+    return Membership.objects.for_organization(organization).filter(user=user).first()
+
+
+def api_key_scopes(*, api_key: ApiKey) -> frozenset[str]:
+    """A key never holds more than its creator's current role allows."""
+    membership = membership_get(organization=api_key.organization, user=api_key.created_by)
+    if membership is None:
+        return frozenset()
+    return frozenset(api_key.scopes) & scopes_for_role(membership.role)
+
+
+def organization_access(
+    *, slug: str, user: User, api_key: ApiKey | None = None
+) -> tuple[Organization, Membership | None, frozenset[str]]:
+    """The organization a request may reach and the scopes it holds there.
+
+    Anything the caller may not see raises Http404, exactly like a missing organization.
+    """
+    if api_key is not None:
+        if api_key.organization.slug != slug:
+            raise Http404
+        return api_key.organization, None, api_key_scopes(api_key=api_key)
+    membership = (
+        Membership.objects.select_related("organization")
+        .filter(organization__slug=slug, user=user)
+        .first()
+    )
+    if membership is None:
+        raise Http404
+    return membership.organization, membership, scopes_for_role(membership.role)
+
+
+def api_key_get_by_token(*, token: str) -> ApiKey | None:
+    prefix, sep, secret = token.partition("_")
+    if not sep or not secret:
+        return None
+    api_key = (
+        ApiKey.objects.select_related("organization", "created_by").filter(prefix=prefix).first()
+    )
+    if api_key is None or not hmac.compare_digest(api_key.secret_hash, hash_secret(secret)):
+        return None
+    return api_key
+
+
+def member_list(*, organization: Organization) -> QuerySet[Membership]:
+    return Membership.objects.for_organization(organization).select_related("user")
+
+
+def owner_count(*, organization: Organization) -> int:
+    return Membership.objects.for_organization(organization).filter(role="owner").count()
+
+
+def invitation_list(*, organization: Organization) -> QuerySet[Invitation]:
+    return Invitation.objects.for_organization(organization).select_related("invited_by")
+
+
+def invitation_get_by_token(*, token: str) -> Invitation | None:
+    return (
+        Invitation.objects.select_related("organization", "invited_by")
+        .filter(token_hash=hash_secret(token))
+        .first()
+    )
+
+
+def api_key_list(*, organization: Organization, created_by: User | None = None) -> QuerySet[ApiKey]:
+    keys = ApiKey.objects.for_organization(organization).select_related("created_by")
+    if created_by is not None:
+        keys = keys.filter(created_by=created_by)
+    return keys
+
+
+def audit_event_list(
+    *,
+    organization: Organization,
+    action: str | None = None,
+    actor: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> QuerySet[AuditEvent]:
+    events = AuditEvent.objects.for_organization(organization)
+    if action:
+        events = events.filter(action__startswith=action)
+    if actor:
+        events = events.filter(actor_label__icontains=actor)
+    if since:
+        events = events.filter(created_at__gte=since)
+    if until:
+        events = events.filter(created_at__lt=until)
+    return events

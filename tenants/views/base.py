@@ -1,0 +1,57 @@
+"""Org-scoped dashboard pages: login, then membership (else 404), then the method's scope."""
+
+from django.contrib.auth.mixins import LoginRequiredMixin
+from django.core.exceptions import PermissionDenied
+from django.shortcuts import get_object_or_404
+
+from tenants.actors import Actor
+from tenants.selectors import organization_access
+
+
+class OrganizationPageMixin(LoginRequiredMixin):
+    # The scope each HTTP method needs; a method not listed is not allowed (405).
+    required_scopes: dict[str, str] = {}
+    model = None  # for pages about one tenant-owned object, found by `pk` within the organization
+
+    organization = None
+    membership = None
+    granted_scopes: frozenset[str] = frozenset()
+
+    def dispatch(self, request, *args, **kwargs):
+        if not request.user.is_authenticated:
+            return self.handle_no_permission()
+        self.organization, self.membership, self.granted_scopes = organization_access(
+            slug=kwargs["org_slug"], user=request.user
+        )
+        method = request.method.lower()
+        if method == "head":
+            method = "get"
+        scope = self.required_scopes.get(method)
+        if scope is None:
+            return self.http_method_not_allowed(request, *args, **kwargs)
+        if scope not in self.granted_scopes:
+            raise PermissionDenied(f"This page needs the {scope} scope, which your role lacks.")
+        request.session["current_org"] = self.organization.slug
+        request.organization, request.organization_scopes = self.organization, self.granted_scopes
+        return super().dispatch(request, *args, **kwargs)
+
+    @property
+    def actor(self) -> Actor:
+        return Actor.from_request(self.request)
+
+    def has_scope(self, scope: str) -> bool:
+        return scope in self.granted_scopes
+
+    def narrow_queryset(self, queryset):
+        return queryset
+
+    def get_org_object(self):
+        queryset = self.narrow_queryset(self.model.objects.for_organization(self.organization))
+        return get_object_or_404(queryset, pk=self.kwargs["pk"])
+
+    def get_context_data(self, **kwargs):
+        context = super().get_context_data(**kwargs)
+        context.update(
+            organization=self.organization, membership=self.membership, scopes=self.granted_scopes
+        )
+        return context

@@ -1,0 +1,273 @@
+"""Dashboard pages for organizations, members, invitations, API keys and the audit log."""
+
+from django.contrib import messages
+from django.contrib.auth.mixins import LoginRequiredMixin
+from django.core.paginator import Paginator
+from django.shortcuts import redirect, render
+from django.views import View
+from django.views.generic import TemplateView
+
+from tenants import selectors, services
+from tenants.actors import Actor
+from tenants.errors import DomainError
+from tenants.forms import ApiKeyForm, AuditFilterForm, InvitationForm, OrganizationForm, RoleForm
+from tenants.models import ApiKey, Invitation, Membership
+
+from .base import OrganizationPageMixin
+
+
+def _add_domain_error(form, error: DomainError) -> None:
+    for field, errors in (error.fields or {}).items():
+        for message in errors:
+            form.add_error(field if field in form.fields else None, message)
+    if not error.fields:
+        form.add_error(None, error.detail)
+
+
+class OrganizationCreatePage(LoginRequiredMixin, View):
+    template_name = "tenants/organization_create.html"
+
+    def get(self, request):
+        return render(request, self.template_name, {"form": OrganizationForm()})
+
+    def post(self, request):
+        form = OrganizationForm(request.POST)
+        if form.is_valid():
+            try:
+                organization = services.organization_create(
+                    name=form.cleaned_data["name"],
+                    owner=request.user,
+                    actor=Actor.from_request(request),
+                )
+            except DomainError as error:
+                _add_domain_error(form, error)
+            else:
+                messages.success(request, f"{organization.name} is ready.")
+                return redirect("tenants:overview", organization.slug)
+        return render(request, self.template_name, {"form": form}, status=400)
+
+
+class ProfilePage(LoginRequiredMixin, TemplateView):
+    template_name = "tenants/profile.html"
+
+    def get_context_data(self, **kwargs):
+        context = super().get_context_data(**kwargs)
+        context["memberships"] = self.request.user.memberships.select_related("organization")
+        return context
+
+
+class InvitationAcceptPage(LoginRequiredMixin, View):
+    template_name = "tenants/invitation_accept.html"
+
+    def get(self, request, token):
+        invitation = selectors.invitation_get_by_token(token=token)
+        return render(request, self.template_name, {"invitation": invitation})
+
+    def post(self, request, token):
+        try:
+            membership = services.invitation_accept(
+                token=token, user=request.user, actor=Actor.from_request(request)
+            )
+        except DomainError as error:
+            invitation = selectors.invitation_get_by_token(token=token)
+            return render(
+                request,
+                self.template_name,
+                {"invitation": invitation, "error": error.detail},
+                status=400,
+            )
+        messages.success(request, f"Welcome to {membership.organization.name}.")
+        return redirect("tenants:overview", membership.organization.slug)
+
+
+class OverviewPage(OrganizationPageMixin, TemplateView):
+    template_name = "tenants/overview.html"
+    required_scopes = {"get": "org:read"}
+
+    def get_context_data(self, **kwargs):
+        context = super().get_context_data(**kwargs)
+        context["member_count"] = selectors.member_list(organization=self.organization).count()
+        if self.has_scope("audit:read"):
+            context["recent_events"] = selectors.audit_event_list(organization=self.organization)[
+                :10
+            ]
+        return context
+
+
+class SettingsPage(OrganizationPageMixin, TemplateView):
+    template_name = "tenants/settings.html"
+    required_scopes = {"get": "org:read", "post": "org:admin"}
+
+    def get_context_data(self, **kwargs):
+        context = super().get_context_data(**kwargs)
+        context.setdefault("form", OrganizationForm(initial={"name": self.organization.name}))
+        return context
+
+    def post(self, request, org_slug):
+        form = OrganizationForm(request.POST)
+        if form.is_valid():
+            try:
+                services.organization_update(
+                    organization=self.organization, name=form.cleaned_data["name"], actor=self.actor
+                )
+            except DomainError as error:
+                _add_domain_error(form, error)
+            else:
+                messages.success(request, "Saved.")
+                return redirect("tenants:settings", org_slug)
+        return self.render_to_response(self.get_context_data(form=form), status=400)
+
+
+class MembersPage(OrganizationPageMixin, TemplateView):
+    """Members and pending invitations; posting invites someone."""
+
+    template_name = "tenants/members.html"
+    required_scopes = {"get": "members:read", "post": "members:admin"}
+
+    def get_context_data(self, **kwargs):
+        context = super().get_context_data(**kwargs)
+        context["members"] = selectors.member_list(organization=self.organization)
+        context["invitations"] = [
+            invitation
+            for invitation in selectors.invitation_list(organization=self.organization)[:200]
+            if invitation.status == Invitation.Status.PENDING
+        ]
+        context["roles"] = RoleForm.base_fields["role"].choices
+        context.setdefault("form", InvitationForm())
+        return context
+
+    def post(self, request, org_slug):
+        form = InvitationForm(request.POST)
+        if form.is_valid():
+            try:
+                invitation, _token = services.invitation_create(
+                    organization=self.organization, actor=self.actor, **form.cleaned_data
+                )
+            except DomainError as error:
+                _add_domain_error(form, error)
+            else:
+                messages.success(request, f"Invitation sent to {invitation.email}.")
+                return redirect("tenants:members", org_slug)
+        return self.render_to_response(self.get_context_data(form=form), status=400)
+
+
+class _ObjectActionPage(OrganizationPageMixin, View):
+    """A POST-only action on one object of the organization, then back to a list page."""
+
+    success_url_name = ""
+
+    def post(self, request, org_slug, pk):
+        target = self.get_org_object()
+        try:
+            message = self.perform(target)
+        except DomainError as error:
+            messages.error(request, error.detail)
+        else:
+            messages.success(request, message)
+        return redirect(self.success_url_name, org_slug)
+
+    def perform(self, target) -> str:
+        raise NotImplementedError
+
+
+class MemberRoleAction(_ObjectActionPage):
+    model = Membership
+    required_scopes = {"post": "members:owner"}
+    success_url_name = "tenants:members"
+
+    def perform(self, target):
+        form = RoleForm(self.request.POST)
+        if not form.is_valid():
+            raise DomainError("Choose one of the listed roles.")
+        membership = services.membership_change_role(
+            membership=target, role=form.cleaned_data["role"], actor=self.actor
+        )
+        return f"{membership.user.email} is now {membership.get_role_display().lower()}."
+
+
+class MemberRemoveAction(_ObjectActionPage):
+    model = Membership
+    required_scopes = {"post": "members:owner"}
+    success_url_name = "tenants:members"
+
+    def perform(self, target):
+        services.membership_remove(membership=target, actor=self.actor)
+        return f"{target.user.email} was removed."
+
+
+class InvitationRevokeAction(_ObjectActionPage):
+    model = Invitation
+    required_scopes = {"post": "members:admin"}
+    success_url_name = "tenants:members"
+
+    def perform(self, target):
+        services.invitation_revoke(invitation=target, actor=self.actor)
+        return f"The invitation to {target.email} was revoked."
+
+
+class _OwnKeysUnlessAdmin:
+    def narrow_queryset(self, queryset):
+        if not self.has_scope("keys:admin"):
+            queryset = queryset.filter(created_by=self.request.user)
+        return queryset.select_related("created_by")
+
+
+class ApiKeysPage(_OwnKeysUnlessAdmin, OrganizationPageMixin, TemplateView):
+    template_name = "tenants/api_keys.html"
+    required_scopes = {"get": "keys:write", "post": "keys:write"}
+    model = ApiKey
+
+    def get_context_data(self, **kwargs):
+        context = super().get_context_data(**kwargs)
+        keys = self.narrow_queryset(ApiKey.objects.for_organization(self.organization))
+        context["page"] = Paginator(keys, 50).get_page(self.request.GET.get("page"))
+        context.setdefault("form", ApiKeyForm(granted_scopes=self.granted_scopes))
+        return context
+
+    def post(self, request, org_slug):
+        form = ApiKeyForm(request.POST, granted_scopes=self.granted_scopes)
+        if form.is_valid():
+            try:
+                api_key, token = services.api_key_create(
+                    organization=self.organization, actor=self.actor, **form.cleaned_data
+                )
+            except DomainError as error:
+                _add_domain_error(form, error)
+            else:
+                # The token exists only in this response: it is never stored or shown again.
+                context = self.get_context_data(
+                    form=ApiKeyForm(granted_scopes=self.granted_scopes),
+                    new_key=api_key,
+                    token=token,
+                )
+                return self.render_to_response(context, status=201)
+        return self.render_to_response(self.get_context_data(form=form), status=400)
+
+
+class ApiKeyRevokeAction(_OwnKeysUnlessAdmin, _ObjectActionPage):
+    model = ApiKey
+    required_scopes = {"post": "keys:write"}
+    success_url_name = "tenants:api_keys"
+
+    def perform(self, target):
+        services.api_key_revoke(api_key=target, actor=self.actor)
+        return f"Key {target.name} ({target.prefix}) was revoked; it stops working now."
+
+
+class AuditPage(OrganizationPageMixin, TemplateView):
+    template_name = "tenants/audit.html"
+    required_scopes = {"get": "audit:read"}
+
+    def get_context_data(self, **kwargs):
+        context = super().get_context_data(**kwargs)
+        form = AuditFilterForm(self.request.GET or None)
+        filters = form.cleaned_data if form.is_valid() else {}
+        events = selectors.audit_event_list(
+            organization=self.organization, **{k: v for k, v in filters.items() if v}
+        )
+        context["form"] = form
+        context["page"] = Paginator(events, 50).get_page(self.request.GET.get("page"))
+        query = self.request.GET.copy()
+        query.pop("page", None)
+        context["query"] = query.urlencode()
+        return context

@@ -1,0 +1,84 @@
+"""Shared fixtures. Nothing here starts a service: PostgreSQL and Redis are already running."""
+
+import pytest
+from django.core.cache import cache
+from rest_framework.test import APIClient
+
+from tenants.actors import Actor
+from tenants.services import api_key_create
+from tests.factories import MembershipFactory, OrganizationFactory, UserFactory
+
+
+@pytest.fixture(autouse=True)
+def _clear_cache():
+    """Rate-limit counters live in Redis; each test starts with none."""
+    cache.clear()
+    yield
+    cache.clear()
+
+
+@pytest.fixture
+def org(db):
+    return OrganizationFactory()
+
+
+@pytest.fixture
+def other_org(db):
+    return OrganizationFactory()
+
+
+@pytest.fixture
+def member_factory(db):
+    def make(organization, role="developer", **kwargs):
+        return MembershipFactory(organization=organization, role=role, **kwargs).user
+
+    return make
+
+
+@pytest.fixture
+def owner(org, member_factory):
+    return member_factory(org, "owner")
+
+
+@pytest.fixture
+def api_client():
+    return APIClient()
+
+
+@pytest.fixture
+def client_for(db):
+    """An API client signed in as `user` (session auth)."""
+
+    def make(user):
+        client = APIClient()
+        client.force_login(user)
+        return client
+
+    return make
+
+
+@pytest.fixture
+def key_client_for(db):
+    """An API client authenticated with a fresh key of `user` in `organization`."""
+
+    def make(user, organization, scopes=None):
+        from tenants.scopes import scopes_for_role
+        from tenants.selectors import membership_get
+
+        role = membership_get(organization=organization, user=user).role
+        _key, token = api_key_create(
+            organization=organization,
+            name="test key",
+            scopes=sorted(scopes if scopes is not None else scopes_for_role(role)),
+            actor=Actor(user=user),
+        )
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
+        return client
+
+    return make
+
+
+@pytest.fixture
+def user(db):
+    return UserFactory()

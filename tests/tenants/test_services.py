@@ -1,0 +1,206 @@
+"""Tenant services against the real database: roles, owners, invitations, keys, audit."""
+
+from datetime import timedelta
+
+import pytest
+from django.core import mail
+from django.utils import timezone
+
+from tenants import services
+from tenants.actors import Actor
+from tenants.errors import (
+    ConflictError,
+    DomainError,
+    InvitationInvalidError,
+    LastOwnerError,
+    PermissionDeniedError,
+)
+from tenants.models import ApiKey, AuditEvent, Invitation, Membership
+from tenants.selectors import api_key_get_by_token, api_key_scopes, membership_get
+from tests.factories import UserFactory
+
+pytestmark = pytest.mark.django_db
+
+
+def test_creating_an_organization_makes_the_creator_its_owner_and_audits_it(user):
+    org = services.organization_create(
+        name="Acme ML", owner=user, actor=Actor(user=user, ip="10.0.0.1")
+    )
+    assert org.slug == "acme-ml"
+    assert membership_get(organization=org, user=user).role == "owner"
+    event = AuditEvent.objects.get(organization=org)
+    assert (event.action, event.actor_label, event.ip) == (
+        "organization.create",
+        user.email,
+        "10.0.0.1",
+    )
+
+
+def test_organization_slugs_stay_unique(user):
+    first = services.organization_create(name="Acme", owner=user, actor=Actor(user=user))
+    second = services.organization_create(name="Acme", owner=user, actor=Actor(user=user))
+    assert (first.slug, second.slug) == ("acme", "acme-2")
+
+
+def test_last_owner_can_be_neither_demoted_nor_removed(org, owner):
+    membership = membership_get(organization=org, user=owner)
+    with pytest.raises(LastOwnerError):
+        services.membership_change_role(
+            membership=membership, role="admin", actor=Actor(user=owner)
+        )
+    with pytest.raises(LastOwnerError):
+        services.membership_remove(membership=membership, actor=Actor(user=owner))
+    assert Membership.objects.get(pk=membership.pk).role == "owner"
+
+
+def test_an_owner_can_step_down_once_another_owner_exists(org, owner, member_factory):
+    member_factory(org, "owner")
+    membership = membership_get(organization=org, user=owner)
+    services.membership_change_role(
+        membership=membership, role="developer", actor=Actor(user=owner)
+    )
+    assert Membership.objects.get(pk=membership.pk).role == "developer"
+    assert AuditEvent.objects.filter(
+        action="member.role_change", data__role=["owner", "developer"]
+    ).exists()
+
+
+def test_removing_a_member_revokes_their_keys(org, owner, member_factory):
+    dev = member_factory(org, "developer")
+    key, _token = services.api_key_create(
+        organization=org, name="ci", scopes=["jobs:read"], actor=Actor(user=dev)
+    )
+    services.membership_remove(
+        membership=membership_get(organization=org, user=dev), actor=Actor(user=owner)
+    )
+    assert ApiKey.objects.get(pk=key.pk).revoked_at is not None
+    assert not Membership.objects.filter(organization=org, user=dev).exists()
+
+
+def test_invitation_is_emailed_single_use_and_hashed(
+    org, owner, django_capture_on_commit_callbacks
+):
+    with django_capture_on_commit_callbacks(execute=True):
+        invitation, token = services.invitation_create(
+            organization=org, email="New@Example.test", role="viewer", actor=Actor(user=owner)
+        )
+    assert invitation.email == "new@example.test"
+    assert token not in invitation.token_hash
+    assert len(mail.outbox) == 1 and token in mail.outbox[0].body
+    invitee = UserFactory(email="new@example.test")
+    membership = services.invitation_accept(token=token, user=invitee, actor=Actor(user=invitee))
+    assert membership.role == "viewer"
+    with pytest.raises(InvitationInvalidError, match="accepted"):
+        services.invitation_accept(token=token, user=invitee, actor=Actor(user=invitee))
+
+
+def test_invitation_expires_after_seven_days(org, owner):
+    invitation, token = services.invitation_create(
+        organization=org, email="late@example.test", role="viewer", actor=Actor(user=owner)
+    )
+    assert invitation.expires_at - invitation.created_at == timedelta(days=7)
+    Invitation.objects.filter(pk=invitation.pk).update(
+        expires_at=timezone.now() - timedelta(seconds=1)
+    )
+    invitee = UserFactory(email="late@example.test")
+    with pytest.raises(InvitationInvalidError, match="expired"):
+        services.invitation_accept(token=token, user=invitee, actor=Actor(user=invitee))
+
+
+def test_invitation_only_works_for_the_invited_address(org, owner):
+    _invitation, token = services.invitation_create(
+        organization=org, email="right@example.test", role="viewer", actor=Actor(user=owner)
+    )
+    wrong = UserFactory(email="wrong@example.test")
+    with pytest.raises(InvitationInvalidError, match=r"right@example\.test"):
+        services.invitation_accept(token=token, user=wrong, actor=Actor(user=wrong))
+
+
+def test_resending_an_invitation_revokes_the_previous_link(org, owner):
+    _first, first_token = services.invitation_create(
+        organization=org, email="x@example.test", role="viewer", actor=Actor(user=owner)
+    )
+    services.invitation_create(
+        organization=org, email="x@example.test", role="admin", actor=Actor(user=owner)
+    )
+    invitee = UserFactory(email="x@example.test")
+    with pytest.raises(InvitationInvalidError, match="revoked"):
+        services.invitation_accept(token=first_token, user=invitee, actor=Actor(user=invitee))
+
+
+def test_only_owners_invite_owners_and_members_are_not_reinvited(org, owner, member_factory):
+    admin = member_factory(org, "admin")
+    with pytest.raises(PermissionDeniedError):
+        services.invitation_create(
+            organization=org, email="o@example.test", role="owner", actor=Actor(user=admin)
+        )
+    with pytest.raises(ConflictError):
+        services.invitation_create(
+            organization=org, email=admin.email, role="viewer", actor=Actor(user=owner)
+        )
+
+
+def test_api_key_scopes_are_no_wider_than_the_creators_role(org, member_factory):
+    viewer = member_factory(org, "viewer")
+    with pytest.raises(PermissionDeniedError, match="jobs:write"):
+        services.api_key_create(
+            organization=org, name="k", scopes=["jobs:write"], actor=Actor(user=viewer)
+        )
+    with pytest.raises(DomainError, match="Unknown scopes"):
+        services.api_key_create(
+            organization=org, name="k", scopes=["root"], actor=Actor(user=viewer)
+        )
+    assert not ApiKey.objects.exists()
+
+
+def test_api_key_is_stored_only_as_a_hash_and_found_by_its_token(org, owner):
+    key, token = services.api_key_create(
+        organization=org, name="ci", scopes=["org:read"], actor=Actor(user=owner)
+    )
+    prefix, secret = token.split("_")
+    assert prefix == key.prefix
+    assert secret not in key.secret_hash and len(key.secret_hash) == 64
+    assert api_key_get_by_token(token=token) == key
+    assert api_key_get_by_token(token=f"{prefix}_{'x' * len(secret)}") is None
+
+
+def test_a_demoted_creator_narrows_their_keys(org, owner, member_factory):
+    member_factory(org, "owner")
+    key, _ = services.api_key_create(
+        organization=org, name="ci", scopes=["jobs:write", "org:read"], actor=Actor(user=owner)
+    )
+    services.membership_change_role(
+        membership=membership_get(organization=org, user=owner),
+        role="viewer",
+        actor=Actor(user=owner),
+    )
+    assert api_key_scopes(api_key=key) == {"org:read"}
+
+
+def test_last_used_is_written_at_most_once_a_minute(org, owner):
+    key, _ = services.api_key_create(
+        organization=org, name="ci", scopes=["org:read"], actor=Actor(user=owner)
+    )
+    services.api_key_mark_used(api_key=key)
+    key.refresh_from_db()
+    first = key.last_used_at
+    services.api_key_mark_used(api_key=key)
+    key.refresh_from_db()
+    assert key.last_used_at == first
+    ApiKey.objects.filter(pk=key.pk).update(last_used_at=first - timedelta(minutes=2))
+    key.refresh_from_db()
+    services.api_key_mark_used(api_key=key)
+    key.refresh_from_db()
+    assert key.last_used_at > first - timedelta(minutes=2)
+
+
+def test_every_change_writes_its_audit_event_in_the_same_transaction(org, owner):
+    """A change that fails leaves neither the change nor an audit row behind."""
+    before = AuditEvent.objects.count()
+    with pytest.raises(DomainError):
+        services.organization_update(organization=org, name="  ", actor=Actor(user=owner))
+    assert AuditEvent.objects.count() == before
+    services.organization_update(organization=org, name="Renamed", actor=Actor(user=owner))
+    assert AuditEvent.objects.filter(
+        action="organization.update", data__name=[org.name, "Renamed"]
+    ).exists()
