@@ -1,0 +1,146 @@
+"""The storage interface every backend implements, its errors, and the streaming digest they share.
+
+Public methods check their key here before a backend sees it, so no backend can forget to.
+"""
+
+import abc
+import hashlib
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from .keys import check_key, check_prefix, download_filename
+
+CHUNK_SIZE = 1024 * 1024
+# SigV4 presigned URLs live at most a week.
+MAX_URL_EXPIRY_S = 7 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    size: int
+    sha256: str  # hex
+
+
+class StorageError(Exception):
+    """The backend failed: network, permissions, a full disk."""
+
+
+class ObjectTooLarge(StorageError):
+    """The stream went past `max_bytes`; nothing of it was kept."""
+
+
+class ObjectNotFound(StorageError):
+    """No object under that key."""
+
+
+class Storage(abc.ABC):
+    """Objects addressed by server-generated keys under ``orgs/<id>/``."""
+
+    def save(
+        self,
+        key: str,
+        stream: BinaryIO,
+        *,
+        content_type: str = "application/octet-stream",
+        max_bytes: int | None = None,
+    ) -> StoredObject:
+        """Stream `stream` to `key` in chunks, replacing any object there, and return its digest.
+
+        Raises ObjectTooLarge, leaving nothing behind, once more than `max_bytes` arrive.
+        """
+        check_key(key)
+        if max_bytes is not None and max_bytes < 0:
+            raise ValueError(f"max_bytes must not be negative, not {max_bytes}")
+        return self._save(key, stream, content_type=content_type, max_bytes=max_bytes)
+
+    def open(self, key: str) -> AbstractContextManager[BinaryIO]:
+        """A streaming reader of the object; ObjectNotFound when there is none."""
+        return self._open(check_key(key))
+
+    def size(self, key: str) -> int | None:
+        """The object's size in bytes, or None when it does not exist."""
+        return self._size(check_key(key))
+
+    def delete(self, key: str) -> None:
+        """Delete the object; a missing one is fine."""
+        self._delete(check_key(key))
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object whose key starts with `prefix`; returns how many there were."""
+        return self._delete_prefix(check_prefix(prefix))
+
+    def presigned_get_url(self, key: str, *, filename: str, expires_s: int = 300) -> str:
+        """A URL anyone holding it may download the object from, saved as `filename`."""
+        return self._presigned_get_url(
+            check_key(key), filename=download_filename(filename), expires_s=_expiry(expires_s)
+        )
+
+    def presigned_put_url(self, key: str, *, expires_s: int = 900) -> str:
+        """A URL a client PUTs the object's bytes to directly; the server finalizes it later."""
+        return self._presigned_put_url(check_key(key), expires_s=_expiry(expires_s))
+
+    @abc.abstractmethod
+    def _save(
+        self, key: str, stream: BinaryIO, *, content_type: str, max_bytes: int | None
+    ) -> StoredObject: ...
+
+    @abc.abstractmethod
+    def _open(self, key: str) -> AbstractContextManager[BinaryIO]: ...
+
+    @abc.abstractmethod
+    def _size(self, key: str) -> int | None: ...
+
+    @abc.abstractmethod
+    def _delete(self, key: str) -> None: ...
+
+    @abc.abstractmethod
+    def _delete_prefix(self, prefix: str) -> int: ...
+
+    @abc.abstractmethod
+    def _presigned_get_url(self, key: str, *, filename: str, expires_s: int) -> str: ...
+
+    @abc.abstractmethod
+    def _presigned_put_url(self, key: str, *, expires_s: int) -> str: ...
+
+
+class StreamDigest:
+    """Size and sha256 of the bytes written so far, refusing them once past `max_bytes`."""
+
+    def __init__(self, *, key: str, max_bytes: int | None) -> None:
+        self.key = key
+        self.size = 0
+        self._max_bytes = max_bytes
+        self._sha256 = hashlib.sha256()
+
+    def update(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self._max_bytes is not None and self.size > self._max_bytes:
+            raise ObjectTooLarge(f"{self.key} is over the limit of {self._max_bytes} bytes")
+        self._sha256.update(chunk)
+
+    def stored(self) -> StoredObject:
+        return StoredObject(key=self.key, size=self.size, sha256=self._sha256.hexdigest())
+
+
+def read_up_to(stream: BinaryIO, size: int) -> bytes:
+    """Read `size` bytes, fewer only at the end of the stream.
+
+    Sockets and request bodies return short reads long before their end.
+    """
+    pieces = []
+    remaining = size
+    while remaining > 0:
+        piece = stream.read(remaining)
+        if not piece:
+            break
+        pieces.append(piece)
+        remaining -= len(piece)
+    return b"".join(pieces)
+
+
+def _expiry(expires_s: int) -> int:
+    if not 1 <= expires_s <= MAX_URL_EXPIRY_S:
+        raise ValueError(f"expires_s must be between 1 and {MAX_URL_EXPIRY_S}, not {expires_s}")
+    return expires_s

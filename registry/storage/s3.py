@@ -1,0 +1,223 @@
+"""S3 storage (AWS S3, MinIO, SeaweedFS, ...) through boto3, streaming in 8 MiB multipart parts."""
+
+import base64
+import contextlib
+import hashlib
+import logging
+from collections.abc import Iterator
+from typing import Any, BinaryIO
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+from django.utils.http import content_disposition_header
+
+from .base import ObjectNotFound, Storage, StorageError, StoredObject, StreamDigest, read_up_to
+
+logger = logging.getLogger(__name__)
+
+PART_SIZE = 8 * 1024 * 1024
+# DeleteObjects takes at most this many keys per call.
+_DELETE_BATCH = 1000
+# A missing bucket is a misconfiguration, not a missing object: GET reports it as NoSuchBucket,
+# which stays an error (HEAD has no body to tell the two apart).
+_MISSING_OBJECT = frozenset({"404", "NoSuchKey", "NotFound"})
+_MISSING_BUCKET = frozenset({"404", "NoSuchBucket", "NotFound"})
+
+
+class S3Storage(Storage):
+    def __init__(
+        self,
+        *,
+        bucket: str,
+        region: str,
+        endpoint_url: str = "",
+        access_key_id: str = "",
+        secret_access_key: str = "",
+    ) -> None:
+        self.bucket = bucket
+        self.region = region
+        # Creating a client makes no request; the first call does.
+        self._client = boto3.client(
+            "s3",
+            endpoint_url=endpoint_url or None,
+            region_name=region,
+            # Empty keys fall back to boto3's own chain (environment, instance role).
+            aws_access_key_id=access_key_id or None,
+            aws_secret_access_key=secret_access_key or None,
+            config=Config(
+                signature_version="s3v4",
+                # MinIO and SeaweedFS serve buckets as paths, not as host names.
+                s3={"addressing_style": "path"},
+                connect_timeout=5,
+                read_timeout=60,
+                retries={"mode": "standard", "total_max_attempts": 4},
+                # The newer default checksum headers are refused by several S3-compatible
+                # stores; each upload sends a Content-MD5 instead, which all of them check.
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ),
+        )
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it does not exist yet."""
+        with _s3_errors(self.bucket):
+            try:
+                self._client.head_bucket(Bucket=self.bucket)
+                return
+            except ClientError as exc:
+                if _error_code(exc) not in _MISSING_BUCKET:
+                    raise
+            params: dict[str, Any] = {"Bucket": self.bucket}
+            # us-east-1 is the one region that refuses to be named as a location constraint.
+            if self.region != "us-east-1":
+                params["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
+            try:
+                self._client.create_bucket(**params)
+            except ClientError as exc:
+                if _error_code(exc) != "BucketAlreadyOwnedByYou":
+                    raise
+
+    def _save(
+        self, key: str, stream: BinaryIO, *, content_type: str, max_bytes: int | None
+    ) -> StoredObject:
+        digest = StreamDigest(key=key, max_bytes=max_bytes)
+        part = read_up_to(stream, PART_SIZE)
+        digest.update(part)
+        if len(part) < PART_SIZE:
+            with _s3_errors(key):
+                self._client.put_object(
+                    Bucket=self.bucket,
+                    Key=key,
+                    Body=part,
+                    ContentType=content_type,
+                    ContentMD5=_md5(part),
+                )
+            return digest.stored()
+
+        with _s3_errors(key):
+            upload_id = self._client.create_multipart_upload(
+                Bucket=self.bucket, Key=key, ContentType=content_type
+            )["UploadId"]
+        try:
+            parts = []
+            while part:
+                number = len(parts) + 1
+                with _s3_errors(key):
+                    response = self._client.upload_part(
+                        Bucket=self.bucket,
+                        Key=key,
+                        UploadId=upload_id,
+                        PartNumber=number,
+                        Body=part,
+                        ContentMD5=_md5(part),
+                    )
+                parts.append({"PartNumber": number, "ETag": response["ETag"]})
+                part = read_up_to(stream, PART_SIZE)
+                digest.update(part)
+            with _s3_errors(key):
+                self._client.complete_multipart_upload(
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
+                )
+        except BaseException:
+            self._abort_upload(key, upload_id)
+            raise
+        return digest.stored()
+
+    @contextlib.contextmanager
+    def _open(self, key: str) -> Iterator[BinaryIO]:
+        with _s3_errors(key):
+            try:
+                body = self._client.get_object(Bucket=self.bucket, Key=key)["Body"]
+            except ClientError as exc:
+                if _error_code(exc) in _MISSING_OBJECT:
+                    raise ObjectNotFound(key) from exc
+                raise
+        try:
+            yield body
+        finally:
+            body.close()
+
+    def _size(self, key: str) -> int | None:
+        with _s3_errors(key):
+            try:
+                return self._client.head_object(Bucket=self.bucket, Key=key)["ContentLength"]
+            except ClientError as exc:
+                if _error_code(exc) in _MISSING_OBJECT:
+                    return None
+                raise
+
+    def _delete(self, key: str) -> None:
+        with _s3_errors(key):
+            self._client.delete_object(Bucket=self.bucket, Key=key)
+
+    def _delete_prefix(self, prefix: str) -> int:
+        deleted = 0
+        with _s3_errors(prefix):
+            # Unfinished uploads hold storage too, and nothing else would ever remove them.
+            uploads = self._client.get_paginator("list_multipart_uploads")
+            for page in uploads.paginate(Bucket=self.bucket, Prefix=prefix):
+                for upload in page.get("Uploads", []):
+                    self._abort_upload(upload["Key"], upload["UploadId"])
+            keys = []
+            for page in self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix
+            ):
+                keys.extend(item["Key"] for item in page.get("Contents", []))
+            for start in range(0, len(keys), _DELETE_BATCH):
+                batch = keys[start : start + _DELETE_BATCH]
+                response = self._client.delete_objects(
+                    Bucket=self.bucket,
+                    Delete={"Objects": [{"Key": key} for key in batch], "Quiet": True},
+                )
+                if response.get("Errors"):
+                    first = response["Errors"][0]
+                    raise StorageError(
+                        f"could not delete {len(response['Errors'])} objects under {prefix}, "
+                        f"first {first.get('Key')}: {first.get('Code')}"
+                    )
+                deleted += len(batch)
+        return deleted
+
+    def _presigned_get_url(self, key: str, *, filename: str, expires_s: int) -> str:
+        return self._client.generate_presigned_url(
+            "get_object",
+            Params={
+                "Bucket": self.bucket,
+                "Key": key,
+                "ResponseContentDisposition": content_disposition_header(True, filename),
+            },
+            ExpiresIn=expires_s,
+        )
+
+    def _presigned_put_url(self, key: str, *, expires_s: int) -> str:
+        return self._client.generate_presigned_url(
+            "put_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_s
+        )
+
+    def _abort_upload(self, key: str, upload_id: str) -> None:
+        try:
+            self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except (BotoCoreError, ClientError):
+            # The caller is already failing with the error that matters; a lifecycle rule on
+            # the bucket is the backstop for uploads left behind.
+            logger.exception("could not abort multipart upload %s of %s", upload_id, key)
+
+
+def _md5(data: bytes) -> str:
+    return base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode("ascii")
+
+
+def _error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+@contextlib.contextmanager
+def _s3_errors(what: str) -> Iterator[None]:
+    try:
+        yield
+    except (BotoCoreError, ClientError) as exc:
+        raise StorageError(f"S3 request for {what} failed: {exc}") from exc
