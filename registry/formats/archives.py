@@ -1,0 +1,147 @@
+"""Safety checks for zip uploads (.npz and image zips) that run before any entry is read.
+
+`zipfile.ZipFile` builds an object per entry as it opens, so the entry count is read from the
+central directory first: a zip claiming millions of tiny entries is refused without parsing them.
+"""
+
+from __future__ import annotations
+
+import re
+import stat
+import struct
+import zipfile
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
+from typing import IO, BinaryIO
+
+from registry.formats.base import DatasetFormatError, DatasetLimits
+
+_END_RECORD = b"PK\x05\x06"
+_END_RECORD_SIZE = 22
+_MAX_COMMENT = 65_535
+_ZIP64_LOCATOR = b"PK\x06\x07"
+_ZIP64_LOCATOR_SIZE = 20
+_ZIP64_END_RECORD = b"PK\x06\x06"
+_ZIP64_END_RECORD_SIZE = 56
+_DIRECTORY_HEADER = b"PK\x01\x02"
+_DIRECTORY_HEADER_SIZE = 46
+_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def open_checked_zip(path: Path, *, limits: DatasetLimits) -> zipfile.ZipFile:
+    """Open a zip after checking that it holds at most `limits.max_archive_entries` entries."""
+    _check_entry_count(path, limits.max_archive_entries)
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise _unreadable_zip() from exc
+
+
+def check_entry(info: zipfile.ZipInfo) -> None:
+    """Refuse names that could escape a folder, links, and encrypted entries."""
+    name = info.filename
+    if not name.strip("/"):
+        raise DatasetFormatError("The zip has an entry without a name; re-create the zip.")
+    if "\\" in name:
+        raise DatasetFormatError(
+            f"The zip entry {name!r} uses backslashes; "
+            "create the zip with forward-slash paths (any standard zip tool does)."
+        )
+    if name.startswith("/") or _WINDOWS_DRIVE.match(name):
+        raise DatasetFormatError(
+            f"The zip entry {name!r} has an absolute path; zip the folder with relative paths."
+        )
+    if ".." in PurePosixPath(name).parts:
+        raise DatasetFormatError(
+            f"The zip entry {name!r} points outside the archive with '..'; "
+            "zip the folder itself so every path stays inside it."
+        )
+    if stat.S_ISLNK(info.external_attr >> 16):
+        raise DatasetFormatError(
+            f"The zip entry {name!r} is a symbolic link; replace links with the files themselves."
+        )
+    if info.flag_bits & 0x1:
+        raise DatasetFormatError(
+            f"The zip entry {name!r} is password-protected; upload an unencrypted zip."
+        )
+
+
+@contextmanager
+def reading_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Iterator[IO[bytes]]:
+    """Open one entry, turning the many ways a damaged entry fails into one clear error."""
+    try:
+        with archive.open(info) as entry:
+            yield entry
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, OSError) as exc:
+        raise DatasetFormatError(
+            f"The zip entry {info.filename!r} cannot be read ({exc}); "
+            "re-create the zip with standard deflate compression and upload it again."
+        ) from exc
+
+
+def _check_entry_count(path: Path, limit: int) -> None:
+    with path.open("rb") as file:
+        directory_start, directory_size = _locate_central_directory(file, path.stat().st_size)
+        file.seek(directory_start)
+        entries = 0
+        consumed = 0
+        while consumed < directory_size:
+            header = file.read(_DIRECTORY_HEADER_SIZE)
+            if len(header) < _DIRECTORY_HEADER_SIZE or not header.startswith(_DIRECTORY_HEADER):
+                raise _unreadable_zip()
+            name_length, extra_length, comment_length = struct.unpack("<3H", header[28:34])
+            variable_length = name_length + extra_length + comment_length
+            file.seek(variable_length, 1)
+            consumed += _DIRECTORY_HEADER_SIZE + variable_length
+            entries += 1
+            if entries > limit:
+                raise DatasetFormatError(
+                    f"The zip holds more than {limit:,} entries, the most we accept; "
+                    "split it into several uploads."
+                )
+
+
+def _locate_central_directory(file: BinaryIO, size: int) -> tuple[int, int]:
+    """Return (offset, size) of the central directory, measured back from the end record.
+
+    Measuring back from the end (as zipfile does) also handles data prepended to the archive.
+    """
+    tail_length = min(size, _END_RECORD_SIZE + _MAX_COMMENT)
+    file.seek(size - tail_length)
+    tail = file.read(tail_length)
+    position = tail.rfind(_END_RECORD)
+    if position < 0 or tail_length - position < _END_RECORD_SIZE:
+        raise _unreadable_zip()
+    end_offset = size - tail_length + position
+    fields = struct.unpack("<4s4H2LH", tail[position : position + _END_RECORD_SIZE])
+    entries, directory_size, directory_offset = fields[4], fields[5], fields[6]
+    if entries != 0xFFFF and 0xFFFFFFFF not in (directory_size, directory_offset):
+        return _checked_start(end_offset, directory_size), directory_size
+    locator_offset = end_offset - _ZIP64_LOCATOR_SIZE
+    record_offset = locator_offset - _ZIP64_END_RECORD_SIZE
+    if record_offset < 0:
+        raise _unreadable_zip()
+    file.seek(locator_offset)
+    if not file.read(4).startswith(_ZIP64_LOCATOR):
+        return _checked_start(end_offset, directory_size), directory_size
+    file.seek(record_offset)
+    record = file.read(_ZIP64_END_RECORD_SIZE)
+    if not record.startswith(_ZIP64_END_RECORD):
+        raise _unreadable_zip()
+    directory_size = struct.unpack("<Q", record[40:48])[0]
+    return _checked_start(record_offset, directory_size), directory_size
+
+
+def _checked_start(directory_end: int, directory_size: int) -> int:
+    if directory_size > directory_end:
+        raise _unreadable_zip()
+    return directory_end - directory_size
+
+
+def _unreadable_zip() -> DatasetFormatError:
+    return DatasetFormatError(
+        "The file starts like a zip archive but its directory is damaged; "
+        "re-create the zip and upload it again."
+    )
