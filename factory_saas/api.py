@@ -3,10 +3,12 @@
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 
+from registry.api import urls as registry_urls
 from tenants.api import urls as tenants_urls
 
 org_urlpatterns = [
     *tenants_urls.org_urlpatterns,
+    *registry_urls.org_urlpatterns,
 ]
 
 urlpatterns = [

@@ -22,6 +22,8 @@ urlpatterns = [
     path("api/v1/", include("factory_saas.api")),
     path("", include(dashboard_patterns)),
     path("", include("tenants.urls")),
+    path("o/<slug:org_slug>/", include("registry.urls")),
+    path("", include("registry.storage_views")),
 ]
 
 if settings.DEBUG:

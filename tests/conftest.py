@@ -8,6 +8,8 @@ from tenants.actors import Actor
 from tenants.services import api_key_create
 from tests.factories import MembershipFactory, OrganizationFactory, UserFactory
 
+pytest_plugins = ["tests.s3server"]
+
 
 @pytest.fixture(autouse=True)
 def _clear_cache():

@@ -1,8 +1,22 @@
 """factory_boy factories; related objects always stay in the same organization."""
 
+import uuid
+from datetime import timedelta
+
 import factory
+from django.db import transaction
 from django.utils import timezone
 
+from registry.models import (
+    Dataset,
+    DatasetFormat,
+    DatasetVersion,
+    ModelAlias,
+    ModelVersion,
+    PendingUpload,
+    RegisteredModel,
+)
+from registry.services.storage_accounts import storage_charge
 from tenants.models import AuditEvent, Membership, Organization, User
 from tenants.scopes import Role
 
@@ -51,3 +65,87 @@ class AuditEventFactory(factory.django.DjangoModelFactory):
     actor_label = "someone@example.test"
     action = "test.event"
     created_at = factory.LazyFunction(timezone.now)
+
+
+class DatasetFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Dataset
+
+    organization = factory.SubFactory(OrganizationFactory)
+    name = factory.Sequence(lambda n: f"dataset-{n}")
+
+
+class DatasetVersionFactory(factory.django.DjangoModelFactory):
+    """A version row whose object is not in storage; for tests that never read the bytes."""
+
+    class Meta:
+        model = DatasetVersion
+        skip_postgeneration_save = True
+
+    organization = factory.SubFactory(OrganizationFactory)
+    dataset = factory.SubFactory(
+        DatasetFactory, organization=factory.SelfAttribute("..organization")
+    )
+    number = factory.Sequence(lambda n: n + 1)
+    storage_key = factory.LazyAttribute(
+        lambda o: f"orgs/{o.organization.pk}/datasets/{uuid.uuid4().hex}/data.csv"
+    )
+    size_bytes = 10
+    sha256 = "0" * 64
+    format = DatasetFormat.CSV
+    row_count = 2
+    schema = factory.LazyFunction(lambda: [{"name": "x", "dtype": "int64", "nullable": False}])
+
+    @factory.post_generation
+    def charge_storage(obj, create, extracted, **kwargs):
+        """Keep the organization's storage account in step, as the upload service does."""
+        if create:
+            with transaction.atomic():
+                storage_charge(organization=obj.organization, delta_bytes=obj.size_bytes)
+
+
+class PendingUploadFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = PendingUpload
+
+    organization = factory.SubFactory(OrganizationFactory)
+    dataset = factory.SubFactory(
+        DatasetFactory, organization=factory.SelfAttribute("..organization")
+    )
+    storage_key = factory.LazyAttribute(
+        lambda o: f"orgs/{o.organization.pk}/uploads/{uuid.uuid4().hex}/big.csv"
+    )
+    original_filename = "big.csv"
+    expires_at = factory.LazyFunction(lambda: timezone.now() + timedelta(hours=1))
+
+
+class RegisteredModelFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = RegisteredModel
+
+    organization = factory.SubFactory(OrganizationFactory)
+    name = factory.Sequence(lambda n: f"model-{n}")
+
+
+class ModelVersionFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = ModelVersion
+
+    organization = factory.SubFactory(OrganizationFactory)
+    registered_model = factory.SubFactory(
+        RegisteredModelFactory, organization=factory.SelfAttribute("..organization")
+    )
+    number = factory.Sequence(lambda n: n + 1)
+    metrics = factory.LazyFunction(lambda: {"accuracy": 0.9})
+
+
+class ModelAliasFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = ModelAlias
+
+    organization = factory.SubFactory(OrganizationFactory)
+    version = factory.SubFactory(
+        ModelVersionFactory, organization=factory.SelfAttribute("..organization")
+    )
+    registered_model = factory.SelfAttribute("version.registered_model")
+    name = "production"

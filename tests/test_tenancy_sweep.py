@@ -4,6 +4,7 @@ Routes are found by walking the URL patterns, so a new route is swept without be
 A route without a declared scope, or about an object kind this sweep cannot create, fails.
 """
 
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import timedelta
@@ -13,12 +14,26 @@ from django.urls import URLPattern, URLResolver, get_resolver, reverse
 from django.utils import timezone
 from rest_framework.test import APIClient
 
+from registry.models import (
+    Dataset,
+    DatasetVersion,
+    ModelAlias,
+    ModelVersion,
+    PendingUpload,
+    RegisteredModel,
+)
 from tenants.api.base import OrganizationScopedMixin
 from tenants.models import ApiKey, Invitation, Membership
 from tenants.scopes import ROLE_SCOPES, Role
 from tenants.selectors import hash_secret
 from tenants.views.base import OrganizationPageMixin
-from tests.factories import MembershipFactory, OrganizationFactory
+from tests.factories import (
+    DatasetVersionFactory,
+    MembershipFactory,
+    ModelAliasFactory,
+    OrganizationFactory,
+    PendingUploadFactory,
+)
 
 API_PREFIX = "api/v1/orgs/<slug:org_slug>/"
 PAGE_PREFIX = "o/<slug:org_slug>/"
@@ -32,7 +47,7 @@ class Route:
     view_class: type
     method: str
     action: str
-    needs_pk: bool
+    kwargs: tuple[str, ...]  # URL parameters besides org_slug
 
     def __str__(self):
         return f"{self.method.upper()} {self.name}"
@@ -65,7 +80,10 @@ def _routes():
         if kind is None:
             continue
         view_class = getattr(callback, "cls", None) or callback.view_class
-        needs_pk = "pk>" in path
+        kwargs = tuple(
+            k for k in re.findall(r"<(?:\w+:)?(\w+)>|\(\?P<(\w+)>", path) for k in k if k
+        )
+        kwargs = tuple(k for k in kwargs if k != "org_slug")
         if getattr(callback, "actions", None):
             method_actions = dict(callback.actions)
         elif kind == "api":
@@ -77,7 +95,7 @@ def _routes():
         else:
             method_actions = {m: m for m in getattr(view_class, "required_scopes", {})}
         routes += [
-            Route(kind, name, view_class, method, action, needs_pk)
+            Route(kind, name, view_class, method, action, kwargs)
             for method, action in method_actions.items()
             if method not in SKIPPED_METHODS and method in view_class.http_method_names
         ]
@@ -95,42 +113,66 @@ ROUTES_VIA = [
 
 
 def _make_membership(organization, requester):
-    return MembershipFactory(organization=organization, role=Role.DEVELOPER).pk
+    return {"pk": MembershipFactory(organization=organization, role=Role.DEVELOPER).pk}
 
 
 def _make_invitation(organization, requester):
-    return Invitation.objects.create(
+    invitation = Invitation.objects.create(
         organization=organization,
         email=f"{secrets.token_hex(4)}@invited.test",
         role=Role.VIEWER,
         token_hash=hash_secret(secrets.token_hex(16)),
         expires_at=timezone.now() + timedelta(days=7),
-    ).pk
+    )
+    return {"pk": invitation.pk}
 
 
 def _make_api_key(organization, requester):
-    creator = (
-        requester if requester is not None else MembershipFactory(organization=organization).user
-    )
-    return ApiKey.objects.create(
+    creator = requester or MembershipFactory(organization=organization).user
+    key = ApiKey.objects.create(
         organization=organization,
         name="swept",
         prefix="fsk" + secrets.token_hex(4),
         secret_hash=hash_secret(secrets.token_hex(16)),
         scopes=["org:read"],
         created_by=creator,
-    ).pk
+    )
+    return {"pk": key.pk}
 
 
-# One maker per kind of object a detail route is about: (organization, requesting user) -> pk.
-OBJECT_MAKERS = {Membership: _make_membership, Invitation: _make_invitation, ApiKey: _make_api_key}
+def _make_dataset_version(organization, requester):
+    version = DatasetVersionFactory(organization=organization)
+    upload = PendingUploadFactory(organization=organization, dataset=version.dataset)
+    name = version.dataset.name
+    return {"name": name, "dataset_name": name, "number": version.number, "pk": upload.pk}
+
+
+def _make_model_version(organization, requester):
+    alias = ModelAliasFactory(organization=organization)
+    name = alias.registered_model.name
+    return {"name": name, "model_name": name, "number": alias.version.number, "alias": alias.name}
+
+
+# One maker per kind of object a route is about: (organization, requesting user) -> URL kwargs.
+# A maker may return more kwargs than a route needs; each route takes the ones it names.
+OBJECT_MAKERS = {
+    Membership: _make_membership,
+    Invitation: _make_invitation,
+    ApiKey: _make_api_key,
+    Dataset: _make_dataset_version,
+    DatasetVersion: _make_dataset_version,
+    PendingUpload: _make_dataset_version,
+    RegisteredModel: _make_model_version,
+    ModelVersion: _make_model_version,
+    ModelAlias: _make_model_version,
+}
 
 
 def _url(route, organization, requester=None, object_org=None):
     kwargs = {"org_slug": organization.slug}
-    if route.needs_pk:
-        maker = OBJECT_MAKERS[route.view_class.model]
-        kwargs["pk"] = maker(object_org or organization, requester)
+    if route.kwargs:
+        made = OBJECT_MAKERS[route.view_class.model](object_org or organization, requester)
+        kwargs |= {name: made[name] for name in route.kwargs}
     return reverse(route.name, kwargs=kwargs)
 
 
@@ -169,7 +211,7 @@ def test_route_is_built_on_the_org_scoped_base_and_declares_its_scope(route):
     base = OrganizationScopedMixin if route.kind == "api" else OrganizationPageMixin
     assert issubclass(route.view_class, base), f"{route} does not use the org-scoped base"
     assert route.scope is not None, f"{route} declares no scope for {route.action!r}"
-    if route.needs_pk:
+    if route.kwargs:
         assert route.view_class.model in OBJECT_MAKERS, f"no sweep object maker for {route}"
 
 
@@ -199,7 +241,7 @@ def test_member_of_another_organization_gets_404(route, via):
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize("route", [r for r in ROUTES if r.needs_pk], ids=str)
+@pytest.mark.parametrize("route", [r for r in ROUTES if r.kwargs], ids=str)
 def test_object_of_another_organization_is_404_through_ones_own_slug(route):
     org, other = OrganizationFactory(), OrganizationFactory()
     owner = MembershipFactory(organization=org, role=Role.OWNER).user

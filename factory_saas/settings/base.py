@@ -131,6 +131,12 @@ S3_BUCKET = env("S3_BUCKET", default="factory-saas")
 S3_REGION = env("S3_REGION", default="us-east-1")
 S3_ACCESS_KEY_ID = env("S3_ACCESS_KEY_ID", default="")
 S3_SECRET_ACCESS_KEY = env("S3_SECRET_ACCESS_KEY", default="")
+# Until plans land with billing, every organization gets this storage quota.
+STORAGE_QUOTA_DEFAULT_BYTES = env.int("STORAGE_QUOTA_DEFAULT_BYTES", default=50 * 1024**3)
+DATASET_MAX_UPLOAD_BYTES = env.int("DATASET_MAX_UPLOAD_BYTES", default=5 * 1024**3)
+# Uploads above this size are spooled to disk by Django, never held in memory.
+FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
+FILE_UPLOAD_TEMP_DIR = env("FILE_UPLOAD_TEMP_DIR", default=None)
 
 STRIPE_SECRET_KEY = env("STRIPE_SECRET_KEY", default="")
 STRIPE_WEBHOOK_SECRET = env("STRIPE_WEBHOOK_SECRET", default="")

@@ -1,0 +1,228 @@
+import json
+
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from registry.models import (
+    Dataset,
+    DatasetFormat,
+    DatasetVersion,
+    ModelAlias,
+    ModelArtifact,
+    ModelVersion,
+    PendingUpload,
+    RegisteredModel,
+)
+
+
+class DatasetSerializer(serializers.ModelSerializer):
+    version_count = serializers.IntegerField(read_only=True, default=0)
+
+    class Meta:
+        model = Dataset
+        fields = ["name", "description", "version_count", "created_at"]
+        read_only_fields = ["version_count", "created_at"]
+
+
+class DatasetUpdateSerializer(serializers.Serializer):
+    description = serializers.CharField(allow_blank=True, max_length=10_000)
+
+
+class DatasetVersionSerializer(serializers.ModelSerializer):
+    dataset = serializers.CharField(source="dataset.name", read_only=True)
+    created_by = serializers.EmailField(source="created_by.email", read_only=True, default=None)
+
+    class Meta:
+        model = DatasetVersion
+        fields = [
+            "dataset",
+            "number",
+            "format",
+            "original_filename",
+            "size_bytes",
+            "sha256",
+            "row_count",
+            "schema",
+            "source",
+            "source_job_id",
+            "created_by",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+
+class DatasetVersionDetailSerializer(DatasetVersionSerializer):
+    class Meta(DatasetVersionSerializer.Meta):
+        fields = [*DatasetVersionSerializer.Meta.fields, "profile", "preview"]
+        read_only_fields = fields
+
+
+class DatasetUploadSerializer(serializers.Serializer):
+    file = serializers.FileField(
+        help_text="CSV, Parquet, .npz, or a zip of images in one folder per class."
+    )
+    format = serializers.ChoiceField(
+        choices=DatasetFormat.choices, required=False, help_text="Optional; the content must agree."
+    )
+
+
+class PendingUploadCreateSerializer(serializers.Serializer):
+    filename = serializers.CharField(max_length=255)
+    format = serializers.ChoiceField(choices=DatasetFormat.choices, required=False)
+    size_bytes = serializers.IntegerField(min_value=0, required=False)
+
+
+class PendingUploadSerializer(serializers.ModelSerializer):
+    upload_url = serializers.CharField(
+        read_only=True, help_text="PUT the file's bytes here, then finalize."
+    )
+
+    class Meta:
+        model = PendingUpload
+        fields = ["id", "original_filename", "upload_url", "expires_at"]
+        read_only_fields = fields
+
+
+class DownloadSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    url = serializers.CharField()
+    size_bytes = serializers.IntegerField()
+    sha256 = serializers.CharField()
+    expires_in = serializers.IntegerField()
+
+
+class RegisteredModelSerializer(serializers.ModelSerializer):
+    version_count = serializers.IntegerField(read_only=True, default=0)
+    aliases = serializers.SerializerMethodField()
+
+    class Meta:
+        model = RegisteredModel
+        fields = [
+            "name",
+            "description",
+            "promotion_gates",
+            "version_count",
+            "aliases",
+            "created_at",
+        ]
+        read_only_fields = ["version_count", "aliases", "created_at"]
+
+    def get_aliases(self, obj) -> dict[str, int]:
+        return {alias.name: alias.version.number for alias in obj.aliases.select_related("version")}
+
+
+class RegisteredModelUpdateSerializer(serializers.Serializer):
+    description = serializers.CharField(allow_blank=True, max_length=10_000, required=False)
+    promotion_gates = serializers.ListField(child=serializers.DictField(), required=False)
+
+
+class ModelArtifactSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = ModelArtifact
+        fields = ["name", "size_bytes", "sha256"]
+
+
+class ModelVersionSerializer(serializers.ModelSerializer):
+    model = serializers.CharField(source="registered_model.name", read_only=True)
+    artifacts = ModelArtifactSerializer(many=True, read_only=True)
+    trained_on = serializers.SerializerMethodField()
+    parent_version = serializers.IntegerField(
+        source="parent_version.number", read_only=True, default=None
+    )
+    created_by = serializers.EmailField(source="created_by.email", read_only=True, default=None)
+
+    class Meta:
+        model = ModelVersion
+        fields = [
+            "model",
+            "number",
+            "recipe_name",
+            "recipe_version",
+            "parameters",
+            "metrics",
+            "input_signature",
+            "artifacts",
+            "trained_on",
+            "parent_version",
+            "source_job_id",
+            "created_by",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+    def get_trained_on(self, obj) -> list[dict]:
+        return [
+            {"dataset": v.dataset.name, "number": v.number}
+            for v in obj.trained_on.select_related("dataset")
+        ]
+
+
+@extend_schema_field({"type": "string", "format": "json", "description": "A JSON value, as text."})
+class JSONStringField(serializers.Field):
+    """A JSON value sent as a string (multipart forms carry no nested data)."""
+
+    def __init__(self, *, kind: type, **kwargs):
+        self.kind = kind
+        super().__init__(**kwargs)
+
+    def to_internal_value(self, data):
+        if isinstance(data, str):
+            try:
+                data = json.loads(data)
+            except json.JSONDecodeError as exc:
+                raise serializers.ValidationError(f"Not valid JSON: {exc.msg}.") from exc
+        if not isinstance(data, self.kind):
+            raise serializers.ValidationError(f"Must be a JSON {self.kind.__name__}.")
+        return data
+
+    def to_representation(self, value):
+        return value
+
+
+class DatasetRefSerializer(serializers.Serializer):
+    dataset = serializers.CharField()
+    number = serializers.IntegerField(min_value=1)
+
+
+class ModelVersionRegisterSerializer(serializers.Serializer):
+    weights = serializers.FileField(help_text="A safetensors file; nothing is ever unpickled.")
+    config = JSONStringField(kind=dict, help_text="JSON object describing the architecture.")
+    metrics = JSONStringField(kind=dict, required=False)
+    parameters = JSONStringField(kind=dict, required=False)
+    recipe_name = serializers.CharField(max_length=100, required=False, allow_blank=True)
+    recipe_version = serializers.CharField(max_length=40, required=False, allow_blank=True)
+    trained_on = JSONStringField(
+        kind=list, required=False, help_text='e.g. [{"dataset": "iris", "number": 2}]'
+    )
+    parent_version = serializers.IntegerField(min_value=1, required=False)
+
+    def validate_trained_on(self, value):
+        refs = DatasetRefSerializer(data=value, many=True)
+        refs.is_valid(raise_exception=True)
+        return refs.validated_data
+
+
+class ModelAliasSerializer(serializers.ModelSerializer):
+    version = serializers.IntegerField(source="version.number", read_only=True)
+    updated_by = serializers.EmailField(source="updated_by.email", read_only=True, default=None)
+
+    class Meta:
+        model = ModelAlias
+        fields = ["name", "version", "updated_by", "updated_at"]
+        read_only_fields = fields
+
+
+class ModelAliasSetSerializer(serializers.Serializer):
+    version = serializers.IntegerField(min_value=1)
+
+
+class CompareSerializer(serializers.Serializer):
+    versions = serializers.ListField(child=serializers.IntegerField())
+    parameters = serializers.DictField(child=serializers.ListField())
+    metrics = serializers.DictField(child=serializers.ListField())
+
+
+class LineageSerializer(serializers.Serializer):
+    root = serializers.CharField()
+    nodes = serializers.ListField(child=serializers.DictField())
+    edges = serializers.ListField(child=serializers.DictField())

@@ -1,0 +1,459 @@
+import contextlib
+import tempfile
+from pathlib import Path
+
+from django.conf import settings
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
+from rest_framework import mixins, status
+from rest_framework.decorators import action
+from rest_framework.parsers import JSONParser, MultiPartParser
+from rest_framework.response import Response
+
+from registry import selectors, services
+from registry.formats import DatasetFormatError
+from registry.models import (
+    Dataset,
+    DatasetVersion,
+    ModelAlias,
+    ModelVersion,
+    PendingUpload,
+    RegisteredModel,
+)
+from registry.storage import get_storage
+from tenants.api.base import OrganizationScopedViewSet
+
+from . import serializers as s
+
+DOWNLOAD_URL_TTL_S = 300
+# Multipart framing around the file itself.
+MULTIPART_OVERHEAD_BYTES = 1024 * 1024
+
+
+@contextlib.contextmanager
+def uploaded_path(uploaded):
+    """The upload as a file on disk: Django's spooled temp file, or a copy of a small one."""
+    if hasattr(uploaded, "temporary_file_path"):
+        yield Path(uploaded.temporary_file_path())
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "upload"
+        with path.open("wb") as target:
+            for chunk in uploaded.chunks():
+                target.write(chunk)
+        yield path
+
+
+def refuse_oversized_body(request) -> None:
+    """Refuse before reading the body when its declared length is already over the limit."""
+    try:
+        length = int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        length = 0
+    if length > settings.DATASET_MAX_UPLOAD_BYTES + MULTIPART_OVERHEAD_BYTES:
+        raise DatasetFormatError(
+            f"The upload is {length} bytes; the limit is {settings.DATASET_MAX_UPLOAD_BYTES}. "
+            "Use a presigned upload for large files, or split the data into versions."
+        )
+
+
+def download_entry(*, name: str, key: str, size: int, sha256: str) -> dict:
+    url = get_storage().presigned_get_url(key, filename=name, expires_s=DOWNLOAD_URL_TTL_S)
+    return {
+        "name": name,
+        "url": url,
+        "size_bytes": size,
+        "sha256": sha256,
+        "expires_in": DOWNLOAD_URL_TTL_S,
+    }
+
+
+@extend_schema(tags=["datasets"])
+@extend_schema_view(
+    create=extend_schema(request=s.DatasetSerializer, responses={201: s.DatasetSerializer}),
+    partial_update=extend_schema(request=s.DatasetUpdateSerializer),
+)
+class DatasetViewSet(
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.CreateModelMixin,
+    mixins.UpdateModelMixin,
+    mixins.DestroyModelMixin,
+    OrganizationScopedViewSet,
+):
+    model = Dataset
+    serializer_class = s.DatasetSerializer
+    lookup_field = "name"
+    http_method_names = ["get", "post", "patch", "delete", "head"]
+    required_scopes = {
+        "list": "datasets:read",
+        "retrieve": "datasets:read",
+        "create": "datasets:write",
+        "partial_update": "datasets:write",
+        "destroy": "datasets:write",
+    }
+
+    def narrow_queryset(self, queryset):
+        return selectors.dataset_list(organization=self.organization)
+
+    def create(self, request, *args, **kwargs):
+        data = s.DatasetSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        dataset = services.dataset_create(
+            organization=self.organization, actor=self.actor, **data.validated_data
+        )
+        return Response(s.DatasetSerializer(dataset).data, status=status.HTTP_201_CREATED)
+
+    def update(self, request, *args, **kwargs):
+        dataset = self.get_object()
+        data = s.DatasetUpdateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        dataset = services.dataset_update(dataset=dataset, actor=self.actor, **data.validated_data)
+        return Response(s.DatasetSerializer(dataset).data)
+
+    def perform_destroy(self, instance):
+        services.dataset_delete(dataset=instance, actor=self.actor)
+
+
+class _InDataset:
+    """Rows of one dataset, named in the URL; a missing or foreign dataset is 404."""
+
+    def narrow_queryset(self, queryset):
+        self.dataset = selectors.dataset_get(
+            organization=self.organization, name=self.kwargs["dataset_name"]
+        )
+        return queryset.filter(dataset=self.dataset).select_related("dataset", "created_by")
+
+
+@extend_schema(tags=["datasets"])
+@extend_schema_view(
+    create=extend_schema(
+        request={"multipart/form-data": s.DatasetUploadSerializer},
+        responses={201: s.DatasetVersionDetailSerializer},
+        description="Upload a file (multipart) as the dataset's next version.",
+    ),
+    retrieve=extend_schema(responses=s.DatasetVersionDetailSerializer),
+    download=extend_schema(responses=s.DownloadSerializer),
+    lineage=extend_schema(responses=s.LineageSerializer),
+)
+class DatasetVersionViewSet(
+    _InDataset,
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.CreateModelMixin,
+    OrganizationScopedViewSet,
+):
+    model = DatasetVersion
+    serializer_class = s.DatasetVersionSerializer
+    lookup_field = "number"
+    parser_classes = [MultiPartParser]
+    required_scopes = {
+        "list": "datasets:read",
+        "retrieve": "datasets:read",
+        "download": "datasets:read",
+        "lineage": "datasets:read",
+        "create": "datasets:write",
+    }
+
+    def get_serializer_class(self):
+        return (
+            s.DatasetVersionDetailSerializer
+            if self.action == "retrieve"
+            else s.DatasetVersionSerializer
+        )
+
+    def create(self, request, *args, **kwargs):
+        refuse_oversized_body(request)
+        dataset = selectors.dataset_get(
+            organization=self.organization, name=self.kwargs["dataset_name"]
+        )
+        data = s.DatasetUploadSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        uploaded = data.validated_data["file"]
+        with uploaded_path(uploaded) as path:
+            version = services.dataset_version_create(
+                dataset=dataset,
+                path=path,
+                filename=uploaded.name or "data",
+                declared_format=data.validated_data.get("format"),
+                actor=self.actor,
+            )
+        return Response(
+            s.DatasetVersionDetailSerializer(version).data, status=status.HTTP_201_CREATED
+        )
+
+    @action(detail=True, methods=["get"])
+    def download(self, request, *args, **kwargs):
+        version = self.get_object()
+        name = (
+            version.original_filename
+            or f"{version.dataset.name}-v{version.number}.{version.format}"
+        )
+        return Response(
+            download_entry(
+                name=name, key=version.storage_key, size=version.size_bytes, sha256=version.sha256
+            )
+        )
+
+    @action(detail=True, methods=["get"])
+    def lineage(self, request, *args, **kwargs):
+        return Response(selectors.lineage(version=self.get_object()))
+
+
+@extend_schema(tags=["datasets"])
+@extend_schema_view(
+    create=extend_schema(
+        request=s.PendingUploadCreateSerializer,
+        responses={201: s.PendingUploadSerializer},
+        description="Start a large upload: PUT the bytes to `upload_url`, then call finalize.",
+    ),
+    finalize=extend_schema(request=None, responses={201: s.DatasetVersionDetailSerializer}),
+)
+class PendingUploadViewSet(_InDataset, mixins.CreateModelMixin, OrganizationScopedViewSet):
+    model = PendingUpload
+    serializer_class = s.PendingUploadSerializer
+    parser_classes = [JSONParser]
+    required_scopes = {"create": "datasets:write", "finalize": "datasets:write"}
+
+    def create(self, request, *args, **kwargs):
+        dataset = selectors.dataset_get(
+            organization=self.organization, name=self.kwargs["dataset_name"]
+        )
+        data = s.PendingUploadCreateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        upload, url = services.pending_upload_create(
+            dataset=dataset,
+            filename=data.validated_data["filename"],
+            declared_format=data.validated_data.get("format", ""),
+            size_bytes=data.validated_data.get("size_bytes"),
+            actor=self.actor,
+        )
+        upload.upload_url = url
+        return Response(s.PendingUploadSerializer(upload).data, status=status.HTTP_201_CREATED)
+
+    @action(detail=True, methods=["post"])
+    def finalize(self, request, *args, **kwargs):
+        version = services.pending_upload_finalize(upload=self.get_object(), actor=self.actor)
+        return Response(
+            s.DatasetVersionDetailSerializer(version).data, status=status.HTTP_201_CREATED
+        )
+
+
+@extend_schema(tags=["models"])
+@extend_schema_view(
+    create=extend_schema(
+        request=s.RegisteredModelSerializer, responses={201: s.RegisteredModelSerializer}
+    ),
+    partial_update=extend_schema(request=s.RegisteredModelUpdateSerializer),
+    compare=extend_schema(
+        parameters=[
+            OpenApiParameter("versions", str, description="Comma-separated numbers, e.g. 1,3")
+        ],
+        responses=s.CompareSerializer,
+    ),
+)
+class RegisteredModelViewSet(
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.CreateModelMixin,
+    mixins.UpdateModelMixin,
+    OrganizationScopedViewSet,
+):
+    model = RegisteredModel
+    serializer_class = s.RegisteredModelSerializer
+    lookup_field = "name"
+    http_method_names = ["get", "post", "patch", "head"]
+    required_scopes = {
+        "list": "models:read",
+        "retrieve": "models:read",
+        "compare": "models:read",
+        "create": "models:write",
+        "partial_update": "models:write",
+    }
+
+    def narrow_queryset(self, queryset):
+        return selectors.registered_model_list(organization=self.organization)
+
+    def create(self, request, *args, **kwargs):
+        data = s.RegisteredModelSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        model = services.registered_model_create(
+            organization=self.organization,
+            actor=self.actor,
+            name=data.validated_data["name"],
+            description=data.validated_data.get("description", ""),
+        )
+        if data.validated_data.get("promotion_gates"):
+            model = services.registered_model_update(
+                registered_model=model,
+                actor=self.actor,
+                promotion_gates=data.validated_data["promotion_gates"],
+            )
+        return Response(s.RegisteredModelSerializer(model).data, status=status.HTTP_201_CREATED)
+
+    def update(self, request, *args, **kwargs):
+        model = self.get_object()
+        data = s.RegisteredModelUpdateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        model = services.registered_model_update(
+            registered_model=model, actor=self.actor, **data.validated_data
+        )
+        return Response(s.RegisteredModelSerializer(model).data)
+
+    @action(detail=True, methods=["get"])
+    def compare(self, request, *args, **kwargs):
+        model = self.get_object()
+        raw = request.query_params.get("versions", "")
+        try:
+            numbers = [int(n) for n in raw.split(",") if n.strip()]
+        except ValueError:
+            numbers = []
+        if not numbers:
+            raise DatasetFormatError("Pass ?versions=1,2 with the version numbers to compare.")
+        return Response(selectors.model_versions_compare(registered_model=model, numbers=numbers))
+
+
+class _InModel:
+    """Rows of one registered model, named in the URL; a missing or foreign model is 404."""
+
+    def narrow_queryset(self, queryset):
+        self.registered_model = selectors.registered_model_get(
+            organization=self.organization, name=self.kwargs["model_name"]
+        )
+        return queryset.filter(registered_model=self.registered_model)
+
+
+@extend_schema(tags=["models"])
+@extend_schema_view(
+    create=extend_schema(
+        request={"multipart/form-data": s.ModelVersionRegisterSerializer},
+        responses={201: s.ModelVersionSerializer},
+        description="Register a version from safetensors weights and a JSON config.",
+    ),
+    download=extend_schema(responses=s.DownloadSerializer(many=True)),
+    lineage=extend_schema(responses=s.LineageSerializer),
+)
+class ModelVersionViewSet(
+    _InModel,
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.CreateModelMixin,
+    OrganizationScopedViewSet,
+):
+    model = ModelVersion
+    serializer_class = s.ModelVersionSerializer
+    lookup_field = "number"
+    parser_classes = [MultiPartParser]
+    required_scopes = {
+        "list": "models:read",
+        "retrieve": "models:read",
+        "download": "models:read",
+        "lineage": "models:read",
+        "create": "models:write",
+    }
+
+    def narrow_queryset(self, queryset):
+        return (
+            super()
+            .narrow_queryset(queryset)
+            .select_related("registered_model", "parent_version", "created_by")
+        )
+
+    def create(self, request, *args, **kwargs):
+        refuse_oversized_body(request)
+        registered_model = selectors.registered_model_get(
+            organization=self.organization, name=self.kwargs["model_name"]
+        )
+        data = s.ModelVersionRegisterSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        fields = dict(data.validated_data)
+        trained_on = [
+            selectors.dataset_version_get(
+                organization=self.organization, dataset_name=ref["dataset"], number=ref["number"]
+            )
+            for ref in fields.pop("trained_on", [])
+        ]
+        parent_number = fields.pop("parent_version", None)
+        parent = (
+            selectors.model_version_get(
+                organization=self.organization, model_name=registered_model.name, ref=parent_number
+            )
+            if parent_number
+            else None
+        )
+        with uploaded_path(fields.pop("weights")) as path:
+            version = services.model_version_register(
+                registered_model=registered_model,
+                weights_path=path,
+                actor=self.actor,
+                trained_on=trained_on,
+                parent_version=parent,
+                **fields,
+            )
+        return Response(s.ModelVersionSerializer(version).data, status=status.HTTP_201_CREATED)
+
+    @action(detail=True, methods=["get"])
+    def download(self, request, *args, **kwargs):
+        version = self.get_object()
+        return Response(
+            [
+                download_entry(name=a.name, key=a.storage_key, size=a.size_bytes, sha256=a.sha256)
+                for a in version.artifacts.all()
+            ]
+        )
+
+    @action(detail=True, methods=["get"])
+    def lineage(self, request, *args, **kwargs):
+        return Response(selectors.lineage(version=self.get_object()))
+
+
+@extend_schema(tags=["models"])
+@extend_schema_view(
+    update=extend_schema(
+        request=s.ModelAliasSetSerializer,
+        responses=s.ModelAliasSerializer,
+        description="Point the alias at a version (creates it if new). Needs `models:promote`; "
+        "the model's promotion gates for this alias must pass.",
+    )
+)
+class ModelAliasViewSet(
+    _InModel,
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.DestroyModelMixin,
+    OrganizationScopedViewSet,
+):
+    model = ModelAlias
+    serializer_class = s.ModelAliasSerializer
+    lookup_field = "name"
+    lookup_url_kwarg = "alias"
+    pagination_class = None
+    http_method_names = ["get", "put", "delete", "head"]
+    required_scopes = {
+        "list": "models:read",
+        "retrieve": "models:read",
+        "update": "models:promote",
+        "destroy": "models:promote",
+    }
+
+    def narrow_queryset(self, queryset):
+        return super().narrow_queryset(queryset).select_related("version", "updated_by")
+
+    def update(self, request, *args, **kwargs):
+        self.get_queryset()  # resolves the model (404 when missing or foreign)
+        data = s.ModelAliasSetSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        version = selectors.model_version_get(
+            organization=self.organization,
+            model_name=self.registered_model.name,
+            ref=data.validated_data["version"],
+        )
+        alias = services.model_alias_set(
+            registered_model=self.registered_model,
+            alias=self.kwargs["alias"],
+            version=version,
+            actor=self.actor,
+        )
+        return Response(s.ModelAliasSerializer(alias).data)
+
+    def perform_destroy(self, instance):
+        services.model_alias_delete(alias=instance, actor=self.actor)

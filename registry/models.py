@@ -1,0 +1,233 @@
+"""Datasets and models, their immutable versions, aliases, and the lineage between them."""
+
+from django.conf import settings
+from django.core.validators import RegexValidator
+from django.db import models
+from django.utils import timezone
+
+from tenants.models import OrganizationOwned
+
+name_validator = RegexValidator(
+    r"^[a-z0-9][a-z0-9._-]{0,99}$",
+    "Use 1-100 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit.",
+)
+
+
+class DatasetFormat(models.TextChoices):
+    CSV = "csv", "CSV"
+    PARQUET = "parquet", "Parquet"
+    NPZ = "npz", "NumPy .npz"
+    IMAGE_FOLDER_ZIP = "image_folder_zip", "Zip of images, one folder per class"
+
+
+class Dataset(OrganizationOwned):
+    name = models.CharField(max_length=100, validators=[name_validator])
+    description = models.TextField(blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint(fields=["organization", "name"], name="dataset_unique_name"),
+        ]
+
+    def __str__(self):
+        return self.name
+
+
+class DatasetVersion(OrganizationOwned):
+    """One immutable upload (or job output) of a dataset, with what we learned reading it."""
+
+    class Source(models.TextChoices):
+        UPLOAD = "upload", "Upload"
+        JOB_OUTPUT = "job_output", "Job output"
+
+    dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="versions")
+    number = models.PositiveIntegerField()
+    storage_key = models.CharField(max_length=500, unique=True)
+    original_filename = models.CharField(max_length=255, blank=True)
+    size_bytes = models.BigIntegerField()
+    sha256 = models.CharField(max_length=64)
+    format = models.CharField(max_length=20, choices=DatasetFormat.choices)
+    row_count = models.BigIntegerField()
+    schema = models.JSONField(default=list)
+    profile = models.JSONField(default=dict)
+    preview = models.JSONField(default=list)
+    source = models.CharField(max_length=20, choices=Source.choices, default=Source.UPLOAD)
+    # The job that wrote this version; becomes a foreign key when the jobs app lands.
+    source_job_id = models.BigIntegerField(null=True, blank=True)
+    # Predictions: the model version and input dataset version they were made from.
+    derived_from_model_version = models.ForeignKey(
+        "ModelVersion", null=True, blank=True, on_delete=models.PROTECT, related_name="predictions"
+    )
+    derived_from_dataset_version = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.PROTECT, related_name="derived"
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-number"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["dataset", "number"], name="dataset_version_unique_number"
+            ),
+            models.CheckConstraint(
+                condition=models.Q(size_bytes__gte=0), name="dataset_version_size_nonneg"
+            ),
+            models.CheckConstraint(
+                condition=models.Q(format__in=DatasetFormat.values),
+                name="dataset_version_format_valid",
+            ),
+        ]
+        indexes = [models.Index(fields=["organization", "-created_at"], name="dsv_org_time")]
+
+    def __str__(self):
+        return f"{self.dataset.name} v{self.number}"
+
+
+class RegisteredModel(OrganizationOwned):
+    name = models.CharField(max_length=100, validators=[name_validator])
+    description = models.TextField(blank=True)
+    # Rules an alias move must satisfy, e.g.
+    # [{"alias": "production", "metric": "accuracy", "op": ">=", "value": 0.9}].
+    promotion_gates = models.JSONField(default=list, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "name"], name="registered_model_unique_name"
+            ),
+        ]
+
+    def __str__(self):
+        return self.name
+
+
+class ModelVersion(OrganizationOwned):
+    registered_model = models.ForeignKey(
+        RegisteredModel, on_delete=models.CASCADE, related_name="versions"
+    )
+    number = models.PositiveIntegerField()
+    recipe_name = models.CharField(max_length=100, blank=True)
+    recipe_version = models.CharField(max_length=40, blank=True)
+    parameters = models.JSONField(default=dict, blank=True)
+    metrics = models.JSONField(default=dict, blank=True)
+    input_signature = models.JSONField(default=dict, blank=True)
+    # The job that trained this version; becomes a foreign key when the jobs app lands.
+    source_job_id = models.BigIntegerField(null=True, blank=True)
+    trained_on = models.ManyToManyField(DatasetVersion, blank=True, related_name="trained_models")
+    parent_version = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.PROTECT, related_name="fine_tuned"
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-number"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["registered_model", "number"], name="model_version_unique_number"
+            ),
+        ]
+        indexes = [models.Index(fields=["organization", "-created_at"], name="mv_org_time")]
+
+    def __str__(self):
+        return f"{self.registered_model.name} v{self.number}"
+
+
+class ModelArtifact(OrganizationOwned):
+    """One file of a model version: safetensors weights or a JSON config, never a pickle."""
+
+    model_version = models.ForeignKey(
+        ModelVersion, on_delete=models.CASCADE, related_name="artifacts"
+    )
+    name = models.CharField(max_length=100)
+    storage_key = models.CharField(max_length=500, unique=True)
+    size_bytes = models.BigIntegerField()
+    sha256 = models.CharField(max_length=64)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["model_version", "name"], name="model_artifact_unique_name"
+            ),
+        ]
+
+    def __str__(self):
+        return f"{self.model_version} {self.name}"
+
+
+class ModelAlias(OrganizationOwned):
+    registered_model = models.ForeignKey(
+        RegisteredModel, on_delete=models.CASCADE, related_name="aliases"
+    )
+    name = models.CharField(max_length=100, validators=[name_validator])
+    version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="aliases")
+    updated_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["registered_model", "name"], name="model_alias_unique_name"
+            ),
+        ]
+
+    def __str__(self):
+        return f"{self.registered_model.name}@{self.name} -> v{self.version.number}"
+
+
+class PendingUpload(OrganizationOwned):
+    """A large upload the client sends straight to storage, then asks us to finalize."""
+
+    dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="pending_uploads")
+    storage_key = models.CharField(max_length=500, unique=True)
+    original_filename = models.CharField(max_length=255, blank=True)
+    declared_format = models.CharField(max_length=20, choices=DatasetFormat.choices, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self):
+        return f"upload to {self.dataset.name} ({self.original_filename})"
+
+
+class StorageAccount(OrganizationOwned):
+    """Bytes an organization keeps in storage, against its quota; billing meters GB-hours."""
+
+    quota_bytes = models.BigIntegerField()
+    used_bytes = models.BigIntegerField(default=0)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["organization"], name="storage_account_one_per_org"),
+            models.CheckConstraint(
+                condition=models.Q(used_bytes__gte=0), name="storage_used_nonneg"
+            ),
+        ]
+
+    def __str__(self):
+        return f"{self.organization}: {self.used_bytes}/{self.quota_bytes} bytes"

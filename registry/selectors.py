@@ -1,0 +1,215 @@
+"""Reads of the registry: lookups by name within an organization, comparisons and lineage."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db.models import Count, QuerySet
+from django.http import Http404
+
+from tenants.models import Organization
+
+from .models import (
+    Dataset,
+    DatasetVersion,
+    ModelAlias,
+    ModelVersion,
+    RegisteredModel,
+    StorageAccount,
+)
+
+LINEAGE_DEPTH = 6
+
+
+def dataset_list(*, organization: Organization) -> QuerySet[Dataset]:
+    return Dataset.objects.for_organization(organization).annotate(version_count=Count("versions"))
+
+
+def dataset_get(*, organization: Organization, name: str) -> Dataset:
+    dataset = Dataset.objects.for_organization(organization).filter(name=name).first()
+    if dataset is None:
+        raise Http404
+    return dataset
+
+
+def dataset_version_get(
+    *, organization: Organization, dataset_name: str, number: int
+) -> DatasetVersion:
+    version = (
+        DatasetVersion.objects.for_organization(organization)
+        .select_related("dataset")
+        .filter(dataset__name=dataset_name, number=number)
+        .first()
+    )
+    if version is None:
+        raise Http404
+    return version
+
+
+def registered_model_list(*, organization: Organization) -> QuerySet[RegisteredModel]:
+    return RegisteredModel.objects.for_organization(organization).annotate(
+        version_count=Count("versions")
+    )
+
+
+def registered_model_get(*, organization: Organization, name: str) -> RegisteredModel:
+    model = RegisteredModel.objects.for_organization(organization).filter(name=name).first()
+    if model is None:
+        raise Http404
+    return model
+
+
+def model_version_get(
+    *, organization: Organization, model_name: str, ref: str | int
+) -> ModelVersion:
+    """A version by number or by alias name (`3`, `production`)."""
+    versions = ModelVersion.objects.for_organization(organization).select_related(
+        "registered_model"
+    )
+    if isinstance(ref, int) or str(ref).isdigit():
+        version = versions.filter(registered_model__name=model_name, number=int(ref)).first()
+    else:
+        alias = (
+            ModelAlias.objects.for_organization(organization)
+            .filter(registered_model__name=model_name, name=ref)
+            .select_related("version__registered_model")
+            .first()
+        )
+        version = alias.version if alias else None
+    if version is None:
+        raise Http404
+    return version
+
+
+def model_versions_compare(*, registered_model: RegisteredModel, numbers: list[int]) -> dict:
+    """Parameters and metrics of several versions side by side, keys aligned across versions."""
+    versions = list(
+        ModelVersion.objects.for_organization(registered_model.organization)
+        .filter(registered_model=registered_model, number__in=numbers)
+        .order_by("number")
+    )
+    parameter_names = sorted({k for v in versions for k in v.parameters})
+    metric_names = sorted({k for v in versions for k in v.metrics})
+    return {
+        "versions": [v.number for v in versions],
+        "parameters": {k: [v.parameters.get(k) for v in versions] for k in parameter_names},
+        "metrics": {k: [v.metrics.get(k) for v in versions] for k in metric_names},
+    }
+
+
+def storage_usage(*, organization: Organization) -> dict:
+    account = StorageAccount.objects.for_organization(organization).first()
+    if account is None:
+        return {"used_bytes": 0, "quota_bytes": settings.STORAGE_QUOTA_DEFAULT_BYTES}
+    return {"used_bytes": account.used_bytes, "quota_bytes": account.quota_bytes}
+
+
+# Lineage: a small graph of nodes ("dataset_version", "model_version", "job") and edges, walked
+# up (where it came from) and down (what used it) from one version, bounded in depth.
+
+
+def _node(obj) -> dict:
+    if isinstance(obj, DatasetVersion):
+        return {
+            "type": "dataset_version",
+            "id": f"dataset_version:{obj.pk}",
+            "dataset": obj.dataset.name,
+            "number": obj.number,
+            "label": str(obj),
+        }
+    return {
+        "type": "model_version",
+        "id": f"model_version:{obj.pk}",
+        "model": obj.registered_model.name,
+        "number": obj.number,
+        "label": str(obj),
+    }
+
+
+def _job_node(job_id: int) -> dict:
+    return {"type": "job", "id": f"job:{job_id}", "job_id": job_id, "label": f"job #{job_id}"}
+
+
+class _Graph:
+    def __init__(self):
+        self.nodes: dict[str, dict] = {}
+        self.edges: list[dict] = []
+
+    def add(self, node: dict) -> str:
+        self.nodes.setdefault(node["id"], node)
+        return node["id"]
+
+    def link(self, source, target, *, job_id: int | None, relation: str) -> None:
+        """source -> (job) -> target, with the job as its own node when there is one."""
+        a, b = self.add(_node(source)), self.add(_node(target))
+        if job_id is not None:
+            j = self.add(_job_node(job_id))
+            edges = [(a, j, relation), (j, b, "produced")]
+        else:
+            edges = [(a, b, relation)]
+        for s, t, r in edges:
+            edge = {"from": s, "to": t, "relation": r}
+            if edge not in self.edges:
+                self.edges.append(edge)
+
+
+def _parents(obj) -> list[tuple[object, int | None, str]]:
+    """(parent, job id, relation) for each direct input of a version."""
+    if isinstance(obj, DatasetVersion):
+        parents = []
+        if obj.derived_from_dataset_version_id:
+            parents.append((obj.derived_from_dataset_version, obj.source_job_id, "predicted from"))
+        if obj.derived_from_model_version_id:
+            parents.append((obj.derived_from_model_version, obj.source_job_id, "predicted by"))
+        return parents
+    parents = [
+        (dv, obj.source_job_id, "trained") for dv in obj.trained_on.select_related("dataset")
+    ]
+    if obj.parent_version_id:
+        parents.append((obj.parent_version, obj.source_job_id, "fine-tuned"))
+    return parents
+
+
+def _children(obj) -> list[tuple[object, int | None, str]]:
+    if isinstance(obj, DatasetVersion):
+        children = [
+            (mv, mv.source_job_id, "trained")
+            for mv in obj.trained_models.select_related("registered_model")
+        ]
+        children += [
+            (dv, dv.source_job_id, "predicted from") for dv in obj.derived.select_related("dataset")
+        ]
+        return children
+    children = [
+        (dv, dv.source_job_id, "predicted by") for dv in obj.predictions.select_related("dataset")
+    ]
+    children += [
+        (mv, mv.source_job_id, "fine-tuned")
+        for mv in obj.fine_tuned.select_related("registered_model")
+    ]
+    return children
+
+
+def _walk(graph: _Graph, start, neighbours, *, upstream: bool) -> None:
+    frontier, seen = [start], {_node(start)["id"]}
+    for _ in range(LINEAGE_DEPTH):
+        following = []
+        for obj in frontier:
+            for other, job_id, relation in neighbours(obj):
+                source, target = (other, obj) if upstream else (obj, other)
+                graph.link(source, target, job_id=job_id, relation=relation)
+                if _node(other)["id"] not in seen:
+                    seen.add(_node(other)["id"])
+                    following.append(other)
+        frontier = following
+
+
+def lineage(*, version: DatasetVersion | ModelVersion) -> dict:
+    graph = _Graph()
+    root = graph.add(_node(version))
+    if version.source_job_id and not _parents(version):
+        # Made by a job from nothing we track (a job's own output): still say which job.
+        job = graph.add(_job_node(version.source_job_id))
+        graph.edges.append({"from": job, "to": root, "relation": "produced"})
+    _walk(graph, version, _parents, upstream=True)
+    _walk(graph, version, _children, upstream=False)
+    return {"root": root, "nodes": list(graph.nodes.values()), "edges": graph.edges}

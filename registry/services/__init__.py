@@ -1,0 +1,33 @@
+"""Writes for the registry: datasets, model versions, aliases, and the storage they use."""
+
+from .datasets import (
+    dataset_create,
+    dataset_delete,
+    dataset_update,
+    dataset_version_create,
+    pending_upload_create,
+    pending_upload_finalize,
+)
+from .model_versions import (
+    model_alias_delete,
+    model_alias_set,
+    model_version_register,
+    registered_model_create,
+    registered_model_update,
+)
+from .storage_accounts import storage_account_get
+
+__all__ = [
+    "dataset_create",
+    "dataset_delete",
+    "dataset_update",
+    "dataset_version_create",
+    "model_alias_delete",
+    "model_alias_set",
+    "model_version_register",
+    "pending_upload_create",
+    "pending_upload_finalize",
+    "registered_model_create",
+    "registered_model_update",
+    "storage_account_get",
+]

@@ -1,0 +1,267 @@
+"""Datasets and their versions: inspect first, store second, record last, leave nothing behind.
+
+Network calls (storage) run outside any transaction; the database rows, the storage charge and
+the audit event are written together afterwards, and a failure there deletes the stored object.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError, transaction
+from django.db.models import Max, Sum
+from django.utils import timezone
+
+from registry.errors import InUseError
+from registry.formats import DatasetFormatError, DatasetLimits, inspect_dataset
+from registry.models import Dataset, DatasetVersion, ModelVersion, PendingUpload, name_validator
+from registry.storage import get_storage, new_object_key
+from tenants.actors import Actor
+from tenants.errors import ConflictError, DomainError
+from tenants.models import Organization
+from tenants.services import audit_record
+
+from .storage_accounts import storage_charge, storage_check, stored_objects_delete
+
+PENDING_UPLOAD_TTL = timedelta(hours=6)
+
+
+def validate_name(name: str, *, field: str = "name") -> str:
+    name = name.strip()
+    try:
+        name_validator(name)
+    except ValidationError as exc:
+        raise DomainError(f"{name!r} is not a valid name.", fields={field: exc.messages}) from exc
+    return name
+
+
+def dataset_limits() -> DatasetLimits:
+    return DatasetLimits(max_bytes=settings.DATASET_MAX_UPLOAD_BYTES)
+
+
+@transaction.atomic
+def dataset_create(
+    *, organization: Organization, name: str, description: str = "", actor: Actor
+) -> Dataset:
+    name = validate_name(name)
+    if Dataset.objects.for_organization(organization).filter(name=name).exists():
+        raise ConflictError(
+            f"A dataset named {name!r} already exists.", fields={"name": ["Already taken."]}
+        )
+    dataset = Dataset.objects.create(
+        organization=organization, name=name, description=description, created_by=actor.user
+    )
+    audit_record(organization=organization, actor=actor, action="dataset.create", target=dataset)
+    return dataset
+
+
+@transaction.atomic
+def dataset_update(*, dataset: Dataset, description: str, actor: Actor) -> Dataset:
+    dataset.description = description
+    dataset.save(update_fields=["description"])
+    audit_record(
+        organization=dataset.organization, actor=actor, action="dataset.update", target=dataset
+    )
+    return dataset
+
+
+def dataset_delete(*, dataset: Dataset, actor: Actor) -> None:
+    """Delete a dataset and its files, unless a model or another dataset was made from it."""
+    with transaction.atomic():
+        dataset = Dataset.objects.select_for_update().get(pk=dataset.pk)
+        versions = DatasetVersion.objects.for_organization(dataset.organization).filter(
+            dataset=dataset
+        )
+        if ModelVersion.trained_on.through.objects.filter(datasetversion__in=versions).exists() or (
+            DatasetVersion.objects.filter(derived_from_dataset_version__in=versions).exists()
+        ):
+            raise InUseError(
+                f"Models or predictions were made from {dataset.name}; delete them first so "
+                "their lineage stays whole."
+            )
+        keys = list(versions.values_list("storage_key", flat=True))
+        keys += list(dataset.pending_uploads.values_list("storage_key", flat=True))
+        freed = versions.aggregate(total=Sum("size_bytes"))["total"] or 0
+        audit_record(
+            organization=dataset.organization,
+            actor=actor,
+            action="dataset.delete",
+            target=dataset,
+            data={"versions": len(keys), "bytes": freed},
+        )
+        dataset.delete()
+        storage_charge(organization=dataset.organization, delta_bytes=-freed)
+        transaction.on_commit(lambda: stored_objects_delete(keys))
+
+
+def dataset_version_create(
+    *,
+    dataset: Dataset,
+    path: Path,
+    filename: str,
+    actor: Actor,
+    declared_format: str | None = None,
+    source: str = DatasetVersion.Source.UPLOAD,
+    source_job_id: int | None = None,
+    derived_from_model_version: ModelVersion | None = None,
+    derived_from_dataset_version: DatasetVersion | None = None,
+) -> DatasetVersion:
+    """Inspect a local file, store it under the organization's prefix, and record a version."""
+    organization = dataset.organization
+    size = path.stat().st_size
+    limits = dataset_limits()
+    if size > limits.max_bytes:
+        raise DatasetFormatError(
+            f"The file is {size} bytes; the limit is {limits.max_bytes}. "
+            "Split it into smaller versions."
+        )
+    storage_check(organization=organization, adding_bytes=size)
+    inspection = inspect_dataset(path, limits=limits, declared_format=declared_format or None)
+    key = new_object_key(organization_id=organization.pk, kind="datasets", filename=filename)
+    with path.open("rb") as stream:
+        stored = get_storage().save(key, stream, max_bytes=limits.max_bytes)
+    try:
+        return _record_version(
+            dataset=dataset,
+            key=key,
+            size=stored.size,
+            sha256=stored.sha256,
+            filename=filename,
+            inspection=inspection,
+            actor=actor,
+            source=source,
+            source_job_id=source_job_id,
+            derived_from_model_version=derived_from_model_version,
+            derived_from_dataset_version=derived_from_dataset_version,
+        )
+    except BaseException:
+        stored_objects_delete([key])
+        raise
+
+
+@transaction.atomic
+def _record_version(
+    *,
+    dataset: Dataset,
+    key: str,
+    size: int,
+    sha256: str,
+    filename: str,
+    inspection,
+    actor: Actor,
+    **lineage,
+) -> DatasetVersion:
+    dataset = Dataset.objects.select_for_update().get(pk=dataset.pk)
+    number = (dataset.versions.aggregate(n=Max("number"))["n"] or 0) + 1
+    version = DatasetVersion.objects.create(
+        organization=dataset.organization,
+        dataset=dataset,
+        number=number,
+        storage_key=key,
+        original_filename=filename[:255],
+        size_bytes=size,
+        sha256=sha256,
+        format=inspection.format,
+        row_count=inspection.row_count,
+        schema=inspection.schema,
+        profile=inspection.profile,
+        preview=inspection.preview,
+        created_by=actor.user,
+        **lineage,
+    )
+    storage_charge(organization=dataset.organization, delta_bytes=size)
+    audit_record(
+        organization=dataset.organization,
+        actor=actor,
+        action="dataset.version_create",
+        target=version,
+        data={"format": version.format, "rows": version.row_count, "bytes": size, "sha256": sha256},
+    )
+    return version
+
+
+@transaction.atomic
+def pending_upload_create(
+    *,
+    dataset: Dataset,
+    filename: str,
+    declared_format: str = "",
+    size_bytes: int | None = None,
+    actor: Actor,
+) -> tuple[PendingUpload, str]:
+    """Reserve a key for a large upload sent straight to storage; returns it with its PUT URL."""
+    if size_bytes is not None:
+        if size_bytes > dataset_limits().max_bytes:
+            raise DatasetFormatError(
+                f"The file is over the {dataset_limits().max_bytes}-byte limit."
+            )
+        storage_check(organization=dataset.organization, adding_bytes=size_bytes)
+    upload = PendingUpload.objects.create(
+        organization=dataset.organization,
+        dataset=dataset,
+        storage_key=new_object_key(
+            organization_id=dataset.organization_id, kind="uploads", filename=filename
+        ),
+        original_filename=filename[:255],
+        declared_format=declared_format,
+        created_by=actor.user,
+        expires_at=timezone.now() + PENDING_UPLOAD_TTL,
+    )
+    url = get_storage().presigned_put_url(
+        upload.storage_key, expires_s=int(PENDING_UPLOAD_TTL.total_seconds())
+    )
+    return upload, url
+
+
+def pending_upload_finalize(*, upload: PendingUpload, actor: Actor) -> DatasetVersion:
+    """Read what the client uploaded, inspect it, and record it as a version under its own key."""
+    if upload.expires_at <= timezone.now():
+        _discard_upload(upload)
+        raise DomainError("This upload expired; start a new one.")
+    storage = get_storage()
+    if storage.size(upload.storage_key) is None:
+        raise DomainError(
+            "Nothing was uploaded yet: PUT the file to the upload URL, then finalize."
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "upload"
+        digest = hashlib.sha256()
+        with storage.open(upload.storage_key) as source, path.open("wb") as target:
+            for chunk in iter(lambda: source.read(1024 * 1024), b""):
+                digest.update(chunk)
+                target.write(chunk)
+        size = path.stat().st_size
+        try:
+            storage_check(organization=upload.organization, adding_bytes=size)
+            inspection = inspect_dataset(
+                path, limits=dataset_limits(), declared_format=upload.declared_format or None
+            )
+        except DomainError:
+            _discard_upload(upload)
+            raise
+    try:
+        with transaction.atomic():
+            version = _record_version(
+                dataset=upload.dataset,
+                key=upload.storage_key,
+                size=size,
+                sha256=digest.hexdigest(),
+                filename=upload.original_filename,
+                inspection=inspection,
+                actor=actor,
+                source=DatasetVersion.Source.UPLOAD,
+            )
+            PendingUpload.objects.filter(pk=upload.pk).delete()
+    except IntegrityError as exc:
+        raise ConflictError("This upload was already finalized.") from exc
+    return version
+
+
+def _discard_upload(upload: PendingUpload) -> None:
+    PendingUpload.objects.filter(pk=upload.pk).delete()
+    stored_objects_delete([upload.storage_key])

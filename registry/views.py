@@ -1,0 +1,220 @@
+"""Dashboard pages for datasets, models, versions, aliases and lineage."""
+
+from django.contrib import messages
+from django.shortcuts import redirect
+from django.urls import reverse
+from django.views import View
+from django.views.generic import TemplateView
+
+from tenants.errors import DomainError
+from tenants.views.base import OrganizationPageMixin
+
+from . import selectors, services
+from .forms import AliasForm, NamedForm
+from .models import Dataset, DatasetVersion, ModelVersion, RegisteredModel
+from .storage import get_storage
+
+DOWNLOAD_URL_TTL_S = 300
+
+
+def lineage_with_links(organization, version) -> dict:
+    """The lineage graph with a dashboard link on each version node."""
+    graph = selectors.lineage(version=version)
+    for node in graph["nodes"]:
+        if node["type"] == "dataset_version":
+            node["url"] = reverse(
+                "registry:dataset_version",
+                args=[organization.slug, node["dataset"], node["number"]],
+            )
+        elif node["type"] == "model_version":
+            node["url"] = reverse(
+                "registry:model_version", args=[organization.slug, node["model"], node["number"]]
+            )
+    by_id = {node["id"]: node for node in graph["nodes"]}
+    graph["links"] = [(by_id[e["from"]], e["relation"], by_id[e["to"]]) for e in graph["edges"]]
+    return graph
+
+
+class _CreateByName(OrganizationPageMixin, TemplateView):
+    """A list page whose form creates a named thing (a dataset or a model)."""
+
+    create = None
+    success_url_name = ""
+
+    def get_context_data(self, **kwargs):
+        context = super().get_context_data(**kwargs)
+        context.setdefault("form", NamedForm())
+        return context
+
+    def post(self, request, org_slug):
+        form = NamedForm(request.POST)
+        if form.is_valid():
+            try:
+                created = type(self).create(
+                    organization=self.organization, actor=self.actor, **form.cleaned_data
+                )
+            except DomainError as error:
+                for field, errors in (error.fields or {None: [error.detail]}).items():
+                    for message in errors:
+                        form.add_error(field if field in form.fields else None, message)
+            else:
+                messages.success(request, f"{created.name} created.")
+                return redirect(self.success_url_name, org_slug, created.name)
+        return self.render_to_response(self.get_context_data(form=form), status=400)
+
+
+class DatasetsPage(_CreateByName):
+    template_name = "registry/datasets.html"
+    required_scopes = {"get": "datasets:read", "post": "datasets:write"}
+    create = services.dataset_create
+    success_url_name = "registry:dataset"
+
+    def get_context_data(self, **kwargs):
+        context = super().get_context_data(**kwargs)
+        context["datasets"] = selectors.dataset_list(organization=self.organization)
+        context["storage"] = selectors.storage_usage(organization=self.organization)
+        return context
+
+
+class DatasetPage(OrganizationPageMixin, TemplateView):
+    template_name = "registry/dataset.html"
+    required_scopes = {"get": "datasets:read"}
+    model = Dataset
+
+    def get_context_data(self, **kwargs):
+        context = super().get_context_data(**kwargs)
+        dataset = selectors.dataset_get(organization=self.organization, name=self.kwargs["name"])
+        context["dataset"] = dataset
+        context["versions"] = dataset.versions.select_related("created_by")[:200]
+        context["upload_url"] = reverse(
+            "dataset-version-list",
+            kwargs={"org_slug": self.organization.slug, "dataset_name": dataset.name},
+        )
+        return context
+
+
+class DatasetVersionPage(OrganizationPageMixin, TemplateView):
+    template_name = "registry/dataset_version.html"
+    required_scopes = {"get": "datasets:read"}
+    model = DatasetVersion
+
+    def get_context_data(self, **kwargs):
+        context = super().get_context_data(**kwargs)
+        version = selectors.dataset_version_get(
+            organization=self.organization,
+            dataset_name=self.kwargs["name"],
+            number=self.kwargs["number"],
+        )
+        context["version"] = version
+        context["columns"] = [
+            (column, version.profile.get(column["name"], {})) for column in version.schema
+        ]
+        context["preview_columns"] = list(version.preview[0]) if version.preview else []
+        context["lineage"] = lineage_with_links(self.organization, version)
+        return context
+
+
+class DatasetVersionDownload(OrganizationPageMixin, View):
+    required_scopes = {"get": "datasets:read"}
+    model = DatasetVersion
+
+    def get(self, request, org_slug, name, number):
+        version = selectors.dataset_version_get(
+            organization=self.organization, dataset_name=name, number=number
+        )
+        filename = version.original_filename or f"{name}-v{number}.{version.format}"
+        return redirect(
+            get_storage().presigned_get_url(
+                version.storage_key, filename=filename, expires_s=DOWNLOAD_URL_TTL_S
+            )
+        )
+
+
+class ModelsPage(_CreateByName):
+    template_name = "registry/models.html"
+    required_scopes = {"get": "models:read", "post": "models:write"}
+    create = services.registered_model_create
+    success_url_name = "registry:model"
+
+    def get_context_data(self, **kwargs):
+        context = super().get_context_data(**kwargs)
+        context["models"] = selectors.registered_model_list(
+            organization=self.organization
+        ).prefetch_related("aliases__version")
+        return context
+
+
+class ModelPage(OrganizationPageMixin, TemplateView):
+    """Versions, aliases and promotion; `?compare=1,2` shows versions side by side."""
+
+    template_name = "registry/model.html"
+    required_scopes = {"get": "models:read", "post": "models:promote"}
+    model = RegisteredModel
+
+    def get_context_data(self, **kwargs):
+        context = super().get_context_data(**kwargs)
+        registered_model = selectors.registered_model_get(
+            organization=self.organization, name=self.kwargs["name"]
+        )
+        versions = list(registered_model.versions.prefetch_related("aliases")[:200])
+        context.update(
+            registered_model=registered_model,
+            versions=versions,
+            aliases=registered_model.aliases.select_related("version", "updated_by"),
+            metric_names=sorted({k for v in versions for k in v.metrics}),
+        )
+        context.setdefault("form", AliasForm(versions=versions))
+        compare = [int(n) for n in self.request.GET.getlist("compare") if n.isdigit()]
+        if compare:
+            context["comparison"] = selectors.model_versions_compare(
+                registered_model=registered_model, numbers=compare
+            )
+        return context
+
+    def post(self, request, org_slug, name):
+        registered_model = selectors.registered_model_get(organization=self.organization, name=name)
+        versions = list(registered_model.versions.all()[:200])
+        form = AliasForm(request.POST, versions=versions)
+        if form.is_valid():
+            version = next(v for v in versions if v.number == int(form.cleaned_data["version"]))
+            try:
+                services.model_alias_set(
+                    registered_model=registered_model,
+                    alias=form.cleaned_data["alias"],
+                    version=version,
+                    actor=self.actor,
+                )
+            except DomainError as error:
+                form.add_error(None, error.detail)
+            else:
+                messages.success(
+                    request, f"{form.cleaned_data['alias']} now points at v{version.number}."
+                )
+                return redirect("registry:model", org_slug, name)
+        return self.render_to_response(self.get_context_data(form=form), status=400)
+
+
+class ModelVersionPage(OrganizationPageMixin, TemplateView):
+    template_name = "registry/model_version.html"
+    required_scopes = {"get": "models:read"}
+    model = ModelVersion
+
+    def get_context_data(self, **kwargs):
+        context = super().get_context_data(**kwargs)
+        version = selectors.model_version_get(
+            organization=self.organization,
+            model_name=self.kwargs["name"],
+            ref=self.kwargs["number"],
+        )
+        context["version"] = version
+        context["artifacts"] = [
+            (
+                a,
+                get_storage().presigned_get_url(
+                    a.storage_key, filename=a.name, expires_s=DOWNLOAD_URL_TTL_S
+                ),
+            )
+            for a in version.artifacts.all()
+        ]
+        context["lineage"] = lineage_with_links(self.organization, version)
+        return context

@@ -1,0 +1,52 @@
+// Uploads with a progress bar: a form with data-upload-url posts its file to the API (session
+// cookie + CSRF header) and shows progress, then goes to the new version's page.
+(function () {
+  function csrfToken() {
+    const match = document.cookie.match(/(?:^|; )csrftoken=([^;]+)/);
+    return match ? decodeURIComponent(match[1]) : "";
+  }
+
+  function bindUpload(form) {
+    if (form.dataset.bound) return;
+    form.dataset.bound = "1";
+    const bar = form.querySelector("progress");
+    const status = form.querySelector("[data-upload-status]");
+    form.addEventListener("submit", function (event) {
+      event.preventDefault();
+      const file = form.querySelector("input[type=file]").files[0];
+      if (!file) { status.textContent = "Choose a file first."; return; }
+      const body = new FormData(form);
+      body.delete("csrfmiddlewaretoken");
+      const xhr = new XMLHttpRequest();
+      xhr.open("POST", form.dataset.uploadUrl);
+      xhr.setRequestHeader("X-CSRFToken", csrfToken());
+      xhr.upload.addEventListener("progress", function (e) {
+        if (!e.lengthComputable) return;
+        bar.value = Math.round((e.loaded / e.total) * 100);
+        status.textContent = bar.value < 100 ? "Uploading… " + bar.value + "%" : "Checking the data…";
+      });
+      xhr.addEventListener("load", function () {
+        let reply = {};
+        try { reply = JSON.parse(xhr.responseText); } catch (e) { /* not JSON: show the status */ }
+        if (xhr.status === 201) {
+          status.textContent = "Done: version " + reply.number + ".";
+          window.location.href = form.dataset.successUrl.replace("NUMBER", reply.number);
+        } else {
+          bar.value = 0;
+          status.textContent = reply.detail || ("Upload failed (HTTP " + xhr.status + "). Try again.");
+        }
+      });
+      xhr.addEventListener("error", function () {
+        status.textContent = "The connection failed during the upload. Check your network and try again.";
+      });
+      bar.hidden = false;
+      bar.value = 0;
+      status.textContent = "Uploading…";
+      xhr.send(body);
+    });
+  }
+
+  function bindAll() { document.querySelectorAll("form[data-upload-url]").forEach(bindUpload); }
+  document.addEventListener("DOMContentLoaded", bindAll);
+  document.addEventListener("htmx:afterSettle", bindAll);
+})();
