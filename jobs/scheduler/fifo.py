@@ -1,0 +1,91 @@
+"""The baseline the policy is measured against: strict FIFO per resource class.
+
+Jobs go in submit order onto the first machine (lowest id) with enough free slots. Budget,
+quota limits and running-job caps still hold, and a job that can never fit is passed over, but
+the first job that finds no room blocks every later job of its class (head-of-line blocking):
+no fair share, no backfill, no preemption. Same reasons and positions shape as `schedule`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from .policy import (
+    BUDGET_REASON,
+    NO_QUOTA,
+    capacity_reason,
+    job_limit_reason,
+    no_quota_reason,
+    over_quota_reason,
+    too_large_reason,
+)
+from .types import Decisions, Placement, Queued, Snapshot, Tenant, Waiting
+
+BEHIND_HEAD_REASON = "waiting behind an earlier job in the FIFO queue"
+
+
+def fifo_schedule(snapshot: Snapshot) -> Decisions:
+    """One FIFO pass over the snapshot."""
+    held: dict[tuple[str, int], int] = defaultdict(int)
+    running_jobs: dict[int, int] = defaultdict(int)
+    for job in snapshot.running:
+        held[job.resource_class, job.tenant_id] += job.gpus
+        running_jobs[job.tenant_id] += 1
+    free_by_class: dict[str, dict[int, list[int]]] = defaultdict(dict)
+    for machine in sorted(snapshot.machines, key=lambda m: m.id):
+        if machine.schedulable:
+            free_by_class[machine.resource_class][machine.id] = sorted(machine.free)
+    slots_by_class: dict[str, int] = defaultdict(int)
+    for machine in snapshot.machines:
+        if machine.schedulable:
+            slots_by_class[machine.resource_class] = max(
+                slots_by_class[machine.resource_class], machine.slots
+            )
+    queued_by_class: dict[str, list[Queued]] = defaultdict(list)
+    for job in snapshot.queued:
+        queued_by_class[job.resource_class].append(job)
+
+    placements: list[Placement] = []
+    waiting: list[Waiting] = []
+    for resource_class in sorted(queued_by_class):
+        free = free_by_class[resource_class]
+        largest = slots_by_class[resource_class]
+        blocked = False
+        position = 0
+        for job in sorted(
+            queued_by_class[resource_class], key=lambda j: (j.submitted_at, j.job_id)
+        ):
+            tenant = snapshot.tenants.get(job.tenant_id) or Tenant(id=job.tenant_id, quotas={})
+            quota = tenant.quotas.get(resource_class, NO_QUOTA)
+            holding = held[resource_class, job.tenant_id]
+            reason = None
+            if not tenant.budget_ok:
+                reason = BUDGET_REASON
+            elif quota.limit <= 0:
+                reason = no_quota_reason(resource_class)
+            elif job.gpus > largest:
+                reason = too_large_reason(job.gpus, resource_class, largest)
+            elif holding + job.gpus > quota.limit:
+                reason = over_quota_reason(holding, quota.limit, resource_class)
+            elif (
+                tenant.max_running_jobs is not None
+                and running_jobs[job.tenant_id] >= tenant.max_running_jobs
+            ):
+                reason = job_limit_reason(tenant.max_running_jobs)
+            elif blocked:
+                reason = BEHIND_HEAD_REASON
+            else:
+                machine_id = next((m for m, f in free.items() if len(f) >= job.gpus), None)
+                if machine_id is None:
+                    blocked = True
+                    reason = capacity_reason(job.gpus, resource_class)
+                else:
+                    slots = free[machine_id]
+                    free[machine_id] = slots[job.gpus :]
+                    placements.append(Placement(job.job_id, machine_id, tuple(slots[: job.gpus])))
+                    held[resource_class, job.tenant_id] += job.gpus
+                    running_jobs[job.tenant_id] += 1
+            if reason is not None:
+                position += 1
+                waiting.append(Waiting(job.job_id, reason, position))
+    return Decisions(placements=tuple(placements), preemptions=(), waiting=tuple(waiting))
