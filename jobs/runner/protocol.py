@@ -1,0 +1,192 @@
+"""What the job's child process and its parent (the GPU worker) say to each other: the spec file
+the parent writes, the lines the child prints on stdout, and the child's exit codes.
+
+Both sides import this module, so it imports neither torch nor Django.
+
+The parent prepares a working directory, puts the inputs in it and writes `spec.json`:
+
+    {
+      "recipe": "tabular-classifier",           # a name from jobs.recipes.registry
+      "parameters": {...},                       # validated (and defaults filled) by the child
+      "dataset": {"path": "data.csv", "format": "csv" | "parquet"},
+      "resume_from": "ckpt-00000120.pt" | null,  # a checkpoint the child printed, downloaded again
+      "output_dir": "out",                       # where the artifacts go
+      "checkpoint_dir": "checkpoints",
+      "checkpoint_every_s": 300.0,               # 0 checkpoints after every step
+      "seed": 1234,
+      "max_runtime_s": 3600.0 | null             # the child stops itself, as on SIGTERM, after
+    }                                            # this many seconds of its own run
+
+Input paths (dataset, resume_from) are absolute or relative to the working directory; output_dir
+and checkpoint_dir must lie inside it, so every path the child prints is relative to it.
+
+The child prints one line per event; a structured line is `@@<kind> <JSON object>`:
+
+    @@metric {"step": 120, "name": "loss", "value": 0.41, "split": "train" | "val"}
+    @@checkpoint {"path": "checkpoints/ckpt-00000120.pt", "step": 120}
+    @@progress {"step": 120, "total": 400 | null, "epoch": 3}
+    @@result {"metrics": {...}, "artifacts": {"model.safetensors": "out/model.safetensors",
+              "config.json": "out/config.json"}, "input_signature": {...}, "parameters": {...}}
+
+`@@checkpoint` comes only after the file is complete; the child never deletes a checkpoint, so
+the parent removes each once uploaded. `@@progress` is printed for the first step, then at most
+about once a second, and for the last step; `epoch` counts from 1. `@@result` is printed once, just
+before a successful exit, with the parameters after defaults were filled. Every other line,
+including a malformed structured one, is a log line. Errors go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from jsonschema import Draft202012Validator, validators
+
+SPEC_FILENAME = "spec.json"
+LINE_PREFIX = "@@"
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # an unexpected error; the traceback is on stderr
+EXIT_BAD_INPUT = 2  # the parameters or the data cannot be trained on; the reason is on stderr
+EXIT_STOPPED = 3  # SIGTERM or max_runtime_s; a checkpoint was printed first when there was one
+
+
+def _is_strict_integer(_checker: Any, value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# JSON Schema counts 3.0 as an integer; a parameter used as a count or size must be a real int.
+StrictValidator = validators.extend(
+    Draft202012Validator,
+    type_checker=Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_strict_integer),
+)
+
+# Printed paths are relative and never climb out of the working directory.
+_RELATIVE_PATH = {"type": "string", "minLength": 1, "pattern": r"^(?!/)(?!(.*/)?\.\.(/|$))"}
+_STEP = {"type": "integer", "minimum": 0}
+
+
+def _object(properties: dict, required: list[str] | None = None) -> dict:
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(properties) if required is None else required,
+    }
+
+
+SPEC_SCHEMA = _object(
+    {
+        "recipe": {"type": "string", "minLength": 1},
+        "parameters": {"type": "object"},
+        "dataset": _object(
+            {
+                "path": {"type": "string", "minLength": 1},
+                "format": {"type": "string", "minLength": 1},
+            }
+        ),
+        "resume_from": {"type": ["string", "null"], "minLength": 1},
+        "output_dir": _RELATIVE_PATH,
+        "checkpoint_dir": _RELATIVE_PATH,
+        "checkpoint_every_s": {"type": "number", "minimum": 0},
+        "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+        "max_runtime_s": {"type": ["number", "null"], "exclusiveMinimum": 0},
+    },
+    required=["recipe", "parameters", "dataset", "output_dir", "checkpoint_dir", "seed"],
+)
+SPEC_DEFAULTS = {"resume_from": None, "checkpoint_every_s": 300.0, "max_runtime_s": None}
+
+LINE_SCHEMAS = {
+    "metric": _object(
+        {
+            "step": _STEP,
+            "name": {"type": "string", "minLength": 1},
+            "value": {"type": "number"},
+            "split": {"enum": ["train", "val"]},
+        }
+    ),
+    "checkpoint": _object({"path": _RELATIVE_PATH, "step": _STEP}),
+    "progress": _object(
+        {"step": _STEP, "total": {"type": ["integer", "null"], "minimum": 0}, "epoch": _STEP}
+    ),
+    "result": _object(
+        {
+            "metrics": {"type": "object"},
+            "artifacts": {"type": "object", "additionalProperties": _RELATIVE_PATH},
+            "input_signature": {"type": "object"},
+            "parameters": {"type": "object"},
+        }
+    ),
+}
+_LINE_VALIDATORS = {kind: StrictValidator(schema) for kind, schema in LINE_SCHEMAS.items()}
+_SPEC_VALIDATOR = StrictValidator(SPEC_SCHEMA)
+
+
+class SpecError(ValueError):
+    """spec.json is missing, not JSON, or does not match SPEC_SCHEMA."""
+
+
+def format_line(kind: str, payload: Mapping[str, Any]) -> str:
+    """The structured line for `payload`, without the newline; ValueError if it is malformed.
+
+    NaN and infinities are refused: they are not JSON, and a metric that is not finite is a
+    recipe's bug to report in words.
+    """
+    if kind not in _LINE_VALIDATORS:
+        raise ValueError(f"Unknown line kind {kind!r}; expected one of {sorted(LINE_SCHEMAS)}.")
+    error = next(_LINE_VALIDATORS[kind].iter_errors(payload), None)
+    if error is not None:
+        raise ValueError(f"Malformed @@{kind} payload: {error.message}")
+    text = json.dumps(payload, allow_nan=False, ensure_ascii=True, separators=(",", ":"))
+    return f"{LINE_PREFIX}{kind} {text}"
+
+
+def parse_line(line: str) -> tuple[str, dict] | tuple[str, str]:
+    """(kind, payload) for a well-formed structured line, else ("log", the line)."""
+    line = line.rstrip("\r\n")
+    if not line.startswith(LINE_PREFIX):
+        return "log", line
+    kind, _, text = line[len(LINE_PREFIX) :].partition(" ")
+    validator = _LINE_VALIDATORS.get(kind)
+    if validator is None:
+        return "log", line
+    try:
+        payload = json.loads(text, parse_constant=_refuse_constant)
+    except ValueError:
+        return "log", line
+    if not validator.is_valid(payload):
+        return "log", line
+    return kind, payload
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def write_spec(workdir: Path, spec: Mapping[str, Any]) -> Path:
+    """Validate `spec` and write it as the working directory's spec.json."""
+    _check_spec(dict(spec))
+    path = workdir / SPEC_FILENAME
+    path.write_text(json.dumps(spec, indent=2, allow_nan=False), encoding="utf-8")
+    return path
+
+
+def read_spec(workdir: Path) -> dict[str, Any]:
+    """The working directory's spec.json with the optional keys filled; SpecError if invalid."""
+    path = workdir / SPEC_FILENAME
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
+    except OSError as exc:
+        raise SpecError(f"Cannot read {path}: {exc.strerror}.") from exc
+    except ValueError as exc:
+        raise SpecError(f"{path} is not valid JSON: {exc}.") from exc
+    _check_spec(spec)
+    return SPEC_DEFAULTS | spec
+
+
+def _check_spec(spec: Any) -> None:
+    error = next(_SPEC_VALIDATOR.iter_errors(spec), None)
+    if error is not None:
+        where = ".".join(str(part) for part in error.absolute_path) or "the spec"
+        raise SpecError(f"{SPEC_FILENAME}: {where}: {error.message}")
