@@ -4,6 +4,8 @@ from django.contrib.staticfiles.urls import staticfiles_urlpatterns
 from django.urls import include, path
 from django.views.generic import RedirectView
 
+from jobs.views import PoolPage
+
 from . import health, views
 
 dashboard_patterns = ([path("", views.home, name="home")], "dashboard")
@@ -23,6 +25,8 @@ urlpatterns = [
     path("", include(dashboard_patterns)),
     path("", include("tenants.urls")),
     path("o/<slug:org_slug>/", include("registry.urls")),
+    path("o/<slug:org_slug>/", include("jobs.urls")),
+    path("ops/pool/", PoolPage.as_view(), name="ops_pool"),
     path("", include("registry.storage_views")),
 ]
 

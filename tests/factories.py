@@ -7,6 +7,7 @@ import factory
 from django.db import transaction
 from django.utils import timezone
 
+from jobs.models import Job, ResourceClass
 from registry.models import (
     Dataset,
     DatasetFormat,
@@ -149,3 +150,20 @@ class ModelAliasFactory(factory.django.DjangoModelFactory):
     )
     registered_model = factory.SelfAttribute("version.registered_model")
     name = "production"
+
+
+class JobFactory(factory.django.DjangoModelFactory):
+    """A queued job row, without going through submission (for scheduler and attempt tests)."""
+
+    class Meta:
+        model = Job
+
+    organization = factory.SubFactory(OrganizationFactory)
+    recipe = "tabular-classifier"
+    parameters = factory.LazyFunction(lambda: {"target": "x"})
+    input_dataset_version = factory.SubFactory(
+        DatasetVersionFactory, organization=factory.SelfAttribute("..organization")
+    )
+    output_model_name = "model"
+    resource_class = factory.LazyFunction(lambda: ResourceClass.objects.get(name="cpu"))
+    gpu_count = 1

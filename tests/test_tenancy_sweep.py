@@ -14,6 +14,7 @@ from django.urls import URLPattern, URLResolver, get_resolver, reverse
 from django.utils import timezone
 from rest_framework.test import APIClient
 
+from jobs.models import Job
 from registry.models import (
     Dataset,
     DatasetVersion,
@@ -29,6 +30,7 @@ from tenants.selectors import hash_secret
 from tenants.views.base import OrganizationPageMixin
 from tests.factories import (
     DatasetVersionFactory,
+    JobFactory,
     MembershipFactory,
     ModelAliasFactory,
     OrganizationFactory,
@@ -153,6 +155,10 @@ def _make_model_version(organization, requester):
     return {"name": name, "model_name": name, "number": alias.version.number, "alias": alias.name}
 
 
+def _make_job(organization, requester):
+    return {"pk": JobFactory(organization=organization).pk}
+
+
 # One maker per kind of object a route is about: (organization, requesting user) -> URL kwargs.
 # A maker may return more kwargs than a route needs; each route takes the ones it names.
 OBJECT_MAKERS = {
@@ -165,6 +171,7 @@ OBJECT_MAKERS = {
     RegisteredModel: _make_model_version,
     ModelVersion: _make_model_version,
     ModelAlias: _make_model_version,
+    Job: _make_job,
 }
 
 

@@ -138,6 +138,10 @@ DATASET_MAX_UPLOAD_BYTES = env.int("DATASET_MAX_UPLOAD_BYTES", default=5 * 1024*
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 FILE_UPLOAD_TEMP_DIR = env("FILE_UPLOAD_TEMP_DIR", default=None)
 
+BILLING_CURRENCY = env("BILLING_CURRENCY", default="usd")
+# Used for a resource with no row in the price list yet.
+DEFAULT_GPU_SECOND_PRICE = env("DEFAULT_GPU_SECOND_PRICE", default="0.0005")
+
 STRIPE_SECRET_KEY = env("STRIPE_SECRET_KEY", default="")
 STRIPE_WEBHOOK_SECRET = env("STRIPE_WEBHOOK_SECRET", default="")
 
@@ -149,7 +153,12 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_TIMEZONE = TIME_ZONE
-CELERY_BEAT_SCHEDULE = {}
+CELERY_BEAT_SCHEDULE = {
+    "scheduler-tick": {
+        "task": "jobs.scheduler_tick",
+        "schedule": env.float("SCHEDULER_TICK_S", default=2.0),
+    },
+}
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
@@ -181,6 +190,26 @@ SPECTACULAR_SETTINGS = {
         "OrganizationStatusEnum": "tenants.models.OrganizationStatus",
         "InvitationStatusEnum": "tenants.models.Invitation.Status",
     },
+}
+
+# The pool: a worker silent for WORKER_OFFLINE_AFTER_S loses its jobs' leases; they are requeued
+# (attempt + 1) and resume from their last checkpoint, up to JOB_MAX_LOST_ATTEMPTS times.
+WORKER_HEARTBEAT_S = env.float("WORKER_HEARTBEAT_S", default=3.0)
+WORKER_OFFLINE_AFTER_S = env.float("WORKER_OFFLINE_AFTER_S", default=30.0)
+WORKER_NAME = env("WORKER_NAME", default="")
+WORKER_CPU_SLOTS = env.int("WORKER_CPU_SLOTS", default=2)
+WORKER_WORKDIR = env("WORKER_WORKDIR", default=str(BASE_DIR / "var" / "work"))
+JOB_MAX_LOST_ATTEMPTS = env.int("JOB_MAX_LOST_ATTEMPTS", default=3)
+JOB_CHECKPOINT_EVERY_S = env.float("JOB_CHECKPOINT_EVERY_S", default=60.0)
+JOB_STOP_GRACE_S = env.float("JOB_STOP_GRACE_S", default=3.0)
+SCHEDULER_TICK_S = env.float("SCHEDULER_TICK_S", default=2.0)
+SCHEDULER_HALF_LIFE_S = env.float("SCHEDULER_HALF_LIFE_S", default=3600.0)
+# Quotas an organization gets in each resource class until an operator (or its plan) sets them.
+DEFAULT_QUOTA = {
+    "guaranteed_gpus": env.int("DEFAULT_QUOTA_GUARANTEED_GPUS", default=0),
+    "limit_gpus": env.int("DEFAULT_QUOTA_LIMIT_GPUS", default=8),
+    "max_running_jobs": env.int("DEFAULT_QUOTA_MAX_RUNNING_JOBS", default=10),
+    "max_queued_jobs": env.int("DEFAULT_QUOTA_MAX_QUEUED_JOBS", default=100),
 }
 
 API_KEY_LAST_USED_RESOLUTION_S = 60

@@ -1,0 +1,203 @@
+from django.http import Http404
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
+from rest_framework import generics, mixins, permissions, status
+from rest_framework.decorators import action
+from rest_framework.response import Response
+
+from jobs import selectors, services
+from jobs.models import Job, JobEvent, JobLog, JobMetric, ResourceClass
+from jobs.recipes.registry import list_recipes
+from registry.selectors import dataset_version_get
+from tenants.api.base import OrganizationScopedViewSet
+from tenants.errors import DomainError
+
+from . import serializers as s
+
+LOG_PAGE = 500
+
+
+@extend_schema(tags=["jobs"])
+@extend_schema_view(
+    list=extend_schema(
+        parameters=[
+            OpenApiParameter("state", str, description="queued, running, succeeded, ..."),
+            OpenApiParameter("label", str, description="`key` or `key=value`"),
+            OpenApiParameter("created_by", str, description="Part of the submitter's email"),
+        ]
+    ),
+    create=extend_schema(
+        request=s.JobSubmitSerializer,
+        responses={201: s.JobSubmittedSerializer, 200: s.JobSubmittedSerializer},
+        parameters=[
+            OpenApiParameter(
+                "Idempotency-Key",
+                str,
+                location=OpenApiParameter.HEADER,
+                description="A retry with the same key returns the first job (200), not a new one.",
+            )
+        ],
+    ),
+    cancel=extend_schema(request=None, responses=s.JobSerializer),
+    retry=extend_schema(request=None, responses={201: s.JobSerializer}),
+    events=extend_schema(responses=s.JobEventSerializer(many=True)),
+    logs=extend_schema(
+        parameters=[
+            OpenApiParameter("after", int, description="Only lines after this id (for tailing)")
+        ],
+        responses=s.JobLogSerializer(many=True),
+    ),
+    metrics=extend_schema(responses=s.JobMetricSerializer(many=True)),
+)
+class JobViewSet(
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.CreateModelMixin,
+    OrganizationScopedViewSet,
+):
+    model = Job
+    serializer_class = s.JobSerializer
+    required_scopes = {
+        "list": "jobs:read",
+        "retrieve": "jobs:read",
+        "events": "jobs:read",
+        "logs": "jobs:read",
+        "metrics": "jobs:read",
+        "create": "jobs:write",
+        "cancel": "jobs:write",
+        "retry": "jobs:write",
+    }
+
+    def narrow_queryset(self, queryset):
+        if self.action != "list":
+            return selectors.job_list(organization=self.organization)
+        filters = s.JobFilterSerializer(data=self.request.query_params)
+        filters.is_valid(raise_exception=True)
+        return selectors.job_list(organization=self.organization, **filters.validated_data)
+
+    def create(self, request, *args, **kwargs):
+        data = s.JobSubmitSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        fields = dict(data.validated_data)
+        ref = fields.pop("dataset")
+        resource_class = ResourceClass.objects.filter(name=fields.pop("resource_class")).first()
+        if resource_class is None:
+            names = ", ".join(ResourceClass.objects.values_list("name", flat=True))
+            raise DomainError(
+                "Unknown resource class.", fields={"resource_class": [f"Choose one of {names}."]}
+            )
+        try:
+            dataset_version = dataset_version_get(
+                organization=self.organization, dataset_name=ref["dataset"], number=ref["number"]
+            )
+        except Http404 as exc:
+            raise DomainError(
+                f"Dataset {ref['dataset']} has no version {ref['number']}.",
+                fields={"dataset": ["No such dataset version in this organization."]},
+            ) from exc
+        job, created = services.job_submit(
+            organization=self.organization,
+            actor=self.actor,
+            resource_class=resource_class,
+            dataset_version=dataset_version,
+            output_model_name=fields.pop("output_model", ""),
+            idempotency_key=request.headers.get("Idempotency-Key") or None,
+            **fields,
+        )
+        rate, currency = services.cost_rate_per_hour(
+            resource_class=job.resource_class, gpu_count=job.gpu_count
+        )
+        job.estimated_cost_per_hour = {"amount": f"{rate:.4f}", "currency": currency}
+        return Response(
+            s.JobSubmittedSerializer(job).data,
+            status=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
+        )
+
+    @action(detail=True, methods=["post"])
+    def cancel(self, request, *args, **kwargs):
+        job = services.job_cancel(job=self.get_object(), actor=self.actor)
+        return Response(s.JobSerializer(job).data)
+
+    @action(detail=True, methods=["post"])
+    def retry(self, request, *args, **kwargs):
+        job = services.job_retry(job=self.get_object(), actor=self.actor)
+        return Response(s.JobSerializer(job).data, status=status.HTTP_201_CREATED)
+
+    @action(detail=True, methods=["get"])
+    def events(self, request, *args, **kwargs):
+        job = self.get_object()
+        return Response(
+            s.JobEventSerializer(
+                JobEvent.objects.for_organization(self.organization).filter(job=job), many=True
+            ).data
+        )
+
+    @action(detail=True, methods=["get"])
+    def logs(self, request, *args, **kwargs):
+        job = self.get_object()
+        try:
+            after = int(request.query_params.get("after", 0))
+        except ValueError as exc:
+            raise DomainError(
+                "`after` must be a log line id.", fields={"after": ["An integer."]}
+            ) from exc
+        lines = (
+            JobLog.objects.for_organization(self.organization)
+            .filter(job=job, pk__gt=after)
+            .order_by("pk")[:LOG_PAGE]
+        )
+        return Response(s.JobLogSerializer(lines, many=True).data)
+
+    @action(detail=True, methods=["get"])
+    def metrics(self, request, *args, **kwargs):
+        job = self.get_object()
+        points = (
+            JobMetric.objects.for_organization(self.organization)
+            .filter(job=job)
+            .order_by("step", "pk")[:10_000]
+        )
+        return Response(s.JobMetricSerializer(points, many=True).data)
+
+
+@extend_schema(tags=["jobs"], responses=s.RecipeSerializer(many=True))
+class RecipeListView(generics.GenericAPIView):
+    """The recipes a job can run, each with the JSON Schema of its parameters."""
+
+    permission_classes = [permissions.IsAuthenticated]
+    serializer_class = s.RecipeSerializer
+    pagination_class = None
+
+    def get(self, request):
+        recipes = [
+            {
+                "name": name,
+                "version": recipe.version,
+                "kind": recipe.kind,
+                "dataset_formats": list(recipe.dataset_formats),
+                "parameter_schema": recipe.parameter_schema,
+            }
+            for name, recipe in sorted(list_recipes().items())
+        ]
+        return Response(recipes)
+
+
+@extend_schema(tags=["jobs"], responses=s.ResourceClassSerializer(many=True))
+class ResourceClassListView(generics.GenericAPIView):
+    """GPU types (and `cpu`) with their current price."""
+
+    permission_classes = [permissions.IsAuthenticated]
+    serializer_class = s.ResourceClassSerializer
+    pagination_class = None
+
+    def get(self, request):
+        return Response(
+            [
+                {
+                    "name": rc.name,
+                    "display_name": rc.display_name or rc.name,
+                    "gpu_memory_gb": rc.gpu_memory_gb,
+                    "price_per_gpu_hour": f"{price * 3600:.4f}",
+                    "currency": currency,
+                }
+                for rc, price, currency in selectors.resource_classes_with_prices()
+            ]
+        )

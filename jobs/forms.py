@@ -1,0 +1,110 @@
+"""The job submission form: fixed fields plus one field per recipe parameter, from its schema."""
+
+from __future__ import annotations
+
+import json
+
+from django import forms
+
+from jobs.models import ResourceClass
+from registry.models import DatasetVersion, name_validator
+
+
+class JobForm(forms.Form):
+    dataset_version = forms.ModelChoiceField(
+        queryset=DatasetVersion.objects.none(), label="Dataset version"
+    )
+    resource_class = forms.ModelChoiceField(
+        queryset=ResourceClass.objects.order_by("name"), to_field_name="name"
+    )
+    gpu_count = forms.IntegerField(min_value=1, max_value=64, initial=1, label="GPUs")
+    priority = forms.IntegerField(min_value=-100, max_value=100, initial=0)
+    max_runtime_s = forms.IntegerField(
+        min_value=60, max_value=7 * 24 * 3600, initial=3600, label="Max runtime (s)"
+    )
+    output_model = forms.CharField(
+        required=False,
+        max_length=100,
+        validators=[name_validator],
+        help_text="Model to register the result as; default: recipe and dataset name.",
+    )
+    labels = forms.CharField(
+        required=False,
+        help_text="One key=value per line, e.g. project=fraud",
+        widget=forms.Textarea(attrs={"rows": 2}),
+    )
+
+    def __init__(self, *args, organization, recipe, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.recipe = recipe
+        self.fields["dataset_version"].queryset = (
+            DatasetVersion.objects.for_organization(organization)
+            .filter(format__in=recipe.dataset_formats)
+            .select_related("dataset")
+            .order_by("dataset__name", "-number")
+        )
+        required = set(recipe.parameter_schema.get("required", []))
+        for name, spec in recipe.parameter_schema.get("properties", {}).items():
+            self.fields[f"param_{name}"] = _field_for(name, spec, required=name in required)
+
+    def parameter_fields(self):
+        return [self[name] for name in self.fields if name.startswith("param_")]
+
+    def cleaned_parameters(self) -> dict:
+        return {
+            name.removeprefix("param_"): value
+            for name, value in self.cleaned_data.items()
+            if name.startswith("param_") and value not in (None, "")
+        }
+
+    def clean_labels(self) -> dict:
+        labels = {}
+        for line in self.cleaned_data["labels"].splitlines():
+            if not line.strip():
+                continue
+            key, sep, value = line.partition("=")
+            if not sep or not key.strip():
+                raise forms.ValidationError(f"“{line}” is not key=value.")
+            labels[key.strip()] = value.strip()
+        return labels
+
+
+class JSONListField(forms.CharField):
+    def to_python(self, value):
+        value = super().to_python(value)
+        if not value:
+            return None
+        try:
+            parsed = json.loads(value if value.strip().startswith("[") else f"[{value}]")
+        except json.JSONDecodeError as exc:
+            raise forms.ValidationError("Use comma-separated values, e.g. 64, 32.") from exc
+        return parsed
+
+
+def _field_for(name: str, spec: dict, *, required: bool) -> forms.Field:
+    label = spec.get("title") or name.replace("_", " ").capitalize()
+    common = {
+        "label": label,
+        "required": required,
+        "help_text": spec.get("description", ""),
+        "initial": spec.get("default"),
+    }
+    kind = spec.get("type")
+    if kind == "integer":
+        return forms.IntegerField(
+            min_value=spec.get("minimum"), max_value=spec.get("maximum"), **common
+        )
+    if kind == "number":
+        return forms.FloatField(
+            min_value=spec.get("minimum"), max_value=spec.get("maximum"), **common
+        )
+    if kind == "boolean":
+        return forms.BooleanField(**{**common, "required": False})
+    if kind == "array":
+        initial = spec.get("default")
+        return JSONListField(
+            **{**common, "initial": ", ".join(map(str, initial)) if initial else ""}
+        )
+    if "enum" in spec:
+        return forms.ChoiceField(choices=[(v, v) for v in spec["enum"]], **common)
+    return forms.CharField(max_length=200, **common)

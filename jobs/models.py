@@ -1,0 +1,299 @@
+"""The pool (resource classes, workers, quotas) and the work on it (jobs and their attempts)."""
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+from tenants.errors import ConflictError
+from tenants.models import OrganizationOwned
+
+
+class InvalidTransition(ConflictError):
+    code = "invalid_transition"
+
+
+class ResourceClass(models.Model):
+    """A kind of accelerator (or `cpu`); its price per GPU-second lives in billing's price list."""
+
+    name = models.SlugField(max_length=40, unique=True)
+    display_name = models.CharField(max_length=100, blank=True)
+    gpu_memory_gb = models.PositiveIntegerField(default=0)
+    # Substrings of torch device names that identify this class ("H100", "A100-SXM4-40GB").
+    device_name_patterns = models.JSONField(default=list, blank=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+
+class Worker(models.Model):
+    class Status(models.TextChoices):
+        ONLINE = "online", "Online"
+        CORDONED = "cordoned", "Cordoned"
+        DRAINING = "draining", "Draining"
+        OFFLINE = "offline", "Offline"
+
+    name = models.CharField(max_length=100, unique=True)
+    resource_class = models.ForeignKey(
+        ResourceClass, on_delete=models.PROTECT, related_name="workers"
+    )
+    slots = models.PositiveIntegerField()
+    queue = models.CharField(max_length=120, unique=True)
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.ONLINE)
+    hostname = models.CharField(max_length=255, blank=True)
+    devices = models.JSONField(default=list, blank=True)
+    software_version = models.CharField(max_length=40, blank=True)
+    registered_at = models.DateTimeField(default=timezone.now)
+    last_heartbeat_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return f"{self.name} ({self.slots}x {self.resource_class})"
+
+
+class Quota(OrganizationOwned):
+    resource_class = models.ForeignKey(
+        ResourceClass, on_delete=models.CASCADE, related_name="quotas"
+    )
+    guaranteed_gpus = models.PositiveIntegerField(default=0)
+    limit_gpus = models.PositiveIntegerField(default=0)
+    max_running_jobs = models.PositiveIntegerField(default=10)
+    max_queued_jobs = models.PositiveIntegerField(default=100)
+
+    class Meta:
+        ordering = ["organization", "resource_class"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "resource_class"], name="quota_one_per_class"
+            ),
+            models.CheckConstraint(
+                condition=models.Q(guaranteed_gpus__lte=models.F("limit_gpus")),
+                name="quota_guarantee_within_limit",
+            ),
+        ]
+
+    def __str__(self):
+        return (
+            f"{self.organization}: {self.guaranteed_gpus}/{self.limit_gpus} {self.resource_class}"
+        )
+
+
+class JobState(models.TextChoices):
+    QUEUED = "queued", "Queued"
+    SCHEDULED = "scheduled", "Scheduled"
+    RUNNING = "running", "Running"
+    PREEMPTED = "preempted", "Preempted (checkpointing)"
+    CANCELLING = "cancelling", "Cancelling"
+    SUCCEEDED = "succeeded", "Succeeded"
+    FAILED = "failed", "Failed"
+    CANCELLED = "cancelled", "Cancelled"
+
+
+# The one place allowed transitions live; Job.transition_to enforces them.
+TRANSITIONS: dict[str, frozenset[str]] = {
+    JobState.QUEUED: frozenset({JobState.SCHEDULED, JobState.CANCELLED, JobState.FAILED}),
+    JobState.SCHEDULED: frozenset(
+        {
+            JobState.RUNNING,
+            JobState.QUEUED,
+            JobState.CANCELLED,
+            JobState.CANCELLING,
+            JobState.FAILED,
+        }
+    ),
+    JobState.RUNNING: frozenset(
+        {
+            JobState.SUCCEEDED,
+            JobState.FAILED,
+            JobState.PREEMPTED,
+            JobState.CANCELLING,
+            JobState.QUEUED,
+        }
+    ),
+    JobState.PREEMPTED: frozenset(
+        {JobState.QUEUED, JobState.CANCELLING, JobState.FAILED, JobState.SUCCEEDED}
+    ),
+    JobState.CANCELLING: frozenset({JobState.CANCELLED}),
+    JobState.SUCCEEDED: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.CANCELLED: frozenset(),
+}
+ACTIVE_STATES = (JobState.SCHEDULED, JobState.RUNNING, JobState.PREEMPTED, JobState.CANCELLING)
+TERMINAL_STATES = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+class Job(OrganizationOwned):
+    State = JobState
+
+    class Kind(models.TextChoices):
+        TRAIN = "train", "Train"
+        INFER = "infer", "Inference"
+
+    kind = models.CharField(max_length=10, choices=Kind.choices, default=Kind.TRAIN)
+    recipe = models.CharField(max_length=100)
+    recipe_version = models.CharField(max_length=40, blank=True)
+    parameters = models.JSONField(default=dict, blank=True)
+    input_dataset_version = models.ForeignKey(
+        "registry.DatasetVersion", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    input_model_version = models.ForeignKey(
+        "registry.ModelVersion", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    output_model_version = models.ForeignKey(
+        "registry.ModelVersion", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    output_model_name = models.CharField(max_length=100, blank=True)
+    resource_class = models.ForeignKey(ResourceClass, on_delete=models.PROTECT, related_name="jobs")
+    gpu_count = models.PositiveIntegerField(default=1)
+    priority = models.IntegerField(default=0)
+    labels = models.JSONField(default=dict, blank=True)
+    max_runtime_s = models.PositiveIntegerField(default=3600)
+    state = models.CharField(max_length=20, choices=JobState.choices, default=JobState.QUEUED)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_by_api_key = models.ForeignKey(
+        "tenants.ApiKey", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    # NULL, not "", when absent: the unique constraint then ignores jobs submitted without one.
+    idempotency_key = models.CharField(max_length=200, null=True, blank=True)  # noqa: DJ001
+    retry_of = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="retries"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    scheduled_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    # The fencing token: each placement increments it, and a worker may write only for its own.
+    attempt = models.PositiveIntegerField(default=0)
+    lost_attempts = models.PositiveIntegerField(default=0)
+    worker = models.ForeignKey(
+        Worker, null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs"
+    )
+    slot_indices = models.JSONField(default=list, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    waiting_reason = models.CharField(max_length=255, blank=True)
+    queue_position = models.PositiveIntegerField(null=True, blank=True)
+    failure_reason = models.TextField(blank=True)
+    checkpoint_key = models.CharField(max_length=500, blank=True)
+    checkpoint_step = models.PositiveIntegerField(null=True, blank=True)
+    cost_minor = models.BigIntegerField(
+        default=0, help_text="Billed for finished attempts, in cents."
+    )
+
+    class Meta:
+        ordering = ["-created_at", "-pk"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "idempotency_key"],
+                condition=models.Q(idempotency_key__isnull=False),
+                name="job_unique_idempotency_key",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(state__in=JobState.values), name="job_state_valid"
+            ),
+            models.CheckConstraint(condition=models.Q(gpu_count__gte=1), name="job_gpus_positive"),
+        ]
+        indexes = [
+            models.Index(fields=["organization", "state", "-created_at"], name="job_org_state"),
+            models.Index(fields=["state", "resource_class"], name="job_state_class"),
+            models.Index(fields=["organization", "-created_at"], name="job_org_time"),
+        ]
+
+    def __str__(self):
+        return f"job {self.pk} ({self.recipe}, {self.state})"
+
+    def transition_to(self, state: str) -> None:
+        if state not in TRANSITIONS[self.state]:
+            raise InvalidTransition(f"A {self.state} job cannot become {state}.")
+        self.state = state
+
+    @property
+    def is_active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+
+class JobAttempt(OrganizationOwned):
+    """One placement of a job on a worker, from scheduling to its end; billed once."""
+
+    class Outcome(models.TextChoices):
+        ACTIVE = "active", "Active"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+        PREEMPTED = "preempted", "Preempted"
+        CANCELLED = "cancelled", "Cancelled"
+        LOST = "lost", "Lost (worker stopped heartbeating)"
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="attempts")
+    number = models.PositiveIntegerField()
+    worker = models.ForeignKey(Worker, null=True, on_delete=models.SET_NULL, related_name="+")
+    slot_indices = models.JSONField(default=list)
+    scheduled_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+    outcome = models.CharField(max_length=20, choices=Outcome.choices, default=Outcome.ACTIVE)
+
+    class Meta:
+        ordering = ["job", "number"]
+        constraints = [
+            models.UniqueConstraint(fields=["job", "number"], name="job_attempt_unique_number"),
+        ]
+
+    def __str__(self):
+        return f"job {self.job_id} attempt {self.number} ({self.outcome})"
+
+
+class JobEvent(OrganizationOwned):
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="events")
+    attempt = models.PositiveIntegerField(default=0)
+    kind = models.CharField(max_length=40)
+    message = models.TextField(blank=True)
+    data = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["created_at", "pk"]
+        indexes = [models.Index(fields=["job", "created_at"], name="jobevent_job_time")]
+
+    def __str__(self):
+        return f"job {self.job_id}: {self.kind}"
+
+
+class JobLog(OrganizationOwned):
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="logs")
+    attempt = models.PositiveIntegerField()
+    stream = models.CharField(max_length=6, default="stdout")
+    line = models.TextField()
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["pk"]
+        indexes = [models.Index(fields=["job", "id"], name="joblog_job_seq")]
+
+    def __str__(self):
+        return self.line[:80]
+
+
+class JobMetric(OrganizationOwned):
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="metrics")
+    attempt = models.PositiveIntegerField()
+    step = models.PositiveIntegerField()
+    name = models.CharField(max_length=100)
+    split = models.CharField(max_length=20, blank=True)
+    value = models.FloatField()
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["step", "pk"]
+        indexes = [models.Index(fields=["job", "name", "step"], name="jobmetric_job_name_step")]
+
+    def __str__(self):
+        return f"{self.name}[{self.step}]={self.value}"

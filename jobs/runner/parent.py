@@ -1,0 +1,280 @@
+"""The worker side of an attempt: prepare inputs, run the child, relay what it says, finish.
+
+The child (`python -m jobs.runner.child`) trains with torch and knows nothing of Django; this
+side owns every database and storage write, each fenced by the attempt number.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from django.conf import settings
+from django.http import Http404
+
+from jobs.models import Job, JobState
+from jobs.services.attempts import (
+    Report,
+    StaleAttempt,
+    attempt_checkpoint,
+    attempt_claim,
+    attempt_finish,
+    attempt_is_current,
+    attempt_report,
+)
+from registry.selectors import registered_model_get
+from registry.services import model_version_register, registered_model_create
+from registry.storage import get_storage, new_object_key
+from tenants.actors import Actor
+
+from . import protocol
+
+logger = logging.getLogger(__name__)
+
+REPORT_EVERY_S = 0.5
+MAX_FAILURE_LINES = 20
+
+
+def run_attempt(*, job_id: int, attempt: int, worker_id: int) -> str:
+    """Run one attempt to its end; returns what happened (for logs and tests)."""
+    job = attempt_claim(job_id=job_id, attempt=attempt, worker_id=worker_id)
+    if job is None:
+        return "not claimed"  # cancelled, moved to another attempt, or a duplicate message
+    workdir = Path(settings.WORKER_WORKDIR) / f"job-{job_id}-attempt-{attempt}"
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    try:
+        return _Attempt(job, attempt, workdir).run()
+    except StaleAttempt:
+        logger.warning("job %s attempt %s is stale; stopped writing", job_id, attempt)
+        return "stale"
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+class _Attempt:
+    def __init__(self, job: Job, attempt: int, workdir: Path):
+        self.job, self.attempt, self.workdir = job, attempt, workdir
+        self.storage = get_storage()
+        self.lines: queue.Queue[tuple[str, str] | None] = queue.Queue()
+        self.logs: list[tuple[str, str]] = []
+        self.metrics: list[dict] = []
+        self.stderr_tail: list[str] = []
+        self.result: dict | None = None
+
+    def run(self) -> str:
+        try:
+            self._write_spec()
+        except Exception as exc:  # inputs could not be fetched: the attempt fails with the reason
+            logger.exception("preparing job %s failed", self.job.pk)
+            attempt_finish(
+                job_id=self.job.pk,
+                attempt=self.attempt,
+                outcome="failed",
+                reason=f"Could not prepare inputs: {exc}",
+            )
+            return "failed"
+        child = self._start()
+        outcome, reason = self._supervise(child)
+        if outcome == "succeeded":
+            try:
+                version_id = self._register_model()
+            except (
+                Exception
+            ) as exc:  # registration refused the artifacts: the job fails, saying why
+                logger.exception("registering job %s's model failed", self.job.pk)
+                attempt_finish(
+                    job_id=self.job.pk,
+                    attempt=self.attempt,
+                    outcome="failed",
+                    reason=f"Could not register the model: {exc}",
+                )
+                return "failed"
+            attempt_finish(
+                job_id=self.job.pk,
+                attempt=self.attempt,
+                outcome="succeeded",
+                output_model_version_id=version_id,
+            )
+        else:
+            attempt_finish(job_id=self.job.pk, attempt=self.attempt, outcome=outcome, reason=reason)
+        return outcome
+
+    def _download(self, key: str, target: Path) -> None:
+        with self.storage.open(key) as source, target.open("wb") as out:
+            shutil.copyfileobj(source, out, length=1024 * 1024)
+
+    def _write_spec(self) -> None:
+        dataset = self.job.input_dataset_version
+        dataset_path = self.workdir / f"dataset.{dataset.format}"
+        self._download(dataset.storage_key, dataset_path)
+        resume_from = None
+        if self.job.checkpoint_key:
+            resume_from = str(self.workdir / "resume.pt")
+            self._download(self.job.checkpoint_key, Path(resume_from))
+        (self.workdir / "output").mkdir()
+        (self.workdir / "checkpoints").mkdir()
+        spec = {
+            "recipe": self.job.recipe,
+            "parameters": self.job.parameters,
+            "dataset": {"path": str(dataset_path), "format": dataset.format},
+            "resume_from": resume_from,
+            "output_dir": "output",
+            "checkpoint_dir": "checkpoints",
+            "checkpoint_every_s": settings.JOB_CHECKPOINT_EVERY_S,
+            "seed": self.job.pk,
+            "max_runtime_s": None,  # enforced here, so a timeout is reported as one
+        }
+        protocol.write_spec(self.workdir, spec)
+
+    def _start(self) -> subprocess.Popen:
+        # Children share the machine's cores: a slot's share of threads each, no oversubscription.
+        threads = max(1, (os.cpu_count() or 1) // max(1, self.job.worker.slots))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
+        env["CUDA_VISIBLE_DEVICES"] = (
+            ",".join(map(str, self.job.slot_indices))
+            if self.job.resource_class.name != "cpu"
+            else ""
+        )
+        child = subprocess.Popen(
+            [sys.executable, "-m", "jobs.runner.child", str(self.workdir)],
+            cwd=self.workdir,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+        for stream, pipe in (("stdout", child.stdout), ("stderr", child.stderr)):
+            threading.Thread(target=self._pump, args=(stream, pipe), daemon=True).start()
+        return child
+
+    def _pump(self, stream: str, pipe) -> None:
+        for line in pipe:
+            self.lines.put((stream, line.rstrip("\n")))
+        self.lines.put(None)
+
+    def _supervise(self, child: subprocess.Popen) -> tuple[str, str]:
+        started = time.monotonic()
+        stop_deadline = None
+        over_time = False
+        open_pipes = 2
+        next_report = time.monotonic()
+        while open_pipes or child.poll() is None:
+            try:
+                item = self.lines.get(timeout=0.1)
+            except queue.Empty:
+                item = False
+            if item is None:
+                open_pipes -= 1
+            elif item:
+                self._take(*item)
+            now = time.monotonic()
+            if now >= next_report:
+                next_report = now + REPORT_EVERY_S
+                state = self._flush()
+                if stop_deadline is None and state in (JobState.CANCELLING, JobState.PREEMPTED):
+                    child.send_signal(signal.SIGTERM)
+                    stop_deadline = now + settings.JOB_STOP_GRACE_S
+                if stop_deadline is None and now - started > self.job.max_runtime_s:
+                    over_time = True
+                    child.send_signal(signal.SIGTERM)
+                    stop_deadline = now + settings.JOB_STOP_GRACE_S
+            if stop_deadline is not None and now > stop_deadline and child.poll() is None:
+                child.kill()
+        self._flush()
+        code = child.wait()
+        if over_time:
+            return "failed", f"Exceeded its maximum runtime of {self.job.max_runtime_s} s."
+        if code == protocol.EXIT_OK and self.result is not None:
+            return "succeeded", ""
+        if code == protocol.EXIT_STOPPED or stop_deadline is not None:
+            return "stopped", "Stopped on request."
+        detail = "\n".join(self.stderr_tail[-MAX_FAILURE_LINES:]) or f"exit code {code}"
+        prefix = (
+            "The input or parameters were rejected"
+            if code == protocol.EXIT_BAD_INPUT
+            else "Training failed"
+        )
+        return "failed", f"{prefix}: {detail}"
+
+    def _take(self, stream: str, line: str) -> None:
+        if stream == "stderr":
+            self.stderr_tail = [*self.stderr_tail[-MAX_FAILURE_LINES:], line]
+            self.logs.append(("stderr", line))
+            return
+        kind, payload = protocol.parse_line(line)
+        if kind == "metric":
+            self.metrics.append(payload)
+        elif kind == "checkpoint":
+            self._checkpoint(payload)
+        elif kind == "result":
+            self.result = payload
+        elif kind == "log":
+            self.logs.append(("stdout", payload))
+
+    def _flush(self) -> str:
+        report = Report(logs=self.logs, metrics=self.metrics)
+        self.logs, self.metrics = [], []
+        return attempt_report(job_id=self.job.pk, attempt=self.attempt, report=report)
+
+    def _checkpoint(self, payload: dict) -> None:
+        path = self.workdir / payload["path"]
+        key = new_object_key(
+            organization_id=self.job.organization_id,
+            kind="checkpoints",
+            filename=f"job-{self.job.pk}.pt",
+        )
+        with path.open("rb") as stream:
+            self.storage.save(key, stream)
+        try:
+            previous = attempt_checkpoint(
+                job_id=self.job.pk, attempt=self.attempt, key=key, step=int(payload["step"])
+            )
+        except StaleAttempt:
+            self.storage.delete(key)
+            raise
+        if previous:
+            self.storage.delete(previous)
+
+    def _register_model(self) -> int:
+        if not attempt_is_current(job_id=self.job.pk, attempt=self.attempt):
+            raise StaleAttempt(f"job {self.job.pk} attempt {self.attempt}")
+        result = self.result
+        config = json.loads((self.workdir / result["artifacts"]["config.json"]).read_text())
+        organization = self.job.organization
+        actor = Actor(user=self.job.created_by, api_key=self.job.created_by_api_key)
+        try:
+            registered = registered_model_get(
+                organization=organization, name=self.job.output_model_name
+            )
+        except Http404:  # the first version of this model creates it
+            registered = registered_model_create(
+                organization=organization, name=self.job.output_model_name, actor=actor
+            )
+        version = model_version_register(
+            registered_model=registered,
+            weights_path=self.workdir / result["artifacts"]["model.safetensors"],
+            config=config,
+            actor=actor,
+            recipe_name=self.job.recipe,
+            recipe_version=self.job.recipe_version,
+            parameters=result.get("parameters", self.job.parameters),
+            metrics={
+                k: v for k, v in result.get("metrics", {}).items() if isinstance(v, int | float)
+            },
+            input_signature=result.get("input_signature", {}),
+            trained_on=[self.job.input_dataset_version],
+            parent_version=self.job.input_model_version,
+            source_job_id=self.job.pk,
+        )
+        return version.pk

@@ -1,0 +1,137 @@
+"""Load the pool's state from the database into a scheduler Snapshot."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import datetime, timedelta
+
+from django.conf import settings
+
+from billing.selectors import budget_allows, decayed_spend, gpu_resource, unit_price
+from jobs.models import ACTIVE_STATES, Job, JobState, Quota, ResourceClass, Worker
+from tenants.models import Organization
+
+from .types import Machine, Queued, Running, Snapshot, Tenant
+from .types import Quota as QuotaSpec
+
+STOPPING_PRIORITY = -(10**9)
+
+
+def _epoch(moment: datetime) -> float:
+    return moment.timestamp()
+
+
+def snapshot_load(*, now: datetime) -> tuple[Snapshot, dict[int, tuple[str, int | None]]]:
+    """The snapshot, and each queued job's current (reason, position) to skip unchanged ones."""
+    classes = {rc.pk: rc.name for rc in ResourceClass.objects.all()}
+    prices = {
+        name: float(unit_price(resource=gpu_resource(name), at=now)[0]) for name in classes.values()
+    }
+
+    active = list(
+        Job.objects.filter(state__in=ACTIVE_STATES, worker__isnull=False).values(
+            "pk", "organization_id", "resource_class_id", "gpu_count", "worker_id", "slot_indices",
+            "priority", "started_at", "scheduled_at", "max_runtime_s", "state",
+        )
+    )  # fmt: skip
+    busy: dict[int, set[int]] = defaultdict(set)
+    running = []
+    # Jobs already stopping are offered first as victims, so a pass never preempts more than one
+    # set of jobs for the same need while the first set is still checkpointing.
+    stopping = {JobState.PREEMPTED, JobState.CANCELLING}
+    for job in active:
+        busy[job["worker_id"]].update(job["slot_indices"])
+        start = _epoch(job["started_at"] or job["scheduled_at"] or now)
+        running.append(
+            Running(
+                job_id=job["pk"],
+                tenant_id=job["organization_id"],
+                resource_class=classes[job["resource_class_id"]],
+                gpus=job["gpu_count"],
+                machine_id=job["worker_id"],
+                priority=STOPPING_PRIORITY if job["state"] in stopping else job["priority"],
+                started_at=start,
+                expected_end=start + job["max_runtime_s"],
+            )
+        )
+    machines = tuple(
+        Machine(
+            id=worker.pk,
+            resource_class=classes[worker.resource_class_id],
+            slots=worker.slots,
+            free=frozenset(range(worker.slots)) - frozenset(busy[worker.pk]),
+            schedulable=worker.status == Worker.Status.ONLINE,
+        )
+        for worker in Worker.objects.all()
+    )
+    queued_rows = list(
+        Job.objects.filter(state=JobState.QUEUED).values(
+            "pk", "organization_id", "resource_class_id", "gpu_count", "priority", "created_at",
+            "max_runtime_s", "waiting_reason", "queue_position",
+        )
+    )  # fmt: skip
+    queued = tuple(
+        Queued(
+            job_id=row["pk"],
+            tenant_id=row["organization_id"],
+            resource_class=classes[row["resource_class_id"]],
+            gpus=row["gpu_count"],
+            priority=row["priority"],
+            submitted_at=_epoch(row["created_at"]),
+            max_runtime_s=float(row["max_runtime_s"]),
+        )
+        for row in queued_rows
+    )
+    tenant_ids = {job.tenant_id for job in queued} | {job.tenant_id for job in running}
+    snapshot = Snapshot(
+        now=_epoch(now),
+        machines=machines,
+        running=tuple(running),
+        queued=queued,
+        tenants=_tenants(tenant_ids, classes, prices, running, now),
+        prices=prices,
+    )
+    return snapshot, {
+        row["pk"]: (row["waiting_reason"], row["queue_position"]) for row in queued_rows
+    }
+
+
+def _tenants(tenant_ids, classes, prices, running, now) -> dict[int, Tenant]:
+    organizations = Organization.objects.in_bulk(tenant_ids)
+    quotas: dict[int, dict[str, QuotaSpec]] = defaultdict(dict)
+    max_running: dict[int, int] = {}
+    for quota in Quota.objects.filter(organization_id__in=tenant_ids):
+        quotas[quota.organization_id][classes[quota.resource_class_id]] = QuotaSpec(
+            guaranteed=quota.guaranteed_gpus, limit=quota.limit_gpus
+        )
+        # One cap per tenant: the largest any of its per-class quotas allows.
+        max_running[quota.organization_id] = max(
+            max_running.get(quota.organization_id, 0), quota.max_running_jobs
+        )
+    default = settings.DEFAULT_QUOTA
+    spend = decayed_spend(
+        organization_ids=list(tenant_ids),
+        now=now,
+        half_life=timedelta(seconds=settings.SCHEDULER_HALF_LIFE_S),
+    )
+    # The ledger is in cents; the scheduler compares money in currency units, like its prices.
+    usage = {tenant_id: cents / 100 for tenant_id, cents in spend.items()}
+    # Running attempts are not in the ledger yet; their cost so far counts too.
+    for job in running:
+        seconds = max(0.0, now.timestamp() - job.started_at)
+        usage[job.tenant_id] = (
+            usage.get(job.tenant_id, 0.0) + seconds * job.gpus * prices[job.resource_class]
+        )
+    tenants = {}
+    for tenant_id in tenant_ids:
+        fallback = QuotaSpec(guaranteed=default["guaranteed_gpus"], limit=default["limit_gpus"])
+        organization = organizations[tenant_id]
+        tenants[tenant_id] = Tenant(
+            id=tenant_id,
+            quotas={name: quotas[tenant_id].get(name, fallback) for name in classes.values()},
+            max_running_jobs=max_running.get(tenant_id, default["max_running_jobs"]),
+            usage=usage.get(tenant_id, 0.0),
+            budget_ok=budget_allows(organization=organization),
+            label=organization.name,
+        )
+    return tenants

@@ -1,0 +1,193 @@
+"""An attempt's life on a worker, fenced by the attempt number: claim, report, checkpoint, finish.
+
+Every write checks, under a row lock, that the job is still on this attempt; a worker that lost
+its lease (and whose job was handed to another worker) can no longer change anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from decimal import Decimal
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from billing.selectors import gpu_resource
+from billing.services import usage_record
+from jobs.models import ACTIVE_STATES, Job, JobAttempt, JobLog, JobMetric, JobState
+
+from .events import job_event
+from .ticks import tick_soon
+
+
+class StaleAttempt(Exception):
+    """The job moved on to another attempt (or ended); this worker must stop writing."""
+
+
+def lease_deadline():
+    return timezone.now() + timedelta(seconds=settings.WORKER_OFFLINE_AFTER_S)
+
+
+def _locked(job_id: int, attempt: int) -> Job:
+    job = Job.objects.select_for_update().filter(pk=job_id, attempt=attempt).first()
+    if job is None or not job.is_active:
+        raise StaleAttempt(f"job {job_id} is no longer on attempt {attempt}")
+    return job
+
+
+def attempt_close(*, job: Job, outcome: str, ended_at=None) -> JobAttempt | None:
+    """End the job's current attempt record (inside the caller's transaction)."""
+    attempt = JobAttempt.objects.filter(
+        job=job, number=job.attempt, outcome=JobAttempt.Outcome.ACTIVE
+    ).first()
+    if attempt is None:
+        return None
+    ended_at = ended_at or timezone.now()
+    if attempt.started_at is not None:
+        ended_at = max(ended_at, attempt.started_at)
+    attempt.outcome, attempt.ended_at = outcome, ended_at
+    attempt.save(update_fields=["outcome", "ended_at"])
+    return attempt
+
+
+def attempt_bill(*, job: Job, attempt: JobAttempt) -> int:
+    """One usage row per attempt that ran, keyed by job and attempt so a replay bills nothing."""
+    if attempt.started_at is None or attempt.ended_at is None:
+        return 0
+    seconds = max(0.0, (attempt.ended_at - attempt.started_at).total_seconds())
+    record, created = usage_record(
+        organization=job.organization,
+        resource=gpu_resource(job.resource_class.name),
+        quantity=Decimal(str(round(seconds * job.gpu_count, 3))),
+        unit="gpu_second",
+        period_start=attempt.started_at,
+        period_end=attempt.ended_at,
+        idempotency_key=f"job:{job.pk}:attempt:{attempt.number}",
+        source_type="job_attempt",
+        source_id=str(job.pk),
+        attempt=attempt.number,
+        user=job.created_by,
+        api_key=job.created_by_api_key,
+        labels=job.labels,
+    )
+    if created:
+        Job.objects.filter(pk=job.pk).update(cost_minor=job.cost_minor + record.amount_minor)
+        job.cost_minor += record.amount_minor
+    return record.amount_minor
+
+
+@transaction.atomic
+def attempt_claim(*, job_id: int, attempt: int, worker_id: int) -> Job | None:
+    """scheduled -> running, only for the attempt and worker it was placed with."""
+    job = (
+        Job.objects.select_for_update(of=("self",))
+        .select_related(
+            "resource_class", "input_dataset_version", "input_model_version", "organization"
+        )
+        .filter(pk=job_id, attempt=attempt, worker_id=worker_id, state=JobState.SCHEDULED)
+        .first()
+    )
+    if job is None:
+        return None
+    now = timezone.now()
+    job.transition_to(JobState.RUNNING)
+    job.started_at = job.started_at or now
+    job.lease_expires_at = lease_deadline()
+    job.save(update_fields=["state", "started_at", "lease_expires_at"])
+    JobAttempt.objects.filter(job=job, number=attempt).update(started_at=now)
+    job_event(job=job, kind="started", message=f"Attempt {attempt} started on {job.worker.name}.")
+    return job
+
+
+@dataclass
+class Report:
+    """What a running attempt sends back in one flush."""
+
+    logs: list[tuple[str, str]]  # (stream, line)
+    metrics: list[dict]  # {"step", "name", "value", "split"}
+
+
+@transaction.atomic
+def attempt_report(*, job_id: int, attempt: int, report: Report) -> str:
+    """Store logs and metrics; returns the job's state so the runner can react to cancel/preempt."""
+    job = _locked(job_id, attempt)
+    JobLog.objects.bulk_create(
+        JobLog(
+            organization_id=job.organization_id,
+            job=job,
+            attempt=attempt,
+            stream=stream,
+            line=line[:10_000],
+        )
+        for stream, line in report.logs
+    )
+    JobMetric.objects.bulk_create(
+        JobMetric(
+            organization_id=job.organization_id,
+            job=job,
+            attempt=attempt,
+            step=int(m["step"]),
+            name=str(m["name"])[:100],
+            split=str(m.get("split", ""))[:20],
+            value=float(m["value"]),
+        )
+        for m in report.metrics
+    )
+    return job.state
+
+
+@transaction.atomic
+def attempt_checkpoint(*, job_id: int, attempt: int, key: str, step: int) -> str | None:
+    """Point the job at its newest checkpoint; returns the key it replaces (to delete), if any."""
+    job = _locked(job_id, attempt)
+    previous = job.checkpoint_key
+    job.checkpoint_key, job.checkpoint_step = key, step
+    job.save(update_fields=["checkpoint_key", "checkpoint_step"])
+    return previous or None
+
+
+@transaction.atomic
+def attempt_finish(
+    *,
+    job_id: int,
+    attempt: int,
+    outcome: str,
+    reason: str = "",
+    output_model_version_id: int | None = None,
+) -> Job:
+    """End the attempt: bill it once, then move the job to its next state.
+
+    `outcome` is what the runner saw: succeeded, failed, or stopped (after a cancel or a
+    preemption request, which the job's current state tells apart).
+    """
+    job = _locked(job_id, attempt)
+    now = timezone.now()
+    if outcome == "stopped":
+        outcome = "cancelled" if job.state == JobState.CANCELLING else "preempted"
+    record = attempt_close(job=job, outcome=outcome, ended_at=now)
+    if record is not None:
+        attempt_bill(job=job, attempt=record)
+    job.worker, job.slot_indices, job.lease_expires_at = None, [], None
+    if outcome == JobAttempt.Outcome.SUCCEEDED:
+        job.transition_to(JobState.SUCCEEDED)
+        job.output_model_version_id = output_model_version_id
+    elif outcome == JobAttempt.Outcome.FAILED:
+        job.transition_to(JobState.FAILED)
+        job.failure_reason = reason[:5000]
+    elif outcome == JobAttempt.Outcome.CANCELLED:
+        job.transition_to(JobState.CANCELLED)
+    else:
+        job.transition_to(JobState.QUEUED)
+        job.waiting_reason = "preempted; waiting to resume from its checkpoint"
+    if job.is_terminal:
+        job.finished_at = now
+    job.save()
+    job_event(job=job, kind=outcome, message=reason[:500] or f"Attempt {attempt} {outcome}.")
+    transaction.on_commit(tick_soon)
+    return job
+
+
+def attempt_is_current(*, job_id: int, attempt: int) -> bool:
+    return Job.objects.filter(pk=job_id, attempt=attempt, state__in=ACTIVE_STATES).exists()

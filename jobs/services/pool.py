@@ -1,0 +1,158 @@
+"""The pool's machines: registration, heartbeats, operator states, and recovery from silence."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from jobs.models import Job, JobAttempt, JobState, ResourceClass, Worker
+
+from .attempts import attempt_bill, attempt_close, lease_deadline
+from .events import job_event
+from .ticks import tick_soon
+
+logger = logging.getLogger(__name__)
+
+CPU_CLASS = "cpu"
+
+
+def resource_class_for_devices(devices: list[dict]) -> ResourceClass:
+    """The class whose name patterns match the GPUs torch sees; `cpu` when there are none."""
+    if not devices:
+        return ResourceClass.objects.get_or_create(
+            name=CPU_CLASS, defaults={"display_name": "CPU"}
+        )[0]
+    name = devices[0]["name"]
+    for resource_class in ResourceClass.objects.exclude(name=CPU_CLASS):
+        if any(pattern.lower() in name.lower() for pattern in resource_class.device_name_patterns):
+            return resource_class
+    raise ValueError(
+        f"No resource class matches the GPU {name!r}; add its name to a class's device name "
+        "patterns in the admin, then start the worker again."
+    )
+
+
+@transaction.atomic
+def worker_register(
+    *, name: str, devices: list[dict], hostname: str = "", version: str = ""
+) -> Worker:
+    resource_class = resource_class_for_devices(devices)
+    slots = len(devices) or settings.WORKER_CPU_SLOTS
+    worker, created = Worker.objects.select_for_update().get_or_create(
+        name=name,
+        defaults={"resource_class": resource_class, "slots": slots, "queue": f"worker.{name}"},
+    )
+    worker.resource_class, worker.slots, worker.devices = resource_class, slots, devices
+    worker.hostname, worker.software_version = hostname, version
+    worker.last_heartbeat_at = timezone.now()
+    if worker.status == Worker.Status.OFFLINE:
+        worker.status = Worker.Status.ONLINE
+    worker.save()
+    logger.info(
+        "worker %s %s with %d %s slots",
+        name,
+        "registered" if created else "re-registered",
+        slots,
+        resource_class,
+    )
+    transaction.on_commit(tick_soon)
+    return worker
+
+
+def worker_heartbeat(*, worker_id: int) -> None:
+    """Prove the machine is alive and extend the leases of the jobs it is running."""
+    now = timezone.now()
+    Worker.objects.filter(pk=worker_id).update(last_heartbeat_at=now)
+    Worker.objects.filter(pk=worker_id, status=Worker.Status.OFFLINE).update(
+        status=Worker.Status.ONLINE
+    )
+    # Scheduled jobs are left out: one whose run message never arrives must time out.
+    Job.objects.filter(
+        worker_id=worker_id, state__in=[JobState.RUNNING, JobState.PREEMPTED, JobState.CANCELLING]
+    ).update(lease_expires_at=lease_deadline())
+
+
+@transaction.atomic
+def worker_set_status(*, worker: Worker, status: str) -> Worker:
+    """Operators cordon (place nothing new), drain (let running jobs finish) or uncordon."""
+    if status not in (Worker.Status.ONLINE, Worker.Status.CORDONED, Worker.Status.DRAINING):
+        raise ValueError(f"unknown worker status {status!r}")
+    worker = Worker.objects.select_for_update().get(pk=worker.pk)
+    worker.status = status
+    worker.save(update_fields=["status"])
+    logger.info("worker %s is now %s", worker.name, status)
+    transaction.on_commit(tick_soon)
+    return worker
+
+
+def reap_lost(*, now=None) -> int:
+    """Mark silent workers offline and take back their jobs' expired leases (inside the tick)."""
+    now = now or timezone.now()
+    silence = timedelta(seconds=settings.WORKER_OFFLINE_AFTER_S)
+    Worker.objects.filter(last_heartbeat_at__lt=now - silence).exclude(
+        status=Worker.Status.OFFLINE
+    ).update(status=Worker.Status.OFFLINE)
+    expired = (
+        Job.objects.select_for_update(skip_locked=True, of=("self",))
+        .select_related("resource_class", "worker", "organization")
+        .filter(
+            state__in=[
+                JobState.SCHEDULED,
+                JobState.RUNNING,
+                JobState.PREEMPTED,
+                JobState.CANCELLING,
+            ]
+        )
+        .filter(lease_expires_at__lt=now)
+    )
+    count = 0
+    for job in expired:
+        count += 1
+        worker_name = job.worker.name if job.worker else "its worker"
+        # The worker's last sign of life was one lease length before the lease ran out.
+        record = attempt_close(
+            job=job, outcome=JobAttempt.Outcome.LOST, ended_at=job.lease_expires_at - silence
+        )
+        if record is not None:
+            attempt_bill(job=job, attempt=record)
+        job.worker, job.slot_indices, job.lease_expires_at = None, [], None
+        if job.state == JobState.CANCELLING:
+            job.transition_to(JobState.CANCELLED)
+            job.finished_at = now
+        else:
+            job.lost_attempts += 1
+            if job.lost_attempts >= settings.JOB_MAX_LOST_ATTEMPTS:
+                job.transition_to(JobState.FAILED)
+                job.finished_at = now
+                job.failure_reason = (
+                    f"Failed after {job.lost_attempts} attempts: "
+                    f"{worker_name} stopped responding each time."
+                )
+            else:
+                job.transition_to(JobState.QUEUED)
+                job.waiting_reason = (
+                    f"{worker_name} stopped responding; waiting to resume from its checkpoint"
+                )
+        job.save()
+        job_event(
+            job=job,
+            kind="lost",
+            message=f"Attempt {job.attempt} lost: {worker_name} stopped responding.",
+        )
+    return count
+
+
+@transaction.atomic
+def job_preempt(*, job_id: int, reason: str, data: dict | None = None) -> bool:
+    """Ask a running job to checkpoint and return to the queue; its runner does the rest."""
+    job = Job.objects.select_for_update().filter(pk=job_id, state=JobState.RUNNING).first()
+    if job is None:
+        return False
+    job.transition_to(JobState.PREEMPTED)
+    job.save(update_fields=["state"])
+    job_event(job=job, kind="preempted", message=reason, data=data)
+    return True

@@ -1,0 +1,14 @@
+from django.urls import path
+
+from . import views
+
+app_name = "jobs"
+
+# Mounted at /o/<org_slug>/; every view here is org-scoped (OrganizationPageMixin).
+urlpatterns = [
+    path("jobs/", views.JobsPage.as_view(), name="jobs"),
+    path("jobs/new/", views.JobSubmitPage.as_view(), name="job_submit"),
+    path("jobs/<int:pk>/", views.JobPage.as_view(), name="job"),
+    path("jobs/<int:pk>/cancel/", views.JobCancelAction.as_view(), name="job_cancel"),
+    path("jobs/<int:pk>/retry/", views.JobRetryAction.as_view(), name="job_retry"),
+]

@@ -1,0 +1,192 @@
+"""Dashboard pages for jobs (tenants) and the pool (operators)."""
+
+from __future__ import annotations
+
+from django.contrib import messages
+from django.contrib.admin.views.decorators import staff_member_required
+from django.core.paginator import Paginator
+from django.shortcuts import get_object_or_404, redirect, render
+from django.utils.decorators import method_decorator
+from django.views import View
+from django.views.generic import TemplateView
+
+from jobs import selectors, services
+from jobs.forms import JobForm
+from jobs.models import Job, JobEvent, JobLog, JobMetric, JobState
+from jobs.recipes.registry import get_recipe, list_recipes
+from tenants.errors import DomainError
+from tenants.views.base import OrganizationPageMixin
+
+LOG_TAIL = 200
+CHART_W, CHART_H = 600, 160
+
+
+def metric_chart(points: list[tuple[int, float]]) -> dict | None:
+    """An SVG polyline for one metric series, drawn on the server (no chart library needed)."""
+    if len(points) < 2:
+        return None
+    steps = [p[0] for p in points]
+    values = [p[1] for p in points]
+    x0, x1 = min(steps), max(steps) or 1
+    y0, y1 = min(values), max(values)
+    span_x, span_y = (x1 - x0) or 1, (y1 - y0) or 1
+    coords = " ".join(
+        f"{(s - x0) / span_x * CHART_W:.1f},{CHART_H - (v - y0) / span_y * CHART_H:.1f}"
+        for s, v in points
+    )
+    return {
+        "points": coords,
+        "min": y0,
+        "max": y1,
+        "last": values[-1],
+        "width": CHART_W,
+        "height": CHART_H,
+    }
+
+
+class JobsPage(OrganizationPageMixin, TemplateView):
+    template_name = "jobs/jobs.html"
+    required_scopes = {"get": "jobs:read"}
+
+    def get_context_data(self, **kwargs):
+        context = super().get_context_data(**kwargs)
+        state = self.request.GET.get("state") or None
+        if state not in JobState.values:
+            state = None
+        jobs = selectors.job_list(
+            organization=self.organization, state=state, label=self.request.GET.get("label") or None
+        )
+        context["page"] = Paginator(jobs, 50).get_page(self.request.GET.get("page"))
+        context["states"] = JobState.choices
+        context["state"] = state
+        context["recipes"] = sorted(list_recipes())
+        query = self.request.GET.copy()
+        query.pop("page", None)
+        context["query"] = query.urlencode()
+        return context
+
+
+class JobSubmitPage(OrganizationPageMixin, TemplateView):
+    template_name = "jobs/job_submit.html"
+    required_scopes = {"get": "jobs:write", "post": "jobs:write"}
+
+    def _recipe(self):
+        return get_recipe(self.request.GET.get("recipe") or sorted(list_recipes())[0])
+
+    def get_context_data(self, **kwargs):
+        context = super().get_context_data(**kwargs)
+        recipe = kwargs.get("recipe") or self._recipe()
+        context.setdefault("form", JobForm(organization=self.organization, recipe=recipe))
+        context["recipe"] = recipe
+        context["recipes"] = sorted(list_recipes())
+        context["prices"] = {
+            rc.name: price * 3600 for rc, price, _c in selectors.resource_classes_with_prices()
+        }
+        return context
+
+    def post(self, request, org_slug):
+        recipe = self._recipe()
+        form = JobForm(request.POST, organization=self.organization, recipe=recipe)
+        if form.is_valid():
+            data = form.cleaned_data
+            try:
+                job, _ = services.job_submit(
+                    organization=self.organization,
+                    actor=self.actor,
+                    recipe=recipe.name,
+                    parameters=form.cleaned_parameters(),
+                    resource_class=data["resource_class"],
+                    gpu_count=data["gpu_count"],
+                    priority=data["priority"],
+                    labels=data["labels"],
+                    max_runtime_s=data["max_runtime_s"],
+                    dataset_version=data["dataset_version"],
+                    output_model_name=data["output_model"],
+                )
+            except DomainError as error:
+                for field, errors in (error.fields or {None: [error.detail]}).items():
+                    target = (
+                        field
+                        if field in form.fields
+                        else f"param_{field.removeprefix('parameters.')}"
+                    )
+                    for message in errors:
+                        form.add_error(target if target in form.fields else None, message)
+            else:
+                messages.success(request, f"Job {job.pk} queued.")
+                return redirect("jobs:job", org_slug, job.pk)
+        return self.render_to_response(self.get_context_data(form=form, recipe=recipe), status=400)
+
+
+class JobPage(OrganizationPageMixin, TemplateView):
+    """Timeline, live log tail and metric charts; htmx refreshes the live part while active."""
+
+    template_name = "jobs/job.html"
+    required_scopes = {"get": "jobs:read"}
+    model = Job
+
+    def get_template_names(self):
+        return ["jobs/_job_live.html"] if self.request.htmx else [self.template_name]
+
+    def get_context_data(self, **kwargs):
+        context = super().get_context_data(**kwargs)
+        job = get_object_or_404(
+            selectors.job_list(organization=self.organization), pk=self.kwargs["pk"]
+        )
+        logs = list(
+            JobLog.objects.for_organization(self.organization)
+            .filter(job=job)
+            .order_by("-pk")[:LOG_TAIL]
+        )
+        series: dict[str, list[tuple[int, float]]] = {}
+        for step, name, split, value in (
+            JobMetric.objects.for_organization(self.organization)
+            .filter(job=job)
+            .order_by("step", "pk")
+            .values_list("step", "name", "split", "value")[:20_000]
+        ):
+            series.setdefault(f"{split} {name}".strip(), []).append((step, value))
+        context.update(
+            job=job,
+            events=JobEvent.objects.for_organization(self.organization).filter(job=job),
+            logs=reversed(logs),
+            charts=[(name, chart) for name, pts in series.items() if (chart := metric_chart(pts))],
+            cost_so_far=selectors.job_cost_so_far(job=job),
+        )
+        return context
+
+
+class _JobAction(OrganizationPageMixin, View):
+    model = Job
+    required_scopes = {"post": "jobs:write"}
+
+    def post(self, request, org_slug, pk):
+        job = self.get_org_object()
+        try:
+            result = self.perform(job)
+        except DomainError as error:
+            messages.error(request, error.detail)
+            return redirect("jobs:job", org_slug, pk)
+        return redirect("jobs:job", org_slug, result.pk)
+
+
+class JobCancelAction(_JobAction):
+    def perform(self, job):
+        job = services.job_cancel(job=job, actor=self.actor)
+        messages.success(self.request, "Cancelling: the job stops within a few seconds.")
+        return job
+
+
+class JobRetryAction(_JobAction):
+    def perform(self, job):
+        retried = services.job_retry(job=job, actor=self.actor)
+        messages.success(self.request, f"Submitted again as job {retried.pk}.")
+        return retried
+
+
+@method_decorator(staff_member_required, name="dispatch")
+class PoolPage(View):
+    """Operators: workers, busy and free slots per class, queue depth per tenant."""
+
+    def get(self, request):
+        return render(request, "jobs/pool.html", selectors.pool_overview())

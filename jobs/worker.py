@@ -1,0 +1,64 @@
+"""What turns a Celery worker into a pool machine: registration, heartbeats, orphan-proofing."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
+from celery.signals import worker_process_init
+from django.conf import settings
+from django.db import close_old_connections
+
+logger = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Ask Linux to kill this process when its parent dies, so a killed worker leaves no orphans."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@worker_process_init.connect
+def _pool_process_dies_with_worker(**kwargs) -> None:
+    die_with_parent()
+
+
+def detect_devices() -> list[dict]:
+    """The GPUs torch sees, asked in a child process so this one never imports torch."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import json; from jobs.runner.devices import detect_gpus; "
+            "print(json.dumps(detect_gpus()))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def heartbeat_forever(worker_id: int, stop: threading.Event) -> None:
+    from jobs.services.pool import worker_heartbeat
+
+    while not stop.wait(settings.WORKER_HEARTBEAT_S):
+        try:
+            worker_heartbeat(worker_id=worker_id)
+        except Exception:  # a database blip must not end the heartbeat; the next beat retries
+            logger.exception("heartbeat failed")
+        finally:
+            close_old_connections()
+
+
+def default_name() -> str:
+    return settings.WORKER_NAME or socket.gethostname()

@@ -1,0 +1,311 @@
+"""The pool end to end: real Celery worker processes on Redis, real child processes with torch.
+
+These tests commit to the test database (worker processes must see the rows), so they use
+`transaction=True` with a serialized rollback that restores the seeded resource classes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.test import override_settings
+
+from billing.models import UsageRecord
+from jobs.models import TERMINAL_STATES, Job, JobAttempt, JobMetric, JobState, ResourceClass
+from jobs.services import job_cancel, job_submit
+from registry.services import dataset_create, dataset_version_create
+from tenants.actors import Actor
+
+ROOT = Path(__file__).resolve().parents[2]
+e2e = pytest.mark.django_db(transaction=True, serialized_rollback=True)
+
+TIMINGS = {
+    "WORKER_HEARTBEAT_S": "0.5",
+    "WORKER_OFFLINE_AFTER_S": "3",
+    "JOB_CHECKPOINT_EVERY_S": "0.5",
+    "JOB_STOP_GRACE_S": "3",
+    "SCHEDULER_TICK_S": "0.5",
+    "WORKER_CPU_SLOTS": "1",
+}
+
+
+def wait_for(condition, *, timeout: float, what: str, every: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _database_url() -> str:
+    db = settings.DATABASES["default"]
+    auth = db["USER"] + (f":{db['PASSWORD']}" if db.get("PASSWORD") else "")
+    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+class Pool:
+    """Worker processes (each its own machine), plus one beat and one default-queue worker."""
+
+    def __init__(self, tmp_path: Path):
+        self.tmp = tmp_path
+        self.env = {
+            **os.environ,
+            **TIMINGS,
+            "DJANGO_SETTINGS_MODULE": "factory_saas.settings.test",
+            "DATABASE_URL": _database_url(),
+            "REDIS_URL": settings.REDIS_URL,
+            "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
+            "STORAGE_BACKEND": "local",
+            "STORAGE_LOCAL_ROOT": str(tmp_path / "storage"),
+            "WORKER_WORKDIR": str(tmp_path / "work"),
+        }
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.suffix = uuid.uuid4().hex[:6]
+
+    def _start(self, label: str, args: list[str]) -> subprocess.Popen:
+        log = (self.tmp / f"{label}.log").open("w")
+        process = subprocess.Popen(
+            args,
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.processes[label] = process
+        return process
+
+    def start_control_plane(self) -> None:
+        python = sys.executable
+        self._start(
+            "beat",
+            [
+                python,
+                "-m",
+                "celery",
+                "-A",
+                "factory_saas",
+                "beat",
+                "-l",
+                "warning",
+                "-s",
+                str(self.tmp / "beat-schedule"),
+            ],
+        )
+        self._start(
+            "default",
+            [
+                python,
+                "-m",
+                "celery",
+                "-A",
+                "factory_saas",
+                "worker",
+                "-Q",
+                "default",
+                "-c",
+                "1",
+                "-l",
+                "warning",
+                "-n",
+                f"default-{self.suffix}@%h",
+            ],
+        )
+
+    def start_worker(self, label: str) -> str:
+        name = f"{label}-{self.suffix}"
+        self._start(label, [sys.executable, "manage.py", "run_worker", "--name", name])
+        from jobs.models import Worker
+
+        wait_for(
+            lambda: Worker.objects.filter(name=name).exists(),
+            timeout=60,
+            what=f"worker {name} to register",
+        )
+        return name
+
+    def kill(self, label: str) -> None:
+        """SIGKILL the worker's main process only, as when its machine dies."""
+        self.processes[label].send_signal(signal.SIGKILL)
+        self.processes[label].wait()
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.tmp.glob("*.log"))
+        )
+
+
+@pytest.fixture
+def pool(tmp_path):
+    pool = Pool(tmp_path)
+    with override_settings(STORAGE_BACKEND="local", STORAGE_LOCAL_ROOT=str(tmp_path / "storage")):
+        try:
+            pool.start_control_plane()
+            yield pool
+        finally:
+            pool.stop()
+
+
+def _separable_csv(rows: int, seed: int = 7) -> bytes:
+    rng = random.Random(seed)  # noqa: S311  test data, not security
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["a", "b", "colour", "label"])
+    for _ in range(rows):
+        a, b = rng.uniform(-1, 1), rng.uniform(-1, 1)
+        writer.writerow(
+            [f"{a:.4f}", f"{b:.4f}", rng.choice(["red", "blue"]), "yes" if a + b > 0 else "no"]
+        )
+    return out.getvalue().encode()
+
+
+@pytest.fixture
+def training_data(org, owner, tmp_path, pool):
+    dataset = dataset_create(organization=org, name="points", actor=Actor(user=owner))
+    path = tmp_path / "points.csv"
+    path.write_bytes(_separable_csv(3000))
+    return dataset_version_create(
+        dataset=dataset, path=path, filename="points.csv", actor=Actor(user=owner)
+    )
+
+
+def _submit(org, owner, version, **parameters) -> Job:
+    job, _ = job_submit(
+        organization=org,
+        actor=Actor(user=owner),
+        recipe="tabular-classifier",
+        parameters={"target": "label", **parameters},
+        resource_class=ResourceClass.objects.get(name="cpu"),
+        dataset_version=version,
+        max_runtime_s=600,
+    )
+    return job
+
+
+def _state(job: Job) -> str:
+    job.refresh_from_db()
+    return job.state
+
+
+@e2e
+def test_a_training_job_runs_end_to_end_and_registers_its_model(pool, org, owner, training_data):
+    pool.start_worker("w1")
+    job = _submit(org, owner, training_data, epochs=5)
+    try:
+        wait_for(lambda: _state(job) in TERMINAL_STATES, timeout=120, what="the job to finish")
+    except AssertionError:
+        print(pool.logs())
+        raise
+    assert job.state == JobState.SUCCEEDED, job.failure_reason
+    version = job.output_model_version
+    assert version.metrics["val_accuracy"] > 0.8
+    assert list(version.trained_on.all()) == [training_data] and version.source_job_id == job.pk
+    assert JobMetric.objects.filter(job=job, name="loss").exists() and job.logs.exists()
+    assert UsageRecord.objects.filter(source_id=str(job.pk)).count() == 1
+
+
+@e2e
+def test_cancel_stops_a_running_job_within_five_seconds(pool, org, owner, training_data):
+    pool.start_worker("w1")
+    job = _submit(
+        org, owner, training_data, epochs=1000, early_stopping_patience=1000, batch_size=8
+    )
+    wait_for(
+        lambda: JobMetric.objects.filter(job=job).exists(),
+        timeout=120,
+        what="the first training step",
+    )
+    started = time.monotonic()
+    job_cancel(job=job, actor=Actor(user=owner))
+    wait_for(lambda: _state(job) == JobState.CANCELLED, timeout=10, what="the job to stop")
+    assert time.monotonic() - started < 5
+    assert JobAttempt.objects.get(job=job).outcome == "cancelled"
+    assert UsageRecord.objects.filter(source_id=str(job.pk)).count() == 1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    state = (
+        Path(f"/proc/{pid}/stat").read_text().split()[2]
+        if Path(f"/proc/{pid}/stat").exists()
+        else "X"
+    )
+    return state not in ("Z", "X")
+
+
+def _descendants(pid: int) -> set[int]:
+    ps = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True, check=True)
+    children: dict[int, list[int]] = {}
+    for line in ps.stdout.splitlines():
+        child, parent = map(int, line.split())
+        children.setdefault(parent, []).append(child)
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+@e2e
+def test_a_killed_worker_loses_its_job_which_resumes_from_its_checkpoint_elsewhere(
+    pool, org, owner, training_data
+):
+    labels = {pool.start_worker("w1"): "w1", pool.start_worker("w2"): "w2"}
+    job = _submit(org, owner, training_data, epochs=12, early_stopping_patience=1000, batch_size=16)
+    wait_for(
+        lambda: _state(job) == JobState.RUNNING and job.checkpoint_step,
+        timeout=120,
+        what="a checkpoint",
+    )
+    first_worker = labels[job.worker.name]
+    doomed = _descendants(pool.processes[first_worker].pid) | {pool.processes[first_worker].pid}
+    pool.kill(first_worker)
+    wait_for(
+        lambda: not any(_alive(pid) for pid in doomed),
+        timeout=10,
+        what="the killed worker's processes to die",
+    )
+    try:
+        wait_for(
+            lambda: _state(job) == JobState.SUCCEEDED,
+            timeout=180,
+            what="the job to resume and finish",
+        )
+    except AssertionError:
+        print(pool.logs())
+        raise
+    attempts = list(JobAttempt.objects.filter(job=job).order_by("number"))
+    assert [a.outcome for a in attempts] == ["lost", "succeeded"]
+    assert attempts[0].worker.name != attempts[1].worker.name
+    assert attempts[0].ended_at <= attempts[1].started_at  # never two attempts at once
+    resumed_steps = JobMetric.objects.filter(job=job, attempt=2).values_list("step", flat=True)
+    assert min(resumed_steps) > 0  # the second attempt continued, it did not start over
+    assert UsageRecord.objects.filter(source_id=str(job.pk)).count() == 2
