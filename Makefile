@@ -10,7 +10,7 @@ DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/factory_saas
 REDIS_URL ?= redis://127.0.0.1:6379/0
 TEST_ENV := DJANGO_SETTINGS_MODULE=factory_saas.settings.test DATABASE_URL=$(DATABASE_URL) REDIS_URL=$(REDIS_URL)
 
-.PHONY: install run test lint clean
+.PHONY: install run worker test lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ run: install
 	$(BIN)/python manage.py migrate --noinput && \
 	$(BIN)/python manage.py seed_demo && \
 	exec $(BIN)/python manage.py run_embedded
+
+# One GPU machine of the pool (or CPU slots without GPUs), against the configured database/broker.
+worker: install
+	$(BIN)/python manage.py run_worker
 
 lint: install
 	$(BIN)/ruff format --check .

@@ -1,0 +1,121 @@
+"""The jobs API: submit with an idempotency key and a cost estimate, list filters, logs, cancel."""
+
+import pytest
+
+from jobs.models import Job, JobState
+from jobs.services.attempts import Report, attempt_claim, attempt_report
+from jobs.scheduler.apply import scheduler_pass
+from tests.factories import DatasetVersionFactory, JobFactory
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def dev(org, member_factory, client_for):
+    return client_for(member_factory(org, "developer"))
+
+
+def _body(version, **extra):
+    return {
+        "recipe": "tabular-classifier",
+        "parameters": {"target": "x"},
+        "dataset": {"dataset": version.dataset.name, "number": version.number},
+        **extra,
+    }
+
+
+def test_submit_returns_the_job_with_a_cost_estimate_and_is_idempotent(org, dev):
+    version = DatasetVersionFactory(organization=org)
+    url = f"/api/v1/orgs/{org.slug}/jobs/"
+    first = dev.post(
+        url, _body(version, labels={"project": "fraud"}), format="json", HTTP_IDEMPOTENCY_KEY="k1"
+    )
+    assert first.status_code == 201, first.content
+    body = first.json()
+    assert body["state"] == "queued" and body["labels"] == {"project": "fraud"}
+    assert body["estimated_cost_per_hour"] == {"amount": "0.0720", "currency": "usd"}
+    again = dev.post(url, _body(version), format="json", HTTP_IDEMPOTENCY_KEY="k1")
+    assert again.status_code == 200 and again.json()["id"] == body["id"]
+    assert Job.objects.count() == 1
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"parameters": {"target": "x", "epochs": 0}}, "parameters.epochs"),
+        ({"resource_class": "tpu-v9"}, "resource_class"),
+        ({"dataset": {"dataset": "nope", "number": 1}}, "dataset"),
+        ({"recipe": "shell"}, "recipe"),
+    ],
+)
+def test_bad_submissions_are_400_with_the_field_named(org, dev, extra, field):
+    version = DatasetVersionFactory(organization=org)
+    response = dev.post(
+        f"/api/v1/orgs/{org.slug}/jobs/", {**_body(version), **extra}, format="json"
+    )
+    assert response.status_code == 400, response.content
+    assert field in response.json().get("fields", {}), response.json()
+
+
+def test_a_dataset_of_another_organization_cannot_be_used(org, other_org, dev):
+    foreign = DatasetVersionFactory(organization=other_org)
+    response = dev.post(f"/api/v1/orgs/{org.slug}/jobs/", _body(foreign), format="json")
+    assert response.status_code == 400 and not Job.objects.exists()
+
+
+def test_list_filters_by_state_and_label(org, dev):
+    JobFactory(organization=org, labels={"project": "fraud"})
+    JobFactory(organization=org, labels={"project": "churn"}, state=JobState.CANCELLED)
+    url = f"/api/v1/orgs/{org.slug}/jobs/"
+    assert [j["labels"] for j in dev.get(url, {"label": "project=fraud"}).json()["results"]] == [
+        {"project": "fraud"}
+    ]
+    assert [j["state"] for j in dev.get(url, {"state": "cancelled"}).json()["results"]] == [
+        "cancelled"
+    ]
+    assert dev.get(url, {"state": "exploded"}).status_code == 400
+
+
+def test_logs_tail_after_an_id_and_metrics(org, dev, register_worker):
+    worker = register_worker("cpu-api")
+    job = JobFactory(organization=org)
+    scheduler_pass()
+    job.refresh_from_db()
+    attempt_claim(job_id=job.pk, attempt=job.attempt, worker_id=worker.pk)
+    attempt_report(
+        job_id=job.pk,
+        attempt=job.attempt,
+        report=Report(
+            logs=[("stdout", "one"), ("stdout", "two")],
+            metrics=[{"step": 3, "name": "loss", "value": 0.2}],
+        ),
+    )
+    url = f"/api/v1/orgs/{org.slug}/jobs/{job.pk}/"
+    lines = dev.get(url + "logs/").json()
+    assert [line["line"] for line in lines] == ["one", "two"]
+    assert [line["line"] for line in dev.get(url + "logs/", {"after": lines[0]["id"]}).json()] == [
+        "two"
+    ]
+    assert dev.get(url + "metrics/").json()[0]["value"] == 0.2
+    assert {e["kind"] for e in dev.get(url + "events/").json()} >= {"scheduled", "started"}
+    assert dev.get(url).json()["cost_so_far_minor"] >= 0
+
+
+def test_cancel_then_retry_through_the_api(org, dev):
+    job = JobFactory(organization=org)
+    url = f"/api/v1/orgs/{org.slug}/jobs/{job.pk}/"
+    assert dev.post(url + "cancel/").json()["state"] == "cancelled"
+    assert dev.post(url + "cancel/").status_code == 409
+    retried = dev.post(url + "retry/")
+    assert retried.status_code == 201 and retried.json()["retry_of"] == job.pk
+
+
+def test_recipes_and_resource_classes_are_listed_for_any_signed_in_caller(dev, api_client):
+    recipes = dev.get("/api/v1/recipes/").json()
+    assert (
+        recipes[0]["name"] == "tabular-classifier"
+        and "target" in recipes[0]["parameter_schema"]["properties"]
+    )
+    classes = {c["name"]: c for c in dev.get("/api/v1/resource-classes/").json()}
+    assert classes["a100-40gb"]["price_per_gpu_hour"] == "2.8800"
+    assert api_client.get("/api/v1/recipes/").status_code == 401

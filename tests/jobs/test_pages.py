@@ -1,0 +1,106 @@
+"""Job pages: the generated submit form, the live job page, the operators' pool page."""
+
+import pytest
+from django.urls import reverse
+
+from jobs.models import Job
+from jobs.services.attempts import Report, attempt_claim, attempt_report
+from jobs.scheduler.apply import scheduler_pass
+from tests.factories import DatasetVersionFactory, JobFactory
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def dev(org, member_factory, client):
+    client.force_login(member_factory(org, "developer"))
+    return client
+
+
+def test_submit_form_is_generated_from_the_recipe_schema(org, dev):
+    version = DatasetVersionFactory(organization=org)
+    url = reverse("jobs:job_submit", args=[org.slug])
+    page = dev.get(url)
+    html = page.content.decode()
+    assert (
+        'name="param_target"' in html
+        and 'name="param_hidden_sizes"' in html
+        and 'value="64, 32"' in html
+    )
+    response = dev.post(
+        url,
+        {
+            "dataset_version": version.pk,
+            "resource_class": "cpu",
+            "gpu_count": 1,
+            "priority": 0,
+            "max_runtime_s": 600,
+            "param_target": "x",
+            "param_epochs": 3,
+            "param_hidden_sizes": "16, 8",
+            "labels": "project=fraud",
+        },
+    )
+    job = Job.objects.get()
+    assert response["Location"] == reverse("jobs:job", args=[org.slug, job.pk])
+    assert job.parameters["hidden_sizes"] == [16, 8] and job.labels == {"project": "fraud"}
+
+
+def test_submit_form_keeps_input_and_names_the_bad_parameter(org, dev):
+    version = DatasetVersionFactory(organization=org)
+    response = dev.post(
+        reverse("jobs:job_submit", args=[org.slug]),
+        {
+            "dataset_version": version.pk,
+            "resource_class": "cpu",
+            "gpu_count": 1,
+            "priority": 0,
+            "max_runtime_s": 600,
+            "param_target": "x",
+            "param_epochs": 0,
+        },
+    )
+    assert response.status_code == 400
+    assert b"greater than or equal to 1" in response.content and not Job.objects.exists()
+
+
+def test_job_page_shows_logs_a_chart_and_refreshes_while_active(org, dev, register_worker):
+    worker = register_worker("cpu-page")
+    job = JobFactory(organization=org)
+    scheduler_pass()
+    job.refresh_from_db()
+    attempt_claim(job_id=job.pk, attempt=job.attempt, worker_id=worker.pk)
+    attempt_report(
+        job_id=job.pk,
+        attempt=job.attempt,
+        report=Report(
+            logs=[("stdout", "epoch 1 done")],
+            metrics=[
+                {"step": s, "name": "loss", "split": "train", "value": 1 / s} for s in range(1, 6)
+            ],
+        ),
+    )
+    url = reverse("jobs:job", args=[org.slug, job.pk])
+    html = dev.get(url).content.decode()
+    assert "epoch 1 done" in html and "<polyline" in html and 'hx-trigger="every 2s"' in html
+    partial = dev.get(url, HTTP_HX_REQUEST="true").content.decode()
+    assert partial.lstrip().startswith('<div id="job-live"') and "<html" not in partial
+
+
+def test_jobs_list_shows_queue_position_and_reason(org, dev, register_worker):
+    register_worker("cpu-list")
+    jobs = [JobFactory(organization=org) for _ in range(3)]
+    scheduler_pass()
+    html = dev.get(reverse("jobs:jobs", args=[org.slug])).content.decode()
+    waiting = Job.objects.get(pk=jobs[2].pk)
+    assert f"#{waiting.queue_position}" in html and waiting.waiting_reason in html
+
+
+def test_pool_page_is_for_staff(client, owner, register_worker):
+    register_worker("cpu-ops")
+    client.force_login(owner)
+    assert client.get(reverse("ops_pool")).status_code == 302
+    owner.is_staff = True
+    owner.save()
+    page = client.get(reverse("ops_pool"))
+    assert page.status_code == 200 and b"cpu-ops" in page.content
