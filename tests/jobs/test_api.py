@@ -3,8 +3,8 @@
 import pytest
 
 from jobs.models import Job, JobState
-from jobs.services.attempts import Report, attempt_claim, attempt_report
 from jobs.scheduler.apply import scheduler_pass
+from jobs.services.attempts import Report, attempt_claim, attempt_report
 from tests.factories import DatasetVersionFactory, JobFactory
 
 pytestmark = pytest.mark.django_db

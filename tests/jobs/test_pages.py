@@ -4,8 +4,8 @@ import pytest
 from django.urls import reverse
 
 from jobs.models import Job
-from jobs.services.attempts import Report, attempt_claim, attempt_report
 from jobs.scheduler.apply import scheduler_pass
+from jobs.services.attempts import Report, attempt_claim, attempt_report
 from tests.factories import DatasetVersionFactory, JobFactory
 
 pytestmark = pytest.mark.django_db
