@@ -63,9 +63,12 @@ def sniff_csv_dialect(path: Path) -> type[csv.Dialect]:
         )
     sample = "".join(text.splitlines(keepends=True)[:CSV_SNIFF_LINES])
     try:
-        return csv.Sniffer().sniff(sample, delimiters=CSV_DELIMITERS)
+        sniffed = csv.Sniffer().sniff(sample, delimiters=CSV_DELIMITERS)
     except csv.Error:
         return _dialect_from_header(text.splitlines()[0])
+    # Only the delimiter is trusted: the Sniffer's quoting guesses turn off the standard ""
+    # escape on cells holding quotes and line breaks, common in text data.
+    return type("SniffedDialect", (csv.excel,), {"delimiter": sniffed.delimiter})
 
 
 def _dialect_from_header(header: str) -> type[csv.Dialect]:

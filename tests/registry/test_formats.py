@@ -727,3 +727,15 @@ def test_compare_profiles_reads_image_classes_as_a_label_column():
     new = {"classes": {"cat": 90, "dog": 10}, "image_sizes": sizes}
 
     assert compare_profiles(old, new)["drifted_columns"] == ["label"]
+
+
+def test_quoted_cells_with_quotes_and_line_breaks_are_read_as_standard_csv(tmp_path):
+    path = tmp_path / "reviews.csv"
+    path.write_text(
+        'text,label\n"He said ""great""\nand left",positive\n"Plain, with a comma",negative\n'
+        '"Another ""quoted"" one",neutral\n',
+        encoding="utf-8",
+    )
+    inspection = inspect_dataset(path)
+    assert inspection.row_count == 3
+    assert inspection.preview[0]["text"] == 'He said "great"\nand left'
