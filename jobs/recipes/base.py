@@ -1,5 +1,6 @@
 """The recipe interface: what a recipe declares (name, parameter schema, dataset formats), how its
-parameters are validated, and the context the job's child process hands it while it trains.
+parameters are validated, and the context the job's child process hands it while it trains or
+predicts, in one process or as one rank of several (data parallel).
 
 The web process imports this module to validate parameters, so torch is imported only inside
 the functions that need it.
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from jobs.runner.protocol import StrictValidator, format_line
+from jobs.runner.protocol import DEFAULT_CHUNK_ROWS, StrictValidator, format_line
 from tenants.errors import DomainError
 
 if TYPE_CHECKING:
@@ -27,8 +28,16 @@ if TYPE_CHECKING:
 
 WEIGHTS_FILENAME = "model.safetensors"
 CONFIG_FILENAME = "config.json"
+PREDICTIONS_FILENAME = "predictions.csv"
 # At most one @@progress line per this many seconds, so a fast loop does not flood the parent.
 PROGRESS_EVERY_S = 1.0
+# Predicting takes no parameters unless a recipe declares some.
+NO_PARAMETERS_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {},
+}
 
 
 class RecipeParameterError(DomainError):
@@ -43,11 +52,14 @@ class RecipeInputError(Exception):
 
 @dataclass(frozen=True)
 class RecipeResult:
-    """What a finished training run reports; the child adds the resolved parameters."""
+    """What a finished training run (or prediction) reports; the child adds the resolved
+    parameters, or `parameters` where the recipe had to change some (a fine-tune keeps its
+    model's architecture whatever the parameters say)."""
 
     metrics: dict[str, Any]
     artifacts: dict[str, str]
     input_signature: dict[str, Any]
+    parameters: dict[str, Any] | None = None
 
 
 class Recipe(abc.ABC):
@@ -57,29 +69,65 @@ class Recipe(abc.ABC):
     version: ClassVar[str]
     kind: ClassVar[str] = "train"
     parameter_schema: ClassVar[dict[str, Any]]
+    predict_parameter_schema: ClassVar[dict[str, Any]] = NO_PARAMETERS_SCHEMA
     dataset_formats: ClassVar[tuple[str, ...]]
+    # True when `train` works as one rank of several (ctx.world_size > 1); see `train`.
+    distributed: ClassVar[bool] = False
 
     @abc.abstractmethod
     def train(self, ctx: RecipeContext) -> RecipeResult | None:
         """Train, checkpointing when `ctx.checkpoint_due()`; when `ctx.should_stop()`, save a
-        checkpoint and return None. Resuming from `ctx.resume_state` continues the same run."""
+        checkpoint and return None. Resuming from `ctx.resume_state` continues the same run.
+
+        With `ctx.model_dir` set, start from that model's weights and preprocessing (fine-tune)
+        and raise RecipeInputError saying what differs when the data does not fit it.
+
+        A recipe with `distributed = True` may run as rank `ctx.rank` of `ctx.world_size`
+        processes (torch.distributed is initialised, see jobs.recipes.distributed): it trains
+        on its shard of the data, calls `ctx.should_stop()` at the same points on every rank
+        (it is a collective there), and keeps every rank's state identical. The context makes
+        the other ranks silent: only rank 0 prints lines and writes checkpoints and artifacts.
+        """
 
     @abc.abstractmethod
     def evaluate(self, ctx: RecipeContext) -> dict[str, Any]:
         """Metrics of the model in `ctx.model_dir` on the dataset in `ctx.dataset_path`."""
 
-    def predict(self, ctx: RecipeContext) -> None:
+    def predict(self, ctx: RecipeContext) -> RecipeResult | None:
+        """Batch inference with the model in `ctx.model_dir` (its `model.safetensors` and
+        `config.json`) on the dataset in `ctx.dataset_path`.
+
+        Read the dataset in chunks of at most `ctx.chunk_rows` rows, so that memory stays flat
+        whatever its size, and write `ctx.output_dir / PREDICTIONS_FILENAME` as CSV: the input's
+        columns that are not the target, in order, then the prediction columns (for classifiers
+        `prediction`, the class, and `probability`, the predicted class's probability), one row
+        per input row in the input's order. Report `ctx.progress(rows done, total rows or None,
+        1)` after each chunk. When `ctx.should_stop()`, return None and leave no predictions
+        file. Data the model cannot read (missing columns, values of the wrong type) is a
+        RecipeInputError that names the column and the row or line.
+
+        Return RecipeResult(metrics={"rows": rows predicted}, artifacts={PREDICTIONS_FILENAME:
+        ctx.relative(path)}, input_signature={}). Parameters, if any, follow
+        `predict_parameter_schema`.
+        """
         raise NotImplementedError(f"Recipe {self.name!r} has no batch inference yet.")
 
 
-def validate_parameters(recipe_cls: type[Recipe], params: Any) -> dict[str, Any]:
-    """`params` with the schema's defaults filled in; RecipeParameterError naming each bad field."""
+def validate_parameters(
+    recipe_cls: type[Recipe], params: Any, *, task: str = "train"
+) -> dict[str, Any]:
+    """`params` with the schema's defaults filled in; RecipeParameterError naming each bad field.
+
+    `task` "predict" checks them against the recipe's `predict_parameter_schema` instead.
+    """
     if not isinstance(params, Mapping):
         raise RecipeParameterError(
             "Parameters must be a JSON object.",
             fields={"parameters": ["Must be an object of parameter names to values."]},
         )
-    schema = recipe_cls.parameter_schema
+    schema = (
+        recipe_cls.predict_parameter_schema if task == "predict" else recipe_cls.parameter_schema
+    )
     defaults = {
         name: copy.deepcopy(spec["default"])
         for name, spec in schema.get("properties", {}).items()
@@ -182,7 +230,12 @@ def _print_line(line: str) -> None:
 @dataclass
 class RecipeContext:
     """Everything a recipe may touch while it runs: its inputs, where outputs go, and the only
-    channel back to the parent (structured lines through `emit`)."""
+    channel back to the parent (structured lines through `emit`).
+
+    `model_dir` is the model to predict with or to fine-tune. `rank` and `world_size` place
+    this process among data-parallel ones (0 and 1 alone); `chunk_rows` bounds the rows a
+    streaming reader holds at once.
+    """
 
     workdir: Path
     dataset_path: Path
@@ -198,6 +251,9 @@ class RecipeContext:
     devices: list[str] = field(default_factory=default_devices)
     stop_event: threading.Event = field(default_factory=threading.Event)
     emit: Callable[[str], None] = _print_line
+    rank: int = 0
+    world_size: int = 1
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
     _started: float = field(default_factory=time.monotonic, init=False, repr=False)
     _last_checkpoint: float = field(default_factory=time.monotonic, init=False, repr=False)
     _last_progress: float | None = field(default=None, init=False, repr=False)
@@ -205,6 +261,11 @@ class RecipeContext:
     @property
     def device(self) -> str:
         return "cuda" if self.devices[0].startswith("cuda") else "cpu"
+
+    @property
+    def is_main(self) -> bool:
+        """True on the process that speaks for the run: the only one, or rank 0."""
+        return self.rank == 0
 
     def log(self, message: str) -> None:
         # Messages quote tenant data (column names, values); a line of theirs that starts with
@@ -224,59 +285,75 @@ class RecipeContext:
             self.emit(format_line("progress", {"step": step, "total": total, "epoch": epoch}))
 
     def should_stop(self) -> bool:
-        """True once SIGTERM arrived or max_runtime_s has passed."""
-        if self.stop_event.is_set():
-            return True
+        """True once SIGTERM arrived or max_runtime_s has passed.
+
+        With world_size > 1 it is a collective: every rank must call it at the same points,
+        and all of them get True as soon as any one of them would, so they stop together.
+        """
+        stop = self.stop_event.is_set()
         if (
-            self.max_runtime_s is not None
+            not stop
+            and self.max_runtime_s is not None
             and time.monotonic() - self._started >= self.max_runtime_s
         ):
             self.log(f"Stopping: the maximum runtime of {self.max_runtime_s:g} s was reached.")
+            stop = True
+        if self.world_size > 1:
+            from jobs.recipes.distributed import any_rank
+
+            stop = any_rank(stop)
+        if stop:
             self.stop_event.set()
-            return True
-        return False
+        return stop
 
     def checkpoint_due(self) -> bool:
         return time.monotonic() - self._last_checkpoint >= self.checkpoint_every_s
 
     def save_checkpoint(self, state: dict[str, Any], step: int) -> Path:
         """Write `state` (tensors and plain data only, so that it loads with weights_only=True)
-        and announce it once complete."""
+        and announce it once complete. Only rank 0 writes; every rank gets the path."""
         import torch
 
+        path = self.checkpoint_dir / f"ckpt-{step:08d}.pt"
+        if not self.is_main:
+            return path
         _check_checkpoint_value(state, "state")
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        path = self.checkpoint_dir / f"ckpt-{step:08d}.pt"
         # No fsync: the file lives only until the parent uploads it, and a crash loses the
         # working directory anyway. The rename keeps the parent from reading a partial file.
         temporary = path.with_name(f".{path.name}.tmp")
         torch.save(state, temporary)
         os.replace(temporary, path)
         self._last_checkpoint = time.monotonic()
-        self.emit(format_line("checkpoint", {"path": self._relative(path), "step": step}))
+        self.emit(format_line("checkpoint", {"path": self.relative(path), "step": step}))
         return path
 
     def write_artifacts(
         self, weights: Mapping[str, torch.Tensor], config: Mapping[str, Any]
     ) -> dict[str, str]:
-        """Save the weights as safetensors and the config as JSON; their paths for @@result."""
+        """Save the weights as safetensors and the config as JSON; their paths for @@result.
+        Only rank 0 writes; every rank gets the paths."""
         from safetensors.torch import save_file
 
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         weights_path = self.output_dir / WEIGHTS_FILENAME
         config_path = self.output_dir / CONFIG_FILENAME
+        artifacts = {
+            WEIGHTS_FILENAME: self.relative(weights_path),
+            CONFIG_FILENAME: self.relative(config_path),
+        }
+        if not self.is_main:
+            return artifacts
+        self.output_dir.mkdir(parents=True, exist_ok=True)
         tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in weights.items()}
         save_file(tensors, weights_path, metadata={"format": "pt"})
         config_path.write_text(
             json.dumps(config, indent=2, sort_keys=True, allow_nan=False), encoding="utf-8"
         )
-        return {
-            WEIGHTS_FILENAME: self._relative(weights_path),
-            CONFIG_FILENAME: self._relative(config_path),
-        }
+        return artifacts
 
-    def _relative(self, path: Path) -> str:
-        return path.resolve().relative_to(self.workdir.resolve()).as_posix()
+    def relative(self, path: Path) -> str:
+        """`path` as the lines name it: relative to the working directory, which holds it."""
+        return (self.workdir / path).resolve().relative_to(self.workdir.resolve()).as_posix()
 
 
 def _check_checkpoint_value(value: Any, where: str) -> None:

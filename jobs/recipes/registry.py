@@ -12,7 +12,12 @@ from jobs.recipes.base import Recipe
 from tenants.errors import DomainError
 
 ENTRY_POINT_GROUP = "factory_saas.recipes"
-BUILTIN_RECIPES = {"tabular-classifier": "jobs.recipes.tabular:TabularClassifier"}
+BUILTIN_RECIPES = {
+    "tabular-classifier": "jobs.recipes.tabular:TabularClassifier",
+    "image-classifier": "jobs.recipes.images:ImageClassifier",
+    "text-classifier": "jobs.recipes.text:TextClassifier",
+    "timeseries-forecaster": "jobs.recipes.timeseries:TimeSeriesForecaster",
+}
 
 logger = logging.getLogger(__name__)
 

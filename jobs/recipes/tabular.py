@@ -1,31 +1,48 @@
 """The tabular classifier recipe: numeric columns standardized, text columns embedded, an MLP on
-top, trained with Adam and early stopping on the validation loss.
+top, trained with Adam and early stopping on the validation loss; fine-tuned from an earlier
+model on new data of the same shape; data parallel over several processes; batch inference over
+a dataset of any size, and `predict_rows`, a NumPy forward pass for online prediction.
 
-A run is a pure function of (data, parameters, seed): the split and each epoch's shuffle come
-from generators derived from the seed, so a run resumed from any checkpoint ends with the same
-weights as one that was never interrupted (bit for bit on the CPU). torch is imported inside the
-functions, because the web process imports this module to validate parameters.
+A run is a pure function of (data, parameters, seed, number of processes): the split and each
+epoch's shuffle come from generators derived from the seed, so a run resumed from any checkpoint
+ends with the same weights as one that was never interrupted (bit for bit on the CPU). torch is
+imported inside the functions, because the web process imports this module to validate
+parameters and to predict with `predict_rows`.
 """
 
 from __future__ import annotations
 
+import csv
+import functools
+import hashlib
 import json
 import math
+import os
 from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jobs.recipes.base import (
     CONFIG_FILENAME,
+    PREDICTIONS_FILENAME,
     WEIGHTS_FILENAME,
     Recipe,
     RecipeContext,
     RecipeInputError,
     RecipeResult,
 )
-from jobs.recipes.data import Table, read_table
+from jobs.recipes.data import (
+    Table,
+    cast_column,
+    dataset_row_count,
+    read_table,
+    read_table_chunks,
+)
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from torch import nn
 
@@ -34,6 +51,9 @@ MAX_CLASSES = 1_000
 MAX_VOCABULARY = 10_000
 EVAL_CHUNK_ROWS = 65_536
 NUMERIC_DTYPES = frozenset({"int64", "float64", "bool"})
+PREDICTION_COLUMNS = ("prediction", "probability")
+# The validation metrics, in the order rank 0 sends them to the other ranks.
+_VAL_METRICS = ("loss", "accuracy", "f1_macro", "roc_auc")
 _SEED_STRIDE = 6_364_136_223_846_793_005  # spreads the per-epoch generator seeds apart
 
 
@@ -42,6 +62,7 @@ class TabularClassifier(Recipe):
     version = "1.0"
     kind = "train"
     dataset_formats = ("csv", "parquet")
+    distributed = True
     parameter_schema = {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "Tabular classifier",
@@ -81,7 +102,10 @@ class TabularClassifier(Recipe):
                 "maximum": 65536,
                 "default": 64,
                 "title": "Batch size",
-                "description": "Rows per optimizer step.",
+                "description": (
+                    "Rows per optimizer step on each device; with several GPUs a step sees "
+                    "this many rows from each."
+                ),
             },
             "learning_rate": {
                 "type": "number",
@@ -126,8 +150,20 @@ class TabularClassifier(Recipe):
         for name, column_type in table.ignored.items():
             ctx.log(f"Column {name!r} is not used: its type {column_type} is not supported.")
         target = ctx.parameters["target"]
+        parent = None if ctx.model_dir is None else _ParentModel.load(ctx.model_dir)
+        if parent is not None:
+            parent.preprocessing.check_fits(table, target)
         train_rows, val_rows = _split(_labelled_rows(table, target), ctx.parameters, ctx.seed)
-        preprocessing = Preprocessing.fit(table, target, train_rows)
+        if parent is None:
+            preprocessing = Preprocessing.fit(table, target, train_rows)
+            architecture = preprocessing.architecture(ctx.parameters)
+        else:
+            preprocessing, architecture = parent.preprocessing, parent.config["architecture"]
+            ctx.log(
+                "Fine-tuning the given model: it keeps its columns, classes and layers "
+                f"(hidden_sizes {architecture['hidden_sizes']}, embedding_dim "
+                f"{architecture['embedding_dim']})."
+            )
         train_data, _ = preprocessing.encode(table, train_rows)
         val_data, unknown = preprocessing.encode(table, val_rows)
         if unknown:
@@ -137,19 +173,20 @@ class TabularClassifier(Recipe):
                 "No validation row has a class that the training rows have; "
                 "upload more rows per class."
             )
+        processes = f" in each of {ctx.world_size} processes" if ctx.world_size > 1 else ""
         ctx.log(
             f"Training on {len(train_data.target)} rows, validating on {len(val_data.target)}; "
-            f"{len(preprocessing.classes)} classes; device {ctx.devices[0]}."
+            f"{len(preprocessing.classes)} classes; device {ctx.devices[0]}{processes}."
         )
-        return _Trainer(ctx, preprocessing, train_data, val_data).run()
+        trainer = _Trainer(ctx, preprocessing, architecture, train_data, val_data, parent)
+        return trainer.run()
 
     def evaluate(self, ctx: RecipeContext) -> dict[str, Any]:
         import torch
-        from safetensors.torch import load_file
 
         if ctx.model_dir is None:
             raise ValueError("evaluate needs ctx.model_dir, the trained model's artifacts.")
-        config = json.loads((ctx.model_dir / CONFIG_FILENAME).read_text(encoding="utf-8"))
+        config = _model_config(ctx.model_dir)
         preprocessing = Preprocessing.from_config(config)
         table = read_table(ctx.dataset_path, ctx.dataset_format)
         data, unknown = preprocessing.encode(table, _labelled_rows(table, preprocessing.target))
@@ -157,12 +194,106 @@ class TabularClassifier(Recipe):
             raise RecipeInputError("No row of the dataset has a class the model knows.")
         device = torch.device(ctx.devices[0])
         data = data.to(device)
-        model = _build_model(config["architecture"])
-        model.load_state_dict(load_file(ctx.model_dir / WEIGHTS_FILENAME))
-        model.to(device)
-        logits = _predict_logits(model, data)
+        model = _load_network(ctx.model_dir, config, device)
+        logits = _predict_logits(model, data.numeric, data.categorical)
         metrics = _classification_metrics(logits, data.target, len(config["classes"]))
         return {**metrics, "rows": len(data.target), "rows_with_unknown_class": unknown}
+
+    def predict(self, ctx: RecipeContext) -> RecipeResult | None:
+        """See Recipe.predict. The input's cells are written back as read (a missing one
+        empty); `probability` is that of the predicted class."""
+        import torch
+
+        if ctx.model_dir is None:
+            raise ValueError("predict needs ctx.model_dir, the trained model's artifacts.")
+        config = _model_config(ctx.model_dir)
+        preprocessing = Preprocessing.from_config(config)
+        device = torch.device(ctx.devices[0])
+        model = _load_network(ctx.model_dir, config, device)
+        total = dataset_row_count(ctx.dataset_path, ctx.dataset_format)
+        chunks = read_table_chunks(ctx.dataset_path, ctx.dataset_format, chunk_rows=ctx.chunk_rows)
+        ctx.output_dir.mkdir(parents=True, exist_ok=True)
+        path = ctx.output_dir / PREDICTIONS_FILENAME
+        # Written aside and renamed once complete, so a stopped run leaves no partial file.
+        partial = path.with_name(f".{path.name}.tmp")
+        rows, copied = 0, None
+        try:
+            with partial.open("w", newline="", encoding="utf-8") as out:
+                writer = csv.writer(out)
+                for chunk in chunks:
+                    if ctx.should_stop():
+                        return None
+                    if copied is None:
+                        copied = preprocessing.copied_columns(chunk, ctx.log)
+                        writer.writerow([*copied, *PREDICTION_COLUMNS])
+                    if not chunk.row_count:  # an empty dataset: the header alone
+                        continue
+                    inputs = preprocessing.cast_inputs(chunk)
+                    numeric, categorical = preprocessing.features(inputs, range(chunk.row_count))
+                    logits = _predict_logits(model, numeric.to(device), categorical.to(device))
+                    confidence, predicted = logits.softmax(dim=1).max(dim=1)
+                    values = [chunk.columns[name].values for name in copied]
+                    writer.writerows(
+                        [
+                            *(_cell_text(column[row]) for column in values),
+                            _cell_text(preprocessing.classes[label]),
+                            repr(probability),
+                        ]
+                        for row, (label, probability) in enumerate(
+                            zip(predicted.tolist(), confidence.tolist(), strict=True)
+                        )
+                    )
+                    rows += chunk.row_count
+                    ctx.progress(rows, total, 1)
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+        ctx.log(f"Predicted {rows} rows.")
+        return RecipeResult({"rows": rows}, {PREDICTIONS_FILENAME: ctx.relative(path)}, {})
+
+
+def predict_rows(
+    config: dict[str, Any], weights: Mapping[str, np.ndarray], rows: Sequence[Any]
+) -> list[dict[str, Any]]:
+    """[{"prediction": class, "probability": its probability}] per row of `rows` (objects of
+    column name to value, as a model version's input signature lists them), computed with
+    NumPy alone: online prediction for a small model needs no torch.
+
+    `config` is the model's config.json and `weights` its model.safetensors, loaded with
+    safetensors.numpy.load_file. A row that lacks a column or holds a value of the wrong type is
+    a RecipeInputError naming the row (`rows[i]`) and the column; None is a missing value.
+    """
+    import numpy as np
+
+    preprocessing = Preprocessing.from_config(_checked_config(config))
+    numeric_rows, categorical_rows = preprocessing.row_features(rows)
+    if not rows:
+        return []
+    numeric = np.asarray(numeric_rows, dtype=np.float64).reshape(len(rows), -1)
+    categorical = np.asarray(categorical_rows, dtype=np.int64).reshape(len(rows), -1)
+    embedded = [
+        np.asarray(weights[f"embeddings.{position}.weight"], dtype=np.float64)[indices]
+        for position, indices in enumerate(categorical.T)
+    ]
+    hidden = np.concatenate([numeric, *embedded], axis=1)
+    layers = len(config["architecture"]["hidden_sizes"]) + 1
+    for layer in range(layers):
+        # Linear layers sit at the even places of the Sequential, each followed by a ReLU.
+        weight = np.asarray(weights[f"mlp.{2 * layer}.weight"], dtype=np.float64)
+        bias = np.asarray(weights[f"mlp.{2 * layer}.bias"], dtype=np.float64)
+        hidden = hidden @ weight.T + bias
+        if layer < layers - 1:
+            hidden = np.maximum(hidden, 0.0)
+    shifted = np.exp(hidden - hidden.max(axis=1, keepdims=True))
+    probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+    predicted = probabilities.argmax(axis=1)
+    return [
+        {
+            "prediction": preprocessing.classes[label],
+            "probability": float(probabilities[row, label]),
+        }
+        for row, label in enumerate(predicted.tolist())
+    ]
 
 
 @dataclass
@@ -256,31 +387,228 @@ class Preprocessing:
         class_index = {label: index for index, label in enumerate(self.classes)}
         target_values = table.columns[self.target].values
         known = [row for row in rows if target_values[row] in class_index]
-        numeric, categorical = [], []
-        for spec in self.columns:
-            column = table.columns.get(spec["name"])
-            if column is None:
-                raise RecipeInputError(f"The dataset has no column {spec['name']!r}.")
-            values = [column.values[row] for row in known]
-            if spec["encoding"] == "standardize":
-                if column.dtype not in NUMERIC_DTYPES:
-                    raise RecipeInputError(f"Column {spec['name']!r} must hold numbers.")
-                mean, std = spec["mean"], spec["std"]
-                # A missing number becomes the training mean, which standardizes to 0.
-                numeric.append(
-                    [0.0 if (x := _number(v)) is None else (x - mean) / std for v in values]
-                )
-            else:
-                index = {value: position for position, value in enumerate(spec["vocabulary"], 1)}
-                categorical.append([0 if v is None else index.get(str(v), 0) for v in values])
+        numeric, categorical = self.features(table, known)
         encoded = Encoded(
-            numeric=_matrix(numeric, len(known), torch.float32),
-            categorical=_matrix(categorical, len(known), torch.int64),
+            numeric=numeric,
+            categorical=categorical,
             target=torch.tensor(
                 [class_index[target_values[row]] for row in known], dtype=torch.int64
             ),
         )
         return encoded, len(rows) - len(known)
+
+    def features(self, table: Table, rows: Iterable[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's inputs for `rows` of `table`: standardized numbers, vocabulary indices."""
+        import torch
+
+        rows = list(rows)
+        numeric, categorical = [], []
+        for spec in self.columns:
+            column = table.columns.get(spec["name"])
+            if column is None:
+                raise RecipeInputError(f"The dataset has no column {spec['name']!r}.")
+            values = [column.values[row] for row in rows]
+            if spec["encoding"] == "standardize":
+                if column.dtype not in NUMERIC_DTYPES:
+                    raise RecipeInputError(f"Column {spec['name']!r} must hold numbers.")
+                numeric.append([_standardized(spec, value) for value in values])
+            else:
+                index = _vocabulary_index(spec)
+                categorical.append([0 if v is None else index.get(str(v), 0) for v in values])
+        return (
+            _matrix(numeric, len(rows), torch.float32),
+            _matrix(categorical, len(rows), torch.int64),
+        )
+
+    def row_features(self, rows: Sequence[Any]) -> tuple[list[list[float]], list[list[int]]]:
+        """(numbers, vocabulary indices) per row of `rows`, objects of column name to value as
+        an API client sends them, each checked against the column's type."""
+        indices = {
+            spec["name"]: _vocabulary_index(spec)
+            for spec in self.columns
+            if spec["encoding"] == "embedding"
+        }
+        numeric, categorical = [], []
+        for position, row in enumerate(rows):
+            if not isinstance(row, Mapping):
+                raise RecipeInputError(f"rows[{position}] must be an object of column values.")
+            numbers, positions = [], []
+            for spec in self.columns:
+                value = _row_value(row, position, spec)
+                if spec["encoding"] == "standardize":
+                    numbers.append(_standardized(spec, value))
+                else:
+                    positions.append(0 if value is None else indices[spec["name"]].get(value, 0))
+            numeric.append(numbers)
+            categorical.append(positions)
+        return numeric, categorical
+
+    def cast_inputs(self, chunk: Table) -> Table:
+        """The chunk's input columns as `features` takes them: numbers (or booleans) for the
+        standardized columns, text for the embedded ones."""
+        columns = {}
+        for spec in self.columns:
+            if spec["encoding"] == "embedding":
+                dtype = "string"
+            else:
+                dtype = "bool" if spec["dtype"] == "bool" else "float64"
+            column = chunk.columns[spec["name"]]
+            columns[spec["name"]] = cast_column(column, dtype, first_row=chunk.first_row)
+        return Table(columns, chunk.row_count, first_row=chunk.first_row)
+
+    def copied_columns(self, chunk: Table, log: Callable[[str], None]) -> list[str]:
+        """The columns of the dataset that predictions.csv repeats: all but the target and the
+        prediction columns. RecipeInputError if it lacks a column the model reads."""
+        for spec in self.columns:
+            if spec["name"] in chunk.ignored:
+                raise RecipeInputError(
+                    f"Column {spec['name']!r} has the type {chunk.ignored[spec['name']]}; the "
+                    f"model reads it as {spec['dtype']}."
+                )
+        missing = [spec["name"] for spec in self.columns if spec["name"] not in chunk.columns]
+        if missing:
+            raise RecipeInputError(
+                f"The dataset lacks columns the model needs: {_names(missing)}; "
+                f"its columns are: {_names(list(chunk.columns))}."
+            )
+        for name, column_type in chunk.ignored.items():
+            log(
+                f"Column {name!r} is not copied to the predictions: its type {column_type} is "
+                "not supported."
+            )
+        for name in PREDICTION_COLUMNS:
+            if name in chunk.columns:
+                log(f"The dataset's column {name!r} is replaced by the model's.")
+        return [
+            name for name in chunk.columns if name != self.target and name not in PREDICTION_COLUMNS
+        ]
+
+    def check_fits(self, table: Table, target: str) -> None:
+        """RecipeInputError saying what differs when `table` cannot fine-tune the model this
+        preprocessing belongs to: another target, other columns, or classes it lacks."""
+        if target != self.target:
+            raise RecipeInputError(
+                f"The model being fine-tuned predicts {self.target!r}; set the target "
+                f"parameter to {self.target!r}, not {target!r}, or train a new model."
+            )
+        specs = {spec["name"]: spec for spec in self.columns}
+        inputs = [name for name in table.columns if name != target]
+        problems = []
+        if extra := [name for name in inputs if name not in specs]:
+            problems.append(f"it has columns the model lacks: {_names(extra)}")
+        if missing := [name for name in specs if name not in table.columns]:
+            problems.append(f"it lacks columns the model needs: {_names(missing)}")
+        if text := [
+            name
+            for name in inputs
+            if name in specs
+            and specs[name]["encoding"] == "standardize"
+            and table.columns[name].dtype not in NUMERIC_DTYPES
+        ]:
+            problems.append(f"columns the model reads as numbers hold text: {_names(text)}")
+        if target in table.columns:
+            known = set(self.classes)
+            values = table.columns[target].values
+            new = {value for value in values if _is_label(value) and value not in known}
+            if new:
+                problems.append(f"it has classes the model lacks: {_names(sorted(new, key=str))}")
+        if problems:
+            raise RecipeInputError(
+                f"The dataset does not fit the model being fine-tuned: {'; '.join(problems)}. "
+                "Fine-tuning keeps the model's columns and classes; change the dataset to "
+                "match, or train a new model."
+            )
+
+
+@dataclass(frozen=True)
+class _ParentModel:
+    """The model a fine-tune starts from: its config, weights and preprocessing, and a digest of
+    its weights that ties a checkpoint to it."""
+
+    config: dict[str, Any]
+    preprocessing: Preprocessing
+    weights: dict[str, torch.Tensor]
+    digest: str
+
+    @classmethod
+    def load(cls, model_dir: Path) -> _ParentModel:
+        from safetensors.torch import load_file
+
+        config = _model_config(model_dir)
+        weights_path = model_dir / WEIGHTS_FILENAME
+        with weights_path.open("rb") as weights_file:
+            digest = hashlib.file_digest(weights_file, "sha256").hexdigest()
+        return cls(config, Preprocessing.from_config(config), load_file(weights_path), digest)
+
+
+def _model_config(model_dir: Path) -> dict[str, Any]:
+    config = json.loads((model_dir / CONFIG_FILENAME).read_text(encoding="utf-8"))
+    return _checked_config(config)
+
+
+def _checked_config(config: dict[str, Any]) -> dict[str, Any]:
+    if config.get("recipe") != TabularClassifier.name:
+        raise RecipeInputError(
+            f"The model was made by the recipe {config.get('recipe')!r}, which "
+            f"{TabularClassifier.name} cannot run."
+        )
+    return config
+
+
+def _load_network(model_dir: Path, config: dict[str, Any], device: torch.device) -> nn.Module:
+    from safetensors.torch import load_file
+
+    model = _build_model(config["architecture"])
+    model.load_state_dict(load_file(model_dir / WEIGHTS_FILENAME))
+    return model.to(device)
+
+
+def _row_value(row: Mapping[str, Any], position: int, spec: dict[str, Any]) -> Any:
+    """The row's value for the column of `spec`, None when missing; RecipeInputError when the
+    row lacks the column or its value is of another type."""
+    name = spec["name"]
+    if name not in row:
+        raise RecipeInputError(f"rows[{position}] has no column {name!r}.")
+    value = row[name]
+    if value is None:
+        return None
+    if spec["encoding"] == "embedding":
+        fits, expected = isinstance(value, str), "text"
+    elif spec["dtype"] == "bool":
+        fits, expected = isinstance(value, bool), "true or false"
+    else:
+        fits = isinstance(value, int | float) and not isinstance(value, bool)
+        expected = "a number"
+    if not fits:
+        raise RecipeInputError(
+            f"rows[{position}], column {name!r}: expected {expected}, "
+            f"got {json.dumps(value, default=str)}."
+        )
+    return value
+
+
+def _standardized(spec: dict[str, Any], value: Any) -> float:
+    # A missing number becomes the training mean, which standardizes to 0.
+    number = _number(value)
+    return 0.0 if number is None else (number - spec["mean"]) / spec["std"]
+
+
+def _vocabulary_index(spec: dict[str, Any]) -> dict[str, int]:
+    """Each known value's embedding row; 0, the unknown row, is for the rest."""
+    return {value: position for position, value in enumerate(spec["vocabulary"], 1)}
+
+
+def _names(values: list[Any], most: int = 10) -> str:
+    shown = ", ".join(repr(value) for value in values[:most])
+    return shown if len(values) <= most else f"{shown} and {len(values) - most} more"
+
+
+def _cell_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 def _fit_column(name: str, dtype: str, values: list[Any], rows: list[int]) -> dict[str, Any]:
@@ -353,29 +681,39 @@ def _derived_seed(seed: int, stream: int) -> int:
     return (seed * _SEED_STRIDE + stream) % 2**63
 
 
-def _build_model(architecture: dict[str, Any]) -> nn.ModuleDict:
+def _build_model(architecture: dict[str, Any]) -> nn.Module:
+    return _network_class()(architecture)
+
+
+@functools.cache
+def _network_class() -> type[nn.Module]:
+    """The network's class, defined on first use so that importing this module needs no torch;
+    a module with its own forward, as DistributedDataParallel wraps one."""
+    import torch
     from torch import nn
 
-    embedding_dim = architecture["embedding_dim"]
-    embeddings = nn.ModuleList(
-        nn.Embedding(size, embedding_dim) for size in architecture["embedding_sizes"]
-    )
-    width = architecture["numeric_features"] + len(embeddings) * embedding_dim
-    layers: list[nn.Module] = []
-    for hidden in architecture["hidden_sizes"]:
-        layers += [nn.Linear(width, hidden), nn.ReLU()]
-        width = hidden
-    layers.append(nn.Linear(width, architecture["classes"]))
-    return nn.ModuleDict({"embeddings": embeddings, "mlp": nn.Sequential(*layers)})
+    class TabularNetwork(nn.Module):
+        """One embedding per text column, concatenated with the numbers, into an MLP."""
 
+        def __init__(self, architecture: dict[str, Any]) -> None:
+            super().__init__()
+            embedding_dim = architecture["embedding_dim"]
+            self.embeddings = nn.ModuleList(
+                nn.Embedding(size, embedding_dim) for size in architecture["embedding_sizes"]
+            )
+            width = architecture["numeric_features"] + len(self.embeddings) * embedding_dim
+            layers: list[nn.Module] = []
+            for hidden in architecture["hidden_sizes"]:
+                layers += [nn.Linear(width, hidden), nn.ReLU()]
+                width = hidden
+            layers.append(nn.Linear(width, architecture["classes"]))
+            self.mlp = nn.Sequential(*layers)
 
-def _forward(
-    model: nn.ModuleDict, numeric: torch.Tensor, categorical: torch.Tensor
-) -> torch.Tensor:
-    import torch
+        def forward(self, numeric: torch.Tensor, categorical: torch.Tensor) -> torch.Tensor:
+            embedded = [embedding(categorical[:, i]) for i, embedding in enumerate(self.embeddings)]
+            return self.mlp(torch.cat([numeric, *embedded], dim=1))
 
-    embedded = [embedding(categorical[:, i]) for i, embedding in enumerate(model["embeddings"])]
-    return model["mlp"](torch.cat([numeric, *embedded], dim=1))
+    return TabularNetwork
 
 
 def _amp_dtype(device: torch.device) -> torch.dtype | None:
@@ -394,19 +732,19 @@ def _autocast(device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
-def _predict_logits(model: nn.ModuleDict, data: Encoded) -> torch.Tensor:
+def _predict_logits(
+    model: nn.Module, numeric: torch.Tensor, categorical: torch.Tensor
+) -> torch.Tensor:
     import torch
 
-    device = data.target.device
     model.eval()
-    with torch.no_grad(), _autocast(device):
+    with torch.no_grad(), _autocast(numeric.device):
         chunks = [
-            _forward(
-                model,
-                data.numeric[start : start + EVAL_CHUNK_ROWS],
-                data.categorical[start : start + EVAL_CHUNK_ROWS],
+            model(
+                numeric[start : start + EVAL_CHUNK_ROWS],
+                categorical[start : start + EVAL_CHUNK_ROWS],
             ).float()
-            for start in range(0, len(data.target), EVAL_CHUNK_ROWS)
+            for start in range(0, len(numeric), EVAL_CHUNK_ROWS)
         ]
     model.train()
     return torch.cat(chunks)
@@ -467,24 +805,54 @@ def _binary_roc_auc(scores: torch.Tensor, positive: torch.Tensor) -> float | Non
 
 class _Trainer:
     """One training run's mutable state: where it is (epoch, batch, step), the optimizer and the
-    best epoch so far; all of it goes into a checkpoint and comes back from one."""
+    best epoch so far; all of it goes into a checkpoint and comes back from one.
+
+    Under data parallelism every rank holds the same state: DistributedDataParallel averages
+    the gradients, the loss is averaged over the ranks each step, and rank 0 alone evaluates
+    and sends the validation metrics to the others, so every rank takes the same decisions and
+    rank 0's checkpoint resumes all of them.
+    """
 
     def __init__(
-        self, ctx: RecipeContext, preprocessing: Preprocessing, train: Encoded, val: Encoded
+        self,
+        ctx: RecipeContext,
+        preprocessing: Preprocessing,
+        architecture: dict[str, Any],
+        train: Encoded,
+        val: Encoded,
+        parent: _ParentModel | None,
     ) -> None:
         import torch
+        from torch.utils.data import DistributedSampler
 
         self.ctx = ctx
         self.parameters = ctx.parameters
         self.preprocessing = preprocessing
-        self.architecture = preprocessing.architecture(ctx.parameters)
+        self.architecture = architecture
+        self.parent = parent
         self.device = torch.device(ctx.devices[0])
         self.train_data, self.val_data = train.to(self.device), val.to(self.device)
         self.batch_size = self.parameters["batch_size"]
-        self.batches = math.ceil(len(train.target) / self.batch_size)
+        # Each epoch's order is seeded by the epoch alone, so a resumed run draws the same
+        # order mid-epoch; each rank trains on its share of it (one rank: all of it).
+        self.sampler = DistributedSampler(
+            range(len(train.target)),
+            num_replicas=ctx.world_size,
+            rank=ctx.rank,
+            shuffle=True,
+            seed=_derived_seed(ctx.seed, 1),
+        )
+        self.batches = math.ceil(len(self.sampler) / self.batch_size)
         # The same initial weights for the same seed, whatever ran in this process before.
         torch.manual_seed(ctx.seed)
         self.model = _build_model(self.architecture).to(self.device)
+        if parent is not None:
+            self.model.load_state_dict(parent.weights)
+        self.network = self.model
+        if ctx.world_size > 1:
+            from jobs.recipes.distributed import wrap
+
+            self.network = wrap(self.model)
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=self.parameters["learning_rate"]
         )
@@ -523,33 +891,53 @@ class _Trainer:
     def _shuffled_rows(self) -> torch.Tensor:
         import torch
 
-        # Seeded by the epoch alone, so a resumed run draws the same order mid-epoch.
-        generator = torch.Generator().manual_seed(_derived_seed(self.ctx.seed, self.epoch + 1))
-        return torch.randperm(len(self.train_data.target), generator=generator).to(self.device)
+        self.sampler.set_epoch(self.epoch)
+        return torch.tensor(list(self.sampler), dtype=torch.int64, device=self.device)
 
     def _train_step(self, rows: torch.Tensor) -> None:
         import torch.nn.functional as F
 
         with self.autocast:
-            logits = _forward(
-                self.model, self.train_data.numeric[rows], self.train_data.categorical[rows]
-            )
+            logits = self.network(self.train_data.numeric[rows], self.train_data.categorical[rows])
         loss = F.cross_entropy(logits.float(), self.train_data.target[rows])
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        loss = loss.detach()
+        if self.ctx.world_size > 1:
+            from jobs.recipes.distributed import mean_
+
+            mean_(loss)
         # Accumulated on the device, so the step does not wait for the GPU.
-        self.loss_sum += loss.detach()
+        self.loss_sum += loss
+
+    def _val_metrics(self) -> dict[str, float | None]:
+        """The validation metrics, measured by rank 0 and the same on every rank."""
+        metrics = None
+        if self.ctx.is_main:
+            logits = _predict_logits(self.model, self.val_data.numeric, self.val_data.categorical)
+            metrics = _classification_metrics(
+                logits, self.val_data.target, self.architecture["classes"]
+            )
+        if self.ctx.world_size == 1:
+            return metrics
+        from jobs.recipes.distributed import broadcast_floats
+
+        # roc_auc may be None (undefined); it travels as NaN.
+        sent = [
+            math.nan if metrics is None or metrics[name] is None else metrics[name]
+            for name in _VAL_METRICS
+        ]
+        received = dict(zip(_VAL_METRICS, broadcast_floats(sent), strict=True))
+        if math.isnan(received["roc_auc"]):
+            received["roc_auc"] = None
+        return received
 
     def _end_epoch(self) -> bool:
         """Measure the epoch, keep the best weights; True when early stopping ends the run."""
         train_loss = (self.loss_sum / self.batches).item()
-        metrics = _classification_metrics(
-            _predict_logits(self.model, self.val_data),
-            self.val_data.target,
-            self.architecture["classes"],
-        )
+        metrics = self._val_metrics()
         if not (math.isfinite(train_loss) and math.isfinite(metrics["loss"])):
             raise RecipeInputError(
                 f"The loss stopped being a finite number in epoch {self.epoch + 1}; "
@@ -595,11 +983,20 @@ class _Trainer:
             "best_epoch": best["epoch"],
             "epochs_trained": self.epoch,
         }
-        return RecipeResult(metrics, artifacts, self.preprocessing.input_signature())
+        # A fine-tune keeps its model's layers, whatever the parameters asked for.
+        parameters = None
+        if self.parent is not None:
+            parameters = self.parameters | {
+                "hidden_sizes": self.architecture["hidden_sizes"],
+                "embedding_dim": self.architecture["embedding_dim"],
+            }
+        return RecipeResult(
+            metrics, artifacts, self.preprocessing.input_signature(), parameters=parameters
+        )
 
     def _fingerprint(self) -> dict[str, Any]:
         """What a checkpoint must match to continue this run rather than another one."""
-        return {
+        fingerprint = {
             "recipe": TabularClassifier.name,
             "version": TabularClassifier.version,
             "parameters": self.parameters,
@@ -607,6 +1004,12 @@ class _Trainer:
             "classes": self.preprocessing.classes,
             "rows": [len(self.train_data.target), len(self.val_data.target)],
         }
+        # Added only where they apply, so checkpoints of plain one-process runs keep matching.
+        if self.ctx.world_size > 1:  # the shards, and so the steps, depend on it
+            fingerprint["processes"] = self.ctx.world_size
+        if self.parent is not None:
+            fingerprint["parent_weights"] = self.parent.digest
+        return fingerprint
 
     def _state(self) -> dict[str, Any]:
         return {

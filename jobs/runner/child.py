@@ -1,21 +1,32 @@
 """The job's child process, `python -m jobs.runner.child <workdir>`: trains one recipe on the
-files in the working directory.
+files in the working directory, fine-tunes a model, or predicts with one (spec `task`).
 
 It talks to its parent, the GPU worker, only through stdout lines, stderr and files (see
 jobs.runner.protocol); no Django, no database, no network. Exit codes are protocol.EXIT_*.
+
+With spec `processes` > 1 it is a supervisor: it hosts the ranks' rendezvous and spawns one
+process per rank (multiprocessing "spawn", this module's `_rank_main`), passes SIGTERM on to them
+through a shared event, and exits with their outcome. The ranks read spec.json themselves, so
+nothing but the working directory's path and the rendezvous port is pickled to them.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import multiprocessing
 import signal
 import sys
 import threading
+import time
 import traceback
+from collections.abc import Callable
+from multiprocessing.connection import wait
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from jobs.recipes.base import (
+    Recipe,
     RecipeContext,
     RecipeInputError,
     load_checkpoint,
@@ -33,7 +44,13 @@ from jobs.runner.protocol import (
 )
 from tenants.errors import DomainError
 
+if TYPE_CHECKING:
+    from multiprocessing.synchronize import Event as SharedEvent
+
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+# Once a rank fails, the others are stuck in a collective: they get this long to report their
+# own error before they are killed.
+RANK_FAILURE_GRACE_S = 5.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,10 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.runner.child", description=__doc__)
     parser.add_argument("workdir", type=Path, help="the directory holding spec.json")
     workdir = parser.parse_args(argv).workdir.resolve()
+    return _guarded(lambda: _run(workdir, stop))
+
+
+def _guarded(run: Callable[[], int], *, report_input_errors: bool = True) -> int:
+    """run()'s exit code, or the code for the exception it raised, with the reason on stderr."""
     try:
-        return _run(workdir, stop)
+        return run()
     except (DomainError, RecipeInputError) as exc:
-        _report(exc)
+        if report_input_errors:
+            _report(exc)
         return EXIT_BAD_INPUT
     except SpecError as exc:
         print(exc, file=sys.stderr)
@@ -60,24 +83,51 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(workdir: Path, stop: threading.Event) -> int:
+    spec, recipe_cls, parameters = _checked_request(workdir)
+    if spec["processes"] > 1 and spec["task"] == "train":
+        return _supervise_ranks(workdir, spec["processes"], stop)
+    return _execute(workdir, spec, recipe_cls, parameters, stop)
+
+
+def _checked_request(workdir: Path) -> tuple[dict[str, Any], type[Recipe], dict[str, Any]]:
+    """The spec, the recipe and the resolved parameters, after the checks that need no torch."""
     spec = read_spec(workdir)
     recipe_cls = get_recipe(spec["recipe"])
-    parameters = validate_parameters(recipe_cls, spec["parameters"])
+    parameters = validate_parameters(recipe_cls, spec["parameters"], task=spec["task"])
     dataset_format = spec["dataset"]["format"]
     if dataset_format not in recipe_cls.dataset_formats:
         raise RecipeInputError(
             f"Recipe {recipe_cls.name!r} trains on {', '.join(recipe_cls.dataset_formats)} "
             f"datasets, not {dataset_format}."
         )
+    if spec["task"] == "train" and spec["processes"] > 1 and not recipe_cls.distributed:
+        raise RecipeInputError(
+            f"Recipe {recipe_cls.name!r} trains on one device; ask for 1 GPU, "
+            f"not {spec['processes']}."
+        )
+    return spec, recipe_cls, parameters
+
+
+def _execute(
+    workdir: Path,
+    spec: dict[str, Any],
+    recipe_cls: type[Recipe],
+    parameters: dict[str, Any],
+    stop: threading.Event,
+    **placement: Any,
+) -> int:
+    """Run the task in this process, as the only one or as one rank (`placement`: rank,
+    world_size, devices and emit for RecipeContext); print @@result on success."""
     # torch loads only once the cheap checks passed: a bad request fails in milliseconds.
     import torch
 
     torch.manual_seed(spec["seed"])
     resume_from = spec["resume_from"]
+    model_dir = spec["model_dir"]
     ctx = RecipeContext(
         workdir=workdir,
         dataset_path=workdir / spec["dataset"]["path"],
-        dataset_format=dataset_format,
+        dataset_format=spec["dataset"]["format"],
         parameters=parameters,
         seed=spec["seed"],
         output_dir=workdir / spec["output_dir"],
@@ -85,12 +135,21 @@ def _run(workdir: Path, stop: threading.Event) -> int:
         checkpoint_every_s=spec["checkpoint_every_s"],
         resume_state=load_checkpoint(workdir / resume_from) if resume_from else None,
         max_runtime_s=spec["max_runtime_s"],
+        model_dir=workdir / model_dir if model_dir else None,
         stop_event=stop,
+        chunk_rows=spec["chunk_rows"],
+        **placement,
     )
     if ctx.device == "cpu":
         # On a GPU, bit-exact kernels would cost speed and need CUBLAS_WORKSPACE_CONFIG.
         torch.use_deterministic_algorithms(True)
-    result = recipe_cls().train(ctx)
+    recipe = recipe_cls()
+    if spec["task"] == "predict":
+        if spec["processes"] > 1:
+            ctx.log("Predicting in one process: batch inference does not split across devices.")
+        result = recipe.predict(ctx)
+    else:
+        result = recipe.train(ctx)
     if result is None:
         if not stop.is_set():
             raise RuntimeError(f"Recipe {recipe_cls.name!r} returned no result unasked.")
@@ -99,10 +158,100 @@ def _run(workdir: Path, stop: threading.Event) -> int:
         "metrics": result.metrics,
         "artifacts": result.artifacts,
         "input_signature": result.input_signature,
-        "parameters": parameters,
+        "parameters": parameters if result.parameters is None else result.parameters,
     }
     ctx.emit(format_line("result", payload))
     return EXIT_OK
+
+
+def _supervise_ranks(workdir: Path, world_size: int, stop: threading.Event) -> int:
+    """Run `world_size` ranks to their end; the exit code is rank 0's, unless one failed."""
+    import torch
+
+    from jobs.recipes.distributed import host_rendezvous
+
+    if torch.cuda.is_available() and torch.cuda.device_count() < world_size:
+        raise SpecError(
+            f"processes is {world_size} but only {torch.cuda.device_count()} GPUs are visible."
+        )
+    rendezvous = host_rendezvous()
+    context = multiprocessing.get_context("spawn")
+    shared_stop = context.Event()
+    ranks = [
+        context.Process(
+            target=_rank_main,
+            args=(rank, world_size, rendezvous.port, workdir, shared_stop),
+            name=f"rank-{rank}",
+        )
+        for rank in range(world_size)
+    ]
+    for process in ranks:
+        process.start()
+    failure: tuple[int, int] | None = None  # (rank, exit code) of the first rank to fail
+    failed_at = None
+    running = list(ranks)
+    while running:
+        wait([process.sentinel for process in running], timeout=0.1)
+        if stop.is_set():
+            shared_stop.set()
+        for process in [process for process in running if process.exitcode is not None]:
+            running.remove(process)
+            if failure is None and process.exitcode not in (EXIT_OK, EXIT_STOPPED):
+                failure = (ranks.index(process), process.exitcode)
+                failed_at = time.monotonic()
+        if failed_at is not None and time.monotonic() - failed_at > RANK_FAILURE_GRACE_S:
+            for process in running:
+                process.kill()
+    if failure is None:
+        return ranks[0].exitcode
+    rank, code = failure
+    if code < 0:
+        print(f"Rank {rank} was killed by signal {-code}.", file=sys.stderr)
+        return EXIT_FAILED
+    return code
+
+
+def _rank_main(rank: int, world_size: int, port: int, workdir: Path, stop: SharedEvent) -> None:
+    """One rank's process: join the group, run the task, exit with its code. Only rank 0
+    prints lines and reports a bad request; the others report only their own failures."""
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())
+    _die_with_parent()
+    sys.stdout.reconfigure(line_buffering=True)
+    sys.exit(
+        _guarded(
+            lambda: _run_rank(rank, world_size, port, workdir, stop), report_input_errors=rank == 0
+        )
+    )
+
+
+def _run_rank(rank: int, world_size: int, port: int, workdir: Path, stop: SharedEvent) -> int:
+    import torch
+
+    from jobs.recipes import distributed
+
+    spec, recipe_cls, parameters = _checked_request(workdir)
+    device = distributed.init(rank, world_size, port)
+    try:
+        if device == "cpu":
+            # The parent sized the thread pool for the whole job; the ranks share it.
+            torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
+        placement: dict[str, Any] = {"rank": rank, "world_size": world_size, "devices": [device]}
+        if not distributed.is_main():
+            placement["emit"] = _silent
+        try:
+            return _execute(workdir, spec, recipe_cls, parameters, stop, **placement)
+        except (DomainError, RecipeInputError):
+            raise
+        except Exception:
+            if rank:
+                print(f"Rank {rank} failed:", file=sys.stderr)
+            raise
+    finally:
+        distributed.teardown()
+
+
+def _silent(_line: str) -> None:
+    """The lines of ranks other than 0: rank 0 says the same for all of them."""
 
 
 def _die_with_parent() -> None:

@@ -6,19 +6,40 @@ Both sides import this module, so it imports neither torch nor Django.
 The parent prepares a working directory, puts the inputs in it and writes `spec.json`:
 
     {
+      "task": "train" | "predict",               # optional, default "train"
       "recipe": "tabular-classifier",           # a name from jobs.recipes.registry
       "parameters": {...},                       # validated (and defaults filled) by the child
       "dataset": {"path": "data.csv", "format": "csv" | "parquet"},
+      "model_dir": "model" | null,               # optional, default null; see below
       "resume_from": "ckpt-00000120.pt" | null,  # a checkpoint the child printed, downloaded again
       "output_dir": "out",                       # where the artifacts go
       "checkpoint_dir": "checkpoints",
       "checkpoint_every_s": 300.0,               # 0 checkpoints after every step
       "seed": 1234,
-      "max_runtime_s": 3600.0 | null             # the child stops itself, as on SIGTERM, after
-    }                                            # this many seconds of its own run
+      "max_runtime_s": 3600.0 | null,            # the child stops itself, as on SIGTERM, after
+                                                 # this many seconds of its own run
+      "processes": 1,                            # optional, default 1: data-parallel processes
+      "chunk_rows": 10000                        # optional, default 10000: rows read at a time
+    }
 
-Input paths (dataset, resume_from) are absolute or relative to the working directory; output_dir
-and checkpoint_dir must lie inside it, so every path the child prints is relative to it.
+Input paths (dataset, model_dir, resume_from) are absolute or relative to the working directory;
+output_dir and checkpoint_dir must lie inside it, so every path the child prints is relative to
+it.
+
+`task` "train" makes a model; with `model_dir` set it fine-tunes that model instead of starting
+from scratch (its weights and preprocessing; the dataset must have the same columns and no class
+the model lacks, else EXIT_BAD_INPUT). `task` "predict" runs batch inference: `model_dir` is
+required, `parameters` are checked against the recipe's `predict_parameter_schema` (usually no
+parameters: `{}`), `resume_from` must be null, and the dataset is read `chunk_rows` rows at a
+time, so memory stays flat whatever its size. `model_dir` holds a model version's artifacts
+(`model.safetensors`, `config.json`) as a training run's @@result named them.
+
+`processes` > 1 trains data-parallel with torch.distributed, one process per GPU (`cuda:<rank>`
+within CUDA_VISIBLE_DEVICES, which must show at least that many), or that many CPU processes when
+no GPU is visible; only a recipe with `distributed = True` accepts it (else EXIT_BAD_INPUT). The
+lines and exit codes are the same as for one process: only rank 0 prints and writes, and SIGTERM
+to the child stops every rank at the same step. A checkpoint resumes only with the same number
+of processes. Predict always runs in one process.
 
 The child prints one line per event; a structured line is `@@<kind> <JSON object>`:
 
@@ -31,8 +52,20 @@ The child prints one line per event; a structured line is `@@<kind> <JSON object
 `@@checkpoint` comes only after the file is complete; the child never deletes a checkpoint, so
 the parent removes each once uploaded. `@@progress` is printed for the first step, then at most
 about once a second, and for the last step; `epoch` counts from 1. `@@result` is printed once, just
-before a successful exit, with the parameters after defaults were filled. Every other line,
-including a malformed structured one, is a log line. Errors go to stderr.
+before a successful exit, with the parameters after defaults were filled (a fine-tune reports the
+architecture it kept from its model). Every other line, including a malformed structured one, is
+a log line. Errors go to stderr.
+
+For predict, `@@progress` counts rows: `step` is the rows predicted so far, `total` the dataset's
+row count where the format records it (Parquet) else null, `epoch` 1. There are no @@metric or
+@@checkpoint lines (a stopped prediction starts again from the beginning), and the result is
+
+    @@result {"metrics": {"rows": 1200}, "artifacts": {"predictions.csv": "out/predictions.csv"},
+              "input_signature": {}, "parameters": {}}
+
+where predictions.csv holds the input's columns except the target, in order, then the recipe's
+prediction columns (classifiers: `prediction`, the class, and `probability`, its probability),
+one row per input row in the input's order.
 """
 
 from __future__ import annotations
@@ -51,6 +84,11 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # an unexpected error; the traceback is on stderr
 EXIT_BAD_INPUT = 2  # the parameters or the data cannot be trained on; the reason is on stderr
 EXIT_STOPPED = 3  # SIGTERM or max_runtime_s; a checkpoint was printed first when there was one
+
+TASKS = ("train", "predict")
+MAX_PROCESSES = 64  # the most GPUs a job may ask for
+# Rows a streaming reader holds at once: tens of MB of Python values for a wide table.
+DEFAULT_CHUNK_ROWS = 10_000
 
 
 def _is_strict_integer(_checker: Any, value: Any) -> bool:
@@ -78,6 +116,7 @@ def _object(properties: dict, required: list[str] | None = None) -> dict:
 
 SPEC_SCHEMA = _object(
     {
+        "task": {"enum": list(TASKS)},
         "recipe": {"type": "string", "minLength": 1},
         "parameters": {"type": "object"},
         "dataset": _object(
@@ -86,16 +125,27 @@ SPEC_SCHEMA = _object(
                 "format": {"type": "string", "minLength": 1},
             }
         ),
+        "model_dir": {"type": ["string", "null"], "minLength": 1},
         "resume_from": {"type": ["string", "null"], "minLength": 1},
         "output_dir": _RELATIVE_PATH,
         "checkpoint_dir": _RELATIVE_PATH,
         "checkpoint_every_s": {"type": "number", "minimum": 0},
         "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
         "max_runtime_s": {"type": ["number", "null"], "exclusiveMinimum": 0},
+        "processes": {"type": "integer", "minimum": 1, "maximum": MAX_PROCESSES},
+        "chunk_rows": {"type": "integer", "minimum": 1},
     },
     required=["recipe", "parameters", "dataset", "output_dir", "checkpoint_dir", "seed"],
 )
-SPEC_DEFAULTS = {"resume_from": None, "checkpoint_every_s": 300.0, "max_runtime_s": None}
+SPEC_DEFAULTS = {
+    "task": "train",
+    "model_dir": None,
+    "resume_from": None,
+    "checkpoint_every_s": 300.0,
+    "max_runtime_s": None,
+    "processes": 1,
+    "chunk_rows": DEFAULT_CHUNK_ROWS,
+}
 
 LINE_SCHEMAS = {
     "metric": _object(
@@ -190,3 +240,8 @@ def _check_spec(spec: Any) -> None:
     if error is not None:
         where = ".".join(str(part) for part in error.absolute_path) or "the spec"
         raise SpecError(f"{SPEC_FILENAME}: {where}: {error.message}")
+    if spec.get("task") == "predict":
+        if spec.get("model_dir") is None:
+            raise SpecError(f"{SPEC_FILENAME}: a predict task needs model_dir, the model to run.")
+        if spec.get("resume_from") is not None:
+            raise SpecError(f"{SPEC_FILENAME}: a predict task does not resume; resume_from is set.")

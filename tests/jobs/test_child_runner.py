@@ -4,6 +4,7 @@ subprocess, read line by line through the protocol, plus the protocol's own edge
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -19,8 +20,10 @@ from jobs.runner.protocol import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_STOPPED,
+    SpecError,
     format_line,
     parse_line,
+    read_spec,
     write_spec,
 )
 
@@ -182,6 +185,50 @@ def test_an_invalid_spec_is_the_platform_failing(tmp_path):
     run = run_child(tmp_path)
     assert run.returncode == EXIT_FAILED
     assert "'parameters' is a required property" in run.stderr
+
+
+def test_child_fine_tunes_only_a_dataset_shaped_like_the_model(tmp_path):
+    parameters = {"target": "label", "epochs": 2, "learning_rate": 0.05, "hidden_sizes": [8]}
+    trained = run_child(make_workdir(tmp_path / "first", parameters))
+    assert trained.returncode == EXIT_OK, trained.stderr
+
+    workdir = make_workdir(tmp_path / "second", parameters, model_dir=str(tmp_path / "first/out"))
+    data = workdir / "data.csv"
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join([lines[0] + ",shop"] + [f"{line},web" for line in lines[1:]]))
+    refused = run_child(workdir)
+
+    assert refused.returncode == EXIT_BAD_INPUT
+    assert "it has columns the model lacks: 'shop'" in refused.stderr
+    assert not refused.structured()
+
+
+def test_spec_fills_the_optional_keys(tmp_path):
+    make_workdir(tmp_path)
+    spec = read_spec(tmp_path)
+    assert {key: spec[key] for key in ("task", "model_dir", "processes", "chunk_rows")} == {
+        "task": "train",
+        "model_dir": None,
+        "processes": 1,
+        "chunk_rows": 10_000,
+    }
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"task": "evaluate"}, "task: 'evaluate' is not one of ['train', 'predict']"),
+        ({"processes": 0}, "processes: 0 is less than the minimum of 1"),
+        ({"task": "predict", "parameters": {}}, "a predict task needs model_dir"),
+        (
+            {"task": "predict", "parameters": {}, "model_dir": "m", "resume_from": "c.pt"},
+            "a predict task does not resume",
+        ),
+    ],
+)
+def test_spec_refuses_what_the_child_cannot_run(tmp_path, spec, message):
+    with pytest.raises(SpecError, match=re.escape(message)):
+        make_workdir(tmp_path, **spec)
 
 
 def test_the_child_dies_with_its_parent():

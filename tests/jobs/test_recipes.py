@@ -1,6 +1,7 @@
 """Recipes in-process: parameter validation, the registry, the dataset readers and the tabular
-classifier's training, determinism, resumption and artifacts, on the CPU."""
+classifier's training, determinism, resumption, fine-tuning and artifacts, on the CPU."""
 
+import ast
 import csv
 import json
 import random
@@ -25,7 +26,7 @@ from jobs.recipes.base import (
     load_checkpoint,
     validate_parameters,
 )
-from jobs.recipes.data import read_table
+from jobs.recipes.data import Column, cast_column, read_table, read_table_chunks
 from jobs.recipes.registry import RecipeNotFound, get_recipe, list_recipes
 from jobs.recipes.tabular import (
     Preprocessing,
@@ -34,6 +35,7 @@ from jobs.recipes.tabular import (
     _classification_metrics,
 )
 from jobs.runner.protocol import parse_line
+from jobs.samples import write_tabular_sample
 
 REPO = Path(__file__).resolve().parents[2]
 COLUMNS = ["x1", "x2", "color", "label"]
@@ -198,6 +200,14 @@ def test_every_recipe_schema_is_valid_and_its_defaults_pass_it(recipe):
         if "default" in spec:
             assert Draft202012Validator(spec).is_valid(spec["default"]), name
     assert recipe_cls.kind == "train" and recipe_cls.dataset_formats
+    Draft202012Validator.check_schema(recipe_cls.predict_parameter_schema)
+
+
+def test_predicting_takes_no_training_parameters():
+    assert validate_parameters(TabularClassifier, {}, task="predict") == {}
+    with pytest.raises(RecipeParameterError) as caught:
+        validate_parameters(TabularClassifier, {"target": "label"}, task="predict")
+    assert list(caught.value.fields) == ["parameters.target"]
 
 
 # Registry
@@ -264,7 +274,9 @@ def test_installed_packages_add_recipes_through_entry_points(tmp_path):
         text=True,
         check=True,
     )
-    assert run.stdout.strip() == str({"tabular-classifier": "TabularClassifier", "acme": "Acme"})
+    recipes = ast.literal_eval(run.stdout.strip())
+    assert recipes["tabular-classifier"] == "TabularClassifier"
+    assert recipes["acme"] == "Acme"
     assert "would replace a built-in" in run.stderr
 
 
@@ -306,6 +318,53 @@ def test_parquet_reader_lists_columns_it_cannot_use(tmp_path):
     assert table.columns["n"].dtype == "int64" and table.columns["n"].values == [1, None]
     assert table.columns["tag"].values == ["a", "b"]
     assert table.ignored == {"when": "timestamp[ms]"}
+
+
+def test_chunks_hold_at_most_chunk_rows_and_keep_the_cells_text(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text("id,price\n007,2.50\n2,NA\n\n3,4\n", encoding="utf-8")
+    chunks = list(read_table_chunks(path, "csv", chunk_rows=2))
+    assert [(chunk.first_row, chunk.row_count) for chunk in chunks] == [(0, 2), (2, 1)]
+    assert chunks[0].columns["id"] == Column("id", "string", ["007", "2"])
+    assert chunks[0].columns["price"].values == ["2.50", None]
+    assert cast_column(chunks[1].columns["price"], "float64").values == [4.0]
+
+
+def test_an_empty_csv_still_gives_one_chunk_with_its_columns(tmp_path):
+    path = tmp_path / "empty.csv"
+    path.write_text("a,b\n", encoding="utf-8")
+    [chunk] = read_table_chunks(path, "csv", chunk_rows=10)
+    assert list(chunk.columns) == ["a", "b"] and chunk.row_count == 0
+
+
+def test_parquet_chunks_keep_their_types_and_count_rows(tmp_path):
+    path = tmp_path / "data.parquet"
+    pq.write_table(pa.table({"n": [1, 2, 3], "flag": [True, None, False]}), path)
+    chunks = list(read_table_chunks(path, "parquet", chunk_rows=2))
+    assert [chunk.first_row for chunk in chunks] == [0, 2]
+    assert chunks[0].columns["n"] == Column("n", "int64", [1, 2])
+    assert cast_column(chunks[0].columns["flag"], "float64").values == [1.0, None]
+
+
+@pytest.mark.parametrize(
+    ("column", "dtype", "message"),
+    [
+        (
+            Column("age", "string", ["1", "x"]),
+            "float64",
+            "Row 12 of the dataset, column 'age': 'x' is not a number.",
+        ),
+        (
+            Column("ok", "string", ["yes"]),
+            "bool",
+            "Row 11 of the dataset, column 'ok': 'yes' is not true or false.",
+        ),
+        (Column("n", "float64", [1.5]), "int64", "column 'n': 1.5 is not a whole number."),
+    ],
+)
+def test_a_cell_that_does_not_fit_its_type_is_named_by_row_and_column(column, dtype, message):
+    with pytest.raises(RecipeInputError, match=re.escape(message)):
+        cast_column(column, dtype, first_row=10)
 
 
 def test_ragged_csv_is_an_input_error(tmp_path):
@@ -534,6 +593,115 @@ def test_data_problems_are_input_errors_in_words(tmp_path, rows, columns, target
     path = write_csv(tmp_path / "bad.csv", rows, columns)
     with pytest.raises(RecipeInputError, match=message):
         TabularClassifier().train(make_context(tmp_path, path, {"target": target}))
+
+
+# The tabular sample and fine-tuning
+
+SAMPLE_INPUTS = ["age", "monthly_spend", "tenure_months", "support_calls", "plan", "region"]
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("sample") / "sample.csv"
+    write_tabular_sample(path, rows=600, seed=0)
+    return path
+
+
+@pytest.fixture(scope="module")
+def parent_model(tmp_path_factory, sample) -> Path:
+    """A model trained on the sample, to fine-tune."""
+    workdir = tmp_path_factory.mktemp("parent")
+    result = TabularClassifier().train(make_context(workdir, sample, FAST))
+    assert result.metrics["val_accuracy"] > 0.9
+    return workdir / "out"
+
+
+def test_the_tabular_sample_is_learnable_but_not_trivially(tmp_path, sample):
+    ctx = make_context(tmp_path, sample, FAST)
+    result = TabularClassifier().train(ctx)
+    assert 0.9 < result.metrics["val_accuracy"] < 1
+    assert [c["name"] for c in result.input_signature["columns"]] == SAMPLE_INPUTS
+    assert result.input_signature["classes"] == [0, 1]
+
+
+def test_fine_tuning_starts_from_the_model_and_keeps_its_accuracy(tmp_path, parent_model):
+    new_data = tmp_path / "new.csv"
+    write_tabular_sample(new_data, rows=400, seed=1)
+    holdout = tmp_path / "holdout.csv"
+    write_tabular_sample(holdout, rows=600, seed=2)
+
+    def first_step_loss(workdir: Path, **overrides) -> float:
+        ctx = make_context(workdir, new_data, FAST, StopAfterStep, stop_at=1, **overrides)
+        assert TabularClassifier().train(ctx) is None
+        return load_checkpoint(workdir / events(ctx, "checkpoint")[0]["path"])["loss_sum"].item()
+
+    scratch = first_step_loss(tmp_path / "scratch-step")
+    tuned = first_step_loss(tmp_path / "tuned-step", model_dir=parent_model)
+    assert tuned < 0.5 * scratch
+
+    # The parameters ask for the default layers; the fine-tune keeps the model's.
+    parameters = {k: v for k, v in FAST.items() if k != "hidden_sizes"}
+    ctx = make_context(tmp_path / "tuned", new_data, parameters, model_dir=parent_model)
+    result = TabularClassifier().train(ctx)
+    assert result.parameters == validate_parameters(TabularClassifier, FAST)
+    assert load_file(ctx.output_dir / "model.safetensors")["mlp.0.weight"].shape[0] == 16
+
+    def holdout_accuracy(model_dir: Path) -> float:
+        evaluation = make_context(tmp_path / "eval", holdout, FAST, model_dir=model_dir)
+        return TabularClassifier().evaluate(evaluation)["accuracy"]
+
+    assert holdout_accuracy(ctx.output_dir) >= holdout_accuracy(parent_model) - 0.01 > 0.89
+
+
+@pytest.mark.parametrize(
+    ("edit", "parameters", "message"),
+    [
+        (
+            lambda row: row | {"channel": "web"},
+            {},
+            "it has columns the model lacks: 'channel'",
+        ),
+        (
+            lambda row: {k: v for k, v in row.items() if k != "region"},
+            {},
+            "it lacks columns the model needs: 'region'",
+        ),
+        (
+            lambda row: row | {"label": "2" if row["age"] == "70" else row["label"]},
+            {},
+            "it has classes the model lacks: 2",
+        ),
+        (
+            lambda row: row | {"plan": "7", "age": "old"},
+            {},
+            "columns the model reads as numbers hold text: 'age'",
+        ),
+        (lambda row: row, {"target": "plan"}, "predicts 'label'; set the target parameter"),
+    ],
+    ids=["extra-column", "missing-column", "new-class", "text-for-numbers", "other-target"],
+)
+def test_fine_tuning_refuses_data_that_differs_saying_how(
+    tmp_path, sample, parent_model, edit, parameters, message
+):
+    with sample.open(newline="") as handle:
+        rows = [edit(row) for row in csv.DictReader(handle)]
+    path = tmp_path / "differs.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    ctx = make_context(tmp_path, path, FAST | parameters, model_dir=parent_model)
+    with pytest.raises(RecipeInputError, match=re.escape(message)):
+        TabularClassifier().train(ctx)
+
+
+def test_a_checkpoint_resumes_only_the_fine_tune_it_came_from(tmp_path, sample, parent_model):
+    ctx = make_context(tmp_path, sample, FAST, StopAfterStep, stop_at=2)
+    TabularClassifier().train(ctx)
+    state = load_checkpoint(tmp_path / events(ctx, "checkpoint")[-1]["path"])
+    tuned = make_context(tmp_path, sample, FAST, resume_state=state, model_dir=parent_model)
+    with pytest.raises(RecipeInputError, match="checkpoint belongs to a run with other"):
+        TabularClassifier().train(tuned)
 
 
 # The context
