@@ -25,6 +25,7 @@ run: install
 	export DJANGO_SETTINGS_MODULE=factory_saas.settings.embedded; \
 	$(BIN)/python manage.py migrate --noinput && \
 	$(BIN)/python manage.py seed_demo && \
+	$(BIN)/python manage.py seed_samples --org demo-lab && \
 	exec $(BIN)/python manage.py run_embedded
 
 # One GPU machine of the pool (or CPU slots without GPUs), against the configured database/broker.

@@ -7,7 +7,7 @@ import json
 from django import forms
 
 from jobs.models import ResourceClass
-from registry.models import DatasetVersion, name_validator
+from registry.models import DatasetVersion, ModelVersion, name_validator
 
 
 class JobForm(forms.Form):
@@ -108,3 +108,35 @@ def _field_for(name: str, spec: dict, *, required: bool) -> forms.Field:
     if "enum" in spec:
         return forms.ChoiceField(choices=[(v, v) for v in spec["enum"]], **common)
     return forms.CharField(max_length=200, **common)
+
+
+class PredictForm(forms.Form):
+    model_version = forms.ModelChoiceField(
+        queryset=ModelVersion.objects.none(), label="Model version"
+    )
+    dataset_version = forms.ModelChoiceField(
+        queryset=DatasetVersion.objects.none(), label="Rows to predict"
+    )
+    resource_class = forms.ModelChoiceField(
+        queryset=ResourceClass.objects.order_by("name"), to_field_name="name"
+    )
+    output_dataset = forms.CharField(
+        required=False,
+        max_length=100,
+        validators=[name_validator],
+        help_text="Dataset to write the predictions to; default: <model>-predictions.",
+    )
+
+    def __init__(self, *args, organization, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["model_version"].queryset = (
+            ModelVersion.objects.for_organization(organization)
+            .exclude(recipe_name="")
+            .select_related("registered_model")
+            .order_by("registered_model__name", "-number")
+        )
+        self.fields["dataset_version"].queryset = (
+            DatasetVersion.objects.for_organization(organization)
+            .select_related("dataset")
+            .order_by("dataset__name", "-number")
+        )

@@ -147,6 +147,14 @@ class Job(OrganizationOwned):
         "registry.ModelVersion", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
     output_model_name = models.CharField(max_length=100, blank=True)
+    output_dataset_version = models.ForeignKey(
+        "registry.DatasetVersion",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    output_dataset_name = models.CharField(max_length=100, blank=True)
     resource_class = models.ForeignKey(ResourceClass, on_delete=models.PROTECT, related_name="jobs")
     gpu_count = models.PositiveIntegerField(default=1)
     priority = models.IntegerField(default=0)
@@ -161,6 +169,9 @@ class Job(OrganizationOwned):
     )
     # NULL, not "", when absent: the unique constraint then ignores jobs submitted without one.
     idempotency_key = models.CharField(max_length=200, null=True, blank=True)  # noqa: DJ001
+    sweep = models.ForeignKey(
+        "Sweep", null=True, blank=True, on_delete=models.SET_NULL, related_name="trials"
+    )
     retry_of = models.ForeignKey(
         "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="retries"
     )
@@ -297,3 +308,48 @@ class JobMetric(OrganizationOwned):
 
     def __str__(self):
         return f"{self.name}[{self.step}]={self.value}"
+
+
+class Sweep(OrganizationOwned):
+    """A hyperparameter search: one trial job per point of a grid or random sample."""
+
+    class Strategy(models.TextChoices):
+        GRID = "grid", "Grid"
+        RANDOM = "random", "Random"
+
+    class State(models.TextChoices):
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+        CANCELLED = "cancelled", "Cancelled"
+
+    class Mode(models.TextChoices):
+        MAX = "max", "Maximize"
+        MIN = "min", "Minimize"
+
+    name = models.CharField(max_length=100, help_text="Trials register as versions of this model.")
+    recipe = models.CharField(max_length=100)
+    base_parameters = models.JSONField(default=dict)
+    space = models.JSONField(
+        help_text='e.g. {"learning_rate": {"min": 1e-4, "max": 1e-2, "log": true}}'
+    )
+    strategy = models.CharField(max_length=10, choices=Strategy.choices, default=Strategy.RANDOM)
+    trial_count = models.PositiveIntegerField()
+    metric = models.CharField(max_length=100)
+    mode = models.CharField(max_length=3, choices=Mode.choices, default=Mode.MAX)
+    state = models.CharField(max_length=10, choices=State.choices, default=State.RUNNING)
+    best_job = models.ForeignKey(
+        Job, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-pk"]
+        indexes = [models.Index(fields=["organization", "state"], name="sweep_org_state")]
+
+    def __str__(self):
+        return f"sweep {self.pk} ({self.name})"

@@ -25,6 +25,8 @@ def job_list(
         "resource_class",
         "created_by",
         "worker",
+        "input_model_version__registered_model",
+        "output_dataset_version__dataset",
         "input_dataset_version__dataset",
         "output_model_version__registered_model",
     )

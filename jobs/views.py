@@ -11,7 +11,7 @@ from django.views import View
 from django.views.generic import TemplateView
 
 from jobs import selectors, services
-from jobs.forms import JobForm
+from jobs.forms import JobForm, PredictForm
 from jobs.models import Job, JobEvent, JobLog, JobMetric, JobState
 from jobs.recipes.registry import get_recipe, list_recipes
 from tenants.errors import DomainError
@@ -116,6 +116,40 @@ class JobSubmitPage(OrganizationPageMixin, TemplateView):
                 messages.success(request, f"Job {job.pk} queued.")
                 return redirect("jobs:job", org_slug, job.pk)
         return self.render_to_response(self.get_context_data(form=form, recipe=recipe), status=400)
+
+
+class JobPredictPage(OrganizationPageMixin, TemplateView):
+    """Batch prediction: a model version over a dataset version, written to a new dataset."""
+
+    template_name = "jobs/job_predict.html"
+    required_scopes = {"get": "jobs:write", "post": "jobs:write"}
+
+    def get_context_data(self, **kwargs):
+        context = super().get_context_data(**kwargs)
+        initial = {"model_version": self.request.GET.get("model_version")}
+        context.setdefault("form", PredictForm(organization=self.organization, initial=initial))
+        return context
+
+    def post(self, request, org_slug):
+        form = PredictForm(request.POST, organization=self.organization)
+        if form.is_valid():
+            data = form.cleaned_data
+            try:
+                job, _ = services.job_submit(
+                    organization=self.organization,
+                    actor=self.actor,
+                    kind=Job.Kind.INFER,
+                    resource_class=data["resource_class"],
+                    dataset_version=data["dataset_version"],
+                    model_version=data["model_version"],
+                    output_dataset_name=data["output_dataset"],
+                )
+            except DomainError as error:
+                form.add_error(None, error.detail)
+            else:
+                messages.success(request, f"Prediction job {job.pk} queued.")
+                return redirect("jobs:job", org_slug, job.pk)
+        return self.render_to_response(self.get_context_data(form=form), status=400)
 
 
 class JobPage(OrganizationPageMixin, TemplateView):

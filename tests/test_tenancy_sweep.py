@@ -14,7 +14,7 @@ from django.urls import URLPattern, URLResolver, get_resolver, reverse
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from jobs.models import Job
+from jobs.models import Job, Sweep
 from registry.models import (
     Dataset,
     DatasetVersion,
@@ -159,6 +159,18 @@ def _make_job(organization, requester):
     return {"pk": JobFactory(organization=organization).pk}
 
 
+def _make_sweep(organization, requester):
+    sweep = Sweep.objects.create(
+        organization=organization,
+        name="swept",
+        recipe="tabular-classifier",
+        space={"epochs": {"values": [1, 2]}},
+        trial_count=2,
+        metric="val_accuracy",
+    )
+    return {"pk": sweep.pk}
+
+
 # One maker per kind of object a route is about: (organization, requesting user) -> URL kwargs.
 # A maker may return more kwargs than a route needs; each route takes the ones it names.
 OBJECT_MAKERS = {
@@ -172,6 +184,7 @@ OBJECT_MAKERS = {
     ModelVersion: _make_model_version,
     ModelAlias: _make_model_version,
     Job: _make_job,
+    Sweep: _make_sweep,
 }
 
 

@@ -189,6 +189,8 @@ SPECTACULAR_SETTINGS = {
     "ENUM_NAME_OVERRIDES": {
         "OrganizationStatusEnum": "tenants.models.OrganizationStatus",
         "InvitationStatusEnum": "tenants.models.Invitation.Status",
+        "JobStateEnum": "jobs.models.JobState",
+        "SweepStateEnum": "jobs.models.Sweep.State",
     },
 }
 

@@ -1,6 +1,6 @@
 from rest_framework import serializers
 
-from jobs.models import Job, JobEvent, JobLog, JobMetric, JobState
+from jobs.models import Job, JobEvent, JobLog, JobMetric, JobState, Sweep
 from jobs.selectors import job_cost_so_far
 
 
@@ -9,10 +9,23 @@ class DatasetRefSerializer(serializers.Serializer):
     number = serializers.IntegerField(min_value=1)
 
 
+class ModelRefSerializer(serializers.Serializer):
+    model = serializers.CharField()
+    version = serializers.CharField(help_text="A version number or an alias such as production.")
+
+
 class JobSubmitSerializer(serializers.Serializer):
-    recipe = serializers.CharField(max_length=100)
+    kind = serializers.ChoiceField(choices=Job.Kind.choices, default=Job.Kind.TRAIN)
+    recipe = serializers.CharField(
+        max_length=100, required=False, allow_blank=True, help_text="Required for training."
+    )
     parameters = serializers.DictField(default=dict)
     dataset = DatasetRefSerializer()
+    model = ModelRefSerializer(
+        required=False,
+        help_text="Inference: the model to run. Training: a version to continue training from.",
+    )
+    output_dataset = serializers.CharField(max_length=100, required=False, allow_blank=True)
     resource_class = serializers.CharField(max_length=40, default="cpu")
     gpu_count = serializers.IntegerField(min_value=1, max_value=64, default=1)
     priority = serializers.IntegerField(min_value=-100, max_value=100, default=0)
@@ -32,6 +45,8 @@ class JobSerializer(serializers.ModelSerializer):
     created_by = serializers.EmailField(source="created_by.email", default=None)
     worker = serializers.CharField(source="worker.name", default=None)
     output_model = serializers.SerializerMethodField()
+    input_model = serializers.SerializerMethodField()
+    output_dataset = serializers.SerializerMethodField()
     cost_so_far_minor = serializers.SerializerMethodField()
 
     class Meta:
@@ -54,7 +69,9 @@ class JobSerializer(serializers.ModelSerializer):
             "waiting_reason",
             "failure_reason",
             "worker",
+            "input_model",
             "output_model",
+            "output_dataset",
             "cost_so_far_minor",
             "created_by",
             "created_at",
@@ -74,6 +91,16 @@ class JobSerializer(serializers.ModelSerializer):
         return (
             {"model": version.registered_model.name, "number": version.number} if version else None
         )
+
+    def get_input_model(self, job) -> dict | None:
+        version = job.input_model_version
+        return (
+            {"model": version.registered_model.name, "number": version.number} if version else None
+        )
+
+    def get_output_dataset(self, job) -> dict | None:
+        version = job.output_dataset_version
+        return {"dataset": version.dataset.name, "number": version.number} if version else None
 
     def get_cost_so_far_minor(self, job) -> int:
         return job_cost_so_far(job=job)
@@ -125,3 +152,74 @@ class ResourceClassSerializer(serializers.Serializer):
     gpu_memory_gb = serializers.IntegerField()
     price_per_gpu_hour = serializers.CharField()
     currency = serializers.CharField()
+
+
+class PredictRequestSerializer(serializers.Serializer):
+    version = serializers.CharField(default="production", help_text="A version number or alias.")
+    rows = serializers.ListField(child=serializers.DictField(), min_length=1, max_length=1000)
+
+
+class PredictResponseSerializer(serializers.Serializer):
+    model = serializers.CharField()
+    version = serializers.IntegerField()
+    predictions = serializers.ListField(child=serializers.DictField())
+
+
+class SweepCreateSerializer(serializers.Serializer):
+    name = serializers.CharField(
+        max_length=100, help_text="Trials register as versions of this model."
+    )
+    recipe = serializers.CharField(max_length=100)
+    parameters = serializers.DictField(default=dict, help_text="Fixed parameters of every trial.")
+    space = serializers.DictField(
+        help_text='Per parameter {"values": [...]} or {"min": a, "max": b, "log": false}.'
+    )
+    strategy = serializers.ChoiceField(
+        choices=Sweep.Strategy.choices, default=Sweep.Strategy.RANDOM
+    )
+    trial_count = serializers.IntegerField(min_value=1, max_value=50)
+    metric = serializers.CharField(max_length=100, help_text="A result metric, e.g. val_accuracy.")
+    mode = serializers.ChoiceField(choices=Sweep.Mode.choices, default=Sweep.Mode.MAX)
+    dataset = DatasetRefSerializer()
+    resource_class = serializers.CharField(max_length=40, default="cpu")
+    gpu_count = serializers.IntegerField(min_value=1, max_value=64, default=1)
+    max_runtime_s = serializers.IntegerField(min_value=60, max_value=7 * 24 * 3600, default=3600)
+
+
+class SweepSerializer(serializers.ModelSerializer):
+    trials = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Sweep
+        fields = [
+            "id",
+            "name",
+            "recipe",
+            "base_parameters",
+            "space",
+            "strategy",
+            "trial_count",
+            "metric",
+            "mode",
+            "state",
+            "best_job",
+            "trials",
+            "created_at",
+            "finished_at",
+        ]
+        read_only_fields = fields
+
+    def get_trials(self, sweep) -> list[dict]:
+        rows = []
+        for job in sweep.trials.select_related("output_model_version").order_by("pk"):
+            version = job.output_model_version
+            rows.append(
+                {
+                    "job": job.pk,
+                    "state": job.state,
+                    "parameters": job.parameters,
+                    "model_version": version.number if version else None,
+                    "metric": version.metrics.get(sweep.metric) if version else None,
+                }
+            )
+        return rows

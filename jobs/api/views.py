@@ -5,15 +5,42 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from jobs import selectors, services
-from jobs.models import Job, JobEvent, JobLog, JobMetric, ResourceClass
+from jobs.inference import predict_online
+from jobs.models import Job, JobEvent, JobLog, JobMetric, ResourceClass, Sweep
 from jobs.recipes.registry import list_recipes
-from registry.selectors import dataset_version_get
-from tenants.api.base import OrganizationScopedViewSet
+from jobs.services import sweeps
+from registry.models import ModelVersion
+from registry.selectors import dataset_version_get, model_version_get, registered_model_get
+from tenants.api.base import OrganizationScopedMixin, OrganizationScopedViewSet
 from tenants.errors import DomainError
 
 from . import serializers as s
 
 LOG_PAGE = 500
+
+
+class _JobInputs:
+    """Resolve what a submission names (resource class, dataset version) or say what is wrong."""
+
+    def _resource_class(self, name: str) -> ResourceClass:
+        resource_class = ResourceClass.objects.filter(name=name).first()
+        if resource_class is None:
+            names = ", ".join(ResourceClass.objects.values_list("name", flat=True))
+            raise DomainError(
+                "Unknown resource class.", fields={"resource_class": [f"Choose one of {names}."]}
+            )
+        return resource_class
+
+    def _dataset_version(self, ref: dict):
+        try:
+            return dataset_version_get(
+                organization=self.organization, dataset_name=ref["dataset"], number=ref["number"]
+            )
+        except Http404 as exc:
+            raise DomainError(
+                f"Dataset {ref['dataset']} has no version {ref['number']}.",
+                fields={"dataset": ["No such dataset version in this organization."]},
+            ) from exc
 
 
 @extend_schema(tags=["jobs"])
@@ -49,6 +76,7 @@ LOG_PAGE = 500
     metrics=extend_schema(responses=s.JobMetricSerializer(many=True)),
 )
 class JobViewSet(
+    _JobInputs,
     mixins.ListModelMixin,
     mixins.RetrieveModelMixin,
     mixins.CreateModelMixin,
@@ -79,27 +107,30 @@ class JobViewSet(
         data.is_valid(raise_exception=True)
         fields = dict(data.validated_data)
         ref = fields.pop("dataset")
-        resource_class = ResourceClass.objects.filter(name=fields.pop("resource_class")).first()
-        if resource_class is None:
-            names = ", ".join(ResourceClass.objects.values_list("name", flat=True))
-            raise DomainError(
-                "Unknown resource class.", fields={"resource_class": [f"Choose one of {names}."]}
-            )
-        try:
-            dataset_version = dataset_version_get(
-                organization=self.organization, dataset_name=ref["dataset"], number=ref["number"]
-            )
-        except Http404 as exc:
-            raise DomainError(
-                f"Dataset {ref['dataset']} has no version {ref['number']}.",
-                fields={"dataset": ["No such dataset version in this organization."]},
-            ) from exc
+        resource_class = self._resource_class(fields.pop("resource_class"))
+        dataset_version = self._dataset_version(ref)
+        model_ref = fields.pop("model", None)
+        model_version = None
+        if model_ref is not None:
+            try:
+                model_version = model_version_get(
+                    organization=self.organization,
+                    model_name=model_ref["model"],
+                    ref=model_ref["version"],
+                )
+            except Http404 as exc:
+                raise DomainError(
+                    f"Model {model_ref['model']} has no version or alias {model_ref['version']!r}.",
+                    fields={"model": ["No such model version in this organization."]},
+                ) from exc
         job, created = services.job_submit(
             organization=self.organization,
             actor=self.actor,
             resource_class=resource_class,
             dataset_version=dataset_version,
+            model_version=model_version,
             output_model_name=fields.pop("output_model", ""),
+            output_dataset_name=fields.pop("output_dataset", ""),
             idempotency_key=request.headers.get("Idempotency-Key") or None,
             **fields,
         )
@@ -201,3 +232,70 @@ class ResourceClassListView(generics.GenericAPIView):
                 for rc, price, currency in selectors.resource_classes_with_prices()
             ]
         )
+
+
+@extend_schema(
+    tags=["models"], request=s.PredictRequestSerializer, responses=s.PredictResponseSerializer
+)
+class ModelPredictView(OrganizationScopedMixin, generics.GenericAPIView):
+    """Predict up to 1,000 rows with a model version (or alias), metered per 1,000 predictions."""
+
+    model = ModelVersion
+    required_scopes = {"post": "jobs:write"}
+    serializer_class = s.PredictRequestSerializer
+
+    def post(self, request, org_slug, name):
+        registered_model_get(organization=self.organization, name=name)  # 404 before reading input
+        data = s.PredictRequestSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        version = model_version_get(
+            organization=self.organization, model_name=name, ref=data.validated_data["version"]
+        )
+        predictions = predict_online(
+            version=version, rows=data.validated_data["rows"], actor=self.actor
+        )
+        return Response({"model": name, "version": version.number, "predictions": predictions})
+
+
+@extend_schema(tags=["jobs"])
+@extend_schema_view(
+    create=extend_schema(request=s.SweepCreateSerializer, responses={201: s.SweepSerializer}),
+    cancel=extend_schema(request=None, responses=s.SweepSerializer),
+)
+class SweepViewSet(
+    _JobInputs,
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.CreateModelMixin,
+    OrganizationScopedViewSet,
+):
+    """Hyperparameter sweeps; the best trial's model version gets the alias `best`."""
+
+    model = Sweep
+    serializer_class = s.SweepSerializer
+    required_scopes = {
+        "list": "jobs:read",
+        "retrieve": "jobs:read",
+        "create": "jobs:write",
+        "cancel": "jobs:write",
+    }
+
+    def create(self, request, *args, **kwargs):
+        data = s.SweepCreateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        fields = dict(data.validated_data)
+        ref = fields.pop("dataset")
+        sweep = sweeps.sweep_create(
+            organization=self.organization,
+            actor=self.actor,
+            dataset_version=self._dataset_version(ref),
+            resource_class=self._resource_class(fields.pop("resource_class")),
+            base_parameters=fields.pop("parameters"),
+            **fields,
+        )
+        return Response(s.SweepSerializer(sweep).data, status=status.HTTP_201_CREATED)
+
+    @action(detail=True, methods=["post"])
+    def cancel(self, request, *args, **kwargs):
+        sweep = sweeps.sweep_cancel(sweep=self.get_object(), actor=self.actor)
+        return Response(s.SweepSerializer(sweep).data)

@@ -28,11 +28,17 @@ from jobs.services.attempts import (
     attempt_checkpoint,
     attempt_claim,
     attempt_finish,
-    attempt_is_current,
     attempt_report,
+    attempt_state,
 )
+from registry.models import Dataset, DatasetVersion
 from registry.selectors import registered_model_get
-from registry.services import model_version_register, registered_model_create
+from registry.services import (
+    dataset_create,
+    dataset_version_create,
+    model_version_register,
+    registered_model_create,
+)
 from registry.storage import get_storage, new_object_key
 from tenants.actors import Actor
 
@@ -87,24 +93,17 @@ class _Attempt:
         outcome, reason = self._supervise(child)
         if outcome == "succeeded":
             try:
-                version_id = self._register_model()
-            except (
-                Exception
-            ) as exc:  # registration refused the artifacts: the job fails, saying why
-                logger.exception("registering job %s's model failed", self.job.pk)
+                outputs = self._register_outputs()
+            except Exception as exc:  # the registry refused the outputs: the job fails, saying why
+                logger.exception("registering job %s's outputs failed", self.job.pk)
                 attempt_finish(
                     job_id=self.job.pk,
                     attempt=self.attempt,
                     outcome="failed",
-                    reason=f"Could not register the model: {exc}",
+                    reason=f"Could not register the outputs: {exc}",
                 )
                 return "failed"
-            attempt_finish(
-                job_id=self.job.pk,
-                attempt=self.attempt,
-                outcome="succeeded",
-                output_model_version_id=version_id,
-            )
+            attempt_finish(job_id=self.job.pk, attempt=self.attempt, outcome="succeeded", **outputs)
         else:
             attempt_finish(job_id=self.job.pk, attempt=self.attempt, outcome=outcome, reason=reason)
         return outcome
@@ -121,9 +120,19 @@ class _Attempt:
         if self.job.checkpoint_key:
             resume_from = str(self.workdir / "resume.pt")
             self._download(self.job.checkpoint_key, Path(resume_from))
+        model_dir = None
+        if self.job.input_model_version is not None:
+            model_dir = "model"
+            (self.workdir / model_dir).mkdir()
+            for artifact in self.job.input_model_version.artifacts.all():
+                self._download(artifact.storage_key, self.workdir / model_dir / artifact.name)
         (self.workdir / "output").mkdir()
         (self.workdir / "checkpoints").mkdir()
+        gpus = self.job.gpu_count if self.job.resource_class.name != "cpu" else 1
         spec = {
+            "task": "predict" if self.job.kind == Job.Kind.INFER else "train",
+            "model_dir": model_dir,
+            "processes": gpus,
             "recipe": self.job.recipe,
             "parameters": self.job.parameters,
             "dataset": {"path": str(dataset_path), "format": dataset.format},
@@ -246,13 +255,47 @@ class _Attempt:
         if previous:
             self.storage.delete(previous)
 
-    def _register_model(self) -> int:
-        if not attempt_is_current(job_id=self.job.pk, attempt=self.attempt):
+    def _register_outputs(self) -> dict:
+        """The model version (training) or predictions dataset version (inference) the job made."""
+        state = attempt_state(job_id=self.job.pk, attempt=self.attempt)
+        if state is None:
             raise StaleAttempt(f"job {self.job.pk} attempt {self.attempt}")
+        if state == JobState.CANCELLING:
+            return {}  # cancelled while finishing: nothing is registered
+        if self.job.kind == Job.Kind.INFER:
+            return {"output_dataset_version_id": self._register_predictions()}
+        return {"output_model_version_id": self._register_model()}
+
+    def _actor(self) -> Actor:
+        return Actor(user=self.job.created_by, api_key=self.job.created_by_api_key)
+
+    def _register_predictions(self) -> int:
+        organization, name = self.job.organization, self.job.output_dataset_name
+        dataset = Dataset.objects.for_organization(organization).filter(name=name).first()
+        if dataset is None:
+            dataset = dataset_create(
+                organization=organization,
+                name=name,
+                description=f"Predictions of {self.job.input_model_version}.",
+                actor=self._actor(),
+            )
+        version = dataset_version_create(
+            dataset=dataset,
+            path=self.workdir / self.result["artifacts"]["predictions.csv"],
+            filename="predictions.csv",
+            actor=self._actor(),
+            source=DatasetVersion.Source.JOB_OUTPUT,
+            source_job_id=self.job.pk,
+            derived_from_model_version=self.job.input_model_version,
+            derived_from_dataset_version=self.job.input_dataset_version,
+        )
+        return version.pk
+
+    def _register_model(self) -> int:
         result = self.result
         config = json.loads((self.workdir / result["artifacts"]["config.json"]).read_text())
         organization = self.job.organization
-        actor = Actor(user=self.job.created_by, api_key=self.job.created_by_api_key)
+        actor = self._actor()
         try:
             registered = registered_model_get(
                 organization=organization, name=self.job.output_model_name

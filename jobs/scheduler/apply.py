@@ -13,6 +13,7 @@ from jobs.models import Job, JobAttempt, JobState, Worker
 from jobs.services.attempts import lease_deadline
 from jobs.services.events import job_event
 from jobs.services.pool import job_preempt, reap_lost
+from jobs.services.sweeps import sweeps_progress
 
 from . import schedule
 from .snapshot import snapshot_load
@@ -50,6 +51,7 @@ def scheduler_pass() -> Decisions | None:
         decisions = schedule(snapshot)
         dispatches = decisions_apply(decisions=decisions, current=current)
         transaction.on_commit(lambda: dispatch(dispatches))
+    sweeps_progress()
     return decisions
 
 

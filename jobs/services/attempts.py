@@ -156,6 +156,7 @@ def attempt_finish(
     outcome: str,
     reason: str = "",
     output_model_version_id: int | None = None,
+    output_dataset_version_id: int | None = None,
 ) -> Job:
     """End the attempt: bill it once, then move the job to its next state.
 
@@ -164,8 +165,11 @@ def attempt_finish(
     """
     job = _locked(job_id, attempt)
     now = timezone.now()
-    if outcome == "stopped":
-        outcome = "cancelled" if job.state == JobState.CANCELLING else "preempted"
+    if job.state == JobState.CANCELLING:
+        # The person asked to cancel: that is the outcome, whatever the child did meanwhile.
+        outcome = JobAttempt.Outcome.CANCELLED
+    elif outcome == "stopped":
+        outcome = JobAttempt.Outcome.PREEMPTED
     record = attempt_close(job=job, outcome=outcome, ended_at=now)
     if record is not None:
         attempt_bill(job=job, attempt=record)
@@ -173,6 +177,7 @@ def attempt_finish(
     if outcome == JobAttempt.Outcome.SUCCEEDED:
         job.transition_to(JobState.SUCCEEDED)
         job.output_model_version_id = output_model_version_id
+        job.output_dataset_version_id = output_dataset_version_id
     elif outcome == JobAttempt.Outcome.FAILED:
         job.transition_to(JobState.FAILED)
         job.failure_reason = reason[:5000]
@@ -189,5 +194,10 @@ def attempt_finish(
     return job
 
 
-def attempt_is_current(*, job_id: int, attempt: int) -> bool:
-    return Job.objects.filter(pk=job_id, attempt=attempt, state__in=ACTIVE_STATES).exists()
+def attempt_state(*, job_id: int, attempt: int) -> str | None:
+    """The job's state while this attempt is current, else None."""
+    return (
+        Job.objects.filter(pk=job_id, attempt=attempt, state__in=ACTIVE_STATES)
+        .values_list("state", flat=True)
+        .first()
+    )

@@ -61,9 +61,9 @@ def job_submit(
     *,
     organization: Organization,
     actor: Actor,
-    recipe: str,
-    parameters: dict,
     resource_class: ResourceClass,
+    recipe: str = "",
+    parameters: dict | None = None,
     gpu_count: int = 1,
     priority: int = 0,
     labels: dict | None = None,
@@ -71,6 +71,8 @@ def job_submit(
     dataset_version: DatasetVersion | None = None,
     model_version: ModelVersion | None = None,
     output_model_name: str = "",
+    output_dataset_name: str = "",
+    kind: str = Job.Kind.TRAIN,
     idempotency_key: str | None = None,
 ) -> tuple[Job, bool]:
     """Queue a job; returns (job, created). A repeated idempotency key returns the first job."""
@@ -82,15 +84,35 @@ def job_submit(
         )
         if existing is not None:
             return existing, False
-    recipe_cls = get_recipe(recipe)
-    parameters = validate_parameters(recipe_cls, parameters)
     for linked in (dataset_version, model_version):
         if linked is not None and linked.organization_id != organization.pk:
             raise DomainError("Inputs must be this organization's own versions.")
     if dataset_version is None:
         raise DomainError(
-            "Training needs an input dataset version.", fields={"dataset": ["Required."]}
+            "A job needs an input dataset version.", fields={"dataset": ["Required."]}
         )
+    if kind == Job.Kind.INFER:
+        if model_version is None:
+            raise DomainError(
+                "Batch inference needs a model version.", fields={"model": ["Required."]}
+            )
+        if not model_version.recipe_name:
+            raise DomainError(
+                f"{model_version} was not trained by a recipe, so no recipe can run it.",
+                fields={"model": ["Choose a version trained on the platform."]},
+            )
+        recipe = model_version.recipe_name
+        recipe_cls = get_recipe(recipe)
+        parameters = validate_parameters(recipe_cls, parameters or {}, task="predict")
+    else:
+        recipe_cls = get_recipe(recipe)
+        parameters = validate_parameters(recipe_cls, parameters or {})
+        if model_version is not None and model_version.recipe_name != recipe:
+            raise DomainError(
+                f"{model_version} was trained by {model_version.recipe_name or 'no recipe'}; "
+                f"continue training it with that recipe, not {recipe}.",
+                fields={"model": ["Must come from the same recipe."]},
+            )
     if dataset_version.format not in recipe_cls.dataset_formats:
         raise DomainError(
             f"{recipe} reads {', '.join(recipe_cls.dataset_formats)}; "
@@ -99,6 +121,11 @@ def job_submit(
         )
     if not 1 <= gpu_count <= 64:
         raise DomainError("Ask for 1 to 64 GPUs.", fields={"gpu_count": ["Between 1 and 64."]})
+    if gpu_count > 1 and kind == Job.Kind.TRAIN and not recipe_cls.distributed:
+        raise DomainError(
+            f"{recipe} trains on one GPU; ask for 1.",
+            fields={"gpu_count": ["This recipe does not train data-parallel."]},
+        )
     largest = Worker.objects.filter(resource_class=resource_class).aggregate(m=Max("slots"))["m"]
     if largest is not None and gpu_count > largest:
         raise DomainError(
@@ -110,9 +137,20 @@ def job_submit(
             "Max runtime is 1 minute to 7 days.",
             fields={"max_runtime_s": ["60 to 604800 seconds."]},
         )
-    output_model_name = validate_name(
-        output_model_name or f"{recipe}-{dataset_version.dataset.name}", field="output_model"
-    )
+    if kind == Job.Kind.INFER:
+        output_model_name = ""
+        output_dataset_name = validate_name(
+            output_dataset_name or f"{model_version.registered_model.name}-predictions",
+            field="output_dataset",
+        )
+    else:
+        default_model = (
+            model_version.registered_model.name
+            if model_version is not None
+            else f"{recipe}-{dataset_version.dataset.name}"
+        )
+        output_model_name = validate_name(output_model_name or default_model, field="output_model")
+        output_dataset_name = ""
     labels = _validate_labels(labels or {})
 
     try:
@@ -139,12 +177,14 @@ def job_submit(
                 )
             job = Job.objects.create(
                 organization=organization,
+                kind=kind,
                 recipe=recipe,
                 recipe_version=recipe_cls.version,
                 parameters=parameters,
                 input_dataset_version=dataset_version,
                 input_model_version=model_version,
                 output_model_name=output_model_name,
+                output_dataset_name=output_dataset_name,
                 resource_class=resource_class,
                 gpu_count=gpu_count,
                 priority=priority,
@@ -163,7 +203,12 @@ def job_submit(
                 actor=actor,
                 action="job.submit",
                 target=job,
-                data={"recipe": recipe, "gpus": gpu_count, "resource_class": resource_class.name},
+                data={
+                    "kind": kind,
+                    "recipe": recipe,
+                    "gpus": gpu_count,
+                    "resource_class": resource_class.name,
+                },
             )
             transaction.on_commit(tick_soon)
     except IntegrityError:
@@ -218,6 +263,8 @@ def job_retry(*, job: Job, actor: Actor) -> Job:
         dataset_version=job.input_dataset_version,
         model_version=job.input_model_version,
         output_model_name=job.output_model_name,
+        output_dataset_name=job.output_dataset_name,
+        kind=job.kind,
     )
     Job.objects.filter(pk=retried.pk).update(retry_of=job)
     retried.retry_of = job

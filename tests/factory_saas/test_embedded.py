@@ -5,9 +5,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
+
+from tests.processes import alive, descendants, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -18,46 +19,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _wait_until(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = condition()
-        if result:
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _ready(url: str):
     try:
         with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310  a loopback http URL
             return response.status == 200
     except OSError:
         return False
-
-
-def _descendants(pid: int) -> set[int]:
-    ps = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True, check=True)
-    children: dict[int, list[int]] = {}
-    for line in ps.stdout.splitlines():
-        child, parent = map(int, line.split())
-        children.setdefault(parent, []).append(child)
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
-def _alive(pids: set[int]) -> set[int]:
-    ps = subprocess.run(["ps", "-eo", "pid=,stat="], capture_output=True, text=True, check=True)
-    running = {
-        int(pid)
-        for pid, stat in (line.split() for line in ps.stdout.splitlines())
-        if stat[0] != "Z"
-    }
-    return pids & running
 
 
 def test_embedded_product_serves_and_ctrl_c_leaves_no_process_behind(tmp_path):
@@ -75,6 +42,11 @@ def test_embedded_product_serves_and_ctrl_c_leaves_no_process_behind(tmp_path):
         [*manage, "seed_demo"], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert "owner@demo.local" in seeded.stdout
+    samples = subprocess.run(
+        [*manage, "seed_samples"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert samples.returncode == 0, samples.stderr
+    assert all(name in samples.stdout for name in ("customers", "shapes", "reviews", "hourly-load"))
 
     port = _free_port()
     product = subprocess.Popen(
@@ -86,16 +58,30 @@ def test_embedded_product_serves_and_ctrl_c_leaves_no_process_behind(tmp_path):
         stderr=subprocess.DEVNULL,
     )
     try:
-        _wait_until(lambda: _ready(f"http://127.0.0.1:{port}/readyz"), 60, "/readyz to answer 200")
-        # web, beat, the worker and its two pool processes
-        started = _wait_until(
-            lambda: (found := _descendants(product.pid)) and len(found) >= 5 and found,
-            30,
-            "the worker's pool to start",
+        wait_for(
+            lambda: _ready(f"http://127.0.0.1:{port}/readyz"),
+            timeout=60,
+            what="/readyz to answer 200",
+        )
+        query = (
+            "from jobs.models import Worker; print(Worker.objects.filter(name='embedded').exists())"
+        )
+        registered = [*manage, "shell", "-c", query]
+
+        def worker_registered() -> bool:
+            result = subprocess.run(registered, cwd=ROOT, env=env, capture_output=True, text=True)
+            return "True" in result.stdout
+
+        wait_for(worker_registered, timeout=60, what="the embedded pool worker to register")
+        # web, beat, the worker and its pool processes
+        started = wait_for(
+            lambda: (found := descendants(product.pid)) and len(found) >= 4 and found,
+            timeout=30,
+            what="the worker's pool to start",
         )
         product.send_signal(signal.SIGINT)
         assert product.wait(timeout=30) == 0
-        _wait_until(lambda: not _alive(started), 15, "every child to exit")
+        wait_for(lambda: not alive(started), timeout=15, what="every child to exit")
     finally:
         if product.poll() is None:
             os.killpg(product.pid, signal.SIGKILL)

@@ -111,11 +111,15 @@ def test_cancel_then_retry_through_the_api(org, dev):
 
 
 def test_recipes_and_resource_classes_are_listed_for_any_signed_in_caller(dev, api_client):
-    recipes = dev.get("/api/v1/recipes/").json()
-    assert (
-        recipes[0]["name"] == "tabular-classifier"
-        and "target" in recipes[0]["parameter_schema"]["properties"]
-    )
+    recipes = {recipe["name"]: recipe for recipe in dev.get("/api/v1/recipes/").json()}
+    expected = {
+        "tabular-classifier",
+        "image-classifier",
+        "text-classifier",
+        "timeseries-forecaster",
+    }
+    assert set(recipes) >= expected
+    assert "target" in recipes["tabular-classifier"]["parameter_schema"]["properties"]
     classes = {c["name"]: c for c in dev.get("/api/v1/resource-classes/").json()}
     assert classes["a100-40gb"]["price_per_gpu_hour"] == "2.8800"
     assert api_client.get("/api/v1/recipes/").status_code == 401

@@ -6,7 +6,7 @@ from django.urls import reverse
 from jobs.models import Job
 from jobs.scheduler.apply import scheduler_pass
 from jobs.services.attempts import Report, attempt_claim, attempt_report
-from tests.factories import DatasetVersionFactory, JobFactory
+from tests.factories import DatasetVersionFactory, JobFactory, ModelVersionFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -19,7 +19,7 @@ def dev(org, member_factory, client):
 
 def test_submit_form_is_generated_from_the_recipe_schema(org, dev):
     version = DatasetVersionFactory(organization=org)
-    url = reverse("jobs:job_submit", args=[org.slug])
+    url = reverse("jobs:job_submit", args=[org.slug]) + "?recipe=tabular-classifier"
     page = dev.get(url)
     html = page.content.decode()
     assert (
@@ -49,7 +49,7 @@ def test_submit_form_is_generated_from_the_recipe_schema(org, dev):
 def test_submit_form_keeps_input_and_names_the_bad_parameter(org, dev):
     version = DatasetVersionFactory(organization=org)
     response = dev.post(
-        reverse("jobs:job_submit", args=[org.slug]),
+        reverse("jobs:job_submit", args=[org.slug]) + "?recipe=tabular-classifier",
         {
             "dataset_version": version.pk,
             "resource_class": "cpu",
@@ -104,3 +104,22 @@ def test_pool_page_is_for_staff(client, owner, register_worker):
     owner.save()
     page = client.get(reverse("ops_pool"))
     assert page.status_code == 200 and b"cpu-ops" in page.content
+
+
+def test_batch_prediction_page_queues_an_inference_job(org, dev):
+    model_version = ModelVersionFactory(organization=org, recipe_name="tabular-classifier")
+    dataset = DatasetVersionFactory(organization=org)
+    url = reverse("jobs:job_predict", args=[org.slug])
+    assert str(model_version).encode() in dev.get(url, {"model_version": model_version.pk}).content
+    response = dev.post(
+        url,
+        {"model_version": model_version.pk, "dataset_version": dataset.pk, "resource_class": "cpu"},
+    )
+    job = Job.objects.get()
+    assert response["Location"] == reverse("jobs:job", args=[org.slug, job.pk])
+    assert (job.kind, job.recipe, job.input_model_version) == (
+        "infer",
+        "tabular-classifier",
+        model_version,
+    )
+    assert job.output_dataset_name == f"{model_version.registered_model.name}-predictions"

@@ -26,6 +26,7 @@ from jobs.models import TERMINAL_STATES, Job, JobAttempt, JobMetric, JobState, R
 from jobs.services import job_cancel, job_submit
 from registry.services import dataset_create, dataset_version_create
 from tenants.actors import Actor
+from tests.processes import alive, descendants, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 e2e = pytest.mark.django_db(transaction=True, serialized_rollback=True)
@@ -38,16 +39,6 @@ TIMINGS = {
     "SCHEDULER_TICK_S": "0.5",
     "WORKER_CPU_SLOTS": "1",
 }
-
-
-def wait_for(condition, *, timeout: float, what: str, every: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = condition()
-        if result:
-            return result
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def _database_url() -> str:
@@ -247,33 +238,6 @@ def test_cancel_stops_a_running_job_within_five_seconds(pool, org, owner, traini
     assert UsageRecord.objects.filter(source_id=str(job.pk)).count() == 1
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    state = (
-        Path(f"/proc/{pid}/stat").read_text().split()[2]
-        if Path(f"/proc/{pid}/stat").exists()
-        else "X"
-    )
-    return state not in ("Z", "X")
-
-
-def _descendants(pid: int) -> set[int]:
-    ps = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True, check=True)
-    children: dict[int, list[int]] = {}
-    for line in ps.stdout.splitlines():
-        child, parent = map(int, line.split())
-        children.setdefault(parent, []).append(child)
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
 @e2e
 def test_a_killed_worker_loses_its_job_which_resumes_from_its_checkpoint_elsewhere(
     pool, org, owner, training_data
@@ -286,10 +250,10 @@ def test_a_killed_worker_loses_its_job_which_resumes_from_its_checkpoint_elsewhe
         what="a checkpoint",
     )
     first_worker = labels[job.worker.name]
-    doomed = _descendants(pool.processes[first_worker].pid) | {pool.processes[first_worker].pid}
+    doomed = descendants(pool.processes[first_worker].pid) | {pool.processes[first_worker].pid}
     pool.kill(first_worker)
     wait_for(
-        lambda: not any(_alive(pid) for pid in doomed),
+        lambda: not alive(doomed),
         timeout=10,
         what="the killed worker's processes to die",
     )
@@ -309,3 +273,76 @@ def test_a_killed_worker_loses_its_job_which_resumes_from_its_checkpoint_elsewhe
     resumed_steps = JobMetric.objects.filter(job=job, attempt=2).values_list("step", flat=True)
     assert min(resumed_steps) > 0  # the second attempt continued, it did not start over
     assert UsageRecord.objects.filter(source_id=str(job.pk)).count() == 2
+
+
+@e2e
+def test_train_then_fine_tune_then_batch_and_online_prediction(
+    pool, org, owner, training_data, client_for
+):
+    from billing.models import UsageRecord as Usage
+    from registry.selectors import lineage
+    from registry.services import model_alias_set
+
+    pool.start_worker("w1")
+    trained = _submit(org, owner, training_data, epochs=3)
+    wait_for(lambda: _state(trained) in TERMINAL_STATES, timeout=120, what="training")
+    assert trained.state == JobState.SUCCEEDED, trained.failure_reason
+    first = trained.output_model_version
+    model_alias_set(
+        registered_model=first.registered_model,
+        alias="production",
+        version=first,
+        actor=Actor(user=owner),
+    )
+
+    tuned, _ = job_submit(
+        organization=org,
+        actor=Actor(user=owner),
+        recipe="tabular-classifier",
+        parameters={"target": "label", "epochs": 2},
+        resource_class=ResourceClass.objects.get(name="cpu"),
+        dataset_version=training_data,
+        model_version=first,
+    )
+    infer, _ = job_submit(
+        organization=org,
+        actor=Actor(user=owner),
+        kind=Job.Kind.INFER,
+        resource_class=ResourceClass.objects.get(name="cpu"),
+        dataset_version=training_data,
+        model_version=first,
+    )
+    for job in (tuned, infer):
+        wait_for(lambda job=job: _state(job) in TERMINAL_STATES, timeout=120, what=f"job {job.pk}")
+        assert job.state == JobState.SUCCEEDED, (job.kind, job.failure_reason, pool.logs())
+    second = tuned.output_model_version
+    assert second.registered_model == first.registered_model and second.parent_version == first
+
+    predictions = infer.output_dataset_version
+    assert predictions.row_count == training_data.row_count
+    assert predictions.derived_from_model_version == first and predictions.source_job_id == infer.pk
+    assert {"prediction", "probability"} <= {column["name"] for column in predictions.schema}
+    graph = lineage(version=training_data)
+    assert f"dataset_version:{predictions.pk}" in {node["id"] for node in graph["nodes"]}
+
+    client = client_for(owner)
+    response = client.post(
+        f"/api/v1/orgs/{org.slug}/models/{first.registered_model.name}/predict/",
+        {
+            "version": "production",
+            "rows": [
+                {"a": 0.9, "b": 0.8, "colour": "red"},
+                {"a": -0.9, "b": -0.7, "colour": "blue"},
+            ],
+        },
+        format="json",
+    )
+    assert response.status_code == 200, response.content
+    assert [p["prediction"] for p in response.json()["predictions"]] == ["yes", "no"]
+    bad = client.post(
+        f"/api/v1/orgs/{org.slug}/models/{first.registered_model.name}/predict/",
+        {"rows": [{"a": "lots"}]},
+        format="json",
+    )
+    assert bad.status_code == 400 and "rows" in bad.json()["fields"]
+    assert Usage.objects.filter(resource="predictions", source_id=str(first.pk)).count() == 1

@@ -1,4 +1,4 @@
-"""Run web, one Celery worker and beat together in the foreground; Ctrl-C stops all of them."""
+"""Run web, one pool worker and beat together in the foreground; Ctrl-C stops all of them."""
 
 import contextlib
 import os
@@ -29,17 +29,14 @@ class Command(BaseCommand):
         python = sys.executable
         commands = {
             "web": [python, "manage.py", "runserver", bind, "--noreload"],
+            # One pool machine with CPU slots that also runs the scheduler tick.
             "worker": [
                 python,
-                "-m",
-                "celery",
-                "-A",
-                "factory_saas",
-                "worker",
-                "-l",
-                "info",
-                "-c",
-                "2",
+                "manage.py",
+                "run_worker",
+                "--name",
+                "embedded",
+                "--with-default-queue",
             ],
             "beat": [
                 python,
