@@ -12,4 +12,7 @@ urlpatterns = [
     path("jobs/<int:pk>/", views.JobPage.as_view(), name="job"),
     path("jobs/<int:pk>/cancel/", views.JobCancelAction.as_view(), name="job_cancel"),
     path("jobs/<int:pk>/retry/", views.JobRetryAction.as_view(), name="job_retry"),
+    path("sweeps/", views.SweepsPage.as_view(), name="sweeps"),
+    path("sweeps/<int:pk>/", views.SweepPage.as_view(), name="sweep"),
+    path("sweeps/<int:pk>/cancel/", views.SweepCancelAction.as_view(), name="sweep_cancel"),
 ]

@@ -12,8 +12,9 @@ from django.views.generic import TemplateView
 
 from jobs import selectors, services
 from jobs.forms import JobForm, PredictForm
-from jobs.models import Job, JobEvent, JobLog, JobMetric, JobState
+from jobs.models import Job, JobEvent, JobLog, JobMetric, JobState, Sweep
 from jobs.recipes.registry import get_recipe, list_recipes
+from jobs.services import sweeps
 from tenants.errors import DomainError
 from tenants.views.base import OrganizationPageMixin
 
@@ -216,6 +217,60 @@ class JobRetryAction(_JobAction):
         retried = services.job_retry(job=job, actor=self.actor)
         messages.success(self.request, f"Submitted again as job {retried.pk}.")
         return retried
+
+
+class SweepsPage(OrganizationPageMixin, TemplateView):
+    template_name = "jobs/sweeps.html"
+    required_scopes = {"get": "jobs:read"}
+
+    def get_context_data(self, **kwargs):
+        context = super().get_context_data(**kwargs)
+        sweeps = Sweep.objects.for_organization(self.organization).select_related("best_job")
+        context["page"] = Paginator(sweeps, 50).get_page(self.request.GET.get("page"))
+        return context
+
+
+class SweepPage(OrganizationPageMixin, TemplateView):
+    """A sweep's trials side by side: their parameters, state and the chosen metric."""
+
+    template_name = "jobs/sweep.html"
+    required_scopes = {"get": "jobs:read"}
+    model = Sweep
+
+    def get_context_data(self, **kwargs):
+        context = super().get_context_data(**kwargs)
+        sweep = self.get_org_object()
+        trials = list(sweep.trials.select_related("output_model_version").order_by("pk"))
+        names = sorted(sweep.space)
+        context.update(
+            sweep=sweep,
+            parameter_names=names,
+            rows=[
+                (
+                    trial,
+                    [trial.parameters.get(name) for name in names],
+                    trial.output_model_version.metrics.get(sweep.metric)
+                    if trial.output_model_version
+                    else None,
+                )
+                for trial in trials
+            ],
+        )
+        return context
+
+
+class SweepCancelAction(OrganizationPageMixin, View):
+    model = Sweep
+    required_scopes = {"post": "jobs:write"}
+
+    def post(self, request, org_slug, pk):
+        try:
+            sweeps.sweep_cancel(sweep=self.get_org_object(), actor=self.actor)
+        except DomainError as error:
+            messages.error(request, error.detail)
+        else:
+            messages.success(request, "Sweep cancelled; its running trials stop within seconds.")
+        return redirect("jobs:sweep", org_slug, pk)
 
 
 @method_decorator(staff_member_required, name="dispatch")

@@ -127,3 +127,13 @@ def test_sweeps_through_the_api(org, member_factory, client_for, dataset_version
     assert [t["parameters"]["epochs"] for t in body["trials"]] == [1, 2]
     cancelled = client.post(f"/api/v1/orgs/{org.slug}/sweeps/{body['id']}/cancel/")
     assert cancelled.json()["state"] == "cancelled"
+
+
+def test_sweep_page_shows_trials_side_by_side_and_cancels(make_sweep, org, client, owner):
+    sweep = make_sweep(strategy="grid", trial_count=2, space={"epochs": {"values": [3, 7]}})
+    client.force_login(owner)
+    page = client.get(f"/o/{org.slug}/sweeps/{sweep.pk}/")
+    assert [values for _trial, values, _score in page.context["rows"]] == [[3], [7]]
+    assert client.post(f"/o/{org.slug}/sweeps/{sweep.pk}/cancel/").status_code == 302
+    sweep.refresh_from_db()
+    assert sweep.state == Sweep.State.CANCELLED
