@@ -31,12 +31,14 @@ from typing import TYPE_CHECKING, Any
 
 from jobs.recipes.base import (
     CONFIG_FILENAME,
+    PREDICTIONS_FILENAME,
     WEIGHTS_FILENAME,
     Recipe,
     RecipeContext,
     RecipeInputError,
     RecipeResult,
 )
+from jobs.recipes.training import Trainer, autocast, derived_seed
 
 if TYPE_CHECKING:
     import numpy as np
@@ -44,7 +46,6 @@ if TYPE_CHECKING:
     from torch import nn
 
 MAX_CLASSES = 1_000
-PREDICTIONS_FILENAME = "predictions.csv"
 # Images decoded, resized and scored at a time outside training: memory stays flat in the
 # dataset's size, and a chunk is large enough to keep a GPU busy.
 CHUNK_IMAGES = 256
@@ -53,7 +54,6 @@ CHUNK_IMAGES = 256
 BLOCKS_PER_STAGE = [1, 1, 1]
 # Streams of the seed: each use of randomness draws from its own generator.
 _SPLIT, _SHUFFLE, _AUGMENT = 0, 1, 2
-_SEED_STRIDE = 6_364_136_223_846_793_005
 _NPZ_HINT = "save the images as x and the labels as y: numpy.savez(path, x=images, y=labels)"
 
 
@@ -696,34 +696,18 @@ def _load_model(ctx: RecipeContext) -> tuple[nn.Sequential, _ModelInput]:
     return model, _ModelInput.from_config(config)
 
 
-def _amp_dtype(device: torch.device) -> torch.dtype | None:
-    """Mixed precision in bf16 on a GPU, fp16 where bf16 is missing; None (float32) on the CPU."""
-    import torch
-
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def _autocast(device: torch.device) -> torch.autocast:
-    import torch
-
-    dtype = _amp_dtype(device)
-    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
-
-
 def _logits(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     """Float32 logits of a model in eval mode."""
     import torch
 
-    with torch.no_grad(), _autocast(inputs.device):
+    with torch.no_grad(), autocast(inputs.device):
         return model(inputs).float()
 
 
 def _generator(seed: int, stream: int, index: int) -> torch.Generator:
     import torch
 
-    return torch.Generator().manual_seed((seed * _SEED_STRIDE + stream * 2**40 + index) % 2**63)
+    return torch.Generator().manual_seed(derived_seed(seed, stream * 2**40 + index))
 
 
 def _augment(inputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -746,9 +730,10 @@ def _augment(inputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.where(flips[:, None, None, None], cropped.flip(3), cropped)
 
 
-class _Trainer:
-    """One training run's mutable state: where it is (epoch, batch, step), the optimizer and the
-    best epoch so far; all of it goes into a checkpoint and comes back from one."""
+class _Trainer(Trainer):
+    """The image classifier's training run (see Trainer)."""
+
+    recipe = ImageClassifier
 
     def __init__(
         self,
@@ -757,60 +742,18 @@ class _Trainer:
         train: tuple[torch.Tensor, torch.Tensor],
         val: tuple[torch.Tensor, torch.Tensor],
     ) -> None:
-        import torch
-
-        self.ctx = ctx
-        self.parameters = ctx.parameters
+        super().__init__(ctx)
         self.model_input = model_input
         self.architecture = model_input.architecture(ctx.parameters)
-        self.device = torch.device(ctx.devices[0])
         # Pixels stay on the CPU in their compact type; each batch is moved and standardised.
         self.train_pixels, self.train_targets = train
         self.val_pixels, self.val_targets = val[0], val[1].to(self.device)
-        self.batch_size = self.parameters["batch_size"]
         self.batches = math.ceil(len(self.train_targets) / self.batch_size)
-        # The same initial weights for the same seed, whatever ran in this process before.
-        torch.manual_seed(ctx.seed)
-        self.model = _build_model(self.architecture).to(self.device)
-        self.optimizer = torch.optim.Adam(
-            self.model.parameters(), lr=self.parameters["learning_rate"]
-        )
-        self.autocast = _autocast(self.device)
-        # bf16 has float32's range; only fp16 gradients need scaling to avoid underflow.
-        self.scaler = torch.amp.GradScaler("cuda", enabled=_amp_dtype(self.device) == torch.float16)
-        self.epoch = self.batch = self.step = 0
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.best_val_loss = math.inf
-        self.best_weights: dict[str, torch.Tensor] | None = None
-        self.best_metrics: dict[str, Any] | None = None
-        self.stale_epochs = 0
-        if ctx.resume_state is not None:
-            self._restore(ctx.resume_state)
+        self._start_model(_build_model, self.architecture, self.parameters["learning_rate"])
 
-    def run(self) -> RecipeResult | None:
-        epochs = self.parameters["epochs"]
-        total = epochs * self.batches
-        while self.epoch < epochs:
-            order = self._shuffled_rows()
-            while self.batch < self.batches:
-                if self.ctx.should_stop():
-                    self.ctx.save_checkpoint(self._state(), self.step)
-                    return None
-                start = self.batch * self.batch_size
-                self._train_step(order[start : start + self.batch_size])
-                self.batch += 1
-                self.step += 1
-                self.ctx.progress(self.step, total, self.epoch + 1)
-                if self.ctx.checkpoint_due():
-                    self.ctx.save_checkpoint(self._state(), self.step)
-            if self._end_epoch():
-                break
-        return self._result()
-
-    def _shuffled_rows(self) -> torch.Tensor:
+    def _epoch_order(self) -> torch.Tensor:
         import torch
 
-        # Seeded by the epoch alone, so a resumed run draws the same order mid-epoch.
         generator = _generator(self.ctx.seed, _SHUFFLE, self.epoch)
         return torch.randperm(len(self.train_targets), generator=generator)
 
@@ -825,15 +768,9 @@ class _Trainer:
         targets = self.train_targets[rows].to(self.device, non_blocking=True)
         with self.autocast:
             logits = self.model(inputs)
-        loss = F.cross_entropy(logits.float(), targets)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        # Accumulated on the device, so the step does not wait for the GPU.
-        self.loss_sum += loss.detach()
+        self._step(F.cross_entropy(logits.float(), targets))
 
-    def _validate(self) -> dict[str, float]:
+    def _val_metrics(self) -> dict[str, float]:
         import torch.nn.functional as F
 
         self.model.eval()
@@ -852,98 +789,15 @@ class _Trainer:
             "accuracy": correct / len(self.val_targets),
         }
 
-    def _end_epoch(self) -> bool:
-        """Measure the epoch, keep the best weights; True when early stopping ends the run."""
-        train_loss = (self.loss_sum / self.batches).item()
-        metrics = self._validate()
-        if not (math.isfinite(train_loss) and math.isfinite(metrics["loss"])):
-            raise RecipeInputError(
-                f"The loss stopped being a finite number in epoch {self.epoch + 1}; "
-                "lower the learning_rate."
-            )
-        self.ctx.log_metric(self.step, "loss", train_loss, "train")
-        self.ctx.log_metric(self.step, "loss", metrics["loss"], "val")
-        self.ctx.log_metric(self.step, "accuracy", metrics["accuracy"], "val")
-        self.epoch += 1
-        self.batch = 0
-        self.loss_sum.zero_()
-        if metrics["loss"] < self.best_val_loss:
-            self.best_val_loss = metrics["loss"]
-            self.best_weights = {
-                name: tensor.detach().clone() for name, tensor in self.model.state_dict().items()
-            }
-            self.best_metrics = {**metrics, "train_loss": train_loss, "epoch": self.epoch}
-            self.stale_epochs = 0
-            return False
-        self.stale_epochs += 1
-        patience = self.parameters["early_stopping_patience"]
-        if patience and self.stale_epochs >= patience:
-            self.ctx.log(
-                f"Stopping early after epoch {self.epoch}: the validation loss has not improved "
-                f"for {patience} epochs; keeping epoch {self.best_metrics['epoch']}."
-            )
-            return True
-        return False
-
     def _result(self) -> RecipeResult:
-        self.model.load_state_dict(self.best_weights)
-        artifacts = self.ctx.write_artifacts(
-            self.model.state_dict(), self.model_input.config(self.architecture)
+        artifacts = self._write_best_model(self.model_input.config(self.architecture))
+        return RecipeResult(
+            self._best_epoch_metrics(), artifacts, self.model_input.input_signature()
         )
-        best = self.best_metrics
-        metrics = {
-            "val_loss": best["loss"],
-            "val_accuracy": best["accuracy"],
-            "train_loss": best["train_loss"],
-            "best_epoch": best["epoch"],
-            "epochs_trained": self.epoch,
-        }
-        return RecipeResult(metrics, artifacts, self.model_input.input_signature())
 
-    def _fingerprint(self) -> dict[str, Any]:
-        """What a checkpoint must match to continue this run rather than another one."""
+    def _identity(self) -> dict[str, Any]:
         return {
-            "recipe": ImageClassifier.name,
-            "version": ImageClassifier.version,
-            "parameters": self.parameters,
-            "seed": self.ctx.seed,
             "classes": self.model_input.classes,
             "channels": self.model_input.channels,
             "images": [len(self.train_targets), len(self.val_targets)],
         }
-
-    def _state(self) -> dict[str, Any]:
-        return {
-            "fingerprint": self._fingerprint(),
-            "epoch": self.epoch,
-            "batch": self.batch,
-            "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "loss_sum": self.loss_sum,
-            "best_val_loss": self.best_val_loss,
-            "best_weights": self.best_weights,
-            "best_metrics": self.best_metrics,
-            "stale_epochs": self.stale_epochs,
-        }
-
-    def _restore(self, state: dict[str, Any]) -> None:
-        if state.get("fingerprint") != self._fingerprint():
-            raise RecipeInputError(
-                "The checkpoint belongs to a run with other parameters, data or seed; "
-                "start the job again without it."
-            )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scaler.is_enabled() and state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
-        self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
-        self.loss_sum = state["loss_sum"].to(self.device)
-        self.best_val_loss = state["best_val_loss"]
-        if state["best_weights"] is not None:
-            self.best_weights = {
-                name: tensor.to(self.device) for name, tensor in state["best_weights"].items()
-            }
-        self.best_metrics = state["best_metrics"]
-        self.stale_epochs = state["stale_epochs"]

@@ -40,6 +40,7 @@ from jobs.recipes.data import (
     read_table,
     read_table_chunks,
 )
+from jobs.recipes.training import Trainer, autocast, derived_seed
 
 if TYPE_CHECKING:
     import numpy as np
@@ -54,7 +55,6 @@ NUMERIC_DTYPES = frozenset({"int64", "float64", "bool"})
 PREDICTION_COLUMNS = ("prediction", "probability")
 # The validation metrics, in the order rank 0 sends them to the other ranks.
 _VAL_METRICS = ("loss", "accuracy", "f1_macro", "roc_auc")
-_SEED_STRIDE = 6_364_136_223_846_793_005  # spreads the per-epoch generator seeds apart
 
 
 class TabularClassifier(Recipe):
@@ -671,14 +671,10 @@ def _split(rows: list[int], parameters: dict[str, Any], seed: int) -> tuple[list
             f"The dataset has {len(rows)} rows with a value in the target column; "
             "training and validation need at least two."
         )
-    generator = torch.Generator().manual_seed(_derived_seed(seed, 0))
+    generator = torch.Generator().manual_seed(derived_seed(seed, 0))
     order = [rows[i] for i in torch.randperm(len(rows), generator=generator).tolist()]
     validation = max(1, round(len(rows) * parameters["validation_fraction"]))
     return order[validation:], order[:validation]
-
-
-def _derived_seed(seed: int, stream: int) -> int:
-    return (seed * _SEED_STRIDE + stream) % 2**63
 
 
 def _build_model(architecture: dict[str, Any]) -> nn.Module:
@@ -716,29 +712,13 @@ def _network_class() -> type[nn.Module]:
     return TabularNetwork
 
 
-def _amp_dtype(device: torch.device) -> torch.dtype | None:
-    """Mixed precision in bf16 on a GPU, fp16 where bf16 is missing; None (float32) on the CPU."""
-    import torch
-
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def _autocast(device: torch.device) -> torch.autocast:
-    import torch
-
-    dtype = _amp_dtype(device)
-    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
-
-
 def _predict_logits(
     model: nn.Module, numeric: torch.Tensor, categorical: torch.Tensor
 ) -> torch.Tensor:
     import torch
 
     model.eval()
-    with torch.no_grad(), _autocast(numeric.device):
+    with torch.no_grad(), autocast(numeric.device):
         chunks = [
             model(
                 numeric[start : start + EVAL_CHUNK_ROWS],
@@ -803,15 +783,15 @@ def _binary_roc_auc(scores: torch.Tensor, positive: torch.Tensor) -> float | Non
     return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
 
 
-class _Trainer:
-    """One training run's mutable state: where it is (epoch, batch, step), the optimizer and the
-    best epoch so far; all of it goes into a checkpoint and comes back from one.
+class _Trainer(Trainer):
+    """The tabular classifier's training run (see Trainer).
 
-    Under data parallelism every rank holds the same state: DistributedDataParallel averages
-    the gradients, the loss is averaged over the ranks each step, and rank 0 alone evaluates
-    and sends the validation metrics to the others, so every rank takes the same decisions and
-    rank 0's checkpoint resumes all of them.
+    Under data parallelism DistributedDataParallel averages the gradients and rank 0 alone
+    evaluates and sends the validation metrics to the other ranks, so every rank takes the same
+    decisions and rank 0's checkpoint resumes all of them.
     """
+
+    recipe = TabularClassifier
 
     def __init__(
         self,
@@ -822,17 +802,13 @@ class _Trainer:
         val: Encoded,
         parent: _ParentModel | None,
     ) -> None:
-        import torch
         from torch.utils.data import DistributedSampler
 
-        self.ctx = ctx
-        self.parameters = ctx.parameters
+        super().__init__(ctx)
         self.preprocessing = preprocessing
         self.architecture = architecture
         self.parent = parent
-        self.device = torch.device(ctx.devices[0])
         self.train_data, self.val_data = train.to(self.device), val.to(self.device)
-        self.batch_size = self.parameters["batch_size"]
         # Each epoch's order is seeded by the epoch alone, so a resumed run draws the same
         # order mid-epoch; each rank trains on its share of it (one rank: all of it).
         self.sampler = DistributedSampler(
@@ -840,12 +816,10 @@ class _Trainer:
             num_replicas=ctx.world_size,
             rank=ctx.rank,
             shuffle=True,
-            seed=_derived_seed(ctx.seed, 1),
+            seed=derived_seed(ctx.seed, 1),
         )
         self.batches = math.ceil(len(self.sampler) / self.batch_size)
-        # The same initial weights for the same seed, whatever ran in this process before.
-        torch.manual_seed(ctx.seed)
-        self.model = _build_model(self.architecture).to(self.device)
+        self._start_model(_build_model, architecture, self.parameters["learning_rate"])
         if parent is not None:
             self.model.load_state_dict(parent.weights)
         self.network = self.model
@@ -853,42 +827,8 @@ class _Trainer:
             from jobs.recipes.distributed import wrap
 
             self.network = wrap(self.model)
-        self.optimizer = torch.optim.Adam(
-            self.model.parameters(), lr=self.parameters["learning_rate"]
-        )
-        self.autocast = _autocast(self.device)
-        # bf16 has float32's range; only fp16 gradients need scaling to avoid underflow.
-        self.scaler = torch.amp.GradScaler("cuda", enabled=_amp_dtype(self.device) == torch.float16)
-        self.epoch = self.batch = self.step = 0
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.best_val_loss = math.inf
-        self.best_weights: dict[str, torch.Tensor] | None = None
-        self.best_metrics: dict[str, Any] | None = None
-        self.stale_epochs = 0
-        if ctx.resume_state is not None:
-            self._restore(ctx.resume_state)
 
-    def run(self) -> RecipeResult | None:
-        epochs = self.parameters["epochs"]
-        total = epochs * self.batches
-        while self.epoch < epochs:
-            order = self._shuffled_rows()
-            while self.batch < self.batches:
-                if self.ctx.should_stop():
-                    self.ctx.save_checkpoint(self._state(), self.step)
-                    return None
-                start = self.batch * self.batch_size
-                self._train_step(order[start : start + self.batch_size])
-                self.batch += 1
-                self.step += 1
-                self.ctx.progress(self.step, total, self.epoch + 1)
-                if self.ctx.checkpoint_due():
-                    self.ctx.save_checkpoint(self._state(), self.step)
-            if self._end_epoch():
-                break
-        return self._result()
-
-    def _shuffled_rows(self) -> torch.Tensor:
+    def _epoch_order(self) -> torch.Tensor:
         import torch
 
         self.sampler.set_epoch(self.epoch)
@@ -899,18 +839,7 @@ class _Trainer:
 
         with self.autocast:
             logits = self.network(self.train_data.numeric[rows], self.train_data.categorical[rows])
-        loss = F.cross_entropy(logits.float(), self.train_data.target[rows])
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        loss = loss.detach()
-        if self.ctx.world_size > 1:
-            from jobs.recipes.distributed import mean_
-
-            mean_(loss)
-        # Accumulated on the device, so the step does not wait for the GPU.
-        self.loss_sum += loss
+        self._step(F.cross_entropy(logits.float(), self.train_data.target[rows]))
 
     def _val_metrics(self) -> dict[str, float | None]:
         """The validation metrics, measured by rank 0 and the same on every rank."""
@@ -934,55 +863,8 @@ class _Trainer:
             received["roc_auc"] = None
         return received
 
-    def _end_epoch(self) -> bool:
-        """Measure the epoch, keep the best weights; True when early stopping ends the run."""
-        train_loss = (self.loss_sum / self.batches).item()
-        metrics = self._val_metrics()
-        if not (math.isfinite(train_loss) and math.isfinite(metrics["loss"])):
-            raise RecipeInputError(
-                f"The loss stopped being a finite number in epoch {self.epoch + 1}; "
-                "lower the learning_rate."
-            )
-        self.ctx.log_metric(self.step, "loss", train_loss, "train")
-        for name, value in metrics.items():
-            if value is not None:
-                self.ctx.log_metric(self.step, name, value, "val")
-        self.epoch += 1
-        self.batch = 0
-        self.loss_sum.zero_()
-        if metrics["loss"] < self.best_val_loss:
-            self.best_val_loss = metrics["loss"]
-            self.best_weights = {
-                name: tensor.detach().clone() for name, tensor in self.model.state_dict().items()
-            }
-            self.best_metrics = {**metrics, "train_loss": train_loss, "epoch": self.epoch}
-            self.stale_epochs = 0
-            return False
-        self.stale_epochs += 1
-        patience = self.parameters["early_stopping_patience"]
-        if patience and self.stale_epochs >= patience:
-            self.ctx.log(
-                f"Stopping early after epoch {self.epoch}: the validation loss has not improved "
-                f"for {patience} epochs; keeping epoch {self.best_metrics['epoch']}."
-            )
-            return True
-        return False
-
     def _result(self) -> RecipeResult:
-        self.model.load_state_dict(self.best_weights)
-        artifacts = self.ctx.write_artifacts(
-            self.model.state_dict(), self.preprocessing.config(self.architecture)
-        )
-        best = self.best_metrics
-        metrics = {
-            "val_loss": best["loss"],
-            "val_accuracy": best["accuracy"],
-            "val_f1_macro": best["f1_macro"],
-            "val_roc_auc": best["roc_auc"],
-            "train_loss": best["train_loss"],
-            "best_epoch": best["epoch"],
-            "epochs_trained": self.epoch,
-        }
+        artifacts = self._write_best_model(self.preprocessing.config(self.architecture))
         # A fine-tune keeps its model's layers, whatever the parameters asked for.
         parameters = None
         if self.parent is not None:
@@ -991,58 +873,20 @@ class _Trainer:
                 "embedding_dim": self.architecture["embedding_dim"],
             }
         return RecipeResult(
-            metrics, artifacts, self.preprocessing.input_signature(), parameters=parameters
+            self._best_epoch_metrics(),
+            artifacts,
+            self.preprocessing.input_signature(),
+            parameters=parameters,
         )
 
-    def _fingerprint(self) -> dict[str, Any]:
-        """What a checkpoint must match to continue this run rather than another one."""
-        fingerprint = {
-            "recipe": TabularClassifier.name,
-            "version": TabularClassifier.version,
-            "parameters": self.parameters,
-            "seed": self.ctx.seed,
+    def _identity(self) -> dict[str, Any]:
+        identity = {
             "classes": self.preprocessing.classes,
             "rows": [len(self.train_data.target), len(self.val_data.target)],
         }
         # Added only where they apply, so checkpoints of plain one-process runs keep matching.
         if self.ctx.world_size > 1:  # the shards, and so the steps, depend on it
-            fingerprint["processes"] = self.ctx.world_size
+            identity["processes"] = self.ctx.world_size
         if self.parent is not None:
-            fingerprint["parent_weights"] = self.parent.digest
-        return fingerprint
-
-    def _state(self) -> dict[str, Any]:
-        return {
-            "fingerprint": self._fingerprint(),
-            "epoch": self.epoch,
-            "batch": self.batch,
-            "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "loss_sum": self.loss_sum,
-            "best_val_loss": self.best_val_loss,
-            "best_weights": self.best_weights,
-            "best_metrics": self.best_metrics,
-            "stale_epochs": self.stale_epochs,
-        }
-
-    def _restore(self, state: dict[str, Any]) -> None:
-        if state.get("fingerprint") != self._fingerprint():
-            raise RecipeInputError(
-                "The checkpoint belongs to a run with other parameters, data or seed; "
-                "start the job again without it."
-            )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scaler.is_enabled() and state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
-        self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
-        self.loss_sum = state["loss_sum"].to(self.device)
-        self.best_val_loss = state["best_val_loss"]
-        if state["best_weights"] is not None:
-            self.best_weights = {
-                name: tensor.to(self.device) for name, tensor in state["best_weights"].items()
-            }
-        self.best_metrics = state["best_metrics"]
-        self.stale_epochs = state["stale_epochs"]
+            identity["parent_weights"] = self.parent.digest
+        return identity

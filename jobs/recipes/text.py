@@ -25,13 +25,15 @@ from typing import TYPE_CHECKING, Any
 
 from jobs.recipes.base import (
     CONFIG_FILENAME,
+    PREDICTIONS_FILENAME,
     WEIGHTS_FILENAME,
     Recipe,
     RecipeContext,
     RecipeInputError,
     RecipeResult,
 )
-from jobs.recipes.data import NULL_MARKERS, _sniff_dialect
+from jobs.recipes.data import NULL_MARKERS, _sniff_dialect, dataset_row_count
+from jobs.recipes.training import Trainer, autocast, derived_seed
 
 if TYPE_CHECKING:
     import torch
@@ -51,10 +53,8 @@ TRANSFORMER_DROPOUT = 0.1
 READ_CHUNK_ROWS = 10_000
 # Rows per forward pass outside training: a transformer's attention grows with rows x length^2.
 INFERENCE_BATCH_ROWS = 256
-PREDICTIONS_FILENAME = "predictions.csv"
 PREDICTION_COLUMNS = ("prediction", "probability")
 _SNIFF_BYTES = 64 * 1024
-_SEED_STRIDE = 6_364_136_223_846_793_005  # spreads the per-epoch generator seeds apart
 
 
 class TextClassifier(Recipe):
@@ -273,7 +273,7 @@ class TextClassifier(Recipe):
         import torch
 
         model, config, tokenizer, device = _load_model(ctx)
-        total = _row_count(ctx.dataset_path, ctx.dataset_format)
+        total = dataset_row_count(ctx.dataset_path, ctx.dataset_format)
         ctx.output_dir.mkdir(parents=True, exist_ok=True)
         path = ctx.output_dir / PREDICTIONS_FILENAME
         partial = path.with_name(f".{path.name}.partial")
@@ -424,14 +424,10 @@ def _split(rows: int, validation_fraction: float, seed: int) -> tuple[list[int],
         raise RecipeInputError(
             f"The dataset has {rows} rows with a class; training and validation need at least two."
         )
-    generator = torch.Generator().manual_seed(_derived_seed(seed, 0))
+    generator = torch.Generator().manual_seed(derived_seed(seed, 0))
     order = torch.randperm(rows, generator=generator).tolist()
     validation = max(1, round(rows * validation_fraction))
     return order[validation:], order[:validation]
-
-
-def _derived_seed(seed: int, stream: int) -> int:
-    return (seed * _SEED_STRIDE + stream) % 2**63
 
 
 # Reading
@@ -495,19 +491,6 @@ def _parquet_chunks(path: Path, chunk_rows: int) -> Iterator[tuple[list[str], li
         for batch in parquet.iter_batches(batch_size=chunk_rows):
             columns = [column.to_pylist() for column in batch.columns]
             yield header, [list(row) for row in zip(*columns, strict=True)]
-    except (pa.ArrowException, OSError) as exc:
-        raise RecipeInputError(f"The Parquet file cannot be read: {exc}.") from exc
-
-
-def _row_count(path: Path, dataset_format: str) -> int | None:
-    """The number of rows when the file says so up front (Parquet); None for a CSV."""
-    if dataset_format != "parquet":
-        return None
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.ParquetFile(path).metadata.num_rows
     except (pa.ArrowException, OSError) as exc:
         raise RecipeInputError(f"The Parquet file cannot be read: {exc}.") from exc
 
@@ -640,29 +623,13 @@ def _forward(model: nn.ModuleDict, architecture: dict[str, Any], ids: torch.Tens
     return model["classifier"]((hidden * present).sum(dim=1) / present.sum(dim=1))
 
 
-def _amp_dtype(device: torch.device) -> torch.dtype | None:
-    """Mixed precision in bf16 on a GPU, fp16 where bf16 is missing; None (float32) on the CPU."""
-    import torch
-
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def _autocast(device: torch.device) -> torch.autocast:
-    import torch
-
-    dtype = _amp_dtype(device)
-    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
-
-
 def _logits(model: nn.ModuleDict, architecture: dict[str, Any], data: Encoded) -> torch.Tensor:
     """Float32 logits of every row, a batch at a time, in evaluation mode."""
     import torch
 
     device = data.tokens.device
     model.eval()
-    with torch.no_grad(), _autocast(device):
+    with torch.no_grad(), autocast(device):
         chunks = [
             _forward(
                 model,
@@ -728,65 +695,27 @@ def _confusion_metrics(confusion: torch.Tensor) -> dict[str, float]:
     }
 
 
-class _Trainer:
-    """One training run's mutable state: where it is (epoch, batch, step), the optimizer, the
-    random state of dropout and the best epoch so far; all of it goes into a checkpoint and comes
-    back from one."""
+class _Trainer(Trainer):
+    """The text classifier's training run (see Trainer); the transformer's dropout draws from
+    torch's generators, whose state the checkpoints carry."""
+
+    recipe = TextClassifier
+    saves_random_state = True
 
     def __init__(
         self, ctx: RecipeContext, config: dict[str, Any], train: Encoded, val: Encoded
     ) -> None:
-        import torch
-
-        self.ctx = ctx
-        self.parameters = ctx.parameters
+        super().__init__(ctx)
         self.config = config
         self.architecture = config["architecture"]
-        self.device = torch.device(ctx.devices[0])
         self.train_data, self.val_data = train.to(self.device), val.to(self.device)
-        self.batch_size = self.parameters["batch_size"]
         self.batches = math.ceil(len(train) / self.batch_size)
-        # The same initial weights (and dropout draws) for the same seed, whatever ran before.
-        torch.manual_seed(ctx.seed)
-        self.model = _build_model(self.architecture).to(self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config["learning_rate"])
-        self.autocast = _autocast(self.device)
-        # bf16 has float32's range; only fp16 gradients need scaling to avoid underflow.
-        self.scaler = torch.amp.GradScaler("cuda", enabled=_amp_dtype(self.device) == torch.float16)
-        self.epoch = self.batch = self.step = 0
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.best_val_loss = math.inf
-        self.best_weights: dict[str, torch.Tensor] | None = None
-        self.best_metrics: dict[str, Any] | None = None
-        self.stale_epochs = 0
-        if ctx.resume_state is not None:
-            self._restore(ctx.resume_state)
+        self._start_model(_build_model, self.architecture, config["learning_rate"])
 
-    def run(self) -> RecipeResult | None:
-        epochs = self.parameters["epochs"]
-        total = epochs * self.batches
-        while self.epoch < epochs:
-            order = self._shuffled_rows()
-            while self.batch < self.batches:
-                if self.ctx.should_stop():
-                    self.ctx.save_checkpoint(self._state(), self.step)
-                    return None
-                start = self.batch * self.batch_size
-                self._train_step(order[start : start + self.batch_size])
-                self.batch += 1
-                self.step += 1
-                self.ctx.progress(self.step, total, self.epoch + 1)
-                if self.ctx.checkpoint_due():
-                    self.ctx.save_checkpoint(self._state(), self.step)
-            if self._end_epoch():
-                break
-        return self._result()
-
-    def _shuffled_rows(self) -> torch.Tensor:
+    def _epoch_order(self) -> torch.Tensor:
         import torch
 
-        # Seeded by the epoch alone, so a resumed run draws the same order mid-epoch.
-        generator = torch.Generator().manual_seed(_derived_seed(self.ctx.seed, self.epoch + 1))
+        generator = torch.Generator().manual_seed(derived_seed(self.ctx.seed, self.epoch + 1))
         return torch.randperm(len(self.train_data), generator=generator).to(self.device)
 
     def _train_step(self, rows: torch.Tensor) -> None:
@@ -794,129 +723,28 @@ class _Trainer:
 
         with self.autocast:
             logits = _forward(self.model, self.architecture, self.train_data.padded(rows))
-        loss = F.cross_entropy(logits.float(), self.train_data.target[rows])
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        # Accumulated on the device, so the step does not wait for the GPU.
-        self.loss_sum += loss.detach()
+        self._step(F.cross_entropy(logits.float(), self.train_data.target[rows]))
 
-    def _end_epoch(self) -> bool:
-        """Measure the epoch, keep the best weights; True when early stopping ends the run."""
+    def _val_metrics(self) -> dict[str, float]:
         import torch.nn.functional as F
 
-        train_loss = (self.loss_sum / self.batches).item()
         logits = _logits(self.model, self.architecture, self.val_data)
         target = self.val_data.target
-        metrics = {
+        return {
             "loss": F.cross_entropy(logits, target).item(),
             **_confusion_metrics(
                 _confusion(logits.argmax(dim=1), target, self.architecture["classes"])
             ),
         }
-        if not (math.isfinite(train_loss) and math.isfinite(metrics["loss"])):
-            raise RecipeInputError(
-                f"The loss stopped being a finite number in epoch {self.epoch + 1}; "
-                "lower the learning_rate."
-            )
-        self.ctx.log_metric(self.step, "loss", train_loss, "train")
-        for name, value in metrics.items():
-            self.ctx.log_metric(self.step, name, value, "val")
-        self.epoch += 1
-        self.batch = 0
-        self.loss_sum.zero_()
-        if metrics["loss"] < self.best_val_loss:
-            self.best_val_loss = metrics["loss"]
-            self.best_weights = {
-                name: tensor.detach().clone() for name, tensor in self.model.state_dict().items()
-            }
-            self.best_metrics = {**metrics, "train_loss": train_loss, "epoch": self.epoch}
-            self.stale_epochs = 0
-            return False
-        self.stale_epochs += 1
-        patience = self.parameters["early_stopping_patience"]
-        if patience and self.stale_epochs >= patience:
-            self.ctx.log(
-                f"Stopping early after epoch {self.epoch}: the validation loss has not improved "
-                f"for {patience} epochs; keeping epoch {self.best_metrics['epoch']}."
-            )
-            return True
-        return False
 
     def _result(self) -> RecipeResult:
-        self.model.load_state_dict(self.best_weights)
-        artifacts = self.ctx.write_artifacts(self.model.state_dict(), self.config)
-        best = self.best_metrics
-        metrics = {
-            "val_loss": best["loss"],
-            "val_accuracy": best["accuracy"],
-            "val_f1_macro": best["f1_macro"],
-            "train_loss": best["train_loss"],
-            "best_epoch": best["epoch"],
-            "epochs_trained": self.epoch,
-            "vocabulary_size": self.architecture["vocabulary"],
-        }
+        artifacts = self._write_best_model(self.config)
+        metrics = self._best_epoch_metrics() | {"vocabulary_size": self.architecture["vocabulary"]}
         return RecipeResult(metrics, artifacts, _signature(self.config))
 
-    def _fingerprint(self) -> dict[str, Any]:
-        """What a checkpoint must match to continue this run rather than another one."""
+    def _identity(self) -> dict[str, Any]:
         return {
-            "recipe": TextClassifier.name,
-            "version": TextClassifier.version,
-            "parameters": self.parameters,
-            "seed": self.ctx.seed,
             "classes": self.config["classes"],
             "vocabulary": len(self.config["vocabulary"]),
             "rows": [len(self.train_data), len(self.val_data)],
         }
-
-    def _random_state(self) -> dict[str, Any]:
-        import torch
-
-        state = {"cpu": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            state["cuda"] = torch.cuda.get_rng_state(self.device)
-        return state
-
-    def _state(self) -> dict[str, Any]:
-        return {
-            "fingerprint": self._fingerprint(),
-            "epoch": self.epoch,
-            "batch": self.batch,
-            "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "random": self._random_state(),
-            "loss_sum": self.loss_sum,
-            "best_val_loss": self.best_val_loss,
-            "best_weights": self.best_weights,
-            "best_metrics": self.best_metrics,
-            "stale_epochs": self.stale_epochs,
-        }
-
-    def _restore(self, state: dict[str, Any]) -> None:
-        import torch
-
-        if state.get("fingerprint") != self._fingerprint():
-            raise RecipeInputError(
-                "The checkpoint belongs to a run with other parameters, data or seed; "
-                "start the job again without it."
-            )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scaler.is_enabled() and state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["random"]["cpu"])
-        if self.device.type == "cuda" and "cuda" in state["random"]:
-            torch.cuda.set_rng_state(state["random"]["cuda"], self.device)
-        self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
-        self.loss_sum = state["loss_sum"].to(self.device)
-        self.best_val_loss = state["best_val_loss"]
-        if state["best_weights"] is not None:
-            self.best_weights = {
-                name: tensor.to(self.device) for name, tensor in state["best_weights"].items()
-            }
-        self.best_metrics = state["best_metrics"]
-        self.stale_epochs = state["stale_epochs"]

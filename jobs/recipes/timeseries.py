@@ -27,13 +27,15 @@ from typing import TYPE_CHECKING, Any
 
 from jobs.recipes.base import (
     CONFIG_FILENAME,
+    PREDICTIONS_FILENAME,
     WEIGHTS_FILENAME,
     Recipe,
     RecipeContext,
     RecipeInputError,
     RecipeResult,
 )
-from jobs.recipes.data import NULL_MARKERS, _sniff_dialect
+from jobs.recipes.data import NULL_MARKERS, _sniff_dialect, dataset_row_count
+from jobs.recipes.training import Trainer, derived_seed
 
 if TYPE_CHECKING:
     import torch
@@ -45,9 +47,7 @@ MIN_TRAINING_WINDOWS = 10
 # Rows read at a time where the context does not say (ctx.chunk_rows).
 READ_CHUNK_ROWS = 10_000
 INFERENCE_BATCH_WINDOWS = 4_096
-PREDICTIONS_FILENAME = "predictions.csv"
 _SNIFF_BYTES = 64 * 1024
-_SEED_STRIDE = 6_364_136_223_846_793_005  # spreads the per-epoch generator seeds apart
 
 
 class TimeSeriesForecaster(Recipe):
@@ -392,19 +392,6 @@ def _read_columns(
     raise RecipeInputError(f"Datasets in the {dataset_format!r} format cannot be read as a table.")
 
 
-def _row_count(path: Path, dataset_format: str) -> int | None:
-    """The number of rows when the file says so up front (Parquet); None for a CSV."""
-    if dataset_format != "parquet":
-        return None
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.ParquetFile(path).metadata.num_rows
-    except (pa.ArrowException, OSError) as exc:
-        raise RecipeInputError(f"The Parquet file cannot be read: {exc}.") from exc
-
-
 def _missing_column(name: str, header: list[str]) -> RecipeInputError:
     return RecipeInputError(
         f"The dataset has no column {name!r}; its columns are: {', '.join(header)}."
@@ -618,7 +605,7 @@ class _Tail:
 def _read_tails(ctx: RecipeContext, columns: _Columns, keep: int) -> dict[str | None, _Tail] | None:
     """Each series' last `keep` points in time order; None when asked to stop."""
     tails: dict[str | None, _Tail] = {}
-    total = _row_count(ctx.dataset_path, ctx.dataset_format)
+    total = dataset_row_count(ctx.dataset_path, ctx.dataset_format)
     for rows, chunk in _point_chunks(ctx, columns):
         if ctx.should_stop():
             return None
@@ -874,13 +861,11 @@ def _signature(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _derived_seed(seed: int, stream: int) -> int:
-    return (seed * _SEED_STRIDE + stream) % 2**63
+class _Trainer(Trainer):
+    """The time-series forecaster's training run (see Trainer)."""
 
-
-class _Trainer:
-    """One training run's mutable state: where it is (epoch, batch, step), the optimizer and the
-    best epoch so far; all of it goes into a checkpoint and comes back from one."""
+    recipe = TimeSeriesForecaster
+    mixed_precision = False
 
     def __init__(
         self,
@@ -892,12 +877,10 @@ class _Trainer:
     ) -> None:
         import torch
 
-        self.ctx = ctx
-        self.parameters = ctx.parameters
+        super().__init__(ctx)
         self.config = config
         self.architecture = config["architecture"]
         self.window, self.horizon = self.architecture["window"], self.architecture["horizon"]
-        self.device = torch.device(ctx.devices[0])
         self.points = points.to(self.device)
         self.train_starts = torch.tensor(train_starts, dtype=torch.int64, device=self.device)
         self.val_starts = torch.tensor(val_starts, dtype=torch.int64, device=self.device)
@@ -908,169 +891,53 @@ class _Trainer:
             )
         ]
         self.seasonal_naive = _errors(naive, self.val_actual)
-        self.batch_size = self.parameters["batch_size"]
         self.batches = math.ceil(len(train_starts) / self.batch_size)
-        # The same initial weights for the same seed, whatever ran in this process before.
-        torch.manual_seed(ctx.seed)
-        self.model = _build_model(self.architecture).to(self.device)
-        self.optimizer = torch.optim.Adam(
-            self.model.parameters(), lr=self.parameters["learning_rate"]
-        )
-        self.epoch = self.batch = self.step = 0
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.best_val_loss = math.inf
-        self.best_weights: dict[str, torch.Tensor] | None = None
-        self.best_metrics: dict[str, Any] | None = None
-        self.stale_epochs = 0
-        if ctx.resume_state is not None:
-            self._restore(ctx.resume_state)
+        self._start_model(_build_model, self.architecture, self.parameters["learning_rate"])
 
-    def run(self) -> RecipeResult | None:
-        epochs = self.parameters["epochs"]
-        total = epochs * self.batches
-        while self.epoch < epochs:
-            order = self._shuffled_windows()
-            while self.batch < self.batches:
-                if self.ctx.should_stop():
-                    self.ctx.save_checkpoint(self._state(), self.step)
-                    return None
-                start = self.batch * self.batch_size
-                self._train_step(order[start : start + self.batch_size])
-                self.batch += 1
-                self.step += 1
-                self.ctx.progress(self.step, total, self.epoch + 1)
-                if self.ctx.checkpoint_due():
-                    self.ctx.save_checkpoint(self._state(), self.step)
-            if self._end_epoch():
-                break
-        return self._result()
-
-    def _shuffled_windows(self) -> torch.Tensor:
+    def _epoch_order(self) -> torch.Tensor:
         import torch
 
-        # Seeded by the epoch alone, so a resumed run draws the same order mid-epoch.
-        generator = torch.Generator().manual_seed(_derived_seed(self.ctx.seed, self.epoch + 1))
+        generator = torch.Generator().manual_seed(derived_seed(self.ctx.seed, self.epoch + 1))
         order = torch.randperm(len(self.train_starts), generator=generator)
         return self.train_starts[order.to(self.device)]
 
-    def _train_step(self, starts: torch.Tensor) -> None:
+    def _train_step(self, rows: torch.Tensor) -> None:
         import torch.nn.functional as F
 
-        inputs = self.points.scaled[_input_index(starts, self.window)]
-        targets = self.points.scaled[_target_index(starts, self.window, self.horizon)]
-        loss = F.mse_loss(_forward(self.model, self.architecture, inputs), targets)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        # Accumulated on the device, so the step does not wait for the GPU.
-        self.loss_sum += loss.detach()
+        inputs = self.points.scaled[_input_index(rows, self.window)]
+        targets = self.points.scaled[_target_index(rows, self.window, self.horizon)]
+        self._step(F.mse_loss(_forward(self.model, self.architecture, inputs), targets))
 
-    def _end_epoch(self) -> bool:
-        """Measure the epoch, keep the best weights; True when early stopping ends the run."""
+    def _val_metrics(self) -> dict[str, float | None]:
+        """The model's loss and errors, and beside them the seasonal-naive forecast's (the same
+        every epoch)."""
         import torch.nn.functional as F
 
-        train_loss = (self.loss_sum / self.batches).item()
         scaled = _scaled_forecast(self.model, self.architecture, self.points, self.val_starts)
         targets = self.points.scaled[_target_index(self.val_starts, self.window, self.horizon)]
         std = self.points.std[self.val_starts, None]
         predicted = scaled.double() * std + self.points.mean[self.val_starts, None]
-        metrics = {
+        naive = {f"{name}_seasonal_naive": value for name, value in self.seasonal_naive.items()}
+        return {
             "loss": F.mse_loss(scaled, targets).item(),
             **_errors(predicted, self.val_actual),
+            **naive,
         }
-        if not (math.isfinite(train_loss) and math.isfinite(metrics["loss"])):
-            raise RecipeInputError(
-                f"The loss stopped being a finite number in epoch {self.epoch + 1}; "
-                "lower the learning_rate."
-            )
-        self.ctx.log_metric(self.step, "loss", train_loss, "train")
-        naive = {f"{name}_seasonal_naive": value for name, value in self.seasonal_naive.items()}
-        for name, value in (metrics | naive).items():
-            if value is not None:
-                self.ctx.log_metric(self.step, name, value, "val")
-        self.epoch += 1
-        self.batch = 0
-        self.loss_sum.zero_()
-        if metrics["loss"] < self.best_val_loss:
-            self.best_val_loss = metrics["loss"]
-            self.best_weights = {
-                name: tensor.detach().clone() for name, tensor in self.model.state_dict().items()
-            }
-            self.best_metrics = {**metrics, "train_loss": train_loss, "epoch": self.epoch}
-            self.stale_epochs = 0
-            return False
-        self.stale_epochs += 1
-        patience = self.parameters["early_stopping_patience"]
-        if patience and self.stale_epochs >= patience:
-            self.ctx.log(
-                f"Stopping early after epoch {self.epoch}: the validation loss has not improved "
-                f"for {patience} epochs; keeping epoch {self.best_metrics['epoch']}."
-            )
-            return True
-        return False
 
     def _result(self) -> RecipeResult:
-        self.model.load_state_dict(self.best_weights)
-        artifacts = self.ctx.write_artifacts(self.model.state_dict(), self.config)
-        best = self.best_metrics
-        metrics = {
-            "val_loss": best["loss"],
-            "val_mae": best["mae"],
-            "val_mape": best["mape"],
-            "val_mae_seasonal_naive": self.seasonal_naive["mae"],
-            "val_mape_seasonal_naive": self.seasonal_naive["mape"],
-            "train_loss": best["train_loss"],
-            "best_epoch": best["epoch"],
-            "epochs_trained": self.epoch,
+        artifacts = self._write_best_model(self.config)
+        metrics = self._best_epoch_metrics() | {
             "series": len(self.points.offsets),
             "val_windows": len(self.val_starts),
         }
         self.ctx.log(
-            f"Validation MAE {best['mae']:.4g}; the seasonal-naive forecast's is "
+            f"Validation MAE {metrics['val_mae']:.4g}; the seasonal-naive forecast's is "
             f"{self.seasonal_naive['mae']:.4g}."
         )
         return RecipeResult(metrics, artifacts, _signature(self.config))
 
-    def _fingerprint(self) -> dict[str, Any]:
-        """What a checkpoint must match to continue this run rather than another one."""
+    def _identity(self) -> dict[str, Any]:
         return {
-            "recipe": TimeSeriesForecaster.name,
-            "version": TimeSeriesForecaster.version,
-            "parameters": self.parameters,
-            "seed": self.ctx.seed,
             "series": self.config["series"],
             "windows": [len(self.train_starts), len(self.val_starts)],
         }
-
-    def _state(self) -> dict[str, Any]:
-        return {
-            "fingerprint": self._fingerprint(),
-            "epoch": self.epoch,
-            "batch": self.batch,
-            "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "loss_sum": self.loss_sum,
-            "best_val_loss": self.best_val_loss,
-            "best_weights": self.best_weights,
-            "best_metrics": self.best_metrics,
-            "stale_epochs": self.stale_epochs,
-        }
-
-    def _restore(self, state: dict[str, Any]) -> None:
-        if state.get("fingerprint") != self._fingerprint():
-            raise RecipeInputError(
-                "The checkpoint belongs to a run with other parameters, data or seed; "
-                "start the job again without it."
-            )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
-        self.loss_sum = state["loss_sum"].to(self.device)
-        self.best_val_loss = state["best_val_loss"]
-        if state["best_weights"] is not None:
-            self.best_weights = {
-                name: tensor.to(self.device) for name, tensor in state["best_weights"].items()
-            }
-        self.best_metrics = state["best_metrics"]
-        self.stale_epochs = state["stale_epochs"]

@@ -1,7 +1,6 @@
 """The image classifier recipe on the CPU: parameters, the PNG decoder and the sample generator,
 training on both dataset formats, determinism, exact resumption, evaluation and batch inference."""
 
-import csv
 import json
 import struct
 import subprocess
@@ -9,14 +8,12 @@ import sys
 import textwrap
 import zipfile
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from jsonschema import Draft202012Validator
-from safetensors.torch import load_file
 
 from jobs.recipes.base import (
     RecipeContext,
@@ -27,9 +24,17 @@ from jobs.recipes.base import (
 )
 from jobs.recipes.image_decode import ImageDecodeError, decode_png
 from jobs.recipes.images import ImageClassifier, _to_model_pixels
-from jobs.runner.protocol import parse_line
 from jobs.samples.images import CLASSES, encode_png, write_image_sample
 from registry.formats import inspect_dataset
+from tests.jobs.recipe_helpers import (
+    StopAfterStep,
+    assert_same_weights,
+    events,
+    one_torch_thread,
+    read_csv,
+    recipe_context,
+    weights,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = {"image_size": 16, "epochs": 5, "batch_size": 32, "width": 8, "learning_rate": 0.01}
@@ -39,56 +44,22 @@ BATCHES = 5
 FORMATS = {".zip": "image_folder_zip", ".npz": "npz"}
 
 
-class Lines(list):
-    """Stands in for the child's stdout: keeps every line the recipe emits."""
-
-    def __call__(self, line: str) -> None:
-        self.append(line)
-
-
 def make_context(
     workdir: Path, dataset: Path, parameters: dict, cls: type = RecipeContext, **overrides
 ) -> RecipeContext:
-    settings = {
-        "workdir": workdir,
-        "dataset_path": dataset,
-        "dataset_format": FORMATS[dataset.suffix],
-        "parameters": validate_parameters(ImageClassifier, parameters),
-        "seed": 11,
-        "output_dir": workdir / "out",
-        "checkpoint_dir": workdir / "checkpoints",
-        "checkpoint_every_s": 3600.0,
-        "devices": ["cpu"],
-        "emit": Lines(),
-    }
-    return cls(**(settings | overrides))
-
-
-def events(ctx: RecipeContext, kind: str) -> list[dict]:
-    return [payload for k, payload in map(parse_line, ctx.emit) if k == kind]
-
-
-def weights(ctx: RecipeContext) -> dict[str, torch.Tensor]:
-    return load_file(ctx.output_dir / "model.safetensors")
-
-
-def assert_same_weights(first: dict, second: dict) -> None:
-    assert first.keys() == second.keys()
-    assert all(torch.equal(first[name], second[name]) for name in first)
+    settings = {"seed": 11, "dataset_format": FORMATS[dataset.suffix]} | overrides
+    return recipe_context(ImageClassifier, workdir, dataset, parameters, cls, **settings)
 
 
 def read_predictions(ctx: RecipeContext) -> list[dict]:
-    with (ctx.output_dir / "predictions.csv").open(newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+    return read_csv(ctx.output_dir / "predictions.csv")
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_torch_thread():
     """These models are tiny: more threads only contend for a shared machine's cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -335,18 +306,6 @@ def test_same_seed_gives_identical_weights_and_another_seed_does_not(tmp_path, z
         runs[name] = weights(ctx)
     assert_same_weights(runs["a"], runs["b"])
     assert not torch.equal(runs["a"]["0.weight"], runs["c"]["0.weight"])
-
-
-@dataclass
-class StopAfterStep(RecipeContext):
-    """Stands in for SIGTERM arriving once `stop_at` steps are done."""
-
-    stop_at: int = 0
-
-    def progress(self, step: int, total: int | None, epoch: int) -> None:
-        super().progress(step, total, epoch)
-        if step == self.stop_at:
-            self.stop_event.set()
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 import textwrap
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,7 +13,6 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from jobs.recipes.base import (
     RecipeContext,
@@ -24,8 +22,16 @@ from jobs.recipes.base import (
     validate_parameters,
 )
 from jobs.recipes.text import TextClassifier, Tokenizer, tokenize
-from jobs.runner.protocol import parse_line
 from jobs.samples.text import write_text_sample
+from tests.jobs.recipe_helpers import (
+    StopAfterStep,
+    assert_same_weights,
+    events,
+    one_torch_thread,
+    read_csv,
+    recipe_context,
+    weights,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = {
@@ -41,59 +47,19 @@ TRANSFORMER = FAST | {"model": "transformer", "epochs": 3, "learning_rate": 0.00
 BATCHES = 15
 
 
-class Lines(list):
-    """Stands in for the child's stdout: keeps every line the recipe emits."""
-
-    def __call__(self, line: str) -> None:
-        self.append(line)
-
-
 def make_context(
     workdir: Path, dataset: Path, parameters: dict, cls: type = RecipeContext, **overrides
 ) -> RecipeContext:
-    settings = {
-        "workdir": workdir,
-        "dataset_path": dataset,
-        "dataset_format": dataset.suffix.lstrip("."),
-        "parameters": validate_parameters(TextClassifier, parameters),
-        "seed": 7,
-        "output_dir": workdir / "out",
-        "checkpoint_dir": workdir / "checkpoints",
-        "checkpoint_every_s": 3600.0,
-        "devices": ["cpu"],
-        "emit": Lines(),
-    }
-    return cls(**(settings | overrides))
-
-
-def events(ctx: RecipeContext, kind: str) -> list[dict]:
-    return [payload for k, payload in map(parse_line, ctx.emit) if k == kind]
-
-
-def weights(ctx: RecipeContext) -> dict[str, torch.Tensor]:
-    return load_file(ctx.output_dir / "model.safetensors")
-
-
-def assert_same_weights(first: dict, second: dict) -> None:
-    assert first.keys() == second.keys()
-    assert all(torch.equal(first[name], second[name]) for name in first)
-
-
-def read_csv(path: Path) -> list[dict]:
-    with path.open(newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+    settings = {"seed": 7} | overrides
+    return recipe_context(TextClassifier, workdir, dataset, parameters, cls, **settings)
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _like_the_child():
     """One thread (these models are tiny, the machine is shared) and, as the child does on the
     CPU, deterministic algorithms only."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(False)
-    torch.set_num_threads(threads)
+    with one_torch_thread(deterministic=True):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -253,18 +219,6 @@ def test_csv_and_parquet_of_the_same_table_train_the_same_model(tmp_path, datase
     ctx = make_context(tmp_path, parquet_path, FAST)
     TextClassifier().train(ctx)
     assert_same_weights(weights(trained), weights(ctx))
-
-
-@dataclass
-class StopAfterStep(RecipeContext):
-    """Stands in for SIGTERM arriving once `stop_at` steps are done."""
-
-    stop_at: int = 0
-
-    def progress(self, step: int, total: int | None, epoch: int) -> None:
-        super().progress(step, total, epoch)
-        if step == self.stop_at:
-            self.stop_event.set()
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,6 @@ import random
 import subprocess
 import sys
 import textwrap
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -17,7 +16,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from jobs.recipes.base import (
     RecipeContext,
@@ -27,8 +25,16 @@ from jobs.recipes.base import (
     validate_parameters,
 )
 from jobs.recipes.timeseries import TimeSeriesForecaster, _seasonal_naive_index
-from jobs.runner.protocol import parse_line
 from jobs.samples.timeseries import write_timeseries_sample
+from tests.jobs.recipe_helpers import (
+    StopAfterStep,
+    assert_same_weights,
+    events,
+    one_torch_thread,
+    read_csv,
+    recipe_context,
+    weights,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = {"window": 24, "horizon": 6, "epochs": 6, "hidden_size": 32, "learning_rate": 0.005}
@@ -37,51 +43,15 @@ GRU = FAST | {"model": "gru", "hidden_size": 8, "epochs": 2}
 BATCHES = 9
 
 
-class Lines(list):
-    """Stands in for the child's stdout: keeps every line the recipe emits."""
-
-    def __call__(self, line: str) -> None:
-        self.append(line)
-
-
 def make_context(
     workdir: Path, dataset: Path, parameters: dict, cls: type = RecipeContext, **overrides
 ) -> RecipeContext:
-    settings = {
-        "workdir": workdir,
-        "dataset_path": dataset,
-        "dataset_format": dataset.suffix.lstrip("."),
-        "parameters": validate_parameters(TimeSeriesForecaster, parameters),
-        "seed": 5,
-        "output_dir": workdir / "out",
-        "checkpoint_dir": workdir / "checkpoints",
-        "checkpoint_every_s": 3600.0,
-        "devices": ["cpu"],
-        "emit": Lines(),
-    }
-    return cls(**(settings | overrides))
-
-
-def events(ctx: RecipeContext, kind: str) -> list[dict]:
-    return [payload for k, payload in map(parse_line, ctx.emit) if k == kind]
+    settings = {"seed": 5} | overrides
+    return recipe_context(TimeSeriesForecaster, workdir, dataset, parameters, cls, **settings)
 
 
 def logs(ctx: RecipeContext) -> str:
     return "\n".join(line for line in ctx.emit if not line.startswith("@@"))
-
-
-def weights(ctx: RecipeContext) -> dict[str, torch.Tensor]:
-    return load_file(ctx.output_dir / "model.safetensors")
-
-
-def assert_same_weights(first: dict, second: dict) -> None:
-    assert first.keys() == second.keys()
-    assert all(torch.equal(first[name], second[name]) for name in first)
-
-
-def read_csv(path: Path) -> list[dict]:
-    with path.open(newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
 
 
 def write_rows(path: Path, header: list[str], rows: list[list]) -> Path:
@@ -96,12 +66,8 @@ def write_rows(path: Path, header: list[str], rows: list[list]) -> Path:
 def _like_the_child():
     """One thread (these models are tiny, the machine is shared) and, as the child does on the
     CPU, deterministic algorithms only."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(False)
-    torch.set_num_threads(threads)
+    with one_torch_thread(deterministic=True):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -259,18 +225,6 @@ def test_rows_in_any_order_and_parquet_timestamps_train_the_same_model(tmp_path,
     ctx = make_context(tmp_path, path, FAST)
     TimeSeriesForecaster().train(ctx)
     assert_same_weights(weights(trained), weights(ctx))
-
-
-@dataclass
-class StopAfterStep(RecipeContext):
-    """Stands in for SIGTERM arriving once `stop_at` steps are done."""
-
-    stop_at: int = 0
-
-    def progress(self, step: int, total: int | None, epoch: int) -> None:
-        super().progress(step, total, epoch)
-        if step == self.stop_at:
-            self.stop_event.set()
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,6 @@ import re
 import subprocess
 import sys
 import textwrap
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -36,6 +35,14 @@ from jobs.recipes.tabular import (
 )
 from jobs.runner.protocol import parse_line
 from jobs.samples import write_tabular_sample
+from tests.jobs.recipe_helpers import (
+    StopAfterStep,
+    assert_same_weights,
+    events,
+    one_torch_thread,
+    recipe_context,
+    weights,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 COLUMNS = ["x1", "x2", "color", "label"]
@@ -73,51 +80,18 @@ def write_csv(path: Path, rows: list[list], columns: list[str] = COLUMNS) -> Pat
     return path
 
 
-class Lines(list):
-    """Stands in for the child's stdout: keeps every line the recipe emits."""
-
-    def __call__(self, line: str) -> None:
-        self.append(line)
-
-
 def make_context(
     workdir: Path, dataset: Path, parameters: dict, cls: type = RecipeContext, **overrides
 ) -> RecipeContext:
-    settings = {
-        "workdir": workdir,
-        "dataset_path": dataset,
-        "dataset_format": dataset.suffix.lstrip("."),
-        "parameters": validate_parameters(TabularClassifier, parameters),
-        "seed": 11,
-        "output_dir": workdir / "out",
-        "checkpoint_dir": workdir / "checkpoints",
-        "checkpoint_every_s": 3600.0,
-        "devices": ["cpu"],
-        "emit": Lines(),
-    }
-    return cls(**(settings | overrides))
-
-
-def events(ctx: RecipeContext, kind: str) -> list[dict]:
-    return [payload for k, payload in map(parse_line, ctx.emit) if k == kind]
-
-
-def weights(ctx: RecipeContext) -> dict[str, torch.Tensor]:
-    return load_file(ctx.output_dir / "model.safetensors")
-
-
-def assert_same_weights(first: dict, second: dict) -> None:
-    assert first.keys() == second.keys()
-    assert all(torch.equal(first[name], second[name]) for name in first)
+    settings = {"seed": 11} | overrides
+    return recipe_context(TabularClassifier, workdir, dataset, parameters, cls, **settings)
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_torch_thread():
     """These models are tiny: more threads only contend for a shared machine's cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -498,18 +472,6 @@ def test_csv_and_parquet_of_the_same_table_train_the_same_model(tmp_path):
         TabularClassifier().train(ctx)
         trained.append(weights(ctx))
     assert_same_weights(*trained)
-
-
-@dataclass
-class StopAfterStep(RecipeContext):
-    """Stands in for SIGTERM arriving once `stop_at` steps are done."""
-
-    stop_at: int = 0
-
-    def progress(self, step: int, total: int | None, epoch: int) -> None:
-        super().progress(step, total, epoch)
-        if step == self.stop_at:
-            self.stop_event.set()
 
 
 @pytest.mark.parametrize(
