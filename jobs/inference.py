@@ -28,6 +28,8 @@ from tenants.errors import DomainError
 # Recipes whose models can answer single rows in the web process: name -> "module:function".
 ONLINE_PREDICTORS = {"tabular-classifier": "jobs.recipes.tabular:predict_rows"}
 CACHED_MODELS = 16
+# Online prediction is for small models; bigger ones would not fit many to a web process.
+ONLINE_MAX_WEIGHTS_BYTES = 64 * 1024 * 1024
 
 
 class OnlinePredictionUnsupported(DomainError):
@@ -62,11 +64,23 @@ def predictor_for(recipe_name: str):
 def predict_online(*, version: ModelVersion, rows: list[dict], actor: Actor) -> list[dict]:
     """Predict a few rows with a cached model and meter them; bad rows are a 400 naming the row."""
     predict_rows = predictor_for(version.recipe_name)
-    config, weights = _load(version.pk)
+    artifacts = {a.name: a for a in version.artifacts.all()}
+    if set(artifacts) < {"model.safetensors", "config.json"}:
+        raise OnlinePredictionUnsupported(f"{version} has no weights and config to serve.")
+    if artifacts["model.safetensors"].size_bytes > ONLINE_MAX_WEIGHTS_BYTES:
+        raise OnlinePredictionUnsupported(
+            f"{version} is too large for online prediction; submit a job of kind infer instead."
+        )
     try:
+        config, weights = _load(version.pk)
         predictions = predict_rows(config, weights, rows)
     except RecipeInputError as exc:
         raise DomainError(str(exc), fields={"rows": [str(exc)]}) from exc
+    except (KeyError, ValueError, TypeError) as exc:
+        # Weights or config that do not match the recipe (e.g. registered by hand).
+        raise OnlinePredictionUnsupported(
+            f"{version} cannot be served online: its files do not match {version.recipe_name}."
+        ) from exc
     now = timezone.now()
     usage_record(
         organization=version.organization,

@@ -335,6 +335,8 @@ class Sweep(OrganizationOwned):
     )
     strategy = models.CharField(max_length=10, choices=Strategy.choices, default=Strategy.RANDOM)
     trial_count = models.PositiveIntegerField()
+    # Random search draws its points from this, so a sweep can be repeated exactly.
+    seed = models.PositiveIntegerField(default=0)
     metric = models.CharField(max_length=100)
     mode = models.CharField(max_length=3, choices=Mode.choices, default=Mode.MAX)
     state = models.CharField(max_length=10, choices=State.choices, default=State.RUNNING)

@@ -33,10 +33,12 @@ def job_list(
     if state:
         jobs = jobs.filter(state=state)
     if label:
-        key, _, value = label.partition("=")
-        jobs = (
-            jobs.filter(**{f"labels__{key}": value}) if value else jobs.filter(labels__has_key=key)
-        )
+        # Containment, not a key path: a user's label key must never become a lookup.
+        key, sep, value = label.partition("=")
+        if sep:
+            jobs = jobs.filter(labels__contains={key: value})
+        else:
+            jobs = jobs.filter(labels__has_key=key)
     if created_by:
         jobs = jobs.filter(created_by__email__icontains=created_by)
     return jobs

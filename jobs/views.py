@@ -5,6 +5,7 @@ from __future__ import annotations
 from django.contrib import messages
 from django.contrib.admin.views.decorators import staff_member_required
 from django.core.paginator import Paginator
+from django.http import Http404
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils.decorators import method_decorator
 from django.views import View
@@ -72,7 +73,10 @@ class JobSubmitPage(OrganizationPageMixin, TemplateView):
     required_scopes = {"get": "jobs:write", "post": "jobs:write"}
 
     def _recipe(self):
-        return get_recipe(self.request.GET.get("recipe") or sorted(list_recipes())[0])
+        try:
+            return get_recipe(self.request.GET.get("recipe") or sorted(list_recipes())[0])
+        except DomainError as exc:
+            raise Http404(exc.detail) from exc
 
     def get_context_data(self, **kwargs):
         context = super().get_context_data(**kwargs)
@@ -105,7 +109,7 @@ class JobSubmitPage(OrganizationPageMixin, TemplateView):
                     output_model_name=data["output_model"],
                 )
             except DomainError as error:
-                for field, errors in (error.fields or {None: [error.detail]}).items():
+                for field, errors in (error.fields or {"": [error.detail]}).items():
                     target = (
                         field
                         if field in form.fields

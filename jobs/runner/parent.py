@@ -6,6 +6,7 @@ side owns every database and storage write, each fenced by the attempt number.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 
 from django.conf import settings
-from django.http import Http404
+from django.db import IntegrityError
 
 from jobs.models import Job, JobState
 from jobs.services.attempts import (
@@ -31,8 +32,7 @@ from jobs.services.attempts import (
     attempt_report,
     attempt_state,
 )
-from registry.models import Dataset, DatasetVersion
-from registry.selectors import registered_model_get
+from registry.models import Dataset, DatasetVersion, RegisteredModel
 from registry.services import (
     dataset_create,
     dataset_version_create,
@@ -41,6 +41,7 @@ from registry.services import (
 )
 from registry.storage import get_storage, new_object_key
 from tenants.actors import Actor
+from tenants.errors import ConflictError
 
 from . import protocol
 
@@ -48,6 +49,45 @@ logger = logging.getLogger(__name__)
 
 REPORT_EVERY_S = 0.5
 MAX_FAILURE_LINES = 20
+
+
+# What a job's child may see of this process's environment: never the database, storage or
+# Stripe credentials, since it parses tenant data.
+CHILD_ENV_NAMES = {"PATH", "PYTHONPATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "VIRTUAL_ENV"}
+CHILD_ENV_PREFIXES = ("CUDA_", "NCCL_", "NVIDIA_", "OMP_", "MKL_", "TORCH_", "OPENBLAS_")
+
+
+def child_environment() -> dict[str, str]:
+    return {
+        name: value
+        for name, value in os.environ.items()
+        if name in CHILD_ENV_NAMES or name.startswith(CHILD_ENV_PREFIXES)
+    }
+
+
+def stop_process_group(child: subprocess.Popen) -> None:
+    """SIGTERM the child's group, then SIGKILL what is left after the grace period."""
+    if child.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(child.pid, signal.SIGTERM)
+    try:
+        child.wait(timeout=settings.JOB_STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+
+
+def first_or_create(find, create):
+    """The existing row, or a new one; two jobs creating the same name at once both get it."""
+    found = find()
+    if found is not None:
+        return found
+    try:
+        return create()
+    except (ConflictError, IntegrityError):
+        return find()
 
 
 def run_attempt(*, job_id: int, attempt: int, worker_id: int) -> str:
@@ -90,7 +130,10 @@ class _Attempt:
             )
             return "failed"
         child = self._start()
-        outcome, reason = self._supervise(child)
+        try:
+            outcome, reason = self._supervise(child)
+        finally:
+            stop_process_group(child)
         if outcome == "succeeded":
             try:
                 outputs = self._register_outputs()
@@ -148,7 +191,8 @@ class _Attempt:
     def _start(self) -> subprocess.Popen:
         # Children share the machine's cores: a slot's share of threads each, no oversubscription.
         threads = max(1, (os.cpu_count() or 1) // max(1, self.job.worker.slots))
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
+        env = child_environment()
+        env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads))
         env["CUDA_VISIBLE_DEVICES"] = (
             ",".join(map(str, self.job.slot_indices))
             if self.job.resource_class.name != "cpu"
@@ -161,16 +205,20 @@ class _Attempt:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            errors="replace",  # native libraries may print bytes that are not UTF-8
             bufsize=1,
+            start_new_session=True,  # its own group, so stopping it stops its DDP ranks too
         )
         for stream, pipe in (("stdout", child.stdout), ("stderr", child.stderr)):
             threading.Thread(target=self._pump, args=(stream, pipe), daemon=True).start()
         return child
 
     def _pump(self, stream: str, pipe) -> None:
-        for line in pipe:
-            self.lines.put((stream, line.rstrip("\n")))
-        self.lines.put(None)
+        try:
+            for line in pipe:
+                self.lines.put((stream, line.rstrip("\n")))
+        finally:
+            self.lines.put(None)
 
     def _supervise(self, child: subprocess.Popen) -> tuple[str, str]:
         started = time.monotonic()
@@ -199,7 +247,8 @@ class _Attempt:
                     child.send_signal(signal.SIGTERM)
                     stop_deadline = now + settings.JOB_STOP_GRACE_S
             if stop_deadline is not None and now > stop_deadline and child.poll() is None:
-                child.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.pid, signal.SIGKILL)
         self._flush()
         code = child.wait()
         if over_time:
@@ -245,6 +294,7 @@ class _Attempt:
         )
         with path.open("rb") as stream:
             self.storage.save(key, stream)
+        path.unlink(missing_ok=True)  # the child never deletes its checkpoints; uploaded, it goes
         try:
             previous = attempt_checkpoint(
                 job_id=self.job.pk, attempt=self.attempt, key=key, step=int(payload["step"])
@@ -271,14 +321,15 @@ class _Attempt:
 
     def _register_predictions(self) -> int:
         organization, name = self.job.organization, self.job.output_dataset_name
-        dataset = Dataset.objects.for_organization(organization).filter(name=name).first()
-        if dataset is None:
-            dataset = dataset_create(
+        dataset = first_or_create(
+            lambda: Dataset.objects.for_organization(organization).filter(name=name).first(),
+            lambda: dataset_create(
                 organization=organization,
                 name=name,
                 description=f"Predictions of {self.job.input_model_version}.",
                 actor=self._actor(),
-            )
+            ),
+        )
         version = dataset_version_create(
             dataset=dataset,
             path=self.workdir / self.result["artifacts"]["predictions.csv"],
@@ -296,14 +347,13 @@ class _Attempt:
         config = json.loads((self.workdir / result["artifacts"]["config.json"]).read_text())
         organization = self.job.organization
         actor = self._actor()
-        try:
-            registered = registered_model_get(
-                organization=organization, name=self.job.output_model_name
-            )
-        except Http404:  # the first version of this model creates it
-            registered = registered_model_create(
-                organization=organization, name=self.job.output_model_name, actor=actor
-            )
+        name = self.job.output_model_name
+        registered = first_or_create(
+            lambda: (
+                RegisteredModel.objects.for_organization(organization).filter(name=name).first()
+            ),
+            lambda: registered_model_create(organization=organization, name=name, actor=actor),
+        )
         version = model_version_register(
             registered_model=registered,
             weights_path=self.workdir / result["artifacts"]["model.safetensors"],

@@ -34,7 +34,8 @@ class Dispatch:
 
 def _try_lock() -> bool:
     if connection.vendor != "postgresql":
-        return True  # the embedded SQLite setup runs a single beat and worker
+        # SQLite (embedded): its transactions are IMMEDIATE, so passes already run one at a time.
+        return True
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_try_advisory_xact_lock(%s)", [SCHEDULER_LOCK_KEY])
         return cursor.fetchone()[0]
@@ -117,8 +118,14 @@ def decisions_apply(
 
 
 def dispatch(dispatches: list[Dispatch]) -> None:
+    # A message that cannot be sent leaves its job scheduled; its lease lapses and the job is
+    # placed again without counting as a lost attempt.
     for item in dispatches:
-        current_app.send_task(
-            "jobs.run_attempt", args=[item.job_id, item.attempt], queue=item.queue
-        )
+        try:
+            current_app.send_task(
+                "jobs.run_attempt", args=[item.job_id, item.attempt], queue=item.queue
+            )
+        except Exception:
+            logger.exception("could not dispatch job %s attempt %s", item.job_id, item.attempt)
+            continue
         logger.info("dispatched job %s attempt %s to %s", item.job_id, item.attempt, item.queue)

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from django.conf import settings
 
 from billing.selectors import budget_allows, decayed_spend, gpu_resource, unit_price
-from jobs.models import ACTIVE_STATES, Job, JobState, Quota, ResourceClass, Worker
+from jobs.models import ACTIVE_STATES, Job, JobAttempt, JobState, Quota, ResourceClass, Worker
 from tenants.models import Organization
 
 from .types import Machine, Queued, Running, Snapshot, Tenant
@@ -31,9 +31,15 @@ def snapshot_load(*, now: datetime) -> tuple[Snapshot, dict[int, tuple[str, int 
     active = list(
         Job.objects.filter(state__in=ACTIVE_STATES, worker__isnull=False).values(
             "pk", "organization_id", "resource_class_id", "gpu_count", "worker_id", "slot_indices",
-            "priority", "started_at", "scheduled_at", "max_runtime_s", "state",
+            "priority", "scheduled_at", "max_runtime_s", "state",
         )
     )  # fmt: skip
+    # The current attempt's start, not the job's first: a resumed job's clock restarts.
+    attempt_started = dict(
+        JobAttempt.objects.filter(
+            job_id__in=[job["pk"] for job in active], outcome=JobAttempt.Outcome.ACTIVE
+        ).values_list("job_id", "started_at")
+    )
     busy: dict[int, set[int]] = defaultdict(set)
     running = []
     # Jobs already stopping are offered first as victims, so a pass never preempts more than one
@@ -41,7 +47,7 @@ def snapshot_load(*, now: datetime) -> tuple[Snapshot, dict[int, tuple[str, int 
     stopping = {JobState.PREEMPTED, JobState.CANCELLING}
     for job in active:
         busy[job["worker_id"]].update(job["slot_indices"])
-        start = _epoch(job["started_at"] or job["scheduled_at"] or now)
+        start = _epoch(attempt_started.get(job["pk"]) or job["scheduled_at"] or now)
         running.append(
             Running(
                 job_id=job["pk"],
@@ -88,7 +94,9 @@ def snapshot_load(*, now: datetime) -> tuple[Snapshot, dict[int, tuple[str, int 
         machines=machines,
         running=tuple(running),
         queued=queued,
-        tenants=_tenants(tenant_ids, classes, prices, running, now),
+        tenants=_tenants(
+            tenant_ids, classes, prices, running, {k for k, v in attempt_started.items() if v}, now
+        ),
         prices=prices,
     )
     return snapshot, {
@@ -96,7 +104,7 @@ def snapshot_load(*, now: datetime) -> tuple[Snapshot, dict[int, tuple[str, int 
     }
 
 
-def _tenants(tenant_ids, classes, prices, running, now) -> dict[int, Tenant]:
+def _tenants(tenant_ids, classes, prices, running, started, now) -> dict[int, Tenant]:
     organizations = Organization.objects.in_bulk(tenant_ids)
     quotas: dict[int, dict[str, QuotaSpec]] = defaultdict(dict)
     max_running: dict[int, int] = {}
@@ -118,7 +126,7 @@ def _tenants(tenant_ids, classes, prices, running, now) -> dict[int, Tenant]:
     usage = {tenant_id: cents / 100 for tenant_id, cents in spend.items()}
     # Running attempts are not in the ledger yet; their cost so far counts too.
     for job in running:
-        seconds = max(0.0, now.timestamp() - job.started_at)
+        seconds = max(0.0, now.timestamp() - job.started_at) if job.job_id in started else 0.0
         usage[job.tenant_id] = (
             usage.get(job.tenant_id, 0.0) + seconds * job.gpus * prices[job.resource_class]
         )

@@ -17,6 +17,7 @@ from django.utils import timezone
 from billing.selectors import gpu_resource
 from billing.services import usage_record
 from jobs.models import ACTIVE_STATES, Job, JobAttempt, JobLog, JobMetric, JobState
+from registry.services.storage_accounts import stored_objects_delete
 
 from .events import job_event
 from .ticks import tick_soon
@@ -50,6 +51,14 @@ def attempt_close(*, job: Job, outcome: str, ended_at=None) -> JobAttempt | None
     attempt.outcome, attempt.ended_at = outcome, ended_at
     attempt.save(update_fields=["outcome", "ended_at"])
     return attempt
+
+
+def checkpoint_forget(*, job: Job) -> None:
+    """A job that has ended needs no checkpoint: delete its object after the commit."""
+    key = job.checkpoint_key
+    if key:
+        job.checkpoint_key, job.checkpoint_step = "", None
+        transaction.on_commit(lambda: stored_objects_delete([key]))
 
 
 def attempt_bill(*, job: Job, attempt: JobAttempt) -> int:
@@ -111,8 +120,10 @@ class Report:
 
 @transaction.atomic
 def attempt_report(*, job_id: int, attempt: int, report: Report) -> str:
-    """Store logs and metrics; returns the job's state so the runner can react to cancel/preempt."""
+    """Store logs and metrics and extend the lease; returns the job's state so the runner can react
+    to cancel/preempt. Only a runner that reports keeps its job: a dead one lets the lease lapse."""
     job = _locked(job_id, attempt)
+    Job.objects.filter(pk=job.pk).update(lease_expires_at=lease_deadline())
     JobLog.objects.bulk_create(
         JobLog(
             organization_id=job.organization_id,
@@ -188,6 +199,7 @@ def attempt_finish(
         job.waiting_reason = "preempted; waiting to resume from its checkpoint"
     if job.is_terminal:
         job.finished_at = now
+        checkpoint_forget(job=job)
     job.save()
     job_event(job=job, kind=outcome, message=reason[:500] or f"Attempt {attempt} {outcome}.")
     transaction.on_commit(tick_soon)

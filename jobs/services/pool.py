@@ -9,9 +9,9 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from jobs.models import Job, JobAttempt, JobState, ResourceClass, Worker
+from jobs.models import ACTIVE_STATES, Job, JobAttempt, JobState, ResourceClass, Worker
 
-from .attempts import attempt_bill, attempt_close, lease_deadline
+from .attempts import attempt_bill, attempt_close, checkpoint_forget
 from .events import job_event
 from .ticks import tick_soon
 
@@ -49,6 +49,11 @@ def worker_register(
     worker.resource_class, worker.slots, worker.devices = resource_class, slots, devices
     worker.hostname, worker.software_version = hostname, version
     worker.last_heartbeat_at = timezone.now()
+    # A machine that restarts under the same name runs none of the jobs it had: end their leases
+    # so the next tick requeues them to resume from their checkpoints.
+    Job.objects.filter(worker=worker, state__in=ACTIVE_STATES).update(
+        lease_expires_at=timezone.now()
+    )
     if worker.status == Worker.Status.OFFLINE:
         worker.status = Worker.Status.ONLINE
     worker.save()
@@ -64,16 +69,13 @@ def worker_register(
 
 
 def worker_heartbeat(*, worker_id: int) -> None:
-    """Prove the machine is alive and extend the leases of the jobs it is running."""
+    """Prove the machine is alive. Job leases are extended by each attempt's own reports, so a
+    job whose runner died on a live machine still times out."""
     now = timezone.now()
     Worker.objects.filter(pk=worker_id).update(last_heartbeat_at=now)
     Worker.objects.filter(pk=worker_id, status=Worker.Status.OFFLINE).update(
         status=Worker.Status.ONLINE
     )
-    # Scheduled jobs are left out: one whose run message never arrives must time out.
-    Job.objects.filter(
-        worker_id=worker_id, state__in=[JobState.RUNNING, JobState.PREEMPTED, JobState.CANCELLING]
-    ).update(lease_expires_at=lease_deadline())
 
 
 @transaction.atomic
@@ -124,7 +126,9 @@ def reap_lost(*, now=None) -> int:
             job.transition_to(JobState.CANCELLED)
             job.finished_at = now
         else:
-            job.lost_attempts += 1
+            # A job whose run message never arrived did not run: that loss is not the job's.
+            if job.state != JobState.SCHEDULED:
+                job.lost_attempts += 1
             if job.lost_attempts >= settings.JOB_MAX_LOST_ATTEMPTS:
                 job.transition_to(JobState.FAILED)
                 job.finished_at = now
@@ -137,6 +141,8 @@ def reap_lost(*, now=None) -> int:
                 job.waiting_reason = (
                     f"{worker_name} stopped responding; waiting to resume from its checkpoint"
                 )
+        if job.is_terminal:
+            checkpoint_forget(job=job)
         job.save()
         job_event(
             job=job,
@@ -148,11 +154,25 @@ def reap_lost(*, now=None) -> int:
 
 @transaction.atomic
 def job_preempt(*, job_id: int, reason: str, data: dict | None = None) -> bool:
-    """Ask a running job to checkpoint and return to the queue; its runner does the rest."""
-    job = Job.objects.select_for_update().filter(pk=job_id, state=JobState.RUNNING).first()
+    """Ask a running job to checkpoint and return to the queue; its runner does the rest.
+
+    A job placed but not started yet has nothing to checkpoint and goes back to the queue at once.
+    """
+    job = (
+        Job.objects.select_for_update()
+        .filter(pk=job_id, state__in=[JobState.RUNNING, JobState.SCHEDULED])
+        .first()
+    )
     if job is None:
         return False
-    job.transition_to(JobState.PREEMPTED)
-    job.save(update_fields=["state"])
+    if job.state == JobState.SCHEDULED:
+        attempt_close(job=job, outcome=JobAttempt.Outcome.PREEMPTED)
+        job.transition_to(JobState.QUEUED)
+        job.worker, job.slot_indices, job.lease_expires_at = None, [], None
+        job.waiting_reason = reason[:255]
+        job.save()
+    else:
+        job.transition_to(JobState.PREEMPTED)
+        job.save(update_fields=["state"])
     job_event(job=job, kind="preempted", message=reason, data=data)
     return True

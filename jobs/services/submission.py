@@ -19,7 +19,7 @@ from tenants.errors import ConflictError, DomainError
 from tenants.models import Organization
 from tenants.services import audit_record
 
-from .attempts import attempt_close
+from .attempts import attempt_close, checkpoint_forget
 from .events import job_event
 from .quotas import quota_get
 from .ticks import tick_soon
@@ -76,6 +76,11 @@ def job_submit(
     idempotency_key: str | None = None,
 ) -> tuple[Job, bool]:
     """Queue a job; returns (job, created). A repeated idempotency key returns the first job."""
+    if idempotency_key and len(idempotency_key) > 200:
+        raise DomainError(
+            "The Idempotency-Key is longer than 200 characters.",
+            fields={"idempotency_key": ["At most 200 characters, e.g. a UUID."]},
+        )
     if idempotency_key:
         existing = (
             Job.objects.for_organization(organization)
@@ -213,6 +218,8 @@ def job_submit(
             transaction.on_commit(tick_soon)
     except IntegrityError:
         # The same idempotency key raced another submit; the winner's job is the answer.
+        if not idempotency_key:
+            raise
         existing = (
             Job.objects.for_organization(organization)
             .filter(idempotency_key=idempotency_key)
@@ -235,6 +242,8 @@ def job_cancel(*, job: Job, actor: Actor) -> Job:
         job.finished_at = timezone.now()
         job.waiting_reason, job.queue_position = "", None
         attempt_close(job=job, outcome=JobAttempt.Outcome.CANCELLED)
+        checkpoint_forget(job=job)
+        job.worker, job.slot_indices, job.lease_expires_at = None, [], None
     else:
         job.transition_to(JobState.CANCELLING)
     job.save()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import logging
 import math
 import random
+import secrets
 
 from django.db import transaction
 from django.utils import timezone
@@ -21,6 +24,8 @@ from tenants.models import Organization
 from tenants.services import audit_record
 
 from .submission import job_cancel, job_submit
+
+logger = logging.getLogger(__name__)
 
 MAX_TRIALS = 50
 BEST_ALIAS = "best"
@@ -115,7 +120,8 @@ def sweep_create(
             f"{recipe} has no parameter {', '.join(unknown)}.",
             fields={"space": [f"Unknown: {', '.join(unknown)}."]},
         )
-    points = sweep_points(space=space, strategy=strategy, count=trial_count, seed=organization.pk)
+    seed = secrets.randbelow(2**31)
+    points = sweep_points(space=space, strategy=strategy, count=trial_count, seed=seed)
     for point in points:
         validate_parameters(recipe_cls, {**base_parameters, **point})
     sweep = Sweep.objects.create(
@@ -126,6 +132,7 @@ def sweep_create(
         space=space,
         strategy=strategy,
         trial_count=len(points),
+        seed=seed,
         metric=metric,
         mode=mode,
         created_by=actor.api_key.created_by if actor.api_key else actor.user,
@@ -160,7 +167,9 @@ def sweep_cancel(*, sweep: Sweep, actor: Actor) -> Sweep:
     if sweep.state != Sweep.State.RUNNING:
         raise ConflictError(f"The sweep is already {sweep.state}.")
     for job in sweep.trials.exclude(state__in=[*TERMINAL_STATES, JobState.CANCELLING]):
-        job_cancel(job=job, actor=actor)
+        # A trial may end between the query and its lock; it needs no cancelling then.
+        with contextlib.suppress(ConflictError):
+            job_cancel(job=job, actor=actor)
     sweep.state, sweep.finished_at = Sweep.State.CANCELLED, timezone.now()
     sweep.save(update_fields=["state", "finished_at"])
     audit_record(organization=sweep.organization, actor=actor, action="sweep.cancel", target=sweep)
@@ -191,12 +200,19 @@ def sweeps_progress() -> int:
                 _score, best = pick(scored, key=lambda pair: pair[0])
                 sweep.best_job, sweep.state = best, Sweep.State.SUCCEEDED
                 version = best.output_model_version
-                model_alias_set(
-                    registered_model=version.registered_model,
-                    alias=BEST_ALIAS,
-                    version=version,
-                    actor=Actor(user=sweep.created_by),
-                )
+                try:
+                    with transaction.atomic():
+                        model_alias_set(
+                            registered_model=version.registered_model,
+                            alias=BEST_ALIAS,
+                            version=version,
+                            actor=Actor(user=sweep.created_by),
+                        )
+                except DomainError:
+                    # e.g. a promotion gate on `best`: the sweep still finishes, naming its best.
+                    logger.warning(
+                        "sweep %s: could not point %r at %s", sweep.pk, BEST_ALIAS, version
+                    )
             else:
                 sweep.state = Sweep.State.FAILED
             sweep.save(update_fields=["state", "best_job", "finished_at"])

@@ -45,7 +45,12 @@ class OrganizationScopedViewSet(OrganizationScopedMixin, viewsets.GenericViewSet
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        overridden = [name for name in cls._sealed if name in cls.__dict__]
+        # Compared by identity, so an override arriving through a mixin is caught too.
+        overridden = [
+            name
+            for name in cls._sealed
+            if getattr(cls, name) is not getattr(OrganizationScopedViewSet, name)
+        ]
         if overridden:
             raise TypeError(
                 f"{cls.__name__} overrides {', '.join(overridden)}; narrow the organization's "

@@ -49,3 +49,6 @@ def submit(org, owner, dataset_version):
         return job
 
     return make
+
+
+from tests.registry.conftest import local_store, weights_bytes  # noqa: E402, F401  shared fixtures

@@ -123,3 +123,45 @@ def test_recipes_and_resource_classes_are_listed_for_any_signed_in_caller(dev, a
     classes = {c["name"]: c for c in dev.get("/api/v1/resource-classes/").json()}
     assert classes["a100-40gb"]["price_per_gpu_hour"] == "2.8800"
     assert api_client.get("/api/v1/recipes/").status_code == 401
+
+
+def test_a_label_key_cannot_become_a_database_lookup(org, dev):
+    JobFactory(organization=org, labels={"a": "b"})
+    response = dev.get(f"/api/v1/orgs/{org.slug}/jobs/", {"label": "a__regex=("})
+    assert response.status_code == 200 and response.json()["results"] == []
+
+
+def test_an_overlong_idempotency_key_is_a_400(org, dev):
+    version = DatasetVersionFactory(organization=org)
+    response = dev.post(
+        f"/api/v1/orgs/{org.slug}/jobs/",
+        _body(version),
+        format="json",
+        HTTP_IDEMPOTENCY_KEY="k" * 201,
+    )
+    assert response.status_code == 400 and "idempotency_key" in response.json()["fields"]
+
+
+def test_online_prediction_of_files_that_do_not_fit_the_recipe_is_a_400(
+    org, dev, local_store, weights_bytes
+):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    dev.post(f"/api/v1/orgs/{org.slug}/models/", {"name": "handmade"}, format="json")
+    dev.post(
+        f"/api/v1/orgs/{org.slug}/models/handmade/versions/",
+        {
+            "weights": SimpleUploadedFile("model.safetensors", weights_bytes),
+            "config": '{"layers": [3, 2]}',
+            "recipe_name": "tabular-classifier",
+        },
+        format="multipart",
+    )
+    response = dev.post(
+        f"/api/v1/orgs/{org.slug}/models/handmade/predict/",
+        {"version": "1", "rows": [{"x": 1}]},
+        format="json",
+    )
+    body = response.json()
+    assert response.status_code == 400, body
+    assert "tabular-classifier cannot run" in body["detail"]

@@ -123,3 +123,28 @@ def test_batch_prediction_page_queues_an_inference_job(org, dev):
         model_version,
     )
     assert job.output_dataset_name == f"{model_version.registered_model.name}-predictions"
+
+
+def test_an_unknown_recipe_on_the_submit_page_is_a_404(org, dev):
+    assert (
+        dev.get(reverse("jobs:job_submit", args=[org.slug]), {"recipe": "nope"}).status_code == 404
+    )
+
+
+def test_a_refusal_without_a_field_is_shown_on_the_submit_form(org, dev, cpu):
+    from jobs.models import Quota
+
+    Quota.objects.create(organization=org, resource_class=cpu, limit_gpus=8, max_queued_jobs=0)
+    version = DatasetVersionFactory(organization=org)
+    response = dev.post(
+        reverse("jobs:job_submit", args=[org.slug]) + "?recipe=tabular-classifier",
+        {
+            "dataset_version": version.pk,
+            "resource_class": "cpu",
+            "gpu_count": 1,
+            "priority": 0,
+            "max_runtime_s": 600,
+            "param_target": "x",
+        },
+    )
+    assert response.status_code == 400 and b"already queued" in response.content

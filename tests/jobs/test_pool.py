@@ -1,5 +1,6 @@
 """The tick and the attempt lifecycle against the real database, without worker processes."""
 
+import io
 from datetime import timedelta
 from decimal import Decimal
 
@@ -162,3 +163,56 @@ def test_a_preempted_attempt_goes_back_to_the_queue_keeping_its_checkpoint(regis
     job = attempt_finish(job_id=job.pk, attempt=1, outcome="stopped")
     assert job.state == JobState.QUEUED and job.checkpoint_step == 7
     assert JobAttempt.objects.get(job=job).outcome == "preempted"
+
+
+def test_only_the_attempts_own_reports_extend_its_lease(register_worker, org):
+    worker = register_worker("cpu-1")
+    job = _place(JobFactory(organization=org))
+    attempt_claim(job_id=job.pk, attempt=1, worker_id=worker.pk)
+    expired = timezone.now() - timedelta(seconds=1)
+    Job.objects.filter(pk=job.pk).update(lease_expires_at=expired)
+    worker_heartbeat(worker_id=worker.pk)  # the machine lives, but nothing runs the job
+    assert Job.objects.get(pk=job.pk).lease_expires_at == expired
+    attempt_report(job_id=job.pk, attempt=1, report=Report(logs=[], metrics=[]))
+    assert Job.objects.get(pk=job.pk).lease_expires_at > timezone.now()
+
+
+def test_a_worker_restarting_under_its_name_gives_up_its_old_jobs(register_worker, org):
+    worker = register_worker("cpu-1")
+    job = _place(JobFactory(organization=org))
+    attempt_claim(job_id=job.pk, attempt=1, worker_id=worker.pk)
+    register_worker("cpu-1")
+    scheduler_pass()
+    job.refresh_from_db()
+    assert JobAttempt.objects.get(job=job, number=1).outcome == "lost"
+    assert job.attempt == 2 and job.state == JobState.SCHEDULED
+
+
+def test_preempting_a_job_not_started_yet_requeues_it_at_once(register_worker, org):
+    from jobs.services.pool import job_preempt
+
+    register_worker("cpu-1")
+    job = _place(JobFactory(organization=org))
+    assert job.state == JobState.SCHEDULED
+    assert job_preempt(job_id=job.pk, reason="reclaimed")
+    job.refresh_from_db()
+    assert job.state == JobState.QUEUED and job.worker is None and job.slot_indices == []
+    assert JobAttempt.objects.get(job=job).outcome == "preempted"
+
+
+def test_an_ended_jobs_checkpoint_is_deleted_from_storage(
+    register_worker, org, tmp_path, django_capture_on_commit_callbacks
+):
+    from registry.storage import get_storage, new_object_key
+
+    with override_settings(STORAGE_BACKEND="local", STORAGE_LOCAL_ROOT=str(tmp_path)):
+        worker = register_worker("cpu-1")
+        job = _place(JobFactory(organization=org))
+        attempt_claim(job_id=job.pk, attempt=1, worker_id=worker.pk)
+        key = new_object_key(organization_id=org.pk, kind="checkpoints", filename="c.pt")
+        get_storage().save(key, io.BytesIO(b"state"))
+        attempt_checkpoint(job_id=job.pk, attempt=1, key=key, step=3)
+        with django_capture_on_commit_callbacks(execute=True):
+            attempt_finish(job_id=job.pk, attempt=1, outcome="failed", reason="boom")
+        assert get_storage().size(key) is None
+    assert Job.objects.get(pk=job.pk).checkpoint_key == ""

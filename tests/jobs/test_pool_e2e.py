@@ -33,7 +33,7 @@ e2e = pytest.mark.django_db(transaction=True, serialized_rollback=True)
 
 TIMINGS = {
     "WORKER_HEARTBEAT_S": "0.5",
-    "WORKER_OFFLINE_AFTER_S": "3",
+    "WORKER_OFFLINE_AFTER_S": "5",
     "JOB_CHECKPOINT_EVERY_S": "0.5",
     "JOB_STOP_GRACE_S": "3",
     "SCHEDULER_TICK_S": "0.5",
@@ -266,13 +266,18 @@ def test_a_killed_worker_loses_its_job_which_resumes_from_its_checkpoint_elsewhe
     except AssertionError:
         print(pool.logs())
         raise
+    # On a loaded machine a placement may also lapse before its worker claims it; such an attempt
+    # never started (nothing billed, not counted against the job), so only started ones matter.
     attempts = list(JobAttempt.objects.filter(job=job).order_by("number"))
-    assert [a.outcome for a in attempts] == ["lost", "succeeded"]
-    assert attempts[0].worker.name != attempts[1].worker.name
-    assert attempts[0].ended_at <= attempts[1].started_at  # never two attempts at once
-    resumed_steps = JobMetric.objects.filter(job=job, attempt=2).values_list("step", flat=True)
+    ran = [a for a in attempts if a.started_at is not None]
+    assert [a.outcome for a in ran] == ["lost", "succeeded"], [a.outcome for a in attempts]
+    assert ran[0].worker.name != ran[1].worker.name
+    assert ran[0].ended_at <= ran[1].started_at  # never two attempts at once
+    resumed_steps = JobMetric.objects.filter(job=job, attempt=ran[1].number).values_list(
+        "step", flat=True
+    )
     assert min(resumed_steps) > 0  # the second attempt continued, it did not start over
-    assert UsageRecord.objects.filter(source_id=str(job.pk)).count() == 2
+    assert UsageRecord.objects.filter(source_id=str(job.pk)).count() == len(ran)
 
 
 @e2e

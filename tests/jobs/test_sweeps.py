@@ -137,3 +137,15 @@ def test_sweep_page_shows_trials_side_by_side_and_cancels(make_sweep, org, clien
     assert client.post(f"/o/{org.slug}/sweeps/{sweep.pk}/cancel/").status_code == 302
     sweep.refresh_from_db()
     assert sweep.state == Sweep.State.CANCELLED
+
+
+def test_a_gate_on_the_best_alias_does_not_stop_the_sweep_from_finishing(make_sweep, org):
+    sweep = make_sweep(trial_count=1, space={"epochs": {"values": [1]}}, strategy="grid")
+    version = ModelVersionFactory(organization=org, metrics={"val_accuracy": 0.5})
+    model = version.registered_model
+    model.promotion_gates = [{"alias": "best", "metric": "val_accuracy", "op": ">=", "value": 0.99}]
+    model.save()
+    Job.objects.filter(sweep=sweep).update(state=JobState.SUCCEEDED, output_model_version=version)
+    assert sweeps_progress() == 1
+    sweep.refresh_from_db()
+    assert sweep.state == Sweep.State.SUCCEEDED and not ModelAlias.objects.exists()

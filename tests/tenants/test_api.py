@@ -189,3 +189,14 @@ def test_schema_and_docs_are_served_without_a_cdn(client):
     assert (
         b"cdn" not in docs.content.lower() and b"/static/drf_spectacular_sidecar/" in docs.content
     )
+
+
+def test_the_org_scoped_viewset_refuses_a_queryset_override_even_through_a_mixin():
+    from tenants.api.base import OrganizationScopedViewSet
+
+    class Sneaky:
+        def get_queryset(self):
+            return None
+
+    with pytest.raises(TypeError, match="get_queryset"):
+        type("Leaky", (Sneaky, OrganizationScopedViewSet), {})
