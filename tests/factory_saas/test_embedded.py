@@ -1,5 +1,6 @@
 """`make run`'s engine: the embedded product starts with nothing but Python and stops cleanly."""
 
+import contextlib
 import os
 import signal
 import socket
@@ -83,5 +84,8 @@ def test_embedded_product_serves_and_ctrl_c_leaves_no_process_behind(tmp_path):
         assert product.wait(timeout=30) == 0
         wait_for(lambda: not alive(started), timeout=15, what="every child to exit")
     finally:
-        if product.poll() is None:
-            os.killpg(product.pid, signal.SIGKILL)
+        # On a failure the children (each in its own session) must not outlive the test.
+        for pid in descendants(product.pid) | {product.pid}:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        product.wait()
