@@ -252,6 +252,8 @@ def measure_latency(pool: Pool, tenant: Tenant) -> Latency:
         .values_list("created_at", flat=True)
         .first()
     )
+    if data_ready is None:
+        raise SystemExit(f"job {job.pk} logged no line starting {DATA_READY_LINE!r}")
     return Latency(
         submit_call=returned - started,
         scheduled=_after(events["scheduled"], started),
