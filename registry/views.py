@@ -12,9 +12,7 @@ from tenants.views.base import OrganizationPageMixin
 from . import selectors, services
 from .forms import AliasForm, NamedForm
 from .models import Dataset, DatasetVersion, ModelVersion, RegisteredModel
-from .storage import get_storage
-
-DOWNLOAD_URL_TTL_S = 300
+from .storage import DOWNLOAD_URL_TTL_S, get_storage
 
 
 def lineage_with_links(organization, version) -> dict:

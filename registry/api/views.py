@@ -19,12 +19,11 @@ from registry.models import (
     PendingUpload,
     RegisteredModel,
 )
-from registry.storage import get_storage
+from registry.storage import DOWNLOAD_URL_TTL_S, get_storage
 from tenants.api.base import OrganizationScopedViewSet
 
 from . import serializers as s
 
-DOWNLOAD_URL_TTL_S = 300
 # Multipart framing around the file itself.
 MULTIPART_OVERHEAD_BYTES = 1024 * 1024
 

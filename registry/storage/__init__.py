@@ -16,6 +16,7 @@ from .base import ObjectNotFound, ObjectTooLarge, Storage, StorageError, StoredO
 from .keys import OBJECT_KINDS, new_object_key, organization_prefix
 
 __all__ = [
+    "DOWNLOAD_URL_TTL_S",
     "OBJECT_KINDS",
     "ObjectNotFound",
     "ObjectTooLarge",
@@ -26,6 +27,9 @@ __all__ = [
     "new_object_key",
     "organization_prefix",
 ]
+
+# How long a download link stays valid, for the API and the dashboard alike.
+DOWNLOAD_URL_TTL_S = 300
 
 _STORAGE_SETTINGS = frozenset(
     {

@@ -3,6 +3,10 @@ that is stopped after a given step), the events among those lines, the weights a
 torch set up as the job's child sets it up."""
 
 import csv
+import os
+import subprocess
+import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -90,3 +94,47 @@ def one_torch_thread(*, deterministic: bool = False) -> Iterator[None]:
         if deterministic:
             torch.use_deterministic_algorithms(False)
         torch.set_num_threads(threads)
+
+
+ROOT = Path(__file__).resolve().parents[2]
+CHILD_TIMEOUT_S = 60
+
+
+@dataclass
+class ChildRun:
+    returncode: int
+    lines: list[tuple[str, object]]
+    stderr: str
+
+    def of(self, kind: str) -> list[dict]:
+        return [payload for k, payload in self.lines if k == kind]
+
+    def structured(self) -> list[tuple[str, dict]]:
+        return [(kind, payload) for kind, payload in self.lines if kind != "log"]
+
+
+def run_child(workdir: Path, on_line=None) -> ChildRun:
+    """Run the child to its end, handing each parsed stdout line to `on_line(process, line)`."""
+    stderr_path = workdir / "stderr.txt"
+    with stderr_path.open("w") as stderr:  # a file, so a chatty stderr cannot fill a pipe
+        process = subprocess.Popen(
+            [sys.executable, "-m", "jobs.runner.child", str(workdir)],
+            cwd=ROOT,
+            env=os.environ | {"OMP_NUM_THREADS": "1"},
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+    watchdog = threading.Timer(CHILD_TIMEOUT_S, process.kill)
+    watchdog.start()
+    try:
+        lines = []
+        for raw in process.stdout:
+            lines.append(parse_line(raw))
+            if on_line is not None:
+                on_line(process, lines[-1])
+        returncode = process.wait()
+    finally:
+        watchdog.cancel()
+        process.stdout.close()
+    return ChildRun(returncode, lines, stderr_path.read_text())

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ from jobs.runner.protocol import (
     read_spec,
     write_spec,
 )
+from tests.jobs.recipe_helpers import run_child
 
 REPO = Path(__file__).resolve().parents[2]
 # These models are tiny: more threads only contend for a shared machine's cores.
@@ -62,46 +62,6 @@ def make_workdir(workdir: Path, parameters: dict | None = None, **spec) -> Path:
         | spec,
     )
     return workdir
-
-
-@dataclass
-class ChildRun:
-    returncode: int
-    lines: list[tuple[str, object]]
-    stderr: str
-
-    def of(self, kind: str) -> list[dict]:
-        return [payload for k, payload in self.lines if k == kind]
-
-    def structured(self) -> list[tuple[str, dict]]:
-        return [(kind, payload) for kind, payload in self.lines if kind != "log"]
-
-
-def run_child(workdir: Path, on_line=None) -> ChildRun:
-    """Run the child to its end, handing each parsed stdout line to `on_line(process, line)`."""
-    stderr_path = workdir / "stderr.txt"
-    with stderr_path.open("w") as stderr:  # a file, so a chatty stderr cannot fill a pipe
-        process = subprocess.Popen(
-            [sys.executable, "-m", "jobs.runner.child", str(workdir)],
-            cwd=REPO,
-            env=CHILD_ENV,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-        )
-    watchdog = threading.Timer(CHILD_TIMEOUT_S, process.kill)
-    watchdog.start()
-    try:
-        lines = []
-        for raw in process.stdout:
-            lines.append(parse_line(raw))
-            if on_line is not None:
-                on_line(process, lines[-1])
-        returncode = process.wait()
-    finally:
-        watchdog.cancel()
-        process.stdout.close()
-    return ChildRun(returncode, lines, stderr_path.read_text())
 
 
 def test_child_trains_and_reports_metrics_checkpoints_and_result(tmp_path):

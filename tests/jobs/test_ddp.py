@@ -4,10 +4,7 @@ from it to the very weights of an uninterrupted run."""
 
 import os
 import signal
-import subprocess
-import sys
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,8 +14,10 @@ from safetensors.torch import load_file
 from jobs.recipes.base import RecipeContext, RecipeInputError, load_checkpoint, validate_parameters
 from jobs.recipes.tabular import TabularClassifier
 from jobs.runner import child
-from jobs.runner.protocol import EXIT_OK, EXIT_STOPPED, parse_line, write_spec
+from jobs.runner.protocol import EXIT_OK, EXIT_STOPPED, write_spec
 from jobs.samples import write_tabular_sample
+from tests.jobs.recipe_helpers import ChildRun
+from tests.jobs.recipe_helpers import run_child as run_child_process
 
 REPO = Path(__file__).resolve().parents[2]
 CHILD_ENV = os.environ | {"OMP_NUM_THREADS": "1"}
@@ -33,19 +32,6 @@ PARAMETERS = {
     "early_stopping_patience": 0,
 }
 STEPS = 10 * 15
-
-
-@dataclass
-class ChildRun:
-    returncode: int
-    lines: list[tuple[str, object]]
-    stderr: str
-
-    def of(self, kind: str) -> list[dict]:
-        return [payload for k, payload in self.lines if k == kind]
-
-    def structured(self) -> list[tuple[str, dict]]:
-        return [(kind, payload) for kind, payload in self.lines if kind != "log"]
 
 
 def run_child(workdir: Path, on_line=None, **spec) -> ChildRun:
@@ -65,29 +51,7 @@ def run_child(workdir: Path, on_line=None, **spec) -> ChildRun:
         }
         | spec,
     )
-    stderr_path = workdir / "stderr.txt"
-    with stderr_path.open("w") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "jobs.runner.child", str(workdir)],
-            cwd=REPO,
-            env=CHILD_ENV,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-        )
-    watchdog = threading.Timer(CHILD_TIMEOUT_S, process.kill)
-    watchdog.start()
-    try:
-        lines = []
-        for raw in process.stdout:
-            lines.append(parse_line(raw))
-            if on_line is not None:
-                on_line(process, lines[-1])
-        returncode = process.wait()
-    finally:
-        watchdog.cancel()
-        process.stdout.close()
-    return ChildRun(returncode, lines, stderr_path.read_text())
+    return run_child_process(workdir, on_line)
 
 
 @pytest.fixture(scope="module")
