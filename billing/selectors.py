@@ -4,15 +4,34 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 from django.conf import settings
-from django.db.models import Sum
+from django.db.models import Q, Sum
 
 from tenants.models import Organization
 
-from .models import Price, UsageRecord
+from .models import BillingAccount, BudgetAlert, CreditGrant, Price, UsageRecord, UsageTally
+
+MINOR_UNITS = {"usd": 100, "eur": 100, "gbp": 100, "jpy": 1}
+
+
+def minor_per_unit(currency: str) -> int:
+    return MINOR_UNITS.get(currency.lower(), 100)
+
+
+def billing_month(at: datetime) -> date:
+    """The calendar month (UTC) that usage ending at `at` is billed in, as its first day."""
+    at = at.astimezone(UTC)
+    return date(at.year, at.month, 1)
+
+
+def month_bounds(month: date) -> tuple[datetime, datetime]:
+    start = datetime(month.year, month.month, 1, tzinfo=UTC)
+    following = date(month.year + month.month // 12, month.month % 12 + 1, 1)
+    return start, datetime(following.year, following.month, 1, tzinfo=UTC)
 
 
 def price_for(*, resource: str, at: datetime) -> Price | None:
@@ -34,9 +53,97 @@ def gpu_resource(resource_class_name: str) -> str:
     return f"gpu:{resource_class_name}"
 
 
-def budget_allows(*, organization: Organization) -> bool:
-    """Whether new placements may start; the billing issue adds budgets and past-due states."""
-    return organization.status == Organization.Status.ACTIVE
+def month_spend(*, organization: Organization, at: datetime) -> int:
+    """Cents billed to the organization's ledger in the month of `at` (before credits)."""
+    total = (
+        UsageTally.objects.for_organization(organization)
+        .filter(month=billing_month(at))
+        .aggregate(total=Sum("billed_minor"))["total"]
+    )
+    return total or 0
+
+
+def credits_available(*, organization: Organization, at: datetime) -> int:
+    total = (
+        CreditGrant.objects.for_organization(organization)
+        .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=at))
+        .aggregate(total=Sum("remaining_minor"))["total"]
+    )
+    return total or 0
+
+
+PAST_DUE_REASON = "payment past due: update the payment method on the billing page"
+BUDGET_REASON = "budget reached"
+SUSPENDED_REASON = "organization suspended"
+
+
+def placement_blocks(
+    *, organizations: list[Organization], now: datetime, running_minor: dict[int, int]
+) -> dict[int, str]:
+    """Why an organization may not start new jobs now, for those that may not (2 queries).
+
+    Suspended; past due longer than the grace period; or a hard-capped budget reached by the
+    month's ledger plus `running_minor`, the cost so far of attempts still running.
+    """
+    blocks: dict[int, str] = {}
+    for organization in organizations:
+        if organization.status == Organization.Status.SUSPENDED:
+            blocks[organization.pk] = SUSPENDED_REASON
+    ids = [o.pk for o in organizations if o.pk not in blocks]
+    accounts = BillingAccount.objects.filter(organization_id__in=ids).filter(
+        Q(past_due_since__isnull=False)
+        | Q(budget_hard_cap=True, monthly_budget_minor__isnull=False)
+    )
+    capped = {}
+    grace = timedelta(days=settings.BILLING_PAST_DUE_GRACE_DAYS)
+    for account in accounts:
+        if account.past_due_since is not None and account.past_due_since + grace <= now:
+            blocks[account.organization_id] = PAST_DUE_REASON
+        elif account.budget_hard_cap:
+            capped[account.organization_id] = account.monthly_budget_minor
+    if capped:
+        spend = dict(
+            UsageTally.objects.filter(organization_id__in=capped, month=billing_month(now))
+            .values("organization_id")
+            .annotate(total=Sum("billed_minor"))
+            .values_list("organization_id", "total")
+        )
+        for organization_id, budget in capped.items():
+            if spend.get(organization_id, 0) + running_minor.get(organization_id, 0) >= budget:
+                blocks[organization_id] = BUDGET_REASON
+    return blocks
+
+
+def budget_allows(*, organization: Organization, now: datetime, running_minor: int = 0) -> bool:
+    blocks = placement_blocks(
+        organizations=[organization], now=now, running_minor={organization.pk: running_minor}
+    )
+    return organization.pk not in blocks
+
+
+@dataclass(frozen=True)
+class PlanQuota:
+    guaranteed_gpus: int
+    limit_gpus: int
+    max_running_jobs: int
+
+
+def plan_quotas(*, organization_ids: list[int]) -> dict[int, PlanQuota]:
+    """Each organization's default quota from its plan (those without an account: none)."""
+    rows = BillingAccount.objects.filter(organization_id__in=organization_ids).values_list(
+        "organization_id", "plan__guaranteed_gpus", "plan__limit_gpus", "plan__max_running_jobs"
+    )
+    return {org_id: PlanQuota(*quota) for org_id, *quota in rows}
+
+
+def budget_banner(*, organization: Organization, at: datetime) -> BudgetAlert | None:
+    """The highest budget threshold crossed this month, for the dashboard's banner."""
+    return (
+        BudgetAlert.objects.for_organization(organization)
+        .filter(month=billing_month(at))
+        .order_by("-threshold")
+        .first()
+    )
 
 
 def decayed_spend(
@@ -62,3 +169,37 @@ def spend_for_source(*, organization: Organization, source_type: str, source_id:
         .aggregate(total=Sum("amount_minor"))["total"]
     )
     return total or 0
+
+
+@dataclass
+class AccountSummary:
+    """An account with the month's figures beside it, for the billing page and API."""
+
+    account: BillingAccount
+    currency: str
+    month_spend_minor: int
+    credits_available_minor: int
+    placement_blocked: str
+
+    def __getattr__(self, name):  # the account's own fields read through
+        return getattr(self.account, name)
+
+    @property
+    def budget_used_percent(self) -> float | None:
+        budget = self.account.monthly_budget_minor
+        if not budget:
+            return None
+        return round(100 * self.month_spend_minor / budget, 1)
+
+
+def account_summary(*, account: BillingAccount, at: datetime) -> AccountSummary:
+    organization = account.organization
+    return AccountSummary(
+        account=account,
+        currency=settings.BILLING_CURRENCY,
+        month_spend_minor=month_spend(organization=organization, at=at),
+        credits_available_minor=credits_available(organization=organization, at=at),
+        placement_blocked=placement_blocks(
+            organizations=[organization], now=at, running_minor={}
+        ).get(organization.pk, ""),
+    )

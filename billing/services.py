@@ -1,18 +1,38 @@
-"""Writes to the ledger: one row per billable event, exactly once per idempotency key."""
+"""Writes to billing: the ledger (exactly once per key), accounts, credits, budgets, standing."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 
+from django.conf import settings
+from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
 
-from tenants.models import ApiKey, Organization, User
+from registry.models import StorageAccount
+from registry.services.storage_accounts import storage_account_get
+from tenants.actors import Actor
+from tenants.models import ApiKey, Membership, Organization, User
+from tenants.scopes import Role
+from tenants.services import audit_record
 
-from .models import UsageRecord
-from .selectors import unit_price
+from .errors import BillingError
+from .models import (
+    BillingAccount,
+    BudgetAlert,
+    CreditGrant,
+    MeterPush,
+    Plan,
+    UsageRecord,
+    UsageTally,
+)
+from .selectors import billing_month, minor_per_unit, month_spend, unit_price
 
-MINOR_UNITS = {"usd": 100, "eur": 100, "gbp": 100, "jpy": 1}
+SYSTEM = Actor()
+HOURS_PER_MONTH = Decimal(730)  # storage is priced per GB-month and metered every hour
+BYTES_PER_GB = Decimal(10**9)
 
 
 def usage_record(
@@ -30,23 +50,45 @@ def usage_record(
     user: User | None = None,
     api_key: ApiKey | None = None,
     labels: dict | None = None,
+    model_name: str = "",
 ) -> tuple[UsageRecord, bool]:
-    """Price and append one usage row; a second call with the same key returns the first row."""
+    """Price and append one usage row; a second call with the same key returns the first row.
+
+    The amount is the month's running total, rounded, less what the month billed before (see
+    UsageTally). With Stripe configured the row also enters the meter-event outbox, in the same
+    transaction, so no row is ever sent without being recorded or recorded without being sent.
+    """
     existing = UsageRecord.objects.filter(idempotency_key=idempotency_key).first()
     if existing is not None:
         return existing, False
     price, currency = unit_price(resource=resource, at=period_start)
     quantity = Decimal(quantity)
-    amount = (quantity * price * MINOR_UNITS.get(currency, 100)).quantize(Decimal(1), ROUND_HALF_UP)
+    exact = quantity * price * minor_per_unit(currency)
+    month = billing_month(period_end)
     try:
         with transaction.atomic():
+            UsageTally.objects.bulk_create(
+                [
+                    UsageTally(
+                        organization=organization, resource=resource, currency=currency, month=month
+                    )
+                ],
+                ignore_conflicts=True,
+            )
+            tally = UsageTally.objects.select_for_update().get(
+                organization=organization, resource=resource, currency=currency, month=month
+            )
+            tally.exact_minor += exact
+            amount = int(tally.exact_minor.quantize(Decimal(1), ROUND_HALF_UP)) - tally.billed_minor
+            amount = max(amount, 0)
+            tally.billed_minor += amount
             record = UsageRecord.objects.create(
                 organization=organization,
                 resource=resource,
                 quantity=quantity,
                 unit=unit,
                 unit_price=price,
-                amount_minor=int(amount),
+                amount_minor=amount,
                 currency=currency,
                 source_type=source_type,
                 source_id=source_id,
@@ -54,10 +96,17 @@ def usage_record(
                 user=user,
                 api_key=api_key,
                 labels=labels or {},
+                model_name=model_name,
                 period_start=period_start,
                 period_end=period_end,
                 idempotency_key=idempotency_key,
             )
+            tally.save(update_fields=["exact_minor", "billed_minor"])
+            if settings.STRIPE_SECRET_KEY:
+                MeterPush.objects.create(
+                    usage=record,
+                    state=MeterPush.State.PENDING if amount else MeterPush.State.SKIPPED,
+                )
     except IntegrityError:
         # Another writer recorded the same key first; anything else is a real error.
         existing = UsageRecord.objects.filter(idempotency_key=idempotency_key).first()
@@ -65,3 +114,302 @@ def usage_record(
             raise
         return existing, False
     return record, True
+
+
+def storage_meter(*, hour: datetime) -> int:
+    """Record one hour of every organization's stored bytes (GB-months); safe to run twice."""
+    start = hour.replace(minute=0, second=0, microsecond=0)
+    end = start + timedelta(hours=1)
+    written = 0
+    accounts = StorageAccount.objects.filter(used_bytes__gt=0).select_related("organization")
+    for account in accounts.iterator():
+        gb_months = Decimal(account.used_bytes) / BYTES_PER_GB / HOURS_PER_MONTH
+        _, created = usage_record(
+            organization=account.organization,
+            resource="storage",
+            quantity=gb_months.quantize(Decimal("0.000001"), ROUND_HALF_UP),
+            unit="gb_month",
+            period_start=start,
+            period_end=end,
+            idempotency_key=f"storage:{account.organization_id}:{start:%Y-%m-%dT%H}",
+            source_type="storage",
+            source_id=str(account.organization_id),
+            labels={"bytes": str(account.used_bytes)},
+        )
+        written += created
+    return written
+
+
+# Accounts and plans
+
+
+def _default_plan() -> Plan:
+    plan = Plan.objects.filter(active=True).order_by("-is_default", "monthly_fee_minor").first()
+    if plan is None:  # an operator deactivated every plan: fall back to plain pay as you go
+        plan, _ = Plan.objects.get_or_create(code="payg", defaults={"name": "Pay as you go"})
+    return plan
+
+
+def billing_account_get(*, organization: Organization) -> BillingAccount:
+    """The organization's account, created on first use with the default plan and its credits."""
+    account = BillingAccount.objects.for_organization(organization).select_related("plan").first()
+    if account is not None:
+        return account
+    with transaction.atomic():
+        plan = _default_plan()
+        BillingAccount.objects.bulk_create(
+            [BillingAccount(organization=organization, plan=plan)], ignore_conflicts=True
+        )
+        account = BillingAccount.objects.select_related("plan").get(organization=organization)
+        if account.plan_id == plan.pk:
+            _plan_apply(account=account, plan=plan)
+    return account
+
+
+def _plan_apply(*, account: BillingAccount, plan: Plan) -> None:
+    storage = storage_account_get(organization=account.organization)
+    StorageAccount.objects.filter(pk=storage.pk).update(quota_bytes=plan.storage_quota_bytes)
+    if plan.trial_credit_minor:
+        credit_grant(
+            organization=account.organization,
+            amount_minor=plan.trial_credit_minor,
+            reason=f"{plan.name} plan credit",
+            idempotency_key=f"plan-trial:{account.organization_id}:{plan.code}",
+        )
+
+
+@transaction.atomic
+def plan_change(*, organization: Organization, plan: Plan, actor: Actor) -> BillingAccount:
+    if not plan.active:
+        raise BillingError(
+            f"The {plan.name} plan is no longer offered.", fields={"plan": ["Inactive."]}
+        )
+    account = billing_account_get(organization=organization)
+    previous = account.plan
+    account.plan = plan
+    account.save(update_fields=["plan"])
+    _plan_apply(account=account, plan=plan)
+    audit_record(
+        organization=organization,
+        actor=actor,
+        action="billing.plan_changed",
+        target=account,
+        data={"from": previous.code, "to": plan.code},
+    )
+    return account
+
+
+@transaction.atomic
+def budget_set(
+    *,
+    organization: Organization,
+    actor: Actor,
+    monthly_budget_minor: int | None,
+    thresholds: list[int],
+    hard_cap: bool,
+    billing_email: str | None = None,
+) -> BillingAccount:
+    if monthly_budget_minor is not None and monthly_budget_minor < 0:
+        raise BillingError("A budget cannot be negative.", fields={"monthly_budget": ["≥ 0."]})
+    if hard_cap and monthly_budget_minor is None:
+        raise BillingError(
+            "A hard cap needs a monthly budget; set one or turn the cap off.",
+            fields={"hard_cap": ["Needs a monthly budget."]},
+        )
+    if any(not isinstance(t, int) or isinstance(t, bool) or not 1 <= t <= 1000 for t in thresholds):
+        raise BillingError(
+            "Alert thresholds are whole percentages between 1 and 1000.",
+            fields={"thresholds": ["Whole numbers from 1 to 1000, e.g. 50, 80, 100."]},
+        )
+    account = billing_account_get(organization=organization)
+    account.monthly_budget_minor = monthly_budget_minor
+    account.budget_thresholds = sorted(set(thresholds))
+    account.budget_hard_cap = hard_cap
+    fields = ["monthly_budget_minor", "budget_thresholds", "budget_hard_cap"]
+    if billing_email is not None:
+        account.billing_email = billing_email
+        fields.append("billing_email")
+    account.save(update_fields=fields)
+    audit_record(
+        organization=organization,
+        actor=actor,
+        action="billing.budget_set",
+        target=account,
+        data={
+            "monthly_budget_minor": monthly_budget_minor,
+            "thresholds": account.budget_thresholds,
+            "hard_cap": hard_cap,
+        },
+    )
+    return account
+
+
+def budget_alerts_check(*, now: datetime | None = None) -> int:
+    """Raise each threshold a budget crossed this month once: alert row, audit event, email."""
+    now = now or timezone.now()
+    month = billing_month(now)
+    sent = 0
+    accounts = BillingAccount.objects.filter(monthly_budget_minor__gt=0).select_related(
+        "organization"
+    )
+    for account in accounts.iterator():
+        spend = month_spend(organization=account.organization, at=now)
+        budget = account.monthly_budget_minor
+        for threshold in sorted(account.budget_thresholds or []):
+            if spend * 100 < budget * threshold:
+                break
+            sent += _budget_alert(account=account, month=month, threshold=threshold, spend=spend)
+    return sent
+
+
+def _budget_alert(*, account: BillingAccount, month, threshold: int, spend: int) -> bool:
+    organization = account.organization
+    with transaction.atomic():
+        alert, created = BudgetAlert.objects.get_or_create(
+            organization=organization,
+            month=month,
+            threshold=threshold,
+            defaults={"budget_minor": account.monthly_budget_minor, "spend_minor": spend},
+        )
+        if not created:
+            return False
+        audit_record(
+            organization=organization,
+            actor=SYSTEM,
+            action="billing.budget_alert",
+            target=alert,
+            data={"threshold": threshold, "spend_minor": spend},
+        )
+    recipients = _billing_recipients(account)
+    if recipients:
+        subject = f"{organization.name}: {threshold}% of this month's budget used"
+        body = (
+            f"{organization.name} has spent {spend / 100:.2f} of its "
+            f"{account.monthly_budget_minor / 100:.2f} monthly budget ({threshold}%)."
+        )
+        if account.budget_hard_cap and threshold >= 100:
+            body += " The hard cap is on: new jobs wait until the budget is raised or next month."
+        send_mail(subject, body, None, recipients, fail_silently=True)
+    return True
+
+
+def _billing_recipients(account: BillingAccount) -> list[str]:
+    if account.billing_email:
+        return [account.billing_email]
+    return list(
+        Membership.objects.for_organization(account.organization)
+        .filter(role__in=[Role.OWNER, Role.BILLING])
+        .values_list("user__email", flat=True)
+    )
+
+
+# Credits
+
+
+def credit_grant(
+    *,
+    organization: Organization,
+    amount_minor: int,
+    reason: str,
+    granted_by: User | None = None,
+    expires_at: datetime | None = None,
+    idempotency_key: str | None = None,
+) -> tuple[CreditGrant, bool]:
+    if not isinstance(amount_minor, int) or amount_minor <= 0:
+        raise BillingError("A credit is a positive amount.", fields={"amount": ["> 0."]})
+    key = idempotency_key or f"grant:{organization.pk}:{timezone.now().isoformat()}:{reason}"
+    with transaction.atomic():
+        grant, created = CreditGrant.objects.get_or_create(
+            idempotency_key=key,
+            defaults={
+                "organization": organization,
+                "amount_minor": amount_minor,
+                "remaining_minor": amount_minor,
+                "currency": settings.BILLING_CURRENCY,
+                "reason": reason,
+                "granted_by": granted_by,
+                "expires_at": expires_at,
+            },
+        )
+        if created:
+            audit_record(
+                organization=organization,
+                actor=Actor(user=granted_by),
+                action="billing.credit_granted",
+                target=grant,
+                data={"amount_minor": amount_minor, "reason": reason},
+            )
+    return grant, created
+
+
+def plan_credits_grant(*, at: datetime | None = None) -> int:
+    """Give every account its plan's included credits for the month of `at` (once per month)."""
+    month = billing_month(at or timezone.now())
+    granted = 0
+    accounts = BillingAccount.objects.filter(plan__included_credit_minor__gt=0).select_related(
+        "organization", "plan"
+    )
+    for account in accounts.iterator():
+        _, created = credit_grant(
+            organization=account.organization,
+            amount_minor=account.plan.included_credit_minor,
+            reason=f"{account.plan.name} plan, {month:%B %Y}",
+            idempotency_key=f"plan-month:{account.organization_id}:{month:%Y-%m}",
+        )
+        granted += created
+    return granted
+
+
+@transaction.atomic
+def credits_apply(*, organization: Organization, amount_minor: int, at: datetime) -> int:
+    """Consume up to `amount_minor` of credits, soonest expiry first; returns what was applied."""
+    left = amount_minor
+    grants = (
+        CreditGrant.objects.for_organization(organization)
+        .select_for_update()
+        .filter(remaining_minor__gt=0)
+        .exclude(expires_at__lte=at)
+        .order_by(F("expires_at").asc(nulls_last=True), "created_at", "pk")
+    )
+    for grant in grants:
+        if left <= 0:
+            break
+        take = min(grant.remaining_minor, left)
+        CreditGrant.objects.filter(pk=grant.pk).update(remaining_minor=F("remaining_minor") - take)
+        left -= take
+    return amount_minor - left
+
+
+# Payment standing (set by Stripe webhooks)
+
+
+@transaction.atomic
+def past_due_set(*, organization: Organization, since: datetime) -> None:
+    account = billing_account_get(organization=organization)
+    if account.past_due_since is None:
+        account.past_due_since = since
+        account.save(update_fields=["past_due_since"])
+    if organization.status == Organization.Status.ACTIVE:
+        Organization.objects.filter(pk=organization.pk).update(status=Organization.Status.PAST_DUE)
+        organization.status = Organization.Status.PAST_DUE
+        audit_record(
+            organization=organization,
+            actor=SYSTEM,
+            action="billing.past_due",
+            target=account,
+            data={"since": since.isoformat()},
+        )
+
+
+@transaction.atomic
+def past_due_clear(*, organization: Organization) -> None:
+    account = billing_account_get(organization=organization)
+    if account.past_due_since is not None:
+        account.past_due_since = None
+        account.save(update_fields=["past_due_since"])
+    if organization.status == Organization.Status.PAST_DUE:
+        Organization.objects.filter(pk=organization.pk).update(status=Organization.Status.ACTIVE)
+        organization.status = Organization.Status.ACTIVE
+        audit_record(
+            organization=organization, actor=SYSTEM, action="billing.restored", target=account
+        )

@@ -3,6 +3,7 @@
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 
+from billing.api import urls as billing_urls
 from jobs.api import urls as jobs_urls
 from registry.api import urls as registry_urls
 from tenants.api import urls as tenants_urls
@@ -11,6 +12,7 @@ org_urlpatterns = [
     *tenants_urls.org_urlpatterns,
     *registry_urls.org_urlpatterns,
     *jobs_urls.org_urlpatterns,
+    *billing_urls.org_urlpatterns,
 ]
 
 urlpatterns = [

@@ -26,6 +26,7 @@ urlpatterns = [
     path("", include("tenants.urls")),
     path("o/<slug:org_slug>/", include("registry.urls")),
     path("o/<slug:org_slug>/", include("jobs.urls")),
+    path("o/<slug:org_slug>/", include("billing.urls")),
     path("ops/pool/", PoolPage.as_view(), name="ops_pool"),
     path("", include("registry.storage_views")),
 ]

@@ -94,5 +94,6 @@ def predict_online(*, version: ModelVersion, rows: list[dict], actor: Actor) -> 
         source_id=str(version.pk),
         user=actor.api_key.created_by if actor.api_key else actor.user,
         api_key=actor.api_key,
+        model_name=version.registered_model.name,
     )
     return predictions

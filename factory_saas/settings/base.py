@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import environ
+from celery.schedules import crontab
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 
@@ -144,6 +145,8 @@ DEFAULT_GPU_SECOND_PRICE = env("DEFAULT_GPU_SECOND_PRICE", default="0.0005")
 
 STRIPE_SECRET_KEY = env("STRIPE_SECRET_KEY", default="")
 STRIPE_WEBHOOK_SECRET = env("STRIPE_WEBHOOK_SECRET", default="")
+# Days a past-due organization keeps placing jobs before the scheduler stops it.
+BILLING_PAST_DUE_GRACE_DAYS = env.int("BILLING_PAST_DUE_GRACE_DAYS", default=7)
 
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default=REDIS_URL or "memory://")
 CELERY_BROKER_TRANSPORT_OPTIONS = {}
@@ -157,6 +160,12 @@ CELERY_BEAT_SCHEDULE = {
     "scheduler-tick": {
         "task": "jobs.scheduler_tick",
         "schedule": env.float("SCHEDULER_TICK_S", default=2.0),
+    },
+    "billing-storage-meter": {"task": "billing.storage_meter", "schedule": crontab(minute=5)},
+    "billing-budget-alerts": {"task": "billing.budget_alerts", "schedule": 300.0},
+    "billing-plan-credits": {
+        "task": "billing.plan_credits",
+        "schedule": crontab(minute=10, hour=0, day_of_month=1),
     },
 }
 

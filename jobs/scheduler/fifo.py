@@ -60,7 +60,7 @@ def fifo_schedule(snapshot: Snapshot) -> Decisions:
             holding = held[resource_class, job.tenant_id]
             reason = None
             if not tenant.budget_ok:
-                reason = BUDGET_REASON
+                reason = tenant.block_reason or BUDGET_REASON
             elif quota.limit <= 0:
                 reason = no_quota_reason(resource_class)
             elif job.gpus > largest:

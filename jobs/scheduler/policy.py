@@ -403,7 +403,7 @@ class _ClassPass:
         for _, tenant_id in sorted(over_budget):
             for job in by_tenant[tenant_id]:
                 self.unplaced.append(job.job_id)
-                self.reasons.append(BUDGET_REASON)
+                self.reasons.append(tenants[tenant_id].block_reason or BUDGET_REASON)
         shared.waiting.extend(
             map(Waiting, self.unplaced, self.reasons, range(1, len(self.unplaced) + 1))
         )

@@ -7,7 +7,13 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 
-from billing.selectors import budget_allows, decayed_spend, gpu_resource, unit_price
+from billing.selectors import (
+    decayed_spend,
+    gpu_resource,
+    placement_blocks,
+    plan_quotas,
+    unit_price,
+)
 from jobs.models import ACTIVE_STATES, Job, JobAttempt, JobState, Quota, ResourceClass, Worker
 from tenants.models import Organization
 
@@ -125,21 +131,35 @@ def _tenants(tenant_ids, classes, prices, running, started, now) -> dict[int, Te
     # The ledger is in cents; the scheduler compares money in currency units, like its prices.
     usage = {tenant_id: cents / 100 for tenant_id, cents in spend.items()}
     # Running attempts are not in the ledger yet; their cost so far counts too.
+    running_cost: dict[int, float] = defaultdict(float)
     for job in running:
         seconds = max(0.0, now.timestamp() - job.started_at) if job.job_id in started else 0.0
-        usage[job.tenant_id] = (
-            usage.get(job.tenant_id, 0.0) + seconds * job.gpus * prices[job.resource_class]
-        )
+        running_cost[job.tenant_id] += seconds * job.gpus * prices[job.resource_class]
+    for tenant_id, cost in running_cost.items():
+        usage[tenant_id] = usage.get(tenant_id, 0.0) + cost
+    blocks = placement_blocks(
+        organizations=list(organizations.values()),
+        now=now,
+        running_minor={tenant_id: int(cost * 100) for tenant_id, cost in running_cost.items()},
+    )
+    plans = plan_quotas(organization_ids=list(tenant_ids))
     tenants = {}
     for tenant_id in tenant_ids:
-        fallback = QuotaSpec(guaranteed=default["guaranteed_gpus"], limit=default["limit_gpus"])
+        plan = plans.get(tenant_id)
+        if plan is None:
+            fallback = QuotaSpec(guaranteed=default["guaranteed_gpus"], limit=default["limit_gpus"])
+            job_cap = default["max_running_jobs"]
+        else:
+            fallback = QuotaSpec(guaranteed=plan.guaranteed_gpus, limit=plan.limit_gpus)
+            job_cap = plan.max_running_jobs
         organization = organizations[tenant_id]
         tenants[tenant_id] = Tenant(
             id=tenant_id,
             quotas={name: quotas[tenant_id].get(name, fallback) for name in classes.values()},
-            max_running_jobs=max_running.get(tenant_id, default["max_running_jobs"]),
+            max_running_jobs=max_running.get(tenant_id, job_cap),
             usage=usage.get(tenant_id, 0.0),
-            budget_ok=budget_allows(organization=organization),
+            budget_ok=tenant_id not in blocks,
+            block_reason=blocks.get(tenant_id, ""),
             label=organization.name,
         )
     return tenants

@@ -56,6 +56,7 @@ class Tenant:
     max_running_jobs: int | None = None
     usage: float = 0.0  # decayed recent spend in money units (GPU-seconds x class price)
     budget_ok: bool = True  # False: budget hard cap reached or past due -> no new placements
+    block_reason: str = ""  # why budget_ok is False, as the waiting jobs show it
     label: str = ""  # human name for reasons, may be empty
 
 

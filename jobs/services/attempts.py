@@ -61,6 +61,15 @@ def checkpoint_forget(*, job: Job) -> None:
         transaction.on_commit(lambda: stored_objects_delete([key]))
 
 
+def job_model_name(job: Job) -> str:
+    """The model a job's cost is attributed to: the one it trains, else the one it runs."""
+    if job.output_model_name:
+        return job.output_model_name
+    if job.input_model_version_id:
+        return job.input_model_version.registered_model.name
+    return ""
+
+
 def attempt_bill(*, job: Job, attempt: JobAttempt) -> int:
     """One usage row per attempt that ran, keyed by job and attempt so a replay bills nothing."""
     if attempt.started_at is None or attempt.ended_at is None:
@@ -80,6 +89,7 @@ def attempt_bill(*, job: Job, attempt: JobAttempt) -> int:
         user=job.created_by,
         api_key=job.created_by_api_key,
         labels=job.labels,
+        model_name=job_model_name(job),
     )
     if created:
         Job.objects.filter(pk=job.pk).update(cost_minor=job.cost_minor + record.amount_minor)
