@@ -1,17 +1,153 @@
-from django.contrib import admin
+"""Operator console for billing: rate card, plans, accounts, credits, the ledger and Stripe sync."""
 
-from .models import Price, UsageRecord
+from datetime import timedelta
+
+from django import forms
+from django.contrib import admin, messages
+from django.db.models import F, Q
+from django.utils import timezone
+
+from tenants.actors import Actor
+
+from . import services
+from .models import (
+    BillingAccount,
+    BudgetAlert,
+    CreditGrant,
+    Invoice,
+    InvoiceLine,
+    MeterPush,
+    Plan,
+    Price,
+    Reconciliation,
+    StripeObject,
+    UsageRecord,
+    UsageTally,
+    WebhookEvent,
+)
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Rows written only by the system: operators read them, never edit them by hand."""
+
+    def get_readonly_fields(self, request, obj=None):
+        return [f.name for f in self.model._meta.fields]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
 
 
 @admin.register(Price)
 class PriceAdmin(admin.ModelAdmin):
+    """The rate card: add a row with a later effective date to change a price; past usage keeps
+    the price it was recorded at."""
+
     list_display = ["resource", "unit", "unit_price", "currency", "effective_from"]
     list_filter = ["resource", "currency"]
     search_fields = ["resource"]
 
+    def get_readonly_fields(self, request, obj=None):
+        # A price that already took effect is history: change prices by adding a new row.
+        if obj is not None and obj.effective_from <= timezone.now():
+            return ["resource", "unit", "unit_price", "currency", "effective_from"]
+        return []
+
+
+@admin.register(Plan)
+class PlanAdmin(admin.ModelAdmin):
+    list_display = [
+        "code",
+        "name",
+        "monthly_fee_minor",
+        "included_credit_minor",
+        "trial_credit_minor",
+        "limit_gpus",
+        "guaranteed_gpus",
+        "is_default",
+        "active",
+    ]
+    list_filter = ["active"]
+
+
+@admin.register(BillingAccount)
+class BillingAccountAdmin(admin.ModelAdmin):
+    list_display = [
+        "organization",
+        "plan",
+        "monthly_budget_minor",
+        "budget_hard_cap",
+        "past_due_since",
+        "stripe_customer_id",
+    ]
+    list_filter = ["plan", "budget_hard_cap"]
+    search_fields = ["organization__name", "organization__slug", "stripe_customer_id"]
+    list_select_related = ["organization", "plan"]
+    readonly_fields = ["organization", "stripe_customer_id", "stripe_subscription_id", "created_at"]
+
+    def has_add_permission(self, request):
+        return False  # accounts are created with their organization's first billing read
+
+    def save_model(self, request, obj, form, change):
+        plan_changed = change and "plan" in form.changed_data
+        new_plan = obj.plan
+        if plan_changed:
+            obj.plan_id = form.initial["plan"]  # the service moves the plan, below
+        super().save_model(request, obj, form, change)
+        if plan_changed:
+            # Through the service: the storage quota follows, trial credits, an audit event.
+            services.plan_change(
+                organization=obj.organization, plan=new_plan, actor=Actor(user=request.user)
+            )
+
+
+class CreditGrantForm(forms.ModelForm):
+    class Meta:
+        model = CreditGrant
+        fields = ["organization", "amount_minor", "reason", "expires_at"]
+
+
+@admin.register(CreditGrant)
+class CreditGrantAdmin(admin.ModelAdmin):
+    """Grant credits here; they are consumed, soonest expiry first, before invoicing."""
+
+    form = CreditGrantForm
+    list_display = [
+        "created_at",
+        "organization",
+        "amount_minor",
+        "remaining_minor",
+        "reason",
+        "expires_at",
+        "granted_by",
+    ]
+    search_fields = ["organization__name", "reason"]
+    list_select_related = ["organization", "granted_by"]
+
+    def has_change_permission(self, request, obj=None):
+        return obj is None
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    def save_model(self, request, obj, form, change):
+        grant, _ = services.credit_grant(
+            organization=obj.organization,
+            amount_minor=obj.amount_minor,
+            reason=obj.reason,
+            granted_by=request.user,
+            expires_at=obj.expires_at,
+        )
+        obj.pk = grant.pk
+
 
 @admin.register(UsageRecord)
-class UsageRecordAdmin(admin.ModelAdmin):
+class UsageRecordAdmin(ReadOnlyAdmin):
     list_display = [
         "period_end",
         "organization",
@@ -28,14 +164,112 @@ class UsageRecordAdmin(admin.ModelAdmin):
     list_select_related = ["organization"]
     date_hierarchy = "period_end"
 
-    def get_readonly_fields(self, request, obj=None):
-        return [f.name for f in self.model._meta.fields]
 
-    def has_add_permission(self, request):
-        return False
+@admin.register(UsageTally)
+class UsageTallyAdmin(ReadOnlyAdmin):
+    list_display = ["month", "organization", "resource", "billed_minor", "exact_minor", "currency"]
+    list_filter = ["month", "resource"]
+    list_select_related = ["organization"]
+
+
+class StuckFilter(admin.SimpleListFilter):
+    title = "stuck"
+    parameter_name = "stuck"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "Stuck (5+ failures or overdue 1 h)")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "yes":
+            overdue = timezone.now() - timedelta(hours=1)
+            return queryset.filter(state=MeterPush.State.PENDING).filter(
+                Q(attempts__gte=5) | Q(next_attempt_at__lt=overdue)
+            )
+        return queryset
+
+
+@admin.register(MeterPush)
+class MeterPushAdmin(ReadOnlyAdmin):
+    """The Stripe outbox: a row is sent once, after success; failures back off and retry."""
+
+    list_display = ["usage", "state", "attempts", "next_attempt_at", "sent_at", "last_error"]
+    list_filter = ["state", StuckFilter]
+    list_select_related = ["usage"]
+    actions = ["retry_now"]
 
     def has_change_permission(self, request, obj=None):
+        return obj is None  # the list may run its action; single rows stay read-only
+
+    @admin.action(description="Retry now")
+    def retry_now(self, request, queryset):
+        count = queryset.filter(state=MeterPush.State.PENDING).update(
+            next_attempt_at=timezone.now()
+        )
+        messages.success(request, f"{count} meter event(s) will be sent on the next push.")
+
+
+class InvoiceLineInline(admin.TabularInline):
+    model = InvoiceLine
+    extra = 0
+    can_delete = False
+
+    def get_readonly_fields(self, request, obj=None):
+        return [f.name for f in InvoiceLine._meta.fields]
+
+    def has_add_permission(self, request, obj=None):
         return False
 
-    def has_delete_permission(self, request, obj=None):
-        return False
+
+@admin.register(Invoice)
+class InvoiceAdmin(ReadOnlyAdmin):
+    list_display = [
+        "number",
+        "organization",
+        "source",
+        "status",
+        "period_start",
+        "total_minor",
+        "currency",
+    ]
+    list_filter = ["source", "status"]
+    search_fields = ["number", "stripe_id", "organization__name"]
+    list_select_related = ["organization"]
+    inlines = [InvoiceLineInline]
+
+
+@admin.register(BudgetAlert)
+class BudgetAlertAdmin(ReadOnlyAdmin):
+    list_display = ["month", "organization", "threshold", "spend_minor", "budget_minor"]
+    list_select_related = ["organization"]
+
+
+class DifferenceFilter(admin.SimpleListFilter):
+    title = "difference"
+    parameter_name = "differs"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "Ledger and Stripe differ")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "yes":
+            return queryset.exclude(ledger_minor=F("stripe_minor"))
+        return queryset
+
+
+@admin.register(Reconciliation)
+class ReconciliationAdmin(ReadOnlyAdmin):
+    list_display = ["day", "organization", "resource", "ledger_minor", "stripe_minor", "checked_at"]
+    list_filter = [DifferenceFilter, "resource"]
+    list_select_related = ["organization"]
+
+
+@admin.register(WebhookEvent)
+class WebhookEventAdmin(ReadOnlyAdmin):
+    list_display = ["event_id", "type", "created", "received_at", "processed_at", "error"]
+    list_filter = ["type"]
+    search_fields = ["event_id"]
+
+
+@admin.register(StripeObject)
+class StripeObjectAdmin(ReadOnlyAdmin):
+    list_display = ["kind", "key", "stripe_id", "created_at"]

@@ -84,9 +84,10 @@ class JobSubmitPage(OrganizationPageMixin, TemplateView):
         context.setdefault("form", JobForm(organization=self.organization, recipe=recipe))
         context["recipe"] = recipe
         context["recipes"] = sorted(list_recipes())
-        context["prices"] = {
-            rc.name: price * 3600 for rc, price, _c in selectors.resource_classes_with_prices()
-        }
+        priced = selectors.resource_classes_with_prices()
+        context["prices"] = {rc.name: price * 3600 for rc, price, _c in priced}
+        # For the form's live estimate, keyed like the resource class <select>'s options.
+        context["second_prices"] = {str(rc.pk): str(price) for rc, price, _c in priced}
         return context
 
     def post(self, request, org_slug):

@@ -64,6 +64,7 @@ TEMPLATES = [
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
                 "tenants.context_processors.organizations",
+                "billing.context_processors.billing_banner",
             ],
         },
     },
@@ -145,6 +146,15 @@ DEFAULT_GPU_SECOND_PRICE = env("DEFAULT_GPU_SECOND_PRICE", default="0.0005")
 
 STRIPE_SECRET_KEY = env("STRIPE_SECRET_KEY", default="")
 STRIPE_WEBHOOK_SECRET = env("STRIPE_WEBHOOK_SECRET", default="")
+# Empty: the real Stripe API. Tests point it at a local fake server.
+STRIPE_API_BASE = env("STRIPE_API_BASE", default="")
+STRIPE_TIMEOUT_S = env.float("STRIPE_TIMEOUT_S", default=10.0)
+# The meter-event outbox: rows per claim, retry backoff (doubling, with jitter, capped), and how
+# long one push task keeps draining before it leaves the rest to the next beat.
+STRIPE_PUSH_BATCH = env.int("STRIPE_PUSH_BATCH", default=100)
+STRIPE_PUSH_BACKOFF_S = env.float("STRIPE_PUSH_BACKOFF_S", default=5.0)
+STRIPE_PUSH_BACKOFF_MAX_S = env.float("STRIPE_PUSH_BACKOFF_MAX_S", default=3600.0)
+STRIPE_PUSH_BUDGET_S = env.float("STRIPE_PUSH_BUDGET_S", default=8.0)
 # Days a past-due organization keeps placing jobs before the scheduler stops it.
 BILLING_PAST_DUE_GRACE_DAYS = env.int("BILLING_PAST_DUE_GRACE_DAYS", default=7)
 
@@ -167,6 +177,8 @@ CELERY_BEAT_SCHEDULE = {
         "task": "billing.plan_credits",
         "schedule": crontab(minute=10, hour=0, day_of_month=1),
     },
+    "billing-meter-push": {"task": "billing.meter_push", "schedule": 10.0},
+    "billing-reconcile": {"task": "billing.reconcile", "schedule": crontab(minute=30, hour=3)},
 }
 
 REST_FRAMEWORK = {

@@ -108,9 +108,12 @@ class JobSerializer(serializers.ModelSerializer):
 
 class JobSubmittedSerializer(JobSerializer):
     estimated_cost_per_hour = MoneySerializer(read_only=True)
+    estimated_max_cost = MoneySerializer(
+        read_only=True, help_text="Price per GPU-second x GPUs x max runtime: the most it costs."
+    )
 
     class Meta(JobSerializer.Meta):
-        fields = [*JobSerializer.Meta.fields, "estimated_cost_per_hour"]
+        fields = [*JobSerializer.Meta.fields, "estimated_cost_per_hour", "estimated_max_cost"]
         read_only_fields = fields
 
 

@@ -138,6 +138,8 @@ class JobViewSet(
             resource_class=job.resource_class, gpu_count=job.gpu_count
         )
         job.estimated_cost_per_hour = {"amount": f"{rate:.4f}", "currency": currency}
+        most = rate * job.max_runtime_s / 3600
+        job.estimated_max_cost = {"amount": f"{most:.2f}", "currency": currency}
         return Response(
             s.JobSubmittedSerializer(job).data,
             status=status.HTTP_201_CREATED if created else status.HTTP_200_OK,

@@ -50,3 +50,31 @@
   document.addEventListener("DOMContentLoaded", bindAll);
   document.addEventListener("htmx:afterSettle", bindAll);
 })();
+
+// The job form's cost estimate: price per GPU-second x GPUs x max runtime, as the user types.
+// The server gives the same figure in the submit response (estimated_max_cost).
+(function () {
+  function bindEstimate(out) {
+    if (out.dataset.bound) return;
+    out.dataset.bound = "1";
+    const form = out.closest("form");
+    const prices = JSON.parse(document.getElementById(out.dataset.pricesId).textContent);
+    function update() {
+      const price = prices[form.elements.resource_class.value];
+      const gpus = Number(form.elements.gpu_count.value);
+      const seconds = Number(form.elements.max_runtime_s.value);
+      if (price === undefined || !(gpus > 0) || !(seconds > 0)) {
+        out.textContent = "choose a resource class, GPUs and a max runtime";
+        return;
+      }
+      out.textContent = "$" + (Number(price) * gpus * seconds).toFixed(2);
+    }
+    form.addEventListener("input", update);
+    form.addEventListener("change", update);
+    update();
+  }
+
+  function bindAll() { document.querySelectorAll("output[data-prices-id]").forEach(bindEstimate); }
+  document.addEventListener("DOMContentLoaded", bindAll);
+  document.addEventListener("htmx:afterSettle", bindAll);
+})();

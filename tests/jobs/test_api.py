@@ -28,12 +28,17 @@ def test_submit_returns_the_job_with_a_cost_estimate_and_is_idempotent(org, dev)
     version = DatasetVersionFactory(organization=org)
     url = f"/api/v1/orgs/{org.slug}/jobs/"
     first = dev.post(
-        url, _body(version, labels={"project": "fraud"}), format="json", HTTP_IDEMPOTENCY_KEY="k1"
+        url,
+        _body(version, labels={"project": "fraud"}, max_runtime_s=7200),
+        format="json",
+        HTTP_IDEMPOTENCY_KEY="k1",
     )
     assert first.status_code == 201, first.content
     body = first.json()
     assert body["state"] == "queued" and body["labels"] == {"project": "fraud"}
     assert body["estimated_cost_per_hour"] == {"amount": "0.0720", "currency": "usd"}
+    # The most it can cost: rate x GPUs x max runtime (2 hours).
+    assert body["estimated_max_cost"] == {"amount": "0.14", "currency": "usd"}
     again = dev.post(url, _body(version), format="json", HTTP_IDEMPOTENCY_KEY="k1")
     assert again.status_code == 200 and again.json()["id"] == body["id"]
     assert Job.objects.count() == 1
