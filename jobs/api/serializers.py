@@ -39,6 +39,17 @@ class MoneySerializer(serializers.Serializer):
     currency = serializers.CharField()
 
 
+class EstimateRequestSerializer(serializers.Serializer):
+    resource_class = serializers.CharField(max_length=40, default="cpu")
+    gpu_count = serializers.IntegerField(min_value=1, max_value=64, default=1)
+    max_runtime_s = serializers.IntegerField(min_value=60, max_value=7 * 24 * 3600, default=3600)
+
+
+class EstimateSerializer(serializers.Serializer):
+    estimated_cost_per_hour = MoneySerializer()
+    estimated_max_cost = MoneySerializer(help_text="Price x GPUs x max runtime: the most it costs.")
+
+
 class JobSerializer(serializers.ModelSerializer):
     dataset = serializers.SerializerMethodField()
     resource_class = serializers.CharField(source="resource_class.name")

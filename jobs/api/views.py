@@ -19,6 +19,15 @@ from . import serializers as s
 LOG_PAGE = 500
 
 
+def _estimate(resource_class: ResourceClass, gpu_count: int, max_runtime_s: int) -> dict:
+    rate, currency = services.cost_rate_per_hour(resource_class=resource_class, gpu_count=gpu_count)
+    most = rate * max_runtime_s / 3600
+    return {
+        "estimated_cost_per_hour": {"amount": f"{rate:.4f}", "currency": currency},
+        "estimated_max_cost": {"amount": f"{most:.2f}", "currency": currency},
+    }
+
+
 class _JobInputs:
     """Resolve what a submission names (resource class, dataset version) or say what is wrong."""
 
@@ -64,6 +73,7 @@ class _JobInputs:
             )
         ],
     ),
+    estimate=extend_schema(request=s.EstimateRequestSerializer, responses=s.EstimateSerializer),
     cancel=extend_schema(request=None, responses=s.JobSerializer),
     retry=extend_schema(request=None, responses={201: s.JobSerializer}),
     events=extend_schema(responses=s.JobEventSerializer(many=True)),
@@ -91,6 +101,7 @@ class JobViewSet(
         "logs": "jobs:read",
         "metrics": "jobs:read",
         "create": "jobs:write",
+        "estimate": "jobs:read",
         "cancel": "jobs:write",
         "retry": "jobs:write",
     }
@@ -134,16 +145,22 @@ class JobViewSet(
             idempotency_key=request.headers.get("Idempotency-Key") or None,
             **fields,
         )
-        rate, currency = services.cost_rate_per_hour(
-            resource_class=job.resource_class, gpu_count=job.gpu_count
-        )
-        job.estimated_cost_per_hour = {"amount": f"{rate:.4f}", "currency": currency}
-        most = rate * job.max_runtime_s / 3600
-        job.estimated_max_cost = {"amount": f"{most:.2f}", "currency": currency}
+        job.estimated_cost_per_hour, job.estimated_max_cost = _estimate(
+            job.resource_class, job.gpu_count, job.max_runtime_s
+        ).values()
         return Response(
             s.JobSubmittedSerializer(job).data,
             status=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
         )
+
+    @action(detail=False, methods=["post"])
+    def estimate(self, request, *args, **kwargs):
+        """What a job would cost, before submitting it."""
+        data = s.EstimateRequestSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        fields = data.validated_data
+        resource_class = self._resource_class(fields["resource_class"])
+        return Response(_estimate(resource_class, fields["gpu_count"], fields["max_runtime_s"]))
 
     @action(detail=True, methods=["post"])
     def cancel(self, request, *args, **kwargs):
@@ -279,6 +296,7 @@ class SweepViewSet(
         "list": "jobs:read",
         "retrieve": "jobs:read",
         "create": "jobs:write",
+        "estimate": "jobs:read",
         "cancel": "jobs:write",
     }
 
@@ -296,6 +314,15 @@ class SweepViewSet(
             **fields,
         )
         return Response(s.SweepSerializer(sweep).data, status=status.HTTP_201_CREATED)
+
+    @action(detail=False, methods=["post"])
+    def estimate(self, request, *args, **kwargs):
+        """What a job would cost, before submitting it."""
+        data = s.EstimateRequestSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        fields = data.validated_data
+        resource_class = self._resource_class(fields["resource_class"])
+        return Response(_estimate(resource_class, fields["gpu_count"], fields["max_runtime_s"]))
 
     @action(detail=True, methods=["post"])
     def cancel(self, request, *args, **kwargs):

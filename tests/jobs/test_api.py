@@ -170,3 +170,18 @@ def test_online_prediction_of_files_that_do_not_fit_the_recipe_is_a_400(
     body = response.json()
     assert response.status_code == 400, body
     assert "tabular-classifier cannot run" in body["detail"]
+
+
+def test_estimate_before_submitting_is_price_times_gpus_times_max_runtime(org, dev):
+    url = f"/api/v1/orgs/{org.slug}/jobs/estimate/"
+    body = {"resource_class": "a100-40gb", "gpu_count": 4, "max_runtime_s": 7200}
+    response = dev.post(url, body, format="json")
+    assert response.status_code == 200, response.content
+    # $0.0008 per GPU-second x 4 GPUs x 2 hours.
+    assert response.json() == {
+        "estimated_cost_per_hour": {"amount": "11.5200", "currency": "usd"},
+        "estimated_max_cost": {"amount": "23.04", "currency": "usd"},
+    }
+    unknown = dev.post(url, {"resource_class": "tpu"}, format="json")
+    assert unknown.status_code == 400 and "resource_class" in unknown.json()["fields"]
+    assert not Job.objects.exists()
