@@ -10,6 +10,8 @@ from django.utils import timezone
 from tenants.actors import Actor
 
 from . import services
+from .errors import BillingError
+from .invoicing import invoice_mark_paid
 from .models import (
     BillingAccount,
     BudgetAlert,
@@ -222,6 +224,7 @@ class InvoiceLineInline(admin.TabularInline):
 
 @admin.register(Invoice)
 class InvoiceAdmin(ReadOnlyAdmin):
+    actions = ["mark_paid"]
     list_display = [
         "number",
         "organization",
@@ -235,6 +238,22 @@ class InvoiceAdmin(ReadOnlyAdmin):
     search_fields = ["number", "stripe_id", "organization__name"]
     list_select_related = ["organization"]
     inlines = [InvoiceLineInline]
+
+    def has_change_permission(self, request, obj=None):
+        return obj is None  # the list may run its action; invoices stay read-only
+
+    @admin.action(description="Mark paid (built-in invoices: the transfer arrived)")
+    def mark_paid(self, request, queryset):
+        paid = 0
+        for invoice in queryset:
+            try:
+                invoice_mark_paid(invoice=invoice, actor=Actor(user=request.user))
+            except BillingError as error:
+                messages.error(request, f"{invoice}: {error.detail}")
+            else:
+                paid += 1
+        if paid:
+            messages.success(request, f"{paid} invoice(s) marked paid.")
 
 
 @admin.register(BudgetAlert)

@@ -34,19 +34,24 @@ def month_bounds(month: date) -> tuple[datetime, datetime]:
     return start, datetime(following.year, following.month, 1, tzinfo=UTC)
 
 
-def price_for(*, resource: str, at: datetime) -> Price | None:
-    return (
-        Price.objects.filter(resource=resource, effective_from__lte=at)
-        .order_by("-effective_from")
-        .first()
-    )
+def price_table(*, resources: set[str]) -> dict[str, list[Price]]:
+    """Each resource's prices, newest first, for pricing many rows with one query."""
+    table: dict[str, list[Price]] = defaultdict(list)
+    for price in Price.objects.filter(resource__in=resources).order_by("-effective_from"):
+        table[price.resource].append(price)
+    return table
+
+
+def price_at(table: dict[str, list[Price]], *, resource: str, at: datetime) -> tuple[Decimal, str]:
+    """The unit price in force at `at`; a resource with no price yet gets the default."""
+    for price in table.get(resource, ()):
+        if price.effective_from <= at:
+            return price.unit_price, price.currency
+    return Decimal(settings.DEFAULT_GPU_SECOND_PRICE), settings.BILLING_CURRENCY
 
 
 def unit_price(*, resource: str, at: datetime) -> tuple[Decimal, str]:
-    price = price_for(resource=resource, at=at)
-    if price is None:
-        return Decimal(settings.DEFAULT_GPU_SECOND_PRICE), settings.BILLING_CURRENCY
-    return price.unit_price, price.currency
+    return price_at(price_table(resources={resource}), resource=resource, at=at)
 
 
 def gpu_resource(resource_class_name: str) -> str:
@@ -66,6 +71,7 @@ def month_spend(*, organization: Organization, at: datetime) -> int:
 def credits_available(*, organization: Organization, at: datetime) -> int:
     total = (
         CreditGrant.objects.for_organization(organization)
+        .filter(created_at__lte=at)
         .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=at))
         .aggregate(total=Sum("remaining_minor"))["total"]
     )

@@ -8,7 +8,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from django.conf import settings
 from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from registry.models import StorageAccount
@@ -28,11 +28,14 @@ from .models import (
     UsageRecord,
     UsageTally,
 )
-from .selectors import billing_month, minor_per_unit, month_spend, unit_price
+from .selectors import billing_month, minor_per_unit, month_spend, price_at, price_table
 
 SYSTEM = Actor()
 HOURS_PER_MONTH = Decimal(730)  # storage is priced per GB-month and metered every hour
 BYTES_PER_GB = Decimal(10**9)
+
+
+QUANTITY_STEP = Decimal("0.000001")  # the ledger's quantity precision (6 decimal places)
 
 
 def usage_record(
@@ -52,91 +55,128 @@ def usage_record(
     labels: dict | None = None,
     model_name: str = "",
 ) -> tuple[UsageRecord, bool]:
-    """Price and append one usage row; a second call with the same key returns the first row.
+    """Price and append one usage row; a second call with the same key returns the first row."""
+    row = UsageRecord(
+        organization=organization,
+        resource=resource,
+        quantity=Decimal(quantity),
+        unit=unit,
+        period_start=period_start,
+        period_end=period_end,
+        idempotency_key=idempotency_key,
+        source_type=source_type,
+        source_id=source_id,
+        attempt=attempt,
+        user=user,
+        api_key=api_key,
+        labels=labels or {},
+        model_name=model_name,
+    )
+    return usage_record_many(rows=[row])[0]
 
-    The amount is the month's running total, rounded, less what the month billed before (see
-    UsageTally). With Stripe configured the row also enters the meter-event outbox, in the same
-    transaction, so no row is ever sent without being recorded or recorded without being sent.
+
+def usage_record_many(*, rows: list[UsageRecord]) -> list[tuple[UsageRecord, bool]]:
+    """Price and append unsaved usage rows in one transaction, each idempotency key once.
+
+    Returns (row, created) per input row: a key already in the ledger (or repeated in `rows`)
+    gives the stored row and False. A row's amount is the month's running total, rounded, less
+    what the month billed before (see UsageTally). With Stripe configured each row also enters
+    the meter-event outbox in the same transaction, so nothing is recorded without being sent
+    or sent without being recorded.
     """
-    existing = UsageRecord.objects.filter(idempotency_key=idempotency_key).first()
-    if existing is not None:
-        return existing, False
-    price, currency = unit_price(resource=resource, at=period_start)
-    quantity = Decimal(quantity)
-    exact = quantity * price * minor_per_unit(currency)
-    month = billing_month(period_end)
     try:
-        with transaction.atomic():
-            UsageTally.objects.bulk_create(
-                [
-                    UsageTally(
-                        organization=organization, resource=resource, currency=currency, month=month
-                    )
-                ],
-                ignore_conflicts=True,
-            )
-            tally = UsageTally.objects.select_for_update().get(
-                organization=organization, resource=resource, currency=currency, month=month
-            )
-            tally.exact_minor += exact
-            amount = int(tally.exact_minor.quantize(Decimal(1), ROUND_HALF_UP)) - tally.billed_minor
-            amount = max(amount, 0)
-            tally.billed_minor += amount
-            record = UsageRecord.objects.create(
-                organization=organization,
-                resource=resource,
-                quantity=quantity,
-                unit=unit,
-                unit_price=price,
-                amount_minor=amount,
-                currency=currency,
-                source_type=source_type,
-                source_id=source_id,
-                attempt=attempt,
-                user=user,
-                api_key=api_key,
-                labels=labels or {},
-                model_name=model_name,
-                period_start=period_start,
-                period_end=period_end,
-                idempotency_key=idempotency_key,
-            )
-            tally.save(update_fields=["exact_minor", "billed_minor"])
-            if settings.STRIPE_SECRET_KEY:
-                MeterPush.objects.create(
-                    usage=record,
-                    state=MeterPush.State.PENDING if amount else MeterPush.State.SKIPPED,
-                )
+        return _usage_insert(rows)
     except IntegrityError:
-        # Another writer recorded the same key first; anything else is a real error.
-        existing = UsageRecord.objects.filter(idempotency_key=idempotency_key).first()
-        if existing is None:
-            raise
-        return existing, False
-    return record, True
+        # A concurrent writer stored some of these keys between our check and our insert: the
+        # second pass finds them. A row breaking a constraint fails again and raises.
+        return _usage_insert(rows)
 
 
-def storage_meter(*, hour: datetime) -> int:
+def _usage_insert(rows: list[UsageRecord]) -> list[tuple[UsageRecord, bool]]:
+    keys = [row.idempotency_key for row in rows]
+    stored = {u.idempotency_key: u for u in UsageRecord.objects.filter(idempotency_key__in=keys)}
+    fresh: dict[str, UsageRecord] = {}
+    for row in rows:
+        if row.idempotency_key not in stored:
+            fresh.setdefault(row.idempotency_key, row)
+    if fresh:
+        _usage_price_and_insert(list(fresh.values()))
+    return [
+        (stored[key], False) if key in stored else (fresh[key], fresh[key] is row)
+        for key, row in zip(keys, rows, strict=True)
+    ]
+
+
+def _usage_price_and_insert(rows: list[UsageRecord]) -> None:
+    prices = price_table(resources={row.resource for row in rows})
+    groups = {}
+    for row in rows:
+        row.pk = None  # a retried batch may carry ids of a rolled-back insert
+        row.quantity = Decimal(row.quantity).quantize(QUANTITY_STEP, ROUND_HALF_UP)
+        row.unit_price, row.currency = price_at(prices, resource=row.resource, at=row.period_start)
+        row.labels = row.labels or {}
+        group = (row.organization_id, row.resource, row.currency, billing_month(row.period_end))
+        groups[group] = row
+    with transaction.atomic():
+        UsageTally.objects.bulk_create(
+            [
+                UsageTally(organization_id=g[0], resource=g[1], currency=g[2], month=g[3])
+                for g in groups
+            ],
+            ignore_conflicts=True,
+        )
+        wanted = Q()
+        for org_id, resource, currency, month in groups:
+            wanted |= Q(organization_id=org_id, resource=resource, currency=currency, month=month)
+        tallies = {
+            (t.organization_id, t.resource, t.currency, t.month): t
+            for t in UsageTally.objects.select_for_update().filter(wanted).order_by("pk")
+        }
+        for row in rows:
+            tally = tallies[
+                (row.organization_id, row.resource, row.currency, billing_month(row.period_end))
+            ]
+            tally.exact_minor += row.quantity * row.unit_price * minor_per_unit(row.currency)
+            rounded = int(tally.exact_minor.quantize(Decimal(1), ROUND_HALF_UP))
+            row.amount_minor = max(rounded - tally.billed_minor, 0)
+            tally.billed_minor += row.amount_minor
+        UsageRecord.objects.bulk_create(rows)
+        UsageTally.objects.bulk_update(tallies.values(), ["exact_minor", "billed_minor"])
+        if settings.STRIPE_SECRET_KEY:
+            MeterPush.objects.bulk_create(
+                MeterPush(
+                    usage=row,
+                    state=MeterPush.State.PENDING if row.amount_minor else MeterPush.State.SKIPPED,
+                )
+                for row in rows
+            )
+
+
+def storage_meter(*, hour: datetime, batch: int = 500) -> int:
     """Record one hour of every organization's stored bytes (GB-months); safe to run twice."""
     start = hour.replace(minute=0, second=0, microsecond=0)
     end = start + timedelta(hours=1)
-    written = 0
-    accounts = StorageAccount.objects.filter(used_bytes__gt=0).select_related("organization")
-    for account in accounts.iterator():
-        gb_months = Decimal(account.used_bytes) / BYTES_PER_GB / HOURS_PER_MONTH
-        _, created = usage_record(
-            organization=account.organization,
+    accounts = StorageAccount.objects.filter(used_bytes__gt=0).order_by("pk")
+    rows = [
+        UsageRecord(
+            organization_id=organization_id,
             resource="storage",
-            quantity=gb_months.quantize(Decimal("0.000001"), ROUND_HALF_UP),
+            quantity=Decimal(used_bytes) / BYTES_PER_GB / HOURS_PER_MONTH,
             unit="gb_month",
             period_start=start,
             period_end=end,
-            idempotency_key=f"storage:{account.organization_id}:{start:%Y-%m-%dT%H}",
+            idempotency_key=f"storage:{organization_id}:{start:%Y-%m-%dT%H}",
             source_type="storage",
-            source_id=str(account.organization_id),
-            labels={"bytes": str(account.used_bytes)},
+            source_id=str(organization_id),
+            labels={"bytes": str(used_bytes)},
         )
-        written += created
+        for organization_id, used_bytes in accounts.values_list("organization_id", "used_bytes")
+    ]
+    written = 0
+    for first in range(0, len(rows), batch):
+        written += sum(
+            created for _, created in usage_record_many(rows=rows[first : first + batch])
+        )
     return written
 
 
@@ -362,12 +402,16 @@ def plan_credits_grant(*, at: datetime | None = None) -> int:
 
 @transaction.atomic
 def credits_apply(*, organization: Organization, amount_minor: int, at: datetime) -> int:
-    """Consume up to `amount_minor` of credits, soonest expiry first; returns what was applied."""
+    """Consume up to `amount_minor` of credits held at `at`, soonest expiry first.
+
+    Returns what was applied. Credits granted after `at` (e.g. next month's plan credit, when a
+    month's invoice is issued late) are left for later.
+    """
     left = amount_minor
     grants = (
         CreditGrant.objects.for_organization(organization)
         .select_for_update()
-        .filter(remaining_minor__gt=0)
+        .filter(remaining_minor__gt=0, created_at__lt=at)
         .exclude(expires_at__lte=at)
         .order_by(F("expires_at").asc(nulls_last=True), "created_at", "pk")
     )
@@ -385,8 +429,9 @@ def credits_apply(*, organization: Organization, amount_minor: int, at: datetime
 
 @transaction.atomic
 def past_due_set(*, organization: Organization, since: datetime) -> None:
+    """Past due since `since` (the earliest failed payment still owed); the grace runs from it."""
     account = billing_account_get(organization=organization)
-    if account.past_due_since is None:
+    if account.past_due_since != since:
         account.past_due_since = since
         account.save(update_fields=["past_due_since"])
     if organization.status == Organization.Status.ACTIVE:

@@ -3,16 +3,22 @@
 from decimal import Decimal
 
 from django.contrib import messages
-from django.shortcuts import redirect
+from django.contrib.admin.views.decorators import staff_member_required
+from django.http import HttpResponse, StreamingHttpResponse
+from django.shortcuts import redirect, render
+from django.urls import reverse
 from django.utils import timezone
-from django.views.generic import TemplateView
+from django.utils.decorators import method_decorator
+from django.views.generic import TemplateView, View
 
 from tenants.errors import DomainError
 from tenants.views.base import OrganizationPageMixin
 
-from . import selectors, services
+from . import charts, invoicing, reports, selectors, services, stripe_gateway
+from .errors import BillingError
 from .forms import BudgetForm
-from .models import CreditGrant
+from .models import CreditGrant, Invoice
+from .pdf import invoice_pdf, invoice_pdf_filename
 
 
 class BillingPage(OrganizationPageMixin, TemplateView):
@@ -38,6 +44,8 @@ class BillingPage(OrganizationPageMixin, TemplateView):
             summary=selectors.account_summary(account=account, at=timezone.now()),
             credits=CreditGrant.objects.for_organization(self.organization)[:20],
             can_admin=self.has_scope("billing:admin"),
+            stripe_enabled=stripe_gateway.configured(),
+            invoices=invoicing.invoice_list(organization=self.organization)[:24],
         )
         return context
 
@@ -60,3 +68,122 @@ class BillingPage(OrganizationPageMixin, TemplateView):
                 messages.success(request, "Budget saved.")
                 return redirect("billing:billing", org_slug)
         return self.render_to_response(self.get_context_data(form=form), status=400)
+
+
+class InvoicePage(OrganizationPageMixin, TemplateView):
+    """One invoice, laid out to print: lines, credits, tax and total."""
+
+    template_name = "billing/invoice.html"
+    required_scopes = {"get": "billing:read"}
+    model = Invoice
+
+    def get_context_data(self, **kwargs):
+        context = super().get_context_data(**kwargs)
+        invoice = self.get_org_object()
+        context.update(invoice=invoice, statement=invoicing.invoice_statement(invoice=invoice))
+        return context
+
+
+class InvoicePdfDownload(OrganizationPageMixin, View):
+    required_scopes = {"get": "billing:read"}
+    model = Invoice
+
+    def get(self, request, org_slug, pk):
+        invoice = self.get_org_object()
+        response = HttpResponse(invoice_pdf(invoice=invoice), content_type="application/pdf")
+        filename = invoice_pdf_filename(invoice=invoice)
+        response["Content-Disposition"] = f'attachment; filename="{filename}"'
+        return response
+
+
+class UsagePage(OrganizationPageMixin, TemplateView):
+    """Cost by resource, day, user, API key, label, model or job, with a stacked daily chart."""
+
+    template_name = "billing/usage.html"
+    required_scopes = {"get": "billing:read"}
+
+    def get(self, request, *args, **kwargs):
+        try:
+            query = reports.usage_query(request.GET, today=timezone.now().date())
+            report = reports.usage_report(organization=self.organization, **query.as_kwargs())
+        except BillingError as error:
+            context = self.get_context_data(error=error.detail, errors=error.fields or {})
+            return self.render_to_response(context, status=400)
+        chart = charts.stacked_daily_chart(daily=report.daily, resources=report.resources)
+        return self.render_to_response(self.get_context_data(report=report, chart=chart))
+
+    def get_context_data(self, **kwargs):
+        context = super().get_context_data(**kwargs)
+        start, end = reports.usage_defaults(today=timezone.now().date())
+        params = self.request.GET
+        context.update(
+            groupings=reports.GROUPINGS,
+            values={
+                "start": params.get("start") or start.isoformat(),
+                "end": params.get("end") or end.isoformat(),
+                "group_by": params.get("group_by") or "resource",
+                "label_key": params.get("label_key") or "",
+            },
+            query=params.urlencode(),
+        )
+        return context
+
+
+class UsageCsvDownload(OrganizationPageMixin, View):
+    required_scopes = {"get": "billing:read"}
+
+    def get(self, request, org_slug):
+        try:
+            query = reports.usage_query(request.GET, today=timezone.now().date())
+            report = reports.usage_report(organization=self.organization, **query.as_kwargs())
+        except BillingError:
+            # The report page explains what is wrong beside each field.
+            return redirect(
+                f"{reverse('billing:usage', args=[org_slug])}?{request.GET.urlencode()}"
+            )
+        response = StreamingHttpResponse(
+            reports.usage_csv_lines(report), content_type="text/csv; charset=utf-8"
+        )
+        filename = reports.usage_csv_filename(organization=self.organization, report=report)
+        response["Content-Disposition"] = f'attachment; filename="{filename}"'
+        return response
+
+
+@method_decorator(staff_member_required, name="dispatch")
+class OpsBillingPage(View):
+    """Operators: revenue this month, top tenants, GPU-hours, stuck meter events, reconciliation."""
+
+    def get(self, request):
+        overview = reports.ops_billing_overview(now=timezone.now())
+        return render(request, "billing/ops_billing.html", {"overview": overview})
+
+
+class _StripeRedirectPage(OrganizationPageMixin, View):
+    """POST: send the browser to a Stripe-hosted page; errors come back as a message."""
+
+    required_scopes = {"post": "billing:admin"}
+
+    def stripe_url(self, account, back: str) -> str:
+        raise NotImplementedError
+
+    def post(self, request, org_slug):
+        back = request.build_absolute_uri(reverse("billing:billing", args=[org_slug]))
+        account = services.billing_account_get(organization=self.organization)
+        try:
+            url = self.stripe_url(account, back)
+        except DomainError as error:
+            messages.error(request, error.detail)
+            return redirect("billing:billing", org_slug)
+        return redirect(url)
+
+
+class CheckoutPage(_StripeRedirectPage):
+    def stripe_url(self, account, back):
+        return stripe_gateway.checkout_session_create(
+            account=account, success_url=f"{back}?payment=saved", cancel_url=back
+        )
+
+
+class PortalPage(_StripeRedirectPage):
+    def stripe_url(self, account, back):
+        return stripe_gateway.portal_session_create(account=account, return_url=back)

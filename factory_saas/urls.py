@@ -4,6 +4,8 @@ from django.contrib.staticfiles.urls import staticfiles_urlpatterns
 from django.urls import include, path
 from django.views.generic import RedirectView
 
+from billing.views import OpsBillingPage
+from billing.webhooks import stripe_webhook
 from jobs.views import PoolPage
 
 from . import health, views
@@ -22,12 +24,14 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("accounts/", include("allauth.urls")),
     path("api/v1/", include("factory_saas.api")),
+    path("billing/stripe/webhook/", stripe_webhook, name="stripe_webhook"),
     path("", include(dashboard_patterns)),
     path("", include("tenants.urls")),
     path("o/<slug:org_slug>/", include("registry.urls")),
     path("o/<slug:org_slug>/", include("jobs.urls")),
     path("o/<slug:org_slug>/", include("billing.urls")),
     path("ops/pool/", PoolPage.as_view(), name="ops_pool"),
+    path("ops/billing/", OpsBillingPage.as_view(), name="ops_billing"),
     path("", include("registry.storage_views")),
 ]
 

@@ -167,3 +167,20 @@ class JobFactory(factory.django.DjangoModelFactory):
     output_model_name = "model"
     resource_class = factory.LazyFunction(lambda: ResourceClass.objects.get(name="cpu"))
     gpu_count = 1
+
+
+class PriceFactory(factory.django.DjangoModelFactory):
+    """A rate-card row for a resource, in force since long before any test's usage."""
+
+    class Meta:
+        model = "billing.Price"
+
+    resource = "gpu:a100-40gb"
+    unit = "gpu_second"
+    unit_price = "0.0010"
+    currency = "usd"
+    effective_from = factory.LazyFunction(
+        lambda: timezone.now().replace(
+            year=2020, month=1, day=1, hour=0, minute=0, second=0, microsecond=0
+        )
+    )

@@ -14,6 +14,7 @@ from django.urls import URLPattern, URLResolver, get_resolver, reverse
 from django.utils import timezone
 from rest_framework.test import APIClient
 
+from billing.models import Invoice
 from jobs.models import Job, Sweep
 from registry.models import (
     Dataset,
@@ -171,6 +172,24 @@ def _make_sweep(organization, requester):
     return {"pk": sweep.pk}
 
 
+def _make_invoice(organization, requester):
+    start = timezone.now().replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    invoice = Invoice.objects.create(
+        organization=organization,
+        number=f"SWEPT-{secrets.token_hex(4)}",
+        source=Invoice.Source.BUILTIN,
+        status=Invoice.Status.OPEN,
+        period_start=start,
+        period_end=start + timedelta(days=28),
+        subtotal_minor=100,
+        total_minor=100,
+    )
+    invoice.lines.create(
+        description="Storage", resource="storage", unit="gb_month", amount_minor=100
+    )
+    return {"pk": invoice.pk}
+
+
 # One maker per kind of object a route is about: (organization, requesting user) -> URL kwargs.
 # A maker may return more kwargs than a route needs; each route takes the ones it names.
 OBJECT_MAKERS = {
@@ -185,6 +204,7 @@ OBJECT_MAKERS = {
     ModelAlias: _make_model_version,
     Job: _make_job,
     Sweep: _make_sweep,
+    Invoice: _make_invoice,
 }
 
 

@@ -1,6 +1,6 @@
 from rest_framework import serializers
 
-from billing.models import BillingAccount, CreditGrant, Plan
+from billing.models import BillingAccount, CreditGrant, Invoice, InvoiceLine, Plan
 
 
 class PlanSerializer(serializers.ModelSerializer):
@@ -77,3 +77,112 @@ class CreditGrantSerializer(serializers.ModelSerializer):
             "created_at",
         ]
         read_only_fields = fields
+
+
+class InvoiceSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Invoice
+        fields = [
+            "id",
+            "number",
+            "source",
+            "status",
+            "currency",
+            "period_start",
+            "period_end",
+            "subtotal_minor",
+            "credits_minor",
+            "tax_minor",
+            "total_minor",
+            "hosted_url",
+            "pdf_url",
+            "issued_at",
+            "paid_at",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+
+class InvoiceLineSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = InvoiceLine
+        fields = ["description", "resource", "quantity", "unit", "amount_minor"]
+        read_only_fields = fields
+
+
+class InvoiceDetailSerializer(InvoiceSerializer):
+    lines = InvoiceLineSerializer(
+        many=True,
+        read_only=True,
+        help_text='Charges, then the tax line (resource "tax"); charges sum to subtotal_minor.',
+    )
+
+    class Meta(InvoiceSerializer.Meta):
+        fields = [*InvoiceSerializer.Meta.fields, "lines"]
+        read_only_fields = fields
+
+
+class UsageRowSerializer(serializers.Serializer):
+    group = serializers.CharField(
+        help_text='What the row is: a resource, a day, an email, "(none)".'
+    )
+    key = serializers.CharField(
+        allow_null=True, help_text="Its identity: the date, user id, key id, job id; null: none."
+    )
+    quantity = serializers.DecimalField(
+        max_digits=20,
+        decimal_places=6,
+        allow_null=True,
+        help_text="Units used, when every row of the group has the same unit; else null.",
+    )
+    unit = serializers.CharField()
+    amount_minor = serializers.IntegerField()
+    currency = serializers.CharField()
+
+
+class UsageDaySerializer(serializers.Serializer):
+    date = serializers.DateField(source="day")
+    amounts = serializers.DictField(
+        child=serializers.IntegerField(), help_text="Cost per resource in the report's currency."
+    )
+    total_minor = serializers.IntegerField()
+
+
+class UsageTotalSerializer(serializers.Serializer):
+    currency = serializers.CharField()
+    amount_minor = serializers.IntegerField()
+
+
+class UsageReportSerializer(serializers.Serializer):
+    start = serializers.DateField()
+    end = serializers.DateField()
+    group_by = serializers.CharField()
+    label_key = serializers.CharField()
+    currency = serializers.CharField()
+    total_minor = serializers.IntegerField(help_text="The ledger's sum for the range, in cents.")
+    totals = UsageTotalSerializer(
+        many=True, help_text="One total per currency (a ledger normally has only one)."
+    )
+    rows = UsageRowSerializer(many=True, help_text="Most spent first; by date for group_by=day.")
+    daily = UsageDaySerializer(many=True, help_text="Every day of the range, zero-filled.")
+
+
+class CheckoutSessionRequestSerializer(serializers.Serializer):
+    success_url = serializers.URLField(
+        required=False,
+        help_text="Where Stripe sends the browser after saving; default: the billing page.",
+    )
+    cancel_url = serializers.URLField(
+        required=False,
+        help_text="Where Stripe sends the browser on cancel; default: the billing page.",
+    )
+
+
+class PortalSessionRequestSerializer(serializers.Serializer):
+    return_url = serializers.URLField(
+        required=False, help_text="Where the portal's back link goes; default: the billing page."
+    )
+
+
+class StripeRedirectSerializer(serializers.Serializer):
+    url = serializers.URLField(read_only=True, help_text="The Stripe-hosted page to open.")

@@ -177,6 +177,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "billing.plan_credits",
         "schedule": crontab(minute=10, hour=0, day_of_month=1),
     },
+    # Before the month's plan credits (00:10), so they are not spent on last month's invoice.
+    "billing-invoices": {
+        "task": "billing.invoices_issue",
+        "schedule": crontab(minute=5, hour=0, day_of_month=1),
+    },
     "billing-meter-push": {"task": "billing.meter_push", "schedule": 10.0},
     "billing-reconcile": {"task": "billing.reconcile", "schedule": crontab(minute=30, hour=3)},
 }
@@ -212,6 +217,9 @@ SPECTACULAR_SETTINGS = {
         "InvitationStatusEnum": "tenants.models.Invitation.Status",
         "JobStateEnum": "jobs.models.JobState",
         "SweepStateEnum": "jobs.models.Sweep.State",
+        "SourceEnum": "registry.models.DatasetVersion.Source",
+        "InvoiceSourceEnum": "billing.models.Invoice.Source",
+        "InvoiceStatusEnum": "billing.models.Invoice.Status",
     },
 }
 
@@ -254,4 +262,6 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
+    # The stripe library logs two INFO lines per request: one per meter event is too many.
+    "loggers": {"stripe": {"level": env("STRIPE_LOG_LEVEL", default="WARNING")}},
 }

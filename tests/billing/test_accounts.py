@@ -78,27 +78,36 @@ def test_plan_credits_are_granted_once_a_month(org, other_org, owner):
 
 
 def test_credits_are_consumed_soonest_expiry_first_and_never_below_zero(org):
+    now = datetime.now(UTC)
     later, _ = credit_grant(organization=org, amount_minor=300, reason="later", idempotency_key="a")
     soon, _ = credit_grant(
         organization=org,
         amount_minor=200,
         reason="soon",
-        expires_at=NOW + timedelta(days=1),
+        expires_at=now + timedelta(days=1),
         idempotency_key="b",
     )
     expired, _ = credit_grant(
         organization=org,
         amount_minor=999,
         reason="expired",
-        expires_at=NOW - timedelta(days=1),
+        expires_at=now - timedelta(days=1),
         idempotency_key="c",
     )
-    assert credits_available(organization=org, at=NOW) == 500
-    assert credits_apply(organization=org, amount_minor=250, at=NOW) == 250
+    at = datetime.now(UTC)
+    assert credits_available(organization=org, at=at) == 500
+    assert credits_apply(organization=org, amount_minor=250, at=at) == 250
     soon.refresh_from_db(), later.refresh_from_db(), expired.refresh_from_db()
     assert (soon.remaining_minor, later.remaining_minor, expired.remaining_minor) == (0, 250, 999)
-    assert credits_apply(organization=org, amount_minor=10_000, at=NOW) == 250
-    assert credits_available(organization=org, at=NOW) == 0
+    assert credits_apply(organization=org, amount_minor=10_000, at=at) == 250
+    assert credits_available(organization=org, at=at) == 0
+
+
+def test_credits_granted_after_the_moment_are_left_for_later(org):
+    before = datetime.now(UTC)
+    credit_grant(organization=org, amount_minor=700, reason="next month", idempotency_key="n")
+    assert credits_apply(organization=org, amount_minor=500, at=before) == 0
+    assert credits_apply(organization=org, amount_minor=500, at=datetime.now(UTC)) == 500
 
 
 @pytest.mark.parametrize("amount", [0, -5, 1.5])

@@ -10,7 +10,7 @@ from django.db.models import Sum
 
 from billing.models import MeterPush, UsageRecord, UsageTally
 from billing.selectors import month_spend
-from billing.services import storage_meter, usage_record
+from billing.services import storage_meter, usage_record, usage_record_many
 from registry.models import StorageAccount
 from tests.factories import OrganizationFactory
 
@@ -142,3 +142,28 @@ def test_storage_is_metered_hourly_in_gb_months_once_per_hour(org, other_org):
     assert row.period_start == hour.replace(minute=0) and row.period_end - row.period_start == (
         timedelta(hours=1)
     )
+
+
+def test_a_batch_records_each_key_once_and_prices_every_row(org, other_org):
+    stored, _ = _predict(org, 1000, key="old")
+
+    def row(organization, key, n):
+        return UsageRecord(
+            organization=organization,
+            resource="predictions",
+            quantity=Decimal(n) / 1000,
+            unit="1k_predictions",
+            period_start=NOV,
+            period_end=NOV,
+            idempotency_key=key,
+        )
+
+    rows = [row(org, "old", 5000), row(org, "a", 2000), row(other_org, "b", 4000), row(org, "a", 9)]
+    results = usage_record_many(rows=rows)
+    assert [created for _, created in results] == [False, True, True, False]
+    assert results[0][0].pk == stored.pk and results[3][0].pk == results[1][0].pk
+    assert [r.amount_minor for r, _ in results] == [5, 10, 20, 10]
+    assert UsageRecord.objects.count() == 3
+    assert month_spend(organization=org, at=NOV) == 15
+    assert month_spend(organization=other_org, at=NOV) == 20
+    assert usage_record_many(rows=[row(org, "a", 2000)])[0][1] is False

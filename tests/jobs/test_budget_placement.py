@@ -83,10 +83,7 @@ def test_past_due_stops_placements_after_the_grace_period_and_payment_restores(
     assert org.status == Organization.Status.PAST_DUE
     first = _pass(JobFactory(organization=org))
     assert first.state == JobState.SCHEDULED  # still inside the grace period
-    past_due_set(organization=org, since=timezone.now() - timedelta(days=5))  # keeps the first date
-    account = billing_account_get(organization=org)
-    account.past_due_since = timezone.now() - timedelta(days=4)
-    account.save(update_fields=["past_due_since"])
+    past_due_set(organization=org, since=timezone.now() - timedelta(days=4))
     waiting = _pass(JobFactory(organization=org))
     assert waiting.state == JobState.QUEUED and "payment past due" in waiting.waiting_reason
     past_due_clear(organization=org)

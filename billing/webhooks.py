@@ -1,0 +1,279 @@
+"""Stripe webhooks: verify, store each event once, and mirror invoices and payment standing.
+
+Stripe delivers events at least once and in any order. Each event id is stored in the same
+transaction as its effect, so a redelivery has none. An invoice is only ever replaced by a
+snapshot from a later event (ties broken by a fixed order), a paid or void invoice never moves
+back, and the organization's standing is recomputed from the mirrored invoices, so any order of
+the same events ends in the same state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime
+
+import stripe
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.http import HttpRequest, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_POST
+
+from . import services, stripe_gateway, tasks
+from .models import BillingAccount, Invoice, InvoiceLine, WebhookEvent
+
+logger = logging.getLogger(__name__)
+
+INVOICE_EVENTS = {
+    "invoice.created",
+    "invoice.finalized",
+    "invoice.updated",
+    "invoice.paid",
+    "invoice.payment_failed",
+    "invoice.voided",
+    "invoice.marked_uncollectible",
+}
+# How far along an invoice is; between snapshots of the same second the further one wins.
+STATUS_RANK = {
+    Invoice.Status.DRAFT: 0,
+    Invoice.Status.OPEN: 1,
+    Invoice.Status.UNCOLLECTIBLE: 2,
+    Invoice.Status.PAID: 3,
+    Invoice.Status.VOID: 3,
+}
+FINAL = {Invoice.Status.PAID, Invoice.Status.VOID}
+OWING = [Invoice.Status.OPEN, Invoice.Status.UNCOLLECTIBLE]
+
+
+def _error(status: int, code: str, detail: str) -> JsonResponse:
+    return JsonResponse({"code": code, "detail": detail}, status=status)
+
+
+@csrf_exempt
+@require_POST
+def stripe_webhook(request: HttpRequest) -> JsonResponse:
+    if not settings.STRIPE_WEBHOOK_SECRET:
+        return _error(400, "stripe_not_configured", "Stripe webhooks are not configured here.")
+    try:
+        stripe.Webhook.construct_event(
+            request.body, request.headers.get("Stripe-Signature"), settings.STRIPE_WEBHOOK_SECRET
+        )
+    except stripe.SignatureVerificationError:
+        return _error(400, "bad_signature", "The Stripe-Signature header does not verify.")
+    except (ValueError, TypeError, AttributeError, KeyError):
+        # Signed, but not JSON or not an object (the library trips on a JSON list).
+        return _error(400, "bad_payload", "The body is not a Stripe event.")
+    payload = json.loads(request.body)
+    if not isinstance(payload, dict) or not payload.get("id") or "created" not in payload:
+        return _error(400, "bad_payload", "The body is not a Stripe event.")
+    stored, duplicate = event_receive(payload=payload)
+    return JsonResponse(
+        {"received": stored.event_id, "duplicate": duplicate, "error": stored.error}, status=200
+    )
+
+
+def event_receive(*, payload: dict) -> tuple[WebhookEvent, bool]:
+    """Store and apply one verified event exactly once; returns it and whether it was known."""
+    created = datetime.fromtimestamp(int(payload["created"]), tz=UTC)
+    with transaction.atomic():
+        try:
+            with transaction.atomic():
+                stored = WebhookEvent.objects.create(
+                    event_id=payload["id"],
+                    type=str(payload.get("type", ""))[:100],
+                    created=created,
+                    payload=payload,
+                )
+        except IntegrityError:
+            # Delivered before (a concurrent copy waits on the unique index, then lands here).
+            return WebhookEvent.objects.get(event_id=payload["id"]), True
+        try:
+            with transaction.atomic():
+                stored.error = _apply(payload=payload, created=created)
+        except IntegrityError as error:
+            # The mirror contradicts a constraint (say, an invoice number the ledger used):
+            # a redelivery would meet it again, so keep the event and show the error.
+            logger.exception("stripe webhook %s not applied", payload["id"])
+            stored.error = f"not applied: {error}"[:2000]
+        stored.processed_at = datetime.now(tz=UTC)
+        stored.save(update_fields=["error", "processed_at"])
+    return stored, False
+
+
+def _apply(*, payload: dict, created: datetime) -> str:
+    """The event's effect; returns an error to store ("" when applied or not of interest)."""
+    if payload.get("type") == "checkout.session.completed":
+        return _checkout_completed(payload=payload)
+    if payload.get("type") not in INVOICE_EVENTS:
+        return ""
+    data = (payload.get("data") or {}).get("object") or {}
+    customer_id = data.get("customer")
+    if isinstance(customer_id, dict):
+        customer_id = customer_id.get("id")
+    account = (
+        BillingAccount.objects.select_for_update()
+        .select_related("organization")
+        .filter(stripe_customer_id=customer_id or "")
+        .first()
+    )
+    if account is None or not data.get("id"):
+        logger.warning("stripe webhook %s: unknown customer %r", payload.get("id"), customer_id)
+        return f"unknown customer {customer_id!r}"
+    invoice_mirror(account=account, event=payload, created=created)
+    standing_update(account=account)
+    return ""
+
+
+def _checkout_completed(*, payload: dict) -> str:
+    """A payment method saved through Checkout becomes the one invoices are charged to."""
+    session = (payload.get("data") or {}).get("object") or {}
+    customer_id, setup_intent = session.get("customer"), session.get("setup_intent")
+    if session.get("mode") != "setup" or not setup_intent:
+        return ""
+    if not BillingAccount.objects.filter(stripe_customer_id=customer_id or "").exists():
+        return f"unknown customer {customer_id!r}"
+    # Two Stripe calls: after the commit, in a worker, not in this request's transaction.
+    transaction.on_commit(
+        lambda: tasks.payment_method_default.delay(
+            customer_id=customer_id, setup_intent_id=setup_intent
+        )
+    )
+    return ""
+
+
+def _order_key(event: dict) -> tuple:
+    status = (event.get("data") or {}).get("object", {}).get("status") or Invoice.Status.DRAFT
+    return (int(event["created"]), STATUS_RANK.get(status, 0), event["id"])
+
+
+def _last_applied_key(*, stripe_id: str, created: datetime, event_id: str) -> tuple | None:
+    """The highest order key among the other events of the same second for this invoice."""
+    events = (
+        WebhookEvent.objects.filter(
+            created=created, type__in=INVOICE_EVENTS, error="", payload__data__object__id=stripe_id
+        )
+        .exclude(event_id=event_id)
+        .values_list("payload", flat=True)
+    )
+    keys = [_order_key(event) for event in events]
+    return max(keys) if keys else None
+
+
+def invoice_mirror(*, account: BillingAccount, event: dict, created: datetime) -> Invoice | None:
+    """Apply the event's invoice snapshot if it is newer than the one held."""
+    data = event["data"]["object"]
+    status = data.get("status") or Invoice.Status.DRAFT
+    if status not in STATUS_RANK:
+        return None
+    invoice = Invoice.objects.select_for_update().filter(stripe_id=data["id"]).first()
+    if invoice is not None:
+        if invoice.status in FINAL and status != invoice.status:
+            return invoice
+        if invoice.stripe_updated and created < invoice.stripe_updated:
+            return invoice
+        if invoice.stripe_updated == created:
+            held = _last_applied_key(stripe_id=data["id"], created=created, event_id=event["id"])
+            if held is not None and _order_key(event) <= held:
+                return invoice
+    else:
+        invoice = Invoice(
+            organization=account.organization, source=Invoice.Source.STRIPE, stripe_id=data["id"]
+        )
+    _snapshot_apply(invoice=invoice, data=data, status=status, created=created)
+    return invoice
+
+
+def _ts(value) -> datetime | None:
+    return datetime.fromtimestamp(int(value), tz=UTC) if value else None
+
+
+def _snapshot_apply(*, invoice: Invoice, data: dict, status: str, created: datetime) -> None:
+    lines = ((data.get("lines") or {}).get("data")) or []
+    starts = [line["period"]["start"] for line in lines if line.get("period")]
+    ends = [line["period"]["end"] for line in lines if line.get("period")]
+    subtotal = int(data.get("subtotal") or 0)
+    total = int(data.get("total") or 0)
+    discounts = sum(int(d.get("amount") or 0) for d in data.get("total_discount_amounts") or [])
+    taxes = data.get("total_taxes")
+    tax = (
+        sum(int(t.get("amount") or 0) for t in taxes)
+        if taxes is not None
+        else int(data.get("tax") or 0)
+    )
+    amount_due = int(data.get("amount_due", total) or 0)
+    balance_applied = max(0, total - amount_due)
+    transitions = data.get("status_transitions") or {}
+    invoice.number = data.get("number") or ""
+    invoice.status = status
+    invoice.currency = (data.get("currency") or invoice.currency)[:3]
+    invoice.period_start = _ts(min(starts) if starts else data.get("period_start")) or created
+    invoice.period_end = _ts(max(ends) if ends else data.get("period_end")) or created
+    invoice.subtotal_minor = max(0, subtotal)
+    invoice.credits_minor = max(0, discounts + balance_applied)
+    invoice.tax_minor = max(0, tax)
+    invoice.total_minor = max(0, amount_due)
+    invoice.hosted_url = data.get("hosted_invoice_url") or ""
+    invoice.pdf_url = data.get("invoice_pdf") or ""
+    invoice.issued_at = _ts(transitions.get("finalized_at"))
+    invoice.paid_at = _ts(transitions.get("paid_at")) if status == Invoice.Status.PAID else None
+    invoice.stripe_updated = created
+    invoice.save()
+    invoice.lines.all().delete()
+    InvoiceLine.objects.bulk_create(
+        [
+            InvoiceLine(
+                invoice=invoice,
+                description=(line.get("description") or "")[:300],
+                resource=stripe_gateway.resource_for_price(_line_price(line)),
+                quantity=line.get("quantity") or 0,
+                unit="minor_unit" if _line_price(line) else "",
+                amount_minor=int(line.get("amount") or 0),
+            )
+            for line in lines
+        ]
+        + (
+            [InvoiceLine(invoice=invoice, description="Tax", resource="tax", amount_minor=tax)]
+            if tax
+            else []
+        )
+    )
+
+
+def _line_price(line: dict) -> str:
+    price = ((line.get("pricing") or {}).get("price_details") or {}).get("price")
+    if price is None:
+        price = line.get("price")
+    if isinstance(price, dict):
+        price = price.get("id")
+    return price or ""
+
+
+def standing_update(*, account: BillingAccount) -> None:
+    """Past due while a mirrored invoice whose payment failed is still owed; else restored.
+
+    Derived from the invoices, not from the last event, so the order of delivery does not matter.
+    """
+    owing = list(
+        Invoice.objects.for_organization(account.organization)
+        .filter(source=Invoice.Source.STRIPE, status__in=OWING)
+        .values_list("stripe_id", flat=True)
+    )
+    failures = (
+        WebhookEvent.objects.filter(
+            # Stored events are applied in the transaction that stores them (this one's too).
+            type="invoice.payment_failed",
+            error="",
+            payload__data__object__id__in=owing,
+        )
+        .order_by("created")
+        .values_list("created", flat=True)
+        if owing
+        else []
+    )
+    first_failure = next(iter(failures), None)
+    organization = account.organization
+    if first_failure is not None:
+        services.past_due_set(organization=organization, since=first_failure)
+    elif account.past_due_since is not None:
+        services.past_due_clear(organization=organization)
