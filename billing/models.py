@@ -71,6 +71,8 @@ class UsageRecord(OrganizationOwned):
             models.Index(
                 fields=["organization", "source_type", "source_id"], name="usage_org_source"
             ),
+            # Operators' views read a month across all organizations.
+            models.Index(fields=["period_end"], name="usage_period_end"),
         ]
         constraints = [
             models.CheckConstraint(
