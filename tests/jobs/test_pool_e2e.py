@@ -8,18 +8,10 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import random
-import signal
-import subprocess
-import sys
 import time
-import uuid
-from pathlib import Path
 
 import pytest
-from django.conf import settings
-from django.test import override_settings
 
 from billing.models import UsageRecord
 from jobs.models import TERMINAL_STATES, Job, JobAttempt, JobMetric, JobState, ResourceClass
@@ -28,137 +20,7 @@ from registry.services import dataset_create, dataset_version_create
 from tenants.actors import Actor
 from tests.processes import alive, descendants, wait_for
 
-ROOT = Path(__file__).resolve().parents[2]
 e2e = pytest.mark.django_db(transaction=True, serialized_rollback=True)
-
-TIMINGS = {
-    "WORKER_HEARTBEAT_S": "0.5",
-    "WORKER_OFFLINE_AFTER_S": "5",
-    "JOB_CHECKPOINT_EVERY_S": "0.5",
-    "JOB_STOP_GRACE_S": "3",
-    "SCHEDULER_TICK_S": "0.5",
-    "WORKER_CPU_SLOTS": "1",
-}
-
-
-def _database_url() -> str:
-    db = settings.DATABASES["default"]
-    auth = db["USER"] + (f":{db['PASSWORD']}" if db.get("PASSWORD") else "")
-    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
-
-
-class Pool:
-    """Worker processes (each its own machine), plus one beat and one default-queue worker."""
-
-    def __init__(self, tmp_path: Path):
-        self.tmp = tmp_path
-        self.env = {
-            **os.environ,
-            **TIMINGS,
-            "DJANGO_SETTINGS_MODULE": "factory_saas.settings.test",
-            "DATABASE_URL": _database_url(),
-            "REDIS_URL": settings.REDIS_URL,
-            "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
-            "STORAGE_BACKEND": "local",
-            "STORAGE_LOCAL_ROOT": str(tmp_path / "storage"),
-            "WORKER_WORKDIR": str(tmp_path / "work"),
-        }
-        self.processes: dict[str, subprocess.Popen] = {}
-        self.suffix = uuid.uuid4().hex[:6]
-
-    def _start(self, label: str, args: list[str]) -> subprocess.Popen:
-        log = (self.tmp / f"{label}.log").open("w")
-        process = subprocess.Popen(
-            args,
-            cwd=ROOT,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.processes[label] = process
-        return process
-
-    def start_control_plane(self) -> None:
-        python = sys.executable
-        self._start(
-            "beat",
-            [
-                python,
-                "-m",
-                "celery",
-                "-A",
-                "factory_saas",
-                "beat",
-                "-l",
-                "warning",
-                "-s",
-                str(self.tmp / "beat-schedule"),
-            ],
-        )
-        self._start(
-            "default",
-            [
-                python,
-                "-m",
-                "celery",
-                "-A",
-                "factory_saas",
-                "worker",
-                "-Q",
-                "default",
-                "-c",
-                "1",
-                "-l",
-                "warning",
-                "-n",
-                f"default-{self.suffix}@%h",
-            ],
-        )
-
-    def start_worker(self, label: str) -> str:
-        name = f"{label}-{self.suffix}"
-        self._start(label, [sys.executable, "manage.py", "run_worker", "--name", name])
-        from jobs.models import Worker
-
-        wait_for(
-            lambda: Worker.objects.filter(name=name).exists(),
-            timeout=60,
-            what=f"worker {name} to register",
-        )
-        return name
-
-    def kill(self, label: str) -> None:
-        """SIGKILL the worker's main process only, as when its machine dies."""
-        self.processes[label].send_signal(signal.SIGKILL)
-        self.processes[label].wait()
-
-    def stop(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-
-    def logs(self) -> str:
-        return "\n".join(
-            f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.tmp.glob("*.log"))
-        )
-
-
-@pytest.fixture
-def pool(tmp_path):
-    pool = Pool(tmp_path)
-    with override_settings(STORAGE_BACKEND="local", STORAGE_LOCAL_ROOT=str(tmp_path / "storage")):
-        try:
-            pool.start_control_plane()
-            yield pool
-        finally:
-            pool.stop()
 
 
 def _separable_csv(rows: int, seed: int = 7) -> bytes:
