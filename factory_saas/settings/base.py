@@ -155,6 +155,9 @@ STRIPE_PUSH_BATCH = env.int("STRIPE_PUSH_BATCH", default=100)
 STRIPE_PUSH_BACKOFF_S = env.float("STRIPE_PUSH_BACKOFF_S", default=5.0)
 STRIPE_PUSH_BACKOFF_MAX_S = env.float("STRIPE_PUSH_BACKOFF_MAX_S", default=3600.0)
 STRIPE_PUSH_BUDGET_S = env.float("STRIPE_PUSH_BUDGET_S", default=8.0)
+# What an organization's overview page shows besides its members and activity (tenants imports
+# no other app, so the apps that contribute a panel are named here).
+ORGANIZATION_OVERVIEW_PANELS = ["jobs.panels.overview_panel", "billing.panels.overview_panel"]
 # Days a past-due organization keeps placing jobs before the scheduler stops it.
 BILLING_PAST_DUE_GRACE_DAYS = env.int("BILLING_PAST_DUE_GRACE_DAYS", default=7)
 

@@ -1,9 +1,11 @@
 """Dashboard pages for organizations, members, invitations, API keys and the audit log."""
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.mixins import LoginRequiredMixin
 from django.core.paginator import Paginator
 from django.shortcuts import redirect, render
+from django.utils.module_loading import import_string
 from django.views import View
 from django.views.generic import TemplateView
 
@@ -87,6 +89,16 @@ class OverviewPage(OrganizationPageMixin, TemplateView):
     def get_context_data(self, **kwargs):
         context = super().get_context_data(**kwargs)
         context["member_count"] = selectors.member_list(organization=self.organization).count()
+        # Panels other apps contribute (jobs, billing), named in settings: tenants imports no app.
+        context["panels"] = [
+            panel
+            for path in settings.ORGANIZATION_OVERVIEW_PANELS
+            if (
+                panel := import_string(path)(
+                    organization=self.organization, scopes=self.granted_scopes
+                )
+            )
+        ]
         if self.has_scope("audit:read"):
             context["recent_events"] = selectors.audit_event_list(organization=self.organization)[
                 :10

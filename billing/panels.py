@@ -1,0 +1,18 @@
+"""The billing panel of an organization's overview page: this month's spend against the budget."""
+
+from django.utils import timezone
+
+from tenants.models import Organization
+
+from .selectors import account_summary
+from .services import billing_account_get
+
+
+def overview_panel(*, organization: Organization, scopes: frozenset[str]) -> dict | None:
+    if "billing:read" not in scopes:
+        return None
+    account = billing_account_get(organization=organization)
+    return {
+        "template": "billing/_overview_panel.html",
+        "summary": account_summary(account=account, at=timezone.now()),
+    }

@@ -1,0 +1,31 @@
+"""The jobs panel of an organization's overview page: what runs and what waits, and why."""
+
+from django.db.models import Count
+
+from jobs.models import ACTIVE_STATES, Job, JobState
+from tenants.models import Organization
+
+OPEN_STATES = (JobState.QUEUED, *ACTIVE_STATES)
+
+
+def overview_panel(*, organization: Organization, scopes: frozenset[str]) -> dict | None:
+    if "jobs:read" not in scopes:
+        return None
+    jobs = Job.objects.for_organization(organization)
+    counts = dict(
+        jobs.filter(state__in=OPEN_STATES)
+        .values_list("state")
+        .annotate(n=Count("pk"))
+        .values_list("state", "n")
+    )
+    open_jobs = (
+        jobs.filter(state__in=OPEN_STATES)
+        .select_related("resource_class")
+        .order_by("-state", "queue_position", "-created_at")[:8]
+    )
+    return {
+        "template": "jobs/_overview_panel.html",
+        "running": sum(counts.get(state, 0) for state in ACTIVE_STATES),
+        "queued": counts.get(JobState.QUEUED, 0),
+        "open_jobs": list(open_jobs),
+    }
