@@ -1,13 +1,11 @@
 """Operator console for billing: rate card, plans, accounts, credits, the ledger and Stripe sync."""
 
-from datetime import timedelta
-
 from django import forms
 from django.contrib import admin, messages
-from django.db.models import F, Q
 from django.utils import timezone
 
 from tenants.actors import Actor
+from tenants.services import audit_record
 
 from . import services
 from .errors import BillingError
@@ -26,6 +24,12 @@ from .models import (
     UsageRecord,
     UsageTally,
     WebhookEvent,
+)
+from .selectors import (
+    STUCK_ATTEMPTS,
+    STUCK_OVERDUE,
+    meter_push_stuck,
+    reconciliation_differences,
 )
 
 
@@ -90,7 +94,16 @@ class BillingAccountAdmin(admin.ModelAdmin):
     list_filter = ["plan", "budget_hard_cap"]
     search_fields = ["organization__name", "organization__slug", "stripe_customer_id"]
     list_select_related = ["organization", "plan"]
-    readonly_fields = ["organization", "stripe_customer_id", "stripe_subscription_id", "created_at"]
+    # The budget is the tenant's own setting (billing page, with its checks and audit event).
+    readonly_fields = [
+        "organization",
+        "monthly_budget_minor",
+        "budget_thresholds",
+        "budget_hard_cap",
+        "stripe_customer_id",
+        "stripe_subscription_id",
+        "created_at",
+    ]
 
     def has_add_permission(self, request):
         return False  # accounts are created with their organization's first billing read
@@ -101,6 +114,15 @@ class BillingAccountAdmin(admin.ModelAdmin):
         if plan_changed:
             obj.plan_id = form.initial["plan"]  # the service moves the plan, below
         super().save_model(request, obj, form, change)
+        edited = [name for name in form.changed_data if name != "plan"]
+        if change and edited:
+            audit_record(
+                organization=obj.organization,
+                actor=Actor(user=request.user),
+                action="billing.account_edited",
+                target=obj,
+                data={name: str(form.cleaned_data[name]) for name in edited},
+            )
         if plan_changed:
             # Through the service: the storage quota follows, trial credits, an audit event.
             services.plan_change(
@@ -179,14 +201,11 @@ class StuckFilter(admin.SimpleListFilter):
     parameter_name = "stuck"
 
     def lookups(self, request, model_admin):
-        return [("yes", "Stuck (5+ failures or overdue 1 h)")]
+        return [("yes", f"Stuck ({STUCK_ATTEMPTS}+ failures or overdue {STUCK_OVERDUE})")]
 
     def queryset(self, request, queryset):
         if self.value() == "yes":
-            overdue = timezone.now() - timedelta(hours=1)
-            return queryset.filter(state=MeterPush.State.PENDING).filter(
-                Q(attempts__gte=5) | Q(next_attempt_at__lt=overdue)
-            )
+            return queryset & meter_push_stuck(now=timezone.now())
         return queryset
 
 
@@ -271,7 +290,7 @@ class DifferenceFilter(admin.SimpleListFilter):
 
     def queryset(self, request, queryset):
         if self.value() == "yes":
-            return queryset.exclude(ledger_minor=F("stripe_minor"))
+            return queryset & reconciliation_differences()
         return queryset
 
 

@@ -19,7 +19,7 @@ from tenants.models import Organization
 from tenants.services import audit_record
 
 from .errors import BillingError
-from .models import BillingAccount, Invoice, InvoiceLine, UsageRecord, UsageTally
+from .models import BillingAccount, Invoice, InvoiceLine, UsageRecord
 from .selectors import month_bounds
 from .services import billing_account_get, credits_apply
 
@@ -40,16 +40,20 @@ NUMBER_LOCK_KEY = 0x66735F696E76  # "fs_inv"
 def invoices_issue(*, month: date) -> int:
     """Issue the month's invoice to every organization with usage or a plan fee; returns how many.
 
+    An invoice bills the ledger rows recorded in its month (`created_at`), so every row lands on
+    exactly one invoice even when it is recorded after its usage's month was invoiced.
+
     Safe to run again: an organization already invoiced for the month is skipped, and its credits
     are consumed in the transaction that inserts the invoice, so never twice. With Stripe
     configured, Stripe issues the invoices and this does nothing.
     """
     if settings.STRIPE_SECRET_KEY:
         return 0
-    _, end = month_bounds(month)
-    # A month's tallies name who used anything in it, without scanning the month's ledger.
+    start, end = month_bounds(month)
     with_usage = set(
-        UsageTally.objects.filter(month=month).values_list("organization_id", flat=True)
+        UsageRecord.objects.filter(created_at__gte=start, created_at__lt=end)
+        .values_list("organization_id", flat=True)
+        .distinct()
     )
     with_fee = set(
         BillingAccount.objects.filter(
@@ -114,8 +118,10 @@ def _invoice_create(
     account = billing_account_get(organization=organization)
     currency = settings.BILLING_CURRENCY
     usage = list(
+        # Rows recorded in the month: a late row (an attempt reaped after the month was
+        # invoiced, say) goes on the next invoice instead of on none.
         UsageRecord.objects.for_organization(organization)
-        .filter(period_end__gte=start, period_end__lt=end)
+        .filter(created_at__gte=start, created_at__lt=end)
         .values("resource", "unit", "currency")
         .annotate(quantity=Sum("quantity"), amount=Sum("amount_minor"))
         .order_by("resource", "unit", "currency")

@@ -16,7 +16,7 @@ from datetime import UTC, date, datetime, timedelta
 import stripe
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F, Q, QuerySet, Sum
+from django.db.models import F, Sum
 from django.utils import timezone
 
 from tenants.models import Organization
@@ -27,8 +27,6 @@ from .models import BillingAccount, MeterPush, Reconciliation, UsageRecord
 
 logger = logging.getLogger(__name__)
 
-STUCK_ATTEMPTS = 5
-STUCK_OVERDUE = timedelta(hours=1)
 # Stripe trouble that passes (a timeout, a 5xx, throttling): the rest of a batch waits instead
 # of hitting a server that is down once per row.
 TRANSIENT = (stripe.APIConnectionError, stripe.APIError, stripe.RateLimitError)
@@ -130,7 +128,7 @@ def meter_push_due(*, limit: int | None = None, now: datetime | None = None) -> 
             break
         except (stripe.StripeError, BillingError) as error:
             # Refused (a bad request, an empty catalog): retried with backoff, and shown to
-            # operators by meter_push_stuck once it keeps failing.
+            # operators by selectors.meter_push_stuck once it keeps failing.
             failed[row["pk"]] = _describe(error)
         else:
             sent.append(row["pk"])
@@ -194,17 +192,6 @@ def meter_push_drain(*, budget_s: float | None = None, limit: int | None = None)
             return sent
 
 
-def meter_push_stuck(*, now: datetime | None = None) -> QuerySet[MeterPush]:
-    """Outbox rows an operator should look at: retried often, or overdue by over an hour."""
-    now = now or timezone.now()
-    return (
-        MeterPush.objects.filter(state=MeterPush.State.PENDING)
-        .filter(Q(attempts__gte=STUCK_ATTEMPTS) | Q(next_attempt_at__lte=now - STUCK_OVERDUE))
-        .select_related("usage", "usage__organization")
-        .order_by("next_attempt_at")
-    )
-
-
 # Reconciliation
 
 
@@ -261,8 +248,3 @@ def reconcile_day(*, day: date) -> list[Reconciliation]:
                 )
             results.append(row)
     return results
-
-
-def reconciliation_differences(*, day: date | None = None) -> QuerySet[Reconciliation]:
-    rows = Reconciliation.objects.exclude(ledger_minor=F("stripe_minor"))
-    return rows.filter(day=day) if day else rows

@@ -73,6 +73,7 @@ class UsageRecord(OrganizationOwned):
             ),
             # Operators' views read a month across all organizations.
             models.Index(fields=["period_end"], name="usage_period_end"),
+            models.Index(fields=["created_at"], name="usage_created_at"),
         ]
         constraints = [
             models.CheckConstraint(
@@ -390,6 +391,9 @@ class WebhookEvent(models.Model):
 
     event_id = models.CharField(max_length=100, unique=True)
     type = models.CharField(max_length=100)
+    object_id = models.CharField(
+        max_length=100, blank=True, db_index=True, help_text="The id of the event's object."
+    )
     created = models.DateTimeField(help_text="When Stripe created the event.")
     payload = models.JSONField()
     received_at = models.DateTimeField(default=timezone.now)

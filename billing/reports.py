@@ -11,7 +11,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 from django.conf import settings
-from django.db.models import Case, CharField, Count, F, Min, Q, Sum, Value, When
+from django.db.models import Case, CharField, Count, F, Min, Sum, Value, When
 from django.db.models.fields.json import KeyTextTransform
 from django.db.models.functions import TruncDate
 
@@ -19,7 +19,14 @@ from tenants.models import Organization
 
 from .errors import BillingError
 from .models import MeterPush, Reconciliation, UsageRecord
-from .selectors import billing_month, minor_per_unit, month_bounds
+from .selectors import (
+    STUCK_ATTEMPTS,
+    billing_month,
+    meter_push_stuck,
+    minor_per_unit,
+    month_bounds,
+    reconciliation_differences,
+)
 
 GROUPINGS: dict[str, str] = {
     "resource": "Resource",
@@ -149,6 +156,8 @@ def _errors(
         errors["group_by"] = [f"Unknown grouping {group_by!r}; use one of {', '.join(GROUPINGS)}."]
     if group_by == "label" and not label_key:
         errors["label_key"] = ["Grouping by label needs the label's key, e.g. project."]
+    elif label_key and not label_key[0].isalpha():
+        errors["label_key"] = ["Label keys start with a letter, e.g. project."]
     if len(label_key) > MAX_LABEL_KEY_LENGTH:
         errors["label_key"] = [f"A label key has at most {MAX_LABEL_KEY_LENGTH} characters."]
     return errors
@@ -387,8 +396,6 @@ def usage_csv_filename(*, organization: Organization, report: UsageReport) -> st
 
 # Operators: every tenant at once. Only the staff-only /ops/billing/ page reads these.
 
-STUCK_ATTEMPTS = 5
-STUCK_AFTER = timedelta(hours=1)
 TOP_TENANTS = 10
 RECONCILIATION_ROWS = 20
 GPU_PREFIX = "gpu:"
@@ -456,9 +463,7 @@ def ops_billing_overview(*, now: datetime) -> OpsBillingOverview:
             }
         )
 
-    stuck = MeterPush.objects.filter(state=MeterPush.State.PENDING).filter(
-        Q(attempts__gte=STUCK_ATTEMPTS) | Q(next_attempt_at__lt=now - STUCK_AFTER)
-    )
+    stuck = meter_push_stuck(now=now)
     stuck_count = stuck.count()
     oldest = (
         stuck.select_related("usage__organization").order_by("next_attempt_at", "usage_id").first()
@@ -466,7 +471,7 @@ def ops_billing_overview(*, now: datetime) -> OpsBillingOverview:
         else None
     )
     differences = list(
-        Reconciliation.objects.exclude(ledger_minor=F("stripe_minor"))
+        reconciliation_differences()
         .select_related("organization")
         .order_by("-day", "-checked_at", "organization_id", "resource")[:RECONCILIATION_ROWS]
     )

@@ -9,11 +9,20 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 from django.conf import settings
-from django.db.models import Q, Sum
+from django.db.models import F, Q, QuerySet, Sum
 
 from tenants.models import Organization
 
-from .models import BillingAccount, BudgetAlert, CreditGrant, Price, UsageRecord, UsageTally
+from .models import (
+    BillingAccount,
+    BudgetAlert,
+    CreditGrant,
+    MeterPush,
+    Price,
+    Reconciliation,
+    UsageRecord,
+    UsageTally,
+)
 
 MINOR_UNITS = {"usd": 100, "eur": 100, "gbp": 100, "jpy": 1}
 
@@ -58,14 +67,18 @@ def gpu_resource(resource_class_name: str) -> str:
     return f"gpu:{resource_class_name}"
 
 
-def month_spend(*, organization: Organization, at: datetime) -> int:
-    """Cents billed to the organization's ledger in the month of `at` (before credits)."""
-    total = (
-        UsageTally.objects.for_organization(organization)
-        .filter(month=billing_month(at))
-        .aggregate(total=Sum("billed_minor"))["total"]
+def month_spends(*, organization_ids, at: datetime) -> dict[int, int]:
+    """Cents billed to each organization's ledger in the month of `at` (before credits)."""
+    return dict(
+        UsageTally.objects.filter(organization_id__in=organization_ids, month=billing_month(at))
+        .values("organization_id")
+        .annotate(total=Sum("billed_minor"))
+        .values_list("organization_id", "total")
     )
-    return total or 0
+
+
+def month_spend(*, organization: Organization, at: datetime) -> int:
+    return month_spends(organization_ids=[organization.pk], at=at).get(organization.pk, 0)
 
 
 def credits_available(*, organization: Organization, at: datetime) -> int:
@@ -108,23 +121,11 @@ def placement_blocks(
         elif account.budget_hard_cap:
             capped[account.organization_id] = account.monthly_budget_minor
     if capped:
-        spend = dict(
-            UsageTally.objects.filter(organization_id__in=capped, month=billing_month(now))
-            .values("organization_id")
-            .annotate(total=Sum("billed_minor"))
-            .values_list("organization_id", "total")
-        )
+        spend = month_spends(organization_ids=list(capped), at=now)
         for organization_id, budget in capped.items():
             if spend.get(organization_id, 0) + running_minor.get(organization_id, 0) >= budget:
                 blocks[organization_id] = BUDGET_REASON
     return blocks
-
-
-def budget_allows(*, organization: Organization, now: datetime, running_minor: int = 0) -> bool:
-    blocks = placement_blocks(
-        organizations=[organization], now=now, running_minor={organization.pk: running_minor}
-    )
-    return organization.pk not in blocks
 
 
 @dataclass(frozen=True)
@@ -168,15 +169,6 @@ def decayed_spend(
     return dict(spend)
 
 
-def spend_for_source(*, organization: Organization, source_type: str, source_id: str) -> int:
-    total = (
-        UsageRecord.objects.for_organization(organization)
-        .filter(source_type=source_type, source_id=source_id)
-        .aggregate(total=Sum("amount_minor"))["total"]
-    )
-    return total or 0
-
-
 @dataclass
 class AccountSummary:
     """An account with the month's figures beside it, for the billing page and API."""
@@ -209,3 +201,21 @@ def account_summary(*, account: BillingAccount, at: datetime) -> AccountSummary:
             organizations=[organization], now=at, running_minor={}
         ).get(organization.pk, ""),
     )
+
+
+# Operators: the Stripe outbox and reconciliation, read by the admin, /ops/ and the tests.
+
+STUCK_ATTEMPTS = 5
+STUCK_OVERDUE = timedelta(hours=1)
+
+
+def meter_push_stuck(*, now: datetime) -> QuerySet[MeterPush]:
+    """Outbox rows an operator should look at: retried often, or overdue by over an hour."""
+    return MeterPush.objects.filter(state=MeterPush.State.PENDING).filter(
+        Q(attempts__gte=STUCK_ATTEMPTS) | Q(next_attempt_at__lte=now - STUCK_OVERDUE)
+    )
+
+
+def reconciliation_differences() -> QuerySet[Reconciliation]:
+    """Days and resources where the ledger and Stripe disagree."""
+    return Reconciliation.objects.exclude(ledger_minor=F("stripe_minor"))

@@ -28,7 +28,8 @@ from .models import (
     UsageRecord,
     UsageTally,
 )
-from .selectors import billing_month, minor_per_unit, month_spend, price_at, price_table
+from .money import money_format
+from .selectors import billing_month, minor_per_unit, month_spends, price_at, price_table
 
 SYSTEM = Actor()
 HOURS_PER_MONTH = Decimal(730)  # storage is priced per GB-month and metered every hour
@@ -292,8 +293,10 @@ def budget_alerts_check(*, now: datetime | None = None) -> int:
     accounts = BillingAccount.objects.filter(monthly_budget_minor__gt=0).select_related(
         "organization"
     )
-    for account in accounts.iterator():
-        spend = month_spend(organization=account.organization, at=now)
+    accounts = list(accounts)
+    spends = month_spends(organization_ids=[a.organization_id for a in accounts], at=now)
+    for account in accounts:
+        spend = spends.get(account.organization_id, 0)
         budget = account.monthly_budget_minor
         for threshold in sorted(account.budget_thresholds or []):
             if spend * 100 < budget * threshold:
@@ -323,9 +326,11 @@ def _budget_alert(*, account: BillingAccount, month, threshold: int, spend: int)
     recipients = _billing_recipients(account)
     if recipients:
         subject = f"{organization.name}: {threshold}% of this month's budget used"
+        currency = settings.BILLING_CURRENCY
         body = (
-            f"{organization.name} has spent {spend / 100:.2f} of its "
-            f"{account.monthly_budget_minor / 100:.2f} monthly budget ({threshold}%)."
+            f"{organization.name} has spent {money_format(spend, currency)} of its "
+            f"{money_format(account.monthly_budget_minor, currency)} monthly budget "
+            f"({threshold}%)."
         )
         if account.budget_hard_cap and threshold >= 100:
             body += " The hard cap is on: new jobs wait until the budget is raised or next month."

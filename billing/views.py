@@ -2,6 +2,7 @@
 
 from decimal import Decimal
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.admin.views.decorators import staff_member_required
 from django.http import HttpResponse, StreamingHttpResponse
@@ -19,6 +20,7 @@ from .errors import BillingError
 from .forms import BudgetForm
 from .models import CreditGrant, Invoice
 from .pdf import invoice_pdf, invoice_pdf_filename
+from .selectors import minor_per_unit
 
 
 class BillingPage(OrganizationPageMixin, TemplateView):
@@ -33,7 +35,11 @@ class BillingPage(OrganizationPageMixin, TemplateView):
             "form",
             BudgetForm(
                 initial={
-                    "monthly_budget": Decimal(budget) / 100 if budget is not None else None,
+                    "monthly_budget": (
+                        Decimal(budget) / minor_per_unit(settings.BILLING_CURRENCY)
+                        if budget is not None
+                        else None
+                    ),
                     "budget_thresholds": ", ".join(map(str, account.budget_thresholds)),
                     "budget_hard_cap": account.budget_hard_cap,
                     "billing_email": account.billing_email,
@@ -57,7 +63,11 @@ class BillingPage(OrganizationPageMixin, TemplateView):
                 services.budget_set(
                     organization=self.organization,
                     actor=self.actor,
-                    monthly_budget_minor=int(amount * 100) if amount is not None else None,
+                    monthly_budget_minor=(
+                        int(amount * minor_per_unit(settings.BILLING_CURRENCY))
+                        if amount is not None
+                        else None
+                    ),
                     thresholds=form.cleaned_data["budget_thresholds"],
                     hard_cap=form.cleaned_data["budget_hard_cap"],
                     billing_email=form.cleaned_data["billing_email"],

@@ -2,6 +2,8 @@
 
 from django import template
 
+from billing.money import money_format
+
 register = template.Library()
 
 
@@ -9,8 +11,4 @@ register = template.Library()
 def cents(amount_minor, currency: str = "usd") -> str:
     if amount_minor in (None, ""):
         return ""
-    amount_minor = int(amount_minor)
-    sign = "-" if amount_minor < 0 else ""
-    symbol = {"usd": "$", "eur": "€", "gbp": "£"}.get(currency.lower(), currency.upper() + " ")
-    whole, rest = divmod(abs(amount_minor), 100)
-    return f"{sign}{symbol}{whole:,}.{rest:02d}"
+    return money_format(int(amount_minor), currency)

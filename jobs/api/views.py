@@ -296,7 +296,6 @@ class SweepViewSet(
         "list": "jobs:read",
         "retrieve": "jobs:read",
         "create": "jobs:write",
-        "estimate": "jobs:read",
         "cancel": "jobs:write",
     }
 
@@ -314,15 +313,6 @@ class SweepViewSet(
             **fields,
         )
         return Response(s.SweepSerializer(sweep).data, status=status.HTTP_201_CREATED)
-
-    @action(detail=False, methods=["post"])
-    def estimate(self, request, *args, **kwargs):
-        """What a job would cost, before submitting it."""
-        data = s.EstimateRequestSerializer(data=request.data)
-        data.is_valid(raise_exception=True)
-        fields = data.validated_data
-        resource_class = self._resource_class(fields["resource_class"])
-        return Response(_estimate(resource_class, fields["gpu_count"], fields["max_runtime_s"]))
 
     @action(detail=True, methods=["post"])
     def cancel(self, request, *args, **kwargs):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 
 from django.db import IntegrityError, transaction
@@ -31,6 +32,8 @@ class QuotaExceeded(ConflictError):
 
 MAX_RUNTIME_S = 7 * 24 * 3600
 MAX_LABELS = 20
+# A letter first, so a key is never read as a JSON array index (reports group by label keys).
+LABEL_KEY = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,62}")
 
 
 def cost_rate_per_hour(*, resource_class: ResourceClass, gpu_count: int) -> tuple[Decimal, str]:
@@ -47,12 +50,17 @@ def _validate_labels(labels: dict) -> dict:
         if not (
             isinstance(key, str)
             and isinstance(value, str)
-            and 0 < len(key) <= 63
+            and LABEL_KEY.fullmatch(key)
             and len(value) <= 200
         ):
             raise DomainError(
                 f"Label {key!r} is not a short string pair.",
-                fields={"labels": ["Keys 1-63 chars, values up to 200."]},
+                fields={
+                    "labels": [
+                        "Keys: 1-63 letters, digits, '.', '_' or '-', starting with a letter; "
+                        "values up to 200 characters."
+                    ]
+                },
             )
     return labels
 

@@ -30,7 +30,7 @@ NOV_START = datetime(2026, 11, 1, tzinfo=UTC)
 LONG_AGO = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-def _use(org, resource, unit, quantity, at):
+def _use(org, resource, unit, quantity, at, recorded=None):
     record, _ = usage_record(
         organization=org,
         resource=resource,
@@ -40,6 +40,9 @@ def _use(org, resource, unit, quantity, at):
         period_end=at,
         idempotency_key=f"t:{org.pk}:{resource}:{at.isoformat()}:{quantity}",
     )
+    # Recorded when the usage ended, as the meters record it (invoices bill by recording time).
+    UsageRecord.objects.filter(pk=record.pk).update(created_at=recorded or at)
+    record.created_at = recorded or at
     return record
 
 
@@ -355,3 +358,24 @@ def test_the_api_refuses_a_developer_and_hides_other_organizations(
     missing = outsider.get(f"{own}{invoiced.pk}/pdf/", HTTP_ACCEPT="application/pdf")
     assert missing.status_code == 404
     assert missing["Content-Type"] == "application/json" and missing.json()["code"] == "not_found"
+
+
+def test_a_row_recorded_after_its_month_was_invoiced_goes_on_the_next_invoice(org):
+    _account(org)
+    _gpu(org, "1000", datetime(2026, 10, 5, tzinfo=UTC))  # 80 cents
+    assert invoices_issue(month=OCT) == 1
+    # An attempt reaped on 1 November whose usage ended on 31 October.
+    _use(
+        org,
+        "gpu:a100-40gb",
+        "gpu_second",
+        "500",
+        datetime(2026, 10, 31, 23, 59, tzinfo=UTC),
+        recorded=NOV_START + timedelta(minutes=10),
+    )
+    assert invoices_issue(month=OCT) == 0
+    assert invoices_issue(month=date(2026, 11, 1)) == 1
+    totals = dict(
+        Invoice.objects.for_organization(org).values_list("period_start", "subtotal_minor")
+    )
+    assert totals == {OCT_START: 80, NOV_START: 40}

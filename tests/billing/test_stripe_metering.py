@@ -7,7 +7,7 @@ import pytest
 from django.db.models import Sum
 from django.utils import timezone
 
-from billing import metering, services, stripe_gateway, tasks
+from billing import metering, selectors, services, stripe_gateway, tasks
 from billing.models import (
     BillingAccount,
     CreditGrant,
@@ -227,7 +227,7 @@ def test_rows_retried_often_or_long_overdue_are_reported_stuck(fake_stripe, pric
     MeterPush.objects.filter(pk=first.pk).update(attempts=5, next_attempt_at=now + timedelta(1))
     MeterPush.objects.filter(pk=second.pk).update(next_attempt_at=now - timedelta(hours=2))
 
-    stuck = {push.pk for push in metering.meter_push_stuck(now=now)}
+    stuck = {push.pk for push in selectors.meter_push_stuck(now=now)}
 
     assert stuck == {first.pk, second.pk}
 
@@ -257,7 +257,7 @@ def test_reconciliation_reports_a_planted_difference(fake_stripe, prices):
         (other.pk, GPU): (40, 40),
     }
     assert [
-        (r.organization_id, r.difference_minor) for r in metering.reconciliation_differences()
+        (r.organization_id, r.difference_minor) for r in selectors.reconciliation_differences()
     ] == [(org.pk, 10)]
     metering.reconcile_day(day=DAY)  # a rerun updates the same rows
     assert Reconciliation.objects.count() == 3
