@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from decimal import Decimal
 
-from django.db.models import QuerySet
+from django.db.models import Count, F, Max, Min, Prefetch, Q, QuerySet, Sum
 from django.utils import timezone
 
 from billing.selectors import gpu_resource, unit_price
@@ -112,3 +114,181 @@ def pool_overview() -> dict:
             for o, c in tenants
         ],
     }
+
+
+# Operators: the whole pool at once. Only the staff-only /ops/ page reads these.
+
+MAX_UTILIZATION_BUCKETS = 24 * 31
+NO_REASON = "(no reason yet)"
+
+
+@dataclass(frozen=True)
+class ClassUtilization:
+    resource_class: str
+    capacity_slots: int  # today's, see pool_utilization
+    busy_gpu_seconds: list[float]  # per bucket
+    fractions: list[float | None]  # per bucket; None: no capacity, or the bucket is all future
+
+    @property
+    def peak(self) -> float | None:
+        return max((f for f in self.fractions if f is not None), default=None)
+
+    @property
+    def mean(self) -> float | None:
+        known = [f for f in self.fractions if f is not None]
+        return sum(known) / len(known) if known else None
+
+
+@dataclass(frozen=True)
+class PoolUtilization:
+    start: datetime
+    end: datetime
+    bucket: timedelta
+    buckets: list[datetime]  # the start of each bucket
+    classes: list[ClassUtilization]
+
+
+def pool_utilization(
+    *, start: datetime, end: datetime, bucket: timedelta, now: datetime | None = None
+) -> PoolUtilization:
+    """Per resource class and time bucket, the fraction of its GPU slots busy with attempts.
+
+    Busy time is each attempt's run (started_at to ended_at, or to `now` while it has no end)
+    times its job's gpu_count, clipped to the bucket. Capacity is today's, not historical: the
+    slots of the class's workers that are not offline now, since the pool keeps no history of
+    its machines, so a class that lost workers since can show more than 100% in the past. Time
+    after `now` does not count, so the current bucket is measured against the part that has
+    passed. Two queries, however many attempts, jobs or workers.
+    """
+    now = now or timezone.now()
+    if bucket <= timedelta(0) or end <= start:
+        raise ValueError("pool_utilization needs start < end and a positive bucket.")
+    count = -(-(end - start) // bucket)
+    if count > MAX_UTILIZATION_BUCKETS:
+        raise ValueError(f"At most {MAX_UTILIZATION_BUCKETS} buckets; widen the bucket.")
+    buckets = [start + index * bucket for index in range(count)]
+    horizon = min(end, now)
+
+    capacity = dict(
+        Worker.objects.exclude(status=Worker.Status.OFFLINE)
+        .values("resource_class__name")
+        .annotate(slots=Sum("slots"))
+        .values_list("resource_class__name", "slots")
+        .order_by()
+    )
+    busy: dict[str, list[float]] = defaultdict(lambda: [0.0] * count)
+    attempts = (
+        JobAttempt.objects.filter(started_at__isnull=False, started_at__lt=horizon)
+        .filter(Q(ended_at__isnull=True) | Q(ended_at__gt=start))
+        .values_list("job__resource_class__name", "job__gpu_count", "started_at", "ended_at")
+        .order_by()
+    )
+    for name, gpus, began, ended in attempts:
+        began, ended = max(began, start), min(ended or now, horizon)
+        if ended <= began:
+            continue
+        index = (began - start) // bucket
+        while index < count and buckets[index] < ended:
+            overlap = min(ended, buckets[index] + bucket) - max(began, buckets[index])
+            busy[name][index] += overlap.total_seconds() * gpus
+            index += 1
+
+    classes = []
+    for name in sorted(set(capacity) | set(busy)):
+        slots = capacity.get(name, 0)
+        seconds = busy[name]
+        fractions: list[float | None] = []
+        for index, bucket_start in enumerate(buckets):
+            elapsed = (min(bucket_start + bucket, horizon) - bucket_start).total_seconds()
+            fractions.append(seconds[index] / (slots * elapsed) if slots and elapsed > 0 else None)
+        classes.append(
+            ClassUtilization(
+                resource_class=name,
+                capacity_slots=slots,
+                busy_gpu_seconds=seconds,
+                fractions=fractions,
+            )
+        )
+    return PoolUtilization(start=start, end=end, bucket=bucket, buckets=buckets, classes=classes)
+
+
+def workers_with_jobs() -> list[Worker]:
+    """Every worker with its class, its jobs now (`current_jobs`, with their organization) and
+    `busy_gpus`; two queries, however many workers and jobs."""
+    current = (
+        Job.objects.filter(state__in=ACTIVE_STATES)
+        .select_related("organization")
+        .order_by(F("started_at").asc(nulls_last=True), "pk")
+    )
+    workers = list(
+        Worker.objects.select_related("resource_class").prefetch_related(
+            Prefetch("jobs", queryset=current, to_attr="current_jobs")
+        )
+    )
+    for worker in workers:
+        worker.busy_gpus = sum(job.gpu_count for job in worker.current_jobs)
+    return workers
+
+
+def queue_by_tenant() -> list[dict]:
+    """Per organization with queued jobs: how many, the GPUs they ask for, since when the oldest
+    waits, and why they wait (reason, count; commonest first). Busiest tenant first; one query."""
+    cells = (
+        Job.objects.filter(state=JobState.QUEUED)
+        .values("organization_id", "organization__name", "organization__slug", "waiting_reason")
+        .annotate(jobs=Count("id"), gpus=Sum("gpu_count"), oldest=Min("created_at"))
+        .order_by()
+    )
+    tenants: dict[int, dict] = {}
+    for cell in cells:
+        tenant = tenants.setdefault(
+            cell["organization_id"],
+            {
+                "organization_id": cell["organization_id"],
+                "name": cell["organization__name"],
+                "slug": cell["organization__slug"],
+                "queued": 0,
+                "gpus": 0,
+                "oldest": cell["oldest"],
+                "reasons": [],
+            },
+        )
+        tenant["queued"] += cell["jobs"]
+        tenant["gpus"] += cell["gpus"]
+        tenant["oldest"] = min(tenant["oldest"], cell["oldest"])
+        tenant["reasons"].append((cell["waiting_reason"] or NO_REASON, cell["jobs"]))
+    for tenant in tenants.values():
+        tenant["reasons"].sort(key=lambda reason: (-reason[1], reason[0]))
+    return sorted(tenants.values(), key=lambda t: (-t["queued"], t["name"], t["organization_id"]))
+
+
+@dataclass(frozen=True)
+class FailingJobs:
+    since: datetime
+    jobs: list[Job]  # the latest failures, newest first, at most `limit`
+    per_tenant: list[dict]  # organization_id, name, slug, failures, latest; most failures first
+
+    @property
+    def total(self) -> int:
+        return sum(tenant["failures"] for tenant in self.per_tenant)
+
+
+def failing_jobs(*, since: datetime, limit: int = 20) -> FailingJobs:
+    """Jobs that failed since `since` (by finished_at), and the count per tenant; two queries."""
+    failed = Job.objects.filter(state=JobState.FAILED, finished_at__gte=since)
+    jobs = list(
+        failed.select_related("organization", "resource_class", "worker").order_by(
+            "-finished_at", "-pk"
+        )[:limit]
+    )
+    per_tenant = list(
+        failed.values("organization_id")
+        .annotate(
+            name=F("organization__name"),
+            slug=F("organization__slug"),
+            failures=Count("id"),
+            latest=Max("finished_at"),
+        )
+        .order_by("-failures", "name", "organization_id")
+    )
+    return FailingJobs(since=since, jobs=jobs, per_tenant=per_tenant)
