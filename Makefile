@@ -37,7 +37,13 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
-test: install
+# The browser tests drive Debian's chromium package, launched by its path (never a download).
+CHROMIUM ?= /usr/bin/chromium
+$(CHROMIUM):
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium || \
+	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
+
+test: install $(CHROMIUM)
 	$(TEST_ENV) $(BIN)/python manage.py check_services
 	$(MAKE) lint
 	$(TEST_ENV) $(BIN)/python manage.py makemigrations --check --dry-run

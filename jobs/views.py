@@ -87,7 +87,7 @@ class JobSubmitPage(OrganizationPageMixin, TemplateView):
         priced = selectors.resource_classes_with_prices()
         context["prices"] = {rc.name: price * 3600 for rc, price, _c in priced}
         # For the form's live estimate, keyed like the resource class <select>'s options.
-        context["second_prices"] = {str(rc.pk): str(price) for rc, price, _c in priced}
+        context["second_prices"] = {rc.name: str(price) for rc, price, _c in priced}
         return context
 
     def post(self, request, org_slug):
@@ -166,7 +166,10 @@ class JobPage(OrganizationPageMixin, TemplateView):
     model = Job
 
     def get_template_names(self):
-        return ["jobs/_job_live.html"] if self.request.htmx else [self.template_name]
+        # The live part for its own refresh; a boosted navigation (a link, a form's redirect)
+        # needs the whole page.
+        htmx = self.request.htmx
+        return ["jobs/_job_live.html"] if htmx and not htmx.boosted else [self.template_name]
 
     def get_context_data(self, **kwargs):
         context = super().get_context_data(**kwargs)

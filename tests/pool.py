@@ -108,11 +108,15 @@ class Pool:
         self._start(label, [sys.executable, "manage.py", "run_worker", "--name", name])
         from jobs.models import Worker
 
-        wait_for(
-            lambda: Worker.objects.filter(name=name).exists(),
-            timeout=60,
-            what=f"worker {name} to register",
-        )
+        try:
+            wait_for(
+                lambda: Worker.objects.filter(name=name).exists(),
+                timeout=90,
+                what=f"worker {name} to register",
+            )
+        except AssertionError:
+            print(self.logs())
+            raise
         return name
 
     def kill(self, label: str) -> None:

@@ -30,7 +30,8 @@
         try { reply = JSON.parse(xhr.responseText); } catch (e) { /* not JSON: show the status */ }
         if (xhr.status === 201) {
           status.textContent = "Done: version " + reply.number + ".";
-          window.location.href = form.dataset.successUrl.replace("NUMBER", reply.number);
+          // The page renders the URL of version 0; the new version's number replaces it.
+          window.location.href = form.dataset.successUrl.replace(/\/0\/$/, "/" + reply.number + "/");
         } else {
           bar.value = 0;
           status.textContent = reply.detail || ("Upload failed (HTTP " + xhr.status + "). Try again.");

@@ -85,6 +85,9 @@ def test_job_page_shows_logs_a_chart_and_refreshes_while_active(org, dev, regist
     assert "epoch 1 done" in html and "<polyline" in html and 'hx-trigger="every 2s"' in html
     partial = dev.get(url, HTTP_HX_REQUEST="true").content.decode()
     assert partial.lstrip().startswith('<div id="job-live"') and "<html" not in partial
+    # A boosted navigation (a link, or the submit form's redirect) gets the whole page.
+    boosted = dev.get(url, HTTP_HX_REQUEST="true", HTTP_HX_BOOSTED="true").content.decode()
+    assert "<html" in boosted and "<h1>" in boosted
 
 
 def test_jobs_list_shows_queue_position_and_reason(org, dev, register_worker):
