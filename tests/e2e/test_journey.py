@@ -148,7 +148,20 @@ def test_a_new_tenant_goes_from_sign_up_to_an_invoice_and_the_operator_sees_it(
     page.goto(f"{org}/")
     expect(page.get_by_text(re.compile(r"Spend this month"))).to_be_visible()
     page.screens("overview")
-    page.goto(job_url)
+    # Keyboard first: the first Tab reaches the skip link, which jumps to the content.
+    page.keyboard.press("Tab")
+    expect(page.locator(":focus")).to_have_text("Skip to content")
+
+    # At phone width no page scrolls sideways (wide tables scroll inside their own box).
+    page.set_viewport_size({"width": 390, "height": 844})
+    for path in ("/", "/jobs/", job_url.removeprefix(org), "/datasets/", "/models/churn-model/",
+                 "/billing/", "/billing/usage/", "/jobs/new/"):  # fmt: skip
+        page.goto(f"{org}{path}")
+        overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 0, f"{path} is {overflow}px wider than a phone"
+    page.goto(f"{org}/jobs/")
+    page.screens("phone-jobs")
+    page.set_viewport_size({"width": 1280, "height": 900})
     assert not [line for line in page.console if "error" in line.lower()], page.console
 
     # An operator sees the same pool from /ops/, in a browser session of their own.
