@@ -10,7 +10,7 @@ DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/factory_saas
 REDIS_URL ?= redis://127.0.0.1:6379/0
 TEST_ENV := DJANGO_SETTINGS_MODULE=factory_saas.settings.test DATABASE_URL=$(DATABASE_URL) REDIS_URL=$(REDIS_URL)
 
-.PHONY: install run worker test lint clean
+.PHONY: install run worker test lint screenshots clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,12 @@ test: install $(CHROMIUM)
 	$(TEST_ENV) $(BIN)/python manage.py makemigrations --check --dry-run
 	$(TEST_ENV) $(BIN)/python manage.py spectacular --validate --fail-on-warn --file /dev/null
 	$(TEST_ENV) $(BIN)/pytest
+
+# Re-take the user guide's screenshots (docs/img/journey/) from the browser journey.
+screenshots: install $(CHROMIUM)
+	$(TEST_ENV) $(BIN)/python manage.py check_services
+	$(TEST_ENV) $(BIN)/pytest tests/e2e -q
+	cp test-artifacts/e2e/test_a_new_tenant_goes_from_sign_up_to_an_invoice_and_the_operator_sees_it/*.png docs/img/journey/
 
 clean:
 	rm -rf var db.sqlite3 test-artifacts
