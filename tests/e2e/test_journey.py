@@ -76,7 +76,11 @@ def test_a_new_tenant_goes_from_sign_up_to_an_invoice_and_the_operator_sees_it(
     page.screens("dataset-version")
 
     # Pick a recipe, fill its generated form, see the cost estimate, submit.
-    page.goto(f"{org}/jobs/new/?recipe=tabular-classifier")
+    page.get_by_role("link", name="Jobs", exact=True).click()
+    page.get_by_role("button", name="New job").click()
+    page.select_option("#recipe", "tabular-classifier")
+    page.get_by_role("button", name="Choose").click()
+    expect(page).to_have_url(re.compile(r"recipe=tabular-classifier"))
     page.select_option("#id_dataset_version", index=1)
     page.select_option("#id_resource_class", "cpu")
     page.fill("#id_max_runtime_s", "7200")
@@ -110,7 +114,9 @@ def test_a_new_tenant_goes_from_sign_up_to_an_invoice_and_the_operator_sees_it(
     page.screens("model-promoted")
 
     # A batch prediction with the production model; download the result.
-    page.goto(f"{org}/jobs/predict/")
+    page.goto(f"{org}/jobs/")
+    page.get_by_role("button", name="Batch prediction").click()
+    expect(page).to_have_url(f"{org}/jobs/predict/")
     page.select_option("#id_model_version", index=1)
     page.select_option("#id_dataset_version", index=1)
     page.select_option("#id_resource_class", "cpu")
@@ -129,7 +135,7 @@ def test_a_new_tenant_goes_from_sign_up_to_an_invoice_and_the_operator_sees_it(
     page.fill("input[name=monthly_budget]", "100")
     page.get_by_role("button", name="Save budget").click()
     expect(page.get_by_text("Budget saved.")).to_be_visible()
-    page.goto(f"{org}/billing/usage/")
+    page.get_by_role("link", name="Usage report").first.click()
     expect(page.locator("svg").first).to_be_visible()
     expect(page.get_by_role("cell", name="gpu:cpu")).to_be_visible()
     page.screens("usage-report")
