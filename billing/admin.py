@@ -5,6 +5,7 @@ from django.contrib import admin, messages
 from django.utils import timezone
 
 from tenants.actors import Actor
+from tenants.admin import ReadOnlyAdmin
 from tenants.services import audit_record
 
 from . import services
@@ -31,22 +32,6 @@ from .selectors import (
     meter_push_stuck,
     reconciliation_differences,
 )
-
-
-class ReadOnlyAdmin(admin.ModelAdmin):
-    """Rows written only by the system: operators read them, never edit them by hand."""
-
-    def get_readonly_fields(self, request, obj=None):
-        return [f.name for f in self.model._meta.fields]
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
 
 
 @admin.register(Price)

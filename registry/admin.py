@@ -2,6 +2,8 @@
 
 from django.contrib import admin
 
+from tenants.admin import ReadOnlyAdmin as BaseReadOnlyAdmin
+
 from .models import (
     Dataset,
     DatasetVersion,
@@ -14,17 +16,8 @@ from .models import (
 )
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):
-    def get_readonly_fields(self, request, obj=None):
-        return [f.name for f in self.model._meta.fields] + [
-            f.name for f in self.model._meta.many_to_many
-        ]
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
+class ReadOnlyAdmin(BaseReadOnlyAdmin):
+    deletable = True  # versions are immutable, but an operator may delete one
 
 
 @admin.register(Dataset)

@@ -100,16 +100,15 @@ class ApiKeyAdmin(admin.ModelAdmin):
         return False  # keys are created by members, who see the secret once
 
 
-@admin.register(AuditEvent)
-class AuditEventAdmin(admin.ModelAdmin):
-    list_display = ["created_at", "organization", "actor_label", "action", "target_label", "ip"]
-    list_filter = ["action", "organization", "created_at"]
-    search_fields = ["actor_label", "action", "target_label", "target_id"]
-    list_select_related = ["organization"]
-    date_hierarchy = "created_at"
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Rows only the system writes: operators read them, never add or edit them by hand, and
+    delete them only where `deletable` says so."""
+
+    deletable = False
 
     def get_readonly_fields(self, request, obj=None):
-        return [field.name for field in self.model._meta.fields]
+        meta = self.model._meta
+        return [f.name for f in meta.fields] + [f.name for f in meta.many_to_many]
 
     def has_add_permission(self, request):
         return False
@@ -118,4 +117,13 @@ class AuditEventAdmin(admin.ModelAdmin):
         return False
 
     def has_delete_permission(self, request, obj=None):
-        return False
+        return self.deletable and super().has_delete_permission(request, obj)
+
+
+@admin.register(AuditEvent)
+class AuditEventAdmin(ReadOnlyAdmin):
+    list_display = ["created_at", "organization", "actor_label", "action", "target_label", "ip"]
+    list_filter = ["action", "organization", "created_at"]
+    search_fields = ["actor_label", "action", "target_label", "target_id"]
+    list_select_related = ["organization"]
+    date_hierarchy = "created_at"
