@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
@@ -27,9 +28,7 @@ from .models import BillingAccount, MeterPush, Reconciliation, UsageRecord
 
 logger = logging.getLogger(__name__)
 
-# Stripe trouble that passes (a timeout, a 5xx, throttling): the rest of a batch waits instead
-# of hitting a server that is down once per row.
-TRANSIENT = (stripe.APIConnectionError, stripe.APIError, stripe.RateLimitError)
+TRANSIENT = stripe_gateway.TRANSIENT
 
 
 @dataclass
@@ -196,21 +195,34 @@ def meter_push_drain(*, budget_s: float | None = None, limit: int | None = None)
 
 
 def reconcile_day(*, day: date) -> list[Reconciliation]:
-    """Compare each customer's ledger total per resource for one UTC day with Stripe's meter."""
+    """Compare each customer's ledger total per resource for one UTC day with Stripe's meter.
+
+    The ledger side is one grouped query for every customer; Stripe is asked per customer and
+    meter (its summaries take one customer), with no transaction open.
+    """
     start = datetime(day.year, day.month, day.day, tzinfo=UTC)
     end = start + timedelta(days=1)
     meters = stripe_gateway.meter_ids()
-    accounts = BillingAccount.objects.exclude(stripe_customer_id="").select_related("organization")
+    customers = BillingAccount.objects.exclude(stripe_customer_id="")
+    accounts = list(customers.select_related("organization").order_by("pk"))
+    ledgers: dict[int, dict[str, int]] = defaultdict(dict)
+    totals = (
+        UsageRecord.objects.filter(
+            organization_id__in=customers.values("organization_id"),
+            period_end__gte=start,
+            period_end__lt=end,
+            # Rows recorded before Stripe was configured never enter the outbox.
+            meter_push__isnull=False,
+        )
+        .values("organization_id", "resource")
+        .annotate(total=Sum("amount_minor"))
+        .values_list("organization_id", "resource", "total")
+    )
+    for organization_id, resource, total in totals:
+        ledgers[organization_id][resource] = total
     results = []
     for account in accounts:
-        ledger = dict(
-            UsageRecord.objects.for_organization(account.organization)
-            # Rows recorded before Stripe was configured never enter the outbox.
-            .filter(period_end__gte=start, period_end__lt=end, meter_push__isnull=False)
-            .values("resource")
-            .annotate(total=Sum("amount_minor"))
-            .values_list("resource", "total")
-        )
+        ledger = ledgers.get(account.organization_id, {})
         for resource in sorted(set(meters) | set(ledger)):
             meter_id = meters.get(resource)
             stripe_minor = (

@@ -204,6 +204,14 @@ def billing_account_get(*, organization: Organization) -> BillingAccount:
         account = BillingAccount.objects.select_related("plan").get(organization=organization)
         if account.plan_id == plan.pk:
             _plan_apply(account=account, plan=plan)
+        if settings.STRIPE_SECRET_KEY:
+            from . import tasks  # tasks import this module
+
+            # The Stripe customer and subscription (so a plan fee is charged without usage); a
+            # task lost to a broker outage is caught by the push task's safety net.
+            transaction.on_commit(
+                lambda: tasks.subscription_sync.delay(account_id=account.pk), robust=True
+            )
     return account
 
 
@@ -237,6 +245,13 @@ def plan_change(*, organization: Organization, plan: Plan, actor: Actor) -> Bill
         target=account,
         data={"from": previous.code, "to": plan.code},
     )
+    if settings.STRIPE_SECRET_KEY:
+        from . import tasks  # tasks import this module
+
+        # The subscription's fee item follows the plan.
+        transaction.on_commit(
+            lambda: tasks.subscription_sync.delay(account_id=account.pk), robust=True
+        )
     return account
 
 

@@ -8,6 +8,7 @@ ids, so a retry after a timeout returns the object the first try made instead of
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,6 +21,9 @@ from django.utils import timezone
 
 from .errors import BillingError
 from .models import BillingAccount, CreditGrant, Plan, Price, StripeObject
+from .selectors import billing_month, month_bounds
+
+logger = logging.getLogger(__name__)
 
 METER = "meter"
 PRODUCT = "product"
@@ -27,6 +31,11 @@ PRICE = "price"
 FEE_PRODUCT = "fee_product"
 FEE_PRICE = "fee_price"
 SUBSCRIPTION_ITEM = "subscription_item"
+DEAD_SUBSCRIPTION = {"canceled", "incomplete_expired"}
+
+# Stripe trouble that passes (a timeout, a 5xx, throttling): the rest of a batch waits instead
+# of hitting a server that is down once per row.
+TRANSIENT = (stripe.APIConnectionError, stripe.APIError, stripe.RateLimitError)
 
 
 class StripeNotConfigured(BillingError):
@@ -114,6 +123,10 @@ def customer_ensure(*, account: BillingAccount) -> str:
         account.stripe_customer_id = BillingAccount.objects.values_list(
             "stripe_customer_id", flat=True
         ).get(pk=account.pk)
+    # Events Stripe sent before the id was ours were kept aside as unmatched: apply them now.
+    from .webhooks import unmatched_events_apply  # webhooks import this module
+
+    unmatched_events_apply(customer_id=account.stripe_customer_id)
     return account.stripe_customer_id
 
 
@@ -218,30 +231,76 @@ def resource_for_price(price_id: str) -> str:
     )
 
 
+def _next_month_start(now: datetime) -> datetime:
+    return month_bounds(billing_month(now))[1]
+
+
+def _items_remember(subscription) -> None:
+    """Map the subscription's metered items to our resources (the fee item is read live)."""
+    items = subscription["items"]["data"]
+    if subscription["items"]["has_more"]:  # Stripe embeds the first ten
+        _outside_transaction()
+        page = client().v1.subscription_items.list(
+            {"subscription": subscription["id"], "limit": 100}
+        )
+        items = page.auto_paging_iter()
+    for item in items:
+        resource = resource_for_price(item["price"]["id"])
+        if resource:
+            _remember(
+                kind=SUBSCRIPTION_ITEM, key=f"{subscription['id']}:{resource}", stripe_id=item["id"]
+            )
+
+
+def _subscription_found(*, customer_id: str, organization_id: int):
+    """A live subscription Stripe holds for the organization, made by an earlier try whose
+    answer (or whose write of the id) was lost."""
+    _outside_transaction()
+    page = client().v1.subscriptions.list({"customer": customer_id, "limit": 100})
+    for subscription in page.auto_paging_iter():
+        if subscription["status"] in DEAD_SUBSCRIPTION:
+            continue
+        if _metadata(subscription).get("organization_id") == str(organization_id):
+            return subscription
+    return None
+
+
 def subscription_ensure(*, account: BillingAccount) -> str:
-    """A subscription to every metered price and the plan's fee; its id is stored once."""
+    """A subscription to every metered price and the plan's fee; its id is stored once.
+
+    The billing cycle is anchored to the first of next month (UTC), without prorating the days
+    before it, so Stripe's invoice periods are our calendar months. The idempotency key is the
+    organization's alone: two creators racing (account creation and a plan change, say) get
+    one subscription, the loser an IdempotencyError its task retries; the plan is then set by
+    `subscription_plan_sync`.
+    """
     if account.stripe_subscription_id:
         return account.stripe_subscription_id
     customer_id = customer_ensure(account=account)
-    prices = catalog_ensure()
-    items = [{"price": price_id} for price_id in prices.values()]
-    fee = fee_price_ensure(plan=account.plan)
-    if fee:
-        items.append({"price": fee, "quantity": 1})
-    if not items:
-        raise BillingError("There is nothing to subscribe to: the price list is empty.")
-    _outside_transaction()
-    subscription = client().v1.subscriptions.create(
-        {
-            "customer": customer_id,
-            "items": items,
-            # A fee invoice without a card yet stays open (and the card comes from Checkout)
-            # instead of failing the whole subscription.
-            "payment_behavior": "allow_incomplete",
-            "metadata": {"organization_id": str(account.organization_id)},
-        },
-        {"idempotency_key": f"subscription-org-{account.organization_id}-{account.plan.code}"},
+    subscription = _subscription_found(
+        customer_id=customer_id, organization_id=account.organization_id
     )
+    if subscription is None:
+        items = [{"price": price_id} for price_id in catalog_ensure().values()]
+        fee = fee_price_ensure(plan=account.plan)
+        if fee:
+            items.append({"price": fee, "quantity": 1})
+        if not items:
+            raise BillingError("There is nothing to subscribe to: the price list is empty.")
+        _outside_transaction()
+        subscription = client().v1.subscriptions.create(
+            {
+                "customer": customer_id,
+                "items": items,
+                "billing_cycle_anchor": int(_next_month_start(timezone.now()).timestamp()),
+                "proration_behavior": "none",
+                # A fee invoice without a card yet stays open (and the card comes from
+                # Checkout) instead of failing the whole subscription.
+                "payment_behavior": "allow_incomplete",
+                "metadata": {"organization_id": str(account.organization_id)},
+            },
+            {"idempotency_key": f"subscription-org-{account.organization_id}"},
+        )
     with transaction.atomic():
         BillingAccount.objects.filter(pk=account.pk, stripe_subscription_id="").update(
             stripe_subscription_id=subscription.id
@@ -250,16 +309,92 @@ def subscription_ensure(*, account: BillingAccount) -> str:
             "stripe_subscription_id", flat=True
         ).get(pk=account.pk)
     if account.stripe_subscription_id == subscription.id:
-        by_price = {price_id: resource for resource, price_id in prices.items()}
-        for item in subscription["items"]["data"]:
-            resource = by_price.get(item["price"]["id"])
-            if resource:
-                _remember(
-                    kind=SUBSCRIPTION_ITEM,
-                    key=f"{subscription.id}:{resource}",
-                    stripe_id=item["id"],
-                )
+        _items_remember(subscription)
     return account.stripe_subscription_id
+
+
+def _metadata(stripe_object) -> dict:
+    return stripe_object.to_dict().get("metadata") or {}
+
+
+def _is_fee(item, fee_prices: set[str]) -> bool:
+    price = item["price"]
+    return price["id"] in fee_prices or bool(_metadata(price).get("plan"))
+
+
+def subscription_plan_sync(*, account: BillingAccount, attempts: int = 3) -> str:
+    """Ensure the customer and subscription, then make its fee item the plan's fee (none for a
+    free plan); metered items stay.
+
+    Idempotent by reading first: the change is computed from the items Stripe holds, so a
+    repeat (after a lost answer, say) finds nothing to do. It carries no idempotency key, as
+    the same change recurs legitimately (a paid plan, a free one, the paid one again). A
+    racing sync that changed the items first makes Stripe refuse ours (an item deleted twice,
+    a price added twice); it is then computed again from a fresh read of plan and items.
+
+    A plan change takes effect on the next invoice, without proration, as the built-in ledger
+    bills the fee of the plan held when the month's invoice is issued.
+    """
+    subscription_id = subscription_ensure(account=account)
+    plan = account.plan
+    for attempt in range(1, attempts + 1):
+        changes = _fee_changes(subscription_id=subscription_id, plan=plan)
+        if not changes:
+            break
+        _outside_transaction()
+        try:
+            client().v1.subscriptions.update(
+                subscription_id, {"items": changes, "proration_behavior": "none"}
+            )
+        except stripe.InvalidRequestError:
+            if attempt == attempts:
+                raise
+            plan = Plan.objects.get(accounts=account)
+        else:
+            break
+    return subscription_id
+
+
+def _fee_changes(*, subscription_id: str, plan: Plan) -> list[dict]:
+    """The item changes that leave the subscription with exactly the plan's fee item."""
+    wanted = fee_price_ensure(plan=plan)
+    fee_prices = set(
+        StripeObject.objects.filter(kind=FEE_PRICE).values_list("stripe_id", flat=True)
+    )
+    _outside_transaction()
+    page = client().v1.subscription_items.list({"subscription": subscription_id, "limit": 100})
+    fees = [item for item in page.auto_paging_iter() if _is_fee(item, fee_prices)]
+    kept = next((item for item in fees if item["price"]["id"] == wanted), None)
+    changes: list[dict] = [{"id": item["id"], "deleted": True} for item in fees if item is not kept]
+    if wanted and kept is None:
+        changes.append({"price": wanted, "quantity": 1})
+    return changes
+
+
+def subscriptions_ensure_missing(*, limit: int = 10) -> int:
+    """The safety net behind the task queued when an account is created: subscribe accounts
+    still lacking a subscription (a lost task, Stripe down at the time). Returns how many.
+
+    Run every few seconds by the push task, so a few at a time (a run stays well inside its
+    time limit), in random order (accounts Stripe keeps refusing do not starve the others).
+    """
+    accounts = (
+        BillingAccount.objects.filter(stripe_subscription_id="")
+        .select_related("organization", "plan")
+        .order_by("?")[:limit]
+    )
+    ensured = 0
+    for account in accounts:
+        try:
+            subscription_plan_sync(account=account)
+        except TRANSIENT as error:
+            logger.warning("subscriptions: Stripe unavailable, later: %s", error)
+            break
+        except (stripe.StripeError, BillingError) as error:
+            logger.warning("subscription for %s not ensured: %s", account.organization_id, error)
+        else:
+            ensured += 1
+    return ensured
 
 
 def subscription_item_ensure(*, account: BillingAccount, resource: str) -> str:
@@ -347,7 +482,14 @@ def meter_event_summaries(
 
 
 def credit_grant_push(*, grant: CreditGrant) -> str:
-    """Give a credit as a negative customer balance, which Stripe applies to the next invoice."""
+    """Move a credit's remainder to Stripe as a negative customer balance, which Stripe applies
+    to the next invoices.
+
+    The grant's `remaining_minor` drops to 0 in the transaction that records the balance
+    transaction, so the credit is spent once, by Stripe, and no longer counts as available
+    here. Stripe's customer balance does not expire: a grant's `expires_at` no longer applies
+    once it is moved.
+    """
     if grant.stripe_transaction_id:
         return grant.stripe_transaction_id
     account = BillingAccount.objects.select_related("organization", "plan").get(
@@ -366,10 +508,13 @@ def credit_grant_push(*, grant: CreditGrant) -> str:
         {"idempotency_key": f"credit-grant-{grant.pk}"},
     )
     with transaction.atomic():
-        CreditGrant.objects.filter(pk=grant.pk, stripe_transaction_id="").update(
-            stripe_transaction_id=transaction_.id
+        moved = CreditGrant.objects.filter(pk=grant.pk, stripe_transaction_id="").update(
+            stripe_transaction_id=transaction_.id, remaining_minor=0
         )
-    grant.stripe_transaction_id = transaction_.id
+    if moved:
+        grant.stripe_transaction_id, grant.remaining_minor = transaction_.id, 0
+    else:  # a concurrent push (same idempotency key, same transaction) recorded it first
+        grant.refresh_from_db(fields=["stripe_transaction_id", "remaining_minor"])
     return transaction_.id
 
 
@@ -377,6 +522,8 @@ def credit_grants_push(*, limit: int = 100) -> int:
     """Push the unused credits Stripe does not hold yet, of organizations that are customers.
 
     A credit already used up by built-in invoices (before Stripe was configured) stays ours.
+    A grant Stripe refuses is logged and retried on the next run; the others still go. Stripe
+    being unavailable stops the run (the next one tries again).
     """
     customers = BillingAccount.objects.exclude(stripe_customer_id="").values("organization_id")
     grants = CreditGrant.objects.filter(
@@ -387,8 +534,15 @@ def credit_grants_push(*, limit: int = 100) -> int:
     ).order_by("pk")[:limit]
     pushed = 0
     for grant in grants:
-        credit_grant_push(grant=grant)
-        pushed += 1
+        try:
+            credit_grant_push(grant=grant)
+        except TRANSIENT as error:
+            logger.warning("credit push: Stripe unavailable, later: %s", error)
+            break
+        except (stripe.StripeError, BillingError) as error:
+            logger.error("credit grant %s not pushed to Stripe: %s", grant.pk, error)
+        else:
+            pushed += 1
     return pushed
 
 

@@ -7,6 +7,7 @@ from celery import shared_task
 from django.utils import timezone
 
 from . import invoicing, metering, services, stripe_gateway
+from .models import BillingAccount
 from .selectors import billing_month
 
 
@@ -35,12 +36,32 @@ def invoices_issue() -> int:
 
 @shared_task(name="billing.meter_push", ignore_result=True, soft_time_limit=60, time_limit=90)
 def meter_push() -> int:
-    """Drain the meter-event outbox (and push new credits) while Stripe is configured."""
+    """Drain the meter-event outbox, subscribe the accounts a lost `subscription_sync` left
+    without a subscription, and push new credits, while Stripe is configured."""
     if not stripe_gateway.configured():
         return 0
     sent = metering.meter_push_drain()
+    stripe_gateway.subscriptions_ensure_missing()
     stripe_gateway.credit_grants_push()
     return sent
+
+
+@shared_task(
+    name="billing.subscription_sync",
+    ignore_result=True,
+    # A racing creator holds the organization's idempotency key: later, it will have finished.
+    autoretry_for=(*stripe_gateway.TRANSIENT, stripe.IdempotencyError),
+    retry_backoff=True,
+    max_retries=8,
+    soft_time_limit=60,
+    time_limit=90,
+)
+def subscription_sync(*, account_id: int) -> str:
+    """After an account is created or changes plan: its customer, subscription and plan fee."""
+    if not stripe_gateway.configured():
+        return ""
+    account = BillingAccount.objects.select_related("organization", "plan").get(pk=account_id)
+    return stripe_gateway.subscription_plan_sync(account=account)
 
 
 @shared_task(name="billing.reconcile", ignore_result=True, soft_time_limit=1800, time_limit=1900)

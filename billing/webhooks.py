@@ -5,6 +5,10 @@ transaction as its effect, so a redelivery has none. An invoice is only ever rep
 snapshot from a later event (ties broken by a fixed order), a paid or void invoice never moves
 back, and the organization's standing is recomputed from the mirrored invoices, so any order of
 the same events ends in the same state.
+
+An event for a customer we do not know yet is kept unapplied, marked unmatched, and applied when
+`stripe_gateway.customer_ensure` stores that customer's id (a redelivery is a duplicate, as it
+would be anyway: Stripe retries only what was not answered with a 2xx).
 """
 
 from __future__ import annotations
@@ -44,6 +48,11 @@ STATUS_RANK = {
 }
 FINAL = {Invoice.Status.PAID, Invoice.Status.VOID}
 OWING = [Invoice.Status.OPEN, Invoice.Status.UNCOLLECTIBLE]
+UNMATCHED = "unmatched: unknown customer "
+
+
+def _unmatched(customer_id: str | None) -> str:
+    return f"{UNMATCHED}{customer_id or ''}"
 
 
 def _error(status: int, code: str, detail: str) -> JsonResponse:
@@ -76,29 +85,64 @@ def stripe_webhook(request: HttpRequest) -> JsonResponse:
 def event_receive(*, payload: dict) -> tuple[WebhookEvent, bool]:
     """Store and apply one verified event exactly once; returns it and whether it was known."""
     created = datetime.fromtimestamp(int(payload["created"]), tz=UTC)
+    data = (payload.get("data") or {}).get("object") or {}
+    object_id = data.get("id") if isinstance(data, dict) else None
     with transaction.atomic():
         try:
             with transaction.atomic():
                 stored = WebhookEvent.objects.create(
                     event_id=payload["id"],
                     type=str(payload.get("type", ""))[:100],
+                    object_id=str(object_id or "")[:100],
                     created=created,
                     payload=payload,
                 )
         except IntegrityError:
             # Delivered before (a concurrent copy waits on the unique index, then lands here).
             return WebhookEvent.objects.get(event_id=payload["id"]), True
-        try:
-            with transaction.atomic():
-                stored.error = _apply(payload=payload, created=created)
-        except IntegrityError as error:
-            # The mirror contradicts a constraint (say, an invoice number the ledger used):
-            # a redelivery would meet it again, so keep the event and show the error.
-            logger.exception("stripe webhook %s not applied", payload["id"])
-            stored.error = f"not applied: {error}"[:2000]
-        stored.processed_at = datetime.now(tz=UTC)
-        stored.save(update_fields=["error", "processed_at"])
+        _apply_stored(stored)
     return stored, False
+
+
+def _apply_stored(stored: WebhookEvent) -> None:
+    """Apply a stored event and record the outcome; an unmatched one stays unprocessed."""
+    try:
+        with transaction.atomic():
+            stored.error = _apply(payload=stored.payload, created=stored.created)
+    except IntegrityError as error:
+        # The mirror contradicts a constraint (say, an invoice number the ledger used):
+        # a redelivery would meet it again, so keep the event and show the error.
+        logger.exception("stripe webhook %s not applied", stored.event_id)
+        stored.error = f"not applied: {error}"[:2000]
+    if not stored.error.startswith(UNMATCHED):
+        stored.processed_at = datetime.now(tz=UTC)
+    stored.save(update_fields=["error", "processed_at"])
+
+
+def unmatched_events_apply(*, customer_id: str) -> int:
+    """Apply the events kept aside for a customer before its id was ours; returns how many
+    were applied. Called once the id is stored; safe to call again (each event is claimed)."""
+    if not customer_id:
+        return 0
+    marker = _unmatched(customer_id)
+    waiting = list(
+        WebhookEvent.objects.filter(processed_at__isnull=True, error=marker)
+        .order_by("created", "pk")
+        .values_list("pk", flat=True)
+    )
+    applied = 0
+    for pk in waiting:
+        with transaction.atomic():
+            stored = (
+                WebhookEvent.objects.select_for_update()
+                .filter(pk=pk, processed_at__isnull=True, error=marker)
+                .first()
+            )
+            if stored is None:  # applied by a concurrent call
+                continue
+            _apply_stored(stored)
+            applied += not stored.error
+    return applied
 
 
 def _apply(*, payload: dict, created: datetime) -> str:
@@ -117,9 +161,11 @@ def _apply(*, payload: dict, created: datetime) -> str:
         .filter(stripe_customer_id=customer_id or "")
         .first()
     )
-    if account is None or not data.get("id"):
+    if not data.get("id"):
+        return "an invoice event without an invoice id"
+    if account is None:
         logger.warning("stripe webhook %s: unknown customer %r", payload.get("id"), customer_id)
-        return f"unknown customer {customer_id!r}"
+        return _unmatched(customer_id)
     invoice_mirror(account=account, event=payload, created=created)
     standing_update(account=account)
     return ""
@@ -132,7 +178,7 @@ def _checkout_completed(*, payload: dict) -> str:
     if session.get("mode") != "setup" or not setup_intent:
         return ""
     if not BillingAccount.objects.filter(stripe_customer_id=customer_id or "").exists():
-        return f"unknown customer {customer_id!r}"
+        return _unmatched(customer_id)
     # Two Stripe calls: after the commit, in a worker, not in this request's transaction.
     transaction.on_commit(
         lambda: tasks.payment_method_default.delay(
@@ -151,7 +197,7 @@ def _last_applied_key(*, stripe_id: str, created: datetime, event_id: str) -> tu
     """The highest order key among the other events of the same second for this invoice."""
     events = (
         WebhookEvent.objects.filter(
-            created=created, type__in=INVOICE_EVENTS, error="", payload__data__object__id=stripe_id
+            created=created, type__in=INVOICE_EVENTS, error="", object_id=stripe_id
         )
         .exclude(event_id=event_id)
         .values_list("payload", flat=True)
@@ -264,7 +310,7 @@ def standing_update(*, account: BillingAccount) -> None:
             # Stored events are applied in the transaction that stores them (this one's too).
             type="invoice.payment_failed",
             error="",
-            payload__data__object__id__in=owing,
+            object_id__in=owing,
         )
         .order_by("created")
         .values_list("created", flat=True)

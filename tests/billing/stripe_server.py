@@ -62,6 +62,7 @@ class Fault:
     status: int = 500
     seconds: float = 0.0
     after_processing: bool = False  # stall only: do the work, then keep the answer back
+    request: tuple[str, str] | None = None  # only this (method, path); None: any request
 
 
 @dataclass
@@ -82,9 +83,11 @@ class FakeStripe:
 
     # Test controls
 
-    def fail_next(self, count: int, *, status: int = 500) -> None:
+    def fail_next(
+        self, count: int, *, status: int = 500, request: tuple[str, str] | None = None
+    ) -> None:
         with self.lock:
-            self.faults.append(Fault("fail", count, status=status))
+            self.faults.append(Fault("fail", count, status=status, request=request))
 
     def stall_next(self, count: int, *, seconds: float, after_processing: bool = False) -> None:
         with self.lock:
@@ -113,7 +116,10 @@ class FakeStripe:
     def handle(self, method: str, path: str, query: str, body: str, headers) -> tuple[int, dict]:
         with self.lock:
             self.requests.append((method, path))
-            fault = next((f for f in self.faults if f.remaining > 0), None)
+            fault = next(
+                (f for f in self.faults if f.remaining > 0 and f.request in (None, (method, path))),
+                None,
+            )
             if fault is not None:
                 fault.remaining -= 1
         if fault is not None and fault.kind == "fail":
@@ -164,16 +170,22 @@ class FakeStripe:
             ("GET", r"/v1/billing/meters/(?P<id>[^/]+)/event_summaries", self._summaries),
             ("POST", r"/v1/billing/meter_events", self._meter_event_create),
             ("POST", r"/v1/subscriptions", self._subscription_create),
+            ("GET", r"/v1/subscriptions", self._subscription_list),
+            ("POST", r"/v1/subscriptions/(?P<id>sub_[^/]+)", self._subscription_update),
             ("POST", r"/v1/subscription_items", self._subscription_item_create),
+            ("GET", r"/v1/subscription_items", self._subscription_item_list),
             ("POST", r"/v1/checkout/sessions", self._checkout_create),
             ("POST", r"/v1/billing_portal/sessions", self._portal_create),
         ]
+        known_path = False
         for route_method, pattern, handler in routes:
             match = re.fullmatch(pattern, path)
             if match:
-                if route_method != method:
-                    raise StripeFault(405, f"{method} is not allowed on {path}")
-                return handler(params, **match.groupdict())
+                known_path = True
+                if route_method == method:
+                    return handler(params, **match.groupdict())
+        if known_path:
+            raise StripeFault(405, f"{method} is not allowed on {path}")
         raise StripeFault(404, f"Unrecognized request URL ({method}: {path}).")
 
     # Endpoints
@@ -338,8 +350,12 @@ class FakeStripe:
         url = f"/v1/billing/meters/{id}/event_summaries"
         return {"object": "list", "data": [summary], "has_more": False, "url": url}
 
-    def _item(self, subscription_id: str, entry: dict) -> dict:
+    def _item(self, subscription_id: str, entry: dict, *, taken=()) -> dict:
         price = self._get("price", entry.get("price", ""))
+        if price["id"] in taken:
+            raise StripeFault(
+                400, f"The price {price['id']} is already on subscription {subscription_id}."
+            )
         item = {
             "id": self._id("si"),
             "object": "subscription_item",
@@ -351,28 +367,82 @@ class FakeStripe:
         self.objects["subscription_item"][item["id"]] = item
         return item
 
+    @staticmethod
+    def _proration(params) -> str | None:
+        behavior = params.get("proration_behavior")
+        if behavior not in (None, "always_invoice", "create_prorations", "none"):
+            raise StripeFault(400, f"Invalid proration_behavior: {behavior}")
+        return behavior
+
     def _subscription_create(self, params):
         self._require(params, "customer", "items")
         self._get("customer", params["customer"])
+        anchor = params.get("billing_cycle_anchor")
+        if anchor is not None and (not anchor.isdigit() or int(anchor) <= time.time()):
+            raise StripeFault(400, "billing_cycle_anchor must be a timestamp in the future.")
         subscription_id = self._id("sub")
-        items = [self._item(subscription_id, entry) for entry in params["items"]]
+        items = []
+        for entry in params["items"]:
+            taken = {item["price"]["id"] for item in items}
+            items.append(self._item(subscription_id, entry, taken=taken))
         subscription = {
             "id": subscription_id,
             "object": "subscription",
             "customer": params["customer"],
             "status": "active",
+            "billing_cycle_anchor": int(anchor) if anchor is not None else int(time.time()),
+            "proration_behavior": self._proration(params),
             "items": {"object": "list", "data": items, "has_more": False},
             "metadata": params.get("metadata", {}),
         }
         self.objects["subscription"][subscription_id] = subscription
         return subscription
 
+    def _subscription_list(self, params):
+        found = [
+            subscription
+            for subscription in self.objects["subscription"].values()
+            if params.get("customer") in (None, subscription["customer"])
+            and subscription["status"] != "canceled"
+        ]
+        return {"object": "list", "data": found, "has_more": False, "url": "/v1/subscriptions"}
+
+    def _subscription_update(self, params, id):
+        subscription = self._get("subscription", id)
+        self._proration(params)
+        items = subscription["items"]["data"]
+        for entry in params.get("items") or []:
+            if entry.get("deleted") == "true":
+                if not any(item["id"] == entry.get("id") for item in items):
+                    raise StripeFault(400, f"No such subscription item: '{entry.get('id')}'")
+                items[:] = [item for item in items if item["id"] != entry["id"]]
+                del self.objects["subscription_item"][entry["id"]]
+            elif entry.get("id"):
+                raise StripeFault(400, "The fake changes items only by deleting and adding them.")
+            else:
+                items.append(self._item(id, entry, taken={item["price"]["id"] for item in items}))
+        if "metadata" in params:
+            subscription["metadata"].update(params["metadata"])
+        return subscription
+
     def _subscription_item_create(self, params):
         self._require(params, "subscription", "price")
         subscription = self._get("subscription", params["subscription"])
-        item = self._item(subscription["id"], params)
+        taken = {item["price"]["id"] for item in subscription["items"]["data"]}
+        item = self._item(subscription["id"], params, taken=taken)
         subscription["items"]["data"].append(item)
         return item
+
+    def _subscription_item_list(self, params):
+        self._require(params, "subscription")
+        subscription = self._get("subscription", params["subscription"])
+        url = "/v1/subscription_items"
+        return {
+            "object": "list",
+            "data": subscription["items"]["data"],
+            "has_more": False,
+            "url": url,
+        }
 
     def _checkout_create(self, params):
         self._require(params, "mode", "success_url")

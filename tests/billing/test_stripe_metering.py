@@ -4,7 +4,9 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+from django.db import connection
 from django.db.models import Sum
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from billing import metering, selectors, services, stripe_gateway, tasks
@@ -294,3 +296,18 @@ def test_gateway_refuses_to_call_stripe_inside_a_transaction(fake_stripe, prices
     with pytest.raises(RuntimeError, match="transaction"), transaction.atomic():
         stripe_gateway.customer_ensure(account=account)
     assert fake_stripe.objects["customer"] == {}
+
+
+def test_reconciliation_reads_the_ledger_in_one_query_for_all_customers(fake_stripe, prices):
+    orgs = [OrganizationFactory() for _ in range(4)]
+    for number, org in enumerate(orgs):
+        record(org, number + 1)
+    drain()
+
+    with CaptureQueriesContext(connection) as queries:
+        rows = metering.reconcile_day(day=DAY)
+
+    ledger_reads = [q for q in queries.captured_queries if 'FROM "billing_usagerecord"' in q["sql"]]
+    assert len(ledger_reads) == 1
+    found = {r.organization_id: (r.ledger_minor, r.stripe_minor) for r in rows if r.resource == GPU}
+    assert found == {org.pk: (10 * (n + 1),) * 2 for n, org in enumerate(orgs)}

@@ -7,10 +7,12 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from billing import metering, selectors, services, stripe_gateway
-from billing.models import Invoice, UsageRecord, WebhookEvent
+from billing import metering, selectors, services, stripe_gateway, webhooks
+from billing.models import BillingAccount, Invoice, UsageRecord, WebhookEvent
 from tenants.models import AuditEvent, Organization
 from tests.factories import OrganizationFactory, PriceFactory
 
@@ -255,7 +257,9 @@ def test_a_failure_arriving_after_the_payment_does_not_make_the_org_past_due(
     assert Invoice.objects.get().status == Invoice.Status.PAID
 
 
-def test_an_event_for_an_unknown_customer_is_stored_with_an_error(client, fake_stripe, customer):
+def test_an_event_for_an_unknown_customer_is_kept_unmatched_and_unprocessed(
+    client, fake_stripe, customer
+):
     _org, _customer_id = customer
     invoice = fake_stripe.invoice(customer="cus_nobody", status="open")
     event = fake_stripe.event("invoice.finalized", invoice, created=int(time.time()))
@@ -264,8 +268,55 @@ def test_an_event_for_an_unknown_customer_is_stored_with_an_error(client, fake_s
 
     assert response.status_code == 200
     stored = WebhookEvent.objects.get()
-    assert "cus_nobody" in stored.error
+    assert stored.error == "unmatched: unknown customer cus_nobody"
+    assert stored.processed_at is None
     assert not Invoice.objects.exists()
+
+
+def test_events_for_a_customer_not_yet_stored_are_applied_once_it_is(client, fake_stripe, customer):
+    """Stripe made the customer but our write of its id was lost; its events came meanwhile."""
+    org, customer_id = customer
+    BillingAccount.objects.filter(organization=org).update(stripe_customer_id="")
+    events = lifecycle(fake_stripe, customer_id, paid=False)
+    for event in events:
+        assert deliver(client, fake_stripe, event).status_code == 200
+    assert deliver(client, fake_stripe, events[2]).json()["duplicate"] is True
+    assert not Invoice.objects.exists()
+    assert WebhookEvent.objects.filter(processed_at__isnull=True).count() == len(events)
+
+    account = BillingAccount.objects.get(organization=org)
+    assert stripe_gateway.customer_ensure(account=account) == customer_id  # the retry
+
+    invoice = Invoice.objects.get(organization=org)
+    assert (invoice.stripe_id, invoice.status) == ("in_fake1", "open")
+    org.refresh_from_db()
+    assert org.status == Organization.Status.PAST_DUE
+    assert set(WebhookEvent.objects.values_list("error", flat=True)) == {""}
+    assert not WebhookEvent.objects.filter(processed_at__isnull=True).exists()
+    assert webhooks.unmatched_events_apply(customer_id=customer_id) == 0  # each applied once
+    assert AuditEvent.objects.filter(organization=org, action="billing.past_due").count() == 1
+
+
+def test_stored_events_carry_their_object_id_and_lookups_do_not_read_payloads(
+    client, fake_stripe, customer
+):
+    org, customer_id = customer
+    events = lifecycle(fake_stripe, customer_id, paid=False)
+
+    with CaptureQueriesContext(connection) as queries:
+        for event in events:
+            deliver(client, fake_stripe, event)
+
+    assert set(WebhookEvent.objects.values_list("object_id", flat=True)) == {"in_fake1"}
+    org.refresh_from_db()
+    assert org.status == Organization.Status.PAST_DUE  # found through object_id
+    payload_filters = [
+        q["sql"]
+        for q in queries.captured_queries
+        if '"billing_webhookevent"."payload" ->' in q["sql"]
+        or '"billing_webhookevent"."payload" #>' in q["sql"]
+    ]
+    assert payload_filters == []
 
 
 def test_other_events_are_stored_and_ignored(client, fake_stripe):
