@@ -429,39 +429,56 @@ def ops_billing_overview(*, now: datetime) -> OpsBillingOverview:
     """This month across all tenants, in a fixed number of queries (none per tenant)."""
     month = billing_month(now)
     since, until = month_bounds(month)
-    ledger = UsageRecord.objects.filter(period_end__gte=since, period_end__lt=until)
+    # One pass over the month's ledger, grouped finely enough for all three tables (tenants x
+    # resources x currencies: hundreds of groups), instead of one pass per table.
+    cells = list(
+        UsageRecord.objects.filter(period_end__gte=since, period_end__lt=until)
+        .values("organization_id", "resource", "currency")
+        .annotate(amount=Sum("amount_minor"), quantity=Sum("quantity"))
+        .order_by()
+    )
+    by_currency: dict[str, int] = defaultdict(int)
+    by_tenant: dict[tuple[int, str], int] = defaultdict(int)
+    by_resource: dict[tuple[str, str], list] = {}
+    for cell in cells:
+        by_currency[cell["currency"]] += cell["amount"]
+        by_tenant[(cell["organization_id"], cell["currency"])] += cell["amount"]
+        if cell["resource"].startswith(GPU_PREFIX):
+            sums = by_resource.setdefault((cell["resource"], cell["currency"]), [0, 0])
+            sums[0] += cell["quantity"]
+            sums[1] += cell["amount"]
 
     revenue = [
-        UsageTotal(currency=row["currency"], amount_minor=row["amount"])
-        for row in ledger.values("currency")
-        .annotate(amount=Sum("amount_minor"))
-        .order_by("-amount", "currency")
+        UsageTotal(currency=currency, amount_minor=amount)
+        for currency, amount in sorted(by_currency.items(), key=lambda c: (-c[1], c[0]))
     ]
-    top_tenants = list(
-        ledger.values("organization_id", "currency")
-        .annotate(
-            name=F("organization__name"),
-            slug=F("organization__slug"),
-            amount_minor=Sum("amount_minor"),
+    top = sorted(by_tenant.items(), key=lambda t: (-t[1], t[0][0]))[:TOP_TENANTS]
+    names = {
+        o["pk"]: o
+        for o in Organization.objects.filter(pk__in={org_id for (org_id, _c), _a in top}).values(
+            "pk", "name", "slug"
         )
-        .order_by("-amount_minor", "organization_id")[:TOP_TENANTS]
-    )
-    gpu_hours = []
-    for row in (
-        ledger.filter(resource__startswith=GPU_PREFIX)
-        .values("resource", "currency")
-        .annotate(seconds=Sum("quantity"), amount_minor=Sum("amount_minor"))
-        .order_by("resource", "currency")
-    ):
-        gpu_hours.append(
-            {
-                "resource": row["resource"],
-                "resource_class": row["resource"].removeprefix(GPU_PREFIX),
-                "gpu_hours": (row["seconds"] / SECONDS_PER_HOUR).quantize(Decimal("0.01")),
-                "amount_minor": row["amount_minor"],
-                "currency": row["currency"],
-            }
-        )
+    }
+    top_tenants = [
+        {
+            "organization_id": org_id,
+            "currency": currency,
+            "name": names[org_id]["name"],
+            "slug": names[org_id]["slug"],
+            "amount_minor": amount,
+        }
+        for (org_id, currency), amount in top
+    ]
+    gpu_hours = [
+        {
+            "resource": resource,
+            "resource_class": resource.removeprefix(GPU_PREFIX),
+            "gpu_hours": (seconds / SECONDS_PER_HOUR).quantize(Decimal("0.01")),
+            "amount_minor": amount,
+            "currency": currency,
+        }
+        for (resource, currency), (seconds, amount) in sorted(by_resource.items())
+    ]
 
     stuck = meter_push_stuck(now=now)
     stuck_count = stuck.count()

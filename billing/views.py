@@ -22,6 +22,8 @@ from .models import CreditGrant, Invoice
 from .pdf import invoice_pdf, invoice_pdf_filename
 from .selectors import minor_per_unit
 
+USAGE_ROWS_SHOWN = 100
+
 
 class BillingPage(OrganizationPageMixin, TemplateView):
     template_name = "billing/billing.html"
@@ -120,7 +122,14 @@ class UsagePage(OrganizationPageMixin, TemplateView):
             context = self.get_context_data(error=error.detail, errors=error.fields or {})
             return self.render_to_response(context, status=400)
         chart = charts.stacked_daily_chart(daily=report.daily, resources=report.resources)
-        return self.render_to_response(self.get_context_data(report=report, chart=chart))
+        # The largest groups only: a month by job is thousands of rows, a second to render. A
+        # year of days is shown whole; the CSV has every row.
+        shown = reports.MAX_RANGE_DAYS if report.group_by == "day" else USAGE_ROWS_SHOWN
+        rows = report.rows[:shown]
+        context = self.get_context_data(
+            report=report, chart=chart, rows=rows, rows_hidden=len(report.rows) - len(rows)
+        )
+        return self.render_to_response(context)
 
     def get_context_data(self, **kwargs):
         context = super().get_context_data(**kwargs)

@@ -5,13 +5,50 @@ from __future__ import annotations
 import json
 
 from django import forms
+from django.db.models import Q
+from django.forms.models import ModelChoiceIterator
 
 from jobs.models import ResourceClass
 from registry.models import DatasetVersion, ModelVersion, name_validator
 
+# A <select> lists at most this many versions, the newest; an organization can hold thousands,
+# which made these forms take half a second to render. Older versions are one API call away.
+VERSIONS_SHOWN = 200
+DATASET_VERSION_HEAVY = ("schema", "profile", "preview")
+MODEL_VERSION_HEAVY = ("parameters", "metrics", "input_signature")
+
+
+class _NewestVersionsIterator(ModelChoiceIterator):
+    # Built when the field's queryset is set, before the form knows the chosen value: the
+    # options are read from the field when the widget renders.
+    @property
+    def queryset(self):
+        versions = self.field.queryset
+        newest = versions.order_by("-created_at", "-pk").values("pk")[:VERSIONS_SHOWN]
+        return versions.filter(Q(pk__in=newest) | Q(pk__in=self.field.keep))
+
+    @queryset.setter
+    def queryset(self, value):
+        """ModelChoiceIterator.__init__ stores the field's queryset; the property reads it."""
+
+
+class VersionChoiceField(forms.ModelChoiceField):
+    """Offers the newest versions (and the chosen one, `keep`); any version of the queryset
+    validates, so a link or an API client may still name an older one."""
+
+    iterator = _NewestVersionsIterator
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.keep: list[int] = []
+
+    def keep_chosen(self, form: forms.Form, name: str) -> None:
+        value = form.data.get(name) if form.is_bound else form.initial.get(name)
+        self.keep = [int(value)] if str(value or "").isdigit() else []
+
 
 class JobForm(forms.Form):
-    dataset_version = forms.ModelChoiceField(
+    dataset_version = VersionChoiceField(
         queryset=DatasetVersion.objects.none(), label="Dataset version"
     )
     resource_class = forms.ModelChoiceField(
@@ -41,8 +78,10 @@ class JobForm(forms.Form):
             DatasetVersion.objects.for_organization(organization)
             .filter(format__in=recipe.dataset_formats)
             .select_related("dataset")
+            .defer(*DATASET_VERSION_HEAVY)
             .order_by("dataset__name", "-number")
         )
+        self.fields["dataset_version"].keep_chosen(self, "dataset_version")
         required = set(recipe.parameter_schema.get("required", []))
         for name, spec in recipe.parameter_schema.get("properties", {}).items():
             self.fields[f"param_{name}"] = _field_for(name, spec, required=name in required)
@@ -111,10 +150,8 @@ def _field_for(name: str, spec: dict, *, required: bool) -> forms.Field:
 
 
 class PredictForm(forms.Form):
-    model_version = forms.ModelChoiceField(
-        queryset=ModelVersion.objects.none(), label="Model version"
-    )
-    dataset_version = forms.ModelChoiceField(
+    model_version = VersionChoiceField(queryset=ModelVersion.objects.none(), label="Model version")
+    dataset_version = VersionChoiceField(
         queryset=DatasetVersion.objects.none(), label="Rows to predict"
     )
     resource_class = forms.ModelChoiceField(
@@ -133,10 +170,14 @@ class PredictForm(forms.Form):
             ModelVersion.objects.for_organization(organization)
             .exclude(recipe_name="")
             .select_related("registered_model")
+            .defer(*MODEL_VERSION_HEAVY)
             .order_by("registered_model__name", "-number")
         )
         self.fields["dataset_version"].queryset = (
             DatasetVersion.objects.for_organization(organization)
             .select_related("dataset")
+            .defer(*DATASET_VERSION_HEAVY)
             .order_by("dataset__name", "-number")
         )
+        for name in ("model_version", "dataset_version"):
+            self.fields[name].keep_chosen(self, name)

@@ -213,6 +213,8 @@ class Job(OrganizationOwned):
             models.Index(fields=["organization", "state", "-created_at"], name="job_org_state"),
             models.Index(fields=["state", "resource_class"], name="job_state_class"),
             models.Index(fields=["organization", "-created_at"], name="job_org_time"),
+            # Operators' recent failures, across organizations, without reading every failure.
+            models.Index(fields=["state", "-finished_at"], name="job_state_finished"),
         ]
 
     def __str__(self):
@@ -257,6 +259,8 @@ class JobAttempt(OrganizationOwned):
         constraints = [
             models.UniqueConstraint(fields=["job", "number"], name="job_attempt_unique_number"),
         ]
+        # Pool utilization reads the attempts still open or ended recently, not all history.
+        indexes = [models.Index(fields=["ended_at"], name="jobattempt_ended")]
 
     def __str__(self):
         return f"job {self.job_id} attempt {self.number} ({self.outcome})"

@@ -10,7 +10,7 @@ from decimal import Decimal
 from django.db.models import Count, F, Max, Min, Prefetch, Q, QuerySet, Sum
 from django.utils import timezone
 
-from billing.selectors import gpu_resource, unit_price
+from billing.selectors import gpu_resource, price_at, price_table, unit_price
 from tenants.models import Organization
 
 from .models import ACTIVE_STATES, Job, JobAttempt, JobState, ResourceClass, Worker
@@ -23,14 +23,31 @@ def job_list(
     label: str | None = None,
     created_by: str | None = None,
 ) -> QuerySet[Job]:
-    jobs = Job.objects.for_organization(organization).select_related(
-        "resource_class",
-        "created_by",
-        "worker",
-        "input_model_version__registered_model",
-        "output_dataset_version__dataset",
-        "input_dataset_version__dataset",
-        "output_model_version__registered_model",
+    jobs = (
+        Job.objects.for_organization(organization)
+        .select_related(
+            "resource_class",
+            "created_by",
+            "worker",
+            "input_model_version__registered_model",
+            "output_dataset_version__dataset",
+            "input_dataset_version__dataset",
+            "output_model_version__registered_model",
+        )
+        # Jobs name their versions (name and number); a version's profile, preview, metrics
+        # and parameters are kilobytes each, fetched 50 times a page for nothing.
+        .defer(
+            *(
+                f"{relation}__{name}"
+                for relation in ("input_dataset_version", "output_dataset_version")
+                for name in ("schema", "profile", "preview")
+            ),
+            *(
+                f"{relation}__{name}"
+                for relation in ("input_model_version", "output_model_version")
+                for name in ("parameters", "metrics", "input_signature")
+            ),
+        )
     )
     if state:
         jobs = jobs.filter(state=state)
@@ -48,20 +65,33 @@ def job_list(
 
 def job_cost_so_far(*, job: Job, now=None) -> int:
     """Billed cents for finished attempts plus the running attempt's cost so far."""
-    cost = job.cost_minor
-    if job.state in ACTIVE_STATES:
-        attempt = JobAttempt.objects.filter(
-            job=job, number=job.attempt, started_at__isnull=False
-        ).first()
-        if attempt is not None:
-            seconds = Decimal(
-                max(0.0, ((now or timezone.now()) - attempt.started_at).total_seconds())
-            )
-            price, _currency = unit_price(
-                resource=gpu_resource(job.resource_class.name), at=attempt.started_at
-            )
-            cost += int(seconds * job.gpu_count * price * 100)
-    return cost
+    return job_costs_so_far(jobs=[job], now=now)[job.pk]
+
+
+def job_costs_so_far(*, jobs: list[Job], now=None) -> dict[int, int]:
+    """job_cost_so_far of each job, in two queries whatever the number of running jobs (a page
+    of the API's job list), not two per running job."""
+    costs = {job.pk: job.cost_minor for job in jobs}
+    active = {job.pk: job for job in jobs if job.state in ACTIVE_STATES}
+    if not active:
+        return costs
+    started = {
+        attempt.job_id: attempt.started_at
+        for attempt in JobAttempt.objects.filter(job_id__in=active, started_at__isnull=False).only(
+            "job_id", "number", "started_at"
+        )
+        if attempt.number == active[attempt.job_id].attempt
+    }
+    prices = price_table(resources={gpu_resource(active[pk].resource_class.name) for pk in started})
+    now = now or timezone.now()
+    for pk, started_at in started.items():
+        job = active[pk]
+        seconds = Decimal(max(0.0, (now - started_at).total_seconds()))
+        price, _currency = price_at(
+            prices, resource=gpu_resource(job.resource_class.name), at=started_at
+        )
+        costs[pk] += int(seconds * job.gpu_count * price * 100)
+    return costs
 
 
 def resource_classes_with_prices() -> list[tuple[ResourceClass, Decimal, str]]:
@@ -79,9 +109,13 @@ def pool_overview() -> dict:
     )
     busy_by_worker: Counter[int] = Counter()
     held: dict[tuple[str, str], int] = Counter()
-    for job in Job.objects.filter(state__in=ACTIVE_STATES, worker__isnull=False).select_related(
-        "organization", "resource_class"
-    ):
+    active = (
+        Job.objects.filter(state__in=ACTIVE_STATES, worker__isnull=False)
+        .select_related("organization", "resource_class")
+        # Hundreds of rows on a busy pool: only the columns counted, not each job's JSON.
+        .only("worker", "slot_indices", "gpu_count", "organization__name", "resource_class__name")
+    )
+    for job in active:
         busy_by_worker[job.worker_id] += len(job.slot_indices)
         held[(job.organization.name, job.resource_class.name)] += job.gpu_count
     workers = list(Worker.objects.select_related("resource_class"))
@@ -218,6 +252,8 @@ def workers_with_jobs() -> list[Worker]:
     current = (
         Job.objects.filter(state__in=ACTIVE_STATES)
         .select_related("organization")
+        # A busy pool has hundreds of jobs here: only what the page shows, not their JSON.
+        .only("worker", "state", "gpu_count", "started_at", "organization__name")
         .order_by(F("started_at").asc(nulls_last=True), "pk")
     )
     workers = list(

@@ -155,11 +155,14 @@ class ModelPage(OrganizationPageMixin, TemplateView):
             organization=self.organization, name=self.kwargs["name"]
         )
         versions = list(registered_model.versions.prefetch_related("aliases")[:200])
+        metric_names = sorted({k for v in versions for k in v.metrics})
+        for version in versions:  # one cell per metric column, looked up once, not per cell
+            version.metric_values = [version.metrics.get(name) for name in metric_names]
         context.update(
             registered_model=registered_model,
             versions=versions,
             aliases=registered_model.aliases.select_related("version", "updated_by"),
-            metric_names=sorted({k for v in versions for k in v.metrics}),
+            metric_names=metric_names,
         )
         context.setdefault("form", AliasForm(versions=versions))
         compare = [int(n) for n in self.request.GET.getlist("compare") if n.isdigit()]

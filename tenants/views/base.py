@@ -31,7 +31,9 @@ class OrganizationPageMixin(LoginRequiredMixin):
             return self.http_method_not_allowed(request, *args, **kwargs)
         if scope not in self.granted_scopes:
             raise PermissionDenied(f"This page needs the {scope} scope, which your role lacks.")
-        request.session["current_org"] = self.organization.slug
+        # Assigning marks the session modified, which writes its row on every page view.
+        if request.session.get("current_org") != self.organization.slug:
+            request.session["current_org"] = self.organization.slug
         request.organization, request.organization_scopes = self.organization, self.granted_scopes
         return super().dispatch(request, *args, **kwargs)
 

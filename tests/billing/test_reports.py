@@ -13,6 +13,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from billing import reports
+from billing import views as billing_views
 from billing.charts import MAX_SERIES, stacked_daily_chart
 from billing.errors import BillingError
 from billing.models import MeterPush, Price, Reconciliation, UsageRecord
@@ -521,6 +522,23 @@ def test_page_shows_the_chart_table_total_and_export_link(ledger, billing_user, 
     assert page_url(ledger["org"], "billing:usage_csv") + "?start=2026-10-01" in html
     assert 'value="2026-10-01"' in html and '<option value="job" selected>' in html
     assert "secret-project" not in html and "gpu:h100" not in html
+
+
+@pytest.mark.django_db
+def test_page_lists_the_largest_groups_and_leaves_the_rest_to_the_csv(
+    ledger, billing_user, client, monkeypatch
+):
+    monkeypatch.setattr(billing_views, "USAGE_ROWS_SHOWN", 2)
+    client.force_login(billing_user)
+    params = {"start": "2026-10-01", "end": "2026-10-07", "group_by": "job"}
+    html = client.get(page_url(ledger["org"]), params).content.decode()
+    groups = expected_groups(ledger_rows(ledger["org"]), "job")
+    assert len(groups) > 2
+    assert f"The 2 largest are shown; {len(groups) - 2} more are in the CSV." in html
+    total = sum(groups.values())
+    assert f"<strong>{cents(total)}</strong>" in html  # the total is still every row's
+    days = client.get(page_url(ledger["org"]), {**params, "group_by": "day"}).content.decode()
+    assert "more are in the CSV" not in days  # a year of days is always shown whole
 
 
 @pytest.mark.django_db

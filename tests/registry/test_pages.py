@@ -91,3 +91,18 @@ def test_compare_on_the_model_page(org, dev):
         {"compare": [first.number, first.number + 1]},
     )
     assert page.context["comparison"]["metrics"] == {"accuracy": [0.5, 0.7]}
+
+
+def test_model_page_puts_each_metric_in_its_column(org, dev):
+    first = ModelVersionFactory(organization=org, metrics={"accuracy": 0.5, "loss": 0.25})
+    ModelVersionFactory(
+        organization=org,
+        registered_model=first.registered_model,
+        number=first.number + 1,
+        metrics={"loss": 0.125},
+    )
+    html = dev.get(reverse("registry:model", args=[org.slug, first.registered_model.name]))
+    html = html.content.decode()
+    assert "<th>accuracy</th><th>loss</th>" in html
+    # Newest first: the second version has no accuracy, so its first metric cell is empty.
+    assert "<td></td><td>0.1250</td>" in html and "<td>0.5000</td><td>0.2500</td>" in html
