@@ -4,6 +4,7 @@ glance, each with a way into the admin or the detailed /ops/ pages."""
 from __future__ import annotations
 
 import math
+from collections import Counter
 from datetime import datetime, timedelta
 
 from django.contrib.admin.views.decorators import staff_member_required
@@ -26,6 +27,10 @@ UTILIZATION_WINDOW = timedelta(hours=24)
 UTILIZATION_BUCKET = timedelta(hours=1)
 FAILURE_WINDOW = timedelta(hours=24)
 FAILING_JOBS_SHOWN = 20
+WORKERS_SHOWN = 25
+JOBS_PER_WORKER_SHOWN = 3
+# Workers that need an operator first: silent, then leaving, then the busiest.
+ATTENTION = {"offline": 0, "draining": 1, "cordoned": 2}
 X_LABELS = 6
 
 
@@ -124,11 +129,19 @@ class OpsOverviewPage(View):
         start, end = _utilization_window(now)
         utilization = pool_utilization(start=start, end=end, bucket=UTILIZATION_BUCKET, now=now)
         queues = queue_by_tenant()
+        workers = sorted(
+            workers_with_jobs(),
+            key=lambda w: (ATTENTION.get(w.status, len(ATTENTION)), -w.busy_gpus, w.name),
+        )
+        for shown in workers[:WORKERS_SHOWN]:
+            shown.shown_jobs = shown.current_jobs[:JOBS_PER_WORKER_SHOWN]
         context = {
             "now": now,
             "utilization": utilization,
             "chart": utilization_chart(utilization),
-            "workers": workers_with_jobs(),
+            "workers": workers[:WORKERS_SHOWN],
+            "worker_count": len(workers),
+            "worker_states": sorted(Counter(w.get_status_display() for w in workers).items()),
             "queues": queues,
             "queued_total": sum(tenant["queued"] for tenant in queues),
             "failing": failing_jobs(since=now - FAILURE_WINDOW, limit=FAILING_JOBS_SHOWN),

@@ -1,6 +1,7 @@
 """The operators' overview at /ops/: its selectors (utilization, workers, queues, failures), who
 may see it, what it shows, and that its queries do not grow with the pool."""
 
+import re
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from urllib.parse import parse_qs, urlsplit
@@ -356,3 +357,19 @@ def test_staff_menu_links_to_the_operations_overview(staff_client):
     html = staff_client.get(reverse("tenants:profile")).content.decode()
     assert f'<a href="{reverse("ops_overview")}">Operations</a>' in html
     assert f'href="{reverse("ops_pool")}"' in html and f'href="{reverse("ops_billing")}"' in html
+
+
+def test_a_large_pool_shows_the_workers_needing_attention_first_and_few_jobs_each(staff_client):
+    org = OrganizationFactory()
+    busy = worker("busy", resource_class=a100(), slots=8)
+    for _ in range(5):
+        job(org, state=JobState.RUNNING, worker=busy, started_at=timezone.now())
+    for n in range(30):
+        worker(f"idle-{n:02d}", resource_class=a100(), slots=8)
+    worker("gone", resource_class=a100(), slots=8, status=Worker.Status.OFFLINE)
+    html = staff_client.get("/ops/").content.decode()
+    rows = re.findall(r'jobs/worker/\d+/change/" hx-boost="false">([\w-]+)</a>', html)
+    assert rows[:2] == ["gone", "busy"] and len(rows) == 25
+    assert "32 workers" in html and "Showing 25" in html
+    assert len(re.findall(r"/admin/jobs/job/\d+/change/", html)) == 3  # of busy's 5
+    assert "all 5 jobs" in html
