@@ -199,7 +199,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["tenants.api.permissions.DenyAll"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "tenants.api.schema.ApiAutoSchema",
     "DEFAULT_PAGINATION_CLASS": "factory_saas.api_pagination.CreatedCursorPagination",
     "PAGE_SIZE": 50,
     "EXCEPTION_HANDLER": "factory_saas.errors.api_exception_handler",
@@ -238,6 +238,8 @@ WORKER_WORKDIR = env("WORKER_WORKDIR", default=str(BASE_DIR / "var" / "work"))
 JOB_MAX_LOST_ATTEMPTS = env.int("JOB_MAX_LOST_ATTEMPTS", default=3)
 JOB_CHECKPOINT_EVERY_S = env.float("JOB_CHECKPOINT_EVERY_S", default=60.0)
 JOB_STOP_GRACE_S = env.float("JOB_STOP_GRACE_S", default=3.0)
+# How long an attempt waits out an unreachable object store while fetching its inputs.
+JOB_STORAGE_RETRY_S = env.float("JOB_STORAGE_RETRY_S", default=120.0)
 SCHEDULER_TICK_S = env.float("SCHEDULER_TICK_S", default=2.0)
 SCHEDULER_HALF_LIFE_S = env.float("SCHEDULER_HALF_LIFE_S", default=3600.0)
 # Quotas an organization gets in each resource class until an operator (or its plan) sets them.

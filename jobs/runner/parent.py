@@ -39,7 +39,7 @@ from registry.services import (
     model_version_register,
     registered_model_create,
 )
-from registry.storage import get_storage, new_object_key
+from registry.storage import ObjectNotFound, StorageError, get_storage, new_object_key
 from tenants.actors import Actor
 from tenants.errors import ConflictError
 
@@ -119,7 +119,8 @@ class _Attempt:
 
     def run(self) -> str:
         try:
-            self._write_spec()
+            if not self._prepare():
+                return "stopped"
         except Exception as exc:  # inputs could not be fetched: the attempt fails with the reason
             logger.exception("preparing job %s failed", self.job.pk)
             attempt_finish(
@@ -150,6 +151,30 @@ class _Attempt:
         else:
             attempt_finish(job_id=self.job.pk, attempt=self.attempt, outcome=outcome, reason=reason)
         return outcome
+
+    def _prepare(self) -> bool:
+        """Fetch the inputs, waiting out a storage outage for up to JOB_STORAGE_RETRY_S.
+
+        The attempt keeps reporting meanwhile, so its lease holds; a missing object or any other
+        error fails at once. False when the job was cancelled or preempted while waiting.
+        """
+        deadline = time.monotonic() + settings.JOB_STORAGE_RETRY_S
+        delay = 0.5
+        while True:
+            try:
+                self._write_spec()
+                return True
+            except ObjectNotFound:
+                raise
+            except StorageError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                logger.warning("job %s: storage unavailable, retrying: %s", self.job.pk, exc)
+                self.logs.append(("stderr", f"Storage unavailable, retrying in {delay:.0f} s."))
+                if self._flush() != JobState.RUNNING:
+                    return False
+                time.sleep(delay)  # waiting out an outage of a real service
+                delay = min(delay * 2, 5.0)
 
     def _download(self, key: str, target: Path) -> None:
         with self.storage.open(key) as source, target.open("wb") as out:
@@ -292,9 +317,16 @@ class _Attempt:
             kind="checkpoints",
             filename=f"job-{self.job.pk}.pt",
         )
-        with path.open("rb") as stream:
-            self.storage.save(key, stream)
-        path.unlink(missing_ok=True)  # the child never deletes its checkpoints; uploaded, it goes
+        try:
+            with path.open("rb") as stream:
+                self.storage.save(key, stream)
+        except StorageError as exc:
+            # The job goes on; the next checkpoint tries again (the last stored one still holds).
+            logger.warning("job %s: checkpoint not stored: %s", self.job.pk, exc)
+            self.logs.append(("stderr", f"Checkpoint at step {payload['step']} not stored: {exc}"))
+            return
+        finally:
+            path.unlink(missing_ok=True)  # the child never deletes its checkpoints
         try:
             previous = attempt_checkpoint(
                 job_id=self.job.pk, attempt=self.attempt, key=key, step=int(payload["step"])
