@@ -54,7 +54,7 @@ class Pool:
         self.suffix = uuid.uuid4().hex[:6]
 
     def _start(self, label: str, args: list[str]) -> subprocess.Popen:
-        log = (self.tmp / f"{label}.log").open("w")
+        log = (self.tmp / f"{label}.log").open("a")  # a restarted process adds to its log
         process = subprocess.Popen(
             args,
             cwd=ROOT,

@@ -16,8 +16,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import boto3
@@ -46,6 +46,8 @@ class S3Server:
     secret_key: str
     region: str = "us-east-1"
     bucket: str = TEST_BUCKET
+    # outage(seconds): the server is down that long, then back on the same ports and data.
+    outage: Callable[[float], None] | None = field(default=None, compare=False, repr=False)
 
     def client(self, *, access_key: str | None = None, secret_key: str | None = None) -> BaseClient:
         """A plain boto3 client for checks the storage interface does not offer."""
@@ -108,20 +110,35 @@ def running_s3_server(workdir: Path, *, bucket: str = TEST_BUCKET) -> Iterator[S
         *(f"-{service}.port.grpc={port}" for service, port in grpc_ports.items()),
     ]
     log_path = workdir / "weed.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            command,
-            cwd=workdir,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+
+    def start() -> subprocess.Popen:
+        with log_path.open("ab") as log:
+            return subprocess.Popen(
+                command,
+                cwd=workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    process = start()
+
+    def outage(seconds: float) -> None:
+        nonlocal process
+        _stop(process)
+        for service, port in grpc_ports.items():
+            Path(_GRPC_SOCKET.format(service=service, port=port)).unlink(missing_ok=True)
+        time.sleep(seconds)  # the outage itself: a duration, not a wait for a condition
+        process = start()
+        _wait_until_ready(server, process, log_path)
+
     server = S3Server(
         endpoint_url=f"http://127.0.0.1:{http_ports['s3']}",
         access_key=access_key,
         secret_key=secret_key,
         bucket=bucket,
+        outage=outage,
     )
     try:
         _wait_until_ready(server, process, log_path)

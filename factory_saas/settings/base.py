@@ -177,6 +177,7 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": env.float("SCHEDULER_TICK_S", default=2.0),
     },
     "billing-storage-meter": {"task": "billing.storage_meter", "schedule": crontab(minute=5)},
+    "jobs-storage-sweep": {"task": "jobs.storage_sweep", "schedule": crontab(minute=40)},
     "billing-budget-alerts": {"task": "billing.budget_alerts", "schedule": 300.0},
     "billing-plan-credits": {
         "task": "billing.plan_credits",
@@ -240,6 +241,8 @@ JOB_CHECKPOINT_EVERY_S = env.float("JOB_CHECKPOINT_EVERY_S", default=60.0)
 JOB_STOP_GRACE_S = env.float("JOB_STOP_GRACE_S", default=3.0)
 # How long an attempt waits out an unreachable object store while fetching its inputs.
 JOB_STORAGE_RETRY_S = env.float("JOB_STORAGE_RETRY_S", default=120.0)
+# Objects no row refers to are deleted once older than this (a write in flight is younger).
+STORAGE_ORPHAN_AGE_S = env.int("STORAGE_ORPHAN_AGE_S", default=6 * 3600)
 SCHEDULER_TICK_S = env.float("SCHEDULER_TICK_S", default=2.0)
 SCHEDULER_HALF_LIFE_S = env.float("SCHEDULER_HALF_LIFE_S", default=3600.0)
 # Quotas an organization gets in each resource class until an operator (or its plan) sets them.

@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 REPORT_EVERY_S = 0.5
 MAX_FAILURE_LINES = 20
+STOPPED = "Stopped on request."
 
 
 # What a job's child may see of this process's environment: never the database, storage or
@@ -119,7 +120,10 @@ class _Attempt:
 
     def run(self) -> str:
         try:
-            if not self._prepare():
+            if not self._through_outage(self._write_spec):
+                attempt_finish(
+                    job_id=self.job.pk, attempt=self.attempt, outcome="stopped", reason=STOPPED
+                )
                 return "stopped"
         except Exception as exc:  # inputs could not be fetched: the attempt fails with the reason
             logger.exception("preparing job %s failed", self.job.pk)
@@ -136,8 +140,10 @@ class _Attempt:
         finally:
             stop_process_group(child)
         if outcome == "succeeded":
+            outputs: dict = {}
             try:
-                outputs = self._register_outputs()
+                if not self._through_outage(lambda: outputs.update(self._register_outputs())):
+                    outcome, reason = "stopped", STOPPED
             except Exception as exc:  # the registry refused the outputs: the job fails, saying why
                 logger.exception("registering job %s's outputs failed", self.job.pk)
                 attempt_finish(
@@ -147,22 +153,24 @@ class _Attempt:
                     reason=f"Could not register the outputs: {exc}",
                 )
                 return "failed"
+        if outcome == "succeeded":
             attempt_finish(job_id=self.job.pk, attempt=self.attempt, outcome="succeeded", **outputs)
         else:
             attempt_finish(job_id=self.job.pk, attempt=self.attempt, outcome=outcome, reason=reason)
         return outcome
 
-    def _prepare(self) -> bool:
-        """Fetch the inputs, waiting out a storage outage for up to JOB_STORAGE_RETRY_S.
+    def _through_outage(self, step) -> bool:
+        """Run `step` (fetching inputs, storing outputs), waiting out a storage outage for up to
+        JOB_STORAGE_RETRY_S.
 
         The attempt keeps reporting meanwhile, so its lease holds; a missing object or any other
-        error fails at once. False when the job was cancelled or preempted while waiting.
+        error raises at once. False when the job was cancelled or preempted while waiting.
         """
         deadline = time.monotonic() + settings.JOB_STORAGE_RETRY_S
         delay = 0.5
         while True:
             try:
-                self._write_spec()
+                step()
                 return True
             except ObjectNotFound:
                 raise
@@ -281,7 +289,7 @@ class _Attempt:
         if code == protocol.EXIT_OK and self.result is not None:
             return "succeeded", ""
         if code == protocol.EXIT_STOPPED or stop_deadline is not None:
-            return "stopped", "Stopped on request."
+            return "stopped", STOPPED
         detail = "\n".join(self.stderr_tail[-MAX_FAILURE_LINES:]) or f"exit code {code}"
         prefix = (
             "The input or parameters were rejected"

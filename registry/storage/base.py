@@ -5,8 +5,10 @@ Public methods check their key here before a backend sees it, so no backend can 
 
 import abc
 import hashlib
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import BinaryIO
 
 from .keys import check_key, check_prefix, download_filename
@@ -71,6 +73,10 @@ class Storage(abc.ABC):
         """Delete every object whose key starts with `prefix`; returns how many there were."""
         return self._delete_prefix(check_prefix(prefix))
 
+    def list(self, prefix: str) -> Iterator[tuple[str, datetime]]:
+        """Each object under `prefix` with when it was last written (UTC), in no set order."""
+        return self._list(check_prefix(prefix))
+
     def presigned_get_url(self, key: str, *, filename: str, expires_s: int = 300) -> str:
         """A URL anyone holding it may download the object from, saved as `filename`."""
         return self._presigned_get_url(
@@ -97,6 +103,9 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def _delete_prefix(self, prefix: str) -> int: ...
+
+    @abc.abstractmethod
+    def _list(self, prefix: str) -> Iterator[tuple[str, datetime]]: ...
 
     @abc.abstractmethod
     def _presigned_get_url(self, key: str, *, filename: str, expires_s: int) -> str: ...

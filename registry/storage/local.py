@@ -9,6 +9,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
@@ -95,6 +96,16 @@ class LocalStorage(Storage):
             except FileNotFoundError:
                 return
         self._prune_empty_dirs(path.parent)
+
+    def _list(self, prefix: str) -> Iterator[tuple[str, datetime]]:
+        directory = self._path(prefix.rpartition("/")[0])
+        with _filesystem_errors(prefix):
+            for dirpath, _dirnames, filenames in os.walk(directory):
+                for name in filenames:
+                    path = Path(dirpath, name)
+                    key = path.relative_to(self.root).as_posix()
+                    if not name.startswith(TEMP_PREFIX) and key.startswith(prefix):
+                        yield key, datetime.fromtimestamp(path.stat().st_mtime, tz=UTC)
 
     def _delete_prefix(self, prefix: str) -> int:
         # The prefix may end inside a segment ("orgs/1/datasets/ab"), so walk its directory and

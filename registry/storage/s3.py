@@ -5,6 +5,7 @@ import contextlib
 import hashlib
 import logging
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any, BinaryIO
 
 import boto3
@@ -153,6 +154,15 @@ class S3Storage(Storage):
     def _delete(self, key: str) -> None:
         with _s3_errors(key):
             self._client.delete_object(Bucket=self.bucket, Key=key)
+
+    def _list(self, prefix: str) -> Iterator[tuple[str, datetime]]:
+        with _s3_errors(prefix):
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix
+            )
+            for page in pages:
+                for item in page.get("Contents", []):
+                    yield item["Key"], item["LastModified"]
 
     def _delete_prefix(self, prefix: str) -> int:
         deleted = 0

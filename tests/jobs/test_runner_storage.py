@@ -1,4 +1,5 @@
-"""The worker side of a storage outage: inputs are waited for, a failed checkpoint is skipped."""
+"""The worker side of a storage outage: inputs and outputs wait it out, a failed checkpoint is
+skipped."""
 
 import pytest
 
@@ -45,7 +46,7 @@ def test_inputs_are_fetched_again_while_storage_is_down(running, monkeypatch, se
     settings.JOB_STORAGE_RETRY_S = 60
     write_spec, calls = _failing(3)
     monkeypatch.setattr(_Attempt, "_write_spec", write_spec)
-    assert running._prepare() is True
+    assert running._through_outage(running._write_spec) is True
     assert len(calls) == 4
     logged = JobLog.objects.filter(job=running.job).values_list("line", flat=True)
     assert any("Storage unavailable" in line for line in logged)
@@ -56,7 +57,7 @@ def test_a_missing_input_fails_at_once(running, monkeypatch, settings):
     write_spec, calls = _failing(99, ObjectNotFound("orgs/1/datasets/x"))
     monkeypatch.setattr(_Attempt, "_write_spec", write_spec)
     with pytest.raises(ObjectNotFound):
-        running._prepare()
+        running._through_outage(running._write_spec)
     assert len(calls) == 1
 
 
@@ -77,8 +78,10 @@ def test_a_job_cancelled_while_waiting_for_storage_stops(running, monkeypatch, s
     write_spec, calls = _failing(99)
     monkeypatch.setattr(_Attempt, "_write_spec", write_spec)
     job_cancel(job=running.job, actor=Actor(user=owner))
-    assert running._prepare() is False
+    assert running.run() == "stopped"
     assert len(calls) == 1
+    running.job.refresh_from_db()
+    assert running.job.state == JobState.CANCELLED
 
 
 def test_a_checkpoint_that_cannot_be_stored_is_skipped(running, monkeypatch):
