@@ -10,7 +10,7 @@ DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/factory_saas
 REDIS_URL ?= redis://127.0.0.1:6379/0
 TEST_ENV := DJANGO_SETTINGS_MODULE=factory_saas.settings.test DATABASE_URL=$(DATABASE_URL) REDIS_URL=$(REDIS_URL)
 
-.PHONY: install run worker test lint screenshots clean
+.PHONY: install run worker test lint audit screenshots clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
+	# High-severity findings only; ruff's S rules already cover the rest of bandit's checks.
+	$(BIN)/bandit -q -r factory_saas tenants registry jobs billing -lll
+
+# Known vulnerabilities in the installed packages (needs PyPI's JSON API; fails without it).
+audit: install
+	$(BIN)/pip-audit --strict --skip-editable --progress-spinner off
 
 # The browser tests drive Debian's chromium package, launched by its path (never a download).
 CHROMIUM ?= /usr/bin/chromium
@@ -48,6 +54,7 @@ test: install $(CHROMIUM)
 	$(MAKE) lint
 	$(TEST_ENV) $(BIN)/python manage.py makemigrations --check --dry-run
 	$(TEST_ENV) $(BIN)/python manage.py spectacular --validate --fail-on-warn --file /dev/null
+	$(BIN)/python tests/security/pip_audit_gate.py
 	$(TEST_ENV) $(BIN)/pytest
 
 # Re-take the user guide's screenshots (docs/img/journey/) from the browser journey.

@@ -29,6 +29,10 @@ class BillingAccountSerializer(serializers.ModelSerializer):
     placement_blocked = serializers.CharField(
         read_only=True, help_text="Why new jobs wait (budget, payment), or empty."
     )
+    # Blank until set, so not described as an email address (an empty string is not one).
+    billing_email = serializers.CharField(
+        read_only=True, help_text="Where invoices go; empty: the owners."
+    )
 
     class Meta:
         model = BillingAccount
@@ -80,6 +84,10 @@ class CreditGrantSerializer(serializers.ModelSerializer):
 
 
 class InvoiceSerializer(serializers.ModelSerializer):
+    # Blank for built-in invoices, so not described as URIs (an empty string is not one).
+    hosted_url = serializers.CharField(read_only=True, help_text="Stripe's page, or empty.")
+    pdf_url = serializers.CharField(read_only=True, help_text="Stripe's PDF, or empty.")
+
     class Meta:
         model = Invoice
         fields = [

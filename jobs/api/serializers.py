@@ -54,7 +54,7 @@ class JobSerializer(serializers.ModelSerializer):
     dataset = serializers.SerializerMethodField()
     resource_class = serializers.CharField(source="resource_class.name")
     created_by = serializers.EmailField(source="created_by.email", default=None)
-    worker = serializers.CharField(source="worker.name", default=None)
+    worker = serializers.CharField(source="worker.name", default=None, allow_null=True)
     output_model = serializers.SerializerMethodField()
     input_model = serializers.SerializerMethodField()
     output_dataset = serializers.SerializerMethodField()
@@ -114,6 +114,10 @@ class JobSerializer(serializers.ModelSerializer):
         return {"dataset": version.dataset.name, "number": version.number} if version else None
 
     def get_cost_so_far_minor(self, job) -> int:
+        # A list computes its whole page's costs at once (JobViewSet.list).
+        costs = self.context.get("costs_so_far")
+        if costs is not None and job.pk in costs:
+            return costs[job.pk]
         return job_cost_so_far(job=job)
 
 

@@ -113,6 +113,18 @@ class JobViewSet(
         filters.is_valid(raise_exception=True)
         return selectors.job_list(organization=self.organization, **filters.validated_data)
 
+    def list(self, request, *args, **kwargs):
+        queryset = self.filter_queryset(self.get_queryset())
+        page = self.paginate_queryset(queryset)
+        jobs = page if page is not None else list(queryset)
+        # The page's running jobs are priced together: two queries, not two per running job.
+        context = {
+            **self.get_serializer_context(),
+            "costs_so_far": selectors.job_costs_so_far(jobs=jobs),
+        }
+        data = self.get_serializer(jobs, many=True, context=context).data
+        return self.get_paginated_response(data) if page is not None else Response(data)
+
     def create(self, request, *args, **kwargs):
         data = s.JobSubmitSerializer(data=request.data)
         data.is_valid(raise_exception=True)
@@ -172,7 +184,7 @@ class JobViewSet(
         job = services.job_retry(job=self.get_object(), actor=self.actor)
         return Response(s.JobSerializer(job).data, status=status.HTTP_201_CREATED)
 
-    @action(detail=True, methods=["get"])
+    @action(detail=True, methods=["get"], pagination_class=None)
     def events(self, request, *args, **kwargs):
         job = self.get_object()
         return Response(
@@ -181,7 +193,7 @@ class JobViewSet(
             ).data
         )
 
-    @action(detail=True, methods=["get"])
+    @action(detail=True, methods=["get"], pagination_class=None)
     def logs(self, request, *args, **kwargs):
         job = self.get_object()
         try:
@@ -197,7 +209,7 @@ class JobViewSet(
         )
         return Response(s.JobLogSerializer(lines, many=True).data)
 
-    @action(detail=True, methods=["get"])
+    @action(detail=True, methods=["get"], pagination_class=None)
     def metrics(self, request, *args, **kwargs):
         job = self.get_object()
         points = (

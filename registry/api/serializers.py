@@ -127,7 +127,7 @@ class ModelVersionSerializer(serializers.ModelSerializer):
     artifacts = ModelArtifactSerializer(many=True, read_only=True)
     trained_on = serializers.SerializerMethodField()
     parent_version = serializers.IntegerField(
-        source="parent_version.number", read_only=True, default=None
+        source="parent_version.number", read_only=True, default=None, allow_null=True
     )
     created_by = serializers.EmailField(source="created_by.email", read_only=True, default=None)
 

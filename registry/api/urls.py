@@ -5,8 +5,8 @@ from django.urls import path
 from . import views
 
 
-def _route(route: str, viewset, actions: dict[str, str], name: str):
-    return path(route, viewset.as_view(actions), name=name)
+def _route(route: str, viewset, actions: dict[str, str], name: str, **initkwargs):
+    return path(route, viewset.as_view(actions, **initkwargs), name=name)
 
 
 org_urlpatterns = [
@@ -85,6 +85,7 @@ org_urlpatterns = [
         views.ModelVersionViewSet,
         {"get": "download"},
         "model-version-download",
+        pagination_class=None,  # one list of artifacts, never paginated
     ),
     _route(
         "models/<str:model_name>/versions/<int:number>/lineage/",

@@ -33,7 +33,7 @@ class OrganizationListView(generics.GenericAPIView):
             return Organization.objects.filter(pk=self.request.auth.organization_id)
         return selectors.organization_list_for_user(user=self.request.user)
 
-    @extend_schema(operation_id="orgs_list")
+    @extend_schema(operation_id="orgs_list", responses=s.OrganizationSerializer(many=True))
     def get(self, request):
         return Response(self.get_serializer(self.get_queryset(), many=True).data)
 

@@ -1,8 +1,13 @@
 """The jobs API: submit with an idempotency key and a cost estimate, list filters, logs, cancel."""
 
-import pytest
+from datetime import timedelta
 
-from jobs.models import Job, JobState
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from jobs.models import Job, JobAttempt, JobState
 from jobs.scheduler.apply import scheduler_pass
 from jobs.services.attempts import Report, attempt_claim, attempt_report
 from tests.factories import DatasetVersionFactory, JobFactory
@@ -185,3 +190,31 @@ def test_estimate_before_submitting_is_price_times_gpus_times_max_runtime(org, d
     unknown = dev.post(url, {"resource_class": "tpu"}, format="json")
     assert unknown.status_code == 400 and "resource_class" in unknown.json()["fields"]
     assert not Job.objects.exists()
+
+
+def test_job_list_prices_running_jobs_in_a_fixed_number_of_queries(org, dev):
+    """Each running job's cost so far is on the list page, without two queries per job."""
+    url = f"/api/v1/orgs/{org.slug}/jobs/"
+
+    def add_running(count):
+        for _ in range(count):
+            job = JobFactory(organization=org, state=JobState.RUNNING, attempt=1)
+            JobAttempt.objects.create(
+                organization=org,
+                job=job,
+                number=1,
+                started_at=timezone.now() - timedelta(hours=1),
+            )
+
+    add_running(1)
+    dev.get(url)
+    with CaptureQueriesContext(connection) as one:
+        dev.get(url)
+    add_running(4)
+    with CaptureQueriesContext(connection) as five:
+        listed = dev.get(url).json()["results"]
+    assert len(five.captured_queries) == len(one.captured_queries)
+    # The job's own page agrees (to the cent a second later), and an hour costs something.
+    for row in listed:
+        alone = dev.get(f"{url}{row['id']}/").json()["cost_so_far_minor"]
+        assert 0 < row["cost_so_far_minor"] <= alone <= row["cost_so_far_minor"] + 1
