@@ -1,0 +1,8 @@
+"""Settings of bench/load.py's gunicorn: production's, plus the bench's baseline routes.
+
+Only the URLconf differs, so the product's endpoints run exactly as in production.
+"""
+
+from factory_saas.settings.production import *  # noqa: F403
+
+ROOT_URLCONF = "bench.load_urls"
