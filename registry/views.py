@@ -1,6 +1,9 @@
 """Dashboard pages for datasets, models, versions, aliases and lineage."""
 
+from urllib.parse import urlencode
+
 from django.contrib import messages
+from django.core.paginator import Paginator
 from django.shortcuts import redirect
 from django.urls import reverse
 from django.views import View
@@ -33,6 +36,9 @@ def lineage_with_links(organization, version) -> dict:
     return graph
 
 
+LIST_PAGE_SIZE = 50
+
+
 class _CreateByName(OrganizationPageMixin, TemplateView):
     """A list page whose form creates a named thing (a dataset or a model)."""
 
@@ -43,6 +49,16 @@ class _CreateByName(OrganizationPageMixin, TemplateView):
         context = super().get_context_data(**kwargs)
         context.setdefault("form", NamedForm())
         return context
+
+    def _listing(self, queryset) -> dict:
+        """A page of `queryset` (50 a page), filtered by a part of the name (`?q=`)."""
+        search = self.request.GET.get("q", "").strip()[:100]
+        if search:
+            queryset = queryset.filter(name__icontains=search)
+        page = Paginator(queryset.order_by("name"), LIST_PAGE_SIZE).get_page(
+            self.request.GET.get("page")
+        )
+        return {"page": page, "search": search, "query": urlencode({"q": search}) if search else ""}
 
     def post(self, request, org_slug):
         form = NamedForm(request.POST)
@@ -69,7 +85,7 @@ class DatasetsPage(_CreateByName):
 
     def get_context_data(self, **kwargs):
         context = super().get_context_data(**kwargs)
-        context["datasets"] = selectors.dataset_list(organization=self.organization)
+        context.update(self._listing(selectors.dataset_list(organization=self.organization)))
         context["storage"] = selectors.storage_usage(organization=self.organization)
         return context
 
@@ -136,9 +152,13 @@ class ModelsPage(_CreateByName):
 
     def get_context_data(self, **kwargs):
         context = super().get_context_data(**kwargs)
-        context["models"] = selectors.registered_model_list(
-            organization=self.organization
-        ).prefetch_related("aliases__version")
+        context.update(
+            self._listing(
+                selectors.registered_model_list(organization=self.organization).prefetch_related(
+                    "aliases__version"
+                )
+            )
+        )
         return context
 
 

@@ -4,7 +4,12 @@ import pytest
 from django.urls import reverse
 
 from registry.models import Dataset, ModelAlias
-from tests.factories import DatasetVersionFactory, ModelVersionFactory
+from tests.factories import (
+    DatasetFactory,
+    DatasetVersionFactory,
+    ModelVersionFactory,
+    RegisteredModelFactory,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -106,3 +111,18 @@ def test_model_page_puts_each_metric_in_its_column(org, dev):
     assert "<th>accuracy</th><th>loss</th>" in html
     # Newest first: the second version has no accuracy, so its first metric cell is empty.
     assert "<td></td><td>0.1250</td>" in html and "<td>0.5000</td><td>0.2500</td>" in html
+
+
+@pytest.mark.parametrize(("path", "factory"), [("datasets", "dataset"), ("models", "model")])
+def test_registry_lists_paginate_and_find_by_name(org, owner, client_for, path, factory):
+    make = DatasetFactory if factory == "dataset" else RegisteredModelFactory
+    for n in range(55):
+        make(organization=org, name=f"{factory}-{n:02d}")
+    make(organization=org, name="fraud-signals")
+    client = client_for(owner)
+    first = client.get(f"/o/{org.slug}/{path}/").content.decode()
+    assert f"{factory}-00" in first and f"{factory}-54" not in first and "Page 1 of 2" in first
+    assert f"{factory}-54" in client.get(f"/o/{org.slug}/{path}/?page=2").content.decode()
+    found = client.get(f"/o/{org.slug}/{path}/?q=fraud").content.decode()
+    assert "fraud-signals" in found and f"{factory}-00" not in found
+    assert "No " in client.get(f"/o/{org.slug}/{path}/?q=nothing-like-it").content.decode()
