@@ -25,20 +25,19 @@ goes to stderr.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from urllib.parse import urlsplit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
+
+from bench.databases import ensure_database, migrate  # noqa: E402
 
 DATABASE_URL = os.environ.get(
     "BENCH_METERING_DATABASE_URL",
@@ -302,32 +301,6 @@ def report(rounds: list[dict[str, float]], *, rows: int, batch: int, loads) -> N
         "baseline_push_events_per_s": round(base_push),
     }
     print(f"RESULT {json.dumps(result)}")
-
-
-def ensure_database(url: str) -> None:
-    import psycopg
-    from psycopg import errors, sql
-
-    name = urlsplit(url).path.lstrip("/")
-    maintenance = urlsplit(url)._replace(path="/postgres").geturl()
-    with psycopg.connect(maintenance, autocommit=True) as conn:
-        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone()
-        if exists is None:
-            with contextlib.suppress(errors.DuplicateDatabase):
-                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-
-
-def migrate(env: dict) -> None:
-    done = subprocess.run(
-        [sys.executable, "manage.py", "migrate", "--noinput"],
-        cwd=REPO_ROOT,
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"migrate failed:\n{done.stdout}{done.stderr}")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+
+from bench.databases import ensure_database, migrate
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MB = 1024 * 1024
@@ -237,32 +238,6 @@ def write_csv(path: Path, *, size_bytes: int, seed: int) -> int:
             written += out.write(text)
             rows += text.count("\n")
     return rows
-
-
-def ensure_database(url: str) -> None:
-    import psycopg
-    from psycopg import errors, sql
-
-    name = urlsplit(url).path.lstrip("/")
-    maintenance = urlsplit(url)._replace(path="/postgres").geturl()
-    with psycopg.connect(maintenance, autocommit=True) as conn:
-        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone()
-        if exists is None:
-            with contextlib.suppress(errors.DuplicateDatabase):
-                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-
-
-def migrate(env: dict) -> None:
-    done = subprocess.run(
-        [sys.executable, "manage.py", "migrate", "--noinput"],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"migrate failed:\n{done.stdout}{done.stderr}")
 
 
 def create_tenant(env: dict) -> tuple[str, str]:
