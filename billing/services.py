@@ -201,7 +201,7 @@ def billing_account_get(*, organization: Organization) -> BillingAccount:
         BillingAccount.objects.bulk_create(
             [BillingAccount(organization=organization, plan=plan)], ignore_conflicts=True
         )
-        account = BillingAccount.objects.select_related("plan").get(organization=organization)
+        account = BillingAccount.objects.for_organization(organization).select_related("plan").get()
         if account.plan_id == plan.pk:
             _plan_apply(account=account, plan=plan)
         if settings.STRIPE_SECRET_KEY:

@@ -10,7 +10,7 @@ from decimal import Decimal
 from django.db.models import Count, F, Max, Min, Prefetch, Q, QuerySet, Sum
 from django.utils import timezone
 
-from billing.selectors import gpu_resource, price_at, price_table, unit_price
+from billing.selectors import gpu_resource, minor_per_unit, price_at, price_table, unit_price
 from tenants.models import Organization
 
 from .models import ACTIVE_STATES, Job, JobAttempt, JobState, ResourceClass, Worker
@@ -87,10 +87,10 @@ def job_costs_so_far(*, jobs: list[Job], now=None) -> dict[int, int]:
     for pk, started_at in started.items():
         job = active[pk]
         seconds = Decimal(max(0.0, (now - started_at).total_seconds()))
-        price, _currency = price_at(
+        price, currency = price_at(
             prices, resource=gpu_resource(job.resource_class.name), at=started_at
         )
-        costs[pk] += int(seconds * job.gpu_count * price * 100)
+        costs[pk] += int(seconds * job.gpu_count * price * minor_per_unit(currency))
     return costs
 
 

@@ -10,6 +10,7 @@ from django.conf import settings
 from billing.selectors import (
     decayed_spend,
     gpu_resource,
+    minor_per_unit,
     placement_blocks,
     plan_quotas,
     unit_price,
@@ -128,8 +129,10 @@ def _tenants(tenant_ids, classes, prices, running, started, now) -> dict[int, Te
         now=now,
         half_life=timedelta(seconds=settings.SCHEDULER_HALF_LIFE_S),
     )
-    # The ledger is in cents; the scheduler compares money in currency units, like its prices.
-    usage = {tenant_id: cents / 100 for tenant_id, cents in spend.items()}
+    # The ledger is in minor units; the scheduler compares money in currency units, like its
+    # prices.
+    minor = minor_per_unit(settings.BILLING_CURRENCY)
+    usage = {tenant_id: cents / minor for tenant_id, cents in spend.items()}
     # Running attempts are not in the ledger yet; their cost so far counts too.
     running_cost: dict[int, float] = defaultdict(float)
     for job in running:
@@ -140,7 +143,7 @@ def _tenants(tenant_ids, classes, prices, running, started, now) -> dict[int, Te
     blocks = placement_blocks(
         organizations=list(organizations.values()),
         now=now,
-        running_minor={tenant_id: int(cost * 100) for tenant_id, cost in running_cost.items()},
+        running_minor={tenant_id: int(cost * minor) for tenant_id, cost in running_cost.items()},
     )
     plans = plan_quotas(organization_ids=list(tenant_ids))
     tenants = {}
