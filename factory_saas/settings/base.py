@@ -32,6 +32,7 @@ INSTALLED_APPS = [
     "django_htmx",
     "allauth",
     "allauth.account",
+    "outbox",
     "tenants",
     "registry",
     "jobs",
@@ -163,6 +164,14 @@ ORGANIZATION_OVERVIEW_PANELS = ["jobs.panels.overview_panel", "billing.panels.ov
 # Days a past-due organization keeps placing jobs before the scheduler stops it.
 BILLING_PAST_DUE_GRACE_DAYS = env.int("BILLING_PAST_DUE_GRACE_DAYS", default=7)
 
+# The outbox of side effects owed after a commit (outbox app): retry backoff (doubling, capped),
+# how long a delivery holds its row, how long a drain runs, and when a failing one is given up.
+OUTBOX_BACKOFF_BASE_S = env.float("OUTBOX_BACKOFF_BASE_S", default=10.0)
+OUTBOX_BACKOFF_MAX_S = env.float("OUTBOX_BACKOFF_MAX_S", default=3600.0)
+OUTBOX_CLAIM_S = env.float("OUTBOX_CLAIM_S", default=300.0)
+OUTBOX_DRAIN_BUDGET_S = env.float("OUTBOX_DRAIN_BUDGET_S", default=8.0)
+OUTBOX_GIVE_UP_AFTER_S = env.float("OUTBOX_GIVE_UP_AFTER_S", default=3 * 24 * 3600.0)
+
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default=REDIS_URL or "memory://")
 CELERY_BROKER_TRANSPORT_OPTIONS = {}
 CELERY_TASK_ACKS_LATE = True
@@ -189,6 +198,10 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": crontab(minute=5, hour=0, day_of_month=1),
     },
     "billing-meter-push": {"task": "billing.meter_push", "schedule": 10.0},
+    "outbox-drain": {
+        "task": "outbox.drain",
+        "schedule": env.float("OUTBOX_DRAIN_EVERY_S", default=10.0),
+    },
     "billing-reconcile": {"task": "billing.reconcile", "schedule": crontab(minute=30, hour=3)},
 }
 

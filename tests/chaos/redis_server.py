@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import redis
 
+from factory_saas.celery import app as celery_app
 from tests.processes import wait_for
 
 REDIS_SERVER = "/usr/bin/redis-server"
@@ -77,3 +79,19 @@ class RedisServer:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+@contextlib.contextmanager
+def celery_broker(url: str):
+    """Point this process's Celery app (`tick_soon` after a submit) at `url`, then back.
+
+    The app's connection and producer pools are kept aside and put back; the test's own are
+    left to the garbage collector (kombu keeps pools per URL, and this URL is never used again).
+    """
+    saved = (celery_app.conf.broker_url, celery_app._pool, celery_app.amqp._producer_pool)
+    celery_app.conf.broker_url = url
+    celery_app._pool = celery_app.amqp._producer_pool = None
+    try:
+        yield
+    finally:
+        celery_app.conf.broker_url, celery_app._pool, celery_app.amqp._producer_pool = saved

@@ -14,7 +14,6 @@ by a worker killed before it recorded it); the product's orphan sweep must colle
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import random
@@ -31,7 +30,6 @@ from django.utils import timezone
 
 from billing.metering import meter_push_due
 from billing.models import BillingAccount, MeterPush, UsageRecord
-from factory_saas.celery import app as celery_app
 from jobs.models import TERMINAL_STATES, Job, JobAttempt, JobState, ResourceClass
 from jobs.samples.tabular import write_tabular_sample
 from jobs.services import job_submit
@@ -40,7 +38,7 @@ from registry.models import DatasetVersion, ModelArtifact, PendingUpload
 from registry.services import dataset_create, dataset_version_create
 from tenants.actors import Actor
 from tests.billing.stripe_server import StripeServer
-from tests.chaos.redis_server import RedisServer
+from tests.chaos.redis_server import RedisServer, celery_broker
 from tests.factories import MembershipFactory, OrganizationFactory, PriceFactory
 from tests.pool import Pool
 from tests.processes import wait_for
@@ -78,22 +76,6 @@ PARAMETERS = {
 }
 
 chaos = pytest.mark.django_db(transaction=True, serialized_rollback=True)
-
-
-@contextlib.contextmanager
-def celery_broker(url: str):
-    """Point this process's Celery app (`tick_soon` after a submit) at `url`, then back.
-
-    The app's connection and producer pools are kept aside and put back; the test's own are
-    left to the garbage collector (kombu keeps pools per URL, and this URL is never used again).
-    """
-    saved = (celery_app.conf.broker_url, celery_app._pool, celery_app.amqp._producer_pool)
-    celery_app.conf.broker_url = url
-    celery_app._pool = celery_app.amqp._producer_pool = None
-    try:
-        yield
-    finally:
-        celery_app.conf.broker_url, celery_app._pool, celery_app.amqp._producer_pool = saved
 
 
 @pytest.fixture
