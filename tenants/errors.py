@@ -27,3 +27,7 @@ class LastOwnerError(ConflictError):
 
 class InvitationInvalidError(DomainError):
     code = "invitation_invalid"
+
+
+class EmailUnverifiedError(PermissionDeniedError):
+    code = "email_unverified"

@@ -1,6 +1,6 @@
 from django import forms
 
-from .scopes import SCOPES, Role
+from .scopes import SCOPES, Role, roles_within
 
 
 class OrganizationForm(forms.Form):
@@ -9,7 +9,23 @@ class OrganizationForm(forms.Form):
 
 class InvitationForm(forms.Form):
     email = forms.EmailField()
-    role = forms.ChoiceField(choices=Role.choices, initial=Role.DEVELOPER)
+    role = forms.ChoiceField(choices=(), initial=Role.DEVELOPER)
+
+    def __init__(self, *args, granted_scopes: frozenset[str], **kwargs):
+        super().__init__(*args, **kwargs)
+        # Only the roles one may hand on are offered; the service refuses the others anyway.
+        within = roles_within(granted_scopes)
+        self.fields["role"].choices = [(v, label) for v, label in Role.choices if v in within]
+
+
+class InvitationAcceptForm(forms.Form):
+    token = forms.CharField(
+        max_length=200,
+        label="Invitation code",
+        help_text="Filled in from the link in your e-mail; without JavaScript, paste the part of "
+        "the link after “#”.",
+        widget=forms.TextInput(attrs={"autocomplete": "off", "spellcheck": "false"}),
+    )
 
 
 class RoleForm(forms.Form):

@@ -11,15 +11,15 @@ class Role(models.TextChoices):
     BILLING = "billing", "Billing"
 
 
-# Every scope the platform knows, with what it allows; API keys may carry any subset of their
-# creator's role scopes.
+# Every scope the platform knows, with what it allows. A scope is handed on (by an invitation, a
+# role change or a new API key) only by someone who holds it.
 SCOPES: dict[str, str] = {
     "org:read": "See the organization",
     "org:admin": "Rename the organization and change its settings",
     "members:read": "See members and pending invitations",
-    "members:admin": "Invite people and revoke invitations",
-    "members:owner": "Change members' roles and remove members",
-    "keys:write": "Create and revoke one's own API keys",
+    "members:admin": "Invite people, into roles whose scopes one holds, and revoke invitations",
+    "members:owner": "Change members' roles and remove members, within the scopes one holds",
+    "keys:write": "Create (signed in, never with a key) and revoke one's own API keys",
     "keys:admin": "See and revoke every API key of the organization",
     "audit:read": "Read the audit log",
     "jobs:read": "See jobs, their logs and metrics",
@@ -54,3 +54,8 @@ ROLE_SCOPES: dict[str, frozenset[str]] = {
 
 def scopes_for_role(role: str) -> frozenset[str]:
     return ROLE_SCOPES.get(role, frozenset())
+
+
+def roles_within(scopes: frozenset[str]) -> list[str]:
+    """The roles someone holding `scopes` may hand on: those that carry nothing more."""
+    return [role for role in Role.values if ROLE_SCOPES[role] <= scopes]

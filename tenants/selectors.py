@@ -9,6 +9,7 @@ from datetime import datetime
 from django.db.models import QuerySet
 from django.http import Http404
 
+from .actors import Actor
 from .models import ApiKey, AuditEvent, Invitation, Membership, Organization, User
 from .scopes import scopes_for_role
 
@@ -26,12 +27,32 @@ def membership_get(*, organization: Organization, user: User) -> Membership | No
     return Membership.objects.for_organization(organization).filter(user=user).first()
 
 
+def _scopes_held(*, membership: Membership | None, api_key: ApiKey | None) -> frozenset[str]:
+    # The one rule for what a request holds: a session its role's scopes; a key its own scopes
+    # narrowed by its creator's current role (`membership` is then the creator's).
+    held = scopes_for_role(membership.role) if membership is not None else frozenset()
+    if api_key is not None:
+        held &= frozenset(api_key.scopes)
+    return held
+
+
 def api_key_scopes(*, api_key: ApiKey) -> frozenset[str]:
     """A key never holds more than its creator's current role allows."""
     membership = membership_get(organization=api_key.organization, user=api_key.created_by)
-    if membership is None:
+    return _scopes_held(membership=membership, api_key=api_key)
+
+
+def actor_scopes(*, organization: Organization, actor: Actor) -> frozenset[str]:
+    """The scopes an actor holds in an organization: what it may do, and the most it may hand on
+    (in an invitation, a role change or a new key)."""
+    if actor.api_key is not None:
+        if actor.api_key.organization_id != organization.pk or not actor.api_key.is_active:
+            return frozenset()
+        return api_key_scopes(api_key=actor.api_key)
+    if actor.user is None:
         return frozenset()
-    return frozenset(api_key.scopes) & scopes_for_role(membership.role)
+    membership = membership_get(organization=organization, user=actor.user)
+    return _scopes_held(membership=membership, api_key=None)
 
 
 def organization_access(
@@ -52,7 +73,7 @@ def organization_access(
     )
     if membership is None:
         raise Http404
-    return membership.organization, membership, scopes_for_role(membership.role)
+    return membership.organization, membership, _scopes_held(membership=membership, api_key=None)
 
 
 def api_key_get_by_token(*, token: str) -> ApiKey | None:
@@ -77,14 +98,6 @@ def owner_count(*, organization: Organization) -> int:
 
 def invitation_list(*, organization: Organization) -> QuerySet[Invitation]:
     return Invitation.objects.for_organization(organization).select_related("invited_by")
-
-
-def invitation_get_by_token(*, token: str) -> Invitation | None:
-    return (
-        Invitation.objects.select_related("organization", "invited_by")
-        .filter(token_hash=hash_secret(token))
-        .first()
-    )
 
 
 def api_key_list(*, organization: Organization, created_by: User | None = None) -> QuerySet[ApiKey]:

@@ -6,6 +6,7 @@ import secrets
 import string
 from datetime import datetime, timedelta
 
+from allauth.account.models import EmailAddress
 from django.conf import settings
 from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
@@ -18,13 +19,14 @@ from .actors import Actor
 from .errors import (
     ConflictError,
     DomainError,
+    EmailUnverifiedError,
     InvitationInvalidError,
     LastOwnerError,
     PermissionDeniedError,
 )
 from .models import ApiKey, AuditEvent, Invitation, Membership, Organization, User
 from .scopes import SCOPES, Role, scopes_for_role
-from .selectors import api_key_scopes, hash_secret, membership_get
+from .selectors import actor_scopes, hash_secret, membership_get
 
 _ALPHANUMERIC = string.ascii_letters + string.digits
 API_KEY_PREFIX_LEN = 12
@@ -112,14 +114,45 @@ def _lock_owners(organization: Organization) -> list[Membership]:
     )
 
 
+def _require_holds_role(
+    *, organization: Organization, actor: Actor, role: str, doing: str, field: str | None = None
+) -> None:
+    """A permission is handed on, or taken away, only by someone holding all of it.
+
+    The actor must hold every scope of `role`; for the owner role that includes `members:owner`.
+    """
+    missing = sorted(scopes_for_role(role) - actor_scopes(organization=organization, actor=actor))
+    if missing:
+        detail = (
+            f"You cannot {doing}: the {role} role carries scopes you do not hold "
+            f"({', '.join(missing)})."
+        )
+        fields = {field: [f"Not yours to grant: {', '.join(missing)}."]} if field else None
+        raise PermissionDeniedError(detail, fields=fields)
+
+
 @transaction.atomic
 def membership_change_role(*, membership: Membership, role: str, actor: Actor) -> Membership:
     if role not in Role.values:
         raise DomainError(
             f"Unknown role {role!r}.", fields={"role": [f"Choose one of {', '.join(Role.values)}."]}
         )
-    owners = _lock_owners(membership.organization)
+    organization = membership.organization
+    owners = _lock_owners(organization)
     membership = Membership.objects.select_for_update().get(pk=membership.pk)
+    _require_holds_role(
+        organization=organization,
+        actor=actor,
+        role=membership.role,
+        doing=f"change the role of a member who is {membership.role}",
+    )
+    _require_holds_role(
+        organization=organization,
+        actor=actor,
+        role=role,
+        doing=f"make someone {role}",
+        field="role",
+    )
     if membership.role == role:
         return membership
     if membership.role == Role.OWNER and len(owners) == 1:
@@ -141,6 +174,12 @@ def membership_remove(*, membership: Membership, actor: Actor) -> None:
     organization = membership.organization
     owners = _lock_owners(organization)
     membership = Membership.objects.select_for_update().get(pk=membership.pk)
+    _require_holds_role(
+        organization=organization,
+        actor=actor,
+        role=membership.role,
+        doing=f"remove a member who is {membership.role}",
+    )
     if membership.role == Role.OWNER and len(owners) == 1:
         raise LastOwnerError("The last owner cannot be removed; make someone else an owner first.")
     now = timezone.now()
@@ -159,28 +198,22 @@ def membership_remove(*, membership: Membership, actor: Actor) -> None:
     membership.delete()
 
 
-def _actor_role(organization: Organization, actor: Actor) -> str | None:
-    user = actor.api_key.created_by if actor.api_key else actor.user
-    membership = membership_get(organization=organization, user=user) if user else None
-    return membership.role if membership else None
-
-
-def invitation_accept_url(token: str) -> str:
-    return settings.SITE_URL.rstrip("/") + reverse("tenants:invitation_accept", args=[token])
-
-
 def _send_invitation_email(invitation_id: int, token: str) -> None:
     invitation = Invitation.objects.select_related("organization", "invited_by").get(
         pk=invitation_id
     )
-    url = invitation_accept_url(token)
+    # The token rides in the fragment: browsers never send it, so it reaches no access log,
+    # proxy or Referer header; the accept page posts it in the request body.
+    url = f"{settings.SITE_URL.rstrip('/')}{reverse('tenants:invitation_accept')}#{token}"
     inviter = invitation.invited_by.email if invitation.invited_by else "A member"
     send_mail(
         subject=f"You are invited to {invitation.organization.name} on factory_saas",
         message=(
             f"{inviter} invited you to join {invitation.organization.name} "
             f"as {invitation.role}.\n\n"
-            f"Accept within {settings.INVITATION_TTL_DAYS} days: {url}\n"
+            f"Accept within {settings.INVITATION_TTL_DAYS} days: {url}\n\n"
+            f"Sign in as {invitation.email} to accept. New to factory_saas? Sign up with this "
+            "address, confirm it from the e-mail we send you, then open this link again.\n"
         ),
         from_email=None,
         recipient_list=[invitation.email],
@@ -190,15 +223,21 @@ def _send_invitation_email(invitation_id: int, token: str) -> None:
 @transaction.atomic
 def invitation_create(
     *, organization: Organization, email: str, role: str, actor: Actor
-) -> tuple[Invitation, str]:
-    """Invite an address; returns the invitation and its one-time token (never stored)."""
+) -> Invitation:
+    """Invite an address. Its one-time token is stored only as a hash and travels only in the
+    e-mail, so no response can hand it to whoever made the invitation."""
     email = email.strip().lower()
     if role not in Role.values:
         raise DomainError(
             f"Unknown role {role!r}.", fields={"role": [f"Choose one of {', '.join(Role.values)}."]}
         )
-    if role == Role.OWNER and _actor_role(organization, actor) != Role.OWNER:
-        raise PermissionDeniedError("Only an owner can invite another owner.")
+    _require_holds_role(
+        organization=organization,
+        actor=actor,
+        role=role,
+        doing=f"invite someone as {role}",
+        field="role",
+    )
     if Membership.objects.for_organization(organization).filter(user__email__iexact=email).exists():
         raise ConflictError(
             f"{email} is already a member.", fields={"email": ["Already a member."]}
@@ -226,7 +265,7 @@ def invitation_create(
         data={"email": email, "role": role},
     )
     transaction.on_commit(lambda: _send_invitation_email(invitation.pk, token))
-    return invitation, token
+    return invitation
 
 
 @transaction.atomic
@@ -261,10 +300,18 @@ def invitation_accept(*, token: str, user: User, actor: Actor) -> Membership:
             f"This invitation is {invitation.status}. Ask an admin of "
             f"{invitation.organization.name} for a new one."
         )
-    if invitation.email.lower() != user.email.lower():
+    # Only a confirmed address proves the mailbox: without this, anyone could sign up as the
+    # invited address (where verification is optional) and accept with a token seen elsewhere.
+    address = EmailAddress.objects.filter(user=user, email__iexact=invitation.email).first()
+    if address is None and invitation.email.lower() != user.email.lower():
         raise InvitationInvalidError(
             f"This invitation was sent to {invitation.email}. "
             "Log in with that address to accept it."
+        )
+    if address is None or not address.verified:
+        raise EmailUnverifiedError(
+            f"Confirm {invitation.email} before accepting: open the link in the confirmation "
+            "e-mail we sent to it, or send a new one from your account's e-mail page."
         )
     if membership_get(organization=invitation.organization, user=user) is not None:
         raise ConflictError(f"You are already a member of {invitation.organization.name}.")
@@ -294,6 +341,12 @@ def api_key_create(
     expires_at: datetime | None = None,
 ) -> tuple[ApiKey, str]:
     """Create a key; returns it with the full token, which is shown once and never stored."""
+    # A key that could mint keys could outlive its own revocation; only a person signed in
+    # creates keys, so there is never a chain of keys to follow.
+    if actor.api_key is not None:
+        raise PermissionDeniedError(
+            "API keys cannot create API keys; sign in to create one in the dashboard."
+        )
     name = name.strip()
     if not name:
         raise DomainError("A key needs a name.", fields={"name": ["This field is required."]})
@@ -307,14 +360,7 @@ def api_key_create(
         raise DomainError(
             "A key needs at least one scope.", fields={"scopes": ["Choose at least one scope."]}
         )
-    if actor.api_key is not None:
-        allowed = api_key_scopes(api_key=actor.api_key)
-        creator = actor.api_key.created_by
-    else:
-        creator = actor.user
-        membership = membership_get(organization=organization, user=creator)
-        allowed = scopes_for_role(membership.role) if membership else frozenset()
-    wider = sorted(set(scopes) - allowed)
+    wider = sorted(set(scopes) - actor_scopes(organization=organization, actor=actor))
     if wider:
         raise PermissionDeniedError(
             f"A key cannot hold scopes you do not have: {', '.join(wider)}.",
@@ -335,7 +381,7 @@ def api_key_create(
                     prefix=prefix,
                     secret_hash=hash_secret(secret),
                     scopes=sorted(set(scopes)),
-                    created_by=creator,
+                    created_by=actor.user,
                     expires_at=expires_at,
                 )
             break

@@ -24,8 +24,6 @@ org_urlpatterns = [
 urlpatterns = [
     path("orgs/new/", pages.OrganizationCreatePage.as_view(), name="organization_create"),
     path("profile/", pages.ProfilePage.as_view(), name="profile"),
-    path(
-        "invitations/<str:token>/", pages.InvitationAcceptPage.as_view(), name="invitation_accept"
-    ),
+    path("invitations/accept/", pages.InvitationAcceptPage.as_view(), name="invitation_accept"),
     path("o/<slug:org_slug>/", include(org_urlpatterns)),
 ]

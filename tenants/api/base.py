@@ -16,6 +16,8 @@ class OrganizationScopedMixin:
     permission_classes = [HasOrganizationScope]
     # The scope each action (viewsets) or method (plain views) needs; absent means denied.
     required_scopes: dict[str, str] = {}
+    # Actions (or methods) only a signed-in person may take, never an API key, whatever its scopes.
+    session_only_actions: frozenset[str] = frozenset()
     http_method_names = ["get", "post", "put", "patch", "delete", "head"]
     metadata_class = None
 

@@ -12,13 +12,17 @@ class DenyAll(permissions.BasePermission):
         return False
 
 
+def _action(view, request) -> str:
+    return getattr(view, "action", None) or request.method.lower()
+
+
 def required_scope(view, request) -> str | None:
-    key = getattr(view, "action", None) or request.method.lower()
-    return view.required_scopes.get(key)
+    return view.required_scopes.get(_action(view, request))
 
 
 class HasOrganizationScope(permissions.BasePermission):
-    """Authenticated, then a member of the organization (else 404), then the declared scope."""
+    """Authenticated, then a member of the organization (else 404), then the declared scope, then
+    a session where the view allows the action to people only."""
 
     message = "Your role in this organization does not allow this."
 
@@ -31,6 +35,9 @@ class HasOrganizationScope(permissions.BasePermission):
             return False
         if scope not in view.granted_scopes:
             self.message = f"This needs the `{scope}` scope, which your role or key does not grant."
+            return False
+        if request.auth is not None and _action(view, request) in view.session_only_actions:
+            self.message = IsUserSession.message
             return False
         return True
 

@@ -43,14 +43,6 @@ class InvitationCreateSerializer(serializers.Serializer):
     role = serializers.ChoiceField(choices=Role.choices)
 
 
-class InvitationCreatedSerializer(InvitationSerializer):
-    accept_url = serializers.CharField(read_only=True, help_text="Shown once; also emailed.")
-
-    class Meta(InvitationSerializer.Meta):
-        fields = [*InvitationSerializer.Meta.fields, "accept_url"]
-        read_only_fields = fields
-
-
 class InvitationAcceptSerializer(serializers.Serializer):
     token = serializers.CharField(max_length=200)
 

@@ -105,7 +105,12 @@ class MemberViewSet(
 @extend_schema(tags=["members"])
 @extend_schema_view(
     create=extend_schema(
-        request=s.InvitationCreateSerializer, responses={201: s.InvitationCreatedSerializer}
+        request=s.InvitationCreateSerializer,
+        responses={201: s.InvitationSerializer},
+        description=(
+            "Invite an address into a role whose every scope the caller holds (an owner needs "
+            "`members:owner`). The link goes only to the invited address, by e-mail."
+        ),
     ),
     destroy=extend_schema(description="Revoke a pending invitation."),
 )
@@ -131,13 +136,10 @@ class InvitationViewSet(
     def create(self, request, *args, **kwargs):
         data = s.InvitationCreateSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        invitation, token = services.invitation_create(
+        invitation = services.invitation_create(
             organization=self.organization, actor=self.actor, **data.validated_data
         )
-        invitation.accept_url = services.invitation_accept_url(token)
-        return Response(
-            s.InvitationCreatedSerializer(invitation).data, status=status.HTTP_201_CREATED
-        )
+        return Response(s.InvitationSerializer(invitation).data, status=status.HTTP_201_CREATED)
 
     def perform_destroy(self, instance):
         services.invitation_revoke(invitation=instance, actor=self.actor)
@@ -146,7 +148,12 @@ class InvitationViewSet(
 @extend_schema(tags=["api keys"])
 @extend_schema_view(
     create=extend_schema(
-        request=s.ApiKeyCreateSerializer, responses={201: s.ApiKeyCreatedSerializer}
+        request=s.ApiKeyCreateSerializer,
+        responses={201: s.ApiKeyCreatedSerializer},
+        description=(
+            "Only a signed-in session creates keys; a request made with an API key gets 403, so "
+            "a leaked key cannot make itself permanent."
+        ),
     ),
     destroy=extend_schema(description="Revoke the key; it stops working on the next request."),
 )
@@ -167,6 +174,7 @@ class ApiKeyViewSet(
         "create": "keys:write",
         "destroy": "keys:write",
     }
+    session_only_actions = frozenset({"create"})
 
     def narrow_queryset(self, queryset):
         if not self.has_scope("keys:admin"):

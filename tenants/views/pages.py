@@ -3,6 +3,7 @@
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.mixins import LoginRequiredMixin
+from django.contrib.auth.views import redirect_to_login
 from django.core.paginator import Paginator
 from django.shortcuts import redirect, render
 from django.utils.module_loading import import_string
@@ -12,8 +13,16 @@ from django.views.generic import TemplateView
 from tenants import selectors, services
 from tenants.actors import Actor
 from tenants.errors import DomainError
-from tenants.forms import ApiKeyForm, AuditFilterForm, InvitationForm, OrganizationForm, RoleForm
+from tenants.forms import (
+    ApiKeyForm,
+    AuditFilterForm,
+    InvitationAcceptForm,
+    InvitationForm,
+    OrganizationForm,
+    RoleForm,
+)
 from tenants.models import ApiKey, Invitation, Membership
+from tenants.scopes import Role, roles_within
 
 from .base import OrganizationPageMixin
 
@@ -58,28 +67,38 @@ class ProfilePage(LoginRequiredMixin, TemplateView):
         return context
 
 
-class InvitationAcceptPage(LoginRequiredMixin, View):
+class InvitationAcceptPage(View):
+    """The link in an invitation e-mail. Its token is in the URL fragment, which the browser never
+    sends; the page's script copies it into the form, which posts it in the body.
+
+    Anyone may open the page, so the script can keep the token (in the tab's sessionStorage)
+    while its reader signs in; accepting needs a signed-in user.
+    """
+
     template_name = "tenants/invitation_accept.html"
 
-    def get(self, request, token):
-        invitation = selectors.invitation_get_by_token(token=token)
-        return render(request, self.template_name, {"invitation": invitation})
+    def get(self, request):
+        return render(request, self.template_name, {"form": InvitationAcceptForm()})
 
-    def post(self, request, token):
-        try:
-            membership = services.invitation_accept(
-                token=token, user=request.user, actor=Actor.from_request(request)
-            )
-        except DomainError as error:
-            invitation = selectors.invitation_get_by_token(token=token)
-            return render(
-                request,
-                self.template_name,
-                {"invitation": invitation, "error": error.detail},
-                status=400,
-            )
-        messages.success(request, f"Welcome to {membership.organization.name}.")
-        return redirect("tenants:overview", membership.organization.slug)
+    def post(self, request):
+        if not request.user.is_authenticated:
+            return redirect_to_login(request.path)
+        form = InvitationAcceptForm(request.POST)
+        status = 400
+        if form.is_valid():
+            try:
+                membership = services.invitation_accept(
+                    token=form.cleaned_data["token"],
+                    user=request.user,
+                    actor=Actor.from_request(request),
+                )
+            except DomainError as error:
+                _add_domain_error(form, error)
+                status = error.status
+            else:
+                messages.success(request, f"Welcome to {membership.organization.name}.")
+                return redirect("tenants:overview", membership.organization.slug)
+        return render(request, self.template_name, {"form": form}, status=status)
 
 
 class OverviewPage(OrganizationPageMixin, TemplateView):
@@ -144,15 +163,16 @@ class MembersPage(OrganizationPageMixin, TemplateView):
             for invitation in selectors.invitation_list(organization=self.organization)[:200]
             if invitation.status == Invitation.Status.PENDING
         ]
-        context["roles"] = RoleForm.base_fields["role"].choices
-        context.setdefault("form", InvitationForm())
+        within = roles_within(self.granted_scopes)
+        context["roles"] = [(value, label) for value, label in Role.choices if value in within]
+        context.setdefault("form", InvitationForm(granted_scopes=self.granted_scopes))
         return context
 
     def post(self, request, org_slug):
-        form = InvitationForm(request.POST)
+        form = InvitationForm(request.POST, granted_scopes=self.granted_scopes)
         if form.is_valid():
             try:
-                invitation, _token = services.invitation_create(
+                invitation = services.invitation_create(
                     organization=self.organization, actor=self.actor, **form.cleaned_data
                 )
             except DomainError as error:

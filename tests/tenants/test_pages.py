@@ -1,6 +1,7 @@
 """The dashboard as a person uses it: sign up, organizations, members, keys, audit."""
 
 import re
+from urllib.parse import urlsplit
 
 import pytest
 from django.core import mail
@@ -8,6 +9,7 @@ from django.urls import reverse
 
 from tenants.models import ApiKey, Invitation, Membership, Organization
 from tests.factories import TEST_PASSWORD, UserFactory
+from tests.tenants.invitations import invitation_link
 
 pytestmark = pytest.mark.django_db
 
@@ -103,13 +105,38 @@ def test_inviting_and_accepting_through_the_pages(
             {"email": "pat@example.test", "role": "developer"},
         )
     assert response.status_code == 302
-    accept_path = re.search(r"/invitations/[^/\s]+/", mail.outbox[0].body).group(0)
+    link = urlsplit(invitation_link("pat@example.test"))
     pat = UserFactory(email="pat@example.test")
     client.force_login(pat)
-    assert b"Accept and join" in client.get(accept_path).content
-    assert client.post(accept_path)["Location"] == reverse("tenants:overview", args=[org.slug])
+    assert b"Accept and join" in client.get(link.path).content
+    accepted = client.post(link.path, {"token": link.fragment})
+    assert accepted["Location"] == reverse("tenants:overview", args=[org.slug])
     assert Membership.objects.get(organization=org, user=pat).role == "developer"
     assert Invitation.objects.get(email="pat@example.test").accepted_by == pat
+
+
+def test_the_invite_form_offers_only_the_roles_one_may_hand_on(client, org, member_factory):
+    client.force_login(member_factory(org, "admin"))
+    form = client.get(reverse("tenants:members", args=[org.slug])).context["form"]
+    assert [value for value, _label in form.fields["role"].choices] == [
+        "admin",
+        "developer",
+        "viewer",
+    ]
+
+
+def test_the_invitation_page_sends_a_signed_out_reader_to_sign_in_and_back(client):
+    page = client.get(reverse("tenants:invitation_accept"))
+    assert page.status_code == 200
+    assert b"?next=/invitations/accept/" in page.content and b"js/invitation.js" in page.content
+    posted = client.post(reverse("tenants:invitation_accept"), {"token": "anything"})
+    assert posted["Location"].startswith(reverse("account_login"))
+
+
+def test_a_wrong_invitation_code_is_a_400_that_says_so(client, user):
+    client.force_login(user)
+    response = client.post(reverse("tenants:invitation_accept"), {"token": "not-a-token"})
+    assert response.status_code == 400 and b"not valid" in response.content
 
 
 def test_invalid_invite_keeps_the_input_and_says_what_is_wrong(client, org, owner):

@@ -1,8 +1,10 @@
 """Tenant services against the real database: roles, owners, invitations, keys, audit."""
 
+import hashlib
 from datetime import timedelta
 
 import pytest
+from allauth.account.models import EmailAddress
 from django.core import mail
 from django.utils import timezone
 
@@ -11,13 +13,16 @@ from tenants.actors import Actor
 from tenants.errors import (
     ConflictError,
     DomainError,
+    EmailUnverifiedError,
     InvitationInvalidError,
     LastOwnerError,
     PermissionDeniedError,
 )
 from tenants.models import ApiKey, AuditEvent, Invitation, Membership
+from tenants.scopes import ROLE_SCOPES
 from tenants.selectors import api_key_get_by_token, api_key_scopes, membership_get
 from tests.factories import UserFactory
+from tests.tenants.invitations import invite
 
 pytestmark = pytest.mark.django_db
 
@@ -77,16 +82,12 @@ def test_removing_a_member_revokes_their_keys(org, owner, member_factory):
     assert not Membership.objects.filter(organization=org, user=dev).exists()
 
 
-def test_invitation_is_emailed_single_use_and_hashed(
-    org, owner, django_capture_on_commit_callbacks
-):
-    with django_capture_on_commit_callbacks(execute=True):
-        invitation, token = services.invitation_create(
-            organization=org, email="New@Example.test", role="viewer", actor=Actor(user=owner)
-        )
+def test_invitation_is_emailed_and_single_use(org, owner):
+    invitation, token = invite(
+        organization=org, email="New@Example.test", role="viewer", actor=Actor(user=owner)
+    )
     assert invitation.email == "new@example.test"
-    assert token not in invitation.token_hash
-    assert len(mail.outbox) == 1 and token in mail.outbox[0].body
+    assert len(mail.outbox) == 1 and mail.outbox[0].to == ["new@example.test"]
     invitee = UserFactory(email="new@example.test")
     membership = services.invitation_accept(token=token, user=invitee, actor=Actor(user=invitee))
     assert membership.role == "viewer"
@@ -94,8 +95,42 @@ def test_invitation_is_emailed_single_use_and_hashed(
         services.invitation_accept(token=token, user=invitee, actor=Actor(user=invitee))
 
 
+def test_the_invitation_row_and_its_audit_hold_only_the_hash_of_the_mailed_token(org, owner):
+    invitation, token = invite(
+        organization=org, email="new@example.test", role="viewer", actor=Actor(user=owner)
+    )
+    row = Invitation.objects.filter(pk=invitation.pk).values().get()
+    # SHA-256 of exactly the token the e-mail carried: a different or truncated token fails here.
+    assert row["token_hash"] == hashlib.sha256(token.encode()).hexdigest()
+    assert len(token) >= 40
+    assert [column for column, value in row.items() if token in str(value)] == []
+    audit = list(AuditEvent.objects.filter(organization=org).values())
+    assert [event["action"] for event in audit] == ["invitation.create"]
+    assert [event for event in audit if token in str(event)] == []
+    invitee = UserFactory(email="new@example.test")
+    services.invitation_accept(token=token, user=invitee, actor=Actor(user=invitee))
+    for model in (Invitation, AuditEvent):
+        assert not [r for r in model.objects.filter(organization=org).values() if token in str(r)]
+
+
+def test_accepting_needs_the_invited_address_confirmed_on_the_account(org, owner):
+    _invitation, token = invite(
+        organization=org, email="second@example.test", role="viewer", actor=Actor(user=owner)
+    )
+    invitee = UserFactory(email="first@example.test")
+    # The invited address added to the account but not yet confirmed.
+    address = EmailAddress.objects.create(user=invitee, email="second@example.test")
+    with pytest.raises(EmailUnverifiedError, match=r"Confirm second@example\.test"):
+        services.invitation_accept(token=token, user=invitee, actor=Actor(user=invitee))
+    assert membership_get(organization=org, user=invitee) is None
+    address.verified = True
+    address.save()
+    membership = services.invitation_accept(token=token, user=invitee, actor=Actor(user=invitee))
+    assert membership.role == "viewer"
+
+
 def test_invitation_expires_after_seven_days(org, owner):
-    invitation, token = services.invitation_create(
+    invitation, token = invite(
         organization=org, email="late@example.test", role="viewer", actor=Actor(user=owner)
     )
     assert invitation.expires_at - invitation.created_at == timedelta(days=7)
@@ -108,7 +143,7 @@ def test_invitation_expires_after_seven_days(org, owner):
 
 
 def test_invitation_only_works_for_the_invited_address(org, owner):
-    _invitation, token = services.invitation_create(
+    _invitation, token = invite(
         organization=org, email="right@example.test", role="viewer", actor=Actor(user=owner)
     )
     wrong = UserFactory(email="wrong@example.test")
@@ -117,7 +152,7 @@ def test_invitation_only_works_for_the_invited_address(org, owner):
 
 
 def test_resending_an_invitation_revokes_the_previous_link(org, owner):
-    _first, first_token = services.invitation_create(
+    _first, first_token = invite(
         organization=org, email="x@example.test", role="viewer", actor=Actor(user=owner)
     )
     services.invitation_create(
@@ -138,6 +173,55 @@ def test_only_owners_invite_owners_and_members_are_not_reinvited(org, owner, mem
         services.invitation_create(
             organization=org, email=admin.email, role="viewer", actor=Actor(user=owner)
         )
+
+
+def test_an_owners_full_key_may_hand_on_any_role(org, owner, member_factory):
+    key, _token = services.api_key_create(
+        organization=org, name="all", scopes=sorted(ROLE_SCOPES["owner"]), actor=Actor(user=owner)
+    )
+    keyed = Actor(user=owner, api_key=key)
+    invitation = services.invitation_create(
+        organization=org, email="o@example.test", role="owner", actor=keyed
+    )
+    assert invitation.role == "owner"
+    dev = member_factory(org, "developer")
+    membership = membership_get(organization=org, user=dev)
+    services.membership_change_role(membership=membership, role="billing", actor=keyed)
+    assert Membership.objects.get(pk=membership.pk).role == "billing"
+
+
+def test_a_key_hands_on_only_what_its_creators_current_role_still_holds(org, owner, member_factory):
+    creator = member_factory(org, "owner")
+    key, _token = services.api_key_create(
+        organization=org, name="all", scopes=sorted(ROLE_SCOPES["owner"]), actor=Actor(user=creator)
+    )
+    services.membership_change_role(
+        membership=membership_get(organization=org, user=creator),
+        role="admin",
+        actor=Actor(user=owner),
+    )
+    with pytest.raises(PermissionDeniedError, match="billing:admin"):
+        services.invitation_create(
+            organization=org,
+            email="b@example.test",
+            role="billing",
+            actor=Actor(user=creator, api_key=key),
+        )
+    assert not Invitation.objects.filter(email="b@example.test").exists()
+
+
+def test_a_key_cannot_create_a_key_even_when_called_as_a_service(org, owner):
+    key, _token = services.api_key_create(
+        organization=org, name="all", scopes=sorted(ROLE_SCOPES["owner"]), actor=Actor(user=owner)
+    )
+    with pytest.raises(PermissionDeniedError, match="cannot create API keys"):
+        services.api_key_create(
+            organization=org,
+            name="child",
+            scopes=["org:read"],
+            actor=Actor(user=owner, api_key=key),
+        )
+    assert list(ApiKey.objects.values_list("name", flat=True)) == ["all"]
 
 
 def test_api_key_scopes_are_no_wider_than_the_creators_role(org, member_factory):
