@@ -15,6 +15,9 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.text import slugify
 
+from outbox.services import handler as outbox_handler
+from outbox.services import message_enqueue
+
 from .actors import Actor
 from .errors import (
     ConflictError,
@@ -198,10 +201,25 @@ def membership_remove(*, membership: Membership, actor: Actor) -> None:
     membership.delete()
 
 
-def _send_invitation_email(invitation_id: int, token: str) -> None:
-    invitation = Invitation.objects.select_related("organization", "invited_by").get(
-        pk=invitation_id
-    )
+@outbox_handler
+def invitation_mail_send(*, invitation_id: int) -> None:
+    """Mail a pending invitation its link (an outbox handler: retried until the mail is sent).
+
+    The token is made here, at sending, and only its hash is kept, so it exists nowhere but in
+    the e-mail; a repeated delivery mails a fresh link and the earlier one stops working.
+    """
+    with transaction.atomic():
+        invitation = (
+            Invitation.objects.select_for_update(of=("self",))
+            .select_related("organization", "invited_by")
+            .filter(pk=invitation_id)
+            .first()
+        )
+        if invitation is None or invitation.status != Invitation.Status.PENDING:
+            return
+        token = secrets.token_urlsafe(32)
+        invitation.token_hash = hash_secret(token)
+        invitation.save(update_fields=["token_hash"])
     # The token rides in the fragment: browsers never send it, so it reaches no access log,
     # proxy or Referer header; the accept page posts it in the request body.
     url = f"{settings.SITE_URL.rstrip('/')}{reverse('tenants:invitation_accept')}#{token}"
@@ -247,12 +265,12 @@ def invitation_create(
     Invitation.objects.for_organization(organization).filter(
         email=email, accepted_at__isnull=True, revoked_at__isnull=True
     ).update(revoked_at=now)
-    token = secrets.token_urlsafe(32)
     invitation = Invitation.objects.create(
         organization=organization,
         email=email,
         role=role,
-        token_hash=hash_secret(token),
+        # Stands in until the e-mail is sent with the real token (invitation_mail_send).
+        token_hash=hash_secret(secrets.token_urlsafe(32)),
         invited_by=actor.api_key.created_by if actor.api_key else actor.user,
         created_at=now,
         expires_at=now + timedelta(days=settings.INVITATION_TTL_DAYS),
@@ -264,7 +282,7 @@ def invitation_create(
         target=invitation,
         data={"email": email, "role": role},
     )
-    transaction.on_commit(lambda: _send_invitation_email(invitation.pk, token))
+    message_enqueue(handler=invitation_mail_send, payload={"invitation_id": invitation.pk})
     return invitation
 
 
