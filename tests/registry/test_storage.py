@@ -553,17 +553,34 @@ def test_s3_server_refuses_wrong_credentials(s3_storage, s3_server, org_id):
 
 
 def test_s3_ensure_bucket_creates_a_missing_bucket_once(s3_server):
+    """Only the first call creates the bucket; later calls, and another process's storage, find it
+    and send no CreateBucket at all (counted as requests the server answered)."""
     bucket = f"ensure-{secrets.token_hex(6)}"
-    storage = S3Storage(
-        endpoint_url=s3_server.endpoint_url,
-        bucket=bucket,
-        region=s3_server.region,
-        access_key_id=s3_server.access_key,
-        secret_access_key=s3_server.secret_key,
-    )
 
-    storage.ensure_bucket()
-    storage.ensure_bucket()
+    def storage_counting(created: list[int]) -> S3Storage:
+        storage = S3Storage(
+            endpoint_url=s3_server.endpoint_url,
+            bucket=bucket,
+            region=s3_server.region,
+            access_key_id=s3_server.access_key,
+            secret_access_key=s3_server.secret_key,
+        )
+        storage._client.meta.events.register(
+            "after-call.s3.CreateBucket",
+            lambda http_response, **kwargs: created.append(http_response.status_code),
+        )
+        return storage
 
+    first_process, second_process = [], []
+    first = storage_counting(first_process)
+    with pytest.raises(ClientError):
+        s3_server.client().head_bucket(Bucket=bucket)
+
+    first.ensure_bucket()
+    first.ensure_bucket()
+    storage_counting(second_process).ensure_bucket()
+
+    assert first_process == [200]
+    assert second_process == []
     s3_server.client().head_bucket(Bucket=bucket)
     s3_server.client().delete_bucket(Bucket=bucket)
