@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from django.conf import settings
@@ -289,6 +289,16 @@ def _finalize_copy(*, upload: PendingUpload, key: str, actor: Actor) -> DatasetV
         )
         PendingUpload.objects.filter(pk=upload.pk).delete()
     return version
+
+
+def pending_uploads_expire(*, before: datetime) -> int:
+    """Forget uploads that expired before `before` without being finalized; returns how many.
+
+    A system task across organizations. Their objects (never billed) are left for the orphan
+    sweep, which deletes what no row refers to.
+    """
+    deleted, _ = PendingUpload.objects.filter(expires_at__lt=before).delete()
+    return deleted
 
 
 def _size_mismatch(upload: PendingUpload, size: int) -> DomainError:
