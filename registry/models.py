@@ -195,12 +195,18 @@ class ModelAlias(OrganizationOwned):
 
 
 class PendingUpload(OrganizationOwned):
-    """A large upload the client sends straight to storage, then asks us to finalize."""
+    """A large upload the client sends straight to storage, then asks us to finalize.
+
+    Its key is only ever written by the client; finalizing copies the object to a fresh key that
+    no upload URL points at, so a version's bytes cannot change after they were checked.
+    """
 
     dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="pending_uploads")
     storage_key = models.CharField(max_length=500, unique=True)
     original_filename = models.CharField(max_length=255, blank=True)
     declared_format = models.CharField(max_length=20, choices=DatasetFormat.choices, blank=True)
+    # The exact size the client declared; the store refuses any other, finalize checks it again.
+    size_bytes = models.BigIntegerField()
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
@@ -209,6 +215,11 @@ class PendingUpload(OrganizationOwned):
 
     class Meta:
         ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(size_bytes__gte=0), name="pending_upload_size_nonneg"
+            ),
+        ]
 
     def __str__(self):
         return f"upload to {self.dataset.name} ({self.original_filename})"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from django.conf import settings
 from django.db.models import Count, QuerySet
 from django.http import Http404
+from django.utils import timezone
 
 from tenants.models import Organization
 
@@ -13,6 +14,7 @@ from .models import (
     DatasetVersion,
     ModelAlias,
     ModelVersion,
+    PendingUpload,
     RegisteredModel,
     StorageAccount,
 )
@@ -43,6 +45,16 @@ def dataset_version_get(
     if version is None:
         raise Http404
     return version
+
+
+def pending_upload_accepts(*, organization_id: int, storage_key: str) -> bool:
+    """Whether bytes may still arrive at `storage_key`: an upload under it is pending, unexpired.
+
+    A finalized or discarded upload has no row, so its URL stops being honoured at once.
+    """
+    return PendingUpload.objects.filter(
+        organization_id=organization_id, storage_key=storage_key, expires_at__gt=timezone.now()
+    ).exists()
 
 
 def registered_model_list(*, organization: Organization) -> QuerySet[RegisteredModel]:

@@ -1,16 +1,20 @@
 """Download and upload endpoints behind the local storage backend's presigned URLs.
 
 The signed token in the URL is the whole credential, as with an S3 presigned URL: no session,
-no CSRF token, and only the key that was signed. Anything wrong with a token is a plain 404.
+no CSRF token, and only the key that was signed. Anything wrong with a token is a plain 404; so
+is an upload token whose pending upload was finalized, discarded or has expired.
 """
 
-from django.conf import settings
+from django.core.files.uploadhandler import StopUpload, TemporaryFileUploadHandler
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
+from django.http.multipartparser import MultiPartParserError
 from django.urls import path
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_http_methods
 
-from registry.storage import ObjectTooLarge, get_storage
+from registry.selectors import pending_upload_accepts
+from registry.storage import get_storage
+from registry.storage.keys import key_organization_id
 from registry.storage.local import (
     DOWNLOAD_SALT,
     UPLOAD_SALT,
@@ -19,7 +23,8 @@ from registry.storage.local import (
     verify_token,
 )
 
-DEFAULT_MAX_UPLOAD_BYTES = 5 * 1024**3
+# The form's other entries and its boundaries, beside the file itself.
+FORM_OVERHEAD_BYTES = 64 * 1024
 
 
 @csrf_exempt
@@ -39,20 +44,52 @@ def local_download(request: HttpRequest, token: str) -> FileResponse:
     )
 
 
+class _BoundedUpload(TemporaryFileUploadHandler):
+    """Spools the form's file to disk, and stops reading the request once past `max_bytes`."""
+
+    def __init__(self, request: HttpRequest, *, max_bytes: int) -> None:
+        super().__init__(request)
+        self.max_bytes = max_bytes
+        self.received = 0
+        self.too_large = False
+
+    def receive_data_chunk(self, raw_data: bytes, start: int) -> bytes | None:
+        self.received += len(raw_data)
+        if self.received > self.max_bytes:
+            self.too_large = True
+            raise StopUpload(connection_reset=True)
+        return super().receive_data_chunk(raw_data, start)
+
+
 @csrf_exempt
-@require_http_methods(["PUT"])
+@require_http_methods(["POST"])
 def local_upload(request: HttpRequest, token: str) -> HttpResponse:
+    """The local twin of an S3 presigned POST: a multipart form whose `file` must be exactly the
+    signed size, accepted only while its pending upload is open."""
     storage, grant = _granted(token, salt=UPLOAD_SALT)
-    max_bytes = getattr(settings, "DATASET_MAX_UPLOAD_BYTES", DEFAULT_MAX_UPLOAD_BYTES)
+    size = grant.size_bytes
+    if size is None or not pending_upload_accepts(
+        organization_id=key_organization_id(grant.key), storage_key=grant.key
+    ):
+        raise Http404
     declared = request.headers.get("Content-Length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
-        return _too_large(max_bytes)
+    if declared.isdigit() and int(declared) > size + FORM_OVERHEAD_BYTES:
+        return _too_large(size)
+    handler = _BoundedUpload(request, max_bytes=size)
+    request.upload_handlers = [handler]
     try:
-        # The request is read as a stream; the body is never held in memory whole.
-        stored = storage.save(grant.key, request, max_bytes=max_bytes)
-    except ObjectTooLarge:
-        return _too_large(max_bytes)
-    return JsonResponse({"size": stored.size, "sha256": stored.sha256})
+        uploaded = request.FILES.get("file")
+    except MultiPartParserError:
+        uploaded = None
+    if handler.too_large:
+        return _too_large(size)
+    if uploaded is None:
+        return _invalid("Send a multipart/form-data body with the bytes as its `file` entry.")
+    if uploaded.size != size:
+        return _invalid(f"The file is {uploaded.size} bytes; this upload was declared as {size}.")
+    with uploaded:
+        storage.save(grant.key, uploaded, max_bytes=size)
+    return HttpResponse(status=204)
 
 
 def _granted(token: str, *, salt: str) -> tuple[LocalStorage, LocalGrant]:
@@ -68,6 +105,10 @@ def _too_large(max_bytes: int) -> JsonResponse:
         {"code": "object_too_large", "detail": f"The upload is over {max_bytes} bytes."},
         status=413,
     )
+
+
+def _invalid(detail: str) -> JsonResponse:
+    return JsonResponse({"code": "invalid_upload", "detail": detail}, status=400)
 
 
 urlpatterns = [

@@ -117,6 +117,7 @@ class PendingUploadFactory(factory.django.DjangoModelFactory):
         lambda o: f"orgs/{o.organization.pk}/uploads/{uuid.uuid4().hex}/big.csv"
     )
     original_filename = "big.csv"
+    size_bytes = 100
     expires_at = factory.LazyFunction(lambda: timezone.now() + timedelta(hours=1))
 
 

@@ -39,7 +39,13 @@ from registry.services import (
     model_version_register,
     registered_model_create,
 )
-from registry.storage import ObjectNotFound, StorageError, get_storage, new_object_key
+from registry.storage import (
+    ObjectMismatch,
+    ObjectNotFound,
+    StorageError,
+    get_storage,
+    new_object_key,
+)
 from tenants.actors import Actor
 from tenants.errors import ConflictError
 
@@ -78,6 +84,10 @@ def stop_process_group(child: subprocess.Popen) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(child.pid, signal.SIGKILL)
         child.wait()
+
+
+class InputMismatch(Exception):
+    """A downloaded input is not what the registry recorded; the attempt fails saying which."""
 
 
 def first_or_create(find, create):
@@ -188,20 +198,47 @@ class _Attempt:
         with self.storage.open(key) as source, target.open("wb") as out:
             shutil.copyfileobj(source, out, length=1024 * 1024)
 
+    def _download_input(self, what: str, *, key: str, size: int, sha256: str, target: Path) -> None:
+        """Fetch an input the registry recorded, refusing bytes other than those it checked."""
+        try:
+            self.storage.download_verified(key, target, size=size, sha256=sha256)
+        except ObjectMismatch as exc:
+            logger.error("job %s: %s at %s does not match its record", self.job.pk, what, key)
+            raise InputMismatch(
+                f"{what} does not match its recorded {exc.field} (recorded {exc.recorded}, "
+                f"downloaded {exc.found}): the stored bytes changed after they were recorded, so "
+                "the job did not use them."
+            ) from exc
+
     def _write_spec(self) -> None:
         dataset = self.job.input_dataset_version
         dataset_path = self.workdir / f"dataset.{dataset.format}"
-        self._download(dataset.storage_key, dataset_path)
+        self._download_input(
+            f"input dataset {dataset.dataset.name} v{dataset.number}",
+            key=dataset.storage_key,
+            size=dataset.size_bytes,
+            sha256=dataset.sha256,
+            target=dataset_path,
+        )
         resume_from = None
         if self.job.checkpoint_key:
+            # Written by the platform alone and never recorded with a checksum; torch reads it
+            # with weights_only=True.
             resume_from = str(self.workdir / "resume.pt")
             self._download(self.job.checkpoint_key, Path(resume_from))
         model_dir = None
         if self.job.input_model_version is not None:
             model_dir = "model"
             (self.workdir / model_dir).mkdir()
-            for artifact in self.job.input_model_version.artifacts.all():
-                self._download(artifact.storage_key, self.workdir / model_dir / artifact.name)
+            model = self.job.input_model_version
+            for artifact in model.artifacts.all():
+                self._download_input(
+                    f"input model {model.registered_model.name} v{model.number} {artifact.name}",
+                    key=artifact.storage_key,
+                    size=artifact.size_bytes,
+                    sha256=artifact.sha256,
+                    target=self.workdir / model_dir / artifact.name,
+                )
         (self.workdir / "output").mkdir()
         (self.workdir / "checkpoints").mkdir()
         gpus = self.job.gpu_count if self.job.resource_class.name != "cpu" else 1

@@ -15,6 +15,7 @@ from django.utils import timezone
 
 from jobs.models import Job
 from registry.models import DatasetVersion, ModelArtifact, PendingUpload
+from registry.services import pending_uploads_expire
 from registry.storage import StorageError, get_storage
 from tenants.models import Organization
 
@@ -36,6 +37,9 @@ def storage_orphans_sweep(*, older_than: timedelta, now: datetime | None = None)
     A system task across every organization, one key prefix (orgs/<id>/) at a time.
     """
     cutoff = (now or timezone.now()) - older_than
+    # An upload abandoned past its expiry can no longer be finalized; without its row, what was
+    # sent to it (unbilled) is an orphan like any other.
+    pending_uploads_expire(before=cutoff)
     storage = get_storage()
     candidates = [
         key

@@ -69,18 +69,39 @@ class DatasetUploadSerializer(serializers.Serializer):
 class PendingUploadCreateSerializer(serializers.Serializer):
     filename = serializers.CharField(max_length=255)
     format = serializers.ChoiceField(choices=DatasetFormat.choices, required=False)
-    size_bytes = serializers.IntegerField(min_value=0, required=False)
+    size_bytes = serializers.IntegerField(
+        min_value=0, help_text="The file's exact size in bytes; the store accepts no other."
+    )
 
 
 class PendingUploadSerializer(serializers.ModelSerializer):
-    upload_url = serializers.CharField(
-        read_only=True, help_text="PUT the file's bytes here, then finalize."
+    """A started upload, with the form to POST its file with."""
+
+    # `url` and `fields` come from the storage's PresignedPost, which the view sets as `form`.
+    url = serializers.CharField(
+        source="form.url",
+        read_only=True,
+        help_text="POST the file here as multipart/form-data: every entry of `fields` first, "
+        "then the file's bytes as `file`. Then call finalize.",
     )
 
     class Meta:
         model = PendingUpload
-        fields = ["id", "original_filename", "upload_url", "expires_at"]
+        fields = ["id", "original_filename", "size_bytes", "url", "expires_at"]
         read_only_fields = fields
+
+    def get_fields(self):
+        # Declared here: as a class attribute, `fields` would hide Serializer.fields.
+        return {
+            **super().get_fields(),
+            "fields": serializers.DictField(
+                source="form.fields",
+                child=serializers.CharField(),
+                read_only=True,
+                help_text="Form entries to send, unchanged, before the file (empty for local "
+                "storage).",
+            ),
+        }
 
 
 class DownloadSerializer(serializers.Serializer):

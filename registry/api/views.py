@@ -203,7 +203,10 @@ class DatasetVersionViewSet(
     create=extend_schema(
         request=s.PendingUploadCreateSerializer,
         responses={201: s.PendingUploadSerializer},
-        description="Start a large upload: PUT the bytes to `upload_url`, then call finalize.",
+        description="Start a large upload: POST the file as multipart/form-data to `url`, with "
+        "every entry of `fields` before it and the bytes as `file`, exactly `size_bytes` long "
+        "(the store refuses any other size); then call finalize. Once finalized, the version's "
+        "bytes live under a key no upload URL points at.",
     ),
     finalize=extend_schema(request=None, responses={201: s.DatasetVersionDetailSerializer}),
 )
@@ -219,14 +222,14 @@ class PendingUploadViewSet(_InDataset, mixins.CreateModelMixin, OrganizationScop
         )
         data = s.PendingUploadCreateSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        upload, url = services.pending_upload_create(
+        upload, form = services.pending_upload_create(
             dataset=dataset,
             filename=data.validated_data["filename"],
             declared_format=data.validated_data.get("format", ""),
-            size_bytes=data.validated_data.get("size_bytes"),
+            size_bytes=data.validated_data["size_bytes"],
             actor=self.actor,
         )
-        upload.upload_url = url
+        upload.form = form
         return Response(s.PendingUploadSerializer(upload).data, status=status.HTTP_201_CREATED)
 
     @action(detail=True, methods=["post"])

@@ -7,6 +7,7 @@ from .datasets import (
     dataset_version_create,
     pending_upload_create,
     pending_upload_finalize,
+    pending_uploads_expire,
 )
 from .model_versions import (
     model_alias_delete,
@@ -27,6 +28,7 @@ __all__ = [
     "model_version_register",
     "pending_upload_create",
     "pending_upload_finalize",
+    "pending_uploads_expire",
     "registered_model_create",
     "registered_model_update",
     "storage_account_get",

@@ -8,19 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import IntegrityError, transaction
+from django.db import transaction
 from django.db.models import Max, Sum
 from django.utils import timezone
 
 from registry.errors import InUseError
 from registry.formats import DatasetFormatError, DatasetLimits, inspect_dataset
 from registry.models import Dataset, DatasetVersion, ModelVersion, PendingUpload, name_validator
-from registry.storage import get_storage, new_object_key
+from registry.storage import PresignedPost, get_storage, new_object_key
 from tenants.actors import Actor
 from tenants.errors import ConflictError, DomainError
 from tenants.models import Organization
@@ -190,17 +190,19 @@ def pending_upload_create(
     *,
     dataset: Dataset,
     filename: str,
+    size_bytes: int,
     declared_format: str = "",
-    size_bytes: int | None = None,
     actor: Actor,
-) -> tuple[PendingUpload, str]:
-    """Reserve a key for a large upload sent straight to storage; returns it with its PUT URL."""
-    if size_bytes is not None:
-        if size_bytes > dataset_limits().max_bytes:
-            raise DatasetFormatError(
-                f"The file is over the {dataset_limits().max_bytes}-byte limit."
-            )
-        storage_check(organization=dataset.organization, adding_bytes=size_bytes)
+) -> tuple[PendingUpload, PresignedPost]:
+    """Reserve a key for a large upload sent straight to storage; returns it with the form to
+    POST the file to, which the store accepts only at exactly `size_bytes`."""
+    limit = dataset_limits().max_bytes
+    if size_bytes > limit:
+        raise DatasetFormatError(
+            f"The file is {size_bytes} bytes; the limit is {limit}. Split it into versions.",
+            fields={"size_bytes": [f"At most {limit}."]},
+        )
+    storage_check(organization=dataset.organization, adding_bytes=size_bytes)
     upload = PendingUpload.objects.create(
         organization=dataset.organization,
         dataset=dataset,
@@ -209,57 +211,101 @@ def pending_upload_create(
         ),
         original_filename=filename[:255],
         declared_format=declared_format,
+        size_bytes=size_bytes,
         created_by=actor.user,
         expires_at=timezone.now() + PENDING_UPLOAD_TTL,
     )
-    url = get_storage().presigned_put_url(
-        upload.storage_key, expires_s=int(PENDING_UPLOAD_TTL.total_seconds())
+    form = get_storage().presigned_post(
+        upload.storage_key,
+        size_bytes=size_bytes,
+        expires_s=int(PENDING_UPLOAD_TTL.total_seconds()),
     )
-    return upload, url
+    return upload, form
 
 
 def pending_upload_finalize(*, upload: PendingUpload, actor: Actor) -> DatasetVersion:
-    """Read what the client uploaded, inspect it, and record it as a version under its own key."""
+    """Copy what the client uploaded to a fresh key, check and inspect the copy, and record it.
+
+    The upload's key stays writable through its URL until that expires (S3 cannot revoke a
+    presigned POST); the version's key never was, and what is hashed, inspected and recorded
+    is the copy, so a write racing the finalize changes nothing. Any refusal discards the upload.
+    """
     if upload.expires_at <= timezone.now():
         _discard_upload(upload)
         raise DomainError("This upload expired; start a new one.")
     storage = get_storage()
-    if storage.size(upload.storage_key) is None:
+    uploaded_size = storage.size(upload.storage_key)
+    if uploaded_size is None:
         raise DomainError(
-            "Nothing was uploaded yet: PUT the file to the upload URL, then finalize."
+            "Nothing was uploaded yet: POST the file to the upload URL with its fields, "
+            "then finalize."
         )
+    if uploaded_size != upload.size_bytes:
+        _discard_upload(upload)
+        raise _size_mismatch(upload, uploaded_size)
+    key = new_object_key(
+        organization_id=upload.organization_id, kind="datasets", filename=upload.original_filename
+    )
+    storage.copy(upload.storage_key, key)
+    try:
+        version = _finalize_copy(upload=upload, key=key, actor=actor)
+    except BaseException as exc:
+        stored_objects_delete([key])
+        if isinstance(exc, DomainError):
+            _discard_upload(upload)
+        raise
+    stored_objects_delete([upload.storage_key])
+    return version
+
+
+def _finalize_copy(*, upload: PendingUpload, key: str, actor: Actor) -> DatasetVersion:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "upload"
         digest = hashlib.sha256()
-        with storage.open(upload.storage_key) as source, path.open("wb") as target:
+        with get_storage().open(key) as source, path.open("wb") as target:
             for chunk in iter(lambda: source.read(1024 * 1024), b""):
                 digest.update(chunk)
                 target.write(chunk)
         size = path.stat().st_size
-        try:
-            storage_check(organization=upload.organization, adding_bytes=size)
-            inspection = inspect_dataset(
-                path, limits=dataset_limits(), declared_format=upload.declared_format or None
-            )
-        except DomainError:
-            _discard_upload(upload)
-            raise
-    try:
-        with transaction.atomic():
-            version = _record_version(
-                dataset=upload.dataset,
-                key=upload.storage_key,
-                size=size,
-                sha256=digest.hexdigest(),
-                filename=upload.original_filename,
-                inspection=inspection,
-                actor=actor,
-                source=DatasetVersion.Source.UPLOAD,
-            )
-            PendingUpload.objects.filter(pk=upload.pk).delete()
-    except IntegrityError as exc:
-        raise ConflictError("This upload was already finalized.") from exc
+        # Checked again on the copy: the upload may have been replaced after the first check.
+        if size != upload.size_bytes:
+            raise _size_mismatch(upload, size)
+        storage_check(organization=upload.organization, adding_bytes=size)
+        inspection = inspect_dataset(
+            path, limits=dataset_limits(), declared_format=upload.declared_format or None
+        )
+    with transaction.atomic():
+        if not PendingUpload.objects.select_for_update().filter(pk=upload.pk).exists():
+            raise ConflictError("This upload was already finalized.")
+        version = _record_version(
+            dataset=upload.dataset,
+            key=key,
+            size=size,
+            sha256=digest.hexdigest(),
+            filename=upload.original_filename,
+            inspection=inspection,
+            actor=actor,
+            source=DatasetVersion.Source.UPLOAD,
+        )
+        PendingUpload.objects.filter(pk=upload.pk).delete()
     return version
+
+
+def pending_uploads_expire(*, before: datetime) -> int:
+    """Forget uploads that expired before `before` without being finalized; returns how many.
+
+    A system task across organizations. Their objects (never billed) are left for the orphan
+    sweep, which deletes what no row refers to.
+    """
+    deleted, _ = PendingUpload.objects.filter(expires_at__lt=before).delete()
+    return deleted
+
+
+def _size_mismatch(upload: PendingUpload, size: int) -> DomainError:
+    return DomainError(
+        f"{size} bytes were uploaded, but {upload.size_bytes} were declared; "
+        "start a new upload with the file's exact size."
+    )
 
 
 def _discard_upload(upload: PendingUpload) -> None:

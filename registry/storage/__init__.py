@@ -12,14 +12,24 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 
-from .base import ObjectNotFound, ObjectTooLarge, Storage, StorageError, StoredObject
+from .base import (
+    ObjectMismatch,
+    ObjectNotFound,
+    ObjectTooLarge,
+    PresignedPost,
+    Storage,
+    StorageError,
+    StoredObject,
+)
 from .keys import OBJECT_KINDS, new_object_key, organization_prefix
 
 __all__ = [
     "DOWNLOAD_URL_TTL_S",
     "OBJECT_KINDS",
+    "ObjectMismatch",
     "ObjectNotFound",
     "ObjectTooLarge",
+    "PresignedPost",
     "Storage",
     "StorageError",
     "StoredObject",

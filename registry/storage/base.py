@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import BinaryIO
 
 from .keys import check_key, check_prefix, download_filename
@@ -25,6 +26,15 @@ class StoredObject:
     sha256: str  # hex
 
 
+@dataclass(frozen=True)
+class PresignedPost:
+    """Where a client POSTs one object as multipart/form-data: every entry of `fields` first,
+    then the bytes as the form's `file` entry."""
+
+    url: str
+    fields: dict[str, str]
+
+
 class StorageError(Exception):
     """The backend failed: network, permissions, a full disk."""
 
@@ -35,6 +45,17 @@ class ObjectTooLarge(StorageError):
 
 class ObjectNotFound(StorageError):
     """No object under that key."""
+
+
+class ObjectMismatch(Exception):
+    """The object's bytes are not those recorded for it: the store changed them, or lost some.
+
+    Not a StorageError: waiting does not make it right, so nothing retries it.
+    """
+
+    def __init__(self, key: str, *, field: str, recorded: str | int, found: str | int) -> None:
+        super().__init__(f"{key} does not match its recorded {field}")
+        self.key, self.field, self.recorded, self.found = key, field, recorded, found
 
 
 class Storage(abc.ABC):
@@ -83,9 +104,45 @@ class Storage(abc.ABC):
             check_key(key), filename=download_filename(filename), expires_s=_expiry(expires_s)
         )
 
-    def presigned_put_url(self, key: str, *, expires_s: int = 900) -> str:
-        """A URL a client PUTs the object's bytes to directly; the server finalizes it later."""
-        return self._presigned_put_url(check_key(key), expires_s=_expiry(expires_s))
+    def presigned_post(self, key: str, *, size_bytes: int, expires_s: int = 900) -> PresignedPost:
+        """A form a client POSTs exactly `size_bytes` bytes to, stored under `key`; the server
+        finalizes it later. The store itself refuses any other size."""
+        if size_bytes < 0:
+            raise ValueError(f"size_bytes must not be negative, not {size_bytes}")
+        return self._presigned_post(
+            check_key(key), size_bytes=size_bytes, expires_s=_expiry(expires_s)
+        )
+
+    def copy(self, source_key: str, target_key: str) -> None:
+        """Copy an object to another key inside the store, replacing any object there."""
+        self._copy(check_key(source_key), check_key(target_key))
+
+    def download_verified(self, key: str, path: Path, *, size: int, sha256: str) -> None:
+        """Write the object to `path` if it is the `size` bytes with that sha256 recorded for it.
+
+        Raises ObjectMismatch otherwise, leaving no file; it stops reading once past `size`, so a
+        swapped-in huge object costs no more than the recorded one.
+        """
+        check_key(key)
+        digest = hashlib.sha256()
+        written = 0
+        try:
+            with self.open(key) as source, path.open("wb") as target:
+                while chunk := source.read(CHUNK_SIZE):
+                    written += len(chunk)
+                    if written > size:
+                        raise ObjectMismatch(
+                            key, field="size", recorded=size, found=f"more than {size}"
+                        )
+                    digest.update(chunk)
+                    target.write(chunk)
+            if written != size:
+                raise ObjectMismatch(key, field="size", recorded=size, found=written)
+            if digest.hexdigest() != sha256:
+                raise ObjectMismatch(key, field="sha256", recorded=sha256, found=digest.hexdigest())
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
 
     @abc.abstractmethod
     def _save(
@@ -111,7 +168,10 @@ class Storage(abc.ABC):
     def _presigned_get_url(self, key: str, *, filename: str, expires_s: int) -> str: ...
 
     @abc.abstractmethod
-    def _presigned_put_url(self, key: str, *, expires_s: int) -> str: ...
+    def _presigned_post(self, key: str, *, size_bytes: int, expires_s: int) -> PresignedPost: ...
+
+    @abc.abstractmethod
+    def _copy(self, source_key: str, target_key: str) -> None: ...
 
 
 class StreamDigest:

@@ -69,6 +69,11 @@ def download_filename(filename: str) -> str:
     return name[:200] or "download"
 
 
+def key_organization_id(key: str) -> int:
+    """The organization a checked key belongs to: the <id> of ``orgs/<id>/``."""
+    return int(check_key(key).split("/", 2)[1])
+
+
 def check_key(key: str) -> str:
     """Return `key` if it names an object under ``orgs/<id>/`` in safe segments, else ValueError."""
     _check(key, is_prefix=False)

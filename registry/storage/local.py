@@ -17,7 +17,15 @@ from django.conf import settings
 from django.core import signing
 from django.urls import reverse
 
-from .base import CHUNK_SIZE, ObjectNotFound, Storage, StorageError, StoredObject, StreamDigest
+from .base import (
+    CHUNK_SIZE,
+    ObjectNotFound,
+    PresignedPost,
+    Storage,
+    StorageError,
+    StoredObject,
+    StreamDigest,
+)
 from .keys import check_key, download_filename
 
 # Keys never have a segment starting with a dot, so these never collide with an object.
@@ -29,10 +37,12 @@ UPLOAD_SALT = "registry.storage.local.upload"
 
 @dataclass(frozen=True)
 class LocalGrant:
-    """What a verified local URL token allows: one key, and the name to save a download as."""
+    """What a verified local URL token allows: one key, the name to save a download as, and the
+    exact size an upload must have."""
 
     key: str
     filename: str
+    size_bytes: int | None = None
 
 
 class LocalStorage(Storage):
@@ -129,9 +139,19 @@ class LocalStorage(Storage):
         )
         return _absolute(reverse("storage-local-download", kwargs={"token": token}))
 
-    def _presigned_put_url(self, key: str, *, expires_s: int) -> str:
-        token = signing.TimestampSigner(salt=UPLOAD_SALT).sign_object({"k": key, "e": expires_s})
-        return _absolute(reverse("storage-local-upload", kwargs={"token": token}))
+    def _presigned_post(self, key: str, *, size_bytes: int, expires_s: int) -> PresignedPost:
+        # The size travels signed in the token, as S3 keeps it in the signed policy.
+        token = signing.TimestampSigner(salt=UPLOAD_SALT).sign_object(
+            {"k": key, "e": expires_s, "n": size_bytes}
+        )
+        return PresignedPost(
+            url=_absolute(reverse("storage-local-upload", kwargs={"token": token})), fields={}
+        )
+
+    def _copy(self, source_key: str, target_key: str) -> None:
+        # A copy, not a rename or a hard link: the target shares nothing with the source's file.
+        with self._open(source_key) as source:
+            self._save(target_key, source, content_type="application/octet-stream", max_bytes=None)
 
     def _prune_empty_dirs(self, directory: Path) -> None:
         """Remove `directory` and its parents while empty, stopping at the organization's root."""
@@ -154,7 +174,10 @@ def verify_token(token: str, *, salt: str) -> LocalGrant | None:
         key = check_key(payload["k"])
     except (signing.BadSignature, KeyError, TypeError, ValueError):
         return None
-    return LocalGrant(key=key, filename=download_filename(payload.get("f", "")))
+    size = payload.get("n")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+        return None
+    return LocalGrant(key=key, filename=download_filename(payload.get("f", "")), size_bytes=size)
 
 
 def _absolute(path: str) -> str:

@@ -9,11 +9,20 @@ from datetime import datetime
 from typing import Any, BinaryIO
 
 import boto3
+from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from django.utils.http import content_disposition_header
 
-from .base import ObjectNotFound, Storage, StorageError, StoredObject, StreamDigest, read_up_to
+from .base import (
+    ObjectNotFound,
+    PresignedPost,
+    Storage,
+    StorageError,
+    StoredObject,
+    StreamDigest,
+    read_up_to,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -203,10 +212,34 @@ class S3Storage(Storage):
             ExpiresIn=expires_s,
         )
 
-    def _presigned_put_url(self, key: str, *, expires_s: int) -> str:
-        return self._client.generate_presigned_url(
-            "put_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_s
+    def _presigned_post(self, key: str, *, size_bytes: int, expires_s: int) -> PresignedPost:
+        # A presigned PUT cannot bound the body's size; a POST policy can, and the store refuses
+        # (EntityTooLarge / EntityTooSmall) any other size before keeping a byte.
+        post = self._client.generate_presigned_post(
+            self.bucket,
+            key,
+            Conditions=[["content-length-range", size_bytes, size_bytes]],
+            ExpiresIn=expires_s,
         )
+        return PresignedPost(url=post["url"], fields=dict(post["fields"]))
+
+    def _copy(self, source_key: str, target_key: str) -> None:
+        # Server-side: the bytes never pass through this process; past PART_SIZE the managed
+        # copy goes part by part, which also lifts CopyObject's 5 GB limit.
+        with _s3_errors(source_key):
+            try:
+                self._client.copy(
+                    {"Bucket": self.bucket, "Key": source_key},
+                    self.bucket,
+                    target_key,
+                    Config=TransferConfig(
+                        multipart_threshold=PART_SIZE, multipart_chunksize=PART_SIZE
+                    ),
+                )
+            except ClientError as exc:
+                if _error_code(exc) in _MISSING_OBJECT:
+                    raise ObjectNotFound(source_key) from exc
+                raise
 
     def _abort_upload(self, key: str, upload_id: str) -> None:
         try:

@@ -98,7 +98,7 @@ def _seed_tenant(tmp_path, *, marker: str, ids: int | None = None) -> dict:
     dataset_version = registry_services.dataset_version_create(
         dataset=dataset, path=csv_path, filename="train.csv", actor=actor
     )
-    upload, _url = registry_services.pending_upload_create(
+    upload, _form = registry_services.pending_upload_create(
         dataset=dataset, filename="big.csv", declared_format="csv", size_bytes=10, actor=actor
     )
 

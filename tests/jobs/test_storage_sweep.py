@@ -7,8 +7,9 @@ import pytest
 from django.utils import timezone
 
 from jobs.services.storage_sweep import storage_orphans_sweep
+from registry.models import PendingUpload
 from registry.storage import new_object_key
-from tests.factories import DatasetVersionFactory, JobFactory
+from tests.factories import DatasetVersionFactory, JobFactory, PendingUploadFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -40,3 +41,18 @@ def test_objects_without_a_row_are_deleted_once_old_enough(storage, org):
     assert storage.size(orphan) is None
     assert storage.size(dataset_key) == storage.size(checkpoint_key) == 5
     assert storage_orphans_sweep(older_than=HOUR, now=later) == []
+
+
+def test_an_upload_abandoned_past_its_expiry_is_forgotten_and_its_object_deleted(storage, org):
+    now = timezone.now()
+    abandoned = PendingUploadFactory(organization=org, expires_at=now - 2 * HOUR)
+    storage.save(abandoned.storage_key, io.BytesIO(b"never finalized"))
+    open_upload = PendingUploadFactory(organization=org, expires_at=now + 3 * HOUR)
+    storage.save(open_upload.storage_key, io.BytesIO(b"on its way"))
+
+    deleted = storage_orphans_sweep(older_than=HOUR, now=now + 2 * HOUR)
+
+    assert deleted == [abandoned.storage_key]
+    assert storage.size(abandoned.storage_key) is None
+    assert list(PendingUpload.objects.values_list("pk", flat=True)) == [open_upload.pk]
+    assert storage.size(open_upload.storage_key) == len(b"on its way")

@@ -1,5 +1,9 @@
 import io
+import urllib.error
+import urllib.request
+import uuid
 import zipfile
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -38,3 +42,37 @@ def zip_bytes(entries: dict[str, bytes]) -> bytes:
         for name, data in entries.items():
             archive.writestr(name, data)
     return buffer.getvalue()
+
+
+def multipart_form(fields: dict[str, str], body: bytes) -> tuple[bytes, str]:
+    """A multipart/form-data body as an HTTP client sends a presigned POST: the fields, then the
+    file as `file`. Returns the body and its Content-Type."""
+    boundary = uuid.uuid4().hex
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+        for name, value in fields.items()
+    ]
+    parts.append(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="data.csv"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n".encode()
+        + body
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+def post_presigned(client, url: str, fields: dict[str, str], body: bytes) -> int:
+    """POST `body` as a presigned form; returns the status. Local storage URLs go through the
+    Django test `client`, S3 ones over HTTP to the real server."""
+    form, content_type = multipart_form(fields, body)
+    parts = urlsplit(url)
+    if parts.path.startswith("/storage/local/"):
+        return client.generic("POST", parts.path, form, content_type=content_type).status_code
+    request = urllib.request.Request(  # noqa: S310  the test S3 server
+        url, data=form, method="POST", headers={"Content-Type": content_type}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code

@@ -1,7 +1,9 @@
 """Dataset uploads through the API: versions, profiles, bad input leaving nothing behind."""
 
+import hashlib
 import io
 import urllib.request
+from unittest import mock
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -10,8 +12,9 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import override_settings
 
 from registry.models import DatasetVersion, PendingUpload, StorageAccount
+from registry.storage import get_storage
 from tenants.models import AuditEvent
-from tests.registry.conftest import stored_files, zip_bytes
+from tests.registry.conftest import post_presigned, stored_files, zip_bytes
 
 pytestmark = pytest.mark.django_db
 
@@ -112,24 +115,105 @@ def test_storage_quota_is_enforced(org, dev_client, local_store, csv_bytes):
     assert DatasetVersion.objects.count() == 1 and len(stored_files(local_store)) == 1
 
 
-def test_presigned_upload_then_finalize(org, dev_client, local_store, csv_bytes, client):
-    name = _create_dataset(dev_client, org)
-    started = dev_client.post(
+def _start_upload(client, org, name, size):
+    started = client.post(
         f"/api/v1/orgs/{org.slug}/datasets/{name}/uploads/",
-        {"filename": "big.csv", "size_bytes": len(csv_bytes)},
+        {"filename": "big.csv", "size_bytes": size},
         format="json",
     )
     assert started.status_code == 201, started.content
-    put = client.generic("PUT", _local_path(started.json()["upload_url"]), csv_bytes)
-    assert put.status_code == 200, put.content
-    finalize_url = (
-        f"/api/v1/orgs/{org.slug}/datasets/{name}/uploads/{started.json()['id']}/finalize/"
-    )
+    return started.json()
+
+
+def test_presigned_upload_then_finalize(org, dev_client, local_store, csv_bytes, client):
+    name = _create_dataset(dev_client, org)
+    started = _start_upload(dev_client, org, name, len(csv_bytes))
+    assert (started["size_bytes"], started["fields"]) == (len(csv_bytes), {})
+    upload_key = PendingUpload.objects.get().storage_key
+    assert post_presigned(client, started["url"], started["fields"], csv_bytes) == 204
+    finalize_url = f"/api/v1/orgs/{org.slug}/datasets/{name}/uploads/{started['id']}/finalize/"
     finalized = dev_client.post(finalize_url)
     assert finalized.status_code == 201, finalized.content
     assert finalized.json()["row_count"] == 3
     assert not PendingUpload.objects.exists()
     assert dev_client.post(finalize_url).status_code == 404
+    version = DatasetVersion.objects.get()
+    assert version.storage_key.startswith(f"orgs/{org.pk}/datasets/")
+    assert stored_files(local_store) == [version.storage_key]
+    assert upload_key != version.storage_key
+    assert StorageAccount.objects.get(organization=org).used_bytes == len(csv_bytes)
+
+
+def test_starting_an_upload_needs_its_exact_size_within_the_limit(org, dev_client, local_store):
+    name = _create_dataset(dev_client, org)
+    url = f"/api/v1/orgs/{org.slug}/datasets/{name}/uploads/"
+    missing = dev_client.post(url, {"filename": "big.csv"}, format="json")
+    with override_settings(DATASET_MAX_UPLOAD_BYTES=10):
+        over = dev_client.post(url, {"filename": "big.csv", "size_bytes": 11}, format="json")
+    assert (missing.status_code, missing.json()["fields"]) == (400, {"size_bytes": mock.ANY})
+    assert (over.status_code, over.json()["code"]) == (400, "invalid_dataset")
+    assert not PendingUpload.objects.exists()
+
+
+def test_a_write_racing_the_finalize_does_not_reach_the_version(
+    org, dev_client, local_store, csv_bytes, client, monkeypatch
+):
+    """Finalize hashes and inspects its own copy, so bytes swapped into the upload's key after the
+    copy (its URL is still valid on S3) never become the version."""
+    name = _create_dataset(dev_client, org)
+    started = _start_upload(dev_client, org, name, len(csv_bytes))
+    assert post_presigned(client, started["url"], started["fields"], csv_bytes) == 204
+    storage = get_storage()
+    copy = storage.copy
+
+    def copy_then_overwrite(source_key, target_key):
+        copy(source_key, target_key)
+        storage.save(source_key, io.BytesIO(b"x,y\n" + b"1,2\n" * 1000))
+
+    monkeypatch.setattr(storage, "copy", copy_then_overwrite)
+    finalized = dev_client.post(
+        f"/api/v1/orgs/{org.slug}/datasets/{name}/uploads/{started['id']}/finalize/"
+    )
+
+    assert finalized.status_code == 201, finalized.content
+    assert finalized.json()["sha256"] == hashlib.sha256(csv_bytes).hexdigest()
+    assert (local_store / DatasetVersion.objects.get().storage_key).read_bytes() == csv_bytes
+
+
+def test_an_upload_of_another_size_than_declared_is_refused_at_finalize_and_discarded(
+    org, dev_client, local_store, csv_bytes
+):
+    """An object of the wrong size (an upload started before sizes were declared, or a store
+    that ignored the bound) is refused and discarded, never inspected."""
+    name = _create_dataset(dev_client, org)
+    started = _start_upload(dev_client, org, name, len(csv_bytes) + 1)
+    get_storage().save(PendingUpload.objects.get().storage_key, io.BytesIO(csv_bytes))
+
+    finalized = dev_client.post(
+        f"/api/v1/orgs/{org.slug}/datasets/{name}/uploads/{started['id']}/finalize/"
+    )
+
+    assert finalized.status_code == 400
+    assert "were declared" in finalized.json()["detail"]
+    assert not PendingUpload.objects.exists() and not DatasetVersion.objects.exists()
+    assert stored_files(local_store) == []
+
+
+def test_a_refused_finalize_leaves_neither_the_copy_nor_the_upload(
+    org, dev_client, local_store, client
+):
+    bad = b"a,b\n1,2\n3,4,5\n"
+    name = _create_dataset(dev_client, org)
+    started = _start_upload(dev_client, org, name, len(bad))
+    assert post_presigned(client, started["url"], started["fields"], bad) == 204
+
+    finalized = dev_client.post(
+        f"/api/v1/orgs/{org.slug}/datasets/{name}/uploads/{started['id']}/finalize/"
+    )
+
+    assert finalized.status_code == 400 and finalized.json()["code"] == "invalid_dataset"
+    assert not PendingUpload.objects.exists()
+    assert stored_files(local_store) == []
 
 
 def test_download_link_serves_the_bytes(org, dev_client, local_store, csv_bytes, client):

@@ -9,6 +9,7 @@ import secrets
 import time
 import urllib.error
 import urllib.request
+from datetime import timedelta
 from pathlib import Path
 from unittest import mock
 from urllib.parse import urlsplit
@@ -16,9 +17,12 @@ from urllib.parse import urlsplit
 import pytest
 from botocore.exceptions import ClientError
 from django.core import signing
+from django.http import HttpResponse
 from django.test import override_settings
+from django.utils import timezone
 
 from registry.storage import (
+    ObjectMismatch,
     ObjectNotFound,
     ObjectTooLarge,
     StorageError,
@@ -30,6 +34,8 @@ from registry.storage import (
 from registry.storage.keys import check_key
 from registry.storage.local import DOWNLOAD_SALT, TEMP_PREFIX, UPLOAD_SALT
 from registry.storage.s3 import PART_SIZE, S3Storage
+from tests.factories import PendingUploadFactory
+from tests.registry.conftest import multipart_form, post_presigned
 
 BACKENDS = ["local", "s3"]
 # Local presigned URLs reverse the signed-URL views, which this URLconf mounts as the project does.
@@ -177,6 +183,73 @@ def test_delete_prefix_removes_only_objects_under_it(storage, org_id):
     assert storage.size(neighbour) == len(b"payload")
 
 
+def test_copy_makes_an_object_that_later_writes_to_the_source_leave_alone(storage, org_id):
+    source = new_object_key(organization_id=org_id, kind="uploads")
+    target = new_object_key(organization_id=org_id, kind="datasets")
+    data = os.urandom(50_000)
+    storage.save(source, io.BytesIO(data))
+
+    storage.copy(source, target)
+    storage.save(source, io.BytesIO(b"replaced"))
+    storage.delete(source)
+
+    assert _sha256_of(storage, target) == hashlib.sha256(data).hexdigest()
+
+
+def test_s3_copy_of_a_large_object_goes_part_by_part_and_reads_back(s3_storage, org_id):
+    source = new_object_key(organization_id=org_id, kind="uploads")
+    target = new_object_key(organization_id=org_id, kind="datasets")
+    stream = GeneratedStream(PART_SIZE + 1024 * 1024 + 17)
+    s3_storage.save(source, stream)
+
+    s3_storage.copy(source, target)
+
+    assert s3_storage.size(target) == stream.size
+    assert _sha256_of(s3_storage, target) == stream.sha256.hexdigest()
+
+
+def test_copy_of_a_missing_object_is_object_not_found(storage, org_id):
+    with pytest.raises(ObjectNotFound):
+        storage.copy(
+            new_object_key(organization_id=org_id, kind="uploads"),
+            new_object_key(organization_id=org_id, kind="datasets"),
+        )
+
+
+def test_download_verified_writes_the_recorded_bytes(storage, org_id, tmp_path):
+    key = new_object_key(organization_id=org_id, kind="datasets")
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    stored = storage.save(key, io.BytesIO(data))
+
+    storage.download_verified(key, tmp_path / "in", size=stored.size, sha256=stored.sha256)
+
+    assert (tmp_path / "in").read_bytes() == data
+
+
+@pytest.mark.parametrize(
+    ("stored", "field", "found"),
+    [
+        (b"b" * 1000, "sha256", hashlib.sha256(b"b" * 1000).hexdigest()),
+        (b"a" * 999, "size", 999),
+        (b"a" * (3 * 1024 * 1024), "size", "more than 1000"),
+    ],
+    ids=["same-size-other-bytes", "shorter", "longer"],
+)
+def test_download_verified_refuses_other_bytes_and_leaves_no_file(
+    storage, org_id, tmp_path, stored, field, found
+):
+    key = new_object_key(organization_id=org_id, kind="datasets")
+    storage.save(key, io.BytesIO(stored))
+    recorded = {"size": 1000, "sha256": hashlib.sha256(b"a" * 1000).hexdigest()}
+
+    with pytest.raises(ObjectMismatch) as refused:
+        storage.download_verified(key, tmp_path / "in", **recorded)
+
+    assert (refused.value.key, refused.value.field) == (key, field)
+    assert (refused.value.recorded, refused.value.found) == (recorded[field], found)
+    assert not (tmp_path / "in").exists()
+
+
 BAD_KEYS = [
     "",
     "data.csv",
@@ -212,7 +285,10 @@ def test_every_method_refuses_keys_outside_an_organization(storage, key):
         lambda: storage.size(key),
         lambda: storage.delete(key),
         lambda: storage.presigned_get_url(key, filename="x"),
-        lambda: storage.presigned_put_url(key),
+        lambda: storage.presigned_post(key, size_bytes=1),
+        lambda: storage.copy(key, new_object_key(organization_id=1, kind="datasets")),
+        lambda: storage.copy(new_object_key(organization_id=1, kind="uploads"), key),
+        lambda: storage.download_verified(key, Path(os.devnull), size=0, sha256=""),
     ]
     for call in calls:
         with pytest.raises(ValueError):
@@ -233,7 +309,7 @@ def test_presigned_urls_refuse_expiry_out_of_range(storage, org_id, expires_s):
     with pytest.raises(ValueError):
         storage.presigned_get_url(key, filename="x", expires_s=expires_s)
     with pytest.raises(ValueError):
-        storage.presigned_put_url(key, expires_s=expires_s)
+        storage.presigned_post(key, size_bytes=1, expires_s=expires_s)
 
 
 # Keys from user file names.
@@ -366,28 +442,93 @@ def test_local_signed_download_serves_the_object_as_an_attachment(client, local_
     assert response["Content-Type"] == "application/octet-stream"
 
 
-def test_local_signed_upload_stores_the_body(client, local_storage, org_id):
-    key = new_object_key(organization_id=org_id, kind="uploads")
+@pytest.fixture
+def pending_key(db):
+    """The key of a pending upload of `size` bytes: the only keys the local upload view serves."""
+
+    def make(size: int, **kwargs) -> str:
+        return PendingUploadFactory(size_bytes=size, **kwargs).storage_key
+
+    return make
+
+
+def _post(client, url: str, body: bytes, *, fields: dict[str, str] | None = None) -> HttpResponse:
+    form, content_type = multipart_form(fields or {}, body)
+    return client.generic("POST", _path(url), form, content_type=content_type)
+
+
+def test_local_signed_upload_stores_the_form_file(client, local_storage, pending_key):
     body = os.urandom(300_000)
+    key = pending_key(len(body))
 
-    response = client.put(
-        _path(local_storage.presigned_put_url(key)), body, content_type="application/octet-stream"
-    )
+    response = _post(client, local_storage.presigned_post(key, size_bytes=len(body)).url, body)
 
-    assert response.status_code == 200
-    assert response.json() == {"size": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+    assert response.status_code == 204
     assert local_storage.size(key) == len(body)
+    assert _sha256_of(local_storage, key) == hashlib.sha256(body).hexdigest()
 
 
-@override_settings(DATASET_MAX_UPLOAD_BYTES=10)
-def test_local_signed_upload_over_the_limit_is_413_and_keeps_nothing(client, local_storage, org_id):
-    key = new_object_key(organization_id=org_id, kind="uploads")
+@pytest.mark.parametrize("size", [3 * 1024 * 1024, 11], ids=["large", "small"])
+def test_local_signed_upload_over_its_size_is_413_and_keeps_nothing(
+    client, local_storage, pending_key, size
+):
+    key = pending_key(size - 1)
+    url = local_storage.presigned_post(key, size_bytes=size - 1).url
 
-    response = client.put(_path(local_storage.presigned_put_url(key)), b"x" * 11)
+    response = _post(client, url, b"x" * size)
 
     assert response.status_code == 413
     assert response.json()["code"] == "object_too_large"
     assert _files_under(local_storage.root) == []
+
+
+def test_local_signed_upload_refuses_a_body_declared_far_over_its_size(
+    client, local_storage, pending_key
+):
+    key = pending_key(10)
+    url = local_storage.presigned_post(key, size_bytes=10).url
+
+    response = client.generic(
+        "POST",
+        _path(url),
+        b"x" * 100,
+        content_type="application/octet-stream",
+        CONTENT_LENGTH=str(10 * 1024 * 1024),
+    )
+
+    assert response.status_code == 413
+
+
+def test_local_signed_upload_under_its_size_is_400_and_keeps_nothing(
+    client, local_storage, pending_key
+):
+    key = pending_key(10)
+
+    response = _post(client, local_storage.presigned_post(key, size_bytes=10).url, b"x" * 9)
+
+    assert response.status_code == 400
+    assert response.json()["code"] == "invalid_upload"
+    assert _files_under(local_storage.root) == []
+
+
+def test_local_signed_upload_without_a_form_file_is_400(client, local_storage, pending_key):
+    key = pending_key(3)
+    url = local_storage.presigned_post(key, size_bytes=3).url
+
+    raw = client.generic("POST", _path(url), b"abc", content_type="application/octet-stream")
+
+    assert raw.status_code == 400
+    assert local_storage.size(key) is None
+
+
+def test_local_signed_upload_needs_an_open_pending_upload(client, local_storage, pending_key, db):
+    expired = pending_key(3, expires_at=timezone.now() - timedelta(seconds=1))
+    finalized = new_object_key(organization_id=1, kind="uploads")  # no row: finalized or never
+
+    for key in (expired, finalized):
+        url = local_storage.presigned_post(key, size_bytes=3).url
+        assert _post(client, url, b"abc").status_code == 404
+        assert local_storage.size(key) is None
 
 
 def _tamper(url: str) -> str:
@@ -398,36 +539,38 @@ def _tamper(url: str) -> str:
     return path.replace(token, token[:position] + swapped + token[position + 1 :])
 
 
-def test_local_tampered_tokens_are_404(client, local_storage, org_id):
-    key = new_object_key(organization_id=org_id, kind="datasets")
+def test_local_tampered_tokens_are_404(client, local_storage, pending_key):
+    key = pending_key(9)
     local_storage.save(key, io.BytesIO(b"secret"))
 
     download = client.get(_tamper(local_storage.presigned_get_url(key, filename="x")))
-    upload = client.put(_tamper(local_storage.presigned_put_url(key)), b"overwrite")
+    upload = _post(
+        client, _tamper(local_storage.presigned_post(key, size_bytes=9).url), b"overwrite"
+    )
 
     assert (download.status_code, upload.status_code) == (404, 404)
     with local_storage.open(key) as reader:
         assert reader.read() == b"secret"
 
 
-def test_local_expired_tokens_are_404(client, local_storage, org_id):
-    key = new_object_key(organization_id=org_id, kind="datasets")
+def test_local_expired_tokens_are_404(client, local_storage, pending_key):
+    key = pending_key(3)
     local_storage.save(key, io.BytesIO(b"old"))
     with mock.patch("time.time", return_value=time.time() - 301):
         download_url = local_storage.presigned_get_url(key, filename="x", expires_s=300)
-        upload_url = local_storage.presigned_put_url(key, expires_s=300)
+        upload_url = local_storage.presigned_post(key, size_bytes=3, expires_s=300).url
 
     assert client.get(_path(download_url)).status_code == 404
-    assert client.put(_path(upload_url), b"new").status_code == 404
+    assert _post(client, upload_url, b"new").status_code == 404
 
 
-def test_local_token_for_one_purpose_does_not_open_the_other(client, local_storage, org_id):
-    key = new_object_key(organization_id=org_id, kind="datasets")
+def test_local_token_for_one_purpose_does_not_open_the_other(client, local_storage, pending_key):
+    key = pending_key(3)
     local_storage.save(key, io.BytesIO(b"data"))
     download_token = _path(local_storage.presigned_get_url(key, filename="x")).split("/")[-2]
-    upload_token = _path(local_storage.presigned_put_url(key)).split("/")[-2]
+    upload_token = _path(local_storage.presigned_post(key, size_bytes=3).url).split("/")[-2]
 
-    assert client.put(f"/storage/local/{download_token}/upload", b"new").status_code == 404
+    assert _post(client, f"/storage/local/{download_token}/upload", b"new").status_code == 404
     assert client.get(f"/storage/local/{upload_token}/download").status_code == 404
 
 
@@ -435,18 +578,21 @@ def test_local_token_for_one_purpose_does_not_open_the_other(client, local_stora
 def test_local_signed_key_outside_an_organization_is_404(client, local_storage, key):
     """Even a correctly signed token (a leaked SECRET_KEY) cannot name a path outside orgs/."""
     download = signing.TimestampSigner(salt=DOWNLOAD_SALT).sign_object({"k": key, "e": 60})
-    upload = signing.TimestampSigner(salt=UPLOAD_SALT).sign_object({"k": key, "e": 60})
+    upload = signing.TimestampSigner(salt=UPLOAD_SALT).sign_object({"k": key, "e": 60, "n": 1})
 
     assert client.get(f"/storage/local/{download}/download").status_code == 404
-    assert client.put(f"/storage/local/{upload}/upload", b"x").status_code == 404
+    assert _post(client, f"/storage/local/{upload}/upload", b"x").status_code == 404
 
 
-def test_local_views_refuse_methods_they_do_not_serve(client, local_storage, org_id):
-    key = new_object_key(organization_id=org_id, kind="datasets")
+def test_local_views_refuse_methods_they_do_not_serve(client, local_storage, pending_key):
+    key = pending_key(4)
     local_storage.save(key, io.BytesIO(b"data"))
+    upload_url = _path(local_storage.presigned_post(key, size_bytes=4).url)
 
     assert client.post(_path(local_storage.presigned_get_url(key, filename="x"))).status_code == 405
-    assert client.get(_path(local_storage.presigned_put_url(key))).status_code == 405
+    assert client.get(upload_url).status_code == 405
+    # The old presigned PUT: its bound-less body is no longer accepted anywhere.
+    assert client.put(upload_url, b"evil").status_code == 405
 
 
 # S3 backend specifics, against the real server.
@@ -507,21 +653,29 @@ def test_s3_presigned_get_downloads_over_http_with_the_file_name(s3_storage, org
     assert disposition == 'attachment; filename="scores \\"final\\".csv"'
 
 
-def test_s3_presigned_put_uploads_over_http(s3_storage, org_id):
+def test_s3_presigned_post_stores_exactly_the_declared_size_over_http(s3_storage, org_id):
     key = new_object_key(organization_id=org_id, kind="uploads")
     body = os.urandom(200_000)
+    form = s3_storage.presigned_post(key, size_bytes=len(body))
 
-    request = urllib.request.Request(  # noqa: S310 (our own http URL)
-        s3_storage.presigned_put_url(key),
-        data=body,
-        method="PUT",
-        headers={"Content-Type": "application/octet-stream"},
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
-        assert response.status == 200
+    assert post_presigned(None, form.url, form.fields, body + b"x") == 400
+    assert post_presigned(None, form.url, form.fields, body[:-1]) == 400
+    assert s3_storage.size(key) is None
+    assert post_presigned(None, form.url, form.fields, body) == 204
 
     assert s3_storage.size(key) == len(body)
     assert _sha256_of(s3_storage, key) == hashlib.sha256(body).hexdigest()
+
+
+def test_s3_presigned_post_writes_only_its_own_key(s3_storage, org_id):
+    key = new_object_key(organization_id=org_id, kind="uploads")
+    elsewhere = new_object_key(organization_id=org_id, kind="datasets")
+    form = s3_storage.presigned_post(key, size_bytes=4)
+
+    status = post_presigned(None, form.url, {**form.fields, "key": elsewhere}, b"evil")
+
+    assert status == 403
+    assert s3_storage.size(elsewhere) is None
 
 
 def test_s3_server_refuses_wrong_credentials(s3_storage, s3_server, org_id):
@@ -553,17 +707,34 @@ def test_s3_server_refuses_wrong_credentials(s3_storage, s3_server, org_id):
 
 
 def test_s3_ensure_bucket_creates_a_missing_bucket_once(s3_server):
+    """Only the first call creates the bucket; later calls, and another process's storage, find it
+    and send no CreateBucket at all (counted as requests the server answered)."""
     bucket = f"ensure-{secrets.token_hex(6)}"
-    storage = S3Storage(
-        endpoint_url=s3_server.endpoint_url,
-        bucket=bucket,
-        region=s3_server.region,
-        access_key_id=s3_server.access_key,
-        secret_access_key=s3_server.secret_key,
-    )
 
-    storage.ensure_bucket()
-    storage.ensure_bucket()
+    def storage_counting(created: list[int]) -> S3Storage:
+        storage = S3Storage(
+            endpoint_url=s3_server.endpoint_url,
+            bucket=bucket,
+            region=s3_server.region,
+            access_key_id=s3_server.access_key,
+            secret_access_key=s3_server.secret_key,
+        )
+        storage._client.meta.events.register(
+            "after-call.s3.CreateBucket",
+            lambda http_response, **kwargs: created.append(http_response.status_code),
+        )
+        return storage
 
+    first_process, second_process = [], []
+    first = storage_counting(first_process)
+    with pytest.raises(ClientError):
+        s3_server.client().head_bucket(Bucket=bucket)
+
+    first.ensure_bucket()
+    first.ensure_bucket()
+    storage_counting(second_process).ensure_bucket()
+
+    assert first_process == [200]
+    assert second_process == []
     s3_server.client().head_bucket(Bucket=bucket)
     s3_server.client().delete_bucket(Bucket=bucket)
