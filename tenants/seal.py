@@ -24,28 +24,40 @@ def organization_rows(
     *, model: type, organization: Organization, narrow: Callable[[QuerySet], QuerySet]
 ) -> QuerySet:
     """The organization's rows of `model`, narrowed by `narrow`, with the filter proven kept."""
-    narrowed = narrow(model.objects.for_organization(organization))
-    where = f"{model.__name__} narrowing ({getattr(narrow, '__qualname__', narrow)})"
+    narrowed = checked_rows(
+        narrow(model.objects.for_organization(organization)),
+        model=model,
+        organization=organization,
+        source=f"{model.__name__} narrowing ({getattr(narrow, '__qualname__', narrow)})",
+    )
+    # The check names the mistake; the filter applied again is what holds if some query shape
+    # ever slips past it.
+    return narrowed.filter(organization=organization)
+
+
+def checked_rows(
+    narrowed: object, *, model: type, organization: Organization, source: str
+) -> QuerySet:
+    """`narrowed` if it is still only `organization`'s rows of `model`; else SealBroken, whose
+    message names `source` (the code that produced it) and how to mend it."""
     if not isinstance(narrowed, QuerySet) or narrowed.model is not model:
         raise SealBroken(
-            f"The {where} returned {narrowed!r:.80}; it must return a queryset of "
+            f"The {source} returned {narrowed!r:.80}; it must return a queryset of "
             f"{model.__name__}, narrowed from the one it was given."
         )
     query = narrowed.query
     if query.combinator or query.is_sliced:
         raise SealBroken(
-            f"The {where} returned a {query.combinator or 'sliced'} queryset; narrow with "
+            f"The {source} returned a {query.combinator or 'sliced'} queryset; narrow with "
             "filters only (pagination slices later)."
         )
     if not query.is_empty() and not _filters_on(query, organization):
         raise SealBroken(
-            f"The {where} dropped the organization filter; narrow the queryset it was given "
+            f"The {source} dropped the organization filter; narrow the queryset it was given "
             "with filter()/exclude()/select_related(), or start from "
             f"{model.__name__}.objects.for_organization(organization)."
         )
-    # The check above names the mistake; the filter applied again is what holds if some query
-    # shape ever slips past it.
-    return narrowed.filter(organization=organization)
+    return narrowed
 
 
 def _filters_on(query, organization: Organization) -> bool:

@@ -18,7 +18,7 @@ alone is refused at import.
 from rest_framework import generics, viewsets
 
 from tenants.actors import Actor
-from tenants.seal import SealBroken, organization_rows, sealed_overrides
+from tenants.seal import SealBroken, checked_rows, organization_rows, sealed_overrides
 from tenants.selectors import organization_access
 
 from .permissions import HasOrganizationScope
@@ -40,6 +40,7 @@ class OrganizationScopedMixin:
     _seal_base = False
     _sealed = (
         "get_queryset",
+        "filter_queryset",
         "get_object",
         "initial",
         "get_permissions",
@@ -101,16 +102,23 @@ class OrganizationScopedMixin:
             model=self.model, organization=self.resolve_organization(), narrow=self.narrow_queryset
         )
 
+    def filter_queryset(self, queryset):
+        # Filter backends (none by default) may only narrow further, like narrow_queryset.
+        return checked_rows(
+            super().filter_queryset(queryset),
+            model=self.model,
+            organization=self.resolve_organization(),
+            source=f"{type(self).__name__} filter backends",
+        )
 
+
+# No docstrings on the two bases: the OpenAPI schema would show them on every subclass without
+# one of its own.
 class OrganizationScopedViewSet(OrganizationScopedMixin, viewsets.GenericViewSet):
-    """A tenant-owned model's rows: list, retrieve and actions on them."""
-
     _seal_base = True
 
 
 class OrganizationScopedAPIView(OrganizationScopedMixin, generics.GenericAPIView):
-    """An org-scoped endpoint that is not a model's rows; see the module docstring."""
-
     _seal_base = True
     object = None
 

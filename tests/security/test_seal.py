@@ -56,6 +56,12 @@ def test_an_api_object_whose_narrowing_loses_the_filter_is_refused(attack, narro
     assert seen is None, f"the {narrowing} narrowing was served; it showed {seen}"
 
 
+def test_a_filter_backend_that_widens_the_rows_is_refused(attack):
+    client, own, _mine, _theirs = attack
+    seen = _refused_or_rows(client, f"/api/v1/orgs/{own.slug}/seal/backend/jobs/")
+    assert seen is None, f"the filter backend was served; it showed jobs {seen}"
+
+
 @pytest.mark.parametrize("narrowing", SOUND_NARROWINGS)
 def test_narrowings_that_keep_the_filter_serve_only_the_organizations_rows(attack, narrowing):
     client, own, mine, theirs = attack
@@ -118,7 +124,18 @@ def test_permissions_that_skip_resolving_the_organization_are_refused(permission
         type("Escaped", (OrganizationScopedAPIView,), {"permission_classes": permission_classes})
 
 
-@pytest.mark.parametrize("method", ["get_queryset", "get_object", "initial", "check_permissions"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        "get_queryset",
+        "filter_queryset",
+        "get_object",
+        "initial",
+        "get_permissions",
+        "check_permissions",
+        "resolve_organization",
+    ],
+)
 @pytest.mark.parametrize("base", [JobViewSet, OrganizationScopedAPIView])
 def test_api_views_cannot_override_the_sealed_methods(base, method):
     with pytest.raises(TypeError, match=method):
