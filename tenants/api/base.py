@@ -94,10 +94,10 @@ class OrganizationScopedMixin:
         return queryset
 
     def get_queryset(self):
-        if getattr(self, "swagger_fake_view", False):  # schema generation has no organization
-            return self.model.objects.none()
         if self.model is None:
             raise SealBroken(f"{type(self).__name__} names no model, so it has no rows to serve.")
+        if getattr(self, "swagger_fake_view", False):  # schema generation has no organization
+            return self.model.objects.none()
         return organization_rows(
             model=self.model, organization=self.resolve_organization(), narrow=self.narrow_queryset
         )
