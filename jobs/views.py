@@ -6,7 +6,7 @@ from django.contrib import messages
 from django.contrib.admin.views.decorators import staff_member_required
 from django.core.paginator import Paginator
 from django.http import Http404
-from django.shortcuts import get_object_or_404, redirect, render
+from django.shortcuts import redirect, render
 from django.utils.decorators import method_decorator
 from django.views import View
 from django.views.generic import TemplateView
@@ -165,6 +165,9 @@ class JobPage(OrganizationPageMixin, TemplateView):
     required_scopes = {"get": "jobs:read"}
     model = Job
 
+    def narrow_queryset(self, queryset):
+        return selectors.job_list(organization=self.organization)
+
     def get_template_names(self):
         # The live part for its own refresh; a boosted navigation (a link, a form's redirect)
         # needs the whole page.
@@ -173,9 +176,7 @@ class JobPage(OrganizationPageMixin, TemplateView):
 
     def get_context_data(self, **kwargs):
         context = super().get_context_data(**kwargs)
-        job = get_object_or_404(
-            selectors.job_list(organization=self.organization), pk=self.kwargs["pk"]
-        )
+        job = self.get_org_object()
         logs = list(
             JobLog.objects.for_organization(self.organization)
             .filter(job=job)

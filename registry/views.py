@@ -94,10 +94,11 @@ class DatasetPage(OrganizationPageMixin, TemplateView):
     template_name = "registry/dataset.html"
     required_scopes = {"get": "datasets:read"}
     model = Dataset
+    lookup_fields = {"name": "name"}
 
     def get_context_data(self, **kwargs):
         context = super().get_context_data(**kwargs)
-        dataset = selectors.dataset_get(organization=self.organization, name=self.kwargs["name"])
+        dataset = self.get_org_object()
         context["dataset"] = dataset
         context["versions"] = dataset.versions.select_related("created_by")[:200]
         context["upload_url"] = reverse(
@@ -111,14 +112,14 @@ class DatasetVersionPage(OrganizationPageMixin, TemplateView):
     template_name = "registry/dataset_version.html"
     required_scopes = {"get": "datasets:read"}
     model = DatasetVersion
+    lookup_fields = {"dataset__name": "name", "number": "number"}
+
+    def narrow_queryset(self, queryset):
+        return queryset.select_related("dataset")
 
     def get_context_data(self, **kwargs):
         context = super().get_context_data(**kwargs)
-        version = selectors.dataset_version_get(
-            organization=self.organization,
-            dataset_name=self.kwargs["name"],
-            number=self.kwargs["number"],
-        )
+        version = self.get_org_object()
         context["version"] = version
         context["columns"] = [
             (column, version.profile.get(column["name"], {})) for column in version.schema
@@ -131,11 +132,10 @@ class DatasetVersionPage(OrganizationPageMixin, TemplateView):
 class DatasetVersionDownload(OrganizationPageMixin, View):
     required_scopes = {"get": "datasets:read"}
     model = DatasetVersion
+    lookup_fields = {"dataset__name": "name", "number": "number"}
 
     def get(self, request, org_slug, name, number):
-        version = selectors.dataset_version_get(
-            organization=self.organization, dataset_name=name, number=number
-        )
+        version = self.get_org_object()
         filename = version.original_filename or f"{name}-v{number}.{version.format}"
         return redirect(
             get_storage().presigned_get_url(
@@ -168,12 +168,11 @@ class ModelPage(OrganizationPageMixin, TemplateView):
     template_name = "registry/model.html"
     required_scopes = {"get": "models:read", "post": "models:promote"}
     model = RegisteredModel
+    lookup_fields = {"name": "name"}
 
     def get_context_data(self, **kwargs):
         context = super().get_context_data(**kwargs)
-        registered_model = selectors.registered_model_get(
-            organization=self.organization, name=self.kwargs["name"]
-        )
+        registered_model = self.get_org_object()
         versions = list(registered_model.versions.prefetch_related("aliases")[:200])
         metric_names = sorted({k for v in versions for k in v.metrics})
         for version in versions:  # one cell per metric column, looked up once, not per cell
@@ -193,7 +192,7 @@ class ModelPage(OrganizationPageMixin, TemplateView):
         return context
 
     def post(self, request, org_slug, name):
-        registered_model = selectors.registered_model_get(organization=self.organization, name=name)
+        registered_model = self.get_org_object()
         versions = list(registered_model.versions.all()[:200])
         form = AliasForm(request.POST, versions=versions)
         if form.is_valid():
@@ -219,14 +218,14 @@ class ModelVersionPage(OrganizationPageMixin, TemplateView):
     template_name = "registry/model_version.html"
     required_scopes = {"get": "models:read"}
     model = ModelVersion
+    lookup_fields = {"registered_model__name": "name", "number": "number"}
+
+    def narrow_queryset(self, queryset):
+        return queryset.select_related("registered_model")
 
     def get_context_data(self, **kwargs):
         context = super().get_context_data(**kwargs)
-        version = selectors.model_version_get(
-            organization=self.organization,
-            model_name=self.kwargs["name"],
-            ref=self.kwargs["number"],
-        )
+        version = self.get_org_object()
         context["version"] = version
         context["artifacts"] = [
             (

@@ -1,21 +1,32 @@
 """The cross-tenant sweep: every org-scoped route, every method, every role.
 
 Routes are found by walking the URL patterns, so a new route is swept without being listed here.
-A route without a declared scope, or about an object kind this sweep cannot create, fails.
+Each must be built on a sealed base (tests/security/test_seal.py attacks the seal itself),
+declare its scope, and have an entry in CALLS: the valid request a permitted role sends and what
+proves the action ran. A route without one of these fails, saying what to add.
 """
 
+import json
 import re
 import secrets
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
+from urllib.parse import urlencode
 
+import numpy as np
 import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.test import override_settings
 from django.urls import URLPattern, URLResolver, get_resolver, reverse
 from django.utils import timezone
 from rest_framework.test import APIClient
+from safetensors.numpy import save as save_safetensors
 
-from billing.models import Invoice
-from jobs.models import Job, Sweep
+from billing.models import BillingAccount, Invoice, UsageRecord
+from jobs.models import Job, JobState, Sweep
 from registry.models import (
     Dataset,
     DatasetVersion,
@@ -24,16 +35,20 @@ from registry.models import (
     PendingUpload,
     RegisteredModel,
 )
-from tenants.api.base import OrganizationScopedMixin
-from tenants.models import ApiKey, Invitation, Membership
+from registry.storage import get_storage
+from tenants.api.base import OrganizationScopedAPIView, OrganizationScopedViewSet
+from tenants.models import ApiKey, Invitation, Membership, Organization
 from tenants.scopes import ROLE_SCOPES, Role
+from tenants.seal import sealed_overrides
 from tenants.selectors import hash_secret
 from tenants.views.base import OrganizationPageMixin
+from tests.billing.stripe_server import StripeServer
 from tests.factories import (
     DatasetVersionFactory,
     JobFactory,
     MembershipFactory,
     ModelAliasFactory,
+    ModelVersionFactory,
     OrganizationFactory,
     PendingUploadFactory,
 )
@@ -41,6 +56,10 @@ from tests.factories import (
 API_PREFIX = "api/v1/orgs/<slug:org_slug>/"
 PAGE_PREFIX = "o/<slug:org_slug>/"
 SKIPPED_METHODS = {"options", "head", "trace"}
+SEALED_BASES = {
+    "api": (OrganizationScopedViewSet, OrganizationScopedAPIView),
+    "page": (OrganizationPageMixin,),
+}
 
 
 @dataclass(frozen=True)
@@ -70,16 +89,16 @@ def _walk(patterns, prefix="", namespace=None):
             yield prefix + str(pattern.pattern), name, pattern.callback
 
 
+def _kind(path):
+    if path.startswith(API_PREFIX):
+        return "api"
+    return "page" if path.startswith(PAGE_PREFIX) else None
+
+
 def _routes():
     routes = []
     for path, name, callback in _walk(get_resolver().url_patterns):
-        kind = (
-            "api"
-            if path.startswith(API_PREFIX)
-            else "page"
-            if path.startswith(PAGE_PREFIX)
-            else None
-        )
+        kind = _kind(path)
         if kind is None:
             continue
         view_class = getattr(callback, "cls", None) or callback.view_class
@@ -115,6 +134,10 @@ ROUTES_VIA = [
 ]
 
 
+# Object makers: (organization, requesting user) -> the URL kwargs of the routes about that kind
+# of object, plus whatever else the calls below need to reach it (keys starting with "_").
+
+
 def _make_membership(organization, requester):
     return {"pk": MembershipFactory(organization=organization, role=Role.DEVELOPER).pk}
 
@@ -147,13 +170,25 @@ def _make_dataset_version(organization, requester):
     version = DatasetVersionFactory(organization=organization)
     upload = PendingUploadFactory(organization=organization, dataset=version.dataset)
     name = version.dataset.name
-    return {"name": name, "dataset_name": name, "number": version.number, "pk": upload.pk}
+    return {
+        "name": name,
+        "dataset_name": name,
+        "number": version.number,
+        "pk": upload.pk,
+        "_upload_key": upload.storage_key,
+    }
 
 
 def _make_model_version(organization, requester):
     alias = ModelAliasFactory(organization=organization)
     name = alias.registered_model.name
-    return {"name": name, "model_name": name, "number": alias.version.number, "alias": alias.name}
+    return {
+        "name": name,
+        "model_name": name,
+        "number": alias.version.number,
+        "alias": alias.name,
+        "_model": alias.registered_model,
+    }
 
 
 def _make_job(organization, requester):
@@ -190,8 +225,7 @@ def _make_invoice(organization, requester):
     return {"pk": invoice.pk}
 
 
-# One maker per kind of object a route is about: (organization, requesting user) -> URL kwargs.
-# A maker may return more kwargs than a route needs; each route takes the ones it names.
+# One maker per kind of object a route is about (the view's `model`).
 OBJECT_MAKERS = {
     Membership: _make_membership,
     Invitation: _make_invitation,
@@ -208,19 +242,506 @@ OBJECT_MAKERS = {
 }
 
 
-def _url(route, organization, requester=None, object_org=None):
-    kwargs = {"org_slug": organization.slug}
-    if route.kwargs:
-        made = OBJECT_MAKERS[route.view_class.model](object_org or organization, requester)
-        kwargs |= {name: made[name] for name in route.kwargs}
-    return reverse(route.name, kwargs=kwargs)
+# What each route is sent, and what proves it ran.
 
 
-def _request(client, route, url):
-    call = getattr(client, route.method)
-    if route.kind == "api" and route.method in {"post", "put", "patch"}:
-        return call(url, {}, format="json")
-    return call(url)
+@dataclass
+class Case:
+    """One swept request's world: its organization, the requester, the objects the URL names."""
+
+    org: Organization
+    user: object
+    made: dict
+    stripe: object = None  # the fake Stripe's state, for calls that reach Stripe
+
+
+@dataclass(frozen=True)
+class Call:
+    """The valid request a permitted role sends to one route, and what proves it ran.
+
+    `status` is the route's success code. `wrote` tells whether the route's write happened: it
+    must be false before the call, true after a permitted one and still false after a refused
+    one. A route that changes something states `wrote`; one whose unsafe method changes nothing
+    says why in `writes_nothing`. `stripe` runs the call against the fake Stripe API.
+    """
+
+    status: int
+    body: Callable[[Case], dict] | None = None
+    query: Callable[[Case], dict] | None = None
+    prepare: Callable[[Case], None] | None = None
+    wrote: Callable[[Case], bool] | None = None
+    writes_nothing: str = ""
+    multipart: bool = False
+    stripe: bool = False
+
+
+def _renamed(case):
+    return Organization.objects.filter(pk=case.org.pk, name="Renamed by the sweep").exists()
+
+
+def _member_is_viewer(case):
+    return Membership.objects.filter(pk=case.made["pk"], role=Role.VIEWER).exists()
+
+
+def _member_gone(case):
+    return not Membership.objects.filter(pk=case.made["pk"]).exists()
+
+
+def _invited(case):
+    return Invitation.objects.filter(organization=case.org, email="invitee@sweep.test").exists()
+
+
+def _invitation_revoked(case):
+    return Invitation.objects.filter(pk=case.made["pk"], revoked_at__isnull=False).exists()
+
+
+def _key_made(case):
+    return ApiKey.objects.filter(organization=case.org, name="made-by-the-sweep").exists()
+
+
+def _key_revoked(case):
+    return ApiKey.objects.filter(pk=case.made["pk"], revoked_at__isnull=False).exists()
+
+
+def _dataset_made(case):
+    return Dataset.objects.filter(organization=case.org, name="swept-new").exists()
+
+
+def _dataset_described(case):
+    return Dataset.objects.filter(
+        organization=case.org, name=case.made["name"], description="swept"
+    ).exists()
+
+
+def _dataset_gone(case):
+    return not Dataset.objects.filter(organization=case.org, name=case.made["name"]).exists()
+
+
+def _csv_file():
+    return SimpleUploadedFile("swept.csv", b"x,y\n1,0\n2,1\n3,0\n4,1\n", content_type="text/csv")
+
+
+def _version_uploaded(case):
+    return DatasetVersion.objects.filter(
+        organization=case.org, dataset__name=case.made["name"], original_filename="swept.csv"
+    ).exists()
+
+
+def _upload_started(case):
+    return PendingUpload.objects.filter(
+        organization=case.org, original_filename="swept.csv"
+    ).exists()
+
+
+def _put_upload_bytes(case):
+    get_storage().save(case.made["_upload_key"], _csv_file())
+
+
+def _upload_finalized(case):
+    return DatasetVersion.objects.filter(
+        organization=case.org, dataset__name=case.made["name"], original_filename="big.csv"
+    ).exists()
+
+
+def _model_made(case):
+    return RegisteredModel.objects.filter(organization=case.org, name="swept-model").exists()
+
+
+def _model_described(case):
+    return RegisteredModel.objects.filter(
+        organization=case.org, name=case.made["name"], description="swept"
+    ).exists()
+
+
+# A classifier small enough to write by hand: one number in, two classes out, no hidden layer.
+TABULAR_CONFIG = {
+    "recipe": "tabular-classifier",
+    "recipe_version": "1",
+    "architecture": {
+        "numeric_features": 1,
+        "embedding_sizes": [],
+        "embedding_dim": 4,
+        "hidden_sizes": [],
+        "classes": 2,
+    },
+    "target": "y",
+    "target_dtype": "int64",
+    "classes": [0, 1],
+    "columns": [{"name": "x", "dtype": "int64", "encoding": "standardize", "mean": 0, "std": 1}],
+}
+
+
+def _weights_bytes():
+    weights = {
+        "mlp.0.weight": np.array([[1.0], [-1.0]], dtype=np.float32),
+        "mlp.0.bias": np.zeros(2, dtype=np.float32),
+    }
+    return save_safetensors(weights)
+
+
+def _weights_file():
+    return SimpleUploadedFile("model.safetensors", _weights_bytes())
+
+
+def _version_registered(case):
+    return ModelVersion.objects.filter(
+        organization=case.org, registered_model__name=case.made["name"], recipe_name="x-swept"
+    ).exists()
+
+
+def _second_version(case):
+    case.made["_v2"] = ModelVersionFactory(
+        organization=case.org, registered_model=case.made["_model"], recipe_name="x-swept"
+    )
+
+
+def _alias_moved(case):
+    return ModelAlias.objects.filter(
+        organization=case.org, name=case.made["alias"], version=case.made.get("_v2")
+    ).exists()
+
+
+def _alias_gone(case):
+    return not ModelAlias.objects.filter(organization=case.org, name=case.made["alias"]).exists()
+
+
+def _alias_set(case):
+    return ModelAlias.objects.filter(organization=case.org, name="swept-alias").exists()
+
+
+def _servable_version(case):
+    """A version of the URL's model with real weights and config, for online prediction."""
+    from registry.services import model_version_register
+    from tenants.actors import Actor
+
+    owner = MembershipFactory(organization=case.org, role=Role.OWNER).user
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.safetensors"
+        path.write_bytes(_weights_bytes())
+        case.made["_served"] = model_version_register(
+            registered_model=case.made["_model"],
+            weights_path=path,
+            config=TABULAR_CONFIG,
+            recipe_name="tabular-classifier",
+            actor=Actor(user=owner),
+        )
+
+
+def _predicted(case):
+    return UsageRecord.objects.filter(organization=case.org, resource="predictions").exists()
+
+
+def _dataset_ref(case):
+    version = case.made.setdefault("_input", DatasetVersionFactory(organization=case.org))
+    return {"dataset": version.dataset.name, "number": version.number}
+
+
+def _job_submitted(case):
+    return Job.objects.filter(organization=case.org, labels__swept="yes").exists()
+
+
+def _job_cancelled(case):
+    return Job.objects.filter(
+        pk=case.made["pk"], state__in=[JobState.CANCELLING, JobState.CANCELLED]
+    ).exists()
+
+
+def _job_failed(case):
+    Job.objects.filter(pk=case.made["pk"]).update(state=JobState.FAILED)
+
+
+def _job_retried(case):
+    return Job.objects.filter(organization=case.org, retry_of_id=case.made["pk"]).exists()
+
+
+def _sweep_made(case):
+    return Sweep.objects.filter(organization=case.org, name="swept-new").exists()
+
+
+def _sweep_cancelled(case):
+    return Sweep.objects.filter(pk=case.made["pk"], state=Sweep.State.CANCELLED).exists()
+
+
+def _budget_set(case):
+    return BillingAccount.objects.filter(organization=case.org, monthly_budget_minor=12345).exists()
+
+
+def _stripe_session(path):
+    def opened(case):
+        return ("POST", path) in case.stripe.requests
+
+    return opened
+
+
+def _page_job_form(case):
+    version = case.made.setdefault("_input", DatasetVersionFactory(organization=case.org))
+    return {
+        "dataset_version": version.pk,
+        "resource_class": "cpu",
+        "gpu_count": 1,
+        "priority": 0,
+        "max_runtime_s": 3600,
+        "labels": "swept=yes",
+        "param_target": "x",
+    }
+
+
+def _page_predict_form(case):
+    model_version = ModelVersionFactory(organization=case.org, recipe_name="tabular-classifier")
+    rows = DatasetVersionFactory(organization=case.org)
+    return {
+        "model_version": model_version.pk,
+        "dataset_version": rows.pk,
+        "resource_class": "cpu",
+        "output_dataset": "swept-predictions",
+    }
+
+
+def _predicted_by_job(case):
+    return Job.objects.filter(
+        organization=case.org, kind=Job.Kind.INFER, output_dataset_name="swept-predictions"
+    ).exists()
+
+
+OK = Call(200)
+NEW_KEY = {"name": "made-by-the-sweep", "scopes": ["org:read"]}
+SWEEP_BODY = {
+    "name": "swept-new",
+    "recipe": "tabular-classifier",
+    "parameters": {"target": "x"},
+    "space": {"epochs": {"values": [1, 2]}},
+    "strategy": "grid",
+    "trial_count": 2,
+    "metric": "val_accuracy",
+}
+
+CALLS: dict[str, Call] = {
+    # API: the organization, members, invitations, keys, audit
+    "GET organization-detail": OK,
+    "PATCH organization-detail": Call(
+        200, body=lambda c: {"name": "Renamed by the sweep"}, wrote=_renamed
+    ),
+    "GET member-list": OK,
+    "GET member-detail": OK,
+    "PATCH member-detail": Call(200, body=lambda c: {"role": "viewer"}, wrote=_member_is_viewer),
+    "DELETE member-detail": Call(204, wrote=_member_gone),
+    "GET invitation-list": OK,
+    "GET invitation-detail": OK,
+    "POST invitation-list": Call(
+        201, body=lambda c: {"email": "invitee@sweep.test", "role": "viewer"}, wrote=_invited
+    ),
+    "DELETE invitation-detail": Call(204, wrote=_invitation_revoked),
+    "GET api-key-list": OK,
+    "GET api-key-detail": OK,
+    "POST api-key-list": Call(201, body=lambda c: NEW_KEY, wrote=_key_made),
+    "DELETE api-key-detail": Call(204, wrote=_key_revoked),
+    "GET audit-event-list": OK,
+    # API: datasets
+    "GET dataset-list": OK,
+    "POST dataset-list": Call(201, body=lambda c: {"name": "swept-new"}, wrote=_dataset_made),
+    "GET dataset-detail": OK,
+    "PATCH dataset-detail": Call(
+        200, body=lambda c: {"description": "swept"}, wrote=_dataset_described
+    ),
+    "DELETE dataset-detail": Call(204, wrote=_dataset_gone),
+    "GET dataset-version-list": OK,
+    "POST dataset-version-list": Call(
+        201, body=lambda c: {"file": _csv_file()}, multipart=True, wrote=_version_uploaded
+    ),
+    "GET dataset-version-detail": OK,
+    "GET dataset-version-download": OK,
+    "GET dataset-version-lineage": OK,
+    "POST dataset-upload-list": Call(
+        201, body=lambda c: {"filename": "swept.csv", "size_bytes": 20}, wrote=_upload_started
+    ),
+    "POST dataset-upload-finalize": Call(201, prepare=_put_upload_bytes, wrote=_upload_finalized),
+    # API: models
+    "GET model-list": OK,
+    "POST model-list": Call(201, body=lambda c: {"name": "swept-model"}, wrote=_model_made),
+    "GET model-detail": OK,
+    "PATCH model-detail": Call(
+        200, body=lambda c: {"description": "swept"}, wrote=_model_described
+    ),
+    "GET model-compare": Call(200, query=lambda c: {"versions": str(c.made["number"])}),
+    "GET model-version-list": OK,
+    "POST model-version-list": Call(
+        201,
+        body=lambda c: {
+            "weights": _weights_file(),
+            "config": json.dumps(TABULAR_CONFIG),
+            "recipe_name": "x-swept",
+        },
+        multipart=True,
+        wrote=_version_registered,
+    ),
+    "GET model-version-detail": OK,
+    "GET model-version-download": OK,
+    "GET model-version-lineage": OK,
+    "GET model-alias-list": OK,
+    "GET model-alias-detail": OK,
+    "PUT model-alias-detail": Call(
+        200,
+        prepare=_second_version,
+        body=lambda c: {"version": c.made["_v2"].number},
+        wrote=_alias_moved,
+    ),
+    "DELETE model-alias-detail": Call(204, wrote=_alias_gone),
+    "POST model-predict": Call(
+        200,
+        prepare=_servable_version,
+        body=lambda c: {"version": str(c.made["_served"].number), "rows": [{"x": 2}]},
+        wrote=_predicted,
+    ),
+    # API: jobs and sweeps
+    "GET job-list": OK,
+    "POST job-list": Call(
+        201,
+        body=lambda c: {
+            "recipe": "tabular-classifier",
+            "parameters": {"target": "x"},
+            "dataset": _dataset_ref(c),
+            "labels": {"swept": "yes"},
+        },
+        wrote=_job_submitted,
+    ),
+    "POST job-estimate": Call(
+        200,
+        body=lambda c: {"resource_class": "cpu", "gpu_count": 1, "max_runtime_s": 3600},
+        writes_nothing="an estimate only reads prices",
+    ),
+    "GET job-detail": OK,
+    "POST job-cancel": Call(200, wrote=_job_cancelled),
+    "GET job-events": OK,
+    "GET job-logs": OK,
+    "GET job-metrics": OK,
+    "POST job-retry": Call(201, prepare=_job_failed, wrote=_job_retried),
+    "GET sweep-list": OK,
+    "POST sweep-list": Call(
+        201, body=lambda c: SWEEP_BODY | {"dataset": _dataset_ref(c)}, wrote=_sweep_made
+    ),
+    "GET sweep-detail": OK,
+    "POST sweep-cancel": Call(200, wrote=_sweep_cancelled),
+    # API: billing
+    "GET credit-grant-list": OK,
+    "GET invoice-list": OK,
+    "GET invoice-detail": OK,
+    "GET invoice-pdf": OK,
+    "GET billing-account": OK,
+    "PATCH billing-account": Call(
+        200, body=lambda c: {"monthly_budget_minor": 12345}, wrote=_budget_set
+    ),
+    "GET billing-usage": OK,
+    "GET billing-usage-export": OK,
+    "POST billing-checkout": Call(200, stripe=True, wrote=_stripe_session("/v1/checkout/sessions")),
+    "POST billing-portal": Call(
+        200, stripe=True, wrote=_stripe_session("/v1/billing_portal/sessions")
+    ),
+    # Pages: a form that went through redirects (302); one that did not is re-rendered (400).
+    "GET tenants:overview": OK,
+    "GET tenants:settings": OK,
+    "POST tenants:settings": Call(
+        302, body=lambda c: {"name": "Renamed by the sweep"}, wrote=_renamed
+    ),
+    "GET tenants:members": OK,
+    "POST tenants:members": Call(
+        302, body=lambda c: {"email": "invitee@sweep.test", "role": "viewer"}, wrote=_invited
+    ),
+    "POST tenants:member_role": Call(
+        302, body=lambda c: {"role": "viewer"}, wrote=_member_is_viewer
+    ),
+    "POST tenants:member_remove": Call(302, wrote=_member_gone),
+    "POST tenants:invitation_revoke": Call(302, wrote=_invitation_revoked),
+    "GET tenants:api_keys": OK,
+    "POST tenants:api_keys": Call(201, body=lambda c: NEW_KEY, wrote=_key_made),
+    "POST tenants:api_key_revoke": Call(302, wrote=_key_revoked),
+    "GET tenants:audit": OK,
+    "GET registry:datasets": OK,
+    "POST registry:datasets": Call(302, body=lambda c: {"name": "swept-new"}, wrote=_dataset_made),
+    "GET registry:dataset": OK,
+    "GET registry:dataset_version": OK,
+    "GET registry:dataset_version_download": Call(302),  # to the object's signed URL
+    "GET registry:models": OK,
+    "POST registry:models": Call(302, body=lambda c: {"name": "swept-model"}, wrote=_model_made),
+    "GET registry:model": OK,
+    "POST registry:model": Call(
+        302,
+        body=lambda c: {"alias": "swept-alias", "version": str(c.made["number"])},
+        wrote=_alias_set,
+    ),
+    "GET registry:model_version": OK,
+    "GET jobs:jobs": OK,
+    "GET jobs:job_submit": OK,
+    "POST jobs:job_submit": Call(
+        302,
+        query=lambda c: {"recipe": "tabular-classifier"},
+        body=_page_job_form,
+        wrote=_job_submitted,
+    ),
+    "GET jobs:job_predict": OK,
+    "POST jobs:job_predict": Call(302, body=_page_predict_form, wrote=_predicted_by_job),
+    "GET jobs:job": OK,
+    "POST jobs:job_cancel": Call(302, wrote=_job_cancelled),
+    "POST jobs:job_retry": Call(302, prepare=_job_failed, wrote=_job_retried),
+    "GET jobs:sweeps": OK,
+    "GET jobs:sweep": OK,
+    "POST jobs:sweep_cancel": Call(302, wrote=_sweep_cancelled),
+    "GET billing:billing": OK,
+    "POST billing:billing": Call(
+        302,
+        body=lambda c: {"monthly_budget": "123.45", "budget_thresholds": "50, 80"},
+        wrote=_budget_set,
+    ),
+    "GET billing:usage": OK,
+    "GET billing:usage_csv": OK,
+    "GET billing:invoice": OK,
+    "GET billing:invoice_pdf": OK,
+    "POST billing:checkout": Call(302, stripe=True, wrote=_stripe_session("/v1/checkout/sessions")),
+    "POST billing:portal": Call(
+        302, stripe=True, wrote=_stripe_session("/v1/billing_portal/sessions")
+    ),
+}
+
+
+@pytest.fixture
+def world(tmp_path, settings):
+    """Builds a route's case and URL: local storage under tmp_path, the fake Stripe on demand."""
+    servers = []
+
+    def build(route, organization, requester=None, object_org=None):
+        made = {}
+        if route.kwargs:
+            made = OBJECT_MAKERS[route.view_class.model](object_org or organization, requester)
+        case = Case(organization, requester, made)
+        call = CALLS[str(route)]
+        if call.stripe:
+            server = StripeServer().start()
+            servers.append(server)
+            settings.STRIPE_SECRET_KEY = server.fake.api_key
+            settings.STRIPE_API_BASE = server.url
+            settings.STRIPE_TIMEOUT_S = 2.0
+            case.stripe = server.fake
+        if call.prepare:
+            call.prepare(case)
+        kwargs = {"org_slug": organization.slug} | {k: made[k] for k in route.kwargs}
+        return case, reverse(route.name, kwargs=kwargs)
+
+    with override_settings(STORAGE_BACKEND="local", STORAGE_LOCAL_ROOT=str(tmp_path / "store")):
+        yield build
+    for server in servers:
+        server.stop()
+
+
+def _send(client, route, url, case):
+    call = CALLS[str(route)]
+    if call.query:
+        url = f"{url}?{urlencode(call.query(case))}"
+    send = getattr(client, route.method)
+    if route.method == "get":
+        return send(url)
+    body = call.body(case) if call.body else {}
+    if route.kind == "page":
+        return send(url, body, format="multipart")
+    return send(url, body, format="multipart" if call.multipart else "json")
 
 
 def _session_client(user):
@@ -244,32 +765,79 @@ def _key_client(user, organization, scopes):
 def test_sweep_finds_the_org_scoped_routes():
     names = {route.name for route in ROUTES}
     assert {"member-list", "api-key-detail", "organization-detail", "tenants:members"} <= names
+    assert {"billing-checkout", "model-predict", "jobs:job", "registry:model_version"} <= names
+
+
+def test_every_route_that_takes_an_organization_is_under_a_swept_prefix():
+    stray = [
+        f"{name} ({path})"
+        for path, name, _callback in _walk(get_resolver().url_patterns)
+        if "org_slug" in path and _kind(path) is None
+    ]
+    assert not stray, (
+        f"{stray} take an organization outside {API_PREFIX} and {PAGE_PREFIX}, where this "
+        "sweep cannot see them; mount them under one of those prefixes."
+    )
 
 
 @pytest.mark.parametrize("route", ROUTES, ids=str)
-def test_route_is_built_on_the_org_scoped_base_and_declares_its_scope(route):
-    base = OrganizationScopedMixin if route.kind == "api" else OrganizationPageMixin
-    assert issubclass(route.view_class, base), f"{route} does not use the org-scoped base"
-    assert route.scope is not None, f"{route} declares no scope for {route.action!r}"
+def test_route_is_built_on_a_sealed_base_and_declares_its_scope(route):
+    bases = SEALED_BASES[route.kind]
+    assert issubclass(route.view_class, bases), (
+        f"{route} ({route.view_class.__name__}) escapes the tenancy seal: inherit "
+        f"{' or '.join(b.__name__ for b in bases)}."
+    )
+    seal = next(b for b in bases if issubclass(route.view_class, b))
+    changed = sealed_overrides(route.view_class, seal, seal._sealed)
+    assert not changed, f"{route} ({route.view_class.__name__}) replaced sealed {changed}"
+    assert route.scope is not None, (
+        f"{route} declares no scope for {route.action!r}: add it to "
+        f"{route.view_class.__name__}.required_scopes."
+    )
     if route.kwargs:
-        assert route.view_class.model in OBJECT_MAKERS, f"no sweep object maker for {route}"
+        assert route.view_class.model in OBJECT_MAKERS, (
+            f"{route} names {route.kwargs} in its URL: set {route.view_class.__name__}.model and "
+            "add a maker for that model to OBJECT_MAKERS in tests/test_tenancy_sweep.py."
+        )
+
+
+@pytest.mark.parametrize("route", ROUTES, ids=str)
+def test_route_has_a_call_that_proves_it_ran(route):
+    call = CALLS.get(str(route))
+    assert call is not None, (
+        f"{route} has no entry in CALLS (tests/test_tenancy_sweep.py): add "
+        f'"{route}": Call(<success status>, body=..., wrote=...) with the valid request a '
+        "permitted role sends and a check that the action happened."
+    )
+    if route.method != "get":
+        assert call.wrote or call.writes_nothing, (
+            f'CALLS["{route}"] must say what the call writes (wrote=) or why it writes nothing '
+            "(writes_nothing=)."
+        )
+
+
+def test_calls_name_only_routes_that_exist():
+    stale = set(CALLS) - {str(route) for route in ROUTES}
+    assert not stale, f"CALLS names routes that no longer exist: {sorted(stale)}"
 
 
 @pytest.mark.django_db
 @pytest.mark.parametrize("route", ROUTES, ids=str)
-def test_no_credentials_is_refused(route):
-    org = OrganizationFactory()
-    response = _request(APIClient(), route, _url(route, org))
+def test_no_credentials_is_refused(route, world):
+    case, url = world(route, OrganizationFactory())
+    response = _send(APIClient(), route, url, case)
     if route.kind == "api":
         assert response.status_code == 401
     else:
         assert response.status_code == 302
         assert response["Location"].startswith(reverse("account_login"))
+    if CALLS[str(route)].wrote:
+        assert not CALLS[str(route)].wrote(case)
 
 
 @pytest.mark.django_db
 @pytest.mark.parametrize(("route", "via"), ROUTES_VIA, ids=str)
-def test_member_of_another_organization_gets_404(route, via):
+def test_member_of_another_organization_gets_404(route, via, world):
     org, outsider_org = OrganizationFactory(), OrganizationFactory()
     outsider = MembershipFactory(organization=outsider_org, role=Role.OWNER).user
     client = (
@@ -277,44 +845,56 @@ def test_member_of_another_organization_gets_404(route, via):
         if via == "session"
         else _key_client(outsider, outsider_org, ROLE_SCOPES[Role.OWNER])
     )
-    assert _request(client, route, _url(route, org)).status_code == 404
+    case, url = world(route, org)
+    assert _send(client, route, url, case).status_code == 404
+    if CALLS[str(route)].wrote:
+        assert not CALLS[str(route)].wrote(case)
 
 
 @pytest.mark.django_db
 @pytest.mark.parametrize("route", [r for r in ROUTES if r.kwargs], ids=str)
-def test_object_of_another_organization_is_404_through_ones_own_slug(route):
+def test_object_of_another_organization_is_404_through_ones_own_slug(route, world):
     org, other = OrganizationFactory(), OrganizationFactory()
     owner = MembershipFactory(organization=org, role=Role.OWNER).user
-    url = _url(route, org, requester=owner, object_org=other)
-    assert _request(_session_client(owner), route, url).status_code == 404
+    case, url = world(route, org, requester=owner, object_org=other)
+    assert _send(_session_client(owner), route, url, case).status_code == 404
 
 
 @pytest.mark.django_db
 @pytest.mark.parametrize("role", Role.values)
 @pytest.mark.parametrize(("route", "via"), ROUTES_VIA, ids=str)
-def test_each_role_is_allowed_or_403_as_the_scope_table_says(route, via, role):
+def test_each_role_is_allowed_or_403_as_the_scope_table_says(route, via, role, world):
+    """Allowed: the route's success code, and its write happened. Denied: 403, nothing written."""
     org = OrganizationFactory()
     MembershipFactory(organization=org, role=Role.OWNER)  # never the last owner under test
     user = MembershipFactory(organization=org, role=role).user
     client = (
         _session_client(user) if via == "session" else _key_client(user, org, ROLE_SCOPES[role])
     )
-    response = _request(client, route, _url(route, org, requester=user))
+    call = CALLS[str(route)]
+    case, url = world(route, org, requester=user)
+    if call.wrote:
+        assert not call.wrote(case), f"{route}: the write check holds before the call"
+    response = _send(client, route, url, case)
     key_refused = via == "key" and route.action in getattr(
         route.view_class, "session_only_actions", ()
     )
     if route.scope in ROLE_SCOPES[role] and not key_refused:
-        assert response.status_code not in {401, 403, 404, 405}, response.content[:300]
-        assert response.status_code < 500
+        assert response.status_code == call.status, response.content[:500]
+        if call.wrote:
+            assert call.wrote(case), f"{route} answered {response.status_code} but wrote nothing"
     else:
         assert response.status_code == 403
+        if call.wrote:
+            assert not call.wrote(case), f"{route} refused {role} but wrote anyway"
 
 
 @pytest.mark.django_db
 @pytest.mark.parametrize("route", [r for r in ROUTES if r.kind == "api"], ids=str)
-def test_key_without_the_scope_is_403_even_if_its_creator_has_it(route):
+def test_key_without_the_scope_is_403_even_if_its_creator_has_it(route, world):
     org = OrganizationFactory()
     owner = MembershipFactory(organization=org, role=Role.OWNER).user
     narrow = {"org:read"} if route.scope != "org:read" else {"members:read"}
-    response = _request(_key_client(owner, org, narrow), route, _url(route, org, requester=owner))
+    case, url = world(route, org, requester=owner)
+    response = _send(_key_client(owner, org, narrow), route, url, case)
     assert response.status_code == 403

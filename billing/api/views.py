@@ -3,7 +3,7 @@ from django.urls import reverse
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
-from rest_framework import generics, mixins
+from rest_framework import mixins
 from rest_framework.decorators import action
 from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.response import Response
@@ -11,13 +11,13 @@ from rest_framework.response import Response
 from billing import reports, selectors, services, stripe_gateway
 from billing.models import CreditGrant, Invoice
 from billing.pdf import invoice_pdf, invoice_pdf_filename
-from tenants.api.base import OrganizationScopedMixin, OrganizationScopedViewSet
+from tenants.api.base import OrganizationScopedAPIView, OrganizationScopedViewSet
 
 from . import serializers as s
 
 
 @extend_schema(tags=["billing"])
-class BillingAccountView(OrganizationScopedMixin, generics.GenericAPIView):
+class BillingAccountView(OrganizationScopedAPIView):
     """The organization's plan, budget, spend this month and credits; PATCH sets the budget."""
 
     required_scopes = {"get": "billing:read", "patch": "billing:admin"}
@@ -128,7 +128,7 @@ def _usage_report(view, request) -> reports.UsageReport:
 
 
 @extend_schema(tags=["billing"])
-class UsageReportView(OrganizationScopedMixin, generics.GenericAPIView):
+class UsageReportView(OrganizationScopedAPIView):
     """Cost from the ledger for a range of days, grouped, with a daily series by resource."""
 
     required_scopes = {"get": "billing:read"}
@@ -154,7 +154,7 @@ class CsvRenderer(BaseRenderer):
 
 
 @extend_schema(tags=["billing"])
-class UsageExportView(OrganizationScopedMixin, generics.GenericAPIView):
+class UsageExportView(OrganizationScopedAPIView):
     """The usage report as a CSV attachment: one line per group, then the total."""
 
     required_scopes = {"get": "billing:read"}
@@ -177,7 +177,7 @@ def _billing_page_url(request, organization) -> str:
 
 
 @extend_schema(tags=["billing"])
-class CheckoutSessionView(OrganizationScopedMixin, generics.GenericAPIView):
+class CheckoutSessionView(OrganizationScopedAPIView):
     """A Stripe Checkout page (setup mode) where the organization saves a payment method.
 
     Without Stripe configured: 409 `stripe_not_configured` (invoices come from the built-in
@@ -204,7 +204,7 @@ class CheckoutSessionView(OrganizationScopedMixin, generics.GenericAPIView):
 
 
 @extend_schema(tags=["billing"])
-class PortalSessionView(OrganizationScopedMixin, generics.GenericAPIView):
+class PortalSessionView(OrganizationScopedAPIView):
     """A Stripe Billing Portal page: payment methods, invoices, billing details.
 
     Without Stripe configured: 409 `stripe_not_configured`.

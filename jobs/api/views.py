@@ -9,9 +9,9 @@ from jobs.inference import predict_online
 from jobs.models import Job, JobEvent, JobLog, JobMetric, ResourceClass, Sweep
 from jobs.recipes.registry import list_recipes
 from jobs.services import sweeps
-from registry.models import ModelVersion
-from registry.selectors import dataset_version_get, model_version_get, registered_model_get
-from tenants.api.base import OrganizationScopedMixin, OrganizationScopedViewSet
+from registry.models import RegisteredModel
+from registry.selectors import dataset_version_get, model_version_get
+from tenants.api.base import OrganizationScopedAPIView, OrganizationScopedViewSet
 from tenants.errors import DomainError
 
 from . import serializers as s
@@ -268,15 +268,15 @@ class ResourceClassListView(generics.GenericAPIView):
 @extend_schema(
     tags=["models"], request=s.PredictRequestSerializer, responses=s.PredictResponseSerializer
 )
-class ModelPredictView(OrganizationScopedMixin, generics.GenericAPIView):
+class ModelPredictView(OrganizationScopedAPIView):
     """Predict up to 1,000 rows with a model version (or alias), metered per 1,000 predictions."""
 
-    model = ModelVersion
+    model = RegisteredModel  # found by the URL's name before the input is read: 404 first
+    lookup_field = "name"
     required_scopes = {"post": "jobs:write"}
     serializer_class = s.PredictRequestSerializer
 
     def post(self, request, org_slug, name):
-        registered_model_get(organization=self.organization, name=name)  # 404 before reading input
         data = s.PredictRequestSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         version = model_version_get(

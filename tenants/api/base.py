@@ -1,12 +1,24 @@
 """Org-scoped API views: the organization comes from the URL and filters every query.
 
-Subclasses cannot override `get_queryset` or `get_object`; they narrow the organization's rows
-through `narrow_queryset`, so forgetting the tenant filter is impossible.
+Two sealed bases, and nothing else, serve tenant data:
+
+- `OrganizationScopedViewSet` for a model's rows: `get_queryset` and `get_object` start from the
+  organization's rows; subclasses narrow them through `narrow_queryset`, and a narrowing that
+  drops the filter is refused (`tenants.seal`).
+- `OrganizationScopedAPIView` for everything else (a summary, a report, a Stripe link): handlers
+  read the resolved `self.organization`; a URL that names an object (`<name>`, `<pk>`) needs a
+  `model`, and the base finds that object through the organization's rows (404 otherwise) before
+  any handler runs, as `self.object`.
+
+Subclasses cannot override the methods that resolve the organization or build the queryset, nor
+drop `HasOrganizationScope` from their permissions; a class built on `OrganizationScopedMixin`
+alone is refused at import.
 """
 
-from rest_framework import viewsets
+from rest_framework import generics, viewsets
 
 from tenants.actors import Actor
+from tenants.seal import SealBroken, checked_rows, organization_rows, sealed_overrides
 from tenants.selectors import organization_access
 
 from .permissions import HasOrganizationScope
@@ -20,10 +32,51 @@ class OrganizationScopedMixin:
     session_only_actions: frozenset[str] = frozenset()
     http_method_names = ["get", "post", "put", "patch", "delete", "head"]
     metadata_class = None
+    model = None  # the tenant-owned model the view serves (viewsets) or finds by URL (views)
 
     organization = None
     membership = None
     granted_scopes: frozenset[str] = frozenset()
+
+    # Set to True only in the body of a sealed base below.
+    _seal_base = False
+    _sealed = (
+        "get_queryset",
+        "filter_queryset",
+        "get_object",
+        "initial",
+        "get_permissions",
+        "check_permissions",
+        "resolve_organization",
+    )
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("_seal_base"):
+            return
+        seal = next((k for k in cls.__mro__ if k.__dict__.get("_seal_base")), None)
+        if seal is None:
+            raise TypeError(
+                f"{cls.__name__} is built on OrganizationScopedMixin alone; inherit "
+                "OrganizationScopedViewSet (a model's rows) or OrganizationScopedAPIView "
+                "(anything else) so the organization filter cannot be lost."
+            )
+        overridden = sealed_overrides(cls, seal, cls._sealed)
+        if overridden:
+            raise TypeError(
+                f"{cls.__name__} overrides {', '.join(overridden)}, which the tenancy seal "
+                "owns; narrow the organization's rows in narrow_queryset() instead."
+            )
+        if list(cls.permission_classes[:1]) != [HasOrganizationScope]:
+            raise TypeError(
+                f"{cls.__name__}.permission_classes must start with HasOrganizationScope, "
+                "which resolves the organization (404 for outsiders) before anything else."
+            )
+        if getattr(cls, "queryset", None) is not None:
+            raise TypeError(
+                f"{cls.__name__} sets `queryset`, which bypasses the organization filter; set "
+                "`model` and narrow in narrow_queryset()."
+            )
 
     def resolve_organization(self):
         if self.organization is None:
@@ -39,31 +92,48 @@ class OrganizationScopedMixin:
     def has_scope(self, scope: str) -> bool:
         return scope in self.granted_scopes
 
-
-class OrganizationScopedViewSet(OrganizationScopedMixin, viewsets.GenericViewSet):
-    model = None  # the tenant-owned model this viewset serves
-
-    _sealed = ("get_queryset", "get_object")
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        # Compared by identity, so an override arriving through a mixin is caught too.
-        overridden = [
-            name
-            for name in cls._sealed
-            if getattr(cls, name) is not getattr(OrganizationScopedViewSet, name)
-        ]
-        if overridden:
-            raise TypeError(
-                f"{cls.__name__} overrides {', '.join(overridden)}; narrow the organization's "
-                "rows in narrow_queryset() instead."
-            )
-
     def narrow_queryset(self, queryset):
         return queryset
 
     def get_queryset(self):
+        if self.model is None:
+            raise SealBroken(f"{type(self).__name__} names no model, so it has no rows to serve.")
         if getattr(self, "swagger_fake_view", False):  # schema generation has no organization
             return self.model.objects.none()
-        queryset = self.model.objects.for_organization(self.resolve_organization())
-        return self.narrow_queryset(queryset)
+        return organization_rows(
+            model=self.model, organization=self.resolve_organization(), narrow=self.narrow_queryset
+        )
+
+    def filter_queryset(self, queryset):
+        # Filter backends (none by default) may only narrow further, like narrow_queryset.
+        return checked_rows(
+            super().filter_queryset(queryset),
+            model=self.model,
+            organization=self.resolve_organization(),
+            source=f"{type(self).__name__} filter backends",
+        )
+
+
+# No docstrings on the two bases: the OpenAPI schema would show them on every subclass without
+# one of its own.
+class OrganizationScopedViewSet(OrganizationScopedMixin, viewsets.GenericViewSet):
+    _seal_base = True
+
+
+class OrganizationScopedAPIView(OrganizationScopedMixin, generics.GenericAPIView):
+    _seal_base = True
+    object = None
+
+    def initial(self, request, *args, **kwargs):
+        super().initial(request, *args, **kwargs)  # authentication, then HasOrganizationScope
+        named = set(self.kwargs) - {"org_slug"}
+        if not named:
+            return
+        lookup = self.lookup_url_kwarg or self.lookup_field
+        if self.model is None or named != {lookup}:
+            raise SealBroken(
+                f"{type(self).__name__} takes {', '.join(sorted(named))} from the URL but "
+                + ("names no model" if self.model is None else f"looks up only {lookup!r}")
+                + " to find it in; set `model` and `lookup_field` to the one URL parameter."
+            )
+        self.object = self.get_object()

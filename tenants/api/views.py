@@ -7,7 +7,7 @@ from tenants.actors import Actor
 from tenants.models import ApiKey, AuditEvent, Invitation, Membership, Organization
 
 from . import serializers as s
-from .base import OrganizationScopedMixin, OrganizationScopedViewSet
+from .base import OrganizationScopedAPIView, OrganizationScopedViewSet
 from .permissions import IsUserSession
 
 
@@ -50,7 +50,7 @@ class OrganizationListView(generics.GenericAPIView):
 
 
 @extend_schema(tags=["organizations"])
-class OrganizationDetailView(OrganizationScopedMixin, generics.GenericAPIView):
+class OrganizationDetailView(OrganizationScopedAPIView):
     required_scopes = {"get": "org:read", "patch": "org:admin"}
     serializer_class = s.OrganizationSerializer
 

@@ -1,21 +1,48 @@
-"""Org-scoped dashboard pages: login, then membership (else 404), then the method's scope."""
+"""Org-scoped dashboard pages: login, then membership (else 404), then the method's scope, then
+the object the URL names, found only through the organization's rows (else 404).
+
+The seal of the API bases, for pages: a page cannot override `dispatch` or the methods that
+build its rows; it narrows them through `narrow_queryset`, which may not drop the organization
+filter (`tenants.seal`). A URL parameter besides the slug must name the page's object through
+`lookup_fields`, so that no handler ever receives an id the base has not checked.
+"""
 
 from django.contrib.auth.mixins import LoginRequiredMixin
 from django.core.exceptions import PermissionDenied
 from django.shortcuts import get_object_or_404
 
 from tenants.actors import Actor
+from tenants.seal import SealBroken, organization_rows, sealed_overrides
 from tenants.selectors import organization_access
 
 
 class OrganizationPageMixin(LoginRequiredMixin):
     # The scope each HTTP method needs; a method not listed is not allowed (405).
     required_scopes: dict[str, str] = {}
-    model = None  # for pages about one tenant-owned object, found by `pk` within the organization
+    model = None  # the tenant-owned model of the page's object (or of its narrowed rows)
+    # How the URL names the page's object: {model field: URL parameter}.
+    lookup_fields: dict[str, str] = {"pk": "pk"}
 
     organization = None
     membership = None
     granted_scopes: frozenset[str] = frozenset()
+    object = None
+
+    _sealed = ("dispatch", "get_org_queryset", "get_org_object", "get_queryset", "get_object")
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        overridden = sealed_overrides(cls, OrganizationPageMixin, cls._sealed)
+        if overridden:
+            raise TypeError(
+                f"{cls.__name__} overrides {', '.join(overridden)}, which the tenancy seal "
+                "owns; narrow the organization's rows in narrow_queryset() instead."
+            )
+        if getattr(cls, "queryset", None) is not None:
+            raise TypeError(
+                f"{cls.__name__} sets `queryset`, which bypasses the organization filter; set "
+                "`model` and narrow in narrow_queryset()."
+            )
 
     def dispatch(self, request, *args, **kwargs):
         if not request.user.is_authenticated:
@@ -31,11 +58,25 @@ class OrganizationPageMixin(LoginRequiredMixin):
             return self.http_method_not_allowed(request, *args, **kwargs)
         if scope not in self.granted_scopes:
             raise PermissionDenied(f"This page needs the {scope} scope, which your role lacks.")
+        self.object = self._url_object(kwargs)
         # Assigning marks the session modified, which writes its row on every page view.
         if request.session.get("current_org") != self.organization.slug:
             request.session["current_org"] = self.organization.slug
         request.organization, request.organization_scopes = self.organization, self.granted_scopes
         return super().dispatch(request, *args, **kwargs)
+
+    def _url_object(self, kwargs):
+        named = set(kwargs) - {"org_slug"}
+        if not named:
+            return None
+        if self.model is None or named != set(self.lookup_fields.values()):
+            raise SealBroken(
+                f"{type(self).__name__} takes {', '.join(sorted(named))} from the URL but "
+                + ("names no model" if self.model is None else "does not look all of it up")
+                + " to find it in; set `model` and `lookup_fields` ({model field: URL parameter})."
+            )
+        found = {field: kwargs[parameter] for field, parameter in self.lookup_fields.items()}
+        return get_object_or_404(self.get_org_queryset(), **found)
 
     @property
     def actor(self) -> Actor:
@@ -47,9 +88,25 @@ class OrganizationPageMixin(LoginRequiredMixin):
     def narrow_queryset(self, queryset):
         return queryset
 
+    def get_org_queryset(self):
+        if self.model is None:
+            raise SealBroken(f"{type(self).__name__} names no model, so it has no rows to serve.")
+        return organization_rows(
+            model=self.model, organization=self.organization, narrow=self.narrow_queryset
+        )
+
     def get_org_object(self):
-        queryset = self.narrow_queryset(self.model.objects.for_organization(self.organization))
-        return get_object_or_404(queryset, pk=self.kwargs["pk"])
+        """The object the URL names, found by `dispatch` through the organization's rows."""
+        if self.object is None:
+            raise SealBroken(f"{type(self).__name__}'s URL names no object.")
+        return self.object
+
+    # Django's generic views (DetailView, ListView) reach their rows through these: the same seal.
+    def get_queryset(self):
+        return self.get_org_queryset()
+
+    def get_object(self, queryset=None):
+        return self.get_org_object()
 
     def get_context_data(self, **kwargs):
         context = super().get_context_data(**kwargs)

@@ -251,7 +251,7 @@ class ApiKeysPage(_OwnKeysUnlessAdmin, OrganizationPageMixin, TemplateView):
 
     def get_context_data(self, **kwargs):
         context = super().get_context_data(**kwargs)
-        keys = self.narrow_queryset(ApiKey.objects.for_organization(self.organization))
+        keys = self.get_org_queryset()
         context["page"] = Paginator(keys, 50).get_page(self.request.GET.get("page"))
         context.setdefault("form", ApiKeyForm(granted_scopes=self.granted_scopes))
         return context
