@@ -168,7 +168,9 @@ def _make_api_key(organization, requester):
 
 def _make_dataset_version(organization, requester):
     version = DatasetVersionFactory(organization=organization)
-    upload = PendingUploadFactory(organization=organization, dataset=version.dataset)
+    upload = PendingUploadFactory(
+        organization=organization, dataset=version.dataset, size_bytes=len(CSV_BYTES)
+    )
     name = version.dataset.name
     return {
         "name": name,
@@ -317,8 +319,11 @@ def _dataset_gone(case):
     return not Dataset.objects.filter(organization=case.org, name=case.made["name"]).exists()
 
 
+CSV_BYTES = b"x,y\n1,0\n2,1\n3,0\n4,1\n"
+
+
 def _csv_file():
-    return SimpleUploadedFile("swept.csv", b"x,y\n1,0\n2,1\n3,0\n4,1\n", content_type="text/csv")
+    return SimpleUploadedFile("swept.csv", CSV_BYTES, content_type="text/csv")
 
 
 def _version_uploaded(case):
