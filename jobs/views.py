@@ -17,6 +17,7 @@ from jobs.models import Job, JobEvent, JobLog, JobMetric, JobState, Sweep
 from jobs.recipes.registry import get_recipe, list_recipes
 from jobs.services import sweeps
 from tenants.errors import DomainError
+from tenants.standing import Effect
 from tenants.views.base import OrganizationPageMixin
 
 LOG_TAIL = 200
@@ -214,6 +215,8 @@ class _JobAction(OrganizationPageMixin, View):
 
 
 class JobCancelAction(_JobAction):
+    effects = {"post": Effect.REDUCE}
+
     def perform(self, job):
         job = services.job_cancel(job=job, actor=self.actor)
         messages.success(self.request, "Cancelling: the job stops within a few seconds.")
@@ -270,6 +273,7 @@ class SweepPage(OrganizationPageMixin, TemplateView):
 class SweepCancelAction(OrganizationPageMixin, View):
     model = Sweep
     required_scopes = {"post": "jobs:write"}
+    effects = {"post": Effect.REDUCE}
 
     def post(self, request, org_slug, pk):
         try:

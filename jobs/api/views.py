@@ -13,6 +13,7 @@ from registry.models import ModelVersion
 from registry.selectors import dataset_version_get, model_version_get, registered_model_get
 from tenants.api.base import OrganizationScopedMixin, OrganizationScopedViewSet
 from tenants.errors import DomainError
+from tenants.standing import Effect
 
 from . import serializers as s
 
@@ -105,6 +106,7 @@ class JobViewSet(
         "cancel": "jobs:write",
         "retry": "jobs:write",
     }
+    effects = {"cancel": Effect.REDUCE}
 
     def narrow_queryset(self, queryset):
         if self.action != "list":
@@ -310,6 +312,7 @@ class SweepViewSet(
         "create": "jobs:write",
         "cancel": "jobs:write",
     }
+    effects = {"cancel": Effect.REDUCE}
 
     def create(self, request, *args, **kwargs):
         data = s.SweepCreateSerializer(data=request.data)

@@ -21,6 +21,7 @@ from registry.models import (
 )
 from registry.storage import DOWNLOAD_URL_TTL_S, get_storage
 from tenants.api.base import OrganizationScopedViewSet
+from tenants.standing import Effect
 
 from . import serializers as s
 
@@ -90,6 +91,8 @@ class DatasetViewSet(
         "partial_update": "datasets:write",
         "destroy": "datasets:write",
     }
+    # An empty dataset, or its name and description, costs nothing; its versions do.
+    effects = {"create": Effect.CHANGE, "partial_update": Effect.CHANGE}
 
     def narrow_queryset(self, queryset):
         return selectors.dataset_list(organization=self.organization)
@@ -268,6 +271,7 @@ class RegisteredModelViewSet(
         "create": "models:write",
         "partial_update": "models:write",
     }
+    effects = {"create": Effect.CHANGE, "partial_update": Effect.CHANGE}
 
     def narrow_queryset(self, queryset):
         return selectors.registered_model_list(organization=self.organization)

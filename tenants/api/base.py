@@ -8,6 +8,7 @@ from rest_framework import viewsets
 
 from tenants.actors import Actor
 from tenants.selectors import organization_access
+from tenants.standing import Effect
 
 from .permissions import HasOrganizationScope
 
@@ -16,6 +17,8 @@ class OrganizationScopedMixin:
     permission_classes = [HasOrganizationScope]
     # The scope each action (viewsets) or method (plain views) needs; absent means denied.
     required_scopes: dict[str, str] = {}
+    # Per action, where the scope alone would misjudge what a write does (tenants.standing).
+    effects: dict[str, Effect] = {}
     http_method_names = ["get", "post", "put", "patch", "delete", "head"]
     metadata_class = None
 

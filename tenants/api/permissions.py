@@ -2,6 +2,8 @@
 
 from rest_framework import exceptions, permissions
 
+from tenants.standing import action_effect, standing_check
+
 
 class DenyAll(permissions.BasePermission):
     """The default: a view that declares nothing allows nothing."""
@@ -18,7 +20,8 @@ def required_scope(view, request) -> str | None:
 
 
 class HasOrganizationScope(permissions.BasePermission):
-    """Authenticated, then a member of the organization (else 404), then the declared scope."""
+    """Authenticated, then a member of the organization (else 404), then the declared scope,
+    then the organization's standing (a suspended or unpaid organization may not spend)."""
 
     message = "Your role in this organization does not allow this."
 
@@ -32,6 +35,13 @@ class HasOrganizationScope(permissions.BasePermission):
         if scope not in view.granted_scopes:
             self.message = f"This needs the `{scope}` scope, which your role or key does not grant."
             return False
+        effect = action_effect(
+            view=view,
+            action=getattr(view, "action", None) or request.method.lower(),
+            method=request.method,
+            scope=scope,
+        )
+        standing_check(organization=view.organization, effect=effect)
         return True
 
 

@@ -2,15 +2,18 @@
 
 from django.contrib.auth.mixins import LoginRequiredMixin
 from django.core.exceptions import PermissionDenied
-from django.shortcuts import get_object_or_404
+from django.shortcuts import get_object_or_404, render
 
 from tenants.actors import Actor
 from tenants.selectors import organization_access
+from tenants.standing import Effect, OrganizationRestricted, action_effect, standing_check
 
 
 class OrganizationPageMixin(LoginRequiredMixin):
     # The scope each HTTP method needs; a method not listed is not allowed (405).
     required_scopes: dict[str, str] = {}
+    # Per method, where the scope alone would misjudge what a write does (tenants.standing).
+    effects: dict[str, Effect] = {}
     model = None  # for pages about one tenant-owned object, found by `pk` within the organization
 
     organization = None
@@ -35,6 +38,16 @@ class OrganizationPageMixin(LoginRequiredMixin):
         if request.session.get("current_org") != self.organization.slug:
             request.session["current_org"] = self.organization.slug
         request.organization, request.organization_scopes = self.organization, self.granted_scopes
+        effect = action_effect(view=self, action=method, method=method, scope=scope)
+        try:
+            standing_check(organization=self.organization, effect=effect)
+        except OrganizationRestricted as refused:
+            return render(
+                request,
+                "tenants/restricted.html",
+                {"restriction": refused.restriction},
+                status=refused.status,
+            )
         return super().dispatch(request, *args, **kwargs)
 
     @property

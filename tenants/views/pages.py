@@ -14,6 +14,7 @@ from tenants.actors import Actor
 from tenants.errors import DomainError
 from tenants.forms import ApiKeyForm, AuditFilterForm, InvitationForm, OrganizationForm, RoleForm
 from tenants.models import ApiKey, Invitation, Membership
+from tenants.standing import Effect
 
 from .base import OrganizationPageMixin
 
@@ -200,6 +201,7 @@ class MemberRoleAction(_ObjectActionPage):
 class MemberRemoveAction(_ObjectActionPage):
     model = Membership
     required_scopes = {"post": "members:owner"}
+    effects = {"post": Effect.REDUCE}
     success_url_name = "tenants:members"
 
     def perform(self, target):
@@ -210,6 +212,7 @@ class MemberRemoveAction(_ObjectActionPage):
 class InvitationRevokeAction(_ObjectActionPage):
     model = Invitation
     required_scopes = {"post": "members:admin"}
+    effects = {"post": Effect.REDUCE}
     success_url_name = "tenants:members"
 
     def perform(self, target):
@@ -259,6 +262,7 @@ class ApiKeysPage(_OwnKeysUnlessAdmin, OrganizationPageMixin, TemplateView):
 class ApiKeyRevokeAction(_OwnKeysUnlessAdmin, _ObjectActionPage):
     model = ApiKey
     required_scopes = {"post": "keys:write"}
+    effects = {"post": Effect.REDUCE}
     success_url_name = "tenants:api_keys"
 
     def perform(self, target):
