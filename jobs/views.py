@@ -72,6 +72,7 @@ class JobsPage(OrganizationPageMixin, TemplateView):
 class JobSubmitPage(OrganizationPageMixin, TemplateView):
     template_name = "jobs/job_submit.html"
     required_scopes = {"get": "jobs:write", "post": "jobs:write"}
+    throttle_scopes = {"post": "submit"}
 
     def _recipe(self):
         try:
@@ -130,6 +131,7 @@ class JobPredictPage(OrganizationPageMixin, TemplateView):
 
     template_name = "jobs/job_predict.html"
     required_scopes = {"get": "jobs:write", "post": "jobs:write"}
+    throttle_scopes = {"post": "submit"}
 
     def get_context_data(self, **kwargs):
         context = super().get_context_data(**kwargs)
@@ -224,6 +226,8 @@ class JobCancelAction(_JobAction):
 
 
 class JobRetryAction(_JobAction):
+    throttle_scopes = {"post": "submit"}
+
     def perform(self, job):
         retried = services.job_retry(job=job, actor=self.actor)
         messages.success(self.request, f"Submitted again as job {retried.pk}.")

@@ -107,6 +107,7 @@ class JobViewSet(
         "retry": "jobs:write",
     }
     effects = {"cancel": Effect.REDUCE}
+    throttle_scopes = {"create": "submit", "retry": "submit"}
 
     def narrow_queryset(self, queryset):
         if self.action != "list":
@@ -275,6 +276,7 @@ class ModelPredictView(OrganizationScopedMixin, generics.GenericAPIView):
 
     model = ModelVersion
     required_scopes = {"post": "jobs:write"}
+    throttle_scopes = {"post": "predict"}
     serializer_class = s.PredictRequestSerializer
 
     def post(self, request, org_slug, name):
@@ -313,6 +315,7 @@ class SweepViewSet(
         "cancel": "jobs:write",
     }
     effects = {"cancel": Effect.REDUCE}
+    throttle_scopes = {"create": "submit"}
 
     def create(self, request, *args, **kwargs):
         data = s.SweepCreateSerializer(data=request.data)

@@ -148,6 +148,7 @@ class DatasetVersionViewSet(
     serializer_class = s.DatasetVersionSerializer
     lookup_field = "number"
     parser_classes = [MultiPartParser]
+    throttle_scopes = {"create": "upload"}
     required_scopes = {
         "list": "datasets:read",
         "retrieve": "datasets:read",
@@ -215,6 +216,7 @@ class PendingUploadViewSet(_InDataset, mixins.CreateModelMixin, OrganizationScop
     serializer_class = s.PendingUploadSerializer
     parser_classes = [JSONParser]
     required_scopes = {"create": "datasets:write", "finalize": "datasets:write"}
+    throttle_scopes = {"create": "upload", "finalize": "upload"}
 
     def create(self, request, *args, **kwargs):
         dataset = selectors.dataset_get(
@@ -346,6 +348,7 @@ class ModelVersionViewSet(
     serializer_class = s.ModelVersionSerializer
     lookup_field = "number"
     parser_classes = [MultiPartParser]
+    throttle_scopes = {"create": "upload"}
     required_scopes = {
         "list": "models:read",
         "retrieve": "models:read",

@@ -19,6 +19,8 @@ class OrganizationScopedMixin:
     required_scopes: dict[str, str] = {}
     # Per action, where the scope alone would misjudge what a write does (tenants.standing).
     effects: dict[str, Effect] = {}
+    # Per action, the stricter rate bucket of a costly operation (tenants.api.throttles).
+    throttle_scopes: dict[str, str] = {}
     http_method_names = ["get", "post", "put", "patch", "delete", "head"]
     metadata_class = None
 

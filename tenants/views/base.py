@@ -5,6 +5,7 @@ from django.core.exceptions import PermissionDenied
 from django.shortcuts import get_object_or_404, render
 
 from tenants.actors import Actor
+from tenants.api.throttles import throttle_wait
 from tenants.selectors import organization_access
 from tenants.standing import Effect, OrganizationRestricted, action_effect, standing_check
 
@@ -14,6 +15,8 @@ class OrganizationPageMixin(LoginRequiredMixin):
     required_scopes: dict[str, str] = {}
     # Per method, where the scope alone would misjudge what a write does (tenants.standing).
     effects: dict[str, Effect] = {}
+    # Per method, the stricter rate bucket of a costly operation (tenants.api.throttles).
+    throttle_scopes: dict[str, str] = {}
     model = None  # for pages about one tenant-owned object, found by `pk` within the organization
 
     organization = None
@@ -48,6 +51,11 @@ class OrganizationPageMixin(LoginRequiredMixin):
                 {"restriction": refused.restriction},
                 status=refused.status,
             )
+        # Form posts count against the API's buckets, so the dashboard is no way around them.
+        if method != "get" and (wait := throttle_wait(request, self)) is not None:
+            response = render(request, "tenants/throttled.html", {"wait": wait}, status=429)
+            response["Retry-After"] = str(wait)
+            return response
         return super().dispatch(request, *args, **kwargs)
 
     @property

@@ -136,6 +136,7 @@ class MembersPage(OrganizationPageMixin, TemplateView):
 
     template_name = "tenants/members.html"
     required_scopes = {"get": "members:read", "post": "members:admin"}
+    throttle_scopes = {"post": "invite"}
 
     def get_context_data(self, **kwargs):
         context = super().get_context_data(**kwargs)
