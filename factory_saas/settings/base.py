@@ -165,6 +165,10 @@ STRIPE_PUSH_BATCH = env.int("STRIPE_PUSH_BATCH", default=100)
 STRIPE_PUSH_BACKOFF_S = env.float("STRIPE_PUSH_BACKOFF_S", default=5.0)
 STRIPE_PUSH_BACKOFF_MAX_S = env.float("STRIPE_PUSH_BACKOFF_MAX_S", default=3600.0)
 STRIPE_PUSH_BUDGET_S = env.float("STRIPE_PUSH_BUDGET_S", default=8.0)
+# Online prediction runs in the web process: a model's weights over this size are refused (batch
+# inference jobs serve them), and each process keeps at most this many bytes of loaded weights.
+ONLINE_PREDICTION_MAX_MODEL_BYTES = env.int("ONLINE_PREDICTION_MAX_MODEL_BYTES", default=16 * 2**20)
+ONLINE_PREDICTION_CACHE_BYTES = env.int("ONLINE_PREDICTION_CACHE_BYTES", default=128 * 2**20)
 # What an organization's overview page shows besides its members and activity (tenants imports
 # no other app, so the apps that contribute a panel are named here).
 ORGANIZATION_OVERVIEW_PANELS = ["jobs.panels.overview_panel", "billing.panels.overview_panel"]

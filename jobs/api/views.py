@@ -269,7 +269,17 @@ class ResourceClassListView(generics.GenericAPIView):
 
 
 @extend_schema(
-    tags=["models"], request=s.PredictRequestSerializer, responses=s.PredictResponseSerializer
+    tags=["models"],
+    request=s.PredictRequestSerializer,
+    responses=s.PredictResponseSerializer,
+    parameters=[
+        OpenApiParameter(
+            "Idempotency-Key",
+            str,
+            location=OpenApiParameter.HEADER,
+            description="A retry of the same request with the same key is billed once.",
+        )
+    ],
 )
 class ModelPredictView(OrganizationScopedMixin, generics.GenericAPIView):
     """Predict up to 1,000 rows with a model version (or alias), metered per 1,000 predictions."""
@@ -287,7 +297,10 @@ class ModelPredictView(OrganizationScopedMixin, generics.GenericAPIView):
             organization=self.organization, model_name=name, ref=data.validated_data["version"]
         )
         predictions = predict_online(
-            version=version, rows=data.validated_data["rows"], actor=self.actor
+            version=version,
+            rows=data.validated_data["rows"],
+            actor=self.actor,
+            idempotency_key=request.headers.get("Idempotency-Key") or None,
         )
         return Response({"model": name, "version": version.number, "predictions": predictions})
 
