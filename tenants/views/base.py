@@ -1,4 +1,5 @@
-"""Org-scoped dashboard pages: login, then membership (else 404), then the method's scope."""
+"""Org-scoped dashboard pages: login, membership (else 404), the method's scope, the
+organization's standing, and for form posts the API's rate limits."""
 
 from django.contrib.auth.mixins import LoginRequiredMixin
 from django.core.exceptions import PermissionDenied
