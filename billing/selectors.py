@@ -10,8 +10,10 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.db.models import F, Q, QuerySet, Sum
+from django.utils import timezone
 
 from tenants.models import Organization
+from tenants.standing import Restriction, budget_reached, payment_past_due
 
 from .models import (
     BillingAccount,
@@ -126,6 +128,28 @@ def placement_blocks(
             if spend.get(organization_id, 0) + running_minor.get(organization_id, 0) >= budget:
                 blocks[organization_id] = BUDGET_REASON
     return blocks
+
+
+def organization_standing(organization: Organization) -> Restriction | None:
+    """Billing's part of what an organization may still do (registered with tenants.standing).
+
+    The same rule as placement, from the ledger alone: the running attempts' cost, which the
+    scheduler adds, lives in jobs, which billing does not read.
+    """
+    reason = placement_blocks(
+        organizations=[organization], now=timezone.now(), running_minor={}
+    ).get(organization.pk)
+    if reason == PAST_DUE_REASON:
+        return payment_past_due(
+            "Payment is past due: update the payment method or pay the open invoice on the "
+            "billing page to start new work again. Running jobs finish."
+        )
+    if reason == BUDGET_REASON:
+        return budget_reached(
+            "This month's budget is reached and its hard cap is on: raise the budget on the "
+            "billing page to start new work again. Running jobs finish."
+        )
+    return None
 
 
 @dataclass(frozen=True)

@@ -1,20 +1,27 @@
 """Online prediction for small models, answered in the web process without torch.
 
-A model version's safetensors weights are read with `safetensors.numpy` and kept in a small
-in-process cache (versions are immutable, so the cache never goes stale); the recipe supplies a
-numpy forward pass. Larger models, and recipes without one, use batch inference jobs.
+A model version's safetensors weights are read with `safetensors.numpy` and kept in a
+least-recently-used cache of ONLINE_PREDICTION_CACHE_BYTES per process (versions are immutable, so
+it never goes stale); a model over ONLINE_PREDICTION_MAX_MODEL_BYTES is refused before it is
+read. The recipe supplies a numpy forward pass. Larger models, and recipes without one, use batch
+inference jobs.
 """
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import importlib
 import json
+import shutil
 import tempfile
+import threading
 import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from decimal import Decimal
 from pathlib import Path
 
+from django.conf import settings
 from django.utils import timezone
 from safetensors.numpy import load_file
 
@@ -27,24 +34,76 @@ from tenants.errors import DomainError
 
 # Recipes whose models can answer single rows in the web process: name -> "module:function".
 ONLINE_PREDICTORS = {"tabular-classifier": "jobs.recipes.tabular:predict_rows"}
-CACHED_MODELS = 16
-# Online prediction is for small models; bigger ones would not fit many to a web process.
-ONLINE_MAX_WEIGHTS_BYTES = 64 * 1024 * 1024
+IDEMPOTENCY_KEY_MAX = 200
+
+Model = tuple[dict, dict]  # config.json, and the weights by tensor name
 
 
 class OnlinePredictionUnsupported(DomainError):
     code = "online_prediction_unsupported"
 
 
-@functools.lru_cache(maxsize=CACHED_MODELS)
-def _load(version_id: int) -> tuple[dict, dict]:
+class ModelTooLarge(DomainError):
+    code = "model_too_large"
+
+
+class ModelCache:
+    """Loaded models, least recently used out first, holding at most `budget` bytes of weights.
+
+    Counted in bytes, not entries: one tenant's large model must not push a process's memory
+    past what the next sixteen small ones would.
+    """
+
+    def __init__(self):
+        self._entries: OrderedDict[Hashable, tuple[int, Model]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.resident_bytes = 0
+
+    def get(self, key: Hashable, load: Callable[[], Model], *, budget: int) -> Model:
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key][1]
+        model = load()  # outside the lock: it reads from storage
+        size = sum(array.nbytes for array in model[1].values())
+        if size > budget:
+            return model  # served once, never kept
+        with self._lock:
+            if key in self._entries:  # another thread loaded it meanwhile
+                self._entries.move_to_end(key)
+                return self._entries[key][1]
+            while self._entries and self.resident_bytes + size > budget:
+                _key, (evicted, _model) = self._entries.popitem(last=False)
+                self.resident_bytes -= evicted
+            self._entries[key] = (size, model)
+            self.resident_bytes += size
+        return model
+
+    def keys(self) -> list[Hashable]:
+        """Least recently used first."""
+        with self._lock:
+            return list(self._entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.resident_bytes = 0
+
+
+model_cache = ModelCache()
+
+
+def _load(version_id: int) -> Model:
     version = ModelVersion.objects.get(pk=version_id)
     storage = get_storage()
     artifacts = {a.name: a for a in version.artifacts.all()}
     with tempfile.TemporaryDirectory() as tmp:
         weights_path = Path(tmp) / "model.safetensors"
-        with storage.open(artifacts["model.safetensors"].storage_key) as source:
-            weights_path.write_bytes(source.read())
+        with (
+            storage.open(artifacts["model.safetensors"].storage_key) as source,
+            weights_path.open("wb") as target,
+        ):
+            shutil.copyfileobj(source, target)
         with storage.open(artifacts["config.json"].storage_key) as source:
             config = json.loads(source.read())
         return config, load_file(str(weights_path))
@@ -61,18 +120,48 @@ def predictor_for(recipe_name: str):
     return getattr(importlib.import_module(module), function)
 
 
-def predict_online(*, version: ModelVersion, rows: list[dict], actor: Actor) -> list[dict]:
-    """Predict a few rows with a cached model and meter them; bad rows are a 400 naming the row."""
+def _ledger_key(*, version: ModelVersion, rows: list[dict], idempotency_key: str | None) -> str:
+    """The ledger row's key: a client's retry (same key, same request) finds the first row; the
+    key reused for other rows is another prediction, billed as such."""
+    if not idempotency_key:
+        return f"predict:{uuid.uuid4()}"
+    request = json.dumps(
+        {"key": idempotency_key, "version": version.pk, "rows": rows}, sort_keys=True, default=str
+    )
+    return f"predict:{version.organization_id}:{hashlib.sha256(request.encode()).hexdigest()}"
+
+
+def predict_online(
+    *,
+    version: ModelVersion,
+    rows: list[dict],
+    actor: Actor,
+    idempotency_key: str | None = None,
+) -> list[dict]:
+    """Predict a few rows with a cached model and meter them once per idempotency key; bad rows
+    are a 400 naming the row."""
+    if idempotency_key and len(idempotency_key) > IDEMPOTENCY_KEY_MAX:
+        raise DomainError(
+            "The Idempotency-Key header is too long.",
+            fields={"idempotency_key": [f"At most {IDEMPOTENCY_KEY_MAX} characters, e.g. a UUID."]},
+        )
     predict_rows = predictor_for(version.recipe_name)
     artifacts = {a.name: a for a in version.artifacts.all()}
     if set(artifacts) < {"model.safetensors", "config.json"}:
         raise OnlinePredictionUnsupported(f"{version} has no weights and config to serve.")
-    if artifacts["model.safetensors"].size_bytes > ONLINE_MAX_WEIGHTS_BYTES:
-        raise OnlinePredictionUnsupported(
-            f"{version} is too large for online prediction; submit a job of kind infer instead."
+    limit = settings.ONLINE_PREDICTION_MAX_MODEL_BYTES
+    size = artifacts["model.safetensors"].size_bytes
+    if size > limit:
+        raise ModelTooLarge(
+            f"{version}'s weights ({size:,} bytes) are over the {limit:,} bytes served online; "
+            "submit a job of kind infer instead."
         )
     try:
-        config, weights = _load(version.pk)
+        config, weights = model_cache.get(
+            version.pk,
+            lambda: _load(version.pk),
+            budget=settings.ONLINE_PREDICTION_CACHE_BYTES,
+        )
         predictions = predict_rows(config, weights, rows)
     except RecipeInputError as exc:
         raise DomainError(str(exc), fields={"rows": [str(exc)]}) from exc
@@ -89,7 +178,7 @@ def predict_online(*, version: ModelVersion, rows: list[dict], actor: Actor) -> 
         unit="1k_predictions",
         period_start=now,
         period_end=now,
-        idempotency_key=f"predict:{uuid.uuid4()}",
+        idempotency_key=_ledger_key(version=version, rows=rows, idempotency_key=idempotency_key),
         source_type="model_version",
         source_id=str(version.pk),
         user=actor.api_key.created_by if actor.api_key else actor.user,

@@ -17,6 +17,7 @@ from jobs.models import Job, JobEvent, JobLog, JobMetric, JobState, Sweep
 from jobs.recipes.registry import get_recipe, list_recipes
 from jobs.services import sweeps
 from tenants.errors import DomainError
+from tenants.standing import Effect
 from tenants.views.base import OrganizationPageMixin
 
 LOG_TAIL = 200
@@ -71,6 +72,7 @@ class JobsPage(OrganizationPageMixin, TemplateView):
 class JobSubmitPage(OrganizationPageMixin, TemplateView):
     template_name = "jobs/job_submit.html"
     required_scopes = {"get": "jobs:write", "post": "jobs:write"}
+    throttle_scopes = {"post": "submit"}
 
     def _recipe(self):
         try:
@@ -129,6 +131,7 @@ class JobPredictPage(OrganizationPageMixin, TemplateView):
 
     template_name = "jobs/job_predict.html"
     required_scopes = {"get": "jobs:write", "post": "jobs:write"}
+    throttle_scopes = {"post": "submit"}
 
     def get_context_data(self, **kwargs):
         context = super().get_context_data(**kwargs)
@@ -215,6 +218,8 @@ class _JobAction(OrganizationPageMixin, View):
 
 
 class JobCancelAction(_JobAction):
+    effects = {"post": Effect.REDUCE}
+
     def perform(self, job):
         job = services.job_cancel(job=job, actor=self.actor)
         messages.success(self.request, "Cancelling: the job stops within a few seconds.")
@@ -222,6 +227,8 @@ class JobCancelAction(_JobAction):
 
 
 class JobRetryAction(_JobAction):
+    throttle_scopes = {"post": "submit"}
+
     def perform(self, job):
         retried = services.job_retry(job=job, actor=self.actor)
         messages.success(self.request, f"Submitted again as job {retried.pk}.")
@@ -271,6 +278,7 @@ class SweepPage(OrganizationPageMixin, TemplateView):
 class SweepCancelAction(OrganizationPageMixin, View):
     model = Sweep
     required_scopes = {"post": "jobs:write"}
+    effects = {"post": Effect.REDUCE}
 
     def post(self, request, org_slug, pk):
         try:

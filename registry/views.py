@@ -10,6 +10,7 @@ from django.views import View
 from django.views.generic import TemplateView
 
 from tenants.errors import DomainError
+from tenants.standing import Effect
 from tenants.views.base import OrganizationPageMixin
 
 from . import selectors, services
@@ -42,6 +43,8 @@ LIST_PAGE_SIZE = 50
 class _CreateByName(OrganizationPageMixin, TemplateView):
     """A list page whose form creates a named thing (a dataset or a model)."""
 
+    # An empty dataset or model costs nothing; its versions do.
+    effects = {"post": Effect.CHANGE}
     create = None
     success_url_name = ""
 

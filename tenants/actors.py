@@ -2,9 +2,32 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
+from django.conf import settings
+
 from .models import ApiKey, User
+
+
+def client_ip(request) -> str | None:
+    """The address a request came from, for rate limits and the audit log.
+
+    Each of the TRUSTED_PROXY_COUNT proxies in front of the web process appends the address it
+    saw to X-Forwarded-For, so the client is that many entries from the right; entries further
+    left were written by the client itself and are never believed. With no trusted proxy the
+    header is ignored and the connection's address is the client.
+    """
+    count = settings.TRUSTED_PROXY_COUNT
+    forwarded = request.META.get("HTTP_X_FORWARDED_FOR", "")
+    if count > 0 and forwarded:
+        hops = [hop.strip() for hop in forwarded.split(",")]
+        if len(hops) >= count:
+            try:
+                return str(ipaddress.ip_address(hops[-count]))
+            except ValueError:
+                pass  # not what a proxy writes: fall back to the connection's address
+    return request.META.get("REMOTE_ADDR") or None
 
 
 @dataclass(frozen=True)
@@ -19,7 +42,7 @@ class Actor:
         return cls(
             user=request.user if request.user.is_authenticated else None,
             api_key=auth if isinstance(auth, ApiKey) else None,
-            ip=request.META.get("REMOTE_ADDR") or None,
+            ip=client_ip(request),
         )
 
     @property

@@ -17,6 +17,10 @@ DEBUG = env.bool("DEBUG", default=False)
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 SITE_URL = env("SITE_URL", default="http://127.0.0.1:8000")
+# Proxies in front of the web process that append the address they saw to X-Forwarded-For (one
+# load balancer: 1). The failed-login limit, the API's rate limits and the audit log all take
+# the client's address from it; 0 ignores the header, which a client could otherwise forge.
+TRUSTED_PROXY_COUNT = env.int("TRUSTED_PROXY_COUNT", default=0)
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -113,6 +117,10 @@ ACCOUNT_CONFIRM_EMAIL_ON_GET = False
 ACCOUNT_RATE_LIMITS = {
     "login_failed": env("LOGIN_FAILED_RATE_LIMIT", default="10/m/ip,5/5m/key"),
 }
+# The adapter reads TRUSTED_PROXY_COUNT per request (tenants.actors.client_ip); allauth's own
+# setting agrees for anything that reads it directly.
+ACCOUNT_ADAPTER = "tenants.adapters.AccountAdapter"
+ALLAUTH_TRUSTED_PROXY_COUNT = TRUSTED_PROXY_COUNT
 
 EMAIL_CONFIG = env.email_url("EMAIL_URL", default="consolemail://")
 vars().update(EMAIL_CONFIG)
@@ -158,6 +166,10 @@ STRIPE_PUSH_BATCH = env.int("STRIPE_PUSH_BATCH", default=100)
 STRIPE_PUSH_BACKOFF_S = env.float("STRIPE_PUSH_BACKOFF_S", default=5.0)
 STRIPE_PUSH_BACKOFF_MAX_S = env.float("STRIPE_PUSH_BACKOFF_MAX_S", default=3600.0)
 STRIPE_PUSH_BUDGET_S = env.float("STRIPE_PUSH_BUDGET_S", default=8.0)
+# Online prediction runs in the web process: a model's weights over this size are refused (batch
+# inference jobs serve them), and each process keeps at most this many bytes of loaded weights.
+ONLINE_PREDICTION_MAX_MODEL_BYTES = env.int("ONLINE_PREDICTION_MAX_MODEL_BYTES", default=16 * 2**20)
+ONLINE_PREDICTION_CACHE_BYTES = env.int("ONLINE_PREDICTION_CACHE_BYTES", default=128 * 2**20)
 # What an organization's overview page shows besides its members and activity (tenants imports
 # no other app, so the apps that contribute a panel are named here).
 ORGANIZATION_OVERVIEW_PANELS = ["jobs.panels.overview_panel", "billing.panels.overview_panel"]
@@ -218,6 +230,28 @@ REST_FRAMEWORK = {
     "PAGE_SIZE": 50,
     "EXCEPTION_HANDLER": "factory_saas.errors.api_exception_handler",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+    # Our throttles take the address from tenants.actors.client_ip; DRF's own agree.
+    "NUM_PROXIES": TRUSTED_PROXY_COUNT,
+    "DEFAULT_THROTTLE_CLASSES": [
+        "tenants.api.throttles.ApiKeyThrottle",
+        "tenants.api.throttles.UserThrottle",
+        "tenants.api.throttles.OrganizationThrottle",
+        "tenants.api.throttles.CostlyOperationThrottle",
+    ],
+}
+# Requests per window ("<n>/s", "/min", "/hour", "/day") in each API bucket (a 429 with
+# Retry-After beyond it): per API key, per signed-in user (sessions and keys together), per
+# anonymous address, per organization; and per organization for each costly operation, which
+# views name in `throttle_scopes`. Dashboard form posts count against the same buckets.
+API_RATE_LIMITS = {
+    "key": env("API_RATE_LIMIT_KEY", default="600/min"),
+    "user": env("API_RATE_LIMIT_USER", default="600/min"),
+    "anon": env("API_RATE_LIMIT_ANON", default="60/min"),
+    "org": env("API_RATE_LIMIT_ORG", default="1200/min"),
+    "submit": env("API_RATE_LIMIT_SUBMIT", default="60/min"),
+    "upload": env("API_RATE_LIMIT_UPLOAD", default="30/min"),
+    "predict": env("API_RATE_LIMIT_PREDICT", default="300/min"),
+    "invite": env("API_RATE_LIMIT_INVITE", default="30/hour"),
 }
 
 SPECTACULAR_SETTINGS = {

@@ -1,13 +1,47 @@
 """Production: PostgreSQL, Redis, S3 and Stripe from the environment; no insecure defaults."""
 
+from django.core.checks.security.base import (
+    SECRET_KEY_INSECURE_PREFIX,
+    SECRET_KEY_MIN_LENGTH,
+    SECRET_KEY_MIN_UNIQUE_CHARACTERS,
+)
 from django.core.exceptions import ImproperlyConfigured
 
 from .base import *  # noqa: F403
-from .base import MIDDLEWARE, env
+from .base import MIDDLEWARE, SECRET_KEY_FALLBACKS, env
+
+# Keys printed in this repository (docker/env.example, the test settings): sessions, CSRF tokens
+# and signed upload URLs made with one can be forged by anyone who has read it.
+PUBLISHED_SECRET_KEYS = {
+    "change-me-this-is-a-public-example-key-0123456789-abcdefghijklmnop",
+    "test-only-key-not-secret-0123456789-abcdefghijklmnopqrstuvwxyz",
+}
+
+
+def _refuse_weak_secret_key(name: str, key: str) -> None:
+    """Refuse at start what `check --deploy` only warns about (W009/W025), and the published
+    examples; the message never repeats the key."""
+    make_one = 'Make one with: python -c "import secrets; print(secrets.token_urlsafe(50))"'
+    if key in PUBLISHED_SECRET_KEYS:
+        raise ImproperlyConfigured(f"{name} is the published example key. {make_one}")
+    if (
+        len(key) < SECRET_KEY_MIN_LENGTH
+        or len(set(key)) < SECRET_KEY_MIN_UNIQUE_CHARACTERS
+        or key.startswith(SECRET_KEY_INSECURE_PREFIX)
+    ):
+        raise ImproperlyConfigured(
+            f"{name} is too weak: it needs {SECRET_KEY_MIN_LENGTH}+ characters, "
+            f"{SECRET_KEY_MIN_UNIQUE_CHARACTERS}+ distinct ones, and no "
+            f"'{SECRET_KEY_INSECURE_PREFIX}' prefix. {make_one}"
+        )
+
 
 SECRET_KEY = env("SECRET_KEY", default="")
 if not SECRET_KEY:
     raise ImproperlyConfigured("SECRET_KEY must be set in the environment for production.")
+_refuse_weak_secret_key("SECRET_KEY", SECRET_KEY)
+for _position, _fallback in enumerate(SECRET_KEY_FALLBACKS):
+    _refuse_weak_secret_key(f"SECRET_KEY_FALLBACKS[{_position}]", _fallback)
 DEBUG = env.bool("DEBUG", default=False)
 if DEBUG:
     raise ImproperlyConfigured("DEBUG must be off in production.")

@@ -13,6 +13,7 @@ from registry.models import RegisteredModel
 from registry.selectors import dataset_version_get, model_version_get
 from tenants.api.base import OrganizationScopedAPIView, OrganizationScopedViewSet
 from tenants.errors import DomainError
+from tenants.standing import Effect
 
 from . import serializers as s
 
@@ -105,6 +106,8 @@ class JobViewSet(
         "cancel": "jobs:write",
         "retry": "jobs:write",
     }
+    effects = {"cancel": Effect.REDUCE}
+    throttle_scopes = {"create": "submit", "retry": "submit"}
 
     def narrow_queryset(self, queryset):
         if self.action != "list":
@@ -266,7 +269,17 @@ class ResourceClassListView(generics.GenericAPIView):
 
 
 @extend_schema(
-    tags=["models"], request=s.PredictRequestSerializer, responses=s.PredictResponseSerializer
+    tags=["models"],
+    request=s.PredictRequestSerializer,
+    responses=s.PredictResponseSerializer,
+    parameters=[
+        OpenApiParameter(
+            "Idempotency-Key",
+            str,
+            location=OpenApiParameter.HEADER,
+            description="A retry of the same request with the same key is billed once.",
+        )
+    ],
 )
 class ModelPredictView(OrganizationScopedAPIView):
     """Predict up to 1,000 rows with a model version (or alias), metered per 1,000 predictions."""
@@ -274,6 +287,7 @@ class ModelPredictView(OrganizationScopedAPIView):
     model = RegisteredModel  # found by the URL's name before the input is read: 404 first
     lookup_field = "name"
     required_scopes = {"post": "jobs:write"}
+    throttle_scopes = {"post": "predict"}
     serializer_class = s.PredictRequestSerializer
 
     def post(self, request, org_slug, name):
@@ -283,7 +297,10 @@ class ModelPredictView(OrganizationScopedAPIView):
             organization=self.organization, model_name=name, ref=data.validated_data["version"]
         )
         predictions = predict_online(
-            version=version, rows=data.validated_data["rows"], actor=self.actor
+            version=version,
+            rows=data.validated_data["rows"],
+            actor=self.actor,
+            idempotency_key=request.headers.get("Idempotency-Key") or None,
         )
         return Response({"model": name, "version": version.number, "predictions": predictions})
 
@@ -310,6 +327,8 @@ class SweepViewSet(
         "create": "jobs:write",
         "cancel": "jobs:write",
     }
+    effects = {"cancel": Effect.REDUCE}
+    throttle_scopes = {"create": "submit"}
 
     def create(self, request, *args, **kwargs):
         data = s.SweepCreateSerializer(data=request.data)

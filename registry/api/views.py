@@ -21,6 +21,7 @@ from registry.models import (
 )
 from registry.storage import DOWNLOAD_URL_TTL_S, get_storage
 from tenants.api.base import OrganizationScopedViewSet
+from tenants.standing import Effect
 
 from . import serializers as s
 
@@ -90,6 +91,8 @@ class DatasetViewSet(
         "partial_update": "datasets:write",
         "destroy": "datasets:write",
     }
+    # An empty dataset, or its name and description, costs nothing; its versions do.
+    effects = {"create": Effect.CHANGE, "partial_update": Effect.CHANGE}
 
     def narrow_queryset(self, queryset):
         return selectors.dataset_list(organization=self.organization)
@@ -145,6 +148,7 @@ class DatasetVersionViewSet(
     serializer_class = s.DatasetVersionSerializer
     lookup_field = "number"
     parser_classes = [MultiPartParser]
+    throttle_scopes = {"create": "upload"}
     required_scopes = {
         "list": "datasets:read",
         "retrieve": "datasets:read",
@@ -215,6 +219,7 @@ class PendingUploadViewSet(_InDataset, mixins.CreateModelMixin, OrganizationScop
     serializer_class = s.PendingUploadSerializer
     parser_classes = [JSONParser]
     required_scopes = {"create": "datasets:write", "finalize": "datasets:write"}
+    throttle_scopes = {"create": "upload", "finalize": "upload"}
 
     def create(self, request, *args, **kwargs):
         dataset = selectors.dataset_get(
@@ -271,6 +276,7 @@ class RegisteredModelViewSet(
         "create": "models:write",
         "partial_update": "models:write",
     }
+    effects = {"create": Effect.CHANGE, "partial_update": Effect.CHANGE}
 
     def narrow_queryset(self, queryset):
         return selectors.registered_model_list(organization=self.organization)
@@ -345,6 +351,7 @@ class ModelVersionViewSet(
     serializer_class = s.ModelVersionSerializer
     lookup_field = "number"
     parser_classes = [MultiPartParser]
+    throttle_scopes = {"create": "upload"}
     required_scopes = {
         "list": "models:read",
         "retrieve": "models:read",

@@ -20,6 +20,7 @@ from rest_framework import generics, viewsets
 from tenants.actors import Actor
 from tenants.seal import SealBroken, checked_rows, organization_rows, sealed_overrides
 from tenants.selectors import organization_access
+from tenants.standing import Effect
 
 from .permissions import HasOrganizationScope
 
@@ -30,6 +31,10 @@ class OrganizationScopedMixin:
     required_scopes: dict[str, str] = {}
     # Actions (or methods) only a signed-in person may take, never an API key, whatever its scopes.
     session_only_actions: frozenset[str] = frozenset()
+    # Per action, where the scope alone would misjudge what a write does (tenants.standing).
+    effects: dict[str, Effect] = {}
+    # Per action, the stricter rate bucket of a costly operation (tenants.api.throttles).
+    throttle_scopes: dict[str, str] = {}
     http_method_names = ["get", "post", "put", "patch", "delete", "head"]
     metadata_class = None
     model = None  # the tenant-owned model the view serves (viewsets) or finds by URL (views)

@@ -2,6 +2,8 @@
 
 from rest_framework import exceptions, permissions
 
+from tenants.standing import action_effect, standing_check
+
 
 class DenyAll(permissions.BasePermission):
     """The default: a view that declares nothing allows nothing."""
@@ -22,7 +24,8 @@ def required_scope(view, request) -> str | None:
 
 class HasOrganizationScope(permissions.BasePermission):
     """Authenticated, then a member of the organization (else 404), then the declared scope, then
-    a session where the view allows the action to people only."""
+    a session where the view allows the action to people only, then the organization's standing
+    (a suspended or unpaid organization may not spend)."""
 
     message = "Your role in this organization does not allow this."
 
@@ -39,6 +42,10 @@ class HasOrganizationScope(permissions.BasePermission):
         if request.auth is not None and _action(view, request) in view.session_only_actions:
             self.message = IsUserSession.message
             return False
+        effect = action_effect(
+            view=view, action=_action(view, request), method=request.method, scope=scope
+        )
+        standing_check(organization=view.organization, effect=effect)
         return True
 
 

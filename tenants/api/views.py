@@ -129,6 +129,7 @@ class InvitationViewSet(
         "create": "members:admin",
         "destroy": "members:admin",
     }
+    throttle_scopes = {"create": "invite"}
 
     def narrow_queryset(self, queryset):
         return queryset.select_related("invited_by")

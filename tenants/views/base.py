@@ -1,5 +1,6 @@
-"""Org-scoped dashboard pages: login, then membership (else 404), then the method's scope, then
-the object the URL names, found only through the organization's rows (else 404).
+"""Org-scoped dashboard pages: login, then membership (else 404), then the method's scope, the
+organization's standing and, for form posts, the API's rate limits, then the object the URL
+names, found only through the organization's rows (else 404).
 
 The seal of the API bases, for pages: a page cannot override `dispatch` or the methods that
 build its rows; it narrows them through `narrow_queryset`, which may not drop the organization
@@ -9,11 +10,13 @@ filter (`tenants.seal`). A URL parameter besides the slug must name the page's o
 
 from django.contrib.auth.mixins import LoginRequiredMixin
 from django.core.exceptions import PermissionDenied
-from django.shortcuts import get_object_or_404
+from django.shortcuts import get_object_or_404, render
 
 from tenants.actors import Actor
+from tenants.api.throttles import throttle_wait
 from tenants.seal import SealBroken, organization_rows, sealed_overrides
 from tenants.selectors import organization_access
+from tenants.standing import Effect, OrganizationRestricted, action_effect, standing_check
 
 
 class OrganizationPageMixin(LoginRequiredMixin):
@@ -22,6 +25,10 @@ class OrganizationPageMixin(LoginRequiredMixin):
     model = None  # the tenant-owned model of the page's object (or of its narrowed rows)
     # How the URL names the page's object: {model field: URL parameter}.
     lookup_fields: dict[str, str] = {"pk": "pk"}
+    # Per method, where the scope alone would misjudge what a write does (tenants.standing).
+    effects: dict[str, Effect] = {}
+    # Per method, the stricter rate bucket of a costly operation (tenants.api.throttles).
+    throttle_scopes: dict[str, str] = {}
 
     organization = None
     membership = None
@@ -63,6 +70,21 @@ class OrganizationPageMixin(LoginRequiredMixin):
         if request.session.get("current_org") != self.organization.slug:
             request.session["current_org"] = self.organization.slug
         request.organization, request.organization_scopes = self.organization, self.granted_scopes
+        effect = action_effect(view=self, action=method, method=method, scope=scope)
+        try:
+            standing_check(organization=self.organization, effect=effect)
+        except OrganizationRestricted as refused:
+            return render(
+                request,
+                "tenants/restricted.html",
+                {"restriction": refused.restriction},
+                status=refused.status,
+            )
+        # Form posts count against the API's buckets, so the dashboard is no way around them.
+        if method != "get" and (wait := throttle_wait(request, self)) is not None:
+            response = render(request, "tenants/throttled.html", {"wait": wait}, status=429)
+            response["Retry-After"] = str(wait)
+            return response
         return super().dispatch(request, *args, **kwargs)
 
     def _url_object(self, kwargs):

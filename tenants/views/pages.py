@@ -23,6 +23,7 @@ from tenants.forms import (
 )
 from tenants.models import ApiKey, Invitation, Membership
 from tenants.scopes import Role, roles_within
+from tenants.standing import Effect
 
 from .base import OrganizationPageMixin
 
@@ -154,6 +155,7 @@ class MembersPage(OrganizationPageMixin, TemplateView):
 
     template_name = "tenants/members.html"
     required_scopes = {"get": "members:read", "post": "members:admin"}
+    throttle_scopes = {"post": "invite"}
 
     def get_context_data(self, **kwargs):
         context = super().get_context_data(**kwargs)
@@ -220,6 +222,7 @@ class MemberRoleAction(_ObjectActionPage):
 class MemberRemoveAction(_ObjectActionPage):
     model = Membership
     required_scopes = {"post": "members:owner"}
+    effects = {"post": Effect.REDUCE}
     success_url_name = "tenants:members"
 
     def perform(self, target):
@@ -230,6 +233,7 @@ class MemberRemoveAction(_ObjectActionPage):
 class InvitationRevokeAction(_ObjectActionPage):
     model = Invitation
     required_scopes = {"post": "members:admin"}
+    effects = {"post": Effect.REDUCE}
     success_url_name = "tenants:members"
 
     def perform(self, target):
@@ -279,6 +283,7 @@ class ApiKeysPage(_OwnKeysUnlessAdmin, OrganizationPageMixin, TemplateView):
 class ApiKeyRevokeAction(_OwnKeysUnlessAdmin, _ObjectActionPage):
     model = ApiKey
     required_scopes = {"post": "keys:write"}
+    effects = {"post": Effect.REDUCE}
     success_url_name = "tenants:api_keys"
 
     def perform(self, target):

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 PRODUCTION_ENV = {
     "DJANGO_SETTINGS_MODULE": "factory_saas.settings.production",
@@ -37,6 +39,53 @@ def test_production_refuses_to_start_without_a_secret_key():
     env = {**PRODUCTION_ENV, "SECRET_KEY": ""}
     result = _manage("check", **env)
     assert result.returncode != 0 and "SECRET_KEY must be set" in result.stderr
+
+
+def _example_secret_key() -> str:
+    for line in (ROOT / "docker" / "env.example").read_text().splitlines():
+        if line.startswith("SECRET_KEY="):
+            return line.removeprefix("SECRET_KEY=")
+    raise AssertionError("docker/env.example has no SECRET_KEY line")
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        pytest.param(_example_secret_key(), id="the public example"),
+        pytest.param("short-but-random-Xq3vT9pL2mN8", id="under 50 characters"),
+        pytest.param("ab" * 30, id="too few distinct characters"),
+        pytest.param("django-insecure-" + "k3Jx9QmT2vLp8WzR4nYb7HcD5fGs1aEu6oIy0", id="insecure"),
+    ],
+)
+def test_production_refuses_a_public_or_weak_secret_key(key):
+    result = _manage("check", **{**PRODUCTION_ENV, "SECRET_KEY": key})
+    assert result.returncode != 0, result.stdout
+    assert "ImproperlyConfigured" in result.stderr and "SECRET_KEY" in result.stderr
+    assert key not in result.stderr  # the refusal does not print the key it refused
+
+
+def test_production_refuses_the_public_example_as_an_old_key_too():
+    env = {**PRODUCTION_ENV, "SECRET_KEY_FALLBACKS": _example_secret_key()}
+    result = _manage("check", **env)
+    assert result.returncode != 0 and "SECRET_KEY_FALLBACKS[0] is the published" in result.stderr
+
+
+def test_one_setting_gives_every_reader_the_trusted_proxy_count():
+    code = (
+        "from django.conf import settings; "
+        "print(settings.TRUSTED_PROXY_COUNT, settings.ALLAUTH_TRUSTED_PROXY_COUNT, "
+        "settings.REST_FRAMEWORK['NUM_PROXIES'])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**os.environ, **PRODUCTION_ENV, "TRUSTED_PROXY_COUNT": "2"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["2", "2", "2"]
 
 
 def test_production_refuses_to_start_with_debug_on():

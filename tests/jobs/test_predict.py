@@ -16,12 +16,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from django.core.files.uploadedfile import SimpleUploadedFile
 from safetensors.numpy import load_file
 
+from billing.models import UsageRecord
 from jobs.recipes.base import RecipeContext, RecipeInputError, validate_parameters
 from jobs.recipes.tabular import TabularClassifier, predict_rows
 from jobs.runner.protocol import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, parse_line, write_spec
 from jobs.samples import write_tabular_sample
+from registry.models import ModelVersion
 
 REPO = Path(__file__).resolve().parents[2]
 CHILD_ENV = os.environ | {"OMP_NUM_THREADS": "1"}
@@ -408,3 +411,144 @@ def test_the_spec_still_fails_predict_without_a_model(tmp_path):
     )
     assert process.returncode == EXIT_FAILED
     assert "a predict task needs model_dir" in process.stderr
+
+
+# Online prediction through the API: retries billed once, model size and memory bounded
+
+
+def _served(client, org, model_dir, versions=1, name="churn") -> str:
+    created = client.post(f"/api/v1/orgs/{org.slug}/models/", {"name": name}, format="json")
+    assert created.status_code == 201, created.content
+    for _ in range(versions):
+        registered = client.post(
+            f"/api/v1/orgs/{org.slug}/models/{name}/versions/",
+            {
+                "weights": SimpleUploadedFile(
+                    "model.safetensors", (model_dir / "model.safetensors").read_bytes()
+                ),
+                "config": (model_dir / "config.json").read_text(),
+                "recipe_name": "tabular-classifier",
+            },
+            format="multipart",
+        )
+        assert registered.status_code == 201, registered.content
+    return f"/api/v1/orgs/{org.slug}/models/{name}/predict/"
+
+
+def _rows(new_rows, count=3):
+    return signature_rows(read_csv(new_rows)[:count])
+
+
+def _billed(org) -> int:
+    return UsageRecord.objects.filter(organization=org, resource="predictions").count()
+
+
+@pytest.fixture
+def predictor(org, member_factory, client_for, local_store):
+    from jobs.inference import model_cache
+
+    model_cache.clear()
+    yield client_for(member_factory(org, "developer"))
+    model_cache.clear()
+
+
+@pytest.mark.django_db
+def test_a_retried_prediction_with_the_same_idempotency_key_is_billed_once(
+    org, predictor, model_dir, new_rows
+):
+    url = _served(predictor, org, model_dir)
+    body = {"version": "1", "rows": _rows(new_rows)}
+    first = predictor.post(url, body, format="json", HTTP_IDEMPOTENCY_KEY="retry-1")
+    again = predictor.post(url, body, format="json", HTTP_IDEMPOTENCY_KEY="retry-1")
+    assert first.status_code == again.status_code == 200, again.content
+    assert first.json() == again.json()
+    assert _billed(org) == 1
+    assert predictor.post(url, body, format="json", HTTP_IDEMPOTENCY_KEY="2").status_code == 200
+    assert predictor.post(url, body, format="json").status_code == 200  # no key: each its own
+    assert _billed(org) == 3
+
+
+@pytest.mark.django_db
+def test_reusing_a_key_for_other_rows_does_not_make_them_free(org, predictor, model_dir, new_rows):
+    url = _served(predictor, org, model_dir)
+    rows = _rows(new_rows, 6)
+    for part in (rows[:3], rows[3:]):
+        response = predictor.post(
+            url, {"version": "1", "rows": part}, format="json", HTTP_IDEMPOTENCY_KEY="same"
+        )
+        assert response.status_code == 200, response.content
+    assert _billed(org) == 2
+
+
+@pytest.mark.django_db
+def test_an_overlong_prediction_idempotency_key_is_a_400(org, predictor, model_dir, new_rows):
+    url = _served(predictor, org, model_dir)
+    response = predictor.post(
+        url,
+        {"version": "1", "rows": _rows(new_rows)},
+        format="json",
+        HTTP_IDEMPOTENCY_KEY="k" * 201,
+    )
+    assert response.status_code == 400 and "idempotency_key" in response.json()["fields"]
+    assert _billed(org) == 0
+
+
+@pytest.mark.django_db
+def test_a_model_over_the_online_size_limit_is_refused_with_a_clear_error(
+    org, predictor, model_dir, new_rows, settings
+):
+    url = _served(predictor, org, model_dir)
+    size = (model_dir / "model.safetensors").stat().st_size
+    settings.ONLINE_PREDICTION_MAX_MODEL_BYTES = size - 1
+    response = predictor.post(url, {"version": "1", "rows": _rows(new_rows)}, format="json")
+    assert response.status_code == 400, response.content
+    body = response.json()
+    assert body["code"] == "model_too_large" and "kind infer" in body["detail"]
+    assert _billed(org) == 0
+    settings.ONLINE_PREDICTION_MAX_MODEL_BYTES = size
+    response = predictor.post(url, {"version": "1", "rows": _rows(new_rows)}, format="json")
+    assert response.status_code == 200, response.content
+
+
+@pytest.mark.django_db
+def test_models_loaded_beyond_the_cache_budget_are_evicted_by_bytes(
+    org, predictor, model_dir, new_rows, settings
+):
+    from jobs.inference import model_cache
+
+    resident = sum(a.nbytes for a in load_file(model_dir / "model.safetensors").values())
+    settings.ONLINE_PREDICTION_CACHE_BYTES = int(resident * 2.5)
+    url = _served(predictor, org, model_dir, versions=3)
+    versions = sorted(ModelVersion.objects.filter(organization=org).values_list("pk", flat=True))
+    for number in ("1", "2", "3"):
+        response = predictor.post(url, {"version": number, "rows": _rows(new_rows)}, format="json")
+        assert response.status_code == 200, response.content
+        assert model_cache.resident_bytes <= settings.ONLINE_PREDICTION_CACHE_BYTES
+    assert model_cache.keys() == versions[1:]  # the least recently used went first
+    response = predictor.post(url, {"version": "1", "rows": _rows(new_rows)}, format="json")
+    assert response.status_code == 200, response.content
+    assert model_cache.keys() == [versions[2], versions[0]]
+    assert model_cache.resident_bytes == 2 * resident
+
+
+def test_the_model_cache_evicts_least_recently_used_until_the_new_model_fits():
+    import numpy as np
+
+    from jobs.inference import ModelCache
+
+    cache = ModelCache()
+
+    def model(size):
+        return lambda: ({}, {"w": np.zeros(size, dtype=np.uint8)})
+
+    cache.get("a", model(1000), budget=3000)
+    cache.get("b", model(1000), budget=3000)
+    cache.get("a", model(1000), budget=3000)  # a is now the most recently used
+    cache.get("c", model(1500), budget=3000)
+    assert cache.keys() == ["a", "c"] and cache.resident_bytes == 2500
+    cache.get("d", model(2900), budget=3000)
+    assert cache.keys() == ["d"] and cache.resident_bytes == 2900
+    # A model larger than the whole budget is served but never kept.
+    _config, weights = cache.get("e", model(3001), budget=3000)
+    assert weights["w"].nbytes == 3001
+    assert cache.keys() == ["d"] and cache.resident_bytes == 2900

@@ -1,0 +1,500 @@
+"""A tenant that may not spend tries anyway: suspended, past due after the grace period, or over a
+hard-capped budget, it submits, retries, sweeps, uploads, registers and predicts through the API
+and the dashboard's forms. Each spend is refused with a clear error and leaves nothing behind;
+reading, cancelling, deleting and paying still work, so the tenant can see and fix its standing.
+"""
+
+from dataclasses import dataclass
+from datetime import timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.test import Client
+from django.urls import reverse
+from django.utils import timezone
+from rest_framework.test import APIClient
+
+from billing.models import BillingAccount, UsageRecord
+from billing.services import billing_account_get, budget_set, past_due_set, usage_record
+from jobs.models import Job, JobState, Sweep
+from registry.models import Dataset, DatasetVersion, ModelVersion, PendingUpload
+from tenants.actors import Actor
+from tenants.models import ApiKey, Invitation, Organization
+from tenants.scopes import ROLE_SCOPES, Role
+from tenants.services import api_key_create
+from tests.billing.conftest import fake_stripe, stripe_server  # noqa: F401  fixtures used below
+from tests.factories import (
+    DatasetVersionFactory,
+    JobFactory,
+    MembershipFactory,
+    OrganizationFactory,
+)
+from tests.jobs.test_predict import EXIT_OK, run_child, write_tabular_sample
+from tests.registry.conftest import local_store  # noqa: F401  a fixture used below
+from tests.test_tenancy_sweep import (
+    CALLS,
+    ROUTES,
+    _send,
+    _session_client,
+    world,  # noqa: F401  the sweep's fixture, used below
+)
+
+pytestmark = pytest.mark.django_db
+
+CSV = b"age,city,score\n31,Paris,0.5\n45,Lyon,0.75\n"
+ROW = {
+    "age": 30,
+    "monthly_spend": 20.5,
+    "tenure_months": 3,
+    "support_calls": 1,
+    "plan": "basic",
+    "region": "west",
+}
+
+
+def _suspend(org, owner):
+    Organization.objects.filter(pk=org.pk).update(status=Organization.Status.SUSPENDED)
+
+
+def _past_due(org, owner):
+    billing_account_get(organization=org)
+    past_due_set(organization=org, since=timezone.now() - timedelta(days=8))
+
+
+def _over_budget(org, owner):
+    budget_set(
+        organization=org,
+        actor=Actor(user=owner),
+        monthly_budget_minor=500,
+        thresholds=[],
+        hard_cap=True,
+    )
+    now = timezone.now()
+    usage_record(
+        organization=org,
+        resource="gpu:a100-40gb",
+        quantity=Decimal(500) / Decimal("0.08"),
+        unit="gpu_second",
+        period_start=now - timedelta(minutes=5),
+        period_end=now,
+        idempotency_key=f"spent:{org.pk}",
+    )
+
+
+@dataclass(frozen=True)
+class Standing:
+    name: str
+    reach: object
+    status: int
+    code: str
+
+    def __str__(self):
+        return self.name
+
+
+STANDINGS = [
+    Standing("suspended", _suspend, 403, "organization_suspended"),
+    Standing("past_due", _past_due, 402, "payment_past_due"),
+    Standing("budget_reached", _over_budget, 402, "budget_reached"),
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tabular model the job child trained, small enough to serve online."""
+    workdir = tmp_path_factory.mktemp("train")
+    write_tabular_sample(workdir / "data.csv", rows=120, seed=0)
+    run = run_child(workdir, parameters={"target": "label", "epochs": 1, "hidden_sizes": [8]})
+    assert run.returncode == EXIT_OK, run.stderr
+    return workdir / "out"
+
+
+@dataclass
+class Tenant:
+    org: Organization
+    owner: object
+    version: DatasetVersion
+    failed_job: Job
+    queued_job: Job
+    model: str
+    upload: int
+
+    def api(self, path: str) -> str:
+        return f"/api/v1/orgs/{self.org.slug}/{path}"
+
+    def page(self, name: str, *args) -> str:
+        return reverse(name, args=[self.org.slug, *args])
+
+
+def _key_client(user, org):
+    _key, token = api_key_create(
+        organization=org,
+        name="ci",
+        scopes=sorted(ROLE_SCOPES[Role.OWNER]),
+        actor=Actor(user=user),
+    )
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
+    return client
+
+
+@pytest.fixture
+def tenant(org, local_store, model_dir):  # noqa: F811
+    """An organization in good standing with something of everything, made before it fell."""
+    owner = MembershipFactory(organization=org, role=Role.OWNER).user
+    version = DatasetVersionFactory(organization=org)
+    session = _session_client(owner)
+    assert (
+        session.post(
+            f"/api/v1/orgs/{org.slug}/models/", {"name": "churn"}, format="json"
+        ).status_code
+        == 201
+    )
+    registered = session.post(
+        f"/api/v1/orgs/{org.slug}/models/churn/versions/",
+        {
+            "weights": SimpleUploadedFile(
+                "model.safetensors", (model_dir / "model.safetensors").read_bytes()
+            ),
+            "config": (model_dir / "config.json").read_text(),
+            "recipe_name": "tabular-classifier",
+        },
+        format="multipart",
+    )
+    assert registered.status_code == 201, registered.content
+    upload = session.post(
+        f"/api/v1/orgs/{org.slug}/datasets/{version.dataset.name}/uploads/",
+        {"filename": "big.csv", "size_bytes": len(CSV)},
+        format="json",
+    )
+    assert upload.status_code == 201, upload.content
+    return Tenant(
+        org=org,
+        owner=owner,
+        version=version,
+        failed_job=JobFactory(
+            organization=org, state=JobState.FAILED, input_dataset_version=version
+        ),
+        queued_job=JobFactory(organization=org, input_dataset_version=version),
+        model="churn",
+        upload=upload.json()["id"],
+    )
+
+
+def _spent(tenant) -> dict[str, int]:
+    """Everything a spend would add, counted."""
+    org = tenant.org
+    return {
+        "jobs": Job.objects.for_organization(org).count(),
+        "sweeps": Sweep.objects.for_organization(org).count(),
+        "dataset versions": DatasetVersion.objects.for_organization(org).count(),
+        "pending uploads": PendingUpload.objects.for_organization(org).count(),
+        "model versions": ModelVersion.objects.for_organization(org).count(),
+        "predictions billed": UsageRecord.objects.filter(
+            organization=org, resource="predictions"
+        ).count(),
+    }
+
+
+def _api_spends(t: Tenant):
+    dataset = {"dataset": t.version.dataset.name, "number": t.version.number}
+    yield (
+        "submit a job",
+        "post",
+        t.api("jobs/"),
+        {
+            "recipe": "tabular-classifier",
+            "parameters": {"target": "x"},
+            "dataset": dataset,
+        },
+        "json",
+    )
+    yield "retry a job", "post", t.api(f"jobs/{t.failed_job.pk}/retry/"), None, "json"
+    yield (
+        "start a sweep",
+        "post",
+        t.api("sweeps/"),
+        {
+            "name": "swept",
+            "recipe": "tabular-classifier",
+            "parameters": {"target": "x"},
+            "space": {"epochs": {"values": [1, 2]}},
+            "strategy": "grid",
+            "trial_count": 2,
+            "metric": "val_accuracy",
+            "dataset": dataset,
+        },
+        "json",
+    )
+    yield (
+        "upload a version",
+        "post",
+        t.api(f"datasets/{t.version.dataset.name}/versions/"),
+        {"file": SimpleUploadedFile("more.csv", CSV)},
+        "multipart",
+    )
+    yield (
+        "start a large upload",
+        "post",
+        t.api(f"datasets/{t.version.dataset.name}/uploads/"),
+        {
+            "filename": "more.csv",
+            "size_bytes": len(CSV),
+        },
+        "json",
+    )
+    yield (
+        "finalize an upload",
+        "post",
+        t.api(f"datasets/{t.version.dataset.name}/uploads/{t.upload}/finalize/"),
+        None,
+        "json",
+    )
+    yield (
+        "register a model version",
+        "post",
+        t.api(f"models/{t.model}/versions/"),
+        {
+            "weights": SimpleUploadedFile("model.safetensors", b"not checked before the standing"),
+            "config": "{}",
+        },
+        "multipart",
+    )
+    yield (
+        "predict online",
+        "post",
+        t.api(f"models/{t.model}/predict/"),
+        {
+            "version": "1",
+            "rows": [ROW] * 10,
+        },
+        "json",
+    )
+
+
+@pytest.mark.parametrize("via", ["session", "key"])
+@pytest.mark.parametrize("standing", STANDINGS, ids=str)
+def test_an_organization_that_may_not_spend_cannot_spend_through_the_api(tenant, standing, via):
+    client = (
+        _session_client(tenant.owner) if via == "session" else _key_client(tenant.owner, tenant.org)
+    )
+    before = _spent(tenant)
+    standing.reach(tenant.org, tenant.owner)
+    answers = {}
+    for what, method, url, body, fmt in _api_spends(tenant):
+        response = getattr(client, method)(url, body, format=fmt)
+        answers[what] = (response.status_code, response.json().get("code"))
+        assert response.status_code != standing.status or response.json()["detail"], what
+    assert answers == {what: (standing.status, standing.code) for what in answers}
+    assert _spent(tenant) == before
+
+
+@pytest.mark.parametrize("standing", STANDINGS, ids=str)
+def test_an_organization_that_may_not_spend_cannot_spend_through_the_dashboard(tenant, standing):
+    client = Client()
+    client.force_login(tenant.owner)
+    before = _spent(tenant)
+    standing.reach(tenant.org, tenant.owner)
+    form = {
+        "dataset_version": tenant.version.pk,
+        "resource_class": "cpu",
+        "gpu_count": 1,
+        "priority": 0,
+        "max_runtime_s": 600,
+        "param_target": "x",
+    }
+    attempts = [
+        (tenant.page("jobs:job_submit") + "?recipe=tabular-classifier", form),
+        (tenant.page("jobs:job_retry", tenant.failed_job.pk), {}),
+        (
+            tenant.page("jobs:job_predict"),
+            {
+                "model_version": ModelVersion.objects.get(organization=tenant.org).pk,
+                "dataset_version": tenant.version.pk,
+                "resource_class": "cpu",
+                "output_dataset": "scored",
+            },
+        ),
+    ]
+    answers = {url: client.post(url, data) for url, data in attempts}
+    assert {url: r.status_code for url, r in answers.items()} == dict.fromkeys(
+        answers, standing.status
+    )
+    for url, response in answers.items():  # each says why, and where to fix it
+        assert reverse("billing:billing", args=[tenant.org.slug]) in response.content.decode(), url
+    assert _spent(tenant) == before
+
+
+def test_a_suspended_organization_cannot_hand_out_access_or_change_settings(tenant):
+    """Suspension is an operator's decision: besides spending, no new keys, members or names."""
+    session = _session_client(tenant.owner)
+    key = _key_client(tenant.owner, tenant.org)
+    _suspend(tenant.org, tenant.owner)
+    keys, invitations = ApiKey.objects.count(), Invitation.objects.count()
+    attempts = [
+        (session, "post", tenant.api("api-keys/"), {"name": "more", "scopes": ["jobs:write"]}),
+        (key, "post", tenant.api("invitations/"), {"email": "a@out.test", "role": "owner"}),
+        (session, "patch", tenant.api(""), {"name": "Renamed"}),
+        (key, "post", tenant.api("datasets/"), {"name": "fresh"}),
+    ]
+    for client, method, url, body in attempts:
+        response = getattr(client, method)(url, body, format="json")
+        assert response.status_code == 403, (url, response.content[:300])
+        assert response.json()["code"] == "organization_suspended"
+    page = Client()
+    page.force_login(tenant.owner)
+    for url, data in [
+        (tenant.page("tenants:api_keys"), {"name": "more", "scopes": ["jobs:write"]}),
+        (tenant.page("tenants:members"), {"email": "b@out.test", "role": "viewer"}),
+        (tenant.page("registry:datasets"), {"name": "fresh"}),
+    ]:
+        assert page.post(url, data).status_code == 403, url
+    assert (ApiKey.objects.count(), Invitation.objects.count()) == (keys, invitations)
+    assert not Dataset.objects.filter(name="fresh").exists()
+    tenant.org.refresh_from_db()
+    assert tenant.org.name != "Renamed"
+
+
+@pytest.mark.parametrize("standing", STANDINGS[1:], ids=str)
+def test_an_organization_that_owes_money_may_still_invite_someone_to_pay(tenant, standing):
+    standing.reach(tenant.org, tenant.owner)
+    response = _session_client(tenant.owner).post(
+        tenant.api("invitations/"),
+        {"email": "payer@example.test", "role": "billing"},
+        format="json",
+    )
+    assert response.status_code == 201, response.content
+
+
+@pytest.mark.parametrize("standing", STANDINGS, ids=str)
+def test_reading_cancelling_and_deleting_still_work(tenant, standing):
+    standing.reach(tenant.org, tenant.owner)
+    client = _key_client(tenant.owner, tenant.org)
+    assert client.get(tenant.api("jobs/")).status_code == 200
+    assert client.get(tenant.api(f"jobs/{tenant.queued_job.pk}/")).status_code == 200
+    assert client.post(tenant.api("jobs/estimate/"), {}, format="json").status_code == 200
+    cancelled = client.post(tenant.api(f"jobs/{tenant.queued_job.pk}/cancel/"))
+    assert cancelled.status_code == 200, cancelled.content
+    assert cancelled.json()["state"] == JobState.CANCELLED
+    other = DatasetVersionFactory(organization=tenant.org)
+    assert client.delete(tenant.api(f"datasets/{other.dataset.name}/")).status_code == 204
+    revoked = ApiKey.objects.filter(organization=tenant.org).first()
+    assert client.delete(tenant.api(f"api-keys/{revoked.pk}/")).status_code == 204
+
+    page = Client()
+    page.force_login(tenant.owner)
+    overview = page.get(tenant.page("tenants:overview"))
+    assert overview.status_code == 200
+    job = JobFactory(organization=tenant.org, input_dataset_version=tenant.version)
+    assert page.post(tenant.page("jobs:job_cancel", job.pk)).status_code == 302
+    job.refresh_from_db()
+    assert job.state == JobState.CANCELLED
+
+
+@pytest.mark.parametrize("standing", STANDINGS, ids=str)
+def test_every_page_shows_the_standing_in_a_banner(tenant, standing):
+    page = Client()
+    page.force_login(tenant.owner)
+    assert 'role="alert"' not in page.get(tenant.page("jobs:jobs")).content.decode()
+    standing.reach(tenant.org, tenant.owner)
+    html = page.get(tenant.page("jobs:jobs")).content.decode()
+    assert 'role="alert"' in html and reverse("billing:billing", args=[tenant.org.slug]) in html
+
+
+@pytest.mark.parametrize("standing", STANDINGS, ids=str)
+def test_paying_still_works(tenant, standing, fake_stripe):  # noqa: F811
+    standing.reach(tenant.org, tenant.owner)
+    client = _session_client(tenant.owner)
+    checkout = client.post(tenant.api("billing/checkout/"), {}, format="json")
+    assert checkout.status_code == 200, checkout.content
+    assert checkout.json()["url"].startswith("https://checkout.stripe.test/")
+    portal = client.post(tenant.api("billing/portal/"), {}, format="json")
+    assert portal.status_code == 200, portal.content
+    page = Client()
+    page.force_login(tenant.owner)
+    assert page.get(tenant.page("billing:billing")).status_code == 200
+    assert page.post(tenant.page("billing:checkout")).status_code == 302
+
+
+def test_raising_a_reached_budget_lets_the_tenant_spend_again(tenant):
+    _over_budget(tenant.org, tenant.owner)
+    client = _key_client(tenant.owner, tenant.org)
+    body = {"rows": [ROW], "version": "1"}
+    refused = client.post(tenant.api(f"models/{tenant.model}/predict/"), body, format="json")
+    assert refused.status_code == 402
+    raised = client.patch(
+        tenant.api("billing/account/"), {"monthly_budget_minor": 100_000}, format="json"
+    )
+    assert raised.status_code == 200, raised.content
+    assert BillingAccount.objects.get(organization=tenant.org).monthly_budget_minor == 100_000
+    answered = client.post(tenant.api(f"models/{tenant.model}/predict/"), body, format="json")
+    assert answered.status_code == 200, answered.content
+
+
+def test_past_due_within_the_grace_period_may_still_spend(tenant):
+    past_due_set(organization=tenant.org, since=timezone.now() - timedelta(days=1))
+    response = _session_client(tenant.owner).post(
+        tenant.api(f"models/{tenant.model}/predict/"), {"rows": [ROW]}, format="json"
+    )
+    assert response.status_code != 402, response.content
+
+
+# The same rule on every route, found by walking the URL patterns: a route that escapes the check
+# (a new view, a view that drops the permission class) fails here.
+
+SUSPENDED_ROUTES = [route for route in ROUTES if route.kind == "api" or route.method != "get"]
+
+
+@pytest.mark.parametrize("standing", [STANDINGS[0], STANDINGS[1]], ids=str)
+@pytest.mark.parametrize("route", SUSPENDED_ROUTES, ids=str)
+def test_every_route_applies_the_standing_to_what_it_does(route, standing, world):  # noqa: F811
+    from tenants.standing import Effect, action_effect
+
+    org = OrganizationFactory()
+    owner = MembershipFactory(organization=org, role=Role.OWNER).user
+    case, url = world(route, org, requester=owner)
+    standing.reach(org, owner)
+    response = _send(_session_client(owner), route, url, case)
+    effect = action_effect(
+        view=route.view_class, action=route.action, method=route.method, scope=route.scope
+    )
+    stopped = {Effect.SPEND} | ({Effect.CHANGE} if standing.name == "suspended" else set())
+    if effect in stopped:
+        assert response.status_code == standing.status, (str(route), effect)
+        if route.kind == "api":
+            assert response.json()["code"] == standing.code
+    else:
+        assert response.status_code == CALLS[str(route)].status, (
+            str(route),
+            effect,
+            response.content[:200],
+        )
+
+
+def test_the_sweep_covers_spending_routes():
+    from tenants.standing import Effect, action_effect
+
+    spending = {
+        str(route)
+        for route in ROUTES
+        if action_effect(
+            view=route.view_class, action=route.action, method=route.method, scope=route.scope
+        )
+        == Effect.SPEND
+    }
+    assert {
+        "POST job-list",
+        "POST job-retry",
+        "POST sweep-list",
+        "POST dataset-version-list",
+        "POST dataset-upload-list",
+        "POST dataset-upload-finalize",
+        "POST model-version-list",
+        "POST model-predict",
+        "POST jobs:job_submit",
+        "POST jobs:job_predict",
+        "POST jobs:job_retry",
+    } <= spending, spending
+    assert "POST job-cancel" not in spending and "POST jobs:job_cancel" not in spending
