@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import shutil
 import tempfile
 import threading
 import uuid
@@ -28,7 +27,7 @@ from safetensors.numpy import load_file
 from billing.services import usage_record
 from jobs.recipes.base import RecipeInputError
 from registry.models import ModelVersion
-from registry.storage import get_storage
+from registry.storage import ObjectMismatch, get_storage
 from tenants.actors import Actor
 from tenants.errors import DomainError
 
@@ -45,6 +44,13 @@ class OnlinePredictionUnsupported(DomainError):
 
 class ModelTooLarge(DomainError):
     code = "model_too_large"
+
+
+class ModelFilesChanged(DomainError):
+    """The stored files no longer match the sizes and checksums registered with the version."""
+
+    code = "model_files_changed"
+    status = 409
 
 
 class ModelCache:
@@ -94,19 +100,26 @@ model_cache = ModelCache()
 
 
 def _load(version_id: int) -> Model:
+    """Read a version's config and weights, refusing bytes other than those registered (as the
+    workers do for their inputs)."""
     version = ModelVersion.objects.get(pk=version_id)
     storage = get_storage()
     artifacts = {a.name: a for a in version.artifacts.all()}
     with tempfile.TemporaryDirectory() as tmp:
-        weights_path = Path(tmp) / "model.safetensors"
-        with (
-            storage.open(artifacts["model.safetensors"].storage_key) as source,
-            weights_path.open("wb") as target,
-        ):
-            shutil.copyfileobj(source, target)
-        with storage.open(artifacts["config.json"].storage_key) as source:
-            config = json.loads(source.read())
-        return config, load_file(str(weights_path))
+        paths = {name: Path(tmp) / name for name in ("model.safetensors", "config.json")}
+        for name, path in paths.items():
+            artifact = artifacts[name]
+            try:
+                storage.download_verified(
+                    artifact.storage_key, path, size=artifact.size_bytes, sha256=artifact.sha256
+                )
+            except ObjectMismatch as exc:
+                raise ModelFilesChanged(
+                    f"{version}'s {name} no longer matches its registered {exc.field}; it was not "
+                    "served. Register the model again."
+                ) from exc
+        config = json.loads(paths["config.json"].read_text())
+        return config, load_file(str(paths["model.safetensors"]))
 
 
 def predictor_for(recipe_name: str):

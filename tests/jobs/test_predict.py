@@ -3,6 +3,7 @@ reading, the predictions file, bad data, stopping), and online prediction with t
 `predict_rows`, which must agree with it and must not need torch."""
 
 import csv
+import io
 import json
 import os
 import subprocess
@@ -478,6 +479,27 @@ def test_reusing_a_key_for_other_rows_does_not_make_them_free(org, predictor, mo
         )
         assert response.status_code == 200, response.content
     assert _billed(org) == 2
+
+
+@pytest.mark.django_db
+def test_weights_changed_in_storage_after_registration_are_not_served(
+    org, predictor, model_dir, new_rows
+):
+    """As a compromised store (or a tenant with a stale upload URL) would: replace the stored
+    weights behind a registered version with other bytes of the same size."""
+    from registry.storage import get_storage
+
+    url = _served(predictor, org, model_dir)
+    weights = ModelVersion.objects.get(registered_model__organization=org).artifacts.get(
+        name="model.safetensors"
+    )
+    original = (model_dir / "model.safetensors").read_bytes()
+    get_storage().save(weights.storage_key, io.BytesIO(original[:-8] + b"\x00" * 8))
+    response = predictor.post(url, {"version": "1", "rows": _rows(new_rows)}, format="json")
+    assert response.status_code == 409, response.content
+    assert response.json()["code"] == "model_files_changed"
+    assert "sha256" in response.json()["detail"]
+    assert _billed(org) == 0
 
 
 @pytest.mark.django_db
