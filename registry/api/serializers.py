@@ -216,6 +216,20 @@ class ModelAliasSetSerializer(serializers.Serializer):
     version = serializers.IntegerField(min_value=1)
 
 
+class CompareQuerySerializer(serializers.Serializer):
+    """`?versions=1,3`: the version numbers to compare, comma-separated."""
+
+    versions = serializers.CharField(max_length=1000)
+
+    def validate_versions(self, value: str) -> list[int]:
+        parts = [part.strip() for part in value.split(",") if part.strip()]
+        if not parts or not all(part.isdecimal() and int(part) > 0 for part in parts):
+            raise serializers.ValidationError(
+                "Give the version numbers to compare, comma-separated, e.g. 1,3."
+            )
+        return [int(part) for part in parts]
+
+
 class CompareSerializer(serializers.Serializer):
     versions = serializers.ListField(child=serializers.IntegerField())
     parameters = serializers.DictField(child=serializers.ListField())
