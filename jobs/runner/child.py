@@ -32,7 +32,7 @@ from jobs.recipes.base import (
     load_checkpoint,
     validate_parameters,
 )
-from jobs.recipes.registry import get_recipe
+from jobs.recipes.catalog import get_recipe
 from jobs.runner.protocol import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,

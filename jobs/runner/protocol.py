@@ -7,7 +7,7 @@ The parent prepares a working directory, puts the inputs in it and writes `spec.
 
     {
       "task": "train" | "predict",               # optional, default "train"
-      "recipe": "tabular-classifier",           # a name from jobs.recipes.registry
+      "recipe": "tabular-classifier",           # a name from jobs.recipes.catalog
       "parameters": {...},                       # validated (and defaults filled) by the child
       "dataset": {"path": "data.csv", "format": "csv" | "parquet"},
       "model_dir": "model" | null,               # optional, default null; see below
