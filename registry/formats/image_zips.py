@@ -19,7 +19,7 @@ from registry.formats.base import (
     DatasetLimits,
     too_many_rows,
 )
-from registry.formats.image_headers import ImageHeader, read_image_header
+from registry.formats.image_headers import MAX_IMAGE_PIXELS, ImageHeader, read_image_header
 
 ACCEPTED_IMAGES = "PNG, JPEG, GIF, BMP or WebP"
 # Real images compress at most a few times over; far beyond that an entry is built to expand.
@@ -139,6 +139,11 @@ def _read_header(archive: zipfile.ZipFile, image: _Image) -> ImageHeader:
         raise DatasetFormatError(
             f"The file {image.info.filename!r} is not a {ACCEPTED_IMAGES} image; "
             "remove it from the zip or convert it."
+        )
+    if header.width * header.height > MAX_IMAGE_PIXELS:
+        raise DatasetFormatError(
+            f"The image {image.info.filename!r} is {header.width} x {header.height} pixels, over "
+            f"our limit of {MAX_IMAGE_PIXELS:,}; scale it down or leave it out."
         )
     return header
 

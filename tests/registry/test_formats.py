@@ -613,6 +613,14 @@ def test_image_zip_with_a_bomb_like_entry_is_rejected(tmp_path):
     reject(path, r"'cat/bomb.png' compresses more than 200:1")
 
 
+def test_image_zip_with_an_image_the_worker_would_refuse_is_rejected_at_upload(tmp_path):
+    """The worker decodes at most 40 megapixels an image; the registry draws the same line."""
+    entries = image_entries()
+    entries["cat/huge.jpg"] = jpeg_bytes(8_000, 6_000)
+
+    reject(write_zip(tmp_path, entries), r"'cat/huge.jpg' is 8000 x 6000 pixels, over our limit")
+
+
 def test_image_zip_with_too_many_entries_is_rejected_before_parsing(tmp_path):
     entries = {f"cat/{index}.png": png_bytes(1, 1) for index in range(6)}
     path = write_zip(tmp_path, entries)
