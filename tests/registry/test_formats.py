@@ -24,6 +24,7 @@ from registry.formats import (
     inspect_dataset,
     sniff_format,
 )
+from registry.formats.archives import ExpansionMeter
 
 # --- fixture builders -------------------------------------------------------------------------
 
@@ -517,11 +518,40 @@ def test_npz_arrays_must_agree_on_row_count(tmp_path):
     reject(path, r"'y' has 4 rows but 'x' has 5")
 
 
+def test_a_zip_entry_expanding_past_its_declared_size_is_stopped_as_it_is_read():
+    """zipfile cuts a deflate entry at its declared size; the meter does not rely on that."""
+    info = zipfile.ZipInfo("x.npy")
+    info.file_size, info.compress_size = 10, 10
+    meter = ExpansionMeter(archive_bytes=100, limits=DatasetLimits())
+    meter.count(info, 10, 10)
+    with pytest.raises(DatasetFormatError, match=r"expands past the 10 bytes its header"):
+        meter.count(info, 11, 1)
+
+
+def test_a_zip_expanding_past_its_budget_is_stopped_as_it_is_read():
+    """Entries may overlap in the file, each within the ratio on its own: the archive's total is
+    held to 200 times the real file size as it is read."""
+    meter = ExpansionMeter(archive_bytes=10_000, limits=DatasetLimits())
+    for index in range(10):
+        info = zipfile.ZipInfo(f"{index}.npy")
+        info.file_size, info.compress_size = 1_000_000, 10_000
+        if index < 2:
+            meter.count(info, 1_000_000, 1_000_000)
+        else:
+            with pytest.raises(DatasetFormatError, match=r"expand to more than 3,000,000"):
+                meter.count(info, 1_000_000, 1_000_000)
+            break
+
+
 def test_npz_over_the_uncompressed_limit_is_rejected_from_its_headers(tmp_path):
     path = tmp_path / "big.npz"
     np.savez_compressed(path, x=np.zeros(1_000))
 
-    reject(path, r"add up to 8,000 bytes", limits=DatasetLimits(max_uncompressed_bytes=4_000))
+    reject(
+        path,
+        r"expands to 8,128 bytes, over our limit of 4,000",
+        limits=DatasetLimits(max_uncompressed_bytes=4_000),
+    )
 
 
 def test_npz_header_that_lies_about_its_shape_is_rejected(tmp_path):
