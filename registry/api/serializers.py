@@ -28,9 +28,19 @@ class DatasetUpdateSerializer(serializers.Serializer):
     description = serializers.CharField(allow_blank=True, max_length=10_000)
 
 
+class CsvDialectSerializer(serializers.Serializer):
+    """How the registry split the CSV into rows and cells at upload; training reads it the same."""
+
+    delimiter = serializers.CharField()
+    quote_char = serializers.CharField()
+    double_quote = serializers.BooleanField()
+    encoding = serializers.CharField()
+
+
 class DatasetVersionSerializer(serializers.ModelSerializer):
     dataset = serializers.CharField(source="dataset.name", read_only=True)
     created_by = serializers.EmailField(source="created_by.email", read_only=True, default=None)
+    csv_dialect = CsvDialectSerializer(read_only=True, allow_null=True)
 
     class Meta:
         model = DatasetVersion
@@ -43,6 +53,7 @@ class DatasetVersionSerializer(serializers.ModelSerializer):
             "sha256",
             "row_count",
             "schema",
+            "csv_dialect",
             "source",
             "source_job_id",
             "created_by",

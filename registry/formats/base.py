@@ -52,6 +52,16 @@ class DatasetInspection:
     schema: list[dict]
     profile: dict
     preview: list[dict]
+    # CSV only: the dialect it was read with (csv_reader.CsvDialect.as_json()), which every
+    # later reader of the file must use.
+    csv_dialect: dict | None = None
+
+
+def not_a_dataset() -> DatasetFormatError:
+    return DatasetFormatError(
+        "The file is not a CSV, Parquet, .npz or zip of images; "
+        "export the data in one of those formats and upload it again."
+    )
 
 
 def too_many_rows(limit: int) -> DatasetFormatError:

@@ -344,7 +344,7 @@ def test_a_cell_that_does_not_fit_its_type_is_named_by_row_and_column(column, dt
 def test_ragged_csv_is_an_input_error(tmp_path):
     path = tmp_path / "ragged.csv"
     path.write_text("a,b\n1,2\n3\n", encoding="utf-8")
-    with pytest.raises(RecipeInputError, match="Line 3 of the CSV has 1 fields"):
+    with pytest.raises(RecipeInputError, match="Row 3 has 1 columns but the header has 2"):
         read_table(path, "csv")
 
 

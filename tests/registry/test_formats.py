@@ -255,17 +255,19 @@ def test_csv_row_with_a_wrong_column_count_is_named(tmp_path):
     reject(path, r"Row 7 has 4 columns but the header has 3; fix the row")
 
 
-def test_csv_field_over_the_parser_limit_names_the_line(tmp_path):
-    path = write_text(tmp_path, "id,text\n1,short\n2," + "y" * 200_000 + "\n")
+def test_csv_row_over_the_cell_limit_is_refused(tmp_path):
+    path = write_text(tmp_path, "id,text\n1,short\n2," + "y" * (4 * 1024**2 + 10) + "\n")
 
-    reject(path, r"Line 3 cannot be parsed as CSV \(field larger than field limit")
+    reject(path, r"Row 3 of the CSV has a value of 4,194,314 bytes in column 'text'")
+    path = write_text(tmp_path, "id,text\n1,short\n2," + "y" * (20 * 1024**2) + "\n")
+    reject(path, r"A row after row 2 of the CSV is longer than 8 MiB")
 
 
 def test_csv_invalid_utf8_after_the_sniffed_head_is_rejected(tmp_path):
     path = tmp_path / "mixed.csv"
     path.write_bytes(b"id\n" + b"1\n" * 40_000 + b"caf\xe9\n")
 
-    reject(path, r"not valid UTF-8 after line \d+; re-export it as UTF-8")
+    reject(path, r"not valid UTF-8 on line 40002; re-export it as UTF-8")
 
 
 @pytest.mark.parametrize("text", ["", "\n\n", "a,b,c\n"], ids=["empty", "blank", "header-only"])
