@@ -17,7 +17,6 @@ import warnings
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING
 
 import numpy as np
@@ -40,17 +39,11 @@ class ImageDecodeError(ValueError):
     """The bytes are not an image this recipe reads; the message says why and what to do."""
 
 
-@dataclass(frozen=True)
-class ImageInfo:
-    width: int
-    height: int
-    is_color: bool
-
-
-def read_image_info(stream: IO[bytes]) -> ImageInfo:
-    """Size and colour of the image in `stream`, from its header alone."""
+def image_is_color(stream: IO[bytes]) -> bool:
+    """Whether the image in `stream` holds colour, from its header alone (its size is checked
+    on the way)."""
     with _opened(stream) as image:
-        return ImageInfo(image.width, image.height, image.mode not in _GRAY_MODES)
+        return image.mode not in _GRAY_MODES
 
 
 def decode_image(data: bytes) -> np.ndarray:

@@ -295,7 +295,7 @@ class _ZipImages(_Images):
     floating = False
 
     def __init__(self, path: Path, *, labelled: bool) -> None:
-        from jobs.recipes.image_decode import ImageDecodeError, read_image_info
+        from jobs.recipes.image_decode import ImageDecodeError, image_is_color
 
         self.path = path
         try:
@@ -316,7 +316,7 @@ class _ZipImages(_Images):
                 for info in self.entries:
                     try:
                         with self._opened(archive, info) as entry:
-                            colors.append(read_image_info(entry).is_color)
+                            colors.append(image_is_color(entry))
                     except ImageDecodeError as exc:
                         raise _bad_image(info.filename, exc) from None
         except (zipfile.BadZipFile, OSError) as exc:

@@ -35,8 +35,10 @@ from registry.formats.profiling import (
     sample_size_for,
 )
 
-# About this many cells are decoded at a time, whatever the column count.
+# About this many cells are decoded at a time, whatever the column count, and rows of about this
+# many page bytes (as the page headers measure them) however wide the rows are.
 _CELLS_PER_BATCH = 4_000_000
+_BYTES_PER_BATCH = 64 * 1024 * 1024
 
 
 def inspect_parquet(path: Path, limits: DatasetLimits) -> DatasetInspection:
@@ -45,7 +47,7 @@ def inspect_parquet(path: Path, limits: DatasetLimits) -> DatasetInspection:
         footer = pq.ParquetFile(path).metadata
         _check_metadata(footer, limits)
         with path.open("rb") as file:
-            check_pages(file, footer, file_bytes=file_bytes, limits=limits)
+            page_bytes = check_pages(file, footer, file_bytes=file_bytes, limits=limits)
         parquet = pq.ParquetFile(path, read_dictionary=_byte_array_paths(footer))
     except (pa.ArrowException, OSError) as exc:
         raise _unreadable(exc) from exc
@@ -57,7 +59,8 @@ def inspect_parquet(path: Path, limits: DatasetLimits) -> DatasetInspection:
         for index, field in enumerate(fields)
     ]
     preview: list[dict] = []
-    batch_size = max(1_024, _CELLS_PER_BATCH // max(len(fields), 1))
+    row_bytes = max(1, page_bytes // max(footer.num_rows, 1))
+    batch_size = max(1, min(_CELLS_PER_BATCH // max(len(fields), 1), _BYTES_PER_BATCH // row_bytes))
     rows = decoded = 0
     try:
         for batch in parquet.iter_batches(batch_size=batch_size):

@@ -47,9 +47,9 @@ _MAX_NESTING = 16
 
 def check_pages(
     file: BinaryIO, metadata: pq.FileMetaData, *, file_bytes: int, limits: DatasetLimits
-) -> None:
+) -> int:
     """Walk every page header of every column chunk; raise DatasetFormatError on the first page
-    or total that breaks a bound."""
+    or total that breaks a bound, else return the bytes all pages expand to."""
     budget = expansion_budget(file_bytes, limits)
     pages = uncompressed = decoded = 0
     schema = metadata.schema
@@ -72,6 +72,7 @@ def check_pages(
                 decoded += page_decoded
                 if uncompressed > budget or decoded > limits.max_uncompressed_bytes:
                     raise _expands_too_far(max(uncompressed, decoded), file_bytes, budget)
+    return uncompressed
 
 
 @dataclass(frozen=True)

@@ -428,6 +428,41 @@ def test_parquet_schema_profile_and_preview(tmp_path):
     }
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"data_page_version": "2.0", "compression": "gzip"},
+        {"compression": "zstd", "data_page_size": 1024, "write_statistics": True},
+        {"compression": "snappy", "use_dictionary": False, "row_group_size": 700},
+    ],
+    ids=["v2-pages", "many-small-pages", "plain-row-groups"],
+)
+def test_parquet_pages_of_every_common_layout_pass_the_page_walk(tmp_path, options):
+    """The page headers are read before decoding; every layout writers produce must pass."""
+    rows = 3_000
+    table = pa.table(
+        {
+            "n": list(range(rows)),
+            "text": [f"value {index % 97} " * 3 for index in range(rows)],
+            "tags": [[f"t{index % 5}", "x"] for index in range(rows)],
+            "point": [{"x": float(index), "label": "p"} for index in range(rows)],
+        }
+    )
+    inspection = inspect_dataset(write_parquet(tmp_path, table, **options))
+    assert inspection.row_count == rows
+    assert inspection.profile["text"]["distinct"] == 97
+    assert inspection.preview[1]["tags"] == ["t1", "x"]
+
+
+def test_parquet_text_preview_is_cut_and_cells_over_the_limit_are_refused(tmp_path):
+    long = "word " * 1_000
+    path = write_parquet(tmp_path, pa.table({"text": [long, "short"]}))
+    assert inspect_dataset(path).preview[0]["text"] == long[:1_000] + "…"
+
+    huge = write_parquet(tmp_path, pa.table({"text": ["x" * (4 * 1024**2 + 1)]}), "huge.parquet")
+    reject(huge, r"column 'text' holds a value of 4,194,305 bytes")
+
+
 def test_parquet_statistics_merge_exactly_across_row_groups(tmp_path):
     values = [float(index % 97) for index in range(10_000)]
     path = write_parquet(tmp_path, pa.table({"v": values}), row_group_size=1_000)
