@@ -128,9 +128,10 @@ def read_csv(
     (about a block at a time) without it; always at least one chunk, so the header is known.
 
     `dialect` is the one stored at upload; None (a version recorded before dialects were
-    stored) detects it exactly as the upload did. Raises DatasetFormatError naming the row for
-    a header that does not name every column once, a row with a different number of cells,
-    text that is not in the dialect's encoding, and a row longer than BLOCK_BYTES.
+    stored) detects it exactly as the upload did. Raises DatasetFormatError, naming the row
+    where it can, for a header that does not name every column once, a row with a different
+    number of cells, a cell over MAX_CELL_BYTES, a row longer than BLOCK_BYTES (or a quote never
+    closed), and text that is not in the dialect's encoding.
     """
     import pyarrow as pa
     import pyarrow.csv as pa_csv
