@@ -171,7 +171,7 @@ def measure(case: Case, dataset: Path, workdir: Path, *, count: int) -> Timings:
     import torch
 
     from jobs.recipes.base import RecipeContext, validate_parameters
-    from jobs.recipes.registry import get_recipe
+    from jobs.recipes.catalog import get_recipe
     from jobs.runner.protocol import parse_line
 
     recipe_cls = get_recipe(case.recipe)

@@ -433,7 +433,7 @@ def train_directly(pool: Pool, tmp: Path, csv_path: Path, parameters: dict, *, s
     import torch
 
     from jobs.recipes.base import RecipeContext, validate_parameters
-    from jobs.recipes.registry import get_recipe
+    from jobs.recipes.catalog import get_recipe
     from jobs.runner.protocol import parse_line
 
     recipe_cls = get_recipe("tabular-classifier")

@@ -336,7 +336,7 @@ def train_bare_in_own_process(case: Case, dataset: Path, workdir: Path, *, quick
     """train_bare in a fresh interpreter (this script with --bare-process), which imports torch
     and the recipe as the child does, without the runner, the spec or the pipe protocol."""
     from jobs.recipes.base import validate_parameters
-    from jobs.recipes.registry import get_recipe
+    from jobs.recipes.catalog import get_recipe
 
     parameters = validate_parameters(get_recipe(case.recipe), case.parameters)
     command = [sys.executable, "-m", "bench.recipes", "--bare-process"]
@@ -368,7 +368,7 @@ def train_bare(case: Case, dataset: Path, workdir: Path) -> Run:
     import torch
 
     from jobs.recipes.base import RecipeContext, validate_parameters
-    from jobs.recipes.registry import get_recipe
+    from jobs.recipes.catalog import get_recipe
 
     recipe_cls = get_recipe(case.recipe)
     parameters = validate_parameters(recipe_cls, case.parameters)
@@ -413,7 +413,7 @@ def train_on_platform(
     case: Case, dataset: Path, workdir: Path, checkpoint_every_s: float, *, gpu: bool
 ) -> Run:
     from jobs.recipes.base import validate_parameters
-    from jobs.recipes.registry import get_recipe
+    from jobs.recipes.catalog import get_recipe
     from jobs.runner.protocol import EXIT_OK, parse_line, write_spec
 
     parameters = validate_parameters(get_recipe(case.recipe), case.parameters)
@@ -553,7 +553,7 @@ def mean_tokens_per_row(dataset: Path, parameters: dict[str, Any]) -> float:
     import csv
 
     from jobs.recipes.base import validate_parameters
-    from jobs.recipes.registry import get_recipe
+    from jobs.recipes.catalog import get_recipe
 
     resolved = validate_parameters(get_recipe("text-classifier"), parameters)
     with dataset.open(newline="", encoding="utf-8") as handle:

@@ -14,7 +14,7 @@ from django.views.generic import TemplateView
 from jobs import selectors, services
 from jobs.forms import JobForm, PredictForm
 from jobs.models import Job, JobEvent, JobLog, JobMetric, JobState, Sweep
-from jobs.recipes.registry import get_recipe, list_recipes
+from jobs.recipes.catalog import get_recipe, list_recipes
 from jobs.services import sweeps
 from tenants.errors import DomainError
 from tenants.standing import Effect

@@ -56,6 +56,11 @@ class DatasetVersion(OrganizationOwned):
     schema = models.JSONField(default=list)
     profile = models.JSONField(default=dict)
     preview = models.JSONField(default=list)
+    # CSV only: the dialect the registry decided at upload (registry.formats.csv_reader.CsvDialect
+    # as JSON); every reader of the file, the recipes included, reads it with this one. Null for
+    # other formats, and for CSVs recorded before it was stored (readers then detect it the same
+    # way the upload did).
+    csv_dialect = models.JSONField(null=True, blank=True)
     source = models.CharField(max_length=20, choices=Source.choices, default=Source.UPLOAD)
     # The job that wrote this version; becomes a foreign key when the jobs app lands.
     source_job_id = models.BigIntegerField(null=True, blank=True)

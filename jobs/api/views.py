@@ -7,7 +7,7 @@ from rest_framework.response import Response
 from jobs import selectors, services
 from jobs.inference import predict_online
 from jobs.models import Job, JobEvent, JobLog, JobMetric, ResourceClass, Sweep
-from jobs.recipes.registry import list_recipes
+from jobs.recipes.catalog import list_recipes
 from jobs.services import sweeps
 from registry.models import RegisteredModel
 from registry.selectors import dataset_version_get, model_version_get

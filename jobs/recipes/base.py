@@ -26,6 +26,8 @@ from tenants.errors import DomainError
 if TYPE_CHECKING:
     import torch
 
+    from registry.formats.csv_reader import CsvDialect
+
 WEIGHTS_FILENAME = "model.safetensors"
 CONFIG_FILENAME = "config.json"
 PREDICTIONS_FILENAME = "predictions.csv"
@@ -234,7 +236,9 @@ class RecipeContext:
 
     `model_dir` is the model to predict with or to fine-tune. `rank` and `world_size` place
     this process among data-parallel ones (0 and 1 alone); `chunk_rows` bounds the rows a
-    streaming reader holds at once.
+    streaming reader holds at once. `csv_dialect` is the one the registry stored for a CSV
+    dataset; read CSVs only through `jobs.recipes.data.csv_chunks` with it (None: a version
+    recorded before dialects were stored, which the reader detects as the upload did).
     """
 
     workdir: Path
@@ -254,6 +258,7 @@ class RecipeContext:
     rank: int = 0
     world_size: int = 1
     chunk_rows: int = DEFAULT_CHUNK_ROWS
+    csv_dialect: CsvDialect | None = None
     _started: float = field(default_factory=time.monotonic, init=False, repr=False)
     _last_checkpoint: float = field(default_factory=time.monotonic, init=False, repr=False)
     _last_progress: float | None = field(default=None, init=False, repr=False)

@@ -2,24 +2,22 @@
 recipes whose data fits in memory, or a chunk of rows at a time, for inference over data of any
 size.
 
+CSVs are read by the registry's own reader with the dialect it stored at upload (`csv_chunks`,
+which every recipe uses), so a recipe sees exactly the rows and columns the registry profiled.
 dtypes use the registry's schema names: "int64", "float64", "bool" and "string"; a missing cell
 is None. Columns of other types (timestamps, lists, binary, ...) are listed in `ignored`.
 """
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from jobs.recipes.base import RecipeInputError
-
-# The registry's null markers, so that a cell is missing here exactly when its profile said so.
-NULL_MARKERS = frozenset({"", "NA", "N/A", "NaN", "nan", "null", "NULL", "None"})
-CSV_DELIMITERS = ",;\t|"
-_SNIFF_BYTES = 64 * 1024
+from registry.formats.base import DatasetFormatError
+from registry.formats.csv_reader import NULL_MARKERS, CsvChunk, CsvDialect, read_csv
 
 
 @dataclass(frozen=True)
@@ -37,15 +35,28 @@ class Table:
     first_row: int = 0  # a chunk's offset in the dataset: the rows before it
 
 
-def read_table(path: Path, dataset_format: str) -> Table:
+def csv_chunks(
+    path: Path, dialect: CsvDialect | None, *, chunk_rows: int | None = None
+) -> Iterator[CsvChunk]:
+    """The CSV's rows as the registry reads them (see registry.formats.csv_reader.read_csv),
+    with its errors as RecipeInputError."""
+    try:
+        yield from read_csv(path, dialect, chunk_rows=chunk_rows)
+    except DatasetFormatError as exc:
+        raise RecipeInputError(exc.detail) from exc
+
+
+def read_table(path: Path, dataset_format: str, *, csv_dialect: CsvDialect | None = None) -> Table:
     if dataset_format == "csv":
-        return _read_csv(path)
+        return _read_csv(path, csv_dialect)
     if dataset_format == "parquet":
         return _read_parquet(path)
     raise RecipeInputError(f"Datasets in the {dataset_format!r} format cannot be read as a table.")
 
 
-def read_table_chunks(path: Path, dataset_format: str, *, chunk_rows: int) -> Iterator[Table]:
+def read_table_chunks(
+    path: Path, dataset_format: str, *, chunk_rows: int, csv_dialect: CsvDialect | None = None
+) -> Iterator[Table]:
     """The dataset as Tables of at most `chunk_rows` rows each, in order; at least one, so that
     an empty dataset still shows its columns. Memory holds one chunk, whatever the file's size.
 
@@ -54,7 +65,7 @@ def read_table_chunks(path: Path, dataset_format: str, *, chunk_rows: int) -> It
     reads a column as the type a recipe needs.
     """
     if dataset_format == "csv":
-        return _csv_chunks(path, chunk_rows)
+        return _csv_chunks(path, csv_dialect, chunk_rows)
     if dataset_format == "parquet":
         return _parquet_chunks(path, chunk_rows)
     raise RecipeInputError(f"Datasets in the {dataset_format!r} format cannot be read as a table.")
@@ -133,84 +144,31 @@ def dataset_row_count(path: Path, dataset_format: str) -> int | None:
         raise RecipeInputError(f"The Parquet file cannot be read: {exc}.") from exc
 
 
-def _read_csv(path: Path) -> Table:
-    records = _csv_records(path)
-    _, header = next(records)
-    cells: list[list[str]] = [[] for _ in header]
-    for _, record in records:
-        for column, raw in zip(cells, record, strict=True):
-            column.append(raw)
-    columns = [_typed_column(name, raw) for name, raw in zip(header, cells, strict=True)]
+def _read_csv(path: Path, dialect: CsvDialect | None) -> Table:
+    names: list[str] = []
+    cells: list[list[str]] = []
+    for chunk in csv_chunks(path, dialect):
+        if not names:
+            names, cells = chunk.names, [[] for _ in chunk.names]
+        for column, more in zip(cells, chunk.columns, strict=True):
+            column.extend(more)
+    columns = [_typed_column(name, raw) for name, raw in zip(names, cells, strict=True)]
     return Table({column.name: column for column in columns}, row_count=len(cells[0]))
 
 
-def _csv_records(path: Path) -> Iterator[tuple[int, list[str]]]:
-    """(line number, fields): first the header's, with the names stripped, then each data
-    record's, blank lines skipped; each record has as many fields as the header."""
-    with path.open(encoding="utf-8-sig", newline="") as text:
-        try:
-            sample = text.read(_SNIFF_BYTES)
-            text.seek(0)
-            reader = csv.reader(text, _sniff_dialect(sample))
-            header = [name.strip() for name in next(reader, [])]
-            if not header:
-                raise RecipeInputError("The CSV is empty; it needs a header row and data rows.")
-            if len(set(header)) != len(header):
-                raise RecipeInputError("The CSV header names a column twice; rename one of them.")
-            yield reader.line_num, header
-            for record in reader:
-                if not record:  # a blank line
-                    continue
-                if len(record) != len(header):
-                    raise RecipeInputError(
-                        f"Line {reader.line_num} of the CSV has {len(record)} fields but the "
-                        f"header has {len(header)}."
-                    )
-                yield reader.line_num, record
-        except csv.Error as exc:
-            raise RecipeInputError(
-                f"Line {reader.line_num} of the CSV cannot be parsed: {exc}."
-            ) from exc
-        except UnicodeDecodeError as exc:
-            raise RecipeInputError("The CSV is not valid UTF-8.") from exc
+def _csv_chunks(path: Path, dialect: CsvDialect | None, chunk_rows: int) -> Iterator[Table]:
+    for chunk in csv_chunks(path, dialect, chunk_rows=chunk_rows):
+        columns = {
+            name: Column(name, "string", [_present(raw) for raw in cells])
+            for name, cells in zip(chunk.names, chunk.columns, strict=True)
+        }
+        yield Table(columns, row_count=chunk.row_count, first_row=chunk.first_row)
 
 
-def _csv_chunks(path: Path, chunk_rows: int) -> Iterator[Table]:
-    records = _csv_records(path)
-    _, header = next(records)
-    cells: list[list[str | None]] = [[] for _ in header]
-    first_row = 0
-    for _, record in records:
-        for column, raw in zip(cells, record, strict=True):
-            raw = raw.strip()
-            column.append(None if raw in NULL_MARKERS else raw)
-        if len(cells[0]) == chunk_rows:
-            yield _text_chunk(header, cells, first_row)
-            first_row += chunk_rows
-            cells = [[] for _ in header]
-    if cells[0] or not first_row:
-        yield _text_chunk(header, cells, first_row)
-
-
-def _text_chunk(names: list[str], cells: list[list[str | None]], first_row: int) -> Table:
-    columns = {
-        name: Column(name, "string", values) for name, values in zip(names, cells, strict=True)
-    }
-    return Table(columns, row_count=len(cells[0]), first_row=first_row)
-
-
-def _sniff_dialect(sample: str) -> type[csv.Dialect]:
-    """The delimiter the registry accepted the file with: the Sniffer on whole lines of the
-    first 64 KiB, else the header's most frequent delimiter."""
-    lines = sample.splitlines(keepends=True)
-    if len(sample) >= _SNIFF_BYTES and len(lines) > 1:
-        lines = lines[:-1]  # the last line was cut off
-    try:
-        return csv.Sniffer().sniff("".join(lines[:100]), delimiters=CSV_DELIMITERS)
-    except csv.Error:
-        header = lines[0] if lines else ""
-        delimiter = max(CSV_DELIMITERS, key=header.count)
-        return type("HeaderDialect", (csv.excel,), {"delimiter": delimiter})
+def _present(raw: str) -> str | None:
+    """A cell's stripped text, or None where it is missing."""
+    raw = raw.strip()
+    return None if raw in NULL_MARKERS else raw
 
 
 def _typed_column(name: str, raw: list[str]) -> Column:

@@ -1,6 +1,7 @@
-"""The image classifier recipe: a small ResNet trained from scratch on a zip of PNGs in class
-folders or on an .npz of arrays, with seeded flips and padded crops as augmentation, Adam and
-early stopping on the validation loss; and batch inference that streams the images.
+"""The image classifier recipe: a small ResNet trained from scratch on a zip of images (PNG,
+JPEG, GIF, BMP or WebP, decoded with Pillow) in class folders or on an .npz of arrays, with
+seeded flips and padded crops as augmentation, Adam and early stopping on the validation loss;
+and batch inference that streams the images.
 
 Every image is brought to `image_size` x `image_size` pixels (stretched, with antialiased
 bilinear resampling) and to the model's channels: 1 when every training image is grayscale,
@@ -26,8 +27,9 @@ import math
 import zipfile
 import zlib
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from jobs.recipes.base import (
     CONFIG_FILENAME,
@@ -67,7 +69,8 @@ class ImageClassifier(Recipe):
         "title": "Image classifier",
         "description": (
             "Classifies images with a small residual network trained from scratch. The dataset "
-            "is a zip of PNG images with one folder per class (<class>/<image>.png), or an .npz "
+            "is a zip of PNG, JPEG, GIF, BMP or WebP images with one folder per class "
+            "(<class>/<image>), or an .npz "
             "with the images in an array named x, shaped (images, height, width) or (images, "
             "height, width, channels) as uint8 0-255 or floats 0-1, and their integer or text "
             "labels in an array named y, shaped (images,)."
@@ -285,14 +288,14 @@ def _open_images(path: Path, dataset_format: str, *, labelled: bool) -> _Images:
 
 
 class _ZipImages(_Images):
-    """PNGs in a zip, sorted by path. Labelled, the layout is the registry's: a folder per
+    """Images in a zip, sorted by path. Labelled, the layout is the registry's: a folder per
     class, optionally inside one folder that wraps everything; unlabelled, any layout."""
 
     id_column = "path"
     floating = False
 
     def __init__(self, path: Path, *, labelled: bool) -> None:
-        from jobs.recipes.image_decode import PNG_HEADER_BYTES, ImageDecodeError, read_png_header
+        from jobs.recipes.image_decode import ImageDecodeError, image_is_color
 
         self.path = path
         try:
@@ -307,13 +310,13 @@ class _ZipImages(_Images):
                 )
                 if not self.entries:
                     raise RecipeInputError("The zip holds no images.")
-                # Every header first, so that a JPEG among the files fails the job in seconds
+                # Every header first, so that a file that is no image fails the job in seconds
                 # rather than after decoding all the images before it.
                 colors = []
                 for info in self.entries:
-                    head = self._read(archive, info, PNG_HEADER_BYTES)
                     try:
-                        colors.append(read_png_header(head).is_color)
+                        with self._opened(archive, info) as entry:
+                            colors.append(image_is_color(entry))
                     except ImageDecodeError as exc:
                         raise _bad_image(info.filename, exc) from None
         except (zipfile.BadZipFile, OSError) as exc:
@@ -326,22 +329,25 @@ class _ZipImages(_Images):
     def chunks(self, chunk_images: int) -> Iterator[np.ndarray]:
         import numpy as np
 
-        from jobs.recipes.image_decode import ImageDecodeError, decode_png
+        from jobs.recipes.image_decode import ImageDecodeError, decode_image
 
         with zipfile.ZipFile(self.path) as archive:
             for info in self.entries:
                 try:
-                    image = decode_png(self._read(archive, info))
+                    with self._opened(archive, info) as entry:
+                        data = entry.read()
+                    image = decode_image(data)
                 except ImageDecodeError as exc:
                     raise _bad_image(info.filename, exc) from None
                 # Images differ in size, so each is a chunk of its own.
                 yield np.expand_dims(image, 0)
 
     @staticmethod
-    def _read(archive: zipfile.ZipFile, info: zipfile.ZipInfo, size: int = -1) -> bytes:
+    @contextmanager
+    def _opened(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Iterator[IO[bytes]]:
         try:
             with archive.open(info) as entry:
-                return entry.read(size)
+                yield entry
         except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
             raise RecipeInputError(
                 f"The zip entry {info.filename!r} cannot be read ({exc}); re-create the zip."
@@ -363,7 +369,7 @@ def _class_folders(names: list[str]) -> list[str]:
         if len(inside) != 2:
             raise RecipeInputError(
                 f"The file {name!r} is not directly inside a class folder; put every image in a "
-                "folder named after its class (<class>/<image>.png)."
+                "folder named after its class (<class>/<image>)."
             )
         labels.append(inside[0])
     return labels

@@ -146,7 +146,7 @@ class TabularClassifier(Recipe):
     }
 
     def train(self, ctx: RecipeContext) -> RecipeResult | None:
-        table = read_table(ctx.dataset_path, ctx.dataset_format)
+        table = read_table(ctx.dataset_path, ctx.dataset_format, csv_dialect=ctx.csv_dialect)
         for name, column_type in table.ignored.items():
             ctx.log(f"Column {name!r} is not used: its type {column_type} is not supported.")
         target = ctx.parameters["target"]
@@ -188,7 +188,7 @@ class TabularClassifier(Recipe):
             raise ValueError("evaluate needs ctx.model_dir, the trained model's artifacts.")
         config = _model_config(ctx.model_dir)
         preprocessing = Preprocessing.from_config(config)
-        table = read_table(ctx.dataset_path, ctx.dataset_format)
+        table = read_table(ctx.dataset_path, ctx.dataset_format, csv_dialect=ctx.csv_dialect)
         data, unknown = preprocessing.encode(table, _labelled_rows(table, preprocessing.target))
         if not len(data.target):
             raise RecipeInputError("No row of the dataset has a class the model knows.")
@@ -211,7 +211,12 @@ class TabularClassifier(Recipe):
         device = torch.device(ctx.devices[0])
         model = _load_network(ctx.model_dir, config, device)
         total = dataset_row_count(ctx.dataset_path, ctx.dataset_format)
-        chunks = read_table_chunks(ctx.dataset_path, ctx.dataset_format, chunk_rows=ctx.chunk_rows)
+        chunks = read_table_chunks(
+            ctx.dataset_path,
+            ctx.dataset_format,
+            chunk_rows=ctx.chunk_rows,
+            csv_dialect=ctx.csv_dialect,
+        )
         ctx.output_dir.mkdir(parents=True, exist_ok=True)
         path = ctx.output_dir / PREDICTIONS_FILENAME
         # Written aside and renamed once complete, so a stopped run leaves no partial file.

@@ -32,7 +32,7 @@ from jobs.recipes.base import (
     RecipeInputError,
     RecipeResult,
 )
-from jobs.recipes.data import NULL_MARKERS, _sniff_dialect, dataset_row_count
+from jobs.recipes.data import NULL_MARKERS, csv_chunks, dataset_row_count
 from jobs.recipes.training import Trainer, autocast, derived_seed
 
 if TYPE_CHECKING:
@@ -54,7 +54,6 @@ READ_CHUNK_ROWS = 10_000
 # Rows per forward pass outside training: a transformer's attention grows with rows x length^2.
 INFERENCE_BATCH_ROWS = 256
 PREDICTION_COLUMNS = ("prediction", "probability")
-_SNIFF_BYTES = 64 * 1024
 
 
 class TextClassifier(Recipe):
@@ -439,7 +438,7 @@ def _read_chunks(ctx: RecipeContext) -> Iterator[tuple[list[str], list[list[Any]
     are the raw strings, Parquet cells Python values."""
     chunk_rows = getattr(ctx, "chunk_rows", READ_CHUNK_ROWS)
     if ctx.dataset_format == "csv":
-        return _csv_chunks(ctx.dataset_path, chunk_rows)
+        return _csv_chunks(ctx, chunk_rows)
     if ctx.dataset_format == "parquet":
         return _parquet_chunks(ctx.dataset_path, chunk_rows)
     raise RecipeInputError(
@@ -447,37 +446,9 @@ def _read_chunks(ctx: RecipeContext) -> Iterator[tuple[list[str], list[list[Any]
     )
 
 
-def _csv_chunks(path: Path, chunk_rows: int) -> Iterator[tuple[list[str], list[list[Any]]]]:
-    with path.open(encoding="utf-8-sig", newline="") as text:
-        try:
-            # Only the delimiter is sniffed: the Sniffer's guess at quoting goes wrong on
-            # quoted cells holding quotes and line breaks, common in text; CSV quoting is "".
-            delimiter = _sniff_dialect(text.read(_SNIFF_BYTES)).delimiter
-            text.seek(0)
-            reader = csv.reader(text, delimiter=delimiter)
-            header = [name.strip() for name in next(reader, [])]
-            if not header:
-                raise RecipeInputError("The CSV is empty; it needs a header row and data rows.")
-            chunk: list[list[Any]] = []
-            for record in reader:
-                if not record:  # a blank line
-                    continue
-                if len(record) != len(header):
-                    raise RecipeInputError(
-                        f"Line {reader.line_num} of the CSV has {len(record)} fields but the "
-                        f"header has {len(header)}."
-                    )
-                chunk.append(record)
-                if len(chunk) == chunk_rows:
-                    yield header, chunk
-                    chunk = []
-            yield header, chunk
-        except csv.Error as exc:
-            raise RecipeInputError(
-                f"Line {reader.line_num} of the CSV cannot be parsed: {exc}."
-            ) from exc
-        except UnicodeDecodeError as exc:
-            raise RecipeInputError("The CSV is not valid UTF-8.") from exc
+def _csv_chunks(ctx: RecipeContext, chunk_rows: int) -> Iterator[tuple[list[str], list[list[Any]]]]:
+    for chunk in csv_chunks(ctx.dataset_path, ctx.csv_dialect, chunk_rows=chunk_rows):
+        yield chunk.names, [list(row) for row in zip(*chunk.columns, strict=True)]
 
 
 def _parquet_chunks(path: Path, chunk_rows: int) -> Iterator[tuple[list[str], list[list[Any]]]]:

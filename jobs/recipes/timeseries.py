@@ -34,7 +34,7 @@ from jobs.recipes.base import (
     RecipeInputError,
     RecipeResult,
 )
-from jobs.recipes.data import NULL_MARKERS, _sniff_dialect, dataset_row_count
+from jobs.recipes.data import NULL_MARKERS, csv_chunks, dataset_row_count
 from jobs.recipes.training import Trainer, derived_seed
 
 if TYPE_CHECKING:
@@ -47,7 +47,6 @@ MIN_TRAINING_WINDOWS = 10
 # Rows read at a time where the context does not say (ctx.chunk_rows).
 READ_CHUNK_ROWS = 10_000
 INFERENCE_BATCH_WINDOWS = 4_096
-_SNIFF_BYTES = 64 * 1024
 
 
 class TimeSeriesForecaster(Recipe):
@@ -381,15 +380,17 @@ def _name(key: str | None) -> str:
 
 
 def _read_columns(
-    path: Path, dataset_format: str, names: list[str], chunk_rows: int
+    ctx: RecipeContext, names: list[str], chunk_rows: int
 ) -> Iterator[list[list[Any]]]:
     """The named columns, a chunk of at most `chunk_rows` rows at a time, as one list of cells
     per column: raw strings from a CSV, Python values (datetimes, numbers) from Parquet."""
-    if dataset_format == "csv":
-        return _csv_columns(path, names, chunk_rows)
-    if dataset_format == "parquet":
-        return _parquet_columns(path, names, chunk_rows)
-    raise RecipeInputError(f"Datasets in the {dataset_format!r} format cannot be read as a table.")
+    if ctx.dataset_format == "csv":
+        return _csv_columns(ctx, names, chunk_rows)
+    if ctx.dataset_format == "parquet":
+        return _parquet_columns(ctx.dataset_path, names, chunk_rows)
+    raise RecipeInputError(
+        f"Datasets in the {ctx.dataset_format!r} format cannot be read as a table."
+    )
 
 
 def _missing_column(name: str, header: list[str]) -> RecipeInputError:
@@ -398,43 +399,18 @@ def _missing_column(name: str, header: list[str]) -> RecipeInputError:
     )
 
 
-def _csv_columns(path: Path, names: list[str], chunk_rows: int) -> Iterator[list[list[Any]]]:
-    with path.open(encoding="utf-8-sig", newline="") as text:
-        try:
-            # Only the delimiter is sniffed: the Sniffer's guess at quoting goes wrong on
-            # quoted cells holding quotes and line breaks, common in text; CSV quoting is "".
-            delimiter = _sniff_dialect(text.read(_SNIFF_BYTES)).delimiter
-            text.seek(0)
-            reader = csv.reader(text, delimiter=delimiter)
-            header = [name.strip() for name in next(reader, [])]
-            if not header:
-                raise RecipeInputError("The CSV is empty; it needs a header row and data rows.")
+def _csv_columns(
+    ctx: RecipeContext, names: list[str], chunk_rows: int
+) -> Iterator[list[list[Any]]]:
+    positions = None
+    for chunk in csv_chunks(ctx.dataset_path, ctx.csv_dialect, chunk_rows=chunk_rows):
+        if positions is None:
             for name in names:
-                if name not in header:
-                    raise _missing_column(name, header)
-            positions = [header.index(name) for name in names]
-            chunk: list[list[Any]] = [[] for _ in names]
-            for record in reader:
-                if not record:  # a blank line
-                    continue
-                if len(record) != len(header):
-                    raise RecipeInputError(
-                        f"Line {reader.line_num} of the CSV has {len(record)} fields but the "
-                        f"header has {len(header)}."
-                    )
-                for column, position in zip(chunk, positions, strict=True):
-                    column.append(record[position])
-                if len(chunk[0]) == chunk_rows:
-                    yield chunk
-                    chunk = [[] for _ in names]
-            if chunk[0]:
-                yield chunk
-        except csv.Error as exc:
-            raise RecipeInputError(
-                f"Line {reader.line_num} of the CSV cannot be parsed: {exc}."
-            ) from exc
-        except UnicodeDecodeError as exc:
-            raise RecipeInputError("The CSV is not valid UTF-8.") from exc
+                if name not in chunk.names:
+                    raise _missing_column(name, chunk.names)
+            positions = [chunk.names.index(name) for name in names]
+        if chunk.row_count:
+            yield [chunk.columns[position] for position in positions]
 
 
 def _parquet_columns(path: Path, names: list[str], chunk_rows: int) -> Iterator[list[list[Any]]]:
@@ -466,7 +442,7 @@ def _point_chunks(
     key, seconds, timezone-aware, value), rows without a value left out; RecipeInputError naming
     the row and column of a cell that cannot be read."""
     row = skipped = 0
-    chunks = _read_columns(ctx.dataset_path, ctx.dataset_format, columns.names(), _chunk_rows(ctx))
+    chunks = _read_columns(ctx, columns.names(), _chunk_rows(ctx))
     for chunk in chunks:
         keys = chunk[2] if columns.series else [None] * len(chunk[0])
         points = []

@@ -32,7 +32,7 @@ from jobs.recipes.base import (
     load_checkpoint,
     validate_parameters,
 )
-from jobs.recipes.registry import get_recipe
+from jobs.recipes.catalog import get_recipe
 from jobs.runner.protocol import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
@@ -42,6 +42,7 @@ from jobs.runner.protocol import (
     format_line,
     read_spec,
 )
+from registry.formats.csv_reader import CsvDialect
 from tenants.errors import DomainError
 
 if TYPE_CHECKING:
@@ -138,6 +139,7 @@ def _execute(
         model_dir=workdir / model_dir if model_dir else None,
         stop_event=stop,
         chunk_rows=spec["chunk_rows"],
+        csv_dialect=_csv_dialect(spec["dataset"].get("csv_dialect")),
         **placement,
     )
     if ctx.device == "cpu":
@@ -162,6 +164,12 @@ def _execute(
     }
     ctx.emit(format_line("result", payload))
     return EXIT_OK
+
+
+def _csv_dialect(stored: dict[str, Any] | None) -> CsvDialect | None:
+    """The dialect the registry stored for the CSV; None for a version recorded before it was,
+    which the reader then detects as the upload did."""
+    return None if stored is None else CsvDialect.from_json(stored)
 
 
 def _supervise_ranks(workdir: Path, world_size: int, stop: threading.Event) -> int:

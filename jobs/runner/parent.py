@@ -248,7 +248,11 @@ class _Attempt:
             "processes": gpus,
             "recipe": self.job.recipe,
             "parameters": self.job.parameters,
-            "dataset": {"path": str(dataset_path), "format": dataset.format},
+            "dataset": {
+                "path": str(dataset_path),
+                "format": dataset.format,
+                "csv_dialect": dataset.csv_dialect,
+            },
             "resume_from": resume_from,
             "output_dir": "output",
             "checkpoint_dir": "checkpoints",

@@ -7,9 +7,10 @@ The parent prepares a working directory, puts the inputs in it and writes `spec.
 
     {
       "task": "train" | "predict",               # optional, default "train"
-      "recipe": "tabular-classifier",           # a name from jobs.recipes.registry
+      "recipe": "tabular-classifier",           # a name from jobs.recipes.catalog
       "parameters": {...},                       # validated (and defaults filled) by the child
-      "dataset": {"path": "data.csv", "format": "csv" | "parquet"},
+      "dataset": {"path": "data.csv", "format": "csv" | "parquet",
+                  "csv_dialect": {...} | null},   # optional: the version's stored CSV dialect
       "model_dir": "model" | null,               # optional, default null; see below
       "resume_from": "ckpt-00000120.pt" | null,  # a checkpoint the child printed, downloaded again
       "output_dir": "out",                       # where the artifacts go
@@ -123,7 +124,18 @@ SPEC_SCHEMA = _object(
             {
                 "path": {"type": "string", "minLength": 1},
                 "format": {"type": "string", "minLength": 1},
-            }
+                "csv_dialect": {
+                    "type": ["object", "null"],
+                    "properties": {
+                        "delimiter": {"type": "string", "minLength": 1, "maxLength": 1},
+                        "quote_char": {"type": "string", "minLength": 1, "maxLength": 1},
+                        "double_quote": {"type": "boolean"},
+                        "encoding": {"type": "string", "minLength": 1},
+                    },
+                    "additionalProperties": False,
+                },
+            },
+            required=["path", "format"],
         ),
         "model_dir": {"type": ["string", "null"], "minLength": 1},
         "resume_from": {"type": ["string", "null"], "minLength": 1},

@@ -12,7 +12,7 @@ from django.utils import timezone
 from billing.selectors import gpu_resource, unit_price
 from jobs.models import Job, JobAttempt, JobState, ResourceClass, Worker
 from jobs.recipes.base import validate_parameters
-from jobs.recipes.registry import get_recipe
+from jobs.recipes.catalog import get_recipe
 from registry.models import DatasetVersion, ModelVersion
 from registry.services.datasets import validate_name
 from tenants.actors import Actor

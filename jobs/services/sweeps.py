@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from jobs.models import TERMINAL_STATES, Job, JobState, ResourceClass, Sweep
 from jobs.recipes.base import validate_parameters
-from jobs.recipes.registry import get_recipe
+from jobs.recipes.catalog import get_recipe
 from registry.models import DatasetVersion
 from registry.services import model_alias_set
 from registry.services.datasets import validate_name

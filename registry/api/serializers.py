@@ -28,9 +28,19 @@ class DatasetUpdateSerializer(serializers.Serializer):
     description = serializers.CharField(allow_blank=True, max_length=10_000)
 
 
+class CsvDialectSerializer(serializers.Serializer):
+    """How the registry split the CSV into rows and cells at upload; training reads it the same."""
+
+    delimiter = serializers.CharField()
+    quote_char = serializers.CharField()
+    double_quote = serializers.BooleanField()
+    encoding = serializers.CharField()
+
+
 class DatasetVersionSerializer(serializers.ModelSerializer):
     dataset = serializers.CharField(source="dataset.name", read_only=True)
     created_by = serializers.EmailField(source="created_by.email", read_only=True, default=None)
+    csv_dialect = CsvDialectSerializer(read_only=True, allow_null=True)
 
     class Meta:
         model = DatasetVersion
@@ -43,6 +53,7 @@ class DatasetVersionSerializer(serializers.ModelSerializer):
             "sha256",
             "row_count",
             "schema",
+            "csv_dialect",
             "source",
             "source_job_id",
             "created_by",
@@ -235,6 +246,20 @@ class ModelAliasSerializer(serializers.ModelSerializer):
 
 class ModelAliasSetSerializer(serializers.Serializer):
     version = serializers.IntegerField(min_value=1)
+
+
+class CompareQuerySerializer(serializers.Serializer):
+    """`?versions=1,3`: the version numbers to compare, comma-separated."""
+
+    versions = serializers.CharField(max_length=1000)
+
+    def validate_versions(self, value: str) -> list[int]:
+        parts = [part.strip() for part in value.split(",") if part.strip()]
+        if not parts or not all(part.isdecimal() and int(part) > 0 for part in parts):
+            raise serializers.ValidationError(
+                "Give the version numbers to compare, comma-separated, e.g. 1,3."
+            )
+        return [int(part) for part in parts]
 
 
 class CompareSerializer(serializers.Serializer):

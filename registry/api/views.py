@@ -253,7 +253,9 @@ class PendingUploadViewSet(_InDataset, mixins.CreateModelMixin, OrganizationScop
     partial_update=extend_schema(request=s.RegisteredModelUpdateSerializer),
     compare=extend_schema(
         parameters=[
-            OpenApiParameter("versions", str, description="Comma-separated numbers, e.g. 1,3")
+            OpenApiParameter(
+                "versions", str, required=True, description="Comma-separated numbers, e.g. 1,3"
+            )
         ],
         responses=s.CompareSerializer,
     ),
@@ -310,13 +312,9 @@ class RegisteredModelViewSet(
     @action(detail=True, methods=["get"])
     def compare(self, request, *args, **kwargs):
         model = self.get_object()
-        raw = request.query_params.get("versions", "")
-        try:
-            numbers = [int(n) for n in raw.split(",") if n.strip()]
-        except ValueError:
-            numbers = []
-        if not numbers:
-            raise DatasetFormatError("Pass ?versions=1,2 with the version numbers to compare.")
+        query = s.CompareQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        numbers = query.validated_data["versions"]
         return Response(selectors.model_versions_compare(registered_model=model, numbers=numbers))
 
 

@@ -1,7 +1,10 @@
-"""Safety checks for zip uploads (.npz and image zips) that run before any entry is read.
+"""Safety checks for zip uploads (.npz and image zips): before any entry is read, and as it is.
 
 `zipfile.ZipFile` builds an object per entry as it opens, so the entry count is read from the
 central directory first: a zip claiming millions of tiny entries is refused without parsing them.
+Sizes are checked twice: from the directory before any work (a zip that admits to being a bomb
+costs nothing to refuse), then by counting the bytes each entry really expands to as it is read
+(`ExpansionMeter`), since the directory is written by the uploader and may lie.
 """
 
 from __future__ import annotations
@@ -28,6 +31,14 @@ _ZIP64_END_RECORD_SIZE = 56
 _DIRECTORY_HEADER = b"PK\x01\x02"
 _DIRECTORY_HEADER_SIZE = 46
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
+# Stored and deflate are what numpy.savez and every common zip tool write. zipfile inflates a
+# bzip2 or LZMA read whole before cutting it to the declared size, so a few hundred bytes of
+# either can fill memory; they are refused before any byte is read.
+_ACCEPTED_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate"}
+# Real data compresses at most a few dozen times over; far beyond that an entry is built to
+# expand. Small entries are exempt: a few hundred bytes of padding compress past any ratio.
+MAX_COMPRESSION_RATIO = 200
+RATIO_CHECKED_FROM_BYTES = 1024 * 1024
 
 
 def open_checked_zip(path: Path, *, limits: DatasetLimits) -> zipfile.ZipFile:
@@ -66,6 +77,97 @@ def check_entry(info: zipfile.ZipInfo) -> None:
         raise DatasetFormatError(
             f"The zip entry {name!r} is password-protected; upload an unencrypted zip."
         )
+    if info.compress_type not in _ACCEPTED_METHODS:
+        raise DatasetFormatError(
+            f"The zip entry {name!r} uses compression method {info.compress_type}; we accept "
+            "stored or deflate entries only, which numpy.savez and every common zip tool write."
+        )
+
+
+def expansion_budget(archive_bytes: int, limits: DatasetLimits) -> int:
+    """The most a whole archive of `archive_bytes` may expand to: the limit, and at most
+    MAX_COMPRESSION_RATIO times its real size (which entries overlapping in the file, each
+    within the ratio on its own, would otherwise multiply)."""
+    by_ratio = max(MAX_COMPRESSION_RATIO * archive_bytes, RATIO_CHECKED_FROM_BYTES)
+    return min(limits.max_uncompressed_bytes, by_ratio)
+
+
+def check_declared_expansion(
+    infos: list[zipfile.ZipInfo], *, archive_bytes: int, limits: DatasetLimits
+) -> None:
+    """Refuse, from the directory alone, entries and archives that say they are bombs."""
+    total = 0
+    for info in infos:
+        _check_entry_ratio(info, info.file_size)
+        total += info.file_size
+    if total > limits.max_uncompressed_bytes:
+        raise DatasetFormatError(
+            f"The zip expands to {total:,} bytes, over our limit of "
+            f"{limits.max_uncompressed_bytes:,}; split it into several uploads."
+        )
+    if total > expansion_budget(archive_bytes, limits):
+        raise _archive_bomb(total, archive_bytes)
+
+
+class ExpansionMeter:
+    """Counts what an archive's entries really expand to as they are read, and stops the read
+    the moment an entry passes its declared size or the ratio, or the archive its budget."""
+
+    def __init__(self, *, archive_bytes: int, limits: DatasetLimits) -> None:
+        self.archive_bytes = archive_bytes
+        self.budget = expansion_budget(archive_bytes, limits)
+        self.total = 0
+
+    @contextmanager
+    def reading(self, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Iterator[IO[bytes]]:
+        with reading_entry(archive, info) as entry:
+            yield _MeteredEntry(entry, info, self)
+
+    def count(self, info: zipfile.ZipInfo, entry_total: int, added: int) -> None:
+        self.total += added
+        if entry_total > info.file_size:
+            raise DatasetFormatError(
+                f"The zip entry {info.filename!r} expands past the {info.file_size:,} bytes its "
+                "header declares, so the zip is damaged or forged; re-create it."
+            )
+        _check_entry_ratio(info, entry_total)
+        if self.total > self.budget:
+            raise _archive_bomb(self.total, self.archive_bytes)
+
+
+class _MeteredEntry:
+    """A zip entry's stream that reports every byte it hands out to its meter."""
+
+    def __init__(self, entry: IO[bytes], info: zipfile.ZipInfo, meter: ExpansionMeter) -> None:
+        self._entry, self._info, self._meter = entry, info, meter
+        self._read = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._entry.read(size)
+        self._read += len(data)
+        self._meter.count(self._info, self._read, len(data))
+        return data
+
+    def tell(self) -> int:
+        return self._read
+
+
+def _check_entry_ratio(info: zipfile.ZipInfo, expanded: int) -> None:
+    if expanded >= RATIO_CHECKED_FROM_BYTES and expanded > MAX_COMPRESSION_RATIO * max(
+        info.compress_size, 1
+    ):
+        raise DatasetFormatError(
+            f"The zip entry {info.filename!r} compresses more than {MAX_COMPRESSION_RATIO}:1, "
+            "which real data does not; it looks like a zip bomb. Zip the real data instead."
+        )
+
+
+def _archive_bomb(expanded: int, archive_bytes: int) -> DatasetFormatError:
+    return DatasetFormatError(
+        f"The zip's {archive_bytes:,} bytes expand to more than {expanded:,}, which is more than "
+        f"{MAX_COMPRESSION_RATIO}:1; real data does not compress that far, a zip bomb does. "
+        "Zip the real data instead."
+    )
 
 
 @contextmanager

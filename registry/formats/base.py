@@ -11,6 +11,11 @@ from typing import Any
 from tenants.errors import DomainError
 
 PREVIEW_ROWS = 20
+# A preview shows a cell's start: a long text in the first rows would otherwise be stored whole
+# on the version and sent with every read of it.
+PREVIEW_TEXT_CHARS = 1_000
+# The most one cell may hold, in any format: a CSV row, a Parquet value, a text array element.
+MAX_CELL_BYTES = 4 * 1024 * 1024
 
 FORMAT_NAMES = {
     "csv": "CSV",
@@ -47,6 +52,16 @@ class DatasetInspection:
     schema: list[dict]
     profile: dict
     preview: list[dict]
+    # CSV only: the dialect it was read with (csv_reader.CsvDialect.as_json()), which every
+    # later reader of the file must use.
+    csv_dialect: dict | None = None
+
+
+def not_a_dataset() -> DatasetFormatError:
+    return DatasetFormatError(
+        "The file is not a CSV, Parquet, .npz or zip of images; "
+        "export the data in one of those formats and upload it again."
+    )
 
 
 def too_many_rows(limit: int) -> DatasetFormatError:
@@ -80,3 +95,15 @@ def json_safe(value: Any) -> Any:
     if hasattr(value, "item"):  # numpy scalars
         return json_safe(value.item())
     return str(value)
+
+
+def preview_safe(value: Any) -> Any:
+    """`json_safe(value)` with every text cut to PREVIEW_TEXT_CHARS characters (marked "…")."""
+    value = json_safe(value)
+    if isinstance(value, str) and len(value) > PREVIEW_TEXT_CHARS:
+        return value[:PREVIEW_TEXT_CHARS] + "…"
+    if isinstance(value, list):
+        return [preview_safe(item) for item in value]
+    if isinstance(value, dict):
+        return {key: preview_safe(item) for key, item in value.items()}
+    return value

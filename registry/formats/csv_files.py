@@ -1,13 +1,13 @@
-"""Read a CSV once, row by row, to infer each column's type and profile it in bounded memory."""
+"""Read a CSV once, through the shared reader, to infer each column's type and profile it in
+bounded memory; the dialect it decided is returned to be stored with the version."""
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import re
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from registry.formats.base import (
     PREVIEW_ROWS,
@@ -15,20 +15,17 @@ from registry.formats.base import (
     DatasetInspection,
     DatasetLimits,
     json_safe,
+    preview_safe,
     too_many_rows,
 )
+from registry.formats.csv_reader import NULL_MARKERS, detect_csv_dialect, read_csv
 from registry.formats.profiling import (
     NumericSummary,
     TopValues,
     distinct_capacity_for,
     sample_size_for,
 )
-from registry.formats.sniffing import sniff_csv_dialect
 
-NULL_MARKERS = frozenset({"", "NA", "N/A", "NaN", "nan", "null", "NULL", "None"})
-# csv.reader pulls whole physical lines; a file with no line breaks would otherwise be read into
-# memory in one piece.
-MAX_LINE_CHARS = 4 * 1024 * 1024
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _INTEGER = re.compile(r"[+-]?\d+", re.ASCII)
 _DECIMAL = re.compile(
@@ -42,21 +39,22 @@ _NUMERIC = frozenset({"int64", "float64"})
 
 
 def inspect_csv(path: Path, limits: DatasetLimits) -> DatasetInspection:
-    dialect = sniff_csv_dialect(path)
-    with path.open(encoding="utf-8-sig", newline="") as text:
-        reader = csv.reader(_bounded_lines(text), dialect)
-        try:
-            columns = _read_header(reader, limits)
-            preview_records, row_count = _read_rows(reader, columns, limits)
-        except csv.Error as exc:
-            raise DatasetFormatError(
-                f"Line {reader.line_num} cannot be parsed as CSV ({exc}); "
-                "check the quotes on that line or re-export the file."
-            ) from exc
-        except UnicodeDecodeError as exc:
-            raise DatasetFormatError(
-                f"The CSV is not valid UTF-8 after line {reader.line_num}; re-export it as UTF-8."
-            ) from exc
+    dialect = detect_csv_dialect(path)
+    columns: list[_Column] = []
+    preview_records: list[tuple[str, ...]] = []
+    row_count = 0
+    for chunk in read_csv(path, dialect, max_columns=limits.max_columns):
+        if not columns:
+            columns = _columns(chunk.names)
+        row_count += chunk.row_count
+        if row_count > limits.max_rows:
+            raise too_many_rows(limits.max_rows)
+        if len(preview_records) < PREVIEW_ROWS:
+            wanted = PREVIEW_ROWS - len(preview_records)
+            preview_records.extend(zip(*(cells[:wanted] for cells in chunk.columns), strict=True))
+        for column, cells in zip(columns, chunk.columns, strict=True):
+            for raw in cells:
+                column.add(raw)
     if row_count == 0:
         raise DatasetFormatError(
             "The CSV has a header but no data rows; upload a file with at least one row of data."
@@ -73,40 +71,11 @@ def inspect_csv(path: Path, limits: DatasetLimits) -> DatasetInspection:
             }
             for record in preview_records
         ],
+        csv_dialect=dialect.as_json(),
     )
 
 
-def _bounded_lines(text: TextIO) -> Iterator[str]:
-    while line := text.readline(MAX_LINE_CHARS + 1):
-        if len(line) > MAX_LINE_CHARS:
-            raise DatasetFormatError(
-                f"A line of the CSV is longer than {MAX_LINE_CHARS // 1024**2} MiB; check that "
-                "the file has a line break after every row, or re-export it."
-            )
-        yield line
-
-
-def _read_header(reader: Iterator[list[str]], limits: DatasetLimits) -> list[_Column]:
-    header = [name.strip() for name in next(reader, [])]
-    if not header:
-        raise DatasetFormatError(
-            "The first line of the CSV is blank; it must be a header row naming every column."
-        )
-    if len(header) > limits.max_columns:
-        raise DatasetFormatError(
-            f"The CSV has {len(header):,} columns; we accept at most {limits.max_columns:,}. "
-            "Drop unused columns or split the file."
-        )
-    for position, name in enumerate(header, start=1):
-        if not name:
-            raise DatasetFormatError(
-                f"Column {position} has no name in the header row; give every column a name."
-            )
-    duplicates = sorted({name for name in header if header.count(name) > 1})
-    if duplicates:
-        raise DatasetFormatError(
-            f"The header names {duplicates[0]!r} more than once; give every column a unique name."
-        )
+def _columns(header: list[str]) -> list[_Column]:
     if all(_classify(name)[0] in _NUMERIC for name in header):
         raise DatasetFormatError(
             "The first row holds only numbers, so it looks like data rather than a header; "
@@ -118,30 +87,6 @@ def _read_header(reader: Iterator[list[str]], limits: DatasetLimits) -> list[_Co
         _Column(name, seed=index, sample_size=sample_size, distinct_capacity=distinct_capacity)
         for index, name in enumerate(header)
     ]
-
-
-def _read_rows(
-    reader: Iterator[list[str]], columns: list[_Column], limits: DatasetLimits
-) -> tuple[list[list[str]], int]:
-    """Profile every data row; row numbers count the header as row 1, as a spreadsheet does."""
-    preview_records: list[list[str]] = []
-    row_count = 0
-    for row_number, record in enumerate(reader, start=2):
-        if not record:  # a blank line, which spreadsheets and pandas both skip
-            continue
-        if len(record) != len(columns):
-            raise DatasetFormatError(
-                f"Row {row_number} has {len(record)} columns but the header has "
-                f"{len(columns)}; fix the row or re-export the file."
-            )
-        row_count += 1
-        if row_count > limits.max_rows:
-            raise too_many_rows(limits.max_rows)
-        if row_count <= PREVIEW_ROWS:
-            preview_records.append(record)
-        for column, raw in zip(columns, record, strict=True):
-            column.add(raw)
-    return preview_records, row_count
 
 
 def _classify(value: str) -> tuple[str, Any]:
@@ -245,4 +190,4 @@ class _Column:
             return json_safe(float(value))
         if self.dtype == "bool":
             return _is_true(value)
-        return raw
+        return preview_safe(raw)

@@ -10,6 +10,10 @@ import struct
 from dataclasses import dataclass
 from typing import IO
 
+# 40 megapixels (8000 x 5000) is beyond any camera image a classifier is trained on; a header that
+# claims more is a decompression bomb or a mistake. The registry refuses it at upload and the
+# worker's decoder before decoding, so both draw the line in the same place.
+MAX_IMAGE_PIXELS = 40_000_000
 _HEAD_BYTES = 30
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _GIF_SIGNATURES = (b"GIF87a", b"GIF89a")

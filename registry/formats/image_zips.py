@@ -11,7 +11,12 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from registry.formats.archives import check_entry, open_checked_zip, reading_entry
+from registry.formats.archives import (
+    ExpansionMeter,
+    check_declared_expansion,
+    check_entry,
+    open_checked_zip,
+)
 from registry.formats.base import (
     PREVIEW_ROWS,
     DatasetFormatError,
@@ -19,13 +24,9 @@ from registry.formats.base import (
     DatasetLimits,
     too_many_rows,
 )
-from registry.formats.image_headers import ImageHeader, read_image_header
+from registry.formats.image_headers import MAX_IMAGE_PIXELS, ImageHeader, read_image_header
 
 ACCEPTED_IMAGES = "PNG, JPEG, GIF, BMP or WebP"
-# Real images compress at most a few times over; far beyond that an entry is built to expand.
-# Small entries are exempt: a few hundred bytes of padding can compress past any ratio harmlessly.
-MAX_COMPRESSION_RATIO = 200
-RATIO_CHECKED_FROM_BYTES = 1024 * 1024
 SCHEMA = [
     {"name": "image", "dtype": "image", "nullable": False},
     {"name": "label", "dtype": "string", "nullable": False},
@@ -46,11 +47,14 @@ def inspect_image_zip(path: Path, limits: DatasetLimits) -> DatasetInspection:
             check_entry(info)
         kept = [info for info in entries if not _is_ignored(info.filename)]
         files = [info for info in kept if not info.is_dir()]
-        _check_sizes(files, limits)
+        archive_bytes = path.stat().st_size
+        _check_image_sizes(files, limits)
+        check_declared_expansion(files, archive_bytes=archive_bytes, limits=limits)
         images = _class_layout(files, [info for info in kept if info.is_dir()])
         if len(images) > limits.max_rows:
             raise too_many_rows(limits.max_rows)
-        headers = [_read_header(archive, image) for image in images]
+        meter = ExpansionMeter(archive_bytes=archive_bytes, limits=limits)
+        headers = [_read_header(archive, image, meter) for image in images]
     return DatasetInspection(
         format="image_folder_zip",
         row_count=len(images),
@@ -69,28 +73,13 @@ def _is_ignored(name: str) -> bool:
     return parts[0] == "__MACOSX" or any(part.startswith(".") for part in parts)
 
 
-def _check_sizes(files: list[zipfile.ZipInfo], limits: DatasetLimits) -> None:
-    total = 0
+def _check_image_sizes(files: list[zipfile.ZipInfo], limits: DatasetLimits) -> None:
     for info in files:
         if info.file_size > limits.max_image_bytes:
             raise DatasetFormatError(
                 f"The file {info.filename!r} is {info.file_size:,} bytes; each image may be at "
                 f"most {limits.max_image_bytes:,}. Resize it or leave it out."
             )
-        if (
-            info.file_size >= RATIO_CHECKED_FROM_BYTES
-            and info.file_size > MAX_COMPRESSION_RATIO * max(info.compress_size, 1)
-        ):
-            raise DatasetFormatError(
-                f"The file {info.filename!r} compresses more than {MAX_COMPRESSION_RATIO}:1, "
-                "which images never do; it looks like a zip bomb. Zip the real images instead."
-            )
-        total += info.file_size
-    if total > limits.max_uncompressed_bytes:
-        raise DatasetFormatError(
-            f"The zip expands to {total:,} bytes, over our limit of "
-            f"{limits.max_uncompressed_bytes:,}; split it into several uploads."
-        )
 
 
 def _class_layout(files: list[zipfile.ZipInfo], folders: list[zipfile.ZipInfo]) -> list[_Image]:
@@ -132,13 +121,18 @@ def _misplaced(name: str, *, nested: bool) -> DatasetFormatError:
     )
 
 
-def _read_header(archive: zipfile.ZipFile, image: _Image) -> ImageHeader:
-    with reading_entry(archive, image.info) as entry:
+def _read_header(archive: zipfile.ZipFile, image: _Image, meter: ExpansionMeter) -> ImageHeader:
+    with meter.reading(archive, image.info) as entry:
         header = read_image_header(entry)
     if header is None:
         raise DatasetFormatError(
             f"The file {image.info.filename!r} is not a {ACCEPTED_IMAGES} image; "
             "remove it from the zip or convert it."
+        )
+    if header.width * header.height > MAX_IMAGE_PIXELS:
+        raise DatasetFormatError(
+            f"The image {image.info.filename!r} is {header.width} x {header.height} pixels, over "
+            f"our limit of {MAX_IMAGE_PIXELS:,}; scale it down or leave it out."
         )
     return header
 

@@ -15,7 +15,12 @@ from typing import IO, Any
 import numpy as np
 from numpy.lib import format as npy_format
 
-from registry.formats.archives import check_entry, open_checked_zip, reading_entry
+from registry.formats.archives import (
+    ExpansionMeter,
+    check_declared_expansion,
+    check_entry,
+    open_checked_zip,
+)
 from registry.formats.base import (
     PREVIEW_ROWS,
     DatasetFormatError,
@@ -58,15 +63,21 @@ class _ArrayHeader:
 
 
 def inspect_npz(path: Path, limits: DatasetLimits) -> DatasetInspection:
+    archive_bytes = path.stat().st_size
+    meter = ExpansionMeter(archive_bytes=archive_bytes, limits=limits)
     with open_checked_zip(path, limits=limits) as archive:
-        headers = [_read_header(archive, info) for info in archive.infolist() if not info.is_dir()]
+        infos = [info for info in archive.infolist() if not info.is_dir()]
+        for info in infos:
+            check_entry(info)
+        check_declared_expansion(infos, archive_bytes=archive_bytes, limits=limits)
+        headers = [_read_header(archive, info, meter) for info in infos]
         row_count = _check_arrays(headers, limits)
         sample_size = sample_size_for(len(headers))
         distinct_capacity = distinct_capacity_for(len(headers))
         schema, profile, previews = [], {}, {}
         for seed, header in enumerate(headers):
             column = _ArrayProfile(header, sample_size, distinct_capacity, seed)
-            _stream_array(archive, header, column)
+            _stream_array(archive, header, column, meter)
             schema.append(column.schema_entry())
             profile[header.name] = column.profile()
             rows = column.preview
@@ -81,10 +92,11 @@ def inspect_npz(path: Path, limits: DatasetLimits) -> DatasetInspection:
     )
 
 
-def _read_header(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> _ArrayHeader:
-    check_entry(info)
+def _read_header(
+    archive: zipfile.ZipFile, info: zipfile.ZipInfo, meter: ExpansionMeter
+) -> _ArrayHeader:
     name = info.filename.removesuffix(".npy")
-    with reading_entry(archive, info) as entry:
+    with meter.reading(archive, info) as entry:
         try:
             version = npy_format.read_magic(entry)
             if version == (1, 0):
@@ -130,19 +142,14 @@ def _check_dtype(header: _ArrayHeader) -> None:
 
 
 def _check_arrays(headers: list[_ArrayHeader], limits: DatasetLimits) -> int:
-    """Check sizes and shapes from the headers alone and return the shared row count."""
+    """Check counts and shapes from the headers alone and return the shared row count (sizes:
+    each header matches its entry's, which `check_declared_expansion` has bounded)."""
     if not headers:
         raise DatasetFormatError("The .npz archive holds no arrays; save at least one array.")
     if len(headers) > limits.max_columns:
         raise DatasetFormatError(
             f"The .npz archive holds {len(headers):,} arrays; we accept at most "
             f"{limits.max_columns:,}. Combine or drop arrays."
-        )
-    total = sum(header.data_bytes for header in headers)
-    if total > limits.max_uncompressed_bytes:
-        raise DatasetFormatError(
-            f"The arrays in the .npz archive add up to {total:,} bytes, over our limit of "
-            f"{limits.max_uncompressed_bytes:,}; split the data into smaller files."
         )
     with_rows = [header for header in headers if header.shape]
     if not with_rows:
@@ -164,11 +171,13 @@ def _check_arrays(headers: list[_ArrayHeader], limits: DatasetLimits) -> int:
     return row_count
 
 
-def _stream_array(archive: zipfile.ZipFile, header: _ArrayHeader, column: _ArrayProfile) -> None:
+def _stream_array(
+    archive: zipfile.ZipFile, header: _ArrayHeader, column: _ArrayProfile, meter: ExpansionMeter
+) -> None:
     """Decode the array's data in flat chunks of about 8 MiB, in the order it is stored."""
     total = math.prod(header.shape)
     chunk_elements = max(1, _CHUNK_BYTES // max(header.dtype.itemsize, 1))
-    with reading_entry(archive, header.info) as entry:
+    with meter.reading(archive, header.info) as entry:
         entry.read(header.data_offset)
         for start in range(0, total, chunk_elements):
             count = min(chunk_elements, total - start)

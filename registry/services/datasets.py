@@ -171,6 +171,7 @@ def _record_version(
         schema=inspection.schema,
         profile=inspection.profile,
         preview=inspection.preview,
+        csv_dialect=inspection.csv_dialect,
         created_by=actor.user,
         **lineage,
     )

@@ -339,7 +339,7 @@ def test_predict_asked_to_stop_leaves_no_predictions_file(tmp_path, trained):
         ("text,label\nhi,a\nho,b\n", {"target": "text"}, "name the same column"),
         ("text,label\nhi,a\nho,a\nhey,a\n", {}, "a single class"),
         ("text,label\nhi,\nho,NA\n", {}, "0 rows with a class"),
-        ("text,label\nhi,a\nho\n", {}, "Line 3 of the CSV has 1 fields"),
+        ("text,label\nhi,a\nho\n", {}, "Row 3 has 1 columns but the header has 2"),
     ],
 )
 def test_data_problems_are_input_errors_in_words(tmp_path, content, parameters, message):

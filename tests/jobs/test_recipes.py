@@ -25,8 +25,8 @@ from jobs.recipes.base import (
     load_checkpoint,
     validate_parameters,
 )
+from jobs.recipes.catalog import RecipeNotFound, get_recipe, list_recipes
 from jobs.recipes.data import Column, cast_column, read_table, read_table_chunks
-from jobs.recipes.registry import RecipeNotFound, get_recipe, list_recipes
 from jobs.recipes.tabular import (
     Preprocessing,
     TabularClassifier,
@@ -199,7 +199,7 @@ def test_registry_and_validation_do_not_import_torch():
         """
         import sys
         from jobs.recipes.base import validate_parameters
-        from jobs.recipes.registry import get_recipe, list_recipes
+        from jobs.recipes.catalog import get_recipe, list_recipes
         validate_parameters(get_recipe("tabular-classifier"), {"target": "y"})
         list_recipes()
         heavy = sorted(name for name in ("torch", "pyarrow", "safetensors") if name in sys.modules)
@@ -237,7 +237,7 @@ def test_installed_packages_add_recipes_through_entry_points(tmp_path):
         "tabular-classifier = acme_recipes:Impostor\n"
     )
     probe = (
-        "from jobs.recipes.registry import list_recipes\n"
+        "from jobs.recipes.catalog import list_recipes\n"
         "print({name: cls.__qualname__ for name, cls in list_recipes().items()})"
     )
     run = subprocess.run(
@@ -344,7 +344,7 @@ def test_a_cell_that_does_not_fit_its_type_is_named_by_row_and_column(column, dt
 def test_ragged_csv_is_an_input_error(tmp_path):
     path = tmp_path / "ragged.csv"
     path.write_text("a,b\n1,2\n3\n", encoding="utf-8")
-    with pytest.raises(RecipeInputError, match="Line 3 of the CSV has 1 fields"):
+    with pytest.raises(RecipeInputError, match="Row 3 has 1 columns but the header has 2"):
         read_table(path, "csv")
 
 

@@ -12,7 +12,7 @@ import pytest
 from django.test import override_settings
 
 from jobs.recipes.base import RecipeContext, validate_parameters
-from jobs.recipes.registry import get_recipe
+from jobs.recipes.catalog import get_recipe
 from jobs.samples import (
     write_image_sample,
     write_tabular_sample,

@@ -24,6 +24,7 @@ from registry.formats import (
     inspect_dataset,
     sniff_format,
 )
+from registry.formats.archives import ExpansionMeter
 
 # --- fixture builders -------------------------------------------------------------------------
 
@@ -254,17 +255,19 @@ def test_csv_row_with_a_wrong_column_count_is_named(tmp_path):
     reject(path, r"Row 7 has 4 columns but the header has 3; fix the row")
 
 
-def test_csv_field_over_the_parser_limit_names_the_line(tmp_path):
-    path = write_text(tmp_path, "id,text\n1,short\n2," + "y" * 200_000 + "\n")
+def test_csv_row_over_the_cell_limit_is_refused(tmp_path):
+    path = write_text(tmp_path, "id,text\n1,short\n2," + "y" * (4 * 1024**2 + 10) + "\n")
 
-    reject(path, r"Line 3 cannot be parsed as CSV \(field larger than field limit")
+    reject(path, r"Row 3 of the CSV has a value of 4,194,314 bytes in column 'text'")
+    path = write_text(tmp_path, "id,text\n1,short\n2," + "y" * (20 * 1024**2) + "\n")
+    reject(path, r"A row after row 2 of the CSV is longer than 8 MiB")
 
 
 def test_csv_invalid_utf8_after_the_sniffed_head_is_rejected(tmp_path):
     path = tmp_path / "mixed.csv"
     path.write_bytes(b"id\n" + b"1\n" * 40_000 + b"caf\xe9\n")
 
-    reject(path, r"not valid UTF-8 after line \d+; re-export it as UTF-8")
+    reject(path, r"not valid UTF-8 on line 40002; re-export it as UTF-8")
 
 
 @pytest.mark.parametrize("text", ["", "\n\n", "a,b,c\n"], ids=["empty", "blank", "header-only"])
@@ -425,6 +428,41 @@ def test_parquet_schema_profile_and_preview(tmp_path):
     }
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"data_page_version": "2.0", "compression": "gzip"},
+        {"compression": "zstd", "data_page_size": 1024, "write_statistics": True},
+        {"compression": "snappy", "use_dictionary": False, "row_group_size": 700},
+    ],
+    ids=["v2-pages", "many-small-pages", "plain-row-groups"],
+)
+def test_parquet_pages_of_every_common_layout_pass_the_page_walk(tmp_path, options):
+    """The page headers are read before decoding; every layout writers produce must pass."""
+    rows = 3_000
+    table = pa.table(
+        {
+            "n": list(range(rows)),
+            "text": [f"value {index % 97} " * 3 for index in range(rows)],
+            "tags": [[f"t{index % 5}", "x"] for index in range(rows)],
+            "point": [{"x": float(index), "label": "p"} for index in range(rows)],
+        }
+    )
+    inspection = inspect_dataset(write_parquet(tmp_path, table, **options))
+    assert inspection.row_count == rows
+    assert inspection.profile["text"]["distinct"] == 97
+    assert inspection.preview[1]["tags"] == ["t1", "x"]
+
+
+def test_parquet_text_preview_is_cut_and_cells_over_the_limit_are_refused(tmp_path):
+    long = "word " * 1_000
+    path = write_parquet(tmp_path, pa.table({"text": [long, "short"]}))
+    assert inspect_dataset(path).preview[0]["text"] == long[:1_000] + "…"
+
+    huge = write_parquet(tmp_path, pa.table({"text": ["x" * (4 * 1024**2 + 1)]}), "huge.parquet")
+    reject(huge, r"column 'text' holds a value of 4,194,305 bytes")
+
+
 def test_parquet_statistics_merge_exactly_across_row_groups(tmp_path):
     values = [float(index % 97) for index in range(10_000)]
     path = write_parquet(tmp_path, pa.table({"v": values}), row_group_size=1_000)
@@ -517,11 +555,40 @@ def test_npz_arrays_must_agree_on_row_count(tmp_path):
     reject(path, r"'y' has 4 rows but 'x' has 5")
 
 
+def test_a_zip_entry_expanding_past_its_declared_size_is_stopped_as_it_is_read():
+    """zipfile cuts a deflate entry at its declared size; the meter does not rely on that."""
+    info = zipfile.ZipInfo("x.npy")
+    info.file_size, info.compress_size = 10, 10
+    meter = ExpansionMeter(archive_bytes=100, limits=DatasetLimits())
+    meter.count(info, 10, 10)
+    with pytest.raises(DatasetFormatError, match=r"expands past the 10 bytes its header"):
+        meter.count(info, 11, 1)
+
+
+def test_a_zip_expanding_past_its_budget_is_stopped_as_it_is_read():
+    """Entries may overlap in the file, each within the ratio on its own: the archive's total is
+    held to 200 times the real file size as it is read."""
+    meter = ExpansionMeter(archive_bytes=10_000, limits=DatasetLimits())
+    for index in range(10):
+        info = zipfile.ZipInfo(f"{index}.npy")
+        info.file_size, info.compress_size = 1_000_000, 10_000
+        if index < 2:
+            meter.count(info, 1_000_000, 1_000_000)
+        else:
+            with pytest.raises(DatasetFormatError, match=r"expand to more than 3,000,000"):
+                meter.count(info, 1_000_000, 1_000_000)
+            break
+
+
 def test_npz_over_the_uncompressed_limit_is_rejected_from_its_headers(tmp_path):
     path = tmp_path / "big.npz"
     np.savez_compressed(path, x=np.zeros(1_000))
 
-    reject(path, r"add up to 8,000 bytes", limits=DatasetLimits(max_uncompressed_bytes=4_000))
+    reject(
+        path,
+        r"expands to 8,128 bytes, over our limit of 4,000",
+        limits=DatasetLimits(max_uncompressed_bytes=4_000),
+    )
 
 
 def test_npz_header_that_lies_about_its_shape_is_rejected(tmp_path):
@@ -611,6 +678,14 @@ def test_image_zip_with_a_bomb_like_entry_is_rejected(tmp_path):
     path = write_zip(tmp_path, entries)
 
     reject(path, r"'cat/bomb.png' compresses more than 200:1")
+
+
+def test_image_zip_with_an_image_the_worker_would_refuse_is_rejected_at_upload(tmp_path):
+    """The worker decodes at most 40 megapixels an image; the registry draws the same line."""
+    entries = image_entries()
+    entries["cat/huge.jpg"] = jpeg_bytes(8_000, 6_000)
+
+    reject(write_zip(tmp_path, entries), r"'cat/huge.jpg' is 8000 x 6000 pixels, over our limit")
 
 
 def test_image_zip_with_too_many_entries_is_rejected_before_parsing(tmp_path):

@@ -122,6 +122,18 @@ def test_compare_versions_side_by_side(org, dev_client, local_store, weights_byt
     assert body["parameters"] == {"lr": [0.1, 0.01]}
 
 
+@pytest.mark.parametrize("query", ["", "?versions=", "?versions=1,two", "?versions=-1"])
+def test_compare_with_a_bad_versions_parameter_is_a_field_error_not_a_dataset_error(
+    org, dev_client, query
+):
+    model = _create_model(dev_client, org)
+    response = dev_client.get(f"/api/v1/orgs/{org.slug}/models/{model}/compare/{query}")
+    assert response.status_code == 400
+    body = response.json()
+    assert body["code"] == "invalid"
+    assert "versions" in body["fields"]
+
+
 def test_lineage_from_dataset_to_model_to_predictions(org, dev_client, local_store, weights_bytes):
     source = DatasetVersionFactory(organization=org)
     model = _create_model(dev_client, org)
