@@ -75,7 +75,7 @@ def _backend_waits_on_a_lock(pid: int) -> bool:
         return cursor.fetchone() is not None
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 def test_a_writer_that_loses_the_race_for_a_key_retries_and_returns_the_winners_row(monkeypatch):
     """The race forced, not hoped for: the loser checks for the key while the winner's row is
     written but not committed, blocks on the winner's locks, and meets the unique key on its
@@ -119,7 +119,7 @@ def test_a_writer_that_loses_the_race_for_a_key_retries_and_returns_the_winners_
     assert (row.pk, created) == (winner.pk, False)
     assert inserts["loser"] == 2  # the first try met the winner's key, the retry found its row
     assert UsageRecord.objects.filter(idempotency_key="race").count() == 1
-    assert UsageTally.objects.get(organization=org).billed_minor == 100
+    assert UsageTally.objects.get(organization=org).billed_minor == winner.amount_minor > 0
 
 
 @pytest.mark.parametrize(
