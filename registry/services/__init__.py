@@ -15,7 +15,7 @@ from .model_versions import (
     registered_model_create,
     registered_model_update,
 )
-from .storage_accounts import storage_account_get
+from .storage_accounts import storage_account_ensure
 
 __all__ = [
     "dataset_create",
@@ -29,5 +29,5 @@ __all__ = [
     "pending_upload_finalize",
     "registered_model_create",
     "registered_model_update",
-    "storage_account_get",
+    "storage_account_ensure",
 ]
