@@ -110,7 +110,7 @@ def run_round(number: int, *, rows: int, batch: int, server) -> dict[str, float]
     from django.db import connection
     from django.db.models import Sum
 
-    from billing import metering, services, stripe_gateway
+    from billing import metering, services, stripe_sync
     from billing.models import MeterPush, Price, UsageRecord
     from tenants.models import Organization
 
@@ -187,8 +187,8 @@ def run_round(number: int, *, rows: int, batch: int, server) -> dict[str, float]
     )
 
     # Push, ours. The customer and catalog are made first, outside the timed span.
-    account = services.billing_account_get(organization=ours_org)
-    stripe_gateway.subscription_item_ensure(account=account, resource=RESOURCE)
+    account = services.billing_account_ensure(organization=ours_org)
+    stripe_sync.subscription_item_ensure(account=account, resource=RESOURCE)
     due = MeterPush.objects.filter(usage__organization=ours_org, state=MeterPush.State.PENDING)
     pending = due.count()
     before = len(server.fake.meter_events)

@@ -884,7 +884,7 @@ def seed_billing(seeds: list[OrgSeed], *, now: datetime) -> None:
 
     for n, org_seed in enumerate(seeds):
         org = org_seed.organization
-        services.billing_account_get(organization=org)
+        services.billing_account_ensure(organization=org)
         if n % 3 == 0:
             spend = month_spend(organization=org, at=now)
             ratio = Decimal("0.85") if n == 0 else Decimal("1.5")

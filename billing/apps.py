@@ -7,6 +7,7 @@ class BillingConfig(AppConfig):
     def ready(self):
         from tenants.standing import standing_provider_register
 
+        from . import receivers  # noqa: F401  subscribes to tenants' signals once models load
         from .selectors import organization_standing
 
         # Past due and a reached hard cap stop spending on every API action and page, not only

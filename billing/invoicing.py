@@ -21,7 +21,7 @@ from tenants.services import audit_record
 from .errors import BillingError
 from .models import BillingAccount, Invoice, InvoiceLine, UsageRecord
 from .selectors import month_bounds
-from .services import billing_account_get, credits_apply
+from .services import billing_account_ensure, credits_apply
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def _next_number(*, year: int) -> str:
 def _invoice_create(
     *, organization: Organization, month: date, start: datetime, end: datetime
 ) -> Invoice | None:
-    account = billing_account_get(organization=organization)
+    account = billing_account_ensure(organization=organization)
     currency = settings.BILLING_CURRENCY
     usage = list(
         # Rows recorded in the month: a late row (an attempt reaped after the month was

@@ -22,9 +22,10 @@ from django.utils import timezone
 
 from tenants.models import Organization
 
-from . import services, stripe_gateway
+from . import services, stripe_gateway, stripe_sync
 from .errors import BillingError
 from .models import BillingAccount, MeterPush, Reconciliation, UsageRecord
+from .selectors import meter_ids
 
 logger = logging.getLogger(__name__)
 
@@ -149,16 +150,16 @@ def _customer_for(*, organization_id: int) -> str:
     )
     if account is None:
         organization = Organization.objects.get(pk=organization_id)
-        account = services.billing_account_get(organization=organization)
-    return stripe_gateway.customer_ensure(account=account)
+        account = services.billing_account_ensure(organization=organization)
+    return stripe_sync.customer_ensure(account=account)
 
 
 def _catalog_for(*, organization_id: int, resource: str) -> None:
     account = BillingAccount.objects.select_related("organization", "plan").get(
         organization_id=organization_id
     )
-    stripe_gateway.resource_ensure(resource=resource)
-    stripe_gateway.subscription_item_ensure(account=account, resource=resource)
+    stripe_sync.resource_ensure(resource=resource)
+    stripe_sync.subscription_item_ensure(account=account, resource=resource)
 
 
 def _settle(*, sent: list[int], failed: dict[int, tuple[str, int]]) -> None:
@@ -198,11 +199,13 @@ def reconcile_day(*, day: date) -> list[Reconciliation]:
     """Compare each customer's ledger total per resource for one UTC day with Stripe's meter.
 
     The ledger side is one grouped query for every customer; Stripe is asked per customer and
-    meter (its summaries take one customer), with no transaction open.
+    meter (its summaries take one customer), with no transaction open. Without Stripe: nothing.
     """
+    if not stripe_gateway.configured():
+        return []
     start = datetime(day.year, day.month, day.day, tzinfo=UTC)
     end = start + timedelta(days=1)
-    meters = stripe_gateway.meter_ids()
+    meters = meter_ids()
     customers = BillingAccount.objects.exclude(stripe_customer_id="")
     accounts = list(customers.select_related("organization").order_by("pk"))
     ledgers: dict[int, dict[str, int]] = defaultdict(dict)

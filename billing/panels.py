@@ -4,8 +4,7 @@ from django.utils import timezone
 
 from tenants.models import Organization
 
-from .selectors import account_summary
-from .services import billing_account_get
+from .selectors import account_summary, billing_account_get
 
 
 def overview_panel(*, organization: Organization, scopes: frozenset[str]) -> dict | None:

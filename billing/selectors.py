@@ -1,4 +1,5 @@
-"""Reads of prices, spend and budgets, for jobs (placement, fair share) and for reports."""
+"""Reads of accounts, prices, spend and budgets, for jobs (placement, fair share), pages and
+reports. A selector never writes."""
 
 from __future__ import annotations
 
@@ -20,13 +21,24 @@ from .models import (
     BudgetAlert,
     CreditGrant,
     MeterPush,
+    Plan,
     Price,
     Reconciliation,
+    StripeObject,
     UsageRecord,
     UsageTally,
 )
 
 MINOR_UNITS = {"usd": 100, "eur": 100, "gbp": 100, "jpy": 1}
+
+
+# Kinds of StripeObject: which Stripe object stands for one of ours.
+METER = "meter"
+PRODUCT = "product"
+PRICE = "price"
+FEE_PRODUCT = "fee_product"
+FEE_PRICE = "fee_price"
+SUBSCRIPTION_ITEM = "subscription_item"
 
 
 def minor_per_unit(currency: str) -> int:
@@ -193,6 +205,26 @@ def decayed_spend(
     return dict(spend)
 
 
+# Accounts
+
+
+def default_plan() -> Plan:
+    """The plan a new account starts on; unsaved plain pay as you go when an operator has
+    deactivated every plan."""
+    plan = Plan.objects.filter(active=True).order_by("-is_default", "monthly_fee_minor").first()
+    return plan or Plan(code="payg", name="Pay as you go")
+
+
+def billing_account_get(*, organization: Organization) -> BillingAccount:
+    """The organization's account. One made without `organization_create` (a fixture, the
+    admin) has none until a write needs it: it reads as an unsaved account on the default plan.
+    """
+    account = BillingAccount.objects.for_organization(organization).select_related("plan").first()
+    if account is None:
+        account = BillingAccount(organization=organization, plan=default_plan())
+    return account
+
+
 @dataclass
 class AccountSummary:
     """An account with the month's figures beside it, for the billing page and API."""
@@ -224,6 +256,38 @@ def account_summary(*, account: BillingAccount, at: datetime) -> AccountSummary:
         placement_blocked=placement_blocks(
             organizations=[organization], now=at, running_minor={}
         ).get(organization.pk, ""),
+    )
+
+
+# Stripe's objects for ours
+
+
+def stripe_enabled() -> bool:
+    """Whether Stripe bills here (else the built-in ledger issues the invoices)."""
+    return bool(settings.STRIPE_SECRET_KEY)
+
+
+def stripe_id_known(*, kind: str, key: str) -> str | None:
+    return (
+        StripeObject.objects.filter(kind=kind, key=key).values_list("stripe_id", flat=True).first()
+    )
+
+
+def billable_resources() -> list[str]:
+    return sorted(set(Price.objects.values_list("resource", flat=True)))
+
+
+def meter_ids() -> dict[str, str]:
+    """resource -> meter id, for the resources whose catalog exists."""
+    return dict(StripeObject.objects.filter(kind=METER).values_list("key", "stripe_id"))
+
+
+def resource_for_price(price_id: str) -> str:
+    return (
+        StripeObject.objects.filter(kind=PRICE, stripe_id=price_id)
+        .values_list("key", flat=True)
+        .first()
+        or ""
     )
 
 

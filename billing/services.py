@@ -1,23 +1,33 @@
-"""Writes to billing: the ledger (exactly once per key), accounts, credits, budgets, standing."""
+"""Writes to billing: the ledger (exactly once per key), accounts and plans, budgets and their
+alerts, credits, and the Stripe pages an organization is sent to.
+
+Side effects after a commit (the Stripe subscription's sync, an alert's e-mail) are outbox
+messages written in the transaction that owes them.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
+from urllib.parse import unquote, urlsplit
 
+import stripe
 from django.conf import settings
 from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
 from django.db.models import F, Q
+from django.urls import reverse
 from django.utils import timezone
 
+from outbox.services import handler, message_enqueue
 from registry.models import StorageAccount
-from registry.services.storage_accounts import storage_account_get
+from registry.services.storage_accounts import storage_account_ensure
 from tenants.actors import Actor
 from tenants.models import ApiKey, Membership, Organization, User
 from tenants.scopes import Role
 from tenants.services import audit_record
 
+from . import stripe_gateway, stripe_sync
 from .errors import BillingError
 from .models import (
     BillingAccount,
@@ -29,7 +39,14 @@ from .models import (
     UsageTally,
 )
 from .money import money_format
-from .selectors import billing_month, minor_per_unit, month_spends, price_at, price_table
+from .selectors import (
+    billing_month,
+    default_plan,
+    minor_per_unit,
+    month_spends,
+    price_at,
+    price_table,
+)
 
 SYSTEM = Actor()
 HOURS_PER_MONTH = Decimal(730)  # storage is priced per GB-month and metered every hour
@@ -185,14 +202,19 @@ def storage_meter(*, hour: datetime, batch: int = 500) -> int:
 
 
 def _default_plan() -> Plan:
-    plan = Plan.objects.filter(active=True).order_by("-is_default", "monthly_fee_minor").first()
-    if plan is None:  # an operator deactivated every plan: fall back to plain pay as you go
-        plan, _ = Plan.objects.get_or_create(code="payg", defaults={"name": "Pay as you go"})
+    plan = default_plan()
+    if plan.pk is None:  # an operator deactivated every plan: fall back to plain pay as you go
+        plan, _ = Plan.objects.get_or_create(code=plan.code, defaults={"name": plan.name})
     return plan
 
 
-def billing_account_get(*, organization: Organization) -> BillingAccount:
-    """The organization's account, created on first use with the default plan and its credits."""
+def billing_account_ensure(*, organization: Organization) -> BillingAccount:
+    """The organization's account, opened if it has none: the default plan, the plan's storage
+    quota and trial credit, and (with Stripe) its customer and subscription owed.
+
+    Run when the organization is created (`organization_created`); writes that need the account
+    of an organization made elsewhere (a fixture, the admin) call it too.
+    """
     account = BillingAccount.objects.for_organization(organization).select_related("plan").first()
     if account is not None:
         return account
@@ -205,18 +227,17 @@ def billing_account_get(*, organization: Organization) -> BillingAccount:
         if account.plan_id == plan.pk:
             _plan_apply(account=account, plan=plan)
         if settings.STRIPE_SECRET_KEY:
-            from . import tasks  # tasks import this module
-
-            # The Stripe customer and subscription (so a plan fee is charged without usage); a
-            # task lost to a broker outage is caught by the push task's safety net.
-            transaction.on_commit(
-                lambda: tasks.subscription_sync.delay(account_id=account.pk), robust=True
+            # The Stripe customer and subscription, so a plan fee is charged without usage.
+            message_enqueue(
+                handler=stripe_sync.subscription_sync,
+                payload={"account_id": account.pk},
+                key=f"billing-account-opened:{account.pk}",
             )
     return account
 
 
 def _plan_apply(*, account: BillingAccount, plan: Plan) -> None:
-    storage = storage_account_get(organization=account.organization)
+    storage = storage_account_ensure(organization=account.organization)
     StorageAccount.objects.filter(pk=storage.pk).update(quota_bytes=plan.storage_quota_bytes)
     if plan.trial_credit_minor:
         credit_grant(
@@ -233,7 +254,7 @@ def plan_change(*, organization: Organization, plan: Plan, actor: Actor) -> Bill
         raise BillingError(
             f"The {plan.name} plan is no longer offered.", fields={"plan": ["Inactive."]}
         )
-    account = billing_account_get(organization=organization)
+    account = billing_account_ensure(organization=organization)
     previous = account.plan
     account.plan = plan
     account.save(update_fields=["plan"])
@@ -246,12 +267,8 @@ def plan_change(*, organization: Organization, plan: Plan, actor: Actor) -> Bill
         data={"from": previous.code, "to": plan.code},
     )
     if settings.STRIPE_SECRET_KEY:
-        from . import tasks  # tasks import this module
-
         # The subscription's fee item follows the plan.
-        transaction.on_commit(
-            lambda: tasks.subscription_sync.delay(account_id=account.pk), robust=True
-        )
+        message_enqueue(handler=stripe_sync.subscription_sync, payload={"account_id": account.pk})
     return account
 
 
@@ -277,7 +294,7 @@ def budget_set(
             "Alert thresholds are whole percentages between 1 and 1000.",
             fields={"thresholds": ["Whole numbers from 1 to 1000, e.g. 50, 80, 100."]},
         )
-    account = billing_account_get(organization=organization)
+    account = billing_account_ensure(organization=organization)
     account.monthly_budget_minor = monthly_budget_minor
     account.budget_thresholds = sorted(set(thresholds))
     account.budget_hard_cap = hard_cap
@@ -338,19 +355,33 @@ def _budget_alert(*, account: BillingAccount, month, threshold: int, spend: int)
             target=alert,
             data={"threshold": threshold, "spend_minor": spend},
         )
-    recipients = _billing_recipients(account)
-    if recipients:
-        subject = f"{organization.name}: {threshold}% of this month's budget used"
-        currency = settings.BILLING_CURRENCY
-        body = (
-            f"{organization.name} has spent {money_format(spend, currency)} of its "
-            f"{money_format(account.monthly_budget_minor, currency)} monthly budget "
-            f"({threshold}%)."
+        message_enqueue(
+            handler=budget_alert_mail,
+            payload={"alert_id": alert.pk},
+            key=f"budget-alert:{alert.pk}",
         )
-        if account.budget_hard_cap and threshold >= 100:
-            body += " The hard cap is on: new jobs wait until the budget is raised or next month."
-        send_mail(subject, body, None, recipients, fail_silently=True)
     return True
+
+
+@handler
+def budget_alert_mail(*, alert_id: int) -> None:
+    """E-mail a crossed threshold to the billing contacts; an SMTP failure raises, so the outbox
+    sends it again later."""
+    alert = BudgetAlert.objects.select_related("organization").get(pk=alert_id)
+    organization = alert.organization
+    account = BillingAccount.objects.for_organization(organization).get()
+    recipients = _billing_recipients(account)
+    if not recipients:
+        return
+    currency = settings.BILLING_CURRENCY
+    subject = f"{organization.name}: {alert.threshold}% of this month's budget used"
+    body = (
+        f"{organization.name} has spent {money_format(alert.spend_minor, currency)} of its "
+        f"{money_format(alert.budget_minor, currency)} monthly budget ({alert.threshold}%)."
+    )
+    if account.budget_hard_cap and alert.threshold >= 100:
+        body += " The hard cap is on: new jobs wait until the budget is raised or next month."
+    send_mail(subject, body, None, recipients)
 
 
 def _billing_recipients(account: BillingAccount) -> list[str]:
@@ -444,37 +475,85 @@ def credits_apply(*, organization: Organization, amount_minor: int, at: datetime
     return amount_minor - left
 
 
-# Payment standing (set by Stripe webhooks)
+# Stripe-hosted pages
 
 
-@transaction.atomic
-def past_due_set(*, organization: Organization, since: datetime) -> None:
-    """Past due since `since` (the earliest failed payment still owed); the grace runs from it."""
-    account = billing_account_get(organization=organization)
-    if account.past_due_since != since:
-        account.past_due_since = since
-        account.save(update_fields=["past_due_since"])
-    if organization.status == Organization.Status.ACTIVE:
-        Organization.objects.filter(pk=organization.pk).update(status=Organization.Status.PAST_DUE)
-        organization.status = Organization.Status.PAST_DUE
-        audit_record(
-            organization=organization,
-            actor=SYSTEM,
-            action="billing.past_due",
-            target=account,
-            data={"since": since.isoformat()},
+def billing_page_address(organization: Organization) -> str:
+    return settings.SITE_URL.rstrip("/") + reverse("billing:billing", args=[organization.slug])
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _site_address_check(address: str, *, field: str) -> str:
+    """`address` when it lies on this site: the scheme, host and port of `SITE_URL`, and under
+    its path. Anything else (another host, a look-alike, a user@host, a scheme-relative or
+    script address) is refused with a 400 naming the field, so Stripe's genuine pages never
+    send the browser elsewhere."""
+    site = urlsplit(settings.SITE_URL)
+    prefix = site.path.rstrip("/") + "/"
+    refusal = BillingError(
+        f"{field} must be an address on this site, under {site.scheme}://{site.netloc}{prefix}",
+        fields={field: [f"Must start with {site.scheme}://{site.netloc}{prefix}"]},
+    )
+    # Browsers drop tabs and newlines and read a backslash as a slash: what they would follow
+    # is not what we would check.
+    if any(char.isspace() or not char.isprintable() or char == "\\" for char in address):
+        raise refusal
+    try:
+        parts = urlsplit(address)
+        port = parts.port or _DEFAULT_PORTS.get(parts.scheme.lower())
+    except ValueError:
+        raise refusal from None
+    same_origin = (parts.scheme.lower(), parts.hostname, port) == (
+        site.scheme.lower(),
+        site.hostname,
+        site.port or _DEFAULT_PORTS.get(site.scheme.lower()),
+    )
+    path = parts.path or "/"
+    if (
+        not same_origin
+        or parts.username is not None
+        or parts.password is not None
+        or not (path if path.endswith("/") else path + "/").startswith(prefix)
+        or any(segment in {".", ".."} for segment in unquote(path).split("/"))
+    ):
+        raise refusal
+    return address
+
+
+def checkout_session_create(
+    *, organization: Organization, success_url: str | None = None, cancel_url: str | None = None
+) -> str:
+    """A Checkout page (setup mode) where the organization saves a payment method; returns its
+    address. The browser comes back to the billing page unless told another page of this site.
+    """
+    back = billing_page_address(organization)
+    success_url = _site_address_check(success_url or back, field="success_url")
+    cancel_url = _site_address_check(cancel_url or back, field="cancel_url")
+    stripe_gateway.client()  # not configured: say so before anything is written
+    account = billing_account_ensure(organization=organization)
+    try:
+        return stripe_gateway.checkout_session_create(
+            customer_id=stripe_sync.customer_ensure(account=account),
+            organization_id=organization.pk,
+            success_url=success_url,
+            cancel_url=cancel_url,
         )
+    except stripe.StripeError as error:
+        raise stripe_gateway.unavailable(error) from error
 
 
-@transaction.atomic
-def past_due_clear(*, organization: Organization) -> None:
-    account = billing_account_get(organization=organization)
-    if account.past_due_since is not None:
-        account.past_due_since = None
-        account.save(update_fields=["past_due_since"])
-    if organization.status == Organization.Status.PAST_DUE:
-        Organization.objects.filter(pk=organization.pk).update(status=Organization.Status.ACTIVE)
-        organization.status = Organization.Status.ACTIVE
-        audit_record(
-            organization=organization, actor=SYSTEM, action="billing.restored", target=account
+def portal_session_create(*, organization: Organization, return_url: str | None = None) -> str:
+    """A Billing Portal page (payment methods, invoices, billing details); returns its address."""
+    return_url = _site_address_check(
+        return_url or billing_page_address(organization), field="return_url"
+    )
+    stripe_gateway.client()
+    account = billing_account_ensure(organization=organization)
+    try:
+        return stripe_gateway.portal_session_create(
+            customer_id=stripe_sync.customer_ensure(account=account), return_url=return_url
         )
+    except stripe.StripeError as error:
+        raise stripe_gateway.unavailable(error) from error

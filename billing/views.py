@@ -15,7 +15,7 @@ from django.views.generic import TemplateView, View
 from tenants.errors import DomainError
 from tenants.views.base import OrganizationPageMixin
 
-from . import charts, invoicing, reports, selectors, services, stripe_gateway
+from . import charts, invoicing, reports, selectors, services
 from .errors import BillingError
 from .forms import BudgetForm
 from .models import CreditGrant, Invoice
@@ -31,7 +31,7 @@ class BillingPage(OrganizationPageMixin, TemplateView):
 
     def get_context_data(self, **kwargs):
         context = super().get_context_data(**kwargs)
-        account = services.billing_account_get(organization=self.organization)
+        account = selectors.billing_account_get(organization=self.organization)
         budget = account.monthly_budget_minor
         context.setdefault(
             "form",
@@ -52,7 +52,7 @@ class BillingPage(OrganizationPageMixin, TemplateView):
             summary=selectors.account_summary(account=account, at=timezone.now()),
             credits=CreditGrant.objects.for_organization(self.organization)[:20],
             can_admin=self.has_scope("billing:admin"),
-            stripe_enabled=stripe_gateway.configured(),
+            stripe_enabled=selectors.stripe_enabled(),
             invoices=invoicing.invoice_list(organization=self.organization)[:24],
         )
         return context
@@ -178,18 +178,17 @@ class OpsBillingPage(View):
 
 
 class _StripeRedirectPage(OrganizationPageMixin, View):
-    """POST: send the browser to a Stripe-hosted page; errors come back as a message."""
+    """POST: send the browser to a Stripe-hosted page that returns it to the billing page;
+    errors come back as a message."""
 
     required_scopes = {"post": "billing:admin"}
 
-    def stripe_url(self, account, back: str) -> str:
+    def stripe_url(self) -> str:
         raise NotImplementedError
 
     def post(self, request, org_slug):
-        back = request.build_absolute_uri(reverse("billing:billing", args=[org_slug]))
-        account = services.billing_account_get(organization=self.organization)
         try:
-            url = self.stripe_url(account, back)
+            url = self.stripe_url()
         except DomainError as error:
             messages.error(request, error.detail)
             return redirect("billing:billing", org_slug)
@@ -197,12 +196,13 @@ class _StripeRedirectPage(OrganizationPageMixin, View):
 
 
 class CheckoutPage(_StripeRedirectPage):
-    def stripe_url(self, account, back):
-        return stripe_gateway.checkout_session_create(
-            account=account, success_url=f"{back}?payment=saved", cancel_url=back
+    def stripe_url(self):
+        back = services.billing_page_address(self.organization)
+        return services.checkout_session_create(
+            organization=self.organization, success_url=f"{back}?payment=saved"
         )
 
 
 class PortalPage(_StripeRedirectPage):
-    def stripe_url(self, account, back):
-        return stripe_gateway.portal_session_create(account=account, return_url=back)
+    def stripe_url(self):
+        return services.portal_session_create(organization=self.organization)

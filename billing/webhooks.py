@@ -7,8 +7,11 @@ back, and the organization's standing is recomputed from the mirrored invoices, 
 the same events ends in the same state.
 
 An event for a customer we do not know yet is kept unapplied, marked unmatched, and applied when
-`stripe_gateway.customer_ensure` stores that customer's id (a redelivery is a duplicate, as it
+`stripe_sync.customer_ensure` stores that customer's id (a redelivery is a duplicate, as it
 would be anyway: Stripe retries only what was not answered with a 2xx).
+
+Follow-up work that calls Stripe is owed through the outbox in the transaction that stores the
+event, so the answer to Stripe never waits on (or fails with) the broker or Stripe itself.
 """
 
 from __future__ import annotations
@@ -24,10 +27,18 @@ from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
-from . import services, stripe_gateway, tasks
+from outbox.services import handler, message_enqueue
+from tenants.actors import Actor
+from tenants.models import Organization
+from tenants.services import audit_record
+
+from . import stripe_gateway
 from .models import BillingAccount, Invoice, InvoiceLine, WebhookEvent
+from .selectors import resource_for_price
 
 logger = logging.getLogger(__name__)
+
+SYSTEM = Actor()
 
 INVOICE_EVENTS = {
     "invoice.created",
@@ -179,13 +190,22 @@ def _checkout_completed(*, payload: dict) -> str:
         return ""
     if not BillingAccount.objects.filter(stripe_customer_id=customer_id or "").exists():
         return _unmatched(customer_id)
-    # Two Stripe calls: after the commit, in a worker, not in this request's transaction.
-    transaction.on_commit(
-        lambda: tasks.payment_method_default.delay(
-            customer_id=customer_id, setup_intent_id=setup_intent
-        )
+    # Two Stripe calls: owed with the event, made after the commit by the outbox.
+    message_enqueue(
+        handler=payment_method_default,
+        payload={"customer_id": customer_id, "setup_intent_id": setup_intent},
+        key=f"stripe-setup-intent:{setup_intent}:default",
     )
     return ""
+
+
+@handler
+def payment_method_default(*, customer_id: str, setup_intent_id: str) -> None:
+    """After Checkout saved a payment method: make it the customer's default for invoices
+    (setting the same default again changes nothing, so a repeat is harmless)."""
+    stripe_gateway.default_payment_method_set(
+        customer_id=customer_id, setup_intent_id=setup_intent_id
+    )
 
 
 def _order_key(event: dict) -> tuple:
@@ -271,7 +291,7 @@ def _snapshot_apply(*, invoice: Invoice, data: dict, status: str, created: datet
             InvoiceLine(
                 invoice=invoice,
                 description=(line.get("description") or "")[:300],
-                resource=stripe_gateway.resource_for_price(_line_price(line)),
+                resource=resource_for_price(_line_price(line)),
                 quantity=line.get("quantity") or 0,
                 unit="minor_unit" if _line_price(line) else "",
                 amount_minor=int(line.get("amount") or 0),
@@ -318,8 +338,40 @@ def standing_update(*, account: BillingAccount) -> None:
         else []
     )
     first_failure = next(iter(failures), None)
-    organization = account.organization
     if first_failure is not None:
-        services.past_due_set(organization=organization, since=first_failure)
+        past_due_set(account=account, since=first_failure)
     elif account.past_due_since is not None:
-        services.past_due_clear(organization=organization)
+        past_due_clear(account=account)
+
+
+@transaction.atomic
+def past_due_set(*, account: BillingAccount, since: datetime) -> None:
+    """Past due since `since` (the earliest failed payment still owed); the grace runs from it."""
+    organization = account.organization
+    if account.past_due_since != since:
+        account.past_due_since = since
+        account.save(update_fields=["past_due_since"])
+    if organization.status == Organization.Status.ACTIVE:
+        Organization.objects.filter(pk=organization.pk).update(status=Organization.Status.PAST_DUE)
+        organization.status = Organization.Status.PAST_DUE
+        audit_record(
+            organization=organization,
+            actor=SYSTEM,
+            action="billing.past_due",
+            target=account,
+            data={"since": since.isoformat()},
+        )
+
+
+@transaction.atomic
+def past_due_clear(*, account: BillingAccount) -> None:
+    organization = account.organization
+    if account.past_due_since is not None:
+        account.past_due_since = None
+        account.save(update_fields=["past_due_since"])
+    if organization.status == Organization.Status.PAST_DUE:
+        Organization.objects.filter(pk=organization.pk).update(status=Organization.Status.ACTIVE)
+        organization.status = Organization.Status.ACTIVE
+        audit_record(
+            organization=organization, actor=SYSTEM, action="billing.restored", target=account
+        )

@@ -30,6 +30,7 @@ from .errors import (
 from .models import ApiKey, AuditEvent, Invitation, Membership, Organization, User
 from .scopes import SCOPES, Role, scopes_for_role
 from .selectors import actor_scopes, hash_secret, membership_get
+from .signals import organization_created
 
 _ALPHANUMERIC = string.ascii_letters + string.digits
 API_KEY_PREFIX_LEN = 12
@@ -83,6 +84,7 @@ def organization_create(*, name: str, owner: User, actor: Actor) -> Organization
     audit_record(
         organization=organization, actor=actor, action="organization.create", target=organization
     )
+    organization_created.send(sender=Organization, organization=organization)
     return organization
 
 

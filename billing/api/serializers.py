@@ -178,17 +178,27 @@ class UsageReportSerializer(serializers.Serializer):
 class CheckoutSessionRequestSerializer(serializers.Serializer):
     success_url = serializers.URLField(
         required=False,
-        help_text="Where Stripe sends the browser after saving; default: the billing page.",
+        help_text=(
+            "Where Stripe sends the browser after saving: an address under SITE_URL; "
+            "default: the billing page."
+        ),
     )
     cancel_url = serializers.URLField(
         required=False,
-        help_text="Where Stripe sends the browser on cancel; default: the billing page.",
+        help_text=(
+            "Where Stripe sends the browser on cancel: an address under SITE_URL; "
+            "default: the billing page."
+        ),
     )
 
 
 class PortalSessionRequestSerializer(serializers.Serializer):
     return_url = serializers.URLField(
-        required=False, help_text="Where the portal's back link goes; default: the billing page."
+        required=False,
+        help_text=(
+            "Where the portal's back link goes: an address under SITE_URL; "
+            "default: the billing page."
+        ),
     )
 
 

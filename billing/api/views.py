@@ -1,5 +1,4 @@
 from django.http import HttpResponse, StreamingHttpResponse
-from django.urls import reverse
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
@@ -8,7 +7,7 @@ from rest_framework.decorators import action
 from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.response import Response
 
-from billing import reports, selectors, services, stripe_gateway
+from billing import reports, selectors, services
 from billing.models import CreditGrant, Invoice
 from billing.pdf import invoice_pdf, invoice_pdf_filename
 from tenants.api.base import OrganizationScopedAPIView, OrganizationScopedViewSet
@@ -25,7 +24,7 @@ class BillingAccountView(OrganizationScopedAPIView):
     serializer_class = s.BillingAccountSerializer
 
     def _render(self):
-        account = services.billing_account_get(organization=self.organization)
+        account = selectors.billing_account_get(organization=self.organization)
         summary = selectors.account_summary(account=account, at=timezone.now())
         return Response(s.BillingAccountSerializer(summary).data)
 
@@ -34,7 +33,7 @@ class BillingAccountView(OrganizationScopedAPIView):
 
     @extend_schema(request=s.BudgetSerializer, responses=s.BillingAccountSerializer)
     def patch(self, request, *args, **kwargs):
-        account = services.billing_account_get(organization=self.organization)
+        account = selectors.billing_account_get(organization=self.organization)
         body = s.BudgetSerializer(data=request.data, partial=True)
         body.is_valid(raise_exception=True)
         fields = body.validated_data
@@ -172,10 +171,6 @@ class UsageExportView(OrganizationScopedAPIView):
         return response
 
 
-def _billing_page_url(request, organization) -> str:
-    return request.build_absolute_uri(reverse("billing:billing", args=[organization.slug]))
-
-
 @extend_schema(tags=["billing"])
 class CheckoutSessionView(OrganizationScopedAPIView):
     """A Stripe Checkout page (setup mode) where the organization saves a payment method.
@@ -194,11 +189,10 @@ class CheckoutSessionView(OrganizationScopedAPIView):
     def post(self, request, *args, **kwargs):
         body = s.CheckoutSessionRequestSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        back = _billing_page_url(request, self.organization)
-        url = stripe_gateway.checkout_session_create(
-            account=services.billing_account_get(organization=self.organization),
-            success_url=body.validated_data.get("success_url", back),
-            cancel_url=body.validated_data.get("cancel_url", back),
+        url = services.checkout_session_create(
+            organization=self.organization,
+            success_url=body.validated_data.get("success_url"),
+            cancel_url=body.validated_data.get("cancel_url"),
         )
         return Response({"url": url})
 
@@ -220,10 +214,7 @@ class PortalSessionView(OrganizationScopedAPIView):
     def post(self, request, *args, **kwargs):
         body = s.PortalSessionRequestSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        url = stripe_gateway.portal_session_create(
-            account=services.billing_account_get(organization=self.organization),
-            return_url=body.validated_data.get(
-                "return_url", _billing_page_url(request, self.organization)
-            ),
+        url = services.portal_session_create(
+            organization=self.organization, return_url=body.validated_data.get("return_url")
         )
         return Response({"url": url})

@@ -22,7 +22,7 @@ from tenants.services import audit_record
 
 from .attempts import attempt_close, checkpoint_forget
 from .events import job_event
-from .quotas import quota_get
+from .quotas import quota_ensure
 from .ticks import tick_soon
 
 
@@ -170,7 +170,7 @@ def job_submit(
         with transaction.atomic():
             # Locking the quota row serialises concurrent submits of one organization and class,
             # so the queued-jobs cap holds under races.
-            quota = quota_get(organization=organization, resource_class=resource_class)
+            quota = quota_ensure(organization=organization, resource_class=resource_class)
             quota = type(quota).objects.select_for_update().get(pk=quota.pk)
             if gpu_count > quota.limit_gpus:
                 raise QuotaExceeded(

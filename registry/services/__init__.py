@@ -16,7 +16,7 @@ from .model_versions import (
     registered_model_create,
     registered_model_update,
 )
-from .storage_accounts import storage_account_get
+from .storage_accounts import storage_account_ensure
 
 __all__ = [
     "dataset_create",
@@ -31,5 +31,5 @@ __all__ = [
     "pending_uploads_expire",
     "registered_model_create",
     "registered_model_update",
-    "storage_account_get",
+    "storage_account_ensure",
 ]

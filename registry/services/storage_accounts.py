@@ -15,7 +15,9 @@ from tenants.models import Organization
 logger = logging.getLogger(__name__)
 
 
-def storage_account_get(*, organization: Organization) -> StorageAccount:
+def storage_account_ensure(*, organization: Organization) -> StorageAccount:
+    """The organization's account, opened with the default quota if it has none (run when the
+    organization is created, and by writes of an organization made elsewhere)."""
     account, _ = StorageAccount.objects.get_or_create(
         organization=organization, defaults={"quota_bytes": settings.STORAGE_QUOTA_DEFAULT_BYTES}
     )
@@ -41,14 +43,18 @@ def _refuse_if_over(account: StorageAccount, adding_bytes: int) -> None:
 
 
 def storage_check(*, organization: Organization, adding_bytes: int) -> None:
-    """Refuse early, before any upload work, when the bytes cannot fit."""
-    _refuse_if_over(storage_account_get(organization=organization), adding_bytes)
+    """Refuse early, before any upload work, when the bytes cannot fit (a read: an organization
+    without an account yet has the default quota, all free)."""
+    account = StorageAccount.objects.for_organization(organization).first() or StorageAccount(
+        organization=organization, quota_bytes=settings.STORAGE_QUOTA_DEFAULT_BYTES
+    )
+    _refuse_if_over(account, adding_bytes)
 
 
 def storage_charge(*, organization: Organization, delta_bytes: int) -> None:
     """Move used bytes inside the caller's transaction; growth past the quota is refused."""
     assert transaction.get_connection().in_atomic_block, "storage_charge runs inside a transaction"
-    storage_account_get(organization=organization)
+    storage_account_ensure(organization=organization)
     account = StorageAccount.objects.select_for_update().get(organization=organization)
     if delta_bytes > 0:
         _refuse_if_over(account, delta_bytes)

@@ -8,7 +8,7 @@ from django.apps import apps
 from django.utils import timezone
 
 from billing.models import CreditGrant, MeterPush, Plan
-from billing.services import billing_account_get, usage_record
+from billing.services import billing_account_ensure, usage_record
 from tenants.models import AuditEvent
 from tests.factories import UserFactory
 
@@ -22,7 +22,7 @@ def staff_client(client):
 
 
 def test_every_billing_model_has_a_working_list(staff_client, org):
-    billing_account_get(organization=org)
+    billing_account_ensure(organization=org)
     for model in apps.get_app_config("billing").get_models():
         name = model._meta.model_name
         if name == "invoiceline":
@@ -31,7 +31,7 @@ def test_every_billing_model_has_a_working_list(staff_client, org):
 
 
 def test_changing_a_plan_in_the_admin_goes_through_the_service(staff_client, org):
-    account = billing_account_get(organization=org)
+    account = billing_account_ensure(organization=org)
     team = Plan.objects.get(code="team")
     url = f"/admin/billing/billingaccount/{account.pk}/change/"
     form = {

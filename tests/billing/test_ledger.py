@@ -8,11 +8,13 @@ import pytest
 from django.db import IntegrityError, connection, transaction
 from django.db.models import Sum
 
+from billing import services
 from billing.models import MeterPush, UsageRecord, UsageTally
 from billing.selectors import month_spend
 from billing.services import storage_meter, usage_record, usage_record_many
 from registry.models import StorageAccount
 from tests.factories import OrganizationFactory
+from tests.processes import wait_for
 
 pytestmark = pytest.mark.django_db
 
@@ -67,27 +69,57 @@ def test_the_same_key_records_once_and_returns_the_first_row(org):
     assert UsageTally.objects.get().billed_minor == first.amount_minor == 25
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
-def test_concurrent_writers_of_one_key_record_one_row():
-    org = OrganizationFactory()
-    barrier = threading.Barrier(6)
-    results = []
+def _backend_waits_on_a_lock(pid: int) -> bool:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1 FROM pg_locks WHERE pid = %s AND NOT granted", [pid])
+        return cursor.fetchone() is not None
 
-    def write():
+
+@pytest.mark.django_db(transaction=True)
+def test_a_writer_that_loses_the_race_for_a_key_retries_and_returns_the_winners_row(monkeypatch):
+    """The race forced, not hoped for: the loser checks for the key while the winner's row is
+    written but not committed, blocks on the winner's locks, and meets the unique key on its
+    insert; only its retry turns that into the winner's row."""
+    org = OrganizationFactory()
+    inserts: dict[str, int] = {}
+    real_insert = services._usage_insert
+
+    def counted_insert(rows):
+        name = threading.current_thread().name
+        inserts[name] = inserts.get(name, 0) + 1
+        return real_insert(rows)
+
+    monkeypatch.setattr(services, "_usage_insert", counted_insert)
+    loser: dict = {}
+
+    def lose():
         try:
-            barrier.wait()
-            results.append(_predict(org, 20_000, key="race")[1])
+            loser["pid"] = connection.cursor().connection.info.backend_pid
+            loser["result"] = _predict(org, 20_000, key="race")
+        except Exception as error:
+            loser["error"] = error
         finally:
             connection.close()
 
-    threads = [threading.Thread(target=write) for _ in range(6)]
-    for thread in threads:
+    thread = threading.Thread(target=lose, name="loser")
+    with transaction.atomic():
+        winner, created = _predict(org, 20_000, key="race")
+        assert created
         thread.start()
-    for thread in threads:
-        thread.join()
-    assert sorted(results) == [False] * 5 + [True]
+        wait_for(lambda: "pid" in loser, timeout=10, what="the losing writer to connect")
+        wait_for(
+            lambda: "error" in loser or _backend_waits_on_a_lock(loser["pid"]),
+            timeout=10,
+            what="the losing writer to pass its check and wait on the winner's locks",
+        )
+    thread.join(timeout=30)
+
+    assert "error" not in loser, loser.get("error")
+    row, created = loser["result"]
+    assert (row.pk, created) == (winner.pk, False)
+    assert inserts["loser"] == 2  # the first try met the winner's key, the retry found its row
     assert UsageRecord.objects.filter(idempotency_key="race").count() == 1
-    assert UsageTally.objects.get(organization=org).billed_minor == 100
+    assert UsageTally.objects.get(organization=org).billed_minor == winner.amount_minor > 0
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from billing import metering
 from billing.models import Invoice, MeterPush, Plan, UsageRecord
-from billing.services import billing_account_get, plan_change, storage_meter, usage_record
+from billing.services import billing_account_ensure, plan_change, storage_meter, usage_record
 from jobs.models import JobAttempt, JobState, ResourceClass
 from jobs.scheduler.apply import scheduler_pass
 from jobs.services.attempts import attempt_claim, attempt_finish
@@ -94,7 +94,7 @@ def test_a_month_is_metered_billed_once_invoiced_and_reported_to_the_cent(
     now = timezone.now()
     # The last 30 days, whatever today's date (Stripe takes meter events up to 35 days old).
     month_start = (now - timedelta(days=30)).replace(minute=0, second=0, microsecond=0)
-    account = billing_account_get(organization=org)
+    account = billing_account_ensure(organization=org)
     plan_change(organization=org, plan=Plan.objects.get(code="payg"), actor=Actor(user=owner))
 
     _run_jobs(org, owner, hours=[1.5, 0.25, 3.0])

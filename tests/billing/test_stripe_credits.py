@@ -6,7 +6,7 @@ import logging
 import pytest
 from django.utils import timezone
 
-from billing import selectors, services, stripe_gateway
+from billing import selectors, services, stripe_sync
 from billing.models import BillingAccount, CreditGrant
 from tests.factories import OrganizationFactory
 
@@ -16,8 +16,8 @@ pytestmark = pytest.mark.django_db
 def customer(fake):
     """An organization that is a Stripe customer, with no credit of its own yet."""
     org = OrganizationFactory()
-    account = services.billing_account_get(organization=org)
-    stripe_gateway.customer_ensure(account=account)
+    account = services.billing_account_ensure(organization=org)
+    stripe_sync.customer_ensure(account=account)
     CreditGrant.objects.filter(organization=org).delete()  # the plan's trial credit
     return org, account
 
@@ -27,7 +27,7 @@ def test_a_pushed_credit_is_moved_to_stripe_and_cannot_be_spent_here(fake_stripe
     grant, _ = services.credit_grant(organization=org, amount_minor=500, reason="welcome")
     assert selectors.credits_available(organization=org, at=timezone.now()) == 500
 
-    assert stripe_gateway.credit_grants_push() == 1
+    assert stripe_sync.credit_grants_push() == 1
 
     grant.refresh_from_db()
     assert grant.stripe_transaction_id in fake_stripe.objects["balance_transaction"]
@@ -35,7 +35,7 @@ def test_a_pushed_credit_is_moved_to_stripe_and_cannot_be_spent_here(fake_stripe
     assert fake_stripe.objects["customer"][account.stripe_customer_id]["balance"] == -500
     assert selectors.credits_available(organization=org, at=timezone.now()) == 0
     assert services.credits_apply(organization=org, amount_minor=500, at=timezone.now()) == 0
-    assert stripe_gateway.credit_grants_push() == 0  # nothing left to move
+    assert stripe_sync.credit_grants_push() == 0  # nothing left to move
 
 
 def test_a_credit_pushed_twice_is_moved_once(fake_stripe):
@@ -43,9 +43,9 @@ def test_a_credit_pushed_twice_is_moved_once(fake_stripe):
     grant, _ = services.credit_grant(organization=org, amount_minor=300, reason="sorry")
     stale = CreditGrant.objects.get(pk=grant.pk)
 
-    first = stripe_gateway.credit_grant_push(grant=grant)
+    first = stripe_sync.credit_grant_push(grant=grant)
     # A second pusher read the grant before the first recorded it: Stripe replays the answer.
-    assert stripe_gateway.credit_grant_push(grant=stale) == first
+    assert stripe_sync.credit_grant_push(grant=stale) == first
 
     assert len(fake_stripe.objects["balance_transaction"]) == 1
     assert fake_stripe.objects["customer"][account.stripe_customer_id]["balance"] == -300
@@ -60,8 +60,8 @@ def test_a_refused_grant_is_logged_and_the_others_still_go(fake_stripe, caplog):
     ]
     CreditGrant.objects.filter(pk=grants[0].pk).update(currency="")  # Stripe refuses it
 
-    with caplog.at_level(logging.ERROR, logger="billing.stripe_gateway"):
-        assert stripe_gateway.credit_grants_push() == 2
+    with caplog.at_level(logging.ERROR, logger="billing.stripe_sync"):
+        assert stripe_sync.credit_grants_push() == 2
 
     refused, *pushed = (CreditGrant.objects.get(pk=grant.pk) for grant in grants)
     assert (refused.stripe_transaction_id, refused.remaining_minor) == ("", 100)
@@ -78,7 +78,7 @@ def test_stripe_being_down_stops_the_credit_push_until_the_next_run(fake_stripe)
         services.credit_grant(organization=org, amount_minor=100, reason="goodwill")
     fake_stripe.fail_next(1, status=503)
 
-    assert stripe_gateway.credit_grants_push() == 0
+    assert stripe_sync.credit_grants_push() == 0
     assert fake_stripe.faults_left() == 0
     assert len(fake_stripe.requests) == 1 + 2  # one try, after the two customers
-    assert stripe_gateway.credit_grants_push() == 2
+    assert stripe_sync.credit_grants_push() == 2

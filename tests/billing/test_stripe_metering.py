@@ -9,7 +9,7 @@ from django.db.models import Sum
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from billing import metering, selectors, services, stripe_gateway, tasks
+from billing import metering, selectors, services, stripe_gateway, stripe_sync, tasks
 from billing.models import (
     BillingAccount,
     CreditGrant,
@@ -100,11 +100,11 @@ def test_usage_enters_the_outbox_and_is_sent_once_with_the_ledger_amount(fake_st
 
 
 def test_catalog_has_a_meter_product_and_one_cent_metered_price_per_resource(fake_stripe, prices):
-    services.billing_account_get(organization=OrganizationFactory())
-    stripe_gateway.catalog_ensure()
-    stripe_gateway.catalog_ensure()  # the second time finds everything
+    services.billing_account_ensure(organization=OrganizationFactory())
+    stripe_sync.catalog_ensure()
+    stripe_sync.catalog_ensure()  # the second time finds everything
 
-    resources = stripe_gateway.billable_resources()
+    resources = selectors.billable_resources()
     assert {GPU, PREDICTIONS} <= set(resources)
     assert len(fake_stripe.objects["meter"]) == len(resources)
     usage_products = [
@@ -124,15 +124,15 @@ def test_catalog_has_a_meter_product_and_one_cent_metered_price_per_resource(fak
 
 def test_a_monthly_fee_becomes_a_flat_price_on_the_subscription(fake_stripe, prices):
     org = OrganizationFactory()
-    account = services.billing_account_get(organization=org)
+    account = services.billing_account_ensure(organization=org)
     account.plan.monthly_fee_minor = 4900
     account.plan.save()
 
-    stripe_gateway.subscription_ensure(account=account)
+    stripe_sync.subscription_ensure(account=account)
 
     subscription = fake_stripe.objects["subscription"][account.stripe_subscription_id]
     amounts = sorted(item["price"]["unit_amount"] for item in subscription["items"]["data"])
-    assert amounts == [1] * len(stripe_gateway.billable_resources()) + [4900]
+    assert amounts == [1] * len(selectors.billable_resources()) + [4900]
 
 
 def test_a_resource_priced_after_the_subscription_is_added_to_it(fake_stripe, prices):
@@ -153,7 +153,8 @@ def test_a_resource_priced_after_the_subscription_is_added_to_it(fake_stripe, pr
     assert_stripe_matches_ledger(fake_stripe)
 
 
-def test_a_failed_push_backs_off_and_records_the_error(fake_stripe, prices):
+def test_a_failed_push_backs_off_and_records_the_error(fake_stripe, prices, settings):
+    settings.STRIPE_PUSH_BACKOFF_S = 60  # the fixture's 10 ms can pass before the next line
     org = OrganizationFactory()
     record(org, 1)
     fake_stripe.fail_next(1)
@@ -292,9 +293,9 @@ def test_push_task_drains_the_outbox_and_pushes_credits(fake_stripe, prices):
 def test_gateway_refuses_to_call_stripe_inside_a_transaction(fake_stripe, prices):
     from django.db import transaction
 
-    account = services.billing_account_get(organization=OrganizationFactory())
+    account = services.billing_account_ensure(organization=OrganizationFactory())
     with pytest.raises(RuntimeError, match="transaction"), transaction.atomic():
-        stripe_gateway.customer_ensure(account=account)
+        stripe_sync.customer_ensure(account=account)
     assert fake_stripe.objects["customer"] == {}
 
 

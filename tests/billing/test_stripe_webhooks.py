@@ -11,7 +11,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from billing import metering, selectors, services, stripe_gateway, webhooks
+from billing import metering, selectors, services, stripe_sync, webhooks
 from billing.models import BillingAccount, Invoice, UsageRecord, WebhookEvent
 from tenants.models import AuditEvent, Organization
 from tests.factories import OrganizationFactory, PriceFactory
@@ -38,7 +38,7 @@ def customer(fake_stripe):
             idempotency_key=f"hook:{org.pk}:{n}",
         )
     assert metering.meter_push_due(limit=10).sent == 3
-    account = services.billing_account_get(organization=org)
+    account = services.billing_account_ensure(organization=org)
     return org, account.stripe_customer_id
 
 
@@ -74,7 +74,7 @@ def lifecycle(fake, customer_id, *, invoice_id="in_fake1", paid=True, start=None
 
 def state(org):
     org.refresh_from_db()
-    account = services.billing_account_get(organization=org)
+    account = selectors.billing_account_get(organization=org)
     invoices = [
         (
             i.stripe_id,
@@ -95,7 +95,9 @@ def state(org):
 def reset(org):
     Invoice.objects.all().delete()
     WebhookEvent.objects.all().delete()
-    services.past_due_clear(organization=org)
+    webhooks.past_due_clear(
+        account=BillingAccount.objects.select_related("organization").get(organization=org)
+    )
 
 
 def test_a_bad_signature_is_refused_with_no_effect(client, fake_stripe, customer):
@@ -203,7 +205,7 @@ def test_the_mirrored_invoice_matches_stripe_and_the_ledger(client, fake_stripe,
 
 def test_a_credit_pushed_to_stripe_shows_as_invoice_credits(client, fake_stripe, customer):
     org, customer_id = customer
-    stripe_gateway.credit_grants_push()
+    stripe_sync.credit_grants_push()
     balance = -fake_stripe.objects["customer"][customer_id]["balance"]
     assert balance > 0
     for event in lifecycle(fake_stripe, customer_id, paid=False)[:2]:
@@ -227,7 +229,7 @@ def test_payment_failure_makes_the_org_past_due_and_payment_restores_it(
 
     org.refresh_from_db()
     assert org.status == Organization.Status.PAST_DUE
-    assert services.billing_account_get(organization=org).past_due_since == failed_at
+    assert selectors.billing_account_get(organization=org).past_due_since == failed_at
 
     def blocks(at):
         return selectors.placement_blocks(organizations=[org], now=at, running_minor={})
@@ -239,7 +241,7 @@ def test_payment_failure_makes_the_org_past_due_and_payment_restores_it(
 
     org.refresh_from_db()
     assert org.status == Organization.Status.ACTIVE
-    assert services.billing_account_get(organization=org).past_due_since is None
+    assert selectors.billing_account_get(organization=org).past_due_since is None
     assert blocks(failed_at + grace) == {}
 
 
@@ -285,7 +287,7 @@ def test_events_for_a_customer_not_yet_stored_are_applied_once_it_is(client, fak
     assert WebhookEvent.objects.filter(processed_at__isnull=True).count() == len(events)
 
     account = BillingAccount.objects.get(organization=org)
-    assert stripe_gateway.customer_ensure(account=account) == customer_id  # the retry
+    assert stripe_sync.customer_ensure(account=account) == customer_id  # the retry
 
     invoice = Invoice.objects.get(organization=org)
     assert (invoice.stripe_id, invoice.status) == ("in_fake1", "open")

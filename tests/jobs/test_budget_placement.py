@@ -7,14 +7,8 @@ import pytest
 from django.utils import timezone
 
 from billing.models import Plan
-from billing.services import (
-    billing_account_get,
-    budget_set,
-    past_due_clear,
-    past_due_set,
-    plan_change,
-    usage_record,
-)
+from billing.services import billing_account_ensure, budget_set, plan_change, usage_record
+from billing.webhooks import past_due_clear, past_due_set
 from jobs.models import JobState
 from jobs.scheduler.apply import scheduler_pass
 from tenants.actors import Actor
@@ -78,15 +72,16 @@ def test_past_due_stops_placements_after_the_grace_period_and_payment_restores(
 ):
     register_worker("cpu-1")
     settings.BILLING_PAST_DUE_GRACE_DAYS = 3
-    past_due_set(organization=org, since=timezone.now() - timedelta(days=1))
+    account = billing_account_ensure(organization=org)
+    past_due_set(account=account, since=timezone.now() - timedelta(days=1))
     org.refresh_from_db()
     assert org.status == Organization.Status.PAST_DUE
     first = _pass(JobFactory(organization=org))
     assert first.state == JobState.SCHEDULED  # still inside the grace period
-    past_due_set(organization=org, since=timezone.now() - timedelta(days=4))
+    past_due_set(account=account, since=timezone.now() - timedelta(days=4))
     waiting = _pass(JobFactory(organization=org))
     assert waiting.state == JobState.QUEUED and "payment past due" in waiting.waiting_reason
-    past_due_clear(organization=org)
+    past_due_clear(account=account)
     org.refresh_from_db()
     assert org.status == Organization.Status.ACTIVE
     assert _pass(waiting).state == JobState.SCHEDULED
@@ -94,7 +89,7 @@ def test_past_due_stops_placements_after_the_grace_period_and_payment_restores(
 
 def test_the_plan_sets_the_default_quota(register_worker, org, owner, a100):
     register_worker("gpu-1", gpus=4)
-    billing_account_get(organization=org)  # trial: at most 2 GPUs at a time
+    billing_account_ensure(organization=org)  # trial: at most 2 GPUs at a time
     big = _pass(JobFactory(organization=org, resource_class=a100, gpu_count=4))
     assert big.state == JobState.QUEUED and "quota" in big.waiting_reason
     plan_change(organization=org, plan=Plan.objects.get(code="payg"), actor=Actor(user=owner))

@@ -33,7 +33,7 @@ def test_creating_an_organization_makes_the_creator_its_owner_and_audits_it(user
     )
     assert org.slug == "acme-ml"
     assert membership_get(organization=org, user=user).role == "owner"
-    event = AuditEvent.objects.get(organization=org)
+    event = AuditEvent.objects.get(organization=org, action="organization.create")
     assert (event.action, event.actor_label, event.ip) == (
         "organization.create",
         user.email,
