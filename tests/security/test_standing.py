@@ -438,7 +438,9 @@ def test_past_due_within_the_grace_period_may_still_spend(tenant):
     account = billing_account_ensure(organization=tenant.org)
     past_due_set(account=account, since=timezone.now() - timedelta(days=1))
     response = _session_client(tenant.owner).post(
-        tenant.api(f"models/{tenant.model}/predict/"), {"rows": [ROW]}, format="json"
+        tenant.api(f"models/{tenant.model}/predict/"),
+        {"rows": [ROW], "version": "1"},
+        format="json",
     )
     assert response.status_code == 200, response.content
 
