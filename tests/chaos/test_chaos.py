@@ -34,7 +34,7 @@ from billing.models import BillingAccount, MeterPush, UsageRecord
 from factory_saas.celery import app as celery_app
 from jobs.models import TERMINAL_STATES, Job, JobAttempt, JobState, ResourceClass
 from jobs.samples.tabular import write_tabular_sample
-from jobs.services import job_submit
+from jobs.services import JobOptions, training_job_submit
 from jobs.services.storage_sweep import storage_orphans_sweep
 from registry.models import DatasetVersion, ModelArtifact, PendingUpload
 from registry.services import dataset_create, dataset_version_create
@@ -241,18 +241,17 @@ def test_jobs_end_billed_once_without_orphans_through_kills_and_outages(
     began = time.monotonic()
 
     tenants = _tenants(tmp_path)
-    cpu = ResourceClass.objects.get(name="cpu")
+    options = JobOptions(resource_class=ResourceClass.objects.get(name="cpu"), max_runtime_s=600)
     job_ids = []
     for n in range(JOBS):
         organization, owner, version = tenants[n % TENANTS]
-        job, _ = job_submit(
+        job, _ = training_job_submit(
             organization=organization,
             actor=Actor(user=owner),
             recipe="tabular-classifier",
             parameters=PARAMETERS,
-            resource_class=cpu,
             dataset_version=version,
-            max_runtime_s=600,
+            options=options,
         )
         job_ids.append(job.pk)
 
