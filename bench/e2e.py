@@ -8,8 +8,8 @@ job before anything is timed.
     .venv/bin/python -m bench.e2e              # 20 latency runs, 5 overhead rounds; ~10 min
     .venv/bin/python -m bench.e2e --quick      # smoke check, ~1 min
 
-Latency: `job_submit` of a short tabular-classifier job, timed from just before the call to the
-moment the bench's poll (every 20 ms) sees the job's step-1 metric row in the database. The
+Latency: `training_job_submit` of a short tabular-classifier job, timed from just before the call
+to the moment the bench's poll (every 20 ms) sees the job's step-1 metric row in the database. The
 platform keeps no trace of a step before the recipe's metrics (the worker drops `@@progress`
 lines), and the recipe writes metrics at the end of each epoch, so these jobs train with a
 batch as large as the training set: epoch 1 is step 1, and its metrics follow that step's
@@ -103,7 +103,7 @@ def main() -> None:
 
 @dataclass(frozen=True)
 class Latency:
-    """One submit, in seconds from just before `job_submit` (wall clock, like the DB rows)."""
+    """One submit, in seconds from just before `training_job_submit` (wall clock, as DB rows)."""
 
     submit_call: float
     scheduled: float
@@ -544,16 +544,15 @@ class Tenant:
     resource_class: object
 
     def submit(self, parameters: dict):
-        from jobs.services import job_submit
+        from jobs.services import JobOptions, training_job_submit
 
-        job, _ = job_submit(
+        job, _ = training_job_submit(
             organization=self.organization,
             actor=self.actor,
             recipe="tabular-classifier",
             parameters=parameters,
-            resource_class=self.resource_class,
             dataset_version=self.dataset_version,
-            max_runtime_s=JOB_TIMEOUT_S,
+            options=JobOptions(resource_class=self.resource_class, max_runtime_s=JOB_TIMEOUT_S),
         )
         return job
 
@@ -705,7 +704,9 @@ def report(
     seen = [lat.seen for lat in latencies]
     p50, p90 = med(seen), percentile(seen, 0.9)
     legs = {
-        "job_submit() call (commit, tick_soon sent)": [lat.submit_call for lat in latencies],
+        "training_job_submit() call (commit, tick_soon sent)": [
+            lat.submit_call for lat in latencies
+        ],
         "submit -> scheduled event (default-queue pass)": [lat.scheduled for lat in latencies],
         "scheduled -> started event (dispatch, claim)": [
             lat.started - lat.scheduled for lat in latencies

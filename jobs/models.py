@@ -208,6 +208,12 @@ class Job(OrganizationOwned):
                 condition=models.Q(state__in=JobState.values), name="job_state_valid"
             ),
             models.CheckConstraint(condition=models.Q(gpu_count__gte=1), name="job_gpus_positive"),
+            # A job is retried once, so a repeated retry cannot run (and bill) it twice.
+            models.UniqueConstraint(
+                fields=["organization", "retry_of"],
+                condition=models.Q(retry_of__isnull=False),
+                name="job_retried_once",
+            ),
         ]
         indexes = [
             models.Index(fields=["organization", "state", "-created_at"], name="job_org_state"),

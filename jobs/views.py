@@ -98,18 +98,20 @@ class JobSubmitPage(OrganizationPageMixin, TemplateView):
         if form.is_valid():
             data = form.cleaned_data
             try:
-                job, _ = services.job_submit(
+                job, _ = services.training_job_submit(
                     organization=self.organization,
                     actor=self.actor,
                     recipe=recipe.name,
                     parameters=form.cleaned_parameters(),
-                    resource_class=data["resource_class"],
-                    gpu_count=data["gpu_count"],
-                    priority=data["priority"],
-                    labels=data["labels"],
-                    max_runtime_s=data["max_runtime_s"],
                     dataset_version=data["dataset_version"],
                     output_model_name=data["output_model"],
+                    options=services.JobOptions(
+                        resource_class=data["resource_class"],
+                        gpu_count=data["gpu_count"],
+                        priority=data["priority"],
+                        max_runtime_s=data["max_runtime_s"],
+                        labels=data["labels"],
+                    ),
                 )
             except DomainError as error:
                 for field, errors in (error.fields or {"": [error.detail]}).items():
@@ -144,14 +146,13 @@ class JobPredictPage(OrganizationPageMixin, TemplateView):
         if form.is_valid():
             data = form.cleaned_data
             try:
-                job, _ = services.job_submit(
+                job, _ = services.inference_job_submit(
                     organization=self.organization,
                     actor=self.actor,
-                    kind=Job.Kind.INFER,
-                    resource_class=data["resource_class"],
-                    dataset_version=data["dataset_version"],
                     model_version=data["model_version"],
+                    dataset_version=data["dataset_version"],
                     output_dataset_name=data["output_dataset"],
+                    options=services.JobOptions(resource_class=data["resource_class"]),
                 )
             except DomainError as error:
                 form.add_error(None, error.detail)

@@ -1,4 +1,5 @@
-"""What turns a Celery worker into a pool machine: registration, heartbeats, orphan-proofing."""
+"""What turns a Celery worker into a pool machine: registration, heartbeats, orphan-proofing,
+and privacy from the job children it starts."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from celery.signals import worker_process_init
 from django.conf import settings
 from django.db import close_old_connections
 
+from jobs.runner.isolation import keep_private
+
 logger = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
@@ -27,8 +30,10 @@ def die_with_parent() -> None:
 
 
 @worker_process_init.connect
-def _pool_process_dies_with_worker(**kwargs) -> None:
+def _pool_process_setup(**kwargs) -> None:
     die_with_parent()
+    # Forked pool processes inherit this from run_worker; a worker started otherwise gets it here.
+    keep_private()
 
 
 def detect_devices() -> list[dict]:

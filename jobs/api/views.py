@@ -149,17 +149,34 @@ class JobViewSet(
                     f"Model {model_ref['model']} has no version or alias {model_ref['version']!r}.",
                     fields={"model": ["No such model version in this organization."]},
                 ) from exc
-        job, created = services.job_submit(
-            organization=self.organization,
-            actor=self.actor,
+        options = services.JobOptions(
             resource_class=resource_class,
-            dataset_version=dataset_version,
-            model_version=model_version,
-            output_model_name=fields.pop("output_model", ""),
-            output_dataset_name=fields.pop("output_dataset", ""),
-            idempotency_key=request.headers.get("Idempotency-Key") or None,
-            **fields,
+            gpu_count=fields["gpu_count"],
+            priority=fields["priority"],
+            max_runtime_s=fields["max_runtime_s"],
+            labels=fields["labels"],
         )
+        common = {
+            "organization": self.organization,
+            "actor": self.actor,
+            "dataset_version": dataset_version,
+            "model_version": model_version,
+            "options": options,
+            "idempotency_key": request.headers.get("Idempotency-Key") or None,
+        }
+        if fields["kind"] == Job.Kind.INFER:
+            job, created = services.inference_job_submit(
+                parameters=fields["parameters"],
+                output_dataset_name=fields.get("output_dataset", ""),
+                **common,
+            )
+        else:
+            job, created = services.training_job_submit(
+                recipe=fields.get("recipe", ""),
+                parameters=fields["parameters"],
+                output_model_name=fields.get("output_model", ""),
+                **common,
+            )
         job.estimated_cost_per_hour, job.estimated_max_cost = _estimate(
             job.resource_class, job.gpu_count, job.max_runtime_s
         ).values()

@@ -1,5 +1,6 @@
-"""The job's child process, `python -m jobs.runner.child <workdir>`: trains one recipe on the
-files in the working directory, fine-tunes a model, or predicts with one (spec `task`).
+"""The job's child process, `python -m jobs.runner.child [<workdir>]`: trains one recipe on the
+files in the working directory, fine-tunes a model, or predicts with one (spec `task`). The worker
+hands it the directory on stdin once it is private (jobs.runner.isolation).
 
 It talks to its parent, the GPU worker, only through stdout lines, stderr and files (see
 jobs.runner.protocol); no Django, no database, no network. Exit codes are protocol.EXIT_*.
@@ -33,6 +34,7 @@ from jobs.recipes.base import (
     validate_parameters,
 )
 from jobs.recipes.catalog import get_recipe
+from jobs.runner.isolation import attempt_enter, keep_private
 from jobs.runner.protocol import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
@@ -59,12 +61,26 @@ def main(argv: list[str] | None = None) -> int:
     # Installed before the slow imports, so that an early SIGTERM still ends in EXIT_STOPPED.
     # The handler only raises the flag: the recipe checkpoints and returns at its next step.
     signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())
+    return _guarded(lambda: _run(prepare(argv), stop))
+
+
+def prepare(argv: list[str] | None = None) -> Path:
+    """The child's first steps, before it reads any tenant data: private to the other processes
+    of its user, dying with its parent, in its working directory, which it returns. (The isolation
+    test runs its hostile code from here, in the environment a recipe gets.)"""
+    keep_private()
     _die_with_parent()
     sys.stdout.reconfigure(line_buffering=True)
     parser = argparse.ArgumentParser(prog="python -m jobs.runner.child", description=__doc__)
-    parser.add_argument("workdir", type=Path, help="the directory holding spec.json")
-    workdir = parser.parse_args(argv).workdir.resolve()
-    return _guarded(lambda: _run(workdir, stop))
+    parser.add_argument(
+        "workdir",
+        type=Path,
+        nargs="?",
+        help="the directory holding spec.json; the worker leaves it out and hands the directory "
+        "over on stdin once the child is private (jobs.runner.isolation)",
+    )
+    workdir = parser.parse_args(argv).workdir
+    return (workdir if workdir is not None else attempt_enter()).resolve()
 
 
 def _guarded(run: Callable[[], int], *, report_input_errors: bool = True) -> int:
@@ -222,6 +238,7 @@ def _supervise_ranks(workdir: Path, world_size: int, stop: threading.Event) -> i
 def _rank_main(rank: int, world_size: int, port: int, workdir: Path, stop: SharedEvent) -> None:
     """One rank's process: join the group, run the task, exit with its code. Only rank 0
     prints lines and reports a bad request; the others report only their own failures."""
+    keep_private()
     signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())
     _die_with_parent()
     sys.stdout.reconfigure(line_buffering=True)

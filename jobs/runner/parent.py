@@ -14,7 +14,6 @@ import queue
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -50,26 +49,13 @@ from tenants.actors import Actor
 from tenants.errors import ConflictError
 
 from . import protocol
+from .isolation import attempt_folder_create, child_start
 
 logger = logging.getLogger(__name__)
 
 REPORT_EVERY_S = 0.5
 MAX_FAILURE_LINES = 20
 STOPPED = "Stopped on request."
-
-
-# What a job's child may see of this process's environment: never the database, storage or
-# Stripe credentials, since it parses tenant data.
-CHILD_ENV_NAMES = {"PATH", "PYTHONPATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "VIRTUAL_ENV"}
-CHILD_ENV_PREFIXES = ("CUDA_", "NCCL_", "NVIDIA_", "OMP_", "MKL_", "TORCH_", "OPENBLAS_")
-
-
-def child_environment() -> dict[str, str]:
-    return {
-        name: value
-        for name, value in os.environ.items()
-        if name in CHILD_ENV_NAMES or name.startswith(CHILD_ENV_PREFIXES)
-    }
 
 
 def stop_process_group(child: subprocess.Popen) -> None:
@@ -106,9 +92,9 @@ def run_attempt(*, job_id: int, attempt: int, worker_id: int) -> str:
     job = attempt_claim(job_id=job_id, attempt=attempt, worker_id=worker_id)
     if job is None:
         return "not claimed"  # cancelled, moved to another attempt, or a duplicate message
-    workdir = Path(settings.WORKER_WORKDIR) / f"job-{job_id}-attempt-{attempt}"
-    shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir(parents=True)
+    workdir = attempt_folder_create(
+        root=Path(settings.WORKER_WORKDIR), job_id=job_id, attempt=attempt
+    )
     try:
         return _Attempt(job, attempt, workdir).run()
     except StaleAttempt:
@@ -265,23 +251,14 @@ class _Attempt:
     def _start(self) -> subprocess.Popen:
         # Children share the machine's cores: a slot's share of threads each, no oversubscription.
         threads = max(1, (os.cpu_count() or 1) // max(1, self.job.worker.slots))
-        env = child_environment()
-        env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads))
-        env["CUDA_VISIBLE_DEVICES"] = (
-            ",".join(map(str, self.job.slot_indices))
-            if self.job.resource_class.name != "cpu"
-            else ""
-        )
-        child = subprocess.Popen(
-            [sys.executable, "-m", "jobs.runner.child", str(self.workdir)],
-            cwd=self.workdir,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            errors="replace",  # native libraries may print bytes that are not UTF-8
-            bufsize=1,
-            start_new_session=True,  # its own group, so stopping it stops its DDP ranks too
+        child = child_start(
+            workdir=self.workdir,
+            cuda_visible_devices=(
+                ",".join(map(str, self.job.slot_indices))
+                if self.job.resource_class.name != "cpu"
+                else ""
+            ),
+            threads=threads,
         )
         for stream, pipe in (("stdout", child.stdout), ("stderr", child.stderr)):
             threading.Thread(target=self._pump, args=(stream, pipe), daemon=True).start()

@@ -1,5 +1,21 @@
 """Writes for the pool: submission, attempts on workers, machines and recovery."""
 
-from .submission import QuotaExceeded, cost_rate_per_hour, job_cancel, job_retry, job_submit
+from .submission import (
+    JobOptions,
+    QuotaExceeded,
+    cost_rate_per_hour,
+    inference_job_submit,
+    job_cancel,
+    job_retry,
+    training_job_submit,
+)
 
-__all__ = ["QuotaExceeded", "cost_rate_per_hour", "job_cancel", "job_retry", "job_submit"]
+__all__ = [
+    "JobOptions",
+    "QuotaExceeded",
+    "cost_rate_per_hour",
+    "inference_job_submit",
+    "job_cancel",
+    "job_retry",
+    "training_job_submit",
+]

@@ -1,23 +1,36 @@
-"""Submitting, cancelling and retrying jobs: what a tenant asks of the pool."""
+"""Submitting, cancelling and retrying jobs: what a tenant asks of the pool.
+
+Each kind of job has its own checks, which turn a request into a `JobSpec`: `training_spec` (a
+recipe trains on a dataset version, perhaps continuing a model version) and `inference_spec` (a
+model version predicts over a dataset version); a sweep builds training specs for its trials.
+Every kind then passes through `job_admit`, the one admission path: the scopes the job's outputs
+need, the options, the quota under its lock, the job row with its event and audit record, and a
+tick after commit. `training_job_submit` and `inference_job_submit` put an idempotency key in
+front of it.
+"""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 
 from django.db import IntegrityError, transaction
 from django.db.models import Max
+from django.http import Http404
 from django.utils import timezone
 
 from billing.selectors import gpu_resource, unit_price
-from jobs.models import Job, JobAttempt, JobState, ResourceClass, Worker
-from jobs.recipes.base import validate_parameters
+from jobs.models import Job, JobAttempt, JobState, ResourceClass, Sweep, Worker
+from jobs.recipes.base import Recipe, validate_parameters
 from jobs.recipes.catalog import get_recipe
 from registry.models import DatasetVersion, ModelVersion
+from registry.selectors import dataset_list, registered_model_list
 from registry.services.datasets import validate_name
 from tenants.actors import Actor
-from tenants.errors import ConflictError, DomainError
+from tenants.errors import ConflictError, DomainError, PermissionDeniedError
 from tenants.models import Organization
+from tenants.selectors import organization_access
 from tenants.services import audit_record
 
 from .attempts import attempt_close, checkpoint_forget
@@ -34,6 +47,35 @@ MAX_RUNTIME_S = 7 * 24 * 3600
 MAX_LABELS = 20
 # A letter first, so a key is never read as a JSON array index (reports group by label keys).
 LABEL_KEY = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,62}")
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """What every kind of job asks beside its inputs: where it runs, on how many GPUs, for how
+    long at most, how it ranks among its organization's jobs, and its labels."""
+
+    resource_class: ResourceClass
+    gpu_count: int = 1
+    priority: int = 0
+    max_runtime_s: int = 3600
+    labels: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One job, checked by the rules of its kind and ready for admission."""
+
+    kind: str
+    recipe: type[Recipe]
+    parameters: dict
+    dataset_version: DatasetVersion
+    model_version: ModelVersion | None = None
+    output_model_name: str = ""
+    output_dataset_name: str = ""
+    # The alias moved on the output model once the job's outcome is known (a sweep's `best`).
+    moves_alias: str = ""
+    sweep: Sweep | None = None
+    retry_of: Job | None = None
 
 
 def cost_rate_per_hour(*, resource_class: ResourceClass, gpu_count: int) -> tuple[Decimal, str]:
@@ -65,38 +107,30 @@ def _validate_labels(labels: dict) -> dict:
     return labels
 
 
-def job_submit(
+def _options_check(options: JobOptions) -> None:
+    gpu_count, resource_class = options.gpu_count, options.resource_class
+    if not 1 <= gpu_count <= 64:
+        raise DomainError("Ask for 1 to 64 GPUs.", fields={"gpu_count": ["Between 1 and 64."]})
+    largest = Worker.objects.filter(resource_class=resource_class).aggregate(m=Max("slots"))["m"]
+    if largest is not None and gpu_count > largest:
+        raise DomainError(
+            f"No {resource_class} machine has {gpu_count} GPUs (the largest has {largest}).",
+            fields={"gpu_count": [f"At most {largest} on {resource_class}."]},
+        )
+    if not 60 <= options.max_runtime_s <= MAX_RUNTIME_S:
+        raise DomainError(
+            "Max runtime is 1 minute to 7 days.",
+            fields={"max_runtime_s": ["60 to 604800 seconds."]},
+        )
+    _validate_labels(options.labels)
+
+
+def _inputs_check(
     *,
     organization: Organization,
-    actor: Actor,
-    resource_class: ResourceClass,
-    recipe: str = "",
-    parameters: dict | None = None,
-    gpu_count: int = 1,
-    priority: int = 0,
-    labels: dict | None = None,
-    max_runtime_s: int = 3600,
-    dataset_version: DatasetVersion | None = None,
-    model_version: ModelVersion | None = None,
-    output_model_name: str = "",
-    output_dataset_name: str = "",
-    kind: str = Job.Kind.TRAIN,
-    idempotency_key: str | None = None,
-) -> tuple[Job, bool]:
-    """Queue a job; returns (job, created). A repeated idempotency key returns the first job."""
-    if idempotency_key and len(idempotency_key) > 200:
-        raise DomainError(
-            "The Idempotency-Key is longer than 200 characters.",
-            fields={"idempotency_key": ["At most 200 characters, e.g. a UUID."]},
-        )
-    if idempotency_key:
-        existing = (
-            Job.objects.for_organization(organization)
-            .filter(idempotency_key=idempotency_key)
-            .first()
-        )
-        if existing is not None:
-            return existing, False
+    dataset_version: DatasetVersion | None,
+    model_version: ModelVersion | None,
+) -> None:
     for linked in (dataset_version, model_version):
         if linked is not None and linked.organization_id != organization.pk:
             raise DomainError("Inputs must be this organization's own versions.")
@@ -104,68 +138,158 @@ def job_submit(
         raise DomainError(
             "A job needs an input dataset version.", fields={"dataset": ["Required."]}
         )
-    if kind == Job.Kind.INFER:
-        if model_version is None:
-            raise DomainError(
-                "Batch inference needs a model version.", fields={"model": ["Required."]}
-            )
-        if not model_version.recipe_name:
-            raise DomainError(
-                f"{model_version} was not trained by a recipe, so no recipe can run it.",
-                fields={"model": ["Choose a version trained on the platform."]},
-            )
-        recipe = model_version.recipe_name
-        recipe_cls = get_recipe(recipe)
-        parameters = validate_parameters(recipe_cls, parameters or {}, task="predict")
-    else:
-        recipe_cls = get_recipe(recipe)
-        parameters = validate_parameters(recipe_cls, parameters or {})
-        if model_version is not None and model_version.recipe_name != recipe:
-            raise DomainError(
-                f"{model_version} was trained by {model_version.recipe_name or 'no recipe'}; "
-                f"continue training it with that recipe, not {recipe}.",
-                fields={"model": ["Must come from the same recipe."]},
-            )
+
+
+def _format_check(recipe_cls: type[Recipe], dataset_version: DatasetVersion) -> None:
     if dataset_version.format not in recipe_cls.dataset_formats:
         raise DomainError(
-            f"{recipe} reads {', '.join(recipe_cls.dataset_formats)}; "
+            f"{recipe_cls.name} reads {', '.join(recipe_cls.dataset_formats)}; "
             f"this dataset version is {dataset_version.format}.",
             fields={"dataset": [f"Choose a {' or '.join(recipe_cls.dataset_formats)} dataset."]},
         )
-    if not 1 <= gpu_count <= 64:
-        raise DomainError("Ask for 1 to 64 GPUs.", fields={"gpu_count": ["Between 1 and 64."]})
-    if gpu_count > 1 and kind == Job.Kind.TRAIN and not recipe_cls.distributed:
+
+
+def training_spec(
+    *,
+    organization: Organization,
+    recipe: str,
+    parameters: dict,
+    dataset_version: DatasetVersion,
+    gpu_count: int,
+    model_version: ModelVersion | None = None,
+    output_model_name: str = "",
+) -> JobSpec:
+    """A training job: the recipe accepts the parameters and reads the dataset's format, trains
+    on `gpu_count` GPUs only if it trains data-parallel, and continues `model_version` only if
+    it made it. Its model is `output_model_name`, else the continued version's model, else
+    `<recipe>-<dataset>`."""
+    _inputs_check(
+        organization=organization, dataset_version=dataset_version, model_version=model_version
+    )
+    recipe_cls = get_recipe(recipe)
+    parameters = validate_parameters(recipe_cls, parameters or {})
+    if model_version is not None and model_version.recipe_name != recipe:
+        raise DomainError(
+            f"{model_version} was trained by {model_version.recipe_name or 'no recipe'}; "
+            f"continue training it with that recipe, not {recipe}.",
+            fields={"model": ["Must come from the same recipe."]},
+        )
+    _format_check(recipe_cls, dataset_version)
+    if gpu_count > 1 and not recipe_cls.distributed:
         raise DomainError(
             f"{recipe} trains on one GPU; ask for 1.",
             fields={"gpu_count": ["This recipe does not train data-parallel."]},
         )
-    largest = Worker.objects.filter(resource_class=resource_class).aggregate(m=Max("slots"))["m"]
-    if largest is not None and gpu_count > largest:
+    default_model = (
+        model_version.registered_model.name
+        if model_version is not None
+        else f"{recipe}-{dataset_version.dataset.name}"
+    )
+    return JobSpec(
+        kind=Job.Kind.TRAIN,
+        recipe=recipe_cls,
+        parameters=parameters,
+        dataset_version=dataset_version,
+        model_version=model_version,
+        output_model_name=validate_name(output_model_name or default_model, field="output_model"),
+    )
+
+
+def inference_spec(
+    *,
+    organization: Organization,
+    model_version: ModelVersion | None,
+    dataset_version: DatasetVersion,
+    parameters: dict | None = None,
+    output_dataset_name: str = "",
+) -> JobSpec:
+    """A batch prediction: a version the platform trained, run by its own recipe over a dataset
+    in a format that recipe reads, into `output_dataset_name` (default `<model>-predictions`)."""
+    _inputs_check(
+        organization=organization, dataset_version=dataset_version, model_version=model_version
+    )
+    if model_version is None:
+        raise DomainError("Batch inference needs a model version.", fields={"model": ["Required."]})
+    if not model_version.recipe_name:
         raise DomainError(
-            f"No {resource_class} machine has {gpu_count} GPUs (the largest has {largest}).",
-            fields={"gpu_count": [f"At most {largest} on {resource_class}."]},
+            f"{model_version} was not trained by a recipe, so no recipe can run it.",
+            fields={"model": ["Choose a version trained on the platform."]},
         )
-    if not 60 <= max_runtime_s <= MAX_RUNTIME_S:
-        raise DomainError(
-            "Max runtime is 1 minute to 7 days.",
-            fields={"max_runtime_s": ["60 to 604800 seconds."]},
-        )
-    if kind == Job.Kind.INFER:
-        output_model_name = ""
-        output_dataset_name = validate_name(
+    recipe_cls = get_recipe(model_version.recipe_name)
+    parameters = validate_parameters(recipe_cls, parameters or {}, task="predict")
+    _format_check(recipe_cls, dataset_version)
+    return JobSpec(
+        kind=Job.Kind.INFER,
+        recipe=recipe_cls,
+        parameters=parameters,
+        dataset_version=dataset_version,
+        model_version=model_version,
+        output_dataset_name=validate_name(
             output_dataset_name or f"{model_version.registered_model.name}-predictions",
             field="output_dataset",
-        )
-    else:
-        default_model = (
-            model_version.registered_model.name
-            if model_version is not None
-            else f"{recipe}-{dataset_version.dataset.name}"
-        )
-        output_model_name = validate_name(output_model_name or default_model, field="output_model")
-        output_dataset_name = ""
-    labels = _validate_labels(labels or {})
+        ),
+    )
 
+
+def _actor_scopes(*, organization: Organization, actor: Actor) -> frozenset[str]:
+    """The scopes the actor holds here, computed as the request that acts for it was granted."""
+    try:
+        _org, _membership, scopes = organization_access(
+            slug=organization.slug, user=actor.user, api_key=actor.api_key
+        )
+    except Http404:
+        return frozenset()
+    return scopes
+
+
+def _outputs_allowed(*, organization: Organization, actor: Actor, spec: JobSpec) -> None:
+    """`jobs:write` runs jobs; a job that adds a version to an existing model or dataset, or
+    moves an alias, needs the scope that doing so directly needs. A new output is the job's own."""
+    needs: dict[str, str] = {}
+    model_name, dataset_name = spec.output_model_name, spec.output_dataset_name
+    if (
+        model_name
+        and registered_model_list(organization=organization).filter(name=model_name).exists()
+    ):
+        needs["models:write"] = f"adds a version to the existing model {model_name}"
+    if dataset_name and dataset_list(organization=organization).filter(name=dataset_name).exists():
+        needs["datasets:write"] = f"adds a version to the existing dataset {dataset_name}"
+    if spec.moves_alias:
+        needs["models:promote"] = f"moves the alias {spec.moves_alias!r} of model {model_name}"
+    if not needs:
+        return
+    granted = _actor_scopes(organization=organization, actor=actor)
+    for scope, what in needs.items():
+        if scope not in granted:
+            raise PermissionDeniedError(f"This job {what}, which needs the {scope} scope.")
+
+
+def _job_with_key(*, organization: Organization, idempotency_key: str | None) -> Job | None:
+    if not idempotency_key:
+        return None
+    if len(idempotency_key) > 200:
+        raise DomainError(
+            "The Idempotency-Key is longer than 200 characters.",
+            fields={"idempotency_key": ["At most 200 characters, e.g. a UUID."]},
+        )
+    return (
+        Job.objects.for_organization(organization).filter(idempotency_key=idempotency_key).first()
+    )
+
+
+def job_admit(
+    *,
+    organization: Organization,
+    actor: Actor,
+    spec: JobSpec,
+    options: JobOptions,
+    idempotency_key: str | None = None,
+) -> tuple[Job, bool]:
+    """Queue a checked job; returns (job, created). A key that raced another submit returns
+    the winner's job, not a second one."""
+    _options_check(options)
+    _outputs_allowed(organization=organization, actor=actor, spec=spec)
+    resource_class, gpu_count = options.resource_class, options.gpu_count
     try:
         with transaction.atomic():
             # Locking the quota row serialises concurrent submits of one organization and class,
@@ -190,53 +314,116 @@ def job_submit(
                 )
             job = Job.objects.create(
                 organization=organization,
-                kind=kind,
-                recipe=recipe,
-                recipe_version=recipe_cls.version,
-                parameters=parameters,
-                input_dataset_version=dataset_version,
-                input_model_version=model_version,
-                output_model_name=output_model_name,
-                output_dataset_name=output_dataset_name,
+                kind=spec.kind,
+                recipe=spec.recipe.name,
+                recipe_version=spec.recipe.version,
+                parameters=spec.parameters,
+                input_dataset_version=spec.dataset_version,
+                input_model_version=spec.model_version,
+                output_model_name=spec.output_model_name,
+                output_dataset_name=spec.output_dataset_name,
                 resource_class=resource_class,
                 gpu_count=gpu_count,
-                priority=priority,
-                labels=labels,
-                max_runtime_s=max_runtime_s,
+                priority=options.priority,
+                labels=options.labels,
+                max_runtime_s=options.max_runtime_s,
                 created_by=actor.api_key.created_by if actor.api_key else actor.user,
                 created_by_api_key=actor.api_key,
                 idempotency_key=idempotency_key or None,
+                sweep=spec.sweep,
+                retry_of=spec.retry_of,
                 waiting_reason="waiting for the scheduler",
             )
             job_event(
                 job=job, kind="submitted", message=f"Queued for {gpu_count}x {resource_class}."
             )
+            data = {
+                "kind": spec.kind,
+                "recipe": spec.recipe.name,
+                "gpus": gpu_count,
+                "resource_class": resource_class.name,
+            }
+            if spec.retry_of is not None:
+                data["retry_of"] = spec.retry_of.pk
             audit_record(
                 organization=organization,
                 actor=actor,
-                action="job.submit",
+                action="job.retry" if spec.retry_of is not None else "job.submit",
                 target=job,
-                data={
-                    "kind": kind,
-                    "recipe": recipe,
-                    "gpus": gpu_count,
-                    "resource_class": resource_class.name,
-                },
+                data=data,
             )
             transaction.on_commit(tick_soon)
     except IntegrityError:
-        # The same idempotency key raced another submit; the winner's job is the answer.
-        if not idempotency_key:
-            raise
-        existing = (
-            Job.objects.for_organization(organization)
-            .filter(idempotency_key=idempotency_key)
-            .first()
-        )
+        existing = _job_with_key(organization=organization, idempotency_key=idempotency_key)
         if existing is None:
             raise
         return existing, False
     return job, True
+
+
+def training_job_submit(
+    *,
+    organization: Organization,
+    actor: Actor,
+    recipe: str,
+    parameters: dict,
+    dataset_version: DatasetVersion,
+    options: JobOptions,
+    model_version: ModelVersion | None = None,
+    output_model_name: str = "",
+    idempotency_key: str | None = None,
+) -> tuple[Job, bool]:
+    """Queue a training job; returns (job, created). A repeated key returns the first job."""
+    first = _job_with_key(organization=organization, idempotency_key=idempotency_key)
+    if first is not None:
+        return first, False
+    spec = training_spec(
+        organization=organization,
+        recipe=recipe,
+        parameters=parameters,
+        dataset_version=dataset_version,
+        gpu_count=options.gpu_count,
+        model_version=model_version,
+        output_model_name=output_model_name,
+    )
+    return job_admit(
+        organization=organization,
+        actor=actor,
+        spec=spec,
+        options=options,
+        idempotency_key=idempotency_key,
+    )
+
+
+def inference_job_submit(
+    *,
+    organization: Organization,
+    actor: Actor,
+    model_version: ModelVersion | None,
+    dataset_version: DatasetVersion,
+    options: JobOptions,
+    parameters: dict | None = None,
+    output_dataset_name: str = "",
+    idempotency_key: str | None = None,
+) -> tuple[Job, bool]:
+    """Queue a batch prediction; returns (job, created). A repeated key returns the first job."""
+    first = _job_with_key(organization=organization, idempotency_key=idempotency_key)
+    if first is not None:
+        return first, False
+    spec = inference_spec(
+        organization=organization,
+        model_version=model_version,
+        dataset_version=dataset_version,
+        parameters=parameters,
+        output_dataset_name=output_dataset_name,
+    )
+    return job_admit(
+        organization=organization,
+        actor=actor,
+        spec=spec,
+        options=options,
+        idempotency_key=idempotency_key,
+    )
 
 
 @transaction.atomic
@@ -261,28 +448,55 @@ def job_cancel(*, job: Job, actor: Actor) -> Job:
     return job
 
 
+@transaction.atomic
 def job_retry(*, job: Job, actor: Actor) -> Job:
-    """Submit a failed or cancelled job again, as a new job that points at the old one."""
+    """Submit a failed or cancelled job again, as a new job that points at the old one.
+
+    A job is retried once: a second retry (a double click, a client's retry after a timeout)
+    is refused, naming the first, rather than running the job twice.
+    """
+    job = (
+        Job.objects.for_organization(job.organization)
+        .select_related("input_dataset_version__dataset", "input_model_version__registered_model")
+        .select_for_update(of=("self",))
+        .get(pk=job.pk)
+    )
     if job.state not in (JobState.FAILED, JobState.CANCELLED):
         raise ConflictError(
             f"Only failed or cancelled jobs can be retried; this one is {job.state}."
         )
-    retried, _ = job_submit(
-        organization=job.organization,
-        actor=actor,
-        recipe=job.recipe,
-        parameters=job.parameters,
+    earlier = job.retries.order_by("pk").first()
+    if earlier is not None:
+        raise ConflictError(f"Job {job.pk} was already retried as job {earlier.pk}; retry that.")
+    if job.kind == Job.Kind.INFER:
+        spec = inference_spec(
+            organization=job.organization,
+            model_version=job.input_model_version,
+            dataset_version=job.input_dataset_version,
+            parameters=job.parameters,
+            output_dataset_name=job.output_dataset_name,
+        )
+    else:
+        spec = training_spec(
+            organization=job.organization,
+            recipe=job.recipe,
+            parameters=job.parameters,
+            dataset_version=job.input_dataset_version,
+            gpu_count=job.gpu_count,
+            model_version=job.input_model_version,
+            output_model_name=job.output_model_name,
+        )
+    options = JobOptions(
         resource_class=job.resource_class,
         gpu_count=job.gpu_count,
         priority=job.priority,
-        labels=job.labels,
         max_runtime_s=job.max_runtime_s,
-        dataset_version=job.input_dataset_version,
-        model_version=job.input_model_version,
-        output_model_name=job.output_model_name,
-        output_dataset_name=job.output_dataset_name,
-        kind=job.kind,
+        labels=job.labels,
     )
-    Job.objects.filter(pk=retried.pk).update(retry_of=job)
-    retried.retry_of = job
+    retried, _ = job_admit(
+        organization=job.organization,
+        actor=actor,
+        spec=replace(spec, retry_of=job),
+        options=options,
+    )
     return retried

@@ -8,12 +8,12 @@ import logging
 import math
 import random
 import secrets
+from dataclasses import replace
 
 from django.db import transaction
 from django.utils import timezone
 
-from jobs.models import TERMINAL_STATES, Job, JobState, ResourceClass, Sweep
-from jobs.recipes.base import validate_parameters
+from jobs.models import TERMINAL_STATES, JobState, ResourceClass, Sweep
 from jobs.recipes.catalog import get_recipe
 from registry.models import DatasetVersion
 from registry.services import model_alias_set
@@ -23,7 +23,7 @@ from tenants.errors import ConflictError, DomainError
 from tenants.models import Organization
 from tenants.services import audit_record
 
-from .submission import job_cancel, job_submit
+from .submission import JobOptions, job_admit, job_cancel, training_spec
 
 logger = logging.getLogger(__name__)
 
@@ -122,8 +122,17 @@ def sweep_create(
         )
     seed = secrets.randbelow(2**31)
     points = sweep_points(space=space, strategy=strategy, count=trial_count, seed=seed)
-    for point in points:
-        validate_parameters(recipe_cls, {**base_parameters, **point})
+    trials = [
+        training_spec(
+            organization=organization,
+            recipe=recipe,
+            parameters={**base_parameters, **point},
+            dataset_version=dataset_version,
+            gpu_count=gpu_count,
+            output_model_name=name,
+        )
+        for point in points
+    ]
     sweep = Sweep.objects.create(
         organization=organization,
         name=name,
@@ -137,20 +146,19 @@ def sweep_create(
         mode=mode,
         created_by=actor.api_key.created_by if actor.api_key else actor.user,
     )
-    for point in points:
-        job, _ = job_submit(
+    options = JobOptions(
+        resource_class=resource_class,
+        gpu_count=gpu_count,
+        max_runtime_s=max_runtime_s,
+        labels={**(labels or {}), "sweep": str(sweep.pk)},
+    )
+    for spec in trials:
+        job_admit(
             organization=organization,
             actor=actor,
-            recipe=recipe,
-            parameters={**base_parameters, **point},
-            resource_class=resource_class,
-            gpu_count=gpu_count,
-            max_runtime_s=max_runtime_s,
-            labels={**(labels or {}), "sweep": str(sweep.pk)},
-            dataset_version=dataset_version,
-            output_model_name=name,
+            spec=replace(spec, sweep=sweep, moves_alias=BEST_ALIAS),
+            options=options,
         )
-        Job.objects.filter(pk=job.pk).update(sweep=sweep)
     audit_record(
         organization=organization,
         actor=actor,

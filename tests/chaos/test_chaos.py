@@ -1,8 +1,8 @@
 """Chaos: 50 small training jobs from three tenants on two real pool workers, while at seeded
 random moments a worker is SIGKILLed (and started again), Redis restarts and the S3 server is
-down for 10 s. Afterwards every job has ended (succeeded, or failed with a reason), no job had
-two attempts at once, each started attempt is billed once, Stripe received what the ledger holds,
-and storage holds no object that the database does not reference.
+down for 10 s. Afterwards every job has ended, at least MIN_SUCCEEDED of them succeeded and each
+failure says why, no job had two attempts at once, each started attempt is billed once, Stripe
+received what the ledger holds, and storage holds no object that the database does not reference.
 
 Everything is real but Stripe (the fake server over HTTP): PostgreSQL, a Redis and a SeaweedFS of
 the test's own (so that restarting them disturbs nobody else), beat, the default-queue worker and
@@ -32,7 +32,7 @@ from billing.metering import meter_push_due
 from billing.models import BillingAccount, MeterPush, UsageRecord
 from jobs.models import TERMINAL_STATES, Job, JobAttempt, JobState, ResourceClass
 from jobs.samples.tabular import write_tabular_sample
-from jobs.services import job_submit
+from jobs.services import JobOptions, training_job_submit
 from jobs.services.storage_sweep import storage_orphans_sweep
 from registry.models import DatasetVersion, ModelArtifact, PendingUpload
 from registry.services import dataset_create, dataset_version_create
@@ -57,6 +57,10 @@ S3_OUTAGE_S = 10.0
 KILL_AND_REDIS_WINDOW_S = (3.0, 35.0)
 S3_WINDOW_S = (35.0, 50.0)
 JOBS_DEADLINE_S = 300
+# Faults may fail a few jobs, each with its reason (a job lost JOB_MAX_LOST_ATTEMPTS times);
+# more failures mean recovery broke, even if every one of them says why. The last recorded run
+# had 46 of 50 succeed, before storing outputs waited out the storage outage.
+MIN_SUCCEEDED = 45
 WORKERS = ("w1", "w2")
 
 TIMINGS = {
@@ -223,18 +227,17 @@ def test_jobs_end_billed_once_without_orphans_through_kills_and_outages(
     began = time.monotonic()
 
     tenants = _tenants(tmp_path)
-    cpu = ResourceClass.objects.get(name="cpu")
+    options = JobOptions(resource_class=ResourceClass.objects.get(name="cpu"), max_runtime_s=600)
     job_ids = []
     for n in range(JOBS):
         organization, owner, version = tenants[n % TENANTS]
-        job, _ = job_submit(
+        job, _ = training_job_submit(
             organization=organization,
             actor=Actor(user=owner),
             recipe="tabular-classifier",
             parameters=PARAMETERS,
-            resource_class=cpu,
             dataset_version=version,
-            max_runtime_s=600,
+            options=options,
         )
         job_ids.append(job.pk)
 
@@ -289,9 +292,13 @@ def test_jobs_end_billed_once_without_orphans_through_kills_and_outages(
             f"the jobs ended before every fault was injected: {dict(faults)}; move the windows"
         )
 
-    # (a) none stuck, (b) every failure says why, every success has its model.
+    # (a) none stuck, most succeeded, (b) every failure says why, every success has its model.
     if set(states) - {JobState.SUCCEEDED, JobState.FAILED}:
         problems.append(f"jobs not succeeded or failed: {dict(states)}")
+    if states[JobState.SUCCEEDED] < MIN_SUCCEEDED:
+        problems.append(
+            f"{states[JobState.SUCCEEDED]} of {JOBS} jobs succeeded, fewer than {MIN_SUCCEEDED}"
+        )
     failures = Counter(
         (job.failure_reason.strip().splitlines() or [""])[0][:120]
         for job in jobs

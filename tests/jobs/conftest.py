@@ -32,18 +32,25 @@ def dataset_version(org):
 
 @pytest.fixture
 def submit(org, owner, dataset_version):
-    """Submit a tabular job as the org's owner; keyword arguments override the defaults."""
-    from jobs.services import job_submit
+    """Submit a tabular training job as the org's owner; keyword arguments override the
+    defaults (the job's own, or its JobOptions': resource_class, gpu_count, priority, ...)."""
+    from dataclasses import fields
+
+    from jobs.services import JobOptions, training_job_submit
     from tenants.actors import Actor
+
+    option_names = {f.name for f in fields(JobOptions)}
 
     def make(organization=None, actor_user=None, dataset=None, **kwargs):
         kwargs.setdefault("recipe", "tabular-classifier")
         kwargs.setdefault("parameters", {"target": "x"})
         kwargs.setdefault("resource_class", ResourceClass.objects.get(name="cpu"))
-        job, _created = job_submit(
+        options = {name: kwargs.pop(name) for name in option_names & kwargs.keys()}
+        job, _created = training_job_submit(
             organization=organization or org,
             actor=Actor(user=actor_user or owner),
             dataset_version=dataset or dataset_version,
+            options=JobOptions(**options),
             **kwargs,
         )
         return job

@@ -15,7 +15,7 @@ import pytest
 
 from billing.models import UsageRecord
 from jobs.models import TERMINAL_STATES, Job, JobAttempt, JobMetric, JobState, ResourceClass
-from jobs.services import job_cancel, job_submit
+from jobs.services import JobOptions, inference_job_submit, job_cancel, training_job_submit
 from registry.services import dataset_create, dataset_version_create
 from tenants.actors import Actor
 from tests.processes import alive, descendants, wait_for
@@ -47,14 +47,13 @@ def training_data(org, owner, tmp_path, pool):
 
 
 def _submit(org, owner, version, **parameters) -> Job:
-    job, _ = job_submit(
+    job, _ = training_job_submit(
         organization=org,
         actor=Actor(user=owner),
         recipe="tabular-classifier",
         parameters={"target": "label", **parameters},
-        resource_class=ResourceClass.objects.get(name="cpu"),
         dataset_version=version,
-        max_runtime_s=600,
+        options=JobOptions(resource_class=ResourceClass.objects.get(name="cpu"), max_runtime_s=600),
     )
     return job
 
@@ -162,22 +161,22 @@ def test_train_then_fine_tune_then_batch_and_online_prediction(
         actor=Actor(user=owner),
     )
 
-    tuned, _ = job_submit(
+    cpu = JobOptions(resource_class=ResourceClass.objects.get(name="cpu"))
+    tuned, _ = training_job_submit(
         organization=org,
         actor=Actor(user=owner),
         recipe="tabular-classifier",
         parameters={"target": "label", "epochs": 2},
-        resource_class=ResourceClass.objects.get(name="cpu"),
         dataset_version=training_data,
         model_version=first,
+        options=cpu,
     )
-    infer, _ = job_submit(
+    infer, _ = inference_job_submit(
         organization=org,
         actor=Actor(user=owner),
-        kind=Job.Kind.INFER,
-        resource_class=ResourceClass.objects.get(name="cpu"),
         dataset_version=training_data,
         model_version=first,
+        options=cpu,
     )
     for job in (tuned, infer):
         wait_for(lambda job=job: _state(job) in TERMINAL_STATES, timeout=120, what=f"job {job.pk}")

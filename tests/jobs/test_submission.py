@@ -4,13 +4,21 @@ import threading
 
 import pytest
 from django.db import connection
+from rest_framework.test import APIClient
 
 from jobs.models import Job, JobState, Quota
-from jobs.services import QuotaExceeded, job_cancel, job_retry, job_submit
+from jobs.services import (
+    JobOptions,
+    QuotaExceeded,
+    job_cancel,
+    job_retry,
+    training_job_submit,
+)
 from jobs.services.submission import cost_rate_per_hour
 from tenants.actors import Actor
 from tenants.errors import DomainError
-from tests.factories import DatasetVersionFactory
+from tenants.models import AuditEvent
+from tests.factories import DatasetVersionFactory, JobFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -51,13 +59,13 @@ def test_queued_cap_holds_under_concurrent_submits(org, owner, cpu):
     def race():
         barrier.wait()
         try:
-            job_submit(
+            training_job_submit(
                 organization=org,
                 actor=Actor(user=owner),
                 recipe="tabular-classifier",
                 parameters={"target": "x"},
-                resource_class=cpu,
                 dataset_version=dataset,
+                options=JobOptions(resource_class=cpu),
             )
             results.append("ok")
         except QuotaExceeded:
@@ -92,6 +100,36 @@ def test_retry_submits_a_new_job_pointing_at_the_old_one(submit, owner):
     retried = job_retry(job=job, actor=Actor(user=owner))
     assert retried.pk != job.pk and retried.retry_of == job
     assert retried.labels == {"project": "fraud"} and retried.state == JobState.QUEUED
+
+
+@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+def test_a_retry_sent_twice_at_once_makes_one_audited_job(org, owner):
+    """A double click, or a client retrying a timed-out call: two retries of one failed job race.
+    One new job points at the old one, with its audit event; the other is refused and leaves
+    nothing behind."""
+    failed = JobFactory(organization=org, state=JobState.FAILED)
+    url = f"/api/v1/orgs/{org.slug}/jobs/{failed.pk}/retry/"
+    statuses, barrier = [], threading.Barrier(2)
+
+    def retry():
+        client = APIClient()
+        client.force_authenticate(owner)
+        barrier.wait()
+        try:
+            statuses.append(client.post(url).status_code)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=retry) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(statuses) == [201, 409]
+    retried = Job.objects.exclude(pk=failed.pk).get()
+    assert retried.retry_of == failed and retried.state == JobState.QUEUED
+    audit = AuditEvent.objects.get(action="job.retry")
+    assert (audit.target_id, audit.data["retry_of"]) == (str(retried.pk), failed.pk)
 
 
 def test_cost_estimate_is_price_times_gpus_per_hour(a100):

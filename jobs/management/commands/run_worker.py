@@ -8,6 +8,7 @@ from django.core.management.base import BaseCommand
 
 from factory_saas.celery import app
 from jobs import worker as pool_worker
+from jobs.runner.isolation import keep_private
 from jobs.services.pool import worker_register
 
 
@@ -25,6 +26,8 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, name, with_default_queue, **options):
+        # First: this process holds the platform's secrets, and job children run as its user.
+        keep_private()
         name = name or pool_worker.default_name()
         devices = pool_worker.detect_devices()
         worker = worker_register(

@@ -1,0 +1,135 @@
+"""How the worker starts a job's child, and how the child moves into its folder: a work folder
+nobody else can find or read, an environment without the platform's secrets, and processes that
+other processes of the same user cannot read through /proc.
+
+The child runs as the worker's own user until the sandbox gives it one of its own, so each step
+is defence in depth; docs/reliability.md says what stays open. No Django here: the worker and the
+child both import this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+CHILD_COMMAND = (sys.executable, "-m", "jobs.runner.child")
+# The child's first line: it is private now, so it may be told where its folder is.
+READY = "@@ready"
+PR_SET_DUMPABLE = 4  # from <linux/prctl.h>
+
+# What a job's child may see of the worker's environment: what torch and the numeric libraries
+# read, never the database, broker, storage or Stripe credentials, since it parses tenant data.
+# HOME and TMPDIR are the child's own, inside its folder (`attempt_enter`).
+CHILD_ENV_NAMES = {"PATH", "PYTHONPATH", "LANG", "LC_ALL", "VIRTUAL_ENV"}
+CHILD_ENV_PREFIXES = ("CUDA_", "NCCL_", "NVIDIA_", "OMP_", "MKL_", "TORCH_", "OPENBLAS_")
+
+
+def keep_private() -> None:
+    """Make this process non-dumpable, so that another process of the same user (a job's child)
+    can no longer read its /proc environ, memory, open files or working directory.
+
+    execve makes a process dumpable again, so each process that holds secrets or tenant data
+    calls this itself: the worker, its pool processes, every job child and rank.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"prctl(PR_SET_DUMPABLE) failed with errno {errno}")
+
+
+def child_environment() -> dict[str, str]:
+    return {
+        name: value
+        for name, value in os.environ.items()
+        if name in CHILD_ENV_NAMES or name.startswith(CHILD_ENV_PREFIXES)
+    }
+
+
+def _work_root_prepare(root: Path) -> None:
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if root.stat().st_uid == os.geteuid():
+        # Ours: no other user lists or enters it. Only a root that another user owns (the
+        # image's, mode 1733) keeps the worker's own user, and so its children, from listing it.
+        root.chmod(0o700)
+
+
+def attempt_folder_create(*, root: Path, job_id: int, attempt: int) -> Path:
+    """A new folder for one attempt, for its owner only, under a name nobody can guess: a child
+    finds another attempt's folder neither by naming it nor, under a root another user owns, by
+    listing the root."""
+    keep_private()  # the worker's open files in the folder must not show in its /proc
+    _work_root_prepare(root)
+    workdir = root / f"job-{job_id}-attempt-{attempt}-{secrets.token_hex(16)}"
+    workdir.mkdir(mode=0o700)
+    workdir.chmod(0o700)  # whatever the umask
+    for private in ("home", "tmp"):
+        (workdir / private).mkdir(mode=0o700)
+    return workdir
+
+
+def child_start(
+    *,
+    workdir: Path,
+    cuda_visible_devices: str,
+    threads: int,
+    command: Sequence[str] = CHILD_COMMAND,
+) -> subprocess.Popen:
+    """Start the child with its GPUs and its share of the machine's threads, and hand it
+    `workdir` once it is private.
+
+    Until then nothing it shows in /proc names the folder: its command line, working directory
+    and environment do not, and the path reaches its stdin only after its READY line.
+    """
+    keep_private()
+    env = child_environment()
+    env.update(
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS=str(threads),
+        CUDA_VISIBLE_DEVICES=cuda_visible_devices,
+    )
+    handover_read, handover_write = os.pipe()
+    try:
+        child = subprocess.Popen(
+            list(command),
+            cwd="/",
+            env=env,
+            stdin=handover_read,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",  # native libraries may print bytes that are not UTF-8
+            bufsize=1,
+            start_new_session=True,  # its own group, so stopping it stops its DDP ranks too
+        )
+    finally:
+        os.close(handover_read)
+    # A child that dies before READY says why on stderr; the caller reads that as its failure.
+    with contextlib.suppress(BrokenPipeError), open(handover_write, "w") as handover:
+        if child.stdout.readline().rstrip("\n") == READY:
+            handover.write(f"{workdir}\n")
+    return child
+
+
+def attempt_enter() -> Path:
+    """The child's side of `child_start`: become private, say READY, read the folder's path and
+    move in, with HOME and TMPDIR there too, so that nothing it writes lands where another
+    attempt could read it."""
+    keep_private()
+    print(READY, flush=True)
+    line = sys.stdin.readline().rstrip("\n")
+    if not line:
+        raise RuntimeError("The worker named no working directory on stdin.")
+    workdir = Path(line)
+    os.chdir(workdir)
+    os.environ.update(HOME=str(workdir / "home"), TMPDIR=str(workdir / "tmp"))
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+    return workdir
