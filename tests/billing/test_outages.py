@@ -5,12 +5,10 @@ once the part is back."""
 
 import json
 import logging
-import socket
 from datetime import timedelta
 from decimal import Decimal
 
 import pytest
-from aiosmtpd.controller import Controller
 from django.test import Client, override_settings
 from django.utils import timezone
 
@@ -27,12 +25,6 @@ from tests.processes import wait_for
 
 WEBHOOK = "/billing/stripe/webhook/"
 FOLLOW_UP = "billing.webhooks.payment_method_default"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _deliver(client, fake, event):
@@ -158,23 +150,10 @@ def test_a_plan_change_during_a_broker_outage_reaches_the_stripe_subscription(
     assert _fee_amounts(fake_stripe, subscription_id) == [50_000]
 
 
-class _Inbox:
-    def __init__(self):
-        self.envelopes = []
-
-    async def handle_DATA(self, server, session, envelope):
-        self.envelopes.append(envelope)
-        return "250 Message accepted for delivery"
-
-
 @pytest.mark.django_db
-def test_a_budget_alert_raised_while_smtp_is_down_is_mailed_once_smtp_listens(org, owner, settings):
-    port = _free_port()  # nothing listens here yet
-    settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
-    settings.EMAIL_HOST, settings.EMAIL_PORT = "127.0.0.1", port
-    settings.EMAIL_HOST_USER = settings.EMAIL_HOST_PASSWORD = ""
-    settings.EMAIL_USE_TLS = settings.EMAIL_USE_SSL = False
-    settings.EMAIL_TIMEOUT = 5
+def test_a_budget_alert_raised_while_smtp_is_down_is_mailed_once_smtp_listens(
+    org, owner, smtp_down
+):
     services.budget_set(
         organization=org,
         actor=Actor(user=owner),
@@ -196,17 +175,12 @@ def test_a_budget_alert_raised_while_smtp_is_down_is_mailed_once_smtp_listens(or
     assert services.budget_alerts_check(now=now) == 1
     outbox_drain(now=now)  # SMTP still down: the e-mail stays owed
 
-    inbox = _Inbox()
-    smtp = Controller(inbox, hostname="127.0.0.1", port=port)
-    smtp.start()
-    try:
+    with smtp_down.listen():
         outbox_drain(now=now + timedelta(hours=2))  # the retry, after its backoff
-    finally:
-        smtp.stop()
 
-    [envelope] = inbox.envelopes
+    [envelope] = smtp_down.envelopes
     assert envelope.rcpt_tos == [owner.email]
     assert "80% of this month's budget used" in envelope.content.decode()
     assert services.budget_alerts_check(now=now) == 0
     outbox_drain(now=now + timedelta(days=1))
-    assert len(inbox.envelopes) == 1
+    assert len(smtp_down.envelopes) == 1

@@ -18,7 +18,7 @@ from jobs.recipes.base import RecipeContext, RecipeInputError
 from jobs.recipes.data import read_table
 from jobs.runner.parent import _Attempt
 from jobs.scheduler.apply import scheduler_pass
-from jobs.services import job_submit
+from jobs.services import JobOptions, inference_job_submit, training_job_submit
 from jobs.services.attempts import attempt_claim
 from registry.formats import inspect_dataset
 from registry.formats.csv_reader import CsvDialect
@@ -63,12 +63,13 @@ def run_job(job: Job, worker, workdir) -> Job:
     return job
 
 
-def submit(org, owner, version: DatasetVersion, **kwargs) -> Job:
-    job, _ = job_submit(
+def submit(org, owner, version: DatasetVersion, *, resource_class, kind=Job.Kind.TRAIN, **kwargs):
+    submit_kind = inference_job_submit if kind == Job.Kind.INFER else training_job_submit
+    job, _ = submit_kind(
         organization=org,
         actor=Actor(user=owner),
-        resource_class=kwargs.pop("resource_class"),
         dataset_version=version,
+        options=JobOptions(resource_class=resource_class),
         **kwargs,
     )
     return job

@@ -13,7 +13,7 @@ from jobs.models import TERMINAL_STATES, Job, JobState, ResourceClass
 from jobs.runner import protocol
 from jobs.runner.parent import InputMismatch, _Attempt
 from jobs.scheduler.apply import scheduler_pass
-from jobs.services import job_submit
+from jobs.services import JobOptions, training_job_submit
 from jobs.services.attempts import attempt_claim
 from registry.services import (
     dataset_create,
@@ -189,14 +189,13 @@ def test_a_job_whose_dataset_was_changed_in_storage_fails_saying_so(pool, org, o
     get_storage().save(version.storage_key, io.BytesIO(tampered))  # behind the registry's back
     pool.start_worker("w1")
 
-    job, _ = job_submit(
+    job, _ = training_job_submit(
         organization=org,
         actor=actor,
         recipe="tabular-classifier",
         parameters={"target": "label", "epochs": 2},
-        resource_class=ResourceClass.objects.get(name="cpu"),
         dataset_version=version,
-        max_runtime_s=600,
+        options=JobOptions(resource_class=ResourceClass.objects.get(name="cpu"), max_runtime_s=600),
     )
     try:
         wait_for(

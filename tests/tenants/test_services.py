@@ -1,6 +1,7 @@
 """Tenant services against the real database: roles, owners, invitations, keys, audit."""
 
 import hashlib
+import re
 from datetime import timedelta
 
 import pytest
@@ -8,6 +9,8 @@ from allauth.account.models import EmailAddress
 from django.core import mail
 from django.utils import timezone
 
+from outbox.models import Message
+from outbox.services import outbox_drain
 from tenants import services
 from tenants.actors import Actor
 from tenants.errors import (
@@ -93,6 +96,27 @@ def test_invitation_is_emailed_and_single_use(org, owner):
     assert membership.role == "viewer"
     with pytest.raises(InvitationInvalidError, match="accepted"):
         services.invitation_accept(token=token, user=invitee, actor=Actor(user=invitee))
+
+
+def test_an_invitation_made_while_the_mail_server_is_down_is_mailed_once_it_listens(
+    org, owner, smtp_down
+):
+    invitation = services.invitation_create(
+        organization=org, email="pat@example.test", role="viewer", actor=Actor(user=owner)
+    )
+    assert outbox_drain() == 0  # SMTP down: the e-mail stays owed, the invitation stands
+    owed = Message.objects.get(handler="tenants.services.invitation_mail_send")
+    assert owed.state == Message.State.PENDING and "Connection refused" in owed.last_error
+
+    with smtp_down.listen():
+        assert outbox_drain(now=owed.next_attempt_at) == 1
+    [envelope] = smtp_down.envelopes
+    assert envelope.rcpt_tos == ["pat@example.test"]
+    token = re.search(r"/invitations/accept/#(\S+)", envelope.content.decode()).group(1)
+    invitee = UserFactory(email="pat@example.test")
+    membership = services.invitation_accept(token=token, user=invitee, actor=Actor(user=invitee))
+    assert membership.organization == invitation.organization
+    assert outbox_drain(now=timezone.now() + timedelta(days=1)) == 0  # mailed once
 
 
 def test_the_invitation_row_and_its_audit_hold_only_the_hash_of_the_mailed_token(org, owner):
