@@ -1,7 +1,8 @@
 """The scheduler core: a pure function from a pool snapshot to placement decisions.
 
-`schedule` is the policy (DESIGN.md, "Scheduling policy"); `fifo_schedule` is the FIFO baseline
-the benchmarks compare it with. Loading snapshots and applying decisions live beside them.
+`schedule` is the policy (docs/architecture.md, "Scheduling policy"); `fifo_schedule` is the
+FIFO baseline the benchmarks compare it with. Loading snapshots and applying decisions live
+beside them.
 """
 
 from .fifo import fifo_schedule

@@ -1,7 +1,8 @@
 """The scheduling policy: one pass from a snapshot to placements, preemptions and waiting reasons.
 
-Pure and deterministic: no I/O, no clock (the snapshot carries `now`), no Django. DESIGN.md
-("Scheduling policy") states the rules; the choices it leaves open are made here:
+Pure and deterministic: no I/O, no clock (the snapshot carries `now`), no Django.
+docs/architecture.md ("Scheduling policy") states the rules; the choices it leaves open are made
+here:
 
 - Resource classes are scheduled one after another in name order. A tenant's in-pass charge and
   running-job count carry over from one class to the next, so a tenant that just got an h100
