@@ -84,3 +84,21 @@ def key_client_for(db):
 @pytest.fixture
 def user(db):
     return UserFactory()
+
+
+def pytest_collection_modifyitems(items):
+    """A transactional test without a serialized rollback flushes the database at its end and
+    Django re-creates the content types with new ids; every serialized test after it then fails
+    to restore its rows (duplicate content types). Refuse the mix at collection."""
+    bare = [
+        item.nodeid
+        for item in items
+        if (marker := item.get_closest_marker("django_db"))
+        and marker.kwargs.get("transaction")
+        and not marker.kwargs.get("serialized_rollback")
+    ]
+    if bare:
+        raise pytest.UsageError(
+            "Transactional tests need serialized_rollback=True (see tests/conftest.py): "
+            + ", ".join(bare)
+        )
