@@ -1,13 +1,11 @@
-"""Dashboard pages for jobs (tenants) and the pool (operators)."""
+"""Dashboard pages for jobs: the list, the submit and predict forms, a job, sweeps."""
 
 from __future__ import annotations
 
 from django.contrib import messages
-from django.contrib.admin.views.decorators import staff_member_required
 from django.core.paginator import Paginator
 from django.http import Http404
-from django.shortcuts import redirect, render
-from django.utils.decorators import method_decorator
+from django.shortcuts import redirect
 from django.views import View
 from django.views.generic import TemplateView
 
@@ -289,11 +287,3 @@ class SweepCancelAction(OrganizationPageMixin, View):
         else:
             messages.success(request, "Sweep cancelled; its running trials stop within seconds.")
         return redirect("jobs:sweep", org_slug, pk)
-
-
-@method_decorator(staff_member_required, name="dispatch")
-class PoolPage(View):
-    """Operators: workers, busy and free slots per class, queue depth per tenant."""
-
-    def get(self, request):
-        return render(request, "jobs/pool.html", selectors.pool_overview())

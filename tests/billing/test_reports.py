@@ -1,4 +1,5 @@
-"""Usage reports (selectors, API, page, CSV) and the operators' billing overview."""
+"""Usage reports (selectors, API, page, CSV) and the operators' billing overview (its page is
+tested with the other /ops/ pages in tests/factory_saas/test_ops.py)."""
 
 import csv
 import io
@@ -16,14 +17,13 @@ from billing import reports
 from billing import views as billing_views
 from billing.charts import MAX_SERIES, stacked_daily_chart
 from billing.errors import BillingError
-from billing.models import MeterPush, Price, Reconciliation, UsageRecord
-from billing.selectors import billing_month, month_bounds
-from billing.services import usage_record
+from billing.models import MeterPush, Reconciliation, UsageRecord
 from factory_saas.templatetags.money import cents
 from tenants.actors import Actor
 from tenants.scopes import Role
 from tenants.services import api_key_create
-from tests.factories import MembershipFactory, OrganizationFactory, UserFactory
+from tests.billing.ledgers import month_ledger_create, prices_create, record
+from tests.factories import MembershipFactory, OrganizationFactory
 
 START, END = date(2026, 10, 1), date(2026, 10, 7)
 GROUPINGS = list(reports.GROUPINGS)
@@ -33,34 +33,10 @@ def at(day: int, hour: int = 12, minute: int = 0, second: int = 0, month: int = 
     return datetime(2026, month, day, hour, minute, second, tzinfo=UTC)
 
 
-def record(organization, *, resource, quantity, end, key, **fields):
-    row, created = usage_record(
-        organization=organization,
-        resource=resource,
-        quantity=Decimal(quantity),
-        unit=fields.pop("unit", "gpu_second"),
-        period_start=end - timedelta(seconds=1),
-        period_end=end,
-        idempotency_key=f"test:{organization.pk}:{key}",
-        **fields,
-    )
-    assert created
-    return row
-
-
 @pytest.fixture
 def prices(db, settings):
     settings.STRIPE_SECRET_KEY = ""  # no outbox rows of its own: the tests plant stuck ones
-    since = datetime(2020, 1, 1, tzinfo=UTC)
-    for resource, unit, price in [
-        ("gpu:a100", "gpu_second", "0.0011"),
-        ("gpu:t4", "gpu_second", "0.0002"),
-        ("predictions", "1k_predictions", "0.5"),
-        ("storage", "gb_month", "0.023"),
-    ]:
-        Price.objects.create(
-            resource=resource, unit=unit, unit_price=Decimal(price), effective_from=since
-        )
+    prices_create()
 
 
 @pytest.fixture
@@ -604,44 +580,7 @@ def test_billing_page_links_to_the_usage_report(org, owner, client):
 
 @pytest.fixture
 def month_ledger(prices):
-    """Usage this month in three organizations, and last month's in one."""
-    now = timezone.now()
-    since, _ = month_bounds(billing_month(now))
-    orgs = [OrganizationFactory() for _ in range(3)]
-    rows = []
-    for n, org in enumerate(orgs):
-        rows.append(
-            record(
-                org,
-                resource="gpu:a100",
-                quantity=str(3600 * (n + 1)),
-                end=since + timedelta(minutes=n + 1),
-                key="gpu",
-            )
-        )
-        rows.append(
-            record(
-                org,
-                resource="storage",
-                quantity="2",
-                unit="gb_month",
-                end=since + timedelta(minutes=5),
-                key="storage",
-            )
-        )
-    rows.append(
-        record(
-            orgs[0], resource="gpu:t4", quantity="1800", end=since + timedelta(minutes=7), key="t4"
-        )
-    )
-    record(
-        orgs[1],
-        resource="gpu:a100",
-        quantity="99999",
-        end=since - timedelta(seconds=1),
-        key="last-month",
-    )
-    return {"now": now, "orgs": orgs, "rows": rows}
+    return month_ledger_create()
 
 
 @pytest.mark.django_db
@@ -692,50 +631,3 @@ def test_ops_overview_queries_do_not_grow_with_tenants(month_ledger):
     with CaptureQueriesContext(connection) as after:
         reports.ops_billing_overview(now=now)
     assert len(after) == len(before)
-
-
-@pytest.mark.django_db
-def test_ops_billing_page_is_refused_to_non_staff(month_ledger, client):
-    owner = MembershipFactory(organization=month_ledger["orgs"][0], role=Role.OWNER).user
-    client.force_login(owner)
-    response = client.get(reverse("ops_billing"))
-    assert response.status_code == 302
-    assert "/admin/login/" in response["Location"]
-    client.logout()
-    assert client.get(reverse("ops_billing")).status_code == 302
-
-
-@pytest.mark.django_db
-def test_ops_billing_page_shows_the_figures_to_staff(month_ledger, client):
-    now = month_ledger["now"]
-    org = month_ledger["orgs"][2]
-    stuck = month_ledger["rows"][0]
-    MeterPush.objects.create(usage=stuck, attempts=6, last_error="Stripe said no")
-    Reconciliation.objects.create(
-        organization=org, day=now.date(), resource="gpu:a100", ledger_minor=1234, stripe_minor=1000
-    )
-    Reconciliation.objects.create(
-        organization=org, day=now.date(), resource="storage", ledger_minor=77, stripe_minor=77
-    )
-    staff = UserFactory(is_staff=True)
-    client.force_login(staff)
-    response = client.get(reverse("ops_billing"))
-    assert response.status_code == 200
-    html = response.content.decode()
-    revenue = sum(row.amount_minor for row in month_ledger["rows"])
-    assert f"<strong>{cents(revenue)}</strong>" in html
-    assert reverse("admin:tenants_organization_change", args=[org.pk]) in html
-    assert f"usage {stuck.pk} of {stuck.organization.name}" in html
-    assert "Stripe said no" in html
-    assert reverse("admin:billing_meterpush_changelist") + "?stuck=yes" in html
-    assert "<strong>1</strong> pending" in html
-    assert cents(234) in html  # the difference; the matching day is not listed
-    assert html.count(f">{org.name}</a>") == 2  # once among top tenants, once in differences
-    assert "6.00" in html  # a100 GPU-hours
-
-
-@pytest.mark.django_db
-def test_staff_see_the_ops_billing_link(client):
-    client.force_login(UserFactory(is_staff=True))
-    html = client.get(reverse("tenants:profile")).content.decode()
-    assert f'href="{reverse("ops_billing")}"' in html

@@ -1,4 +1,4 @@
-"""Job pages: the generated submit form, the live job page, the operators' pool page."""
+"""Job pages: the generated submit form, the live job page and its metric charts."""
 
 import pytest
 from django.urls import reverse
@@ -97,16 +97,6 @@ def test_jobs_list_shows_queue_position_and_reason(org, dev, register_worker):
     html = dev.get(reverse("jobs:jobs", args=[org.slug])).content.decode()
     waiting = Job.objects.get(pk=jobs[2].pk)
     assert f"#{waiting.queue_position}" in html and waiting.waiting_reason in html
-
-
-def test_pool_page_is_for_staff(client, owner, register_worker):
-    register_worker("cpu-ops")
-    client.force_login(owner)
-    assert client.get(reverse("ops_pool")).status_code == 302
-    owner.is_staff = True
-    owner.save()
-    page = client.get(reverse("ops_pool"))
-    assert page.status_code == 200 and b"cpu-ops" in page.content
 
 
 def test_batch_prediction_page_queues_an_inference_job(org, dev):

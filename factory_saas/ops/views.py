@@ -1,5 +1,6 @@
-"""The operators' overview at /ops/ (staff only): the pool, the queues, failures and money at a
-glance, each with a way into the admin or the detailed /ops/ pages."""
+"""The operators' pages (staff only): the overview at /ops/ (the pool, the queues, failures and
+money at a glance, each with a way into the admin or a detailed page), the pool at /ops/pool/
+and billing for all tenants at /ops/billing/."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from billing.reports import ops_billing_overview
 from jobs.selectors import (
     PoolUtilization,
     failing_jobs,
+    pool_overview,
     pool_utilization,
     queue_by_tenant,
     workers_with_jobs,
@@ -148,3 +150,20 @@ class OpsOverviewPage(View):
             "billing": ops_billing_overview(now=now),
         }
         return render(request, "ops/overview.html", context)
+
+
+@method_decorator(staff_member_required, name="dispatch")
+class PoolPage(View):
+    """Operators: workers, busy and free slots per class, queue depth per tenant."""
+
+    def get(self, request):
+        return render(request, "ops/pool.html", pool_overview())
+
+
+@method_decorator(staff_member_required, name="dispatch")
+class OpsBillingPage(View):
+    """Operators: revenue this month, top tenants, GPU-hours, stuck meter events, reconciliation."""
+
+    def get(self, request):
+        overview = ops_billing_overview(now=timezone.now())
+        return render(request, "ops/billing.html", {"overview": overview})
