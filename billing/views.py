@@ -119,7 +119,9 @@ class UsagePage(OrganizationPageMixin, TemplateView):
         except BillingError as error:
             context = self.get_context_data(error=error.detail, errors=error.fields or {})
             return self.render_to_response(context, status=400)
-        chart = charts.stacked_daily_chart(daily=report.daily, resources=report.resources)
+        chart = charts.stacked_daily_chart(
+            daily=report.daily, resources=report.resources, currency=report.currency
+        )
         # The largest groups only: a month by job is thousands of rows, a second to render. A
         # year of days is shown whole; the CSV has every row.
         shown = reports.MAX_RANGE_DAYS if report.group_by == "day" else USAGE_ROWS_SHOWN

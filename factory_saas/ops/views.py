@@ -4,7 +4,6 @@ and billing for all tenants at /ops/billing/."""
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from datetime import datetime, timedelta
 
@@ -14,16 +13,16 @@ from django.utils import timezone
 from django.utils.decorators import method_decorator
 from django.views import View
 
-from billing.charts import BOTTOM, HEIGHT, LEFT, PALETTE, RIGHT, TOP, WIDTH
 from billing.reports import ops_billing_overview
 from jobs.selectors import (
-    PoolUtilization,
     failing_jobs,
     pool_overview,
     pool_utilization,
     queue_by_tenant,
     workers_with_jobs,
 )
+
+from .charts import utilization_chart
 
 UTILIZATION_WINDOW = timedelta(hours=24)
 UTILIZATION_BUCKET = timedelta(hours=1)
@@ -33,87 +32,6 @@ WORKERS_SHOWN = 25
 JOBS_PER_WORKER_SHOWN = 3
 # Workers that need an operator first: silent, then leaving, then the busiest.
 ATTENTION = {"offline": 0, "draining": 1, "cordoned": 2}
-X_LABELS = 6
-
-
-def _percent(fraction: float | None) -> float | None:
-    return None if fraction is None else round(fraction * 100, 1)
-
-
-def utilization_chart(utilization: PoolUtilization) -> dict:
-    """Geometry of one line per resource class (share of slots busy per bucket), as inline SVG.
-
-    The scale reaches 100%, or further when today's smaller capacity makes a past bucket exceed
-    it; a bucket with no capacity or still in the future breaks the line instead of reading 0.
-    """
-    plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
-    buckets = utilization.buckets
-    peak = max((c.peak for c in utilization.classes if c.peak is not None), default=0.0)
-    # Up to a full pool in quarters; past it (capacity shrank since), in halves.
-    ceiling = max(1.0, math.ceil(peak * 2) / 2)
-    tick_step = 0.25 if ceiling <= 1.0 else 0.5
-    slot = plot_w / max(len(buckets), 1)
-
-    def x(index: int) -> float:
-        return round(LEFT + index * slot + slot / 2, 2)
-
-    def y(fraction: float) -> float:
-        return round(TOP + plot_h * (1 - fraction / ceiling), 2)
-
-    series = []
-    for number, row in enumerate(utilization.classes):
-        runs: list[list[str]] = [[]]
-        points = []
-        for index, fraction in enumerate(row.fractions):
-            if fraction is None:
-                if runs[-1]:
-                    runs.append([])
-                continue
-            runs[-1].append(f"{x(index)},{y(fraction)}")
-            points.append(
-                {
-                    "x": x(index),
-                    "y": y(fraction),
-                    "at": buckets[index],
-                    "percent": _percent(fraction),
-                }
-            )
-        series.append(
-            {
-                "resource_class": row.resource_class,
-                "colour": PALETTE[number % len(PALETTE)],
-                "capacity_slots": row.capacity_slots,
-                "lines": [" ".join(run) for run in runs if run],
-                "points": points,
-                "mean_percent": _percent(row.mean),
-                "peak_percent": _percent(row.peak),
-            }
-        )
-
-    hourly = utilization.bucket < timedelta(days=1)
-    every = max(1, -(-len(buckets) // X_LABELS))
-    return {
-        "width": WIDTH,
-        "height": HEIGHT,
-        "left": LEFT,
-        "right": WIDTH - RIGHT,
-        "baseline": TOP + plot_h,
-        "label_y": HEIGHT - 6,
-        "ticks": [
-            {"percent": round(step * tick_step * 100), "y": y(step * tick_step)}
-            for step in range(round(ceiling / tick_step) + 1)
-        ],
-        "x_labels": [
-            {"x": x(index), "label": f"{at:%H:%M}" if hourly else f"{at:%b} {at.day}"}
-            for index, at in enumerate(buckets)
-            if index % every == 0
-        ],
-        "series": series,
-        "rows": [
-            {"at": at, "percents": [_percent(row.fractions[index]) for row in utilization.classes]}
-            for index, at in enumerate(buckets)
-        ],
-    }
 
 
 def _utilization_window(now: datetime) -> tuple[datetime, datetime]:

@@ -3,6 +3,7 @@ tested with the other /ops/ pages in tests/factory_saas/test_ops.py)."""
 
 import csv
 import io
+import re
 from collections import defaultdict
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -18,6 +19,7 @@ from billing import views as billing_views
 from billing.charts import MAX_SERIES, stacked_daily_chart
 from billing.errors import BillingError
 from billing.models import MeterPush, Reconciliation, UsageRecord
+from charts import PALETTE
 from factory_saas.templatetags.money import cents
 from tenants.actors import Actor
 from tenants.scopes import Role
@@ -286,7 +288,9 @@ def test_daily_series_has_every_day_zero_filled_and_adds_up(ledger):
 @pytest.mark.django_db
 def test_stacked_chart_segments_add_up_to_each_day(ledger):
     report = report_for(ledger, "resource")
-    chart = stacked_daily_chart(daily=report.daily, resources=report.resources)
+    chart = stacked_daily_chart(
+        daily=report.daily, resources=report.resources, currency=report.currency
+    )
     assert len(chart["bars"]) == 7
     plot_height = chart["baseline"] - chart["top"]
     for bar, day in zip(chart["bars"], report.daily, strict=True):
@@ -303,8 +307,8 @@ def test_chart_draws_resources_past_the_palette_as_one_other_series():
             day=date(2026, 1, 1), amounts={name: 10 for name in names}, total_minor=10 * len(names)
         )
     ]
-    chart = stacked_daily_chart(daily=daily, resources=names)
-    assert [item["resource"] for item in chart["legend"]][-1] == "other"
+    chart = stacked_daily_chart(daily=daily, resources=names, currency="usd")
+    assert [item["name"] for item in chart["legend"]][-1] == "other"
     assert len(chart["legend"]) == MAX_SERIES + 1
     assert chart["legend"][-1]["amount_minor"] == 30
     assert sum(s["amount_minor"] for s in chart["bars"][0]["segments"]) == 10 * len(names)
@@ -498,6 +502,30 @@ def test_page_shows_the_chart_table_total_and_export_link(ledger, billing_user, 
     assert page_url(ledger["org"], "billing:usage_csv") + "?start=2026-10-01" in html
     assert 'value="2026-10-01"' in html and '<option value="job" selected>' in html
     assert "secret-project" not in html and "gpu:h100" not in html
+
+
+@pytest.mark.django_db
+def test_page_draws_the_charts_grid_and_legend(ledger, billing_user, client):
+    client.force_login(billing_user)
+    params = {"start": "2026-10-01", "end": "2026-10-07", "group_by": "resource"}
+    response = client.get(page_url(ledger["org"]), params)
+    html = response.content.decode()
+    report, chart = response.context["report"], response.context["chart"]
+    grid = re.search(r'<g class="usage-chart-grid" aria-hidden="true">(.*?)</g>', html, re.S)[1]
+    tick_labels = re.findall(r'dominant-baseline="middle">([^<]*)</text>', grid)
+    assert tick_labels == [cents(tick["amount_minor"]) for tick in chart["ticks"]]
+    assert tick_labels[0] == cents(0) and len(tick_labels) == 5
+    # Seven days, at most five labels: every other day.
+    days = re.findall(r'y="214" text-anchor="middle">([^<]*)</text>', grid)
+    assert days == ["Oct 1", "Oct 3", "Oct 5", "Oct 7"]
+    legend = re.search(r'<ul class="chart-legend" aria-label="Legend">(.*?)</ul>', html, re.S)[1]
+    items = re.findall(
+        r'fill="(#\w{6})"/></svg> ([^<]*) <span class="muted">([^<]*)</span>', legend
+    )
+    assert items == [
+        (PALETTE[n], name, cents(sum(day.amounts[name] for day in report.daily)))
+        for n, name in enumerate(report.resources)
+    ]
 
 
 @pytest.mark.django_db

@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from billing.models import MeterPush, Price, Reconciliation
 from billing.services import usage_record
-from factory_saas.ops.views import utilization_chart
+from factory_saas.ops.charts import utilization_chart
 from factory_saas.templatetags.money import cents
 from jobs.models import Job, JobAttempt, JobState, ResourceClass, Worker
 from jobs.selectors import (
@@ -341,6 +341,24 @@ def test_staff_see_every_section(ops_world, staff_client):
     assert reverse("admin:billing_meterpush_changelist") + "?stuck=yes" in html
     # The detailed pages.
     assert f'href="{reverse("ops_pool")}"' in html and f'href="{reverse("ops_billing")}"' in html
+
+
+def test_overview_chart_draws_its_grid_and_legend(ops_world, staff_client):
+    response = staff_client.get(reverse("ops_overview"))
+    html = response.content.decode()
+    buckets = response.context["utilization"].buckets
+    grid = re.search(r'<g class="usage-chart-grid" aria-hidden="true">(.*?)</g>', html, re.S)[1]
+    percents = re.findall(r'dominant-baseline="middle">([^<]*)</text>', grid)
+    assert percents == ["0%", "25%", "50%", "75%", "100%"]
+    # 24 hours, at most six labels: every fourth hour.
+    hours = re.findall(r'y="214" text-anchor="middle">([^<]*)</text>', grid)
+    assert hours == [f"{at:%H:%M}" for at in buckets[::4]]
+    legend = re.search(r'<ul class="chart-legend" aria-label="Legend">(.*?)</ul>', html, re.S)[1]
+    [(colour, name, note)] = re.findall(
+        r'fill="(#\w{6})"/></svg> ([^<]*) <span class="muted">([^<]*)</span>', legend
+    )
+    assert (colour, name) == ("#0072B2", "a100-40gb")
+    assert note.startswith("4 slots, avg ") and note.endswith(", peak 25%")
 
 
 def test_page_queries_do_not_grow_with_jobs_workers_or_tenants(ops_world, staff_client):

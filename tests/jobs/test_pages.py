@@ -6,6 +6,7 @@ from django.urls import reverse
 from jobs.models import Job
 from jobs.scheduler.apply import scheduler_pass
 from jobs.services.attempts import Report, attempt_claim, attempt_report
+from jobs.views import metric_chart
 from tests.factories import DatasetVersionFactory, JobFactory, ModelVersionFactory
 
 pytestmark = pytest.mark.django_db
@@ -88,6 +89,16 @@ def test_job_page_shows_logs_a_chart_and_refreshes_while_active(org, dev, regist
     # A boosted navigation (a link, or the submit form's redirect) gets the whole page.
     boosted = dev.get(url, HTTP_HX_REQUEST="true", HTTP_HX_BOOSTED="true").content.decode()
     assert "<html" in boosted and "<h1>" in boosted
+
+
+def test_metric_chart_spans_the_steps_and_the_values_from_lowest_to_highest():
+    chart = metric_chart([(0, 1.0), (10, 0.0), (20, 0.5)])
+    assert chart["points"] == "0.0,0.0 300.0,160.0 600.0,80.0"
+    assert (chart["min"], chart["max"], chart["last"]) == (0.0, 1.0, 0.5)
+    assert (chart["width"], chart["height"]) == (600, 160)
+    # A flat series lies on the bottom edge; a single point draws nothing.
+    assert metric_chart([(1, 2.0), (3, 2.0)])["points"] == "0.0,160.0 600.0,160.0"
+    assert metric_chart([(1, 2.0)]) is None
 
 
 def test_jobs_list_shows_queue_position_and_reason(org, dev, register_worker):
