@@ -1,108 +1,81 @@
-"""Geometry of the usage page's stacked daily cost chart, drawn as inline SVG on the server.
-
-Figures stay integer minor units; floats appear only as pixel positions.
-"""
+"""The usage page's stacked daily cost chart: the report's days and resources, drawn with the
+shared chart geometry (`charts`)."""
 
 from __future__ import annotations
 
+import charts
+
+from .money import money_format
 from .reports import UsageDay
 
-WIDTH, HEIGHT = 480, 220
-LEFT, RIGHT, TOP, BOTTOM = 56, 8, 10, 24  # room for the amount and date labels
-MAX_SERIES = 7  # more resources than this are drawn as one "other" series
+MAX_SERIES = len(charts.PALETTE)  # more resources than colours are drawn as one "other" series
 OTHER = "other"
-# Okabe-Ito: told apart by people with the common colour-vision deficiencies.
-PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442"]
-OTHER_COLOUR = "#8a8a8a"
 X_LABELS = 5
-
-
-def _nice_ceiling(amount_minor: int) -> int:
-    """The smallest 1, 2 or 5 times a power of ten at or above the amount (at least 1.00)."""
-    step = 1
-    while True:
-        for factor in (1, 2, 5):
-            if step * factor >= max(amount_minor, 100):
-                return step * factor
-        step *= 10
+MIN_CEILING_MINOR = 100  # an empty or tiny range still has a scale up to 1.00
 
 
 def _short_day(day) -> str:
     return f"{day:%b} {day.day}"
 
 
-def stacked_daily_chart(*, daily: list[UsageDay], resources: list[str]) -> dict:
+def stacked_daily_chart(*, daily: list[UsageDay], resources: list[str], currency: str) -> dict:
     """Bars per day, one segment per resource, scaled to the busiest day; legend and axes."""
+    frame = charts.FRAME_WITH_AXES
     shown = resources[:MAX_SERIES]
     hidden = resources[MAX_SERIES:]
-    series = [(name, PALETTE[i]) for i, name in enumerate(shown)]
+    series = [(name, charts.colour(i)) for i, name in enumerate(shown)]
     if hidden:
-        series.append((OTHER, OTHER_COLOUR))
-    totals = {name: 0 for name, _ in series}
+        series.append((OTHER, charts.OTHER_COLOUR))
 
-    plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
-    ceiling = _nice_ceiling(max((day.total_minor for day in daily), default=0))
-    slot = plot_w / max(len(daily), 1)
-    bar_w = max(slot * 0.8, 0.5)
-    bars = []
-    for index, day in enumerate(daily):
-        amounts = {name: day.amounts.get(name, 0) for name in shown}
+    stacks = []
+    for day in daily:
+        amounts = [day.amounts.get(name, 0) for name in shown]
         if hidden:
-            amounts[OTHER] = sum(day.amounts.get(name, 0) for name in hidden)
-        x = LEFT + index * slot + (slot - bar_w) / 2
-        baseline = TOP + plot_h
-        segments = []
-        for name, colour in series:
-            amount = amounts[name]
-            totals[name] += amount
-            if not amount:
-                continue
-            height = amount / ceiling * plot_h
-            baseline -= height
-            segments.append(
-                {
-                    "resource": name,
-                    "colour": colour,
-                    "amount_minor": amount,
-                    "y": round(baseline, 2),
-                    "height": round(height, 2),
-                }
-            )
-        bars.append(
-            {
-                "day": day.day,
-                "total_minor": day.total_minor,
-                "x": round(x, 2),
-                "width": round(bar_w, 2),
-                "segments": segments,
-            }
-        )
+            amounts.append(sum(day.amounts.get(name, 0) for name in hidden))
+        stacks.append(amounts)
+    totals = [sum(stack[index] for stack in stacks) for index in range(len(series))]
 
-    ticks = [
-        {"amount_minor": ceiling * step // 4, "y": round(TOP + plot_h * (1 - step / 4), 2)}
-        for step in range(5)
+    ceiling = charts.nice_ceiling(
+        max((day.total_minor for day in daily), default=0), at_least=MIN_CEILING_MINOR
+    )
+    bars = [
+        {
+            "day": day.day,
+            "total_minor": day.total_minor,
+            "x": bar.x,
+            "width": bar.width,
+            "segments": [
+                {
+                    "resource": series[segment.series][0],
+                    "colour": series[segment.series][1],
+                    "amount_minor": segment.value,
+                    "y": segment.y,
+                    "height": segment.height,
+                }
+                for segment in bar.segments
+            ],
+        }
+        for day, bar in zip(daily, frame.stacked_bars(stacks, ceiling=ceiling), strict=True)
     ]
-    every = max(1, -(-len(daily) // X_LABELS))
-    x_labels = [
-        {"x": round(LEFT + index * slot + slot / 2, 2), "label": _short_day(day.day)}
-        for index, day in enumerate(daily)
-        if index % every == 0
+    # Ceilings are 1, 2 or 5 times a power of ten from 100 up, so quarters stay whole cents.
+    ticks = [
+        {"amount_minor": tick.value, "y": tick.y, "label": money_format(tick.value, currency)}
+        for tick in frame.y_ticks(ceiling=ceiling, step=ceiling // 4)
     ]
     busiest = max(daily, key=lambda day: day.total_minor, default=None)
     return {
-        "width": WIDTH,
-        "height": HEIGHT,
-        "left": LEFT,
-        "right": WIDTH - RIGHT,
-        "top": TOP,
-        "baseline": TOP + plot_h,
-        "label_y": HEIGHT - 6,
+        **frame.context(),
         "bars": bars,
         "ticks": ticks,
-        "x_labels": x_labels,
+        "x_labels": frame.x_labels([_short_day(day.day) for day in daily], most=X_LABELS),
         "legend": [
-            {"resource": name, "colour": colour, "amount_minor": totals[name]}
-            for name, colour in series
+            {
+                "name": name,
+                "colour": colour,
+                "amount_minor": total,
+                "note": money_format(total, currency),
+            }
+            for (name, colour), total in zip(series, totals, strict=True)
         ],
         "busiest": busiest if busiest is not None and busiest.total_minor else None,
     }

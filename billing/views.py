@@ -4,12 +4,10 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.contrib import messages
-from django.contrib.admin.views.decorators import staff_member_required
 from django.http import HttpResponse, StreamingHttpResponse
-from django.shortcuts import redirect, render
+from django.shortcuts import redirect
 from django.urls import reverse
 from django.utils import timezone
-from django.utils.decorators import method_decorator
 from django.views.generic import TemplateView, View
 
 from tenants.errors import DomainError
@@ -121,7 +119,9 @@ class UsagePage(OrganizationPageMixin, TemplateView):
         except BillingError as error:
             context = self.get_context_data(error=error.detail, errors=error.fields or {})
             return self.render_to_response(context, status=400)
-        chart = charts.stacked_daily_chart(daily=report.daily, resources=report.resources)
+        chart = charts.stacked_daily_chart(
+            daily=report.daily, resources=report.resources, currency=report.currency
+        )
         # The largest groups only: a month by job is thousands of rows, a second to render. A
         # year of days is shown whole; the CSV has every row.
         shown = reports.MAX_RANGE_DAYS if report.group_by == "day" else USAGE_ROWS_SHOWN
@@ -166,15 +166,6 @@ class UsageCsvDownload(OrganizationPageMixin, View):
         filename = reports.usage_csv_filename(organization=self.organization, report=report)
         response["Content-Disposition"] = f'attachment; filename="{filename}"'
         return response
-
-
-@method_decorator(staff_member_required, name="dispatch")
-class OpsBillingPage(View):
-    """Operators: revenue this month, top tenants, GPU-hours, stuck meter events, reconciliation."""
-
-    def get(self, request):
-        overview = reports.ops_billing_overview(now=timezone.now())
-        return render(request, "billing/ops_billing.html", {"overview": overview})
 
 
 class _StripeRedirectPage(OrganizationPageMixin, View):

@@ -4,12 +4,9 @@ from django.contrib.staticfiles.urls import staticfiles_urlpatterns
 from django.urls import include, path
 from django.views.generic import RedirectView
 
-from billing.views import OpsBillingPage
 from billing.webhooks import stripe_webhook
-from jobs.views import PoolPage
 
 from . import health, views
-from .ops import OpsOverviewPage
 
 dashboard_patterns = ([path("", views.home, name="home")], "dashboard")
 
@@ -31,9 +28,7 @@ urlpatterns = [
     path("o/<slug:org_slug>/", include("registry.urls")),
     path("o/<slug:org_slug>/", include("jobs.urls")),
     path("o/<slug:org_slug>/", include("billing.urls")),
-    path("ops/", OpsOverviewPage.as_view(), name="ops_overview"),
-    path("ops/pool/", PoolPage.as_view(), name="ops_pool"),
-    path("ops/billing/", OpsBillingPage.as_view(), name="ops_billing"),
+    path("ops/", include("factory_saas.ops.urls")),
     path("", include("registry.storage_views")),
 ]
 

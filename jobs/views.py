@@ -1,16 +1,15 @@
-"""Dashboard pages for jobs (tenants) and the pool (operators)."""
+"""Dashboard pages for jobs: the list, the submit and predict forms, a job, sweeps."""
 
 from __future__ import annotations
 
 from django.contrib import messages
-from django.contrib.admin.views.decorators import staff_member_required
 from django.core.paginator import Paginator
 from django.http import Http404
-from django.shortcuts import redirect, render
-from django.utils.decorators import method_decorator
+from django.shortcuts import redirect
 from django.views import View
 from django.views.generic import TemplateView
 
+import charts
 from jobs import selectors, services
 from jobs.forms import JobForm, PredictForm
 from jobs.models import Job, JobEvent, JobLog, JobMetric, JobState, Sweep
@@ -21,29 +20,34 @@ from tenants.standing import Effect
 from tenants.views.base import OrganizationPageMixin
 
 LOG_TAIL = 200
-CHART_W, CHART_H = 600, 160
+# A line without axes across the job page; a tenth of a unit is finer than it is drawn.
+METRIC_FRAME = charts.Frame(width=600, height=160, places=1)
 
 
 def metric_chart(points: list[tuple[int, float]]) -> dict | None:
-    """An SVG polyline for one metric series, drawn on the server (no chart library needed)."""
+    """One metric's values over its steps, scaled from their lowest to their highest both ways."""
     if len(points) < 2:
         return None
-    steps = [p[0] for p in points]
-    values = [p[1] for p in points]
-    x0, x1 = min(steps), max(steps) or 1
-    y0, y1 = min(values), max(values)
-    span_x, span_y = (x1 - x0) or 1, (y1 - y0) or 1
-    coords = " ".join(
-        f"{(s - x0) / span_x * CHART_W:.1f},{CHART_H - (v - y0) / span_y * CHART_H:.1f}"
-        for s, v in points
+    steps = [step for step, _value in points]
+    values = [value for _step, value in points]
+    first, last = min(steps), max(steps)
+    low, high = min(values), max(values)
+    [line] = charts.polylines(
+        [
+            (
+                METRIC_FRAME.x(step, low=first, high=last),
+                METRIC_FRAME.y(value, low=low, high=high),
+            )
+            for step, value in points
+        ]
     )
     return {
-        "points": coords,
-        "min": y0,
-        "max": y1,
+        "points": line,
+        "min": low,
+        "max": high,
         "last": values[-1],
-        "width": CHART_W,
-        "height": CHART_H,
+        "width": METRIC_FRAME.width,
+        "height": METRIC_FRAME.height,
     }
 
 
@@ -289,11 +293,3 @@ class SweepCancelAction(OrganizationPageMixin, View):
         else:
             messages.success(request, "Sweep cancelled; its running trials stop within seconds.")
         return redirect("jobs:sweep", org_slug, pk)
-
-
-@method_decorator(staff_member_required, name="dispatch")
-class PoolPage(View):
-    """Operators: workers, busy and free slots per class, queue depth per tenant."""
-
-    def get(self, request):
-        return render(request, "jobs/pool.html", selectors.pool_overview())

@@ -1,7 +1,9 @@
-"""Usage reports (selectors, API, page, CSV) and the operators' billing overview."""
+"""Usage reports (selectors, API, page, CSV) and the operators' billing overview (its page is
+tested with the other /ops/ pages in tests/factory_saas/test_ops.py)."""
 
 import csv
 import io
+import re
 from collections import defaultdict
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -16,14 +18,14 @@ from billing import reports
 from billing import views as billing_views
 from billing.charts import MAX_SERIES, stacked_daily_chart
 from billing.errors import BillingError
-from billing.models import MeterPush, Price, Reconciliation, UsageRecord
-from billing.selectors import billing_month, month_bounds
-from billing.services import usage_record
+from billing.models import MeterPush, Reconciliation, UsageRecord
+from charts import PALETTE
 from factory_saas.templatetags.money import cents
 from tenants.actors import Actor
 from tenants.scopes import Role
 from tenants.services import api_key_create
-from tests.factories import MembershipFactory, OrganizationFactory, UserFactory
+from tests.billing.ledgers import month_ledger_create, prices_create, record
+from tests.factories import MembershipFactory, OrganizationFactory
 
 START, END = date(2026, 10, 1), date(2026, 10, 7)
 GROUPINGS = list(reports.GROUPINGS)
@@ -33,34 +35,10 @@ def at(day: int, hour: int = 12, minute: int = 0, second: int = 0, month: int = 
     return datetime(2026, month, day, hour, minute, second, tzinfo=UTC)
 
 
-def record(organization, *, resource, quantity, end, key, **fields):
-    row, created = usage_record(
-        organization=organization,
-        resource=resource,
-        quantity=Decimal(quantity),
-        unit=fields.pop("unit", "gpu_second"),
-        period_start=end - timedelta(seconds=1),
-        period_end=end,
-        idempotency_key=f"test:{organization.pk}:{key}",
-        **fields,
-    )
-    assert created
-    return row
-
-
 @pytest.fixture
 def prices(db, settings):
     settings.STRIPE_SECRET_KEY = ""  # no outbox rows of its own: the tests plant stuck ones
-    since = datetime(2020, 1, 1, tzinfo=UTC)
-    for resource, unit, price in [
-        ("gpu:a100", "gpu_second", "0.0011"),
-        ("gpu:t4", "gpu_second", "0.0002"),
-        ("predictions", "1k_predictions", "0.5"),
-        ("storage", "gb_month", "0.023"),
-    ]:
-        Price.objects.create(
-            resource=resource, unit=unit, unit_price=Decimal(price), effective_from=since
-        )
+    prices_create()
 
 
 @pytest.fixture
@@ -310,7 +288,9 @@ def test_daily_series_has_every_day_zero_filled_and_adds_up(ledger):
 @pytest.mark.django_db
 def test_stacked_chart_segments_add_up_to_each_day(ledger):
     report = report_for(ledger, "resource")
-    chart = stacked_daily_chart(daily=report.daily, resources=report.resources)
+    chart = stacked_daily_chart(
+        daily=report.daily, resources=report.resources, currency=report.currency
+    )
     assert len(chart["bars"]) == 7
     plot_height = chart["baseline"] - chart["top"]
     for bar, day in zip(chart["bars"], report.daily, strict=True):
@@ -327,8 +307,8 @@ def test_chart_draws_resources_past_the_palette_as_one_other_series():
             day=date(2026, 1, 1), amounts={name: 10 for name in names}, total_minor=10 * len(names)
         )
     ]
-    chart = stacked_daily_chart(daily=daily, resources=names)
-    assert [item["resource"] for item in chart["legend"]][-1] == "other"
+    chart = stacked_daily_chart(daily=daily, resources=names, currency="usd")
+    assert [item["name"] for item in chart["legend"]][-1] == "other"
     assert len(chart["legend"]) == MAX_SERIES + 1
     assert chart["legend"][-1]["amount_minor"] == 30
     assert sum(s["amount_minor"] for s in chart["bars"][0]["segments"]) == 10 * len(names)
@@ -525,6 +505,30 @@ def test_page_shows_the_chart_table_total_and_export_link(ledger, billing_user, 
 
 
 @pytest.mark.django_db
+def test_page_draws_the_charts_grid_and_legend(ledger, billing_user, client):
+    client.force_login(billing_user)
+    params = {"start": "2026-10-01", "end": "2026-10-07", "group_by": "resource"}
+    response = client.get(page_url(ledger["org"]), params)
+    html = response.content.decode()
+    report, chart = response.context["report"], response.context["chart"]
+    grid = re.search(r'<g class="usage-chart-grid" aria-hidden="true">(.*?)</g>', html, re.S)[1]
+    tick_labels = re.findall(r'dominant-baseline="middle">([^<]*)</text>', grid)
+    assert tick_labels == [cents(tick["amount_minor"]) for tick in chart["ticks"]]
+    assert tick_labels[0] == cents(0) and len(tick_labels) == 5
+    # Seven days, at most five labels: every other day.
+    days = re.findall(r'y="214" text-anchor="middle">([^<]*)</text>', grid)
+    assert days == ["Oct 1", "Oct 3", "Oct 5", "Oct 7"]
+    legend = re.search(r'<ul class="chart-legend" aria-label="Legend">(.*?)</ul>', html, re.S)[1]
+    items = re.findall(
+        r'fill="(#\w{6})"/></svg> ([^<]*) <span class="muted">([^<]*)</span>', legend
+    )
+    assert items == [
+        (PALETTE[n], name, cents(sum(day.amounts[name] for day in report.daily)))
+        for n, name in enumerate(report.resources)
+    ]
+
+
+@pytest.mark.django_db
 def test_page_lists_the_largest_groups_and_leaves_the_rest_to_the_csv(
     ledger, billing_user, client, monkeypatch
 ):
@@ -604,44 +608,7 @@ def test_billing_page_links_to_the_usage_report(org, owner, client):
 
 @pytest.fixture
 def month_ledger(prices):
-    """Usage this month in three organizations, and last month's in one."""
-    now = timezone.now()
-    since, _ = month_bounds(billing_month(now))
-    orgs = [OrganizationFactory() for _ in range(3)]
-    rows = []
-    for n, org in enumerate(orgs):
-        rows.append(
-            record(
-                org,
-                resource="gpu:a100",
-                quantity=str(3600 * (n + 1)),
-                end=since + timedelta(minutes=n + 1),
-                key="gpu",
-            )
-        )
-        rows.append(
-            record(
-                org,
-                resource="storage",
-                quantity="2",
-                unit="gb_month",
-                end=since + timedelta(minutes=5),
-                key="storage",
-            )
-        )
-    rows.append(
-        record(
-            orgs[0], resource="gpu:t4", quantity="1800", end=since + timedelta(minutes=7), key="t4"
-        )
-    )
-    record(
-        orgs[1],
-        resource="gpu:a100",
-        quantity="99999",
-        end=since - timedelta(seconds=1),
-        key="last-month",
-    )
-    return {"now": now, "orgs": orgs, "rows": rows}
+    return month_ledger_create()
 
 
 @pytest.mark.django_db
@@ -692,50 +659,3 @@ def test_ops_overview_queries_do_not_grow_with_tenants(month_ledger):
     with CaptureQueriesContext(connection) as after:
         reports.ops_billing_overview(now=now)
     assert len(after) == len(before)
-
-
-@pytest.mark.django_db
-def test_ops_billing_page_is_refused_to_non_staff(month_ledger, client):
-    owner = MembershipFactory(organization=month_ledger["orgs"][0], role=Role.OWNER).user
-    client.force_login(owner)
-    response = client.get(reverse("ops_billing"))
-    assert response.status_code == 302
-    assert "/admin/login/" in response["Location"]
-    client.logout()
-    assert client.get(reverse("ops_billing")).status_code == 302
-
-
-@pytest.mark.django_db
-def test_ops_billing_page_shows_the_figures_to_staff(month_ledger, client):
-    now = month_ledger["now"]
-    org = month_ledger["orgs"][2]
-    stuck = month_ledger["rows"][0]
-    MeterPush.objects.create(usage=stuck, attempts=6, last_error="Stripe said no")
-    Reconciliation.objects.create(
-        organization=org, day=now.date(), resource="gpu:a100", ledger_minor=1234, stripe_minor=1000
-    )
-    Reconciliation.objects.create(
-        organization=org, day=now.date(), resource="storage", ledger_minor=77, stripe_minor=77
-    )
-    staff = UserFactory(is_staff=True)
-    client.force_login(staff)
-    response = client.get(reverse("ops_billing"))
-    assert response.status_code == 200
-    html = response.content.decode()
-    revenue = sum(row.amount_minor for row in month_ledger["rows"])
-    assert f"<strong>{cents(revenue)}</strong>" in html
-    assert reverse("admin:tenants_organization_change", args=[org.pk]) in html
-    assert f"usage {stuck.pk} of {stuck.organization.name}" in html
-    assert "Stripe said no" in html
-    assert reverse("admin:billing_meterpush_changelist") + "?stuck=yes" in html
-    assert "<strong>1</strong> pending" in html
-    assert cents(234) in html  # the difference; the matching day is not listed
-    assert html.count(f">{org.name}</a>") == 2  # once among top tenants, once in differences
-    assert "6.00" in html  # a100 GPU-hours
-
-
-@pytest.mark.django_db
-def test_staff_see_the_ops_billing_link(client):
-    client.force_login(UserFactory(is_staff=True))
-    html = client.get(reverse("tenants:profile")).content.decode()
-    assert f'href="{reverse("ops_billing")}"' in html

@@ -1,5 +1,6 @@
-"""The operators' overview at /ops/: its selectors (utilization, workers, queues, failures), who
-may see it, what it shows, and that its queries do not grow with the pool."""
+"""The operators' pages: the overview at /ops/ (its selectors: utilization, workers, queues,
+failures; who may see it, what it shows, and that its queries do not grow with the pool), and the
+pool and billing pages under it."""
 
 import re
 from datetime import UTC, datetime, timedelta
@@ -12,9 +13,9 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
-from billing.models import MeterPush, Price
+from billing.models import MeterPush, Price, Reconciliation
 from billing.services import usage_record
-from factory_saas.ops import utilization_chart
+from factory_saas.ops.charts import utilization_chart
 from factory_saas.templatetags.money import cents
 from jobs.models import Job, JobAttempt, JobState, ResourceClass, Worker
 from jobs.selectors import (
@@ -25,7 +26,9 @@ from jobs.selectors import (
     queue_by_tenant,
     workers_with_jobs,
 )
+from jobs.services.pool import worker_register
 from tenants.scopes import Role
+from tests.billing.ledgers import month_ledger_create, prices_create
 from tests.factories import JobFactory, MembershipFactory, OrganizationFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
@@ -340,6 +343,24 @@ def test_staff_see_every_section(ops_world, staff_client):
     assert f'href="{reverse("ops_pool")}"' in html and f'href="{reverse("ops_billing")}"' in html
 
 
+def test_overview_chart_draws_its_grid_and_legend(ops_world, staff_client):
+    response = staff_client.get(reverse("ops_overview"))
+    html = response.content.decode()
+    buckets = response.context["utilization"].buckets
+    grid = re.search(r'<g class="usage-chart-grid" aria-hidden="true">(.*?)</g>', html, re.S)[1]
+    percents = re.findall(r'dominant-baseline="middle">([^<]*)</text>', grid)
+    assert percents == ["0%", "25%", "50%", "75%", "100%"]
+    # 24 hours, at most six labels: every fourth hour.
+    hours = re.findall(r'y="214" text-anchor="middle">([^<]*)</text>', grid)
+    assert hours == [f"{at:%H:%M}" for at in buckets[::4]]
+    legend = re.search(r'<ul class="chart-legend" aria-label="Legend">(.*?)</ul>', html, re.S)[1]
+    [(colour, name, note)] = re.findall(
+        r'fill="(#\w{6})"/></svg> ([^<]*) <span class="muted">([^<]*)</span>', legend
+    )
+    assert (colour, name) == ("#0072B2", "a100-40gb")
+    assert note.startswith("4 slots, avg ") and note.endswith(", peak 25%")
+
+
 def test_page_queries_do_not_grow_with_jobs_workers_or_tenants(ops_world, staff_client):
     url = reverse("ops_overview")
     staff_client.get(url)  # warm the session and the content types
@@ -373,3 +394,61 @@ def test_a_large_pool_shows_the_workers_needing_attention_first_and_few_jobs_eac
     assert "32 workers" in html and "Showing 25" in html
     assert len(re.findall(r"/admin/jobs/job/\d+/change/", html)) == 3  # of busy's 5
     assert "all 5 jobs" in html
+
+
+# The pool and billing pages
+
+
+@pytest.fixture
+def month_ledger(settings):
+    settings.STRIPE_SECRET_KEY = ""  # no outbox rows of its own: the tests plant stuck ones
+    prices_create()
+    return month_ledger_create()
+
+
+def test_pool_page_is_for_staff(client, owner):
+    worker_register(name="cpu-ops", devices=[])
+    client.force_login(owner)
+    assert client.get(reverse("ops_pool")).status_code == 302
+    owner.is_staff = True
+    owner.save()
+    page = client.get(reverse("ops_pool"))
+    assert page.status_code == 200 and b"cpu-ops" in page.content
+
+
+def test_ops_billing_page_is_refused_to_non_staff(month_ledger, client):
+    owner = MembershipFactory(organization=month_ledger["orgs"][0], role=Role.OWNER).user
+    client.force_login(owner)
+    response = client.get(reverse("ops_billing"))
+    assert response.status_code == 302
+    assert "/admin/login/" in response["Location"]
+    client.logout()
+    assert client.get(reverse("ops_billing")).status_code == 302
+
+
+def test_ops_billing_page_shows_the_figures_to_staff(month_ledger, client):
+    now = month_ledger["now"]
+    org = month_ledger["orgs"][2]
+    stuck = month_ledger["rows"][0]
+    MeterPush.objects.create(usage=stuck, attempts=6, last_error="Stripe said no")
+    Reconciliation.objects.create(
+        organization=org, day=now.date(), resource="gpu:a100", ledger_minor=1234, stripe_minor=1000
+    )
+    Reconciliation.objects.create(
+        organization=org, day=now.date(), resource="storage", ledger_minor=77, stripe_minor=77
+    )
+    staff = UserFactory(is_staff=True)
+    client.force_login(staff)
+    response = client.get(reverse("ops_billing"))
+    assert response.status_code == 200
+    html = response.content.decode()
+    revenue = sum(row.amount_minor for row in month_ledger["rows"])
+    assert f"<strong>{cents(revenue)}</strong>" in html
+    assert reverse("admin:tenants_organization_change", args=[org.pk]) in html
+    assert f"usage {stuck.pk} of {stuck.organization.name}" in html
+    assert "Stripe said no" in html
+    assert reverse("admin:billing_meterpush_changelist") + "?stuck=yes" in html
+    assert "<strong>1</strong> pending" in html
+    assert cents(234) in html  # the difference; the matching day is not listed
+    assert html.count(f">{org.name}</a>") == 2  # once among top tenants, once in differences
+    assert "6.00" in html  # a100 GPU-hours

@@ -1,4 +1,4 @@
-"""Job pages: the generated submit form, the live job page, the operators' pool page."""
+"""Job pages: the generated submit form, the live job page and its metric charts."""
 
 import pytest
 from django.urls import reverse
@@ -6,6 +6,7 @@ from django.urls import reverse
 from jobs.models import Job
 from jobs.scheduler.apply import scheduler_pass
 from jobs.services.attempts import Report, attempt_claim, attempt_report
+from jobs.views import metric_chart
 from tests.factories import DatasetVersionFactory, JobFactory, ModelVersionFactory
 
 pytestmark = pytest.mark.django_db
@@ -90,6 +91,16 @@ def test_job_page_shows_logs_a_chart_and_refreshes_while_active(org, dev, regist
     assert "<html" in boosted and "<h1>" in boosted
 
 
+def test_metric_chart_spans_the_steps_and_the_values_from_lowest_to_highest():
+    chart = metric_chart([(0, 1.0), (10, 0.0), (20, 0.5)])
+    assert chart["points"] == "0.0,0.0 300.0,160.0 600.0,80.0"
+    assert (chart["min"], chart["max"], chart["last"]) == (0.0, 1.0, 0.5)
+    assert (chart["width"], chart["height"]) == (600, 160)
+    # A flat series lies on the bottom edge; a single point draws nothing.
+    assert metric_chart([(1, 2.0), (3, 2.0)])["points"] == "0.0,160.0 600.0,160.0"
+    assert metric_chart([(1, 2.0)]) is None
+
+
 def test_jobs_list_shows_queue_position_and_reason(org, dev, register_worker):
     register_worker("cpu-list")
     jobs = [JobFactory(organization=org) for _ in range(3)]
@@ -97,16 +108,6 @@ def test_jobs_list_shows_queue_position_and_reason(org, dev, register_worker):
     html = dev.get(reverse("jobs:jobs", args=[org.slug])).content.decode()
     waiting = Job.objects.get(pk=jobs[2].pk)
     assert f"#{waiting.queue_position}" in html and waiting.waiting_reason in html
-
-
-def test_pool_page_is_for_staff(client, owner, register_worker):
-    register_worker("cpu-ops")
-    client.force_login(owner)
-    assert client.get(reverse("ops_pool")).status_code == 302
-    owner.is_staff = True
-    owner.save()
-    page = client.get(reverse("ops_pool"))
-    assert page.status_code == 200 and b"cpu-ops" in page.content
 
 
 def test_batch_prediction_page_queues_an_inference_job(org, dev):
