@@ -8,6 +8,8 @@ STAMP := $(VENV)/.installed-stamp
 
 DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/factory_saas
 REDIS_URL ?= redis://127.0.0.1:6379/0
+# pytest-xdist processes for the suite (one per core here); `serial` tests run alone after them.
+TEST_WORKERS ?= 2
 TEST_ENV := DJANGO_SETTINGS_MODULE=factory_saas.settings.test DATABASE_URL=$(DATABASE_URL) REDIS_URL=$(REDIS_URL)
 
 .PHONY: install run worker test lint audit screenshots clean
@@ -55,7 +57,8 @@ test: install $(CHROMIUM)
 	$(TEST_ENV) $(BIN)/python manage.py makemigrations --check --dry-run
 	$(TEST_ENV) $(BIN)/python manage.py spectacular --validate --fail-on-warn --file /dev/null
 	$(BIN)/python tests/security/pip_audit_gate.py
-	$(TEST_ENV) $(BIN)/pytest
+	$(TEST_ENV) $(BIN)/pytest -n $(TEST_WORKERS) -m "not serial"
+	$(TEST_ENV) $(BIN)/pytest -m serial
 
 # Re-take the user guide's screenshots (docs/img/journey/) from the browser journey.
 screenshots: install $(CHROMIUM)

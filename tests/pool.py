@@ -39,8 +39,11 @@ class Pool:
 
     def __init__(self, tmp_path: Path):
         self.tmp = tmp_path
+        # The settings already resolved the xdist worker's Redis database and folders; without
+        # the worker's name the processes take them as given instead of shifting them again.
+        inherited = {k: v for k, v in os.environ.items() if k != "PYTEST_XDIST_WORKER"}
         self.env = {
-            **os.environ,
+            **inherited,
             **TIMINGS,
             "DJANGO_SETTINGS_MODULE": "factory_saas.settings.test",
             "DATABASE_URL": _database_url(),

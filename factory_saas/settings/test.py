@@ -1,7 +1,24 @@
 """Settings for `make test`: the real PostgreSQL and Redis, fast password hashing."""
 
+from urllib.parse import urlsplit, urlunsplit
+
 from .base import *  # noqa: F403
-from .base import env
+from .base import BASE_DIR, env
+
+# Under pytest-xdist each worker process gets its own test database (pytest-django's suffix),
+# and here its own Redis database and local folders, so one worker's cache flush, Celery queues
+# or storage sweep never meet another's. Processes a test starts get these resolved values, not
+# the worker's name (tests/pool.py), so the shift happens once.
+XDIST_WORKER = env("PYTEST_XDIST_WORKER", default="")
+
+
+def _per_worker_redis(url: str) -> str:
+    if not XDIST_WORKER:
+        return url
+    parts = urlsplit(url)
+    database = int(parts.path.strip("/") or 0) + 1 + int(XDIST_WORKER.removeprefix("gw"))
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
 
 SECRET_KEY = env(
     "SECRET_KEY", default="test-only-key-not-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
@@ -11,7 +28,7 @@ DEBUG = False
 DATABASES = {
     "default": env.db("DATABASE_URL", default="postgres://postgres@127.0.0.1:5432/factory_saas")
 }
-REDIS_URL = env("REDIS_URL", default="redis://127.0.0.1:6379/0")
+REDIS_URL = _per_worker_redis(env("REDIS_URL", default="redis://127.0.0.1:6379/0"))
 CACHES = {
     "default": {
         "BACKEND": "django.core.cache.backends.redis.RedisCache",
@@ -19,7 +36,9 @@ CACHES = {
         "KEY_PREFIX": "factory_saas_test",
     }
 }
-CELERY_BROKER_URL = env("CELERY_BROKER_URL", default=REDIS_URL)
+CELERY_BROKER_URL = (
+    _per_worker_redis(env("CELERY_BROKER_URL")) if "CELERY_BROKER_URL" in env else REDIS_URL
+)
 
 # High enough that no test but the rate-limit tests (which set their own) ever meets one.
 API_RATE_LIMITS = dict.fromkeys(API_RATE_LIMITS, "1000000/day")  # noqa: F405
@@ -27,3 +46,10 @@ API_RATE_LIMITS = dict.fromkeys(API_RATE_LIMITS, "1000000/day")  # noqa: F405
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
 STORAGE_BACKEND = env("STORAGE_BACKEND", default="local")
+if XDIST_WORKER:
+    STORAGE_LOCAL_ROOT = env(
+        "STORAGE_LOCAL_ROOT", default=str(BASE_DIR / "var" / f"test-{XDIST_WORKER}" / "storage")
+    )
+    WORKER_WORKDIR = env(
+        "WORKER_WORKDIR", default=str(BASE_DIR / "var" / f"test-{XDIST_WORKER}" / "work")
+    )

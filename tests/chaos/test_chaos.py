@@ -80,6 +80,8 @@ PARAMETERS = {
 }
 
 chaos = pytest.mark.django_db(transaction=True, serialized_rollback=True)
+# Its deadlines assume the machine to itself: make test runs it after the parallel part.
+pytestmark = pytest.mark.serial
 
 
 @pytest.fixture
