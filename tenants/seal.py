@@ -85,3 +85,19 @@ def sealed_overrides(cls: type, base: type, names: Iterable[str]) -> list[str]:
     """The names among `names` that `cls` no longer takes from `base`, by identity, so that an
     override arriving through a mixin is caught too."""
     return [name for name in names if getattr(cls, name) is not getattr(base, name)]
+
+
+def refuse_unsealed(cls: type, base: type) -> None:
+    """What every sealed base refuses in a subclass, at import: replacing a method the seal owns
+    (`base._sealed`), or a class-level `queryset`, which would bypass the organization filter."""
+    overridden = sealed_overrides(cls, base, base._sealed)
+    if overridden:
+        raise TypeError(
+            f"{cls.__name__} overrides {', '.join(overridden)}, which the tenancy seal "
+            "owns; narrow the organization's rows in narrow_queryset() instead."
+        )
+    if getattr(cls, "queryset", None) is not None:
+        raise TypeError(
+            f"{cls.__name__} sets `queryset`, which bypasses the organization filter; set "
+            "`model` and narrow in narrow_queryset()."
+        )

@@ -18,7 +18,7 @@ alone is refused at import.
 from rest_framework import generics, viewsets
 
 from tenants.actors import Actor
-from tenants.seal import SealBroken, checked_rows, organization_rows, sealed_overrides
+from tenants.seal import SealBroken, checked_rows, organization_rows, refuse_unsealed
 from tenants.selectors import organization_access
 from tenants.standing import Effect
 
@@ -66,21 +66,11 @@ class OrganizationScopedMixin:
                 "OrganizationScopedViewSet (a model's rows) or OrganizationScopedAPIView "
                 "(anything else) so the organization filter cannot be lost."
             )
-        overridden = sealed_overrides(cls, seal, cls._sealed)
-        if overridden:
-            raise TypeError(
-                f"{cls.__name__} overrides {', '.join(overridden)}, which the tenancy seal "
-                "owns; narrow the organization's rows in narrow_queryset() instead."
-            )
+        refuse_unsealed(cls, seal)
         if list(cls.permission_classes[:1]) != [HasOrganizationScope]:
             raise TypeError(
                 f"{cls.__name__}.permission_classes must start with HasOrganizationScope, "
                 "which resolves the organization (404 for outsiders) before anything else."
-            )
-        if getattr(cls, "queryset", None) is not None:
-            raise TypeError(
-                f"{cls.__name__} sets `queryset`, which bypasses the organization filter; set "
-                "`model` and narrow in narrow_queryset()."
             )
 
     def resolve_organization(self):

@@ -14,7 +14,7 @@ from django.shortcuts import get_object_or_404, render
 
 from tenants.actors import Actor
 from tenants.api.throttles import throttle_wait
-from tenants.seal import SealBroken, organization_rows, sealed_overrides
+from tenants.seal import SealBroken, organization_rows, refuse_unsealed
 from tenants.selectors import organization_access
 from tenants.standing import Effect, OrganizationRestricted, action_effect, standing_check
 
@@ -39,17 +39,7 @@ class OrganizationPageMixin(LoginRequiredMixin):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        overridden = sealed_overrides(cls, OrganizationPageMixin, cls._sealed)
-        if overridden:
-            raise TypeError(
-                f"{cls.__name__} overrides {', '.join(overridden)}, which the tenancy seal "
-                "owns; narrow the organization's rows in narrow_queryset() instead."
-            )
-        if getattr(cls, "queryset", None) is not None:
-            raise TypeError(
-                f"{cls.__name__} sets `queryset`, which bypasses the organization filter; set "
-                "`model` and narrow in narrow_queryset()."
-            )
+        refuse_unsealed(cls, OrganizationPageMixin)
 
     def dispatch(self, request, *args, **kwargs):
         if not request.user.is_authenticated:
