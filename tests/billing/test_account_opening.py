@@ -102,7 +102,7 @@ def test_reading_billing_of_an_organization_made_elsewhere_writes_no_row(
 
 
 def test_the_backfill_opens_what_older_organizations_lack_once(org, other_org):
-    """Migrations registry 0002 and billing 0009, run over organizations made before."""
+    """Migrations registry 0004 and billing 0009, run over organizations made before."""
     billing_0009 = importlib.import_module(
         "billing.migrations.0009_open_accounts_of_existing_organizations"
     )
