@@ -8,6 +8,18 @@ class StorageQuotaExceeded(DomainError):
     status = 400
 
 
+class UploadSizeMismatch(DomainError):
+    """The uploaded object is not the size declared when the upload started."""
+
+
+class TooManyOpenUploads(ConflictError):
+    code = "too_many_open_uploads"
+
+
+class UploadBeingFinalized(ConflictError):
+    code = "upload_being_finalized"
+
+
 class PromotionGateFailed(ConflictError):
     code = "promotion_gate_failed"
 

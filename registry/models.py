@@ -217,6 +217,9 @@ class PendingUpload(OrganizationOwned):
     )
     created_at = models.DateTimeField(default=timezone.now)
     expires_at = models.DateTimeField()
+    # Set by the finalize that is copying the upload, so a second one is refused before it
+    # copies; it lapses by itself, so a finalize that died mid-way does not block a retry.
+    finalize_claimed_until = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]

@@ -57,6 +57,14 @@ def pending_upload_accepts(*, organization_id: int, storage_key: str) -> bool:
     ).exists()
 
 
+def pending_uploads_open(*, organization: Organization) -> QuerySet[PendingUpload]:
+    """Uploads started and neither finalized nor expired: each holds its declared size of the
+    organization's quota and one of its open-upload places."""
+    return PendingUpload.objects.for_organization(organization).filter(
+        expires_at__gt=timezone.now()
+    )
+
+
 def registered_model_list(*, organization: Organization) -> QuerySet[RegisteredModel]:
     return RegisteredModel.objects.for_organization(organization).annotate(
         version_count=Count("versions")

@@ -147,6 +147,8 @@ S3_SECRET_ACCESS_KEY = env("S3_SECRET_ACCESS_KEY", default="")
 # Until plans land with billing, every organization gets this storage quota.
 STORAGE_QUOTA_DEFAULT_BYTES = env.int("STORAGE_QUOTA_DEFAULT_BYTES", default=50 * 1024**3)
 DATASET_MAX_UPLOAD_BYTES = env.int("DATASET_MAX_UPLOAD_BYTES", default=5 * 1024**3)
+# Started, not yet finalized uploads an organization may hold at once (each reserves quota).
+STORAGE_MAX_OPEN_UPLOADS = env.int("STORAGE_MAX_OPEN_UPLOADS", default=20)
 # Uploads above this size are spooled to disk by Django, never held in memory.
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 FILE_UPLOAD_TEMP_DIR = env("FILE_UPLOAD_TEMP_DIR", default=None)

@@ -14,21 +14,30 @@ from pathlib import Path
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.db.models import Max, Sum
+from django.db.models import Max, Min, Q, Sum
 from django.utils import timezone
 
-from registry.errors import InUseError
+from registry.errors import InUseError, TooManyOpenUploads, UploadBeingFinalized, UploadSizeMismatch
 from registry.formats import DatasetFormatError, DatasetLimits, inspect_dataset
 from registry.models import Dataset, DatasetVersion, ModelVersion, PendingUpload, name_validator
+from registry.selectors import pending_uploads_open
 from registry.storage import PresignedPost, get_storage, new_object_key
 from tenants.actors import Actor
 from tenants.errors import ConflictError, DomainError
 from tenants.models import Organization
 from tenants.services import audit_record
 
-from .storage_accounts import storage_charge, storage_check, stored_objects_delete
+from .storage_accounts import (
+    storage_account_lock,
+    storage_charge,
+    storage_check,
+    stored_objects_delete,
+)
 
 PENDING_UPLOAD_TTL = timedelta(hours=6)
+# Long enough for a finalize to copy, hash and inspect the largest upload; a finalize that died
+# blocks retries of its upload no longer than this.
+FINALIZE_CLAIM_TTL = timedelta(minutes=30)
 
 
 def validate_name(name: str, *, field: str = "name") -> str:
@@ -196,19 +205,35 @@ def pending_upload_create(
     actor: Actor,
 ) -> tuple[PendingUpload, PresignedPost]:
     """Reserve a key for a large upload sent straight to storage; returns it with the form to
-    POST the file to, which the store accepts only at exactly `size_bytes`."""
+    POST the file to, which the store accepts only at exactly `size_bytes`.
+
+    Until finalized or expired, the upload holds its declared size of the quota and one of the
+    organization's few open-upload places: bytes can land under its key before anything is billed.
+    """
     limit = dataset_limits().max_bytes
     if size_bytes > limit:
         raise DatasetFormatError(
             f"The file is {size_bytes} bytes; the limit is {limit}. Split it into versions.",
             fields={"size_bytes": [f"At most {limit}."]},
         )
-    storage_check(organization=dataset.organization, adding_bytes=size_bytes)
+    organization = dataset.organization
+    # Concurrent starts take turns, so together they cannot pass the cap or the quota.
+    storage_account_lock(organization=organization)
+    open_uploads = pending_uploads_open(organization=organization)
+    opened = open_uploads.count()
+    if opened >= settings.STORAGE_MAX_OPEN_UPLOADS:
+        first_expiry = open_uploads.aggregate(first=Min("expires_at"))["first"]
+        raise TooManyOpenUploads(
+            f"{opened} uploads are open in this organization, the most it may hold at once. "
+            "Finalize one, or start this one after the oldest expires at "
+            f"{first_expiry:%Y-%m-%d %H:%M} UTC."
+        )
+    storage_check(organization=organization, adding_bytes=size_bytes)
     upload = PendingUpload.objects.create(
-        organization=dataset.organization,
+        organization=organization,
         dataset=dataset,
         storage_key=new_object_key(
-            organization_id=dataset.organization_id, kind="uploads", filename=filename
+            organization_id=organization.pk, kind="uploads", filename=filename
         ),
         original_filename=filename[:255],
         declared_format=declared_format,
@@ -229,11 +254,51 @@ def pending_upload_finalize(*, upload: PendingUpload, actor: Actor) -> DatasetVe
 
     The upload's key stays writable through its URL until that expires (S3 cannot revoke a
     presigned POST); the version's key never was, and what is hashed, inspected and recorded
-    is the copy, so a write racing the finalize changes nothing. Any refusal discards the upload.
+    is the copy, so a write racing the finalize changes nothing. A finalize first claims the
+    upload, so a second one sent meanwhile is refused before it copies anything. Bytes that can
+    never become a version discard the upload; any other refusal releases the claim for a retry.
     """
     if upload.expires_at <= timezone.now():
         _discard_upload(upload)
         raise DomainError("This upload expired; start a new one.")
+    claim = _claim_for_finalize(upload)
+    try:
+        return _finalize_claimed(upload=upload, claim=claim, actor=actor)
+    except (DatasetFormatError, UploadSizeMismatch):
+        _discard_upload(upload)
+        raise
+    except ConflictError:
+        raise  # another finalize took the upload over; the claim is no longer ours to release
+    except BaseException:
+        PendingUpload.objects.filter(pk=upload.pk, finalize_claimed_until=claim).update(
+            finalize_claimed_until=None
+        )
+        raise
+
+
+def _claim_for_finalize(upload: PendingUpload) -> datetime:
+    """Mark the upload as being finalized until the returned time, which is also the claim's
+    token: only the finalize holding that value may record or release it."""
+    now = timezone.now()
+    claim = now + FINALIZE_CLAIM_TTL
+    claimed = (
+        PendingUpload.objects.filter(pk=upload.pk)
+        .filter(Q(finalize_claimed_until__isnull=True) | Q(finalize_claimed_until__lte=now))
+        .update(finalize_claimed_until=claim)
+    )
+    if claimed:
+        return claim
+    held = PendingUpload.objects.filter(pk=upload.pk).first()
+    if held is None:
+        raise ConflictError("This upload was already finalized or discarded.")
+    lapses = held.finalize_claimed_until or now
+    raise UploadBeingFinalized(
+        "Another request is finalizing this upload; wait for its answer. Should that request "
+        f"have died, finalize again after {lapses:%Y-%m-%d %H:%M:%S} UTC."
+    )
+
+
+def _finalize_claimed(*, upload: PendingUpload, claim: datetime, actor: Actor) -> DatasetVersion:
     storage = get_storage()
     uploaded_size = storage.size(upload.storage_key)
     if uploaded_size is None:
@@ -242,24 +307,23 @@ def pending_upload_finalize(*, upload: PendingUpload, actor: Actor) -> DatasetVe
             "then finalize."
         )
     if uploaded_size != upload.size_bytes:
-        _discard_upload(upload)
         raise _size_mismatch(upload, uploaded_size)
     key = new_object_key(
         organization_id=upload.organization_id, kind="datasets", filename=upload.original_filename
     )
     storage.copy(upload.storage_key, key)
     try:
-        version = _finalize_copy(upload=upload, key=key, actor=actor)
-    except BaseException as exc:
+        version = _finalize_copy(upload=upload, key=key, claim=claim, actor=actor)
+    except BaseException:
         stored_objects_delete([key])
-        if isinstance(exc, DomainError):
-            _discard_upload(upload)
         raise
     stored_objects_delete([upload.storage_key])
     return version
 
 
-def _finalize_copy(*, upload: PendingUpload, key: str, actor: Actor) -> DatasetVersion:
+def _finalize_copy(
+    *, upload: PendingUpload, key: str, claim: datetime, actor: Actor
+) -> DatasetVersion:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "upload"
         digest = hashlib.sha256()
@@ -271,13 +335,18 @@ def _finalize_copy(*, upload: PendingUpload, key: str, actor: Actor) -> DatasetV
         # Checked again on the copy: the upload may have been replaced after the first check.
         if size != upload.size_bytes:
             raise _size_mismatch(upload, size)
-        storage_check(organization=upload.organization, adding_bytes=size)
+        storage_check(organization=upload.organization, adding_bytes=size, excluding_upload=upload)
         inspection = inspect_dataset(
             path, limits=dataset_limits(), declared_format=upload.declared_format or None
         )
     with transaction.atomic():
-        if not PendingUpload.objects.select_for_update().filter(pk=upload.pk).exists():
-            raise ConflictError("This upload was already finalized.")
+        # A claim that lapsed while this copy ran may have been taken by a later finalize.
+        if (
+            not PendingUpload.objects.select_for_update()
+            .filter(pk=upload.pk, finalize_claimed_until=claim)
+            .exists()
+        ):
+            raise ConflictError("This upload was finalized by another request.")
         version = _record_version(
             dataset=upload.dataset,
             key=key,
@@ -302,8 +371,8 @@ def pending_uploads_expire(*, before: datetime) -> int:
     return deleted
 
 
-def _size_mismatch(upload: PendingUpload, size: int) -> DomainError:
-    return DomainError(
+def _size_mismatch(upload: PendingUpload, size: int) -> UploadSizeMismatch:
+    return UploadSizeMismatch(
         f"{size} bytes were uploaded, but {upload.size_bytes} were declared; "
         "start a new upload with the file's exact size."
     )

@@ -4,11 +4,12 @@ import logging
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F
+from django.db.models import Count, F, Sum
 from django.utils import timezone
 
 from registry.errors import StorageQuotaExceeded
-from registry.models import StorageAccount
+from registry.models import PendingUpload, StorageAccount
+from registry.selectors import pending_uploads_open
 from registry.storage import get_storage
 from tenants.models import Organization
 
@@ -32,30 +33,64 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def _refuse_if_over(account: StorageAccount, adding_bytes: int) -> None:
-    if account.used_bytes + adding_bytes > account.quota_bytes:
-        raise StorageQuotaExceeded(
-            f"This needs {_human(adding_bytes)} but only "
-            f"{_human(max(0, account.quota_bytes - account.used_bytes))} of the "
-            f"{_human(account.quota_bytes)} storage quota is free. Delete old versions or ask "
-            "an operator for a larger quota."
-        )
+def _refuse_if_over(
+    account: StorageAccount,
+    adding_bytes: int,
+    *,
+    reserved_bytes: int = 0,
+    reserved_uploads: int = 0,
+) -> None:
+    if account.used_bytes + reserved_bytes + adding_bytes <= account.quota_bytes:
+        return
+    free = max(0, account.quota_bytes - account.used_bytes - reserved_bytes)
+    held = (
+        f" ({_human(reserved_bytes)} of it held by {reserved_uploads} open "
+        f"upload{'' if reserved_uploads == 1 else 's'} until finalized or expired)"
+        if reserved_uploads
+        else ""
+    )
+    raise StorageQuotaExceeded(
+        f"This needs {_human(adding_bytes)} but only {_human(free)} of the "
+        f"{_human(account.quota_bytes)} storage quota is free{held}. Delete old versions or "
+        "ask an operator for a larger quota."
+    )
 
 
-def storage_check(*, organization: Organization, adding_bytes: int) -> None:
-    """Refuse early, before any upload work, when the bytes cannot fit (a read: an organization
-    without an account yet has the default quota, all free)."""
+def storage_check(
+    *,
+    organization: Organization,
+    adding_bytes: int,
+    excluding_upload: PendingUpload | None = None,
+) -> None:
+    """Refuse early, before any upload work, when the bytes cannot fit beside what is stored and
+    what open uploads hold; the upload being finalized, `excluding_upload`, holds the very bytes
+    it adds (a read: an organization without an account yet has the default quota, all free)."""
     account = StorageAccount.objects.for_organization(organization).first() or StorageAccount(
         organization=organization, quota_bytes=settings.STORAGE_QUOTA_DEFAULT_BYTES
     )
-    _refuse_if_over(account, adding_bytes)
+    open_uploads = pending_uploads_open(organization=organization)
+    if excluding_upload is not None:
+        open_uploads = open_uploads.exclude(pk=excluding_upload.pk)
+    reserved = open_uploads.aggregate(count=Count("pk"), total=Sum("size_bytes"))
+    _refuse_if_over(
+        account,
+        adding_bytes,
+        reserved_bytes=reserved["total"] or 0,
+        reserved_uploads=reserved["count"],
+    )
+
+
+def storage_account_lock(*, organization: Organization) -> StorageAccount:
+    """The organization's account, locked until the caller's transaction ends: writers of its
+    bytes and starters of its uploads take turns."""
+    assert transaction.get_connection().in_atomic_block, "the lock is held by a transaction"
+    storage_account_ensure(organization=organization)
+    return StorageAccount.objects.select_for_update().get(organization=organization)
 
 
 def storage_charge(*, organization: Organization, delta_bytes: int) -> None:
     """Move used bytes inside the caller's transaction; growth past the quota is refused."""
-    assert transaction.get_connection().in_atomic_block, "storage_charge runs inside a transaction"
-    storage_account_ensure(organization=organization)
-    account = StorageAccount.objects.select_for_update().get(organization=organization)
+    account = storage_account_lock(organization=organization)
     if delta_bytes > 0:
         _refuse_if_over(account, delta_bytes)
     StorageAccount.objects.filter(pk=account.pk).update(

@@ -3,6 +3,7 @@
 import hashlib
 import io
 import urllib.request
+from datetime import timedelta
 from unittest import mock
 from urllib.parse import urlsplit
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import override_settings
+from django.utils import timezone
 
 from registry.models import DatasetVersion, PendingUpload, StorageAccount
 from registry.storage import get_storage
@@ -249,3 +251,68 @@ def test_upload_to_s3_and_fetch_the_presigned_download_over_http(
         assert response.read() == csv_bytes
     version = DatasetVersion.objects.get()
     assert s3_storage.size(version.storage_key) == len(csv_bytes)
+
+
+def test_a_finalize_claimed_by_a_crashed_request_is_refused_until_the_claim_lapses(
+    org, dev_client, local_store, csv_bytes, client, monkeypatch
+):
+    """A finalize that died mid-copy leaves its claim behind: another finalize is told so at
+    once, without copying; once the claim lapses, a retry finalizes the upload."""
+    name = _create_dataset(dev_client, org)
+    started = _start_upload(dev_client, org, name, len(csv_bytes))
+    assert post_presigned(client, started["url"], started["fields"], csv_bytes) == 204
+    storage = get_storage()
+    copies = []
+    copy = storage._copy
+    monkeypatch.setattr(storage, "_copy", lambda *keys: copies.append(keys) or copy(*keys))
+    finalize_url = f"/api/v1/orgs/{org.slug}/datasets/{name}/uploads/{started['id']}/finalize/"
+    claimed_until = timezone.now() + timedelta(minutes=5)
+    PendingUpload.objects.update(finalize_claimed_until=claimed_until)
+
+    refused = dev_client.post(finalize_url)
+
+    assert (refused.status_code, refused.json().get("code")) == (409, "upload_being_finalized")
+    assert copies == [] and PendingUpload.objects.get().finalize_claimed_until == claimed_until
+    PendingUpload.objects.update(finalize_claimed_until=timezone.now() - timedelta(seconds=1))
+    retried = dev_client.post(finalize_url)
+    assert retried.status_code == 201, retried.content
+    assert len(copies) == 1 and DatasetVersion.objects.get().storage_key == copies[0][1]
+
+
+def test_a_finalize_refused_before_the_bytes_arrived_can_be_retried(
+    org, dev_client, local_store, csv_bytes, client
+):
+    """A refusal the user can act on releases the claim: finalize too early, upload, finalize."""
+    name = _create_dataset(dev_client, org)
+    started = _start_upload(dev_client, org, name, len(csv_bytes))
+    finalize_url = f"/api/v1/orgs/{org.slug}/datasets/{name}/uploads/{started['id']}/finalize/"
+
+    early = dev_client.post(finalize_url)
+
+    assert early.status_code == 400 and "Nothing was uploaded" in early.json()["detail"]
+    assert PendingUpload.objects.get().finalize_claimed_until is None
+    assert post_presigned(client, started["url"], started["fields"], csv_bytes) == 204
+    assert dev_client.post(finalize_url).status_code == 201
+
+
+def test_a_finalize_over_the_quota_keeps_the_upload_for_a_retry(
+    org, dev_client, local_store, csv_bytes, client
+):
+    """The quota shrank after the upload started: finalize is refused and its copy deleted, but
+    the upload stays, so the user can free space and finalize it again."""
+    name = _create_dataset(dev_client, org)
+    started = _start_upload(dev_client, org, name, len(csv_bytes))
+    assert post_presigned(client, started["url"], started["fields"], csv_bytes) == 204
+    finalize_url = f"/api/v1/orgs/{org.slug}/datasets/{name}/uploads/{started['id']}/finalize/"
+    StorageAccount.objects.update_or_create(
+        organization=org, defaults={"quota_bytes": len(csv_bytes) - 1}
+    )
+
+    refused = dev_client.post(finalize_url)
+
+    assert (refused.status_code, refused.json().get("code")) == (400, "storage_quota_exceeded")
+    upload = PendingUpload.objects.get()
+    assert upload.finalize_claimed_until is None
+    assert stored_files(local_store) == [upload.storage_key]
+    StorageAccount.objects.filter(organization=org).update(quota_bytes=len(csv_bytes))
+    assert dev_client.post(finalize_url).status_code == 201
