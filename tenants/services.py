@@ -31,6 +31,7 @@ from .models import ApiKey, AuditEvent, Invitation, Membership, Organization, Us
 from .scopes import SCOPES, Role, scopes_for_role
 from .selectors import actor_scopes, hash_secret, membership_get
 from .signals import organization_created
+from .standing import Effect, standing_check
 
 _ALPHANUMERIC = string.ascii_letters + string.digits
 API_KEY_PREFIX_LEN = 12
@@ -335,6 +336,9 @@ def invitation_accept(*, token: str, user: User, actor: Actor) -> Membership:
         )
     if membership_get(organization=invitation.organization, user=user) is not None:
         raise ConflictError(f"You are already a member of {invitation.organization.name}.")
+    # Joining hands out access, which a suspended organization may not (403
+    # organization_suspended); the invitation stays pending for when it is lifted.
+    standing_check(organization=invitation.organization, effect=Effect.CHANGE)
     membership = Membership.objects.create(
         organization=invitation.organization, user=user, role=invitation.role
     )

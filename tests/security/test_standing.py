@@ -22,7 +22,7 @@ from billing.webhooks import past_due_set
 from jobs.models import Job, JobState, Sweep
 from registry.models import Dataset, DatasetVersion, ModelVersion, PendingUpload
 from tenants.actors import Actor
-from tenants.models import ApiKey, Invitation, Organization
+from tenants.models import ApiKey, Invitation, Membership, Organization
 from tenants.scopes import ROLE_SCOPES, Role
 from tenants.services import api_key_create
 from tenants.standing import Effect, action_effect
@@ -32,9 +32,11 @@ from tests.factories import (
     JobFactory,
     MembershipFactory,
     OrganizationFactory,
+    UserFactory,
 )
 from tests.jobs.test_predict import EXIT_OK, run_child, write_tabular_sample
 from tests.registry.conftest import local_store  # noqa: F401  a fixture used below
+from tests.tenants.invitations import invite
 from tests.test_tenancy_sweep import (
     CALLS,
     ROUTES,
@@ -357,6 +359,32 @@ def test_a_suspended_organization_cannot_hand_out_access_or_change_settings(tena
     assert not Dataset.objects.filter(name="fresh").exists()
     tenant.org.refresh_from_db()
     assert tenant.org.name != "Renamed"
+
+
+def test_a_suspended_organization_takes_no_new_members(org, owner):
+    """An invitation sent before the suspension is still in the invitee's mailbox: accepting it,
+    through the API or the page, must not add a member to the suspended organization."""
+    _invitation, token = invite(
+        organization=org, email="late@example.test", role=Role.DEVELOPER, actor=Actor(user=owner)
+    )
+    joiner = UserFactory(email="late@example.test")
+    _suspend(org, owner)
+    response = _session_client(joiner).post(
+        "/api/v1/invitations/accept/", {"token": token}, format="json"
+    )
+    assert response.status_code == 403, response.content
+    assert response.json()["code"] == "organization_suspended"
+    page = Client()
+    page.force_login(joiner)
+    answered = page.post(reverse("tenants:invitation_accept"), {"token": token})
+    assert answered.status_code == 403
+    assert "suspended" in answered.content.decode()
+    assert not Membership.objects.filter(organization=org, user=joiner).exists()
+    # The same link works once the operator lifts the suspension.
+    Organization.objects.filter(pk=org.pk).update(status=Organization.Status.ACTIVE)
+    answered = page.post(reverse("tenants:invitation_accept"), {"token": token})
+    assert answered.status_code == 302
+    assert Membership.objects.filter(organization=org, user=joiner).exists()
 
 
 @pytest.mark.parametrize("standing", STANDINGS[1:], ids=str)
