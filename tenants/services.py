@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import string
+import unicodedata
 from datetime import datetime, timedelta
 
 from allauth.account.models import EmailAddress
@@ -31,6 +32,7 @@ from .models import ApiKey, AuditEvent, Invitation, Membership, Organization, Us
 from .scopes import SCOPES, Role, scopes_for_role
 from .selectors import actor_scopes, hash_secret, membership_get
 from .signals import organization_created
+from .standing import Effect, standing_check
 
 _ALPHANUMERIC = string.ascii_letters + string.digits
 API_KEY_PREFIX_LEN = 12
@@ -72,13 +74,29 @@ def _unique_slug(name: str) -> str:
     return slug
 
 
-@transaction.atomic
-def organization_create(*, name: str, owner: User, actor: Actor) -> Organization:
+# A name goes into e-mail subjects, where a line break is a header injection (Django refuses the
+# mail with BadHeaderError), and onto pages: control characters, line and paragraph separators
+# and lone surrogates (which PostgreSQL cannot store) have no place in it.
+_NAME_REFUSED_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
+
+
+def _organization_name(name: str) -> str:
     name = name.strip()
     if not name:
         raise DomainError(
             "An organization needs a name.", fields={"name": ["This field is required."]}
         )
+    if any(unicodedata.category(char) in _NAME_REFUSED_CATEGORIES for char in name):
+        raise DomainError(
+            "An organization name cannot hold control characters.",
+            fields={"name": ["Remove the control characters (line breaks, tabs and the like)."]},
+        )
+    return name
+
+
+@transaction.atomic
+def organization_create(*, name: str, owner: User, actor: Actor) -> Organization:
+    name = _organization_name(name)
     organization = Organization.objects.create(name=name, slug=_unique_slug(name))
     Membership.objects.create(organization=organization, user=owner, role=Role.OWNER)
     audit_record(
@@ -90,11 +108,7 @@ def organization_create(*, name: str, owner: User, actor: Actor) -> Organization
 
 @transaction.atomic
 def organization_update(*, organization: Organization, name: str, actor: Actor) -> Organization:
-    name = name.strip()
-    if not name:
-        raise DomainError(
-            "An organization needs a name.", fields={"name": ["This field is required."]}
-        )
+    name = _organization_name(name)
     organization = Organization.objects.select_for_update().get(pk=organization.pk)
     old_name, organization.name = organization.name, name
     organization.save(update_fields=["name"])
@@ -335,6 +349,9 @@ def invitation_accept(*, token: str, user: User, actor: Actor) -> Membership:
         )
     if membership_get(organization=invitation.organization, user=user) is not None:
         raise ConflictError(f"You are already a member of {invitation.organization.name}.")
+    # Joining hands out access, which a suspended organization may not (403
+    # organization_suspended); the invitation stays pending for when it is lifted.
+    standing_check(organization=invitation.organization, effect=Effect.CHANGE)
     membership = Membership.objects.create(
         organization=invitation.organization, user=user, role=invitation.role
     )

@@ -1,4 +1,5 @@
-"""Whether an organization may still spend: the one rule every API action and page passes.
+"""Whether an organization may still spend: the one rule every action of an organization's API
+and pages passes (HasOrganizationScope, OrganizationPageMixin), and accepting an invitation.
 
 Each action has an effect (read, pay, reduce, change, spend); an organization's standing says which
 effects it has lost. Suspension is decided here (an operator sets `Organization.status`); other

@@ -234,17 +234,15 @@ REST_FRAMEWORK = {
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
     # Our throttles take the address from tenants.actors.client_ip; DRF's own agree.
     "NUM_PROXIES": TRUSTED_PROXY_COUNT,
-    "DEFAULT_THROTTLE_CLASSES": [
-        "tenants.api.throttles.ApiKeyThrottle",
-        "tenants.api.throttles.UserThrottle",
-        "tenants.api.throttles.OrganizationThrottle",
-        "tenants.api.throttles.CostlyOperationThrottle",
-    ],
+    # One class for every bucket: DRF would count a refused request in each class it asks.
+    "DEFAULT_THROTTLE_CLASSES": ["tenants.api.throttles.RateLimit"],
 }
 # Requests per window ("<n>/s", "/min", "/hour", "/day") in each API bucket (a 429 with
 # Retry-After beyond it): per API key, per signed-in user (sessions and keys together), per
-# anonymous address, per organization; and per organization for each costly operation, which
-# views name in `throttle_scopes`. Dashboard form posts count against the same buckets.
+# anonymous address, per organization; per organization for each costly operation, which views
+# name in `throttle_scopes`; per person for creating organizations (each costs money up front).
+# Dashboard form posts count against the same buckets. Cancelling, deleting, revoking and paying
+# count only in the caller's own bucket (tenants/api/throttles.py).
 API_RATE_LIMITS = {
     "key": env("API_RATE_LIMIT_KEY", default="600/min"),
     "user": env("API_RATE_LIMIT_USER", default="600/min"),
@@ -254,6 +252,7 @@ API_RATE_LIMITS = {
     "upload": env("API_RATE_LIMIT_UPLOAD", default="30/min"),
     "predict": env("API_RATE_LIMIT_PREDICT", default="300/min"),
     "invite": env("API_RATE_LIMIT_INVITE", default="30/hour"),
+    "org_create": env("API_RATE_LIMIT_ORG_CREATE", default="10/day"),
 }
 
 SPECTACULAR_SETTINGS = {

@@ -2,7 +2,7 @@
 
 from rest_framework import exceptions, permissions
 
-from tenants.standing import action_effect, standing_check
+from tenants.standing import Effect, action_effect, standing_check
 
 
 class DenyAll(permissions.BasePermission):
@@ -14,12 +14,24 @@ class DenyAll(permissions.BasePermission):
         return False
 
 
-def _action(view, request) -> str:
+def view_action(view, request) -> str:
+    """What a view keys `required_scopes`, `effects` and `throttle_scopes` by: a viewset's
+    action, else the HTTP method."""
     return getattr(view, "action", None) or request.method.lower()
 
 
 def required_scope(view, request) -> str | None:
-    return view.required_scopes.get(_action(view, request))
+    return getattr(view, "required_scopes", {}).get(view_action(view, request))
+
+
+def request_effect(view, request) -> Effect:
+    """What the request would do to spend (tenants.standing)."""
+    return action_effect(
+        view=view,
+        action=view_action(view, request),
+        method=request.method,
+        scope=required_scope(view, request),
+    )
 
 
 class HasOrganizationScope(permissions.BasePermission):
@@ -39,13 +51,10 @@ class HasOrganizationScope(permissions.BasePermission):
         if scope not in view.granted_scopes:
             self.message = f"This needs the `{scope}` scope, which your role or key does not grant."
             return False
-        if request.auth is not None and _action(view, request) in view.session_only_actions:
+        if request.auth is not None and view_action(view, request) in view.session_only_actions:
             self.message = IsUserSession.message
             return False
-        effect = action_effect(
-            view=view, action=_action(view, request), method=request.method, scope=scope
-        )
-        standing_check(organization=view.organization, effect=effect)
+        standing_check(organization=view.organization, effect=request_effect(view, request))
         return True
 
 

@@ -25,6 +25,8 @@ class OrganizationListView(generics.GenericAPIView):
     permission_classes = [_ListReadCreateBySession]
     serializer_class = s.OrganizationSerializer
     pagination_class = None
+    # Each organization costs money at once (trial credit, storage, a Stripe customer).
+    throttle_scopes = {"post": "org_create"}
 
     def get_queryset(self):
         if getattr(self, "swagger_fake_view", False):

@@ -10,6 +10,7 @@ filter (`tenants.seal`). A URL parameter besides the slug must name the page's o
 
 from django.contrib.auth.mixins import LoginRequiredMixin
 from django.core.exceptions import PermissionDenied
+from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, render
 
 from tenants.actors import Actor
@@ -17,6 +18,13 @@ from tenants.api.throttles import throttle_wait
 from tenants.seal import SealBroken, organization_rows, refuse_unsealed
 from tenants.selectors import organization_access
 from tenants.standing import Effect, OrganizationRestricted, action_effect, standing_check
+
+
+def throttled_page(request, wait: int) -> HttpResponse:
+    """The page a form post gets when one of its rate-limit buckets is full."""
+    response = render(request, "tenants/throttled.html", {"wait": wait}, status=429)
+    response["Retry-After"] = str(wait)
+    return response
 
 
 class OrganizationPageMixin(LoginRequiredMixin):
@@ -72,9 +80,7 @@ class OrganizationPageMixin(LoginRequiredMixin):
             )
         # Form posts count against the API's buckets, so the dashboard is no way around them.
         if method != "get" and (wait := throttle_wait(request, self)) is not None:
-            response = render(request, "tenants/throttled.html", {"wait": wait}, status=429)
-            response["Retry-After"] = str(wait)
-            return response
+            return throttled_page(request, wait)
         return super().dispatch(request, *args, **kwargs)
 
     def _url_object(self, kwargs):

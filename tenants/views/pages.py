@@ -12,6 +12,7 @@ from django.views.generic import TemplateView
 
 from tenants import selectors, services
 from tenants.actors import Actor
+from tenants.api.throttles import throttle_wait
 from tenants.errors import DomainError
 from tenants.forms import (
     ApiKeyForm,
@@ -25,7 +26,7 @@ from tenants.models import ApiKey, Invitation, Membership
 from tenants.scopes import Role, roles_within
 from tenants.standing import Effect
 
-from .base import OrganizationPageMixin
+from .base import OrganizationPageMixin, throttled_page
 
 
 def _add_domain_error(form, error: DomainError) -> None:
@@ -38,11 +39,16 @@ def _add_domain_error(form, error: DomainError) -> None:
 
 class OrganizationCreatePage(LoginRequiredMixin, View):
     template_name = "tenants/organization_create.html"
+    # Each organization costs money at once (trial credit, storage, a Stripe customer): the
+    # person's daily bucket, shared with the API's create.
+    throttle_scopes = {"post": "org_create"}
 
     def get(self, request):
         return render(request, self.template_name, {"form": OrganizationForm()})
 
     def post(self, request):
+        if (wait := throttle_wait(request, self)) is not None:
+            return throttled_page(request, wait)
         form = OrganizationForm(request.POST)
         if form.is_valid():
             try:

@@ -12,11 +12,12 @@ from django.test import Client
 from django.urls import reverse
 from rest_framework.test import APIClient
 
-from jobs.models import Job
+from jobs.models import Job, JobState
 from tenants.actors import Actor
-from tenants.models import AuditEvent
+from tenants.models import AuditEvent, Membership
 from tenants.scopes import ROLE_SCOPES, Role
 from tenants.services import api_key_create
+from tenants.standing import Effect
 from tests.factories import (
     DatasetVersionFactory,
     JobFactory,
@@ -25,6 +26,13 @@ from tests.factories import (
     UserFactory,
 )
 from tests.registry.conftest import local_store  # noqa: F401  a fixture used below
+from tests.security.test_standing import EXPECTED_EFFECTS
+from tests.test_tenancy_sweep import (
+    CALLS,
+    ROUTES_VIA,
+    _send,
+    world,  # noqa: F401  the sweep's fixture, used below
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -280,20 +288,204 @@ def test_parallel_requests_cannot_slip_past_a_full_bucket(org, rates):
 
     from django.db import connections
 
-    from tenants.api.throttles import OrganizationThrottle
+    from tenants.api.throttles import RateLimit
 
     rates(org="5/hour")
     view = SimpleNamespace(organization=org)
-    request = SimpleNamespace(method="GET")
     start = Barrier(20)
 
-    def attempt(_):
+    def attempt(n):
+        # Twenty people of one organization, each well within their own bucket.
+        person = SimpleNamespace(is_authenticated=True, pk=10_000 + n)
+        request = SimpleNamespace(method="GET", user=person, auth=None)
         start.wait()
         try:
-            return OrganizationThrottle().allow_request(request, view)
+            return RateLimit().allow_request(request, view)
         finally:
             connections.close_all()
 
     with ThreadPoolExecutor(20) as pool:
         allowed = list(pool.map(attempt, range(20)))
     assert allowed.count(True) == 5
+
+
+# A leaked key cannot lock the organization out
+
+
+def _org_detail(org):
+    return f"/api/v1/orgs/{org.slug}/"
+
+
+def _hammer(client, url, times):
+    return [client.get(url).status_code for _ in range(times)]
+
+
+def test_a_key_hammering_past_its_own_bucket_uses_up_nobody_elses(
+    org, owner, member_factory, rates
+):
+    """A leaked key with only `org:read`, sent far past its own bucket: what it was refused is
+    counted neither in its creator's bucket nor in the organization's."""
+    rates(key="3/min", user="5/min", org="6/min")
+    creator = member_factory(org, "developer")
+    leaked = key_client(creator, org, Role.VIEWER)
+    answers = _hammer(leaked, _org_detail(org), 40)
+    assert answers == [200] * 3 + [429] * 37
+    # Its creator still has 5 - 3 requests of their own, the organization 6 - 3.
+    creator_session = session_client(creator)
+    assert _hammer(creator_session, _org_detail(org), 2) == [200, 200]
+    _assert_throttled(creator_session.get(_org_detail(org)))
+    colleague = session_client(member_factory(org, "developer"))
+    assert _hammer(colleague, _org_detail(org), 1) == [200]
+    _assert_throttled(colleague.get(_org_detail(org)))
+
+
+def test_a_request_refused_by_the_organizations_bucket_leaves_the_callers_untouched(
+    org, owner, member_factory, rates
+):
+    """The first full bucket answers, and the buckets before it get their count back: requests
+    refused in one organization do not use up the caller's own bucket for another."""
+    rates(user="2/min", org="2/min")
+    assert _hammer(session_client(owner), _org_detail(org), 2) == [200, 200]
+    person = member_factory(org, "developer")
+    elsewhere = OrganizationFactory()
+    MembershipFactory(organization=elsewhere, user=person, role=Role.DEVELOPER)
+    client = session_client(person)
+    for _ in range(10):
+        _assert_throttled(client.get(_org_detail(org)))
+    assert _hammer(client, _org_detail(elsewhere), 2) == [200, 200]
+
+
+def _fill_the_organizations_bucket(org, member_factory, rates):
+    rates(org="2/min")
+    flooder = key_client(member_factory(org, "viewer"), org, Role.VIEWER)
+    assert _hammer(flooder, _org_detail(org), 2) == [200, 200]
+    _assert_throttled(flooder.get(_org_detail(org)))
+    _assert_throttled(session_client(member_factory(org, "developer")).get(_jobs(org)))
+
+
+def test_while_a_leaked_key_fills_the_organizations_bucket_the_owner_can_still_shut_it_out(
+    org, owner, member_factory, rates
+):
+    rates(org="3/min")
+    creator = member_factory(org, "developer")
+    leaked_key, token = api_key_create(
+        organization=org, name="leaked", scopes=["org:read"], actor=Actor(user=creator)
+    )
+    second_key, _ = api_key_create(
+        organization=org, name="leaked too", scopes=["org:read"], actor=Actor(user=creator)
+    )
+    leaked = APIClient()
+    leaked.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
+    assert _hammer(leaked, _org_detail(org), 3) == [200, 200, 200]
+    for _ in range(5):
+        _assert_throttled(leaked.get(_org_detail(org)))
+    api = session_client(owner)
+    _assert_throttled(api.get(_jobs(org)))
+
+    revoked = api.delete(f"/api/v1/orgs/{org.slug}/api-keys/{leaked_key.pk}/")
+    assert revoked.status_code == 204, revoked.content[:300]
+    assert leaked.get(_org_detail(org)).status_code == 401
+    page = Client()
+    page.force_login(owner)
+    response = page.post(reverse("tenants:api_key_revoke", args=[org.slug, second_key.pk]))
+    assert response.status_code == 302, response.content[:300]
+    second_key.refresh_from_db()
+    assert second_key.revoked_at is not None
+
+    by_api, by_page = JobFactory(organization=org), JobFactory(organization=org)
+    cancelled = api.post(f"/api/v1/orgs/{org.slug}/jobs/{by_api.pk}/cancel/", format="json")
+    assert cancelled.status_code == 200, cancelled.content[:300]
+    response = page.post(reverse("jobs:job_cancel", args=[org.slug, by_page.pk]))
+    assert response.status_code == 302, response.content[:300]
+    assert set(
+        Job.objects.filter(pk__in=[by_api.pk, by_page.pk]).values_list("state", flat=True)
+    ) <= {JobState.CANCELLING, JobState.CANCELLED}
+    # Everything else still waits for the organization's window to pass.
+    _assert_throttled(api.get(_jobs(org)))
+
+
+WAY_OUT_ROUTES = [
+    (route, via)
+    for route, via in ROUTES_VIA
+    if EXPECTED_EFFECTS.get(str(route)) in (Effect.REDUCE, Effect.PAY)
+]
+
+
+@pytest.mark.parametrize(("route", "via"), WAY_OUT_ROUTES, ids=lambda v: str(v))
+def test_every_way_out_works_while_the_organizations_bucket_is_full(
+    route,
+    via,
+    org,
+    owner,
+    member_factory,
+    rates,
+    world,  # noqa: F811
+):
+    """Cancelling, deleting, revoking, removing and paying: each still runs for the owner, by
+    session or key, while others have used up the organization's bucket."""
+    _fill_the_organizations_bucket(org, member_factory, rates)
+    case, url = world(route, org, requester=owner)
+    client = session_client(owner) if via == "session" else key_client(owner, org)
+    response = _send(client, route, url, case)
+    call = CALLS[str(route)]
+    assert response.status_code == call.status, (str(route), response.content[:300])
+    assert call.wrote(case), str(route)
+
+
+def test_the_way_outs_are_found():
+    assert {
+        "DELETE api-key-detail",
+        "POST tenants:api_key_revoke",
+        "POST job-cancel",
+        "POST jobs:job_cancel",
+        "DELETE member-detail",
+        "PATCH billing-account",
+        "POST billing-checkout",
+        "POST billing:billing",
+    } <= {str(route) for route, _via in WAY_OUT_ROUTES}
+
+
+# Each organization costs money up front: a person makes only so many a day
+
+
+def _organizations_of(user):
+    return Membership.objects.filter(user=user).count()
+
+
+def _create_by_api(user, n):
+    return session_client(user).post("/api/v1/orgs/", {"name": f"Shell {n}"}, format="json")
+
+
+def _create_by_page(user, n):
+    page = Client()
+    page.force_login(user)
+    return page.post(reverse("tenants:organization_create"), {"name": f"Shell {n}"})
+
+
+def test_the_eleventh_organization_of_a_day_is_refused_through_the_api(user, rates):
+    rates(org_create="10/day")
+    assert [_create_by_api(user, n).status_code for n in range(10)] == [201] * 10
+    _assert_throttled(_create_by_api(user, 10), window_s=86400)
+    assert _organizations_of(user) == 10
+    # Another person has their own allowance.
+    assert _create_by_api(UserFactory(), 0).status_code == 201
+
+
+def test_the_eleventh_organization_of_a_day_is_refused_on_the_dashboard(user, rates):
+    rates(org_create="10/day")
+    assert [_create_by_page(user, n).status_code for n in range(10)] == [302] * 10
+    refused = _create_by_page(user, 10)
+    assert refused.status_code == 429
+    assert 1 <= int(refused["Retry-After"]) <= 86400
+    assert "Too many requests" in refused.content.decode()
+    assert _organizations_of(user) == 10
+
+
+def test_the_api_and_the_dashboard_share_the_daily_allowance(user, rates):
+    rates(org_create="4/day")
+    assert [_create_by_api(user, n).status_code for n in range(2)] == [201, 201]
+    assert [_create_by_page(user, n).status_code for n in range(2, 4)] == [302, 302]
+    _assert_throttled(_create_by_api(user, 4), window_s=86400)
+    assert _create_by_page(user, 5).status_code == 429
+    assert _organizations_of(user) == 4
+    assert AuditEvent.objects.filter(action="organization.create").count() == 4

@@ -6,7 +6,7 @@ import pytest
 from django.utils import timezone
 
 from tenants.actors import Actor
-from tenants.models import ApiKey, AuditEvent
+from tenants.models import ApiKey, AuditEvent, Membership, Organization
 from tenants.services import api_key_create
 from tests.factories import AuditEventFactory, UserFactory
 from tests.tenants.invitations import invitation_token, invite
@@ -183,6 +183,38 @@ def test_creating_an_organization_by_session(user, client_for):
     response = client_for(user).post("/api/v1/orgs/", {"name": "New Co"}, format="json")
     assert response.status_code == 201 and response.json()["slug"] == "new-co"
     assert client_for(user).post("/api/v1/orgs/", {"name": ""}, format="json").status_code == 400
+
+
+# Names end up in e-mail subjects, where a line break is a header injection (BadHeaderError).
+CONTROL_NAMES = [
+    "Acme\nBcc: everyone@victim.test",
+    "Acme\r\nX-Priority: 1",
+    "Tab\there",
+    "Bell\x07",
+    "Next\x85line",
+    "Line\u2028separated",
+]
+
+
+@pytest.mark.parametrize("name", CONTROL_NAMES, ids=repr)
+def test_organization_names_with_control_characters_are_refused(name, org, owner, client_for):
+    creator, original = UserFactory(), org.name
+    created = client_for(creator).post("/api/v1/orgs/", {"name": name}, format="json")
+    assert created.status_code == 400, created.content
+    assert created.json()["code"] == "invalid" and created.json()["fields"]["name"]
+    assert not Membership.objects.filter(user=creator).exists()
+    renamed = client_for(owner).patch(f"/api/v1/orgs/{org.slug}/", {"name": name}, format="json")
+    assert renamed.status_code == 400, renamed.content
+    assert renamed.json()["fields"]["name"]
+    org.refresh_from_db()
+    assert org.name == original
+    assert not AuditEvent.objects.filter(action="organization.update").exists()
+
+
+def test_organization_names_are_stored_without_surrounding_whitespace(user, client_for):
+    created = client_for(user).post("/api/v1/orgs/", {"name": "  Padded Co\n"}, format="json")
+    assert created.status_code == 201, created.content
+    assert Organization.objects.get(slug=created.json()["slug"]).name == "Padded Co"
 
 
 def test_schema_and_docs_are_served_without_a_cdn(client):

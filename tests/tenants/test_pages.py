@@ -216,3 +216,17 @@ def test_pages_refer_only_to_vendored_assets(client, owner, org):
     html = client.get(reverse("tenants:overview", args=[org.slug])).content.decode()
     sources = re.findall(r'(?:src|href)="([^"]+)"', html)
     assert sources and all(not s.startswith(("http:", "https:", "//")) for s in sources)
+
+
+def test_organization_names_with_control_characters_are_refused_on_the_pages(client, org, owner):
+    client.force_login(owner)
+    original, name = org.name, "Acme\nBcc: everyone@victim.test"
+    created = client.post(reverse("tenants:organization_create"), {"name": name})
+    assert created.status_code == 400
+    assert "control characters" in created.content.decode()
+    assert Membership.objects.filter(user=owner).count() == 1
+    renamed = client.post(reverse("tenants:settings", args=[org.slug]), {"name": name})
+    assert renamed.status_code == 400
+    assert "control characters" in renamed.content.decode()
+    org.refresh_from_db()
+    assert org.name == original

@@ -23,7 +23,7 @@ from tenants.errors import (
 )
 from tenants.models import ApiKey, AuditEvent, Invitation, Membership
 from tenants.scopes import ROLE_SCOPES
-from tenants.selectors import api_key_get_by_token, api_key_scopes, membership_get
+from tenants.selectors import api_key_get_by_token, api_key_scopes, hash_secret, membership_get
 from tests.factories import UserFactory
 from tests.tenants.invitations import invite
 
@@ -267,7 +267,13 @@ def test_api_key_is_stored_only_as_a_hash_and_found_by_its_token(org, owner):
     )
     prefix, secret = token.split("_")
     assert prefix == key.prefix
-    assert secret not in key.secret_hash and len(key.secret_hash) == 64
+    assert key.secret_hash == hash_secret(secret)
+    key.refresh_from_db()
+    for field in ApiKey._meta.concrete_fields:
+        assert secret not in str(field.value_from_object(key)), field.name
+    for event in AuditEvent.objects.filter(organization=org):
+        for field in AuditEvent._meta.concrete_fields:
+            assert secret not in str(field.value_from_object(event)), field.name
     assert api_key_get_by_token(token=token) == key
     assert api_key_get_by_token(token=f"{prefix}_{'x' * len(secret)}") is None
 
