@@ -233,12 +233,13 @@ def _fee_changes(*, subscription_id: str, plan: Plan) -> list[dict]:
     return changes
 
 
-@handler
+@handler(retry_on=(*TRANSIENT, stripe.IdempotencyError))
 def subscription_sync(*, account_id: int) -> None:
     """Owed when an account is opened or changes plan: its customer, subscription and fee.
 
-    Stripe refusing or failing raises, so the outbox tries again later (a racing creator's
-    IdempotencyError included: by then it has finished).
+    Stripe unreachable or failing is tried again later by the outbox, as is a racing creator's
+    IdempotencyError (by then it has finished); a refusal gives the message up at once, and
+    `subscriptions_ensure_missing` still subscribes an account left without a subscription.
     """
     if not stripe_gateway.configured():
         return

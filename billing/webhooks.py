@@ -199,7 +199,7 @@ def _checkout_completed(*, payload: dict) -> str:
     return ""
 
 
-@handler
+@handler(retry_on=stripe_gateway.TRANSIENT)
 def payment_method_default(*, customer_id: str, setup_intent_id: str) -> None:
     """After Checkout saved a payment method: make it the customer's default for invoices
     (setting the same default again changes nothing, so a repeat is harmless)."""

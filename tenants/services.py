@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import smtplib
 import string
 from datetime import datetime, timedelta
 
@@ -203,9 +204,10 @@ def membership_remove(*, membership: Membership, actor: Actor) -> None:
     membership.delete()
 
 
-@outbox_handler
+@outbox_handler(retry_on=(OSError, smtplib.SMTPException))
 def invitation_mail_send(*, invitation_id: int) -> None:
-    """Mail a pending invitation its link (an outbox handler: retried until the mail is sent).
+    """Mail a pending invitation its link (an outbox handler: retried while the mail server is
+    unreachable or refuses for now).
 
     The token is made here, at sending, and only its hash is kept, so it exists nowhere but in
     the e-mail; a repeated delivery mails a fresh link and the earlier one stops working.
