@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 import smtplib
 import string
+from collections.abc import Collection
 from datetime import datetime, timedelta
 
 from allauth.account.models import EmailAddress
@@ -107,6 +108,43 @@ def organization_update(*, organization: Organization, name: str, actor: Actor) 
         data={"name": [old_name, name]},
     )
     return organization
+
+
+@transaction.atomic
+def organization_status_set(
+    *,
+    organization: Organization,
+    status: str,
+    actor: Actor,
+    reason: str,
+    only_from: Collection[str] | None = None,
+) -> bool:
+    """Move the organization to `status` (active, past due, suspended), audited with the reason;
+    True if it moved. With `only_from`, it moves only from one of those statuses, decided under
+    the row's lock (so billing's past due never replaces an operator's suspension).
+
+    The caller's `organization` is updated too.
+    """
+    if status not in Organization.Status.values:
+        raise DomainError(
+            f"{status!r} is not an organization status.",
+            fields={"status": [f"One of {', '.join(Organization.Status.values)}."]},
+        )
+    locked = Organization.objects.select_for_update().get(pk=organization.pk)
+    organization.status = locked.status
+    if locked.status == status or (only_from is not None and locked.status not in only_from):
+        return False
+    old_status, locked.status = locked.status, status
+    locked.save(update_fields=["status"])
+    organization.status = status
+    audit_record(
+        organization=locked,
+        actor=actor,
+        action="organization.status",
+        target=locked,
+        data={"status": [old_status, status], "reason": reason},
+    )
+    return True
 
 
 def _lock_owners(organization: Organization) -> list[Membership]:
