@@ -18,7 +18,7 @@ from django.utils import timezone
 
 from outbox.services import handler
 
-from . import stripe_gateway, webhooks
+from . import stripe_events, stripe_gateway
 from .errors import BillingError
 from .models import BillingAccount, CreditGrant, Plan, StripeObject
 from .selectors import (
@@ -71,7 +71,7 @@ def customer_ensure(*, account: BillingAccount) -> str:
             "stripe_customer_id", flat=True
         ).get(pk=account.pk)
     # Events Stripe sent before the id was ours were kept aside as unmatched: apply them now.
-    webhooks.unmatched_events_apply(customer_id=account.stripe_customer_id)
+    stripe_events.unmatched_events_apply(customer_id=account.stripe_customer_id)
     return account.stripe_customer_id
 
 
