@@ -7,6 +7,7 @@ messages written in the transaction that owes them.
 
 from __future__ import annotations
 
+import smtplib
 from datetime import datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from urllib.parse import unquote, urlsplit
@@ -363,7 +364,7 @@ def _budget_alert(*, account: BillingAccount, month, threshold: int, spend: int)
     return True
 
 
-@handler
+@handler(retry_on=(OSError, smtplib.SMTPException))
 def budget_alert_mail(*, alert_id: int) -> None:
     """E-mail a crossed threshold to the billing contacts; an SMTP failure raises, so the outbox
     sends it again later."""

@@ -3,7 +3,7 @@ subscriptions, meter events, customer balance, Checkout and the Billing Portal.
 
 It takes and returns plain values (ids, Stripe objects) and touches no table: what to ask and
 what to keep of the answer is decided by the service modules (`stripe_sync`, `metering`,
-`webhooks`). Each call refuses to run inside an open database transaction, and every create
+`stripe_events`). Each call refuses to run inside an open database transaction, and every create
 carries an idempotency key derived from our own ids, so a retry after a timeout returns the
 object the first try made instead of a second one.
 """

@@ -18,7 +18,7 @@ from django.utils import timezone
 
 from outbox.services import handler
 
-from . import stripe_gateway, webhooks
+from . import stripe_events, stripe_gateway
 from .errors import BillingError
 from .models import BillingAccount, CreditGrant, Plan, StripeObject
 from .selectors import (
@@ -71,7 +71,7 @@ def customer_ensure(*, account: BillingAccount) -> str:
             "stripe_customer_id", flat=True
         ).get(pk=account.pk)
     # Events Stripe sent before the id was ours were kept aside as unmatched: apply them now.
-    webhooks.unmatched_events_apply(customer_id=account.stripe_customer_id)
+    stripe_events.unmatched_events_apply(customer_id=account.stripe_customer_id)
     return account.stripe_customer_id
 
 
@@ -233,12 +233,13 @@ def _fee_changes(*, subscription_id: str, plan: Plan) -> list[dict]:
     return changes
 
 
-@handler
+@handler(retry_on=(*TRANSIENT, stripe.IdempotencyError))
 def subscription_sync(*, account_id: int) -> None:
     """Owed when an account is opened or changes plan: its customer, subscription and fee.
 
-    Stripe refusing or failing raises, so the outbox tries again later (a racing creator's
-    IdempotencyError included: by then it has finished).
+    Stripe unreachable or failing is tried again later by the outbox, as is a racing creator's
+    IdempotencyError (by then it has finished); a refusal gives the message up at once, and
+    `subscriptions_ensure_missing` still subscribes an account left without a subscription.
     """
     if not stripe_gateway.configured():
         return

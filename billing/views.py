@@ -1,19 +1,24 @@
-"""Dashboard pages of billing: the account (plan, budget, credits, invoices, payment)."""
+"""Dashboard pages of billing (the account: plan, budget, credits, invoices, payment), and the
+endpoint Stripe posts its webhook events to."""
 
+import json
 from decimal import Decimal
 
+import stripe
 from django.conf import settings
 from django.contrib import messages
-from django.http import HttpResponse, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import redirect
 from django.urls import reverse
 from django.utils import timezone
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_POST
 from django.views.generic import TemplateView, View
 
 from tenants.errors import DomainError
 from tenants.views.base import OrganizationPageMixin
 
-from . import charts, invoicing, reports, selectors, services
+from . import charts, invoicing, reports, selectors, services, stripe_events
 from .errors import BillingError
 from .forms import BudgetForm
 from .models import CreditGrant, Invoice
@@ -197,3 +202,34 @@ class CheckoutPage(_StripeRedirectPage):
 class PortalPage(_StripeRedirectPage):
     def stripe_url(self):
         return services.portal_session_create(organization=self.organization)
+
+
+def _webhook_error(status: int, code: str, detail: str) -> JsonResponse:
+    return JsonResponse({"code": code, "detail": detail}, status=status)
+
+
+@csrf_exempt
+@require_POST
+def stripe_webhook(request: HttpRequest) -> JsonResponse:
+    """Stripe's events: signature and timestamp checked (else 400), then stored and applied once
+    (`stripe_events.event_receive`); any verified event is answered 200, a repeat included."""
+    if not settings.STRIPE_WEBHOOK_SECRET:
+        return _webhook_error(
+            400, "stripe_not_configured", "Stripe webhooks are not configured here."
+        )
+    try:
+        stripe.Webhook.construct_event(
+            request.body, request.headers.get("Stripe-Signature"), settings.STRIPE_WEBHOOK_SECRET
+        )
+    except stripe.SignatureVerificationError:
+        return _webhook_error(400, "bad_signature", "The Stripe-Signature header does not verify.")
+    except (ValueError, TypeError, AttributeError, KeyError):
+        # Signed, but not JSON or not an object (the library trips on a JSON list).
+        return _webhook_error(400, "bad_payload", "The body is not a Stripe event.")
+    payload = json.loads(request.body)
+    if not isinstance(payload, dict) or not payload.get("id") or "created" not in payload:
+        return _webhook_error(400, "bad_payload", "The body is not a Stripe event.")
+    stored, duplicate = stripe_events.event_receive(payload=payload)
+    return JsonResponse(
+        {"received": stored.event_id, "duplicate": duplicate, "error": stored.error}, status=200
+    )

@@ -4,7 +4,7 @@ from django.contrib.staticfiles.urls import staticfiles_urlpatterns
 from django.urls import include, path
 from django.views.generic import RedirectView
 
-from billing.webhooks import stripe_webhook
+from billing.views import stripe_webhook
 
 from . import health, views
 

@@ -8,7 +8,15 @@ from .services import message_retry_now
 
 @admin.register(Message)
 class MessageAdmin(admin.ModelAdmin):
-    list_display = ["created_at", "handler", "state", "attempts", "next_attempt_at", "last_error"]
+    list_display = [
+        "created_at",
+        "owed_since",
+        "handler",
+        "state",
+        "attempts",
+        "next_attempt_at",
+        "last_error",
+    ]
     list_filter = ["state", "handler"]
     search_fields = ["handler", "key", "last_error"]
     date_hierarchy = "created_at"
@@ -23,7 +31,7 @@ class MessageAdmin(admin.ModelAdmin):
     def has_change_permission(self, request, obj=None):
         return False
 
-    @admin.action(description="Try again at the next drain")
+    @admin.action(description="Try again at the next drain (owed afresh from now)")
     def retry_now(self, request, queryset):
         for message in queryset:
             message_retry_now(message=message)

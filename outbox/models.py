@@ -11,8 +11,9 @@ class MessageState(models.TextChoices):
 
 
 class Message(models.Model):
-    """A call of `handler(**payload)` owed since `created_at`, retried with backoff until it
-    returns, or given up (`dead`) once it has failed for `OUTBOX_GIVE_UP_AFTER_S`."""
+    """A call of `handler(**payload)` owed since `owed_since`, retried with backoff until it
+    returns, or given up (`dead`) on an error its handler does not retry or once it has failed
+    for `OUTBOX_GIVE_UP_AFTER_S`."""
 
     State = MessageState
 
@@ -25,6 +26,9 @@ class Message(models.Model):
     )
     attempts = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(default=timezone.now)
+    # When it was written, or when an operator last asked for another try: the give-up age
+    # and the operators' "owed too long" count run from here.
+    owed_since = models.DateTimeField(default=timezone.now)
     next_attempt_at = models.DateTimeField(default=timezone.now)
     # A delivery in progress holds the row until then, so two deliverers never run it at once;
     # a deliverer that dies mid-call lets the claim lapse and the row is tried again.
@@ -39,6 +43,11 @@ class Message(models.Model):
                 fields=["next_attempt_at"],
                 condition=models.Q(state="pending"),
                 name="outbox_message_due",
+            ),
+            models.Index(
+                fields=["state", "owed_since"],
+                condition=~models.Q(state="sent"),
+                name="outbox_message_unsent",
             ),
         ]
         constraints = [

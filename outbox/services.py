@@ -3,7 +3,10 @@ again, with backoff, until its handler returns.
 
 Delivery is at least once: a handler must be idempotent (a crash between its call and the row
 being marked sent calls it again). Handlers take JSON-able keyword arguments (ids, not objects)
-and are plain functions marked with `@handler`; the row stores their dotted path.
+and are plain functions marked with `@handler(retry_on=...)`; the row stores their dotted path.
+Only the errors a handler lists as passing (a network blip) are tried again; any other error is a
+bug that waiting will not fix, so the message is given up at once, loudly, for an operator to
+try again after the fix.
 """
 
 from __future__ import annotations
@@ -27,14 +30,28 @@ logger = logging.getLogger(__name__)
 _MARK = "outbox_handler"
 
 
-def handler(func: Callable[..., object]) -> Callable[..., object]:
-    """Mark `func` as deliverable; only marked functions are ever called from a row."""
-    setattr(func, _MARK, True)
-    return func
+def handler(
+    *, retry_on: tuple[type[Exception], ...]
+) -> Callable[[Callable[..., object]], Callable[..., object]]:
+    """Mark a function as deliverable; only marked functions are ever called from a row.
+
+    `retry_on` names the errors that may pass (`(OSError, smtplib.SMTPException)` for mail,
+    `stripe_gateway.TRANSIENT` for Stripe); there is no default, so each handler says.
+    """
+    if not isinstance(retry_on, tuple) or not all(
+        isinstance(error, type) and issubclass(error, Exception) for error in retry_on
+    ):
+        raise TypeError("retry_on is a tuple of exception classes")
+
+    def mark(func: Callable[..., object]) -> Callable[..., object]:
+        setattr(func, _MARK, retry_on)
+        return func
+
+    return mark
 
 
 def _handler_path(func: Callable[..., object]) -> str:
-    if not getattr(func, _MARK, False):
+    if getattr(func, _MARK, None) is None:
         raise TypeError(f"{func.__qualname__} is not marked with @outbox.services.handler")
     path = f"{func.__module__}.{func.__qualname__}"
     if import_string(path) is not func:
@@ -95,13 +112,15 @@ def message_deliver(*, message_id: int, now: datetime | None = None) -> bool:
     if not claimed:
         return False
     message = Message.objects.get(pk=message_id)
+    retry_on: tuple[type[Exception], ...] = ()
     try:
         func = import_string(message.handler)
-        if not getattr(func, _MARK, False):
+        if getattr(func, _MARK, None) is None:
             raise TypeError(f"{message.handler} is not an outbox handler")
+        retry_on = getattr(func, _MARK)
         func(**message.payload)
     except Exception as exc:
-        _message_failed(message=message, error=exc, now=now)
+        _message_failed(message=message, error=exc, passing=isinstance(exc, retry_on), now=now)
         return False
     Message.objects.filter(pk=message.pk).update(
         state=Message.State.SENT,
@@ -113,10 +132,13 @@ def message_deliver(*, message_id: int, now: datetime | None = None) -> bool:
     return True
 
 
-def _message_failed(*, message: Message, error: Exception, now: datetime) -> None:
+def _message_failed(*, message: Message, error: Exception, passing: bool, now: datetime) -> None:
+    """Try a passing error again with backoff until the give-up age, counted from when the
+    message became owed (written, or sent again by an operator); give any other up at once."""
     attempts = message.attempts + 1
     text = f"{type(error).__name__}: {error}"[:2000]
-    given_up = now - message.created_at >= timedelta(seconds=settings.OUTBOX_GIVE_UP_AFTER_S)
+    too_old = now - message.owed_since >= timedelta(seconds=settings.OUTBOX_GIVE_UP_AFTER_S)
+    given_up = too_old or not passing
     Message.objects.filter(pk=message.pk).update(
         state=Message.State.DEAD if given_up else Message.State.PENDING,
         attempts=attempts,
@@ -124,7 +146,15 @@ def _message_failed(*, message: Message, error: Exception, now: datetime) -> Non
         claimed_until=None,
         last_error=text,
     )
-    if given_up:
+    if not passing:
+        logger.error(
+            "outbox message %s (%s) given up at once: %s is not an error its handler retries",
+            message.pk,
+            message.handler,
+            type(error).__name__,
+            exc_info=error,
+        )
+    elif given_up:
         logger.error("outbox message %s (%s) given up: %s", message.pk, message.handler, text)
     else:
         logger.warning("outbox message %s (%s) failed: %s", message.pk, message.handler, text)
@@ -150,7 +180,9 @@ def outbox_drain(*, now: datetime | None = None, limit: int = 100) -> int:
 
 
 def message_retry_now(*, message: Message) -> None:
-    """An operator's nudge: try a pending or given-up message at the next drain."""
+    """An operator's nudge: try a pending or given-up message at the next drain, owed afresh
+    from now (so a fixed far end or handler gets the whole give-up age again, not one try)."""
+    now = timezone.now()
     Message.objects.filter(pk=message.pk).exclude(state=Message.State.SENT).update(
-        state=Message.State.PENDING, next_attempt_at=timezone.now(), claimed_until=None
+        state=Message.State.PENDING, owed_since=now, next_attempt_at=now, claimed_until=None
     )

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import secrets
+import smtplib
 import string
 import unicodedata
+from collections.abc import Collection
 from datetime import datetime, timedelta
 
 from allauth.account.models import EmailAddress
@@ -122,6 +124,43 @@ def organization_update(*, organization: Organization, name: str, actor: Actor) 
     return organization
 
 
+@transaction.atomic
+def organization_status_set(
+    *,
+    organization: Organization,
+    status: str,
+    actor: Actor,
+    reason: str,
+    only_from: Collection[str] | None = None,
+) -> bool:
+    """Move the organization to `status` (active, past due, suspended), audited with the reason;
+    True if it moved. With `only_from`, it moves only from one of those statuses, decided under
+    the row's lock (so billing's past due never replaces an operator's suspension).
+
+    The caller's `organization` is updated too.
+    """
+    if status not in Organization.Status.values:
+        raise DomainError(
+            f"{status!r} is not an organization status.",
+            fields={"status": [f"One of {', '.join(Organization.Status.values)}."]},
+        )
+    locked = Organization.objects.select_for_update().get(pk=organization.pk)
+    organization.status = locked.status
+    if locked.status == status or (only_from is not None and locked.status not in only_from):
+        return False
+    old_status, locked.status = locked.status, status
+    locked.save(update_fields=["status"])
+    organization.status = status
+    audit_record(
+        organization=locked,
+        actor=actor,
+        action="organization.status",
+        target=locked,
+        data={"status": [old_status, status], "reason": reason},
+    )
+    return True
+
+
 def _lock_owners(organization: Organization) -> list[Membership]:
     # Locking every owner row serialises concurrent demotions, so two owners cannot demote each
     # other at once and leave nobody in charge.
@@ -217,9 +256,10 @@ def membership_remove(*, membership: Membership, actor: Actor) -> None:
     membership.delete()
 
 
-@outbox_handler
+@outbox_handler(retry_on=(OSError, smtplib.SMTPException))
 def invitation_mail_send(*, invitation_id: int) -> None:
-    """Mail a pending invitation its link (an outbox handler: retried until the mail is sent).
+    """Mail a pending invitation its link (an outbox handler: retried while the mail server is
+    unreachable or refuses for now).
 
     The token is made here, at sending, and only its hash is kept, so it exists nowhere but in
     the e-mail; a repeated delivery mails a fresh link and the earlier one stops working.

@@ -21,6 +21,7 @@ from jobs.selectors import (
     queue_by_tenant,
     workers_with_jobs,
 )
+from outbox.selectors import message_stuck_counts
 
 from .charts import utilization_chart
 
@@ -30,6 +31,8 @@ FAILURE_WINDOW = timedelta(hours=24)
 FAILING_JOBS_SHOWN = 20
 WORKERS_SHOWN = 25
 JOBS_PER_WORKER_SHOWN = 3
+# A message is normally sent within seconds of its commit; one owed this long needs a look.
+OUTBOX_OWED_TOO_LONG = timedelta(minutes=5)
 # Workers that need an operator first: silent, then leaving, then the busiest.
 ATTENTION = {"offline": 0, "draining": 1, "cordoned": 2}
 
@@ -42,7 +45,8 @@ def _utilization_window(now: datetime) -> tuple[datetime, datetime]:
 
 @method_decorator(staff_member_required, name="dispatch")
 class OpsOverviewPage(View):
-    """Operators: utilization, workers, queues, failures, spend and the Stripe outbox."""
+    """Operators: utilization, workers, queues, failures, spend, the Stripe meter outbox and
+    the side effects (outbox messages) given up or owed too long."""
 
     def get(self, request):
         now = timezone.now()
@@ -66,6 +70,8 @@ class OpsOverviewPage(View):
             "queued_total": sum(tenant["queued"] for tenant in queues),
             "failing": failing_jobs(since=now - FAILURE_WINDOW, limit=FAILING_JOBS_SHOWN),
             "billing": ops_billing_overview(now=now),
+            "outbox": message_stuck_counts(older_than_s=OUTBOX_OWED_TOO_LONG.total_seconds()),
+            "outbox_owed_minutes": int(OUTBOX_OWED_TOO_LONG.total_seconds() // 60),
         }
         return render(request, "ops/overview.html", context)
 

@@ -124,6 +124,9 @@ ALLAUTH_TRUSTED_PROXY_COUNT = TRUSTED_PROXY_COUNT
 
 EMAIL_CONFIG = env.email_url("EMAIL_URL", default="consolemail://")
 vars().update(EMAIL_CONFIG)
+# A mail server that hangs fails as a timeout (an OSError the outbox's mail handlers retry)
+# instead of holding the worker until Celery's time limit gives the message up.
+EMAIL_TIMEOUT = env.float("EMAIL_TIMEOUT", default=30.0)
 DEFAULT_FROM_EMAIL = env("DEFAULT_FROM_EMAIL", default="factory_saas <noreply@localhost>")
 
 LANGUAGE_CODE = "en-us"

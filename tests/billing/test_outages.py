@@ -24,7 +24,7 @@ from tests.pool import Pool
 from tests.processes import wait_for
 
 WEBHOOK = "/billing/stripe/webhook/"
-FOLLOW_UP = "billing.webhooks.payment_method_default"
+FOLLOW_UP = "billing.stripe_events.payment_method_default"
 
 
 def _deliver(client, fake, event):

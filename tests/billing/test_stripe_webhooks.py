@@ -11,8 +11,10 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from billing import metering, selectors, services, stripe_sync, webhooks
+from billing import metering, selectors, services, stripe_events, stripe_sync
 from billing.models import BillingAccount, Invoice, UsageRecord, WebhookEvent
+from tenants import services as tenant_services
+from tenants.actors import Actor
 from tenants.models import AuditEvent, Organization
 from tests.factories import OrganizationFactory, PriceFactory
 
@@ -95,7 +97,7 @@ def state(org):
 def reset(org):
     Invoice.objects.all().delete()
     WebhookEvent.objects.all().delete()
-    webhooks.past_due_clear(
+    stripe_events.past_due_clear(
         account=BillingAccount.objects.select_related("organization").get(organization=org)
     )
 
@@ -245,6 +247,39 @@ def test_payment_failure_makes_the_org_past_due_and_payment_restores_it(
     assert blocks(failed_at + grace) == {}
 
 
+def test_standing_moves_the_organization_through_tenants_and_never_touches_a_suspension(
+    client, fake_stripe, customer
+):
+    org, customer_id = customer
+    events = lifecycle(fake_stripe, customer_id)
+    changes = AuditEvent.objects.filter(organization=org, action="organization.status")
+
+    for event in events[:3]:
+        deliver(client, fake_stripe, event)
+    deliver(client, fake_stripe, events[4])  # invoice.paid
+
+    assert [change.data["status"] for change in changes.order_by("pk")] == [
+        ["active", "past_due"],
+        ["past_due", "active"],
+    ]
+    assert changes.order_by("pk").first().data["reason"].startswith("payment failed on ")
+
+    # An operator's suspension is neither replaced by past due nor lifted by a payment.
+    tenant_services.organization_status_set(
+        organization=org, status="suspended", actor=Actor(), reason="fraud review"
+    )
+    later = lifecycle(fake_stripe, customer_id, invoice_id="in_fake2")
+    for event in later[:3]:
+        deliver(client, fake_stripe, event)
+    org.refresh_from_db()
+    assert org.status == Organization.Status.SUSPENDED
+    assert selectors.billing_account_get(organization=org).past_due_since is not None
+    deliver(client, fake_stripe, later[4])
+    org.refresh_from_db()
+    assert org.status == Organization.Status.SUSPENDED
+    assert changes.count() == 3
+
+
 def test_a_failure_arriving_after_the_payment_does_not_make_the_org_past_due(
     client, fake_stripe, customer
 ):
@@ -295,7 +330,7 @@ def test_events_for_a_customer_not_yet_stored_are_applied_once_it_is(client, fak
     assert org.status == Organization.Status.PAST_DUE
     assert set(WebhookEvent.objects.values_list("error", flat=True)) == {""}
     assert not WebhookEvent.objects.filter(processed_at__isnull=True).exists()
-    assert webhooks.unmatched_events_apply(customer_id=customer_id) == 0  # each applied once
+    assert stripe_events.unmatched_events_apply(customer_id=customer_id) == 0  # each applied once
     assert AuditEvent.objects.filter(organization=org, action="billing.past_due").count() == 1
 
 

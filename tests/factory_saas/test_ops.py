@@ -27,6 +27,7 @@ from jobs.selectors import (
     workers_with_jobs,
 )
 from jobs.services.pool import worker_register
+from outbox.models import Message
 from tenants.scopes import Role
 from tests.billing.ledgers import month_ledger_create, prices_create
 from tests.factories import JobFactory, MembershipFactory, OrganizationFactory, UserFactory
@@ -341,6 +342,26 @@ def test_staff_see_every_section(ops_world, staff_client):
     assert reverse("admin:billing_meterpush_changelist") + "?stuck=yes" in html
     # The detailed pages.
     assert f'href="{reverse("ops_pool")}"' in html and f'href="{reverse("ops_billing")}"' in html
+
+
+def test_staff_see_the_outbox_messages_given_up_or_owed_too_long(admin_client):
+    now = timezone.now()
+    owed = {"handler": "tenants.services.invitation_mail_send", "payload": {"invitation_id": 1}}
+    dead = Message.objects.create(**owed, state=Message.State.DEAD, last_error="KeyError: 'x'")
+    Message.objects.create(**owed, created_at=now - minutes(10), owed_since=now - minutes(10))
+    Message.objects.create(**owed, created_at=now - minutes(4), owed_since=now - minutes(4))
+    # Written long ago, but an operator asked for another try a minute ago.
+    Message.objects.create(**owed, created_at=now - HOUR, owed_since=now - minutes(1))
+    Message.objects.create(**owed, state=Message.State.SENT, created_at=now - HOUR)
+
+    html = admin_client.get(reverse("ops_overview")).content.decode()
+
+    assert "<strong>1</strong> given up, <strong>1</strong> owed for over 5 minutes" in html
+    changelist = reverse("admin:outbox_message_changelist")
+    assert f'href="{changelist}?state__exact=dead"' in html
+    assert f'href="{changelist}?state__exact=pending"' in html
+    given_up = admin_client.get(f"{changelist}?state__exact=dead").content.decode()
+    assert reverse("admin:outbox_message_change", args=[dead.pk]) in given_up
 
 
 def test_overview_chart_draws_its_grid_and_legend(ops_world, staff_client):

@@ -8,7 +8,7 @@ from django.utils import timezone
 
 from billing.models import Plan
 from billing.services import billing_account_ensure, budget_set, plan_change, usage_record
-from billing.webhooks import past_due_clear, past_due_set
+from billing.stripe_events import past_due_clear, past_due_set
 from jobs.models import JobState
 from jobs.scheduler.apply import scheduler_pass
 from tenants.actors import Actor

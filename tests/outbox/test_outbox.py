@@ -6,12 +6,17 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from django.core import mail
 from django.db import transaction
 from django.test import override_settings
+from django.urls import reverse
 from django.utils import timezone
 
 from outbox.models import Message
 from outbox.services import backoff_s, message_deliver, message_enqueue, outbox_drain
+from tenants import services as tenant_services
+from tenants.actors import Actor
+from tenants.models import Organization
 from tests.chaos.redis_server import RedisServer, celery_broker
 from tests.outbox import handlers
 from tests.pool import Pool
@@ -63,7 +68,8 @@ def test_only_functions_marked_as_handlers_are_ever_called(effects):
     message.refresh_from_db()
     assert lines(effects) == []
     assert "not an outbox handler" in message.last_error
-    assert message.state == Message.State.PENDING and message.attempts == 1
+    # A bug, not an outage: given up at once for an operator to see.
+    assert message.state == Message.State.DEAD and message.attempts == 1
 
 
 @pytest.mark.django_db
@@ -128,6 +134,100 @@ def test_a_message_failing_past_the_give_up_age_is_given_up_loudly(
     assert message.state == Message.State.DEAD
     assert f"outbox message {message.pk}" in caplog.text and "given up" in caplog.text
     assert outbox_drain(now=timezone.now() + timedelta(days=10)) == 0
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "handler, payload, error",
+    [
+        (handlers.fail_with_a_bug, {}, "KeyError: 'invoice_id'"),
+        # A payload the handler does not take (a renamed argument, say).
+        (handlers.append_line, {"line": "x", "colour": "red"}, "TypeError: append_line()"),
+    ],
+)
+def test_a_handler_raising_an_error_it_does_not_list_as_passing_is_given_up_at_once_and_logged(
+    effects, caplog, handler, payload, error
+):
+    message = message_enqueue(handler=handler, payload={"path": str(effects), **payload})
+    with caplog.at_level(logging.WARNING, logger="outbox.services"):
+        assert outbox_drain() == 0
+    message.refresh_from_db()
+    assert (message.state, message.attempts) == (Message.State.DEAD, 1)
+    assert message.last_error.startswith(error)
+    [record] = caplog.records
+    assert record.levelno == logging.ERROR and f"outbox message {message.pk}" in record.message
+    assert record.exc_info is not None  # the traceback, for whoever fixes the bug
+    # Never tried again on its own, however long one waits.
+    assert outbox_drain(now=timezone.now() + timedelta(days=10)) == 0
+    message.refresh_from_db()
+    assert message.attempts == 1 and lines(effects) == []
+
+
+@pytest.mark.django_db
+def test_an_invitation_mail_that_cannot_be_built_is_given_up_at_once(org, owner, caplog):
+    """A real handler's bug: a line break in the organization's name makes the subject an
+    invalid header; no retry can send it."""
+    Organization.objects.filter(pk=org.pk).update(name="Acme\nBcc: everyone@example.com")
+    org.refresh_from_db()
+    tenant_services.invitation_create(
+        organization=org, email="new@example.com", role="viewer", actor=Actor(user=owner)
+    )
+    with caplog.at_level(logging.ERROR, logger="outbox.services"):
+        assert outbox_drain() == 0
+    message = Message.objects.get(handler="tenants.services.invitation_mail_send")
+    assert (message.state, message.attempts) == (Message.State.DEAD, 1)
+    assert message.last_error.startswith("BadHeaderError")
+    assert "given up at once" in caplog.text and mail.outbox == []
+
+
+def backdate(message: Message, *, by: timedelta) -> None:
+    """As if the message had been written (and owed since) `by` ago."""
+    Message.objects.filter(pk=message.pk).update(
+        created_at=message.created_at - by, owed_since=message.created_at - by
+    )
+
+
+@pytest.mark.django_db
+def test_a_given_up_message_an_operator_tries_again_is_retried_for_the_whole_give_up_age_again(
+    effects, tmp_path, settings, admin_client
+):
+    settings.OUTBOX_GIVE_UP_AFTER_S = 3600
+    blocker = tmp_path / "down"
+    blocker.touch()
+    message = message_enqueue(
+        handler=handlers.fail_while_file_exists,
+        payload={"path": str(effects), "blocker": str(blocker)},
+    )
+    backdate(message, by=timedelta(hours=2))
+    outbox_drain()
+    message.refresh_from_db()
+    assert message.state == Message.State.DEAD
+
+    # The far end is still down when the operator asks for another try in the admin.
+    response = admin_client.post(
+        reverse("admin:outbox_message_changelist"),
+        {"action": "retry_now", "_selected_action": [message.pk]},
+    )
+    assert response.status_code == 302
+    tried_again = timezone.now()
+    assert outbox_drain(now=tried_again) == 0
+    message.refresh_from_db()
+    assert (message.state, message.attempts) == (Message.State.PENDING, 2)
+    # Retried with backoff for the whole give-up age from the operator's nudge, then given up.
+    assert outbox_drain(now=tried_again + timedelta(minutes=59)) == 0
+    message.refresh_from_db()
+    assert message.state == Message.State.PENDING
+    outbox_drain(now=tried_again + timedelta(minutes=61))
+    message.refresh_from_db()
+    assert message.state == Message.State.DEAD
+
+    blocker.unlink()
+    admin_client.post(
+        reverse("admin:outbox_message_changelist"),
+        {"action": "retry_now", "_selected_action": [message.pk]},
+    )
+    assert outbox_drain() == 1
+    assert lines(effects) == ["delivered"]
 
 
 @pytest.mark.django_db

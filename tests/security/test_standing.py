@@ -18,7 +18,7 @@ from rest_framework.test import APIClient
 
 from billing.models import BillingAccount, UsageRecord
 from billing.services import billing_account_ensure, budget_set, usage_record
-from billing.webhooks import past_due_set
+from billing.stripe_events import past_due_set
 from jobs.models import Job, JobState, Sweep
 from registry.models import Dataset, DatasetVersion, ModelVersion, PendingUpload
 from tenants.actors import Actor

@@ -318,3 +318,38 @@ def test_every_change_writes_its_audit_event_in_the_same_transaction(org, owner)
     assert AuditEvent.objects.filter(
         action="organization.update", data__name=[org.name, "Renamed"]
     ).exists()
+
+
+def test_an_organization_status_change_is_audited_with_its_reason(org, owner):
+    actor = Actor(user=owner)
+    assert services.organization_status_set(
+        organization=org, status="suspended", actor=actor, reason="abuse report 42"
+    )
+    assert org.status == "suspended"
+    org.refresh_from_db()
+    assert org.status == "suspended"
+    event = AuditEvent.objects.get(organization=org, action="organization.status")
+    assert event.data == {"status": ["active", "suspended"], "reason": "abuse report 42"}
+    assert event.actor_user == owner
+
+    # No change, no event; a change allowed only from other statuses leaves this one alone.
+    assert not services.organization_status_set(
+        organization=org, status="suspended", actor=actor, reason=""
+    )
+    assert not services.organization_status_set(
+        organization=org, status="past_due", actor=actor, reason="payment", only_from=["active"]
+    )
+    org.refresh_from_db()
+    assert org.status == "suspended"
+    assert AuditEvent.objects.filter(organization=org, action="organization.status").count() == 1
+
+
+def test_an_unknown_organization_status_is_refused_and_nothing_written(org, owner):
+    with pytest.raises(DomainError) as refused:
+        services.organization_status_set(
+            organization=org, status="deleted", actor=Actor(user=owner), reason=""
+        )
+    assert "status" in refused.value.fields
+    org.refresh_from_db()
+    assert org.status == "active"
+    assert not AuditEvent.objects.filter(organization=org, action="organization.status").exists()

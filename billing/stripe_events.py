@@ -1,4 +1,5 @@
-"""Stripe webhooks: verify, store each event once, and mirror invoices and payment standing.
+"""Stripe's events, as the webhook view hands them over verified: store each once, mirror
+invoices, and derive the organization's payment standing.
 
 Stripe delivers events at least once and in any order. Each event id is stored in the same
 transaction as its effect, so a redelivery has none. An invoice is only ever replaced by a
@@ -16,21 +17,15 @@ event, so the answer to Stripe never waits on (or fails with) the broker or Stri
 
 from __future__ import annotations
 
-import json
 import logging
 from datetime import UTC, datetime
 
-import stripe
-from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.http import HttpRequest, JsonResponse
-from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_POST
 
 from outbox.services import handler, message_enqueue
 from tenants.actors import Actor
 from tenants.models import Organization
-from tenants.services import audit_record
+from tenants.services import audit_record, organization_status_set
 
 from . import stripe_gateway
 from .models import BillingAccount, Invoice, InvoiceLine, WebhookEvent
@@ -64,33 +59,6 @@ UNMATCHED = "unmatched: unknown customer "
 
 def _unmatched(customer_id: str | None) -> str:
     return f"{UNMATCHED}{customer_id or ''}"
-
-
-def _error(status: int, code: str, detail: str) -> JsonResponse:
-    return JsonResponse({"code": code, "detail": detail}, status=status)
-
-
-@csrf_exempt
-@require_POST
-def stripe_webhook(request: HttpRequest) -> JsonResponse:
-    if not settings.STRIPE_WEBHOOK_SECRET:
-        return _error(400, "stripe_not_configured", "Stripe webhooks are not configured here.")
-    try:
-        stripe.Webhook.construct_event(
-            request.body, request.headers.get("Stripe-Signature"), settings.STRIPE_WEBHOOK_SECRET
-        )
-    except stripe.SignatureVerificationError:
-        return _error(400, "bad_signature", "The Stripe-Signature header does not verify.")
-    except (ValueError, TypeError, AttributeError, KeyError):
-        # Signed, but not JSON or not an object (the library trips on a JSON list).
-        return _error(400, "bad_payload", "The body is not a Stripe event.")
-    payload = json.loads(request.body)
-    if not isinstance(payload, dict) or not payload.get("id") or "created" not in payload:
-        return _error(400, "bad_payload", "The body is not a Stripe event.")
-    stored, duplicate = event_receive(payload=payload)
-    return JsonResponse(
-        {"received": stored.event_id, "duplicate": duplicate, "error": stored.error}, status=200
-    )
 
 
 def event_receive(*, payload: dict) -> tuple[WebhookEvent, bool]:
@@ -199,7 +167,7 @@ def _checkout_completed(*, payload: dict) -> str:
     return ""
 
 
-@handler
+@handler(retry_on=stripe_gateway.TRANSIENT)
 def payment_method_default(*, customer_id: str, setup_intent_id: str) -> None:
     """After Checkout saved a payment method: make it the customer's default for invoices
     (setting the same default again changes nothing, so a repeat is harmless)."""
@@ -346,14 +314,21 @@ def standing_update(*, account: BillingAccount) -> None:
 
 @transaction.atomic
 def past_due_set(*, account: BillingAccount, since: datetime) -> None:
-    """Past due since `since` (the earliest failed payment still owed); the grace runs from it."""
-    organization = account.organization
+    """Past due since `since` (the earliest failed payment still owed); the grace runs from it.
+
+    Only an active organization becomes past due: an operator's suspension stays as it is.
+    """
     if account.past_due_since != since:
         account.past_due_since = since
         account.save(update_fields=["past_due_since"])
-    if organization.status == Organization.Status.ACTIVE:
-        Organization.objects.filter(pk=organization.pk).update(status=Organization.Status.PAST_DUE)
-        organization.status = Organization.Status.PAST_DUE
+    organization = account.organization
+    if organization_status_set(
+        organization=organization,
+        status=Organization.Status.PAST_DUE,
+        actor=SYSTEM,
+        reason=f"payment failed on {since.isoformat()} and is still owed",
+        only_from=[Organization.Status.ACTIVE],
+    ):
         audit_record(
             organization=organization,
             actor=SYSTEM,
@@ -365,13 +340,19 @@ def past_due_set(*, account: BillingAccount, since: datetime) -> None:
 
 @transaction.atomic
 def past_due_clear(*, account: BillingAccount) -> None:
-    organization = account.organization
+    """Nothing failed is owed any more: a past-due organization is active again (a suspended
+    one stays suspended)."""
     if account.past_due_since is not None:
         account.past_due_since = None
         account.save(update_fields=["past_due_since"])
-    if organization.status == Organization.Status.PAST_DUE:
-        Organization.objects.filter(pk=organization.pk).update(status=Organization.Status.ACTIVE)
-        organization.status = Organization.Status.ACTIVE
+    organization = account.organization
+    if organization_status_set(
+        organization=organization,
+        status=Organization.Status.ACTIVE,
+        actor=SYSTEM,
+        reason="no failed payment is owed any more",
+        only_from=[Organization.Status.PAST_DUE],
+    ):
         audit_record(
             organization=organization, actor=SYSTEM, action="billing.restored", target=account
         )
