@@ -95,6 +95,16 @@ def month_spend(*, organization: Organization, at: datetime) -> int:
     return month_spends(organization_ids=[organization.pk], at=at).get(organization.pk, 0)
 
 
+def usage_latest_keyed(*, organization: Organization, key_prefix: str) -> UsageRecord | None:
+    """The organization's newest ledger row whose idempotency key starts with `key_prefix`."""
+    return (
+        UsageRecord.objects.for_organization(organization)
+        .filter(idempotency_key__startswith=key_prefix)
+        .order_by("-created_at", "-pk")
+        .first()
+    )
+
+
 def credits_available(*, organization: Organization, at: datetime) -> int:
     total = (
         CreditGrant.objects.for_organization(organization)

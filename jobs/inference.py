@@ -17,6 +17,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from django.conf import settings
 from django.utils import timezone
 from safetensors.numpy import load_file
 
+from billing.selectors import usage_latest_keyed
 from billing.services import usage_record
 from jobs.recipes.base import RecipeInputError
 from registry.models import ModelVersion
@@ -133,15 +135,29 @@ def predictor_for(recipe_name: str):
     return getattr(importlib.import_module(module), function)
 
 
-def _ledger_key(*, version: ModelVersion, rows: list[dict], idempotency_key: str | None) -> str:
-    """The ledger row's key: a client's retry (same key, same request) finds the first row; the
-    key reused for other rows is another prediction, billed as such."""
+def _ledger_key(
+    *, version: ModelVersion, rows: list[dict], idempotency_key: str | None, now: datetime
+) -> str:
+    """The ledger row's key. A client's retry (same key, same request) within
+    IDEMPOTENCY_WINDOW_S of the first request finds that request's row; after the window the
+    same request is a new prediction, as at Stripe, else a fixed key would make a monitor's
+    repeated row free forever. The key reused for other rows is another prediction.
+
+    Each window's row is `<request>:<n>`, n counting the windows, so that concurrent repeats
+    compute the same next key and the ledger's unique key keeps one of them.
+    """
     if not idempotency_key:
         return f"predict:{uuid.uuid4()}"
     request = json.dumps(
         {"key": idempotency_key, "version": version.pk, "rows": rows}, sort_keys=True, default=str
     )
-    return f"predict:{version.organization_id}:{hashlib.sha256(request.encode()).hexdigest()}"
+    chain = f"predict:{version.organization_id}:{hashlib.sha256(request.encode()).hexdigest()}"
+    latest = usage_latest_keyed(organization=version.organization, key_prefix=f"{chain}:")
+    if latest is None:
+        return f"{chain}:1"
+    if now - latest.created_at < timedelta(seconds=settings.IDEMPOTENCY_WINDOW_S):
+        return latest.idempotency_key
+    return f"{chain}:{int(latest.idempotency_key.rpartition(':')[2]) + 1}"
 
 
 def predict_online(
@@ -191,7 +207,9 @@ def predict_online(
         unit="1k_predictions",
         period_start=now,
         period_end=now,
-        idempotency_key=_ledger_key(version=version, rows=rows, idempotency_key=idempotency_key),
+        idempotency_key=_ledger_key(
+            version=version, rows=rows, idempotency_key=idempotency_key, now=now
+        ),
         source_type="model_version",
         source_id=str(version.pk),
         user=actor.api_key.created_by if actor.api_key else actor.user,

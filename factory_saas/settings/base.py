@@ -175,6 +175,9 @@ STRIPE_PUSH_BUDGET_S = env.float("STRIPE_PUSH_BUDGET_S", default=8.0)
 # inference jobs serve them), and each process keeps at most this many bytes of loaded weights.
 ONLINE_PREDICTION_MAX_MODEL_BYTES = env.int("ONLINE_PREDICTION_MAX_MODEL_BYTES", default=16 * 2**20)
 ONLINE_PREDICTION_CACHE_BYTES = env.int("ONLINE_PREDICTION_CACHE_BYTES", default=128 * 2**20)
+# How long a client's Idempotency-Key makes a repeated online prediction the first one's retry
+# (Stripe's 24 hours); after that the same key and rows are a new prediction, billed again.
+IDEMPOTENCY_WINDOW_S = env.int("IDEMPOTENCY_WINDOW_S", default=24 * 3600)
 # What an organization's overview page shows besides its members and activity (tenants imports
 # no other app, so the apps that contribute a panel are named here).
 ORGANIZATION_OVERVIEW_PANELS = ["jobs.panels.overview_panel", "billing.panels.overview_panel"]

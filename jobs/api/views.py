@@ -294,7 +294,10 @@ class ResourceClassListView(generics.GenericAPIView):
             "Idempotency-Key",
             str,
             location=OpenApiParameter.HEADER,
-            description="A retry of the same request with the same key is billed once.",
+            description=(
+                "A retry of the same request with the same key within 24 hours of the first "
+                "(IDEMPOTENCY_WINDOW_S) is billed once; after that it is a new prediction."
+            ),
         )
     ],
 )

@@ -1,6 +1,7 @@
-"""How the worker starts a job's child, and how the child moves into its folder: a work folder
-nobody else can find or read, an environment without the platform's secrets, and processes that
-other processes of the same user cannot read through /proc.
+"""How the worker starts a job's child, how the child moves into its folder, and how the worker
+reads what the child wrote there: a work folder nobody else can find or read, an environment
+without the platform's secrets, processes that other processes of the same user cannot read
+through /proc, and files read only as the regular files they are inside that folder.
 
 The child runs as the worker's own user until the sandbox gives it one of its own, so each step
 is defence in depth; docs/reliability.md says what stays open. No Django here: the worker and the
@@ -11,13 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import secrets
+import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 CHILD_COMMAND = (sys.executable, "-m", "jobs.runner.child")
 # The child's first line: it is private now, so it may be told where its folder is.
@@ -133,3 +137,85 @@ def attempt_enter() -> Path:
     os.environ.update(HOME=str(workdir / "home"), TMPDIR=str(workdir / "tmp"))
     tempfile.tempdir = None  # gettempdir() reads TMPDIR again
     return workdir
+
+
+class ChildFileRefused(Exception):
+    """A path the child named is not a regular file inside its folder; the attempt fails with
+    this reason."""
+
+
+# Each component opened on its own, never through a link: the parent reads as the worker, so a
+# link (or a folder on the way replaced by one) would hand the job any file the worker can read.
+_DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: opening a FIFO the child made must not wait for a writer that never comes.
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+@contextlib.contextmanager
+def child_file_open(workdir: Path, relative: str, *, remove: bool = False) -> Iterator[BinaryIO]:
+    """Open, for reading, a file the child named relative to its folder (a checkpoint, a result
+    artifact), following no link in any component; ChildFileRefused unless it is a regular file.
+
+    With `remove` the file is deleted once read, also through the folder that was checked, so a
+    swapped folder cannot make the worker delete a file elsewhere.
+    """
+    parts = [part for part in relative.split("/") if part not in ("", ".")]
+    if not parts or ".." in parts:
+        raise ChildFileRefused(f"The job named {relative!r}, which is not a file in its folder.")
+    folder = os.open(workdir, _DIRECTORY_FLAGS)
+    try:
+        for depth, part in enumerate(parts[:-1]):
+            try:
+                inner = os.open(part, _DIRECTORY_FLAGS, dir_fd=folder)
+            except OSError as exc:
+                raise _refusal("/".join(parts[: depth + 1]), part, folder, exc) from exc
+            os.close(folder)
+            folder = inner
+        shown = "/".join(parts)
+        try:
+            descriptor = os.open(parts[-1], _FILE_FLAGS, dir_fd=folder)
+        except OSError as exc:
+            raise _refusal(shown, parts[-1], folder, exc) from exc
+        kind = os.fstat(descriptor).st_mode
+        if not stat.S_ISREG(kind):
+            os.close(descriptor)
+            raise ChildFileRefused(
+                f"The job wrote {shown} as {_kind_name(kind)}; only regular files are read."
+            )
+        os.set_blocking(descriptor, True)
+        try:
+            with open(descriptor, "rb") as stream:
+                yield stream
+        finally:
+            if remove:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(parts[-1], dir_fd=folder)
+    finally:
+        os.close(folder)
+
+
+def _refusal(shown: str, name: str, folder: int, error: OSError) -> ChildFileRefused:
+    """Why `name`, in the open `folder`, could not be opened, in the job's terms."""
+    try:
+        kind = os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode
+    except FileNotFoundError:
+        return ChildFileRefused(f"The job named {shown}, which it did not write.")
+    if not (stat.S_ISREG(kind) or stat.S_ISDIR(kind)):
+        return ChildFileRefused(
+            f"The job wrote {shown} as {_kind_name(kind)}; only regular files are read."
+        )
+    if error.errno == errno.ENOTDIR:
+        return ChildFileRefused(f"The job wrote {shown} as a file where its path needs a folder.")
+    return ChildFileRefused(f"The job wrote {shown}, which cannot be read: {error.strerror}.")
+
+
+def _kind_name(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "a link"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a pipe"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a device"

@@ -14,6 +14,7 @@ import queue
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -49,7 +50,7 @@ from tenants.actors import Actor
 from tenants.errors import ConflictError
 
 from . import protocol
-from .isolation import attempt_folder_create, child_start
+from .isolation import ChildFileRefused, attempt_folder_create, child_file_open, child_start
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +134,8 @@ class _Attempt:
         child = self._start()
         try:
             outcome, reason = self._supervise(child)
+        except ChildFileRefused as exc:  # a checkpoint that is a link, say: stop reading it
+            outcome, reason = "failed", str(exc)
         finally:
             stop_process_group(child)
         if outcome == "succeeded":
@@ -337,22 +340,20 @@ class _Attempt:
         return attempt_report(job_id=self.job.pk, attempt=self.attempt, report=report)
 
     def _checkpoint(self, payload: dict) -> None:
-        path = self.workdir / payload["path"]
         key = new_object_key(
             organization_id=self.job.organization_id,
             kind="checkpoints",
             filename=f"job-{self.job.pk}.pt",
         )
         try:
-            with path.open("rb") as stream:
+            # Removed once read: the child never deletes its checkpoints.
+            with child_file_open(self.workdir, payload["path"], remove=True) as stream:
                 self.storage.save(key, stream)
         except StorageError as exc:
             # The job goes on; the next checkpoint tries again (the last stored one still holds).
             logger.warning("job %s: checkpoint not stored: %s", self.job.pk, exc)
             self.logs.append(("stderr", f"Checkpoint at step {payload['step']} not stored: {exc}"))
             return
-        finally:
-            path.unlink(missing_ok=True)  # the child never deletes its checkpoints
         try:
             previous = attempt_checkpoint(
                 job_id=self.job.pk, attempt=self.attempt, key=key, step=int(payload["step"])
@@ -370,14 +371,33 @@ class _Attempt:
             raise StaleAttempt(f"job {self.job.pk} attempt {self.attempt}")
         if state == JobState.CANCELLING:
             return {}  # cancelled while finishing: nothing is registered
-        if self.job.kind == Job.Kind.INFER:
-            return {"output_dataset_version_id": self._register_predictions()}
-        return {"output_model_version_id": self._register_model()}
+        # The registry reads its files by path, more than once: it gets copies the job cannot
+        # swap for links, in a folder of the worker's own beside the attempt's.
+        with tempfile.TemporaryDirectory(
+            prefix=f"{self.workdir.name}-outputs-", dir=self.workdir.parent
+        ) as folder:
+            copies = Path(folder)
+            if self.job.kind == Job.Kind.INFER:
+                predictions = self._artifact_copy("predictions.csv", copies)
+                return {"output_dataset_version_id": self._register_predictions(predictions)}
+            config = json.loads(self._artifact_copy("config.json", copies).read_text())
+            weights = self._artifact_copy("model.safetensors", copies)
+            return {"output_model_version_id": self._register_model(weights, config)}
+
+    def _artifact_copy(self, name: str, folder: Path) -> Path:
+        """The result artifact `name`, copied out of the attempt's folder into `folder`."""
+        target = folder / name
+        with (
+            child_file_open(self.workdir, self.result["artifacts"][name]) as source,
+            target.open("wb") as out,
+        ):
+            shutil.copyfileobj(source, out, length=1024 * 1024)
+        return target
 
     def _actor(self) -> Actor:
         return Actor(user=self.job.created_by, api_key=self.job.created_by_api_key)
 
-    def _register_predictions(self) -> int:
+    def _register_predictions(self, predictions: Path) -> int:
         organization, name = self.job.organization, self.job.output_dataset_name
         dataset = first_or_create(
             lambda: Dataset.objects.for_organization(organization).filter(name=name).first(),
@@ -390,7 +410,7 @@ class _Attempt:
         )
         version = dataset_version_create(
             dataset=dataset,
-            path=self.workdir / self.result["artifacts"]["predictions.csv"],
+            path=predictions,
             filename="predictions.csv",
             actor=self._actor(),
             source=DatasetVersion.Source.JOB_OUTPUT,
@@ -400,9 +420,8 @@ class _Attempt:
         )
         return version.pk
 
-    def _register_model(self) -> int:
+    def _register_model(self, weights: Path, config: dict) -> int:
         result = self.result
-        config = json.loads((self.workdir / result["artifacts"]["config.json"]).read_text())
         organization = self.job.organization
         actor = self._actor()
         name = self.job.output_model_name
@@ -414,7 +433,7 @@ class _Attempt:
         )
         version = model_version_register(
             registered_model=registered,
-            weights_path=self.workdir / result["artifacts"]["model.safetensors"],
+            weights_path=weights,
             config=config,
             actor=actor,
             recipe_name=self.job.recipe,

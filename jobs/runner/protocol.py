@@ -25,7 +25,8 @@ The parent prepares a working directory, puts the inputs in it and writes `spec.
 
 Input paths (dataset, model_dir, resume_from) are absolute or relative to the working directory;
 output_dir and checkpoint_dir must lie inside it, so every path the child prints is relative to
-it.
+it. The parent reads each such path only as a regular file reached through no link (see
+`jobs.runner.isolation.child_file_open`); anything else fails the attempt, saying so.
 
 `task` "train" makes a model; with `model_dir` set it fine-tunes that model instead of starting
 from scratch (its weights and preprocessing; the dataset must have the same columns and no class

@@ -17,7 +17,6 @@ from decimal import Decimal
 
 from django.db import IntegrityError, transaction
 from django.db.models import Max
-from django.http import Http404
 from django.utils import timezone
 
 from billing.selectors import gpu_resource, unit_price
@@ -30,7 +29,7 @@ from registry.services.datasets import validate_name
 from tenants.actors import Actor
 from tenants.errors import ConflictError, DomainError, PermissionDeniedError
 from tenants.models import Organization
-from tenants.selectors import organization_access
+from tenants.selectors import actor_scopes
 from tenants.services import audit_record
 
 from .attempts import attempt_close, checkpoint_forget
@@ -231,17 +230,6 @@ def inference_spec(
     )
 
 
-def _actor_scopes(*, organization: Organization, actor: Actor) -> frozenset[str]:
-    """The scopes the actor holds here, computed as the request that acts for it was granted."""
-    try:
-        _org, _membership, scopes = organization_access(
-            slug=organization.slug, user=actor.user, api_key=actor.api_key
-        )
-    except Http404:
-        return frozenset()
-    return scopes
-
-
 def _outputs_allowed(*, organization: Organization, actor: Actor, spec: JobSpec) -> None:
     """`jobs:write` runs jobs; a job that adds a version to an existing model or dataset, or
     moves an alias, needs the scope that doing so directly needs. A new output is the job's own."""
@@ -258,7 +246,7 @@ def _outputs_allowed(*, organization: Organization, actor: Actor, spec: JobSpec)
         needs["models:promote"] = f"moves the alias {spec.moves_alias!r} of model {model_name}"
     if not needs:
         return
-    granted = _actor_scopes(organization=organization, actor=actor)
+    granted = actor_scopes(organization=organization, actor=actor)
     for scope, what in needs.items():
         if scope not in granted:
             raise PermissionDeniedError(f"This job {what}, which needs the {scope} scope.")

@@ -11,6 +11,7 @@ import sys
 import textwrap
 import tracemalloc
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.utils import timezone
 from safetensors.numpy import load_file
 
 from billing.models import UsageRecord
@@ -479,6 +481,36 @@ def test_reusing_a_key_for_other_rows_does_not_make_them_free(org, predictor, mo
         )
         assert response.status_code == 200, response.content
     assert _billed(org) == 2
+
+
+@pytest.mark.django_db
+def test_a_key_reused_after_the_idempotency_window_is_a_new_billed_prediction(
+    org, predictor, model_dir, new_rows, settings
+):
+    """A monitor sends the same row with the same fixed key every minute: a repeat answers as
+    the first request only within IDEMPOTENCY_WINDOW_S of it; after that it is billed again."""
+    settings.IDEMPOTENCY_WINDOW_S = 3600
+    url = _served(predictor, org, model_dir)
+    body = {"version": "1", "rows": _rows(new_rows, 1)}
+
+    def probe():
+        response = predictor.post(url, body, format="json", HTTP_IDEMPOTENCY_KEY="monitor")
+        assert response.status_code == 200, response.content
+
+    def first_request_was(seconds_ago):
+        UsageRecord.objects.filter(organization=org, resource="predictions").update(
+            created_at=timezone.now() - timedelta(seconds=seconds_ago)
+        )
+
+    probe()
+    first_request_was(3600 - 60)
+    probe()
+    assert _billed(org) == 1  # a retry within the window
+    first_request_was(3600 + 60)
+    probe()
+    assert _billed(org) == 2  # the window has passed: a new prediction
+    probe()
+    assert _billed(org) == 2  # and its own retries are free again
 
 
 @pytest.mark.django_db

@@ -8,7 +8,11 @@ submitting one: each is refused at submit with a 403 naming the missing scope.
 
 import pytest
 
-from jobs.models import Job, Sweep
+from jobs.models import Job, ResourceClass, Sweep
+from jobs.services import JobOptions, training_job_submit
+from tenants.actors import Actor
+from tenants.errors import PermissionDeniedError
+from tenants.services import api_key_create, api_key_revoke
 from tests.factories import DatasetVersionFactory, ModelVersionFactory
 
 pytestmark = pytest.mark.django_db
@@ -129,3 +133,30 @@ def test_the_same_submits_pass_with_the_scopes_they_need(
     )
     assert swept.status_code == 201, swept.content
     assert Job.objects.count() == 5
+
+
+def test_a_revoked_key_adds_nothing_to_another_teams_model_whoever_calls_the_submit(
+    org, developer, their_model, dataset
+):
+    """The submit asks what the key holds as every other service does (`actor_scopes`), not by a
+    second computation of its own: a revoked key holds nothing, whether the call comes from the
+    API, a page or later code acting for the key."""
+    key, _token = api_key_create(
+        organization=org,
+        name="ci",
+        scopes=[*JOBS_ONLY, "models:write"],
+        actor=Actor(user=developer),
+    )
+    revoked = api_key_revoke(api_key=key, actor=Actor(user=developer))
+
+    with pytest.raises(PermissionDeniedError, match="models:write"):
+        training_job_submit(
+            organization=org,
+            actor=Actor(api_key=revoked),
+            recipe="tabular-classifier",
+            parameters={"target": "x"},
+            dataset_version=dataset,
+            options=JobOptions(resource_class=ResourceClass.objects.get(name="cpu")),
+            output_model_name="fraud-scorer",
+        )
+    assert not Job.objects.exists()
