@@ -91,6 +91,11 @@ def _give_back(key: str) -> None:
         cache.decr(key)
 
 
+def clock() -> float:
+    """Now, for the buckets' windows (tests stand it still, so no window ends during one)."""
+    return time.time()
+
+
 def buckets_take(buckets: list[Bucket], *, now: float) -> int | None:
     """Count one request in every bucket, or in none. None when each had room; otherwise the
     seconds until the first full bucket's window ends, and nothing stays counted anywhere."""
@@ -116,7 +121,7 @@ class RateLimit(BaseThrottle):
     retry_after: int | None = None
 
     def allow_request(self, request, view) -> bool:
-        self.retry_after = buckets_take(request_buckets(request, view), now=time.time())
+        self.retry_after = buckets_take(request_buckets(request, view), now=clock())
         return self.retry_after is None
 
     def wait(self) -> float | None:
@@ -126,4 +131,4 @@ class RateLimit(BaseThrottle):
 def throttle_wait(request, view) -> int | None:
     """For pages, which DRF does not throttle: the API's buckets for a Django request; the seconds
     to wait when one is full, else None (and the request is counted)."""
-    return buckets_take(request_buckets(request, view), now=time.time())
+    return buckets_take(request_buckets(request, view), now=clock())

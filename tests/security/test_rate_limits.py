@@ -14,6 +14,7 @@ from rest_framework.test import APIClient
 
 from jobs.models import Job, JobState
 from tenants.actors import Actor
+from tenants.api import throttles
 from tenants.models import AuditEvent, Membership
 from tenants.scopes import ROLE_SCOPES, Role
 from tenants.services import api_key_create
@@ -37,10 +38,16 @@ from tests.test_tenancy_sweep import (
 pytestmark = pytest.mark.django_db
 
 
+# Thirty seconds into a minute (and an hour, and a day): the buckets' windows are fixed, and a
+# test whose requests crossed a window's end would see the count start again halfway through.
+PINNED_NOW = 86_400 * 20_834 + 30
+
+
 @pytest.fixture
-def rates(settings):
+def rates(settings, monkeypatch):
     """Set some buckets' rates (e.g. submit="3/min"); the others stay as the test settings have
-    them (high)."""
+    them (high). The throttle's clock stands still for the test."""
+    monkeypatch.setattr(throttles, "clock", lambda: PINNED_NOW)
 
     def apply(**overrides):
         settings.API_RATE_LIMITS = {**getattr(settings, "API_RATE_LIMITS", {}), **overrides}
