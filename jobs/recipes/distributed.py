@@ -42,9 +42,16 @@ def init(rank: int, world_size: int, port: int) -> str:
     return "cpu"
 
 
-def teardown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def teardown(*, finished: bool) -> None:
+    """Leave the process group. A rank that `finished` (its task returned, as every rank's does
+    at the same step) first waits for the others, so none closes its connections while a peer's
+    last collective still uses them: gloo aborts the peer (SIGABRT) when that happens. A rank
+    that failed leaves at once; the others' collectives time out or the supervisor ends them."""
+    if not dist.is_initialized():
+        return
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def is_main() -> bool:

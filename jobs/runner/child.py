@@ -256,6 +256,7 @@ def _run_rank(rank: int, world_size: int, port: int, workdir: Path, stop: Shared
 
     spec, recipe_cls, parameters = _checked_request(workdir)
     device = distributed.init(rank, world_size, port)
+    finished = False
     try:
         if device == "cpu":
             # The parent sized the thread pool for the whole job; the ranks share it.
@@ -264,15 +265,17 @@ def _run_rank(rank: int, world_size: int, port: int, workdir: Path, stop: Shared
         if not distributed.is_main():
             placement["emit"] = _silent
         try:
-            return _execute(workdir, spec, recipe_cls, parameters, stop, **placement)
+            code = _execute(workdir, spec, recipe_cls, parameters, stop, **placement)
         except (DomainError, RecipeInputError):
             raise
         except Exception:
             if rank:
                 print(f"Rank {rank} failed:", file=sys.stderr)
             raise
+        finished = True
+        return code
     finally:
-        distributed.teardown()
+        distributed.teardown(finished=finished)
 
 
 def _silent(_line: str) -> None:
