@@ -39,7 +39,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	# High-severity findings only; ruff's S rules already cover the rest of bandit's checks.
-	$(BIN)/bandit -q -r factory_saas charts outbox tenants registry jobs billing -lll
+	$(BIN)/bandit -q -r factory_saas charts outbox tenants registry jobs billing serving -lll
 
 # Known vulnerabilities in the installed packages (needs PyPI's JSON API; fails without it).
 audit: install

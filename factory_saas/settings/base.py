@@ -41,6 +41,7 @@ INSTALLED_APPS = [
     "registry",
     "jobs",
     "billing",
+    "serving",
     "factory_saas",
 ]
 
