@@ -132,6 +132,11 @@ class Job(OrganizationOwned):
     class Kind(models.TextChoices):
         TRAIN = "train", "Train"
         INFER = "infer", "Inference"
+        # A deployment's replica: loads its model version once and answers predictions over
+        # HTTP until it is stopped (serving/ decides how many; jobs runs them).
+        SERVE = "serve", "Serving replica"
+        # Scores model versions on the same held-out data, for a retrained challenger's gate.
+        EVALUATE = "evaluate", "Evaluation"
 
     kind = models.CharField(max_length=10, choices=Kind.choices, default=Kind.TRAIN)
     recipe = models.CharField(max_length=100)
@@ -190,6 +195,10 @@ class Job(OrganizationOwned):
     waiting_reason = models.CharField(max_length=255, blank=True)
     queue_position = models.PositiveIntegerField(null=True, blank=True)
     failure_reason = models.TextField(blank=True)
+    # A serve job's answering address ("host:port" on its worker), set once its server is ready,
+    # cleared whenever the attempt ends; the web presents a token derived from job and attempt.
+    serve_address = models.CharField(max_length=255, blank=True)
+    serve_ready_at = models.DateTimeField(null=True, blank=True)
     checkpoint_key = models.CharField(max_length=500, blank=True)
     checkpoint_step = models.PositiveIntegerField(null=True, blank=True)
     cost_minor = models.BigIntegerField(

@@ -13,7 +13,7 @@ class Migration(migrations.Migration):
     initial = True
 
     dependencies = [
-        ('jobs', '0007_job_retried_once'),
+        ('jobs', '0008_serve_and_evaluate_jobs'),
         ('registry', '0005_pending_upload_finalize_claim'),
         ('tenants', '0001_initial'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
