@@ -328,3 +328,23 @@ def failing_jobs(*, since: datetime, limit: int = 20) -> FailingJobs:
         .order_by("-failures", "name", "organization_id")
     )
     return FailingJobs(since=since, jobs=jobs, per_tenant=per_tenant)
+
+
+@dataclass(frozen=True)
+class ReplicaEndpoint:
+    address: str  # "host:port"
+    attempt: int
+    ready_at: datetime
+
+
+def replica_endpoints(job_ids) -> dict[int, ReplicaEndpoint]:
+    """Where the running serve jobs among `job_ids` answer, for those whose server is ready."""
+    rows = Job.objects.filter(
+        pk__in=list(job_ids), kind=Job.Kind.SERVE, state=JobState.RUNNING
+    ).exclude(serve_address="")
+    return {
+        job_id: ReplicaEndpoint(address, attempt, ready_at)
+        for job_id, address, attempt, ready_at in rows.values_list(
+            "pk", "serve_address", "attempt", "serve_ready_at"
+        )
+    }

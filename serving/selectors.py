@@ -1,0 +1,104 @@
+"""Reads of the loop's rows: what a deployment's versions did over a window."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime
+
+from .models import Deployment, PredictionLog, Route
+
+# The live metric each recipe is judged on, and whether higher is better. Classifiers: the share
+# of labelled predictions whose label was right; the forecaster: the mean absolute error of its
+# forecasts against the actual values fed back.
+LIVE_METRICS: dict[str, tuple[str, bool]] = {
+    "tabular-classifier": ("accuracy", True),
+    "image-classifier": ("accuracy", True),
+    "text-classifier": ("accuracy", True),
+    "timeseries-forecaster": ("mae", False),
+}
+
+
+@dataclass(frozen=True)
+class VersionStats:
+    requests: int
+    errors: int
+    p50_ms: float | None
+    p99_ms: float | None
+    labelled: int
+    metric: float | None  # LIVE_METRICS[recipe] over the labelled predictions
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+
+def live_metric_of(recipe: str) -> tuple[str, bool]:
+    return LIVE_METRICS.get(recipe, ("accuracy", True))
+
+
+def _percentile(values: list[float], share: float) -> float | None:
+    """The nearest-rank percentile of sorted `values`."""
+    if not values:
+        return None
+    return values[min(len(values) - 1, max(0, math.ceil(share * len(values)) - 1))]
+
+
+def _score(metric: str, output, label) -> float | None:
+    """One labelled prediction's contribution: 1/0 for accuracy, the absolute error for MAE."""
+    if output is None or label is None:
+        return None
+    if metric == "accuracy":
+        return float(isinstance(output, dict) and output.get("label") == label)
+    forecast = output.get("forecast") if isinstance(output, dict) else None
+    if not isinstance(forecast, list) or not isinstance(label, list) or not label:
+        return None
+    pairs = list(zip(forecast, label, strict=False))
+    try:
+        return sum(abs(float(f) - float(a)) for f, a in pairs) / len(pairs)
+    except (TypeError, ValueError):
+        return None
+
+
+def version_stats(
+    *, deployment: Deployment, since: datetime, until: datetime | None = None, mode: str = "live"
+) -> dict[int, VersionStats]:
+    """Per model version id: requests, errors, latency percentiles and the live metric of the
+    logged predictions of `deployment` made in [since, until)."""
+    rows = PredictionLog.objects.for_organization(deployment.organization).filter(
+        deployment=deployment, created_at__gte=since, mode=mode
+    )
+    if until is not None:
+        rows = rows.filter(created_at__lt=until)
+    metric, _higher = live_metric_of(deployment.recipe)
+    by_version: dict[int, dict] = {}
+    for version_id, latency, error, output, label in rows.values_list(
+        "model_version_id", "latency_ms", "error", "output", "label"
+    ).iterator(chunk_size=5000):
+        acc = by_version.setdefault(version_id, {"latency": [], "errors": 0, "scores": []})
+        acc["latency"].append(latency)
+        acc["errors"] += bool(error)
+        score = _score(metric, output, label)
+        if score is not None:
+            acc["scores"].append(score)
+    stats = {}
+    for version_id, acc in by_version.items():
+        latency = sorted(acc["latency"])
+        scores = acc["scores"]
+        stats[version_id] = VersionStats(
+            requests=len(latency),
+            errors=acc["errors"],
+            p50_ms=_percentile(latency, 0.5),
+            p99_ms=_percentile(latency, 0.99),
+            labelled=len(scores),
+            metric=sum(scores) / len(scores) if scores else None,
+        )
+    return stats
+
+
+def live_routes(deployment: Deployment) -> list[Route]:
+    return list(
+        Route.objects.for_organization(deployment.organization).filter(
+            deployment=deployment, mode=Route.Mode.LIVE
+        )
+    )
