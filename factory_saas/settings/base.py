@@ -193,6 +193,16 @@ OUTBOX_CLAIM_S = env.float("OUTBOX_CLAIM_S", default=300.0)
 OUTBOX_DRAIN_BUDGET_S = env.float("OUTBOX_DRAIN_BUDGET_S", default=8.0)
 OUTBOX_GIVE_UP_AFTER_S = env.float("OUTBOX_GIVE_UP_AFTER_S", default=3 * 24 * 3600.0)
 
+# Drift monitoring (serving.monitoring): how often beat checks, how long one run may take, which
+# deployments count as recently used, and bounds on a window (a deployment's drift_window_rows is
+# the tenant's choice; a huge one must not load millions of rows into a worker).
+DRIFT_CHECK_EVERY_S = env.float("DRIFT_CHECK_EVERY_S", default=60.0)
+DRIFT_CHECK_BUDGET_S = env.float("DRIFT_CHECK_BUDGET_S", default=45.0)
+DRIFT_RECENT_S = env.int("DRIFT_RECENT_S", default=24 * 3600)
+DRIFT_WINDOW_MIN_ROWS = env.int("DRIFT_WINDOW_MIN_ROWS", default=100)
+DRIFT_WINDOW_MAX_ROWS = env.int("DRIFT_WINDOW_MAX_ROWS", default=20_000)
+DRIFT_MAX_WINDOWS_PER_CHECK = env.int("DRIFT_MAX_WINDOWS_PER_CHECK", default=10)
+
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default=REDIS_URL or "memory://")
 CELERY_BROKER_TRANSPORT_OPTIONS = {}
 CELERY_TASK_ACKS_LATE = True
@@ -201,6 +211,8 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_TIMEZONE = TIME_ZONE
+# Task modules autodiscovery (which finds only `tasks.py`) would miss.
+CELERY_IMPORTS = ["serving.monitoring_tasks"]
 CELERY_BEAT_SCHEDULE = {
     "scheduler-tick": {
         "task": "jobs.scheduler_tick",
@@ -224,6 +236,7 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": env.float("OUTBOX_DRAIN_EVERY_S", default=10.0),
     },
     "billing-reconcile": {"task": "billing.reconcile", "schedule": crontab(minute=30, hour=3)},
+    "serving-drift-check": {"task": "serving.drift_check", "schedule": DRIFT_CHECK_EVERY_S},
 }
 
 REST_FRAMEWORK = {
