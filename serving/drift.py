@@ -7,11 +7,12 @@ What a customer can be told about each number:
   (earth mover's) distance between the two distributions, in reference standard deviations: a
   shift of every value by half a standard deviation reads 0.5. W1 is computed exactly as
   `integral over u in [0,1] of |Q_ref(u) - Q_win(u)| du` between quantile functions: the
-  window's is its empirical one (a step per value); the reference's is linear between the 101
-  percentiles the training profile keeps (`quantiles`, from a seeded sample of up to 10,000
-  values). Profiles recorded before percentiles were kept are read through their 20-bin
-  histogram instead (values spread evenly within each bin), which blurs shifts smaller than a
-  bin; the column's `method` then says "wasserstein_histogram".
+  window's is its empirical one (a step per value); the reference's is linear between the
+  quantiles the training profile keeps (`quantiles` at `quantile_levels`: every percentile and
+  six more in the tails, from a seeded sample of up to 10,000 values). Profiles recorded before
+  quantiles were kept are read through their 20-bin histogram instead (values spread evenly
+  within each bin), which blurs shifts smaller than a bin; the column's `method` then says
+  "wasserstein_histogram".
 - Categorical column: `distance = sqrt(JS(P, Q))`, the Jensen-Shannon distance in base 2, so
   0 for the same distribution and 1 for distributions with no value in common. The buckets are
   the reference's top values plus one "everything else" bucket; a value the training data never
@@ -40,13 +41,14 @@ from typing import Any
 
 import numpy as np
 
+from registry.formats.profiling import QUANTILE_LEVELS, quantiles
+
 DEFAULT_COLUMN_THRESHOLD = 0.1
 DEFAULT_SHARE_THRESHOLD = 0.5
 # Keys are compared on this many characters, as the profile counts them.
 CATEGORY_KEY_CHARS = 200
 # A window profile (kept as the baseline of later windows) lists at most this many values.
 WINDOW_TOP_VALUES = 100
-_QUANTILE_LEVELS = 101
 _OTHER = object()
 
 
@@ -163,16 +165,16 @@ def numeric_profile(values: Sequence[Any]) -> dict:
     numbers = [number for value in values if (number := as_number(value)) is not None]
     profile: dict[str, Any] = {"count": len(numbers), "nulls": len(values) - len(numbers)}
     if not numbers:
-        return {**profile, "mean": None, "std": None, "min": None, "max": None, "quantiles": []}
+        return {**profile, "mean": None, "std": None, "min": None, "max": None}
     array = np.asarray(numbers, dtype=np.float64)
-    levels = np.linspace(0.0, 1.0, _QUANTILE_LEVELS)
     return {
         **profile,
         "mean": float(array.mean()),
         "std": float(array.std(ddof=1)) if array.size > 1 else None,
         "min": float(array.min()),
         "max": float(array.max()),
-        "quantiles": [float(q) for q in np.quantile(array, levels)],
+        "quantile_levels": list(QUANTILE_LEVELS),
+        "quantiles": quantiles(numbers),
     }
 
 
@@ -265,14 +267,28 @@ def _numeric_distance(reference: dict, numbers: list[float]) -> dict:
         return {"method": "constant", "distance": distance}
     if reference.get("quantiles"):
         knots = np.asarray(reference["quantiles"], dtype=np.float64)
-        levels = np.linspace(0.0, 1.0, knots.size)
+        levels = np.asarray(reference.get("quantile_levels") or [], dtype=np.float64)
+        if levels.size != knots.size:  # evenly spaced unless the profile says otherwise
+            levels = np.linspace(0.0, 1.0, knots.size)
         method = "wasserstein"
     else:
         levels, knots = _histogram_quantiles(reference["histogram"])
         method = "wasserstein_histogram"
-    if knots.size < 2 or not np.all(np.isfinite(knots)):
-        raise ValueError("The reference's quantiles are not usable.")
+    _check_quantile_function(levels, knots)
     return {"method": method, "distance": wasserstein_to_quantiles(levels, knots, numbers) / std}
+
+
+def _check_quantile_function(levels: np.ndarray, knots: np.ndarray) -> None:
+    if (
+        knots.size < 2
+        or not np.all(np.isfinite(knots))
+        or not np.all(np.isfinite(levels))
+        or levels[0] != 0.0
+        or levels[-1] != 1.0
+        or np.any(np.diff(levels) < 0)
+        or np.any(np.diff(knots) < 0)
+    ):
+        raise ValueError("The reference's quantiles are not a quantile function.")
 
 
 def _histogram_quantiles(histogram: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -311,14 +327,30 @@ def compare_window(
 ) -> WindowDrift:
     """Compare each comparable column of the `reference` profile (minus `exclude`, e.g. the
     target) with the rows of a window ({column: value} each; anything else reads as all nulls).
-    Columns the window has and the reference lacks are not compared."""
+    Columns the window has and the reference lacks are not compared; a reference column that
+    cannot be read is reported with an `error` and not counted."""
     skip = set(exclude)
     columns = {
-        name: compare_column(column, column_values(rows, name), threshold=column_threshold)
+        name: _compare_or_explain(column, column_values(rows, name), threshold=column_threshold)
         for name, column in reference.items()
         if name not in skip and column_kind(column) is not None
     }
-    if not columns:
-        return WindowDrift()
-    share = sum(result["drifted"] for result in columns.values()) / len(columns)
+    compared = [result for result in columns.values() if "error" not in result]
+    if not compared:
+        return WindowDrift(columns=columns)
+    share = sum(result["drifted"] for result in compared) / len(compared)
     return WindowDrift(columns=columns, drifted_share=share, drifted=share >= share_threshold)
+
+
+def _compare_or_explain(reference: dict, values: Sequence[Any], *, threshold: float) -> dict:
+    """A reference column that cannot be read (a damaged profile) is reported with the reason
+    and left out of the share, so one bad column does not stop the whole window."""
+    try:
+        return compare_column(reference, values, threshold=threshold)
+    except ValueError as error:
+        return {
+            "kind": column_kind(reference),
+            "distance": None,
+            "drifted": False,
+            "error": str(error),
+        }

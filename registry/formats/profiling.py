@@ -15,9 +15,21 @@ from typing import Any
 import numpy as np
 
 HISTOGRAM_BINS = 20
-# Percentiles 0..100 of the sample: the reference serving's drift monitor measures Wasserstein
-# distances against (a 20-bin histogram blurs a shift of a fraction of a bin).
-QUANTILE_LEVELS = 101
+# The quantiles of the sample kept for serving's drift monitor, which measures Wasserstein
+# distances against them (a 20-bin histogram blurs a shift of a fraction of a bin): every
+# percentile, and more in the tails, where a long tail's quantiles bend too much for a straight
+# line between percentiles to follow them.
+QUANTILE_LEVELS = (
+    0.0,
+    0.001,
+    0.002,
+    0.005,
+    *(step / 100 for step in range(1, 100)),
+    0.995,
+    0.998,
+    0.999,
+    1.0,
+)
 TOP_VALUES = 10
 # Long strings are counted by their first characters, so a column of essays cannot fill memory.
 COUNTED_VALUE_CHARS = 200
@@ -153,17 +165,18 @@ class NumericSummary:
             "min": None if self.minimum is None else as_number(self.minimum),
             "max": None if self.maximum is None else as_number(self.maximum),
             "histogram": histogram(self.sample.items),
+            "quantile_levels": list(QUANTILE_LEVELS) if self.sample.items else [],
             "quantiles": quantiles(self.sample.items),
         }
 
 
 def quantiles(sample: Sequence[float]) -> list[float]:
-    """QUANTILE_LEVELS evenly spaced quantiles of a sample, its minimum to its maximum (linear
+    """The sample's quantiles at QUANTILE_LEVELS, its minimum to its maximum (linear
     interpolation between order statistics); empty for an empty sample."""
     if not sample:
         return []
-    levels = np.linspace(0.0, 1.0, QUANTILE_LEVELS)
-    return [float(value) for value in np.quantile(np.asarray(sample, dtype=np.float64), levels)]
+    values = np.quantile(np.asarray(sample, dtype=np.float64), QUANTILE_LEVELS)
+    return [float(value) for value in values]
 
 
 def histogram(sample: Sequence[float]) -> dict:

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from registry.formats.profiling import NumericSummary, TopValues
+from registry.formats.profiling import QUANTILE_LEVELS, NumericSummary, TopValues
 from serving import drift
 
 
@@ -182,7 +182,7 @@ def test_columns_the_monitor_cannot_compare_are_left_out():
 def test_window_profiles_are_a_reference_for_later_windows():
     rng = np.random.default_rng(6)
     baseline = drift.numeric_profile([*rng.normal(0, 1, 1000).tolist(), "junk"])
-    assert baseline["nulls"] == 1 and len(baseline["quantiles"]) == 101
+    assert baseline["nulls"] == 1 and len(baseline["quantiles"]) == len(QUANTILE_LEVELS)
     moved = drift.compare_column(baseline, rng.normal(1, 1, 1000).tolist(), threshold=0.1)
     assert moved["drifted"]
     labels = drift.categorical_profile(["cat"] * 60 + ["dog"] * 40 + [None])
@@ -191,8 +191,19 @@ def test_window_profiles_are_a_reference_for_later_windows():
     assert same["distance"] == pytest.approx(0.0, abs=1e-6)
 
 
-def test_numeric_profiles_keep_101_percentiles_from_minimum_to_maximum():
+def test_numeric_profiles_keep_quantiles_from_minimum_to_maximum():
     profile = numeric_reference(np.arange(1001, dtype=np.float64))
-    assert len(profile["quantiles"]) == 101
-    assert profile["quantiles"][0] == 0.0 and profile["quantiles"][-1] == 1000.0
-    assert profile["quantiles"][50] == pytest.approx(500.0)
+    assert profile["quantile_levels"] == list(QUANTILE_LEVELS)
+    by_level = dict(zip(profile["quantile_levels"], profile["quantiles"], strict=True))
+    assert by_level[0.0] == 0.0 and by_level[1.0] == 1000.0
+    assert by_level[0.5] == pytest.approx(500.0) and by_level[0.001] == pytest.approx(1.0)
+
+
+def test_a_damaged_reference_column_is_reported_not_raised():
+    rng = np.random.default_rng(8)
+    good = numeric_reference(rng.normal(0, 1, 1000))
+    damaged = {**good, "quantiles": list(reversed(good["quantiles"]))}
+    rows = [{"x": float(x), "y": 0.2} for x in rng.normal(0, 1, 1000)]
+    result = drift.compare_window({"x": good, "y": damaged}, rows)
+    assert result.columns["y"]["distance"] is None and "error" in result.columns["y"]
+    assert set(result.columns) == {"x", "y"} and result.drifted_share == 0.0
