@@ -30,17 +30,28 @@ What a customer can be told about each number:
 
 Predictions are compared the same way: a classifier's labels as a categorical column, a
 forecaster's per-request forecast means as a numeric one.
+
+Inputs that are not table rows are compared through a few numbers read cheaply from each one
+(INPUT_FEATURES), as numeric columns: a text's length in characters and in whitespace-separated
+words; a time series history's length, level (mean) and scale (standard deviation) over its last
+MAX_HISTORY_VALUES values; an image's encoded size in bytes and its width and height from the
+file header (no pixel is decoded, so brightness is not watched).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import math
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from registry.formats.image_headers import read_image_header
 from registry.formats.profiling import QUANTILE_LEVELS, quantiles
 
 DEFAULT_COLUMN_THRESHOLD = 0.1
@@ -50,6 +61,9 @@ CATEGORY_KEY_CHARS = 200
 # A window profile (kept as the baseline of later windows) lists at most this many values.
 WINDOW_TOP_VALUES = 100
 _OTHER = object()
+MAX_HISTORY_VALUES = 10_000
+# Enough base64 for any header read_image_header parses (it scans a JPEG up to 1 MiB).
+_IMAGE_HEAD_CHARS = 4 * (1024 * 1024 // 3 + 1)
 
 
 @dataclass
@@ -354,3 +368,60 @@ def _compare_or_explain(reference: dict, values: Sequence[Any], *, threshold: fl
             "drifted": False,
             "error": str(error),
         }
+
+
+# -- numbers read from inputs that are not table rows -----------------------------------------
+
+
+def text_features(item: Any) -> dict[str, float]:
+    text = item.get("text") if isinstance(item, dict) else None
+    if not isinstance(text, str):
+        return {}
+    return {"text.chars": float(len(text)), "text.words": float(len(text.split()))}
+
+
+def series_features(item: Any) -> dict[str, float]:
+    history = item.get("history") if isinstance(item, dict) else None
+    if not isinstance(history, list) or not history:
+        return {}
+    numbers = [as_number(value) for value in history[-MAX_HISTORY_VALUES:]]
+    if any(number is None for number in numbers):
+        return {"history.length": float(len(history))}
+    values = np.asarray(numbers, dtype=np.float64)
+    return {
+        "history.length": float(len(history)),
+        "history.level": float(values.mean()),
+        "history.scale": float(values.std()),
+    }
+
+
+def image_features(item: Any) -> dict[str, float]:
+    encoded = item.get("image") if isinstance(item, dict) else None
+    if not isinstance(encoded, str) or not encoded:
+        return {}
+    features = {"image.bytes": float(len(encoded) * 3 // 4)}
+    head = encoded[:_IMAGE_HEAD_CHARS]
+    try:
+        header = read_image_header(io.BytesIO(base64.b64decode(head[: len(head) // 4 * 4])))
+    except (binascii.Error, ValueError, struct.error):
+        header = None
+    if header is not None:
+        features.update({"image.width": float(header.width), "image.height": float(header.height)})
+    return features
+
+
+INPUT_FEATURES = {
+    "text-classifier": (text_features, ("text.chars", "text.words")),
+    "timeseries-forecaster": (
+        series_features,
+        ("history.length", "history.level", "history.scale"),
+    ),
+    "image-classifier": (image_features, ("image.bytes", "image.width", "image.height")),
+}
+
+
+def input_features(recipe: str, inputs: Sequence[Any]) -> tuple[tuple[str, ...], list[dict]]:
+    """The feature names of `recipe` and each input's features as a row ({} for an input they
+    cannot be read from: it counts as missing)."""
+    read, names = INPUT_FEATURES[recipe]
+    return names, [read(item) for item in inputs]

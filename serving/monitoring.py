@@ -5,17 +5,19 @@ arithmetic), and store one DriftReport per window; a drifted window goes on the 
 What is compared, per recipe:
 - tabular-classifier: every input column of the model (its input signature, else the training
   profile's columns, minus the target) against the training dataset version's profile.
-- image-, text-classifier and timeseries-forecaster: inputs are not compared (an image's or a
-  series' training profile holds nothing a single request can be set against cheaply); these are
-  watched through their predictions alone.
+- image-, text-classifier and timeseries-forecaster: a few numbers read from each input
+  (serving.drift.INPUT_FEATURES: text length and words, series length, level and scale, image
+  bytes, width and height) against the same numbers of the version's first window, since the
+  training profile of images, texts and series holds nothing comparable.
 - Predictions, every recipe: a classifier's labels against the training label distribution when
   the training profile has the target column (an image zip's classes), otherwise against the
   version's first window; a forecaster's per-request forecast means against its first window.
 
 A window is the next `drift_window_rows` live predictions (errors included: their inputs are what
 callers sent) after the previous report's `window_end`, extended to every row sharing the last
-row's timestamp, so a window boundary never splits rows and no row is reported twice. A row
-logged later with an earlier timestamp than a reported window is not reported.
+row's timestamp (one request's inputs share it), so a window boundary never splits rows and no
+row is reported twice. Only rows older than DRIFT_SETTLE_S are read, so a request still being
+logged when a window closes is not left behind it.
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ def _report_next_window(deployment: Deployment, version: ModelVersion) -> DriftR
         rows = _window(deployment, version, after=previous_end)
         if rows is None:
             return None
-        report = _compare(deployment, version, rows, baseline=_baseline(reports))
+        report = _compare(deployment, version, rows, reports=reports)
         report.save()
         if report.drifted:
             _record_drift(report)
@@ -130,8 +132,9 @@ def _window(
     deployment: Deployment, version: ModelVersion, *, after: datetime | None
 ) -> list[tuple] | None:
     """(created_at, inputs, output) of the next full window, or None while it is not full."""
+    settled = timezone.now() - timedelta(seconds=settings.DRIFT_SETTLE_S)
     logged = PredictionLog.objects.for_organization(deployment.organization).filter(
-        deployment=deployment, model_version=version, mode=Route.Mode.LIVE
+        deployment=deployment, model_version=version, mode=Route.Mode.LIVE, created_at__lt=settled
     )
     if after is not None:
         logged = logged.filter(created_at__gt=after)
@@ -148,7 +151,7 @@ def _window(
 
 
 def _compare(
-    deployment: Deployment, version: ModelVersion, rows: list[tuple], *, baseline: dict | None
+    deployment: Deployment, version: ModelVersion, rows: list[tuple], *, reports
 ) -> DriftReport:
     profile = reference_profile(version)
     inputs = [row_inputs for _at, row_inputs, _output in rows]
@@ -161,7 +164,11 @@ def _compare(
             column_threshold=deployment.drift_column_threshold,
             share_threshold=deployment.drift_share_threshold,
         )
-    prediction = _prediction_drift(deployment, version, profile, outputs, baseline=baseline)
+    elif deployment.recipe in drift.INPUT_FEATURES:
+        window = _feature_drift(deployment, inputs, baseline=_feature_baseline(reports))
+    prediction = _prediction_drift(
+        deployment, version, profile, outputs, baseline=_baseline(reports)
+    )
     return DriftReport(
         organization=deployment.organization,
         deployment=deployment,
@@ -174,6 +181,50 @@ def _compare(
         columns=window.columns,
         prediction_drift=prediction,
     )
+
+
+def _feature_drift(deployment: Deployment, inputs: list, *, baseline: dict | None):
+    """Inputs read as a few numbers each, against the version's first window's numbers; each
+    column keeps its window's profile, the baseline of later windows."""
+    names, features = drift.input_features(deployment.recipe, inputs)
+    profiles = {name: drift.numeric_profile(drift.column_values(features, name)) for name in names}
+    if baseline is None:
+        columns = {
+            name: {
+                "kind": "numeric",
+                "reference": "this_window",
+                "distance": None,
+                "drifted": False,
+                "window_profile": profiles[name],
+            }
+            for name in names
+        }
+        return drift.WindowDrift(columns=columns)
+    window = drift.compare_window(
+        {name: baseline[name] for name in names if name in baseline},
+        features,
+        column_threshold=deployment.drift_column_threshold,
+        share_threshold=deployment.drift_share_threshold,
+    )
+    for name, column in window.columns.items():
+        column.update(reference="first_window", window_profile=profiles[name])
+    return window
+
+
+def _feature_baseline(reports) -> dict | None:
+    """The input-feature profiles of the version's first window that had any usable ones."""
+    for columns in reports.order_by("window_end", "pk").values_list("columns", flat=True):
+        if not isinstance(columns, dict):
+            continue
+        profiles = {
+            name: column.get("window_profile")
+            for name, column in columns.items()
+            if isinstance(column, dict)
+            and drift.column_kind(column.get("window_profile")) is not None
+        }
+        if profiles:
+            return profiles
+    return None
 
 
 def _target(version: ModelVersion) -> str | None:

@@ -202,6 +202,9 @@ DRIFT_RECENT_S = env.int("DRIFT_RECENT_S", default=24 * 3600)
 DRIFT_WINDOW_MIN_ROWS = env.int("DRIFT_WINDOW_MIN_ROWS", default=100)
 DRIFT_WINDOW_MAX_ROWS = env.int("DRIFT_WINDOW_MAX_ROWS", default=20_000)
 DRIFT_MAX_WINDOWS_PER_CHECK = env.int("DRIFT_MAX_WINDOWS_PER_CHECK", default=10)
+# Rows younger than this are not read yet: a request still being logged when a window closes
+# would otherwise fall behind it and never be reported.
+DRIFT_SETTLE_S = env.float("DRIFT_SETTLE_S", default=30.0)
 
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default=REDIS_URL or "memory://")
 CELERY_BROKER_TRANSPORT_OPTIONS = {}

@@ -1,6 +1,7 @@
 """The drift arithmetic (serving.drift) as pure functions: distances against hand-computed
 values, windows drawn from the reference or shifted away from it, and what hostile callers send."""
 
+import base64
 import math
 
 import numpy as np
@@ -207,3 +208,36 @@ def test_a_damaged_reference_column_is_reported_not_raised():
     result = drift.compare_window({"x": good, "y": damaged}, rows)
     assert result.columns["y"]["distance"] is None and "error" in result.columns["y"]
     assert set(result.columns) == {"x", "y"} and result.drifted_share == 0.0
+
+
+def test_numbers_read_from_texts_series_and_images_survive_hostile_inputs():
+    png = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + (640).to_bytes(4, "big")
+    png += (480).to_bytes(4, "big") + b"\x08\x02\x00\x00\x00" + b"\x00" * 20
+    names, rows = drift.input_features(
+        "image-classifier",
+        [
+            {"image": base64.b64encode(png).decode()},
+            {"image": "%%% not base64 %%%"},
+            {"image": base64.b64encode(b"GIF89a").decode()},  # a header cut short
+            {"image": 12},
+            "not an object",
+        ],
+    )
+    assert names == ("image.bytes", "image.width", "image.height")
+    assert rows[0]["image.width"] == 640.0 and rows[0]["image.height"] == 480.0
+    assert "image.width" not in rows[1] and "image.width" not in rows[2]
+    assert rows[3] == {} and rows[4] == {}
+
+    _names, rows = drift.input_features(
+        "timeseries-forecaster",
+        [{"history": [1, 2, 3]}, {"history": [1, "x", None]}, {"history": 10**400}, {}],
+    )
+    assert rows[0] == {
+        "history.length": 3.0,
+        "history.level": 2.0,
+        "history.scale": 0.816496580927726,
+    }
+    assert rows[1] == {"history.length": 3.0} and rows[2] == {} and rows[3] == {}
+
+    _names, rows = drift.input_features("text-classifier", [{"text": "two words"}, {"text": 5}])
+    assert rows == [{"text.chars": 9.0, "text.words": 2.0}, {}]

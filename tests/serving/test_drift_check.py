@@ -149,13 +149,36 @@ def test_classifier_predictions_are_compared_with_the_first_window_without_train
 
     first, same, moved = drift_check(deployment)
 
-    assert first.columns == {}  # image inputs are watched through predictions only
+    # Inputs without an image read as missing features; the first window is their baseline.
+    assert {column["reference"] for column in first.columns.values()} == {"this_window"}
     assert first.prediction_drift["reference"] == "this_window" and not first.drifted
     assert same.prediction_drift["reference"] == "first_window"
     assert same.prediction_drift["distance"] == pytest.approx(0.0, abs=1e-6)
     assert not same.drifted
     assert moved.prediction_drift["distance"] > 0.1 and moved.drifted
     assert LoopEvent.objects.for_organization(org).get().data["drift_report"] == moved.pk
+
+
+def test_text_inputs_drift_by_their_length_against_the_first_window(org, make_deployment):
+    deployment, version = make_deployment(org, recipe="text-classifier")
+    start = timezone.now() - timedelta(hours=1)
+    rng = np.random.default_rng(8)
+
+    def texts(mean_words):
+        return [{"text": " ".join(["word"] * int(n))} for n in rng.poisson(mean_words, WINDOW)]
+
+    labels = ["pos", "neg"] * (WINDOW // 2)
+    log(deployment, version, texts(20), start=start, labels=labels)
+    log(deployment, version, texts(20), start=start + timedelta(minutes=1), labels=labels)
+    log(deployment, version, texts(60), start=start + timedelta(minutes=2), labels=labels)
+
+    first, same, longer = drift_check(deployment)
+
+    assert set(first.columns) == {"text.chars", "text.words"} and not first.drifted
+    assert not same.drifted and same.columns["text.words"]["reference"] == "first_window"
+    assert longer.drifted and longer.drifted_share == 1.0
+    assert longer.columns["text.words"]["distance"] > 1
+    assert not longer.prediction_drift["drifted"]
 
 
 def test_forecast_means_drift_against_the_first_window(org, make_deployment):
