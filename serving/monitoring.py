@@ -27,8 +27,8 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db import transaction
-from django.db.models import Exists, Max, OuterRef
+from django.db import connection, transaction
+from django.db.models import Exists, F, Max, OuterRef
 from django.utils import timezone
 
 from registry.models import DatasetVersion, ModelVersion
@@ -42,6 +42,8 @@ SYSTEM = Actor()
 CLASSIFIERS = {"tabular-classifier", "image-classifier", "text-classifier"}
 FORECASTERS = {"timeseries-forecaster"}
 INPUT_DRIFT_RECIPES = {"tabular-classifier"}
+# pg_advisory_xact_lock(namespace, deployment): "dr".
+DRIFT_LOCK_NAMESPACE = 0x6472
 
 
 def drift_check(deployment: Deployment) -> list[DriftReport]:
@@ -66,8 +68,8 @@ def drift_check(deployment: Deployment) -> list[DriftReport]:
 
 def drift_check_recent(*, budget_s: float, now: datetime | None = None) -> int:
     """Check every deployment with a live prediction in the last DRIFT_RECENT_S, those checked
-    longest ago first, until `budget_s` is spent; the rest wait for the next run. Returns the
-    number of reports written."""
+    longest ago first, until `budget_s` is spent (one at least, so each run makes progress); the
+    rest wait for the next run. Returns the number of reports written."""
     now = now or timezone.now()
     since = now - timedelta(seconds=settings.DRIFT_RECENT_S)
     recent = PredictionLog.objects.filter(
@@ -78,15 +80,15 @@ def drift_check_recent(*, budget_s: float, now: datetime | None = None) -> int:
     deployments = (
         Deployment.objects.filter(Exists(recent))
         .annotate(last_report=Max("drift_reports__created_at"))
-        .order_by("last_report", "pk")
+        .order_by(F("last_report").asc(nulls_first=True), "pk")
         .select_related("organization")
     )
     started = time.monotonic()
     written = 0
     for deployment in deployments:
+        written += len(drift_check(deployment))
         if time.monotonic() - started >= budget_s:
             break
-        written += len(drift_check(deployment))
     return written
 
 
@@ -105,8 +107,7 @@ def reference_profile(version: ModelVersion) -> dict:
 def _report_next_window(deployment: Deployment, version: ModelVersion) -> DriftReport | None:
     organization = deployment.organization
     with transaction.atomic():
-        # One checker per deployment at a time, so two runs never report the same window.
-        Deployment.objects.for_organization(organization).select_for_update().get(pk=deployment.pk)
+        _lock(deployment)
         reports = DriftReport.objects.for_organization(organization).filter(
             deployment=deployment, model_version=version
         )
@@ -119,6 +120,18 @@ def _report_next_window(deployment: Deployment, version: ModelVersion) -> DriftR
         if report.drifted:
             _record_drift(report)
         return report
+
+
+def _lock(deployment: Deployment) -> None:
+    """One checker per deployment at a time, so two runs never report the same window. An
+    advisory lock, not the deployment's row: the request path writes that row, and must not wait
+    for a window to be compared."""
+    if connection.vendor != "postgresql":
+        return  # SQLite (embedded): its transactions already run one at a time
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_advisory_xact_lock(%s, %s)", [DRIFT_LOCK_NAMESPACE, deployment.pk % 2**31]
+        )
 
 
 def _window_rows(deployment: Deployment) -> int:

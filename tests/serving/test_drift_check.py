@@ -2,10 +2,12 @@
 a drifted window goes on the timeline and the audit log, and a check reads only its own
 organization's rows."""
 
+import threading
 from datetime import timedelta
 
 import numpy as np
 import pytest
+from django.db import connection
 from django.utils import timezone
 
 from jobs.models import ResourceClass
@@ -252,7 +254,6 @@ def test_the_periodic_run_checks_recently_used_deployments_within_its_budget(
     log(recent, recent_version, rows_from(rng, WINDOW), start=now - timedelta(minutes=5))
     log(stale, stale_version, rows_from(rng, WINDOW), start=now - timedelta(days=3))
 
-    assert drift_check_recent(budget_s=0, now=now) == 0
     assert drift_check_recent(budget_s=60, now=now) == 1
     assert DriftReport.objects.get().deployment == recent
     assert drift_check_recent(budget_s=60, now=now) == 0
@@ -268,3 +269,44 @@ def test_a_huge_window_setting_is_capped(org, make_deployment, settings):
 
     [report] = drift_check(deployment)
     assert report.rows == WINDOW
+
+
+def test_a_deployment_never_checked_goes_before_ones_checked_before(org, make_deployment):
+    rng = np.random.default_rng(9)
+    checked, checked_version = make_deployment(org, profile=tabular_profile(rng))
+    fresh, fresh_version = make_deployment(org, profile=tabular_profile(rng))
+    now = timezone.now()
+    log(checked, checked_version, rows_from(rng, WINDOW), start=now - timedelta(minutes=9))
+    drift_check(checked)
+    log(checked, checked_version, rows_from(rng, WINDOW), start=now - timedelta(minutes=8))
+    log(fresh, fresh_version, rows_from(rng, WINDOW), start=now - timedelta(minutes=7))
+
+    # A budget spent by the first deployment: only that one is checked.
+    assert drift_check_recent(budget_s=0, now=now) == 1
+    assert DriftReport.objects.filter(deployment=fresh).count() == 1
+    assert DriftReport.objects.filter(deployment=checked).count() == 1
+
+
+@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+def test_two_checks_at_once_report_a_window_once(org, make_deployment):
+    rng = np.random.default_rng(10)
+    deployment, version = make_deployment(org, profile=tabular_profile(rng))
+    log(deployment, version, rows_from(rng, WINDOW), start=timezone.now() - timedelta(hours=1))
+    barrier = threading.Barrier(2)
+    written = []
+
+    def check():
+        try:
+            barrier.wait()
+            written.append(len(drift_check(Deployment.objects.get(pk=deployment.pk))))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=check) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert sorted(written) == [0, 1]
+    assert DriftReport.objects.filter(deployment=deployment).count() == 1
