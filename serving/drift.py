@@ -101,6 +101,12 @@ def wasserstein_to_quantiles(
     n = values.size
     if not n:
         raise ValueError("The sample needs at least one value.")
+    with np.errstate(all="ignore"):  # values near the float range's edge overflow to inf
+        return _quantile_area(levels, knots, values)
+
+
+def _quantile_area(levels: np.ndarray, knots: np.ndarray, values: np.ndarray) -> float:
+    n = values.size
     grid = np.union1d(levels, np.arange(n + 1) / n)
     start, end = grid[:-1], grid[1:]
     middle = (start + end) / 2
@@ -112,8 +118,7 @@ def wasserstein_to_quantiles(
     at_end = knots[piece] + slope * (end - low) - window
     same_sign = at_start * at_end >= 0
     magnitude = np.abs(at_start) + np.abs(at_end)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        crossing = np.where(magnitude > 0, (at_start**2 + at_end**2) / (2 * magnitude), 0.0)
+    crossing = np.where(magnitude > 0, (at_start**2 + at_end**2) / (2 * magnitude), 0.0)
     area = np.where(same_sign, magnitude / 2, crossing) * (end - start)
     return float(area.sum())
 
@@ -160,7 +165,10 @@ def category_key(value: Any) -> str | None:
     if isinstance(value, str):
         return value[:CATEGORY_KEY_CHARS]
     if isinstance(value, int):
-        return str(value)[:CATEGORY_KEY_CHARS]
+        try:
+            return str(value)[:CATEGORY_KEY_CHARS]
+        except ValueError:  # more digits than Python will print
+            return None
     if isinstance(value, float) and math.isfinite(value):
         return repr(value)
     return None
@@ -181,15 +189,16 @@ def numeric_profile(values: Sequence[Any]) -> dict:
     if not numbers:
         return {**profile, "mean": None, "std": None, "min": None, "max": None}
     array = np.asarray(numbers, dtype=np.float64)
-    return {
-        **profile,
-        "mean": float(array.mean()),
-        "std": float(array.std(ddof=1)) if array.size > 1 else None,
-        "min": float(array.min()),
-        "max": float(array.max()),
-        "quantile_levels": list(QUANTILE_LEVELS),
-        "quantiles": quantiles(numbers),
-    }
+    with np.errstate(all="ignore"):  # overflow gives inf, which the report stores as null
+        return {
+            **profile,
+            "mean": float(array.mean()),
+            "std": float(array.std(ddof=1)) if array.size > 1 else None,
+            "min": float(array.min()),
+            "max": float(array.max()),
+            "quantile_levels": list(QUANTILE_LEVELS),
+            "quantiles": quantiles(numbers),
+        }
 
 
 def categorical_profile(values: Sequence[Any]) -> dict:
@@ -250,8 +259,13 @@ def compare_column(reference: dict, values: Sequence[Any], *, threshold: float) 
     else:
         result.update(method="jensen_shannon", distance=_categorical_distance(reference, usable))
     distance = result["distance"]
+    if distance is not None and not math.isfinite(distance):
+        # Values near the float range's edge overflow the arithmetic: nothing training saw.
+        result.update(distance=None, overflow=True)
     result["drifted"] = bool(
-        (distance is not None and distance >= threshold) or null_share_change >= threshold
+        result.get("overflow")
+        or (result["distance"] is not None and result["distance"] >= threshold)
+        or null_share_change >= threshold
     )
     return result
 
@@ -345,7 +359,7 @@ def compare_window(
     cannot be read is reported with an `error` and not counted."""
     skip = set(exclude)
     columns = {
-        name: _compare_or_explain(column, column_values(rows, name), threshold=column_threshold)
+        name: compare_or_explain(column, column_values(rows, name), threshold=column_threshold)
         for name, column in reference.items()
         if name not in skip and column_kind(column) is not None
     }
@@ -356,9 +370,9 @@ def compare_window(
     return WindowDrift(columns=columns, drifted_share=share, drifted=share >= share_threshold)
 
 
-def _compare_or_explain(reference: dict, values: Sequence[Any], *, threshold: float) -> dict:
-    """A reference column that cannot be read (a damaged profile) is reported with the reason
-    and left out of the share, so one bad column does not stop the whole window."""
+def compare_or_explain(reference: dict, values: Sequence[Any], *, threshold: float) -> dict:
+    """compare_column, except that a reference that cannot be read (a damaged profile) is
+    reported with the reason (`error`), so one bad column does not stop the whole window."""
     try:
         return compare_column(reference, values, threshold=threshold)
     except ValueError as error:
@@ -388,11 +402,12 @@ def series_features(item: Any) -> dict[str, float]:
     if any(number is None for number in numbers):
         return {"history.length": float(len(history))}
     values = np.asarray(numbers, dtype=np.float64)
-    return {
-        "history.length": float(len(history)),
-        "history.level": float(values.mean()),
-        "history.scale": float(values.std()),
-    }
+    with np.errstate(all="ignore"):  # overflow gives inf, which the report stores as null
+        return {
+            "history.length": float(len(history)),
+            "history.level": float(values.mean()),
+            "history.scale": float(values.std()),
+        }
 
 
 def image_features(item: Any) -> dict[str, float]:

@@ -22,6 +22,8 @@ logged when a window closes is not left behind it.
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -38,6 +40,7 @@ from tenants.services import audit_record
 from . import drift
 from .models import Deployment, DriftReport, LoopEvent, PredictionLog, Route
 
+logger = logging.getLogger(__name__)
 SYSTEM = Actor()
 CLASSIFIERS = {"tabular-classifier", "image-classifier", "text-classifier"}
 FORECASTERS = {"timeseries-forecaster"}
@@ -86,7 +89,12 @@ def drift_check_recent(*, budget_s: float, now: datetime | None = None) -> int:
     started = time.monotonic()
     written = 0
     for deployment in deployments:
-        written += len(drift_check(deployment))
+        try:
+            written += len(drift_check(deployment))
+        except Exception:
+            # One deployment's failure (a bug its data exposes) must not stop every other
+            # organization's checks; it is logged, and retried next run.
+            logger.exception("Drift check of deployment %s failed", deployment.pk)
         if time.monotonic() - started >= budget_s:
             break
     return written
@@ -116,10 +124,24 @@ def _report_next_window(deployment: Deployment, version: ModelVersion) -> DriftR
         if rows is None:
             return None
         report = _compare(deployment, version, rows, reports=reports)
+        report.columns = json_safe(report.columns)
+        report.prediction_drift = json_safe(report.prediction_drift)
         report.save()
         if report.drifted:
             _record_drift(report)
         return report
+
+
+def json_safe(value):
+    """`value` with every non-finite float replaced by None: PostgreSQL's JSON has no NaN or
+    infinity, and a window of extreme values can make them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    return value
 
 
 def _lock(deployment: Deployment) -> None:

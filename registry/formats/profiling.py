@@ -171,11 +171,14 @@ class NumericSummary:
 
 
 def quantiles(sample: Sequence[float]) -> list[float]:
-    """The sample's quantiles at QUANTILE_LEVELS, its minimum to its maximum (linear
-    interpolation between order statistics); empty for an empty sample."""
+    """The sample's quantiles at QUANTILE_LEVELS, its minimum to its maximum; empty for an empty
+    sample. Each is one of the sample's values (no interpolation between two), so values near the
+    float range's edge cannot overflow into an infinity the profile's JSON could not hold."""
     if not sample:
         return []
-    values = np.quantile(np.asarray(sample, dtype=np.float64), QUANTILE_LEVELS)
+    values = np.quantile(
+        np.asarray(sample, dtype=np.float64), QUANTILE_LEVELS, method="inverted_cdf"
+    )
     return [float(value) for value in values]
 
 

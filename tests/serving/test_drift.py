@@ -241,3 +241,13 @@ def test_numbers_read_from_texts_series_and_images_survive_hostile_inputs():
 
     _names, rows = drift.input_features("text-classifier", [{"text": "two words"}, {"text": 5}])
     assert rows == [{"text.chars": 9.0, "text.words": 2.0}, {}]
+
+
+def test_values_at_the_edge_of_the_float_range_drift_without_overflowing():
+    rng = np.random.default_rng(9)
+    reference = numeric_reference(rng.normal(0, 1, 1000))
+    extreme = [1e308, -1e308, 1.7e308, -1.7e308] * 50
+    result = drift.compare_column(reference, extreme, threshold=0.1)
+    assert result["drifted"] and result["distance"] is None and result["overflow"]
+    profile = drift.numeric_profile(extreme)
+    assert all(math.isfinite(value) for value in profile["quantiles"])

@@ -310,3 +310,31 @@ def test_two_checks_at_once_report_a_window_once(org, make_deployment):
 
     assert sorted(written) == [0, 1]
     assert DriftReport.objects.filter(deployment=deployment).count() == 1
+
+
+def test_extreme_numbers_are_reported_not_a_database_error(org, make_deployment):
+    deployment, version = make_deployment(org, recipe="timeseries-forecaster")
+    start = timezone.now() - timedelta(hours=1)
+    for minute in range(2):
+        PredictionLog.objects.bulk_create(
+            PredictionLog(
+                organization=org,
+                deployment=deployment,
+                model_version=version,
+                # Each finite, but their sums over a window are not.
+                inputs={"history": [1.7e308]},
+                output={"forecast": [1.7e308]},
+                latency_ms=1.0,
+                created_at=start + timedelta(minutes=minute, milliseconds=index),
+            )
+            for index in range(WINDOW)
+        )
+
+    first, second = drift_check(deployment)
+
+    first.refresh_from_db()
+    assert first.columns["history.level"]["window_profile"]["count"] == WINDOW
+    assert first.columns["history.level"]["window_profile"]["mean"] is None
+    assert first.prediction_drift["window_profile"]["mean"] is None
+    second.refresh_from_db()
+    assert second.rows == WINDOW
