@@ -338,3 +338,20 @@ def test_extreme_numbers_are_reported_not_a_database_error(org, make_deployment)
     assert first.prediction_drift["window_profile"]["mean"] is None
     second.refresh_from_db()
     assert second.rows == WINDOW
+
+
+def test_beat_runs_the_check_through_a_registered_task(org, make_deployment):
+    from django.conf import settings
+
+    from factory_saas.celery import app
+    from serving.monitoring_tasks import drift_check as drift_check_task
+
+    app.loader.import_default_modules()
+    entry = settings.CELERY_BEAT_SCHEDULE["serving-drift-check"]
+    assert entry["task"] == drift_check_task.name == "serving.drift_check"
+    assert entry["task"] in app.tasks
+
+    rng = np.random.default_rng(12)
+    deployment, version = make_deployment(org, profile=tabular_profile(rng))
+    log(deployment, version, rows_from(rng, WINDOW), start=timezone.now() - timedelta(hours=1))
+    assert drift_check_task.apply().get() == 1
