@@ -12,6 +12,14 @@ What is compared, per recipe:
 - Predictions, every recipe: a classifier's labels against the training label distribution when
   the training profile has the target column (an image zip's classes), otherwise against the
   version's first window; a forecaster's per-request forecast means against its first window.
+  Errored requests (no output) are left out of prediction drift; the error rate is the
+  rollout's to watch.
+
+A report drifts when its inputs did (the share of drifted columns reached the deployment's
+share threshold) or its predictions did (their distance reached the column threshold): for
+images, texts and series the predictions are the stronger signal, and a model whose answers
+moved is worth a retrain's look whatever its inputs say. The first window of a version without a
+training reference is its own baseline and never drifts.
 
 A window is the next `drift_window_rows` live predictions (errors included: their inputs are what
 callers sent) after the previous report's `window_end`, extended to every row sharing the last
