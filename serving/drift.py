@@ -8,8 +8,8 @@ What a customer can be told about each number:
   shift of every value by half a standard deviation reads 0.5. W1 is computed exactly as
   `integral over u in [0,1] of |Q_ref(u) - Q_win(u)| du` between quantile functions: the
   window's is its empirical one (a step per value); the reference's is linear between the
-  quantiles the training profile keeps (`quantiles` at `quantile_levels`: every percentile and
-  six more in the tails, from a seeded sample of up to 10,000 values). Profiles recorded before
+  quantiles the training profile keeps (every percentile and six more in the tails, from a
+  seeded sample of up to 10,000 values). Profiles recorded before
   quantiles were kept are read through their 20-bin histogram instead (values spread evenly
   within each bin), which blurs shifts smaller than a bin; the column's `method` then says
   "wasserstein_histogram".
@@ -196,7 +196,6 @@ def numeric_profile(values: Sequence[Any]) -> dict:
             "std": float(array.std(ddof=1)) if array.size > 1 else None,
             "min": float(array.min()),
             "max": float(array.max()),
-            "quantile_levels": list(QUANTILE_LEVELS),
             "quantiles": quantiles(numbers),
         }
 
@@ -295,8 +294,9 @@ def _numeric_distance(reference: dict, numbers: list[float]) -> dict:
         return {"method": "constant", "distance": distance}
     if reference.get("quantiles"):
         knots = np.asarray(reference["quantiles"], dtype=np.float64)
-        levels = np.asarray(reference.get("quantile_levels") or [], dtype=np.float64)
-        if levels.size != knots.size:  # evenly spaced unless the profile says otherwise
+        if knots.size == len(QUANTILE_LEVELS):
+            levels = np.asarray(QUANTILE_LEVELS, dtype=np.float64)
+        else:  # evenly spaced, from its minimum to its maximum
             levels = np.linspace(0.0, 1.0, knots.size)
         method = "wasserstein"
     else:

@@ -11,9 +11,9 @@ Profiles are keyed by column (by array for .npz). Every column has `count` (non-
 elements for arrays) and `nulls`. Numeric columns add `non_finite` (NaN and infinities, left out
 of the rest), `mean`, `std` (n-1), `min`, `max` and a `histogram` ({"edges", "counts",
 "sample_size"}) drawn from a seeded sample of up to 10,000 values, so its counts sum to
-`sample_size`, not to `count`, and `quantiles` of the same sample at `quantile_levels` (every
-percentile plus 0.1%, 0.2%, 0.5% and their mirrors; both absent from profiles recorded before
-they were added). Text and boolean columns add
+`sample_size`, not to `count`, and `quantiles` of the same sample at
+profiling.QUANTILE_LEVELS (every percentile plus 0.1%, 0.2%, 0.5% and their mirrors; absent
+from profiles recorded before they were added). Text and boolean columns add
 `distinct` (a lower bound when `distinct_is_lower_bound`) and `top` ([[value, count], ...], at
 most 10). Datetime columns add `min` and `max` as ISO strings. An image zip's profile is
 {"classes": {label: count}, "image_sizes": {"width", "height": {"min", "max", "mean"},

@@ -18,7 +18,8 @@ HISTOGRAM_BINS = 20
 # The quantiles of the sample kept for serving's drift monitor, which measures Wasserstein
 # distances against them (a 20-bin histogram blurs a shift of a fraction of a bin): every
 # percentile, and more in the tails, where a long tail's quantiles bend too much for a straight
-# line between percentiles to follow them.
+# line between percentiles to follow them. Profiles store only the values, so a change of levels
+# must change their number too (readers tell the levels by the count).
 QUANTILE_LEVELS = (
     0.0,
     0.001,
@@ -165,7 +166,6 @@ class NumericSummary:
             "min": None if self.minimum is None else as_number(self.minimum),
             "max": None if self.maximum is None else as_number(self.maximum),
             "histogram": histogram(self.sample.items),
-            "quantile_levels": list(QUANTILE_LEVELS) if self.sample.items else [],
             "quantiles": quantiles(self.sample.items),
         }
 
@@ -173,13 +173,15 @@ class NumericSummary:
 def quantiles(sample: Sequence[float]) -> list[float]:
     """The sample's quantiles at QUANTILE_LEVELS, its minimum to its maximum; empty for an empty
     sample. Each is one of the sample's values (no interpolation between two), so values near the
-    float range's edge cannot overflow into an infinity the profile's JSON could not hold."""
+    float range's edge cannot overflow into an infinity the profile's JSON could not hold; kept
+    to 7 significant digits, which is finer than any drift a sample can show, so that a wide
+    file's profile stays small."""
     if not sample:
         return []
     values = np.quantile(
         np.asarray(sample, dtype=np.float64), QUANTILE_LEVELS, method="inverted_cdf"
     )
-    return [float(value) for value in values]
+    return [float(f"{value:.7g}") for value in values]
 
 
 def histogram(sample: Sequence[float]) -> dict:

@@ -194,8 +194,7 @@ def test_window_profiles_are_a_reference_for_later_windows():
 
 def test_numeric_profiles_keep_quantiles_from_minimum_to_maximum():
     profile = numeric_reference(np.arange(1001, dtype=np.float64))
-    assert profile["quantile_levels"] == list(QUANTILE_LEVELS)
-    by_level = dict(zip(profile["quantile_levels"], profile["quantiles"], strict=True))
+    by_level = dict(zip(QUANTILE_LEVELS, profile["quantiles"], strict=True))
     assert by_level[0.0] == 0.0 and by_level[1.0] == 1000.0
     assert by_level[0.5] == pytest.approx(500.0) and by_level[0.001] == pytest.approx(1.0)
 
@@ -251,3 +250,14 @@ def test_values_at_the_edge_of_the_float_range_drift_without_overflowing():
     assert result["drifted"] and result["distance"] is None and result["overflow"]
     profile = drift.numeric_profile(extreme)
     assert all(math.isfinite(value) for value in profile["quantiles"])
+
+
+def test_quantiles_of_another_count_are_read_as_evenly_spaced():
+    # Uniform on [0, 1] as 11 evenly spaced quantiles; the window is the same uniform moved by
+    # 0.1, one third of its standard deviation (sqrt(1/12)).
+    reference = {"count": 1000, "nulls": 0, "mean": 0.5, "std": math.sqrt(1 / 12), "min": 0.0}
+    reference.update(max=1.0, quantiles=[step / 10 for step in range(11)])
+    window = (np.arange(10_000) / 10_000 + 0.1 + 0.5 / 10_000).tolist()
+    result = drift.compare_column(reference, window, threshold=0.1)
+    assert result["method"] == "wasserstein"
+    assert result["distance"] == pytest.approx(0.1 / math.sqrt(1 / 12), rel=1e-3)
