@@ -72,7 +72,10 @@ def tabular_profile(rng):
 
 
 def log(deployment, version, rows, *, start, organization=None, labels=None):
+    """Log `rows` as the request path does: prediction rows, and the deployment's last request."""
     labels = labels or ["yes", "no"] * (len(rows) // 2) + ["yes"] * (len(rows) % 2)
+    last = start + timedelta(milliseconds=len(rows))
+    Deployment.objects.filter(pk=deployment.pk).update(last_request_at=last)
     PredictionLog.objects.bulk_create(
         PredictionLog(
             organization=organization or deployment.organization,
