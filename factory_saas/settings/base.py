@@ -193,6 +193,15 @@ OUTBOX_CLAIM_S = env.float("OUTBOX_CLAIM_S", default=300.0)
 OUTBOX_DRAIN_BUDGET_S = env.float("OUTBOX_DRAIN_BUDGET_S", default=8.0)
 OUTBOX_GIVE_UP_AFTER_S = env.float("OUTBOX_GIVE_UP_AFTER_S", default=3 * 24 * 3600.0)
 
+# The factory loop (serving/loop_tasks.py): how often retrain policies, gates and canaries are
+# advanced; how far back the live metric that may trigger a retrain is read; how many requests
+# (and labelled ones, for metrics) a version needs in a window before it is judged on it; and the
+# longest an evaluation job may run.
+SERVING_LOOP_TICK_S = env.float("SERVING_LOOP_TICK_S", default=30.0)
+SERVING_LOOP_METRIC_WINDOW_S = env.int("SERVING_LOOP_METRIC_WINDOW_S", default=3600)
+SERVING_LOOP_MIN_SAMPLES = env.int("SERVING_LOOP_MIN_SAMPLES", default=30)
+SERVING_LOOP_EVALUATE_MAX_RUNTIME_S = env.int("SERVING_LOOP_EVALUATE_MAX_RUNTIME_S", default=900)
+
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default=REDIS_URL or "memory://")
 CELERY_BROKER_TRANSPORT_OPTIONS = {}
 CELERY_TASK_ACKS_LATE = True
@@ -224,6 +233,7 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": env.float("OUTBOX_DRAIN_EVERY_S", default=10.0),
     },
     "billing-reconcile": {"task": "billing.reconcile", "schedule": crontab(minute=30, hour=3)},
+    "serving-loop-tick": {"task": "serving.loop_tick", "schedule": SERVING_LOOP_TICK_S},
 }
 
 REST_FRAMEWORK = {
