@@ -44,6 +44,9 @@ def evaluation_parameters(*, retrain: Retrain, policy: RetrainPolicy) -> dict:
     return {
         "champion_model_version": retrain.champion_id,
         "training_parameters": retrain.challenger.parameters or retrain.job.parameters,
+        # The runner seeds a training run's split with its job's id: the same seed draws the
+        # same validation rows, the ones the challenger never trained on.
+        "split_seed": retrain.job_id,
         "metric": metric,
         "higher_is_better": higher,
         "slice_column": policy.slice_column,
