@@ -245,25 +245,51 @@ def _approve(
     return rollout_start(retrain=retrain, policy=policy, actor=actor)
 
 
+def _awaiting(*, card: ModelCard, actor: Actor, verb: str) -> tuple[Retrain, ModelCard]:
+    """The locked retrain of a card a person decides on, once the actor may decide."""
+    if PROMOTE_SCOPE not in actor_scopes(organization=card.organization, actor=actor):
+        raise PermissionDeniedError(f"{verb} a challenger needs the {PROMOTE_SCOPE} scope.")
+    Deployment.objects.select_for_update().get(pk=card.retrain.deployment_id)
+    retrain = Retrain.objects.select_for_update().get(pk=card.retrain_id)
+    card = ModelCard.objects.get(pk=card.pk)
+    if card.decision != ModelCard.Decision.PASSED:
+        raise ConflictError("This challenger failed the gate; there is nothing to decide.")
+    if retrain.state != Retrain.State.AWAITING_APPROVAL:
+        raise ConflictError(f"This challenger is not awaiting approval (it is {retrain.state}).")
+    return retrain, card
+
+
 def gate_approve(*, card: ModelCard, actor: Actor) -> Retrain:
     """A person lets a challenger that passed the gate into a canary: needs `models:promote` in
     the card's organization (anyone else, another organization's member or key included, is
     refused), and only while the retrain awaits approval."""
-    if PROMOTE_SCOPE not in actor_scopes(organization=card.organization, actor=actor):
-        raise PermissionDeniedError(f"Approving a challenger needs the {PROMOTE_SCOPE} scope.")
     with transaction.atomic():
-        Deployment.objects.select_for_update().get(pk=card.retrain.deployment_id)
-        retrain = Retrain.objects.select_for_update().get(pk=card.retrain_id)
-        card = ModelCard.objects.get(pk=card.pk)
-        if card.decision != ModelCard.Decision.PASSED:
-            raise ConflictError("This challenger failed the gate; it cannot be approved.")
-        if retrain.state != Retrain.State.AWAITING_APPROVAL:
-            raise ConflictError(
-                f"This challenger is not awaiting approval (it is {retrain.state})."
-            )
+        retrain, card = _awaiting(card=card, actor=actor, verb="Approving")
         policy = RetrainPolicy.objects.filter(deployment_id=retrain.deployment_id).first()
         if policy is None:
             raise DomainError("The deployment has no retrain policy any more.")
         return _approve(
             retrain=retrain, card=card, policy=policy, actor=actor, via="user", label=actor.label
         )
+
+
+@transaction.atomic
+def gate_reject(*, card: ModelCard, actor: Actor, reason: str = "") -> Retrain:
+    """A person turns down a challenger awaiting approval (same scope as approving), which frees
+    the deployment for its next retrain."""
+    retrain, card = _awaiting(card=card, actor=actor, verb="Rejecting")
+    reason = reason[:500]
+    retrain.state, retrain.finished_at = Retrain.State.REJECTED, timezone.now()
+    retrain.save(update_fields=["state", "finished_at"])
+    card.reasons = [*card.reasons, f"rejected by {actor.label}" + (f": {reason}" if reason else "")]
+    card.save(update_fields=["reasons"])
+    loop_step_record(
+        deployment=retrain.deployment,
+        kind=LoopEvent.Kind.GATE_FAILED,
+        message=f"{retrain.challenger} passed the gate but was rejected by {actor.label}.",
+        data={"retrain": retrain.pk, "model_card": card.pk, "by": "user", "reason": reason},
+        model_version=retrain.challenger,
+        actor=actor,
+        target=card,
+    )
+    return retrain

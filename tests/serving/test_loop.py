@@ -10,7 +10,7 @@ from django.utils import timezone
 
 from jobs.models import Job, JobEvent, ResourceClass
 from registry.models import ModelAlias
-from serving.gate import gate_approve, gate_judge
+from serving.gate import gate_approve, gate_judge, gate_reject
 from serving.loop import loop_advance, loop_tick_all, retrain_trigger
 from serving.models import (
     Deployment,
@@ -24,7 +24,7 @@ from serving.models import (
     Route,
 )
 from tenants.actors import Actor
-from tenants.errors import PermissionDeniedError
+from tenants.errors import ConflictError, PermissionDeniedError
 from tenants.models import AuditEvent
 from tenants.services import api_key_create
 from tests.factories import DatasetVersionFactory, JobFactory, ModelVersionFactory
@@ -563,3 +563,43 @@ def test_a_canary_with_too_little_traffic_keeps_baking(deployment, policy, champ
     done = _bake(deployment, retrain, policy, n=5, errors=5, stable_n=5)
     retrain = loop_advance(deployment_id=deployment.pk, now=done)
     assert (retrain.state, retrain.canary_percent) == (Retrain.State.CANARY, 10)
+
+
+@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+def test_a_tick_skips_a_deployment_another_tick_holds(deployment, policy, champion):
+    """Two ticks at once: the one that finds the deployment locked leaves it to the holder."""
+    import threading
+
+    from django.db import connection
+
+    _drift(deployment, champion)
+    outcome = {}
+
+    def other_tick():
+        try:
+            outcome["retrain"] = loop_advance(deployment_id=deployment.pk)
+        finally:
+            connection.close()
+
+    with transaction.atomic():
+        Deployment.objects.select_for_update().get(pk=deployment.pk)
+        thread = threading.Thread(target=other_tick)
+        thread.start()
+        thread.join(timeout=30)
+    assert not thread.is_alive() and outcome["retrain"] is None
+    assert not Retrain.objects.exists()
+    assert loop_advance(deployment_id=deployment.pk).state == Retrain.State.TRAINING
+
+
+def test_a_person_may_reject_an_awaiting_challenger_and_the_loop_goes_on(
+    awaiting, org, member_factory, deployment, champion, other_org
+):
+    with pytest.raises(PermissionDeniedError):
+        gate_reject(card=awaiting, actor=Actor(user=member_factory(other_org, "owner")))
+    retrain = gate_reject(
+        card=awaiting, actor=Actor(user=member_factory(org, "developer")), reason="not today"
+    )
+    assert retrain.state == Retrain.State.REJECTED
+    assert _routes(deployment) == {(champion.pk, 100, Route.Stage.STABLE)}
+    with pytest.raises(ConflictError):
+        gate_approve(card=awaiting, actor=Actor(user=member_factory(org, "owner")))
