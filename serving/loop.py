@@ -28,6 +28,7 @@ from registry.models import DatasetVersion, ModelVersion
 from tenants.errors import DomainError
 
 from .gate import gate_decide, gate_submit
+from .loop_data import retrain_data_with_feedback
 from .models import Deployment, DriftReport, LoopEvent, Retrain, RetrainPolicy, Route
 from .rollout import rollout_advance
 from .selectors import live_metric_of, version_stats
@@ -36,6 +37,8 @@ from .timeline import loop_actor, loop_step_record, minor_per_second
 logger = logging.getLogger(__name__)
 
 MIN_RUNTIME_S = 60
+# A tick preparing a retrain's data holds it this long; after that another may take it over.
+PREPARE_CLAIM_S = 600
 
 
 def champion_of(deployment: Deployment) -> ModelVersion | None:
@@ -181,11 +184,24 @@ def _skip(*, policy: RetrainPolicy, now: datetime, trigger: dict, reason: str) -
     )
 
 
+def _runtime_for(*, policy: RetrainPolicy, plan: RetrainPlan) -> tuple[int | None, str]:
+    """(the retrain's max runtime, "") within the spending limit, or (None, why it cannot fit)."""
+    cap_s = spending_cap_s(plan=plan, max_cost_minor=policy.max_cost_minor)
+    if cap_s < MIN_RUNTIME_S:
+        return None, (
+            f"the spending limit of {policy.max_cost_minor} minor units buys {cap_s} s of "
+            f"{plan.gpu_count}x {plan.resource_class}, under the {MIN_RUNTIME_S} s a job needs "
+            "at least."
+        )
+    return min(plan.max_runtime_s, cap_s), ""
+
+
 def retrain_submit(
     *, policy: RetrainPolicy, champion: ModelVersion, trigger: dict, now: datetime
 ) -> Retrain | None:
-    """Submit the retrain job for a trigger, or record why not (RETRAIN_SKIPPED). Either way the
-    trigger counts, so the cooldown also spaces out skips."""
+    """Start a retrain for a trigger, or record why not (RETRAIN_SKIPPED). Either way the trigger
+    counts, so the cooldown also spaces out skips. With `append_feedback` the retrain first
+    prepares its data (retrain_prepare, outside this transaction), then submits."""
     deployment = policy.deployment
     if not champion.recipe_name:
         _skip(policy=policy, now=now, trigger=trigger, reason=f"{champion} has no recipe.")
@@ -194,61 +210,90 @@ def retrain_submit(
     if data is None:
         _skip(policy=policy, now=now, trigger=trigger, reason="no dataset version to train on.")
         return None
-    plan = _retrain_plan(deployment=deployment, champion=champion)
-    cap_s = spending_cap_s(plan=plan, max_cost_minor=policy.max_cost_minor)
-    if cap_s < MIN_RUNTIME_S:
-        _skip(
-            policy=policy,
-            now=now,
-            trigger=trigger,
-            reason=f"the spending limit of {policy.max_cost_minor} minor units buys {cap_s} s "
-            f"of {plan.gpu_count}x {plan.resource_class}, under the {MIN_RUNTIME_S} s a job "
-            "needs at least.",
-        )
-        return None
-    runtime_s = min(plan.max_runtime_s, cap_s)
-    options = JobOptions(
-        resource_class=plan.resource_class,
-        gpu_count=plan.gpu_count,
-        priority=plan.priority,
-        max_runtime_s=runtime_s,
-        labels={"deployment": deployment.name, "loop": "retrain"},
+    runtime_s, why = _runtime_for(
+        policy=policy, plan=_retrain_plan(deployment=deployment, champion=champion)
     )
-    try:
-        with transaction.atomic():
-            job, _created = training_job_submit(
-                organization=policy.organization,
-                actor=loop_actor(deployment),
-                recipe=champion.recipe_name,
-                parameters=champion.parameters,
-                dataset_version=data,
-                options=options,
-                output_model_name=champion.registered_model.name,
-                idempotency_key=f"loop-retrain-{deployment.pk}-{now.timestamp():.6f}",
-            )
-    except DomainError as exc:
-        _skip(policy=policy, now=now, trigger=trigger, reason=exc.detail)
+    if runtime_s is None:
+        _skip(policy=policy, now=now, trigger=trigger, reason=why)
         return None
     policy.last_triggered_at = now
     policy.save(update_fields=["last_triggered_at"])
     retrain = Retrain.objects.create(
         organization=policy.organization,
         deployment=deployment,
+        state=Retrain.State.PREPARING,
         trigger=trigger,
-        job=job,
         champion=champion,
     )
-    most = int(
-        minor_per_second(resource_class=plan.resource_class, gpu_count=plan.gpu_count) * runtime_s
+    if policy.append_feedback:
+        return retrain
+    return _job_submit(retrain=retrain, policy=policy, data=data, feedback={})
+
+
+def _job_submit(
+    *, retrain: Retrain, policy: RetrainPolicy, data: DatasetVersion, feedback: dict
+) -> Retrain:
+    """Submit the training job of a preparing retrain (under its deployment's lock); a refusal
+    (quota, scopes, the limit) ends the retrain as skipped, saying why."""
+    deployment, champion = retrain.deployment, retrain.champion
+    plan = _retrain_plan(deployment=deployment, champion=champion)
+    runtime_s, why = _runtime_for(policy=policy, plan=plan)
+    job = None
+    if runtime_s is not None:
+        options = JobOptions(
+            resource_class=plan.resource_class,
+            gpu_count=plan.gpu_count,
+            priority=plan.priority,
+            max_runtime_s=runtime_s,
+            labels={"deployment": deployment.name, "loop": "retrain"},
+        )
+        try:
+            with transaction.atomic():
+                job, _created = training_job_submit(
+                    organization=policy.organization,
+                    actor=loop_actor(deployment),
+                    recipe=champion.recipe_name,
+                    parameters=champion.parameters,
+                    dataset_version=data,
+                    options=options,
+                    output_model_name=champion.registered_model.name,
+                    idempotency_key=f"loop-retrain-{retrain.pk}",
+                )
+        except DomainError as exc:
+            why = exc.detail
+    if job is None:
+        retrain.state, retrain.finished_at = Retrain.State.FAILED, timezone.now()
+        retrain.save(update_fields=["state", "finished_at"])
+        loop_step_record(
+            deployment=deployment,
+            kind=LoopEvent.Kind.RETRAIN_SKIPPED,
+            message=f"Retrain not submitted: {why}",
+            data={**retrain.trigger, "retrain": retrain.pk, "reason": why, **feedback},
+            target=retrain,
+        )
+        return retrain
+    retrain.job, retrain.state, retrain.step_started_at = job, Retrain.State.TRAINING, None
+    retrain.save(update_fields=["job", "state", "step_started_at"])
+    rate = minor_per_second(resource_class=plan.resource_class, gpu_count=plan.gpu_count)
+    most = int(rate * runtime_s)
+    appended = (
+        f" with {feedback['feedback_rows']} labelled predictions appended"
+        if feedback.get("feedback_rows")
+        else ""
+    )
+    note = (
+        f" Feedback not appended: {feedback['feedback_error']}"
+        if "feedback_error" in feedback
+        else ""
     )
     loop_step_record(
         deployment=deployment,
         kind=LoopEvent.Kind.RETRAIN_SUBMITTED,
-        message=f"Retraining {champion.registered_model.name} on {data} "
-        f"({trigger['trigger']}); at most {runtime_s} s, {most} minor units."
-        + (" Labelled feedback is not appended yet." if policy.append_feedback else ""),
+        message=f"Retraining {champion.registered_model.name} on {data}{appended} "
+        f"({retrain.trigger.get('trigger')}); at most {runtime_s} s, {most} minor units.{note}",
         data={
-            **trigger,
+            **retrain.trigger,
+            **feedback,
             "retrain": retrain.pk,
             "dataset_version": data.pk,
             "max_runtime_s": runtime_s,
@@ -260,6 +305,56 @@ def retrain_submit(
         target=retrain,
     )
     return retrain
+
+
+def retrain_prepare(*, retrain_id: int, now: datetime | None = None) -> Retrain | None:
+    """Build a preparing retrain's data (the newest version with its labelled feedback), then
+    submit its job. Runs outside any transaction (it reads and writes storage); a tick claims the
+    preparation first, so two ticks never build it twice, and one that died is taken over after
+    PREPARE_CLAIM_S."""
+    now = now or timezone.now()
+    claimed = (
+        Retrain.objects.filter(pk=retrain_id, state=Retrain.State.PREPARING)
+        .filter(
+            Q(step_started_at__isnull=True)
+            | Q(step_started_at__lt=now - timedelta(seconds=PREPARE_CLAIM_S))
+        )
+        .update(step_started_at=now)
+    )
+    if not claimed:
+        return None
+    retrain = Retrain.objects.select_related(
+        "deployment__organization", "deployment__created_by", "champion__registered_model"
+    ).get(pk=retrain_id)
+    deployment = retrain.deployment
+    policy = RetrainPolicy.objects.filter(deployment=deployment).first()
+    base = retrain_data(policy=policy, champion=retrain.champion) if policy else None
+    data, feedback = base, {}
+    if policy is not None and policy.append_feedback and base is not None:
+        try:
+            data, rows = retrain_data_with_feedback(
+                deployment=deployment,
+                base=base,
+                target=str((retrain.champion.parameters or {}).get("target", "")),
+                actor=loop_actor(deployment),
+            )
+            feedback = {"feedback_rows": rows, "feedback_base": base.pk}
+        except DomainError as exc:
+            feedback = {"feedback_error": exc.detail}
+    with transaction.atomic():
+        Deployment.objects.select_for_update(of=("self",)).get(pk=deployment.pk)
+        retrain = (
+            Retrain.objects.select_for_update(of=("self",))
+            .select_related("deployment__organization", "champion__registered_model")
+            .get(pk=retrain_id)
+        )
+        if retrain.state != Retrain.State.PREPARING or retrain.step_started_at != now:
+            return None  # another tick took it over
+        if policy is None or data is None:
+            retrain.state, retrain.finished_at = Retrain.State.FAILED, timezone.now()
+            retrain.save(update_fields=["state", "finished_at"])
+            return retrain
+        return _job_submit(retrain=retrain, policy=policy, data=data, feedback=feedback)
 
 
 def _training_ended(*, retrain: Retrain, policy: RetrainPolicy) -> Retrain:
@@ -307,8 +402,16 @@ def retrain_advance(*, retrain: Retrain, policy: RetrainPolicy, now: datetime) -
 
 def loop_advance(*, deployment_id: int, now: datetime | None = None) -> Retrain | None:
     """One step of one deployment's loop, under its row lock; a deployment another tick holds is
-    skipped (it is being advanced). Returns the retrain it moved, if any."""
+    skipped (it is being advanced). A retrain preparing its data does that after the lock is
+    released. Returns the retrain it moved, if any."""
     now = now or timezone.now()
+    retrain = _advance_locked(deployment_id=deployment_id, now=now)
+    if retrain is not None and retrain.state == Retrain.State.PREPARING:
+        return retrain_prepare(retrain_id=retrain.pk, now=now) or retrain
+    return retrain
+
+
+def _advance_locked(*, deployment_id: int, now: datetime) -> Retrain | None:
     with transaction.atomic():
         deployment = (
             Deployment.objects.select_for_update(skip_locked=True, of=("self",))

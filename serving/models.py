@@ -273,6 +273,8 @@ class Retrain(OrganizationOwned):
     start two retrains, and a canary never overlaps the next retrain."""
 
     class State(models.TextChoices):
+        # Building the training data (the newest version with labelled feedback appended).
+        PREPARING = "preparing", "Preparing data"
         TRAINING = "training", "Training"
         EVALUATING = "evaluating", "Evaluating"
         AWAITING_APPROVAL = "awaiting_approval", "Awaiting approval"
@@ -283,6 +285,7 @@ class Retrain(OrganizationOwned):
         FAILED = "failed", "Failed"
 
     ACTIVE_STATES = (
+        State.PREPARING,
         State.TRAINING,
         State.EVALUATING,
         State.AWAITING_APPROVAL,
@@ -293,7 +296,10 @@ class Retrain(OrganizationOwned):
     state = models.CharField(max_length=20, choices=State.choices, default=State.TRAINING)
     # Why it started: {"trigger": "drift"|"metric"|"new_data"|"schedule", ...the evidence}.
     trigger = models.JSONField(default=dict)
-    job = models.ForeignKey("jobs.Job", on_delete=models.PROTECT, related_name="+")
+    # The training job; none yet while the data is being prepared.
+    job = models.ForeignKey(
+        "jobs.Job", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
     champion = models.ForeignKey(
         "registry.ModelVersion", on_delete=models.PROTECT, related_name="+"
     )
@@ -303,7 +309,8 @@ class Retrain(OrganizationOwned):
     evaluation_job = models.ForeignKey(
         "jobs.Job", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
     )
-    # The canary's current share of live traffic, and when that share began to bake.
+    # The canary's current share of live traffic, and when that share began to bake (while
+    # preparing: when a tick claimed the data's preparation).
     canary_percent = models.PositiveSmallIntegerField(default=0)
     step_started_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
@@ -315,7 +322,13 @@ class Retrain(OrganizationOwned):
             models.UniqueConstraint(
                 fields=["deployment"],
                 condition=models.Q(
-                    state__in=["training", "evaluating", "awaiting_approval", "canary"]
+                    state__in=[
+                        "preparing",
+                        "training",
+                        "evaluating",
+                        "awaiting_approval",
+                        "canary",
+                    ]
                 ),
                 name="retrain_one_active_per_deployment",
             ),

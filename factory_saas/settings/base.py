@@ -201,6 +201,8 @@ SERVING_LOOP_TICK_S = env.float("SERVING_LOOP_TICK_S", default=30.0)
 SERVING_LOOP_METRIC_WINDOW_S = env.int("SERVING_LOOP_METRIC_WINDOW_S", default=3600)
 SERVING_LOOP_MIN_SAMPLES = env.int("SERVING_LOOP_MIN_SAMPLES", default=30)
 SERVING_LOOP_EVALUATE_MAX_RUNTIME_S = env.int("SERVING_LOOP_EVALUATE_MAX_RUNTIME_S", default=900)
+# The most labelled predictions one retrain appends to its dataset (policy append_feedback).
+SERVING_LOOP_FEEDBACK_MAX_ROWS = env.int("SERVING_LOOP_FEEDBACK_MAX_ROWS", default=100_000)
 
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default=REDIS_URL or "memory://")
 CELERY_BROKER_TRANSPORT_OPTIONS = {}
