@@ -205,6 +205,8 @@ def rollout_advance(*, retrain: Retrain, policy: RetrainPolicy, now: datetime) -
     fewer than SERVING_LOOP_MIN_SAMPLES requests in its bake keeps baking: no evidence is not
     good evidence."""
     started = retrain.step_started_at
+    if _routes_changed_by_hand(retrain):
+        return _abandon(retrain=retrain, now=now)
     if started is None or (now - started).total_seconds() < policy.bake_s:
         return retrain
     deployment = retrain.deployment
@@ -238,6 +240,34 @@ def rollout_advance(*, retrain: Retrain, policy: RetrainPolicy, now: datetime) -
     if following[0] >= 100:
         return _promote(retrain=retrain, data=data, cost=cost, now=now)
     return _step(retrain=retrain, percent=following[0], data=data, cost=cost, now=now)
+
+
+def _routes_changed_by_hand(retrain: Retrain) -> bool:
+    """Whether the live routes are no longer the canary's split (someone changed them)."""
+    live = {
+        (route.model_version_id, route.weight)
+        for route in Route.objects.for_organization(retrain.organization).filter(
+            deployment=retrain.deployment_id, mode=Route.Mode.LIVE
+        )
+    }
+    percent = retrain.canary_percent
+    return live != {(retrain.champion_id, 100 - percent), (retrain.challenger_id, percent)}
+
+
+def _abandon(*, retrain: Retrain, now) -> Retrain:
+    """A person moved the weights during the canary: theirs stand, and the loop lets go."""
+    retrain.state, retrain.finished_at = Retrain.State.FAILED, now
+    retrain.save(update_fields=["state", "finished_at"])
+    loop_step_record(
+        deployment=retrain.deployment,
+        kind=LoopEvent.Kind.RETRAIN_FAILED,
+        message=f"The routes were changed by hand during {retrain.challenger}'s canary; the "
+        "loop leaves them as they are and ends this retrain.",
+        data={"retrain": retrain.pk, "percent": retrain.canary_percent},
+        model_version=retrain.challenger,
+        target=retrain,
+    )
+    return retrain
 
 
 def _rollback(*, retrain: Retrain, reasons: list[str], data: dict, cost: int, now) -> Retrain:

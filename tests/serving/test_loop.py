@@ -603,3 +603,15 @@ def test_a_person_may_reject_an_awaiting_challenger_and_the_loop_goes_on(
     assert _routes(deployment) == {(champion.pk, 100, Route.Stage.STABLE)}
     with pytest.raises(ConflictError):
         gate_approve(card=awaiting, actor=Actor(user=member_factory(org, "owner")))
+
+
+def test_routes_changed_by_hand_during_a_canary_stand_and_the_loop_lets_go(
+    deployment, policy, champion
+):
+    retrain, challenger = _to_canary(deployment, champion, policy)
+    Route.objects.filter(deployment=deployment, model_version=challenger).delete()
+    Route.objects.filter(deployment=deployment).update(weight=100)
+    retrain = loop_advance(deployment_id=deployment.pk)
+    assert retrain.state == Retrain.State.FAILED
+    assert _routes(deployment) == {(champion.pk, 100, Route.Stage.STABLE)}
+    assert LoopEvent.objects.filter(kind=LoopEvent.Kind.RETRAIN_FAILED).exists()
