@@ -20,8 +20,10 @@ from .models import Deployment, LoopEvent
 
 def loop_actor(deployment: Deployment) -> Actor:
     """Who the loop acts as: the person who created the deployment (their scopes and quota
-    apply to the jobs it submits); audit rows add `"by": "policy"`, since no person acted. With
-    that person gone it is the system actor, whose jobs need no scope beyond their own outputs."""
+    apply to the jobs it submits); audit rows add `"by": "policy"`, since no person acted.
+    tenants has no service actor, so with that person gone it is the bare system actor, which
+    holds no scopes: a retrain into the champion's model then needs `models:write` it lacks,
+    and is skipped, saying so, until someone recreates the deployment."""
     return Actor(user=deployment.created_by)
 
 

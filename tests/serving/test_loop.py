@@ -615,3 +615,15 @@ def test_routes_changed_by_hand_during_a_canary_stand_and_the_loop_lets_go(
     assert retrain.state == Retrain.State.FAILED
     assert _routes(deployment) == {(champion.pk, 100, Route.Stage.STABLE)}
     assert LoopEvent.objects.filter(kind=LoopEvent.Kind.RETRAIN_FAILED).exists()
+
+
+def test_with_the_deployments_creator_gone_a_retrain_is_skipped_saying_why(
+    deployment, policy, champion
+):
+    Deployment.objects.filter(pk=deployment.pk).update(created_by=None)
+    _drift(deployment, champion)
+    retrain = loop_advance(deployment_id=deployment.pk)
+    assert retrain.state == Retrain.State.FAILED and retrain.job is None
+    skipped = LoopEvent.objects.get(kind=LoopEvent.Kind.RETRAIN_SKIPPED)
+    assert "models:write" in skipped.message
+    assert AuditEvent.objects.get(action="serving.loop.retrain_skipped").actor_label == "system"
