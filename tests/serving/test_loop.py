@@ -627,3 +627,12 @@ def test_with_the_deployments_creator_gone_a_retrain_is_skipped_saying_why(
     skipped = LoopEvent.objects.get(kind=LoopEvent.Kind.RETRAIN_SKIPPED)
     assert "models:write" in skipped.message
     assert AuditEvent.objects.get(action="serving.loop.retrain_skipped").actor_label == "system"
+
+
+def test_the_loop_tick_is_a_registered_task_on_the_beat(settings):
+    from factory_saas.celery import app
+
+    app.loader.import_default_modules()
+    assert "serving.loop_tick" in app.tasks
+    entry = settings.CELERY_BEAT_SCHEDULE["serving-loop-tick"]
+    assert entry == {"task": "serving.loop_tick", "schedule": settings.SERVING_LOOP_TICK_S}
