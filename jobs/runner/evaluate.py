@@ -13,9 +13,10 @@ saw them. The parent stages the challenger in `model_dir` and the champion in
                    "challenger": {"overall": x, "slices": {"eu": x, ...}},
                    "champion": {"overall": x, "slices": {...}}}
 
-which the parent records as the job's `evaluation` event. Covered: the tabular classifier. The
-other recipes have no reproducible validation split to reuse yet, so their evaluation fails with
-EXIT_BAD_INPUT, saying so (and the gate fails the challenger).
+which the parent records as the job's `evaluation` event. Covered: the tabular and text
+classifiers (each recipe's `validation_outcomes`). The image classifier and the forecaster have
+none yet, so their evaluation fails with EXIT_BAD_INPUT, saying so (and the gate fails the
+challenger).
 
 No Django here: this runs in the child.
 """
@@ -33,7 +34,7 @@ from jobs.recipes.base import Recipe, RecipeContext, RecipeInputError
 MAX_SLICES = 50
 MIN_SLICE_ROWS = 5
 MAX_SLICE_LABEL = 100
-COVERED_RECIPES = ("tabular-classifier",)
+COVERED_RECIPES = ("tabular-classifier", "text-classifier")
 
 
 def _accuracy(correct: list[bool], slices: list[str | None], kept: list[str]) -> dict[str, Any]:
