@@ -3,7 +3,7 @@ tenant's pages and API, where they are checked and audited."""
 
 from django.contrib import admin
 
-from .models import Deployment, DriftReport, LoopEvent, Replica, Route
+from .models import Deployment, DriftReport, LoopEvent, ModelCard, Replica, Retrain, Route
 
 
 class RouteInline(admin.TabularInline):
@@ -49,3 +49,17 @@ class LoopEventAdmin(admin.ModelAdmin):
     list_display = ["deployment", "kind", "created_at", "cost_minor"]
     list_filter = ["kind"]
     readonly_fields = [field.name for field in LoopEvent._meta.fields]
+
+
+@admin.register(Retrain)
+class RetrainAdmin(admin.ModelAdmin):
+    list_display = ["pk", "deployment", "state", "champion", "challenger", "canary_percent"]
+    list_filter = ["state"]
+    readonly_fields = [field.name for field in Retrain._meta.fields]
+
+
+@admin.register(ModelCard)
+class ModelCardAdmin(admin.ModelAdmin):
+    list_display = ["model_version", "champion", "decision", "approved_via", "created_at"]
+    list_filter = ["decision", "approved_via"]
+    readonly_fields = [field.name for field in ModelCard._meta.fields]

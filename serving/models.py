@@ -235,6 +235,7 @@ class LoopEvent(OrganizationOwned):
         DRIFT_DETECTED = "drift_detected", "Drift detected"
         RETRAIN_SUBMITTED = "retrain_submitted", "Retrain submitted"
         RETRAIN_SKIPPED = "retrain_skipped", "Retrain skipped"
+        RETRAIN_FAILED = "retrain_failed", "Retrain failed"
         GATE_PASSED = "gate_passed", "Gate passed"
         GATE_FAILED = "gate_failed", "Gate failed"
         APPROVED = "approved", "Approved"
@@ -262,3 +263,124 @@ class LoopEvent(OrganizationOwned):
 
     def __str__(self):
         return f"{self.deployment}: {self.kind}"
+
+
+class Retrain(OrganizationOwned):
+    """One turn of the loop for a deployment: the retrain job a policy submitted, the challenger it
+    made, its evaluation against the champion, and the canary that follows a passing gate.
+
+    At most one is active per deployment (a database constraint), so two ticks racing cannot
+    start two retrains, and a canary never overlaps the next retrain."""
+
+    class State(models.TextChoices):
+        # Building the training data (the newest version with labelled feedback appended).
+        PREPARING = "preparing", "Preparing data"
+        TRAINING = "training", "Training"
+        EVALUATING = "evaluating", "Evaluating"
+        AWAITING_APPROVAL = "awaiting_approval", "Awaiting approval"
+        CANARY = "canary", "Canary"
+        PROMOTED = "promoted", "Promoted"
+        ROLLED_BACK = "rolled_back", "Rolled back"
+        REJECTED = "rejected", "Rejected by the gate"
+        FAILED = "failed", "Failed"
+
+    ACTIVE_STATES = (
+        State.PREPARING,
+        State.TRAINING,
+        State.EVALUATING,
+        State.AWAITING_APPROVAL,
+        State.CANARY,
+    )
+
+    deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="retrains")
+    state = models.CharField(max_length=20, choices=State.choices, default=State.TRAINING)
+    # Why it started: {"trigger": "drift"|"metric"|"new_data"|"schedule", ...the evidence}.
+    trigger = models.JSONField(default=dict)
+    # The training job; none yet while the data is being prepared.
+    job = models.ForeignKey(
+        "jobs.Job", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    champion = models.ForeignKey(
+        "registry.ModelVersion", on_delete=models.PROTECT, related_name="+"
+    )
+    challenger = models.ForeignKey(
+        "registry.ModelVersion", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    evaluation_job = models.ForeignKey(
+        "jobs.Job", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    # The canary's current share of live traffic, and when that share began to bake (while
+    # preparing: when a tick claimed the data's preparation).
+    canary_percent = models.PositiveSmallIntegerField(default=0)
+    step_started_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-pk"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["deployment"],
+                condition=models.Q(
+                    state__in=[
+                        "preparing",
+                        "training",
+                        "evaluating",
+                        "awaiting_approval",
+                        "canary",
+                    ]
+                ),
+                name="retrain_one_active_per_deployment",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(canary_percent__lte=100), name="retrain_canary_pct"
+            ),
+        ]
+        indexes = [models.Index(fields=["deployment", "state"], name="retrain_deployment_state")]
+
+    def __str__(self):
+        return f"retrain {self.pk} of {self.deployment} ({self.state})"
+
+    @property
+    def is_active(self) -> bool:
+        return self.state in self.ACTIVE_STATES
+
+
+class ModelCard(OrganizationOwned):
+    """What a challenger is and why it was (or was not) let in: its data lineage, its metrics and
+    the champion's on the same held-out rows, overall and per slice, the gate's decision with its
+    reasons, and who or what approved it. Written by the gate; never edited after approval."""
+
+    class Decision(models.TextChoices):
+        PASSED = "passed", "Passed"
+        FAILED = "failed", "Failed"
+
+    model_version = models.OneToOneField(
+        "registry.ModelVersion", on_delete=models.CASCADE, related_name="model_card"
+    )
+    retrain = models.OneToOneField(Retrain, on_delete=models.CASCADE, related_name="model_card")
+    champion = models.ForeignKey(
+        "registry.ModelVersion", on_delete=models.PROTECT, related_name="+"
+    )
+    # {"datasets": [{"dataset", "version", "id"}], "parent_version": id|None, "training_job": id,
+    #  "evaluated_on": {"dataset", "version", "split": "validation"}}
+    lineage = models.JSONField(default=dict)
+    # {"metric": "accuracy", "higher_is_better": true, "slice_column": "...",
+    #  "challenger": {"overall": x, "slices": {value: x}}, "champion": {...}}
+    metrics = models.JSONField(default=dict)
+    decision = models.CharField(max_length=10, choices=Decision.choices)
+    reasons = models.JSONField(default=list)
+    # "policy" (auto_promote), "user", or "" while a person's approval is awaited.
+    approved_via = models.CharField(max_length=10, blank=True)
+    approved_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    approved_by_label = models.CharField(max_length=255, blank=True)
+    approved_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-created_at", "-pk"]
+
+    def __str__(self):
+        return f"model card of {self.model_version} ({self.decision})"

@@ -205,6 +205,16 @@ DRIFT_MAX_WINDOWS_PER_CHECK = env.int("DRIFT_MAX_WINDOWS_PER_CHECK", default=10)
 # Rows younger than this are not read yet: a request still being logged when a window closes
 # would otherwise fall behind it and never be reported.
 DRIFT_SETTLE_S = env.float("DRIFT_SETTLE_S", default=30.0)
+# The factory loop (serving/loop_tasks.py): how often retrain policies, gates and canaries are
+# advanced; how far back the live metric that may trigger a retrain is read; how many requests
+# (and labelled ones, for metrics) a version needs in a window before it is judged on it; and the
+# longest an evaluation job may run.
+SERVING_LOOP_TICK_S = env.float("SERVING_LOOP_TICK_S", default=30.0)
+SERVING_LOOP_METRIC_WINDOW_S = env.int("SERVING_LOOP_METRIC_WINDOW_S", default=3600)
+SERVING_LOOP_MIN_SAMPLES = env.int("SERVING_LOOP_MIN_SAMPLES", default=30)
+SERVING_LOOP_EVALUATE_MAX_RUNTIME_S = env.int("SERVING_LOOP_EVALUATE_MAX_RUNTIME_S", default=900)
+# The most labelled predictions one retrain appends to its dataset (policy append_feedback).
+SERVING_LOOP_FEEDBACK_MAX_ROWS = env.int("SERVING_LOOP_FEEDBACK_MAX_ROWS", default=100_000)
 
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default=REDIS_URL or "memory://")
 CELERY_BROKER_TRANSPORT_OPTIONS = {}
@@ -215,7 +225,7 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_TIMEZONE = TIME_ZONE
 # Task modules autodiscovery (which finds only `tasks.py`) would miss.
-CELERY_IMPORTS = ["serving.monitoring_tasks"]
+CELERY_IMPORTS = ["serving.monitoring_tasks", "serving.loop_tasks"]
 CELERY_BEAT_SCHEDULE = {
     "scheduler-tick": {
         "task": "jobs.scheduler_tick",
@@ -240,6 +250,7 @@ CELERY_BEAT_SCHEDULE = {
     },
     "billing-reconcile": {"task": "billing.reconcile", "schedule": crontab(minute=30, hour=3)},
     "serving-drift-check": {"task": "serving.drift_check", "schedule": DRIFT_CHECK_EVERY_S},
+    "serving-loop-tick": {"task": "serving.loop_tick", "schedule": SERVING_LOOP_TICK_S},
 }
 
 REST_FRAMEWORK = {

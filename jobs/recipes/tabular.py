@@ -199,6 +199,35 @@ class TabularClassifier(Recipe):
         metrics = _classification_metrics(logits, data.target, len(config["classes"]))
         return {**metrics, "rows": len(data.target), "rows_with_unknown_class": unknown}
 
+    def validation_outcomes(
+        self, ctx: RecipeContext, *, model_dirs: dict[str, Path], split_seed: int, slice_column: str
+    ) -> tuple[dict[str, list[bool]], list[str | None]]:
+        """For the evaluation gate: whether each model in `model_dirs` (by role) predicted each
+        validation row of the dataset right, and each row's value of `slice_column` (None when
+        the dataset lacks it). The rows are the ones a training run of `ctx.parameters` seeded
+        with `split_seed` held out, so a model that run made never saw them."""
+        import torch
+
+        table = read_table(ctx.dataset_path, ctx.dataset_format, csv_dialect=ctx.csv_dialect)
+        target = ctx.parameters["target"]
+        _train_rows, rows = _split(_labelled_rows(table, target), ctx.parameters, split_seed)
+        truth = table.columns[target].values
+        device = torch.device(ctx.devices[0])
+        outcomes = {}
+        for role, model_dir in model_dirs.items():
+            config = _model_config(model_dir)
+            preprocessing = Preprocessing.from_config(config)
+            numeric, categorical = preprocessing.features(table, rows)
+            model = _load_network(model_dir, config, device)
+            predicted = _predict_logits(model, numeric.to(device), categorical.to(device))
+            outcomes[role] = [
+                preprocessing.classes[label] == truth[row]
+                for label, row in zip(predicted.argmax(dim=1).tolist(), rows, strict=True)
+            ]
+        column = table.columns.get(slice_column) if slice_column else None
+        slices = [None if column is None else _cell_text(column.values[row]) for row in rows]
+        return outcomes, slices
+
     def predict(self, ctx: RecipeContext) -> RecipeResult | None:
         """See Recipe.predict. The input's cells are written back as read (a missing one
         empty); `probability` is that of the predicted class."""

@@ -229,6 +229,40 @@ class TextClassifier(Recipe):
         }
         return _Trainer(ctx, config, train, val).run()
 
+    def validation_outcomes(
+        self, ctx: RecipeContext, *, model_dirs: dict[str, Path], split_seed: int, slice_column: str
+    ) -> tuple[dict[str, list[bool]], list[str | None]]:
+        """For the evaluation gate: whether each model in `model_dirs` (by role) predicted each
+        validation row right, and each row's value of `slice_column` (None when the dataset lacks
+        it). The rows are those a training run of `ctx.parameters` seeded with `split_seed` held
+        out; a class a model does not know counts as a wrong answer."""
+        from dataclasses import replace
+
+        text_column, target = ctx.parameters["text_column"], ctx.parameters["target"]
+        texts: list[str] = []
+        labels: list[str] = []
+        slices: list[str | None] = []
+        for header, chunk in _read_chunks(ctx):
+            text_at, target_at = _positions(header, [text_column, target])
+            slice_at = header.index(slice_column) if slice_column in header else None
+            for row in chunk:
+                label = _cell(row[target_at])
+                if label is not None:
+                    texts.append(_cell(row[text_at]) or "")
+                    labels.append(label)
+                    slices.append(None if slice_at is None else _cell(row[slice_at]) or "")
+        _train_rows, rows = _split(len(labels), ctx.parameters["validation_fraction"], split_seed)
+        outcomes = {}
+        for role, model_dir in model_dirs.items():
+            model, config, tokenizer, device = _load_model(replace(ctx, model_dir=model_dir))
+            data = Encoded.of([tokenizer.ids(texts[row]) for row in rows]).to(device)
+            predicted = _logits(model, config["architecture"], data).argmax(dim=1).tolist()
+            outcomes[role] = [
+                config["classes"][label] == labels[row]
+                for label, row in zip(predicted, rows, strict=True)
+            ]
+        return outcomes, [slices[row] for row in rows]
+
     def evaluate(self, ctx: RecipeContext) -> dict[str, Any]:
         import torch
         import torch.nn.functional as F

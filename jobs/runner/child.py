@@ -162,6 +162,11 @@ def _execute(
         # On a GPU, bit-exact kernels would cost speed and need CUBLAS_WORKSPACE_CONFIG.
         torch.use_deterministic_algorithms(True)
     recipe = recipe_cls()
+    if spec["task"] == "evaluate":
+        from jobs.runner.evaluate import evaluation_run
+
+        ctx.emit(format_line("result", evaluation_run(ctx, recipe, spec["evaluate"])))
+        return EXIT_OK
     if spec["task"] == "predict":
         if spec["processes"] > 1:
             ctx.log("Predicting in one process: batch inference does not split across devices.")

@@ -50,6 +50,7 @@ from tenants.actors import Actor
 from tenants.errors import ConflictError
 
 from . import protocol
+from .evaluate_inputs import evaluation_record, evaluation_stage
 from .isolation import ChildFileRefused, attempt_folder_create, child_file_open, child_start
 
 logger = logging.getLogger(__name__)
@@ -231,8 +232,11 @@ class _Attempt:
         (self.workdir / "output").mkdir()
         (self.workdir / "checkpoints").mkdir()
         gpus = self.job.gpu_count if self.job.resource_class.name != "cpu" else 1
+        task = {Job.Kind.INFER: "predict", Job.Kind.EVALUATE: "evaluate"}.get(
+            self.job.kind, "train"
+        )
         spec = {
-            "task": "predict" if self.job.kind == Job.Kind.INFER else "train",
+            "task": task,
             "model_dir": model_dir,
             "processes": gpus,
             "recipe": self.job.recipe,
@@ -249,6 +253,8 @@ class _Attempt:
             "seed": self.job.pk,
             "max_runtime_s": None,  # enforced here, so a timeout is reported as one
         }
+        if task == "evaluate":
+            spec.update(evaluation_stage(self.job, self.workdir, self._download_input))
         protocol.write_spec(self.workdir, spec)
 
     def _start(self) -> subprocess.Popen:
@@ -377,6 +383,8 @@ class _Attempt:
             prefix=f"{self.workdir.name}-outputs-", dir=self.workdir.parent
         ) as folder:
             copies = Path(folder)
+            if self.job.kind == Job.Kind.EVALUATE:
+                return evaluation_record(self.job, self.result)
             if self.job.kind == Job.Kind.INFER:
                 predictions = self._artifact_copy("predictions.csv", copies)
                 return {"output_dataset_version_id": self._register_predictions(predictions)}

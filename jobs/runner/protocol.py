@@ -6,7 +6,7 @@ Both sides import this module, so it imports neither torch nor Django.
 The parent prepares a working directory, puts the inputs in it and writes `spec.json`:
 
     {
-      "task": "train" | "predict",               # optional, default "train"
+      "task": "train" | "predict" | "evaluate",  # optional, default "train"
       "recipe": "tabular-classifier",           # a name from jobs.recipes.catalog
       "parameters": {...},                       # validated (and defaults filled) by the child
       "dataset": {"path": "data.csv", "format": "csv" | "parquet",
@@ -35,6 +35,9 @@ required, `parameters` are checked against the recipe's `predict_parameter_schem
 parameters: `{}`), `resume_from` must be null, and the dataset is read `chunk_rows` rows at a
 time, so memory stays flat whatever its size. `model_dir` holds a model version's artifacts
 (`model.safetensors`, `config.json`) as a training run's @@result named them.
+
+`task` "evaluate" scores the model in `model_dir` against a second one on a held-out split, for
+serving's gate; its inputs, result and coverage are in jobs.runner.evaluate.
 
 `processes` > 1 trains data-parallel with torch.distributed, one process per GPU (`cuda:<rank>`
 within CUDA_VISIBLE_DEVICES, which must show at least that many), or that many CPU processes when
@@ -87,7 +90,7 @@ EXIT_FAILED = 1  # an unexpected error; the traceback is on stderr
 EXIT_BAD_INPUT = 2  # the parameters or the data cannot be trained on; the reason is on stderr
 EXIT_STOPPED = 3  # SIGTERM or max_runtime_s; a checkpoint was printed first when there was one
 
-TASKS = ("train", "predict")
+TASKS = ("train", "predict", "evaluate")
 MAX_PROCESSES = 64  # the most GPUs a job may ask for
 # Rows a streaming reader holds at once: tens of MB of Python values for a wide table.
 DEFAULT_CHUNK_ROWS = 10_000
@@ -147,6 +150,15 @@ SPEC_SCHEMA = _object(
         "max_runtime_s": {"type": ["number", "null"], "exclusiveMinimum": 0},
         "processes": {"type": "integer", "minimum": 1, "maximum": MAX_PROCESSES},
         "chunk_rows": {"type": "integer", "minimum": 1},
+        # The evaluate task's own inputs (jobs.runner.evaluate).
+        "evaluate": _object(
+            {
+                "champion_model_dir": {"type": "string", "minLength": 1},
+                "split_seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+                "slice_column": {"type": "string"},
+            },
+            required=["champion_model_dir", "split_seed"],
+        ),
     },
     required=["recipe", "parameters", "dataset", "output_dir", "checkpoint_dir", "seed"],
 )
@@ -253,6 +265,13 @@ def _check_spec(spec: Any) -> None:
     if error is not None:
         where = ".".join(str(part) for part in error.absolute_path) or "the spec"
         raise SpecError(f"{SPEC_FILENAME}: {where}: {error.message}")
+    if spec.get("task") == "evaluate" and (
+        spec.get("model_dir") is None or spec.get("evaluate") is None
+    ):
+        raise SpecError(
+            f"{SPEC_FILENAME}: an evaluate task needs model_dir (the challenger) and evaluate "
+            "(the champion and the split)."
+        )
     if spec.get("task") == "predict":
         if spec.get("model_dir") is None:
             raise SpecError(f"{SPEC_FILENAME}: a predict task needs model_dir, the model to run.")

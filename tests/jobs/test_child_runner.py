@@ -177,7 +177,8 @@ def test_spec_fills_the_optional_keys(tmp_path):
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ({"task": "evaluate"}, "task: 'evaluate' is not one of ['train', 'predict']"),
+        ({"task": "dance"}, "task: 'dance' is not one of ['train', 'predict', 'evaluate']"),
+        ({"task": "evaluate", "model_dir": "model"}, "an evaluate task needs model_dir"),
         ({"processes": 0}, "processes: 0 is less than the minimum of 1"),
         ({"task": "predict", "parameters": {}}, "a predict task needs model_dir"),
         (

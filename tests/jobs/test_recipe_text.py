@@ -355,3 +355,29 @@ def test_predict_names_a_missing_text_column(tmp_path, trained):
     ctx = make_context(tmp_path, path, FAST, model_dir=trained.output_dir)
     with pytest.raises(RecipeInputError, match="no column 'text'"):
         TextClassifier().predict(ctx)
+
+
+def test_the_gate_scores_exactly_the_rows_the_training_run_held_out(tmp_path, dataset, trained):
+    """Same seed, same split: the gate's accuracy on the held-out rows is the run's own
+    validation accuracy; slices come from a column the model never read."""
+    with dataset.open(newline="", encoding="utf-8") as source:
+        rows = list(csv.reader(source))
+    sliced = tmp_path / "sliced.csv"
+    with sliced.open("w", newline="", encoding="utf-8") as out:
+        writer = csv.writer(out)
+        writer.writerow([*rows[0], "region"])
+        writer.writerows([*row, "eu" if i % 2 else "us"] for i, row in enumerate(rows[1:]))
+    ctx = make_context(tmp_path, sliced, FAST)
+    outcomes, slices = TextClassifier().validation_outcomes(
+        ctx,
+        model_dirs={"challenger": trained.output_dir},
+        split_seed=trained.seed,
+        slice_column="region",
+    )
+    correct = outcomes["challenger"]
+    assert len(correct) == 120 and set(slices) == {"eu", "us"}
+    assert sum(correct) / len(correct) == pytest.approx(trained.result.metrics["val_accuracy"])
+    other, _ = TextClassifier().validation_outcomes(
+        ctx, model_dirs={"x": trained.output_dir}, split_seed=trained.seed + 1, slice_column=""
+    )
+    assert other["x"] != correct  # another seed holds out other rows

@@ -699,3 +699,24 @@ def test_torch_load_is_only_called_with_weights_only():
     ]
     assert calls
     assert all("weights_only=True" in call for _, call in calls), calls
+
+
+def test_the_gate_scores_exactly_the_rows_the_training_run_held_out(tmp_path, sample):
+    """Same seed, same split: the gate's accuracy on the held-out rows is the run's own
+    validation accuracy, and each row carries its slice (the sample's region)."""
+    ctx = make_context(tmp_path, sample, FAST)
+    result = TabularClassifier().train(ctx)
+    outcomes, slices = TabularClassifier().validation_outcomes(
+        ctx,
+        model_dirs={"challenger": tmp_path / "out"},
+        split_seed=ctx.seed,
+        slice_column="region",
+    )
+    correct = outcomes["challenger"]
+    assert len(correct) == 120 and len(slices) == 120 and None not in slices
+    assert len(set(slices)) > 1
+    assert sum(correct) / len(correct) == pytest.approx(result.metrics["val_accuracy"])
+    _, unsliced = TabularClassifier().validation_outcomes(
+        ctx, model_dirs={}, split_seed=ctx.seed, slice_column="no such column"
+    )
+    assert set(unsliced) == {None}

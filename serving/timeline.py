@@ -1,0 +1,78 @@
+"""Recording the loop's steps: each one is a row on the deployment's timeline (with its cost) and
+an audit event in the same transaction, attributed to the actor the loop acts as."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from math import ceil
+
+from django.db.models import Model
+
+from billing.selectors import minor_per_unit
+from jobs.models import Job
+from jobs.services import cost_rate_per_hour
+from registry.models import ModelVersion
+from tenants.actors import Actor
+from tenants.services import audit_record
+
+from .models import Deployment, LoopEvent
+
+
+def loop_actor(deployment: Deployment) -> Actor:
+    """Who the loop acts as: the person who created the deployment (their scopes and quota
+    apply to the jobs it submits); audit rows add `"by": "policy"`, since no person acted.
+    tenants has no service actor, so with that person gone it is the bare system actor, which
+    holds no scopes: a retrain into the champion's model then needs `models:write` it lacks,
+    and is skipped, saying so, until someone recreates the deployment."""
+    return Actor(user=deployment.created_by)
+
+
+def minor_per_second(*, resource_class, gpu_count: int) -> Decimal:
+    """A job's cost rate on the rate card, in minor units per second of runtime."""
+    rate, currency = cost_rate_per_hour(resource_class=resource_class, gpu_count=gpu_count)
+    return rate * minor_per_unit(currency) / 3600
+
+
+def max_cost_minor(*, resource_class, gpu_count: int, runtime_s: int) -> int:
+    return ceil(minor_per_second(resource_class=resource_class, gpu_count=gpu_count) * runtime_s)
+
+
+def loop_step_record(
+    *,
+    deployment: Deployment,
+    kind: str,
+    message: str,
+    actor: Actor | None = None,
+    data: dict | None = None,
+    job: Job | None = None,
+    model_version: ModelVersion | None = None,
+    cost_minor: int = 0,
+    target: Model | None = None,
+) -> LoopEvent:
+    """A timeline row and its audit event (`serving.loop.<kind>`), with the same data and cost."""
+    data = dict(data or {})
+    event = LoopEvent.objects.create(
+        organization=deployment.organization,
+        deployment=deployment,
+        kind=kind,
+        message=message,
+        data=data,
+        job=job,
+        model_version=model_version,
+        cost_minor=cost_minor,
+    )
+    audit_record(
+        organization=deployment.organization,
+        actor=actor or loop_actor(deployment),
+        action=f"serving.loop.{kind}",
+        target=target or deployment,
+        data={
+            **data,
+            "by": data.get("by", "policy"),
+            "message": message,
+            "cost_minor": cost_minor,
+            "job": job.pk if job else None,
+            "model_version": model_version.pk if model_version else None,
+        },
+    )
+    return event

@@ -1,0 +1,638 @@
+"""The factory loop's state machine on the real database: retrain triggers, the spending limit,
+the evaluation gate and its model card, approval, canary steps, promotion and rollback. Jobs are
+rows finished by hand here; tests/serving/test_loop_evaluate.py runs a real evaluate job."""
+
+from datetime import timedelta
+
+import pytest
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from jobs.models import Job, JobEvent, ResourceClass
+from registry.models import ModelAlias
+from serving.gate import gate_approve, gate_judge, gate_reject
+from serving.loop import loop_advance, loop_tick_all, retrain_trigger
+from serving.models import (
+    Deployment,
+    DriftReport,
+    LoopEvent,
+    ModelCard,
+    PredictionLog,
+    Replica,
+    Retrain,
+    RetrainPolicy,
+    Route,
+)
+from tenants.actors import Actor
+from tenants.errors import ConflictError, PermissionDeniedError
+from tenants.models import AuditEvent
+from tenants.services import api_key_create
+from tests.factories import DatasetVersionFactory, JobFactory, ModelVersionFactory
+
+PARAMS = {"target": "y", "epochs": 2}
+
+
+@pytest.fixture
+def cpu(db):
+    return ResourceClass.objects.get(name="cpu")
+
+
+@pytest.fixture
+def creator(org, member_factory):
+    return member_factory(org, "developer")
+
+
+@pytest.fixture
+def data(org):
+    return DatasetVersionFactory(organization=org)
+
+
+@pytest.fixture
+def champion(org, data):
+    version = ModelVersionFactory(
+        organization=org, recipe_name="tabular-classifier", parameters=PARAMS
+    )
+    version.trained_on.add(data)
+    return version
+
+
+@pytest.fixture
+def deployment(org, cpu, creator, champion):
+    deployment = Deployment.objects.create(
+        organization=org,
+        name="churn",
+        recipe="tabular-classifier",
+        resource_class=cpu,
+        created_by=creator,
+        created_at=timezone.now() - timedelta(days=1),
+    )
+    Route.objects.create(
+        organization=org, deployment=deployment, model_version=champion, weight=100
+    )
+    return deployment
+
+
+@pytest.fixture
+def policy(deployment, data):
+    return RetrainPolicy.objects.create(
+        organization=deployment.organization,
+        deployment=deployment,
+        dataset=data.dataset,
+        cooldown_s=3600,
+        max_cost_minor=1000,
+        slice_column="region",
+        slice_tolerance=0.05,
+        gate_margin=0.01,
+        canary_percent=10,
+        bake_s=600,
+    )
+
+
+def _drift(deployment, champion, at=None):
+    at = at or timezone.now()
+    return DriftReport.objects.create(
+        organization=deployment.organization,
+        deployment=deployment,
+        model_version=champion,
+        window_start=at - timedelta(minutes=10),
+        window_end=at,
+        rows=1000,
+        drifted=True,
+        drifted_share=0.6,
+        created_at=at,
+    )
+
+
+def _finish(job, *, state=Job.State.SUCCEEDED, cost=0, **fields):
+    Job.objects.filter(pk=job.pk).update(
+        state=state, finished_at=timezone.now(), cost_minor=cost, **fields
+    )
+
+
+def _events(deployment):
+    return list(
+        LoopEvent.objects.filter(deployment=deployment)
+        .order_by("pk")
+        .values_list("kind", flat=True)
+    )
+
+
+def _evaluation(job, *, challenger, champion, challenger_slices, champion_slices):
+    JobEvent.objects.create(
+        organization=job.organization,
+        job=job,
+        attempt=job.attempt,
+        kind="evaluation",
+        data={
+            "metric": "accuracy",
+            "rows": 200,
+            "slice_column": "region",
+            "challenger": {"overall": challenger, "slices": challenger_slices},
+            "champion": {"overall": champion, "slices": champion_slices},
+        },
+    )
+
+
+def _to_evaluating(deployment, champion, policy):
+    """Drift -> retrain submitted -> its job succeeded with a challenger -> evaluate queued."""
+    _drift(deployment, champion)
+    retrain = loop_advance(deployment_id=deployment.pk)
+    challenger = ModelVersionFactory(
+        organization=deployment.organization,
+        registered_model=champion.registered_model,
+        recipe_name="tabular-classifier",
+        parameters=PARAMS,
+    )
+    challenger.trained_on.add(retrain.job.input_dataset_version)
+    _finish(retrain.job, cost=250, output_model_version=challenger)
+    retrain = loop_advance(deployment_id=deployment.pk)
+    assert retrain.state == Retrain.State.EVALUATING
+    return retrain, challenger
+
+
+def _to_canary(deployment, champion, policy):
+    retrain, challenger = _to_evaluating(deployment, champion, policy)
+    _evaluation(
+        retrain.evaluation_job,
+        challenger=0.91,
+        champion=0.85,
+        challenger_slices={"eu": 0.9, "us": 0.92},
+        champion_slices={"eu": 0.86, "us": 0.84},
+    )
+    _finish(retrain.evaluation_job, cost=40)
+    retrain = loop_advance(deployment_id=deployment.pk)
+    assert retrain.state == Retrain.State.CANARY
+    return retrain, challenger
+
+
+def _traffic(deployment, version, *, at, n=40, errors=0, latency=10.0, right=None):
+    """`n` logged live predictions of `version` at `at`, the first `errors` failed; labelled, the
+    first `right` of them correctly (all, when None)."""
+    right = n if right is None else right
+    PredictionLog.objects.bulk_create(
+        PredictionLog(
+            organization=deployment.organization,
+            deployment=deployment,
+            model_version=version,
+            inputs={"x": i},
+            output=None if i < errors else {"label": "a"},
+            error="boom" if i < errors else "",
+            latency_ms=latency,
+            created_at=at,
+            label="a" if i < right else "b",
+        )
+        for i in range(n)
+    )
+
+
+def _routes(deployment):
+    return {
+        (r.model_version_id, r.weight, r.stage)
+        for r in Route.objects.filter(deployment=deployment, mode=Route.Mode.LIVE)
+    }
+
+
+def test_drift_submits_one_retrain_as_the_policy_and_the_cooldown_holds_the_next(
+    deployment, policy, champion, creator, data
+):
+    _drift(deployment, champion)
+    retrain = loop_advance(deployment_id=deployment.pk)
+
+    job = retrain.job
+    assert retrain.state == Retrain.State.TRAINING and retrain.trigger["trigger"] == "drift"
+    assert (job.kind, job.recipe, job.input_dataset_version, job.parameters["epochs"]) == (
+        Job.Kind.TRAIN,
+        "tabular-classifier",
+        data,
+        2,
+    )
+    assert job.output_model_name == champion.registered_model.name
+    assert job.created_by == creator
+    submitted = LoopEvent.objects.get(deployment=deployment, kind=LoopEvent.Kind.RETRAIN_SUBMITTED)
+    assert submitted.job == job
+    audit = AuditEvent.objects.get(action="serving.loop.retrain_submitted")
+    assert audit.data["by"] == "policy" and audit.data["job"] == job.pk
+
+    # Still training: new drift does not start a second retrain.
+    _drift(deployment, champion)
+    assert loop_advance(deployment_id=deployment.pk) == retrain
+    assert Retrain.objects.filter(deployment=deployment).count() == 1
+
+    # The job fails: its cost lands on the timeline; the cooldown holds off the next drift.
+    _finish(job, state=Job.State.FAILED, cost=321)
+    loop_advance(deployment_id=deployment.pk)
+    submitted.refresh_from_db()
+    assert submitted.cost_minor == 321
+    failed = LoopEvent.objects.get(deployment=deployment, kind=LoopEvent.Kind.RETRAIN_FAILED)
+    assert failed.cost_minor == 321
+    _drift(deployment, champion)
+    assert loop_advance(deployment_id=deployment.pk) is None
+    assert Job.objects.filter(kind=Job.Kind.TRAIN).count() == 1
+
+    # After the cooldown the next drifted window retrains again.
+    later = timezone.now() + timedelta(seconds=policy.cooldown_s + 1)
+    _drift(deployment, champion, at=later)
+    assert loop_advance(deployment_id=deployment.pk, now=later).state == Retrain.State.TRAINING
+    assert Job.objects.filter(kind=Job.Kind.TRAIN).count() == 2
+
+
+def test_two_retrains_of_one_deployment_cannot_be_active(deployment, champion, org):
+    job = JobFactory(organization=org)
+    Retrain.objects.create(organization=org, deployment=deployment, job=job, champion=champion)
+    with pytest.raises(IntegrityError), transaction.atomic():
+        Retrain.objects.create(organization=org, deployment=deployment, job=job, champion=champion)
+
+
+def test_ticking_twice_with_nothing_new_changes_nothing(deployment, policy, champion):
+    _drift(deployment, champion)
+    loop_tick_all()
+    loop_tick_all()
+    assert Retrain.objects.count() == 1
+    assert _events(deployment) == [LoopEvent.Kind.RETRAIN_SUBMITTED]
+
+
+def test_a_spending_limit_too_small_for_a_minute_skips_with_the_reason(
+    deployment, policy, champion
+):
+    policy.max_cost_minor = 0
+    policy.save()
+    _drift(deployment, champion)
+    assert loop_advance(deployment_id=deployment.pk) is None
+
+    skipped = LoopEvent.objects.get(deployment=deployment, kind=LoopEvent.Kind.RETRAIN_SKIPPED)
+    assert "spending limit of 0" in skipped.message
+    assert not Job.objects.filter(kind=Job.Kind.TRAIN).exists()
+    assert AuditEvent.objects.filter(action="serving.loop.retrain_skipped").exists()
+    # The skip counts as the trigger: the cooldown keeps it from repeating every tick.
+    assert loop_advance(deployment_id=deployment.pk) is None
+    assert LoopEvent.objects.filter(kind=LoopEvent.Kind.RETRAIN_SKIPPED).count() == 1
+
+
+def test_the_spending_limit_caps_the_retrain_runtime(deployment, policy, champion):
+    """The cpu class costs 0.00002 USD per second (0.002 cents): 1 cent buys 500 seconds."""
+    policy.max_cost_minor = 1
+    policy.save()
+    _drift(deployment, champion)
+    retrain = loop_advance(deployment_id=deployment.pk)
+    assert retrain.job.max_runtime_s == 500
+    submitted = LoopEvent.objects.get(kind=LoopEvent.Kind.RETRAIN_SUBMITTED)
+    assert submitted.data["max_cost_minor"] <= 1
+
+
+def test_a_live_accuracy_below_the_threshold_triggers_but_a_good_one_does_not(
+    deployment, policy, champion
+):
+    policy.on_drift, policy.metric_below = False, 0.8
+    policy.save()
+    now = timezone.now()
+    _traffic(deployment, champion, at=now - timedelta(minutes=5), n=40, right=36)  # 0.9
+    assert retrain_trigger(policy=policy, champion=champion, now=now) is None
+    _traffic(deployment, champion, at=now - timedelta(minutes=4), n=40, right=0)  # now 0.45
+    trigger = retrain_trigger(policy=policy, champion=champion, now=now)
+    assert trigger["trigger"] == "metric" and trigger["value"] == pytest.approx(0.45)
+
+
+def test_a_forecasters_error_above_the_threshold_is_worse_not_better(deployment, policy, champion):
+    """MAE is lower-is-better: `metric_below` means "worse than", i.e. an error above it."""
+    Deployment.objects.filter(pk=deployment.pk).update(recipe="timeseries-forecaster")
+    deployment.refresh_from_db()
+    policy.deployment, policy.on_drift, policy.metric_below = deployment, False, 1.0
+    now = timezone.now()
+    rows = [
+        PredictionLog(
+            organization=deployment.organization,
+            deployment=deployment,
+            model_version=champion,
+            inputs={},
+            output={"forecast": [1.0, 1.0]},
+            latency_ms=5,
+            created_at=now - timedelta(minutes=1),
+            label=[1.5, 1.5] if i < 35 else [10.0, 10.0],
+        )
+        for i in range(40)
+    ]
+    PredictionLog.objects.bulk_create(rows[:35])
+    assert retrain_trigger(policy=policy, champion=champion, now=now) is None  # MAE 0.5
+    PredictionLog.objects.bulk_create(rows[35:])
+    trigger = retrain_trigger(policy=policy, champion=champion, now=now)
+    assert trigger["value"] > 1.0
+
+
+def test_a_new_dataset_version_and_the_schedule_trigger(deployment, policy, champion, data):
+    policy.on_drift, policy.on_new_data = False, True
+    now = timezone.now()
+    assert retrain_trigger(policy=policy, champion=champion, now=now) is None
+    newer = DatasetVersionFactory(organization=deployment.organization, dataset=data.dataset)
+    assert retrain_trigger(policy=policy, champion=champion, now=now) == {
+        "trigger": "new_data",
+        "dataset_version": newer.pk,
+        "number": newer.number,
+    }
+    policy.on_new_data, policy.every_s = False, 3600
+    policy.last_triggered_at = now - timedelta(hours=2)
+    assert retrain_trigger(policy=policy, champion=champion, now=now)["trigger"] == "schedule"
+    policy.last_triggered_at = now - timedelta(minutes=30)
+    assert retrain_trigger(policy=policy, champion=champion, now=now) is None
+
+
+def test_a_passing_challenger_gets_a_model_card_and_a_canary(deployment, policy, champion, data):
+    retrain, challenger = _to_canary(deployment, champion, policy)
+
+    evaluate = retrain.evaluation_job
+    assert (evaluate.kind, evaluate.input_model_version, evaluate.input_dataset_version) == (
+        Job.Kind.EVALUATE,
+        challenger,
+        data,
+    )
+    assert evaluate.parameters["champion_model_version"] == champion.pk
+    card = ModelCard.objects.get(model_version=challenger)
+    assert card.decision == ModelCard.Decision.PASSED
+    assert card.metrics["challenger"]["slices"]["eu"] == 0.9
+    assert card.metrics["champion"]["overall"] == 0.85
+    assert card.lineage["datasets"] == [
+        {"dataset": data.dataset.name, "version": data.number, "id": data.pk}
+    ]
+    assert card.lineage["training_job"] == retrain.job_id
+    assert card.approved_via == "policy" and card.approved_by is None and card.approved_at
+    assert _routes(deployment) == {
+        (champion.pk, 90, Route.Stage.STABLE),
+        (challenger.pk, 10, Route.Stage.CANARY),
+    }
+    assert _events(deployment) == [
+        LoopEvent.Kind.RETRAIN_SUBMITTED,
+        LoopEvent.Kind.GATE_PASSED,
+        LoopEvent.Kind.APPROVED,
+        LoopEvent.Kind.CANARY_STARTED,
+    ]
+    costs = dict(LoopEvent.objects.filter(deployment=deployment).values_list("kind", "cost_minor"))
+    assert costs[LoopEvent.Kind.RETRAIN_SUBMITTED] == 250
+    assert costs[LoopEvent.Kind.GATE_PASSED] == 40
+    assert AuditEvent.objects.filter(
+        action="deployment.routes_set", data__step="canary_start"
+    ).exists()
+
+
+def test_a_challenger_worse_on_one_slice_fails_the_gate(deployment, policy, champion):
+    retrain, challenger = _to_evaluating(deployment, champion, policy)
+    _evaluation(
+        retrain.evaluation_job,
+        challenger=0.93,
+        champion=0.85,
+        challenger_slices={"eu": 0.97, "us": 0.70},
+        champion_slices={"eu": 0.86, "us": 0.84},
+    )
+    _finish(retrain.evaluation_job, cost=40)
+    retrain = loop_advance(deployment_id=deployment.pk)
+
+    assert retrain.state == Retrain.State.REJECTED
+    card = ModelCard.objects.get(model_version=challenger)
+    assert card.decision == ModelCard.Decision.FAILED
+    assert any("region=us" in reason for reason in card.reasons)
+    failed = LoopEvent.objects.get(kind=LoopEvent.Kind.GATE_FAILED)
+    assert failed.cost_minor == 40 and "region=us" in failed.message
+    assert _routes(deployment) == {(champion.pk, 100, Route.Stage.STABLE)}
+
+
+def test_a_challenger_that_does_not_beat_the_margin_fails_and_a_failed_evaluation_too(
+    deployment, policy, champion
+):
+    passed, reasons = gate_judge(
+        result={
+            "metric": "accuracy",
+            "challenger": {"overall": 0.855},
+            "champion": {"overall": 0.85},
+        },
+        higher_is_better=True,
+        margin=0.01,
+        slice_tolerance=0.05,
+    )
+    assert not passed and "not the 0.01" in reasons[0]
+    passed, _ = gate_judge(
+        result={"metric": "mae", "challenger": {"overall": 0.4}, "champion": {"overall": 0.5}},
+        higher_is_better=False,
+        margin=0.05,
+        slice_tolerance=0.05,
+    )
+    assert passed
+
+    retrain, _challenger = _to_evaluating(deployment, champion, policy)
+    _finish(retrain.evaluation_job, state=Job.State.FAILED, cost=7)
+    assert loop_advance(deployment_id=deployment.pk).state == Retrain.State.REJECTED
+    assert LoopEvent.objects.get(kind=LoopEvent.Kind.GATE_FAILED).cost_minor == 7
+
+
+@pytest.fixture
+def awaiting(deployment, policy, champion):
+    policy.auto_promote = False
+    policy.save()
+    retrain, _challenger = _to_evaluating(deployment, champion, policy)
+    _evaluation(
+        retrain.evaluation_job,
+        challenger=0.91,
+        champion=0.85,
+        challenger_slices={},
+        champion_slices={},
+    )
+    _finish(retrain.evaluation_job)
+    retrain = loop_advance(deployment_id=deployment.pk)
+    assert retrain.state == Retrain.State.AWAITING_APPROVAL
+    assert _routes(deployment) == {(champion.pk, 100, Route.Stage.STABLE)}
+    return ModelCard.objects.get(retrain=retrain)
+
+
+def test_approval_needs_models_promote_in_the_cards_organization(
+    awaiting, org, other_org, member_factory, deployment
+):
+    viewer = member_factory(org, "viewer")
+    stranger = member_factory(other_org, "owner")
+    key, _token = api_key_create(
+        organization=other_org,
+        name="theirs",
+        scopes=["models:promote", "models:read"],
+        actor=Actor(user=stranger),
+    )
+    own_key, _token = api_key_create(
+        organization=org,
+        name="read only",
+        scopes=["models:read"],
+        actor=Actor(user=member_factory(org, "owner")),
+    )
+    for attacker in (
+        Actor(user=viewer),
+        Actor(user=stranger),
+        Actor(api_key=key),
+        Actor(api_key=own_key),
+        Actor(),
+    ):
+        with pytest.raises(PermissionDeniedError):
+            gate_approve(card=awaiting, actor=attacker)
+    awaiting.refresh_from_db()
+    assert awaiting.approved_at is None
+    assert not LoopEvent.objects.filter(kind=LoopEvent.Kind.APPROVED).exists()
+
+    approver = member_factory(org, "developer")
+    retrain = gate_approve(card=awaiting, actor=Actor(user=approver))
+    assert retrain.state == Retrain.State.CANARY
+    awaiting.refresh_from_db()
+    assert (awaiting.approved_via, awaiting.approved_by) == ("user", approver)
+    approved = AuditEvent.objects.get(action="serving.loop.approved")
+    assert approved.actor_user == approver and approved.data["by"] == "user"
+
+
+def _bake(deployment, retrain, policy, **traffic):
+    """Traffic for both versions over the current bake; returns the time the bake is over."""
+    at = retrain.step_started_at + timedelta(seconds=1)
+    stable = {k.removeprefix("stable_"): v for k, v in traffic.items() if k.startswith("stable_")}
+    canary = {k: v for k, v in traffic.items() if not k.startswith("stable_")}
+    _traffic(deployment, retrain.champion, at=at, **stable)
+    _traffic(deployment, retrain.challenger, at=at, **canary)
+    return retrain.step_started_at + timedelta(seconds=policy.bake_s + 1)
+
+
+def test_a_healthy_canary_steps_up_and_is_promoted(deployment, policy, champion, cpu):
+    retrain, challenger = _to_canary(deployment, champion, policy)
+    replica_job = JobFactory(organization=deployment.organization, kind=Job.Kind.SERVE)
+    Replica.objects.create(
+        organization=deployment.organization,
+        deployment=deployment,
+        model_version=challenger,
+        job=replica_job,
+        created_at=retrain.step_started_at - timedelta(seconds=5),
+    )
+
+    # Not baked yet: nothing moves.
+    early = retrain.step_started_at + timedelta(seconds=policy.bake_s - 1)
+    assert loop_advance(deployment_id=deployment.pk, now=early).canary_percent == 10
+
+    done = _bake(deployment, retrain, policy)
+    retrain = loop_advance(deployment_id=deployment.pk, now=done)
+    assert retrain.canary_percent == 50
+    assert _routes(deployment) == {
+        (champion.pk, 50, Route.Stage.STABLE),
+        (challenger.pk, 50, Route.Stage.CANARY),
+    }
+    stepped = LoopEvent.objects.get(kind=LoopEvent.Kind.CANARY_STEPPED)
+    # 601 s of one cpu replica at 0.002 cents a second.
+    assert stepped.cost_minor == 2
+    assert stepped.data["canary"]["requests"] == 40
+
+    done = _bake(deployment, retrain, policy)
+    retrain = loop_advance(deployment_id=deployment.pk, now=done)
+    assert retrain.state == Retrain.State.PROMOTED
+    assert _routes(deployment) == {(challenger.pk, 100, Route.Stage.STABLE)}
+    alias = ModelAlias.objects.get(registered_model=challenger.registered_model, name="production")
+    assert alias.version == challenger
+    assert _events(deployment)[-2:] == [LoopEvent.Kind.CANARY_STEPPED, LoopEvent.Kind.PROMOTED]
+    # Every step of the turn is audited, with its cost beside it (the retrain's own cost is
+    # known only when its job ends, and lands on its timeline row then).
+    for event in LoopEvent.objects.filter(deployment=deployment).exclude(
+        kind=LoopEvent.Kind.RETRAIN_SUBMITTED
+    ):
+        audit = AuditEvent.objects.get(action=f"serving.loop.{event.kind}")
+        assert audit.data["cost_minor"] == event.cost_minor
+    assert AuditEvent.objects.filter(action="deployment.routes_set").count() == 3
+
+
+@pytest.mark.parametrize(
+    ("canary", "reason"),
+    [
+        ({"errors": 5}, "error rate"),
+        ({"latency": 40.0}, "p99"),
+        ({"right": 30}, "live metric"),
+    ],
+    ids=["errors", "latency", "metric"],
+)
+def test_a_canary_made_worse_is_rolled_back(deployment, policy, champion, canary, reason):
+    retrain, _challenger = _to_canary(deployment, champion, policy)
+    done = _bake(deployment, retrain, policy, **canary)
+    retrain = loop_advance(deployment_id=deployment.pk, now=done)
+
+    assert retrain.state == Retrain.State.ROLLED_BACK
+    assert _routes(deployment) == {(champion.pk, 100, Route.Stage.STABLE)}
+    rolled = LoopEvent.objects.get(kind=LoopEvent.Kind.ROLLED_BACK)
+    assert reason in rolled.message
+    assert rolled.data["canary"]["requests"] == 40 and rolled.data["stable"]["requests"] == 40
+    assert AuditEvent.objects.filter(action="serving.loop.rolled_back").exists()
+    assert AuditEvent.objects.filter(action="deployment.routes_set", data__step="rollback").exists()
+    # Over: the next tick does nothing more to it.
+    assert loop_advance(deployment_id=deployment.pk, now=done) is None
+
+
+def test_a_canary_with_too_little_traffic_keeps_baking(deployment, policy, champion):
+    retrain, _challenger = _to_canary(deployment, champion, policy)
+    done = _bake(deployment, retrain, policy, n=5, errors=5, stable_n=5)
+    retrain = loop_advance(deployment_id=deployment.pk, now=done)
+    assert (retrain.state, retrain.canary_percent) == (Retrain.State.CANARY, 10)
+
+
+@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+def test_a_tick_skips_a_deployment_another_tick_holds(deployment, policy, champion):
+    """Two ticks at once: the one that finds the deployment locked leaves it to the holder."""
+    import threading
+
+    from django.db import connection
+
+    _drift(deployment, champion)
+    outcome = {}
+
+    def other_tick():
+        try:
+            outcome["retrain"] = loop_advance(deployment_id=deployment.pk)
+        finally:
+            connection.close()
+
+    with transaction.atomic():
+        Deployment.objects.select_for_update().get(pk=deployment.pk)
+        thread = threading.Thread(target=other_tick)
+        thread.start()
+        thread.join(timeout=30)
+    assert not thread.is_alive() and outcome["retrain"] is None
+    assert not Retrain.objects.exists()
+    assert loop_advance(deployment_id=deployment.pk).state == Retrain.State.TRAINING
+
+
+def test_a_person_may_reject_an_awaiting_challenger_and_the_loop_goes_on(
+    awaiting, org, member_factory, deployment, champion, other_org
+):
+    with pytest.raises(PermissionDeniedError):
+        gate_reject(card=awaiting, actor=Actor(user=member_factory(other_org, "owner")))
+    retrain = gate_reject(
+        card=awaiting, actor=Actor(user=member_factory(org, "developer")), reason="not today"
+    )
+    assert retrain.state == Retrain.State.REJECTED
+    assert _routes(deployment) == {(champion.pk, 100, Route.Stage.STABLE)}
+    with pytest.raises(ConflictError):
+        gate_approve(card=awaiting, actor=Actor(user=member_factory(org, "owner")))
+
+
+def test_routes_changed_by_hand_during_a_canary_stand_and_the_loop_lets_go(
+    deployment, policy, champion
+):
+    retrain, challenger = _to_canary(deployment, champion, policy)
+    Route.objects.filter(deployment=deployment, model_version=challenger).delete()
+    Route.objects.filter(deployment=deployment).update(weight=100)
+    retrain = loop_advance(deployment_id=deployment.pk)
+    assert retrain.state == Retrain.State.FAILED
+    assert _routes(deployment) == {(champion.pk, 100, Route.Stage.STABLE)}
+    assert LoopEvent.objects.filter(kind=LoopEvent.Kind.RETRAIN_FAILED).exists()
+
+
+def test_with_the_deployments_creator_gone_a_retrain_is_skipped_saying_why(
+    deployment, policy, champion
+):
+    Deployment.objects.filter(pk=deployment.pk).update(created_by=None)
+    _drift(deployment, champion)
+    retrain = loop_advance(deployment_id=deployment.pk)
+    assert retrain.state == Retrain.State.FAILED and retrain.job is None
+    skipped = LoopEvent.objects.get(kind=LoopEvent.Kind.RETRAIN_SKIPPED)
+    assert "models:write" in skipped.message
+    assert AuditEvent.objects.get(action="serving.loop.retrain_skipped").actor_label == "system"
+
+
+def test_the_loop_tick_is_a_registered_task_on_the_beat(settings):
+    from factory_saas.celery import app
+
+    app.loader.import_default_modules()
+    assert "serving.loop_tick" in app.tasks
+    entry = settings.CELERY_BEAT_SCHEDULE["serving-loop-tick"]
+    assert entry == {"task": "serving.loop_tick", "schedule": settings.SERVING_LOOP_TICK_S}
