@@ -26,12 +26,15 @@ from jobs.models import Job, JobState
 from jobs.services.attempts import (
     Report,
     StaleAttempt,
+    attempt_bill_running,
     attempt_checkpoint,
     attempt_claim,
     attempt_finish,
     attempt_report,
+    attempt_serving,
     attempt_state,
 )
+from jobs.services.replicas import replica_token
 from registry.models import Dataset, DatasetVersion, RegisteredModel
 from registry.services import (
     dataset_create,
@@ -55,6 +58,12 @@ from .isolation import ChildFileRefused, attempt_folder_create, child_file_open,
 logger = logging.getLogger(__name__)
 
 REPORT_EVERY_S = 0.5
+# The child's task for each kind of job (protocol.TASKS).
+TASKS = {
+    Job.Kind.TRAIN: "train",
+    Job.Kind.INFER: "predict",
+    Job.Kind.SERVE: "serve",
+}
 MAX_FAILURE_LINES = 20
 STOPPED = "Stopped on request."
 
@@ -114,6 +123,7 @@ class _Attempt:
         self.metrics: list[dict] = []
         self.stderr_tail: list[str] = []
         self.result: dict | None = None
+        self.serving = job.kind == Job.Kind.SERVE
 
     def run(self) -> str:
         try:
@@ -201,14 +211,15 @@ class _Attempt:
 
     def _write_spec(self) -> None:
         dataset = self.job.input_dataset_version
-        dataset_path = self.workdir / f"dataset.{dataset.format}"
-        self._download_input(
-            f"input dataset {dataset.dataset.name} v{dataset.number}",
-            key=dataset.storage_key,
-            size=dataset.size_bytes,
-            sha256=dataset.sha256,
-            target=dataset_path,
-        )
+        if dataset is not None:  # a serve job reads none
+            dataset_path = self.workdir / f"dataset.{dataset.format}"
+            self._download_input(
+                f"input dataset {dataset.dataset.name} v{dataset.number}",
+                key=dataset.storage_key,
+                size=dataset.size_bytes,
+                sha256=dataset.sha256,
+                target=dataset_path,
+            )
         resume_from = None
         if self.job.checkpoint_key:
             # Written by the platform alone and never recorded with a checksum; torch reads it
@@ -232,16 +243,11 @@ class _Attempt:
         (self.workdir / "checkpoints").mkdir()
         gpus = self.job.gpu_count if self.job.resource_class.name != "cpu" else 1
         spec = {
-            "task": "predict" if self.job.kind == Job.Kind.INFER else "train",
+            "task": TASKS[self.job.kind],
             "model_dir": model_dir,
             "processes": gpus,
             "recipe": self.job.recipe,
             "parameters": self.job.parameters,
-            "dataset": {
-                "path": str(dataset_path),
-                "format": dataset.format,
-                "csv_dialect": dataset.csv_dialect,
-            },
             "resume_from": resume_from,
             "output_dir": "output",
             "checkpoint_dir": "checkpoints",
@@ -249,6 +255,21 @@ class _Attempt:
             "seed": self.job.pk,
             "max_runtime_s": None,  # enforced here, so a timeout is reported as one
         }
+        if dataset is not None:
+            spec["dataset"] = {
+                "path": str(dataset_path),
+                "format": dataset.format,
+                "csv_dialect": dataset.csv_dialect,
+            }
+        if self.serving:
+            spec["serve"] = {
+                "host": settings.WORKER_SERVE_HOST,
+                # Derived for this attempt: the only secret the child gets.
+                "token": replica_token(self.job.pk, self.attempt),
+                "max_items": settings.ONLINE_PREDICTION_MAX_ROWS,
+                "max_body_bytes": settings.SERVE_MAX_BODY_BYTES,
+                "drain_s": settings.SERVE_DRAIN_S,
+            }
         protocol.write_spec(self.workdir, spec)
 
     def _start(self) -> subprocess.Popen:
@@ -280,6 +301,9 @@ class _Attempt:
         over_time = False
         open_pipes = 2
         next_report = time.monotonic()
+        next_bill = started + settings.SERVE_BILLING_INTERVAL_S
+        # A replica answers its requests in flight before it exits; a job only checkpoints.
+        grace = settings.JOB_STOP_GRACE_S + (settings.SERVE_DRAIN_S if self.serving else 0)
         while open_pipes or child.poll() is None:
             try:
                 item = self.lines.get(timeout=0.1)
@@ -295,11 +319,19 @@ class _Attempt:
                 state = self._flush()
                 if stop_deadline is None and state in (JobState.CANCELLING, JobState.PREEMPTED):
                     child.send_signal(signal.SIGTERM)
-                    stop_deadline = now + settings.JOB_STOP_GRACE_S
-                if stop_deadline is None and now - started > self.job.max_runtime_s:
+                    stop_deadline = now + grace
+                # max_runtime_s 0: no limit (a replica serves until it is stopped).
+                if (
+                    stop_deadline is None
+                    and self.job.max_runtime_s
+                    and now - started > self.job.max_runtime_s
+                ):
                     over_time = True
                     child.send_signal(signal.SIGTERM)
-                    stop_deadline = now + settings.JOB_STOP_GRACE_S
+                    stop_deadline = now + grace
+            if self.serving and now >= next_bill:
+                next_bill = now + settings.SERVE_BILLING_INTERVAL_S
+                attempt_bill_running(job_id=self.job.pk, attempt=self.attempt)
             if stop_deadline is not None and now > stop_deadline and child.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(child.pid, signal.SIGKILL)
@@ -312,11 +344,12 @@ class _Attempt:
         if code == protocol.EXIT_STOPPED or stop_deadline is not None:
             return "stopped", STOPPED
         detail = "\n".join(self.stderr_tail[-MAX_FAILURE_LINES:]) or f"exit code {code}"
-        prefix = (
-            "The input or parameters were rejected"
-            if code == protocol.EXIT_BAD_INPUT
-            else "Training failed"
-        )
+        if code == protocol.EXIT_BAD_INPUT:
+            prefix = "The input or parameters were rejected"
+        elif self.serving:
+            prefix = "The replica stopped unasked"
+        else:
+            prefix = "Training failed"
         return "failed", f"{prefix}: {detail}"
 
     def _take(self, stream: str, line: str) -> None:
@@ -331,6 +364,10 @@ class _Attempt:
             self._checkpoint(payload)
         elif kind == "result":
             self.result = payload
+        elif kind == "serving" and self.serving:
+            address = f"{settings.WORKER_SERVE_HOST}:{payload['port']}"
+            if attempt_serving(job_id=self.job.pk, attempt=self.attempt, address=address):
+                self.logs.append(("stdout", f"Serving at {address}."))
         elif kind == "log":
             self.logs.append(("stdout", payload))
 

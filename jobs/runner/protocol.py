@@ -6,7 +6,7 @@ Both sides import this module, so it imports neither torch nor Django.
 The parent prepares a working directory, puts the inputs in it and writes `spec.json`:
 
     {
-      "task": "train" | "predict",               # optional, default "train"
+      "task": "train" | "predict" | "serve",     # optional, default "train"
       "recipe": "tabular-classifier",           # a name from jobs.recipes.catalog
       "parameters": {...},                       # validated (and defaults filled) by the child
       "dataset": {"path": "data.csv", "format": "csv" | "parquet",
@@ -20,7 +20,9 @@ The parent prepares a working directory, puts the inputs in it and writes `spec.
       "max_runtime_s": 3600.0 | null,            # the child stops itself, as on SIGTERM, after
                                                  # this many seconds of its own run
       "processes": 1,                            # optional, default 1: data-parallel processes
-      "chunk_rows": 10000                        # optional, default 10000: rows read at a time
+      "chunk_rows": 10000,                       # optional, default 10000: rows read at a time
+      "serve": {"host": "127.0.0.1", "token": "...", "max_items": 100,
+                "max_body_bytes": 8388608, "drain_s": 30.0}   # task "serve" only
     }
 
 Input paths (dataset, model_dir, resume_from) are absolute or relative to the working directory;
@@ -35,6 +37,17 @@ required, `parameters` are checked against the recipe's `predict_parameter_schem
 parameters: `{}`), `resume_from` must be null, and the dataset is read `chunk_rows` rows at a
 time, so memory stays flat whatever its size. `model_dir` holds a model version's artifacts
 (`model.safetensors`, `config.json`) as a training run's @@result named them.
+
+`task` "serve" runs a replica: `model_dir` is required, `dataset` and `resume_from` are left out
+(null), and the child loads the model once, through the recipe's `online_predictor`, and answers
+HTTP on `serve.host` at a free port until SIGTERM (jobs.runner.serve has the requests it takes).
+`serve.token` is the bearer token requests must carry: derived for this attempt, the only secret
+the child holds. Once it accepts connections it prints
+
+    @@serving {"port": 8123}
+
+and on SIGTERM it stops accepting, answers the requests in flight (for at most `drain_s`
+seconds), then exits EXIT_STOPPED. `max_runtime_s` does not apply to it.
 
 `processes` > 1 trains data-parallel with torch.distributed, one process per GPU (`cuda:<rank>`
 within CUDA_VISIBLE_DEVICES, which must show at least that many), or that many CPU processes when
@@ -87,7 +100,7 @@ EXIT_FAILED = 1  # an unexpected error; the traceback is on stderr
 EXIT_BAD_INPUT = 2  # the parameters or the data cannot be trained on; the reason is on stderr
 EXIT_STOPPED = 3  # SIGTERM or max_runtime_s; a checkpoint was printed first when there was one
 
-TASKS = ("train", "predict")
+TASKS = ("train", "predict", "serve")
 MAX_PROCESSES = 64  # the most GPUs a job may ask for
 # Rows a streaming reader holds at once: tens of MB of Python values for a wide table.
 DEFAULT_CHUNK_ROWS = 10_000
@@ -147,8 +160,20 @@ SPEC_SCHEMA = _object(
         "max_runtime_s": {"type": ["number", "null"], "exclusiveMinimum": 0},
         "processes": {"type": "integer", "minimum": 1, "maximum": MAX_PROCESSES},
         "chunk_rows": {"type": "integer", "minimum": 1},
+        "serve": {
+            "type": ["object", "null"],
+            "properties": {
+                "host": {"type": "string", "minLength": 1},
+                "token": {"type": "string", "minLength": 32},
+                "max_items": {"type": "integer", "minimum": 1},
+                "max_body_bytes": {"type": "integer", "minimum": 1},
+                "drain_s": {"type": "number", "minimum": 0},
+            },
+            "required": ["host", "token", "max_items", "max_body_bytes", "drain_s"],
+            "additionalProperties": False,
+        },
     },
-    required=["recipe", "parameters", "dataset", "output_dir", "checkpoint_dir", "seed"],
+    required=["recipe", "parameters", "output_dir", "checkpoint_dir", "seed"],
 )
 SPEC_DEFAULTS = {
     "task": "train",
@@ -158,6 +183,8 @@ SPEC_DEFAULTS = {
     "max_runtime_s": None,
     "processes": 1,
     "chunk_rows": DEFAULT_CHUNK_ROWS,
+    "dataset": None,
+    "serve": None,
 }
 
 LINE_SCHEMAS = {
@@ -170,6 +197,7 @@ LINE_SCHEMAS = {
         }
     ),
     "checkpoint": _object({"path": _RELATIVE_PATH, "step": _STEP}),
+    "serving": _object({"port": {"type": "integer", "minimum": 1, "maximum": 65535}}),
     "progress": _object(
         {"step": _STEP, "total": {"type": ["integer", "null"], "minimum": 0}, "epoch": _STEP}
     ),
@@ -253,7 +281,16 @@ def _check_spec(spec: Any) -> None:
     if error is not None:
         where = ".".join(str(part) for part in error.absolute_path) or "the spec"
         raise SpecError(f"{SPEC_FILENAME}: {where}: {error.message}")
-    if spec.get("task") == "predict":
+    task = spec.get("task", "train")
+    if task == "serve":
+        if spec.get("model_dir") is None or spec.get("serve") is None:
+            raise SpecError(f"{SPEC_FILENAME}: a serve task needs model_dir and serve.")
+        if spec.get("resume_from") is not None:
+            raise SpecError(f"{SPEC_FILENAME}: a serve task does not resume; resume_from is set.")
+        return
+    if spec.get("dataset") is None:
+        raise SpecError(f"{SPEC_FILENAME}: the spec: 'dataset' is a required property")
+    if task == "predict":
         if spec.get("model_dir") is None:
             raise SpecError(f"{SPEC_FILENAME}: a predict task needs model_dir, the model to run.")
         if spec.get("resume_from") is not None:

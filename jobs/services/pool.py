@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from jobs.models import ACTIVE_STATES, Job, JobAttempt, JobState, ResourceClass, Worker
 
-from .attempts import attempt_bill, attempt_close, checkpoint_forget
+from .attempts import attempt_bill, attempt_close, attempt_release, checkpoint_forget
 from .events import job_event
 from .ticks import tick_soon
 
@@ -121,7 +121,7 @@ def reap_lost(*, now=None) -> int:
         )
         if record is not None:
             attempt_bill(job=job, attempt=record)
-        job.worker, job.slot_indices, job.lease_expires_at = None, [], None
+        attempt_release(job)
         if job.state == JobState.CANCELLING:
             job.transition_to(JobState.CANCELLED)
             job.finished_at = now
@@ -168,7 +168,7 @@ def job_preempt(*, job_id: int, reason: str, data: dict | None = None) -> bool:
     if job.state == JobState.SCHEDULED:
         attempt_close(job=job, outcome=JobAttempt.Outcome.PREEMPTED)
         job.transition_to(JobState.QUEUED)
-        job.worker, job.slot_indices, job.lease_expires_at = None, [], None
+        attempt_release(job)
         job.waiting_reason = reason[:255]
         job.save()
     else:

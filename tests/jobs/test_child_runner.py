@@ -177,13 +177,14 @@ def test_spec_fills_the_optional_keys(tmp_path):
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ({"task": "evaluate"}, "task: 'evaluate' is not one of ['train', 'predict']"),
+        ({"task": "evaluate"}, "task: 'evaluate' is not one of ['train', 'predict', 'serve']"),
         ({"processes": 0}, "processes: 0 is less than the minimum of 1"),
         ({"task": "predict", "parameters": {}}, "a predict task needs model_dir"),
         (
             {"task": "predict", "parameters": {}, "model_dir": "m", "resume_from": "c.pt"},
             "a predict task does not resume",
         ),
+        ({"task": "serve", "parameters": {}, "model_dir": "m"}, "a serve task needs model_dir"),
     ],
 )
 def test_spec_refuses_what_the_child_cannot_run(tmp_path, spec, message):
