@@ -18,6 +18,7 @@ from billing.models import UsageRecord
 from jobs.models import TERMINAL_STATES, Job, JobAttempt, JobState, ResourceClass
 from jobs.recipes.tabular import TabularClassifier
 from jobs.samples.tabular import write_tabular_sample
+from jobs.selectors import job_cost_so_far
 from jobs.services import job_retry
 from jobs.services.attempts import (
     StaleAttempt,
@@ -32,7 +33,7 @@ from tenants.actors import Actor
 from tenants.errors import ConflictError, DomainError
 from tenants.models import AuditEvent, Organization
 from tenants.standing import OrganizationRestricted
-from tests.factories import JobFactory
+from tests.factories import JobFactory, PriceFactory
 from tests.jobs.recipe_helpers import read_csv, recipe_context
 from tests.processes import alive, descendants, wait_for
 
@@ -174,6 +175,11 @@ def test_a_running_replica_is_billed_per_whole_interval_once_then_the_rest_at_it
     org, settings
 ):
     settings.SERVE_BILLING_INTERVAL_S = 10
+    PriceFactory(
+        resource="gpu:cpu",
+        unit_price="1.0000",
+        effective_from=timezone.now() - timedelta(hours=1),  # over the seeded price
+    )
     job, attempt = _running_replica(org, started_ago=35)
     attempt_bill_running(job_id=job.pk, attempt=1)
     attempt_bill_running(job_id=job.pk, attempt=1)  # a retry, or the next report: nothing new
@@ -181,6 +187,11 @@ def test_a_running_replica_is_billed_per_whole_interval_once_then_the_rest_at_it
     assert [row.idempotency_key.rpartition(":")[2] for row in rows] == ["0", "1", "2"]
     assert all(row.quantity == Decimal("10") for row in rows)
     assert rows[0].period_start == attempt.started_at
+    # What the job's page shows counts the billed parts once: 36 s at $1 a second.
+    job.refresh_from_db()
+    assert job.cost_minor == 3000
+    shown = job_cost_so_far(job=job, now=attempt.started_at + timedelta(seconds=36))
+    assert abs(shown - 3600) <= 1
 
     finished = attempt_finish(job_id=job.pk, attempt=1, outcome="stopped", reason="stop")
     assert finished.serve_address == "" and finished.serve_ready_at is None
