@@ -176,3 +176,16 @@ def job_preempt(*, job_id: int, reason: str, data: dict | None = None) -> bool:
         job.save(update_fields=["state"])
     job_event(job=job, kind="preempted", message=reason, data=data)
     return True
+
+
+def replicas_move_off_draining() -> int:
+    """Ask the replicas on draining machines to move (inside the tick): a replica never ends by
+    itself, so a drain would wait forever. Each drains its requests, goes back to the queue and
+    is placed on another machine; the draining one gets nothing new."""
+    moving = Job.objects.filter(
+        kind=Job.Kind.SERVE, state=JobState.RUNNING, worker__status=Worker.Status.DRAINING
+    ).values_list("pk", flat=True)
+    return sum(
+        job_preempt(job_id=job_id, reason="Its machine is draining; moving to another one.")
+        for job_id in list(moving)
+    )

@@ -26,7 +26,12 @@ from jobs.services.attempts import (
     attempt_finish,
     attempt_serving,
 )
-from jobs.services.pool import reap_lost, worker_register
+from jobs.services.pool import (
+    reap_lost,
+    replicas_move_off_draining,
+    worker_register,
+    worker_set_status,
+)
 from jobs.services.replicas import replica_job_stop, replica_job_submit, replica_token
 from registry.services import model_version_register, registered_model_create
 from tenants.actors import Actor
@@ -210,6 +215,19 @@ def test_a_lost_replica_is_requeued_without_its_address(org):
     job.refresh_from_db()
     assert job.state == JobState.QUEUED and job.worker is None
     assert job.serve_address == "" and job.serve_ready_at is None
+
+
+def test_a_draining_machine_moves_its_replicas_and_lets_its_other_jobs_finish(org):
+    replica, _attempt = _running_replica(org, started_ago=5)
+    training = JobFactory(
+        organization=org, state=JobState.RUNNING, worker=replica.worker, attempt=1
+    )
+    assert replicas_move_off_draining() == 0
+    worker_set_status(worker=replica.worker, status="draining")
+    assert replicas_move_off_draining() == 1
+    replica.refresh_from_db()
+    training.refresh_from_db()
+    assert (replica.state, training.state) == (JobState.PREEMPTED, JobState.RUNNING)
 
 
 def test_only_the_current_attempt_of_a_running_replica_advertises_its_address(org):
