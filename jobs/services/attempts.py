@@ -179,6 +179,13 @@ def attempt_claim(*, job_id: int, attempt: int, worker_id: int) -> Job | None:
     return job
 
 
+def job_resume_words(job: Job) -> str:
+    """What a job back in the queue waits to do: a replica starts again, a job resumes."""
+    if job.kind == Job.Kind.SERVE:
+        return "serve again on a machine with a free slot"
+    return "resume from its checkpoint"
+
+
 def attempt_release(job: Job) -> None:
     """What an attempt held on its worker, let go as it ends (the caller saves the job): its
     slots, its lease, and a replica's address, so nothing routes to a server that is gone."""
@@ -285,7 +292,7 @@ def attempt_finish(
         job.transition_to(JobState.CANCELLED)
     else:
         job.transition_to(JobState.QUEUED)
-        job.waiting_reason = "preempted; waiting to resume from its checkpoint"
+        job.waiting_reason = f"preempted; waiting to {job_resume_words(job)}"
     if job.is_terminal:
         job.finished_at = now
         checkpoint_forget(job=job)

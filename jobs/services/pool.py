@@ -11,7 +11,13 @@ from django.utils import timezone
 
 from jobs.models import ACTIVE_STATES, Job, JobAttempt, JobState, ResourceClass, Worker
 
-from .attempts import attempt_bill, attempt_close, attempt_release, checkpoint_forget
+from .attempts import (
+    attempt_bill,
+    attempt_close,
+    attempt_release,
+    checkpoint_forget,
+    job_resume_words,
+)
 from .events import job_event
 from .ticks import tick_soon
 
@@ -139,7 +145,7 @@ def reap_lost(*, now=None) -> int:
             else:
                 job.transition_to(JobState.QUEUED)
                 job.waiting_reason = (
-                    f"{worker_name} stopped responding; waiting to resume from its checkpoint"
+                    f"{worker_name} stopped responding; waiting to {job_resume_words(job)}"
                 )
         if job.is_terminal:
             checkpoint_forget(job=job)

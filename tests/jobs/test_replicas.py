@@ -215,6 +215,7 @@ def test_a_lost_replica_is_requeued_without_its_address(org):
     job.refresh_from_db()
     assert job.state == JobState.QUEUED and job.worker is None
     assert job.serve_address == "" and job.serve_ready_at is None
+    assert job.waiting_reason.endswith("waiting to serve again on a machine with a free slot")
 
 
 def test_a_draining_machine_moves_its_replicas_and_lets_its_other_jobs_finish(org):
