@@ -365,7 +365,8 @@ class _Attempt:
         elif kind == "result":
             self.result = payload
         elif kind == "serving" and self.serving:
-            address = f"{settings.WORKER_SERVE_HOST}:{payload['port']}"
+            host = settings.WORKER_SERVE_HOST
+            address = f"[{host}]:{payload['port']}" if ":" in host else f"{host}:{payload['port']}"
             if attempt_serving(job_id=self.job.pk, attempt=self.attempt, address=address):
                 self.logs.append(("stdout", f"Serving at {address}."))
         elif kind == "log":
