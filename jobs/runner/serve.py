@@ -164,7 +164,9 @@ def serve(predictor: OnlinePredictor, options: dict[str, Any]) -> int:
     once uvicorn accepts connections on it."""
     import uvicorn
 
-    listener = socket.create_server((options["host"], 0), reuse_port=False)
+    host = options["host"]
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.create_server((host, 0), family=family)
     port = listener.getsockname()[1]
     app = ReplicaApp(
         predictor,
