@@ -211,6 +211,11 @@ class _Attempt:
 
     def _write_spec(self) -> None:
         dataset = self.job.input_dataset_version
+        for linked in (dataset, self.job.input_model_version):
+            # Admission checked this; a row written another way must still not hand one
+            # organization's files to another's job.
+            if linked is not None and linked.organization_id != self.job.organization_id:
+                raise InputMismatch(f"{linked} belongs to another organization.")
         if dataset is not None:  # a serve job reads none
             dataset_path = self.workdir / f"dataset.{dataset.format}"
             self._download_input(

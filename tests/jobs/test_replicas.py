@@ -17,6 +17,7 @@ from django.utils import timezone
 from billing.models import UsageRecord
 from jobs.models import TERMINAL_STATES, Job, JobAttempt, JobState, ResourceClass
 from jobs.recipes.tabular import TabularClassifier
+from jobs.runner.parent import run_attempt
 from jobs.samples.tabular import write_tabular_sample
 from jobs.selectors import job_cost_so_far
 from jobs.services import job_retry
@@ -242,6 +243,29 @@ def test_only_the_current_attempt_of_a_running_replica_advertises_its_address(or
     assert attempt_serving(job_id=job.pk, attempt=1, address="10.0.0.1:2") is True
     job.refresh_from_db()
     assert job.serve_address == "10.0.0.1:2" and job.serve_ready_at is not None
+
+
+def test_a_worker_refuses_a_replica_row_that_names_another_organizations_version(
+    org, other_org, stored_version
+):
+    """Defence in depth: a job row written past admission still gets no other tenant's files."""
+    worker = worker_register(name="cpu-defence", devices=[])
+    job = JobFactory(
+        organization=other_org,
+        kind=Job.Kind.SERVE,
+        input_dataset_version=None,
+        input_model_version=stored_version,
+        state=JobState.SCHEDULED,
+        attempt=1,
+        worker=worker,
+        max_runtime_s=0,
+        lease_expires_at=timezone.now() + timedelta(seconds=30),
+    )
+    JobAttempt.objects.create(organization=other_org, job=job, number=1, worker=worker)
+    assert run_attempt(job_id=job.pk, attempt=1, worker_id=worker.pk) == "failed"
+    job.refresh_from_db()
+    assert job.state == JobState.FAILED and "belongs to another organization" in job.failure_reason
+    assert job.serve_address == ""
 
 
 # On a real pool worker
