@@ -200,7 +200,7 @@ def _serve(
     predictor = recipe_cls.online_predictor(workdir / spec["model_dir"], device)
     if stop.is_set():  # stopped while loading: nothing was served, nothing to drain
         return EXIT_STOPPED
-    return serve(predictor, spec["serve"])
+    return serve(predictor, spec["serve"], stop)
 
 
 def _csv_dialect(stored: dict[str, Any] | None) -> CsvDialect | None:

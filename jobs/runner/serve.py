@@ -17,6 +17,7 @@ import json
 import math
 import socket
 import sys
+import threading
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -157,11 +158,12 @@ async def _answer(send, status: int, body: dict) -> None:
     await send({"type": "http.response.body", "body": payload})
 
 
-def serve(predictor: OnlinePredictor, options: dict[str, Any]) -> int:
+def serve(predictor: OnlinePredictor, options: dict[str, Any], stop: threading.Event) -> int:
     """Answer on a free port of `options["host"]` until SIGTERM, then drain; EXIT_STOPPED.
 
     The socket is bound here, so its port is known before uvicorn starts; @@serving is printed
-    once uvicorn accepts connections on it."""
+    once uvicorn accepts connections on it. `stop` is the child's own SIGTERM flag, for a signal
+    that came before uvicorn took SIGTERM over."""
     import uvicorn
 
     host = options["host"]
@@ -188,6 +190,8 @@ def serve(predictor: OnlinePredictor, options: dict[str, Any]) -> int:
     class _Server(uvicorn.Server):
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets=sockets)
+            if stop.is_set():
+                self.should_exit = True
             if not self.should_exit:
                 print(format_line("serving", {"port": port}), flush=True)
 
