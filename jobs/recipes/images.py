@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import abc
 import base64
-import binascii
 import csv
 import functools
 import json
@@ -290,7 +289,7 @@ def _online_image(item: Any, position: int) -> np.ndarray:
     encoded = online_input_object(item, position, "image", str, "the image file in base64")
     try:
         data = base64.b64decode(encoded, validate=True)
-    except binascii.Error as exc:
+    except ValueError as exc:  # binascii.Error, or characters that are not ASCII
         raise RecipeInputError(f"inputs[{position}].image is not valid base64.") from exc
     try:
         return decode_image(data)

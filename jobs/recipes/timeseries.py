@@ -356,6 +356,11 @@ class TimeSeriesForecaster(Recipe):
                 device=target,
             )
             forecasts = _forecast(model, architecture, points, starts).cpu().tolist()
+            for position, values in enumerate(forecasts):
+                if not all(map(math.isfinite, values)):
+                    raise RecipeInputError(
+                        f"inputs[{position}].history holds values too large to forecast."
+                    )
             return [{"forecast": values} for values in forecasts]
 
         return predict

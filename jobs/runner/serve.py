@@ -79,6 +79,7 @@ class ReplicaApp:
         loop = asyncio.get_running_loop()
         try:
             outputs = await loop.run_in_executor(self.executor, self.predictor, inputs)
+            json.dumps(outputs, allow_nan=False)  # what cannot be sent is the model's failure
         except RecipeInputError as exc:
             return 400, {"detail": str(exc)}
         except Exception:

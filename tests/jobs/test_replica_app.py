@@ -21,6 +21,8 @@ def _echo(inputs: list) -> list[dict]:
         raise RecipeInputError("inputs[0] is bad.")
     if any(item == "bug" for item in inputs):
         raise KeyError("weights.secret_layer")
+    if any(item == "nan" for item in inputs):
+        return [{"forecast": [float("nan")]}]
     return [{"label": str(item), "probabilities": {str(item): 1.0}} for item in inputs]
 
 
@@ -72,6 +74,8 @@ def test_a_models_complaint_is_400_and_its_bug_a_500_that_shows_no_code(capsys):
     assert bug.status_code == 500
     assert bug.json() == {"detail": "The model failed to answer these inputs."}
     assert "secret_layer" not in bug.text and "secret_layer" in capsys.readouterr().err
+    unsendable = _call("POST", "/predict", body=b'{"inputs": ["nan"]}', headers=AUTH)
+    assert unsendable.status_code == 500 and "detail" in unsendable.json()
 
 
 def test_health_and_unknown_routes():
