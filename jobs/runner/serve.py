@@ -26,6 +26,7 @@ from jobs.recipes.base import OnlinePredictor, RecipeInputError
 from jobs.runner.protocol import EXIT_STOPPED, format_line
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
+KEEP_ALIVE_S = 75
 
 
 class _Refused(Exception):
@@ -183,6 +184,9 @@ def serve(predictor: OnlinePredictor, options: dict[str, Any], stop: threading.E
         access_log=False,
         log_level="warning",
         timeout_graceful_shutdown=max(1, math.ceil(options["drain_s"])),
+        # Longer than a client pool keeps an idle connection (httpx: 5 s), so the client closes
+        # first and never sends a request down a connection the replica just closed.
+        timeout_keep_alive=KEEP_ALIVE_S,
         # The parent is the supervisor; uvicorn must not fork or reload.
         workers=None,
         reload=False,
