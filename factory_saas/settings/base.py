@@ -279,6 +279,8 @@ SPECTACULAR_SETTINGS = {
         "OrganizationStatusEnum": "tenants.models.OrganizationStatus",
         "InvitationStatusEnum": "tenants.models.Invitation.Status",
         "JobStateEnum": "jobs.models.JobState",
+        "KindEnum": "jobs.models.Job.Kind",
+        "SubmittedJobKindEnum": "jobs.api.serializers.SUBMITTED_KINDS",
         "SweepStateEnum": "jobs.models.Sweep.State",
         "SourceEnum": "registry.models.DatasetVersion.Source",
         "InvoiceSourceEnum": "billing.models.Invoice.Source",
