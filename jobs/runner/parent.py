@@ -26,12 +26,12 @@ from jobs.models import Job, JobState
 from jobs.services.attempts import (
     Report,
     StaleAttempt,
+    attempt_advertise,
     attempt_bill_running,
     attempt_checkpoint,
     attempt_claim,
     attempt_finish,
     attempt_report,
-    attempt_serving,
     attempt_state,
 )
 from jobs.services.replicas import replica_token
@@ -372,7 +372,7 @@ class _Attempt:
         elif kind == "serving" and self.serving:
             host = settings.WORKER_SERVE_HOST
             address = f"[{host}]:{payload['port']}" if ":" in host else f"{host}:{payload['port']}"
-            if attempt_serving(job_id=self.job.pk, attempt=self.attempt, address=address):
+            if attempt_advertise(job_id=self.job.pk, attempt=self.attempt, address=address):
                 self.logs.append(("stdout", f"Serving at {address}."))
         elif kind == "log":
             self.logs.append(("stdout", payload))

@@ -194,7 +194,7 @@ def attempt_release(job: Job) -> None:
 
 
 @transaction.atomic
-def attempt_serving(*, job_id: int, attempt: int, address: str) -> bool:
+def attempt_advertise(*, job_id: int, attempt: int, address: str) -> bool:
     """A serve job's server answers at `address` ("host:port"): record it, and when, for the
     web to route to. A job asked to stop meanwhile is not advertised; False then."""
     job = _locked(job_id, attempt)

@@ -23,9 +23,9 @@ from jobs.selectors import job_cost_so_far
 from jobs.services import job_retry
 from jobs.services.attempts import (
     StaleAttempt,
+    attempt_advertise,
     attempt_bill_running,
     attempt_finish,
-    attempt_serving,
 )
 from jobs.services.pool import (
     reap_lost,
@@ -236,11 +236,11 @@ def test_only_the_current_attempt_of_a_running_replica_advertises_its_address(or
     job, _attempt = _running_replica(org, started_ago=1)
     Job.objects.filter(pk=job.pk).update(serve_address="", serve_ready_at=None)
     with pytest.raises(StaleAttempt):
-        attempt_serving(job_id=job.pk, attempt=0, address="10.0.0.1:1")
+        attempt_advertise(job_id=job.pk, attempt=0, address="10.0.0.1:1")
     Job.objects.filter(pk=job.pk).update(state=JobState.CANCELLING)
-    assert attempt_serving(job_id=job.pk, attempt=1, address="10.0.0.1:1") is False
+    assert attempt_advertise(job_id=job.pk, attempt=1, address="10.0.0.1:1") is False
     Job.objects.filter(pk=job.pk).update(state=JobState.RUNNING)
-    assert attempt_serving(job_id=job.pk, attempt=1, address="10.0.0.1:2") is True
+    assert attempt_advertise(job_id=job.pk, attempt=1, address="10.0.0.1:2") is True
     job.refresh_from_db()
     assert job.serve_address == "10.0.0.1:2" and job.serve_ready_at is not None
 
