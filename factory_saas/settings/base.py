@@ -307,6 +307,8 @@ SERVE_DRAIN_S = env.float("SERVE_DRAIN_S", default=30.0)
 SERVE_BILLING_INTERVAL_S = env.float("SERVE_BILLING_INTERVAL_S", default=60.0)
 # The largest request body a replica reads (an image input is its file in base64).
 SERVE_MAX_BODY_BYTES = env.int("SERVE_MAX_BODY_BYTES", default=8 * 2**20)
+# A replica whose /healthz has not answered its worker for this long is killed (its attempt fails).
+SERVE_UNRESPONSIVE_S = env.float("SERVE_UNRESPONSIVE_S", default=30.0)
 # How long an attempt waits out an unreachable object store while fetching its inputs.
 JOB_STORAGE_RETRY_S = env.float("JOB_STORAGE_RETRY_S", default=120.0)
 # Objects no row refers to are deleted once older than this (a write in flight is younger).

@@ -56,3 +56,4 @@ if XDIST_WORKER:
 # Replicas in tests bill each second and drain quickly, so a test sees both within seconds.
 SERVE_BILLING_INTERVAL_S = env.float("SERVE_BILLING_INTERVAL_S", default=1.0)
 SERVE_DRAIN_S = env.float("SERVE_DRAIN_S", default=10.0)
+SERVE_UNRESPONSIVE_S = env.float("SERVE_UNRESPONSIVE_S", default=8.0)

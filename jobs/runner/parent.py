@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 from django.conf import settings
 from django.db import IntegrityError
 
@@ -124,6 +125,9 @@ class _Attempt:
         self.stderr_tail: list[str] = []
         self.result: dict | None = None
         self.serving = job.kind == Job.Kind.SERVE
+        # A replica's address once it serves, and when it last answered a health check.
+        self.address: str | None = None
+        self.answered_at = self.next_health_check = 0.0
 
     def run(self) -> str:
         try:
@@ -303,7 +307,7 @@ class _Attempt:
     def _supervise(self, child: subprocess.Popen) -> tuple[str, str]:
         started = time.monotonic()
         stop_deadline = None
-        over_time = False
+        over_time = unresponsive = False
         open_pipes = 2
         next_report = time.monotonic()
         next_bill = started + settings.SERVE_BILLING_INTERVAL_S
@@ -337,6 +341,9 @@ class _Attempt:
             if self.serving and now >= next_bill:
                 next_bill = now + settings.SERVE_BILLING_INTERVAL_S
                 attempt_bill_running(job_id=self.job.pk, attempt=self.attempt)
+            if stop_deadline is None and self._unresponsive(now):
+                unresponsive = True
+                stop_deadline = now  # hung: nothing to drain, killed at once
             if stop_deadline is not None and now > stop_deadline and child.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(child.pid, signal.SIGKILL)
@@ -344,6 +351,11 @@ class _Attempt:
         code = child.wait()
         if over_time:
             return "failed", f"Exceeded its maximum runtime of {self.job.max_runtime_s} s."
+        if unresponsive:
+            return "failed", (
+                f"The replica did not answer its health checks for "
+                f"{settings.SERVE_UNRESPONSIVE_S:g} s, so it was killed."
+            )
         if code == protocol.EXIT_OK and self.result is not None:
             return "succeeded", ""
         if code == protocol.EXIT_STOPPED or stop_deadline is not None:
@@ -356,6 +368,22 @@ class _Attempt:
         else:
             prefix = "Training failed"
         return "failed", f"{prefix}: {detail}"
+
+    def _unresponsive(self, now: float) -> bool:
+        """A replica's server answers /healthz, checked a few times per SERVE_UNRESPONSIVE_S:
+        True once it has not for that long (hung, or frozen), so that it is killed rather than
+        left holding its slot while the web's requests to it time out."""
+        if self.address is None or now < self.next_health_check:
+            return False
+        period = settings.SERVE_UNRESPONSIVE_S
+        self.next_health_check = now + max(0.5, period / 6)
+        try:
+            answered = httpx.get(f"http://{self.address}/healthz", timeout=min(2.0, period / 3))
+            if answered.status_code == 200:
+                self.answered_at = now
+        except httpx.HTTPError:
+            pass
+        return now - self.answered_at > period
 
     def _take(self, stream: str, line: str) -> None:
         if stream == "stderr":
@@ -374,6 +402,7 @@ class _Attempt:
             address = f"[{host}]:{payload['port']}" if ":" in host else f"{host}:{payload['port']}"
             if attempt_advertise(job_id=self.job.pk, attempt=self.attempt, address=address):
                 self.logs.append(("stdout", f"Serving at {address}."))
+                self.address, self.answered_at = address, time.monotonic()
         elif kind == "log":
             self.logs.append(("stdout", payload))
 

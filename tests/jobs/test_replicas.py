@@ -5,7 +5,10 @@ drained when stopped and placed again when their worker dies."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import subprocess
 import time
 from datetime import timedelta
 from decimal import Decimal
@@ -474,3 +477,36 @@ def test_a_replica_whose_worker_is_killed_is_placed_again_elsewhere_with_a_new_a
     assert [a.outcome for a in ran] == [JobAttempt.Outcome.LOST, JobAttempt.Outcome.ACTIVE]
     replica_job_stop(job=job, actor=Actor(user=owner), reason="test over")
     wait_for(lambda: _state(job) in TERMINAL_STATES, timeout=30, what="the replica to stop")
+
+
+def _child_of(pool, label: str) -> int:
+    ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True, check=True)
+    children = {
+        int(pid)
+        for pid, _, args in (line.strip().partition(" ") for line in ps.stdout.splitlines())
+        if "jobs.runner.child" in args
+    }
+    [child] = children & descendants(pool.processes[label].pid)
+    return child
+
+
+@e2e
+def test_a_replica_that_stops_answering_its_health_checks_is_killed(
+    pool, org, owner, served_version
+):
+    version, _rows = served_version
+    pool.start_worker("w1")
+    job = replica_job_submit(
+        organization=org, model_version=version, resource_class=_cpu(), actor=Actor(user=owner)
+    )
+    try:
+        wait_for(lambda: _ready(job), timeout=120, what="the replica to answer")
+    except AssertionError:
+        print(pool.logs())
+        raise
+    frozen = _child_of(pool, "w1")
+    os.kill(frozen, signal.SIGSTOP)  # hung: alive, its port open, answering nothing
+    wait_for(lambda: _state(job) in TERMINAL_STATES, timeout=60, what="the hung replica to end")
+    assert job.state == JobState.FAILED
+    assert "did not answer its health checks" in job.failure_reason
+    assert job.serve_address == "" and not alive({frozen})
