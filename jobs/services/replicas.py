@@ -12,6 +12,15 @@ The replica's HTTP contract (the web is its only client):
 Outputs per recipe: classifiers `{"label": str, "probabilities": {label: p}}`; the forecaster
 `{"forecast": [float, ...]}`. Feedback labels: the class (classifiers), the actual values
 (forecaster).
+
+Inputs per recipe (each recipe's `online_predictor`): tabular-classifier a row `{column: value}`
+(numbers, text, true/false or null as its input signature says; other keys ignored);
+image-classifier `{"image": "<base64 of a PNG, JPEG, GIF, BMP or WebP file>"}`; text-classifier
+`{"text": "..."}`; timeseries-forecaster `{"history": [value, ...], "series": "name"}`, the
+series' latest values in time order (at least the model's window; `series` optional). A body
+over SERVE_MAX_BODY_BYTES or with more inputs than ONLINE_PREDICTION_MAX_ROWS is a 413, a body
+that is not `{"inputs": [...]}` in plain JSON (no NaN) a 400; a model's own failure is a 500
+whose detail shows no code.
 """
 
 from __future__ import annotations
