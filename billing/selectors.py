@@ -10,7 +10,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 from django.conf import settings
-from django.db.models import F, Q, QuerySet, Sum
+from django.db.models import F, Max, Q, QuerySet, Sum
 from django.utils import timezone
 
 from tenants.models import Organization
@@ -103,6 +103,23 @@ def usage_latest_keyed(*, organization: Organization, key_prefix: str) -> UsageR
         .order_by("-created_at", "-pk")
         .first()
     )
+
+
+def usage_billed_through(*, source_type: str, attempts: dict[str, int]) -> dict[str, datetime]:
+    """For each source id and its attempt number, the end of the latest ledger row: how far an
+    attempt billed while it runs (a serving replica's) is billed already."""
+    if not attempts:
+        return {}
+    wanted = Q()
+    for source_id, attempt in attempts.items():
+        wanted |= Q(source_id=source_id, attempt=attempt)
+    rows = (
+        UsageRecord.objects.filter(source_type=source_type)
+        .filter(wanted)
+        .values("source_id")
+        .annotate(through=Max("period_end"))
+    )
+    return {row["source_id"]: row["through"] for row in rows}
 
 
 def credits_available(*, organization: Organization, at: datetime) -> int:

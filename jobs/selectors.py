@@ -10,7 +10,14 @@ from decimal import Decimal
 from django.db.models import Count, F, Max, Min, Prefetch, Q, QuerySet, Sum
 from django.utils import timezone
 
-from billing.selectors import gpu_resource, minor_per_unit, price_at, price_table, unit_price
+from billing.selectors import (
+    gpu_resource,
+    minor_per_unit,
+    price_at,
+    price_table,
+    unit_price,
+    usage_billed_through,
+)
 from tenants.models import Organization
 
 from .models import ACTIVE_STATES, Job, JobAttempt, JobState, ResourceClass, Worker
@@ -82,11 +89,19 @@ def job_costs_so_far(*, jobs: list[Job], now=None) -> dict[int, int]:
         )
         if attempt.number == active[attempt.job_id].attempt
     }
+    # A replica's running attempt is billed as it runs: cost_minor holds those parts already.
+    billed = usage_billed_through(
+        source_type="job_attempt",
+        attempts={
+            str(pk): active[pk].attempt for pk in started if active[pk].kind == Job.Kind.SERVE
+        },
+    )
     prices = price_table(resources={gpu_resource(active[pk].resource_class.name) for pk in started})
     now = now or timezone.now()
     for pk, started_at in started.items():
         job = active[pk]
-        seconds = Decimal(max(0.0, (now - started_at).total_seconds()))
+        since = max(started_at, billed.get(str(pk), started_at))
+        seconds = Decimal(max(0.0, (now - since).total_seconds()))
         price, currency = price_at(
             prices, resource=gpu_resource(job.resource_class.name), at=started_at
         )

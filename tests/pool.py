@@ -52,6 +52,11 @@ class Pool:
             "STORAGE_BACKEND": "local",
             "STORAGE_LOCAL_ROOT": str(tmp_path / "storage"),
             "WORKER_WORKDIR": str(tmp_path / "work"),
+            # Job children start in "/", so without this they would import whichever checkout
+            # the environment installed, not the one under test.
+            "PYTHONPATH": os.pathsep.join(
+                filter(None, [str(ROOT), inherited.get("PYTHONPATH", "")])
+            ),
         }
         self.processes: dict[str, subprocess.Popen] = {}
         self.suffix = uuid.uuid4().hex[:6]

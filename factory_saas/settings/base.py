@@ -176,6 +176,8 @@ STRIPE_PUSH_BUDGET_S = env.float("STRIPE_PUSH_BUDGET_S", default=8.0)
 # inference jobs serve them), and each process keeps at most this many bytes of loaded weights.
 ONLINE_PREDICTION_MAX_MODEL_BYTES = env.int("ONLINE_PREDICTION_MAX_MODEL_BYTES", default=16 * 2**20)
 ONLINE_PREDICTION_CACHE_BYTES = env.int("ONLINE_PREDICTION_CACHE_BYTES", default=128 * 2**20)
+# The most inputs one online prediction request carries (web and replicas alike).
+ONLINE_PREDICTION_MAX_ROWS = env.int("ONLINE_PREDICTION_MAX_ROWS", default=100)
 # How long a client's Idempotency-Key makes a repeated online prediction the first one's retry
 # (Stripe's 24 hours); after that the same key and rows are a new prediction, billed again.
 IDEMPOTENCY_WINDOW_S = env.int("IDEMPOTENCY_WINDOW_S", default=24 * 3600)
@@ -304,6 +306,8 @@ SPECTACULAR_SETTINGS = {
         "OrganizationStatusEnum": "tenants.models.OrganizationStatus",
         "InvitationStatusEnum": "tenants.models.Invitation.Status",
         "JobStateEnum": "jobs.models.JobState",
+        "KindEnum": "jobs.models.Job.Kind",
+        "SubmittedJobKindEnum": "jobs.api.serializers.SUBMITTED_KINDS",
         "SweepStateEnum": "jobs.models.Sweep.State",
         "SourceEnum": "registry.models.DatasetVersion.Source",
         "InvoiceSourceEnum": "billing.models.Invoice.Source",
@@ -321,6 +325,17 @@ WORKER_WORKDIR = env("WORKER_WORKDIR", default=str(BASE_DIR / "var" / "work"))
 JOB_MAX_LOST_ATTEMPTS = env.int("JOB_MAX_LOST_ATTEMPTS", default=3)
 JOB_CHECKPOINT_EVERY_S = env.float("JOB_CHECKPOINT_EVERY_S", default=60.0)
 JOB_STOP_GRACE_S = env.float("JOB_STOP_GRACE_S", default=3.0)
+# Serving replicas (serve jobs). Each answers on WORKER_SERVE_HOST at a free port; the default
+# keeps it on the machine (one-machine setups), and production sets the worker's advertised
+# address, the one the web reaches it at. Stopping one drains its requests in flight for up to
+# SERVE_DRAIN_S; a running one is billed every SERVE_BILLING_INTERVAL_S (the rest when it ends).
+WORKER_SERVE_HOST = env("WORKER_SERVE_HOST", default="127.0.0.1")
+SERVE_DRAIN_S = env.float("SERVE_DRAIN_S", default=30.0)
+SERVE_BILLING_INTERVAL_S = env.float("SERVE_BILLING_INTERVAL_S", default=60.0)
+# The largest request body a replica reads (an image input is its file in base64).
+SERVE_MAX_BODY_BYTES = env.int("SERVE_MAX_BODY_BYTES", default=8 * 2**20)
+# A replica whose /healthz has not answered its worker for this long is killed (its attempt fails).
+SERVE_UNRESPONSIVE_S = env.float("SERVE_UNRESPONSIVE_S", default=30.0)
 # How long an attempt waits out an unreachable object store while fetching its inputs.
 JOB_STORAGE_RETRY_S = env.float("JOB_STORAGE_RETRY_S", default=120.0)
 # Objects no row refers to are deleted once older than this (a write in flight is younger).

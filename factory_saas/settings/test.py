@@ -53,3 +53,7 @@ if XDIST_WORKER:
     WORKER_WORKDIR = env(
         "WORKER_WORKDIR", default=str(BASE_DIR / "var" / f"test-{XDIST_WORKER}" / "work")
     )
+# Replicas in tests bill each second and drain quickly, so a test sees both within seconds.
+SERVE_BILLING_INTERVAL_S = env.float("SERVE_BILLING_INTERVAL_S", default=1.0)
+SERVE_DRAIN_S = env.float("SERVE_DRAIN_S", default=10.0)
+SERVE_UNRESPONSIVE_S = env.float("SERVE_UNRESPONSIVE_S", default=8.0)

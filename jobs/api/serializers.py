@@ -14,8 +14,13 @@ class ModelRefSerializer(serializers.Serializer):
     version = serializers.CharField(help_text="A version number or an alias such as production.")
 
 
+# The kinds a tenant submits: replicas and evaluations are started by deployments and their
+# policies (serving), never through this API.
+SUBMITTED_KINDS = [(Job.Kind.TRAIN, Job.Kind.TRAIN.label), (Job.Kind.INFER, Job.Kind.INFER.label)]
+
+
 class JobSubmitSerializer(serializers.Serializer):
-    kind = serializers.ChoiceField(choices=Job.Kind.choices, default=Job.Kind.TRAIN)
+    kind = serializers.ChoiceField(choices=SUBMITTED_KINDS, default=Job.Kind.TRAIN)
     recipe = serializers.CharField(
         max_length=100, required=False, allow_blank=True, help_text="Required for training."
     )

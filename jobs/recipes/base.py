@@ -42,6 +42,36 @@ NO_PARAMETERS_SCHEMA: dict[str, Any] = {
 }
 
 
+OnlinePredictor = Callable[[list[Any]], list[dict[str, Any]]]
+
+
+def online_input_object(item: Any, position: int, key: str, kind: type, what: str) -> Any:
+    """`item[key]`, checked: the item is an object and the value of type `kind` (`what` in
+    words); RecipeInputError naming the item otherwise."""
+    if not isinstance(item, Mapping):
+        raise RecipeInputError(f'inputs[{position}] must be an object like {{"{key}": {what}}}.')
+    value = item.get(key)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise RecipeInputError(f"inputs[{position}].{key} must be {what}.")
+    return value
+
+
+def class_probabilities(classes: list[Any], probabilities: list[list[float]]) -> list[dict]:
+    """Classifier outputs: the most likely class (as text) and every class's probability."""
+    outputs = []
+    for row in probabilities:
+        best = max(range(len(row)), key=row.__getitem__)
+        outputs.append(
+            {
+                "label": str(classes[best]),
+                "probabilities": {
+                    str(label): float(p) for label, p in zip(classes, row, strict=True)
+                },
+            }
+        )
+    return outputs
+
+
 class RecipeParameterError(DomainError):
     code = "invalid_parameters"
     status = 400
@@ -75,6 +105,8 @@ class Recipe(abc.ABC):
     dataset_formats: ClassVar[tuple[str, ...]]
     # True when `train` works as one rank of several (ctx.world_size > 1); see `train`.
     distributed: ClassVar[bool] = False
+    # True when `online_predictor` serves the recipe's models (a deployment's replicas).
+    online: ClassVar[bool] = False
 
     @abc.abstractmethod
     def train(self, ctx: RecipeContext) -> RecipeResult | None:
@@ -113,6 +145,15 @@ class Recipe(abc.ABC):
         `predict_parameter_schema`.
         """
         raise NotImplementedError(f"Recipe {self.name!r} has no batch inference yet.")
+
+    @classmethod
+    def online_predictor(cls, model_dir: Path, device: str = "cpu") -> OnlinePredictor:
+        """Load the model in `model_dir` once and return what answers a replica's requests:
+        a list of JSON inputs -> one JSON output per input, in order (see
+        jobs/services/replicas.py for the shapes per kind of model). Inputs the model cannot
+        read raise RecipeInputError naming the item (`inputs[i]`), in words safe for the tenant.
+        The predictor is called from one thread at a time."""
+        raise NotImplementedError(f"Recipe {cls.name!r} does not serve online.")
 
 
 def validate_parameters(

@@ -20,6 +20,7 @@ functions, because the web process imports this module to validate parameters.
 from __future__ import annotations
 
 import abc
+import base64
 import csv
 import functools
 import json
@@ -35,10 +36,13 @@ from jobs.recipes.base import (
     CONFIG_FILENAME,
     PREDICTIONS_FILENAME,
     WEIGHTS_FILENAME,
+    OnlinePredictor,
     Recipe,
     RecipeContext,
     RecipeInputError,
     RecipeResult,
+    class_probabilities,
+    online_input_object,
 )
 from jobs.recipes.training import Trainer, autocast, derived_seed
 
@@ -64,6 +68,7 @@ class ImageClassifier(Recipe):
     version = "1.0"
     kind = "train"
     dataset_formats = ("image_folder_zip", "npz")
+    online = True
     parameter_schema = {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "Image classifier",
@@ -247,6 +252,49 @@ class ImageClassifier(Recipe):
             artifacts={PREDICTIONS_FILENAME: path.relative_to(ctx.workdir.resolve()).as_posix()},
             input_signature=model_input.input_signature(),
         )
+
+    @classmethod
+    def online_predictor(cls, model_dir: Path, device: str = "cpu") -> OnlinePredictor:
+        """Inputs are `{"image": base64 of an image file's bytes}` (any format and size the
+        datasets take; decoded by jobs.recipes.image_decode, which refuses images over its
+        pixel limit from the header); outputs `{"label": class, "probabilities": {class: p}}`."""
+        import torch
+
+        model, model_input = _load_model_dir(model_dir, torch.device(device))
+
+        def predict(inputs: list[Any]) -> list[dict[str, Any]]:
+            if not inputs:
+                return []
+            pixels = torch.cat(
+                [
+                    _to_model_pixels(
+                        _online_image(item, position)[None],
+                        model_input.channels,
+                        model_input.size,
+                    )
+                    for position, item in enumerate(inputs)
+                ]
+            )
+            logits = _logits(model, model_input.normalise(pixels, torch.device(device)))
+            probabilities = logits.double().softmax(dim=1).tolist()
+            return class_probabilities(model_input.classes, probabilities)
+
+        return predict
+
+
+def _online_image(item: Any, position: int) -> np.ndarray:
+    """The decoded pixels of one online input; RecipeInputError naming it when they cannot be."""
+    from jobs.recipes.image_decode import ImageDecodeError, decode_image
+
+    encoded = online_input_object(item, position, "image", str, "the image file in base64")
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except ValueError as exc:  # binascii.Error, or characters that are not ASCII
+        raise RecipeInputError(f"inputs[{position}].image is not valid base64.") from exc
+    try:
+        return decode_image(data)
+    except ImageDecodeError as exc:
+        raise RecipeInputError(f"inputs[{position}].image: {exc}") from exc
 
 
 def _refuse_several_processes(ctx: RecipeContext) -> None:
@@ -686,19 +734,24 @@ def _build_model(architecture: dict[str, Any]) -> nn.Sequential:
 
 def _load_model(ctx: RecipeContext) -> tuple[nn.Sequential, _ModelInput]:
     import torch
-    from safetensors.torch import load_file
 
     if ctx.model_dir is None:
         raise ValueError("evaluate and predict need ctx.model_dir, the trained model's artifacts.")
-    config = json.loads((ctx.model_dir / CONFIG_FILENAME).read_text(encoding="utf-8"))
+    return _load_model_dir(ctx.model_dir, torch.device(ctx.devices[0]))
+
+
+def _load_model_dir(model_dir: Path, device: torch.device) -> tuple[nn.Sequential, _ModelInput]:
+    from safetensors.torch import load_file
+
+    config = json.loads((model_dir / CONFIG_FILENAME).read_text(encoding="utf-8"))
     if config.get("recipe") != ImageClassifier.name:
         raise RecipeInputError(
             f"The model was trained by recipe {config.get('recipe')!r}, not "
             f"{ImageClassifier.name!r}; choose that recipe to use it."
         )
     model = _build_model(config["architecture"])
-    model.load_state_dict(load_file(ctx.model_dir / WEIGHTS_FILENAME))
-    model.to(torch.device(ctx.devices[0])).eval()
+    model.load_state_dict(load_file(model_dir / WEIGHTS_FILENAME))
+    model.to(device).eval()
     return model, _ModelInput.from_config(config)
 
 

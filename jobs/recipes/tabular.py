@@ -28,10 +28,12 @@ from jobs.recipes.base import (
     CONFIG_FILENAME,
     PREDICTIONS_FILENAME,
     WEIGHTS_FILENAME,
+    OnlinePredictor,
     Recipe,
     RecipeContext,
     RecipeInputError,
     RecipeResult,
+    class_probabilities,
 )
 from jobs.recipes.data import (
     Table,
@@ -63,6 +65,7 @@ class TabularClassifier(Recipe):
     kind = "train"
     dataset_formats = ("csv", "parquet")
     distributed = True
+    online = True
     parameter_schema = {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "Tabular classifier",
@@ -285,6 +288,29 @@ class TabularClassifier(Recipe):
         ctx.log(f"Predicted {rows} rows.")
         return RecipeResult({"rows": rows}, {PREDICTIONS_FILENAME: ctx.relative(path)}, {})
 
+    @classmethod
+    def online_predictor(cls, model_dir: Path, device: str = "cpu") -> OnlinePredictor:
+        """Inputs are rows, objects of column name to value as `predict_rows` takes them (None
+        a missing value); outputs `{"label": class, "probabilities": {class: p}}`."""
+        import torch
+
+        config = _model_config(model_dir)
+        preprocessing = Preprocessing.from_config(config)
+        target = torch.device(device)
+        model = _load_network(model_dir, config, target).eval()
+
+        def predict(inputs: list[Any]) -> list[dict[str, Any]]:
+            if not inputs:
+                return []
+            numeric_rows, categorical_rows = preprocessing.row_features(inputs, label="inputs")
+            numeric = torch.tensor(numeric_rows, dtype=torch.float32).reshape(len(inputs), -1)
+            categorical = torch.tensor(categorical_rows, dtype=torch.int64).reshape(len(inputs), -1)
+            logits = _predict_logits(model, numeric.to(target), categorical.to(target))
+            probabilities = logits.double().softmax(dim=1).tolist()
+            return class_probabilities(preprocessing.classes, probabilities)
+
+        return predict
+
 
 def predict_rows(
     config: dict[str, Any], weights: Mapping[str, np.ndarray], rows: Sequence[Any]
@@ -454,9 +480,12 @@ class Preprocessing:
             _matrix(categorical, len(rows), torch.int64),
         )
 
-    def row_features(self, rows: Sequence[Any]) -> tuple[list[list[float]], list[list[int]]]:
+    def row_features(
+        self, rows: Sequence[Any], *, label: str = "rows"
+    ) -> tuple[list[list[float]], list[list[int]]]:
         """(numbers, vocabulary indices) per row of `rows`, objects of column name to value as
-        an API client sends them, each checked against the column's type."""
+        an API client sends them, each checked against the column's type; errors name a row
+        `<label>[i]`, as the client's request calls the list."""
         indices = {
             spec["name"]: _vocabulary_index(spec)
             for spec in self.columns
@@ -465,10 +494,10 @@ class Preprocessing:
         numeric, categorical = [], []
         for position, row in enumerate(rows):
             if not isinstance(row, Mapping):
-                raise RecipeInputError(f"rows[{position}] must be an object of column values.")
+                raise RecipeInputError(f"{label}[{position}] must be an object of column values.")
             numbers, positions = [], []
             for spec in self.columns:
-                value = _row_value(row, position, spec)
+                value = _row_value(row, f"{label}[{position}]", spec)
                 if spec["encoding"] == "standardize":
                     numbers.append(_standardized(spec, value))
                 else:
@@ -597,12 +626,12 @@ def _load_network(model_dir: Path, config: dict[str, Any], device: torch.device)
     return model.to(device)
 
 
-def _row_value(row: Mapping[str, Any], position: int, spec: dict[str, Any]) -> Any:
+def _row_value(row: Mapping[str, Any], where: str, spec: dict[str, Any]) -> Any:
     """The row's value for the column of `spec`, None when missing; RecipeInputError when the
     row lacks the column or its value is of another type."""
     name = spec["name"]
     if name not in row:
-        raise RecipeInputError(f"rows[{position}] has no column {name!r}.")
+        raise RecipeInputError(f"{where} has no column {name!r}.")
     value = row[name]
     if value is None:
         return None
@@ -615,8 +644,7 @@ def _row_value(row: Mapping[str, Any], position: int, spec: dict[str, Any]) -> A
         expected = "a number"
     if not fits:
         raise RecipeInputError(
-            f"rows[{position}], column {name!r}: expected {expected}, "
-            f"got {json.dumps(value, default=str)}."
+            f"{where}, column {name!r}: expected {expected}, got {json.dumps(value, default=str)}."
         )
     return value
 

@@ -27,10 +27,13 @@ from jobs.recipes.base import (
     CONFIG_FILENAME,
     PREDICTIONS_FILENAME,
     WEIGHTS_FILENAME,
+    OnlinePredictor,
     Recipe,
     RecipeContext,
     RecipeInputError,
     RecipeResult,
+    class_probabilities,
+    online_input_object,
 )
 from jobs.recipes.data import NULL_MARKERS, csv_chunks, dataset_row_count
 from jobs.recipes.training import Trainer, autocast, derived_seed
@@ -61,6 +64,7 @@ class TextClassifier(Recipe):
     version = "1.0"
     kind = "train"
     dataset_formats = ("csv", "parquet")
+    online = True
     parameter_schema = {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "Text classifier",
@@ -349,6 +353,27 @@ class TextClassifier(Recipe):
         ctx.log(f"Predicted {rows} rows.")
         relative = path.resolve().relative_to(ctx.workdir.resolve()).as_posix()
         return RecipeResult({"rows": rows}, {PREDICTIONS_FILENAME: relative}, {})
+
+    @classmethod
+    def online_predictor(cls, model_dir: Path, device: str = "cpu") -> OnlinePredictor:
+        """Inputs are `{"text": "..."}`, tokenized as the training text was; outputs
+        `{"label": class, "probabilities": {class: p}}`."""
+        import torch
+
+        model, config, tokenizer, target = _load_model_dir(model_dir, torch.device(device))
+
+        def predict(inputs: list[Any]) -> list[dict[str, Any]]:
+            if not inputs:
+                return []
+            ids = [
+                tokenizer.ids(online_input_object(item, position, "text", str, "text"))
+                for position, item in enumerate(inputs)
+            ]
+            logits = _logits(model, config["architecture"], Encoded.of(ids).to(target))
+            probabilities = torch.softmax(logits.double(), dim=1).tolist()
+            return class_probabilities(config["classes"], probabilities)
+
+        return predict
 
 
 def _require_new_single_process_run(ctx: RecipeContext) -> None:
@@ -653,17 +678,23 @@ def _load_model(
     ctx: RecipeContext,
 ) -> tuple[nn.ModuleDict, dict[str, Any], Tokenizer, torch.device]:
     import torch
-    from safetensors.torch import load_file
 
     if ctx.model_dir is None:
         raise ValueError("Evaluation and prediction need ctx.model_dir, the trained model.")
-    config = json.loads((ctx.model_dir / CONFIG_FILENAME).read_text(encoding="utf-8"))
+    return _load_model_dir(ctx.model_dir, torch.device(ctx.devices[0]))
+
+
+def _load_model_dir(
+    model_dir: Path, device: torch.device
+) -> tuple[nn.ModuleDict, dict[str, Any], Tokenizer, torch.device]:
+    from safetensors.torch import load_file
+
+    config = json.loads((model_dir / CONFIG_FILENAME).read_text(encoding="utf-8"))
     if config.get("recipe") != TextClassifier.name or config.get("tokenizer") != TOKENIZER:
         raise RecipeInputError("The model was not trained by this version of the text classifier.")
     architecture = config["architecture"]
-    device = torch.device(ctx.devices[0])
     model = _build_model(architecture)
-    model.load_state_dict(load_file(ctx.model_dir / WEIGHTS_FILENAME))
+    model.load_state_dict(load_file(model_dir / WEIGHTS_FILENAME))
     model.to(device)
     tokenizer = Tokenizer(config["vocabulary"], architecture["max_length"])
     return model, config, tokenizer, device

@@ -29,10 +29,12 @@ from jobs.recipes.base import (
     CONFIG_FILENAME,
     PREDICTIONS_FILENAME,
     WEIGHTS_FILENAME,
+    OnlinePredictor,
     Recipe,
     RecipeContext,
     RecipeInputError,
     RecipeResult,
+    online_input_object,
 )
 from jobs.recipes.data import NULL_MARKERS, csv_chunks, dataset_row_count
 from jobs.recipes.training import Trainer, derived_seed
@@ -54,6 +56,7 @@ class TimeSeriesForecaster(Recipe):
     version = "1.0"
     kind = "train"
     dataset_formats = ("csv", "parquet")
+    online = True
     parameter_schema = {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "Time-series forecaster",
@@ -321,6 +324,67 @@ class TimeSeriesForecaster(Recipe):
         return RecipeResult(
             {"rows": rows, "series": len(series)}, {PREDICTIONS_FILENAME: relative}, {}
         )
+
+    @classmethod
+    def online_predictor(cls, model_dir: Path, device: str = "cpu") -> OnlinePredictor:
+        """Inputs are `{"history": [value, ...], "series": "name"}`: a series' latest values in
+        time order, at least the model's window of them (the window last are read), and, when
+        the model was trained on several series, which one (optional: a series it was not
+        trained on is scaled by its own history, as batch prediction does). Outputs
+        `{"forecast": [value, ...]}`, the next `horizon` values."""
+        import torch
+
+        model, config, target = _load_model_dir(model_dir, torch.device(device))
+        architecture = config["architecture"]
+        scaling = {known["series"]: (known["mean"], known["std"]) for known in config["series"]}
+
+        def predict(inputs: list[Any]) -> list[dict[str, Any]]:
+            if not inputs:
+                return []
+            series = [
+                _online_series(item, position, architecture["window"])
+                for position, item in enumerate(inputs)
+            ]
+            stats = [scaling.get(one.key) or _mean_std(one.values) for one in series]
+            points = Points.of(series, stats).to(target)
+            starts = torch.tensor(
+                [
+                    offset + len(one) - architecture["window"]
+                    for offset, one in zip(points.offsets, series, strict=True)
+                ],
+                dtype=torch.int64,
+                device=target,
+            )
+            forecasts = _forecast(model, architecture, points, starts).cpu().tolist()
+            for position, values in enumerate(forecasts):
+                if not all(map(math.isfinite, values)):
+                    raise RecipeInputError(
+                        f"inputs[{position}].history holds values too large to forecast."
+                    )
+            return [{"forecast": values} for values in forecasts]
+
+        return predict
+
+
+def _online_series(item: Any, position: int, window: int) -> Series:
+    """One online input as a Series of its history (no timestamps: the values are in order);
+    RecipeInputError naming the input when it is not one."""
+    values = online_input_object(item, position, "history", list, "a list of numbers")
+    if len(values) < window:
+        raise RecipeInputError(
+            f"inputs[{position}].history has {len(values)} values; the model reads the last "
+            f"{window}."
+        )
+    if not all(
+        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        for value in values
+    ):
+        raise RecipeInputError(f"inputs[{position}].history must hold only finite numbers.")
+    key = item.get("series")
+    if key is not None and not isinstance(key, str):
+        raise RecipeInputError(f"inputs[{position}].series must be text, the series' name.")
+    recent = [float(value) for value in values[-window:]]
+    return Series(key, list(range(len(recent))), recent, aware=False)
 
 
 @dataclass(frozen=True)
@@ -808,16 +872,22 @@ def _errors(predicted: torch.Tensor, actual: torch.Tensor) -> dict[str, float | 
 
 def _load_model(ctx: RecipeContext) -> tuple[nn.ModuleDict, dict[str, Any], torch.device]:
     import torch
-    from safetensors.torch import load_file
 
     if ctx.model_dir is None:
         raise ValueError("Evaluation and prediction need ctx.model_dir, the trained model.")
-    config = json.loads((ctx.model_dir / CONFIG_FILENAME).read_text(encoding="utf-8"))
+    return _load_model_dir(ctx.model_dir, torch.device(ctx.devices[0]))
+
+
+def _load_model_dir(
+    model_dir: Path, device: torch.device
+) -> tuple[nn.ModuleDict, dict[str, Any], torch.device]:
+    from safetensors.torch import load_file
+
+    config = json.loads((model_dir / CONFIG_FILENAME).read_text(encoding="utf-8"))
     if config.get("recipe") != TimeSeriesForecaster.name:
         raise RecipeInputError("The model was not trained by the time-series forecaster.")
-    device = torch.device(ctx.devices[0])
     model = _build_model(config["architecture"])
-    model.load_state_dict(load_file(ctx.model_dir / WEIGHTS_FILENAME))
+    model.load_state_dict(load_file(model_dir / WEIGHTS_FILENAME))
     model.to(device)
     return model, config, device
 

@@ -101,6 +101,8 @@ def _guarded(run: Callable[[], int], *, report_input_errors: bool = True) -> int
 
 def _run(workdir: Path, stop: threading.Event) -> int:
     spec, recipe_cls, parameters = _checked_request(workdir)
+    if spec["task"] == "serve":
+        return _serve(workdir, spec, recipe_cls, stop)
     if spec["processes"] > 1 and spec["task"] == "train":
         return _supervise_ranks(workdir, spec["processes"], stop)
     return _execute(workdir, spec, recipe_cls, parameters, stop)
@@ -110,6 +112,10 @@ def _checked_request(workdir: Path) -> tuple[dict[str, Any], type[Recipe], dict[
     """The spec, the recipe and the resolved parameters, after the checks that need no torch."""
     spec = read_spec(workdir)
     recipe_cls = get_recipe(spec["recipe"])
+    if spec["task"] == "serve":
+        if not recipe_cls.online:
+            raise RecipeInputError(f"Recipe {recipe_cls.name!r} does not serve online.")
+        return spec, recipe_cls, {}
     parameters = validate_parameters(recipe_cls, spec["parameters"], task=spec["task"])
     dataset_format = spec["dataset"]["format"]
     if dataset_format not in recipe_cls.dataset_formats:
@@ -185,6 +191,21 @@ def _execute(
     }
     ctx.emit(format_line("result", payload))
     return EXIT_OK
+
+
+def _serve(
+    workdir: Path, spec: dict[str, Any], recipe_cls: type[Recipe], stop: threading.Event
+) -> int:
+    """Load the model once, then answer HTTP until SIGTERM (jobs.runner.serve)."""
+    import torch
+
+    from jobs.runner.serve import serve
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    predictor = recipe_cls.online_predictor(workdir / spec["model_dir"], device)
+    if stop.is_set():  # stopped while loading: nothing was served, nothing to drain
+        return EXIT_STOPPED
+    return serve(predictor, spec["serve"], stop)
 
 
 def _csv_dialect(stored: dict[str, Any] | None) -> CsvDialect | None:

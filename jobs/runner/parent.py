@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 from django.conf import settings
 from django.db import IntegrityError
 
@@ -26,12 +27,15 @@ from jobs.models import Job, JobState
 from jobs.services.attempts import (
     Report,
     StaleAttempt,
+    attempt_advertise,
+    attempt_bill_running,
     attempt_checkpoint,
     attempt_claim,
     attempt_finish,
     attempt_report,
     attempt_state,
 )
+from jobs.services.replicas import replica_token
 from registry.models import Dataset, DatasetVersion, RegisteredModel
 from registry.services import (
     dataset_create,
@@ -56,6 +60,13 @@ from .isolation import ChildFileRefused, attempt_folder_create, child_file_open,
 logger = logging.getLogger(__name__)
 
 REPORT_EVERY_S = 0.5
+# The child's task for each kind of job (protocol.TASKS).
+TASKS = {
+    Job.Kind.TRAIN: "train",
+    Job.Kind.INFER: "predict",
+    Job.Kind.SERVE: "serve",
+    Job.Kind.EVALUATE: "evaluate",
+}
 MAX_FAILURE_LINES = 20
 STOPPED = "Stopped on request."
 
@@ -115,6 +126,10 @@ class _Attempt:
         self.metrics: list[dict] = []
         self.stderr_tail: list[str] = []
         self.result: dict | None = None
+        self.serving = job.kind == Job.Kind.SERVE
+        # A replica's address once it serves, and when it last answered a health check.
+        self.address: str | None = None
+        self.answered_at = self.next_health_check = 0.0
 
     def run(self) -> str:
         try:
@@ -202,14 +217,20 @@ class _Attempt:
 
     def _write_spec(self) -> None:
         dataset = self.job.input_dataset_version
-        dataset_path = self.workdir / f"dataset.{dataset.format}"
-        self._download_input(
-            f"input dataset {dataset.dataset.name} v{dataset.number}",
-            key=dataset.storage_key,
-            size=dataset.size_bytes,
-            sha256=dataset.sha256,
-            target=dataset_path,
-        )
+        for linked in (dataset, self.job.input_model_version):
+            # Admission checked this; a row written another way must still not hand one
+            # organization's files to another's job.
+            if linked is not None and linked.organization_id != self.job.organization_id:
+                raise InputMismatch(f"{linked} belongs to another organization.")
+        if dataset is not None:  # a serve job reads none
+            dataset_path = self.workdir / f"dataset.{dataset.format}"
+            self._download_input(
+                f"input dataset {dataset.dataset.name} v{dataset.number}",
+                key=dataset.storage_key,
+                size=dataset.size_bytes,
+                sha256=dataset.sha256,
+                target=dataset_path,
+            )
         resume_from = None
         if self.job.checkpoint_key:
             # Written by the platform alone and never recorded with a checksum; torch reads it
@@ -232,20 +253,13 @@ class _Attempt:
         (self.workdir / "output").mkdir()
         (self.workdir / "checkpoints").mkdir()
         gpus = self.job.gpu_count if self.job.resource_class.name != "cpu" else 1
-        task = {Job.Kind.INFER: "predict", Job.Kind.EVALUATE: "evaluate"}.get(
-            self.job.kind, "train"
-        )
+        task = TASKS[self.job.kind]
         spec = {
             "task": task,
             "model_dir": model_dir,
             "processes": gpus,
             "recipe": self.job.recipe,
             "parameters": self.job.parameters,
-            "dataset": {
-                "path": str(dataset_path),
-                "format": dataset.format,
-                "csv_dialect": dataset.csv_dialect,
-            },
             "resume_from": resume_from,
             "output_dir": "output",
             "checkpoint_dir": "checkpoints",
@@ -255,6 +269,21 @@ class _Attempt:
         }
         if task == "evaluate":
             spec.update(evaluation_stage(self.job, self.workdir, self._download_input))
+        if dataset is not None:
+            spec["dataset"] = {
+                "path": str(dataset_path),
+                "format": dataset.format,
+                "csv_dialect": dataset.csv_dialect,
+            }
+        if self.serving:
+            spec["serve"] = {
+                "host": settings.WORKER_SERVE_HOST,
+                # Derived for this attempt: the only secret the child gets.
+                "token": replica_token(self.job.pk, self.attempt),
+                "max_items": settings.ONLINE_PREDICTION_MAX_ROWS,
+                "max_body_bytes": settings.SERVE_MAX_BODY_BYTES,
+                "drain_s": settings.SERVE_DRAIN_S,
+            }
         protocol.write_spec(self.workdir, spec)
 
     def _start(self) -> subprocess.Popen:
@@ -283,9 +312,12 @@ class _Attempt:
     def _supervise(self, child: subprocess.Popen) -> tuple[str, str]:
         started = time.monotonic()
         stop_deadline = None
-        over_time = False
+        over_time = unresponsive = False
         open_pipes = 2
         next_report = time.monotonic()
+        next_bill = started + settings.SERVE_BILLING_INTERVAL_S
+        # A replica answers its requests in flight before it exits; a job only checkpoints.
+        grace = settings.JOB_STOP_GRACE_S + (settings.SERVE_DRAIN_S if self.serving else 0)
         while open_pipes or child.poll() is None:
             try:
                 item = self.lines.get(timeout=0.1)
@@ -301,11 +333,22 @@ class _Attempt:
                 state = self._flush()
                 if stop_deadline is None and state in (JobState.CANCELLING, JobState.PREEMPTED):
                     child.send_signal(signal.SIGTERM)
-                    stop_deadline = now + settings.JOB_STOP_GRACE_S
-                if stop_deadline is None and now - started > self.job.max_runtime_s:
+                    stop_deadline = now + grace
+                # max_runtime_s 0: no limit (a replica serves until it is stopped).
+                if (
+                    stop_deadline is None
+                    and self.job.max_runtime_s
+                    and now - started > self.job.max_runtime_s
+                ):
                     over_time = True
                     child.send_signal(signal.SIGTERM)
-                    stop_deadline = now + settings.JOB_STOP_GRACE_S
+                    stop_deadline = now + grace
+            if self.serving and now >= next_bill:
+                next_bill = now + settings.SERVE_BILLING_INTERVAL_S
+                attempt_bill_running(job_id=self.job.pk, attempt=self.attempt)
+            if stop_deadline is None and self._unresponsive(now):
+                unresponsive = True
+                stop_deadline = now  # hung: nothing to drain, killed at once
             if stop_deadline is not None and now > stop_deadline and child.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(child.pid, signal.SIGKILL)
@@ -313,17 +356,39 @@ class _Attempt:
         code = child.wait()
         if over_time:
             return "failed", f"Exceeded its maximum runtime of {self.job.max_runtime_s} s."
+        if unresponsive:
+            return "failed", (
+                f"The replica did not answer its health checks for "
+                f"{settings.SERVE_UNRESPONSIVE_S:g} s, so it was killed."
+            )
         if code == protocol.EXIT_OK and self.result is not None:
             return "succeeded", ""
         if code == protocol.EXIT_STOPPED or stop_deadline is not None:
             return "stopped", STOPPED
         detail = "\n".join(self.stderr_tail[-MAX_FAILURE_LINES:]) or f"exit code {code}"
-        prefix = (
-            "The input or parameters were rejected"
-            if code == protocol.EXIT_BAD_INPUT
-            else "Training failed"
-        )
+        if code == protocol.EXIT_BAD_INPUT:
+            prefix = "The input or parameters were rejected"
+        elif self.serving:
+            prefix = "The replica stopped unasked"
+        else:
+            prefix = "Training failed"
         return "failed", f"{prefix}: {detail}"
+
+    def _unresponsive(self, now: float) -> bool:
+        """A replica's server answers /healthz, checked a few times per SERVE_UNRESPONSIVE_S:
+        True once it has not for that long (hung, or frozen), so that it is killed rather than
+        left holding its slot while the web's requests to it time out."""
+        if self.address is None or now < self.next_health_check:
+            return False
+        period = settings.SERVE_UNRESPONSIVE_S
+        self.next_health_check = now + max(0.5, period / 6)
+        try:
+            answered = httpx.get(f"http://{self.address}/healthz", timeout=min(2.0, period / 3))
+            if answered.status_code == 200:
+                self.answered_at = now
+        except httpx.HTTPError:
+            pass
+        return now - self.answered_at > period
 
     def _take(self, stream: str, line: str) -> None:
         if stream == "stderr":
@@ -337,6 +402,12 @@ class _Attempt:
             self._checkpoint(payload)
         elif kind == "result":
             self.result = payload
+        elif kind == "serving" and self.serving:
+            host = settings.WORKER_SERVE_HOST
+            address = f"[{host}]:{payload['port']}" if ":" in host else f"{host}:{payload['port']}"
+            if attempt_advertise(job_id=self.job.pk, attempt=self.attempt, address=address):
+                self.logs.append(("stdout", f"Serving at {address}."))
+                self.address, self.answered_at = address, time.monotonic()
         elif kind == "log":
             self.logs.append(("stdout", payload))
 

@@ -6,7 +6,7 @@ Both sides import this module, so it imports neither torch nor Django.
 The parent prepares a working directory, puts the inputs in it and writes `spec.json`:
 
     {
-      "task": "train" | "predict" | "evaluate",  # optional, default "train"
+      "task": "train" | "predict" | "serve" | "evaluate",  # optional, default "train"
       "recipe": "tabular-classifier",           # a name from jobs.recipes.catalog
       "parameters": {...},                       # validated (and defaults filled) by the child
       "dataset": {"path": "data.csv", "format": "csv" | "parquet",
@@ -20,7 +20,9 @@ The parent prepares a working directory, puts the inputs in it and writes `spec.
       "max_runtime_s": 3600.0 | null,            # the child stops itself, as on SIGTERM, after
                                                  # this many seconds of its own run
       "processes": 1,                            # optional, default 1: data-parallel processes
-      "chunk_rows": 10000                        # optional, default 10000: rows read at a time
+      "chunk_rows": 10000,                       # optional, default 10000: rows read at a time
+      "serve": {"host": "127.0.0.1", "token": "...", "max_items": 100,
+                "max_body_bytes": 8388608, "drain_s": 30.0}   # task "serve" only
     }
 
 Input paths (dataset, model_dir, resume_from) are absolute or relative to the working directory;
@@ -38,6 +40,17 @@ time, so memory stays flat whatever its size. `model_dir` holds a model version'
 
 `task` "evaluate" scores the model in `model_dir` against a second one on a held-out split, for
 serving's gate; its inputs, result and coverage are in jobs.runner.evaluate.
+
+`task` "serve" runs a replica: `model_dir` is required, `dataset` and `resume_from` are left out
+(null), and the child loads the model once, through the recipe's `online_predictor`, and answers
+HTTP on `serve.host` at a free port until SIGTERM (jobs.runner.serve has the requests it takes).
+`serve.token` is the bearer token requests must carry: derived for this attempt, the only secret
+the child holds. Once it accepts connections it prints
+
+    @@serving {"port": 8123}
+
+and on SIGTERM it stops accepting, answers the requests in flight (for at most `drain_s`
+seconds), then exits EXIT_STOPPED. `max_runtime_s` does not apply to it.
 
 `processes` > 1 trains data-parallel with torch.distributed, one process per GPU (`cuda:<rank>`
 within CUDA_VISIBLE_DEVICES, which must show at least that many), or that many CPU processes when
@@ -90,7 +103,7 @@ EXIT_FAILED = 1  # an unexpected error; the traceback is on stderr
 EXIT_BAD_INPUT = 2  # the parameters or the data cannot be trained on; the reason is on stderr
 EXIT_STOPPED = 3  # SIGTERM or max_runtime_s; a checkpoint was printed first when there was one
 
-TASKS = ("train", "predict", "evaluate")
+TASKS = ("train", "predict", "serve", "evaluate")
 MAX_PROCESSES = 64  # the most GPUs a job may ask for
 # Rows a streaming reader holds at once: tens of MB of Python values for a wide table.
 DEFAULT_CHUNK_ROWS = 10_000
@@ -159,8 +172,20 @@ SPEC_SCHEMA = _object(
             },
             required=["champion_model_dir", "split_seed"],
         ),
+        "serve": {
+            "type": ["object", "null"],
+            "properties": {
+                "host": {"type": "string", "minLength": 1},
+                "token": {"type": "string", "minLength": 32},
+                "max_items": {"type": "integer", "minimum": 1},
+                "max_body_bytes": {"type": "integer", "minimum": 1},
+                "drain_s": {"type": "number", "minimum": 0},
+            },
+            "required": ["host", "token", "max_items", "max_body_bytes", "drain_s"],
+            "additionalProperties": False,
+        },
     },
-    required=["recipe", "parameters", "dataset", "output_dir", "checkpoint_dir", "seed"],
+    required=["recipe", "parameters", "output_dir", "checkpoint_dir", "seed"],
 )
 SPEC_DEFAULTS = {
     "task": "train",
@@ -170,6 +195,8 @@ SPEC_DEFAULTS = {
     "max_runtime_s": None,
     "processes": 1,
     "chunk_rows": DEFAULT_CHUNK_ROWS,
+    "dataset": None,
+    "serve": None,
 }
 
 LINE_SCHEMAS = {
@@ -182,6 +209,7 @@ LINE_SCHEMAS = {
         }
     ),
     "checkpoint": _object({"path": _RELATIVE_PATH, "step": _STEP}),
+    "serving": _object({"port": {"type": "integer", "minimum": 1, "maximum": 65535}}),
     "progress": _object(
         {"step": _STEP, "total": {"type": ["integer", "null"], "minimum": 0}, "epoch": _STEP}
     ),
@@ -265,14 +293,21 @@ def _check_spec(spec: Any) -> None:
     if error is not None:
         where = ".".join(str(part) for part in error.absolute_path) or "the spec"
         raise SpecError(f"{SPEC_FILENAME}: {where}: {error.message}")
-    if spec.get("task") == "evaluate" and (
-        spec.get("model_dir") is None or spec.get("evaluate") is None
-    ):
+    task = spec.get("task", "train")
+    if task == "serve":
+        if spec.get("model_dir") is None or spec.get("serve") is None:
+            raise SpecError(f"{SPEC_FILENAME}: a serve task needs model_dir and serve.")
+        if spec.get("resume_from") is not None:
+            raise SpecError(f"{SPEC_FILENAME}: a serve task does not resume; resume_from is set.")
+        return
+    if spec.get("dataset") is None:
+        raise SpecError(f"{SPEC_FILENAME}: the spec: 'dataset' is a required property")
+    if task == "evaluate" and (spec.get("model_dir") is None or spec.get("evaluate") is None):
         raise SpecError(
             f"{SPEC_FILENAME}: an evaluate task needs model_dir (the challenger) and evaluate "
             "(the champion and the split)."
         )
-    if spec.get("task") == "predict":
+    if task == "predict":
         if spec.get("model_dir") is None:
             raise SpecError(f"{SPEC_FILENAME}: a predict task needs model_dir, the model to run.")
         if spec.get("resume_from") is not None:

@@ -12,7 +12,7 @@ from django.utils import timezone
 from jobs.models import Job, JobAttempt, JobState, Worker
 from jobs.services.attempts import lease_deadline
 from jobs.services.events import job_event
-from jobs.services.pool import job_preempt, reap_lost
+from jobs.services.pool import job_preempt, reap_lost, replicas_move_off_draining
 from jobs.services.sweeps import sweeps_progress
 
 from . import schedule
@@ -48,6 +48,7 @@ def scheduler_pass() -> Decisions | None:
             return None
         now = timezone.now()
         reap_lost(now=now)
+        replicas_move_off_draining()
         snapshot, current = snapshot_load(now=now)
         decisions = schedule(snapshot)
         dispatches = decisions_apply(decisions=decisions, current=current)

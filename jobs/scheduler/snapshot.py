@@ -24,6 +24,15 @@ from .types import Quota as QuotaSpec
 STOPPING_PRIORITY = -(10**9)
 
 
+# A job without a maximum runtime (a serving replica, max_runtime_s 0) is expected to hold its
+# slots this long: reservations and backfill never count on it ending.
+UNBOUNDED_RUNTIME_S = 10 * 365 * 24 * 3600.0
+
+
+def _expected_runtime(max_runtime_s: int) -> float:
+    return float(max_runtime_s) if max_runtime_s else UNBOUNDED_RUNTIME_S
+
+
 def _epoch(moment: datetime) -> float:
     return moment.timestamp()
 
@@ -64,7 +73,7 @@ def snapshot_load(*, now: datetime) -> tuple[Snapshot, dict[int, tuple[str, int 
                 machine_id=job["worker_id"],
                 priority=STOPPING_PRIORITY if job["state"] in stopping else job["priority"],
                 started_at=start,
-                expected_end=start + job["max_runtime_s"],
+                expected_end=start + _expected_runtime(job["max_runtime_s"]),
             )
         )
     machines = tuple(
@@ -91,7 +100,7 @@ def snapshot_load(*, now: datetime) -> tuple[Snapshot, dict[int, tuple[str, int 
             gpus=row["gpu_count"],
             priority=row["priority"],
             submitted_at=_epoch(row["created_at"]),
-            max_runtime_s=float(row["max_runtime_s"]),
+            max_runtime_s=_expected_runtime(row["max_runtime_s"]),
         )
         for row in queued_rows
     )

@@ -14,7 +14,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from billing.selectors import gpu_resource
+from billing.selectors import gpu_resource, usage_latest_keyed
 from billing.services import usage_record
 from jobs.models import ACTIVE_STATES, Job, JobAttempt, JobLog, JobMetric, JobState
 from registry.services.storage_accounts import stored_objects_delete
@@ -70,31 +70,90 @@ def job_model_name(job: Job) -> str:
     return ""
 
 
-def attempt_bill(*, job: Job, attempt: JobAttempt) -> int:
-    """One usage row per attempt that ran, keyed by job and attempt so a replay bills nothing."""
-    if attempt.started_at is None or attempt.ended_at is None:
-        return 0
-    seconds = max(0.0, (attempt.ended_at - attempt.started_at).total_seconds())
+def _bill(*, job: Job, attempt: int, start, end, idempotency_key: str) -> int:
+    """One usage row for the job's slots from `start` to `end`; a replayed key bills nothing."""
+    seconds = max(0.0, (end - start).total_seconds())
     record, created = usage_record(
         organization=job.organization,
         resource=gpu_resource(job.resource_class.name),
         quantity=Decimal(str(round(seconds * job.gpu_count, 3))),
         unit="gpu_second",
-        period_start=attempt.started_at,
-        period_end=attempt.ended_at,
-        idempotency_key=f"job:{job.pk}:attempt:{attempt.number}",
+        period_start=start,
+        period_end=max(start, end),
+        idempotency_key=idempotency_key,
         source_type="job_attempt",
         source_id=str(job.pk),
-        attempt=attempt.number,
+        attempt=attempt,
         user=job.created_by,
         api_key=job.created_by_api_key,
         labels=job.labels,
         model_name=job_model_name(job),
     )
-    if created:
-        Job.objects.filter(pk=job.pk).update(cost_minor=job.cost_minor + record.amount_minor)
-        job.cost_minor += record.amount_minor
+    if not created:
+        return 0
+    Job.objects.filter(pk=job.pk).update(cost_minor=job.cost_minor + record.amount_minor)
+    job.cost_minor += record.amount_minor
     return record.amount_minor
+
+
+def _part_prefix(job: Job, attempt: int) -> str:
+    return f"job:{job.pk}:attempt:{attempt}:part:"
+
+
+def _billed_parts(job: Job, attempt: int) -> int:
+    """How many whole SERVE_BILLING_INTERVAL_S parts of a running attempt the ledger holds."""
+    latest = usage_latest_keyed(
+        organization=job.organization, key_prefix=_part_prefix(job, attempt)
+    )
+    return 0 if latest is None else int(latest.idempotency_key.rpartition(":")[2]) + 1
+
+
+def _part_bounds(started_at, part: int) -> tuple:
+    interval = timedelta(seconds=settings.SERVE_BILLING_INTERVAL_S)
+    return started_at + part * interval, started_at + (part + 1) * interval
+
+
+def attempt_bill(*, job: Job, attempt: JobAttempt) -> int:
+    """One usage row per attempt that ran, keyed by job and attempt so a replay bills nothing;
+    for an attempt billed while it ran (a serve job's), that row is the rest after its parts."""
+    if attempt.started_at is None or attempt.ended_at is None:
+        return 0
+    start = attempt.started_at
+    if job.kind == Job.Kind.SERVE:
+        start = min(_part_bounds(start, _billed_parts(job, attempt.number))[0], attempt.ended_at)
+    return _bill(
+        job=job,
+        attempt=attempt.number,
+        start=start,
+        end=attempt.ended_at,
+        idempotency_key=f"job:{job.pk}:attempt:{attempt.number}",
+    )
+
+
+@transaction.atomic
+def attempt_bill_running(*, job_id: int, attempt: int, now=None) -> int:
+    """Bill the whole SERVE_BILLING_INTERVAL_S parts a running attempt has held its slots for
+    and the ledger lacks, one row each keyed by its number, so usage and budgets see a
+    replica's hours while it serves and a retried call bills nothing twice. `attempt_bill`
+    bills the rest when the attempt ends."""
+    job = _locked(job_id, attempt)
+    record = JobAttempt.objects.filter(job=job, number=attempt).first()
+    if record is None or record.started_at is None:
+        return 0
+    now = now or timezone.now()
+    held = (now - record.started_at).total_seconds()
+    complete = int(held // settings.SERVE_BILLING_INTERVAL_S)
+    amount = 0
+    for part in range(_billed_parts(job, attempt), complete):
+        start, end = _part_bounds(record.started_at, part)
+        amount += _bill(
+            job=job,
+            attempt=attempt,
+            start=start,
+            end=end,
+            idempotency_key=f"{_part_prefix(job, attempt)}{part}",
+        )
+    return amount
 
 
 @transaction.atomic
@@ -118,6 +177,33 @@ def attempt_claim(*, job_id: int, attempt: int, worker_id: int) -> Job | None:
     JobAttempt.objects.filter(job=job, number=attempt).update(started_at=now)
     job_event(job=job, kind="started", message=f"Attempt {attempt} started on {job.worker.name}.")
     return job
+
+
+def job_resume_words(job: Job) -> str:
+    """What a job back in the queue waits to do: a replica starts again, a job resumes."""
+    if job.kind == Job.Kind.SERVE:
+        return "serve again on a machine with a free slot"
+    return "resume from its checkpoint"
+
+
+def attempt_release(job: Job) -> None:
+    """What an attempt held on its worker, let go as it ends (the caller saves the job): its
+    slots, its lease, and a replica's address, so nothing routes to a server that is gone."""
+    job.worker, job.slot_indices, job.lease_expires_at = None, [], None
+    job.serve_address, job.serve_ready_at = "", None
+
+
+@transaction.atomic
+def attempt_advertise(*, job_id: int, attempt: int, address: str) -> bool:
+    """A serve job's server answers at `address` ("host:port"): record it, and when, for the
+    web to route to. A job asked to stop meanwhile is not advertised; False then."""
+    job = _locked(job_id, attempt)
+    if job.state != JobState.RUNNING:
+        return False
+    job.serve_address, job.serve_ready_at = address, timezone.now()
+    job.save(update_fields=["serve_address", "serve_ready_at"])
+    job_event(job=job, kind="serving", message=f"Attempt {attempt} answers at {address}.")
+    return True
 
 
 @dataclass
@@ -194,7 +280,7 @@ def attempt_finish(
     record = attempt_close(job=job, outcome=outcome, ended_at=now)
     if record is not None:
         attempt_bill(job=job, attempt=record)
-    job.worker, job.slot_indices, job.lease_expires_at = None, [], None
+    attempt_release(job)
     if outcome == JobAttempt.Outcome.SUCCEEDED:
         job.transition_to(JobState.SUCCEEDED)
         job.output_model_version_id = output_model_version_id
@@ -206,7 +292,7 @@ def attempt_finish(
         job.transition_to(JobState.CANCELLED)
     else:
         job.transition_to(JobState.QUEUED)
-        job.waiting_reason = "preempted; waiting to resume from its checkpoint"
+        job.waiting_reason = f"preempted; waiting to {job_resume_words(job)}"
     if job.is_terminal:
         job.finished_at = now
         checkpoint_forget(job=job)

@@ -11,7 +11,13 @@ from django.utils import timezone
 
 from jobs.models import ACTIVE_STATES, Job, JobAttempt, JobState, ResourceClass, Worker
 
-from .attempts import attempt_bill, attempt_close, checkpoint_forget
+from .attempts import (
+    attempt_bill,
+    attempt_close,
+    attempt_release,
+    checkpoint_forget,
+    job_resume_words,
+)
 from .events import job_event
 from .ticks import tick_soon
 
@@ -121,7 +127,7 @@ def reap_lost(*, now=None) -> int:
         )
         if record is not None:
             attempt_bill(job=job, attempt=record)
-        job.worker, job.slot_indices, job.lease_expires_at = None, [], None
+        attempt_release(job)
         if job.state == JobState.CANCELLING:
             job.transition_to(JobState.CANCELLED)
             job.finished_at = now
@@ -139,7 +145,7 @@ def reap_lost(*, now=None) -> int:
             else:
                 job.transition_to(JobState.QUEUED)
                 job.waiting_reason = (
-                    f"{worker_name} stopped responding; waiting to resume from its checkpoint"
+                    f"{worker_name} stopped responding; waiting to {job_resume_words(job)}"
                 )
         if job.is_terminal:
             checkpoint_forget(job=job)
@@ -168,7 +174,7 @@ def job_preempt(*, job_id: int, reason: str, data: dict | None = None) -> bool:
     if job.state == JobState.SCHEDULED:
         attempt_close(job=job, outcome=JobAttempt.Outcome.PREEMPTED)
         job.transition_to(JobState.QUEUED)
-        job.worker, job.slot_indices, job.lease_expires_at = None, [], None
+        attempt_release(job)
         job.waiting_reason = reason[:255]
         job.save()
     else:
@@ -176,3 +182,16 @@ def job_preempt(*, job_id: int, reason: str, data: dict | None = None) -> bool:
         job.save(update_fields=["state"])
     job_event(job=job, kind="preempted", message=reason, data=data)
     return True
+
+
+def replicas_move_off_draining() -> int:
+    """Ask the replicas on draining machines to move (inside the tick): a replica never ends by
+    itself, so a drain would wait forever. Each drains its requests, goes back to the queue and
+    is placed on another machine; the draining one gets nothing new."""
+    moving = Job.objects.filter(
+        kind=Job.Kind.SERVE, state=JobState.RUNNING, worker__status=Worker.Status.DRAINING
+    ).values_list("pk", flat=True)
+    return sum(
+        job_preempt(job_id=job_id, reason="Its machine is draining; moving to another one.")
+        for job_id in list(moving)
+    )

@@ -32,7 +32,7 @@ from tenants.models import Organization
 from tenants.selectors import actor_scopes
 from tenants.services import audit_record
 
-from .attempts import attempt_close, checkpoint_forget
+from .attempts import attempt_close, attempt_release, checkpoint_forget
 from .events import job_event
 from .quotas import quota_ensure
 from .ticks import tick_soon
@@ -67,7 +67,7 @@ class JobSpec:
     kind: str
     recipe: type[Recipe]
     parameters: dict
-    dataset_version: DatasetVersion
+    dataset_version: DatasetVersion | None  # None for a serve job, which reads no dataset
     model_version: ModelVersion | None = None
     output_model_name: str = ""
     output_dataset_name: str = ""
@@ -106,7 +106,7 @@ def _validate_labels(labels: dict) -> dict:
     return labels
 
 
-def _options_check(options: JobOptions) -> None:
+def _options_check(options: JobOptions, *, kind: str) -> None:
     gpu_count, resource_class = options.gpu_count, options.resource_class
     if not 1 <= gpu_count <= 64:
         raise DomainError("Ask for 1 to 64 GPUs.", fields={"gpu_count": ["Between 1 and 64."]})
@@ -116,7 +116,9 @@ def _options_check(options: JobOptions) -> None:
             f"No {resource_class} machine has {gpu_count} GPUs (the largest has {largest}).",
             fields={"gpu_count": [f"At most {largest} on {resource_class}."]},
         )
-    if not 60 <= options.max_runtime_s <= MAX_RUNTIME_S:
+    # A replica runs until it is stopped: 0, no maximum, and only for it.
+    unbounded = kind == Job.Kind.SERVE and options.max_runtime_s == 0
+    if not unbounded and not 60 <= options.max_runtime_s <= MAX_RUNTIME_S:
         raise DomainError(
             "Max runtime is 1 minute to 7 days.",
             fields={"max_runtime_s": ["60 to 604800 seconds."]},
@@ -275,7 +277,7 @@ def job_admit(
 ) -> tuple[Job, bool]:
     """Queue a checked job; returns (job, created). A key that raced another submit returns
     the winner's job, not a second one."""
-    _options_check(options)
+    _options_check(options, kind=spec.kind)
     _outputs_allowed(organization=organization, actor=actor, spec=spec)
     resource_class, gpu_count = options.resource_class, options.gpu_count
     try:
@@ -414,11 +416,9 @@ def inference_job_submit(
     )
 
 
-@transaction.atomic
-def job_cancel(*, job: Job, actor: Actor) -> Job:
-    job = Job.objects.select_for_update().get(pk=job.pk)
-    if job.is_terminal or job.state == JobState.CANCELLING:
-        raise ConflictError(f"The job is already {job.state}.")
+def job_stop_request(job: Job) -> None:
+    """Cancel a job not started yet at once; ask a started one's runner to stop it (the caller
+    holds the row lock and saves)."""
     if job.state in (JobState.QUEUED, JobState.SCHEDULED):
         # Not started: a scheduled run message finds the job cancelled when it claims it.
         job.transition_to(JobState.CANCELLED)
@@ -426,9 +426,17 @@ def job_cancel(*, job: Job, actor: Actor) -> Job:
         job.waiting_reason, job.queue_position = "", None
         attempt_close(job=job, outcome=JobAttempt.Outcome.CANCELLED)
         checkpoint_forget(job=job)
-        job.worker, job.slot_indices, job.lease_expires_at = None, [], None
+        attempt_release(job)
     else:
         job.transition_to(JobState.CANCELLING)
+
+
+@transaction.atomic
+def job_cancel(*, job: Job, actor: Actor) -> Job:
+    job = Job.objects.select_for_update().get(pk=job.pk)
+    if job.is_terminal or job.state == JobState.CANCELLING:
+        raise ConflictError(f"The job is already {job.state}.")
+    job_stop_request(job)
     job.save()
     job_event(job=job, kind="cancel_requested", message=f"Cancelled by {actor.label}.")
     audit_record(organization=job.organization, actor=actor, action="job.cancel", target=job)
@@ -453,6 +461,8 @@ def job_retry(*, job: Job, actor: Actor) -> Job:
         raise ConflictError(
             f"Only failed or cancelled jobs can be retried; this one is {job.state}."
         )
+    if job.kind == Job.Kind.SERVE:
+        raise ConflictError("A replica is not retried; its deployment starts another.")
     earlier = job.retries.order_by("pk").first()
     if earlier is not None:
         raise ConflictError(f"Job {job.pk} was already retried as job {earlier.pk}; retry that.")

@@ -56,6 +56,8 @@ def test_submit_returns_the_job_with_a_cost_estimate_and_is_idempotent(org, dev)
         ({"resource_class": "tpu-v9"}, "resource_class"),
         ({"dataset": {"dataset": "nope", "number": 1}}, "dataset"),
         ({"recipe": "shell"}, "recipe"),
+        # Replicas come from deployments: a tenant cannot start one, billed, through this API.
+        ({"kind": "serve"}, "kind"),
     ],
 )
 def test_bad_submissions_are_400_with_the_field_named(org, dev, extra, field):

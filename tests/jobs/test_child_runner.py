@@ -177,7 +177,10 @@ def test_spec_fills_the_optional_keys(tmp_path):
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ({"task": "dance"}, "task: 'dance' is not one of ['train', 'predict', 'evaluate']"),
+        (
+            {"task": "dance"},
+            "task: 'dance' is not one of ['train', 'predict', 'serve', 'evaluate']",
+        ),
         ({"task": "evaluate", "model_dir": "model"}, "an evaluate task needs model_dir"),
         ({"processes": 0}, "processes: 0 is less than the minimum of 1"),
         ({"task": "predict", "parameters": {}}, "a predict task needs model_dir"),
@@ -185,6 +188,7 @@ def test_spec_fills_the_optional_keys(tmp_path):
             {"task": "predict", "parameters": {}, "model_dir": "m", "resume_from": "c.pt"},
             "a predict task does not resume",
         ),
+        ({"task": "serve", "parameters": {}, "model_dir": "m"}, "a serve task needs model_dir"),
     ],
 )
 def test_spec_refuses_what_the_child_cannot_run(tmp_path, spec, message):
