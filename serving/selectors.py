@@ -6,7 +6,9 @@ import math
 from dataclasses import dataclass
 from datetime import datetime
 
-from .models import Deployment, PredictionLog, Route
+from django.db.models import QuerySet
+
+from .models import Deployment, LoopEvent, PredictionLog, Replica, Route
 
 # The live metric each recipe is judged on, and whether higher is better. Classifiers: the share
 # of labelled predictions whose label was right; the forecaster: the mean absolute error of its
@@ -102,3 +104,11 @@ def live_routes(deployment: Deployment) -> list[Route]:
             deployment=deployment, mode=Route.Mode.LIVE
         )
     )
+
+
+def replica_list(*, deployment: Deployment) -> QuerySet[Replica]:
+    return Replica.objects.for_organization(deployment.organization).filter(deployment=deployment)
+
+
+def timeline_list(*, deployment: Deployment) -> QuerySet[LoopEvent]:
+    return LoopEvent.objects.for_organization(deployment.organization).filter(deployment=deployment)

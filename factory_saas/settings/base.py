@@ -180,13 +180,15 @@ ONLINE_PREDICTION_CACHE_BYTES = env.int("ONLINE_PREDICTION_CACHE_BYTES", default
 # (Stripe's 24 hours); after that the same key and rows are a new prediction, billed again.
 IDEMPOTENCY_WINDOW_S = env.int("IDEMPOTENCY_WINDOW_S", default=24 * 3600)
 # Deployments (serving/): how often the reconciler keeps each route's replicas between min and
-# max; the forward to a replica (connect and whole-answer timeouts, pooled keep-alive connections
-# per web process); the Retry-After a caller gets while a replica starts; how many health checks
-# in a row a ready replica may fail before it is stopped; how often a request may write
-# Deployment.last_request_at; the web process's shadow copies (threads, and copies waiting
-# beyond which a copy is dropped and counted, never waited for); the largest predict body; the
-# prediction log's retention batch; and the most rows one saved dataset may hold.
+# max, and the highest max_replicas a deployment may ask for; the forward to a replica (connect
+# and whole-answer timeouts, pooled keep-alive connections per web process); the Retry-After a
+# caller gets while a replica starts; how many health checks in a row a ready replica may fail
+# before it is stopped; how often a request may write Deployment.last_request_at; the web
+# process's shadow copies (threads, and copies waiting beyond which a copy is dropped and
+# counted, never waited for); the largest predict body; the prediction log's retention batch;
+# and the most rows one saved dataset may hold.
 SERVING_RECONCILE_S = env.float("SERVING_RECONCILE_S", default=5.0)
+SERVING_MAX_REPLICAS = env.int("SERVING_MAX_REPLICAS", default=20)
 SERVING_CONNECT_TIMEOUT_S = env.float("SERVING_CONNECT_TIMEOUT_S", default=2.0)
 SERVING_FORWARD_TIMEOUT_S = env.float("SERVING_FORWARD_TIMEOUT_S", default=30.0)
 SERVING_POOL_CONNECTIONS = env.int("SERVING_POOL_CONNECTIONS", default=100)
@@ -308,6 +310,10 @@ SPECTACULAR_SETTINGS = {
         "SourceEnum": "registry.models.DatasetVersion.Source",
         "InvoiceSourceEnum": "billing.models.Invoice.Source",
         "InvoiceStatusEnum": "billing.models.Invoice.Status",
+        "KindEnum": "jobs.models.Job.Kind",
+        "ModeEnum": "jobs.models.Sweep.Mode",
+        "LoopEventKindEnum": "serving.models.LoopEvent.Kind",
+        "RouteModeEnum": "serving.models.Route.Mode",
     },
 }
 
