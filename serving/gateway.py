@@ -28,7 +28,6 @@ from django.utils import timezone
 from jobs.inference import idempotency_key_check, predictions_meter
 from jobs.selectors import replica_endpoints
 from jobs.services.replicas import replica_token
-from registry.models import ModelVersion
 from tenants.actors import Actor
 from tenants.errors import DomainError
 
@@ -328,7 +327,9 @@ def predict(
             return answer
     _touch(deployment)
     routes = list(
-        Route.objects.for_organization(deployment.organization).filter(deployment=deployment)
+        Route.objects.for_organization(deployment.organization)
+        .filter(deployment=deployment)
+        .select_related("model_version__registered_model", "model_version__organization")
     )
     if not any(r.mode == Route.Mode.LIVE for r in routes):
         raise DeploymentNotRouted(
@@ -346,9 +347,7 @@ def predict(
         if shadow.mode == Route.Mode.SHADOW and _bucket(None, deployment.pk) < shadow.weight:
             shadow_pool.offer(deployment.pk, _shadow, deployment, shadow, inputs)
     ids, outputs = _call(deployment, route.model_version_id, Route.Mode.LIVE, inputs, targets)
-    version = ModelVersion.objects.select_related("registered_model", "organization").get(
-        pk=route.model_version_id
-    )
+    version = route.model_version
     answer = {
         "deployment": deployment.name,
         "model_version": {
