@@ -306,3 +306,39 @@ def test_the_least_busy_replica_is_picked(org, caller, make_deployment, serve):
             response = caller.post(_url(deployment), {"inputs": [ROW]}, format="json")
             assert response.json()["predictions"][0]["output"]["label"] == "idle"
     assert len(idle.requests) == 10 and not busy.requests
+
+
+def test_predictions_share_the_organizations_predict_bucket(
+    org, caller, make_deployment, serve, settings, monkeypatch
+):
+    from tenants.api import throttles
+
+    monkeypatch.setattr(throttles, "clock", lambda: 86_400 * 20_834 + 30)  # mid-window
+    settings.API_RATE_LIMITS = {**settings.API_RATE_LIMITS, "predict": "2/min"}
+    deployment, (a,) = make_deployment(org)
+    fake = serve(deployment, a, "a")
+    statuses = [
+        caller.post(_url(deployment), {"inputs": [ROW]}, format="json").status_code
+        for _ in range(3)
+    ]
+    assert statuses == [200, 200, 429]
+    assert len(fake.requests) == 2
+    assert caller.get(_url(deployment, "stats")).status_code == 200  # reads are not held back
+
+
+def test_a_replica_slower_than_the_forward_timeout_is_503(
+    org, caller, make_deployment, serve, settings, monkeypatch
+):
+    settings.SERVING_FORWARD_TIMEOUT_S = 0.3
+    monkeypatch.setattr(gateway, "_http", None)  # a client built with this timeout
+    held = threading.Event()
+    deployment, (a,) = make_deployment(org)
+    serve(deployment, a, "slow", hold=held)
+    try:
+        response = caller.post(_url(deployment), {"inputs": [ROW]}, format="json")
+    finally:
+        held.set()
+    assert response.status_code == 503
+    assert "in time" in response.json()["detail"]
+    assert PredictionLog.objects.get(deployment=deployment).error == "replica_unavailable"
+    gateway._http.close()
