@@ -235,21 +235,13 @@ class DeploymentViewSet(
         _refuse_large_body(request, settings.SERVING_MAX_BODY_BYTES)
         data = s.DeploymentPredictSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        try:
-            answer = gateway.predict(
-                deployment=self.get_object(),
-                inputs=data.validated_data["inputs"],
-                actor=self.actor,
-                routing_key=request.headers.get("X-Routing-Key"),
-                idempotency_key=request.headers.get("Idempotency-Key") or None,
-            )
-        except (gateway.NoReadyReplica, gateway.ReplicaUnavailable) as exc:
-            response = Response(
-                {"code": exc.code, "detail": exc.detail, "retry_after": exc.retry_after},
-                status=exc.status,
-            )
-            response["Retry-After"] = str(exc.retry_after)
-            return response
+        answer = gateway.predict(
+            deployment=self.get_object(),
+            inputs=data.validated_data["inputs"],
+            actor=self.actor,
+            routing_key=request.headers.get("X-Routing-Key"),
+            idempotency_key=request.headers.get("Idempotency-Key") or None,
+        )
         return Response(answer)
 
     @action(detail=True, methods=["post"])
