@@ -39,6 +39,8 @@ from .services import DeploymentNotRouted
 logger = logging.getLogger(__name__)
 
 MAX_INPUTS = 1000
+# Deeper inputs fit no recipe's contract, and would cost the JSON encoders their stack.
+MAX_INPUT_DEPTH = 20
 ROUTING_KEY_MAX = 200
 
 
@@ -284,6 +286,19 @@ def _shadow(deployment: Deployment, route: Route, inputs: list) -> None:
         _call(deployment, route.model_version_id, Route.Mode.SHADOW, inputs, targets)
 
 
+def _too_deep(value, limit: int) -> bool:
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if depth > limit:
+            return True
+        if isinstance(item, dict):
+            pending.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            pending.extend((v, depth + 1) for v in item)
+    return False
+
+
 def _idempotency_cache_key(deployment: Deployment, idempotency_key: str, inputs: list) -> str:
     request = json.dumps({"key": idempotency_key, "inputs": inputs}, sort_keys=True, default=str)
     return f"serving:idem:{deployment.pk}:{hashlib.sha256(request.encode()).hexdigest()}"
@@ -318,6 +333,11 @@ def predict(
     if not isinstance(inputs, list) or not 1 <= len(inputs) <= MAX_INPUTS:
         raise DomainError(
             f"Send 1 to {MAX_INPUTS} inputs.", fields={"inputs": [f"1 to {MAX_INPUTS} items."]}
+        )
+    if _too_deep(inputs, MAX_INPUT_DEPTH + 1):
+        raise DomainError(
+            "The inputs are nested too deeply.",
+            fields={"inputs": [f"At most {MAX_INPUT_DEPTH} levels of lists and objects."]},
         )
     remembered = None
     if idempotency_key:

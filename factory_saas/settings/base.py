@@ -262,7 +262,7 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["tenants.api.permissions.DenyAll"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["factory_saas.parsers.JSONParser"],
     "DEFAULT_SCHEMA_CLASS": "tenants.api.schema.ApiAutoSchema",
     "DEFAULT_PAGINATION_CLASS": "factory_saas.api_pagination.CreatedCursorPagination",
     "PAGE_SIZE": 50,

@@ -342,3 +342,14 @@ def test_a_replica_slower_than_the_forward_timeout_is_503(
     assert "in time" in response.json()["detail"]
     assert PredictionLog.objects.get(deployment=deployment).error == "replica_unavailable"
     gateway._http.close()
+
+
+@pytest.mark.parametrize("depth", [100_000, 50])
+def test_deeply_nested_inputs_are_400_never_a_500(org, caller, make_deployment, serve, depth):
+    deployment, (a,) = make_deployment(org)
+    fake = serve(deployment, a, "a")
+    body = '{"inputs": [' + "[" * depth + "]" * depth + "]}"
+    response = caller.generic("POST", _url(deployment), body, content_type="application/json")
+    assert response.status_code == 400
+    assert response.json()["code"] in ("parse_error", "invalid")
+    assert not fake.requests
