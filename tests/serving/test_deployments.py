@@ -279,3 +279,33 @@ def test_routes_set_called_directly_refuses_what_the_api_would(
     with pytest.raises(DomainError):
         routes_set(deployment=deployment, routes=routes, actor=Actor())
     assert _snapshot(deployment) == before
+
+
+def test_the_loops_rollout_names_its_own_timeline_step(org, make_deployment):
+    """routes_set as the canary and rollback call it: their kind, message and data."""
+    deployment, (stable,) = make_deployment(org)
+    challenger = _mine(org)
+    routes_set(
+        deployment=deployment,
+        routes=[
+            {"model_version": stable, "weight": 90},
+            {"model_version": challenger, "weight": 10, "stage": "canary"},
+        ],
+        actor=Actor(),
+        event_kind=LoopEvent.Kind.CANARY_STARTED,
+        message="canary at 10%",
+        event_data={"gate": 7},
+    )
+    event = LoopEvent.objects.filter(deployment=deployment).first()
+    assert (event.kind, event.message, event.data["gate"]) == ("canary_started", "canary at 10%", 7)
+    assert Route.objects.get(deployment=deployment, model_version=challenger).stage == "canary"
+
+
+def test_predict_without_a_live_route_is_409(org, dev, make_deployment):
+    deployment, _ = make_deployment(org)
+    Route.objects.filter(deployment=deployment).delete()
+    response = dev.post(
+        f"/api/v1/orgs/{org.slug}/deployments/churn/predict/", {"inputs": [{}]}, format="json"
+    )
+    assert response.status_code == 409
+    assert response.json()["code"] == "deployment_not_routed"
