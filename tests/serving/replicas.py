@@ -17,10 +17,18 @@ from tests.factories import JobFactory
 
 
 class FakeReplica:
-    def __init__(self, name: str, *, status: int = 200, hold: threading.Event | None = None):
+    def __init__(
+        self,
+        name: str,
+        *,
+        status: int = 200,
+        hold: threading.Event | None = None,
+        barrier: threading.Barrier | None = None,
+    ):
         self.name = name
         self.status = status
-        self.hold = hold  # while set-able and unset, answers wait for it (a slow model)
+        self.hold = hold  # answers wait until it is set (a slow model)
+        self.barrier = barrier  # answers wait until that many requests arrived
         self.token = ""
         self.requests: list[list] = []
         self.unauthorized = 0
@@ -76,6 +84,8 @@ class FakeReplica:
                 replica.requests.append(inputs)
                 if replica.hold is not None:
                     replica.hold.wait(10)
+                if replica.barrier is not None:
+                    replica.barrier.wait()
                 if replica.status == 400:
                     self._send(400, {"detail": "column x is missing"})
                 elif replica.status != 200:

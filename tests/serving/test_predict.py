@@ -6,7 +6,9 @@ import uuid
 from collections import Counter
 
 import pytest
+from django.db import connection
 from django.utils import timezone
+from rest_framework.test import APIClient
 
 from billing.models import UsageRecord
 from serving import counters, gateway
@@ -353,3 +355,36 @@ def test_deeply_nested_inputs_are_400_never_a_500(org, caller, make_deployment, 
     assert response.status_code == 400
     assert response.json()["code"] in ("parse_error", "invalid")
     assert not fake.requests
+
+
+@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+def test_concurrent_retries_with_one_key_agree_and_are_billed_once(
+    org, caller, make_deployment, serve
+):
+    """Four retries of one request in flight together (the replica holds each until all four
+    have arrived): every caller gets the first finished answer's prediction ids, and the ledger
+    has one row."""
+    deployment, (a,) = make_deployment(org)
+    fake = serve(deployment, a, "a", barrier=threading.Barrier(4, timeout=10))
+    answers = []
+
+    def send():
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=caller._credentials["HTTP_AUTHORIZATION"])
+        try:
+            response = client.post(
+                _url(deployment), {"inputs": [ROW]}, format="json", HTTP_IDEMPOTENCY_KEY="same"
+            )
+            answers.append(response.json())
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=send) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert len(fake.requests) == 4  # all four reached the model together
+    assert len(answers) == 4
+    assert len({answer["predictions"][0]["prediction_id"] for answer in answers}) == 1
+    assert UsageRecord.objects.filter(organization=org).count() == 1
