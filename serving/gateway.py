@@ -257,7 +257,8 @@ def _log(
 
 
 def _call(deployment: Deployment, version_id: int, mode: str, inputs: list, targets) -> tuple:
-    """Forward to the least busy target; log the answer (or the failure) under fresh ids."""
+    """Forward to the least busy target under fresh ids; a failure is logged here, an answer
+    by the caller (`log`), which may find a concurrent retry's answer to give instead."""
     target = _least_busy(targets)
     ids = [uuid.uuid4() for _ in inputs]
     started = time.perf_counter()
@@ -271,8 +272,11 @@ def _call(deployment: Deployment, version_id: int, mode: str, inputs: list, targ
         _log(deployment, version_id, mode, inputs, None, ids, latency, error=exc.code)
         raise
     latency = (time.perf_counter() - started) * 1000
-    _log(deployment, version_id, mode, inputs, outputs, ids, latency)
-    return ids, outputs
+
+    def log():
+        _log(deployment, version_id, mode, inputs, outputs, ids, latency)
+
+    return ids, outputs, log
 
 
 def _shadow(deployment: Deployment, route: Route, inputs: list) -> None:
@@ -283,7 +287,10 @@ def _shadow(deployment: Deployment, route: Route, inputs: list) -> None:
         return
     # A failing shadow replica is logged as an error prediction of its version, nothing more.
     with contextlib.suppress(DomainError):
-        _call(deployment, route.model_version_id, Route.Mode.SHADOW, inputs, targets)
+        _ids, _outputs, log = _call(
+            deployment, route.model_version_id, Route.Mode.SHADOW, inputs, targets
+        )
+        log()
 
 
 def _too_deep(value, limit: int) -> bool:
@@ -366,7 +373,7 @@ def predict(
     for shadow in routes:
         if shadow.mode == Route.Mode.SHADOW and _bucket(None, deployment.pk) < shadow.weight:
             shadow_pool.offer(deployment.pk, _shadow, deployment, shadow, inputs)
-    ids, outputs = _call(deployment, route.model_version_id, Route.Mode.LIVE, inputs, targets)
+    ids, outputs, log = _call(deployment, route.model_version_id, Route.Mode.LIVE, inputs, targets)
     version = route.model_version
     answer = {
         "deployment": deployment.name,
@@ -383,8 +390,12 @@ def predict(
     if remembered is not None and not cache.add(
         remembered, answer, timeout=settings.IDEMPOTENCY_WINDOW_S
     ):
-        # A concurrent retry answered first: give its answer, so both callers agree.
-        answer = cache.get(remembered) or answer
+        # A concurrent retry answered first: give its answer (logged and billed by it), so
+        # both callers agree and the log holds only ids someone was given.
+        first = cache.get(remembered)
+        if first is not None:
+            return first
+    log()
     predictions_meter(
         version=version,
         count=len(inputs),

@@ -386,5 +386,7 @@ def test_concurrent_retries_with_one_key_agree_and_are_billed_once(
         thread.join(20)
     assert len(fake.requests) == 4  # all four reached the model together
     assert len(answers) == 4
-    assert len({answer["predictions"][0]["prediction_id"] for answer in answers}) == 1
+    ids = {answer["predictions"][0]["prediction_id"] for answer in answers}
+    assert len(ids) == 1
     assert UsageRecord.objects.filter(organization=org).count() == 1
+    assert {str(i) for i in PredictionLog.objects.values_list("prediction_id", flat=True)} == ids
