@@ -8,6 +8,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitVie
 from billing.api import urls as billing_urls
 from jobs.api import urls as jobs_urls
 from registry.api import urls as registry_urls
+from serving.api import urls as serving_urls
 from tenants.api import urls as tenants_urls
 
 org_urlpatterns = [
@@ -15,6 +16,7 @@ org_urlpatterns = [
     *registry_urls.org_urlpatterns,
     *jobs_urls.org_urlpatterns,
     *billing_urls.org_urlpatterns,
+    *serving_urls.org_urlpatterns,
 ]
 
 

@@ -22,7 +22,14 @@ def api_exception_handler(exc, context):
         body = {"code": exc.code, "detail": exc.detail}
         if exc.fields:
             body["fields"] = exc.fields
-        return Response(body, status=exc.status)
+        # A refusal that passes with time (a replica starting) says when to come back.
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            body["retry_after"] = retry_after
+        response = Response(body, status=exc.status)
+        if retry_after is not None:
+            response["Retry-After"] = str(retry_after)
+        return response
     if isinstance(exc, Http404):
         exc = exceptions.NotFound()
     elif isinstance(exc, PermissionDenied):

@@ -29,6 +29,9 @@ SCOPES: dict[str, str] = {
     "models:read": "See and download models",
     "models:write": "Register and edit models",
     "models:promote": "Move model aliases such as production",
+    "deployments:read": "See deployments, their replicas, timeline and live metrics",
+    "deployments:write": "Create, change, route and delete deployments (replicas cost money)",
+    "predict": "Call a deployment for predictions and send back their labels",
     "billing:read": "See usage, costs and invoices",
     "billing:admin": "Manage budgets and payment methods",
 }
@@ -41,13 +44,18 @@ _BUILD = {
     "datasets:write",
     "models:read",
     "models:write",
+    "deployments:read",
+    "deployments:write",
+    "predict",
 }
 
 ROLE_SCOPES: dict[str, frozenset[str]] = {
     Role.OWNER: frozenset(SCOPES),
     Role.ADMIN: frozenset(SCOPES) - {"members:owner", "billing:admin"},
     Role.DEVELOPER: frozenset(_READ | _BUILD | {"models:promote"}),
-    Role.VIEWER: frozenset(_READ | {"jobs:read", "datasets:read", "models:read"}),
+    Role.VIEWER: frozenset(
+        _READ | {"jobs:read", "datasets:read", "models:read", "deployments:read"}
+    ),
     Role.BILLING: frozenset(_READ | {"billing:read", "billing:admin"}),
 }
 

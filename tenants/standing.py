@@ -37,6 +37,7 @@ SCOPE_EFFECTS: dict[str, Effect] = {
     "datasets:read": Effect.READ,
     "models:read": Effect.READ,
     "billing:read": Effect.READ,
+    "deployments:read": Effect.READ,
     "billing:admin": Effect.PAY,
     "org:admin": Effect.CHANGE,
     "members:admin": Effect.CHANGE,
@@ -47,6 +48,8 @@ SCOPE_EFFECTS: dict[str, Effect] = {
     "jobs:write": Effect.SPEND,
     "datasets:write": Effect.SPEND,
     "models:write": Effect.SPEND,
+    "deployments:write": Effect.SPEND,
+    "predict": Effect.SPEND,
 }
 
 _SAFE_METHODS = {"get", "head", "options"}

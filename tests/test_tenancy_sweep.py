@@ -36,6 +36,9 @@ from registry.models import (
     RegisteredModel,
 )
 from registry.storage import get_storage
+from serving import models as serving_models
+from serving.models import Deployment, PredictionLog
+from serving.services import routes_set
 from tenants.api.base import OrganizationScopedAPIView, OrganizationScopedViewSet
 from tenants.models import ApiKey, Invitation, Membership, Organization
 from tenants.scopes import ROLE_SCOPES, Role
@@ -52,6 +55,7 @@ from tests.factories import (
     OrganizationFactory,
     PendingUploadFactory,
 )
+from tests.serving.replicas import FakeReplica, ready_replica
 
 API_PREFIX = "api/v1/orgs/<slug:org_slug>/"
 PAGE_PREFIX = "o/<slug:org_slug>/"
@@ -227,6 +231,23 @@ def _make_invoice(organization, requester):
     return {"pk": invoice.pk}
 
 
+def _make_deployment(organization, requester):
+    from jobs.models import ResourceClass
+    from tenants.actors import Actor
+
+    deployment = Deployment.objects.create(
+        organization=organization,
+        name=f"swept-{secrets.token_hex(3)}",
+        recipe="tabular-classifier",
+        resource_class=ResourceClass.objects.get(name="cpu"),
+    )
+    version = ModelVersionFactory(organization=organization, recipe_name="tabular-classifier")
+    routes_set(
+        deployment=deployment, routes=[{"model_version": version, "weight": 100}], actor=Actor()
+    )
+    return {"name": deployment.name, "_deployment": deployment, "_version": version}
+
+
 # One maker per kind of object a route is about (the view's `model`).
 OBJECT_MAKERS = {
     Membership: _make_membership,
@@ -241,6 +262,7 @@ OBJECT_MAKERS = {
     Job: _make_job,
     Sweep: _make_sweep,
     Invoice: _make_invoice,
+    Deployment: _make_deployment,
 }
 
 
@@ -255,6 +277,7 @@ class Case:
     user: object
     made: dict
     stripe: object = None  # the fake Stripe's state, for calls that reach Stripe
+    servers: list = None  # servers a call's prepare started, stopped by the `world` fixture
 
 
 @dataclass(frozen=True)
@@ -508,6 +531,74 @@ def _predicted_by_job(case):
     ).exists()
 
 
+def _deployment_made(case):
+    return Deployment.objects.filter(organization=case.org, name="swept-deployment").exists()
+
+
+def _deployment_resized(case):
+    return Deployment.objects.filter(pk=case.made["_deployment"].pk, max_replicas=3).exists()
+
+
+def _deployment_gone(case):
+    return not Deployment.objects.filter(pk=case.made["_deployment"].pk).exists()
+
+
+def _new_route_version(case):
+    case.made["_v2"] = ModelVersionFactory(organization=case.org, recipe_name="tabular-classifier")
+
+
+def _rerouted(case):
+    return serving_models.Route.objects.filter(
+        deployment=case.made["_deployment"], model_version=case.made.get("_v2"), weight=100
+    ).exists()
+
+
+def _replica_answering(case):
+    """A ready replica of the deployment's version: a real HTTP server keeping the contract."""
+    fake = FakeReplica("swept").start()
+    case.servers.append(fake)
+    ready_replica(case.made["_deployment"], case.made["_version"], fake)
+
+
+def _deployment_predicted(case):
+    return PredictionLog.objects.filter(deployment=case.made["_deployment"]).exists()
+
+
+def _prediction_logged(case):
+    case.made["_logged"] = PredictionLog.objects.create(
+        organization=case.org,
+        deployment=case.made["_deployment"],
+        model_version=case.made["_version"],
+        inputs={"x": 1},
+        output={"label": "1"},
+        latency_ms=1.0,
+    )
+
+
+def _labelled(case):
+    return PredictionLog.objects.filter(pk=case.made["_logged"].pk, label="swept-label").exists()
+
+
+def _labelled_logged(case):
+    _prediction_logged(case)
+    PredictionLog.objects.filter(pk=case.made["_logged"].pk).update(label="1")
+
+
+def _feedback_saved(case):
+    return DatasetVersion.objects.filter(
+        organization=case.org, dataset__name="swept-feedback"
+    ).exists()
+
+
+def _window():
+    now = timezone.now()
+    return {
+        "dataset": "swept-feedback",
+        "since": (now - timedelta(hours=1)).isoformat(),
+        "until": (now + timedelta(hours=1)).isoformat(),
+    }
+
+
 OK = Call(200)
 NEW_KEY = {"name": "made-by-the-sweep", "scopes": ["org:read"]}
 SWEEP_BODY = {
@@ -626,6 +717,46 @@ CALLS: dict[str, Call] = {
     ),
     "GET sweep-detail": OK,
     "POST sweep-cancel": Call(200, wrote=_sweep_cancelled),
+    # API: deployments
+    "GET deployment-list": OK,
+    "POST deployment-list": Call(
+        201,
+        body=lambda c: {"name": "swept-deployment", "recipe": "tabular-classifier"},
+        wrote=_deployment_made,
+    ),
+    "GET deployment-detail": OK,
+    "PATCH deployment-detail": Call(
+        200, body=lambda c: {"max_replicas": 3}, wrote=_deployment_resized
+    ),
+    "DELETE deployment-detail": Call(204, wrote=_deployment_gone),
+    "PUT deployment-routes": Call(
+        200,
+        prepare=_new_route_version,
+        body=lambda c: {"routes": [{"model_version": c.made["_v2"].pk, "weight": 100}]},
+        wrote=_rerouted,
+    ),
+    "GET deployment-replicas": OK,
+    "GET deployment-timeline": OK,
+    "GET deployment-stats": OK,
+    "POST deployment-predict": Call(
+        200,
+        prepare=_replica_answering,
+        body=lambda c: {"inputs": [{"x": 1}]},
+        wrote=_deployment_predicted,
+    ),
+    "POST deployment-feedback": Call(
+        200,
+        prepare=_prediction_logged,
+        body=lambda c: {
+            "items": [
+                {"prediction_id": str(c.made["_logged"].prediction_id), "label": "swept-label"}
+            ]
+        },
+        wrote=_labelled,
+    ),
+    "POST deployment-datasets": Call(
+        201, prepare=_labelled_logged, body=lambda c: _window(), wrote=_feedback_saved
+    ),
     # API: billing
     "GET credit-grant-list": OK,
     "GET invoice-list": OK,
@@ -716,7 +847,7 @@ def world(tmp_path, settings):
         made = {}
         if route.kwargs:
             made = OBJECT_MAKERS[route.view_class.model](object_org or organization, requester)
-        case = Case(organization, requester, made)
+        case = Case(organization, requester, made, servers=servers)
         call = CALLS[str(route)]
         if call.stripe:
             server = StripeServer().start()

@@ -181,6 +181,27 @@ ONLINE_PREDICTION_MAX_ROWS = env.int("ONLINE_PREDICTION_MAX_ROWS", default=100)
 # How long a client's Idempotency-Key makes a repeated online prediction the first one's retry
 # (Stripe's 24 hours); after that the same key and rows are a new prediction, billed again.
 IDEMPOTENCY_WINDOW_S = env.int("IDEMPOTENCY_WINDOW_S", default=24 * 3600)
+# Deployments (serving/): how often the reconciler keeps each route's replicas between min and
+# max, and the highest max_replicas a deployment may ask for; the forward to a replica (connect
+# and whole-answer timeouts, pooled keep-alive connections per web process); the Retry-After a
+# caller gets while a replica starts; how many health checks in a row a ready replica may fail
+# before it is stopped; how often a request may write Deployment.last_request_at; the web
+# process's shadow copies (threads, and copies waiting beyond which a copy is dropped and
+# counted, never waited for); the largest predict body; the prediction log's retention batch;
+# and the most rows one saved dataset may hold.
+SERVING_RECONCILE_S = env.float("SERVING_RECONCILE_S", default=5.0)
+SERVING_MAX_REPLICAS = env.int("SERVING_MAX_REPLICAS", default=20)
+SERVING_CONNECT_TIMEOUT_S = env.float("SERVING_CONNECT_TIMEOUT_S", default=2.0)
+SERVING_FORWARD_TIMEOUT_S = env.float("SERVING_FORWARD_TIMEOUT_S", default=30.0)
+SERVING_POOL_CONNECTIONS = env.int("SERVING_POOL_CONNECTIONS", default=100)
+SERVING_COLD_START_RETRY_AFTER_S = env.int("SERVING_COLD_START_RETRY_AFTER_S", default=30)
+SERVING_HEALTH_FAILURES = env.int("SERVING_HEALTH_FAILURES", default=3)
+SERVING_LAST_REQUEST_EVERY_S = env.int("SERVING_LAST_REQUEST_EVERY_S", default=30)
+SERVING_SHADOW_THREADS = env.int("SERVING_SHADOW_THREADS", default=4)
+SERVING_SHADOW_QUEUE = env.int("SERVING_SHADOW_QUEUE", default=64)
+SERVING_MAX_BODY_BYTES = env.int("SERVING_MAX_BODY_BYTES", default=2 * 2**20)
+SERVING_RETENTION_BATCH = env.int("SERVING_RETENTION_BATCH", default=5000)
+SERVING_DATASET_MAX_ROWS = env.int("SERVING_DATASET_MAX_ROWS", default=1_000_000)
 # What an organization's overview page shows besides its members and activity (tenants imports
 # no other app, so the apps that contribute a panel are named here).
 ORGANIZATION_OVERVIEW_PANELS = ["jobs.panels.overview_panel", "billing.panels.overview_panel"]
@@ -253,6 +274,14 @@ CELERY_BEAT_SCHEDULE = {
     "billing-reconcile": {"task": "billing.reconcile", "schedule": crontab(minute=30, hour=3)},
     "serving-drift-check": {"task": "serving.drift_check", "schedule": DRIFT_CHECK_EVERY_S},
     "serving-loop-tick": {"task": "serving.loop_tick", "schedule": SERVING_LOOP_TICK_S},
+    "serving-reconcile": {
+        "task": "serving.replicas_reconcile",
+        "schedule": env.float("SERVING_RECONCILE_S", default=5.0),
+    },
+    "serving-log-retention": {
+        "task": "serving.prediction_log_expire",
+        "schedule": crontab(minute=20),
+    },
 }
 
 REST_FRAMEWORK = {
@@ -262,7 +291,7 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["tenants.api.permissions.DenyAll"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["factory_saas.parsers.JSONParser"],
     "DEFAULT_SCHEMA_CLASS": "tenants.api.schema.ApiAutoSchema",
     "DEFAULT_PAGINATION_CLASS": "factory_saas.api_pagination.CreatedCursorPagination",
     "PAGE_SIZE": 50,
@@ -312,6 +341,10 @@ SPECTACULAR_SETTINGS = {
         "SourceEnum": "registry.models.DatasetVersion.Source",
         "InvoiceSourceEnum": "billing.models.Invoice.Source",
         "InvoiceStatusEnum": "billing.models.Invoice.Status",
+        "KindEnum": "jobs.models.Job.Kind",
+        "ModeEnum": "jobs.models.Sweep.Mode",
+        "LoopEventKindEnum": "serving.models.LoopEvent.Kind",
+        "RouteModeEnum": "serving.models.Route.Mode",
     },
 }
 

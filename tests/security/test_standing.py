@@ -523,6 +523,14 @@ EXPECTED_EFFECTS: dict[str, Effect] = {
     "POST jobs:job_cancel": Effect.REDUCE,
     "POST jobs:job_retry": Effect.SPEND,
     "POST jobs:sweep_cancel": Effect.REDUCE,
+    # deployments: replicas cost slot-seconds, predictions are billed, labels only change
+    "POST deployment-list": Effect.SPEND,
+    "PATCH deployment-detail": Effect.SPEND,
+    "DELETE deployment-detail": Effect.REDUCE,
+    "PUT deployment-routes": Effect.SPEND,
+    "POST deployment-predict": Effect.SPEND,
+    "POST deployment-feedback": Effect.CHANGE,
+    "POST deployment-datasets": Effect.SPEND,
     # billing
     "PATCH billing-account": Effect.PAY,
     "POST billing-checkout": Effect.PAY,

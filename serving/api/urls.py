@@ -1,0 +1,10 @@
+"""Deployment routes, mounted under /api/v1/orgs/<org_slug>/."""
+
+from rest_framework.routers import SimpleRouter
+
+from . import views
+
+router = SimpleRouter()
+router.register("deployments", views.DeploymentViewSet, basename="deployment")
+
+org_urlpatterns = router.urls

@@ -1,0 +1,408 @@
+"""The request path of a deployment: pick a live route by weight (sticky per routing key), forward
+to the least busy ready replica of that version with a pooled keep-alive client, log and meter
+the answer; copy the request to shadow routes off the response path.
+
+The web process never loads a model: it authenticates, picks and forwards. Every prediction gets
+its own id, returned beside its output, which feedback later labels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import secrets
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import httpx
+from django.conf import settings
+from django.core.cache import cache
+from django.db import close_old_connections
+from django.utils import timezone
+
+from jobs.inference import idempotency_key_check, predictions_meter
+from jobs.selectors import replica_endpoints
+from jobs.services.replicas import replica_token
+from tenants.actors import Actor
+from tenants.errors import DomainError
+
+from . import counters
+from .models import Deployment, PredictionLog, Replica, Route
+from .reconciler import cold_start
+from .services import DeploymentNotRouted
+
+logger = logging.getLogger(__name__)
+
+MAX_INPUTS = 1000
+# Deeper inputs fit no recipe's contract, and would cost the JSON encoders their stack.
+MAX_INPUT_DEPTH = 20
+ROUTING_KEY_MAX = 200
+
+
+class NoReadyReplica(DomainError):
+    code = "no_ready_replica"
+    status = 503
+
+    def __init__(self, detail: str, *, retry_after: int):
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
+class ReplicaUnavailable(DomainError):
+    """The replica did not answer in time or could not be reached."""
+
+    code = "replica_unavailable"
+    status = 503
+
+    def __init__(self, detail: str, *, retry_after: int = 1):
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
+class ReplicaFailed(DomainError):
+    """The replica answered, but with an error or an answer outside its contract."""
+
+    code = "replica_error"
+    status = 502
+
+
+class InputsRejected(DomainError):
+    code = "inputs_rejected"
+
+
+_http: httpx.Client | None = None
+_http_lock = threading.Lock()
+
+
+def http_client() -> httpx.Client:
+    """One pooled keep-alive client per web process, shared by its threads (httpx.Client is
+    thread-safe), so a forward reuses an open connection to the replica."""
+    global _http
+    with _http_lock:
+        if _http is None:
+            size = settings.SERVING_POOL_CONNECTIONS
+            _http = httpx.Client(
+                timeout=httpx.Timeout(
+                    settings.SERVING_FORWARD_TIMEOUT_S, connect=settings.SERVING_CONNECT_TIMEOUT_S
+                ),
+                limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
+            )
+        return _http
+
+
+class ShadowPool:
+    """A bounded pool of threads for shadow copies: a copy that finds SERVING_SHADOW_QUEUE copies
+    already waiting or running is dropped and counted, never waited for."""
+
+    def __init__(self):
+        self._executor: ThreadPoolExecutor | None = None
+        self._slots: threading.BoundedSemaphore | None = None
+        self._lock = threading.Lock()
+        self.dropped = 0
+
+    def _ready(self) -> tuple[ThreadPoolExecutor, threading.BoundedSemaphore]:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(
+                    max_workers=settings.SERVING_SHADOW_THREADS, thread_name_prefix="shadow"
+                )
+                self._slots = threading.BoundedSemaphore(settings.SERVING_SHADOW_QUEUE)
+            return self._executor, self._slots
+
+    def offer(self, deployment_id: int, function, *args) -> bool:
+        executor, slots = self._ready()
+        if not slots.acquire(blocking=False):
+            self.dropped += 1
+            try:
+                counters.shadow_dropped(deployment_id)
+            except Exception:  # a counter must not fail the request it rides on
+                logger.warning("could not count a dropped shadow copy", exc_info=True)
+            return False
+
+        def run():
+            try:
+                function(*args)
+            except Exception:
+                logger.exception("shadow copy failed")
+            finally:
+                slots.release()
+                close_old_connections()
+
+        executor.submit(run)
+        return True
+
+
+shadow_pool = ShadowPool()
+
+
+def _bucket(routing_key: str | None, deployment_id: int) -> int:
+    """0..99: from the routing key's hash (the same key, the same bucket) or at random."""
+    if routing_key is None:
+        return secrets.randbelow(100)
+    digest = hashlib.sha256(f"{deployment_id}:{routing_key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % 100
+
+
+def route_pick(routes: list[Route], bucket: int) -> Route:
+    """The live route whose share of 0..99 holds `bucket`, routes in a fixed order (by id) so a
+    bucket keeps its version while the weights stand."""
+    live = sorted((r for r in routes if r.mode == Route.Mode.LIVE), key=lambda r: r.pk)
+    edge = 0
+    for route in live:
+        edge += route.weight
+        if bucket < edge:
+            return route
+    return live[-1]
+
+
+@dataclass(frozen=True)
+class Target:
+    replica_id: int
+    job_id: int
+    address: str
+    attempt: int
+
+
+def _targets(deployment: Deployment, version_id: int) -> list[Target]:
+    replicas = dict(
+        Replica.objects.for_organization(deployment.organization)
+        .filter(deployment=deployment, model_version_id=version_id, state=Replica.State.READY)
+        .values_list("job_id", "pk")
+    )
+    endpoints = replica_endpoints(replicas)
+    return [
+        Target(replicas[job_id], job_id, endpoint.address, endpoint.attempt)
+        for job_id, endpoint in endpoints.items()
+    ]
+
+
+def _least_busy(targets: list[Target]) -> Target:
+    load = counters.replicas_in_flight([t.replica_id for t in targets])
+    lowest = min(load.values())
+    return secrets.choice([t for t in targets if load[t.replica_id] == lowest])
+
+
+def _forward(target: Target, inputs: list) -> list:
+    try:
+        response = http_client().post(
+            f"http://{target.address}/predict",
+            json={"inputs": inputs},
+            headers={"Authorization": f"Bearer {replica_token(target.job_id, target.attempt)}"},
+        )
+    except httpx.TimeoutException as exc:
+        raise ReplicaUnavailable("The model did not answer in time; try again.") from exc
+    except httpx.HTTPError as exc:
+        raise ReplicaUnavailable("The model could not be reached; try again shortly.") from exc
+    if response.status_code == 400:
+        try:
+            detail = str(response.json().get("detail", ""))[:500]
+        except ValueError:
+            detail = ""
+        raise InputsRejected(
+            f"The model cannot read these inputs: {detail or 'no reason given'}",
+            fields={"inputs": [detail or "Not readable by this model."]},
+        )
+    if response.status_code != 200:
+        raise ReplicaFailed(f"The model answered with an error ({response.status_code}).")
+    try:
+        outputs = response.json()["outputs"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ReplicaFailed("The model's answer was not readable.") from exc
+    if not isinstance(outputs, list) or len(outputs) != len(inputs):
+        raise ReplicaFailed("The model answered a different number of outputs than inputs.")
+    return outputs
+
+
+def _sampled(prediction_id: uuid.UUID, rate: float) -> bool:
+    """The same answer for the same id in every process: the log keeps a stable sample."""
+    if rate >= 1:
+        return True
+    digest = hashlib.sha256(prediction_id.bytes).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < rate
+
+
+def _log(
+    deployment: Deployment,
+    version_id: int,
+    mode: str,
+    inputs: list,
+    outputs: list | None,
+    ids: list[uuid.UUID],
+    latency_ms: float,
+    error: str = "",
+) -> None:
+    now = timezone.now()
+    rows = [
+        PredictionLog(
+            organization_id=deployment.organization_id,
+            deployment_id=deployment.pk,
+            model_version_id=version_id,
+            mode=mode,
+            prediction_id=prediction_id,
+            inputs=item,
+            output=outputs[i] if outputs is not None else None,
+            error=error[:200],
+            latency_ms=latency_ms,
+            created_at=now,
+        )
+        for i, (prediction_id, item) in enumerate(zip(ids, inputs, strict=True))
+        if _sampled(prediction_id, deployment.log_sample_rate)
+    ]
+    PredictionLog.objects.bulk_create(rows)
+
+
+def _call(deployment: Deployment, version_id: int, mode: str, inputs: list, targets) -> tuple:
+    """Forward to the least busy target under fresh ids; a failure is logged here, an answer
+    by the caller (`log`), which may find a concurrent retry's answer to give instead."""
+    target = _least_busy(targets)
+    ids = [uuid.uuid4() for _ in inputs]
+    started = time.perf_counter()
+    try:
+        with counters.in_flight(
+            deployment_id=deployment.pk, version_id=version_id, replica_id=target.replica_id
+        ):
+            outputs = _forward(target, inputs)
+    except (ReplicaUnavailable, ReplicaFailed) as exc:
+        latency = (time.perf_counter() - started) * 1000
+        _log(deployment, version_id, mode, inputs, None, ids, latency, error=exc.code)
+        raise
+    latency = (time.perf_counter() - started) * 1000
+
+    def log():
+        _log(deployment, version_id, mode, inputs, outputs, ids, latency)
+
+    return ids, outputs, log
+
+
+def _shadow(deployment: Deployment, route: Route, inputs: list) -> None:
+    """Runs on a shadow thread: the answer is logged as a shadow prediction and goes nowhere
+    else; a shadow version with no ready replica is skipped (the reconciler starts them)."""
+    targets = _targets(deployment, route.model_version_id)
+    if not targets:
+        return
+    # A failing shadow replica is logged as an error prediction of its version, nothing more.
+    with contextlib.suppress(DomainError):
+        _ids, _outputs, log = _call(
+            deployment, route.model_version_id, Route.Mode.SHADOW, inputs, targets
+        )
+        log()
+
+
+def _too_deep(value, limit: int) -> bool:
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if depth > limit:
+            return True
+        if isinstance(item, dict):
+            pending.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            pending.extend((v, depth + 1) for v in item)
+    return False
+
+
+def _idempotency_cache_key(deployment: Deployment, idempotency_key: str, inputs: list) -> str:
+    request = json.dumps({"key": idempotency_key, "inputs": inputs}, sort_keys=True, default=str)
+    return f"serving:idem:{deployment.pk}:{hashlib.sha256(request.encode()).hexdigest()}"
+
+
+def _touch(deployment: Deployment) -> None:
+    if counters.touch_due(deployment.pk):
+        Deployment.objects.filter(pk=deployment.pk).update(last_request_at=timezone.now())
+
+
+def predict(
+    *,
+    deployment: Deployment,
+    inputs: list,
+    actor: Actor,
+    routing_key: str | None = None,
+    idempotency_key: str | None = None,
+) -> dict:
+    """Answer `inputs` from one live version of `deployment`:
+    {"deployment", "model_version": {"id", "name", "number"},
+     "predictions": [{"prediction_id", "output"}, ...]} in input order.
+
+    A retry with the same Idempotency-Key and inputs within IDEMPOTENCY_WINDOW_S gets the first
+    answer again, and is billed once.
+    """
+    idempotency_key_check(idempotency_key)
+    if routing_key is not None and len(routing_key) > ROUTING_KEY_MAX:
+        raise DomainError(
+            "The X-Routing-Key header is too long.",
+            fields={"routing_key": [f"At most {ROUTING_KEY_MAX} characters."]},
+        )
+    if not isinstance(inputs, list) or not 1 <= len(inputs) <= MAX_INPUTS:
+        raise DomainError(
+            f"Send 1 to {MAX_INPUTS} inputs.", fields={"inputs": [f"1 to {MAX_INPUTS} items."]}
+        )
+    if _too_deep(inputs, MAX_INPUT_DEPTH + 1):
+        raise DomainError(
+            "The inputs are nested too deeply.",
+            fields={"inputs": [f"At most {MAX_INPUT_DEPTH} levels of lists and objects."]},
+        )
+    remembered = None
+    if idempotency_key:
+        remembered = _idempotency_cache_key(deployment, idempotency_key, inputs)
+        answer = cache.get(remembered)
+        if answer is not None:
+            return answer
+    _touch(deployment)
+    routes = list(
+        Route.objects.for_organization(deployment.organization)
+        .filter(deployment=deployment)
+        .select_related("model_version__registered_model", "model_version__organization")
+    )
+    if not any(r.mode == Route.Mode.LIVE for r in routes):
+        raise DeploymentNotRouted(
+            f"Deployment {deployment.name} has no live route; set its routes first."
+        )
+    route = route_pick(routes, _bucket(routing_key, deployment.pk))
+    targets = _targets(deployment, route.model_version_id)
+    if not targets:
+        cold_start(deployment=deployment, model_version=route.model_version)
+        raise NoReadyReplica(
+            f"Deployment {deployment.name} is starting a replica of the model; retry shortly.",
+            retry_after=settings.SERVING_COLD_START_RETRY_AFTER_S,
+        )
+    for shadow in routes:
+        if shadow.mode == Route.Mode.SHADOW and _bucket(None, deployment.pk) < shadow.weight:
+            shadow_pool.offer(deployment.pk, _shadow, deployment, shadow, inputs)
+    ids, outputs, log = _call(deployment, route.model_version_id, Route.Mode.LIVE, inputs, targets)
+    version = route.model_version
+    answer = {
+        "deployment": deployment.name,
+        "model_version": {
+            "id": version.pk,
+            "name": version.registered_model.name,
+            "number": version.number,
+        },
+        "predictions": [
+            {"prediction_id": str(prediction_id), "output": output}
+            for prediction_id, output in zip(ids, outputs, strict=True)
+        ],
+    }
+    if remembered is not None and not cache.add(
+        remembered, answer, timeout=settings.IDEMPOTENCY_WINDOW_S
+    ):
+        # A concurrent retry answered first: give its answer (logged and billed by it), so
+        # both callers agree and the log holds only ids someone was given.
+        first = cache.get(remembered)
+        if first is not None:
+            return first
+    log()
+    predictions_meter(
+        version=version,
+        count=len(inputs),
+        request={"deployment": deployment.pk, "inputs": inputs},
+        actor=actor,
+        idempotency_key=idempotency_key,
+        source_type="deployment",
+        source_id=str(deployment.pk),
+    )
+    return answer
