@@ -26,7 +26,7 @@ from rest_framework.test import APIClient
 from safetensors.numpy import save as save_safetensors
 
 from billing.models import BillingAccount, Invoice, UsageRecord
-from jobs.models import Job, JobState, Sweep
+from jobs.models import Job, JobState, ResourceClass, Sweep
 from registry.models import (
     Dataset,
     DatasetVersion,
@@ -36,6 +36,7 @@ from registry.models import (
     RegisteredModel,
 )
 from registry.storage import get_storage
+from serving.models import Deployment, RetrainPolicy
 from tenants.api.base import OrganizationScopedAPIView, OrganizationScopedViewSet
 from tenants.models import ApiKey, Invitation, Membership, Organization
 from tenants.scopes import ROLE_SCOPES, Role
@@ -227,6 +228,16 @@ def _make_invoice(organization, requester):
     return {"pk": invoice.pk}
 
 
+def _make_deployment(organization, requester):
+    deployment = Deployment.objects.create(
+        organization=organization,
+        name=f"swept-{secrets.token_hex(3)}",
+        recipe="tabular-classifier",
+        resource_class=ResourceClass.objects.get(name="cpu"),
+    )
+    return {"name": deployment.name, "_deployment": deployment}
+
+
 # One maker per kind of object a route is about (the view's `model`).
 OBJECT_MAKERS = {
     Membership: _make_membership,
@@ -241,6 +252,7 @@ OBJECT_MAKERS = {
     Job: _make_job,
     Sweep: _make_sweep,
     Invoice: _make_invoice,
+    Deployment: _make_deployment,
 }
 
 
@@ -471,6 +483,12 @@ def _budget_set(case):
     return BillingAccount.objects.filter(organization=case.org, monthly_budget_minor=12345).exists()
 
 
+def _retrain_policy_set(case):
+    return RetrainPolicy.objects.filter(
+        deployment=case.made["_deployment"], canary_percent=15
+    ).exists()
+
+
 def _stripe_session(path):
     def opened(case):
         return ("POST", path) in case.stripe.requests
@@ -690,6 +708,25 @@ CALLS: dict[str, Call] = {
     "GET jobs:sweeps": OK,
     "GET jobs:sweep": OK,
     "POST jobs:sweep_cancel": Call(302, wrote=_sweep_cancelled),
+    "GET serving:deployments": OK,
+    "GET serving:deployment": OK,
+    "POST serving:deployment": Call(
+        302,
+        body=lambda c: {
+            "enabled": "on",
+            "on_drift": "on",
+            "cooldown_s": "3600",
+            "max_cost_minor": "500",
+            "gate_margin": "0",
+            "slice_tolerance": "0.05",
+            "canary_percent": "15",
+            "bake_s": "600",
+            "rollback_error_rate": "0.02",
+            "rollback_p99_ratio": "1.5",
+            "rollback_metric_drop": "0.02",
+        },
+        wrote=_retrain_policy_set,
+    ),
     "GET billing:billing": OK,
     "POST billing:billing": Call(
         302,
