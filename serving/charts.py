@@ -8,8 +8,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from django.template.defaultfilters import floatformat
-
 import charts
 
 from .selectors import VersionSeries, VersionStats
@@ -24,6 +22,16 @@ class Range:
     span: timedelta
     windows: int
     label: str
+
+    @property
+    def window(self) -> timedelta:
+        return self.span / self.windows
+
+    def end_after(self, now: datetime) -> datetime:
+        """The first window boundary at or after `now`, boundaries counted from the epoch, so
+        that windows start on round times (08:00, 08:05) and the last one holds `now`."""
+        step = self.window.total_seconds()
+        return datetime.fromtimestamp(math.ceil(now.timestamp() / step) * step, tz=now.tzinfo)
 
 
 RANGES = {
@@ -114,8 +122,9 @@ def line_chart(
     }
 
 
-def _number(value: float) -> str:
-    return floatformat(value, "-2")
+def _number(value: float, places: int = 2) -> str:
+    """At most `places` decimals, without trailing zeros: 1.5, 0.25, 3."""
+    return f"{value:.{places}f}".rstrip("0").rstrip(".") if places else f"{value:.0f}"
 
 
 def _values(cells: list[VersionStats | None], read: Callable[[VersionStats], float | None]):
@@ -123,11 +132,19 @@ def _values(cells: list[VersionStats | None], read: Callable[[VersionStats], flo
 
 
 def version_charts(
-    *, series: VersionSeries, names: dict[int, str], metric: str, higher_is_better: bool
+    *,
+    series: VersionSeries,
+    names: dict[int, str],
+    metric: str,
+    higher_is_better: bool,
+    now: datetime,
 ) -> list[dict]:
     """The four charts of a deployment's live versions over `series`' windows; `names` gives
-    each version id its label and its order (and so its colour, the same on every chart)."""
-    minutes = series.window.total_seconds() / 60
+    each version id its label and its order (and so its colour, the same on every chart). The
+    rate of a window still open at `now` is over its elapsed part."""
+    minutes = [
+        max(min(series.window, now - start).total_seconds(), 1) / 60 for start in series.starts
+    ]
     versions = [
         (version_id, names.get(version_id, f"version {version_id}")) for version_id in names
     ]
@@ -149,7 +166,10 @@ def version_charts(
         Line(
             name,
             charts.colour(index),
-            [0.0 if cell is None else cell.requests / minutes for cell in cells[version_id]],
+            [
+                0.0 if cell is None else cell.requests / elapsed
+                for cell, elapsed in zip(cells[version_id], minutes, strict=True)
+            ],
         )
         for index, (version_id, name) in enumerate(versions)
     ]
@@ -201,6 +221,6 @@ def version_charts(
             starts=series.starts,
             lines=live,
             ceiling=metric_ceiling,
-            label=lambda v: floatformat(v, "-3"),
+            label=lambda v: _number(v, 3),
         ),
     ]

@@ -121,7 +121,8 @@ class DeploymentPage(OrganizationPageMixin, TemplateView):
         if range_key not in RANGES:
             range_key = DEFAULT_RANGE
         span = RANGES[range_key]
-        end = timezone.now()
+        now = timezone.now()
+        end = span.end_after(now)
         series = version_series(
             deployment=deployment, start=end - span.span, end=end, windows=span.windows
         )
@@ -151,7 +152,7 @@ class DeploymentPage(OrganizationPageMixin, TemplateView):
             ranges=[(key, r.label) for key, r in RANGES.items()],
             range_key=range_key,
             charts=version_charts(
-                series=series, names=names, metric=metric, higher_is_better=higher
+                series=series, names=names, metric=metric, higher_is_better=higher, now=now
             ),
             metric=metric,
             drift=self._drift(deployment),

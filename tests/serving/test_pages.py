@@ -1,7 +1,7 @@
 """Deployment pages: the list and its empty state, a deployment's routes, replicas, charts, drift
 and timeline, and the retrain policy form (validation, audit, who may post it)."""
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.db import connection
@@ -10,6 +10,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from jobs.models import Job, ResourceClass
+from serving.charts import RANGES, nice_ceiling, version_charts
 from serving.models import (
     Deployment,
     DriftReport,
@@ -20,7 +21,13 @@ from serving.models import (
     Route,
 )
 from serving.policies import RetrainPolicyInvalid, retrain_policy_set
-from serving.selectors import deployment_traffic, version_series, version_stats
+from serving.selectors import (
+    VersionSeries,
+    VersionStats,
+    deployment_traffic,
+    version_series,
+    version_stats,
+)
 from tenants.actors import Actor
 from tenants.models import AuditEvent
 from tenants.scopes import ROLE_SCOPES, SCOPES, Role
@@ -420,3 +427,34 @@ def test_deployment_traffic_percentile_matches_the_python_one(org, other_org):
     python = version_stats(deployment=deployment, since=since)[version.pk]
     assert traffic[deployment.pk].p99_ms == python.p99_ms == 100.0
     assert traffic[deployment.pk].requests == 5 and traffic[deployment.pk].error_rate == 0.0
+
+
+@pytest.mark.parametrize(
+    "peak, at_least, ceiling",
+    [(0, 1, 1), (1.3, 1, 2), (3, 1, 5), (7.5, 1, 10), (0.03, 0.01, 0.05), (145.9, 10, 200)],
+)
+def test_chart_ceilings_are_round_so_their_quarters_read_well(peak, at_least, ceiling):
+    assert nice_ceiling(peak, at_least=at_least) == pytest.approx(ceiling)
+
+
+def test_windows_start_on_round_times_and_an_open_windows_rate_counts_only_its_elapsed_part():
+    span = RANGES["1h"]
+    now = datetime(2026, 1, 5, 8, 37, 30, tzinfo=UTC)
+    end = span.end_after(now)
+    assert end == datetime(2026, 1, 5, 8, 40, tzinfo=UTC)
+    starts = [end - span.span + span.window * i for i in range(span.windows)]
+    stats = VersionStats(requests=5, errors=1, p50_ms=3, p99_ms=9, labelled=0, metric=None)
+    series = VersionSeries(
+        starts=starts, window=span.window, stats={7: [None] * 10 + [stats, stats]}
+    )
+
+    rate, latency, errors, metric = version_charts(
+        series=series, names={7: "m v1"}, metric="accuracy", higher_is_better=True, now=now
+    )
+
+    assert rate["x_labels"][0].text == "07:40"
+    # 5 requests in the closed 5-minute window, 5 in the 2.5 minutes of the open one.
+    assert [row["cells"][0] for row in rate["rows"][-2:]] == ["1", "2"]
+    assert [s["name"] for s in latency["series"]] == ["m v1 p99", "m v1 p50"]
+    assert errors["rows"][-1]["cells"] == ["20%"]
+    assert not metric["has_data"] and rate["has_data"]
