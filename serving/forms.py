@@ -1,11 +1,18 @@
-"""The deployment page's retrain policy form; the policy's rules as a whole are the service's
-(serving.policies), this only reads the posted values."""
+"""The deployment pages' forms: a new deployment, its routes, its retrain policy. The rules are
+the services' (serving.services, serving.policies); these only read the posted values."""
 
 from django import forms
+from django.db.models import Q
 
+from jobs.forms import MODEL_VERSION_HEAVY, VersionChoiceField
+from jobs.models import ResourceClass
+from registry.models import ModelVersion
 from registry.selectors import dataset_list
 
-from .models import RetrainPolicy
+from .models import RetrainPolicy, Route
+
+# The routes form's rows at most: the service's limit on routes (serving.services.MAX_ROUTES).
+MAX_ROUTE_ROWS = 10
 
 # The form's sections, in the order the page shows them.
 GROUPS = (
@@ -114,3 +121,133 @@ class RetrainPolicyForm(forms.Form):
     def groups(self):
         """(title, explanation, bound fields) per section of the page."""
         return [(title, note, [self[name] for name in names]) for title, note, names in GROUPS]
+
+
+def _version_label(version: ModelVersion) -> str:
+    return f"{version.registered_model.name} v{version.number} ({version.recipe_name})"
+
+
+class DeploymentCreateForm(forms.Form):
+    name = forms.SlugField(
+        max_length=63,
+        help_text="Lowercase letters, digits and hyphens; the predict URL ends with it.",
+    )
+    model_version = VersionChoiceField(
+        queryset=ModelVersion.objects.none(),
+        label="Model version",
+        help_text="It answers all requests at first; its recipe fixes the deployment's inputs "
+        "and outputs.",
+    )
+    resource_class = forms.ModelChoiceField(
+        queryset=ResourceClass.objects.order_by("name"), to_field_name="name", initial="cpu"
+    )
+    min_replicas = forms.IntegerField(
+        min_value=0,
+        initial=0,
+        help_text="0: no replica runs (or costs) while no requests come; the first one waits "
+        "for a replica to start.",
+    )
+    max_replicas = forms.IntegerField(min_value=1, initial=1)
+
+    def __init__(self, *args, organization, **kwargs):
+        super().__init__(*args, **kwargs)
+        field = self.fields["model_version"]
+        field.queryset = (
+            ModelVersion.objects.for_organization(organization)
+            .exclude(recipe_name="")
+            .select_related("registered_model")
+            .defer(*MODEL_VERSION_HEAVY)
+            .order_by("registered_model__name", "-number")
+        )
+        field.label_from_instance = _version_label
+        field.keep_chosen(self, "model_version")
+
+
+ROUTE_VERSIONS_SHOWN = 50
+
+
+class RoutesForm(forms.Form):
+    """A deployment's routes as rows of (version, weight, mode, stage): the current ones and
+    empty rows to add; a row without a version is dropped. The versions offered are the
+    organization's of the deployment's recipe (the newest and those routed now); the service
+    checks again whatever is posted."""
+
+    ROWS_ADDED = 2
+
+    def __init__(self, *args, organization, deployment, routes, **kwargs):
+        super().__init__(*args, **kwargs)
+        routed = [route.model_version_id for route in routes]
+        newest = (
+            ModelVersion.objects.for_organization(organization)
+            .filter(recipe_name=deployment.recipe)
+            .order_by("-created_at", "-pk")
+            .values("pk")[:ROUTE_VERSIONS_SHOWN]
+        )
+        versions = (
+            ModelVersion.objects.for_organization(organization)
+            .filter(Q(pk__in=newest) | Q(pk__in=routed))
+            .select_related("registered_model")
+            .defer(*MODEL_VERSION_HEAVY)
+            .order_by("registered_model__name", "-number")
+        )
+        choices = [("", "—")] + [(str(v.pk), _version_label(v)) for v in versions]
+        self.row_count = min(len(routes) + self.ROWS_ADDED, MAX_ROUTE_ROWS)
+        for index in range(self.row_count):
+            route = routes[index] if index < len(routes) else None
+            self.fields[f"version_{index}"] = forms.ChoiceField(
+                choices=choices,
+                required=False,
+                label="Model version",
+                initial=str(route.model_version_id) if route else "",
+            )
+            self.fields[f"weight_{index}"] = forms.IntegerField(
+                min_value=0,
+                max_value=100,
+                required=False,
+                label="Weight (%)",
+                initial=route.weight if route else None,
+            )
+            self.fields[f"mode_{index}"] = forms.ChoiceField(
+                choices=Route.Mode.choices,
+                required=False,
+                label="Mode",
+                initial=route.mode if route else Route.Mode.LIVE,
+            )
+            self.fields[f"stage_{index}"] = forms.ChoiceField(
+                choices=Route.Stage.choices,
+                required=False,
+                label="Stage",
+                initial=route.stage if route else Route.Stage.STABLE,
+            )
+
+    def rows(self):
+        return [
+            [self[f"{name}_{index}"] for name in ("version", "weight", "mode", "stage")]
+            for index in range(self.row_count)
+        ]
+
+    def clean(self):
+        data = super().clean()
+        routes = []
+        for index in range(self.row_count):
+            version = data.get(f"version_{index}")
+            if not version:
+                continue
+            weight = data.get(f"weight_{index}")
+            if weight is None:
+                self.add_error(f"weight_{index}", "Give this route a weight from 0 to 100.")
+                continue
+            routes.append(
+                {
+                    "model_version": int(version),
+                    "weight": weight,
+                    "mode": data.get(f"mode_{index}") or Route.Mode.LIVE,
+                    "stage": data.get(f"stage_{index}") or Route.Stage.STABLE,
+                }
+            )
+        if not routes and not self.errors:
+            raise forms.ValidationError(
+                "A deployment needs at least one live route; to stop it, delete it through the API."
+            )
+        data["routes"] = routes
+        return data

@@ -8,4 +8,9 @@ app_name = "serving"
 urlpatterns = [
     path("deployments/", views.DeploymentsPage.as_view(), name="deployments"),
     path("deployments/<slug:name>/", views.DeploymentPage.as_view(), name="deployment"),
+    path(
+        "deployments/<slug:name>/routes/",
+        views.DeploymentRoutesAction.as_view(),
+        name="deployment_routes",
+    ),
 ]

@@ -18,7 +18,7 @@ from tenants.standing import Effect
 from tenants.views.base import OrganizationPageMixin
 
 from .charts import DEFAULT_RANGE, RANGES, version_charts
-from .forms import RetrainPolicyForm
+from .forms import DeploymentCreateForm, RetrainPolicyForm, RoutesForm
 from .models import Deployment, DriftReport, LoopEvent, Replica, RetrainPolicy, Route
 from .policies import retrain_policy_set
 from .selectors import deployment_traffic, live_metric_of, version_series
@@ -33,9 +33,20 @@ def _version_label(version: ModelVersion) -> str:
     return f"{version.registered_model.name} v{version.number}"
 
 
+def _form_errors(form, error: DomainError, *, aliases: dict[str, str] | None = None) -> None:
+    """A service's refusal on the form: on the field it names (or its alias here), else above."""
+    for field, messages_ in (error.fields or {"": [error.detail]}).items():
+        target = (aliases or {}).get(field, field)
+        for message in messages_:
+            form.add_error(target if target in form.fields else None, message)
+
+
 class DeploymentsPage(OrganizationPageMixin, TemplateView):
+    """Every deployment with its live routes and last hour; members who may change deployments
+    create one here (POST)."""
+
     template_name = "serving/deployments.html"
-    required_scopes = {"get": READ_SCOPE}
+    required_scopes = {"get": READ_SCOPE, "post": WRITE_SCOPE}
     model = Deployment
 
     def narrow_queryset(self, queryset):
@@ -71,7 +82,37 @@ class DeploymentsPage(OrganizationPageMixin, TemplateView):
         context["api_url"] = self.request.build_absolute_uri(
             f"/api/v1/orgs/{self.organization.slug}/deployments/"
         )
+        if self.has_scope(WRITE_SCOPE):
+            context.setdefault("create_form", DeploymentCreateForm(organization=self.organization))
         return context
+
+    def post(self, request, org_slug):
+        # The gateway's services, imported on use while they live on another branch.
+        from . import services
+
+        form = DeploymentCreateForm(request.POST, organization=self.organization)
+        if form.is_valid():
+            data = form.cleaned_data
+            version = data["model_version"]
+            try:
+                deployment = services.deployment_create(
+                    organization=self.organization,
+                    name=data["name"],
+                    recipe=version.recipe_name,
+                    resource_class=data["resource_class"],
+                    actor=self.actor,
+                    routes=[{"model_version": version.pk, "weight": 100, "mode": Route.Mode.LIVE}],
+                    min_replicas=data["min_replicas"],
+                    max_replicas=data["max_replicas"],
+                )
+            except DomainError as error:
+                _form_errors(
+                    form, error, aliases={"recipe": "model_version", "routes": "model_version"}
+                )
+            else:
+                messages.success(request, f"Deployment {deployment.name} created.")
+                return redirect("serving:deployment", org_slug, deployment.name)
+        return self.render_to_response(self.get_context_data(create_form=form), status=400)
 
 
 class DeploymentPage(OrganizationPageMixin, TemplateView):
@@ -140,6 +181,11 @@ class DeploymentPage(OrganizationPageMixin, TemplateView):
 
         policy = self._policy(deployment)
         read_only = not self.has_scope(WRITE_SCOPE)
+        if not read_only:
+            context.setdefault(
+                "routes_form",
+                RoutesForm(organization=organization, deployment=deployment, routes=routes),
+            )
         context.setdefault(
             "form",
             RetrainPolicyForm(organization=organization, policy=policy, read_only=read_only),
@@ -189,10 +235,38 @@ class DeploymentPage(OrganizationPageMixin, TemplateView):
             try:
                 retrain_policy_set(deployment=deployment, actor=self.actor, **form.cleaned_data)
             except DomainError as error:
-                for field, errors in (error.fields or {"": [error.detail]}).items():
-                    for message in errors:
-                        form.add_error(field if field in form.fields else None, message)
+                _form_errors(form, error)
             else:
                 messages.success(request, "Retrain policy saved.")
                 return redirect("serving:deployment", org_slug, name)
         return self.render_to_response(self.get_context_data(form=form), status=400)
+
+
+class DeploymentRoutesAction(DeploymentPage):
+    """The routes form's post: the deployment page again (400) when the routes are refused."""
+
+    required_scopes = {"post": WRITE_SCOPE}
+    # Routing starts replicas: what the scope's writes do (spend), not the policy form's change.
+    effects = {}
+
+    def post(self, request, org_slug, name):
+        from . import services  # see DeploymentsPage.post
+
+        deployment = self.get_org_object()
+        routes = list(
+            Route.objects.for_organization(self.organization).filter(deployment=deployment)
+        )
+        form = RoutesForm(
+            request.POST, organization=self.organization, deployment=deployment, routes=routes
+        )
+        if form.is_valid():
+            try:
+                services.routes_set(
+                    deployment=deployment, routes=form.cleaned_data["routes"], actor=self.actor
+                )
+            except DomainError as error:
+                form.add_error(None, error.detail)
+            else:
+                messages.success(request, "Routes changed.")
+                return redirect("serving:deployment", org_slug, name)
+        return self.render_to_response(self.get_context_data(routes_form=form), status=400)

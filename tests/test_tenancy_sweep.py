@@ -37,6 +37,7 @@ from registry.models import (
 )
 from registry.storage import get_storage
 from serving.models import Deployment, RetrainPolicy
+from serving.models import Route as DeploymentRoute
 from tenants.api.base import OrganizationScopedAPIView, OrganizationScopedViewSet
 from tenants.models import ApiKey, Invitation, Membership, Organization
 from tenants.scopes import ROLE_SCOPES, Role
@@ -483,6 +484,22 @@ def _budget_set(case):
     return BillingAccount.objects.filter(organization=case.org, monthly_budget_minor=12345).exists()
 
 
+def _servable_in_org(case):
+    case.made["_routable"] = ModelVersionFactory(
+        organization=case.org, recipe_name="tabular-classifier"
+    )
+
+
+def _deployment_made(case):
+    return Deployment.objects.filter(organization=case.org, name="swept-new").exists()
+
+
+def _routed(case):
+    return DeploymentRoute.objects.filter(
+        deployment=case.made["_deployment"], model_version=case.made["_routable"], weight=100
+    ).exists()
+
+
 def _retrain_policy_set(case):
     return RetrainPolicy.objects.filter(
         deployment=case.made["_deployment"], canary_percent=15
@@ -709,6 +726,29 @@ CALLS: dict[str, Call] = {
     "GET jobs:sweep": OK,
     "POST jobs:sweep_cancel": Call(302, wrote=_sweep_cancelled),
     "GET serving:deployments": OK,
+    "POST serving:deployments": Call(
+        302,
+        prepare=_servable_in_org,
+        body=lambda c: {
+            "name": "swept-new",
+            "model_version": str(c.made["_routable"].pk),
+            "resource_class": "cpu",
+            "min_replicas": "0",
+            "max_replicas": "1",
+        },
+        wrote=_deployment_made,
+    ),
+    "POST serving:deployment_routes": Call(
+        302,
+        prepare=_servable_in_org,
+        body=lambda c: {
+            "version_0": str(c.made["_routable"].pk),
+            "weight_0": "100",
+            "mode_0": "live",
+            "stage_0": "stable",
+        },
+        wrote=_routed,
+    ),
     "GET serving:deployment": OK,
     "POST serving:deployment": Call(
         302,

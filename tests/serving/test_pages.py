@@ -458,3 +458,134 @@ def test_windows_start_on_round_times_and_an_open_windows_rate_counts_only_its_e
     assert [s["name"] for s in latency["series"]] == ["m v1 p99", "m v1 p50"]
     assert errors["rows"][-1]["cells"] == ["20%"]
     assert not metric["has_data"] and rate["has_data"]
+
+
+# The forms below call the gateway's services (serving.services), merged from its branch.
+
+
+def servable_version(organization, recipe="tabular-classifier"):
+    return ModelVersionFactory(organization=organization, recipe_name=recipe)
+
+
+def create_form(version, **changes):
+    form = {
+        "name": "churn",
+        "model_version": str(version.pk),
+        "resource_class": "cpu",
+        "min_replicas": "0",
+        "max_replicas": "2",
+    }
+    return form | changes
+
+
+def test_create_form_makes_a_deployment_routed_to_the_chosen_version(org, dev):
+    pytest.importorskip("serving.services")
+    version = servable_version(org)
+    url = reverse("serving:deployments", args=[org.slug])
+    assert 'id="deployment-create"' in dev.get(url).content.decode()
+
+    response = dev.post(url, create_form(version))
+
+    assert response.status_code == 302
+    assert response["Location"] == reverse("serving:deployment", args=[org.slug, "churn"])
+    deployment = Deployment.objects.get(organization=org, name="churn")
+    assert (deployment.recipe, deployment.max_replicas) == ("tabular-classifier", 2)
+    route = Route.objects.get(deployment=deployment)
+    assert (route.model_version, route.weight, route.mode) == (version, 100, "live")
+
+
+def test_create_form_refuses_another_organizations_version_and_a_taken_name(org, other_org, dev):
+    pytest.importorskip("serving.services")
+    url = reverse("serving:deployments", args=[org.slug])
+    response = dev.post(url, create_form(servable_version(other_org)))
+    assert response.status_code == 400 and not Deployment.objects.exists()
+    assert "Select a valid choice" in response.content.decode()
+
+    make_deployment(org, "churn")
+    response = dev.post(url, create_form(servable_version(org)))
+    assert response.status_code == 400 and "Already taken" in response.content.decode()
+    assert Deployment.objects.count() == 1
+
+
+def routes_form(*rows):
+    form = {}
+    for index, (version, weight, mode, stage) in enumerate(rows):
+        form |= {
+            f"version_{index}": str(version.pk) if version else "",
+            f"weight_{index}": str(weight),
+            f"mode_{index}": mode,
+            f"stage_{index}": stage,
+        }
+    return form
+
+
+def test_routes_form_moves_the_weights(org, dev):
+    pytest.importorskip("serving.services")
+    deployment, (stable,) = make_deployment(org)
+    stable.recipe_name = "tabular-classifier"
+    stable.save(update_fields=["recipe_name"])
+    challenger = servable_version(org)
+    page = dev.get(reverse("serving:deployment", args=[org.slug, "churn"])).content.decode()
+    assert "Change routes" in page and f'<option value="{challenger.pk}"' in page
+
+    response = dev.post(
+        reverse("serving:deployment_routes", args=[org.slug, "churn"]),
+        routes_form(
+            (stable, 80, "live", "stable"),
+            (challenger, 20, "live", "canary"),
+            (None, "", "live", "stable"),
+        ),
+    )
+
+    assert response.status_code == 302
+    assert sorted(
+        Route.objects.filter(deployment=deployment).values_list(
+            "model_version_id", "weight", "stage"
+        )
+    ) == sorted([(stable.pk, 80, "stable"), (challenger.pk, 20, "canary")])
+
+
+@pytest.mark.parametrize("attack", ["weights_short_of_100", "another_organizations_version"])
+def test_routes_form_refuses_bad_routes_and_leaves_the_old_ones(org, other_org, dev, attack):
+    pytest.importorskip("serving.services")
+    deployment, (stable,) = make_deployment(org)
+    stable.recipe_name = "tabular-classifier"
+    stable.save(update_fields=["recipe_name"])
+    if attack == "weights_short_of_100":
+        rows, message = [(stable, 90, "live", "stable")], "add up to 90, not 100"
+    else:
+        rows, message = (
+            [(stable, 50, "live", "stable"), (servable_version(other_org), 50, "live", "canary")],
+            "Select a valid choice",
+        )
+
+    response = dev.post(
+        reverse("serving:deployment_routes", args=[org.slug, "churn"]), routes_form(*rows)
+    )
+
+    assert response.status_code == 400 and message in response.content.decode()
+    assert list(Route.objects.filter(deployment=deployment).values_list("weight", flat=True)) == [
+        100
+    ]
+
+
+def test_a_viewer_sees_no_route_or_create_forms_and_cannot_post_them(org, viewer):
+    _deployment, (stable,) = make_deployment(org)
+    assert (
+        "Change routes"
+        not in viewer.get(reverse("serving:deployment", args=[org.slug, "churn"])).content.decode()
+    )
+    assert (
+        'id="deployment-create"'
+        not in viewer.get(reverse("serving:deployments", args=[org.slug])).content.decode()
+    )
+    response = viewer.post(
+        reverse("serving:deployment_routes", args=[org.slug, "churn"]),
+        routes_form((stable, 100, "live", "stable")),
+    )
+    assert response.status_code == 403
+    response = viewer.post(
+        reverse("serving:deployments", args=[org.slug]),
+        create_form(servable_version(org), name="x"),
+    )
+    assert response.status_code == 403 and Deployment.objects.count() == 1
