@@ -589,3 +589,26 @@ def test_a_viewer_sees_no_route_or_create_forms_and_cannot_post_them(org, viewer
         create_form(servable_version(org), name="x"),
     )
     assert response.status_code == 403 and Deployment.objects.count() == 1
+
+
+def test_each_window_of_the_series_is_exactly_version_stats_over_that_window(org):
+    deployment, (stable, canary) = make_deployment(org, versions=2)
+    end = timezone.now()
+    for n in range(60):
+        log(
+            deployment,
+            stable if n % 3 else canary,
+            ago_s=5 + n * 5,
+            latency=float((n * 37) % 101),
+            error="boom" if n % 11 == 0 else "",
+            output={"label": n % 2},
+            label=1 if n % 4 == 0 else None,
+        )
+    start = end - timedelta(minutes=5)
+
+    series = version_series(deployment=deployment, start=start, end=end, windows=4)
+
+    for index, opened in enumerate(series.starts):
+        expected = version_stats(deployment=deployment, since=opened, until=opened + series.window)
+        for version in (stable, canary):
+            assert series.stats[version.pk][index] == expected.get(version.pk), (version, index)
