@@ -128,11 +128,12 @@ class DeploymentPage(OrganizationPageMixin, TemplateView):
 
     def _policy(self, deployment) -> RetrainPolicy:
         """The saved policy, or an unsaved one with the defaults (a GET writes nothing)."""
-        return RetrainPolicy.objects.for_organization(self.organization).filter(
-            deployment=deployment
-        ).select_related("dataset").first() or RetrainPolicy(
-            organization=self.organization, deployment=deployment
+        saved = (
+            RetrainPolicy.objects.for_organization(self.organization)
+            .filter(deployment=deployment)
+            .first()
         )
+        return saved or RetrainPolicy(organization=self.organization, deployment=deployment)
 
     def get_context_data(self, **kwargs):
         context = super().get_context_data(**kwargs)
@@ -143,42 +144,9 @@ class DeploymentPage(OrganizationPageMixin, TemplateView):
             .filter(deployment=deployment)
             .select_related("model_version__registered_model")
         )
-        replicas = list(
-            Replica.objects.for_organization(organization)
-            .filter(deployment=deployment)
-            .exclude(state=Replica.State.STOPPED)
-            .select_related("model_version__registered_model")
-        )
-        jobs = {
-            job.pk: job
-            for job in job_list(organization=organization).filter(
-                pk__in=[replica.job_id for replica in replicas]
-            )
-        }
-        for replica in replicas:
-            replica.serve_job = jobs.get(replica.job_id)
-
         range_key = self.request.GET.get("range")
         if range_key not in RANGES:
             range_key = DEFAULT_RANGE
-        span = RANGES[range_key]
-        now = timezone.now()
-        end = span.end_after(now)
-        series = version_series(
-            deployment=deployment, start=end - span.span, end=end, windows=span.windows
-        )
-        names = {route.model_version_id: _version_label(route.model_version) for route in routes}
-        missing = set(series.stats) - set(names)
-        if missing:
-            for version in (
-                ModelVersion.objects.for_organization(organization)
-                .filter(pk__in=missing)
-                .select_related("registered_model")
-                .order_by("pk")
-            ):
-                names[version.pk] = _version_label(version)
-        metric, higher = live_metric_of(deployment.recipe)
-
         policy = self._policy(deployment)
         read_only = not self.has_scope(WRITE_SCOPE)
         if not read_only:
@@ -194,13 +162,11 @@ class DeploymentPage(OrganizationPageMixin, TemplateView):
             deployment=deployment,
             routes=routes,
             live_weight=sum(r.weight for r in routes if r.mode == Route.Mode.LIVE),
-            replicas=replicas,
+            replicas=self._replicas(deployment),
             ranges=[(key, r.label) for key, r in RANGES.items()],
             range_key=range_key,
-            charts=version_charts(
-                series=series, names=names, metric=metric, higher_is_better=higher, now=now
-            ),
-            metric=metric,
+            charts=self._charts(deployment, routes, RANGES[range_key]),
+            metric=live_metric_of(deployment.recipe)[0],
             drift=self._drift(deployment),
             timeline=(
                 LoopEvent.objects.for_organization(organization)
@@ -212,6 +178,44 @@ class DeploymentPage(OrganizationPageMixin, TemplateView):
             policy_read_only=read_only,
         )
         return context
+
+    def _replicas(self, deployment) -> list[Replica]:
+        """The replicas not stopped, each with its serve job (`serve_job`: state, worker)."""
+        replicas = list(
+            Replica.objects.for_organization(self.organization)
+            .filter(deployment=deployment)
+            .exclude(state=Replica.State.STOPPED)
+            .select_related("model_version__registered_model")
+        )
+        jobs = job_list(organization=self.organization).filter(
+            pk__in=[replica.job_id for replica in replicas]
+        )
+        by_id = {job.pk: job for job in jobs}
+        for replica in replicas:
+            replica.serve_job = by_id.get(replica.job_id)
+        return replicas
+
+    def _charts(self, deployment, routes: list[Route], span) -> list[dict]:
+        """Per version over `span`'s windows; versions no longer routed are named too."""
+        now = timezone.now()
+        end = span.end_after(now)
+        series = version_series(
+            deployment=deployment, start=end - span.span, end=end, windows=span.windows
+        )
+        names = {route.model_version_id: _version_label(route.model_version) for route in routes}
+        missing = set(series.stats) - set(names)
+        if missing:
+            for version in (
+                ModelVersion.objects.for_organization(self.organization)
+                .filter(pk__in=missing)
+                .select_related("registered_model")
+                .order_by("pk")
+            ):
+                names[version.pk] = _version_label(version)
+        metric, higher = live_metric_of(deployment.recipe)
+        return version_charts(
+            series=series, names=names, metric=metric, higher_is_better=higher, now=now
+        )
 
     def _drift(self, deployment) -> dict:
         """The last reports as a table: a column per input column seen in any of them, each
