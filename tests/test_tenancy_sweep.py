@@ -490,11 +490,11 @@ def _servable_in_org(case):
     )
 
 
-def _deployment_made(case):
-    return Deployment.objects.filter(organization=case.org, name="swept-new").exists()
+def _deployment_made_by_page(case):
+    return Deployment.objects.filter(organization=case.org, name="swept-page").exists()
 
 
-def _routed(case):
+def _routed_by_page(case):
     return DeploymentRoute.objects.filter(
         deployment=case.made["_deployment"], model_version=case.made["_routable"], weight=100
     ).exists()
@@ -730,13 +730,13 @@ CALLS: dict[str, Call] = {
         302,
         prepare=_servable_in_org,
         body=lambda c: {
-            "name": "swept-new",
+            "name": "swept-page",
             "model_version": str(c.made["_routable"].pk),
             "resource_class": "cpu",
             "min_replicas": "0",
             "max_replicas": "1",
         },
-        wrote=_deployment_made,
+        wrote=_deployment_made_by_page,
     ),
     "POST serving:deployment_routes": Call(
         302,
@@ -747,7 +747,7 @@ CALLS: dict[str, Call] = {
             "mode_0": "live",
             "stage_0": "stable",
         },
-        wrote=_routed,
+        wrote=_routed_by_page,
     ),
     "GET serving:deployment": OK,
     "POST serving:deployment": Call(
