@@ -1,5 +1,6 @@
 """The deployment page's charts: per model version over equal time windows, its request rate,
-latency, error rate and live metric, drawn with the shared chart geometry (`charts`)."""
+latency, error rate and live metric; and each input column's drift distance over the drift
+reports. Drawn with the shared chart geometry (`charts`)."""
 
 from __future__ import annotations
 
@@ -224,3 +225,47 @@ def version_charts(
             label=lambda v: _number(v, 3),
         ),
     ]
+
+
+MAX_DRIFT_COLUMNS = len(charts.PALETTE) - 1  # the threshold line takes the grey
+
+
+def drift_chart(*, reports: list, threshold: float) -> dict | None:
+    """Each input column's distance over the drift reports (oldest first), one slot per report,
+    with the column threshold as a dashed grey line; the columns that drifted most are drawn."""
+    if not reports:
+        return None
+    ordered = sorted(reports, key=lambda report: report.window_end)
+    peaks: dict[str, float] = {}
+    for report in ordered:
+        for name, column in report.columns.items():
+            distance = _distance(column)
+            if distance is not None:
+                peaks[name] = max(peaks.get(name, 0.0), distance)
+    shown = sorted(peaks, key=lambda name: (-peaks[name], name))[:MAX_DRIFT_COLUMNS]
+    lines = [
+        Line(
+            name,
+            charts.colour(index),
+            [_distance(report.columns.get(name)) for report in ordered],
+        )
+        for index, name in enumerate(sorted(shown))
+    ]
+    lines.append(Line("threshold", charts.OTHER_COLOUR, [threshold] * len(ordered), dashed=True))
+    chart = line_chart(
+        key="drift",
+        title="Distance per input column",
+        starts=[report.window_end for report in ordered],
+        lines=lines,
+        ceiling=nice_ceiling(max([*peaks.values(), threshold]), at_least=0.01),
+        label=lambda v: _number(v, 3),
+    )
+    chart["hidden"] = len(peaks) - len(shown)
+    return chart
+
+
+def _distance(column) -> float | None:
+    distance = column.get("distance") if isinstance(column, dict) else None
+    if isinstance(distance, (int, float)) and math.isfinite(distance):
+        return float(distance)
+    return None

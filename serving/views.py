@@ -17,7 +17,7 @@ from tenants.errors import DomainError
 from tenants.standing import Effect
 from tenants.views.base import OrganizationPageMixin
 
-from .charts import DEFAULT_RANGE, RANGES, version_charts
+from .charts import DEFAULT_RANGE, RANGES, drift_chart, version_charts
 from .forms import DeploymentCreateForm, RetrainPolicyForm, RoutesForm
 from .models import Deployment, DriftReport, LoopEvent, Replica, RetrainPolicy, Route
 from .policies import retrain_policy_set
@@ -228,7 +228,8 @@ class DeploymentPage(OrganizationPageMixin, TemplateView):
         columns = sorted({name for report in reports for name in report.columns})
         for report in reports:
             report.cells = [report.columns.get(name) for name in columns]
-        return {"reports": reports, "columns": columns}
+        chart = drift_chart(reports=reports, threshold=deployment.drift_column_threshold)
+        return {"reports": reports, "columns": columns, "chart": chart}
 
     def post(self, request, org_slug, name):
         deployment = self.get_org_object()

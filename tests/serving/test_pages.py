@@ -10,7 +10,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from jobs.models import Job, ResourceClass
-from serving.charts import RANGES, nice_ceiling, version_charts
+from serving.charts import MAX_DRIFT_COLUMNS, RANGES, drift_chart, nice_ceiling, version_charts
 from serving.models import (
     Deployment,
     DriftReport,
@@ -184,6 +184,7 @@ def test_deployment_page_shows_routes_replicas_with_their_jobs_drift_and_timelin
     for key in ("rate", "latency", "errors", "metric"):
         assert f'id="chart-{key}"' in html
     assert html.count("<polyline") >= 2 and "stroke-dasharray" in html  # p50 dashed
+    assert 'id="chart-drift"' in html and 'threshold <span class="muted">dashed' in html
     assert '<mark title="wasserstein: drifted">0.420</mark>' in html
     assert '<span title="jsd">0.010</span>' in html
     # Newest first, with links and cost.
@@ -612,3 +613,24 @@ def test_each_window_of_the_series_is_exactly_version_stats_over_that_window(org
         expected = version_stats(deployment=deployment, since=opened, until=opened + series.window)
         for version in (stable, canary):
             assert series.stats[version.pk][index] == expected.get(version.pk), (version, index)
+
+
+def test_drift_chart_draws_the_columns_that_drifted_most_and_skips_distances_it_cannot_read():
+    now = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
+    columns = {f"c{n}": {"distance": n / 100, "drifted": n > 5} for n in range(10)}
+    reports = [
+        DriftReport(window_end=now, columns=columns | {"bad": {"distance": float("nan")}}),
+        DriftReport(
+            window_end=now - timedelta(hours=1), columns={"c9": {"distance": "0.5"}, "odd": 3}
+        ),
+    ]
+
+    chart = drift_chart(reports=reports, threshold=0.1)
+
+    names = [s["name"] for s in chart["series"]]
+    assert names[-1] == "threshold" and len(names) == MAX_DRIFT_COLUMNS + 1
+    assert "c9" in names and "c0" not in names and "bad" not in names
+    assert chart["hidden"] == 10 - MAX_DRIFT_COLUMNS
+    c9 = next(s for s in chart["series"] if s["name"] == "c9")
+    assert [p["label"] for p in c9["points"]] == ["0.09"]  # oldest report first: unreadable
+    assert drift_chart(reports=[], threshold=0.1) is None
