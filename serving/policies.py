@@ -44,8 +44,47 @@ MIN_EVERY_S = 600
 MAX_COST_MINOR = 10_000_000
 
 
+BOOLEAN_FIELDS = ("enabled", "on_drift", "on_new_data", "append_feedback", "auto_promote")
+WHOLE_FIELDS = ("every_s", "cooldown_s", "max_cost_minor", "canary_percent", "bake_s")
+NUMBER_FIELDS = (
+    "metric_below",
+    "gate_margin",
+    "slice_tolerance",
+    "rollback_error_rate",
+    "rollback_p99_ratio",
+    "rollback_metric_drop",
+)
+NULLABLE_FIELDS = ("metric_below", "every_s")
+SLICE_COLUMN_MAX = 100
+
+
 class RetrainPolicyInvalid(DomainError):
     code = "retrain_policy_invalid"
+
+
+def _type_errors(fields: dict) -> dict[str, list[str]]:
+    """Values of the wrong kind, which a caller other than the form (an API) might pass."""
+    errors: dict[str, list[str]] = {}
+    for name, value in fields.items():
+        if value is None and name in NULLABLE_FIELDS:
+            continue
+        if name in BOOLEAN_FIELDS:
+            wrong = not isinstance(value, bool)
+            message = "Enter true or false."
+        elif name in WHOLE_FIELDS:
+            wrong = isinstance(value, bool) or not isinstance(value, int)
+            message = "Enter a whole number."
+        elif name in NUMBER_FIELDS:
+            wrong = isinstance(value, bool) or not isinstance(value, int | float)
+            message = "Enter a number."
+        elif name == "slice_column":
+            wrong = not isinstance(value, str) or len(value.strip()) > SLICE_COLUMN_MAX
+            message = f"Enter a column name of at most {SLICE_COLUMN_MAX} characters."
+        else:
+            continue
+        if wrong:
+            errors[name] = [message]
+    return errors
 
 
 def _between(errors, field, value, low, high, message):
@@ -202,6 +241,9 @@ def retrain_policy_set(*, deployment: Deployment, actor: Actor, **fields) -> Ret
             f"A retrain policy has no field {', '.join(unknown)}.",
             fields={name: ["Not a retrain policy field."] for name in unknown},
         )
+    wrong = _type_errors(fields)
+    if wrong:
+        raise RetrainPolicyInvalid("The retrain policy is not valid.", fields=wrong)
     organization = deployment.organization
     dataset = fields.get("dataset")
     if dataset is not None and (

@@ -319,6 +319,27 @@ def test_policy_service_refuses_another_organizations_dataset_and_unknown_fields
     assert not RetrainPolicy.objects.exists()
 
 
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("canary_percent", "50"),
+        ("canary_percent", True),
+        ("enabled", "yes"),
+        ("gate_margin", float("inf")),
+        ("slice_column", "x" * 101),
+        ("cooldown_s", None),
+    ],
+)
+def test_policy_service_refuses_values_of_the_wrong_kind_as_an_api_might_send(
+    org, owner, field, value
+):
+    deployment, _ = make_deployment(org)
+    with pytest.raises(RetrainPolicyInvalid) as refused:
+        retrain_policy_set(deployment=deployment, actor=Actor(user=owner), **{field: value})
+    assert list(refused.value.fields) == [field]
+    assert not RetrainPolicy.objects.exists()
+
+
 def test_policy_threshold_of_an_error_metric_may_exceed_one(org, owner):
     deployment, _ = make_deployment(org, recipe="timeseries-forecaster")
     policy = retrain_policy_set(deployment=deployment, actor=Actor(user=owner), metric_below=3.5)
