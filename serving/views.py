@@ -26,6 +26,7 @@ from .selectors import deployment_traffic, live_metric_of, version_series
 READ_SCOPE = "deployments:read"
 WRITE_SCOPE = "deployments:write"
 DRIFT_REPORTS = 12
+LISTED_DEPLOYMENTS = 200
 TIMELINE_ROWS = 50
 
 
@@ -57,7 +58,9 @@ class DeploymentsPage(OrganizationPageMixin, TemplateView):
 
     def get_context_data(self, **kwargs):
         context = super().get_context_data(**kwargs)
-        deployments = list(self.get_org_queryset()[:200])
+        deployments = list(self.get_org_queryset()[: LISTED_DEPLOYMENTS + 1])
+        context["more"] = len(deployments) > LISTED_DEPLOYMENTS
+        deployments = deployments[:LISTED_DEPLOYMENTS]
         routes: dict[int, list[Route]] = {}
         for route in (
             Route.objects.for_organization(self.organization)
@@ -68,6 +71,7 @@ class DeploymentsPage(OrganizationPageMixin, TemplateView):
         traffic = deployment_traffic(
             organization=self.organization, since=timezone.now() - timedelta(hours=1)
         )
+        context["listed"] = LISTED_DEPLOYMENTS
         context["rows"] = [
             {
                 "deployment": deployment,

@@ -655,3 +655,13 @@ def test_drift_chart_draws_the_columns_that_drifted_most_and_skips_distances_it_
     c9 = next(s for s in chart["series"] if s["name"] == "c9")
     assert [p["label"] for p in c9["points"]] == ["0.09"]  # oldest report first: unreadable
     assert drift_chart(reports=[], threshold=0.1) is None
+
+
+def test_a_long_list_says_it_is_cut_and_where_to_find_the_rest(org, viewer, monkeypatch):
+    monkeypatch.setattr("serving.views.LISTED_DEPLOYMENTS", 2)
+    for name in ("a", "b", "c"):
+        make_deployment(org, name)
+    html = viewer.get(reverse("serving:deployments", args=[org.slug])).content.decode()
+    assert "Showing the first 2 by name" in html
+    assert reverse("serving:deployment", args=[org.slug, "b"]) in html
+    assert reverse("serving:deployment", args=[org.slug, "c"]) not in html
