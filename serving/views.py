@@ -91,11 +91,11 @@ class DeploymentsPage(OrganizationPageMixin, TemplateView):
         return context
 
     def post(self, request, org_slug):
-        # The gateway's services, imported on use while they live on another branch.
-        from . import services
-
         form = DeploymentCreateForm(request.POST, organization=self.organization)
         if form.is_valid():
+            # The gateway's services, imported on use while they live on another branch.
+            from . import services
+
             data = form.cleaned_data
             version = data["model_version"]
             try:
@@ -259,8 +259,6 @@ class DeploymentRoutesAction(DeploymentPage):
     effects = {}
 
     def post(self, request, org_slug, name):
-        from . import services  # see DeploymentsPage.post
-
         deployment = self.get_org_object()
         routes = list(
             Route.objects.for_organization(self.organization).filter(deployment=deployment)
@@ -269,6 +267,8 @@ class DeploymentRoutesAction(DeploymentPage):
             request.POST, organization=self.organization, deployment=deployment, routes=routes
         )
         if form.is_valid():
+            from . import services  # see DeploymentsPage.post
+
             try:
                 services.routes_set(
                     deployment=deployment, routes=form.cleaned_data["routes"], actor=self.actor

@@ -591,6 +591,19 @@ def test_routes_form_refuses_bad_routes_and_leaves_the_old_ones(org, other_org, 
     ]
 
 
+def test_the_page_answered_from_the_routes_url_still_links_and_posts_to_its_own(org, dev):
+    make_deployment(org)
+    response = dev.post(
+        reverse("serving:deployment_routes", args=[org.slug, "churn"]),
+        {"version_0": "not-a-version", "weight_0": "100"},
+    )
+    html = response.content.decode()
+    assert response.status_code == 400 and "Select a valid choice" in html
+    page_url = reverse("serving:deployment", args=[org.slug, "churn"])
+    assert f'<form method="post" action="{page_url}" id="retrain-policy"' in html
+    assert f'href="{page_url}?range=1h"' in html
+
+
 def test_a_viewer_sees_no_route_or_create_forms_and_cannot_post_them(org, viewer):
     _deployment, (stable,) = make_deployment(org)
     assert (
