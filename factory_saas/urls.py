@@ -27,6 +27,7 @@ urlpatterns = [
     path("", include("tenants.urls")),
     path("o/<slug:org_slug>/", include("registry.urls")),
     path("o/<slug:org_slug>/", include("jobs.urls")),
+    path("o/<slug:org_slug>/", include("serving.urls")),
     path("o/<slug:org_slug>/", include("billing.urls")),
     path("ops/", include("factory_saas.ops.urls")),
     path("", include("registry.storage_views")),

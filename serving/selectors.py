@@ -1,13 +1,32 @@
-"""Reads of the loop's rows: what a deployment's versions did over a window."""
+"""Reads of the loop's rows: what a deployment's versions did over a window.
+
+Counts and latency percentiles are the database's work on PostgreSQL (percentile_disc, date_bin),
+so a window of millions of predictions never comes into the web process; the embedded default's
+SQLite has neither, and there the same numbers are folded in Python. Only labelled predictions
+(the live metric's rows) are read to be scored, everywhere.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from django.db import connection
-from django.db.models import Aggregate, Count, FloatField, Q, QuerySet
+from django.db.models import (
+    Aggregate,
+    Count,
+    DateTimeField,
+    F,
+    FloatField,
+    Func,
+    Q,
+    QuerySet,
+    Value,
+)
+
+from tenants.models import Organization
 
 from .models import Deployment, LoopEvent, PredictionLog, Replica, Route
 
@@ -63,83 +82,171 @@ def _score(metric: str, output, label) -> float | None:
         return None
 
 
-class _PercentileDisc(Aggregate):
-    """PostgreSQL's nearest-rank percentile, the same as `_percentile` in Python."""
+class _Percentile(Aggregate):
+    """PostgreSQL's nearest-rank percentile, the same rank `_percentile` takes in Python."""
 
     function = "percentile_disc"
     template = "%(function)s(%(share)s) WITHIN GROUP (ORDER BY %(expressions)s)"
     output_field = FloatField()
 
-    def __init__(self, expression, share: float):
-        super().__init__(expression, share=share)
+    def __init__(self, expression, *, share: float):
+        super().__init__(expression, share=float(share))
 
 
-def _latency_and_errors(rows) -> dict[int, tuple[int, int, float | None, float | None]]:
-    """Per version: requests, errors, p50 and p99, counted by the database where it can, so a
-    window of millions of predictions is never loaded into the web process."""
+_COUNTS = {
+    "requests": Count("pk"),
+    "errors": Count("pk", filter=~Q(error="")),
+    "p50_ms": _Percentile("latency_ms", share=0.5),
+    "p99_ms": _Percentile("latency_ms", share=0.99),
+}
+
+
+def _logged(*, deployment: Deployment, since: datetime, until: datetime | None, mode: str):
+    rows = PredictionLog.objects.for_organization(deployment.organization).filter(
+        deployment=deployment, created_at__gte=since, mode=mode
+    )
+    if until is not None:
+        rows = rows.filter(created_at__lt=until)
+    return rows
+
+
+def _counted(rows, group: str) -> dict[Hashable, dict]:
+    """Per value of `group`: requests, errors, p50_ms and p99_ms of `rows`."""
     if connection.vendor == "postgresql":
-        return {
-            r["model_version_id"]: (r["requests"], r["errors"], r["p50"], r["p99"])
-            for r in rows.order_by()
-            .values("model_version_id")
-            .annotate(
-                requests=Count("pk"),
-                errors=Count("pk", filter=~Q(error="")),
-                p50=_PercentileDisc("latency_ms", 0.5),
-                p99=_PercentileDisc("latency_ms", 0.99),
-            )
+        return {row.pop(group): row for row in rows.values(group).annotate(**_COUNTS).order_by()}
+    folded: dict[Hashable, tuple[list[float], list[int]]] = {}
+    for key, latency, error in rows.values_list(group, "latency_ms", "error").iterator(
+        chunk_size=5000
+    ):
+        latencies, errors = folded.setdefault(key, ([], [0]))
+        latencies.append(latency)
+        errors[0] += bool(error)
+    counted = {}
+    for key, (latencies, errors) in folded.items():
+        latencies.sort()
+        counted[key] = {
+            "requests": len(latencies),
+            "errors": errors[0],
+            "p50_ms": _percentile(latencies, 0.5),
+            "p99_ms": _percentile(latencies, 0.99),
         }
-    by_version: dict[int, list] = {}
-    for version_id, latency, error in rows.values_list(
-        "model_version_id", "latency_ms", "error"
-    ).iterator(chunk_size=5000):
-        acc = by_version.setdefault(version_id, [[], 0])
-        acc[0].append(latency)
-        acc[1] += bool(error)
-    return {
-        version_id: (
-            len(latency),
-            errors,
-            _percentile(sorted(latency), 0.5),
-            _percentile(sorted(latency), 0.99),
-        )
-        for version_id, (latency, errors) in by_version.items()
-    }
+    return counted
+
+
+def _scores(rows, recipe: str, key: Callable[[int, datetime], Hashable]) -> dict:
+    """The live metric's per-prediction scores of the labelled `rows`, grouped by
+    `key(version_id, created_at)`."""
+    metric, _higher = live_metric_of(recipe)
+    scores: dict[Hashable, list[float]] = {}
+    for version_id, created_at, output, label in (
+        rows.filter(label__isnull=False)
+        .values_list("model_version_id", "created_at", "output", "label")
+        .iterator(chunk_size=5000)
+    ):
+        score = _score(metric, output, label)
+        if score is not None:
+            scores.setdefault(key(version_id, created_at), []).append(score)
+    return scores
+
+
+def _stats(counts: dict, scored: list[float]) -> VersionStats:
+    return VersionStats(
+        requests=counts["requests"],
+        errors=counts["errors"],
+        p50_ms=counts["p50_ms"],
+        p99_ms=counts["p99_ms"],
+        labelled=len(scored),
+        metric=sum(scored) / len(scored) if scored else None,
+    )
 
 
 def version_stats(
     *, deployment: Deployment, since: datetime, until: datetime | None = None, mode: str = "live"
 ) -> dict[int, VersionStats]:
     """Per model version id: requests, errors, latency percentiles and the live metric of the
-    logged predictions of `deployment` made in [since, until). Only labelled rows are read into
-    Python (to score them); the rest is aggregated by the database."""
-    rows = PredictionLog.objects.for_organization(deployment.organization).filter(
-        deployment=deployment, created_at__gte=since, mode=mode
+    logged predictions of `deployment` made in [since, until)."""
+    rows = _logged(deployment=deployment, since=since, until=until, mode=mode)
+    scores = _scores(rows, deployment.recipe, lambda version_id, _at: version_id)
+    return {
+        version_id: _stats(counts, scores.get(version_id, []))
+        for version_id, counts in _counted(rows, "model_version_id").items()
+    }
+
+
+@dataclass(frozen=True)
+class VersionSeries:
+    """version_stats of equal consecutive windows: `starts[i]` opens window i, which lasts
+    `window`; `stats[version_id][i]` is None where the version answered nothing in it."""
+
+    starts: list[datetime]
+    window: timedelta
+    stats: dict[int, list[VersionStats | None]]
+
+
+def version_series(
+    *, deployment: Deployment, start: datetime, end: datetime, windows: int, mode: str = "live"
+) -> VersionSeries:
+    """version_stats over each of `windows` equal windows from `start` to `end`; on PostgreSQL in
+    two queries whatever the traffic (the database bins, counts and ranks latencies), elsewhere
+    one version_stats per window."""
+    window = (end - start) / windows
+    starts = [start + window * index for index in range(windows)]
+    stats: dict[int, list[VersionStats | None]] = {}
+    if connection.vendor != "postgresql":
+        for index, opened in enumerate(starts):
+            for version_id, cell in version_stats(
+                deployment=deployment, since=opened, until=opened + window, mode=mode
+            ).items():
+                stats.setdefault(version_id, [None] * windows)[index] = cell
+        return VersionSeries(starts=starts, window=window, stats=stats)
+
+    def index(at: datetime) -> int:
+        return min(windows - 1, int((at - start) / window))
+
+    rows = _logged(deployment=deployment, since=start, until=end, mode=mode)
+    scores = _scores(rows, deployment.recipe, lambda version_id, at: (version_id, index(at)))
+    opened = Func(
+        Value(window),
+        F("created_at"),
+        Value(start),
+        function="date_bin",
+        output_field=DateTimeField(),
     )
-    if until is not None:
-        rows = rows.filter(created_at__lt=until)
-    metric, _higher = live_metric_of(deployment.recipe)
-    scores: dict[int, list[float]] = {}
-    for version_id, output, label in (
-        rows.filter(label__isnull=False)
-        .values_list("model_version_id", "output", "label")
-        .iterator(chunk_size=5000)
-    ):
-        score = _score(metric, output, label)
-        if score is not None:
-            scores.setdefault(version_id, []).append(score)
-    stats = {}
-    for version_id, (requests, errors, p50, p99) in _latency_and_errors(rows).items():
-        scored = scores.get(version_id, [])
-        stats[version_id] = VersionStats(
-            requests=requests,
-            errors=errors,
-            p50_ms=p50,
-            p99_ms=p99,
-            labelled=len(scored),
-            metric=sum(scored) / len(scored) if scored else None,
-        )
-    return stats
+    counted = (
+        rows.annotate(opened=opened)
+        .values("model_version_id", "opened")
+        .annotate(**_COUNTS)
+        .order_by()
+    )
+    for row in counted:
+        cell = (row["model_version_id"], index(row["opened"]))
+        stats.setdefault(cell[0], [None] * windows)[cell[1]] = _stats(row, scores.get(cell, []))
+    return VersionSeries(starts=starts, window=window, stats=stats)
+
+
+@dataclass(frozen=True)
+class DeploymentTraffic:
+    requests: int
+    errors: int
+    p99_ms: float | None
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+
+def deployment_traffic(
+    *, organization: Organization, since: datetime
+) -> dict[int, DeploymentTraffic]:
+    """Per deployment id of `organization`: its live requests since `since`, errors and p99,
+    for a list of every deployment."""
+    rows = PredictionLog.objects.for_organization(organization).filter(
+        created_at__gte=since, mode=Route.Mode.LIVE
+    )
+    return {
+        deployment_id: DeploymentTraffic(row["requests"], row["errors"], row["p99_ms"])
+        for deployment_id, row in _counted(rows, "deployment_id").items()
+    }
 
 
 def live_routes(deployment: Deployment) -> list[Route]:

@@ -26,7 +26,7 @@ from rest_framework.test import APIClient
 from safetensors.numpy import save as save_safetensors
 
 from billing.models import BillingAccount, Invoice, UsageRecord
-from jobs.models import Job, JobState, Sweep
+from jobs.models import Job, JobState, ResourceClass, Sweep
 from registry.models import (
     Dataset,
     DatasetVersion,
@@ -37,7 +37,7 @@ from registry.models import (
 )
 from registry.storage import get_storage
 from serving import models as serving_models
-from serving.models import Deployment, PredictionLog
+from serving.models import Deployment, PredictionLog, RetrainPolicy
 from serving.services import routes_set
 from tenants.api.base import OrganizationScopedAPIView, OrganizationScopedViewSet
 from tenants.models import ApiKey, Invitation, Membership, Organization
@@ -232,7 +232,6 @@ def _make_invoice(organization, requester):
 
 
 def _make_deployment(organization, requester):
-    from jobs.models import ResourceClass
     from tenants.actors import Actor
 
     deployment = Deployment.objects.create(
@@ -492,6 +491,28 @@ def _sweep_cancelled(case):
 
 def _budget_set(case):
     return BillingAccount.objects.filter(organization=case.org, monthly_budget_minor=12345).exists()
+
+
+def _servable_in_org(case):
+    case.made["_routable"] = ModelVersionFactory(
+        organization=case.org, recipe_name="tabular-classifier"
+    )
+
+
+def _deployment_made_by_page(case):
+    return Deployment.objects.filter(organization=case.org, name="swept-page").exists()
+
+
+def _routed_by_page(case):
+    return serving_models.Route.objects.filter(
+        deployment=case.made["_deployment"], model_version=case.made["_routable"], weight=100
+    ).exists()
+
+
+def _retrain_policy_set(case):
+    return RetrainPolicy.objects.filter(
+        deployment=case.made["_deployment"], canary_percent=15
+    ).exists()
 
 
 def _stripe_session(path):
@@ -821,6 +842,48 @@ CALLS: dict[str, Call] = {
     "GET jobs:sweeps": OK,
     "GET jobs:sweep": OK,
     "POST jobs:sweep_cancel": Call(302, wrote=_sweep_cancelled),
+    "GET serving:deployments": OK,
+    "POST serving:deployments": Call(
+        302,
+        prepare=_servable_in_org,
+        body=lambda c: {
+            "name": "swept-page",
+            "model_version": str(c.made["_routable"].pk),
+            "resource_class": "cpu",
+            "min_replicas": "0",
+            "max_replicas": "1",
+        },
+        wrote=_deployment_made_by_page,
+    ),
+    "POST serving:deployment_routes": Call(
+        302,
+        prepare=_servable_in_org,
+        body=lambda c: {
+            "version_0": str(c.made["_routable"].pk),
+            "weight_0": "100",
+            "mode_0": "live",
+            "stage_0": "stable",
+        },
+        wrote=_routed_by_page,
+    ),
+    "GET serving:deployment": OK,
+    "POST serving:deployment": Call(
+        302,
+        body=lambda c: {
+            "enabled": "on",
+            "on_drift": "on",
+            "cooldown_s": "3600",
+            "max_cost_minor": "500",
+            "gate_margin": "0",
+            "slice_tolerance": "0.05",
+            "canary_percent": "15",
+            "bake_s": "600",
+            "rollback_error_rate": "0.02",
+            "rollback_p99_ratio": "1.5",
+            "rollback_metric_drop": "0.02",
+        },
+        wrote=_retrain_policy_set,
+    ),
     "GET billing:billing": OK,
     "POST billing:billing": Call(
         302,

@@ -341,7 +341,6 @@ SPECTACULAR_SETTINGS = {
         "SourceEnum": "registry.models.DatasetVersion.Source",
         "InvoiceSourceEnum": "billing.models.Invoice.Source",
         "InvoiceStatusEnum": "billing.models.Invoice.Status",
-        "KindEnum": "jobs.models.Job.Kind",
         "ModeEnum": "jobs.models.Sweep.Mode",
         "LoopEventKindEnum": "serving.models.LoopEvent.Kind",
         "RouteModeEnum": "serving.models.Route.Mode",

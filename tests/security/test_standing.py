@@ -531,6 +531,11 @@ EXPECTED_EFFECTS: dict[str, Effect] = {
     "POST deployment-predict": Effect.SPEND,
     "POST deployment-feedback": Effect.CHANGE,
     "POST deployment-datasets": Effect.SPEND,
+    # deployments: creating and routing start replicas, which cost; the retrain policy only
+    # changes what the loop may do (the loop's own jobs meet the standing when submitted)
+    "POST serving:deployments": Effect.SPEND,
+    "POST serving:deployment": Effect.CHANGE,
+    "POST serving:deployment_routes": Effect.SPEND,
     # billing
     "PATCH billing-account": Effect.PAY,
     "POST billing-checkout": Effect.PAY,

@@ -1,0 +1,16 @@
+from django.urls import path
+
+from . import views
+
+app_name = "serving"
+
+# Mounted at /o/<org_slug>/; every view here is org-scoped (OrganizationPageMixin).
+urlpatterns = [
+    path("deployments/", views.DeploymentsPage.as_view(), name="deployments"),
+    path("deployments/<slug:name>/", views.DeploymentPage.as_view(), name="deployment"),
+    path(
+        "deployments/<slug:name>/routes/",
+        views.DeploymentRoutesAction.as_view(),
+        name="deployment_routes",
+    ),
+]
