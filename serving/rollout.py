@@ -18,10 +18,10 @@ from registry.models import ModelVersion
 from registry.services.model_versions import model_alias_set
 from tenants.actors import Actor
 from tenants.errors import DomainError
-from tenants.services import audit_record
 
 from .models import Deployment, LoopEvent, Replica, Retrain, RetrainPolicy, Route
 from .selectors import VersionStats, live_metric_of, version_stats
+from .services import routes_set
 from .timeline import loop_actor, loop_step_record, minor_per_second
 
 # The shares a canary passes through after its first one; reaching 100% promotes it.
@@ -29,55 +29,32 @@ CANARY_STEPS = (50, 100)
 PRODUCTION_ALIAS = "production"
 
 
-class RoutesInvalid(DomainError):
-    code = "routes_invalid"
-
-
 def _routes_apply(
     *, deployment: Deployment, routes: list[dict], actor: Actor, data: dict | None = None
 ) -> None:
-    """Make `routes` ([{model_version, weight, stage}]) the deployment's live routes; shadow
-    routes of other versions stay. The one place the loop changes weights: at merge it becomes
-    serving.services.routes_set (which also drains replicas of versions no longer routed)."""
-    with transaction.atomic():
-        deployment = Deployment.objects.select_for_update().get(pk=deployment.pk)
-        if sum(route["weight"] for route in routes) != 100:
-            raise RoutesInvalid("Live route weights must sum to 100.")
-        existing = {
-            route.model_version_id: route
-            for route in Route.objects.for_organization(deployment.organization).filter(
-                deployment=deployment
-            )
+    """Make `routes` ([{model_version, weight, stage}]) the deployment's live routes, through
+    routes_set (validated, audited with `data`, replicas of versions no longer routed drained);
+    shadow routes of other versions stay. The loop's step itself is its own timeline row."""
+    live = {route["model_version"].pk for route in routes}
+    shadows = [
+        {
+            "model_version": route.model_version,
+            "weight": route.weight,
+            "mode": Route.Mode.SHADOW,
+            "stage": route.stage,
         }
-        wanted = {route["model_version"].pk: route for route in routes}
-        for version_id, route in existing.items():
-            if route.mode == Route.Mode.LIVE and version_id not in wanted:
-                route.delete()
-        for version_id, spec in wanted.items():
-            route = existing.get(version_id) or Route(
-                organization=deployment.organization,
-                deployment=deployment,
-                model_version=spec["model_version"],
-            )
-            route.weight, route.mode, route.stage = (
-                spec["weight"],
-                Route.Mode.LIVE,
-                spec.get("stage", Route.Stage.STABLE),
-            )
-            route.save()
-        audit_record(
-            organization=deployment.organization,
-            actor=actor,
-            action="deployment.routes_set",
-            target=deployment,
-            data={
-                **(data or {}),
-                "routes": [
-                    {"model_version": v, "weight": r["weight"], "stage": r.get("stage", "stable")}
-                    for v, r in wanted.items()
-                ],
-            },
-        )
+        for route in Route.objects.for_organization(deployment.organization)
+        .filter(deployment=deployment, mode=Route.Mode.SHADOW)
+        .exclude(model_version_id__in=live)
+        .select_related("model_version")
+    ]
+    routes_set(
+        deployment=deployment,
+        routes=[{**route, "mode": Route.Mode.LIVE} for route in routes] + shadows,
+        actor=actor,
+        event_kind=None,
+        event_data=data,
+    )
 
 
 def _shares(stable: ModelVersion, canary: ModelVersion, percent: int) -> list[dict]:

@@ -269,7 +269,7 @@ def routes_set(
     deployment: Deployment,
     routes: list[dict],
     actor: Actor,
-    event_kind: str = LoopEvent.Kind.DEPLOYED,
+    event_kind: str | None = LoopEvent.Kind.DEPLOYED,
     message: str = "",
     event_data: dict | None = None,
 ) -> list[Route]:
@@ -277,9 +277,9 @@ def routes_set(
     "weight": 0..100, "mode": "live"|"shadow", "stage": "stable"|"canary"}], live weights summing
     to exactly 100, every version the organization's and trained by the deployment's recipe.
 
-    One transaction: the routes, the audit event, and one timeline row of `event_kind` (the
-    loop's rollout passes CANARY_STARTED, PROMOTED, ROLLED_BACK...). Replicas of versions no
-    longer routed are marked draining; the reconciler stops them.
+    One transaction: the routes, the audit event (with `event_data`), and one timeline row of
+    `event_kind`, or none when the caller writes its own (the loop's rollout records each of its
+    steps). Replicas of versions no longer routed are marked draining; the reconciler stops them.
     """
     deployment = Deployment.objects.select_for_update().get(pk=deployment.pk)
     clean = _validated_routes(deployment, routes)
@@ -304,8 +304,10 @@ def routes_set(
         actor=actor,
         action="deployment.routes_set",
         target=deployment,
-        data={"before": before, "after": after},
+        data={"before": before, "after": after} | (event_data or {}),
     )
+    if event_kind is None:
+        return made
     _event(
         deployment,
         event_kind,
