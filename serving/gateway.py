@@ -38,7 +38,9 @@ from .services import DeploymentNotRouted
 
 logger = logging.getLogger(__name__)
 
-MAX_INPUTS = 1000
+# The replicas' own limit (jobs.runner.parent hands it to each): more would travel to a replica
+# only to be refused there, and reach the caller as a 502 instead of this clear 400.
+MAX_INPUTS = settings.ONLINE_PREDICTION_MAX_ROWS
 # Deeper inputs fit no recipe's contract, and would cost the JSON encoders their stack.
 MAX_INPUT_DEPTH = 20
 ROUTING_KEY_MAX = 200
