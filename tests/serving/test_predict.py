@@ -357,6 +357,23 @@ def test_deeply_nested_inputs_are_400_never_a_500(org, caller, make_deployment, 
     assert not fake.requests
 
 
+def test_more_inputs_than_a_replica_takes_are_400_here_not_a_502_from_it(
+    org, caller, make_deployment, serve, settings
+):
+    """Replicas refuse more than ONLINE_PREDICTION_MAX_ROWS inputs; the request path refuses
+    them first, with the limit, and logs and bills nothing."""
+    deployment, (a,) = make_deployment(org)
+    fake = serve(deployment, a, "a")
+    limit = settings.ONLINE_PREDICTION_MAX_ROWS
+    response = caller.post(_url(deployment), {"inputs": [ROW] * (limit + 1)}, format="json")
+    assert response.status_code == 400, response.content
+    assert "inputs" in response.json()["fields"]
+    assert not fake.requests and not PredictionLog.objects.filter(deployment=deployment).exists()
+    assert (
+        caller.post(_url(deployment), {"inputs": [ROW] * limit}, format="json").status_code == 200
+    )
+
+
 @pytest.mark.django_db(transaction=True, serialized_rollback=True)
 def test_concurrent_retries_with_one_key_agree_and_are_billed_once(
     org, caller, make_deployment, serve
