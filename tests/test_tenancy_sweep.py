@@ -247,6 +247,39 @@ def _make_deployment(organization, requester):
     return {"name": deployment.name, "_deployment": deployment, "_version": version}
 
 
+def _make_retrain(organization, requester):
+    """A retrain whose challenger passed the gate and awaits a person's approval."""
+    made = _make_deployment(organization, requester)
+    deployment, champion = made["_deployment"], made["_version"]
+    RetrainPolicy.objects.create(
+        organization=organization, deployment=deployment, auto_promote=False
+    )
+    challenger = ModelVersionFactory(
+        organization=organization,
+        registered_model=champion.registered_model,
+        recipe_name="tabular-classifier",
+    )
+    retrain = serving_models.Retrain.objects.create(
+        organization=organization,
+        deployment=deployment,
+        state=serving_models.Retrain.State.AWAITING_APPROVAL,
+        trigger={"trigger": "drift"},
+        job=JobFactory(organization=organization),
+        evaluation_job=JobFactory(organization=organization),
+        champion=champion,
+        challenger=challenger,
+    )
+    serving_models.ModelCard.objects.create(
+        organization=organization,
+        model_version=challenger,
+        retrain=retrain,
+        champion=champion,
+        decision=serving_models.ModelCard.Decision.PASSED,
+        reasons=["swept: better"],
+    )
+    return made | {"pk": retrain.pk, "_retrain": retrain}
+
+
 # One maker per kind of object a route is about (the view's `model`).
 OBJECT_MAKERS = {
     Membership: _make_membership,
@@ -262,6 +295,7 @@ OBJECT_MAKERS = {
     Sweep: _make_sweep,
     Invoice: _make_invoice,
     Deployment: _make_deployment,
+    serving_models.Retrain: _make_retrain,
 }
 
 
@@ -507,6 +541,19 @@ def _routed_by_page(case):
     return serving_models.Route.objects.filter(
         deployment=case.made["_deployment"], model_version=case.made["_routable"], weight=100
     ).exists()
+
+
+def _retrain_in(state):
+    def check(case):
+        return serving_models.Retrain.objects.filter(
+            pk=case.made["_retrain"].pk, state=state
+        ).exists()
+
+    return check
+
+
+_approved = _retrain_in(serving_models.Retrain.State.CANARY)
+_rejected = _retrain_in(serving_models.Retrain.State.REJECTED)
 
 
 def _retrain_policy_set(case):
@@ -758,6 +805,10 @@ CALLS: dict[str, Call] = {
     ),
     "GET deployment-replicas": OK,
     "GET deployment-timeline": OK,
+    "GET deployment-retrains": OK,
+    "GET retrain-detail": OK,
+    "POST retrain-approve": Call(200, wrote=_approved),
+    "POST retrain-reject": Call(200, body=lambda c: {"reason": "swept"}, wrote=_rejected),
     "GET deployment-stats": OK,
     "POST deployment-predict": Call(
         200,
@@ -884,6 +935,9 @@ CALLS: dict[str, Call] = {
         },
         wrote=_retrain_policy_set,
     ),
+    "GET serving:retrain": OK,
+    "POST serving:retrain_approve": Call(302, wrote=_approved),
+    "POST serving:retrain_reject": Call(302, body=lambda c: {"reason": "swept"}, wrote=_rejected),
     "GET billing:billing": OK,
     "POST billing:billing": Call(
         302,

@@ -344,6 +344,7 @@ SPECTACULAR_SETTINGS = {
         "ModeEnum": "jobs.models.Sweep.Mode",
         "LoopEventKindEnum": "serving.models.LoopEvent.Kind",
         "RouteModeEnum": "serving.models.Route.Mode",
+        "RetrainStateEnum": "serving.models.Retrain.State",
     },
 }
 

@@ -536,6 +536,12 @@ EXPECTED_EFFECTS: dict[str, Effect] = {
     "POST serving:deployments": Effect.SPEND,
     "POST serving:deployment": Effect.CHANGE,
     "POST serving:deployment_routes": Effect.SPEND,
+    # the gate: approving a challenger starts a canary, whose replicas cost slot-seconds;
+    # rejecting one ends a retrain, which only lowers spend
+    "POST retrain-approve": Effect.SPEND,
+    "POST retrain-reject": Effect.REDUCE,
+    "POST serving:retrain_approve": Effect.SPEND,
+    "POST serving:retrain_reject": Effect.REDUCE,
     # billing
     "PATCH billing-account": Effect.PAY,
     "POST billing-checkout": Effect.PAY,
