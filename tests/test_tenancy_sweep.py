@@ -9,11 +9,9 @@ proves the action ran. A route without one of these fails, saying what to add.
 import json
 import re
 import secrets
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from urllib.parse import urlencode
 
 import numpy as np
@@ -25,7 +23,7 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 from safetensors.numpy import save as save_safetensors
 
-from billing.models import BillingAccount, Invoice, UsageRecord
+from billing.models import BillingAccount, Invoice
 from jobs.models import Job, JobState, ResourceClass, Sweep
 from registry.models import (
     Dataset,
@@ -470,28 +468,6 @@ def _alias_set(case):
     return ModelAlias.objects.filter(organization=case.org, name="swept-alias").exists()
 
 
-def _servable_version(case):
-    """A version of the URL's model with real weights and config, for online prediction."""
-    from registry.services import model_version_register
-    from tenants.actors import Actor
-
-    owner = MembershipFactory(organization=case.org, role=Role.OWNER).user
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "model.safetensors"
-        path.write_bytes(_weights_bytes())
-        case.made["_served"] = model_version_register(
-            registered_model=case.made["_model"],
-            weights_path=path,
-            config=TABULAR_CONFIG,
-            recipe_name="tabular-classifier",
-            actor=Actor(user=owner),
-        )
-
-
-def _predicted(case):
-    return UsageRecord.objects.filter(organization=case.org, resource="predictions").exists()
-
-
 def _dataset_ref(case):
     version = case.made.setdefault("_input", DatasetVersionFactory(organization=case.org))
     return {"dataset": version.dataset.name, "number": version.number}
@@ -751,10 +727,7 @@ CALLS: dict[str, Call] = {
     ),
     "DELETE model-alias-detail": Call(204, wrote=_alias_gone),
     "POST model-predict": Call(
-        200,
-        prepare=_servable_version,
-        body=lambda c: {"version": str(c.made["_served"].number), "rows": [{"x": 2}]},
-        wrote=_predicted,
+        410, writes_nothing="Gone: it only says that deployments answer predictions now."
     ),
     # API: jobs and sweeps
     "GET job-list": OK,
