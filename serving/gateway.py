@@ -25,7 +25,7 @@ from django.core.cache import cache
 from django.db import close_old_connections
 from django.utils import timezone
 
-from jobs.inference import idempotency_key_check, predictions_meter
+from jobs.predictions import idempotency_key_check, predictions_meter
 from jobs.selectors import replica_endpoints
 from jobs.services.replicas import replica_token
 from tenants.actors import Actor

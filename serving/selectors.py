@@ -28,7 +28,7 @@ from django.db.models import (
 
 from tenants.models import Organization
 
-from .models import Deployment, LoopEvent, PredictionLog, Replica, Route
+from .models import Deployment, LoopEvent, PredictionLog, Replica, Retrain, Route
 
 # The live metric each recipe is judged on, and whether higher is better. Classifiers: the share
 # of labelled predictions whose label was right; the forecaster: the mean absolute error of its
@@ -263,3 +263,16 @@ def replica_list(*, deployment: Deployment) -> QuerySet[Replica]:
 
 def timeline_list(*, deployment: Deployment) -> QuerySet[LoopEvent]:
     return LoopEvent.objects.for_organization(deployment.organization).filter(deployment=deployment)
+
+
+def retrain_list(*, organization: Organization, deployment: Deployment | None = None):
+    """Retrains, newest first, with what their rows show (versions, jobs, the model card)."""
+    rows = Retrain.objects.for_organization(organization).select_related(
+        "deployment",
+        "champion__registered_model",
+        "challenger__registered_model",
+        "job",
+        "evaluation_job",
+        "model_card",
+    )
+    return rows if deployment is None else rows.filter(deployment=deployment)

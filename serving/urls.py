@@ -13,4 +13,19 @@ urlpatterns = [
         views.DeploymentRoutesAction.as_view(),
         name="deployment_routes",
     ),
+    path(
+        "deployments/<slug:name>/retrains/<int:pk>/",
+        views.RetrainPage.as_view(),
+        name="retrain",
+    ),
+    path(
+        "deployments/<slug:name>/retrains/<int:pk>/approve/",
+        views.RetrainApproveAction.as_view(),
+        name="retrain_approve",
+    ),
+    path(
+        "deployments/<slug:name>/retrains/<int:pk>/reject/",
+        views.RetrainRejectAction.as_view(),
+        name="retrain_reject",
+    ),
 ]

@@ -1,5 +1,6 @@
-"""Dashboard pages for deployments: the list, and a deployment with its routes, replicas, live
-charts, drift, the loop's timeline and the retrain policy form."""
+"""Dashboard pages for deployments: the list, a deployment with its routes, replicas, live charts,
+drift, retrains, the loop's timeline and the retrain policy form, and a retrain's model card with
+the approve and reject buttons of the evaluation gate."""
 
 from __future__ import annotations
 
@@ -17,18 +18,28 @@ from tenants.errors import DomainError
 from tenants.standing import Effect
 from tenants.views.base import OrganizationPageMixin
 
-from . import services
+from . import gate, services
 from .charts import DEFAULT_RANGE, RANGES, drift_chart, version_charts
 from .forms import DeploymentCreateForm, RetrainPolicyForm, RoutesForm
-from .models import Deployment, DriftReport, LoopEvent, Replica, RetrainPolicy, Route
+from .models import (
+    Deployment,
+    DriftReport,
+    LoopEvent,
+    ModelCard,
+    Replica,
+    Retrain,
+    RetrainPolicy,
+    Route,
+)
 from .policies import retrain_policy_set
-from .selectors import deployment_traffic, live_metric_of, version_series
+from .selectors import deployment_traffic, live_metric_of, retrain_list, version_series
 
 READ_SCOPE = "deployments:read"
 WRITE_SCOPE = "deployments:write"
 DRIFT_REPORTS = 12
 LISTED_DEPLOYMENTS = 200
 TIMELINE_ROWS = 50
+RETRAIN_ROWS = 20
 
 
 def _version_label(version: ModelVersion) -> str:
@@ -170,6 +181,7 @@ class DeploymentPage(OrganizationPageMixin, TemplateView):
             charts=self._charts(deployment, routes, RANGES[range_key]),
             metric=live_metric_of(deployment.recipe)[0],
             drift=self._drift(deployment),
+            retrains=retrain_list(organization=organization, deployment=deployment)[:RETRAIN_ROWS],
             timeline=(
                 LoopEvent.objects.for_organization(organization)
                 .filter(deployment=deployment)
@@ -275,3 +287,131 @@ class DeploymentRoutesAction(DeploymentPage):
                 messages.success(request, "Routes changed.")
                 return redirect("serving:deployment", org_slug, name)
         return self.render_to_response(self.get_context_data(routes_form=form), status=400)
+
+
+def _card_of(retrain: Retrain) -> ModelCard | None:
+    try:
+        return retrain.model_card
+    except ModelCard.DoesNotExist:
+        return None
+
+
+def _metric_rows(metrics: dict) -> list[dict]:
+    """Overall, then each slice: both versions' scores and how much better the challenger is
+    (positive: better, whichever way the metric points)."""
+    challenger, champion = metrics.get("challenger") or {}, metrics.get("champion") or {}
+    sign = 1 if metrics.get("higher_is_better", True) else -1
+    rows = [("overall", challenger.get("overall"), champion.get("overall"))]
+    new_slices, old_slices = challenger.get("slices") or {}, champion.get("slices") or {}
+    for value in sorted(set(new_slices) | set(old_slices), key=str):
+        rows.append((value, new_slices.get(value), old_slices.get(value)))
+    table = []
+    for name, new, old in rows:
+        numbers = isinstance(new, int | float) and isinstance(old, int | float)
+        table.append(
+            {
+                "name": name,
+                "challenger": new,
+                "champion": old,
+                "gain": sign * (new - old) if numbers else None,
+            }
+        )
+    return table
+
+
+class RetrainPage(OrganizationPageMixin, TemplateView):
+    """A retrain and its model card, readable by a person: lineage, metrics overall and per slice
+    against the champion, the gate's decision and who approved. Members with `models:promote`
+    get the approve and reject buttons while the retrain awaits approval."""
+
+    template_name = "serving/retrain.html"
+    required_scopes = {"get": READ_SCOPE}
+    model = Retrain
+    lookup_fields = {"deployment__name": "name", "pk": "pk"}
+
+    def narrow_queryset(self, queryset):
+        return queryset.select_related(
+            "deployment",
+            "champion__registered_model",
+            "challenger__registered_model",
+            "job",
+            "evaluation_job",
+            "model_card__approved_by",
+        )
+
+    def get_context_data(self, **kwargs):
+        context = super().get_context_data(**kwargs)
+        retrain = self.get_org_object()
+        card = _card_of(retrain)
+        lineage = card.lineage if card else {}
+        parent = None
+        if lineage.get("parent_version"):
+            parent = (
+                ModelVersion.objects.for_organization(self.organization)
+                .filter(pk=lineage["parent_version"])
+                .select_related("registered_model")
+                .first()
+            )
+        costs = [job.cost_minor for job in (retrain.job, retrain.evaluation_job) if job]
+        context.update(
+            deployment=retrain.deployment,
+            retrain=retrain,
+            card=card,
+            lineage=lineage,
+            parent=parent,
+            metrics=card.metrics if card else {},
+            metric_rows=_metric_rows(card.metrics) if card else [],
+            cost_minor=sum(costs),
+            can_decide=(
+                retrain.state == Retrain.State.AWAITING_APPROVAL
+                and card is not None
+                and self.has_scope(gate.PROMOTE_SCOPE)
+            ),
+        )
+        return context
+
+
+class _RetrainDecision(RetrainPage):
+    """A button of the card page: back to the card with what happened, or the card again with
+    why it was refused (and the reason typed kept)."""
+
+    required_scopes = {"post": gate.PROMOTE_SCOPE}
+
+    def decide(self, card: ModelCard) -> str:
+        raise NotImplementedError
+
+    def post(self, request, org_slug, name, pk):
+        retrain = self.get_org_object()
+        card = _card_of(retrain)
+        try:
+            if card is None:
+                raise DomainError("The gate has not decided on this retrain yet.")
+            done = self.decide(card)
+        except DomainError as error:
+            context = self.get_context_data(
+                decision_error=error.detail, reason=request.POST.get("reason", "")
+            )
+            return self.render_to_response(context, status=error.status)
+        messages.success(request, done)
+        return redirect("serving:retrain", org_slug, name, pk)
+
+
+class RetrainApproveAction(_RetrainDecision):
+    # Approving starts a canary, whose replicas cost slot-seconds.
+    effects = {"post": Effect.SPEND}
+
+    def decide(self, card: ModelCard) -> str:
+        retrain = gate.gate_approve(card=card, actor=self.actor)
+        return f"{retrain.challenger} approved: it takes {retrain.canary_percent}% as a canary."
+
+
+class RetrainRejectAction(_RetrainDecision):
+    # Turning a challenger down ends a retrain: it lowers spend.
+    effects = {"post": Effect.REDUCE}
+
+    def decide(self, card: ModelCard) -> str:
+        reason = self.request.POST.get("reason", "").strip()
+        if not reason:
+            raise DomainError("Say why the challenger is rejected; the reason goes on its card.")
+        retrain = gate.gate_reject(card=card, actor=self.actor, reason=reason)
+        return f"{retrain.challenger} rejected."

@@ -9,11 +9,9 @@ proves the action ran. A route without one of these fails, saying what to add.
 import json
 import re
 import secrets
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from urllib.parse import urlencode
 
 import numpy as np
@@ -25,7 +23,7 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 from safetensors.numpy import save as save_safetensors
 
-from billing.models import BillingAccount, Invoice, UsageRecord
+from billing.models import BillingAccount, Invoice
 from jobs.models import Job, JobState, ResourceClass, Sweep
 from registry.models import (
     Dataset,
@@ -247,6 +245,39 @@ def _make_deployment(organization, requester):
     return {"name": deployment.name, "_deployment": deployment, "_version": version}
 
 
+def _make_retrain(organization, requester):
+    """A retrain whose challenger passed the gate and awaits a person's approval."""
+    made = _make_deployment(organization, requester)
+    deployment, champion = made["_deployment"], made["_version"]
+    RetrainPolicy.objects.create(
+        organization=organization, deployment=deployment, auto_promote=False
+    )
+    challenger = ModelVersionFactory(
+        organization=organization,
+        registered_model=champion.registered_model,
+        recipe_name="tabular-classifier",
+    )
+    retrain = serving_models.Retrain.objects.create(
+        organization=organization,
+        deployment=deployment,
+        state=serving_models.Retrain.State.AWAITING_APPROVAL,
+        trigger={"trigger": "drift"},
+        job=JobFactory(organization=organization),
+        evaluation_job=JobFactory(organization=organization),
+        champion=champion,
+        challenger=challenger,
+    )
+    serving_models.ModelCard.objects.create(
+        organization=organization,
+        model_version=challenger,
+        retrain=retrain,
+        champion=champion,
+        decision=serving_models.ModelCard.Decision.PASSED,
+        reasons=["swept: better"],
+    )
+    return made | {"pk": retrain.pk, "_retrain": retrain}
+
+
 # One maker per kind of object a route is about (the view's `model`).
 OBJECT_MAKERS = {
     Membership: _make_membership,
@@ -262,6 +293,7 @@ OBJECT_MAKERS = {
     Sweep: _make_sweep,
     Invoice: _make_invoice,
     Deployment: _make_deployment,
+    serving_models.Retrain: _make_retrain,
 }
 
 
@@ -436,28 +468,6 @@ def _alias_set(case):
     return ModelAlias.objects.filter(organization=case.org, name="swept-alias").exists()
 
 
-def _servable_version(case):
-    """A version of the URL's model with real weights and config, for online prediction."""
-    from registry.services import model_version_register
-    from tenants.actors import Actor
-
-    owner = MembershipFactory(organization=case.org, role=Role.OWNER).user
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "model.safetensors"
-        path.write_bytes(_weights_bytes())
-        case.made["_served"] = model_version_register(
-            registered_model=case.made["_model"],
-            weights_path=path,
-            config=TABULAR_CONFIG,
-            recipe_name="tabular-classifier",
-            actor=Actor(user=owner),
-        )
-
-
-def _predicted(case):
-    return UsageRecord.objects.filter(organization=case.org, resource="predictions").exists()
-
-
 def _dataset_ref(case):
     version = case.made.setdefault("_input", DatasetVersionFactory(organization=case.org))
     return {"dataset": version.dataset.name, "number": version.number}
@@ -507,6 +517,19 @@ def _routed_by_page(case):
     return serving_models.Route.objects.filter(
         deployment=case.made["_deployment"], model_version=case.made["_routable"], weight=100
     ).exists()
+
+
+def _retrain_in(state):
+    def check(case):
+        return serving_models.Retrain.objects.filter(
+            pk=case.made["_retrain"].pk, state=state
+        ).exists()
+
+    return check
+
+
+_approved = _retrain_in(serving_models.Retrain.State.CANARY)
+_rejected = _retrain_in(serving_models.Retrain.State.REJECTED)
 
 
 def _retrain_policy_set(case):
@@ -704,10 +727,7 @@ CALLS: dict[str, Call] = {
     ),
     "DELETE model-alias-detail": Call(204, wrote=_alias_gone),
     "POST model-predict": Call(
-        200,
-        prepare=_servable_version,
-        body=lambda c: {"version": str(c.made["_served"].number), "rows": [{"x": 2}]},
-        wrote=_predicted,
+        410, writes_nothing="Gone: it only says that deployments answer predictions now."
     ),
     # API: jobs and sweeps
     "GET job-list": OK,
@@ -758,6 +778,10 @@ CALLS: dict[str, Call] = {
     ),
     "GET deployment-replicas": OK,
     "GET deployment-timeline": OK,
+    "GET deployment-retrains": OK,
+    "GET retrain-detail": OK,
+    "POST retrain-approve": Call(200, wrote=_approved),
+    "POST retrain-reject": Call(200, body=lambda c: {"reason": "swept"}, wrote=_rejected),
     "GET deployment-stats": OK,
     "POST deployment-predict": Call(
         200,
@@ -884,6 +908,9 @@ CALLS: dict[str, Call] = {
         },
         wrote=_retrain_policy_set,
     ),
+    "GET serving:retrain": OK,
+    "POST serving:retrain_approve": Call(302, wrote=_approved),
+    "POST serving:retrain_reject": Call(302, body=lambda c: {"reason": "swept"}, wrote=_rejected),
     "GET billing:billing": OK,
     "POST billing:billing": Call(
         302,

@@ -172,11 +172,7 @@ STRIPE_PUSH_BATCH = env.int("STRIPE_PUSH_BATCH", default=100)
 STRIPE_PUSH_BACKOFF_S = env.float("STRIPE_PUSH_BACKOFF_S", default=5.0)
 STRIPE_PUSH_BACKOFF_MAX_S = env.float("STRIPE_PUSH_BACKOFF_MAX_S", default=3600.0)
 STRIPE_PUSH_BUDGET_S = env.float("STRIPE_PUSH_BUDGET_S", default=8.0)
-# Online prediction runs in the web process: a model's weights over this size are refused (batch
-# inference jobs serve them), and each process keeps at most this many bytes of loaded weights.
-ONLINE_PREDICTION_MAX_MODEL_BYTES = env.int("ONLINE_PREDICTION_MAX_MODEL_BYTES", default=16 * 2**20)
-ONLINE_PREDICTION_CACHE_BYTES = env.int("ONLINE_PREDICTION_CACHE_BYTES", default=128 * 2**20)
-# The most inputs one online prediction request carries (web and replicas alike).
+# The most inputs a replica answers in one request; more are a 413 from the replica.
 ONLINE_PREDICTION_MAX_ROWS = env.int("ONLINE_PREDICTION_MAX_ROWS", default=100)
 # How long a client's Idempotency-Key makes a repeated online prediction the first one's retry
 # (Stripe's 24 hours); after that the same key and rows are a new prediction, billed again.
@@ -344,6 +340,7 @@ SPECTACULAR_SETTINGS = {
         "ModeEnum": "jobs.models.Sweep.Mode",
         "LoopEventKindEnum": "serving.models.LoopEvent.Kind",
         "RouteModeEnum": "serving.models.Route.Mode",
+        "RetrainStateEnum": "serving.models.Retrain.State",
     },
 }
 

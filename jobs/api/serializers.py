@@ -177,17 +177,6 @@ class ResourceClassSerializer(serializers.Serializer):
     currency = serializers.CharField()
 
 
-class PredictRequestSerializer(serializers.Serializer):
-    version = serializers.CharField(default="production", help_text="A version number or alias.")
-    rows = serializers.ListField(child=serializers.DictField(), min_length=1, max_length=1000)
-
-
-class PredictResponseSerializer(serializers.Serializer):
-    model = serializers.CharField()
-    version = serializers.IntegerField()
-    predictions = serializers.ListField(child=serializers.DictField())
-
-
 class SweepCreateSerializer(serializers.Serializer):
     name = serializers.CharField(
         max_length=100, help_text="Trials register as versions of this model."

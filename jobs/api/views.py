@@ -1,11 +1,15 @@
 from django.http import Http404
-from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    OpenApiResponse,
+    extend_schema,
+    extend_schema_view,
+)
 from rest_framework import generics, mixins, permissions, status
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from jobs import selectors, services
-from jobs.inference import predict_online
 from jobs.models import Job, JobEvent, JobLog, JobMetric, ResourceClass, Sweep
 from jobs.recipes.catalog import list_recipes
 from jobs.services import sweeps
@@ -285,44 +289,42 @@ class ResourceClassListView(generics.GenericAPIView):
         )
 
 
+class OnlinePredictionMoved(DomainError):
+    code = "online_prediction_moved"
+    status = 410
+
+
 @extend_schema(
     tags=["models"],
-    request=s.PredictRequestSerializer,
-    responses=s.PredictResponseSerializer,
-    parameters=[
-        OpenApiParameter(
-            "Idempotency-Key",
-            str,
-            location=OpenApiParameter.HEADER,
+    request=None,
+    responses={
+        410: OpenApiResponse(
             description=(
-                "A retry of the same request with the same key within 24 hours of the first "
-                "(IDEMPOTENCY_WINDOW_S) is billed once; after that it is a new prediction."
-            ),
+                'Always: {"code": "online_prediction_moved", "detail"}. Predict through a '
+                "deployment: POST /api/v1/orgs/<slug>/deployments/<name>/predict/."
+            )
         )
-    ],
+    },
+    deprecated=True,
 )
 class ModelPredictView(OrganizationScopedAPIView):
-    """Predict up to 1,000 rows with a model version (or alias), metered per 1,000 predictions."""
+    """Gone: online predictions answer through deployments, whose replicas load the model on the
+    pool (routing, canary, prediction log, metering), not in the web process."""
 
-    model = RegisteredModel  # found by the URL's name before the input is read: 404 first
+    model = RegisteredModel  # another organization's model is still a 404, not a hint
     lookup_field = "name"
-    required_scopes = {"post": "jobs:write"}
-    throttle_scopes = {"post": "predict"}
-    serializer_class = s.PredictRequestSerializer
+    # Whoever may see the model is told where its predictions went; nothing is read or spent.
+    required_scopes = {"post": "models:read"}
+    effects = {"post": Effect.READ}
 
     def post(self, request, org_slug, name):
-        data = s.PredictRequestSerializer(data=request.data)
-        data.is_valid(raise_exception=True)
-        version = model_version_get(
-            organization=self.organization, model_name=name, ref=data.validated_data["version"]
+        raise OnlinePredictionMoved(
+            f"Online prediction moved to deployments: route a version of {name} to a deployment "
+            f"(POST /api/v1/orgs/{org_slug}/deployments/, or the Deployments page) and send "
+            f"POST /api/v1/orgs/{org_slug}/deployments/<deployment>/predict/ with "
+            '{"inputs": [...]} and a key with the predict scope. Batch predictions stay jobs '
+            "of kind infer."
         )
-        predictions = predict_online(
-            version=version,
-            rows=data.validated_data["rows"],
-            actor=self.actor,
-            idempotency_key=request.headers.get("Idempotency-Key") or None,
-        )
-        return Response({"model": name, "version": version.number, "predictions": predictions})
 
 
 @extend_schema(tags=["jobs"])

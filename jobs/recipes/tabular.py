@@ -1,13 +1,13 @@
 """The tabular classifier recipe: numeric columns standardized, text columns embedded, an MLP on
 top, trained with Adam and early stopping on the validation loss; fine-tuned from an earlier
 model on new data of the same shape; data parallel over several processes; batch inference over
-a dataset of any size, and `predict_rows`, a NumPy forward pass for online prediction.
+a dataset of any size, and `online_predictor`, which a deployment's replica loads once.
 
 A run is a pure function of (data, parameters, seed, number of processes): the split and each
 epoch's shuffle come from generators derived from the seed, so a run resumed from any checkpoint
 ends with the same weights as one that was never interrupted (bit for bit on the CPU). torch is
 imported inside the functions, because the web process imports this module to validate
-parameters and to predict with `predict_rows`.
+parameters.
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ from jobs.recipes.data import (
 from jobs.recipes.training import Trainer, autocast, derived_seed
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
     from torch import nn
 
@@ -290,8 +289,9 @@ class TabularClassifier(Recipe):
 
     @classmethod
     def online_predictor(cls, model_dir: Path, device: str = "cpu") -> OnlinePredictor:
-        """Inputs are rows, objects of column name to value as `predict_rows` takes them (None
-        a missing value); outputs `{"label": class, "probabilities": {class: p}}`."""
+        """Inputs are rows, objects of column name to value as a model version's input signature
+        lists them (None a missing value); outputs `{"label": class, "probabilities": {class:
+        p}}`."""
         import torch
 
         config = _model_config(model_dir)
@@ -310,50 +310,6 @@ class TabularClassifier(Recipe):
             return class_probabilities(preprocessing.classes, probabilities)
 
         return predict
-
-
-def predict_rows(
-    config: dict[str, Any], weights: Mapping[str, np.ndarray], rows: Sequence[Any]
-) -> list[dict[str, Any]]:
-    """[{"prediction": class, "probability": its probability}] per row of `rows` (objects of
-    column name to value, as a model version's input signature lists them), computed with
-    NumPy alone: online prediction for a small model needs no torch.
-
-    `config` is the model's config.json and `weights` its model.safetensors, loaded with
-    safetensors.numpy.load_file. A row that lacks a column or holds a value of the wrong type is
-    a RecipeInputError naming the row (`rows[i]`) and the column; None is a missing value.
-    """
-    import numpy as np
-
-    preprocessing = Preprocessing.from_config(_checked_config(config))
-    numeric_rows, categorical_rows = preprocessing.row_features(rows)
-    if not rows:
-        return []
-    numeric = np.asarray(numeric_rows, dtype=np.float64).reshape(len(rows), -1)
-    categorical = np.asarray(categorical_rows, dtype=np.int64).reshape(len(rows), -1)
-    embedded = [
-        np.asarray(weights[f"embeddings.{position}.weight"], dtype=np.float64)[indices]
-        for position, indices in enumerate(categorical.T)
-    ]
-    hidden = np.concatenate([numeric, *embedded], axis=1)
-    layers = len(config["architecture"]["hidden_sizes"]) + 1
-    for layer in range(layers):
-        # Linear layers sit at the even places of the Sequential, each followed by a ReLU.
-        weight = np.asarray(weights[f"mlp.{2 * layer}.weight"], dtype=np.float64)
-        bias = np.asarray(weights[f"mlp.{2 * layer}.bias"], dtype=np.float64)
-        hidden = hidden @ weight.T + bias
-        if layer < layers - 1:
-            hidden = np.maximum(hidden, 0.0)
-    shifted = np.exp(hidden - hidden.max(axis=1, keepdims=True))
-    probabilities = shifted / shifted.sum(axis=1, keepdims=True)
-    predicted = probabilities.argmax(axis=1)
-    return [
-        {
-            "prediction": preprocessing.classes[label],
-            "probability": float(probabilities[row, label]),
-        }
-        for row, label in enumerate(predicted.tolist())
-    ]
 
 
 @dataclass

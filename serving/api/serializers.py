@@ -1,7 +1,7 @@
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from serving.models import Deployment, LoopEvent, Replica, Route
+from serving.models import Deployment, LoopEvent, ModelCard, Replica, Retrain, Route
 
 from ..gateway import MAX_INPUTS
 from ..services import FEEDBACK_MAX_ITEMS, MAX_ROUTES
@@ -201,3 +201,138 @@ class SavedDatasetSerializer(serializers.Serializer):
     dataset = serializers.CharField()
     number = serializers.IntegerField()
     row_count = serializers.IntegerField(allow_null=True)
+
+
+class VersionRefSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    model = serializers.CharField(source="registered_model.name")
+    version = serializers.IntegerField(source="number")
+
+
+class JobRefSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    state = serializers.CharField()
+    cost_minor = serializers.IntegerField(help_text="What the job has cost so far, in cents.")
+
+
+class RetrainCostsSerializer(serializers.Serializer):
+    training_minor = serializers.IntegerField()
+    evaluation_minor = serializers.IntegerField()
+    total_minor = serializers.IntegerField()
+
+
+def model_card_of(retrain: Retrain) -> ModelCard | None:
+    """The retrain's card; none until the gate has decided."""
+    try:
+        return retrain.model_card
+    except ModelCard.DoesNotExist:
+        return None
+
+
+class RetrainSerializer(serializers.ModelSerializer):
+    deployment = serializers.CharField(source="deployment.name")
+    champion = VersionRefSerializer()
+    challenger = VersionRefSerializer(allow_null=True)
+    job = JobRefSerializer(allow_null=True, help_text="The training job.")
+    evaluation_job = JobRefSerializer(allow_null=True)
+    costs = serializers.SerializerMethodField()
+    decision = serializers.SerializerMethodField(
+        help_text="The gate's decision (passed, failed), or null before it decided."
+    )
+    awaiting_approval = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Retrain
+        fields = [
+            "id",
+            "deployment",
+            "state",
+            "trigger",
+            "champion",
+            "challenger",
+            "job",
+            "evaluation_job",
+            "canary_percent",
+            "costs",
+            "decision",
+            "awaiting_approval",
+            "created_at",
+            "finished_at",
+        ]
+        read_only_fields = fields
+
+    @extend_schema_field(RetrainCostsSerializer)
+    def get_costs(self, retrain: Retrain) -> dict:
+        training = retrain.job.cost_minor if retrain.job else 0
+        evaluation = retrain.evaluation_job.cost_minor if retrain.evaluation_job else 0
+        return {
+            "training_minor": training,
+            "evaluation_minor": evaluation,
+            "total_minor": training + evaluation,
+        }
+
+    @extend_schema_field(serializers.CharField(allow_null=True))
+    def get_decision(self, retrain: Retrain) -> str | None:
+        card = model_card_of(retrain)
+        return card.decision if card else None
+
+    @extend_schema_field(serializers.BooleanField())
+    def get_awaiting_approval(self, retrain: Retrain) -> bool:
+        return retrain.state == Retrain.State.AWAITING_APPROVAL
+
+
+class ModelCardSerializer(serializers.ModelSerializer):
+    model_version = VersionRefSerializer()
+    champion = VersionRefSerializer()
+    lineage = serializers.JSONField(
+        help_text=(
+            "datasets (dataset, version, id) the challenger trained on, parent_version, champion, "
+            "training_job, evaluation_job, evaluated_on (dataset, version, split), trigger."
+        )
+    )
+    metrics = serializers.JSONField(
+        help_text=(
+            "metric, higher_is_better, slice_column, rows, and for challenger and champion: "
+            "overall and slices {value: score}; the gate's margin and slice tolerance."
+        )
+    )
+    reasons = serializers.ListField(child=serializers.CharField())
+    approved_by = serializers.CharField(
+        source="approved_by_label", help_text="Who or what approved; empty until approved."
+    )
+
+    class Meta:
+        model = ModelCard
+        fields = [
+            "id",
+            "model_version",
+            "champion",
+            "lineage",
+            "metrics",
+            "decision",
+            "reasons",
+            "approved_via",
+            "approved_by",
+            "approved_at",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+
+class RetrainDetailSerializer(RetrainSerializer):
+    model_card = serializers.SerializerMethodField()
+
+    class Meta(RetrainSerializer.Meta):
+        fields = [*RetrainSerializer.Meta.fields, "model_card"]
+        read_only_fields = fields
+
+    @extend_schema_field(ModelCardSerializer(allow_null=True))
+    def get_model_card(self, retrain: Retrain) -> dict | None:
+        card = model_card_of(retrain)
+        return ModelCardSerializer(card).data if card else None
+
+
+class RetrainRejectSerializer(serializers.Serializer):
+    reason = serializers.CharField(
+        max_length=500, help_text="Why the challenger is turned down (shown on its model card)."
+    )

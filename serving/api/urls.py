@@ -6,5 +6,6 @@ from . import views
 
 router = SimpleRouter()
 router.register("deployments", views.DeploymentViewSet, basename="deployment")
+router.register("retrains", views.RetrainViewSet, basename="retrain")
 
 org_urlpatterns = router.urls

@@ -14,10 +14,10 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from jobs.models import ResourceClass
-from serving import counters, gateway, selectors, services
-from serving.models import Deployment, Route
+from serving import counters, gate, gateway, selectors, services
+from serving.models import Deployment, ModelCard, Retrain, Route
 from tenants.api.base import OrganizationScopedViewSet
-from tenants.errors import DomainError
+from tenants.errors import ConflictError, DomainError
 from tenants.standing import Effect
 
 from . import serializers as s
@@ -63,6 +63,7 @@ def _refuse_large_body(request, limit: int) -> None:
     routes=extend_schema(request=s.RoutesSetSerializer, responses=s.RouteSerializer(many=True)),
     replicas=extend_schema(responses=s.ReplicaSerializer(many=True)),
     timeline=extend_schema(responses=s.LoopEventSerializer(many=True)),
+    retrains=extend_schema(responses=s.RetrainSerializer(many=True)),
     stats=extend_schema(
         parameters=[OpenApiParameter("hours", int, description="The window: the last n hours.")],
         responses=s.StatsSerializer,
@@ -113,6 +114,7 @@ class DeploymentViewSet(
         "retrieve": "deployments:read",
         "replicas": "deployments:read",
         "timeline": "deployments:read",
+        "retrains": "deployments:read",
         "stats": "deployments:read",
         "create": "deployments:write",
         "partial_update": "deployments:write",
@@ -188,6 +190,14 @@ class DeploymentViewSet(
         rows = selectors.timeline_list(deployment=self.get_object())
         page = self.paginate_queryset(rows)
         return self.get_paginated_response(s.LoopEventSerializer(page, many=True).data)
+
+    @action(detail=True, methods=["get"])
+    def retrains(self, request, *args, **kwargs):
+        """The deployment's retrains, newest first: state, champion and challenger, the training
+        and evaluation jobs with their costs, and the gate's decision."""
+        rows = selectors.retrain_list(organization=self.organization, deployment=self.get_object())
+        page = self.paginate_queryset(rows)
+        return self.get_paginated_response(s.RetrainSerializer(page, many=True).data)
 
     @action(detail=True, methods=["get"], pagination_class=None)
     def stats(self, request, *args, **kwargs):
@@ -279,3 +289,71 @@ class DeploymentViewSet(
             },
             status=status.HTTP_201_CREATED,
         )
+
+
+@extend_schema(tags=["deployments"])
+@extend_schema_view(
+    retrieve=extend_schema(responses=s.RetrainDetailSerializer),
+    approve=extend_schema(
+        request=None, responses={200: s.RetrainDetailSerializer, 403: ERROR, 409: ERROR}
+    ),
+    reject=extend_schema(
+        request=s.RetrainRejectSerializer,
+        responses={200: s.RetrainDetailSerializer, 403: ERROR, 409: ERROR},
+    ),
+)
+class RetrainViewSet(mixins.RetrieveModelMixin, OrganizationScopedViewSet):
+    """A retrain of a deployment with its model card; a person with `models:promote` approves or
+    rejects a challenger that passed the gate and awaits approval."""
+
+    model = Retrain
+    serializer_class = s.RetrainDetailSerializer
+    http_method_names = ["get", "post", "head"]
+    required_scopes = {
+        "retrieve": "deployments:read",
+        # The gate checks the scope again in the card's organization (serving/gate.py).
+        "approve": gate.PROMOTE_SCOPE,
+        "reject": gate.PROMOTE_SCOPE,
+    }
+    # Approving starts a canary, and the canary's replicas cost slot-seconds; turning a
+    # challenger down stops a retrain, which lowers spend.
+    effects = {"approve": Effect.SPEND, "reject": Effect.REDUCE}
+
+    def narrow_queryset(self, queryset):
+        return queryset.select_related(
+            "deployment",
+            "champion__registered_model",
+            "challenger__registered_model",
+            "job",
+            "evaluation_job",
+            "model_card__model_version__registered_model",
+            "model_card__champion__registered_model",
+        )
+
+    def _card(self) -> ModelCard:
+        retrain = self.get_object()
+        card = s.model_card_of(retrain)
+        if card is None:
+            raise ConflictError(
+                f"This retrain has no model card yet (it is {retrain.state}); the gate has not "
+                "decided."
+            )
+        return card
+
+    def _answer(self, retrain: Retrain) -> Response:
+        return Response(s.RetrainDetailSerializer(self.get_queryset().get(pk=retrain.pk)).data)
+
+    @action(detail=True, methods=["post"])
+    def approve(self, request, *args, **kwargs):
+        """Let a challenger that passed the gate into a canary at the policy's share."""
+        return self._answer(gate.gate_approve(card=self._card(), actor=self.actor))
+
+    @action(detail=True, methods=["post"])
+    def reject(self, request, *args, **kwargs):
+        """Turn down a challenger awaiting approval; the reason goes on its model card."""
+        data = s.RetrainRejectSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        retrain = gate.gate_reject(
+            card=self._card(), actor=self.actor, reason=data.validated_data["reason"]
+        )
+        return self._answer(retrain)

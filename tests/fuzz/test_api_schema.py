@@ -41,6 +41,7 @@ from billing.models import CreditGrant, Invoice
 from factory_saas.wsgi import application
 from jobs.models import Job, ResourceClass, Sweep
 from registry import services as registry_services
+from serving.models import Deployment, ModelCard, Retrain, RetrainPolicy
 from tenants.actors import Actor
 from tenants.models import Invitation, Membership, Organization
 from tenants.scopes import ROLE_SCOPES, Role
@@ -58,6 +59,49 @@ schema = schemathesis.openapi.from_wsgi("/api/v1/schema/", application)
 
 # What the path-parameter hook draws from; filled by the `tenants` fixture before each operation.
 SEEDED: dict[str, dict] = {}
+
+
+def _seed_retrain(organization, *, marker, champion, weights_path, pk) -> Retrain:
+    """A retrain whose challenger passed the gate and awaits approval, with its model card."""
+    deployment = Deployment.objects.create(
+        organization=organization,
+        name=f"{marker}-deployment",
+        recipe="tabular-classifier",
+        resource_class=ResourceClass.objects.get(name="cpu"),
+        **pk(1),
+    )
+    RetrainPolicy.objects.create(
+        organization=organization, deployment=deployment, auto_promote=False
+    )
+    challenger = registry_services.model_version_register(
+        registered_model=champion.registered_model,
+        weights_path=weights_path,
+        config={"in_features": 3, "out_features": 2},
+        actor=Actor(),
+    )
+    retrain = Retrain.objects.create(
+        organization=organization,
+        deployment=deployment,
+        state=Retrain.State.AWAITING_APPROVAL,
+        champion=champion,
+        challenger=challenger,
+        **pk(1),
+    )
+    ModelCard.objects.create(
+        organization=organization,
+        model_version=challenger,
+        retrain=retrain,
+        champion=champion,
+        metrics={
+            "metric": "accuracy",
+            "challenger": {"overall": 0.9},
+            "champion": {"overall": 0.8},
+        },
+        decision=ModelCard.Decision.PASSED,
+        reasons=["better"],
+        **pk(1),
+    )
+    return retrain
 
 
 def _seed_tenant(tmp_path, *, marker: str, ids: int | None = None) -> dict:
@@ -122,6 +166,9 @@ def _seed_tenant(tmp_path, *, marker: str, ids: int | None = None) -> dict:
     )
 
     cpu = ResourceClass.objects.get(name="cpu")
+    retrain = _seed_retrain(
+        organization, marker=marker, champion=model_version, weights_path=weights_path, pk=pk
+    )
     job = Job.objects.create(
         organization=organization,
         recipe="tabular-classifier",
@@ -169,7 +216,11 @@ def _seed_tenant(tmp_path, *, marker: str, ids: int | None = None) -> dict:
     return {
         "token": token,
         "org_slug": [organization.slug],
-        "name": {"datasets": [dataset.name], "models": [registered_model.name]},
+        "name": {
+            "datasets": [dataset.name],
+            "models": [registered_model.name],
+            "deployments": [retrain.deployment.name],
+        },
         "dataset_name": [dataset.name],
         "model_name": [registered_model.name],
         "number": [dataset_version.number, model_version.number],
@@ -182,6 +233,7 @@ def _seed_tenant(tmp_path, *, marker: str, ids: int | None = None) -> dict:
             "sweeps": [sweep.pk],
             "invoices": [invoice.pk],
             "uploads": [upload.pk],
+            "retrains": [retrain.pk],
         },
         "identifiers": [
             organization.slug,
@@ -194,6 +246,7 @@ def _seed_tenant(tmp_path, *, marker: str, ids: int | None = None) -> dict:
             registered_model.name,
             sweep.name,
             invoice.number,
+            retrain.deployment.name,
         ],
     }
 

@@ -154,14 +154,18 @@ def test_an_overlong_idempotency_key_is_a_400(org, dev):
     assert response.status_code == 400 and "idempotency_key" in response.json()["fields"]
 
 
-def test_online_prediction_of_files_that_do_not_fit_the_recipe_is_a_400(
-    org, dev, local_store, weights_bytes
+def test_the_old_online_prediction_route_is_gone_and_points_at_deployments(
+    org, dev, member_factory, client_for, local_store, weights_bytes
 ):
+    """It answered from weights loaded into the web process; deployments answer now, so it is
+    a 410 that says where to go, for anyone who may see the model, and bills nothing."""
     from django.core.files.uploadedfile import SimpleUploadedFile
 
-    dev.post(f"/api/v1/orgs/{org.slug}/models/", {"name": "handmade"}, format="json")
-    dev.post(
-        f"/api/v1/orgs/{org.slug}/models/handmade/versions/",
+    from billing.models import UsageRecord
+
+    dev.post(f"/api/v1/orgs/{org.slug}/models/", {"name": "churn"}, format="json")
+    registered = dev.post(
+        f"/api/v1/orgs/{org.slug}/models/churn/versions/",
         {
             "weights": SimpleUploadedFile("model.safetensors", weights_bytes),
             "config": '{"layers": [3, 2]}',
@@ -169,14 +173,16 @@ def test_online_prediction_of_files_that_do_not_fit_the_recipe_is_a_400(
         },
         format="multipart",
     )
-    response = dev.post(
-        f"/api/v1/orgs/{org.slug}/models/handmade/predict/",
-        {"version": "1", "rows": [{"x": 1}]},
-        format="json",
-    )
-    body = response.json()
-    assert response.status_code == 400, body
-    assert "tabular-classifier cannot run" in body["detail"]
+    assert registered.status_code == 201, registered.content
+    url = f"/api/v1/orgs/{org.slug}/models/churn/predict/"
+    for client in (dev, client_for(member_factory(org, "viewer"))):
+        response = client.post(url, {"version": "1", "rows": [{"x": 1}]}, format="json")
+        body = response.json()
+        assert response.status_code == 410, body
+        assert body["code"] == "online_prediction_moved"
+        assert f"/api/v1/orgs/{org.slug}/deployments/<deployment>/predict/" in body["detail"]
+    assert not UsageRecord.objects.filter(organization=org, resource="predictions").exists()
+    assert dev.post(f"/api/v1/orgs/{org.slug}/models/nope/predict/", {}).status_code == 404
 
 
 def test_estimate_before_submitting_is_price_times_gpus_times_max_runtime(org, dev):

@@ -142,10 +142,7 @@ def test_a_killed_worker_loses_its_job_which_resumes_from_its_checkpoint_elsewhe
 
 
 @e2e
-def test_train_then_fine_tune_then_batch_and_online_prediction(
-    pool, org, owner, training_data, client_for
-):
-    from billing.models import UsageRecord as Usage
+def test_train_then_fine_tune_then_batch_prediction(pool, org, owner, training_data):
     from registry.selectors import lineage
     from registry.services import model_alias_set
 
@@ -190,25 +187,3 @@ def test_train_then_fine_tune_then_batch_and_online_prediction(
     assert {"prediction", "probability"} <= {column["name"] for column in predictions.schema}
     graph = lineage(version=training_data)
     assert f"dataset_version:{predictions.pk}" in {node["id"] for node in graph["nodes"]}
-
-    client = client_for(owner)
-    response = client.post(
-        f"/api/v1/orgs/{org.slug}/models/{first.registered_model.name}/predict/",
-        {
-            "version": "production",
-            "rows": [
-                {"a": 0.9, "b": 0.8, "colour": "red"},
-                {"a": -0.9, "b": -0.7, "colour": "blue"},
-            ],
-        },
-        format="json",
-    )
-    assert response.status_code == 200, response.content
-    assert [p["prediction"] for p in response.json()["predictions"]] == ["yes", "no"]
-    bad = client.post(
-        f"/api/v1/orgs/{org.slug}/models/{first.registered_model.name}/predict/",
-        {"rows": [{"a": "lots"}]},
-        format="json",
-    )
-    assert bad.status_code == 400 and "rows" in bad.json()["fields"]
-    assert Usage.objects.filter(resource="predictions", source_id=str(first.pk)).count() == 1

@@ -1,33 +1,25 @@
 """Batch inference with the tabular classifier, through the job's child and in-process (chunked
-reading, the predictions file, bad data, stopping), and online prediction with the NumPy
-`predict_rows`, which must agree with it and must not need torch."""
+reading, the predictions file, bad data, stopping), and the online predictor a deployment's
+replica answers with, which must agree with it."""
 
 import csv
-import io
 import json
 import os
 import subprocess
 import sys
-import textwrap
 import tracemalloc
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from django.core.files.uploadedfile import SimpleUploadedFile
-from django.utils import timezone
-from safetensors.numpy import load_file
 
-from billing.models import UsageRecord
 from jobs.recipes.base import RecipeContext, RecipeInputError, validate_parameters
-from jobs.recipes.tabular import TabularClassifier, predict_rows
+from jobs.recipes.tabular import TabularClassifier
 from jobs.runner.protocol import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, parse_line, write_spec
 from jobs.samples import write_tabular_sample
-from registry.models import ModelVersion
 
 REPO = Path(__file__).resolve().parents[2]
 CHILD_ENV = os.environ | {"OMP_NUM_THREADS": "1"}
@@ -323,70 +315,50 @@ def test_a_model_of_another_recipe_is_refused(tmp_path, model_dir, new_rows):
         TabularClassifier().predict(predict_context(tmp_path, other, new_rows))
 
 
-# Online prediction with NumPy
+# Online prediction: the predictor a replica loads once and answers requests with
 
 
-def test_predict_rows_agrees_with_batch_inference(tmp_path, model_dir, new_rows):
+def _online(model_dir):
+    return TabularClassifier.online_predictor(model_dir)
+
+
+def test_the_online_predictor_agrees_with_batch_inference(tmp_path, model_dir, new_rows):
     rows = read_csv(new_rows)
     batch = read_csv(predict_file(tmp_path, model_dir, new_rows).output_dir / "predictions.csv")
-    config = json.loads((model_dir / "config.json").read_text())
 
-    online = predict_rows(config, load_file(model_dir / "model.safetensors"), signature_rows(rows))
+    online = _online(model_dir)(signature_rows(rows))
 
-    assert [str(row["prediction"]) for row in online] == [row["prediction"] for row in batch]
-    assert [row["probability"] for row in online] == pytest.approx(
+    assert [row["label"] for row in online] == [row["prediction"] for row in batch]
+    assert [row["probabilities"][row["label"]] for row in online] == pytest.approx(
         [float(row["probability"]) for row in batch], abs=1e-5
     )
-    assert {type(row["prediction"]) for row in online} == {int}  # the classes as trained
 
 
-def test_predict_rows_takes_missing_values_and_unknown_categories(model_dir):
-    config = json.loads((model_dir / "config.json").read_text())
+def test_the_online_predictor_takes_missing_values_and_unknown_categories(model_dir):
     row = dict.fromkeys(INPUTS) | {"plan": "enterprise", "extra": [1, 2]}
-    [prediction] = predict_rows(config, load_file(model_dir / "model.safetensors"), [row])
-    assert prediction["prediction"] in (0, 1) and 0.5 <= prediction["probability"] <= 1
-    assert predict_rows(config, load_file(model_dir / "model.safetensors"), []) == []
+    predict = _online(model_dir)
+    [prediction] = predict([row])
+    assert prediction["label"] in ("0", "1")
+    assert max(prediction["probabilities"].values()) >= 0.5
+    assert predict([]) == []
 
 
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"plan": ...}, "rows[1] has no column 'plan'."),
-        ({"age": "41"}, """rows[1], column 'age': expected a number, got "41"."""),
-        ({"age": True}, "rows[1], column 'age': expected a number, got true."),
-        ({"region": 3}, "rows[1], column 'region': expected text, got 3."),
+        ({"plan": ...}, "inputs[1] has no column 'plan'."),
+        ({"age": "41"}, """inputs[1], column 'age': expected a number, got "41"."""),
+        ({"age": True}, "inputs[1], column 'age': expected a number, got true."),
+        ({"region": 3}, "inputs[1], column 'region': expected text, got 3."),
     ],
 )
-def test_predict_rows_names_the_row_and_column_it_cannot_read(model_dir, change, message):
-    config = json.loads((model_dir / "config.json").read_text())
+def test_the_online_predictor_names_the_input_and_column_it_cannot_read(model_dir, change, message):
     good = {"age": 41, "monthly_spend": 30.5, "tenure_months": 12, "support_calls": 1}
     good |= {"plan": "basic", "region": "north"}
     bad = {k: v for k, v in (good | change).items() if v is not ...}
     with pytest.raises(RecipeInputError) as caught:
-        predict_rows(config, load_file(model_dir / "model.safetensors"), [good, bad])
+        _online(model_dir)([good, bad])
     assert str(caught.value) == message
-
-
-def test_predict_rows_needs_no_torch(model_dir):
-    probe = textwrap.dedent(
-        f"""
-        import json, sys
-        from safetensors.numpy import load_file
-        from jobs.recipes.tabular import predict_rows
-        model = {str(model_dir)!r}
-        config = json.load(open(model + "/config.json"))
-        row = {{"age": 30, "monthly_spend": None, "tenure_months": 3, "support_calls": 4,
-               "plan": "basic", "region": "west"}}
-        print(json.dumps(predict_rows(config, load_file(model + "/model.safetensors"), [row])))
-        print("torch" in sys.modules)
-        """
-    )
-    run = subprocess.run(
-        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True
-    )
-    predictions, torch_imported = run.stdout.splitlines()
-    assert json.loads(predictions)[0]["prediction"] in (0, 1)
-    assert torch_imported == "False"
 
 
 def test_the_spec_still_fails_predict_without_a_model(tmp_path):
@@ -414,195 +386,3 @@ def test_the_spec_still_fails_predict_without_a_model(tmp_path):
     )
     assert process.returncode == EXIT_FAILED
     assert "a predict task needs model_dir" in process.stderr
-
-
-# Online prediction through the API: retries billed once, model size and memory bounded
-
-
-def _served(client, org, model_dir, versions=1, name="churn") -> str:
-    created = client.post(f"/api/v1/orgs/{org.slug}/models/", {"name": name}, format="json")
-    assert created.status_code == 201, created.content
-    for _ in range(versions):
-        registered = client.post(
-            f"/api/v1/orgs/{org.slug}/models/{name}/versions/",
-            {
-                "weights": SimpleUploadedFile(
-                    "model.safetensors", (model_dir / "model.safetensors").read_bytes()
-                ),
-                "config": (model_dir / "config.json").read_text(),
-                "recipe_name": "tabular-classifier",
-            },
-            format="multipart",
-        )
-        assert registered.status_code == 201, registered.content
-    return f"/api/v1/orgs/{org.slug}/models/{name}/predict/"
-
-
-def _rows(new_rows, count=3):
-    return signature_rows(read_csv(new_rows)[:count])
-
-
-def _billed(org) -> int:
-    return UsageRecord.objects.filter(organization=org, resource="predictions").count()
-
-
-@pytest.fixture
-def predictor(org, member_factory, client_for, local_store):
-    from jobs.inference import model_cache
-
-    model_cache.clear()
-    yield client_for(member_factory(org, "developer"))
-    model_cache.clear()
-
-
-@pytest.mark.django_db
-def test_a_retried_prediction_with_the_same_idempotency_key_is_billed_once(
-    org, predictor, model_dir, new_rows
-):
-    url = _served(predictor, org, model_dir)
-    body = {"version": "1", "rows": _rows(new_rows)}
-    first = predictor.post(url, body, format="json", HTTP_IDEMPOTENCY_KEY="retry-1")
-    again = predictor.post(url, body, format="json", HTTP_IDEMPOTENCY_KEY="retry-1")
-    assert first.status_code == again.status_code == 200, again.content
-    assert first.json() == again.json()
-    assert _billed(org) == 1
-    assert predictor.post(url, body, format="json", HTTP_IDEMPOTENCY_KEY="2").status_code == 200
-    assert predictor.post(url, body, format="json").status_code == 200  # no key: each its own
-    assert _billed(org) == 3
-
-
-@pytest.mark.django_db
-def test_reusing_a_key_for_other_rows_does_not_make_them_free(org, predictor, model_dir, new_rows):
-    url = _served(predictor, org, model_dir)
-    rows = _rows(new_rows, 6)
-    for part in (rows[:3], rows[3:]):
-        response = predictor.post(
-            url, {"version": "1", "rows": part}, format="json", HTTP_IDEMPOTENCY_KEY="same"
-        )
-        assert response.status_code == 200, response.content
-    assert _billed(org) == 2
-
-
-@pytest.mark.django_db
-def test_a_key_reused_after_the_idempotency_window_is_a_new_billed_prediction(
-    org, predictor, model_dir, new_rows, settings
-):
-    """A monitor sends the same row with the same fixed key every minute: a repeat answers as
-    the first request only within IDEMPOTENCY_WINDOW_S of it; after that it is billed again."""
-    settings.IDEMPOTENCY_WINDOW_S = 3600
-    url = _served(predictor, org, model_dir)
-    body = {"version": "1", "rows": _rows(new_rows, 1)}
-
-    def probe():
-        response = predictor.post(url, body, format="json", HTTP_IDEMPOTENCY_KEY="monitor")
-        assert response.status_code == 200, response.content
-
-    def first_request_was(seconds_ago):
-        UsageRecord.objects.filter(organization=org, resource="predictions").update(
-            created_at=timezone.now() - timedelta(seconds=seconds_ago)
-        )
-
-    probe()
-    first_request_was(3600 - 60)
-    probe()
-    assert _billed(org) == 1  # a retry within the window
-    first_request_was(3600 + 60)
-    probe()
-    assert _billed(org) == 2  # the window has passed: a new prediction
-    probe()
-    assert _billed(org) == 2  # and its own retries are free again
-
-
-@pytest.mark.django_db
-def test_weights_changed_in_storage_after_registration_are_not_served(
-    org, predictor, model_dir, new_rows
-):
-    """As a compromised store (or a tenant with a stale upload URL) would: replace the stored
-    weights behind a registered version with other bytes of the same size."""
-    from registry.storage import get_storage
-
-    url = _served(predictor, org, model_dir)
-    weights = ModelVersion.objects.get(registered_model__organization=org).artifacts.get(
-        name="model.safetensors"
-    )
-    original = (model_dir / "model.safetensors").read_bytes()
-    get_storage().save(weights.storage_key, io.BytesIO(original[:-8] + b"\x00" * 8))
-    response = predictor.post(url, {"version": "1", "rows": _rows(new_rows)}, format="json")
-    assert response.status_code == 409, response.content
-    assert response.json()["code"] == "model_files_changed"
-    assert "sha256" in response.json()["detail"]
-    assert _billed(org) == 0
-
-
-@pytest.mark.django_db
-def test_an_overlong_prediction_idempotency_key_is_a_400(org, predictor, model_dir, new_rows):
-    url = _served(predictor, org, model_dir)
-    response = predictor.post(
-        url,
-        {"version": "1", "rows": _rows(new_rows)},
-        format="json",
-        HTTP_IDEMPOTENCY_KEY="k" * 201,
-    )
-    assert response.status_code == 400 and "idempotency_key" in response.json()["fields"]
-    assert _billed(org) == 0
-
-
-@pytest.mark.django_db
-def test_a_model_over_the_online_size_limit_is_refused_with_a_clear_error(
-    org, predictor, model_dir, new_rows, settings
-):
-    url = _served(predictor, org, model_dir)
-    size = (model_dir / "model.safetensors").stat().st_size
-    settings.ONLINE_PREDICTION_MAX_MODEL_BYTES = size - 1
-    response = predictor.post(url, {"version": "1", "rows": _rows(new_rows)}, format="json")
-    assert response.status_code == 400, response.content
-    body = response.json()
-    assert body["code"] == "model_too_large" and "kind infer" in body["detail"]
-    assert _billed(org) == 0
-    settings.ONLINE_PREDICTION_MAX_MODEL_BYTES = size
-    response = predictor.post(url, {"version": "1", "rows": _rows(new_rows)}, format="json")
-    assert response.status_code == 200, response.content
-
-
-@pytest.mark.django_db
-def test_models_loaded_beyond_the_cache_budget_are_evicted_by_bytes(
-    org, predictor, model_dir, new_rows, settings
-):
-    from jobs.inference import model_cache
-
-    resident = sum(a.nbytes for a in load_file(model_dir / "model.safetensors").values())
-    settings.ONLINE_PREDICTION_CACHE_BYTES = int(resident * 2.5)
-    url = _served(predictor, org, model_dir, versions=3)
-    versions = sorted(ModelVersion.objects.filter(organization=org).values_list("pk", flat=True))
-    for number in ("1", "2", "3"):
-        response = predictor.post(url, {"version": number, "rows": _rows(new_rows)}, format="json")
-        assert response.status_code == 200, response.content
-        assert model_cache.resident_bytes <= settings.ONLINE_PREDICTION_CACHE_BYTES
-    assert model_cache.keys() == versions[1:]  # the least recently used went first
-    response = predictor.post(url, {"version": "1", "rows": _rows(new_rows)}, format="json")
-    assert response.status_code == 200, response.content
-    assert model_cache.keys() == [versions[2], versions[0]]
-    assert model_cache.resident_bytes == 2 * resident
-
-
-def test_the_model_cache_evicts_least_recently_used_until_the_new_model_fits():
-    import numpy as np
-
-    from jobs.inference import ModelCache
-
-    cache = ModelCache()
-
-    def model(size):
-        return lambda: ({}, {"w": np.zeros(size, dtype=np.uint8)})
-
-    cache.get("a", model(1000), budget=3000)
-    cache.get("b", model(1000), budget=3000)
-    cache.get("a", model(1000), budget=3000)  # a is now the most recently used
-    cache.get("c", model(1500), budget=3000)
-    assert cache.keys() == ["a", "c"] and cache.resident_bytes == 2500
-    cache.get("d", model(2900), budget=3000)
-    assert cache.keys() == ["d"] and cache.resident_bytes == 2900
-    # A model larger than the whole budget is served but never kept.
-    _config, weights = cache.get("e", model(3001), budget=3000)
-    assert weights["w"].nbytes == 3001
-    assert cache.keys() == ["d"] and cache.resident_bytes == 2900

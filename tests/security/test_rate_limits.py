@@ -166,7 +166,7 @@ def _costly_calls(org):
     )
     yield "upload", "post", f"datasets/{dataset}/uploads/", {"filename": "a.csv"}, "json"
     yield "upload", "post", "models/m/versions/", {"config": "{}"}, "multipart"
-    yield "predict", "post", "models/m/predict/", {"rows": [{"a": 1}]}, "json"
+    yield "predict", "post", "deployments/d/predict/", {"inputs": [{"a": 1}]}, "json"
     yield "invite", "post", "invitations/", {"email": "x@example.test", "role": "viewer"}, "json"
 
 

@@ -21,6 +21,7 @@ from billing.services import billing_account_ensure, budget_set, usage_record
 from billing.stripe_events import past_due_set
 from jobs.models import Job, JobState, Sweep
 from registry.models import Dataset, DatasetVersion, ModelVersion, PendingUpload
+from serving.models import Deployment
 from tenants.actors import Actor
 from tenants.models import ApiKey, Invitation, Membership, Organization
 from tenants.scopes import ROLE_SCOPES, Role
@@ -36,6 +37,7 @@ from tests.factories import (
 )
 from tests.jobs.test_predict import EXIT_OK, run_child, write_tabular_sample
 from tests.registry.conftest import local_store  # noqa: F401  a fixture used below
+from tests.serving.replicas import FakeReplica, ready_replica
 from tests.tenants.invitations import invite
 from tests.test_tenancy_sweep import (
     CALLS,
@@ -123,6 +125,7 @@ class Tenant:
     failed_job: Job
     queued_job: Job
     model: str
+    deployment: str
     upload: int
 
     def api(self, path: str) -> str:
@@ -168,6 +171,18 @@ def tenant(org, local_store, model_dir):  # noqa: F811
         format="multipart",
     )
     assert registered.status_code == 201, registered.content
+    deployed = session.post(
+        f"/api/v1/orgs/{org.slug}/deployments/",
+        {
+            "name": "churn",
+            "recipe": "tabular-classifier",
+            "routes": [
+                {"model_version": ModelVersion.objects.get(organization=org).pk, "weight": 100}
+            ],
+        },
+        format="json",
+    )
+    assert deployed.status_code == 201, deployed.content
     upload = session.post(
         f"/api/v1/orgs/{org.slug}/datasets/{version.dataset.name}/uploads/",
         {"filename": "big.csv", "size_bytes": len(CSV)},
@@ -183,6 +198,7 @@ def tenant(org, local_store, model_dir):  # noqa: F811
         ),
         queued_job=JobFactory(organization=org, input_dataset_version=version),
         model="churn",
+        deployment="churn",
         upload=upload.json()["id"],
     )
 
@@ -269,11 +285,8 @@ def _api_spends(t: Tenant):
     yield (
         "predict online",
         "post",
-        t.api(f"models/{t.model}/predict/"),
-        {
-            "version": "1",
-            "rows": [ROW] * 10,
-        },
+        t.api(f"deployments/{t.deployment}/predict/"),
+        {"inputs": [ROW] * 10},
         "json",
     )
 
@@ -448,27 +461,38 @@ def test_paying_still_works(tenant, standing, fake_stripe):  # noqa: F811
     assert page.post(tenant.page("billing:checkout")).status_code == 302
 
 
-def test_raising_a_reached_budget_lets_the_tenant_spend_again(tenant):
+@pytest.fixture
+def answering(tenant):
+    """A ready replica (a real HTTP server keeping the contract) behind the tenant's deployment."""
+    deployment = Deployment.objects.get(organization=tenant.org, name=tenant.deployment)
+    fake = FakeReplica("standing").start()
+    ready_replica(deployment, ModelVersion.objects.get(organization=tenant.org), fake)
+    yield fake
+    fake.stop()
+
+
+def test_raising_a_reached_budget_lets_the_tenant_spend_again(tenant, answering):
     _over_budget(tenant.org, tenant.owner)
     client = _key_client(tenant.owner, tenant.org)
-    body = {"rows": [ROW], "version": "1"}
-    refused = client.post(tenant.api(f"models/{tenant.model}/predict/"), body, format="json")
+    body = {"inputs": [ROW]}
+    url = tenant.api(f"deployments/{tenant.deployment}/predict/")
+    refused = client.post(url, body, format="json")
     assert refused.status_code == 402
     raised = client.patch(
         tenant.api("billing/account/"), {"monthly_budget_minor": 100_000}, format="json"
     )
     assert raised.status_code == 200, raised.content
     assert BillingAccount.objects.get(organization=tenant.org).monthly_budget_minor == 100_000
-    answered = client.post(tenant.api(f"models/{tenant.model}/predict/"), body, format="json")
+    answered = client.post(url, body, format="json")
     assert answered.status_code == 200, answered.content
 
 
-def test_past_due_within_the_grace_period_may_still_spend(tenant):
+def test_past_due_within_the_grace_period_may_still_spend(tenant, answering):
     account = billing_account_ensure(organization=tenant.org)
     past_due_set(account=account, since=timezone.now() - timedelta(days=1))
     response = _session_client(tenant.owner).post(
-        tenant.api(f"models/{tenant.model}/predict/"),
-        {"rows": [ROW], "version": "1"},
+        tenant.api(f"deployments/{tenant.deployment}/predict/"),
+        {"inputs": [ROW]},
         format="json",
     )
     assert response.status_code == 200, response.content
@@ -507,7 +531,7 @@ EXPECTED_EFFECTS: dict[str, Effect] = {
     "POST model-version-list": Effect.SPEND,
     "PUT model-alias-detail": Effect.CHANGE,
     "DELETE model-alias-detail": Effect.REDUCE,
-    "POST model-predict": Effect.SPEND,
+    "POST model-predict": Effect.READ,  # gone (410): deployments predict
     "POST registry:datasets": Effect.CHANGE,
     "POST registry:models": Effect.CHANGE,
     "POST registry:model": Effect.CHANGE,
@@ -536,6 +560,12 @@ EXPECTED_EFFECTS: dict[str, Effect] = {
     "POST serving:deployments": Effect.SPEND,
     "POST serving:deployment": Effect.CHANGE,
     "POST serving:deployment_routes": Effect.SPEND,
+    # the gate: approving a challenger starts a canary, whose replicas cost slot-seconds;
+    # rejecting one ends a retrain, which only lowers spend
+    "POST retrain-approve": Effect.SPEND,
+    "POST retrain-reject": Effect.REDUCE,
+    "POST serving:retrain_approve": Effect.SPEND,
+    "POST serving:retrain_reject": Effect.REDUCE,
     # billing
     "PATCH billing-account": Effect.PAY,
     "POST billing-checkout": Effect.PAY,

@@ -4,6 +4,7 @@ the replica contract) -> prediction log and ledger."""
 import threading
 import uuid
 from collections import Counter
+from datetime import timedelta
 
 import pytest
 from django.db import connection
@@ -407,3 +408,51 @@ def test_concurrent_retries_with_one_key_agree_and_are_billed_once(
     assert len(ids) == 1
     assert UsageRecord.objects.filter(organization=org).count() == 1
     assert {str(i) for i in PredictionLog.objects.values_list("prediction_id", flat=True)} == ids
+
+
+def test_an_overlong_idempotency_key_is_a_400_and_bills_nothing(
+    org, caller, make_deployment, serve
+):
+    deployment, (version,) = make_deployment(org)
+    serve(deployment, version, "a")
+    response = caller.post(
+        _url(deployment), {"inputs": [ROW]}, format="json", HTTP_IDEMPOTENCY_KEY="k" * 201
+    )
+    assert response.status_code == 400 and "idempotency_key" in response.json()["fields"]
+    assert not UsageRecord.objects.filter(organization=org).exists()
+    assert not PredictionLog.objects.filter(deployment=deployment).exists()
+
+
+def test_a_key_reused_after_the_idempotency_window_is_a_new_billed_prediction(
+    org, caller, make_deployment, serve, settings
+):
+    """A monitor sends the same input with the same fixed key every minute: a repeat is the
+    first request's retry only within IDEMPOTENCY_WINDOW_S of it; after that it is billed again
+    (the remembered answer expires with the window too)."""
+    from django.core.cache import cache
+
+    settings.IDEMPOTENCY_WINDOW_S = 3600
+    deployment, (version,) = make_deployment(org)
+    serve(deployment, version, "a")
+
+    def probe():
+        response = caller.post(
+            _url(deployment), {"inputs": [ROW]}, format="json", HTTP_IDEMPOTENCY_KEY="monitor"
+        )
+        assert response.status_code == 200, response.content
+
+    def first_request_was(seconds_ago):
+        UsageRecord.objects.filter(organization=org, resource="predictions").update(
+            created_at=timezone.now() - timedelta(seconds=seconds_ago)
+        )
+        cache.clear()  # the remembered answer lives as long as the window: gone or not, the same
+
+    probe()
+    first_request_was(3600 - 60)
+    probe()
+    assert UsageRecord.objects.filter(organization=org).count() == 1  # within the window
+    first_request_was(3600 + 60)
+    probe()
+    assert UsageRecord.objects.filter(organization=org).count() == 2  # a new prediction
+    probe()
+    assert UsageRecord.objects.filter(organization=org).count() == 2  # its own retry is free
