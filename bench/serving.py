@@ -150,6 +150,11 @@ def run(plan: Plan, *, quick: bool) -> None:
             "STORAGE_LOCAL_ROOT": str(tmp / "storage"),
             "WORKER_WORKDIR": str(tmp / "work"),
             "WORKER_CPU_SLOTS": str(SLOTS),
+            # Job children start in "/": without this they would import the checkout the
+            # environment installed, not this one.
+            "PYTHONPATH": os.pathsep.join(
+                filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])
+            ),
         }
         progress(f"recreating {DATABASE_URL} and flushing {REDIS_URL}")
         drop_database(DATABASE_URL)
