@@ -27,7 +27,9 @@ Per model, three tiers with one input per request, 1 client then 8 clients, in i
   (the web's own hop, without the web);
 - platform: POST /api/v1/orgs/<slug>/deployments/<name>/predict with an API key, a new
   connection per request (sync gunicorn closes every connection), `X-Forwarded-Proto: https`.
-Overhead = platform minus in-process at the same percentile. The platform's throughput at 8
+Overhead = platform minus in-process at the same percentile. Beside each window, the CPU
+time per request of gunicorn's workers, the database's backends and the replica's child, from
+/proc. The platform's throughput at 8
 clients against one replica is its requests per second per replica.
 
 Shadow: 1 client, rounds alternating `tabular` and `tabular-shadow` (the same live version);
@@ -176,9 +178,9 @@ def run(plan: Plan, *, quick: bool) -> None:
             progress("starting beat, the default-queue worker and the CPU worker")
             pool.start()
             wait_ready(pool, tenant, ["tabular", "image", "tabular-shadow"])
-            with gunicorn(env, tmp, kind="sync", workers=3, threads=1) as port:
+            with gunicorn(env, tmp, kind="sync", workers=3, threads=1) as (port, master):
                 warm_up(port, tenant, models)
-                figures["tiers"] = measure_tiers(port, tenant, models, plan)
+                figures["tiers"] = measure_tiers(port, master, tenant, models, plan)
                 figures["shadow"] = measure_shadow(port, tenant, models["tabular"], plan)
                 figures["cold"] = [
                     measure_cold_start(port, tenant, models["tabular"], n, pool)
@@ -472,7 +474,7 @@ def gunicorn(env: dict, tmp: Path, *, kind: str, workers: int, threads: int):
             if time.monotonic() > deadline:
                 raise SystemExit(f"gunicorn not up in {START_TIMEOUT_S} s:\n{tail(log_path)}")
             time.sleep(0.2)
-        yield port
+        yield port, master.pid
     finally:
         if master.poll() is None:
             os.killpg(master.pid, signal.SIGTERM)
@@ -559,6 +561,7 @@ class Window:
     errors: int
     seconds: float
     statuses: Counter
+    cpu_ms: dict[str, float] = field(default_factory=dict)  # per request, by process group
 
     @property
     def rps(self) -> float:
@@ -613,6 +616,57 @@ def closed_loop(call: Callable[[], int], *, clients: int, seconds: float) -> Win
 # --- measurements ----------------------------------------------------------------------------
 
 
+def cpu_groups(master: int, replica_port: int) -> dict[str, list[int]]:
+    """The processes whose CPU a request costs: gunicorn's workers, this database's PostgreSQL
+    backends (the pool's among them, idle meanwhile), and the replica's child (the process
+    listening on its port)."""
+    import psycopg
+
+    name = DATABASE_URL.rsplit("/", 1)[1]
+    maintenance = DATABASE_URL.rsplit("/", 1)[0] + "/postgres"
+    with psycopg.connect(maintenance, autocommit=True) as conn:
+        backends = [
+            row[0]
+            for row in conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s", [name])
+        ]
+    return {"web": children_of(master), "db": backends, "replica": listening_on(replica_port)}
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def children_of(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            if int(stat.read_text().rpartition(")")[2].split()[1]) == pid:
+                children.append(int(stat.parent.name))
+    return children
+
+
+def listening_on(port: int) -> list[int]:
+    """The process holding the listening socket of `port` (from /proc/net/tcp's inode)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                    inodes.add(f"socket:[{fields[9]}]")
+    found = []
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        with contextlib.suppress(OSError):
+            if any(os.readlink(fd) in inodes for fd in fd_dir.iterdir()):
+                found.append(int(fd_dir.parent.name))
+    return found
+
+
 def warm_up(port: int, tenant: Tenant, models: dict[str, Served]) -> None:
     """Every gunicorn worker and both predictors past their first calls; a failed request here
     stops the run with the server's answer."""
@@ -648,13 +702,16 @@ def warm_up(port: int, tenant: Tenant, models: dict[str, Served]) -> None:
 TIERS = ("in-process", "replica", "platform")
 
 
-def measure_tiers(port: int, tenant: Tenant, models: dict[str, Served], plan: Plan) -> dict:
+def measure_tiers(
+    port: int, master: int, tenant: Tenant, models: dict[str, Served], plan: Plan
+) -> dict:
     """{model: {tier: {clients: [Window per round]}}}, the tiers interleaved in each round."""
     figures: dict = {}
-    calls = {}
+    calls, replicas = {}, {}
     for name, served in models.items():
         body = json.dumps({"inputs": [served.item]}).encode()
         address, token = replica_of(tenant, served.deployment)
+        replicas[name] = int(address.rsplit(":", 1)[1])
         calls[name] = {
             "in-process": in_process_call(served),
             "replica": replica_call(address, token, body),
@@ -665,7 +722,14 @@ def measure_tiers(port: int, tenant: Tenant, models: dict[str, Served], plan: Pl
         for name in models:
             for clients in CLIENTS:
                 for tier in TIERS:
+                    groups = cpu_groups(master, replicas[name])
+                    before = {group: cpu_seconds(pids) for group, pids in groups.items()}
                     window = closed_loop(calls[name][tier], clients=clients, seconds=plan.window_s)
+                    requests = max(1, len(window.latencies_ms) + window.errors)
+                    window.cpu_ms = {
+                        group: (cpu_seconds(pids) - before[group]) / requests * 1000
+                        for group, pids in groups.items()
+                    }
                     figures[name][tier][clients].append(window)
                     progress(
                         f"round {number + 1} {name:8} {tier:10} {clients} clients: "
@@ -772,7 +836,7 @@ def measure_configs(env: dict, tmp: Path, tenant: Tenant, models: dict, plan: Pl
     """{(kind, workers, threads): {model: Window at 8 clients}}."""
     figures = {}
     for kind, workers, threads in WEB_CONFIGS:
-        with gunicorn(env, tmp, kind=kind, workers=workers, threads=threads) as port:
+        with gunicorn(env, tmp, kind=kind, workers=workers, threads=threads) as (port, _master):
             warm_up(port, tenant, models)
             figures[(kind, workers, threads)] = {}
             for name, served in models.items():
@@ -835,6 +899,7 @@ def report(figures: dict, *, plan: Plan, quick: bool, loads) -> None:
     print(
         f"   {'model':8}{'clients':>8}  {'tier':11}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}"
         f"{'errors':>8}{'p50 - in-process':>18}{'p99 - in-process':>18}"
+        f"{'CPU ms/request: web':>21}{'db':>6}{'replica':>9}"
     )
     result_models = {}
     for name, by_tier in tiers.items():
@@ -847,9 +912,14 @@ def report(figures: dict, *, plan: Plan, quick: bool, loads) -> None:
                 p50, p99 = med(w.pct(50) for w in windows), med(w.pct(99) for w in windows)
                 rps = med(w.rps for w in windows)
                 errors = sum(w.errors for w in windows)
+                cpu = {
+                    group: med(w.cpu_ms.get(group, 0.0) for w in windows)
+                    for group in ("web", "db", "replica")
+                }
                 print(
                     f"   {name:8}{clients:>8}  {tier:11}{p50:9.2f}{p99:9.2f}{rps:9.1f}{errors:8}"
                     f"{p50 - base50:18.2f}{p99 - base99:18.2f}"
+                    f"{cpu['web']:21.2f}{cpu['db']:6.2f}{cpu['replica']:9.2f}"
                 )
                 if tier == "platform":
                     result_models.setdefault(name, {})[f"{clients}_clients"] = {
@@ -858,7 +928,14 @@ def report(figures: dict, *, plan: Plan, quick: bool, loads) -> None:
                         "rps": round(rps, 1),
                         "overhead_p50_ms": round(p50 - base50, 2),
                         "overhead_p99_ms": round(p99 - base99, 2),
+                        "web_cpu_ms": round(cpu["web"], 2),
+                        "db_cpu_ms": round(cpu["db"], 2),
                     }
+    print(
+        "   CPU ms/request: CPU time that gunicorn's workers, this database's PostgreSQL backends "
+        "and the replica's child used during the window, per request (what the shared "
+        "machine's other load moves least)"
+    )
     tab = tiers["tabular"]
     overhead_p50 = med(w.pct(50) for w in tab["platform"][1]) - med(
         w.pct(50) for w in tab["in-process"][1]

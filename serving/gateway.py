@@ -390,10 +390,16 @@ def predict(
             f"Deployment {deployment.name} is starting a replica of the model; retry shortly.",
             retry_after=settings.SERVING_COLD_START_RETRY_AFTER_S,
         )
-    for shadow in routes:
-        if shadow.mode == Route.Mode.SHADOW and _bucket(None, deployment.pk) < shadow.weight:
-            shadow_pool.offer(deployment.pk, _shadow, deployment, shadow, inputs)
-    ids, outputs, log = _call(deployment, route.model_version_id, Route.Mode.LIVE, inputs, targets)
+    try:
+        ids, outputs, log = _call(
+            deployment, route.model_version_id, Route.Mode.LIVE, inputs, targets
+        )
+    finally:
+        # After the live answer came, so that a copy's work (its query, its forward, its log
+        # row) never runs beside the forward the caller waits for.
+        for shadow in routes:
+            if shadow.mode == Route.Mode.SHADOW and _bucket(None, deployment.pk) < shadow.weight:
+                shadow_pool.offer(deployment.pk, _shadow, deployment, shadow, inputs)
     version = route.model_version
     answer = {
         "deployment": deployment.name,
