@@ -632,13 +632,20 @@ def cpu_groups(master: int, replica_port: int) -> dict[str, list[int]]:
     return {"web": children_of(master), "db": backends, "replica": listening_on(replica_port)}
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0
+def cpu_seconds(pids: list[int]) -> dict[int, float]:
+    """CPU seconds so far of each of `pids` still alive."""
+    seconds = {}
     for pid in pids:
         with contextlib.suppress(OSError):
             fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-            total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+            seconds[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return seconds
+
+
+def cpu_used(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU used in between by the processes alive at both samples (a backend that ends in
+    between takes its share with it: this errs low)."""
+    return sum(seconds - before[pid] for pid, seconds in after.items() if pid in before)
 
 
 def children_of(pid: int) -> list[int]:
@@ -727,7 +734,7 @@ def measure_tiers(
                     window = closed_loop(calls[name][tier], clients=clients, seconds=plan.window_s)
                     requests = max(1, len(window.latencies_ms) + window.errors)
                     window.cpu_ms = {
-                        group: (cpu_seconds(pids) - before[group]) / requests * 1000
+                        group: cpu_used(before[group], cpu_seconds(pids)) / requests * 1000
                         for group, pids in groups.items()
                     }
                     figures[name][tier][clients].append(window)
