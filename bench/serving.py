@@ -1,8 +1,8 @@
 """Predict latency through the platform against the same model called in-process, requests per
 second per replica, what a shadow route adds, and cold start from zero replicas.
 
-    .venv/bin/python -m bench.serving              # full run, about 8 minutes
-    .venv/bin/python -m bench.serving --quick      # smoke run, about 3 minutes
+    .venv/bin/python -m bench.serving              # full run, about 7 minutes
+    .venv/bin/python -m bench.serving --quick      # smoke run, about 4 minutes
 
 Starts, on this machine, the pool (celery beat, a default-queue Celery worker and one CPU worker,
 `manage.py run_worker`, with WORKER_CPU_SLOTS slots, so each replica's child gets one torch
@@ -113,7 +113,7 @@ def progress(message: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run, about 3 minutes")
+    parser.add_argument("--quick", action="store_true", help="smoke run, about 4 minutes")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     run(QUICK if args.quick else FULL, quick=args.quick)
