@@ -160,6 +160,18 @@ async def _answer(send, status: int, body: dict) -> None:
     await send({"type": "http.response.body", "body": payload})
 
 
+def listening_socket(host: str) -> socket.socket:
+    """A socket on a free port of `host` whose accepted connections send without delay.
+
+    Linux hands TCP_NODELAY down to accepted sockets. asyncio sets it itself only on sockets
+    made with proto IPPROTO_TCP, which create_server's are not; without it each answer's body
+    waits for the client's delayed ACK of its headers, 40 ms a request."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.create_server((host, 0), family=family)
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return listener
+
+
 def serve(predictor: OnlinePredictor, options: dict[str, Any], stop: threading.Event) -> int:
     """Answer on a free port of `options["host"]` until SIGTERM, then drain; EXIT_STOPPED.
 
@@ -168,9 +180,7 @@ def serve(predictor: OnlinePredictor, options: dict[str, Any], stop: threading.E
     that came before uvicorn took SIGTERM over."""
     import uvicorn
 
-    host = options["host"]
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.create_server((host, 0), family=family)
+    listener = listening_socket(options["host"])
     port = listener.getsockname()[1]
     app = ReplicaApp(
         predictor,

@@ -131,7 +131,10 @@ class DeploymentViewSet(
     throttle_scopes = {"predict": "predict"}
 
     def narrow_queryset(self, queryset):
-        routes = Route.objects.select_related("model_version__registered_model")
+        # The versions' organization too: predict bills through it (gateway.predict's routes).
+        routes = Route.objects.select_related(
+            "model_version__registered_model", "model_version__organization"
+        )
         return queryset.select_related("resource_class", "organization").prefetch_related(
             Prefetch("routes", queryset=routes)
         )
@@ -245,12 +248,14 @@ class DeploymentViewSet(
         _refuse_large_body(request, settings.SERVING_MAX_BODY_BYTES)
         data = s.DeploymentPredictSerializer(data=request.data)
         data.is_valid(raise_exception=True)
+        deployment = self.get_object()
         answer = gateway.predict(
-            deployment=self.get_object(),
+            deployment=deployment,
             inputs=data.validated_data["inputs"],
             actor=self.actor,
             routing_key=request.headers.get("X-Routing-Key"),
             idempotency_key=request.headers.get("Idempotency-Key") or None,
+            routes=list(deployment.routes.all()),
         )
         return Response(answer)
 

@@ -186,6 +186,63 @@ def test_no_ready_replica_is_503_with_retry_after_and_starts_one(
     assert not UsageRecord.objects.filter(organization=org).exists()
 
 
+def test_a_starting_replica_answers_once_its_job_serves_without_waiting_for_the_reconciler(
+    org, caller, make_deployment, serve
+):
+    """A cold start's first answer comes when the replica's server does, not at the
+    reconciler's next pass; a starting replica whose job does not serve yet takes nothing."""
+    from jobs.models import Job, JobState
+
+    deployment, (a,) = make_deployment(org)
+    serve(deployment, a, "a")
+    replica = Replica.objects.get(deployment=deployment)
+    Replica.objects.filter(pk=replica.pk).update(state=Replica.State.STARTING, ready_at=None)
+    Job.objects.filter(replica=replica).update(state=JobState.SCHEDULED)
+    assert caller.post(_url(deployment), {"inputs": [ROW]}, format="json").status_code == 503
+    Job.objects.filter(replica=replica).update(state=JobState.RUNNING)
+    response = caller.post(_url(deployment), {"inputs": [ROW]}, format="json")
+    assert response.status_code == 200, response.content
+    assert response.json()["predictions"][0]["output"]["label"] == "a"
+
+
+def test_new_routes_are_seen_by_the_next_request(org, caller, make_deployment, serve):
+    """Nothing on the request path may keep routes past a routes_set: the rollout and the
+    rollback change weights there, and the next request must follow them."""
+    from serving.services import routes_set
+    from tenants.actors import Actor
+
+    deployment, (a, b) = make_deployment(org, weights=(100,), shadow=(0,))
+    serve(deployment, a, "a")
+    serve(deployment, b, "b")
+    label = caller.post(_url(deployment), {"inputs": [ROW]}, format="json").json()
+    assert label["predictions"][0]["output"]["label"] == "a"
+    routes_set(
+        deployment=deployment,
+        routes=[{"model_version": b.pk, "weight": 100, "mode": "live"}],
+        actor=Actor(),
+    )
+    answer = caller.post(_url(deployment), {"inputs": [ROW]}, format="json").json()
+    assert answer["predictions"][0]["output"]["label"] == "b"
+    assert answer["model_version"]["id"] == b.pk
+
+
+def test_a_predict_reads_the_routes_and_the_replicas_once_each(org, caller, make_deployment, serve):
+    """The request path's queries are its latency on a busy database (bench/serving.py): the
+    view's routes are reused, and the replicas with their jobs' addresses are one query."""
+    from django.test.utils import CaptureQueriesContext
+
+    deployment, (a,) = make_deployment(org)
+    serve(deployment, a, "a")
+    caller.post(_url(deployment), {"inputs": [ROW]}, format="json")
+    with CaptureQueriesContext(connection) as captured:
+        response = caller.post(_url(deployment), {"inputs": [ROW]}, format="json")
+    assert response.status_code == 200
+    tables = [q["sql"].split(" FROM ")[1].split()[0] for q in captured if " FROM " in q["sql"]]
+    assert tables.count('"serving_route"') == 1, tables
+    assert tables.count('"serving_replica"') == 1, tables
+    assert '"jobs_job"' not in tables, tables
+
+
 def test_a_replica_that_errors_is_502_and_logged_as_an_error(org, caller, make_deployment, serve):
     deployment, (a,) = make_deployment(org)
     serve(deployment, a, "a", status=500)
