@@ -37,8 +37,9 @@ PARAMETERS = {"target": "label", "epochs": 4, "learning_rate": 0.05}
 
 def world(rows: int, *, seed: int, shifted: bool = False, shuffled: bool = False) -> list[dict]:
     """Labelled points. The old world: a, b in [-1, 1], "yes" when a + b > 0. The shifted world:
-    a moved up by 2 (input drift) and "yes" when b > 0 (the rule changed too, so a model of the
-    old world answers "yes" to nearly everything there). `shuffled` deals the labels at random
+    a and b moved up by 2 (two columns of three drift, over the monitor's share of 0.5) and "yes"
+    when b - 2 > 0 (the rule changed too, so a model of the old world answers "yes" to nearly
+    everything there). `shuffled` deals the labels at random
     over the rows: data nothing can learn from."""
     rng = random.Random(seed)  # noqa: S311  test data, not security
     points = []
@@ -48,7 +49,7 @@ def world(rows: int, *, seed: int, shifted: bool = False, shuffled: bool = False
         points.append(
             {
                 "a": round(a + (2 if shifted else 0), 4),
-                "b": round(b, 4),
+                "b": round(b + (2 if shifted else 0), 4),
                 "colour": rng.choice(["red", "blue"]),
                 "label": "yes" if positive else "no",
             }
