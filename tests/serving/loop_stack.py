@@ -6,6 +6,7 @@ predict API. Periods are short (LOOP_TIMINGS, read by the pool's processes at st
 from __future__ import annotations
 
 import csv
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from serving import gateway
 from serving.models import Deployment, Route
 from serving.services import routes_set
 from tenants.actors import Actor
+from tests.processes import descendants
 
 # What beat and the default worker run on: every periodic step of the loop at a fraction of a
 # second, windows of 200 rows, bakes judged on 10 requests, serving billed every second.
@@ -157,3 +159,22 @@ class Caller:
             return None
         assert response.status_code == 200, response.content
         return response
+
+
+def listening_pid(address: str, under: int) -> int:
+    """The pid, among `under`'s descendants, that listens on `address`'s port."""
+    port = int(address.rsplit(":", 1)[1])
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                inodes.add(f"socket:[{fields[9]}]")
+    for pid in descendants(under):
+        fds = Path(f"/proc/{pid}/fd")
+        try:
+            if any(os.readlink(fd) in inodes for fd in fds.iterdir()):
+                return pid
+        except (FileNotFoundError, PermissionError):
+            continue
+    raise AssertionError(f"nothing under {under} listens on {address}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 from django.test import override_settings
@@ -23,6 +22,7 @@ from registry.services import dataset_create
 from serving import gateway
 from serving.models import LoopEvent, ModelCard, PredictionLog, Replica, Retrain, RetrainPolicy
 from tenants.actors import Actor
+from tenants.models import AuditEvent
 from tests.pool import Pool
 from tests.processes import alive, descendants, wait_for
 
@@ -34,6 +34,7 @@ from .loop_stack import (
     dataset_add,
     deploy,
     inputs_of,
+    listening_pid,
     routing_key_to,
     train,
     url,
@@ -143,8 +144,7 @@ def test_predictions_survive_a_killed_worker_and_appear_in_usage_and_invoices(
     # Its health checks failing, the reconciler stopped the lost replica and placed a new one
     # (a lease running out first would requeue the same job instead: either way, elsewhere).
     assert moved.job.worker.name != first_worker
-    job.refresh_from_db()
-    assert job.state in TERMINAL_STATES or job.attempt > first_attempt
+    wait_for(lambda: _ended_or_moved(job, first_attempt), timeout=30, what="the lost replica's job")
     job = moved.job
 
     answered = PredictionLog.objects.filter(deployment=deployment, error="").count()
@@ -165,6 +165,11 @@ def test_predictions_survive_a_killed_worker_and_appear_in_usage_and_invoices(
     assert lines["gpu:cpu"].quantity >= _job_usage(org, job.pk) > 0
 
 
+def _ended_or_moved(job, first_attempt: int) -> bool:
+    job.refresh_from_db()
+    return job.state in TERMINAL_STATES or job.attempt > first_attempt
+
+
 def _job_usage(org, job_id: int) -> Decimal:
     """The replica job's billed seconds on the usage report, grouped by job."""
     today = timezone.now().date()
@@ -179,25 +184,6 @@ def _retrain_in(deployment, *states) -> Retrain | None:
         .order_by("-pk")
         .first()
     )
-
-
-def _child_listening_on(address: str, under: int) -> int:
-    """The pid, among `under`'s descendants, that listens on `address`'s port."""
-    port = int(address.rsplit(":", 1)[1])
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
-                inodes.add(f"socket:[{fields[9]}]")
-    for pid in descendants(under):
-        fds = Path(f"/proc/{pid}/fd")
-        try:
-            if any(os.readlink(fd) in inodes for fd in fds.iterdir()):
-                return pid
-        except (FileNotFoundError, PermissionError):
-            continue
-    raise AssertionError(f"nothing under {under} listens on {address}")
 
 
 @e2e
@@ -251,14 +237,26 @@ def test_drift_retrains_gates_and_promotes_then_stops_a_worse_one_and_rolls_back
     _logged(stack, baked_and_promoted, timeout=120, what="the canary's promotion")
     promoted = canary.challenger
     kinds = list(LoopEvent.objects.filter(deployment=deployment).values_list("kind", flat=True))
-    for step in (
-        "drift_detected",
-        "retrain_submitted",
-        "gate_passed",
-        "canary_started",
-        "promoted",
-    ):
-        assert step in kinds, kinds
+    steps = ("drift_detected", "retrain_submitted", "gate_passed", "canary_started", "promoted")
+    assert set(steps) <= set(kinds), kinds
+    canary.refresh_from_db()
+    costs = dict(
+        LoopEvent.objects.filter(
+            deployment=deployment, kind__in=["retrain_submitted", "gate_passed"]
+        ).values_list("kind", "cost_minor")
+    )
+    assert costs == {
+        "retrain_submitted": canary.job.cost_minor,
+        "gate_passed": canary.evaluation_job.cost_minor,
+    }
+    audited = set(
+        AuditEvent.objects.filter(organization=org, action__startswith="serving.loop.").values_list(
+            "action", flat=True
+        )
+    )
+    # The monitor audits drift as its own action; each of the loop's steps as serving.loop.*.
+    assert {f"serving.loop.{step}" for step in steps[1:]} <= audited, audited
+    assert AuditEvent.objects.filter(organization=org, action="serving.drift_detected").exists()
     answer = _logged(stack, lambda: caller.answered(shifted[:5]), timeout=60, what="the new one")
     assert answer.json()["model_version"]["id"] == promoted.pk
     assert ModelCard.objects.get(model_version=promoted).decision == ModelCard.Decision.PASSED
@@ -292,7 +290,7 @@ def test_drift_retrains_gates_and_promotes_then_stops_a_worse_one_and_rolls_back
     replica = _logged(
         stack, lambda: _ready_replica(deployment, bad.challenger), timeout=120, what="its replica"
     )
-    hung = _child_listening_on(replica.job.serve_address, stack.processes["w1"].pid)
+    hung = listening_pid(replica.job.serve_address, stack.processes["w1"].pid)
     os.kill(hung, signal.SIGSTOP)
     try:
         with override_settings(SERVING_FORWARD_TIMEOUT_S=1.0):
