@@ -249,7 +249,7 @@ def _awaiting(*, card: ModelCard, actor: Actor, verb: str) -> tuple[Retrain, Mod
     """The locked retrain of a card a person decides on, once the actor may decide."""
     if PROMOTE_SCOPE not in actor_scopes(organization=card.organization, actor=actor):
         raise PermissionDeniedError(f"{verb} a challenger needs the {PROMOTE_SCOPE} scope.")
-    Deployment.objects.select_for_update().get(pk=card.retrain.deployment_id)
+    Deployment.objects.select_for_update(no_key=True).get(pk=card.retrain.deployment_id)
     retrain = Retrain.objects.select_for_update().get(pk=card.retrain_id)
     card = ModelCard.objects.get(pk=card.pk)
     if card.decision != ModelCard.Decision.PASSED:

@@ -342,7 +342,7 @@ def retrain_prepare(*, retrain_id: int, now: datetime | None = None) -> Retrain 
         except DomainError as exc:
             feedback = {"feedback_error": exc.detail}
     with transaction.atomic():
-        Deployment.objects.select_for_update(of=("self",)).get(pk=deployment.pk)
+        Deployment.objects.select_for_update(no_key=True, of=("self",)).get(pk=deployment.pk)
         retrain = (
             Retrain.objects.select_for_update(of=("self",))
             .select_related("deployment__organization", "champion__registered_model")
@@ -414,7 +414,8 @@ def loop_advance(*, deployment_id: int, now: datetime | None = None) -> Retrain 
 def _advance_locked(*, deployment_id: int, now: datetime) -> Retrain | None:
     with transaction.atomic():
         deployment = (
-            Deployment.objects.select_for_update(skip_locked=True, of=("self",))
+            # No key update: see reconciler.cold_start (timeline rows of other processes).
+            Deployment.objects.select_for_update(no_key=True, skip_locked=True, of=("self",))
             .select_related("organization", "resource_class", "created_by")
             .filter(pk=deployment_id)
             .first()

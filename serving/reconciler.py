@@ -101,7 +101,11 @@ def replica_stop(*, replica: Replica, reason: str) -> None:
 def cold_start(*, deployment: Deployment, model_version) -> Replica | None:
     """A request found no ready replica: start one now unless one is already starting (or the
     deployment is at its max), rather than wait for the next reconcile pass."""
-    deployment = Deployment.objects.select_for_update().get(pk=deployment.pk)
+    # FOR NO KEY UPDATE, as every lock that only serializes work on a deployment: a plain FOR
+    # UPDATE also blocks the key-share lock each insert referencing the deployment takes (a
+    # reconciler pass writing a timeline row while it holds the quota row for its own start),
+    # and the two deadlock on the quota row.
+    deployment = Deployment.objects.select_for_update(no_key=True).get(pk=deployment.pk)
     replicas = Replica.objects.for_organization(deployment.organization).filter(
         deployment=deployment, state__in=_ACTIVE
     )

@@ -135,7 +135,7 @@ def deployment_update(*, deployment: Deployment, actor: Actor, **changes) -> Dep
     unknown = set(changes) - set(UPDATABLE)
     if unknown:
         raise TypeError(f"deployment_update got unknown fields {sorted(unknown)}")
-    deployment = Deployment.objects.select_for_update().get(pk=deployment.pk)
+    deployment = Deployment.objects.select_for_update(no_key=True).get(pk=deployment.pk)
     before = {field: getattr(deployment, field) for field in changes}
     for field, value in changes.items():
         setattr(deployment, field, value)
@@ -281,7 +281,7 @@ def routes_set(
     `event_kind`, or none when the caller writes its own (the loop's rollout records each of its
     steps). Replicas of versions no longer routed are marked draining; the reconciler stops them.
     """
-    deployment = Deployment.objects.select_for_update().get(pk=deployment.pk)
+    deployment = Deployment.objects.select_for_update(no_key=True).get(pk=deployment.pk)
     clean = _validated_routes(deployment, routes)
     org = deployment.organization
     current = Route.objects.for_organization(org).filter(deployment=deployment)
