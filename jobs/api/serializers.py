@@ -58,7 +58,7 @@ class EstimateSerializer(serializers.Serializer):
 class JobSerializer(serializers.ModelSerializer):
     dataset = serializers.SerializerMethodField()
     resource_class = serializers.CharField(source="resource_class.name")
-    created_by = serializers.EmailField(source="created_by.email", default=None)
+    created_by = serializers.EmailField(source="created_by.email", default=None, allow_null=True)
     worker = serializers.CharField(source="worker.name", default=None, allow_null=True)
     output_model = serializers.SerializerMethodField()
     input_model = serializers.SerializerMethodField()

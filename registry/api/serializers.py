@@ -39,7 +39,9 @@ class CsvDialectSerializer(serializers.Serializer):
 
 class DatasetVersionSerializer(serializers.ModelSerializer):
     dataset = serializers.CharField(source="dataset.name", read_only=True)
-    created_by = serializers.EmailField(source="created_by.email", read_only=True, default=None)
+    created_by = serializers.EmailField(
+        source="created_by.email", read_only=True, default=None, allow_null=True
+    )
     csv_dialect = CsvDialectSerializer(read_only=True, allow_null=True)
 
     class Meta:
@@ -161,7 +163,9 @@ class ModelVersionSerializer(serializers.ModelSerializer):
     parent_version = serializers.IntegerField(
         source="parent_version.number", read_only=True, default=None, allow_null=True
     )
-    created_by = serializers.EmailField(source="created_by.email", read_only=True, default=None)
+    created_by = serializers.EmailField(
+        source="created_by.email", read_only=True, default=None, allow_null=True
+    )
 
     class Meta:
         model = ModelVersion
