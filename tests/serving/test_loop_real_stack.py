@@ -121,7 +121,14 @@ def test_predictions_survive_a_killed_worker_and_appear_in_usage_and_invoices(
         label=""
     ).count() == len(rows)
 
-    replica = _ready_replica(deployment, champion)
+    # A starting replica whose job already answers takes traffic before the reconciler marks it
+    # ready: the first answer may come first.
+    replica = _logged(
+        stack,
+        lambda: _ready_replica(deployment, champion),
+        timeout=30,
+        what="the reconciler to mark the replica ready",
+    )
     job, before = replica.job, len(caller.statuses)
     first_attempt, first_worker = job.attempt, job.worker.name
     label = labels[first_worker]
