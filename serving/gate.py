@@ -161,7 +161,7 @@ def _lineage(retrain: Retrain) -> dict:
 def gate_decide(*, retrain: Retrain, policy: RetrainPolicy) -> Retrain:
     """Once the evaluate job has ended: judge, write the model card, and move on (a canary, a
     person's approval, or rejection). A failed evaluation rejects the challenger."""
-    job = Job.objects.get(pk=retrain.evaluation_job_id)
+    job = Job.objects.for_organization(retrain.organization).get(pk=retrain.evaluation_job_id)
     if not job.is_terminal:
         return retrain
     deployment = retrain.deployment
@@ -265,7 +265,11 @@ def gate_approve(*, card: ModelCard, actor: Actor) -> Retrain:
     refused), and only while the retrain awaits approval."""
     with transaction.atomic():
         retrain, card = _awaiting(card=card, actor=actor, verb="Approving")
-        policy = RetrainPolicy.objects.filter(deployment_id=retrain.deployment_id).first()
+        policy = (
+            RetrainPolicy.objects.for_organization(retrain.organization)
+            .filter(deployment_id=retrain.deployment_id)
+            .first()
+        )
         if policy is None:
             raise DomainError("The deployment has no retrain policy any more.")
         return _approve(

@@ -327,7 +327,11 @@ def retrain_prepare(*, retrain_id: int, now: datetime | None = None) -> Retrain 
         "deployment__organization", "deployment__created_by", "champion__registered_model"
     ).get(pk=retrain_id)
     deployment = retrain.deployment
-    policy = RetrainPolicy.objects.filter(deployment=deployment).first()
+    policy = (
+        RetrainPolicy.objects.for_organization(deployment.organization)
+        .filter(deployment=deployment)
+        .first()
+    )
     base = retrain_data(policy=policy, champion=retrain.champion) if policy else None
     data, feedback = base, {}
     if policy is not None and policy.append_feedback and base is not None:

@@ -465,7 +465,11 @@ def feedback_dataset_save(
             actor=actor,
             declared_format="csv",
             derived_from_model_version=(
-                ModelVersion.objects.get(pk=next(iter(versions))) if len(versions) == 1 else None
+                ModelVersion.objects.for_organization(deployment.organization).get(
+                    pk=next(iter(versions))
+                )
+                if len(versions) == 1
+                else None
             ),
         )
     audit_record(

@@ -177,8 +177,10 @@ class DeploymentViewSet(
         made = services.routes_set(
             deployment=self.get_object(), routes=data.validated_data["routes"], actor=self.actor
         )
-        routes = Route.objects.filter(pk__in=[r.pk for r in made]).select_related(
-            "model_version__registered_model"
+        routes = (
+            Route.objects.for_organization(self.organization)
+            .filter(pk__in=[r.pk for r in made])
+            .select_related("model_version__registered_model")
         )
         return Response(s.RouteSerializer(routes, many=True).data)
 
