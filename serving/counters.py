@@ -13,8 +13,9 @@ import contextlib
 from collections.abc import Iterator
 
 from django.conf import settings
-from django.core.cache import cache, caches
-from django.core.cache.backends.redis import RedisCache
+from django.core.cache import cache
+
+from tenants.cache_client import redis_client
 
 # Decrements only the counters that still exist: one that expired stays gone rather than coming
 # back at -1 with no expiry.
@@ -51,9 +52,9 @@ def _add(key: str, delta: int, *, timeout: int) -> int:
 @contextlib.contextmanager
 def in_flight(*, deployment_id: int, version_id: int, replica_id: int) -> Iterator[None]:
     keys = (_version_key(deployment_id, version_id), _replica_key(replica_id))
-    backend = caches["default"]
-    if isinstance(backend, RedisCache):
-        with _in_flight_on_redis(backend, keys):
+    client, backend = redis_client()
+    if client is not None:
+        with _in_flight_on_redis(client, backend, keys):
             yield
         return
     for key in keys:
@@ -67,12 +68,11 @@ def in_flight(*, deployment_id: int, version_id: int, replica_id: int) -> Iterat
 
 
 @contextlib.contextmanager
-def _in_flight_on_redis(backend: RedisCache, keys: tuple[str, ...]) -> Iterator[None]:
+def _in_flight_on_redis(client, backend, keys: tuple[str, ...]) -> Iterator[None]:
     """The same counts in one round trip each way, on the request path of every predict (the
     cache API's add, incr and decr take ten): SET NX with the expiry then INCR, in one MULTI so
     the key cannot expire in between; the decrements by a script that skips expired keys."""
     names = [backend.make_and_validate_key(key) for key in keys]
-    client = backend._cache.get_client(write=True)
     with client.pipeline(transaction=True) as pipe:
         for name in names:
             pipe.set(name, 0, ex=_in_flight_ttl(), nx=True)

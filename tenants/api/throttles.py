@@ -16,7 +16,8 @@ action outside any organization (creating one). Rates come from the API_RATE_LIM
 read on every request. Each bucket is a fixed window counted with an atomic increment in the
 cache (Redis), so parallel requests cannot all pass on one stale count as they would with a
 read-then-write history; a request given back in a race may make another wait early, never let
-one too many through.
+one too many through. On Redis all of a request's buckets are taken by one script, in one round
+trip and atomically (no race at all); other caches take them one by one.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from django.core.cache import cache
 from rest_framework.throttling import BaseThrottle
 
 from tenants.actors import client_ip
+from tenants.cache_client import redis_client
 from tenants.models import ApiKey
 from tenants.standing import Effect
 
@@ -76,6 +78,23 @@ def request_buckets(request, view) -> list[Bucket]:
     return buckets
 
 
+# Every bucket in one round trip, atomically: count the request in each in turn; at the first
+# bucket past its limit, give back what was counted and say which one it was (1-based; 0: all had
+# room). ARGV holds each bucket's limit and window. A new key gets its expiry in the same step,
+# so no key can be left without one.
+_TAKE = """
+for i, key in ipairs(KEYS) do
+    local count = redis.call('incr', key)
+    if count == 1 then redis.call('expire', key, tonumber(ARGV[2 * i]) + 1) end
+    if count > tonumber(ARGV[2 * i - 1]) then
+        for j = 1, i do redis.call('decr', KEYS[j]) end
+        return i
+    end
+end
+return 0
+"""
+
+
 def _increment(key: str, period: int) -> int:
     cache.add(key, 0, timeout=period + 1)
     try:
@@ -99,13 +118,29 @@ def clock() -> float:
 def buckets_take(buckets: list[Bucket], *, now: float) -> int | None:
     """Count one request in every bucket, or in none. None when each had room; otherwise the
     seconds until the first full bucket's window ends, and nothing stays counted anywhere."""
-    taken = []
+    limited = []
     for bucket in buckets:
         rate = settings.API_RATE_LIMITS.get(bucket.rate)
-        if not rate:
-            continue
-        limit, period = parse_rate(rate)
-        key = f"throttle:{bucket.rate}:{bucket.sharer}:{int(now // period)}"
+        if rate:
+            limit, period = parse_rate(rate)
+            key = f"throttle:{bucket.rate}:{bucket.sharer}:{int(now // period)}"
+            limited.append((key, limit, period))
+    if not limited:
+        return None
+    client, backend = redis_client()
+    if client is not None:
+        full = client.eval(
+            _TAKE,
+            len(limited),
+            *(backend.make_and_validate_key(key) for key, _, _ in limited),
+            *(n for _, limit, period in limited for n in (limit, period)),
+        )
+        if not full:
+            return None
+        period = limited[full - 1][2]
+        return max(1, math.ceil(period - now % period))
+    taken = []
+    for key, limit, period in limited:
         taken.append(key)
         if _increment(key, period) > limit:
             for key in taken:

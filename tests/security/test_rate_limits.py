@@ -496,3 +496,39 @@ def test_the_api_and_the_dashboard_share_the_daily_allowance(user, rates):
     assert _create_by_page(user, 5).status_code == 429
     assert _organizations_of(user) == 4
     assert AuditEvent.objects.filter(action="organization.create").count() == 4
+
+
+@pytest.mark.parametrize("backend", ["redis", "locmem"])
+def test_buckets_are_taken_all_or_none_on_redis_and_on_any_other_cache(backend, settings):
+    """The same rule on both paths (one script on Redis, the cache API elsewhere): a request
+    counts in every bucket or in none, and the full bucket's window end is the wait."""
+    from django.core.cache import cache
+
+    if backend == "locmem":
+        settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    settings.API_RATE_LIMITS = {"key": "100/min", "org": "2/min", "predict": "100/hour"}
+    buckets = [
+        throttles.Bucket("key", "k1"),
+        throttles.Bucket("org", "o1"),
+        throttles.Bucket("predict", "org:o1"),
+    ]
+    minute, hour = PINNED_NOW // 60, PINNED_NOW // 3600
+    counts = lambda: (  # noqa: E731
+        cache.get(f"throttle:key:k1:{minute}"),
+        cache.get(f"throttle:org:o1:{minute}"),
+        cache.get(f"throttle:predict:org:o1:{hour}"),
+    )
+    assert throttles.buckets_take(buckets, now=PINNED_NOW) is None
+    assert throttles.buckets_take(buckets, now=PINNED_NOW) is None
+    assert counts() == (2, 2, 2)
+    assert throttles.buckets_take(buckets, now=PINNED_NOW) == 30  # the org's minute ends in 30 s
+    assert counts() == (2, 2, 2)  # the key's count given back, the predict bucket never reached
+    # Another key of the organization is refused by the organization's bucket alone.
+    assert throttles.buckets_take([throttles.Bucket("key", "k2"), buckets[1]], now=PINNED_NOW)
+    assert cache.get(f"throttle:key:k2:{minute}") == 0
+    if backend == "redis":
+        from tenants.cache_client import redis_client
+
+        client, redis_backend = redis_client()
+        ttl = client.ttl(redis_backend.make_and_validate_key(f"throttle:predict:org:o1:{hour}"))
+        assert 0 < ttl <= 3601  # every key expires with its window
