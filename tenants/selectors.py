@@ -6,7 +6,7 @@ import hashlib
 import hmac
 from datetime import datetime
 
-from django.db.models import QuerySet
+from django.db.models import OuterRef, QuerySet, Subquery
 from django.http import Http404
 
 from .actors import Actor
@@ -27,19 +27,22 @@ def membership_get(*, organization: Organization, user: User) -> Membership | No
     return Membership.objects.for_organization(organization).filter(user=user).first()
 
 
-def _scopes_held(*, membership: Membership | None, api_key: ApiKey | None) -> frozenset[str]:
+def _scopes_held(*, role: str | None, api_key: ApiKey | None) -> frozenset[str]:
     # The one rule for what a request holds: a session its role's scopes; a key its own scopes
-    # narrowed by its creator's current role (`membership` is then the creator's).
-    held = scopes_for_role(membership.role) if membership is not None else frozenset()
+    # narrowed by its creator's current role (`role` is then the creator's; None: not a member).
+    held = scopes_for_role(role) if role is not None else frozenset()
     if api_key is not None:
         held &= frozenset(api_key.scopes)
     return held
 
 
 def api_key_scopes(*, api_key: ApiKey) -> frozenset[str]:
-    """A key never holds more than its creator's current role allows."""
+    """A key never holds more than its creator's current role allows. A key read by
+    `api_key_get_by_token` brought that role with it, read in the same query."""
+    if hasattr(api_key, "creator_role"):
+        return _scopes_held(role=api_key.creator_role, api_key=api_key)
     membership = membership_get(organization=api_key.organization, user=api_key.created_by)
-    return _scopes_held(membership=membership, api_key=api_key)
+    return _scopes_held(role=membership.role if membership else None, api_key=api_key)
 
 
 def actor_scopes(*, organization: Organization, actor: Actor) -> frozenset[str]:
@@ -52,7 +55,7 @@ def actor_scopes(*, organization: Organization, actor: Actor) -> frozenset[str]:
     if actor.user is None:
         return frozenset()
     membership = membership_get(organization=organization, user=actor.user)
-    return _scopes_held(membership=membership, api_key=None)
+    return _scopes_held(role=membership.role if membership else None, api_key=None)
 
 
 def organization_access(
@@ -73,15 +76,23 @@ def organization_access(
     )
     if membership is None:
         raise Http404
-    return membership.organization, membership, _scopes_held(membership=membership, api_key=None)
+    return membership.organization, membership, _scopes_held(role=membership.role, api_key=None)
 
 
 def api_key_get_by_token(*, token: str) -> ApiKey | None:
     prefix, sep, secret = token.partition("_")
     if not sep or not secret:
         return None
+    # The creator's current role in the key's organization too (None when no longer a
+    # member): every request a key makes needs it (api_key_scopes), so it rides on this query.
+    creator_role = Membership.objects.filter(
+        organization=OuterRef("organization"), user=OuterRef("created_by")
+    ).values("role")[:1]
     api_key = (
-        ApiKey.objects.select_related("organization", "created_by").filter(prefix=prefix).first()
+        ApiKey.objects.select_related("organization", "created_by")
+        .annotate(creator_role=Subquery(creator_role))
+        .filter(prefix=prefix)
+        .first()
     )
     if api_key is None or not hmac.compare_digest(api_key.secret_hash, hash_secret(secret)):
         return None
