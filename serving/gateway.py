@@ -24,15 +24,16 @@ import httpx
 from django.conf import settings
 from django.core.cache import cache
 from django.db import close_old_connections, transaction
+from django.http import Http404
 from django.utils import timezone
 
 from jobs.models import Job, JobState
-from jobs.predictions import idempotency_key_check, predictions_meter
 from jobs.services.replicas import replica_token
 from tenants.actors import Actor
 from tenants.errors import DomainError
 
 from . import counters
+from .metering import idempotency_key_check, prediction_charge
 from .models import Deployment, PredictionLog, Replica, Route
 from .reconciler import cold_start
 from .services import DeploymentNotRouted
@@ -65,6 +66,11 @@ class ReplicaUnavailable(DomainError):
     def __init__(self, detail: str, *, retry_after: int = 1):
         super().__init__(detail)
         self.retry_after = retry_after
+
+
+class ReplicaUnreachable(ReplicaUnavailable):
+    """No connection to the replica could be made: nothing was sent, so sending elsewhere is
+    safe."""
 
 
 class ReplicaFailed(DomainError):
@@ -176,8 +182,8 @@ class Target:
     attempt: int
 
 
-def _targets(deployment: Deployment, version_id: int) -> list[Target]:
-    """The replicas of the version whose serve job answers now (as jobs.selectors.
+def _targets(deployment: Deployment) -> dict[int, list[Target]]:
+    """Per routed version, the replicas whose serve job answers now (as jobs.selectors.
     replica_endpoints defines it), in one query. A starting replica whose job already serves is
     one: the first request after a cold start need not wait for the reconciler's next pass to
     mark it ready."""
@@ -185,15 +191,73 @@ def _targets(deployment: Deployment, version_id: int) -> list[Target]:
         Replica.objects.for_organization(deployment.organization)
         .filter(
             deployment=deployment,
-            model_version_id=version_id,
             state__in=(Replica.State.STARTING, Replica.State.READY),
             job__kind=Job.Kind.SERVE,
             job__state=JobState.RUNNING,
         )
         .exclude(job__serve_address="")
-        .values_list("pk", "job_id", "job__serve_address", "job__attempt")
+        .values_list("model_version_id", "pk", "job_id", "job__serve_address", "job__attempt")
     )
-    return [Target(*row) for row in rows]
+    targets: dict[int, list[Target]] = {}
+    for version_id, *target in rows:
+        targets.setdefault(version_id, []).append(Target(*target))
+    return targets
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What a request needs to know of a deployment: the row, its routes (with their versions'
+    names) and the replicas answering per version, as read at `read_at` (`clock`)."""
+
+    deployment: Deployment
+    routes: tuple[Route, ...]
+    targets: dict[int, list[Target]]
+    read_at: float
+
+
+def clock() -> float:
+    """The routing cache's clock (tests move it on)."""
+    return time.monotonic()
+
+
+# Per web process (each gunicorn worker its own), keyed by (organization id, deployment name);
+# an entry is used for SERVING_ROUTING_CACHE_S. Plain dict operations are atomic under the GIL.
+_routings: dict[tuple[int, str], Routing] = {}
+ROUTINGS_MAX = 10_000
+
+
+def routing_read(*, organization, name: str, fresh: bool = False) -> tuple[Routing, bool]:
+    """The deployment `name` of `organization` as a request routes it (Http404 when there is
+    none), and whether it came from this process's cache: read at most every
+    SERVING_ROUTING_CACHE_S per web process, which saves every predict three queries. So a change
+    of routes, weights or replicas reaches a web process within that time; a request whose cached
+    replica no longer answers reads again at once (`predict`)."""
+    key = (organization.pk, name)
+    ttl = settings.SERVING_ROUTING_CACHE_S
+    cached = _routings.get(key)
+    if not fresh and cached is not None and clock() - cached.read_at < ttl:
+        return cached, True
+    deployment = Deployment.objects.for_organization(organization).filter(name=name).first()
+    if deployment is None:
+        _routings.pop(key, None)
+        raise Http404
+    deployment.organization = organization
+    routing = Routing(deployment, tuple(_routes(deployment)), _targets(deployment), clock())
+    if ttl > 0:
+        if len(_routings) >= ROUTINGS_MAX:
+            _routings.clear()
+        _routings[key] = routing
+    return routing, False
+
+
+def _pick(routing: Routing, bucket: int) -> tuple[Route, list[Target]]:
+    """The live route holding `bucket`, and its version's answering replicas (maybe none)."""
+    if not any(r.mode == Route.Mode.LIVE for r in routing.routes):
+        raise DeploymentNotRouted(
+            f"Deployment {routing.deployment.name} has no live route; set its routes first."
+        )
+    route = route_pick(routing.routes, bucket)
+    return route, routing.targets.get(route.model_version_id, [])
 
 
 def _least_busy(targets: list[Target]) -> Target:
@@ -209,6 +273,8 @@ def _forward(target: Target, inputs: list) -> list:
             json={"inputs": inputs},
             headers={"Authorization": f"Bearer {replica_token(target.job_id, target.attempt)}"},
         )
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        raise ReplicaUnreachable("The model could not be reached; try again shortly.") from exc
     except httpx.TimeoutException as exc:
         raise ReplicaUnavailable("The model did not answer in time; try again.") from exc
     except httpx.HTTPError as exc:
@@ -271,9 +337,19 @@ def _log(
     PredictionLog.objects.bulk_create(rows)
 
 
-def _call(deployment: Deployment, version_id: int, mode: str, inputs: list, targets) -> tuple:
+def _call(
+    deployment: Deployment,
+    version_id: int,
+    mode: str,
+    inputs: list,
+    targets: list[Target],
+    *,
+    stale: bool = False,
+) -> tuple:
     """Forward to the least busy target under fresh ids; a failure is logged here, an answer
-    by the caller (`log`), which may find a concurrent retry's answer to give instead."""
+    by the caller (`log`), which may find a concurrent retry's answer to give instead. A
+    `stale` target (from a routing read a while ago) that cannot be reached is not the model's
+    failure, and is not logged: the caller reads again and retries."""
     target = _least_busy(targets)
     ids = [uuid.uuid4() for _ in inputs]
     started = time.perf_counter()
@@ -283,6 +359,8 @@ def _call(deployment: Deployment, version_id: int, mode: str, inputs: list, targ
         ):
             outputs = _forward(target, inputs)
     except (ReplicaUnavailable, ReplicaFailed) as exc:
+        if stale and isinstance(exc, ReplicaUnreachable):
+            raise
         latency = (time.perf_counter() - started) * 1000
         _log(deployment, version_id, mode, inputs, None, ids, latency, error=exc.code)
         raise
@@ -294,10 +372,9 @@ def _call(deployment: Deployment, version_id: int, mode: str, inputs: list, targ
     return ids, outputs, log
 
 
-def _shadow(deployment: Deployment, route: Route, inputs: list) -> None:
+def _shadow(deployment: Deployment, route: Route, targets: list[Target] | None, inputs) -> None:
     """Runs on a shadow thread: the answer is logged as a shadow prediction and goes nowhere
-    else; a shadow version with no ready replica is skipped (the reconciler starts them)."""
-    targets = _targets(deployment, route.model_version_id)
+    else; a shadow version with no answering replica is skipped (the reconciler starts them)."""
     if not targets:
         return
     # A failing shadow replica is logged as an error prediction of its version, nothing more.
@@ -335,27 +412,25 @@ def _routes(deployment: Deployment) -> list[Route]:
     return list(
         Route.objects.for_organization(deployment.organization)
         .filter(deployment=deployment)
-        .select_related("model_version__registered_model", "model_version__organization")
+        .select_related("model_version__registered_model")
     )
 
 
 def predict(
     *,
-    deployment: Deployment,
+    organization,
+    name: str,
     inputs: list,
     actor: Actor,
     routing_key: str | None = None,
     idempotency_key: str | None = None,
-    routes: list[Route] | None = None,
 ) -> dict:
-    """Answer `inputs` from one live version of `deployment`:
+    """Answer `inputs` from one live version of `organization`'s deployment `name`:
     {"deployment", "model_version": {"id", "name", "number"},
      "predictions": [{"prediction_id", "output"}, ...]} in input order.
 
     A retry with the same Idempotency-Key and inputs within IDEMPOTENCY_WINDOW_S gets the first
-    answer again, and is billed once. `routes` are the deployment's, with their versions' models
-    and organization, when the caller read them with it (the API view prefetches them: one
-    query fewer per request); else they are read here.
+    answer again, and is billed once.
     """
     idempotency_key_check(idempotency_key)
     if routing_key is not None and len(routing_key) > ROUTING_KEY_MAX:
@@ -372,6 +447,8 @@ def predict(
             "The inputs are nested too deeply.",
             fields={"inputs": [f"At most {MAX_INPUT_DEPTH} levels of lists and objects."]},
         )
+    routing, cached = routing_read(organization=organization, name=name)
+    deployment = routing.deployment
     remembered = None
     if idempotency_key:
         remembered = _idempotency_cache_key(deployment, idempotency_key, inputs)
@@ -379,13 +456,11 @@ def predict(
         if answer is not None:
             return answer
     _touch(deployment)
-    routes = _routes(deployment) if routes is None else routes
-    if not any(r.mode == Route.Mode.LIVE for r in routes):
-        raise DeploymentNotRouted(
-            f"Deployment {deployment.name} has no live route; set its routes first."
-        )
-    route = route_pick(routes, _bucket(routing_key, deployment.pk))
-    targets = _targets(deployment, route.model_version_id)
+    bucket = _bucket(routing_key, deployment.pk)
+    route, targets = _pick(routing, bucket)
+    if cached and not targets:  # read a while ago: a replica may have become ready since
+        routing, cached = routing_read(organization=organization, name=name, fresh=True)
+        route, targets = _pick(routing, bucket)
     if not targets:
         cold_start(deployment=deployment, model_version=route.model_version)
         raise NoReadyReplica(
@@ -393,15 +468,35 @@ def predict(
             retry_after=settings.SERVING_COLD_START_RETRY_AFTER_S,
         )
     try:
-        ids, outputs, log = _call(
-            deployment, route.model_version_id, Route.Mode.LIVE, inputs, targets
-        )
+        try:
+            ids, outputs, log = _call(
+                deployment, route.model_version_id, Route.Mode.LIVE, inputs, targets, stale=cached
+            )
+        except ReplicaUnreachable:
+            if not cached:
+                raise
+            # The replica read a while ago is gone (drained, stopped, its worker lost): read
+            # again and send to what answers now, or to nothing.
+            routing, cached = routing_read(organization=organization, name=name, fresh=True)
+            route, targets = _pick(routing, bucket)
+            if not targets:
+                raise
+            ids, outputs, log = _call(
+                deployment, route.model_version_id, Route.Mode.LIVE, inputs, targets
+            )
     finally:
-        # After the live answer came, so that a copy's work (its query, its forward, its log
-        # row) never runs beside the forward the caller waits for.
-        for shadow in routes:
+        # After the live answer came, so that a copy's work (its forward, its log row) never
+        # runs beside the forward the caller waits for.
+        for shadow in routing.routes:
             if shadow.mode == Route.Mode.SHADOW and _bucket(None, deployment.pk) < shadow.weight:
-                shadow_pool.offer(deployment.pk, _shadow, deployment, shadow, inputs)
+                shadow_pool.offer(
+                    deployment.pk,
+                    _shadow,
+                    deployment,
+                    shadow,
+                    routing.targets.get(shadow.model_version_id),
+                    inputs,
+                )
     version = route.model_version
     answer = {
         "deployment": deployment.name,
@@ -427,13 +522,12 @@ def predict(
     # not be billed is not logged either (its caller gets an error, not its ids).
     with transaction.atomic():
         log()
-        predictions_meter(
+        prediction_charge(
+            deployment=deployment,
             version=version,
             count=len(inputs),
-            request={"deployment": deployment.pk, "inputs": inputs},
+            inputs=inputs,
             actor=actor,
             idempotency_key=idempotency_key,
-            source_type="deployment",
-            source_id=str(deployment.pk),
         )
     return answer

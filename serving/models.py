@@ -162,6 +162,66 @@ class PredictionLog(OrganizationOwned):
         return str(self.prediction_id)
 
 
+class PredictionCharge(OrganizationOwned):
+    """One answered request's predictions, still to be priced: written in the same transaction as
+    the request's log rows (one narrow insert on the request path), rolled up into the ledger by
+    `serving.predictions_bill` every SERVING_BILL_EVERY_S, one ledger row per deployment, version,
+    caller and month. The ledger's own write (price, month tally, Stripe outbox: seven statements)
+    stays off the request path, and Stripe gets one meter event per roll-up, not per request.
+
+    `request_key` and `repeat` carry the Idempotency-Key: a client's retry within
+    IDEMPOTENCY_WINDOW_S finds its first request's charge and is not charged again. Billed charges
+    are kept that long for it, then deleted with the prediction log's retention pass.
+    """
+
+    deployment = models.ForeignKey(
+        Deployment, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    # The deployment's id as the ledger names it, kept after the deployment is deleted.
+    source_id = models.CharField(max_length=64)
+    model_version = models.ForeignKey(
+        "registry.ModelVersion", null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    model_name = models.CharField(max_length=200, blank=True)
+    count = models.PositiveIntegerField()
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    api_key = models.ForeignKey(
+        "tenants.ApiKey", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    request_key = models.CharField(max_length=64, blank=True)
+    repeat = models.PositiveIntegerField(default=1)
+    created_at = models.DateTimeField(default=timezone.now)
+    usage = models.ForeignKey(
+        "billing.UsageRecord", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+
+    class Meta:
+        ordering = ["pk"]
+        indexes = [
+            models.Index(
+                fields=["id"], condition=models.Q(usage__isnull=True), name="predcharge_pending"
+            ),
+            models.Index(
+                fields=["organization", "request_key", "-created_at"],
+                condition=~models.Q(request_key=""),
+                name="predcharge_request",
+            ),
+            models.Index(fields=["created_at"], name="predcharge_created"),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "request_key", "repeat"],
+                condition=~models.Q(request_key=""),
+                name="predcharge_one_per_request",
+            ),
+        ]
+
+    def __str__(self):
+        return f"{self.count} prediction(s) of deployment {self.source_id}"
+
+
 class DriftReport(OrganizationOwned):
     """One window of live inputs (and outputs) compared with the served version's training data."""
 

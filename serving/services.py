@@ -29,6 +29,7 @@ from tenants.errors import ConflictError, DomainError
 from tenants.models import Organization
 from tenants.services import audit_record
 
+from .metering import prediction_charges_expire
 from .models import Deployment, LoopEvent, PredictionLog, Replica, Route
 
 MAX_ROUTES = 10
@@ -491,8 +492,9 @@ def feedback_dataset_save(
 
 
 def prediction_log_expire(*, now: datetime | None = None, batch: int | None = None) -> int:
-    """Delete logged predictions older than their deployment's retention, a batch at a time (each
-    its own short transaction, so a large backlog never holds one long lock); returns how many."""
+    """Delete logged predictions older than their deployment's retention, and billed prediction
+    charges past the idempotency window, a batch at a time (each its own short transaction, so a
+    large backlog never holds one long lock); returns how many rows."""
     now = now or timezone.now()
     batch = batch or settings.SERVING_RETENTION_BATCH
     deleted = 0
@@ -509,4 +511,4 @@ def prediction_log_expire(*, now: datetime | None = None, batch: int | None = No
             deleted += PredictionLog.objects.filter(pk__in=ids).delete()[0]
             if len(ids) < batch:
                 break
-    return deleted
+    return deleted + prediction_charges_expire(now=now, batch=batch)

@@ -1,7 +1,10 @@
-"""Serving's periodic work: reconcile replicas, expire the prediction log."""
+"""Serving's periodic work: reconcile replicas, price prediction charges, expire the prediction
+log."""
 
 from celery import shared_task
+from django.conf import settings
 
+from .metering import predictions_bill as predictions_bill_service
 from .reconciler import replicas_reconcile as replicas_reconcile_service
 from .services import prediction_log_expire as prediction_log_expire_service
 
@@ -18,3 +21,13 @@ def replicas_reconcile() -> None:
 )
 def prediction_log_expire() -> int:
     return prediction_log_expire_service()
+
+
+@shared_task(name="serving.predictions_bill", ignore_result=True, soft_time_limit=50, time_limit=60)
+def predictions_bill() -> int:
+    """Every pending charge, a batch per transaction, so a backlog drains in one run."""
+    billed = total = predictions_bill_service()
+    while billed == settings.SERVING_BILL_BATCH:
+        billed = predictions_bill_service()
+        total += billed
+    return total

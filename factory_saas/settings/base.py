@@ -184,7 +184,10 @@ IDEMPOTENCY_WINDOW_S = env.int("IDEMPOTENCY_WINDOW_S", default=24 * 3600)
 # before it is stopped; how often a request may write Deployment.last_request_at; the web
 # process's shadow copies (threads, and copies waiting beyond which a copy is dropped and
 # counted, never waited for); the largest predict body; the prediction log's retention batch;
-# and the most rows one saved dataset may hold.
+# the most rows one saved dataset may hold; and how often, and how many at a time, answered
+# requests' prediction charges are priced into the ledger (serving.metering); how long a web
+# process routes a deployment from what it read of its routes and replicas (0: read on every
+# request; a replica that stopped answering meanwhile makes the request read again at once).
 SERVING_RECONCILE_S = env.float("SERVING_RECONCILE_S", default=5.0)
 SERVING_MAX_REPLICAS = env.int("SERVING_MAX_REPLICAS", default=20)
 SERVING_CONNECT_TIMEOUT_S = env.float("SERVING_CONNECT_TIMEOUT_S", default=2.0)
@@ -198,6 +201,9 @@ SERVING_SHADOW_QUEUE = env.int("SERVING_SHADOW_QUEUE", default=64)
 SERVING_MAX_BODY_BYTES = env.int("SERVING_MAX_BODY_BYTES", default=2 * 2**20)
 SERVING_RETENTION_BATCH = env.int("SERVING_RETENTION_BATCH", default=5000)
 SERVING_DATASET_MAX_ROWS = env.int("SERVING_DATASET_MAX_ROWS", default=1_000_000)
+SERVING_BILL_EVERY_S = env.float("SERVING_BILL_EVERY_S", default=10.0)
+SERVING_BILL_BATCH = env.int("SERVING_BILL_BATCH", default=5000)
+SERVING_ROUTING_CACHE_S = env.float("SERVING_ROUTING_CACHE_S", default=1.0)
 # What an organization's overview page shows besides its members and activity (tenants imports
 # no other app, so the apps that contribute a panel are named here).
 ORGANIZATION_OVERVIEW_PANELS = ["jobs.panels.overview_panel", "billing.panels.overview_panel"]
@@ -273,6 +279,10 @@ CELERY_BEAT_SCHEDULE = {
     "serving-reconcile": {
         "task": "serving.replicas_reconcile",
         "schedule": env.float("SERVING_RECONCILE_S", default=5.0),
+    },
+    "serving-predictions-bill": {
+        "task": "serving.predictions_bill",
+        "schedule": SERVING_BILL_EVERY_S,
     },
     "serving-log-retention": {
         "task": "serving.prediction_log_expire",

@@ -57,3 +57,9 @@ if XDIST_WORKER:
 SERVE_BILLING_INTERVAL_S = env.float("SERVE_BILLING_INTERVAL_S", default=1.0)
 SERVE_DRAIN_S = env.float("SERVE_DRAIN_S", default=10.0)
 SERVE_UNRESPONSIVE_S = env.float("SERVE_UNRESPONSIVE_S", default=8.0)
+# Prediction charges are priced each second, so a real-stack test sees them in the ledger soon.
+SERVING_BILL_EVERY_S = env.float("SERVING_BILL_EVERY_S", default=1.0)
+CELERY_BEAT_SCHEDULE["serving-predictions-bill"]["schedule"] = SERVING_BILL_EVERY_S  # noqa: F405
+# Every request reads its deployment's routes afresh, as tests change them between requests;
+# tests/serving/test_routing_cache.py turns the cache on.
+SERVING_ROUTING_CACHE_S = env.float("SERVING_ROUTING_CACHE_S", default=0.0)

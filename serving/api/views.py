@@ -131,10 +131,7 @@ class DeploymentViewSet(
     throttle_scopes = {"predict": "predict"}
 
     def narrow_queryset(self, queryset):
-        # The versions' organization too: predict bills through it (gateway.predict's routes).
-        routes = Route.objects.select_related(
-            "model_version__registered_model", "model_version__organization"
-        )
+        routes = Route.objects.select_related("model_version__registered_model")
         return queryset.select_related("resource_class", "organization").prefetch_related(
             Prefetch("routes", queryset=routes)
         )
@@ -250,14 +247,15 @@ class DeploymentViewSet(
         _refuse_large_body(request, settings.SERVING_MAX_BODY_BYTES)
         data = s.DeploymentPredictSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        deployment = self.get_object()
+        # Not get_object(): the gateway reads the deployment, its routes and replicas at most
+        # every SERVING_ROUTING_CACHE_S (gateway.routing_read), in this organization only.
         answer = gateway.predict(
-            deployment=deployment,
+            organization=self.resolve_organization(),
+            name=kwargs[self.lookup_field],
             inputs=data.validated_data["inputs"],
             actor=self.actor,
             routing_key=request.headers.get("X-Routing-Key"),
             idempotency_key=request.headers.get("Idempotency-Key") or None,
-            routes=list(deployment.routes.all()),
         )
         return Response(answer)
 

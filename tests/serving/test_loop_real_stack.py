@@ -20,7 +20,15 @@ from billing.selectors import billing_month
 from jobs.models import TERMINAL_STATES
 from registry.services import dataset_create
 from serving import gateway
-from serving.models import LoopEvent, ModelCard, PredictionLog, Replica, Retrain, RetrainPolicy
+from serving.models import (
+    LoopEvent,
+    ModelCard,
+    PredictionCharge,
+    PredictionLog,
+    Replica,
+    Retrain,
+    RetrainPolicy,
+)
 from tenants.actors import Actor
 from tenants.models import AuditEvent
 from tests.pool import Pool
@@ -156,6 +164,11 @@ def test_predictions_survive_a_killed_worker_and_appear_in_usage_and_invoices(
 
     answered = PredictionLog.objects.filter(deployment=deployment, error="").count()
     wait_for(lambda: _job_usage(org, job.pk) >= 2, timeout=30, what="the replica's seconds billed")
+    wait_for(
+        lambda: not PredictionCharge.objects.filter(organization=org, usage=None).exists(),
+        timeout=30,
+        what="beat to price the predictions into the ledger",
+    )
     by_resource = {
         row.group: row
         for row in usage_report(

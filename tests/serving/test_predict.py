@@ -13,7 +13,8 @@ from rest_framework.test import APIClient
 
 from billing.models import UsageRecord
 from serving import counters, gateway
-from serving.models import Deployment, PredictionLog, Replica, Route
+from serving.metering import predictions_bill
+from serving.models import Deployment, PredictionCharge, PredictionLog, Replica, Route
 from tenants.models import Organization
 from tests.processes import wait_for
 
@@ -91,6 +92,8 @@ def test_each_output_has_its_own_prediction_id_which_is_logged(org, caller, make
     assert {str(row.prediction_id) for row in logged} == set(ids)
     assert {row.mode for row in logged} == {"live"}
     assert sorted(str(row.inputs) for row in logged) == sorted([str(ROW), str({"x": 2})])
+    assert PredictionCharge.objects.get(organization=org).count == 2
+    predictions_bill()
     assert UsageRecord.objects.get(organization=org, resource="predictions").quantity * 1000 == 2
 
 
@@ -128,8 +131,9 @@ def test_shadow_answers_are_logged_as_shadow_and_never_returned(
     assert {row.model_version_id for row in shadows} == {shadow.pk}
     assert {row.output["label"] for row in shadows} == {"shadow"}
     assert len(copy.requests) == 10
-    # Only the live answers are billed.
-    assert UsageRecord.objects.filter(organization=org).count() == 10
+    # Only the live answers are charged.
+    assert PredictionCharge.objects.filter(organization=org).count() == 10
+    assert {c.model_version_id for c in PredictionCharge.objects.all()} == {live.pk}
 
 
 @pytest.mark.django_db(transaction=True, serialized_rollback=True)
@@ -183,7 +187,7 @@ def test_no_ready_replica_is_503_with_retry_after_and_starts_one(
         assert response.json()["retry_after"] == 17
     assert submitted == [a]  # one starting replica is enough for the next requests
     assert Replica.objects.get(deployment=deployment).state == Replica.State.STARTING
-    assert not UsageRecord.objects.filter(organization=org).exists()
+    assert not PredictionCharge.objects.filter(organization=org).exists()
 
 
 def test_a_starting_replica_answers_once_its_job_serves_without_waiting_for_the_reconciler(
@@ -251,7 +255,7 @@ def test_a_replica_that_errors_is_502_and_logged_as_an_error(org, caller, make_d
     assert response.json()["code"] == "replica_error"
     row = PredictionLog.objects.get(deployment=deployment)
     assert row.error == "replica_error" and row.output is None
-    assert not UsageRecord.objects.filter(organization=org).exists()
+    assert not PredictionCharge.objects.filter(organization=org).exists()
 
 
 def test_an_unreachable_replica_is_503_and_logged_as_an_error(org, caller, make_deployment, serve):
@@ -271,7 +275,7 @@ def test_inputs_the_model_cannot_read_are_a_400_from_the_model(org, caller, make
     response = caller.post(_url(deployment), {"inputs": [ROW]}, format="json")
     assert response.status_code == 400
     assert "column x is missing" in response.json()["detail"]
-    assert not UsageRecord.objects.filter(organization=org).exists()
+    assert not PredictionCharge.objects.filter(organization=org).exists()
 
 
 def test_same_idempotency_key_gets_the_same_answer_billed_once(org, caller, make_deployment, serve):
@@ -286,7 +290,7 @@ def test_same_idempotency_key_gets_the_same_answer_billed_once(org, caller, make
             _url(deployment), {"inputs": [ROW]}, format="json", HTTP_IDEMPOTENCY_KEY="k1"
         )
         assert again.json() == first.json()
-    assert UsageRecord.objects.filter(organization=org).count() == 1
+    assert PredictionCharge.objects.filter(organization=org).count() == 1
     other = caller.post(
         _url(deployment), {"inputs": [{"x": 9}]}, format="json", HTTP_IDEMPOTENCY_KEY="k1"
     )
@@ -294,7 +298,7 @@ def test_same_idempotency_key_gets_the_same_answer_billed_once(org, caller, make
         other.json()["predictions"][0]["prediction_id"]
         != (first.json()["predictions"][0]["prediction_id"])
     )
-    assert UsageRecord.objects.filter(organization=org).count() == 2
+    assert PredictionCharge.objects.filter(organization=org).count() == 2
 
 
 @pytest.mark.parametrize(
@@ -463,7 +467,7 @@ def test_concurrent_retries_with_one_key_agree_and_are_billed_once(
     assert len(answers) == 4
     ids = {answer["predictions"][0]["prediction_id"] for answer in answers}
     assert len(ids) == 1
-    assert UsageRecord.objects.filter(organization=org).count() == 1
+    assert PredictionCharge.objects.filter(organization=org).count() == 1
     assert {str(i) for i in PredictionLog.objects.values_list("prediction_id", flat=True)} == ids
 
 
@@ -476,7 +480,7 @@ def test_an_overlong_idempotency_key_is_a_400_and_bills_nothing(
         _url(deployment), {"inputs": [ROW]}, format="json", HTTP_IDEMPOTENCY_KEY="k" * 201
     )
     assert response.status_code == 400 and "idempotency_key" in response.json()["fields"]
-    assert not UsageRecord.objects.filter(organization=org).exists()
+    assert not PredictionCharge.objects.filter(organization=org).exists()
     assert not PredictionLog.objects.filter(deployment=deployment).exists()
 
 
@@ -499,7 +503,7 @@ def test_a_key_reused_after_the_idempotency_window_is_a_new_billed_prediction(
         assert response.status_code == 200, response.content
 
     def first_request_was(seconds_ago):
-        UsageRecord.objects.filter(organization=org, resource="predictions").update(
+        PredictionCharge.objects.filter(organization=org).update(
             created_at=timezone.now() - timedelta(seconds=seconds_ago)
         )
         cache.clear()  # the remembered answer lives as long as the window: gone or not, the same
@@ -507,9 +511,9 @@ def test_a_key_reused_after_the_idempotency_window_is_a_new_billed_prediction(
     probe()
     first_request_was(3600 - 60)
     probe()
-    assert UsageRecord.objects.filter(organization=org).count() == 1  # within the window
+    assert PredictionCharge.objects.filter(organization=org).count() == 1  # within the window
     first_request_was(3600 + 60)
     probe()
-    assert UsageRecord.objects.filter(organization=org).count() == 2  # a new prediction
+    assert PredictionCharge.objects.filter(organization=org).count() == 2  # a new prediction
     probe()
-    assert UsageRecord.objects.filter(organization=org).count() == 2  # its own retry is free
+    assert PredictionCharge.objects.filter(organization=org).count() == 2  # its own retry is free
