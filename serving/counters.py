@@ -1,7 +1,7 @@
 """The request path's shared counters, in the cache every process shares (Redis in production):
 requests in flight per deployment version and per replica (for autoscaling and least-in-flight
-picking), failed health checks in a row, dropped shadow copies, and the throttle on writing
-Deployment.last_request_at.
+picking), failed health checks in a row, the shadow copies' queues and the copies dropped, and
+the throttle on writing Deployment.last_request_at.
 
 Counters are hints, not ledgers: each one expires, so an increment without its decrement (a web
 process killed mid-forward) lasts at most IN_FLIGHT_TTL_S, and readers clamp at zero.
@@ -50,17 +50,23 @@ def _add(key: str, delta: int, *, timeout: int) -> int:
 
 
 @contextlib.contextmanager
-def in_flight(*, deployment_id: int, version_id: int, replica_id: int) -> Iterator[None]:
+def in_flight(
+    *, deployment_id: int, version_id: int, replica_id: int, touch: bool = False
+) -> Iterator[bool]:
+    """Count a forward in flight for its version and replica while the block runs. With
+    `touch`, the block gets whether this request is the one that writes the deployment's
+    last_request_at now (`touch_due`), taken in the same round trip."""
     keys = (_version_key(deployment_id, version_id), _replica_key(replica_id))
     client, backend = redis_client()
     if client is not None:
-        with _in_flight_on_redis(client, backend, keys):
-            yield
+        touched = _touch_key(deployment_id) if touch else None
+        with _in_flight_on_redis(client, backend, keys, touched) as due:
+            yield due
         return
     for key in keys:
         _add(key, 1, timeout=_in_flight_ttl())
     try:
-        yield
+        yield touch and touch_due(deployment_id)
     finally:
         for key in keys:
             with contextlib.suppress(ValueError):  # expired meanwhile: nothing to take back
@@ -68,7 +74,7 @@ def in_flight(*, deployment_id: int, version_id: int, replica_id: int) -> Iterat
 
 
 @contextlib.contextmanager
-def _in_flight_on_redis(client, backend, keys: tuple[str, ...]) -> Iterator[None]:
+def _in_flight_on_redis(client, backend, keys: tuple[str, ...], touched: str | None):
     """The same counts in one round trip each way, on the request path of every predict (the
     cache API's add, incr and decr take ten): SET NX with the expiry then INCR, in one MULTI so
     the key cannot expire in between; the decrements by a script that skips expired keys."""
@@ -77,9 +83,11 @@ def _in_flight_on_redis(client, backend, keys: tuple[str, ...]) -> Iterator[None
         for name in names:
             pipe.set(name, 0, ex=_in_flight_ttl(), nx=True)
             pipe.incr(name)
-        pipe.execute()
+        if touched is not None:
+            pipe.set(backend.make_and_validate_key(touched), 1, ex=_touch_every(), nx=True)
+        results = pipe.execute()
     try:
-        yield
+        yield touched is not None and bool(results[-1])
     finally:
         client.eval(_DECREMENT_EXISTING, len(names), *names)
 
@@ -102,17 +110,84 @@ def health_passed(replica_id: int) -> None:
     cache.delete(f"serving:health:{replica_id}")
 
 
+_DROPPED_TTL_S = 7 * 86400
+_SHADOW_QUEUES = "serving:shadow:queues"
+
+
+def _shadow_queue(deployment_id: int) -> str:
+    return f"serving:shadow:q:{deployment_id}"
+
+
 def shadow_dropped(deployment_id: int) -> int:
-    return _add(f"serving:shadow_dropped:{deployment_id}", 1, timeout=7 * 86400)
+    return _add(f"serving:shadow_dropped:{deployment_id}", 1, timeout=_DROPPED_TTL_S)
+
+
+# Queue a shadow copy unless the deployment's queue is full, in which case count it dropped:
+# KEYS queue, dropped counter, the set of queues; ARGV copy, queue limit, the counter's expiry.
+_SHADOW_PUSH = """
+if redis.call('llen', KEYS[1]) >= tonumber(ARGV[2]) then
+    if redis.call('incr', KEYS[2]) == 1 then redis.call('expire', KEYS[2], ARGV[3]) end
+    return 0
+end
+redis.call('rpush', KEYS[1], ARGV[1])
+redis.call('sadd', KEYS[3], KEYS[1])
+return 1
+"""
+
+
+def shadow_push(deployment_id: int, copy: str) -> bool | None:
+    """Queue one shadow copy (JSON) for the control plane to send, in one round trip: True when
+    queued, False when the deployment's SERVING_SHADOW_QUEUE copies already wait (the copy is
+    dropped and counted), None when the cache is not Redis (the caller sends it another way)."""
+    client, backend = redis_client()
+    if client is None:
+        return None
+    keys = [
+        backend.make_and_validate_key(_shadow_queue(deployment_id)),
+        backend.make_and_validate_key(f"serving:shadow_dropped:{deployment_id}"),
+        backend.make_and_validate_key(_SHADOW_QUEUES),
+    ]
+    return bool(
+        client.eval(_SHADOW_PUSH, 3, *keys, copy, settings.SERVING_SHADOW_QUEUE, _DROPPED_TTL_S)
+    )
+
+
+def shadow_pop(*, per_queue: int) -> list[str]:
+    """Up to `per_queue` queued copies from each deployment's queue, oldest first; each copy is
+    popped once, whoever else pops at the same time."""
+    client, backend = redis_client()
+    if client is None:
+        return []
+    queues = backend.make_and_validate_key(_SHADOW_QUEUES)
+    names = sorted(client.smembers(queues))
+    if not names:
+        return []
+    with client.pipeline(transaction=False) as pipe:
+        for name in names:
+            pipe.lpop(name, per_queue)
+        popped = pipe.execute()
+    copies = []
+    for name, items in zip(names, popped, strict=True):
+        if items:
+            copies.extend(item.decode() for item in items)
+        else:  # empty: forget it until its next copy adds it again
+            client.srem(queues, name)
+    return copies
 
 
 def shadow_dropped_count(deployment_id: int) -> int:
     return int(cache.get(f"serving:shadow_dropped:{deployment_id}") or 0)
 
 
+def _touch_key(deployment_id: int) -> str:
+    return f"serving:touched:{deployment_id}"
+
+
+def _touch_every() -> int:
+    return max(1, settings.SERVING_LAST_REQUEST_EVERY_S)
+
+
 def touch_due(deployment_id: int) -> bool:
     """True for at most one request per SERVING_LAST_REQUEST_EVERY_S per deployment: the one
     that writes last_request_at (scale to zero only needs it to that precision)."""
-    return cache.add(
-        f"serving:touched:{deployment_id}", 1, timeout=max(1, settings.SERVING_LAST_REQUEST_EVERY_S)
-    )
+    return cache.add(_touch_key(deployment_id), 1, timeout=_touch_every())

@@ -1,6 +1,6 @@
 """The request path of a deployment: pick a live route by weight (sticky per routing key), forward
 to the least busy ready replica of that version with a pooled keep-alive client, log and meter
-the answer; copy the request to shadow routes off the response path.
+the answer; queue a copy of the request for shadow routes, which the control plane sends.
 
 The web process never loads a model: it authenticates, picks and forwards. Every prediction gets
 its own id, returned beside its output, which feedback later labels.
@@ -17,13 +17,13 @@ import socket
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import httpx
+from celery import current_app
 from django.conf import settings
 from django.core.cache import cache
-from django.db import close_old_connections, transaction
+from django.db import transaction
 from django.http import Http404
 from django.utils import timezone
 
@@ -107,51 +107,6 @@ def http_client() -> httpx.Client:
                 ),
             )
         return _http
-
-
-class ShadowPool:
-    """A bounded pool of threads for shadow copies: a copy that finds SERVING_SHADOW_QUEUE copies
-    already waiting or running is dropped and counted, never waited for."""
-
-    def __init__(self):
-        self._executor: ThreadPoolExecutor | None = None
-        self._slots: threading.BoundedSemaphore | None = None
-        self._lock = threading.Lock()
-        self.dropped = 0
-
-    def _ready(self) -> tuple[ThreadPoolExecutor, threading.BoundedSemaphore]:
-        with self._lock:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(
-                    max_workers=settings.SERVING_SHADOW_THREADS, thread_name_prefix="shadow"
-                )
-                self._slots = threading.BoundedSemaphore(settings.SERVING_SHADOW_QUEUE)
-            return self._executor, self._slots
-
-    def offer(self, deployment_id: int, function, *args) -> bool:
-        executor, slots = self._ready()
-        if not slots.acquire(blocking=False):
-            self.dropped += 1
-            try:
-                counters.shadow_dropped(deployment_id)
-            except Exception:  # a counter must not fail the request it rides on
-                logger.warning("could not count a dropped shadow copy", exc_info=True)
-            return False
-
-        def run():
-            try:
-                function(*args)
-            except Exception:
-                logger.exception("shadow copy failed")
-            finally:
-                slots.release()
-                close_old_connections()
-
-        executor.submit(run)
-        return True
-
-
-shadow_pool = ShadowPool()
 
 
 def _bucket(routing_key: str | None, deployment_id: int) -> int:
@@ -261,6 +216,8 @@ def _pick(routing: Routing, bucket: int) -> tuple[Route, list[Target]]:
 
 
 def _least_busy(targets: list[Target]) -> Target:
+    if len(targets) == 1:
+        return targets[0]
     load = counters.replicas_in_flight([t.replica_id for t in targets])
     lowest = min(load.values())
     return secrets.choice([t for t in targets if load[t.replica_id] == lowest])
@@ -353,18 +310,25 @@ def _call(
     target = _least_busy(targets)
     ids = [uuid.uuid4() for _ in inputs]
     started = time.perf_counter()
+    touch_due = False
     try:
         with counters.in_flight(
-            deployment_id=deployment.pk, version_id=version_id, replica_id=target.replica_id
-        ):
+            deployment_id=deployment.pk,
+            version_id=version_id,
+            replica_id=target.replica_id,
+            touch=mode == Route.Mode.LIVE,
+        ) as touch_due:
             outputs = _forward(target, inputs)
+        latency = (time.perf_counter() - started) * 1000
     except (ReplicaUnavailable, ReplicaFailed) as exc:
         if stale and isinstance(exc, ReplicaUnreachable):
             raise
         latency = (time.perf_counter() - started) * 1000
         _log(deployment, version_id, mode, inputs, None, ids, latency, error=exc.code)
         raise
-    latency = (time.perf_counter() - started) * 1000
+    finally:
+        if touch_due:
+            _touch(deployment)
 
     def log():
         _log(deployment, version_id, mode, inputs, outputs, ids, latency)
@@ -372,17 +336,64 @@ def _call(
     return ids, outputs, log
 
 
-def _shadow(deployment: Deployment, route: Route, targets: list[Target] | None, inputs) -> None:
-    """Runs on a shadow thread: the answer is logged as a shadow prediction and goes nowhere
-    else; a shadow version with no answering replica is skipped (the reconciler starts them)."""
-    if not targets:
-        return
-    # A failing shadow replica is logged as an error prediction of its version, nothing more.
-    with contextlib.suppress(DomainError):
-        _ids, _outputs, log = _call(
-            deployment, route.model_version_id, Route.Mode.SHADOW, inputs, targets
-        )
-        log()
+def _shadow_offer(deployment: Deployment, route: Route, inputs: list) -> None:
+    """Queue a copy of the request for a shadow route; the control plane sends it
+    (`shadow_drain`), so the web process spends one Redis round trip on it and the live answer
+    never waits for it. Without Redis (the embedded default) the copy goes as a Celery task."""
+    copy = {"deployment": deployment.pk, "version": route.model_version_id, "inputs": inputs}
+    try:
+        if counters.shadow_push(deployment.pk, json.dumps(copy)) is None:
+            current_app.send_task("serving.shadow_send", args=[[copy]])
+    except Exception:  # a copy must never fail the live answer it rides on
+        logger.warning("could not queue a shadow copy", exc_info=True)
+        with contextlib.suppress(Exception):
+            counters.shadow_dropped(deployment.pk)
+
+
+def shadow_send(copies: list[dict]) -> int:
+    """Send queued shadow copies to their versions' replicas; each answer is logged as a shadow
+    prediction of its version and goes nowhere else. A copy for a version that is no longer a
+    shadow route, or has no answering replica, is skipped (the reconciler starts them). Returns
+    how many were sent."""
+    by_deployment: dict[int, list[dict]] = {}
+    for copy in copies:
+        by_deployment.setdefault(copy["deployment"], []).append(copy)
+    sent = 0
+    for deployment_id, items in by_deployment.items():
+        deployment = Deployment.objects.select_related("organization").filter(pk=deployment_id)
+        deployment = deployment.first()
+        if deployment is None:
+            continue
+        shadows = {r.model_version_id for r in _routes(deployment) if r.mode == Route.Mode.SHADOW}
+        targets = _targets(deployment)
+        for copy in items:
+            if copy["version"] not in shadows or not targets.get(copy["version"]):
+                continue
+            # A failing shadow replica is logged as an error prediction of its version.
+            with contextlib.suppress(DomainError):
+                _ids, _outputs, log = _call(
+                    deployment,
+                    copy["version"],
+                    Route.Mode.SHADOW,
+                    copy["inputs"],
+                    targets[copy["version"]],
+                )
+                log()
+            sent += 1
+    return sent
+
+
+def shadow_drain(*, budget_s: float, per_queue: int = 100) -> int:
+    """Send queued shadow copies until the queues are empty or `budget_s` has passed (beat runs
+    this every SERVING_SHADOW_DRAIN_S on the control plane); returns how many were sent."""
+    deadline = time.monotonic() + budget_s
+    sent = 0
+    while time.monotonic() < deadline:
+        copies = counters.shadow_pop(per_queue=per_queue)
+        if not copies:
+            break
+        sent += shadow_send([json.loads(copy) for copy in copies])
+    return sent
 
 
 def _too_deep(value, limit: int) -> bool:
@@ -398,14 +409,15 @@ def _too_deep(value, limit: int) -> bool:
     return False
 
 
+def _touch(deployment: Deployment) -> None:
+    """Scale to zero reads last_request_at; at most one request per SERVING_LAST_REQUEST_EVERY_S
+    writes it (counters.touch_due)."""
+    Deployment.objects.filter(pk=deployment.pk).update(last_request_at=timezone.now())
+
+
 def _idempotency_cache_key(deployment: Deployment, idempotency_key: str, inputs: list) -> str:
     request = json.dumps({"key": idempotency_key, "inputs": inputs}, sort_keys=True, default=str)
     return f"serving:idem:{deployment.pk}:{hashlib.sha256(request.encode()).hexdigest()}"
-
-
-def _touch(deployment: Deployment) -> None:
-    if counters.touch_due(deployment.pk):
-        Deployment.objects.filter(pk=deployment.pk).update(last_request_at=timezone.now())
 
 
 def _routes(deployment: Deployment) -> list[Route]:
@@ -455,13 +467,14 @@ def predict(
         answer = cache.get(remembered)
         if answer is not None:
             return answer
-    _touch(deployment)
     bucket = _bucket(routing_key, deployment.pk)
     route, targets = _pick(routing, bucket)
     if cached and not targets:  # read a while ago: a replica may have become ready since
         routing, cached = routing_read(organization=organization, name=name, fresh=True)
         route, targets = _pick(routing, bucket)
     if not targets:
+        if counters.touch_due(deployment.pk):  # a cold start's callers keep it from zero
+            _touch(deployment)
         cold_start(deployment=deployment, model_version=route.model_version)
         raise NoReadyReplica(
             f"Deployment {deployment.name} is starting a replica of the model; retry shortly.",
@@ -485,18 +498,9 @@ def predict(
                 deployment, route.model_version_id, Route.Mode.LIVE, inputs, targets
             )
     finally:
-        # After the live answer came, so that a copy's work (its forward, its log row) never
-        # runs beside the forward the caller waits for.
         for shadow in routing.routes:
             if shadow.mode == Route.Mode.SHADOW and _bucket(None, deployment.pk) < shadow.weight:
-                shadow_pool.offer(
-                    deployment.pk,
-                    _shadow,
-                    deployment,
-                    shadow,
-                    routing.targets.get(shadow.model_version_id),
-                    inputs,
-                )
+                _shadow_offer(deployment, shadow, inputs)
     version = route.model_version
     answer = {
         "deployment": deployment.name,

@@ -1,9 +1,10 @@
-"""Serving's periodic work: reconcile replicas, price prediction charges, expire the prediction
-log."""
+"""Serving's control-plane work: reconcile replicas, send shadow copies, price prediction
+charges, expire the prediction log."""
 
 from celery import shared_task
 from django.conf import settings
 
+from . import gateway
 from .metering import predictions_bill as predictions_bill_service
 from .reconciler import replicas_reconcile as replicas_reconcile_service
 from .services import prediction_log_expire as prediction_log_expire_service
@@ -31,3 +32,15 @@ def predictions_bill() -> int:
         billed = predictions_bill_service()
         total += billed
     return total
+
+
+@shared_task(name="serving.shadow_drain", ignore_result=True, soft_time_limit=50, time_limit=60)
+def shadow_drain() -> int:
+    """The copies web processes queued since the last run, for most of one beat period."""
+    return gateway.shadow_drain(budget_s=max(0.5, settings.SERVING_SHADOW_DRAIN_S * 0.8))
+
+
+@shared_task(name="serving.shadow_send", ignore_result=True, soft_time_limit=50, time_limit=60)
+def shadow_send(copies: list[dict]) -> int:
+    """Copies sent as tasks where the cache is not Redis (the embedded default)."""
+    return gateway.shadow_send(copies)

@@ -181,9 +181,10 @@ IDEMPOTENCY_WINDOW_S = env.int("IDEMPOTENCY_WINDOW_S", default=24 * 3600)
 # max, and the highest max_replicas a deployment may ask for; the forward to a replica (connect
 # and whole-answer timeouts, pooled keep-alive connections per web process); the Retry-After a
 # caller gets while a replica starts; how many health checks in a row a ready replica may fail
-# before it is stopped; how often a request may write Deployment.last_request_at; the web
-# process's shadow copies (threads, and copies waiting beyond which a copy is dropped and
-# counted, never waited for); the largest predict body; the prediction log's retention batch;
+# before it is stopped; how often a request may write Deployment.last_request_at; shadow copies
+# (queued in Redis by the web, sent by the control plane every SERVING_SHADOW_DRAIN_S; beyond
+# SERVING_SHADOW_QUEUE copies waiting per deployment a copy is dropped and counted, never waited
+# for); the largest predict body; the prediction log's retention batch;
 # the most rows one saved dataset may hold; and how often, and how many at a time, answered
 # requests' prediction charges are priced into the ledger (serving.metering); how long a web
 # process routes a deployment from what it read of its routes and replicas (0: read on every
@@ -196,8 +197,8 @@ SERVING_POOL_CONNECTIONS = env.int("SERVING_POOL_CONNECTIONS", default=100)
 SERVING_COLD_START_RETRY_AFTER_S = env.int("SERVING_COLD_START_RETRY_AFTER_S", default=30)
 SERVING_HEALTH_FAILURES = env.int("SERVING_HEALTH_FAILURES", default=3)
 SERVING_LAST_REQUEST_EVERY_S = env.int("SERVING_LAST_REQUEST_EVERY_S", default=30)
-SERVING_SHADOW_THREADS = env.int("SERVING_SHADOW_THREADS", default=4)
-SERVING_SHADOW_QUEUE = env.int("SERVING_SHADOW_QUEUE", default=64)
+SERVING_SHADOW_QUEUE = env.int("SERVING_SHADOW_QUEUE", default=1000)
+SERVING_SHADOW_DRAIN_S = env.float("SERVING_SHADOW_DRAIN_S", default=1.0)
 SERVING_MAX_BODY_BYTES = env.int("SERVING_MAX_BODY_BYTES", default=2 * 2**20)
 SERVING_RETENTION_BATCH = env.int("SERVING_RETENTION_BATCH", default=5000)
 SERVING_DATASET_MAX_ROWS = env.int("SERVING_DATASET_MAX_ROWS", default=1_000_000)
@@ -279,6 +280,12 @@ CELERY_BEAT_SCHEDULE = {
     "serving-reconcile": {
         "task": "serving.replicas_reconcile",
         "schedule": env.float("SERVING_RECONCILE_S", default=5.0),
+    },
+    "serving-shadow-drain": {
+        "task": "serving.shadow_drain",
+        "schedule": SERVING_SHADOW_DRAIN_S,
+        # A run that could not start within a few periods is superseded by the next.
+        "options": {"expires": max(5.0, SERVING_SHADOW_DRAIN_S * 5)},
     },
     "serving-predictions-bill": {
         "task": "serving.predictions_bill",
@@ -408,6 +415,10 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
-    # The stripe library logs two INFO lines per request: one per meter event is too many.
-    "loggers": {"stripe": {"level": env("STRIPE_LOG_LEVEL", default="WARNING")}},
+    # The stripe library logs two INFO lines per request: one per meter event is too many; httpx
+    # one per request, which is one per prediction forwarded to a replica.
+    "loggers": {
+        "stripe": {"level": env("STRIPE_LOG_LEVEL", default="WARNING")},
+        "httpx": {"level": env("HTTPX_LOG_LEVEL", default="WARNING")},
+    },
 }

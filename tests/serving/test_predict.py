@@ -15,8 +15,9 @@ from billing.models import UsageRecord
 from serving import counters, gateway
 from serving.metering import predictions_bill
 from serving.models import Deployment, PredictionCharge, PredictionLog, Replica, Route
+from serving.services import routes_set
+from tenants.actors import Actor
 from tenants.models import Organization
-from tests.processes import wait_for
 
 ROW = {"x": 1}
 
@@ -109,10 +110,11 @@ def test_the_log_keeps_a_stable_sample(org, caller, make_deployment, serve):
     assert 50 <= len(logged) <= 150  # about half of 200
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
 def test_shadow_answers_are_logged_as_shadow_and_never_returned(
     org, caller, make_deployment, serve
 ):
+    """The web process queues a copy per request; the control plane's drain sends each to the
+    shadow version's replica and logs its answer as a shadow prediction, never returned."""
     deployment, (live, shadow) = make_deployment(org, weights=(100,), shadow=(100,))
     serve(deployment, live, "live")
     copy = serve(deployment, shadow, "shadow")
@@ -123,42 +125,68 @@ def test_shadow_answers_are_logged_as_shadow_and_never_returned(
         returned |= {p["output"]["label"] for p in response.json()["predictions"]}
         assert response.json()["model_version"]["id"] == live.pk
     assert returned == {"live"}
-    shadows = wait_for(
-        lambda: (rows := PredictionLog.objects.filter(mode="shadow")).count() == 10 and rows,
-        timeout=10,
-        what="ten shadow predictions logged",
-    )
+    assert copy.requests == []  # nothing sent from the request path
+    assert gateway.shadow_drain(budget_s=30) == 10
+    shadows = PredictionLog.objects.filter(mode="shadow")
+    assert shadows.count() == 10
     assert {row.model_version_id for row in shadows} == {shadow.pk}
     assert {row.output["label"] for row in shadows} == {"shadow"}
     assert len(copy.requests) == 10
+    assert gateway.shadow_drain(budget_s=30) == 0  # each copy sent once
     # Only the live answers are charged.
     assert PredictionCharge.objects.filter(organization=org).count() == 10
     assert {c.model_version_id for c in PredictionCharge.objects.all()} == {live.pk}
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
-def test_a_full_shadow_pool_drops_the_copy_and_never_blocks(
+def test_a_full_shadow_queue_drops_the_copy_and_counts_it(
     org, caller, make_deployment, serve, settings
 ):
-    """The shadow replica holds every copy; with room for one, the next copies are dropped and
-    counted while the live answers keep coming."""
-    settings.SERVING_SHADOW_QUEUE = 1
-    settings.SERVING_SHADOW_THREADS = 1
-    gateway.shadow_pool.__init__()  # pick up the small pool
+    """A shadow replica that never answers holds nothing up: with room for two copies, the next
+    three are dropped and counted while every live answer comes."""
+    settings.SERVING_SHADOW_QUEUE = 2
     held = threading.Event()
     deployment, (live, shadow) = make_deployment(org, weights=(100,), shadow=(100,))
     serve(deployment, live, "live")
     serve(deployment, shadow, "shadow", hold=held)
-    try:
-        for _ in range(5):
-            response = caller.post(_url(deployment), {"inputs": [ROW]}, format="json")
-            assert response.status_code == 200
-        assert gateway.shadow_pool.dropped >= 4
-        stats = caller.get(_url(deployment, "stats")).json()
-        assert stats["shadow_copies_dropped"] >= 4
-    finally:
-        held.set()
-        gateway.shadow_pool.__init__()
+    for _ in range(5):
+        response = caller.post(_url(deployment), {"inputs": [ROW]}, format="json")
+        assert response.status_code == 200
+    assert counters.shadow_dropped_count(deployment.pk) == 3
+    assert caller.get(_url(deployment, "stats")).json()["shadow_copies_dropped"] == 3
+    held.set()
+    assert gateway.shadow_drain(budget_s=30) == 2
+
+
+def test_a_copy_for_a_version_no_longer_shadowed_is_not_sent(org, caller, make_deployment, serve):
+    deployment, (live, shadow) = make_deployment(org, weights=(100,), shadow=(100,))
+    serve(deployment, live, "live")
+    copy = serve(deployment, shadow, "shadow")
+    assert caller.post(_url(deployment), {"inputs": [ROW]}, format="json").status_code == 200
+    routes_set(
+        deployment=deployment,
+        routes=[{"model_version": live.pk, "weight": 100, "mode": "live"}],
+        actor=Actor(),
+    )
+    assert gateway.shadow_drain(budget_s=30) == 0
+    assert copy.requests == []
+
+
+def test_without_redis_a_copy_goes_as_a_celery_task(
+    org, caller, make_deployment, serve, settings, monkeypatch
+):
+    """The embedded default's cache is files: the copy is sent as a task, which sends it."""
+    deployment, (live, shadow) = make_deployment(org, weights=(100,), shadow=(100,))
+    serve(deployment, live, "live")
+    copy = serve(deployment, shadow, "shadow")
+    sent = []
+    monkeypatch.setattr(
+        gateway.current_app, "send_task", lambda name, args: sent.append((name, args))
+    )
+    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    assert caller.post(_url(deployment), {"inputs": [ROW]}, format="json").status_code == 200
+    assert [name for name, _ in sent] == ["serving.shadow_send"]
+    assert gateway.shadow_send(*sent[0][1]) == 1
+    assert copy.requests == [[ROW]]
 
 
 def test_no_ready_replica_is_503_with_retry_after_and_starts_one(
@@ -186,6 +214,8 @@ def test_no_ready_replica_is_503_with_retry_after_and_starts_one(
         assert response.json()["code"] == "no_ready_replica"
         assert response.json()["retry_after"] == 17
     assert submitted == [a]  # one starting replica is enough for the next requests
+    # Its callers keep the deployment from scaling back to zero before the replica is up.
+    assert Deployment.objects.get(pk=deployment.pk).last_request_at is not None
     assert Replica.objects.get(deployment=deployment).state == Replica.State.STARTING
     assert not PredictionCharge.objects.filter(organization=org).exists()
 
@@ -210,10 +240,8 @@ def test_a_starting_replica_answers_once_its_job_serves_without_waiting_for_the_
 
 
 def test_new_routes_are_seen_by_the_next_request(org, caller, make_deployment, serve):
-    """Nothing on the request path may keep routes past a routes_set: the rollout and the
-    rollback change weights there, and the next request must follow them."""
-    from serving.services import routes_set
-    from tenants.actors import Actor
+    """With the routing cache off (these tests' setting), the next request follows a
+    routes_set at once; with it on, within SERVING_ROUTING_CACHE_S (test_routing_cache.py)."""
 
     deployment, (a, b) = make_deployment(org, weights=(100,), shadow=(0,))
     serve(deployment, a, "a")
@@ -231,8 +259,9 @@ def test_new_routes_are_seen_by_the_next_request(org, caller, make_deployment, s
 
 
 def test_a_predict_reads_the_routes_and_the_replicas_once_each(org, caller, make_deployment, serve):
-    """The request path's queries are its latency on a busy database (bench/serving.py): the
-    view's routes are reused, and the replicas with their jobs' addresses are one query."""
+    """The request path's queries are its latency on a busy database (bench/serving.py): when
+    the routing is read (every request, with the cache off as here), the routes are one query
+    and the replicas of every version with their jobs' addresses another."""
     from django.test.utils import CaptureQueriesContext
 
     deployment, (a,) = make_deployment(org)
