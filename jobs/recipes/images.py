@@ -786,7 +786,10 @@ def _augment(inputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     batch = torch.arange(count, device=inputs.device)[:, None, None]
     padded = F.pad(inputs, (pad, pad, pad, pad)).permute(0, 2, 3, 1)
     cropped = padded[batch, rows, columns].permute(0, 3, 1, 2)
-    return torch.where(flips[:, None, None, None], cropped.flip(3), cropped)
+    # The crop is laid out channels-last; back to the model's usual layout, because the CPU
+    # kernels of torch 2.13 corrupt the heap training on channels-last batches with several
+    # threads (a worker's child has a slot's share of the cores).
+    return torch.where(flips[:, None, None, None], cropped.flip(3), cropped).contiguous()
 
 
 class _Trainer(Trainer):

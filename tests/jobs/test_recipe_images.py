@@ -23,7 +23,7 @@ from jobs.recipes.base import (
     validate_parameters,
 )
 from jobs.recipes.image_decode import ImageDecodeError, decode_image
-from jobs.recipes.images import ImageClassifier, _to_model_pixels
+from jobs.recipes.images import ImageClassifier, _augment, _to_model_pixels
 from jobs.samples.images import CLASSES, encode_png, write_image_sample
 from registry.formats import inspect_dataset
 from tests.jobs.recipe_helpers import (
@@ -328,6 +328,14 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(
     assert_same_weights(weights(uninterrupted), weights(ctx))
     assert result.metrics == expected.metrics
     assert events(ctx, "progress")[0]["step"] == stops[-1] + 1
+
+
+def test_augmented_batches_keep_the_models_memory_layout():
+    """Cropping lays a batch out channels-last, on which torch's CPU training corrupts the heap
+    with several threads (the child aborts): augmentation hands back the usual layout."""
+    inputs = torch.randn(5, 3, 16, 16)
+    augmented = _augment(inputs, torch.Generator().manual_seed(0))
+    assert augmented.shape == inputs.shape and augmented.is_contiguous()
 
 
 def test_checkpoint_of_another_run_is_refused(tmp_path, zip_dataset):
