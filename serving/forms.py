@@ -10,6 +10,7 @@ from registry.models import ModelVersion
 from registry.selectors import dataset_list
 
 from .models import RetrainPolicy, Route
+from .policies import slice_column_help
 
 # The routes form's rows at most: the service's limit on routes (serving.services.MAX_ROUTES).
 MAX_ROUTE_ROWS = 10
@@ -83,16 +84,13 @@ class RetrainPolicyForm(forms.Form):
     )
     gate_margin = forms.FloatField(
         label="Margin",
-        help_text="The challenger must beat the champion's metric by at least this much.",
+        help_text="The challenger must beat the champion's metric by at least this much, in the "
+        "metric's units (accuracy: a share, 0.01 is one point; MAE: the forecast values' units).",
     )
-    slice_column = forms.CharField(
-        required=False,
-        max_length=100,
-        label="Slice column",
-        help_text="Compare per value of this column too. Empty: overall only.",
-    )
+    slice_column = forms.CharField(required=False, max_length=100, label="Slice column")
     slice_tolerance = forms.FloatField(
-        label="Slice tolerance", help_text="How far any slice may fall behind the champion's."
+        label="Slice tolerance",
+        help_text="How far any slice may fall behind the champion's, in the metric's units.",
     )
     auto_promote = forms.BooleanField(
         required=False,
@@ -114,6 +112,7 @@ class RetrainPolicyForm(forms.Form):
         )
         super().__init__(*args, **kwargs)
         self.fields["dataset"].queryset = dataset_list(organization=organization)
+        self.fields["slice_column"].help_text = slice_column_help(policy.deployment.recipe)
         if read_only:
             for field in self.fields.values():
                 field.disabled = True

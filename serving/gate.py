@@ -5,9 +5,11 @@ card, and lets the challenger into a canary itself or waits for a person with `m
 
 The evaluate job's result (jobs/runner/evaluate.py writes it) is one JobEvent of kind
 `evaluation` whose data is
-    {"metric": "accuracy", "rows": n, "slice_column": "region",
+    {"metric": "accuracy", "higher_is_better": true, "rows": n, "slice_column": "region",
      "challenger": {"overall": x, "slices": {"eu": x, ...}},
      "champion": {"overall": x, "slices": {...}}}
+Every recipe is judged on its own metric (LIVE_METRICS, the recipe's `gate_metric`): accuracy
+for the classifiers, the mean absolute error (lower is better) for the forecaster.
 """
 
 from __future__ import annotations
@@ -102,7 +104,12 @@ def gate_judge(
     *, result: dict, higher_is_better: bool, margin: float, slice_tolerance: float
 ) -> tuple[bool, list[str]]:
     """Pass when the challenger beats the champion overall by `margin` and no slice of the
-    champion's is worse by more than `slice_tolerance`; the reasons say why, either way."""
+    champion's is worse by more than `slice_tolerance`; the reasons say why, either way.
+
+    Both are absolute differences in the metric's own units, in the direction that is better:
+    with accuracy the challenger's must be at least `margin` higher, with an error such as MAE
+    at least `margin` lower, and a slice's accuracy may be at most `slice_tolerance` lower (its
+    error at most that much higher) than the champion's."""
     metric = result.get("metric", "metric")
     challenger, champion = result.get("challenger") or {}, result.get("champion") or {}
     new, old = challenger.get("overall"), champion.get("overall")

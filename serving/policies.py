@@ -1,5 +1,12 @@
 """Setting a deployment's retrain policy: the one write behind the policy form (and, later, its
-API), which checks the whole policy, not each field alone, before the loop acts on it."""
+API), which checks the whole policy, not each field alone, before the loop acts on it.
+
+The gate's margin and slice tolerance are in the units of the recipe's metric, as differences:
+for accuracy a share (0.02 is two points), for the forecaster's MAE the forecast values' own
+units. A margin is how much better the challenger must be overall (higher accuracy, lower error);
+a tolerance how much worse any slice may be. What a slice is depends on the recipe: a column of
+the data for tabular and text, the word "class" (per true class) for images, the word "series"
+(per series) for forecasts (see slice_column_help)."""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ import math
 
 from django.db import transaction
 
+from jobs.recipes.catalog import list_recipes
 from registry.models import Dataset
 from tenants.actors import Actor
 from tenants.errors import DomainError
@@ -58,8 +66,32 @@ NULLABLE_FIELDS = ("metric_below", "every_s")
 SLICE_COLUMN_MAX = 100
 
 
+# What a recipe's slice word means, for the form's help and the error that refuses other names.
+SLICE_WORDS = {
+    "class": "an image has no columns; enter class to compare per true class (the share of each "
+    "class's images recognised)",
+    "series": "enter series to compare per series (of the series column the model was trained "
+    "with)",
+}
+
+
 class RetrainPolicyInvalid(DomainError):
     code = "retrain_policy_invalid"
+
+
+def _slice_word(recipe: str) -> str | None:
+    """The one slice a recipe without columns to choose from offers (Recipe.gate_slice_by)."""
+    recipe_cls = list_recipes().get(recipe)
+    return recipe_cls.gate_slice_by if recipe_cls is not None else None
+
+
+def slice_column_help(recipe: str) -> str:
+    """What the slice column means for a deployment of `recipe`, in words for the policy form."""
+    word = _slice_word(recipe)
+    if word is None:
+        return "Compare per value of this column of the data too. Empty: overall only."
+    meaning = SLICE_WORDS.get(word, f"enter {word} to compare per {word}")
+    return f"{meaning[0].upper()}{meaning[1:]}. Empty: overall only."
 
 
 def _type_errors(fields: dict) -> dict[str, list[str]]:
@@ -149,22 +181,41 @@ def _policy_errors(policy: RetrainPolicy, recipe: str) -> dict[str, list[str]]:
         MAX_COST_MINOR,
         f"A retrain may cost between 1 and {MAX_COST_MINOR} cents.",
     )
-    _between(
-        errors,
-        "gate_margin",
-        policy.gate_margin,
-        -1,
-        1,
-        "The margin a challenger must win by is between -1 and 1 (0: at least as good).",
-    )
-    _between(
-        errors,
-        "slice_tolerance",
-        policy.slice_tolerance,
-        0,
-        1,
-        "A slice may fall behind by a share between 0 and 1.",
-    )
+    if higher:
+        _between(
+            errors,
+            "gate_margin",
+            policy.gate_margin,
+            -1,
+            1,
+            f"The margin a challenger's {metric} must win by is a share between -1 and 1 (0: at "
+            "least as good).",
+        )
+        _between(
+            errors,
+            "slice_tolerance",
+            policy.slice_tolerance,
+            0,
+            1,
+            f"A slice's {metric} may fall behind by a share between 0 and 1.",
+        )
+    else:
+        # An error has the data's units, so no bound but its sign fits every tenant's data; a
+        # negative margin lets a challenger be worse overall by up to that much.
+        _between(
+            errors,
+            "slice_tolerance",
+            policy.slice_tolerance,
+            0,
+            math.inf,
+            f"A slice's {metric} may rise above the champion's by 0 or more, in the data's units.",
+        )
+    word = _slice_word(recipe)
+    if word is not None and policy.slice_column not in ("", word):
+        errors.setdefault("slice_column", []).append(
+            f"Recipe {recipe} cannot slice by {policy.slice_column!r}: "
+            f"{SLICE_WORDS.get(word, f'enter {word}')}, or leave it empty for overall only."
+        )
     _between(
         errors,
         "canary_percent",

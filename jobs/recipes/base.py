@@ -107,6 +107,14 @@ class Recipe(abc.ABC):
     distributed: ClassVar[bool] = False
     # True when `online_predictor` serves the recipe's models (a deployment's replicas).
     online: ClassVar[bool] = False
+    # The evaluation gate's metric, and whether higher is better: the mean of the per-row scores
+    # `validation_outcomes` reports. serving.selectors.LIVE_METRICS judges live predictions by
+    # the same one.
+    gate_metric: ClassVar[tuple[str, bool]] = ("accuracy", True)
+    # What the gate's slices are. None: the values of the dataset column a retrain policy names.
+    # A word: data without columns to choose from is sliced one way only, which a policy asks
+    # for by naming this word (the image classifier's "class", the forecaster's "series").
+    gate_slice_by: ClassVar[str | None] = None
 
     @abc.abstractmethod
     def train(self, ctx: RecipeContext) -> RecipeResult | None:
@@ -126,6 +134,17 @@ class Recipe(abc.ABC):
     @abc.abstractmethod
     def evaluate(self, ctx: RecipeContext) -> dict[str, Any]:
         """Metrics of the model in `ctx.model_dir` on the dataset in `ctx.dataset_path`."""
+
+    def validation_outcomes(
+        self, ctx: RecipeContext, *, model_dirs: dict[str, Path], split_seed: int, slice_column: str
+    ) -> tuple[dict[str, list[float]], list[str | None]]:
+        """For the evaluation gate (jobs.runner.evaluate): each model in `model_dirs` (by role)
+        scored on each held-out row of the dataset in `ctx.dataset_path`, so that the mean of a
+        model's scores is its `gate_metric` (a classifier's True or False counts 1 or 0), and
+        each row's slice (None where it has none, or where `slice_column` is empty). The rows
+        are the validation split a training run of `ctx.parameters` seeded with `split_seed`
+        held out, so a model that run made never saw them."""
+        raise RecipeInputError(f"Recipe {self.name!r} cannot be evaluated by the gate.")
 
     def predict(self, ctx: RecipeContext) -> RecipeResult | None:
         """Batch inference with the model in `ctx.model_dir` (its `model.safetensors` and

@@ -69,6 +69,8 @@ class ImageClassifier(Recipe):
     kind = "train"
     dataset_formats = ("image_folder_zip", "npz")
     online = True
+    # An image has no columns: the gate's one slicing is by true class (see validation_outcomes).
+    gate_slice_by = "class"
     parameter_schema = {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "Image classifier",
@@ -178,9 +180,7 @@ class ImageClassifier(Recipe):
         pixels = _load_all(images, channels, size)
         class_index = {label: index for index, label in enumerate(classes)}
         targets = torch.tensor([class_index[label] for label in images.labels], dtype=torch.int64)
-        order = torch.randperm(images.count, generator=_generator(ctx.seed, _SPLIT, 0))
-        validation = max(1, round(images.count * ctx.parameters["validation_fraction"]))
-        train_rows, val_rows = order[validation:], order[:validation]
+        train_rows, val_rows = _split(images.count, ctx.parameters, ctx.seed)
         train = (pixels[train_rows], targets[train_rows])
         val = (pixels[val_rows], targets[val_rows])
         del pixels  # the split copied it; the largest allocation of the run need not stay twice
@@ -191,6 +191,45 @@ class ImageClassifier(Recipe):
             f"device {ctx.devices[0]}."
         )
         return _Trainer(ctx, model_input, train, val).run()
+
+    def validation_outcomes(
+        self, ctx: RecipeContext, *, model_dirs: dict[str, Path], split_seed: int, slice_column: str
+    ) -> tuple[dict[str, list[bool]], list[str | None]]:
+        """For the evaluation gate: whether each model in `model_dirs` (by role) classified each
+        validation image right (a class a model does not know is a wrong answer), and, with the
+        slice column "class", each image's true class as text. The images are those a training
+        run of `ctx.parameters` seeded with `split_seed` held out, drawn as `train` draws them.
+
+        Slices are by true class because an image has nothing else to slice by: the zip's only
+        label is its class folder, the .npz's is y. A per-class slice is the share of that
+        class's images a model recognises (its recall), so the gate stops a challenger that
+        forgets one class while gaining overall."""
+        import torch
+
+        images = _open_images(ctx.dataset_path, ctx.dataset_format, labelled=True)
+        _train_rows, val_rows = _split(images.count, ctx.parameters, split_seed)
+        rows = val_rows.tolist()
+        place = {row: index for index, row in enumerate(rows)}
+        device = torch.device(ctx.devices[0])
+        outcomes = {}
+        for role, model_dir in model_dirs.items():
+            model, model_input = _load_model_dir(model_dir, device)
+            predicted: list[Any] = [None] * len(rows)
+            # Every image is read, but only the held-out ones are scored; a chunk at a time keeps
+            # memory flat in the dataset's size.
+            for start, pixels in _chunks(images, model_input):
+                held_out = [i for i in range(len(pixels)) if start + i in place]
+                if not held_out:
+                    continue
+                logits = _logits(model, model_input.normalise(pixels[held_out], device))
+                for i, label in zip(held_out, logits.argmax(dim=1).tolist(), strict=True):
+                    predicted[place[start + i]] = model_input.classes[label]
+            outcomes[role] = [
+                predicted[index] == images.labels[row] for index, row in enumerate(rows)
+            ]
+        by_class = slice_column == self.gate_slice_by
+        slices = [str(images.labels[row]) if by_class else None for row in rows]
+        return outcomes, slices
 
     def evaluate(self, ctx: RecipeContext) -> dict[str, Any]:
         import torch
@@ -763,6 +802,17 @@ def _logits(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         return model(inputs).float()
 
 
+def _split(count: int, parameters: dict[str, Any], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training, validation) image indices: a seeded permutation, its first
+    `validation_fraction` (one image at least) held out. Training and the gate's evaluation both
+    draw it here, so the same seed holds out the same images."""
+    import torch
+
+    order = torch.randperm(count, generator=_generator(seed, _SPLIT, 0))
+    validation = max(1, round(count * parameters["validation_fraction"]))
+    return order[validation:], order[:validation]
+
+
 def _generator(seed: int, stream: int, index: int) -> torch.Generator:
     import torch
 
@@ -786,7 +836,10 @@ def _augment(inputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     batch = torch.arange(count, device=inputs.device)[:, None, None]
     padded = F.pad(inputs, (pad, pad, pad, pad)).permute(0, 2, 3, 1)
     cropped = padded[batch, rows, columns].permute(0, 3, 1, 2)
-    return torch.where(flips[:, None, None, None], cropped.flip(3), cropped)
+    # The crop is laid out channels-last; back to the model's usual layout, because the CPU
+    # kernels of torch 2.13 corrupt the heap training on channels-last batches with several
+    # threads (a worker's child has a slot's share of the cores).
+    return torch.where(flips[:, None, None, None], cropped.flip(3), cropped).contiguous()
 
 
 class _Trainer(Trainer):

@@ -57,6 +57,10 @@ class TimeSeriesForecaster(Recipe):
     kind = "train"
     dataset_formats = ("csv", "parquet")
     online = True
+    # The gate judges forecasts by the error training reports as val_mae (see
+    # validation_outcomes), per series when a policy asks for the slice "series".
+    gate_metric = ("mae", False)
+    gate_slice_by = "series"
     parameter_schema = {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "Time-series forecaster",
@@ -219,6 +223,75 @@ class TimeSeriesForecaster(Recipe):
             f"{len(series)} series, validating on {len(val_starts)}; device {ctx.devices[0]}."
         )
         return _Trainer(ctx, config, points, train_starts, val_starts).run()
+
+    def validation_outcomes(
+        self, ctx: RecipeContext, *, model_dirs: dict[str, Path], split_seed: int, slice_column: str
+    ) -> tuple[dict[str, list[float]], list[str | None]]:
+        """For the evaluation gate: each model's mean absolute error, in the series' own units,
+        on each validation window of the dataset (the horizon's points after a window whose
+        forecast starts in the validation part), and, with the slice column "series", each
+        window's series. The windows' mean is the `val_mae` a training run of `ctx.parameters`
+        reports: the validation part is the end of every series, the same whatever the seed, so
+        `split_seed` draws nothing here. A model reads its own window before each forecast start
+        and scales a series it was not trained on by that series' training part."""
+        import torch
+
+        parameters = ctx.parameters
+        columns = _Columns.of(parameters)
+        series = _usable_series(ctx, _read_series(ctx, columns), parameters)
+        splits = [_training_points(len(one), parameters) for one in series]
+        own = [_mean_std(one.values[:split]) for one, split in zip(series, splits, strict=True)]
+        device = torch.device(ctx.devices[0])
+        models = {}
+        for role, model_dir in model_dirs.items():
+            model, config, _device = _load_model_dir(model_dir, device)
+            if config["architecture"]["horizon"] != parameters["horizon"]:
+                raise RecipeInputError(
+                    f"The {role} forecasts {config['architecture']['horizon']} points ahead, the "
+                    f"data's validation windows {parameters['horizon']}; they cannot be compared."
+                )
+            models[role] = model, config
+        horizon = parameters["horizon"]
+        reach = max(
+            [
+                parameters["window"],
+                *(config["architecture"]["window"] for _, config in models.values()),
+            ]
+        )
+        # Where each validation window's forecast starts, in the series laid end to end; a window
+        # is left out only where a model reads further back than the series goes.
+        offsets = [0, *accumulate(len(one) for one in series)][:-1]
+        first = torch.tensor(
+            [
+                start
+                for offset, one, split in zip(offsets, series, splits, strict=True)
+                for start in range(offset + max(split, reach), offset + len(one) - horizon + 1)
+            ],
+            dtype=torch.int64,
+            device=device,
+        )
+        key_at = [
+            one.key
+            for offset, one, split in zip(offsets, series, splits, strict=True)
+            for _ in range(offset + max(split, reach), offset + len(one) - horizon + 1)
+        ]
+        outcomes = {}
+        for role, (model, config) in models.items():
+            stats = [
+                _stats_for(ctx, config, one, fallback=scaling)
+                for one, scaling in zip(series, own, strict=True)
+            ]
+            points = Points.of(series, stats).to(device)
+            window = config["architecture"]["window"]
+            starts = first - window
+            predicted = _forecast(model, config["architecture"], points, starts)
+            actual = points.raw[_target_index(starts, window, horizon)]
+            outcomes[role] = (predicted - actual).abs().mean(dim=1).tolist()
+        sliced = slice_column == self.gate_slice_by
+        if sliced and columns.series is None:
+            ctx.log("The model was trained on one series (no series_column); overall only.")
+        slices = [key if sliced and columns.series else None for key in key_at]
+        return outcomes, slices
 
     def evaluate(self, ctx: RecipeContext) -> dict[str, Any]:
         """Model and seasonal-naive errors on every window of the dataset whose forecast starts

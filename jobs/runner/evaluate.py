@@ -1,5 +1,5 @@
 """The `evaluate` task of a job's child: a retrained challenger and the champion it would replace,
-scored on the same held-out rows, overall and per slice of one column, for serving's gate.
+scored on the same held-out rows, overall and per slice, for serving's gate.
 
 The rows are the validation split of the data the challenger trained on, drawn exactly as its
 training run drew it (the recipe's own split, seeded by that run's seed), so the challenger never
@@ -13,17 +13,29 @@ saw them. The parent stages the challenger in `model_dir` and the champion in
                    "challenger": {"overall": x, "slices": {"eu": x, ...}},
                    "champion": {"overall": x, "slices": {...}}}
 
-which the parent records as the job's `evaluation` event. Covered: the tabular and text
-classifiers (each recipe's `validation_outcomes`). The image classifier and the forecaster have
-none yet, so their evaluation fails with EXIT_BAD_INPUT, saying so (and the gate fails the
-challenger).
+which the parent records as the job's `evaluation` event. Every built-in recipe is covered, each
+by its `validation_outcomes` and on its own metric (`gate_metric`), a score's mean over the rows:
+
+- tabular and text classifiers: accuracy (higher is better) on the validation rows; slices are
+  the values of the policy's column in the dataset.
+- image classifier: accuracy on the validation images; an image has no columns, so its one
+  slicing is by true class, asked for with the slice column "class".
+- time-series forecaster: the mean absolute error (lower is better) over the validation windows
+  at the end of each series, the `val_mae` its training reports; slice column "series" slices by
+  the series column it was trained with.
+
+A slice column a recipe cannot slice by leaves the evaluation overall only, saying so in the log.
+A recipe without `validation_outcomes` (a plugin's) fails with EXIT_BAD_INPUT, saying so, and the
+gate fails the challenger.
 
 No Django here: this runs in the child.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,30 +46,37 @@ from jobs.recipes.base import Recipe, RecipeContext, RecipeInputError
 MAX_SLICES = 50
 MIN_SLICE_ROWS = 5
 MAX_SLICE_LABEL = 100
-COVERED_RECIPES = ("tabular-classifier", "text-classifier")
 
 
-def _accuracy(correct: list[bool], slices: list[str | None], kept: list[str]) -> dict[str, Any]:
-    by_slice: dict[str, list[bool]] = {value: [] for value in kept}
-    for right, value in zip(correct, slices, strict=True):
+def _mean(scores: Sequence[float]) -> float:
+    return math.fsum(scores) / len(scores)
+
+
+def _scored(scores: Sequence[float], slices: list[str | None], kept: list[str]) -> dict[str, Any]:
+    """A model's metric overall and per kept slice: the mean of its row scores there."""
+    by_slice: dict[str, list[float]] = {value: [] for value in kept}
+    for score, value in zip(scores, slices, strict=True):
         if value in by_slice:
-            by_slice[value].append(right)
+            by_slice[value].append(score)
     return {
-        "overall": sum(correct) / len(correct),
-        "slices": {value: sum(rows) / len(rows) for value, rows in by_slice.items()},
+        "overall": _mean(scores),
+        "slices": {value: _mean(rows) for value, rows in by_slice.items()},
     }
 
 
 def evaluation_run(ctx: RecipeContext, recipe: Recipe, section: dict[str, Any]) -> dict[str, Any]:
     """The @@result payload of an evaluate task."""
-    if recipe.name not in COVERED_RECIPES or not hasattr(recipe, "validation_outcomes"):
-        raise RecipeInputError(
-            f"The evaluation gate covers {', '.join(COVERED_RECIPES)}; recipe {recipe.name!r} "
-            "cannot be evaluated yet."
-        )
     if ctx.model_dir is None:
         raise RecipeInputError("An evaluation needs the challenger's model_dir.")
+    metric, higher_is_better = recipe.gate_metric
     slice_column = str(section.get("slice_column") or "")
+    slice_by = recipe.gate_slice_by
+    if slice_column and slice_by is not None and slice_column != slice_by:
+        ctx.log(
+            f"Recipe {recipe.name!r} slices only by {slice_by!r}, not {slice_column!r}; "
+            "overall only."
+        )
+        slice_column = ""
     outcomes, slices = recipe.validation_outcomes(
         ctx,
         model_dirs={
@@ -69,29 +88,35 @@ def evaluation_run(ctx: RecipeContext, recipe: Recipe, section: dict[str, Any]) 
     )
     if not slices:
         raise RecipeInputError("The validation split has no rows to evaluate on.")
+    for role, scores in outcomes.items():
+        if not all(math.isfinite(score) for score in scores):
+            raise RecipeInputError(
+                f"The {role}'s {metric} is not a finite number on these rows; its outputs "
+                "overflow on this data."
+            )
     slices = [None if value is None else value[:MAX_SLICE_LABEL] for value in slices]
     counts = Counter(value for value in slices if value is not None)
     kept = [value for value, n in counts.most_common(MAX_SLICES) if n >= MIN_SLICE_ROWS]
     evaluation = {
-        "metric": "accuracy",
-        "higher_is_better": True,
+        "metric": metric,
+        "higher_is_better": higher_is_better,
         "rows": len(slices),
         "slice_column": slice_column,
         "slices_truncated": len(kept) < len(counts),
-        **{role: _accuracy(correct, slices, kept) for role, correct in outcomes.items()},
+        **{role: _scored(scores, slices, kept) for role, scores in outcomes.items()},
     }
-    if slice_column and not counts:
+    if slice_column and slice_by is None and not counts:
         ctx.log(f"The dataset has no column {slice_column!r} to slice by; overall only.")
     ctx.log(
-        f"Evaluated on {len(slices)} held-out rows: challenger accuracy "
+        f"Evaluated on {len(slices)} held-out rows: challenger {metric} "
         f"{evaluation['challenger']['overall']:.4f}, champion "
         f"{evaluation['champion']['overall']:.4f}."
     )
     return {
         "metrics": {
             "rows": len(slices),
-            "challenger_accuracy": evaluation["challenger"]["overall"],
-            "champion_accuracy": evaluation["champion"]["overall"],
+            f"challenger_{metric}": evaluation["challenger"]["overall"],
+            f"champion_{metric}": evaluation["champion"]["overall"],
         },
         "artifacts": {},
         "input_signature": {},

@@ -23,7 +23,7 @@ from jobs.recipes.base import (
     validate_parameters,
 )
 from jobs.recipes.image_decode import ImageDecodeError, decode_image
-from jobs.recipes.images import ImageClassifier, _to_model_pixels
+from jobs.recipes.images import ImageClassifier, _augment, _to_model_pixels
 from jobs.samples.images import CLASSES, encode_png, write_image_sample
 from registry.formats import inspect_dataset
 from tests.jobs.recipe_helpers import (
@@ -330,6 +330,14 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(
     assert events(ctx, "progress")[0]["step"] == stops[-1] + 1
 
 
+def test_augmented_batches_keep_the_models_memory_layout():
+    """Cropping lays a batch out channels-last, on which torch's CPU training corrupts the heap
+    with several threads (the child aborts): augmentation hands back the usual layout."""
+    inputs = torch.randn(5, 3, 16, 16)
+    augmented = _augment(inputs, torch.Generator().manual_seed(0))
+    assert augmented.shape == inputs.shape and augmented.is_contiguous()
+
+
 def test_checkpoint_of_another_run_is_refused(tmp_path, zip_dataset):
     ctx = make_context(tmp_path, zip_dataset, FAST, StopAfterStep, stop_at=1)
     ImageClassifier().train(ctx)
@@ -349,6 +357,45 @@ def test_evaluate_scores_the_model_on_a_labelled_dataset(tmp_path, trained, zip_
     )
     assert metrics["accuracy"] > 0.9
     assert (metrics["rows"], metrics["rows_with_unknown_class"]) == (3 * PER_CLASS, 0)
+
+
+def test_the_gate_scores_exactly_the_images_the_training_run_held_out(tmp_path, npz_dataset):
+    """Same seed, same split: the gate's accuracy on the held-out images is the run's own
+    validation accuracy (of a model weak enough for that to say something), each sliced by its
+    true class as text; another seed holds out other images."""
+    ctx = make_context(tmp_path, npz_dataset, FAST | {"image_size": 12, "epochs": 1})
+    result = ImageClassifier().train(ctx)
+    assert result.metrics["val_accuracy"] < 0.9
+    outcomes, slices = ImageClassifier().validation_outcomes(
+        ctx, model_dirs={"challenger": ctx.output_dir}, split_seed=ctx.seed, slice_column="class"
+    )
+    correct = outcomes["challenger"]
+    assert len(correct) == len(slices) == 3 * PER_CLASS // 5
+    assert sum(correct) / len(correct) == pytest.approx(result.metrics["val_accuracy"])
+    assert set(slices) == {"0", "1", "2"}
+    other, unsliced = ImageClassifier().validation_outcomes(
+        ctx, model_dirs={"x": ctx.output_dir}, split_seed=ctx.seed + 1, slice_column=""
+    )
+    assert other["x"] != correct and set(unsliced) == {None}
+
+
+def test_the_gate_counts_a_class_the_champion_never_learned_as_wrong(tmp_path, trained):
+    """The challenger's data has a class the champion's had not: the champion cannot be right
+    on it, and the slice shows that."""
+    model, _ = trained
+    with zipfile.ZipFile(tmp_path / "more.zip", "w") as archive:
+        for index in range(10):
+            archive.writestr(f"dots/dots-{index}.png", encode_png(NOISE[:16, :16]))
+            for name in CLASSES:
+                archive.writestr(f"{name}/{name}-{index}.png", encode_png(NOISE[:16, :16]))
+    ctx = make_context(tmp_path, tmp_path / "more.zip", FAST | {"validation_fraction": 0.5})
+    outcomes, slices = ImageClassifier().validation_outcomes(
+        ctx, model_dirs={"champion": model.output_dir}, split_seed=3, slice_column="class"
+    )
+    assert "dots" in slices and len(slices) == 20
+    assert not any(
+        right for right, value in zip(outcomes["champion"], slices, strict=True) if value == "dots"
+    )
 
 
 def test_predict_writes_one_row_per_image_with_its_path(tmp_path, trained, zip_dataset):

@@ -304,6 +304,48 @@ def test_evaluate_compares_with_seasonal_naive_on_a_fresh_stretch(tmp_path, trai
     assert metrics["mae"] < metrics["mae_seasonal_naive"]
 
 
+def test_the_gate_scores_the_validation_windows_the_training_run_reports(tmp_path):
+    """The gate's MAE over the validation windows is the run's own val_mae (its validation part
+    is the end of every series, whatever the seed), each window sliced by its series; a model
+    trained on other data is scored on the same windows, scaling a series it never saw by that
+    series' training part."""
+    rows = two_stores(tmp_path)
+    path = write_rows(tmp_path / "stores.csv", ["store", "timestamp", "value"], rows)
+    parameters = FAST | {"series_column": "store"}
+    ctx = make_context(tmp_path / "run", path, parameters)
+    result = TimeSeriesForecaster().train(ctx)
+    north = write_rows(
+        tmp_path / "north-only.csv", ["timestamp", "value"], [row[1:] for row in rows[:360]]
+    )
+    other = make_context(tmp_path / "other", north, FAST | {"epochs": 1}, seed=9)
+    TimeSeriesForecaster().train(other)
+
+    outcomes, slices = TimeSeriesForecaster().validation_outcomes(
+        ctx,
+        model_dirs={"challenger": ctx.output_dir, "champion": other.output_dir},
+        split_seed=0,
+        slice_column="series",
+    )
+    errors = outcomes["challenger"]
+    assert len(errors) == len(slices) == result.metrics["val_windows"]
+    assert math.fsum(errors) / len(errors) == pytest.approx(result.metrics["val_mae"])
+    assert set(slices) == {"north", "south"}
+    assert len(outcomes["champion"]) == len(errors) and outcomes["champion"] != errors
+    assert "series 'north' was not in the training data" in logs(ctx).lower()
+    _, unsliced = TimeSeriesForecaster().validation_outcomes(
+        ctx, model_dirs={}, split_seed=0, slice_column=""
+    )
+    assert set(unsliced) == {None}
+
+
+def test_the_gate_refuses_a_champion_of_another_horizon(tmp_path, dataset, trained):
+    ctx = make_context(tmp_path, dataset, FAST | {"horizon": 3})
+    with pytest.raises(RecipeInputError, match="forecasts 6 points ahead, the data's"):
+        TimeSeriesForecaster().validation_outcomes(
+            ctx, model_dirs={"champion": trained.output_dir}, split_seed=0, slice_column=""
+        )
+
+
 def test_predict_forecasts_the_horizon_after_the_last_point(tmp_path, trained):
     rows = read_csv(trained.dataset_path)
     random.Random(1).shuffle(rows)  # noqa: S311 (test data)

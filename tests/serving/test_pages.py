@@ -334,6 +334,52 @@ def test_policy_threshold_of_an_error_metric_may_exceed_one(org, owner):
         retrain_policy_set(deployment=deployment, actor=Actor(user=owner), metric_below=-1.0)
 
 
+def test_an_image_deployment_slices_by_true_class_and_refuses_a_column(org, dev):
+    """Images have no columns: the form says the slice column is "class", and a column name is
+    refused saying so."""
+    make_deployment(org, recipe="image-classifier")
+    url = reverse("serving:deployment", args=[org.slug, "churn"])
+    assert "enter class to compare per true class" in dev.get(url).content.decode().lower()
+
+    response = dev.post(url, policy_form(slice_column="region"))
+    assert response.status_code == 400
+    assert "enter class to compare per true class" in response.content.decode()
+    assert not RetrainPolicy.objects.exists()
+
+    assert dev.post(url, policy_form(slice_column="class")).status_code == 302
+    assert RetrainPolicy.objects.get().slice_column == "class"
+
+
+def test_a_forecaster_policy_counts_margin_and_tolerance_in_the_errors_units(org, owner):
+    """MAE has the data's units: a margin or tolerance past 1 is fine, a negative tolerance is
+    not; its slice is "series", not a column."""
+    deployment, _ = make_deployment(org, recipe="timeseries-forecaster")
+    actor = Actor(user=owner)
+    policy = retrain_policy_set(
+        deployment=deployment,
+        actor=actor,
+        gate_margin=2.5,
+        slice_tolerance=4.0,
+        slice_column="series",
+    )
+    assert (policy.gate_margin, policy.slice_tolerance, policy.slice_column) == (2.5, 4.0, "series")
+    with pytest.raises(RetrainPolicyInvalid, match="rise above the champion's by 0 or more"):
+        retrain_policy_set(deployment=deployment, actor=actor, slice_tolerance=-0.1)
+    with pytest.raises(RetrainPolicyInvalid) as refused:
+        retrain_policy_set(deployment=deployment, actor=actor, slice_column="store")
+    assert "enter series to compare per series" in refused.value.fields["slice_column"][0]
+
+
+def test_a_classifier_policy_keeps_margin_and_tolerance_shares(org, owner):
+    deployment, _ = make_deployment(org)
+    actor = Actor(user=owner)
+    with pytest.raises(RetrainPolicyInvalid, match="a share between -1 and 1"):
+        retrain_policy_set(deployment=deployment, actor=actor, gate_margin=2.5)
+    with pytest.raises(RetrainPolicyInvalid, match="share between 0 and 1"):
+        retrain_policy_set(deployment=deployment, actor=actor, slice_tolerance=4.0)
+    assert retrain_policy_set(deployment=deployment, actor=actor, slice_column="class")
+
+
 def test_a_viewer_cannot_post_the_policy_form(org, viewer):
     make_deployment(org)
     response = viewer.post(reverse("serving:deployment", args=[org.slug, "churn"]), policy_form())
