@@ -19,12 +19,15 @@ the recipe's default network). Both are registered, and served by deployments wi
 each (min_replicas 1): `tabular`, `image`, and `tabular-shadow` (the tabular version live and a
 second version of the same weights as a 100% shadow route, on its own replica).
 
-Per model, three tiers with one input per request, 1 client then 8 clients, in interleaved rounds:
+Per model, four tiers with one input per request, 1 client then 8 clients, in interleaved rounds:
 - in-process: the recipe's `online_predictor` called directly in this process (one torch
   thread, as the replica's child; at 8 clients the calls take a lock, as the replica answers one
   batch at a time);
 - replica: its HTTP server called directly with the attempt's token over a keep-alive client
   (the web's own hop, without the web);
+- bare-api: GET /api/v1/bench/bare/ on the same gunicorn with the same key (bench/load.py's
+  floor: a constant answer behind the API key's authentication), what any API request costs
+  the web before it does anything;
 - platform: POST /api/v1/orgs/<slug>/deployments/<name>/predict with an API key, a new
   connection per request (sync gunicorn closes every connection), `X-Forwarded-Proto: https`.
 Overhead = platform minus in-process at the same percentile. Beside each window, the CPU
@@ -181,7 +184,7 @@ def run(plan: Plan, *, quick: bool) -> None:
             with gunicorn(env, tmp, kind="sync", workers=3, threads=1) as (port, master):
                 warm_up(port, tenant, models)
                 figures["tiers"] = measure_tiers(port, master, tenant, models, plan)
-                figures["shadow"] = measure_shadow(port, tenant, models["tabular"], plan)
+                figures["shadow"] = measure_shadow(port, master, tenant, models["tabular"], plan)
                 figures["cold"] = [
                     measure_cold_start(port, tenant, models["tabular"], n, pool)
                     for n in range(plan.cold_starts)
@@ -504,17 +507,26 @@ def tail(path: Path, lines: int = 30) -> str:
 
 
 def platform_call(port: int, tenant: Tenant, deployment: str, body: bytes) -> Callable[[], int]:
+    return _web_call(port, tenant, "POST", tenant.url(deployment), body)
+
+
+def bare_api_call(port: int, tenant: Tenant) -> Callable[[], int]:
+    """bench/load.py's floor on the same gunicorn: a constant JSON answer behind the API key's
+    authentication, what any authenticated API request costs before doing anything."""
+    return _web_call(port, tenant, "GET", "/api/v1/bench/bare/", None)
+
+
+def _web_call(port: int, tenant: Tenant, method: str, url: str, body: bytes | None):
     headers = {
         "Authorization": f"Bearer {tenant.token}",
         "Content-Type": "application/json",
         "X-Forwarded-Proto": "https",
     }
-    url = tenant.url(deployment)
 
     def call() -> int:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         try:
-            conn.request("POST", url, body=body, headers=headers)
+            conn.request(method, url, body=body, headers=headers)
             response = conn.getresponse()
             response.read()
             return response.status
@@ -706,7 +718,7 @@ def warm_up(port: int, tenant: Tenant, models: dict[str, Served]) -> None:
             call()
 
 
-TIERS = ("in-process", "replica", "platform")
+TIERS = ("in-process", "replica", "bare-api", "platform")
 
 
 def measure_tiers(
@@ -722,6 +734,7 @@ def measure_tiers(
         calls[name] = {
             "in-process": in_process_call(served),
             "replica": replica_call(address, token, body),
+            "bare-api": bare_api_call(port, tenant),
             "platform": platform_call(port, tenant, served.deployment, body),
         }
         figures[name] = {tier: {c: [] for c in CLIENTS} for tier in TIERS}
@@ -746,7 +759,10 @@ def measure_tiers(
     return figures
 
 
-def measure_shadow(port: int, tenant: Tenant, served: Served, plan: Plan) -> dict:
+def measure_shadow(port: int, master: int, tenant: Tenant, served: Served, plan: Plan) -> dict:
+    """Windows with and without a 100% shadow route, each with the web's CPU per request (what
+    the copy costs the live path itself, apart from the cores the drain and the shadow replica
+    take from everything else on this machine)."""
     body = json.dumps({"inputs": [served.item]}).encode()
     calls = {
         "without": platform_call(port, tenant, "tabular", body),
@@ -756,7 +772,11 @@ def measure_shadow(port: int, tenant: Tenant, served: Served, plan: Plan) -> dic
     for number in range(plan.shadow_rounds):
         order = ("without", "with") if number % 2 == 0 else ("with", "without")
         for kind in order:
+            web = children_of(master)
+            before = cpu_seconds(web)
             window = closed_loop(calls[kind], clients=1, seconds=plan.shadow_window_s)
+            requests = max(1, len(window.latencies_ms) + window.errors)
+            window.cpu_ms = {"web": cpu_used(before, cpu_seconds(web)) / requests * 1000}
             windows[kind].append(window)
         progress(
             f"shadow round {number + 1}: p50 without {windows['without'][-1].pct(50):.2f} ms, "
@@ -957,6 +977,14 @@ def report(figures: dict, *, plan: Plan, quick: bool, loads) -> None:
         f"   target: overhead p50 at 1 client < {TARGET_OVERHEAD_P50_MS:g} ms (tabular): {verdict} "
         f"({overhead_p50:.2f} ms; p99 {overhead_p99:.2f} ms)"
     )
+    p50_of = {tier: med(w.pct(50) for w in tab[tier][1]) for tier in TIERS}
+    floor = p50_of["bare-api"]
+    hop = p50_of["replica"] - p50_of["in-process"]
+    print(
+        f"   of the overhead at p50, 1 client: the web's floor for any API-key request (bare-api) "
+        f"{floor:.2f} ms, the replica's hop {hop:.2f} ms, the gateway's own work "
+        f"{overhead_p50 - floor - hop:.2f} ms"
+    )
     print(
         f"   requests per second per replica (tabular, 8 clients through the platform): "
         f"{rps_per_replica:.1f}; the replica called directly: {replica_rps:.1f}; in-process: "
@@ -974,6 +1002,12 @@ def report(figures: dict, *, plan: Plan, quick: bool, loads) -> None:
     print(
         f"   p99 without {med(w.pct(99) for w in shadow['without']):.2f} ms, with "
         f"{med(w.pct(99) for w in shadow['with']):.2f} ms"
+    )
+    web_without = med(w.cpu_ms["web"] for w in shadow["without"])
+    web_with = med(w.cpu_ms["web"] for w in shadow["with"])
+    print(
+        f"   the web's CPU per request without {web_without:.2f} ms, with {web_with:.2f} ms "
+        f"({web_with - web_without:+.2f} ms: queuing the copy; sending it is the control plane's)"
     )
     verdict = "met" if added < TARGET_SHADOW_P50_MS else "MISSED"
     print(f"   target: shadow adds < {TARGET_SHADOW_P50_MS:g} ms at p50: {verdict}")
@@ -1021,6 +1055,7 @@ def report(figures: dict, *, plan: Plan, quick: bool, loads) -> None:
         "overhead_p99_ms": round(overhead_p99, 2),
         "rps_per_replica": round(rps_per_replica, 1),
         "shadow_added_p50_ms": round(added, 2),
+        "bare_api_p50_ms": round(floor, 2),
         "cold_start_s": round(cold, 2),
         "queries_per_predict": len(queries),
         "models": result_models,

@@ -94,6 +94,8 @@ def http_client() -> httpx.Client:
     headers and body separately: without TCP_NODELAY the body would wait for the replica's
     delayed ACK of the headers."""
     global _http
+    if _http is not None:
+        return _http
     with _http_lock:
         if _http is None:
             size = settings.SERVING_POOL_CONNECTIONS
