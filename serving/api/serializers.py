@@ -287,7 +287,8 @@ class ModelCardSerializer(serializers.ModelSerializer):
     lineage = serializers.JSONField(
         help_text=(
             "datasets (dataset, version, id) the challenger trained on, parent_version, champion, "
-            "training_job, evaluation_job, evaluated_on (dataset, version, split), trigger."
+            "training_job, evaluation_job, evaluated_on (dataset, version, split; null when the "
+            "training spent the retrain's spending limit and no evaluation ran), trigger."
         )
     )
     metrics = serializers.JSONField(

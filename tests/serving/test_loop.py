@@ -133,8 +133,9 @@ def _evaluation(job, *, challenger, champion, challenger_slices, champion_slices
     )
 
 
-def _to_evaluating(deployment, champion, policy):
-    """Drift -> retrain submitted -> its job succeeded with a challenger -> evaluate queued."""
+def _trained(deployment, champion, *, cost=250):
+    """Drift -> retrain submitted -> its job succeeded at `cost` with a challenger -> the tick
+    that follows (which queues the evaluation when the spending limit leaves room for it)."""
     _drift(deployment, champion)
     retrain = loop_advance(deployment_id=deployment.pk)
     challenger = ModelVersionFactory(
@@ -144,8 +145,12 @@ def _to_evaluating(deployment, champion, policy):
         parameters=PARAMS,
     )
     challenger.trained_on.add(retrain.job.input_dataset_version)
-    _finish(retrain.job, cost=250, output_model_version=challenger)
-    retrain = loop_advance(deployment_id=deployment.pk)
+    _finish(retrain.job, cost=cost, output_model_version=challenger)
+    return loop_advance(deployment_id=deployment.pk), challenger
+
+
+def _to_evaluating(deployment, champion, policy):
+    retrain, challenger = _trained(deployment, champion)
     assert retrain.state == Retrain.State.EVALUATING
     return retrain, challenger
 
@@ -277,6 +282,39 @@ def test_the_spending_limit_caps_the_retrain_runtime(deployment, policy, champio
     assert retrain.job.max_runtime_s == 500
     submitted = LoopEvent.objects.get(kind=LoopEvent.Kind.RETRAIN_SUBMITTED)
     assert submitted.data["max_cost_minor"] <= 1
+
+
+def test_the_evaluation_runs_on_what_training_left_of_the_spending_limit(
+    deployment, policy, champion, settings
+):
+    """1000 cents per retrain, the training cost 999: the cent left buys 500 s of the cpu class
+    (0.002 cents a second), under the evaluation's own cap."""
+    settings.SERVING_LOOP_EVALUATE_MAX_RUNTIME_S = 900
+    retrain, _challenger = _trained(deployment, champion, cost=999)
+    assert retrain.state == Retrain.State.EVALUATING
+    assert retrain.evaluation_job.max_runtime_s == 500
+
+
+@pytest.mark.parametrize("training_cost", [1000, 1300], ids=["spent", "overspent"])
+def test_a_retrain_whose_training_spent_the_limit_fails_the_gate_unevaluated(
+    deployment, policy, champion, training_cost
+):
+    retrain, challenger = _trained(deployment, champion, cost=training_cost)
+
+    assert retrain.state == Retrain.State.REJECTED and retrain.finished_at
+    assert retrain.evaluation_job is None
+    assert not Job.objects.filter(kind=Job.Kind.EVALUATE).exists()
+    card = ModelCard.objects.get(retrain=retrain, model_version=challenger)
+    assert card.decision == ModelCard.Decision.FAILED
+    (reason,) = card.reasons
+    assert "spending limit of 1000" in reason and f"cost {training_cost}" in reason
+    assert card.lineage["evaluation_job"] is None and card.lineage["evaluated_on"] is None
+    failed = LoopEvent.objects.get(deployment=deployment, kind=LoopEvent.Kind.GATE_FAILED)
+    assert reason in failed.message and failed.cost_minor == 0
+    assert AuditEvent.objects.filter(action="serving.loop.gate_failed").exists()
+    assert _routes(deployment) == {(champion.pk, 100, Route.Stage.STABLE)}
+    # Over: the next tick leaves the rejected retrain alone.
+    assert loop_advance(deployment_id=deployment.pk) is None
 
 
 def test_a_live_accuracy_below_the_threshold_triggers_but_a_good_one_does_not(
