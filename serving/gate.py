@@ -28,14 +28,13 @@ from tenants.errors import ConflictError, DomainError, PermissionDeniedError
 from tenants.selectors import actor_scopes
 
 from .models import Deployment, LoopEvent, ModelCard, Retrain, RetrainPolicy
-from .rollout import rollout_start
+from .rollout import PROMOTE_SCOPE, rollout_decide, rollout_start
 from .selectors import live_metric_of
 from .timeline import MIN_RUNTIME_S, affordable_runtime_s, loop_actor, loop_step_record
 
 logger = logging.getLogger(__name__)
 
 EVALUATION_EVENT = "evaluation"
-PROMOTE_SCOPE = "models:promote"
 EVALUATE_GPUS = 1
 
 
@@ -313,17 +312,35 @@ def _awaiting(*, card: ModelCard, actor: Actor, verb: str) -> tuple[Retrain, Mod
     card = ModelCard.objects.get(pk=card.pk)
     if card.decision != ModelCard.Decision.PASSED:
         raise ConflictError("This challenger failed the gate; there is nothing to decide.")
-    if retrain.state != Retrain.State.AWAITING_APPROVAL:
-        raise ConflictError(f"This challenger is not awaiting approval (it is {retrain.state}).")
+    if retrain.state not in Retrain.AWAITING_DECISION_STATES:
+        raise ConflictError(
+            f"This challenger is not awaiting a person's decision (it is {retrain.state})."
+        )
     return retrain, card
 
 
+def _inconclusive_decide(
+    *, retrain: Retrain, card: ModelCard, actor: Actor, promote: bool, reason: str = ""
+) -> Retrain:
+    """The decision goes on the model card beside the gate's, then the rollout carries it out."""
+    done = "promoted" if promote else "rolled back"
+    card.reasons = [
+        *card.reasons,
+        f"canary inconclusive; {done} by {actor.label}" + (f": {reason}" if reason else ""),
+    ]
+    card.save(update_fields=["reasons"])
+    return rollout_decide(retrain=retrain, actor=actor, promote=promote, reason=reason)
+
+
 def gate_approve(*, card: ModelCard, actor: Actor) -> Retrain:
-    """A person lets a challenger that passed the gate into a canary: needs `models:promote` in
-    the card's organization (anyone else, another organization's member or key included, is
-    refused), and only while the retrain awaits approval."""
+    """A person lets a challenger that passed the gate into a canary, or promotes an
+    inconclusive canary to 100%: needs `models:promote` in the card's organization (anyone
+    else, another organization's member or key included, is refused), and only while the
+    retrain awaits that decision."""
     with transaction.atomic():
         retrain, card = _awaiting(card=card, actor=actor, verb="Approving")
+        if retrain.state == Retrain.State.INCONCLUSIVE:
+            return _inconclusive_decide(retrain=retrain, card=card, actor=actor, promote=True)
         policy = (
             RetrainPolicy.objects.for_organization(retrain.organization)
             .filter(deployment_id=retrain.deployment_id)
@@ -338,10 +355,14 @@ def gate_approve(*, card: ModelCard, actor: Actor) -> Retrain:
 
 @transaction.atomic
 def gate_reject(*, card: ModelCard, actor: Actor, reason: str = "") -> Retrain:
-    """A person turns down a challenger awaiting approval (same scope as approving), which frees
-    the deployment for its next retrain."""
+    """A person turns down a challenger awaiting approval, or rolls back an inconclusive canary
+    (same scope as approving), which frees the deployment for its next retrain."""
     retrain, card = _awaiting(card=card, actor=actor, verb="Rejecting")
     reason = reason[:500]
+    if retrain.state == Retrain.State.INCONCLUSIVE:
+        return _inconclusive_decide(
+            retrain=retrain, card=card, actor=actor, promote=False, reason=reason
+        )
     retrain.state, retrain.finished_at = Retrain.State.REJECTED, timezone.now()
     retrain.save(update_fields=["state", "finished_at"])
     card.reasons = [*card.reasons, f"rejected by {actor.label}" + (f": {reason}" if reason else "")]

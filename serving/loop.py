@@ -406,7 +406,7 @@ def retrain_advance(*, retrain: Retrain, policy: RetrainPolicy, now: datetime) -
         return _training_ended(retrain=retrain, policy=policy)
     if retrain.state == Retrain.State.EVALUATING:
         return gate_decide(retrain=retrain, policy=policy)
-    if retrain.state == Retrain.State.CANARY:
+    if retrain.state in (Retrain.State.CANARY, Retrain.State.INCONCLUSIVE):
         return rollout_advance(retrain=retrain, policy=policy, now=now)
     return retrain
 

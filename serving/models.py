@@ -216,6 +216,9 @@ class RetrainPolicy(OrganizationOwned):
     # Canary and rollback.
     canary_percent = models.PositiveSmallIntegerField(default=10)
     bake_s = models.PositiveIntegerField(default=600)
+    # A canary with too few requests to judge bakes this many more periods, then pauses as
+    # inconclusive for a person to promote or roll back (Argo Rollouts' inconclusive analysis).
+    bake_extensions = models.PositiveSmallIntegerField(default=3)
     rollback_error_rate = models.FloatField(default=0.02)
     rollback_p99_ratio = models.FloatField(default=1.5)
     rollback_metric_drop = models.FloatField(default=0.02)
@@ -241,6 +244,7 @@ class LoopEvent(OrganizationOwned):
         APPROVED = "approved", "Approved"
         CANARY_STARTED = "canary_started", "Canary started"
         CANARY_STEPPED = "canary_stepped", "Canary stepped up"
+        CANARY_INCONCLUSIVE = "canary_inconclusive", "Canary inconclusive"
         PROMOTED = "promoted", "Promoted"
         ROLLED_BACK = "rolled_back", "Rolled back"
 
@@ -279,6 +283,8 @@ class Retrain(OrganizationOwned):
         EVALUATING = "evaluating", "Evaluating"
         AWAITING_APPROVAL = "awaiting_approval", "Awaiting approval"
         CANARY = "canary", "Canary"
+        # The canary keeps its share, too quiet to judge; a person promotes or rolls it back.
+        INCONCLUSIVE = "inconclusive", "Canary inconclusive"
         PROMOTED = "promoted", "Promoted"
         ROLLED_BACK = "rolled_back", "Rolled back"
         REJECTED = "rejected", "Rejected by the gate"
@@ -290,7 +296,11 @@ class Retrain(OrganizationOwned):
         State.EVALUATING,
         State.AWAITING_APPROVAL,
         State.CANARY,
+        State.INCONCLUSIVE,
     )
+    # Where a person with `models:promote` decides: a challenger that passed the gate awaits
+    # approval for its canary, or a canary too quiet to judge awaits promotion or rollback.
+    AWAITING_DECISION_STATES = (State.AWAITING_APPROVAL, State.INCONCLUSIVE)
 
     deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="retrains")
     state = models.CharField(max_length=20, choices=State.choices, default=State.TRAINING)
@@ -328,6 +338,7 @@ class Retrain(OrganizationOwned):
                         "evaluating",
                         "awaiting_approval",
                         "canary",
+                        "inconclusive",
                     ]
                 ),
                 name="retrain_one_active_per_deployment",

@@ -603,6 +603,117 @@ def test_a_canary_with_too_little_traffic_keeps_baking(deployment, policy, champ
     assert (retrain.state, retrain.canary_percent) == (Retrain.State.CANARY, 10)
 
 
+def test_a_canary_too_quiet_over_its_extended_bakes_pauses_inconclusive_and_is_not_promoted(
+    deployment, policy, champion, settings
+):
+    """A 600 s bake extended twice: a canary that saw 5 of the 30 requests its judgment needs is
+    still baking just before the third bake ends, and pauses as inconclusive at it, keeping its
+    share; nothing promotes it on no evidence, however long it waits."""
+    settings.SERVING_LOOP_MIN_SAMPLES = 30
+    policy.bake_extensions = 2
+    policy.save()
+    retrain, challenger = _to_canary(deployment, champion, policy)
+    started = retrain.step_started_at
+    _traffic(deployment, challenger, at=started + timedelta(seconds=1), n=5)
+    _traffic(deployment, champion, at=started + timedelta(seconds=1), n=45)
+
+    for seconds in (601, 1201, 1799):
+        retrain = loop_advance(
+            deployment_id=deployment.pk, now=started + timedelta(seconds=seconds)
+        )
+        assert (retrain.state, retrain.canary_percent) == (Retrain.State.CANARY, 10), seconds
+    paused_at = started + timedelta(seconds=1800)
+    retrain = loop_advance(deployment_id=deployment.pk, now=paused_at)
+
+    assert (retrain.state, retrain.canary_percent) == (Retrain.State.INCONCLUSIVE, 10)
+    canary_split = {(champion.pk, 90, Route.Stage.STABLE), (challenger.pk, 10, Route.Stage.CANARY)}
+    assert _routes(deployment) == canary_split
+    paused = LoopEvent.objects.get(deployment=deployment, kind=LoopEvent.Kind.CANARY_INCONCLUSIVE)
+    assert (paused.data["requests"], paused.data["needed"]) == (5, 30)
+    assert (paused.data["bake_s"], paused.data["extensions"]) == (600, 2)
+    assert "5 requests" in paused.message and "30" in paused.message
+    assert "models:promote" in paused.message
+    audit = AuditEvent.objects.get(action="serving.loop.canary_inconclusive")
+    assert (audit.data["requests"], audit.data["needed"]) == (5, 30)
+
+    # It waits for a person: ticks, even once enough traffic has come, change nothing.
+    _traffic(deployment, challenger, at=paused_at + timedelta(seconds=1), n=40)
+    _traffic(deployment, champion, at=paused_at + timedelta(seconds=1), n=40)
+    later = paused_at + timedelta(days=2)
+    assert loop_advance(deployment_id=deployment.pk, now=later).state == (
+        Retrain.State.INCONCLUSIVE
+    )
+    assert _routes(deployment) == canary_split
+    assert not LoopEvent.objects.filter(
+        kind__in=[LoopEvent.Kind.PROMOTED, LoopEvent.Kind.CANARY_STEPPED]
+    ).exists()
+    # And the deployment starts no other retrain meanwhile.
+    _drift(deployment, champion, at=later)
+    assert loop_advance(deployment_id=deployment.pk, now=later) == retrain
+    assert Retrain.objects.filter(deployment=deployment).count() == 1
+
+
+@pytest.fixture
+def inconclusive(deployment, policy, champion, settings):
+    """A canary paused as inconclusive after its bake and no extension; its model card."""
+    settings.SERVING_LOOP_MIN_SAMPLES = 30
+    policy.bake_extensions = 0
+    policy.save()
+    retrain, _challenger = _to_canary(deployment, champion, policy)
+    done = _bake(deployment, retrain, policy, n=3, stable_n=3)
+    retrain = loop_advance(deployment_id=deployment.pk, now=done)
+    assert retrain.state == Retrain.State.INCONCLUSIVE
+    return ModelCard.objects.get(retrain=retrain)
+
+
+def test_only_models_promote_decides_an_inconclusive_canary_and_promoting_serves_it_all(
+    inconclusive, org, other_org, member_factory, deployment, champion
+):
+    challenger = inconclusive.model_version
+    for attacker in (
+        Actor(user=member_factory(org, "viewer")),
+        Actor(user=member_factory(other_org, "owner")),
+        Actor(),
+    ):
+        for decide in (gate_approve, gate_reject):
+            with pytest.raises(PermissionDeniedError):
+                decide(card=inconclusive, actor=attacker)
+    assert Retrain.objects.get(pk=inconclusive.retrain_id).state == Retrain.State.INCONCLUSIVE
+
+    developer = member_factory(org, "developer")
+    retrain = gate_approve(card=inconclusive, actor=Actor(user=developer))
+
+    assert (retrain.state, retrain.canary_percent) == (Retrain.State.PROMOTED, 100)
+    assert _routes(deployment) == {(challenger.pk, 100, Route.Stage.STABLE)}
+    promoted = LoopEvent.objects.get(kind=LoopEvent.Kind.PROMOTED)
+    assert promoted.data["by"] == "user" and promoted.data["percent"] == 10
+    assert "after an inconclusive canary" in promoted.message
+    audit = AuditEvent.objects.get(action="serving.loop.promoted")
+    assert audit.actor_user == developer and audit.data["by"] == "user"
+    inconclusive.refresh_from_db()
+    assert "promoted by" in inconclusive.reasons[-1]
+    with pytest.raises(ConflictError):
+        gate_reject(card=inconclusive, actor=Actor(user=developer), reason="too late")
+
+
+def test_a_person_rolls_an_inconclusive_canary_back(
+    inconclusive, org, member_factory, deployment, champion
+):
+    owner = member_factory(org, "owner")
+    retrain = gate_reject(card=inconclusive, actor=Actor(user=owner), reason="too quiet to tell")
+
+    assert (retrain.state, retrain.canary_percent) == (Retrain.State.ROLLED_BACK, 0)
+    assert _routes(deployment) == {(champion.pk, 100, Route.Stage.STABLE)}
+    rolled = LoopEvent.objects.get(kind=LoopEvent.Kind.ROLLED_BACK)
+    assert rolled.data["by"] == "user" and "too quiet to tell" in rolled.message
+    assert AuditEvent.objects.get(action="serving.loop.rolled_back").actor_user == owner
+    inconclusive.refresh_from_db()
+    assert inconclusive.reasons[-1].endswith("too quiet to tell")
+    # Over: the deployment may retrain again.
+    assert loop_advance(deployment_id=deployment.pk) is None
+    assert not Retrain.objects.filter(state__in=Retrain.ACTIVE_STATES).exists()
+
+
 @pytest.mark.django_db(transaction=True, serialized_rollback=True)
 def test_a_tick_skips_a_deployment_another_tick_holds(deployment, policy, champion):
     """Two ticks at once: the one that finds the deployment locked leaves it to the holder."""
