@@ -13,7 +13,16 @@ from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.utils import timezone
 
-from tenants.models import OrganizationOwned
+from tenants.models import OrganizationOwned, OrganizationQuerySet
+
+
+class LiveDeploymentManager(models.Manager.from_queryset(OrganizationQuerySet)):
+    """Deployments not deleted. A deleted one is gone for every reader (the API, the pages, the
+    request path, the loop, the reconciler) from the commit that deleted it, while its prediction
+    log is purged in the background (serving.services.deployments_purge)."""
+
+    def get_queryset(self):
+        return super().get_queryset().filter(deleted_at__isnull=True)
 
 
 class Deployment(OrganizationOwned):
@@ -46,11 +55,22 @@ class Deployment(OrganizationOwned):
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
     created_at = models.DateTimeField(default=timezone.now)
+    # Set when deleted: the row (and the prediction log pointing at it) stays until purged.
+    deleted_at = models.DateTimeField(null=True, blank=True)
+
+    objects = LiveDeploymentManager()
+    # Deleted ones too: for the purge only.
+    all_objects = OrganizationQuerySet.as_manager()
 
     class Meta:
         ordering = ["name"]
         constraints = [
-            models.UniqueConstraint(fields=["organization", "name"], name="deployment_unique_name"),
+            # A deleted deployment's name is free for a new one while the old one is purged.
+            models.UniqueConstraint(
+                fields=["organization", "name"],
+                condition=models.Q(deleted_at__isnull=True),
+                name="deployment_unique_name",
+            ),
             models.CheckConstraint(
                 condition=models.Q(min_replicas__lte=models.F("max_replicas")),
                 name="deployment_min_within_max",

@@ -1,8 +1,10 @@
-"""Serving's periodic work: reconcile replicas, expire the prediction log."""
+"""Serving's periodic work: reconcile replicas, expire the prediction log, purge deleted
+deployments."""
 
 from celery import shared_task
 
 from .reconciler import replicas_reconcile as replicas_reconcile_service
+from .services import deployments_purge as deployments_purge_service
 from .services import prediction_log_expire as prediction_log_expire_service
 
 
@@ -18,3 +20,12 @@ def replicas_reconcile() -> None:
 )
 def prediction_log_expire() -> int:
     return prediction_log_expire_service()
+
+
+# Beat runs it every SERVING_PURGE_EVERY_S and a deletion asks for it after its commit; each run
+# stops after SERVING_PURGE_BUDGET_S, well inside the time limits, and the next goes on.
+@shared_task(
+    name="serving.deployments_purge", ignore_result=True, soft_time_limit=240, time_limit=270
+)
+def deployments_purge() -> int:
+    return deployments_purge_service()

@@ -330,7 +330,8 @@ class RetrainPage(OrganizationPageMixin, TemplateView):
     lookup_fields = {"deployment__name": "name", "pk": "pk"}
 
     def narrow_queryset(self, queryset):
-        return queryset.select_related(
+        # A deleted deployment's retrains went with it, even while a new deployment has its name.
+        return queryset.filter(deployment__deleted_at__isnull=True).select_related(
             "deployment",
             "champion__registered_model",
             "challenger__registered_model",

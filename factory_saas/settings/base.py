@@ -197,6 +197,10 @@ SERVING_SHADOW_THREADS = env.int("SERVING_SHADOW_THREADS", default=4)
 SERVING_SHADOW_QUEUE = env.int("SERVING_SHADOW_QUEUE", default=64)
 SERVING_MAX_BODY_BYTES = env.int("SERVING_MAX_BODY_BYTES", default=2 * 2**20)
 SERVING_RETENTION_BATCH = env.int("SERVING_RETENTION_BATCH", default=5000)
+# A deleted deployment's prediction log is purged in batches of SERVING_RETENTION_BATCH by a task
+# that beat runs this often (and a deletion asks for at once), each run for at most this long.
+SERVING_PURGE_EVERY_S = env.float("SERVING_PURGE_EVERY_S", default=60.0)
+SERVING_PURGE_BUDGET_S = env.float("SERVING_PURGE_BUDGET_S", default=45.0)
 SERVING_DATASET_MAX_ROWS = env.int("SERVING_DATASET_MAX_ROWS", default=1_000_000)
 # What an organization's overview page shows besides its members and activity (tenants imports
 # no other app, so the apps that contribute a panel are named here).
@@ -277,6 +281,10 @@ CELERY_BEAT_SCHEDULE = {
     "serving-log-retention": {
         "task": "serving.prediction_log_expire",
         "schedule": crontab(minute=20),
+    },
+    "serving-deployments-purge": {
+        "task": "serving.deployments_purge",
+        "schedule": SERVING_PURGE_EVERY_S,
     },
 }
 
