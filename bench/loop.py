@@ -164,6 +164,9 @@ def run(pool, tmp: Path) -> dict:
         canary_percent=50,
         bake_s=BAKE_S,
         rollback_p99_ratio=1000,
+        # The canary's requests are sent a few at a time as the loop is polled: a slow machine must
+        # not see it paused as inconclusive after the 1 s bake and its default 3 extensions.
+        bake_extensions=60,
     )
     caller = Caller(client, deployment, [])
     dataset_add(points, world(2000, seed=2, shifted=True), tmp, actor=actor)

@@ -39,6 +39,7 @@ GROUPS = (
         (
             "canary_percent",
             "bake_s",
+            "bake_extensions",
             "rollback_error_rate",
             "rollback_p99_ratio",
             "rollback_metric_drop",
@@ -98,6 +99,12 @@ class RetrainPolicyForm(forms.Form):
     )
     canary_percent = forms.IntegerField(min_value=0, label="Canary share (%)")
     bake_s = forms.IntegerField(min_value=0, label="Bake time per step (seconds)")
+    bake_extensions = forms.IntegerField(
+        min_value=0,
+        label="Bake extensions",
+        help_text="A canary with too few requests to judge bakes this many more times, then "
+        "pauses as inconclusive until a person promotes it or rolls it back.",
+    )
     rollback_error_rate = forms.FloatField(
         label="Roll back at an error rate above the stable one's by"
     )

@@ -2,6 +2,8 @@
 rows (the validation split of the data it trained on, which training never saw) by an `evaluate`
 job on the pool, overall and per slice of the policy's column. The gate decides, writes the model
 card, and lets the challenger into a canary itself or waits for a person with `models:promote`.
+The evaluate job is paid from the retrain's spending limit too: it may run for what the training
+job's cost left, and a challenger whose training spent it all fails unevaluated.
 
 The evaluate job's result (jobs/runner/evaluate.py writes it) is one JobEvent of kind
 `evaluation` whose data is
@@ -28,14 +30,14 @@ from tenants.errors import ConflictError, DomainError, PermissionDeniedError
 from tenants.selectors import actor_scopes
 
 from .models import Deployment, LoopEvent, ModelCard, Retrain, RetrainPolicy
-from .rollout import rollout_start
+from .rollout import PROMOTE_SCOPE, rollout_decide, rollout_start
 from .selectors import live_metric_of
-from .timeline import loop_actor, loop_step_record
+from .timeline import MIN_RUNTIME_S, affordable_runtime_s, loop_actor, loop_step_record
 
 logger = logging.getLogger(__name__)
 
 EVALUATION_EVENT = "evaluation"
-PROMOTE_SCOPE = "models:promote"
+EVALUATE_GPUS = 1
 
 
 def evaluation_parameters(*, retrain: Retrain, policy: RetrainPolicy) -> dict:
@@ -55,10 +57,28 @@ def evaluation_parameters(*, retrain: Retrain, policy: RetrainPolicy) -> dict:
     }
 
 
+def evaluation_runtime_s(*, retrain: Retrain, policy: RetrainPolicy) -> tuple[int, int]:
+    """(what the training job's actual cost left of the policy's spending limit, the longest
+    evaluation that fits in it, at most SERVING_LOOP_EVALUATE_MAX_RUNTIME_S): the limit is per
+    retrain, training and evaluation together."""
+    left = policy.max_cost_minor - retrain.job.cost_minor
+    affordable = affordable_runtime_s(
+        resource_class=retrain.job.resource_class,
+        gpu_count=EVALUATE_GPUS,
+        budget_minor=max(left, 0),
+    )
+    return left, min(settings.SERVING_LOOP_EVALUATE_MAX_RUNTIME_S, affordable)
+
+
 def gate_submit(*, retrain: Retrain, policy: RetrainPolicy) -> Retrain:
-    """Queue the evaluate job for a trained challenger (on the retrain job's resource class, at
-    most SERVING_LOOP_EVALUATE_MAX_RUNTIME_S). Idempotent per retrain: a refused submit (a full
-    queue) leaves the retrain training, and the next tick tries again with the same key."""
+    """Queue the evaluate job for a trained challenger (on the retrain job's resource class, for
+    as long as the spending limit has left, see evaluation_runtime_s); with too little left for a
+    job, the gate fails the challenger unevaluated, saying so. Idempotent per retrain: a refused
+    submit (a full queue) leaves the retrain training, and the next tick tries again with the
+    same key."""
+    left, runtime_s = evaluation_runtime_s(retrain=retrain, policy=policy)
+    if runtime_s < MIN_RUNTIME_S:
+        return _gate_fail_unfunded(retrain=retrain, policy=policy, left=left, runtime_s=runtime_s)
     challenger = retrain.challenger
     spec = JobSpec(
         kind=Job.Kind.EVALUATE,
@@ -69,8 +89,8 @@ def gate_submit(*, retrain: Retrain, policy: RetrainPolicy) -> Retrain:
     )
     options = JobOptions(
         resource_class=retrain.job.resource_class,
-        gpu_count=1,
-        max_runtime_s=settings.SERVING_LOOP_EVALUATE_MAX_RUNTIME_S,
+        gpu_count=EVALUATE_GPUS,
+        max_runtime_s=runtime_s,
         labels={"deployment": retrain.deployment.name, "loop": "evaluate"},
     )
     job, _created = job_admit(
@@ -147,7 +167,14 @@ def _lineage(retrain: Retrain) -> dict:
     trained_on = list(challenger.trained_on.select_related("dataset")) or [
         retrain.job.input_dataset_version
     ]
-    evaluated_on = retrain.job.input_dataset_version
+    evaluated_on = None  # none ran when the spending limit was spent
+    if retrain.evaluation_job_id is not None:
+        version = retrain.job.input_dataset_version
+        evaluated_on = {
+            "dataset": version.dataset.name,
+            "version": version.number,
+            "split": "validation",
+        }
     return {
         "datasets": [
             {"dataset": v.dataset.name, "version": v.number, "id": v.pk} for v in trained_on
@@ -156,13 +183,70 @@ def _lineage(retrain: Retrain) -> dict:
         "champion": retrain.champion_id,
         "training_job": retrain.job_id,
         "evaluation_job": retrain.evaluation_job_id,
-        "evaluated_on": {
-            "dataset": evaluated_on.dataset.name,
-            "version": evaluated_on.number,
-            "split": "validation",
-        },
+        "evaluated_on": evaluated_on,
         "trigger": retrain.trigger,
     }
+
+
+def _card_write(
+    *,
+    retrain: Retrain,
+    policy: RetrainPolicy,
+    passed: bool,
+    reasons: list[str],
+    result: dict,
+    job: Job | None,
+) -> ModelCard:
+    """The gate's decision: the challenger's model card and its timeline row (with the
+    evaluate job's cost, if one ran) and audit event."""
+    _metric, higher = live_metric_of(retrain.deployment.recipe)
+    card = ModelCard.objects.create(
+        organization=retrain.organization,
+        model_version=retrain.challenger,
+        retrain=retrain,
+        champion=retrain.champion,
+        lineage=_lineage(retrain),
+        metrics={
+            "metric": result.get("metric"),
+            "higher_is_better": higher,
+            "slice_column": policy.slice_column,
+            "rows": result.get("rows"),
+            "challenger": result.get("challenger"),
+            "champion": result.get("champion"),
+            "gate_margin": policy.gate_margin,
+            "slice_tolerance": policy.slice_tolerance,
+        },
+        decision=ModelCard.Decision.PASSED if passed else ModelCard.Decision.FAILED,
+        reasons=reasons,
+    )
+    loop_step_record(
+        deployment=retrain.deployment,
+        kind=LoopEvent.Kind.GATE_PASSED if passed else LoopEvent.Kind.GATE_FAILED,
+        message=f"{retrain.challenger} against {retrain.champion}: " + "; ".join(reasons),
+        data={"retrain": retrain.pk, "model_card": card.pk, "reasons": reasons},
+        job=job,
+        model_version=retrain.challenger,
+        cost_minor=job.cost_minor if job else 0,
+        target=card,
+    )
+    return card
+
+
+def _gate_fail_unfunded(
+    *, retrain: Retrain, policy: RetrainPolicy, left: int, runtime_s: int
+) -> Retrain:
+    """The training job spent (nearly) all of the retrain's spending limit: nothing pays for
+    the evaluation, and an unevaluated challenger never goes live."""
+    reason = (
+        f"the spending limit of {policy.max_cost_minor} minor units per retrain is spent: the "
+        f"training job cost {retrain.job.cost_minor}, leaving {max(left, 0)}, which buys "
+        f"{runtime_s} s of evaluation on {retrain.job.resource_class}, under the "
+        f"{MIN_RUNTIME_S} s a job needs"
+    )
+    _card_write(retrain=retrain, policy=policy, passed=False, reasons=[reason], result={}, job=None)
+    retrain.state, retrain.finished_at = Retrain.State.REJECTED, timezone.now()
+    retrain.save(update_fields=["state", "finished_at"])
+    return retrain
 
 
 def gate_decide(*, retrain: Retrain, policy: RetrainPolicy) -> Retrain:
@@ -185,34 +269,8 @@ def gate_decide(*, retrain: Retrain, policy: RetrainPolicy) -> Retrain:
             margin=policy.gate_margin,
             slice_tolerance=policy.slice_tolerance,
         )
-    card = ModelCard.objects.create(
-        organization=retrain.organization,
-        model_version=retrain.challenger,
-        retrain=retrain,
-        champion=retrain.champion,
-        lineage=_lineage(retrain),
-        metrics={
-            "metric": result.get("metric"),
-            "higher_is_better": higher,
-            "slice_column": policy.slice_column,
-            "rows": result.get("rows"),
-            "challenger": result.get("challenger"),
-            "champion": result.get("champion"),
-            "gate_margin": policy.gate_margin,
-            "slice_tolerance": policy.slice_tolerance,
-        },
-        decision=ModelCard.Decision.PASSED if passed else ModelCard.Decision.FAILED,
-        reasons=reasons,
-    )
-    loop_step_record(
-        deployment=deployment,
-        kind=LoopEvent.Kind.GATE_PASSED if passed else LoopEvent.Kind.GATE_FAILED,
-        message=f"{retrain.challenger} against {retrain.champion}: " + "; ".join(reasons),
-        data={"retrain": retrain.pk, "model_card": card.pk, "reasons": reasons},
-        job=job,
-        model_version=retrain.challenger,
-        cost_minor=job.cost_minor,
-        target=card,
+    card = _card_write(
+        retrain=retrain, policy=policy, passed=passed, reasons=reasons, result=result, job=job
     )
     if not passed:
         retrain.state, retrain.finished_at = Retrain.State.REJECTED, timezone.now()
@@ -261,17 +319,35 @@ def _awaiting(*, card: ModelCard, actor: Actor, verb: str) -> tuple[Retrain, Mod
     card = ModelCard.objects.get(pk=card.pk)
     if card.decision != ModelCard.Decision.PASSED:
         raise ConflictError("This challenger failed the gate; there is nothing to decide.")
-    if retrain.state != Retrain.State.AWAITING_APPROVAL:
-        raise ConflictError(f"This challenger is not awaiting approval (it is {retrain.state}).")
+    if retrain.state not in Retrain.AWAITING_DECISION_STATES:
+        raise ConflictError(
+            f"This challenger is not awaiting a person's decision (it is {retrain.state})."
+        )
     return retrain, card
 
 
+def _inconclusive_decide(
+    *, retrain: Retrain, card: ModelCard, actor: Actor, promote: bool, reason: str = ""
+) -> Retrain:
+    """The decision goes on the model card beside the gate's, then the rollout carries it out."""
+    done = "promoted" if promote else "rolled back"
+    card.reasons = [
+        *card.reasons,
+        f"canary inconclusive; {done} by {actor.label}" + (f": {reason}" if reason else ""),
+    ]
+    card.save(update_fields=["reasons"])
+    return rollout_decide(retrain=retrain, actor=actor, promote=promote, reason=reason)
+
+
 def gate_approve(*, card: ModelCard, actor: Actor) -> Retrain:
-    """A person lets a challenger that passed the gate into a canary: needs `models:promote` in
-    the card's organization (anyone else, another organization's member or key included, is
-    refused), and only while the retrain awaits approval."""
+    """A person lets a challenger that passed the gate into a canary, or promotes an
+    inconclusive canary to 100%: needs `models:promote` in the card's organization (anyone
+    else, another organization's member or key included, is refused), and only while the
+    retrain awaits that decision."""
     with transaction.atomic():
         retrain, card = _awaiting(card=card, actor=actor, verb="Approving")
+        if retrain.state == Retrain.State.INCONCLUSIVE:
+            return _inconclusive_decide(retrain=retrain, card=card, actor=actor, promote=True)
         policy = (
             RetrainPolicy.objects.for_organization(retrain.organization)
             .filter(deployment_id=retrain.deployment_id)
@@ -286,10 +362,14 @@ def gate_approve(*, card: ModelCard, actor: Actor) -> Retrain:
 
 @transaction.atomic
 def gate_reject(*, card: ModelCard, actor: Actor, reason: str = "") -> Retrain:
-    """A person turns down a challenger awaiting approval (same scope as approving), which frees
-    the deployment for its next retrain."""
+    """A person turns down a challenger awaiting approval, or rolls back an inconclusive canary
+    (same scope as approving), which frees the deployment for its next retrain."""
     retrain, card = _awaiting(card=card, actor=actor, verb="Rejecting")
     reason = reason[:500]
+    if retrain.state == Retrain.State.INCONCLUSIVE:
+        return _inconclusive_decide(
+            retrain=retrain, card=card, actor=actor, promote=False, reason=reason
+        )
     retrain.state, retrain.finished_at = Retrain.State.REJECTED, timezone.now()
     retrain.save(update_fields=["state", "finished_at"])
     card.reasons = [*card.reasons, f"rejected by {actor.label}" + (f": {reason}" if reason else "")]

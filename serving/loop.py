@@ -5,7 +5,8 @@ than the last trigger, the stable version's live metric past the threshold, a ne
 policy's dataset, or the schedule), never inside the cooldown and never while a retrain of it is
 still going. The retrain is an ordinary training job, submitted through the pool's admission with
 the champion's recipe and parameters on the newest data, its runtime capped so that its most
-expensive outcome on the rate card fits the policy's spending limit.
+expensive outcome on the rate card fits the policy's spending limit. The limit covers the whole
+retrain: the evaluation job runs on what the training job's actual cost left of it.
 
 `loop_advance` moves one deployment one step (retrain -> gate -> canary -> promote or rollback);
 `loop_tick_all` does it for every deployment, skipping one another tick holds.
@@ -23,7 +24,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from jobs.models import Job
-from jobs.services.submission import MAX_RUNTIME_S, JobOptions, training_job_submit
+from jobs.services.submission import JobOptions, training_job_submit
 from registry.models import DatasetVersion, ModelVersion
 from tenants.errors import DomainError
 
@@ -32,11 +33,16 @@ from .loop_data import retrain_data_with_feedback
 from .models import Deployment, DriftReport, LoopEvent, Retrain, RetrainPolicy, Route
 from .rollout import rollout_advance
 from .selectors import live_metric_of, version_stats
-from .timeline import loop_actor, loop_step_record, minor_per_second
+from .timeline import (
+    MIN_RUNTIME_S,
+    affordable_runtime_s,
+    loop_actor,
+    loop_step_record,
+    minor_per_second,
+)
 
 logger = logging.getLogger(__name__)
 
-MIN_RUNTIME_S = 60
 # A tick preparing a retrain's data holds it this long; after that another may take it over.
 PREPARE_CLAIM_S = 600
 
@@ -165,12 +171,11 @@ def _retrain_plan(*, deployment: Deployment, champion: ModelVersion) -> RetrainP
 
 
 def spending_cap_s(*, plan: RetrainPlan, max_cost_minor: int) -> int:
-    """The longest runtime whose cost at the rate card fits `max_cost_minor`: a job is billed
-    for its runtime at most, so this caps what the retrain can ever cost."""
-    rate = minor_per_second(resource_class=plan.resource_class, gpu_count=plan.gpu_count)
-    if rate <= 0:
-        return MAX_RUNTIME_S
-    return int(max_cost_minor / rate)
+    """The longest training runtime the spending limit pays for. The evaluation job gets what
+    the training job's actual cost leaves of the same limit (serving.gate.gate_submit)."""
+    return affordable_runtime_s(
+        resource_class=plan.resource_class, gpu_count=plan.gpu_count, budget_minor=max_cost_minor
+    )
 
 
 def _skip(*, policy: RetrainPolicy, now: datetime, trigger: dict, reason: str) -> None:
@@ -371,7 +376,9 @@ def _training_ended(*, retrain: Retrain, policy: RetrainPolicy) -> Retrain:
         deployment=retrain.deployment, kind=LoopEvent.Kind.RETRAIN_SUBMITTED, job=job
     ).update(cost_minor=job.cost_minor)
     if job.state == Job.State.SUCCEEDED and job.output_model_version is not None:
-        retrain.challenger = job.output_model_version
+        # The job as it ended: the evaluation's share of the spending limit is what its final
+        # cost left.
+        retrain.job, retrain.challenger = job, job.output_model_version
         retrain.save(update_fields=["challenger"])
         try:
             with transaction.atomic():
@@ -399,7 +406,7 @@ def retrain_advance(*, retrain: Retrain, policy: RetrainPolicy, now: datetime) -
         return _training_ended(retrain=retrain, policy=policy)
     if retrain.state == Retrain.State.EVALUATING:
         return gate_decide(retrain=retrain, policy=policy)
-    if retrain.state == Retrain.State.CANARY:
+    if retrain.state in (Retrain.State.CANARY, Retrain.State.INCONCLUSIVE):
         return rollout_advance(retrain=retrain, policy=policy, now=now)
     return retrain
 

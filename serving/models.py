@@ -13,7 +13,16 @@ from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.utils import timezone
 
-from tenants.models import OrganizationOwned
+from tenants.models import OrganizationOwned, OrganizationQuerySet
+
+
+class LiveDeploymentManager(models.Manager.from_queryset(OrganizationQuerySet)):
+    """Deployments not deleted. A deleted one is gone for every reader (the API, the pages, the
+    request path, the loop, the reconciler) from the commit that deleted it, while its prediction
+    log is purged in the background (serving.services.deployments_purge)."""
+
+    def get_queryset(self):
+        return super().get_queryset().filter(deleted_at__isnull=True)
 
 
 class Deployment(OrganizationOwned):
@@ -46,11 +55,22 @@ class Deployment(OrganizationOwned):
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
     created_at = models.DateTimeField(default=timezone.now)
+    # Set when deleted: the row (and the prediction log pointing at it) stays until purged.
+    deleted_at = models.DateTimeField(null=True, blank=True)
+
+    objects = LiveDeploymentManager()
+    # Deleted ones too: for the purge only.
+    all_objects = OrganizationQuerySet.as_manager()
 
     class Meta:
         ordering = ["name"]
         constraints = [
-            models.UniqueConstraint(fields=["organization", "name"], name="deployment_unique_name"),
+            # A deleted deployment's name is free for a new one while the old one is purged.
+            models.UniqueConstraint(
+                fields=["organization", "name"],
+                condition=models.Q(deleted_at__isnull=True),
+                name="deployment_unique_name",
+            ),
             models.CheckConstraint(
                 condition=models.Q(min_replicas__lte=models.F("max_replicas")),
                 name="deployment_min_within_max",
@@ -276,6 +296,9 @@ class RetrainPolicy(OrganizationOwned):
     # Canary and rollback.
     canary_percent = models.PositiveSmallIntegerField(default=10)
     bake_s = models.PositiveIntegerField(default=600)
+    # A canary with too few requests to judge bakes this many more periods, then pauses as
+    # inconclusive for a person to promote or roll back (Argo Rollouts' inconclusive analysis).
+    bake_extensions = models.PositiveSmallIntegerField(default=3)
     rollback_error_rate = models.FloatField(default=0.02)
     rollback_p99_ratio = models.FloatField(default=1.5)
     rollback_metric_drop = models.FloatField(default=0.02)
@@ -301,6 +324,7 @@ class LoopEvent(OrganizationOwned):
         APPROVED = "approved", "Approved"
         CANARY_STARTED = "canary_started", "Canary started"
         CANARY_STEPPED = "canary_stepped", "Canary stepped up"
+        CANARY_INCONCLUSIVE = "canary_inconclusive", "Canary inconclusive"
         PROMOTED = "promoted", "Promoted"
         ROLLED_BACK = "rolled_back", "Rolled back"
 
@@ -339,6 +363,8 @@ class Retrain(OrganizationOwned):
         EVALUATING = "evaluating", "Evaluating"
         AWAITING_APPROVAL = "awaiting_approval", "Awaiting approval"
         CANARY = "canary", "Canary"
+        # The canary keeps its share, too quiet to judge; a person promotes or rolls it back.
+        INCONCLUSIVE = "inconclusive", "Canary inconclusive"
         PROMOTED = "promoted", "Promoted"
         ROLLED_BACK = "rolled_back", "Rolled back"
         REJECTED = "rejected", "Rejected by the gate"
@@ -350,7 +376,11 @@ class Retrain(OrganizationOwned):
         State.EVALUATING,
         State.AWAITING_APPROVAL,
         State.CANARY,
+        State.INCONCLUSIVE,
     )
+    # Where a person with `models:promote` decides: a challenger that passed the gate awaits
+    # approval for its canary, or a canary too quiet to judge awaits promotion or rollback.
+    AWAITING_DECISION_STATES = (State.AWAITING_APPROVAL, State.INCONCLUSIVE)
 
     deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="retrains")
     state = models.CharField(max_length=20, choices=State.choices, default=State.TRAINING)
@@ -388,6 +418,7 @@ class Retrain(OrganizationOwned):
                         "evaluating",
                         "awaiting_approval",
                         "canary",
+                        "inconclusive",
                     ]
                 ),
                 name="retrain_one_active_per_deployment",

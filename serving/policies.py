@@ -40,6 +40,7 @@ EDITABLE_FIELDS = (
     "auto_promote",
     "canary_percent",
     "bake_s",
+    "bake_extensions",
     "rollback_error_rate",
     "rollback_p99_ratio",
     "rollback_metric_drop",
@@ -50,10 +51,19 @@ DAY_S = 86_400
 MIN_EVERY_S = 600
 # The loop's own cost cap per retrain: a typo of a few zeros must not authorise a fortune.
 MAX_COST_MINOR = 10_000_000
+# A canary too quiet to judge pauses after at most this many more bakes (a day at a 1 h bake).
+MAX_BAKE_EXTENSIONS = 24
 
 
 BOOLEAN_FIELDS = ("enabled", "on_drift", "on_new_data", "append_feedback", "auto_promote")
-WHOLE_FIELDS = ("every_s", "cooldown_s", "max_cost_minor", "canary_percent", "bake_s")
+WHOLE_FIELDS = (
+    "every_s",
+    "cooldown_s",
+    "max_cost_minor",
+    "canary_percent",
+    "bake_s",
+    "bake_extensions",
+)
 NUMBER_FIELDS = (
     "metric_below",
     "gate_margin",
@@ -231,6 +241,15 @@ def _policy_errors(policy: RetrainPolicy, recipe: str) -> dict[str, list[str]]:
         60,
         7 * DAY_S,
         "A canary bakes for between 60 seconds and 7 days before each step.",
+    )
+    _between(
+        errors,
+        "bake_extensions",
+        policy.bake_extensions,
+        0,
+        MAX_BAKE_EXTENSIONS,
+        f"A canary too quiet to judge bakes between 0 and {MAX_BAKE_EXTENSIONS} more times before "
+        "it pauses for a person.",
     )
     _between(
         errors,

@@ -1,7 +1,10 @@
 """Canary, step, promote and rollback: a passing challenger takes a share of live traffic, bakes,
 and steps up to 100% unless, over the bake, it answered worse than the stable version by the
-policy's thresholds; then it is rolled back. Every move of route weights is audited and is a row
-on the deployment's timeline with the canary replicas' serving cost over the bake."""
+policy's thresholds; then it is rolled back. A canary too quiet to judge bakes on for the policy's
+extensions, then pauses as inconclusive, keeping its share, until a person with `models:promote`
+promotes it or rolls it back (through the gate's approve and reject). Every move of route weights
+is audited and is a row on the deployment's timeline with the canary replicas' serving cost over
+the bake."""
 
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from .timeline import loop_actor, loop_step_record, minor_per_second
 # The shares a canary passes through after its first one; reaching 100% promotes it.
 CANARY_STEPS = (50, 100)
 PRODUCTION_ALIAS = "production"
+PROMOTE_SCOPE = "models:promote"
 
 
 def _routes_apply(
@@ -177,22 +181,61 @@ def _stats_data(stats: VersionStats | None) -> dict | None:
     }
 
 
+def _evidence(
+    *, retrain: Retrain, since: datetime, until: datetime
+) -> tuple[VersionStats | None, VersionStats | None, dict, int]:
+    """The canary's and the stable version's stats over [since, until), as timeline data, and
+    what the canary's replicas cost over it."""
+    deployment = retrain.deployment
+    stats = version_stats(deployment=deployment, since=since, until=until)
+    canary, stable = stats.get(retrain.challenger_id), stats.get(retrain.champion_id)
+    metric, _higher = live_metric_of(deployment.recipe)
+    data = {
+        "retrain": retrain.pk,
+        "percent": retrain.canary_percent,
+        "bake": {"since": since.isoformat(), "until": until.isoformat()},
+        "metric": metric,
+        "canary": _stats_data(canary),
+        "stable": _stats_data(stable),
+    }
+    cost = serving_cost_minor(
+        deployment=deployment, model_version=retrain.challenger, since=since, until=until
+    )
+    return canary, stable, data, cost
+
+
 def rollout_advance(*, retrain: Retrain, policy: RetrainPolicy, now: datetime) -> Retrain:
     """After a bake, roll the canary back or step it up (promoting it at 100%). A canary with
-    fewer than SERVING_LOOP_MIN_SAMPLES requests in its bake keeps baking: no evidence is not
-    good evidence."""
+    fewer than SERVING_LOOP_MIN_SAMPLES requests since its step began keeps baking, for up to
+    `bake_extensions` more bakes; then it pauses as inconclusive. No evidence is not good
+    evidence: only a person promotes a canary no one could judge."""
     started = retrain.step_started_at
     if _routes_changed_by_hand(retrain):
         return _abandon(retrain=retrain, now=now)
+    if retrain.state == Retrain.State.INCONCLUSIVE:
+        return retrain  # a person decides: rollout_decide
     if started is None or (now - started).total_seconds() < policy.bake_s:
         return retrain
-    deployment = retrain.deployment
     min_samples = settings.SERVING_LOOP_MIN_SAMPLES
-    stats = version_stats(deployment=deployment, since=started, until=now)
-    canary, stable = stats.get(retrain.challenger_id), stats.get(retrain.champion_id)
-    if canary is None or canary.requests < min_samples:
-        return retrain
-    metric, higher = live_metric_of(deployment.recipe)
+    canary, stable, data, cost = _evidence(retrain=retrain, since=started, until=now)
+    seen = canary.requests if canary is not None else 0
+    if seen < min_samples:
+        longest = policy.bake_s * (1 + policy.bake_extensions)
+        if (now - started).total_seconds() < longest:
+            return retrain
+        return _pause(
+            retrain=retrain,
+            data={
+                **data,
+                "requests": seen,
+                "needed": min_samples,
+                "bake_s": policy.bake_s,
+                "extensions": policy.bake_extensions,
+            },
+            cost=cost,
+            now=now,
+        )
+    _metric, higher = live_metric_of(retrain.deployment.recipe)
     reasons = rollback_reasons(
         canary=canary,
         stable=stable,
@@ -200,23 +243,57 @@ def rollout_advance(*, retrain: Retrain, policy: RetrainPolicy, now: datetime) -
         higher_is_better=higher,
         min_samples=min_samples,
     )
-    cost = serving_cost_minor(
-        deployment=deployment, model_version=retrain.challenger, since=started, until=now
-    )
-    data = {
-        "retrain": retrain.pk,
-        "percent": retrain.canary_percent,
-        "bake": {"since": started.isoformat(), "until": now.isoformat()},
-        "metric": metric,
-        "canary": _stats_data(canary),
-        "stable": _stats_data(stable),
-    }
     if reasons:
         return _rollback(retrain=retrain, reasons=reasons, data=data, cost=cost, now=now)
     following = [step for step in CANARY_STEPS if step > retrain.canary_percent] or [100]
     if following[0] >= 100:
         return _promote(retrain=retrain, data=data, cost=cost, now=now)
     return _step(retrain=retrain, percent=following[0], data=data, cost=cost, now=now)
+
+
+def _pause(*, retrain: Retrain, data: dict, cost: int, now: datetime) -> Retrain:
+    """Too few requests over every extended bake: the canary keeps its share and waits for a
+    person. Its next step (the person's) is costed from here, so no time is counted twice."""
+    waited = round((now - retrain.step_started_at).total_seconds())
+    retrain.state, retrain.step_started_at = Retrain.State.INCONCLUSIVE, now
+    retrain.save(update_fields=["state", "step_started_at"])
+    loop_step_record(
+        deployment=retrain.deployment,
+        kind=LoopEvent.Kind.CANARY_INCONCLUSIVE,
+        message=f"{retrain.challenger} saw {data['requests']} requests at {data['percent']}% "
+        f"in {waited} s (a bake of {data['bake_s']} s extended {data['extensions']} times); "
+        f"judging it needs {data['needed']}. It keeps its share until a person with "
+        f"{PROMOTE_SCOPE} promotes it or rolls it back.",
+        data=data,
+        model_version=retrain.challenger,
+        cost_minor=cost,
+        target=retrain,
+    )
+    return retrain
+
+
+def rollout_decide(*, retrain: Retrain, actor: Actor, promote: bool, reason: str = "") -> Retrain:
+    """A person's decision on an inconclusive canary (the caller checked their scope and holds
+    the retrain's lock): promote it to 100%, or roll it back to the stable version."""
+    now = timezone.now()
+    _canary, _stable, data, cost = _evidence(
+        retrain=retrain, since=retrain.step_started_at or now, until=now
+    )
+    data = {**data, "by": "user", "reason": reason}
+    if promote:
+        return _promote(
+            retrain=retrain,
+            data=data,
+            cost=cost,
+            now=now,
+            actor=actor,
+            how=f"was promoted from {retrain.canary_percent}% by {actor.label} after an "
+            "inconclusive canary",
+        )
+    why = f"rolled back by {actor.label} after an inconclusive canary" + (
+        f": {reason}" if reason else ""
+    )
+    return _rollback(retrain=retrain, reasons=[why], data=data, cost=cost, now=now, actor=actor)
 
 
 def _routes_changed_by_hand(retrain: Retrain) -> bool:
@@ -247,14 +324,24 @@ def _abandon(*, retrain: Retrain, now) -> Retrain:
     return retrain
 
 
-def _rollback(*, retrain: Retrain, reasons: list[str], data: dict, cost: int, now) -> Retrain:
+def _rollback(
+    *,
+    retrain: Retrain,
+    reasons: list[str],
+    data: dict,
+    cost: int,
+    now,
+    actor: Actor | None = None,
+) -> Retrain:
+    """Back to the stable version alone: by the policy, or by `actor` (a person)."""
     deployment = retrain.deployment
-    actor = loop_actor(deployment)
+    by = "user" if actor else "policy"
+    actor = actor or loop_actor(deployment)
     _routes_apply(
         deployment=deployment,
         routes=[{"model_version": retrain.champion, "weight": 100, "stage": Route.Stage.STABLE}],
         actor=actor,
-        data={"by": "policy", "step": "rollback", "retrain": retrain.pk},
+        data={"by": by, "step": "rollback", "retrain": retrain.pk},
     )
     retrain.state, retrain.canary_percent, retrain.finished_at = (
         Retrain.State.ROLLED_BACK,
@@ -300,18 +387,29 @@ def _step(*, retrain: Retrain, percent: int, data: dict, cost: int, now) -> Retr
     return retrain
 
 
-def _promote(*, retrain: Retrain, data: dict, cost: int, now) -> Retrain:
+def _promote(
+    *,
+    retrain: Retrain,
+    data: dict,
+    cost: int,
+    now,
+    actor: Actor | None = None,
+    how: str = "",
+) -> Retrain:
     """The challenger serves 100% as the stable version, the old stable's route goes, and the
     registry's `production` alias follows (unless the model's own promotion gates refuse it,
-    which is recorded, not fatal: the deployment already serves the version)."""
+    which is recorded, not fatal: the deployment already serves the version). By the policy
+    after a bake, or by `actor` (a person), `how` saying so."""
     deployment = retrain.deployment
-    actor = loop_actor(deployment)
+    by = "user" if actor else "policy"
+    actor = actor or loop_actor(deployment)
+    how = how or f"baked at {data['percent']}%"
     challenger = retrain.challenger
     _routes_apply(
         deployment=deployment,
         routes=[{"model_version": challenger, "weight": 100, "stage": Route.Stage.STABLE}],
         actor=actor,
-        data={"by": "policy", "step": "promote", "retrain": retrain.pk},
+        data={"by": by, "step": "promote", "retrain": retrain.pk},
     )
     alias: dict = {"alias": PRODUCTION_ALIAS}
     try:
@@ -334,8 +432,8 @@ def _promote(*, retrain: Retrain, data: dict, cost: int, now) -> Retrain:
     loop_step_record(
         deployment=deployment,
         kind=LoopEvent.Kind.PROMOTED,
-        message=f"{challenger} baked at {data['percent']}% and now serves 100% as the stable "
-        f"version; {retrain.champion} is no longer routed.",
+        message=f"{challenger} {how} and now serves 100% as the stable version; "
+        f"{retrain.champion} is no longer routed.",
         data={**data, "from": data["percent"], "to": 100, "registry": alias},
         model_version=challenger,
         cost_minor=cost,

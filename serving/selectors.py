@@ -267,12 +267,16 @@ def timeline_list(*, deployment: Deployment) -> QuerySet[LoopEvent]:
 
 def retrain_list(*, organization: Organization, deployment: Deployment | None = None):
     """Retrains, newest first, with what their rows show (versions, jobs, the model card)."""
-    rows = Retrain.objects.for_organization(organization).select_related(
-        "deployment",
-        "champion__registered_model",
-        "challenger__registered_model",
-        "job",
-        "evaluation_job",
-        "model_card",
+    rows = (
+        Retrain.objects.for_organization(organization)
+        .filter(deployment__deleted_at__isnull=True)
+        .select_related(
+            "deployment",
+            "champion__registered_model",
+            "challenger__registered_model",
+            "job",
+            "evaluation_job",
+            "model_card",
+        )
     )
     return rows if deployment is None else rows.filter(deployment=deployment)

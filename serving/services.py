@@ -4,17 +4,23 @@ feedback labels, datasets saved from labelled predictions, and the prediction lo
 Every route change is one transaction with its audit event and its timeline row; replicas of
 versions no longer routed are marked draining here and stopped by the reconciler
 (serving/reconciler.py), which owns the calls that place and stop serve jobs.
+
+Deleting a deployment marks it deleted and stops it in one short transaction; its prediction
+log, which may hold millions of rows, is purged after, a batch at a time (deployments_purge).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import tempfile
+import time
 import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from celery import current_app
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
@@ -32,7 +38,13 @@ from tenants.services import audit_record
 from .metering import prediction_charges_expire
 from .models import Deployment, LoopEvent, PredictionLog, Replica, Route
 
+logger = logging.getLogger(__name__)
+
 MAX_ROUTES = 10
+# A request that found a deployment just before its deletion may still be answering (up to
+# SERVING_FORWARD_TIMEOUT_S, its shadow copies after it) and then log rows that point at the
+# deployment's row: the purge deletes that row only this long after the deletion.
+PURGE_GRACE_S = 300
 FEEDBACK_MAX_ITEMS = 1000
 LABEL_MAX_BYTES = 10_000
 # What a deployment's owner may change after creation (the recipe fixes the contract).
@@ -154,9 +166,13 @@ def deployment_update(*, deployment: Deployment, actor: Actor, **changes) -> Dep
 
 @transaction.atomic
 def deployment_delete(*, deployment: Deployment, actor: Actor) -> None:
-    """Stop every replica (their in-flight requests are answered first) and delete the
-    deployment with its routes, log and timeline."""
-    deployment = Deployment.objects.select_for_update().get(pk=deployment.pk)
+    """Stop every replica (their in-flight requests are answered first), remove the routes, and
+    mark the deployment deleted: from the commit it is gone for every reader and its name is
+    free. Its prediction log, timeline and the rest are deleted by deployments_purge, asked for
+    after the commit and run by beat anyway, so a broker outage only delays it."""
+    deployment = Deployment.objects.select_for_update().filter(pk=deployment.pk).first()
+    if deployment is None:
+        return  # another request deleted it first
     replicas = Replica.objects.for_organization(deployment.organization).filter(
         deployment=deployment
     )
@@ -173,7 +189,69 @@ def deployment_delete(*, deployment: Deployment, actor: Actor) -> None:
         data={"name": deployment.name},
     )
     replicas.delete()  # their jobs stay, as the record of what ran and was billed
-    deployment.delete()
+    Route.objects.for_organization(deployment.organization).filter(deployment=deployment).delete()
+    deployment.deleted_at = timezone.now()
+    deployment.save(update_fields=["deleted_at"])
+    transaction.on_commit(deployments_purge_soon)
+
+
+def deployments_purge_soon() -> None:
+    """Best effort: the deletion is committed with its mark, which beat's purge finds every
+    SERVING_PURGE_EVERY_S, so a broker blip here only delays the purge, never loses it."""
+    try:
+        current_app.send_task("serving.deployments_purge", retry=False)
+    except Exception:
+        logger.warning("a deleted deployment's log waits for the periodic purge", exc_info=True)
+
+
+def deployments_purge(
+    *, now: datetime | None = None, budget_s: float | None = None, batch: int | None = None
+) -> int:
+    """Delete the prediction logs of deleted deployments, oldest deletion first, a batch of
+    SERVING_RETENTION_BATCH rows at a time (each its own short transaction, as retention does,
+    so no delete holds a long lock); then, PURGE_GRACE_S after its deletion, each deployment's
+    row with what else it held (timeline, drift reports, retrains, and any log row written
+    since). Stops between batches once `budget_s` (SERVING_PURGE_BUDGET_S) is spent; the next
+    run goes on from there. Returns how many log rows it deleted. Two runs at once only race to
+    delete the same rows, which the second finds gone."""
+    now = now or timezone.now()
+    budget_s = settings.SERVING_PURGE_BUDGET_S if budget_s is None else budget_s
+    batch = batch or settings.SERVING_RETENTION_BATCH
+    deadline = time.monotonic() + budget_s
+    deleted = 0
+    marked = (
+        Deployment.all_objects.filter(deleted_at__isnull=False)
+        .order_by("deleted_at", "pk")
+        .values_list("pk", "deleted_at")
+    )
+    for deployment_id, deleted_at in marked:
+        while True:
+            ids = list(
+                PredictionLog.objects.filter(deployment_id=deployment_id)
+                .order_by()
+                .values_list("pk", flat=True)[:batch]
+            )
+            if ids:
+                deleted += PredictionLog.objects.filter(pk__in=ids).delete()[0]
+            if time.monotonic() >= deadline:
+                return deleted
+            if len(ids) < batch:
+                break
+        if now - deleted_at >= timedelta(seconds=PURGE_GRACE_S):
+            _deleted_deployment_remove(deployment_id)
+    return deleted
+
+
+@transaction.atomic
+def _deleted_deployment_remove(deployment_id: int) -> None:
+    deployment = (
+        Deployment.all_objects.select_for_update()
+        .filter(pk=deployment_id, deleted_at__isnull=False)
+        .first()
+    )
+    if deployment is not None:
+        deployment.delete()
+        logger.info("deleted deployment %s purged", deployment_id)
 
 
 def _route_error(index: int, message: str) -> DomainError:

@@ -1,5 +1,5 @@
 """Serving's control-plane work: reconcile replicas, send shadow copies, price prediction
-charges, expire the prediction log."""
+charges, expire the prediction log, purge deleted deployments."""
 
 from celery import shared_task
 from django.conf import settings
@@ -7,6 +7,7 @@ from django.conf import settings
 from . import gateway
 from .metering import predictions_bill as predictions_bill_service
 from .reconciler import replicas_reconcile as replicas_reconcile_service
+from .services import deployments_purge as deployments_purge_service
 from .services import prediction_log_expire as prediction_log_expire_service
 
 
@@ -44,3 +45,12 @@ def shadow_drain() -> int:
 def shadow_send(copies: list[dict]) -> int:
     """Copies sent as tasks where the cache is not Redis (the embedded default)."""
     return gateway.shadow_send(copies)
+
+
+# Beat runs it every SERVING_PURGE_EVERY_S and a deletion asks for it after its commit; each run
+# stops after SERVING_PURGE_BUDGET_S, well inside the time limits, and the next goes on.
+@shared_task(
+    name="serving.deployments_purge", ignore_result=True, soft_time_limit=240, time_limit=270
+)
+def deployments_purge() -> int:
+    return deployments_purge_service()

@@ -11,11 +11,16 @@ from django.db.models import Model
 from billing.selectors import minor_per_unit
 from jobs.models import Job
 from jobs.services import cost_rate_per_hour
+from jobs.services.submission import MAX_RUNTIME_S
 from registry.models import ModelVersion
 from tenants.actors import Actor
 from tenants.services import audit_record
 
 from .models import Deployment, LoopEvent
+
+# The shortest max runtime the pool admits for a job: a spending limit that buys less cannot pay
+# for one.
+MIN_RUNTIME_S = 60
 
 
 def loop_actor(deployment: Deployment) -> Actor:
@@ -31,6 +36,15 @@ def minor_per_second(*, resource_class, gpu_count: int) -> Decimal:
     """A job's cost rate on the rate card, in minor units per second of runtime."""
     rate, currency = cost_rate_per_hour(resource_class=resource_class, gpu_count=gpu_count)
     return rate * minor_per_unit(currency) / 3600
+
+
+def affordable_runtime_s(*, resource_class, gpu_count: int, budget_minor: int) -> int:
+    """The longest runtime whose cost on the rate card fits `budget_minor`: a job is billed for
+    its runtime at most, so capping its max runtime here caps what it can ever cost."""
+    rate = minor_per_second(resource_class=resource_class, gpu_count=gpu_count)
+    if rate <= 0:
+        return MAX_RUNTIME_S
+    return max(0, int(budget_minor / rate))
 
 
 def max_cost_minor(*, resource_class, gpu_count: int, runtime_s: int) -> int:

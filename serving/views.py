@@ -330,7 +330,8 @@ class RetrainPage(OrganizationPageMixin, TemplateView):
     lookup_fields = {"deployment__name": "name", "pk": "pk"}
 
     def narrow_queryset(self, queryset):
-        return queryset.select_related(
+        # A deleted deployment's retrains went with it, even while a new deployment has its name.
+        return queryset.filter(deployment__deleted_at__isnull=True).select_related(
             "deployment",
             "champion__registered_model",
             "challenger__registered_model",
@@ -363,7 +364,7 @@ class RetrainPage(OrganizationPageMixin, TemplateView):
             metric_rows=_metric_rows(card.metrics) if card else [],
             cost_minor=sum(costs),
             can_decide=(
-                retrain.state == Retrain.State.AWAITING_APPROVAL
+                retrain.state in Retrain.AWAITING_DECISION_STATES
                 and card is not None
                 and self.has_scope(gate.PROMOTE_SCOPE)
             ),
@@ -402,6 +403,8 @@ class RetrainApproveAction(_RetrainDecision):
 
     def decide(self, card: ModelCard) -> str:
         retrain = gate.gate_approve(card=card, actor=self.actor)
+        if retrain.state == Retrain.State.PROMOTED:  # an inconclusive canary
+            return f"{retrain.challenger} promoted: it serves all live traffic."
         return f"{retrain.challenger} approved: it takes {retrain.canary_percent}% as a canary."
 
 
@@ -414,4 +417,6 @@ class RetrainRejectAction(_RetrainDecision):
         if not reason:
             raise DomainError("Say why the challenger is rejected; the reason goes on its card.")
         retrain = gate.gate_reject(card=card, actor=self.actor, reason=reason)
+        if retrain.state == Retrain.State.ROLLED_BACK:  # an inconclusive canary
+            return f"{retrain.challenger} rolled back: the stable version serves all live traffic."
         return f"{retrain.challenger} rejected."

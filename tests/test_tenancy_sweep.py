@@ -902,6 +902,7 @@ CALLS: dict[str, Call] = {
             "slice_tolerance": "0.05",
             "canary_percent": "15",
             "bake_s": "600",
+            "bake_extensions": "3",
             "rollback_error_rate": "0.02",
             "rollback_p99_ratio": "1.5",
             "rollback_metric_drop": "0.02",

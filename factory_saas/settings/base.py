@@ -201,6 +201,10 @@ SERVING_SHADOW_QUEUE = env.int("SERVING_SHADOW_QUEUE", default=1000)
 SERVING_SHADOW_DRAIN_S = env.float("SERVING_SHADOW_DRAIN_S", default=1.0)
 SERVING_MAX_BODY_BYTES = env.int("SERVING_MAX_BODY_BYTES", default=2 * 2**20)
 SERVING_RETENTION_BATCH = env.int("SERVING_RETENTION_BATCH", default=5000)
+# A deleted deployment's prediction log is purged in batches of SERVING_RETENTION_BATCH by a task
+# that beat runs this often (and a deletion asks for at once), each run for at most this long.
+SERVING_PURGE_EVERY_S = env.float("SERVING_PURGE_EVERY_S", default=60.0)
+SERVING_PURGE_BUDGET_S = env.float("SERVING_PURGE_BUDGET_S", default=45.0)
 SERVING_DATASET_MAX_ROWS = env.int("SERVING_DATASET_MAX_ROWS", default=1_000_000)
 SERVING_BILL_EVERY_S = env.float("SERVING_BILL_EVERY_S", default=10.0)
 SERVING_BILL_BATCH = env.int("SERVING_BILL_BATCH", default=5000)
@@ -294,6 +298,10 @@ CELERY_BEAT_SCHEDULE = {
     "serving-log-retention": {
         "task": "serving.prediction_log_expire",
         "schedule": crontab(minute=20),
+    },
+    "serving-deployments-purge": {
+        "task": "serving.deployments_purge",
+        "schedule": SERVING_PURGE_EVERY_S,
     },
 }
 

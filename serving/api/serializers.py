@@ -239,7 +239,11 @@ class RetrainSerializer(serializers.ModelSerializer):
     decision = serializers.SerializerMethodField(
         help_text="The gate's decision (passed, failed), or null before it decided."
     )
-    awaiting_approval = serializers.SerializerMethodField()
+    awaiting_approval = serializers.SerializerMethodField(
+        help_text="A person with models:promote decides now: a challenger that passed the gate "
+        "(approve starts its canary, reject ends the retrain), or an inconclusive canary "
+        "(approve promotes it to 100%, reject rolls it back)."
+    )
 
     class Meta:
         model = Retrain
@@ -278,7 +282,7 @@ class RetrainSerializer(serializers.ModelSerializer):
 
     @extend_schema_field(serializers.BooleanField())
     def get_awaiting_approval(self, retrain: Retrain) -> bool:
-        return retrain.state == Retrain.State.AWAITING_APPROVAL
+        return retrain.state in Retrain.AWAITING_DECISION_STATES
 
 
 class ModelCardSerializer(serializers.ModelSerializer):
@@ -287,7 +291,8 @@ class ModelCardSerializer(serializers.ModelSerializer):
     lineage = serializers.JSONField(
         help_text=(
             "datasets (dataset, version, id) the challenger trained on, parent_version, champion, "
-            "training_job, evaluation_job, evaluated_on (dataset, version, split), trigger."
+            "training_job, evaluation_job, evaluated_on (dataset, version, split; null when the "
+            "training spent the retrain's spending limit and no evaluation ran), trigger."
         )
     )
     metrics = serializers.JSONField(

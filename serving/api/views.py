@@ -325,7 +325,8 @@ class RetrainViewSet(mixins.RetrieveModelMixin, OrganizationScopedViewSet):
     effects = {"approve": Effect.SPEND, "reject": Effect.REDUCE}
 
     def narrow_queryset(self, queryset):
-        return queryset.select_related(
+        # A deleted deployment's retrains went with it (they are purged after).
+        return queryset.filter(deployment__deleted_at__isnull=True).select_related(
             "deployment",
             "champion__registered_model",
             "challenger__registered_model",

@@ -1,12 +1,22 @@
 """Deployments and their routes through the API, attacked the way a tenant would probe them."""
 
-import pytest
+import logging
+from datetime import timedelta
 
-from serving.models import Deployment, LoopEvent, Replica, Route
-from serving.services import routes_set
+import pytest
+from django.db import connection
+from django.test import override_settings
+from django.test.utils import CaptureQueriesContext
+from django.urls import reverse
+from django.utils import timezone
+
+from serving import tasks
+from serving.models import Deployment, LoopEvent, PredictionLog, Replica, Retrain, Route
+from serving.services import deployment_delete, deployments_purge, routes_set
 from tenants.actors import Actor
 from tenants.errors import DomainError
 from tenants.models import AuditEvent
+from tests.chaos.redis_server import RedisServer, celery_broker
 from tests.factories import JobFactory, ModelVersionFactory
 
 
@@ -309,3 +319,162 @@ def test_predict_without_a_live_route_is_409(org, dev, make_deployment):
     )
     assert response.status_code == 409
     assert response.json()["code"] == "deployment_not_routed"
+
+
+def _log(deployment, version, rows: int) -> None:
+    PredictionLog.objects.bulk_create(
+        (
+            PredictionLog(
+                organization=deployment.organization,
+                deployment=deployment,
+                model_version=version,
+                inputs={"x": i},
+                output={"label": "a"},
+                latency_ms=5.0,
+            )
+            for i in range(rows)
+        ),
+        batch_size=1000,
+    )
+
+
+def _log_deletes(queries) -> list[str]:
+    return [q["sql"] for q in queries if q["sql"].startswith('DELETE FROM "serving_predictionlog"')]
+
+
+def test_a_deleted_deployment_is_gone_at_once_its_name_free_and_its_log_purged_in_batches(
+    org, dev, make_deployment, settings, client, member_factory
+):
+    settings.SERVING_RETENTION_BATCH = 500
+    deployment, (version,) = make_deployment(org)
+    kept, (kept_version,) = make_deployment(org, name="kept")
+    _log(deployment, version, 3000)
+    _log(kept, kept_version, 10)
+    retrain = Retrain.objects.create(
+        organization=org, deployment=deployment, job=JobFactory(organization=org), champion=version
+    )
+    base = f"/api/v1/orgs/{org.slug}/deployments/"
+
+    with CaptureQueriesContext(connection) as queries:
+        assert dev.delete(base + "churn/").status_code == 204
+    # Answered without a single delete of the log: it is purged after, off the request.
+    assert _log_deletes(queries) == []
+    assert PredictionLog.objects.filter(deployment_id=deployment.pk).count() == 3000
+    assert AuditEvent.objects.filter(action="deployment.delete", organization=org).exists()
+
+    # Gone for every reader of the API and the pages.
+    prediction_id = str(PredictionLog.objects.filter(deployment_id=deployment.pk)[0].prediction_id)
+    calls = [
+        ("get", "churn/", None),
+        ("get", "churn/timeline/", None),
+        ("get", "churn/retrains/", None),
+        ("get", "churn/stats/", None),
+        ("post", "churn/predict/", {"inputs": [{"x": 1}]}),
+        ("post", "churn/feedback/", {"items": [{"prediction_id": prediction_id, "label": "a"}]}),
+        ("put", "churn/routes/", {"routes": [{"model_version": version.pk, "weight": 100}]}),
+        ("patch", "churn/", {"min_replicas": 0}),
+        ("delete", "churn/", None),
+    ]
+    for method, path, body in calls:
+        response = getattr(dev, method)(base + path, body, format="json")
+        assert response.status_code == 404, (method, path, response.content)
+    assert [row["name"] for row in dev.get(base).json()["results"]] == ["kept"]
+    assert dev.get(f"/api/v1/orgs/{org.slug}/retrains/{retrain.pk}/").status_code == 404
+    client.force_login(member_factory(org, "developer"))
+    assert client.get(reverse("serving:deployment", args=[org.slug, "churn"])).status_code == 404
+    names = client.get(reverse("serving:deployments", args=[org.slug])).content.decode()
+    assert "kept" in names and "/deployments/churn/" not in names
+
+    # Its name is free at once, and the new deployment does not inherit the old one's retrains.
+    created = dev.post(
+        base,
+        {
+            "name": "churn",
+            "recipe": "tabular-classifier",
+            "routes": [{"model_version": version.pk, "weight": 100}],
+        },
+        format="json",
+    )
+    assert created.status_code == 201, created.content
+    old_retrain = reverse("serving:retrain", args=[org.slug, "churn", retrain.pk])
+    assert client.get(old_retrain).status_code == 404
+
+    # The purge: the log a batch at a time, then the deployment's row.
+    with CaptureQueriesContext(connection) as queries:
+        assert deployments_purge(now=timezone.now() + timedelta(hours=1)) == 3000
+    assert len(_log_deletes(queries)) >= 3000 // 500
+    assert not PredictionLog.objects.filter(deployment_id=deployment.pk).exists()
+    assert not Deployment.all_objects.filter(pk=deployment.pk).exists()
+    assert not Retrain.objects.filter(pk=retrain.pk).exists()
+    assert PredictionLog.objects.filter(deployment=kept).count() == 10
+    assert Deployment.objects.get(organization=org, name="churn").pk != deployment.pk
+
+
+def test_a_purge_out_of_time_stops_between_batches_and_the_next_run_goes_on(
+    org, make_deployment, settings
+):
+    settings.SERVING_RETENTION_BATCH = 500
+    deployment, (version,) = make_deployment(org)
+    _log(deployment, version, 1200)
+    deployment_delete(deployment=deployment, actor=Actor())
+
+    assert deployments_purge(budget_s=0) == 500
+    assert PredictionLog.objects.filter(deployment_id=deployment.pk).count() == 700
+    assert Deployment.all_objects.get(pk=deployment.pk).deleted_at is not None
+    assert deployments_purge(now=timezone.now() + timedelta(hours=1)) == 700
+    assert not Deployment.all_objects.filter(pk=deployment.pk).exists()
+
+
+@pytest.fixture
+def broker_down(tmp_path):
+    """A broker of the test's own, stopped, that this process sends to."""
+    broker = RedisServer(tmp_path)
+    broker.start()
+    broker.stop()
+    with (
+        celery_broker(broker.url),
+        override_settings(REDIS_URL=broker.url, CELERY_BROKER_URL=broker.url),
+    ):
+        yield broker
+
+
+def test_a_deletion_during_a_broker_outage_is_answered_and_purged_by_the_beats_run(
+    org,
+    dev,
+    make_deployment,
+    broker_down,
+    django_capture_on_commit_callbacks,
+    caplog,
+):
+    """The deletion's mark is what owes the purge: the task sent after the commit only hurries
+    it, and with the broker down the periodic run (the same task, from beat) finds the mark."""
+    deployment, (version,) = make_deployment(org)
+    _log(deployment, version, 50)
+    with (
+        caplog.at_level(logging.WARNING, logger="serving.services"),
+        django_capture_on_commit_callbacks(execute=True),
+    ):
+        response = dev.delete(f"/api/v1/orgs/{org.slug}/deployments/churn/")
+    assert response.status_code == 204
+    assert "waits for the periodic purge" in caplog.text
+    assert PredictionLog.objects.filter(deployment_id=deployment.pk).count() == 50
+
+    assert tasks.deployments_purge() == 50
+    assert not PredictionLog.objects.filter(deployment_id=deployment.pk).exists()
+    # Requests that found it before the deletion may still log a row: the row they point to
+    # stays for a grace period, and the run after it goes.
+    assert Deployment.all_objects.filter(pk=deployment.pk).exists()
+    deployments_purge(now=timezone.now() + timedelta(hours=1))
+    assert not Deployment.all_objects.filter(pk=deployment.pk).exists()
+
+
+def test_the_purge_is_a_registered_task_on_the_beat(settings):
+    from factory_saas.celery import app
+
+    app.loader.import_default_modules()
+    assert "serving.deployments_purge" in app.tasks
+    entry = settings.CELERY_BEAT_SCHEDULE["serving-deployments-purge"]
+    assert entry == {
+        "task": "serving.deployments_purge",
+        "schedule": settings.SERVING_PURGE_EVERY_S,
+    }

@@ -133,8 +133,9 @@ def _evaluation(job, *, challenger, champion, challenger_slices, champion_slices
     )
 
 
-def _to_evaluating(deployment, champion, policy):
-    """Drift -> retrain submitted -> its job succeeded with a challenger -> evaluate queued."""
+def _trained(deployment, champion, *, cost=250):
+    """Drift -> retrain submitted -> its job succeeded at `cost` with a challenger -> the tick
+    that follows (which queues the evaluation when the spending limit leaves room for it)."""
     _drift(deployment, champion)
     retrain = loop_advance(deployment_id=deployment.pk)
     challenger = ModelVersionFactory(
@@ -144,8 +145,12 @@ def _to_evaluating(deployment, champion, policy):
         parameters=PARAMS,
     )
     challenger.trained_on.add(retrain.job.input_dataset_version)
-    _finish(retrain.job, cost=250, output_model_version=challenger)
-    retrain = loop_advance(deployment_id=deployment.pk)
+    _finish(retrain.job, cost=cost, output_model_version=challenger)
+    return loop_advance(deployment_id=deployment.pk), challenger
+
+
+def _to_evaluating(deployment, champion, policy):
+    retrain, challenger = _trained(deployment, champion)
     assert retrain.state == Retrain.State.EVALUATING
     return retrain, challenger
 
@@ -277,6 +282,39 @@ def test_the_spending_limit_caps_the_retrain_runtime(deployment, policy, champio
     assert retrain.job.max_runtime_s == 500
     submitted = LoopEvent.objects.get(kind=LoopEvent.Kind.RETRAIN_SUBMITTED)
     assert submitted.data["max_cost_minor"] <= 1
+
+
+def test_the_evaluation_runs_on_what_training_left_of_the_spending_limit(
+    deployment, policy, champion, settings
+):
+    """1000 cents per retrain, the training cost 999: the cent left buys 500 s of the cpu class
+    (0.002 cents a second), under the evaluation's own cap."""
+    settings.SERVING_LOOP_EVALUATE_MAX_RUNTIME_S = 900
+    retrain, _challenger = _trained(deployment, champion, cost=999)
+    assert retrain.state == Retrain.State.EVALUATING
+    assert retrain.evaluation_job.max_runtime_s == 500
+
+
+@pytest.mark.parametrize("training_cost", [1000, 1300], ids=["spent", "overspent"])
+def test_a_retrain_whose_training_spent_the_limit_fails_the_gate_unevaluated(
+    deployment, policy, champion, training_cost
+):
+    retrain, challenger = _trained(deployment, champion, cost=training_cost)
+
+    assert retrain.state == Retrain.State.REJECTED and retrain.finished_at
+    assert retrain.evaluation_job is None
+    assert not Job.objects.filter(kind=Job.Kind.EVALUATE).exists()
+    card = ModelCard.objects.get(retrain=retrain, model_version=challenger)
+    assert card.decision == ModelCard.Decision.FAILED
+    (reason,) = card.reasons
+    assert "spending limit of 1000" in reason and f"cost {training_cost}" in reason
+    assert card.lineage["evaluation_job"] is None and card.lineage["evaluated_on"] is None
+    failed = LoopEvent.objects.get(deployment=deployment, kind=LoopEvent.Kind.GATE_FAILED)
+    assert reason in failed.message and failed.cost_minor == 0
+    assert AuditEvent.objects.filter(action="serving.loop.gate_failed").exists()
+    assert _routes(deployment) == {(champion.pk, 100, Route.Stage.STABLE)}
+    # Over: the next tick leaves the rejected retrain alone.
+    assert loop_advance(deployment_id=deployment.pk) is None
 
 
 def test_a_live_accuracy_below_the_threshold_triggers_but_a_good_one_does_not(
@@ -563,6 +601,117 @@ def test_a_canary_with_too_little_traffic_keeps_baking(deployment, policy, champ
     done = _bake(deployment, retrain, policy, n=5, errors=5, stable_n=5)
     retrain = loop_advance(deployment_id=deployment.pk, now=done)
     assert (retrain.state, retrain.canary_percent) == (Retrain.State.CANARY, 10)
+
+
+def test_a_canary_too_quiet_over_its_extended_bakes_pauses_inconclusive_and_is_not_promoted(
+    deployment, policy, champion, settings
+):
+    """A 600 s bake extended twice: a canary that saw 5 of the 30 requests its judgment needs is
+    still baking just before the third bake ends, and pauses as inconclusive at it, keeping its
+    share; nothing promotes it on no evidence, however long it waits."""
+    settings.SERVING_LOOP_MIN_SAMPLES = 30
+    policy.bake_extensions = 2
+    policy.save()
+    retrain, challenger = _to_canary(deployment, champion, policy)
+    started = retrain.step_started_at
+    _traffic(deployment, challenger, at=started + timedelta(seconds=1), n=5)
+    _traffic(deployment, champion, at=started + timedelta(seconds=1), n=45)
+
+    for seconds in (601, 1201, 1799):
+        retrain = loop_advance(
+            deployment_id=deployment.pk, now=started + timedelta(seconds=seconds)
+        )
+        assert (retrain.state, retrain.canary_percent) == (Retrain.State.CANARY, 10), seconds
+    paused_at = started + timedelta(seconds=1800)
+    retrain = loop_advance(deployment_id=deployment.pk, now=paused_at)
+
+    assert (retrain.state, retrain.canary_percent) == (Retrain.State.INCONCLUSIVE, 10)
+    canary_split = {(champion.pk, 90, Route.Stage.STABLE), (challenger.pk, 10, Route.Stage.CANARY)}
+    assert _routes(deployment) == canary_split
+    paused = LoopEvent.objects.get(deployment=deployment, kind=LoopEvent.Kind.CANARY_INCONCLUSIVE)
+    assert (paused.data["requests"], paused.data["needed"]) == (5, 30)
+    assert (paused.data["bake_s"], paused.data["extensions"]) == (600, 2)
+    assert "5 requests" in paused.message and "30" in paused.message
+    assert "models:promote" in paused.message
+    audit = AuditEvent.objects.get(action="serving.loop.canary_inconclusive")
+    assert (audit.data["requests"], audit.data["needed"]) == (5, 30)
+
+    # It waits for a person: ticks, even once enough traffic has come, change nothing.
+    _traffic(deployment, challenger, at=paused_at + timedelta(seconds=1), n=40)
+    _traffic(deployment, champion, at=paused_at + timedelta(seconds=1), n=40)
+    later = paused_at + timedelta(days=2)
+    assert loop_advance(deployment_id=deployment.pk, now=later).state == (
+        Retrain.State.INCONCLUSIVE
+    )
+    assert _routes(deployment) == canary_split
+    assert not LoopEvent.objects.filter(
+        kind__in=[LoopEvent.Kind.PROMOTED, LoopEvent.Kind.CANARY_STEPPED]
+    ).exists()
+    # And the deployment starts no other retrain meanwhile.
+    _drift(deployment, champion, at=later)
+    assert loop_advance(deployment_id=deployment.pk, now=later) == retrain
+    assert Retrain.objects.filter(deployment=deployment).count() == 1
+
+
+@pytest.fixture
+def inconclusive(deployment, policy, champion, settings):
+    """A canary paused as inconclusive after its bake and no extension; its model card."""
+    settings.SERVING_LOOP_MIN_SAMPLES = 30
+    policy.bake_extensions = 0
+    policy.save()
+    retrain, _challenger = _to_canary(deployment, champion, policy)
+    done = _bake(deployment, retrain, policy, n=3, stable_n=3)
+    retrain = loop_advance(deployment_id=deployment.pk, now=done)
+    assert retrain.state == Retrain.State.INCONCLUSIVE
+    return ModelCard.objects.get(retrain=retrain)
+
+
+def test_only_models_promote_decides_an_inconclusive_canary_and_promoting_serves_it_all(
+    inconclusive, org, other_org, member_factory, deployment, champion
+):
+    challenger = inconclusive.model_version
+    for attacker in (
+        Actor(user=member_factory(org, "viewer")),
+        Actor(user=member_factory(other_org, "owner")),
+        Actor(),
+    ):
+        for decide in (gate_approve, gate_reject):
+            with pytest.raises(PermissionDeniedError):
+                decide(card=inconclusive, actor=attacker)
+    assert Retrain.objects.get(pk=inconclusive.retrain_id).state == Retrain.State.INCONCLUSIVE
+
+    developer = member_factory(org, "developer")
+    retrain = gate_approve(card=inconclusive, actor=Actor(user=developer))
+
+    assert (retrain.state, retrain.canary_percent) == (Retrain.State.PROMOTED, 100)
+    assert _routes(deployment) == {(challenger.pk, 100, Route.Stage.STABLE)}
+    promoted = LoopEvent.objects.get(kind=LoopEvent.Kind.PROMOTED)
+    assert promoted.data["by"] == "user" and promoted.data["percent"] == 10
+    assert "after an inconclusive canary" in promoted.message
+    audit = AuditEvent.objects.get(action="serving.loop.promoted")
+    assert audit.actor_user == developer and audit.data["by"] == "user"
+    inconclusive.refresh_from_db()
+    assert "promoted by" in inconclusive.reasons[-1]
+    with pytest.raises(ConflictError):
+        gate_reject(card=inconclusive, actor=Actor(user=developer), reason="too late")
+
+
+def test_a_person_rolls_an_inconclusive_canary_back(
+    inconclusive, org, member_factory, deployment, champion
+):
+    owner = member_factory(org, "owner")
+    retrain = gate_reject(card=inconclusive, actor=Actor(user=owner), reason="too quiet to tell")
+
+    assert (retrain.state, retrain.canary_percent) == (Retrain.State.ROLLED_BACK, 0)
+    assert _routes(deployment) == {(champion.pk, 100, Route.Stage.STABLE)}
+    rolled = LoopEvent.objects.get(kind=LoopEvent.Kind.ROLLED_BACK)
+    assert rolled.data["by"] == "user" and "too quiet to tell" in rolled.message
+    assert AuditEvent.objects.get(action="serving.loop.rolled_back").actor_user == owner
+    inconclusive.refresh_from_db()
+    assert inconclusive.reasons[-1].endswith("too quiet to tell")
+    # Over: the deployment may retrain again.
+    assert loop_advance(deployment_id=deployment.pk) is None
+    assert not Retrain.objects.filter(state__in=Retrain.ACTIVE_STATES).exists()
 
 
 @pytest.mark.django_db(transaction=True, serialized_rollback=True)

@@ -225,6 +225,9 @@ def test_drift_retrains_gates_and_promotes_then_stops_a_worse_one_and_rolls_back
         gate_margin=0.1,
         canary_percent=50,
         bake_s=1,
+        # The canary's requests are sent a few at a time as the loop is polled: a slow machine must
+        # not see it paused as inconclusive after the 1 s bake and its default 3 extensions.
+        bake_extensions=60,
         # Latency is not judged here: a shared 2-core machine's p99 over ten requests is noise.
         rollback_p99_ratio=1000,
     )

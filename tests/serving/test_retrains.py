@@ -12,6 +12,7 @@ from tests.serving import test_loop as loop
 # The loop's own world: a routed champion, a policy waiting for a person, a passed card.
 cpu, creator, data, champion = loop.cpu, loop.creator, loop.data, loop.champion
 deployment, policy, awaiting = loop.deployment, loop.policy, loop.awaiting
+inconclusive = loop.inconclusive
 
 pytestmark = pytest.mark.django_db
 
@@ -137,6 +138,34 @@ def test_a_retrain_the_gate_has_not_decided_cannot_be_approved(
     assert Retrain.objects.get(pk=retrain.pk).state == Retrain.State.EVALUATING
 
 
+def test_an_inconclusive_canary_awaits_a_decision_and_approving_promotes_it(
+    inconclusive, org, deployment, client_for, member_factory
+):
+    retrain = inconclusive.retrain
+    viewer = client_for(member_factory(org, "viewer"))
+    (row,) = viewer.get(_api(org, f"deployments/{deployment.name}/retrains/")).json()["results"]
+    assert (row["state"], row["canary_percent"], row["awaiting_approval"]) == (
+        "inconclusive",
+        10,
+        True,
+    )
+    assert viewer.post(_api(org, f"retrains/{retrain.pk}/approve/")).status_code == 403
+
+    response = client_for(member_factory(org, "developer")).post(
+        _api(org, f"retrains/{retrain.pk}/approve/")
+    )
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert (body["state"], body["canary_percent"], body["awaiting_approval"]) == (
+        "promoted",
+        100,
+        False,
+    )
+    assert {
+        (r.model_version_id, r.weight) for r in Route.objects.filter(deployment=deployment)
+    } == {(inconclusive.model_version_id, 100)}
+
+
 # Pages
 
 
@@ -229,3 +258,28 @@ def test_another_orgs_retrain_is_404_on_every_card_url(
     client.force_login(member_factory(org, "owner"))
     wrong = reverse("serving:retrain", args=[org.slug, "not-this-one", awaiting.retrain_id])
     assert client.get(wrong).status_code == 404
+
+
+def test_the_card_page_offers_promote_and_roll_back_for_an_inconclusive_canary(
+    inconclusive, org, deployment, champion, client, member_factory
+):
+    retrain = inconclusive.retrain
+    client.force_login(member_factory(org, "viewer"))
+    html = client.get(_page(org, deployment, retrain)).content.decode()
+    assert "Canary inconclusive" in html and "approve-form" not in html
+    assert 'id="decide-note"' in html
+    assert (
+        client.post(_page(org, deployment, retrain, "reject"), {"reason": "x"}).status_code == 403
+    )
+
+    client.force_login(member_factory(org, "developer"))
+    html = client.get(_page(org, deployment, retrain)).content.decode()
+    assert 'id="inconclusive-note"' in html and ">Promote<" in html and ">Roll back<" in html
+    response = client.post(_page(org, deployment, retrain, "reject"), {"reason": "too quiet"})
+    assert response.status_code == 302
+    assert Retrain.objects.get(pk=retrain.pk).state == Retrain.State.ROLLED_BACK
+    assert {
+        (r.model_version_id, r.weight) for r in Route.objects.filter(deployment=deployment)
+    } == {(champion.pk, 100)}
+    html = client.get(response["Location"]).content.decode()
+    assert "rolled back" in html and "too quiet" in html

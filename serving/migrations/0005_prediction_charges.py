@@ -11,7 +11,7 @@ class Migration(migrations.Migration):
     dependencies = [
         ('billing', '0010_outbox_handler_moved_to_stripe_events'),
         ('registry', '0005_pending_upload_finalize_claim'),
-        ('serving', '0002_loop_retrain_model_card'),
+        ('serving', '0004_deployment_deleted_at'),
         ('tenants', '0001_initial'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
