@@ -275,6 +275,16 @@ class RetrainPolicy(OrganizationOwned):
     deployment = models.OneToOneField(
         Deployment, on_delete=models.CASCADE, related_name="retrain_policy"
     )
+    # Whom the loop acts as (serving.timeline.loop_actor): whoever last saved the policy, through
+    # the API key they used if they used one, so the loop never holds more than they did.
+    set_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    set_by_key = models.ForeignKey(
+        "tenants.ApiKey", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    # Saved through a key: with the key gone the loop holds nothing, never its creator's role.
+    set_with_key = models.BooleanField(default=False)
     enabled = models.BooleanField(default=True)
     # Triggers.
     on_drift = models.BooleanField(default=True)

@@ -339,18 +339,26 @@ def retrain_policy_set(*, deployment: Deployment, actor: Actor, **fields) -> Ret
     if errors:
         first = next(iter(errors.values()))[0]
         raise RetrainPolicyInvalid(f"The retrain policy is not valid: {first}", fields=errors)
+    # Whoever saves the policy is whom the loop acts as from now on (with their scopes).
+    acts_as = (
+        actor.api_key.created_by_id if actor.api_key else actor.user and actor.user.pk,
+        actor.api_key and actor.api_key.pk,
+    )
+    handed_over = acts_as != (policy.set_by_id, policy.set_by_key_id)
+    policy.set_by_id, policy.set_by_key_id = acts_as
+    policy.set_with_key = actor.api_key is not None
     policy.save()
     changed = {
         name: [before[name], _stored(policy, name)]
         for name in fields
         if before[name] != _stored(policy, name)
     }
-    if created or changed:
+    if created or changed or handed_over:
         audit_record(
             organization=organization,
             actor=actor,
             action="serving.retrain_policy.set",
             target=deployment,
-            data={"created": created, "changed": changed},
+            data={"created": created, "changed": changed, "loop_acts_as": actor.label},
         )
     return policy

@@ -16,7 +16,7 @@ from registry.models import ModelVersion
 from tenants.actors import Actor
 from tenants.services import audit_record
 
-from .models import Deployment, LoopEvent
+from .models import Deployment, LoopEvent, RetrainPolicy
 
 # The shortest max runtime the pool admits for a job: a spending limit that buys less cannot pay
 # for one.
@@ -24,12 +24,25 @@ MIN_RUNTIME_S = 60
 
 
 def loop_actor(deployment: Deployment) -> Actor:
-    """Who the loop acts as: the person who created the deployment (their scopes and quota
-    apply to the jobs it submits); audit rows add `"by": "policy"`, since no person acted.
-    tenants has no service actor, so with that person gone it is the bare system actor, which
-    holds no scopes: a retrain into the champion's model then needs `models:write` it lacks,
-    and is skipped, saying so, until someone recreates the deployment."""
-    return Actor(user=deployment.created_by)
+    """Who the loop acts as: whoever last saved the deployment's retrain policy, through the API
+    key they used if they used one (their current role's scopes, narrowed by that key's, and
+    their quota apply to what it does), else the deployment's creator; audit rows add
+    `"by": "policy"`, since no person acted. With that person gone, or that key revoked or
+    deleted, it holds no scopes: a retrain then needs `models:write` it lacks and is skipped,
+    saying so, until someone who holds the scopes saves the policy again."""
+    policy = (
+        RetrainPolicy.objects.for_organization(deployment.organization)
+        .filter(deployment=deployment)
+        .select_related("set_by", "set_by_key__created_by", "set_by_key__organization")
+        .first()
+    )
+    if policy is None or (policy.set_by_id is None and not policy.set_with_key):
+        return Actor(user=deployment.created_by)
+    if policy.set_with_key:
+        if policy.set_by_key is None:
+            return Actor()
+        return Actor(user=policy.set_by_key.created_by, api_key=policy.set_by_key)
+    return Actor(user=policy.set_by)
 
 
 def minor_per_second(*, resource_class, gpu_count: int) -> Decimal:

@@ -23,10 +23,13 @@ from serving.models import (
     RetrainPolicy,
     Route,
 )
+from serving.policies import retrain_policy_set
+from serving.timeline import loop_actor
 from tenants.actors import Actor
 from tenants.errors import ConflictError, PermissionDeniedError
 from tenants.models import AuditEvent
-from tenants.services import api_key_create
+from tenants.selectors import actor_scopes
+from tenants.services import api_key_create, api_key_revoke
 from tests.factories import DatasetVersionFactory, JobFactory, ModelVersionFactory
 
 PARAMS = {"target": "y", "epochs": 2}
@@ -776,6 +779,44 @@ def test_with_the_deployments_creator_gone_a_retrain_is_skipped_saying_why(
     skipped = LoopEvent.objects.get(kind=LoopEvent.Kind.RETRAIN_SKIPPED)
     assert "models:write" in skipped.message
     assert AuditEvent.objects.get(action="serving.loop.retrain_skipped").actor_label == "system"
+
+
+def test_the_loop_acts_as_whoever_last_saved_the_policy(
+    org, deployment, policy, champion, member_factory
+):
+    lead = member_factory(org, "developer")
+    retrain_policy_set(deployment=deployment, actor=Actor(user=lead), cooldown_s=60)
+    _drift(deployment, champion)
+    retrain = loop_advance(deployment_id=deployment.pk)
+    assert retrain.job.created_by == lead
+    audit = AuditEvent.objects.get(action="serving.retrain_policy.set")
+    assert audit.data["loop_acts_as"] == lead.email
+
+
+def test_a_policy_saved_through_a_narrow_key_never_gives_the_loop_its_creators_role(
+    org, deployment, policy, champion, member_factory
+):
+    """The attack: a key made only to manage deployments saves the policy so that the loop
+    registers models, which the key may not. The loop holds the key's scopes, not its creator's
+    developer role, and skips the retrain, saying which scope it lacks; revoking or deleting the
+    key leaves it nothing at all."""
+    person = member_factory(org, "developer")
+    key, _token = api_key_create(
+        organization=org,
+        name="deploy bot",
+        scopes=["deployments:read", "deployments:write"],
+        actor=Actor(user=person),
+    )
+    retrain_policy_set(deployment=deployment, actor=Actor(user=person, api_key=key), cooldown_s=60)
+    _drift(deployment, champion)
+    retrain = loop_advance(deployment_id=deployment.pk)
+    assert retrain.state == Retrain.State.FAILED and retrain.job is None
+    assert "models:write" in LoopEvent.objects.get(kind=LoopEvent.Kind.RETRAIN_SKIPPED).message
+    assert loop_actor(deployment).api_key == key
+    api_key_revoke(api_key=key, actor=Actor(user=person))
+    assert actor_scopes(organization=org, actor=loop_actor(deployment)) == frozenset()
+    key.delete()
+    assert loop_actor(deployment) == Actor()  # gone: nothing, never the person's role
 
 
 def test_the_loop_tick_is_a_registered_task_on_the_beat(settings):

@@ -254,7 +254,11 @@ def test_policy_form_saves_and_records_what_changed(org, dev):
 
     dev.post(url, policy_form(dataset=str(dataset.pk), on_new_data="on", canary_percent="5"))
     latest = AuditEvent.objects.filter(action="serving.retrain_policy.set").order_by("-pk")[0]
-    assert latest.data == {"created": False, "changed": {"canary_percent": [20, 5]}}
+    assert latest.data == {
+        "created": False,
+        "changed": {"canary_percent": [20, 5]},
+        "loop_acts_as": latest.actor_label,
+    }
 
 
 @pytest.mark.parametrize(
