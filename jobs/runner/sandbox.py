@@ -235,6 +235,8 @@ def _check_spec(spec: SandboxSpec, user: tuple[int, int] | None) -> None:
         raise SandboxRefused("The sandbox needs a command to run.")
     if not spec.work_folder.is_dir() or spec.work_folder.is_symlink():
         raise SandboxRefused(f"The work folder {spec.work_folder} is not a folder.")
+    if user is not None:
+        _check_reachable(spec.work_folder.parent, user)
     for inside, outside in spec.read_only.items():
         if not inside.startswith("/") or inside == "/" or "/../" in f"{inside}/":
             raise SandboxRefused(f"{inside!r} is not an absolute path to bind at.")
@@ -270,8 +272,8 @@ def _check_reachable(path: Path, user: tuple[int, int]) -> None:
         if not allowed & needed:
             raise SandboxRefused(
                 f"The sandbox's user {uid} cannot reach {path}: {folder} is closed to other "
-                f"users (mode {stat.S_IMODE(info.st_mode):o}). Install the runtime where every "
-                "user can read it."
+                f"users (mode {stat.S_IMODE(info.st_mode):o}): it must be open to it (the "
+                "runtime readable, the work root passable)."
             )
 
 

@@ -21,11 +21,16 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from safetensors.numpy import save as save_safetensors
 
-from jobs.runner import sandbox
+from billing.models import UsageRecord
+from jobs.models import JobAttempt, JobMetric, JobState
+from jobs.runner import parent, sandbox
 from jobs.runner.isolation import ChildFileRefused, child_file_open
-from jobs.runner.protocol import EXIT_STOPPED
+from jobs.runner.parent import run_attempt
+from jobs.runner.protocol import EXIT_STOPPED, format_line
 from jobs.runner.sandbox import (
     MB,
     WORK_FOLDER,
@@ -39,6 +44,13 @@ from jobs.runner.sandbox import (
     sandbox_unavailable_reason,
     work_folder_usage,
 )
+from jobs.scheduler.apply import scheduler_pass
+from jobs.services.pool import worker_register
+from registry.models import ModelVersion
+from registry.services import dataset_create, dataset_version_create
+from tenants.actors import Actor
+from tests.factories import JobFactory
+from tests.jobs.test_pool_e2e import _separable_csv
 
 REPO = Path(__file__).resolve().parents[2]
 SECRETS = {
@@ -681,6 +693,18 @@ def test_a_runtime_the_sandboxs_user_cannot_reach_is_refused_naming_the_folder(h
         sandbox_start(spec)
 
 
+def test_a_work_root_the_sandboxs_user_cannot_pass_is_refused_naming_it(host):
+    if os.geteuid() != 0:
+        pytest.skip("only a root worker starts the sandbox as another user")
+    closed = host.root / "closed-root"
+    (closed / "job-1-attempt-1").mkdir(parents=True)
+    closed.chmod(0o700)
+    spec = SandboxSpec(command=("/usr/bin/true",), work_folder=closed / "job-1-attempt-1")
+
+    with pytest.raises(SandboxRefused, match=f"{closed} is closed to other users"):
+        sandbox_start(spec)
+
+
 @pytest.mark.parametrize(
     "inside", ["/job", "/job/x", f"{sandbox.TMP}/x", "/proc", "/usr", "/", "relative", "/dev/x"]
 )
@@ -744,3 +768,97 @@ print(json.dumps({"cwd": os.getcwd(), "home": os.environ["HOME"], "uid": os.getu
     }
     assert host.work.name not in json.dumps(result.events)
     assert "etc" not in seen["root"] and "root" not in seen["root"]
+
+
+# The trusted parent decides the attempt and what is registered: a sandboxed child that claims
+# another attempt, or another job, changes neither. The child is started in the sandbox in place
+# of the parent's own child_start, so the real run_attempt reads its lines.
+
+FORGED = r"""
+import json, shutil, sys
+
+plan = json.loads(sys.argv[1])
+shutil.copyfile("/code/weights.safetensors", "output/model.safetensors")
+with open("output/config.json", "w") as handle:
+    handle.write('{"layers": 1}')
+for line in plan["lines"]:
+    print(line, flush=True)
+"""
+
+
+@pytest.mark.django_db
+def test_a_sandboxed_child_claiming_another_attempt_or_job_changes_neither(
+    runtime, host, local_storage, org, other_org, owner, settings, monkeypatch, tmp_path
+):
+    # A work root the sandbox's user may pass through but not list, as the image lays it out.
+    attempts = host.root / "attempts"
+    attempts.mkdir(mode=0o1733)
+    if os.geteuid() == 0:
+        os.chown(attempts, sandbox.SANDBOX_UID, sandbox.SANDBOX_GID)
+    settings.WORKER_WORKDIR = str(attempts)
+    (host.code / "weights.safetensors").write_bytes(
+        save_safetensors({"linear.weight": np.ones((2, 3), dtype=np.float32)})
+    )
+    rows = tmp_path / "points.csv"
+    rows.write_bytes(_separable_csv(50))
+    actor = Actor(user=owner)
+    dataset = dataset_version_create(
+        dataset=dataset_create(organization=org, name="points", actor=actor),
+        path=rows,
+        filename="points.csv",
+        actor=actor,
+    )
+    other_job = JobFactory(organization=other_org)
+    job = JobFactory(organization=org, input_dataset_version=dataset)
+    claims = {"attempt": 7, "job": other_job.pk, "job_id": other_job.pk}
+    lines = [
+        format_line("metric", {"step": 1, "name": "loss", "value": 0.5, "split": "train"})[:-1]
+        + f', "attempt": 7, "job": {other_job.pk}}}',
+        f'@@attempt {{"number": 7, "job": {other_job.pk}}}',
+        f"@@result-for {json.dumps(claims)}",
+        "@@result "
+        + json.dumps(
+            {
+                "metrics": {"accuracy": 1.0},
+                "artifacts": {
+                    "model.safetensors": "output/model.safetensors",
+                    "config.json": "output/config.json",
+                },
+                "input_signature": {},
+                "parameters": {},
+                **claims,
+            }
+        ),
+    ]
+    plan = json.dumps({"lines": lines})
+    (host.code / "attack.py").write_text(FORGED)
+
+    def start_in_sandbox(*, workdir, cuda_visible_devices, threads):
+        return sandbox_start(
+            SandboxSpec(
+                command=(runtime.interpreter, "/code/attack.py", plan),
+                work_folder=workdir,
+                read_only={**runtime.read_only, "/code": host.code},
+                environment=runtime.environment,
+                limits=Limits(wall_clock_s=60, memory_bytes=1024 * MB, processes=64),
+            )
+        )
+
+    monkeypatch.setattr(parent, "child_start", start_in_sandbox)
+    worker = worker_register(name=f"cpu-{os.urandom(3).hex()}", devices=[])
+    scheduler_pass()
+
+    assert run_attempt(job_id=job.pk, attempt=1, worker_id=worker.pk) == "succeeded"
+
+    job.refresh_from_db()
+    assert job.state == JobState.SUCCEEDED and job.attempt == 1
+    assert list(JobAttempt.objects.filter(job=job).values_list("number", flat=True)) == [1]
+    assert set(JobMetric.objects.filter(job=job).values_list("attempt", flat=True)) == {1}
+    assert set(job.logs.values_list("attempt", flat=True)) == {1}
+    assert not JobMetric.objects.filter(job=other_job).exists() and not other_job.logs.exists()
+    assert set(
+        UsageRecord.objects.filter(source_id=str(job.pk)).values_list("idempotency_key", flat=True)
+    ) == {f"job:{job.pk}:attempt:1"}
+    version = ModelVersion.objects.get(pk=job.output_model_version_id)
+    assert version.source_job_id == job.pk and version.registered_model.organization == org
+    assert not list(attempts.iterdir())  # the parent removed the attempt's folder
