@@ -1,10 +1,11 @@
 """Run a tenant's command inside a bubblewrap sandbox, and end it when it oversteps a limit.
 
-The sandbox is the boundary own-code jobs run behind (docs/reliability.md, "The sandbox"): its own
-user, PID, IPC, UTS, network and cgroup namespaces, no nested user namespace, a new session, a
-root file system that holds only the system's programs and libraries (/usr), the read-only paths
-the caller names (the Python runtime, the code) and one private work folder, a clean environment,
-and limits on wall clock, memory, processes, open files and the work folder's size.
+The sandbox is the boundary own-code jobs run behind (docs/reliability.md, "The sandbox for
+tenants' own code"): its own user, PID, IPC, UTS, network and cgroup namespaces, no nested user
+namespace, a new session, a root file system that holds only the system's programs and libraries
+(/usr), the read-only paths the caller names (the Python runtime, the code) and one private work
+folder, a clean environment, and limits on wall clock, memory, processes, open files and the work
+folder's size.
 
 This module knows nothing of jobs or Django: the caller (the worker, later the own-code runner)
 prepares the work folder, names what the child may read, and reads the child's stdout and stderr
@@ -51,7 +52,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,10 +83,6 @@ MAX_FOLDER_DEPTH = 128
 MAX_LINE_CHARS = 64 * 1024
 MB = 1024 * 1024
 _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-class SandboxUnavailable(Exception):
-    """This worker cannot run a sandbox; the message says why, for a person."""
 
 
 class SandboxRefused(ValueError):
@@ -148,7 +145,8 @@ def python_runtime(
     }
     for folder in site_packages:
         read_only[str(folder)] = Path(folder)
-    environment = {"PATH": f"{Path(interpreter).parent}:/usr/local/bin:/usr/bin:/bin"}
+    folders = [str(Path(interpreter).parent), "/usr/local/bin", "/usr/bin", "/bin"]
+    environment = {"PATH": ":".join(dict.fromkeys(folders))}
     if site_packages:
         environment["PYTHONPATH"] = ":".join(map(str, site_packages))
     return Runtime(interpreter=interpreter, read_only=read_only, environment=environment)
@@ -173,6 +171,22 @@ def _interpreter_prefixes(interpreter: str) -> tuple[str, ...]:
         env={"PATH": "/usr/bin:/bin"},
     )
     return tuple(json.loads(shown.stdout))
+
+
+def runtime_refusal(runtime: Runtime) -> str | None:
+    """Why the sandbox's user could not read `runtime` on this worker, or None: a worker that runs
+    as root starts sandboxes as SANDBOX_UID, which may not reach an interpreter installed under
+    root's home."""
+    user = _sandbox_user()
+    if user is None:
+        return None
+    try:
+        for outside in runtime.read_only.values():
+            _check_reachable(outside, user)
+        _check_reachable(Path(runtime.interpreter), user)
+    except SandboxRefused as exc:
+        return str(exc)
+    return None
 
 
 def _under(path: str, folder: str) -> bool:
@@ -781,14 +795,8 @@ def read_lines(stream, *, max_chars: int = MAX_LINE_CHARS):
         yield line.removesuffix("\n")
 
 
-def sandbox_run(
-    spec: SandboxSpec,
-    *,
-    on_line: Callable[[str, str], None] | None = None,
-    bwrap: str = BWRAP,
-) -> SandboxResult:
-    """Run `spec` to its end. Every stdout line goes, unchanged, to `protocol.parse_line`; both
-    streams also go to `on_line(stream, line)` as they come."""
+def sandbox_run(spec: SandboxSpec, *, bwrap: str = BWRAP) -> SandboxResult:
+    """Run `spec` to its end. Every stdout line goes, unchanged, to `protocol.parse_line`."""
     process = sandbox_start(spec, bwrap=bwrap)
     lines: queue.Queue[tuple[str, str] | None] = queue.Queue()
 
@@ -814,8 +822,6 @@ def sandbox_run(
             open_streams -= 1
             continue
         stream_name, line = item
-        if on_line is not None:
-            on_line(stream_name, line)
         if stream_name == "stdout":
             events.append(protocol.parse_line(line))
         else:

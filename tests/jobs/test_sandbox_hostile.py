@@ -38,6 +38,7 @@ from jobs.runner.sandbox import (
     SandboxRefused,
     SandboxSpec,
     python_runtime,
+    runtime_refusal,
     sandbox_check,
     sandbox_run,
     sandbox_start,
@@ -76,13 +77,7 @@ def _runtime() -> sandbox.Runtime:
     """This interpreter's installation when the sandbox's user can read it, else the system's
     Python (the attacks need only the standard library)."""
     runtime = python_runtime(sys.executable)
-    try:
-        for outside in runtime.read_only.values():
-            if os.geteuid() == 0:
-                sandbox._check_reachable(outside, (sandbox.SANDBOX_UID, sandbox.SANDBOX_GID))
-    except SandboxRefused:
-        return python_runtime("/usr/bin/python3")
-    return runtime
+    return python_runtime("/usr/bin/python3") if runtime_refusal(runtime) else runtime
 
 
 @pytest.fixture(scope="module")
