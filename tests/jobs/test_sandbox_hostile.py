@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -124,17 +125,13 @@ def host():
         for path in (neighbour, neighbour / "dataset.csv"):
             os.chown(path, sandbox.SANDBOX_UID, sandbox.SANDBOX_GID)
     try:
-        yield type(
-            "Host",
-            (),
-            {
-                "root": root,
-                "project": project,
-                "storage": storage,
-                "neighbour": neighbour,
-                "work": own,
-                "code": code,
-            },
+        yield SimpleNamespace(
+            root=root,
+            project=project,
+            storage=storage,
+            neighbour=neighbour,
+            work=own,
+            code=code,
         )
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -185,7 +182,8 @@ def _namespace_of(pid: int) -> str | None:
 
 
 def _left_in(namespace: str) -> list[int]:
-    """Processes still alive (not zombies) in the PID namespace `namespace`."""
+    """(pid, /proc/<pid>/stat) of the processes still alive (not zombies) in the PID namespace
+    `namespace`."""
     left = []
     for name in filter(str.isdigit, os.listdir("/proc")):
         if _namespace_of(int(name)) != namespace:
