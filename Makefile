@@ -52,7 +52,14 @@ $(CHROMIUM):
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium || \
 	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 
-test: install $(CHROMIUM)
+# Own-code jobs run in a bubblewrap sandbox (jobs/runner/sandbox.py); its tests need Debian's
+# bubblewrap package, as a worker that takes own-code jobs does.
+BWRAP ?= /usr/bin/bwrap
+$(BWRAP):
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q bubblewrap || \
+	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q bubblewrap)
+
+test: install $(CHROMIUM) $(BWRAP)
 	$(TEST_ENV) $(BIN)/python manage.py check_services
 	$(MAKE) lint
 	$(TEST_ENV) $(BIN)/python manage.py makemigrations --check --dry-run
