@@ -31,6 +31,7 @@ from registry.models import ModelVersion
 from tenants.actors import Actor
 from tenants.errors import DomainError
 
+from .deletion import delete_in_batches
 from .models import Deployment, PredictionCharge
 
 IDEMPOTENCY_KEY_MAX = 200
@@ -172,15 +173,5 @@ def prediction_charges_expire(*, now: datetime, batch: int) -> int:
     """Delete billed charges older than the idempotency window (they only answer retries), a
     batch at a time; returns how many."""
     cutoff = now - timedelta(seconds=settings.IDEMPOTENCY_WINDOW_S)
-    deleted = 0
-    while True:
-        ids = list(
-            PredictionCharge.objects.filter(usage__isnull=False, created_at__lt=cutoff)
-            .order_by()
-            .values_list("pk", flat=True)[:batch]
-        )
-        if not ids:
-            return deleted
-        deleted += PredictionCharge.objects.filter(pk__in=ids).delete()[0]
-        if len(ids) < batch:
-            return deleted
+    billed = PredictionCharge.objects.filter(usage__isnull=False, created_at__lt=cutoff)
+    return delete_in_batches(billed, batch=batch)[0]

@@ -35,6 +35,7 @@ from tenants.errors import ConflictError, DomainError
 from tenants.models import Organization
 from tenants.services import audit_record
 
+from .deletion import delete_in_batches
 from .metering import prediction_charges_expire
 from .models import Deployment, LoopEvent, PredictionLog, Replica, Route
 
@@ -225,18 +226,14 @@ def deployments_purge(
         .values_list("pk", "deleted_at")
     )
     for deployment_id, deleted_at in marked:
-        while True:
-            ids = list(
-                PredictionLog.objects.filter(deployment_id=deployment_id)
-                .order_by()
-                .values_list("pk", flat=True)[:batch]
-            )
-            if ids:
-                deleted += PredictionLog.objects.filter(pk__in=ids).delete()[0]
-            if time.monotonic() >= deadline:
-                return deleted
-            if len(ids) < batch:
-                break
+        removed, done = delete_in_batches(
+            PredictionLog.objects.filter(deployment_id=deployment_id),
+            batch=batch,
+            deadline=deadline,
+        )
+        deleted += removed
+        if not done:
+            return deleted
         if now - deleted_at >= timedelta(seconds=PURGE_GRACE_S):
             _deleted_deployment_remove(deployment_id)
     return deleted
@@ -578,15 +575,6 @@ def prediction_log_expire(*, now: datetime | None = None, batch: int | None = No
     deleted = 0
     for deployment_id, days in Deployment.objects.values_list("pk", "log_retention_days"):
         cutoff = now - timedelta(days=days)
-        while True:
-            ids = list(
-                PredictionLog.objects.filter(deployment_id=deployment_id, created_at__lt=cutoff)
-                .order_by()
-                .values_list("pk", flat=True)[:batch]
-            )
-            if not ids:
-                break
-            deleted += PredictionLog.objects.filter(pk__in=ids).delete()[0]
-            if len(ids) < batch:
-                break
+        rows = PredictionLog.objects.filter(deployment_id=deployment_id, created_at__lt=cutoff)
+        deleted += delete_in_batches(rows, batch=batch)[0]
     return deleted + prediction_charges_expire(now=now, batch=batch)
