@@ -46,10 +46,7 @@ import http.client
 import json
 import os
 import random
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -67,6 +64,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench.databases import drop_database, ensure_database, migrate  # noqa: E402
+from bench.gunicorn import gunicorn  # noqa: E402
 
 DATABASE_URL = os.environ.get(
     "BENCH_LOAD_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/factory_saas_load_bench"
@@ -81,7 +79,6 @@ QUEUED_PER_ORG = 3
 SUBMIT_KEY_PREFIX = "load-"
 TARGET_SUBMIT_P99_MS = 100.0
 TARGET_READ_RATIO = 0.7
-START_TIMEOUT_S = 60
 BASELINES = ("bare_open", "bare_drf")
 READS = ("job_get", "job_list", "usage")
 SUBMIT = "job_submit"
@@ -659,60 +656,13 @@ def client_specs() -> dict[str, list[dict]]:
 
 @contextlib.contextmanager
 def running_gunicorn(env: dict, *, workers: int, tmp: Path):
-    port = free_port()
-    log_path = tmp / "gunicorn.log"
-    command = [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "factory_saas.wsgi:application",
-        f"--workers={workers}",
-        "--worker-class=sync",
-        "--timeout=60",
-        "--backlog=2048",
-        f"--bind=127.0.0.1:{port}",
-        f"--chdir={REPO_ROOT}",
-        # As the production image: an access log line per request (there to stdout).
-        f"--access-logfile={tmp / 'access.log'}",
-    ]
-    with log_path.open("wb") as log:
-        master = subprocess.Popen(
-            command,
-            cwd=REPO_ROOT,
-            env={**os.environ, **env},
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    progress(f"gunicorn: {workers} sync workers on 127.0.0.1:{port}")
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if master.poll() is not None:
-                raise SystemExit(f"gunicorn exited with {master.returncode}:\n{tail(log_path)}")
-            with contextlib.suppress(OSError, http.client.HTTPException):
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                conn.request("GET", "/healthz")
-                if conn.getresponse().status == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise SystemExit(f"gunicorn not up in {START_TIMEOUT_S}s:\n{tail(log_path)}")
-            time.sleep(0.2)
+    with gunicorn(env, tmp, workers=workers, options=("--timeout=60", "--backlog=2048")) as (
+        port,
+        master,
+    ):
         warm_up(port)
-        with Server(port=port, master_pid=master.pid) as server:
+        with Server(port=port, master_pid=master) as server:
             yield server
-    finally:
-        if master.poll() is None:
-            os.killpg(master.pid, signal.SIGTERM)
-            try:
-                master.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(master.pid, signal.SIGKILL)
-                master.wait()
-        errors = [line for line in tail(log_path, 200).splitlines() if "Traceback" in line]
-        if errors:
-            progress(f"gunicorn log has {len(errors)} tracebacks:\n{tail(log_path, 40)}")
 
 
 class Server:
@@ -803,19 +753,6 @@ def warm_up(port: int) -> None:
             conn.close()
             if response.status not in (200, 201):
                 raise SystemExit(f"{method} {target}: {response.status} {content[:500]!r}")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
 
 
 def flush_redis() -> None:

@@ -56,7 +56,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -74,6 +73,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.databases import drop_database, ensure_database, migrate  # noqa: E402
+from bench.gunicorn import gunicorn  # noqa: E402
 
 DATABASE_URL = os.environ.get(
     "BENCH_SERVING_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/factory_saas_servebench"
@@ -434,73 +434,6 @@ def replica_of(tenant: Tenant, deployment: str) -> tuple[str, str]:
         state=Replica.State.READY,
     )
     return replica.job.serve_address, replica_token(replica.job_id, replica.job.attempt)
-
-
-@contextlib.contextmanager
-def gunicorn(env: dict, tmp: Path, *, kind: str, workers: int, threads: int):
-    """The production image's CMD (with an access log, as there), on a free port."""
-    port = free_port()
-    log_path = tmp / f"gunicorn-{kind}-{workers}x{threads}.log"
-    command = [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "factory_saas.wsgi:application",
-        f"--bind=127.0.0.1:{port}",
-        f"--workers={workers}",
-        f"--worker-class={kind}",
-        f"--threads={threads}",
-        f"--chdir={REPO_ROOT}",
-        f"--access-logfile={tmp / 'access.log'}",
-    ]
-    with log_path.open("wb") as log:
-        master = subprocess.Popen(
-            command,
-            cwd=REPO_ROOT,
-            env={**os.environ, **env},
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    progress(f"gunicorn: {workers} {kind} workers x {threads} threads on 127.0.0.1:{port}")
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if master.poll() is not None:
-                raise SystemExit(f"gunicorn exited with {master.returncode}:\n{tail(log_path)}")
-            with contextlib.suppress(OSError, http.client.HTTPException):
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                conn.request("GET", "/healthz")
-                if conn.getresponse().status == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise SystemExit(f"gunicorn not up in {START_TIMEOUT_S} s:\n{tail(log_path)}")
-            time.sleep(0.2)
-        yield port, master.pid
-    finally:
-        if master.poll() is None:
-            os.killpg(master.pid, signal.SIGTERM)
-            try:
-                master.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(master.pid, signal.SIGKILL)
-                master.wait()
-        if "Traceback" in tail(log_path, 400):
-            progress(f"gunicorn logged tracebacks:\n{tail(log_path, 40)}")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
 
 
 # --- the three ways to call a model -----------------------------------------------------------
