@@ -120,7 +120,7 @@ def run(pool, tmp: Path) -> dict:
 
     from registry.services import dataset_create
     from serving import gateway
-    from serving.models import PredictionLog, Replica, Retrain, RetrainPolicy
+    from serving.models import Replica, Retrain, RetrainPolicy
     from tenants.actors import Actor
     from tenants.models import User
     from tenants.scopes import scopes_for_role
@@ -134,6 +134,7 @@ def run(pool, tmp: Path) -> dict:
         deploy,
         inputs_of,
         listening_pid,
+        promoted_after_feeding,
         routing_key_to,
         train,
         world,
@@ -185,18 +186,7 @@ def run(pool, tmp: Path) -> dict:
             "the canary",
         )
         bake = inputs_of(world(40, seed=4, shifted=True))
-
-        def promoted():
-            canary.refresh_from_db()
-            if canary.state == Retrain.State.CANARY:
-                sent = PredictionLog.objects.filter(
-                    model_version=canary.challenger, created_at__gte=canary.step_started_at
-                ).count()
-                if sent < MIN_SAMPLES:
-                    caller.predict(bake[sent : sent + 2])
-            return canary.state == Retrain.State.PROMOTED
-
-        wait(promoted, "the promotion")
+        wait(lambda: promoted_after_feeding(canary, caller, bake), "the promotion")
         canary.refresh_from_db()
         training, evaluation = canary.job, canary.evaluation_job
         drift = _event(deployment, "drift_detected")

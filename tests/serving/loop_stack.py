@@ -16,7 +16,7 @@ from jobs.services import JobOptions, training_job_submit
 from registry.models import Dataset, DatasetVersion, ModelVersion
 from registry.services import dataset_version_create
 from serving import gateway
-from serving.models import Deployment, Route
+from serving.models import Deployment, PredictionLog, Retrain, Route
 from serving.services import routes_set
 from tenants.actors import Actor
 from tests.processes import descendants
@@ -159,6 +159,20 @@ class Caller:
             return None
         assert response.status_code == 200, response.content
         return response
+
+
+def promoted_after_feeding(canary: Retrain, caller: Caller, inputs: list[dict]) -> bool:
+    """One look at a canary: while it bakes, send it (two at a time, from `inputs`) what it
+    still lacks of MIN_SAMPLES requests to be judged on; True once it is promoted. Poll it with
+    a wait."""
+    canary.refresh_from_db()
+    if canary.state == Retrain.State.CANARY:
+        sent = PredictionLog.objects.filter(
+            model_version=canary.challenger, created_at__gte=canary.step_started_at
+        ).count()
+        if sent < MIN_SAMPLES:
+            caller.predict(inputs[sent : sent + 2])
+    return canary.state == Retrain.State.PROMOTED
 
 
 def listening_pid(address: str, under: int) -> int:

@@ -43,6 +43,7 @@ from .loop_stack import (
     deploy,
     inputs_of,
     listening_pid,
+    promoted_after_feeding,
     routing_key_to,
     train,
     url,
@@ -246,18 +247,12 @@ def test_drift_retrains_gates_and_promotes_then_stops_a_worse_one_and_rolls_back
     )
     assert canary.trigger["trigger"] == "drift" and canary.job.input_dataset_version.number == 2
     bake = inputs_of(world(40, seed=4, shifted=True))
-
-    def baked_and_promoted():
-        canary.refresh_from_db()
-        if canary.state == Retrain.State.CANARY:
-            sent = PredictionLog.objects.filter(
-                model_version=canary.challenger, created_at__gte=canary.step_started_at
-            ).count()
-            if sent < MIN_SAMPLES:
-                caller.predict(bake[sent : sent + 2])
-        return canary.state == Retrain.State.PROMOTED
-
-    _logged(stack, baked_and_promoted, timeout=120, what="the canary's promotion")
+    _logged(
+        stack,
+        lambda: promoted_after_feeding(canary, caller, bake),
+        timeout=120,
+        what="the canary's promotion",
+    )
     promoted = canary.challenger
     kinds = list(LoopEvent.objects.filter(deployment=deployment).values_list("kind", flat=True))
     steps = ("drift_detected", "retrain_submitted", "gate_passed", "canary_started", "promoted")
