@@ -836,10 +836,16 @@ def count_queries(tenant: Tenant, served: Served) -> list[str]:
 
 
 def _summary(sql: str) -> str:
-    words = sql.split()
+    """The statement's verb and its table, skipping the tables of subqueries (words inside
+    parentheses)."""
+    words, depth = [], 0
+    for word in sql.split():
+        if depth == 0:
+            words.append(word)
+        depth += word.count("(") - word.count(")")
     verb = words[0].upper() if words else "?"
     for keyword in ("FROM", "INTO", "UPDATE"):
-        if keyword in words:
+        if keyword in words[:-1]:
             following = words[words.index(keyword) + 1]
             return f"{verb} {following.strip(chr(34))}"
     return verb
