@@ -69,8 +69,9 @@ class ReplicaUnavailable(DomainError):
 
 
 class ReplicaUnreachable(ReplicaUnavailable):
-    """No connection to the replica could be made: nothing was sent, so sending elsewhere is
-    safe."""
+    """No connection to the replica could be made, or the address answered as another replica
+    (it refused this attempt's token: the replica moved and something else listens there):
+    nothing was answered, so sending elsewhere is safe."""
 
 
 class ReplicaFailed(DomainError):
@@ -238,6 +239,8 @@ def _forward(target: Target, inputs: list) -> list:
         raise ReplicaUnavailable("The model did not answer in time; try again.") from exc
     except httpx.HTTPError as exc:
         raise ReplicaUnavailable("The model could not be reached; try again shortly.") from exc
+    if response.status_code == 401:
+        raise ReplicaUnreachable("The model could not be reached; try again shortly.")
     if response.status_code == 400:
         try:
             detail = str(response.json().get("detail", ""))[:500]

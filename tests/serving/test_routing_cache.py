@@ -8,6 +8,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from jobs.models import JobState
+from jobs.services.replicas import replica_token
 from serving import gateway
 from serving.models import Deployment, PredictionLog, Replica
 from serving.services import routes_set
@@ -92,6 +93,23 @@ def test_a_cached_replica_that_stopped_answering_is_replaced_without_an_error(
     moved.save(update_fields=["state"])
     serve(deployment, a, "new")
     assert _answer(caller, deployment) == "new"
+    assert not PredictionLog.objects.filter(deployment=deployment).exclude(error="").exists()
+
+
+def test_an_address_that_answers_as_another_replica_is_read_again_not_a_502(
+    org, caller, make_deployment, serve
+):
+    """The replica's job was placed again (a new attempt, so a new token) and something at the
+    cached address refuses the old token: the request reads the routing again and answers."""
+    deployment, (a,) = make_deployment(org)
+    fake = serve(deployment, a, "a")
+    assert _answer(caller, deployment) == "a"
+    job = Replica.objects.get(deployment=deployment).job
+    job.attempt = 2
+    job.save(update_fields=["attempt"])
+    fake.token = replica_token(job.pk, 2)
+    assert _answer(caller, deployment) == "a"
+    assert fake.unauthorized == 1
     assert not PredictionLog.objects.filter(deployment=deployment).exclude(error="").exists()
 
 
