@@ -365,8 +365,9 @@ def shadow_send(copies: list[dict]) -> int:
         by_deployment.setdefault(copy["deployment"], []).append(copy)
     sent = 0
     for deployment_id, items in by_deployment.items():
-        deployment = Deployment.objects.select_related("organization").filter(pk=deployment_id)
-        deployment = deployment.first()
+        deployment = (
+            Deployment.objects.select_related("organization").filter(pk=deployment_id).first()
+        )
         if deployment is None:
             continue
         shadows = {r.model_version_id for r in _routes(deployment) if r.mode == Route.Mode.SHADOW}
