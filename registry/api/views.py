@@ -11,7 +11,10 @@ from rest_framework.response import Response
 
 from registry import selectors, services
 from registry.formats import DatasetFormatError
+from registry.formats.code_packages import CodePackageError
 from registry.models import (
+    CodePackage,
+    CodePackageVersion,
     Dataset,
     DatasetVersion,
     ModelAlias,
@@ -43,15 +46,16 @@ def uploaded_path(uploaded):
         yield path
 
 
-def refuse_oversized_body(request) -> None:
+def refuse_oversized_body(request, *, limit: int | None = None, error=DatasetFormatError) -> None:
     """Refuse before reading the body when its declared length is already over the limit."""
+    limit = settings.DATASET_MAX_UPLOAD_BYTES if limit is None else limit
     try:
         length = int(request.META.get("CONTENT_LENGTH") or 0)
     except ValueError:
         length = 0
-    if length > settings.DATASET_MAX_UPLOAD_BYTES + MULTIPART_OVERHEAD_BYTES:
-        raise DatasetFormatError(
-            f"The upload is {length} bytes; the limit is {settings.DATASET_MAX_UPLOAD_BYTES}. "
+    if length > limit + MULTIPART_OVERHEAD_BYTES:
+        raise error(
+            f"The upload is {length} bytes; the limit is {limit}. "
             "Use a presigned upload for large files, or split the data into versions."
         )
 
@@ -464,3 +468,89 @@ class ModelAliasViewSet(
 
     def perform_destroy(self, instance):
         services.model_alias_delete(alias=instance, actor=self.actor)
+
+
+@extend_schema(tags=["code"])
+@extend_schema_view(
+    create=extend_schema(
+        request={"multipart/form-data": s.CodePackageUploadSerializer},
+        responses={201: s.CodePackageVersionSerializer},
+        description="Upload a code package (a zip or tar.gz with factory.toml at its root) as "
+        "the next version of the package its manifest names; the package is created on its "
+        "first upload. A bad archive or manifest is refused with a 400 naming the field, and "
+        "nothing is stored. Running packages comes with a later release.",
+    ),
+)
+class CodePackageViewSet(
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.CreateModelMixin,
+    OrganizationScopedViewSet,
+):
+    model = CodePackage
+    serializer_class = s.CodePackageSerializer
+    lookup_field = "name"
+    http_method_names = ["get", "post", "head"]
+    parser_classes = [MultiPartParser]
+    throttle_scopes = {"create": "upload"}
+    required_scopes = {
+        "list": "code:read",
+        "retrieve": "code:read",
+        "create": "code:write",
+    }
+
+    def narrow_queryset(self, queryset):
+        return selectors.code_package_list(organization=self.organization)
+
+    def create(self, request, *args, **kwargs):
+        refuse_oversized_body(
+            request, limit=settings.CODE_PACKAGE_MAX_UPLOAD_BYTES, error=CodePackageError
+        )
+        data = s.CodePackageUploadSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        uploaded = data.validated_data["file"]
+        with uploaded_path(uploaded) as path:
+            version = services.code_package_version_create(
+                organization=self.organization,
+                path=path,
+                filename=uploaded.name or "package",
+                expected_sha256=data.validated_data.get("sha256"),
+                actor=self.actor,
+            )
+        return Response(
+            s.CodePackageVersionSerializer(version).data, status=status.HTTP_201_CREATED
+        )
+
+
+@extend_schema(tags=["code"])
+@extend_schema_view(download=extend_schema(responses=s.DownloadSerializer))
+class CodePackageVersionViewSet(
+    mixins.ListModelMixin, mixins.RetrieveModelMixin, OrganizationScopedViewSet
+):
+    model = CodePackageVersion
+    serializer_class = s.CodePackageVersionSerializer
+    lookup_field = "number"
+    required_scopes = {
+        "list": "code:read",
+        "retrieve": "code:read",
+        "download": "code:read",
+    }
+
+    def narrow_queryset(self, queryset):
+        self.package = selectors.code_package_get(
+            organization=self.organization, name=self.kwargs["package_name"]
+        )
+        return queryset.filter(package=self.package).select_related("package", "created_by")
+
+    @action(detail=True, methods=["get"])
+    def download(self, request, *args, **kwargs):
+        version = self.get_object()
+        ext = "zip" if version.archive_format == CodePackageVersion.ArchiveFormat.ZIP else "tar.gz"
+        return Response(
+            download_entry(
+                name=f"{version.package.name}-v{version.number}.{ext}",
+                key=version.storage_key,
+                size=version.size_bytes,
+                sha256=version.sha256,
+            )
+        )
