@@ -1,7 +1,3 @@
-import contextlib
-import tempfile
-from pathlib import Path
-
 from django.conf import settings
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import mixins, status
@@ -10,7 +6,6 @@ from rest_framework.parsers import JSONParser, MultiPartParser
 from rest_framework.response import Response
 
 from registry import selectors, services
-from registry.formats import DatasetFormatError
 from registry.formats.code_packages import CodePackageError
 from registry.models import (
     CodePackage,
@@ -23,41 +18,11 @@ from registry.models import (
     RegisteredModel,
 )
 from registry.storage import DOWNLOAD_URL_TTL_S, get_storage
+from registry.uploads import refuse_oversized_body, uploaded_path
 from tenants.api.base import OrganizationScopedViewSet
 from tenants.standing import Effect
 
 from . import serializers as s
-
-# Multipart framing around the file itself.
-MULTIPART_OVERHEAD_BYTES = 1024 * 1024
-
-
-@contextlib.contextmanager
-def uploaded_path(uploaded):
-    """The upload as a file on disk: Django's spooled temp file, or a copy of a small one."""
-    if hasattr(uploaded, "temporary_file_path"):
-        yield Path(uploaded.temporary_file_path())
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "upload"
-        with path.open("wb") as target:
-            for chunk in uploaded.chunks():
-                target.write(chunk)
-        yield path
-
-
-def refuse_oversized_body(request, *, limit: int | None = None, error=DatasetFormatError) -> None:
-    """Refuse before reading the body when its declared length is already over the limit."""
-    limit = settings.DATASET_MAX_UPLOAD_BYTES if limit is None else limit
-    try:
-        length = int(request.META.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        length = 0
-    if length > limit + MULTIPART_OVERHEAD_BYTES:
-        raise error(
-            f"The upload is {length} bytes; the limit is {limit}. "
-            "Use a presigned upload for large files, or split the data into versions."
-        )
 
 
 def download_entry(*, name: str, key: str, size: int, sha256: str) -> dict:
