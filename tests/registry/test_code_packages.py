@@ -11,6 +11,7 @@ import zipfile
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import override_settings
+from django.urls import reverse
 
 from registry.formats.code_packages import parse_manifest
 from registry.models import CodePackage, CodePackageVersion, StorageAccount
@@ -437,3 +438,49 @@ def test_viewers_read_packages_but_cannot_upload(org, member_factory, client_for
     assert viewer.get(f"/api/v1/orgs/{org.slug}/code-packages/").status_code == 200
     assert _upload(viewer, org, make_zip(package())).status_code == 403
     _nothing_stored(org, local_store)
+
+
+# The dashboard.
+
+
+def test_upload_from_the_page_then_see_the_manifest_and_parameters(
+    org, member_factory, client, local_store
+):
+    client.force_login(member_factory(org, "developer"))
+    listing = reverse("registry:code_packages", args=[org.slug])
+    assert b'enctype="multipart/form-data"' in client.get(listing).content
+    response = client.post(listing, {"file": SimpleUploadedFile("pkg.zip", make_zip(package()))})
+    version_url = reverse("registry:code_package_version", args=[org.slug, "tiny-cnn", 1])
+    assert response.status_code == 302, response.content
+    assert response["Location"] == version_url
+    page = client.get(version_url).content.decode()
+    assert "<code>trainer.main:run</code>" in page
+    assert "<code>torch-2.13-py311</code>" in page
+    assert "<code>epochs</code>" in page and "<code>10</code>" in page
+    assert "&quot;exclusiveMinimum&quot;: 0" in page  # the schema in full
+    assert "tiny-cnn" in client.get(listing).content.decode()
+    package_page = client.get(reverse("registry:code_package", args=[org.slug, "tiny-cnn"]))
+    assert "v1" in package_page.content.decode()
+
+
+def test_a_bad_manifest_from_the_page_is_explained_and_stores_nothing(
+    org, member_factory, client, local_store
+):
+    client.force_login(member_factory(org, "developer"))
+    manifest = MANIFEST.replace(b'"trainer.main:run"', b'"../../x:y"')
+    response = client.post(
+        reverse("registry:code_packages", args=[org.slug]),
+        {"file": SimpleUploadedFile("pkg.zip", make_zip(package(manifest)))},
+    )
+    assert response.status_code == 400
+    assert "entry.train" in response.content.decode()
+    _nothing_stored(org, local_store)
+
+
+def test_a_viewer_sees_the_code_page_without_the_upload_form(
+    org, member_factory, client, local_store
+):
+    client.force_login(member_factory(org, "viewer"))
+    page = client.get(reverse("registry:code_packages", args=[org.slug]))
+    assert page.status_code == 200
+    assert b'enctype="multipart/form-data"' not in page.content
