@@ -5,6 +5,8 @@ from django.contrib import admin
 from tenants.admin import ReadOnlyAdmin as BaseReadOnlyAdmin
 
 from .models import (
+    CodePackage,
+    CodePackageVersion,
     Dataset,
     DatasetVersion,
     ModelAlias,
@@ -113,3 +115,28 @@ class StorageAccountAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request):
         return False
+
+
+@admin.register(CodePackage)
+class CodePackageAdmin(BaseReadOnlyAdmin):
+    list_display = ["name", "organization", "created_by", "created_at"]
+    list_filter = ["organization", "created_at"]
+    search_fields = ["name", "organization__name"]
+    list_select_related = ["organization", "created_by"]
+
+
+@admin.register(CodePackageVersion)
+class CodePackageVersionAdmin(BaseReadOnlyAdmin):
+    """Read only, not even deletable here: a job's record of what code it ran must stay true."""
+
+    list_display = [
+        "package",
+        "number",
+        "organization",
+        "archive_format",
+        "size_bytes",
+        "created_at",
+    ]
+    list_filter = ["archive_format", "organization", "created_at"]
+    search_fields = ["package__name", "sha256", "storage_key", "original_filename"]
+    list_select_related = ["package", "organization"]

@@ -8,6 +8,13 @@ class NamedForm(forms.Form):
     description = forms.CharField(required=False, widget=forms.Textarea(attrs={"rows": 2}))
 
 
+class CodePackageUploadForm(forms.Form):
+    file = forms.FileField(
+        label="Package archive",
+        help_text="A .zip or .tar.gz of the package folder, with factory.toml at its root.",
+    )
+
+
 class AliasForm(forms.Form):
     alias = forms.CharField(max_length=100, validators=[name_validator], initial="production")
     version = forms.ChoiceField(choices=())

@@ -250,3 +250,72 @@ class StorageAccount(OrganizationOwned):
 
     def __str__(self):
         return f"{self.organization}: {self.used_bytes}/{self.quota_bytes} bytes"
+
+
+class CodePackage(OrganizationOwned):
+    """A tenant's own training code, by name; its bytes live only in immutable versions.
+
+    It lives in the registry beside Dataset because it is the same kind of thing: a named,
+    versioned, tenant-owned artifact in storage, uploaded through the same size limits, quota,
+    archive guards and orphan sweep, and read by jobs the way they read dataset versions.
+    Running it is the jobs app's business (the sandbox), never the registry's.
+    """
+
+    name = models.CharField(max_length=100, validators=[name_validator])
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "name"], name="code_package_unique_name"
+            ),
+        ]
+
+    def __str__(self):
+        return self.name
+
+
+class CodePackageVersion(OrganizationOwned):
+    """One uploaded archive (zip or tar.gz) of a code package and its parsed `factory.toml`.
+
+    Never changed after it is written: a job that ran version 3 can always say exactly which
+    bytes it ran (the sha256) and what the manifest promised.
+    """
+
+    class ArchiveFormat(models.TextChoices):
+        ZIP = "zip", "Zip"
+        TAR_GZ = "tar.gz", "Gzipped tar"
+
+    package = models.ForeignKey(CodePackage, on_delete=models.CASCADE, related_name="versions")
+    number = models.PositiveIntegerField()
+    storage_key = models.CharField(max_length=500, unique=True)
+    original_filename = models.CharField(max_length=255, blank=True)
+    archive_format = models.CharField(max_length=10, choices=ArchiveFormat.choices)
+    size_bytes = models.BigIntegerField()
+    sha256 = models.CharField(max_length=64)
+    # The manifest as registry.formats.code_packages.parse_manifest returned it: normalized,
+    # with every field checked, so readers never parse TOML again.
+    manifest = models.JSONField()
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-number"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["package", "number"], name="code_package_version_unique_number"
+            ),
+            models.CheckConstraint(
+                condition=models.Q(size_bytes__gte=0), name="code_package_version_size_nonneg"
+            ),
+        ]
+        indexes = [models.Index(fields=["organization", "-created_at"], name="cpv_org_time")]
+
+    def __str__(self):
+        return f"{self.package.name} v{self.number}"

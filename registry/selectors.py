@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from django.conf import settings
-from django.db.models import Count, QuerySet
+from django.db.models import Count, Max, QuerySet
 from django.http import Http404
 from django.utils import timezone
 
 from tenants.models import Organization
 
 from .models import (
+    CodePackage,
+    CodePackageVersion,
     Dataset,
     DatasetVersion,
     ModelAlias,
@@ -63,6 +65,33 @@ def pending_uploads_open(*, organization: Organization) -> QuerySet[PendingUploa
     return PendingUpload.objects.for_organization(organization).filter(
         expires_at__gt=timezone.now()
     )
+
+
+def code_package_list(*, organization: Organization) -> QuerySet[CodePackage]:
+    return CodePackage.objects.for_organization(organization).annotate(
+        version_count=Count("versions"), latest_version=Max("versions__number")
+    )
+
+
+def code_package_get(*, organization: Organization, name: str) -> CodePackage:
+    package = CodePackage.objects.for_organization(organization).filter(name=name).first()
+    if package is None:
+        raise Http404
+    return package
+
+
+def code_package_version_get(
+    *, organization: Organization, package_name: str, number: int
+) -> CodePackageVersion:
+    version = (
+        CodePackageVersion.objects.for_organization(organization)
+        .select_related("package", "created_by")
+        .filter(package__name=package_name, number=number)
+        .first()
+    )
+    if version is None:
+        raise Http404
+    return version
 
 
 def registered_model_list(*, organization: Organization) -> QuerySet[RegisteredModel]:

@@ -18,6 +18,13 @@ urlpatterns = [
         views.DatasetVersionDownload.as_view(),
         name="dataset_version_download",
     ),
+    path("code/", views.CodePackagesPage.as_view(), name="code_packages"),
+    path("code/<str:name>/", views.CodePackagePage.as_view(), name="code_package"),
+    path(
+        "code/<str:name>/v/<int:number>/",
+        views.CodePackageVersionPage.as_view(),
+        name="code_package_version",
+    ),
     path("models/", views.ModelsPage.as_view(), name="models"),
     path("models/<str:name>/", views.ModelPage.as_view(), name="model"),
     path(

@@ -1,7 +1,9 @@
-"""Dashboard pages for datasets, models, versions, aliases and lineage."""
+"""Dashboard pages for datasets, models, code packages, versions, aliases and lineage."""
 
+import json
 from urllib.parse import urlencode
 
+from django.conf import settings
 from django.contrib import messages
 from django.core.paginator import Paginator
 from django.shortcuts import redirect
@@ -14,9 +16,17 @@ from tenants.standing import Effect
 from tenants.views.base import OrganizationPageMixin
 
 from . import selectors, services
-from .forms import AliasForm, NamedForm
-from .models import Dataset, DatasetVersion, ModelVersion, RegisteredModel
+from .forms import AliasForm, CodePackageUploadForm, NamedForm
+from .models import (
+    CodePackage,
+    CodePackageVersion,
+    Dataset,
+    DatasetVersion,
+    ModelVersion,
+    RegisteredModel,
+)
 from .storage import DOWNLOAD_URL_TTL_S, get_storage
+from .uploads import refuse_oversized_body, uploaded_path
 
 
 def lineage_with_links(organization, version) -> dict:
@@ -240,4 +250,100 @@ class ModelVersionPage(OrganizationPageMixin, TemplateView):
             for a in version.artifacts.all()
         ]
         context["lineage"] = lineage_with_links(self.organization, version)
+        return context
+
+
+class CodePackagesPage(OrganizationPageMixin, TemplateView):
+    """Every code package with its latest version, and the form that uploads one."""
+
+    template_name = "registry/code_packages.html"
+    required_scopes = {"get": "code:read", "post": "code:write"}
+
+    def get_context_data(self, **kwargs):
+        context = super().get_context_data(**kwargs)
+        packages = selectors.code_package_list(organization=self.organization).order_by("name")
+        context["page"] = Paginator(packages, LIST_PAGE_SIZE).get_page(self.request.GET.get("page"))
+        context.setdefault("form", CodePackageUploadForm())
+        context["max_bytes"] = settings.CODE_PACKAGE_MAX_UPLOAD_BYTES
+        return context
+
+    def post(self, request, org_slug):
+        try:
+            # Before the body is read: an oversized one is refused unread.
+            refuse_oversized_body(request, limit=settings.CODE_PACKAGE_MAX_UPLOAD_BYTES)
+        except DomainError as error:
+            form = CodePackageUploadForm()
+            form.add_error(None, error.detail)
+            return self.render_to_response(self.get_context_data(form=form), status=400)
+        form = CodePackageUploadForm(request.POST, request.FILES)
+        if form.is_valid():
+            uploaded = form.cleaned_data["file"]
+            try:
+                with uploaded_path(uploaded) as path:
+                    version = services.code_package_version_create(
+                        organization=self.organization,
+                        path=path,
+                        filename=uploaded.name or "package",
+                        actor=self.actor,
+                    )
+            except DomainError as error:
+                form.add_error("file", error.detail)
+            else:
+                messages.success(request, f"{version} uploaded.")
+                return redirect(
+                    "registry:code_package_version", org_slug, version.package.name, version.number
+                )
+        return self.render_to_response(self.get_context_data(form=form), status=400)
+
+
+class CodePackagePage(OrganizationPageMixin, TemplateView):
+    template_name = "registry/code_package.html"
+    required_scopes = {"get": "code:read"}
+    model = CodePackage
+    lookup_fields = {"name": "name"}
+
+    def get_context_data(self, **kwargs):
+        context = super().get_context_data(**kwargs)
+        package = self.get_org_object()
+        context["package"] = package
+        context["versions"] = package.versions.select_related("created_by")[:200]
+        return context
+
+
+class CodePackageVersionPage(OrganizationPageMixin, TemplateView):
+    """The manifest as stored, with the parameters a job will be asked for spelled out."""
+
+    template_name = "registry/code_package_version.html"
+    required_scopes = {"get": "code:read"}
+    model = CodePackageVersion
+    lookup_fields = {"package__name": "name", "number": "number"}
+
+    def narrow_queryset(self, queryset):
+        return queryset.select_related("package", "created_by")
+
+    def get_context_data(self, **kwargs):
+        context = super().get_context_data(**kwargs)
+        version = self.get_org_object()
+        schema = version.manifest.get("parameters", {})
+        required = set(schema.get("required", []))
+        context["version"] = version
+        context["manifest"] = version.manifest
+        context["parameters"] = [
+            {
+                "name": name,
+                "type": spec.get("type", "") if isinstance(spec, dict) else "",
+                "required": name in required,
+                "default": json.dumps(spec["default"])
+                if isinstance(spec, dict) and "default" in spec
+                else "",
+                "description": spec.get("description", "") if isinstance(spec, dict) else "",
+            }
+            for name, spec in schema.get("properties", {}).items()
+        ]
+        context["schema_json"] = json.dumps(schema, indent=2, sort_keys=True)
+        context["download_url"] = get_storage().presigned_get_url(
+            version.storage_key,
+            filename=f"{version.package.name}-v{version.number}.{version.archive_format}",
+            expires_s=DOWNLOAD_URL_TTL_S,
+        )
         return context

@@ -29,6 +29,8 @@ SCOPES: dict[str, str] = {
     "models:read": "See and download models",
     "models:write": "Register and edit models",
     "models:promote": "Move model aliases such as production",
+    "code:read": "See and download code packages and their manifests",
+    "code:write": "Upload code packages (the code runs only in the sandbox, on jobs one submits)",
     "deployments:read": "See deployments, their replicas, timeline and live metrics",
     "deployments:write": "Create, change, route and delete deployments (replicas cost money)",
     "predict": "Call a deployment for predictions and send back their labels",
@@ -44,6 +46,8 @@ _BUILD = {
     "datasets:write",
     "models:read",
     "models:write",
+    "code:read",
+    "code:write",
     "deployments:read",
     "deployments:write",
     "predict",
@@ -54,7 +58,7 @@ ROLE_SCOPES: dict[str, frozenset[str]] = {
     Role.ADMIN: frozenset(SCOPES) - {"members:owner", "billing:admin"},
     Role.DEVELOPER: frozenset(_READ | _BUILD | {"models:promote"}),
     Role.VIEWER: frozenset(
-        _READ | {"jobs:read", "datasets:read", "models:read", "deployments:read"}
+        _READ | {"jobs:read", "datasets:read", "models:read", "code:read", "deployments:read"}
     ),
     Role.BILLING: frozenset(_READ | {"billing:read", "billing:admin"}),
 }

@@ -36,6 +36,7 @@ SCOPE_EFFECTS: dict[str, Effect] = {
     "jobs:read": Effect.READ,
     "datasets:read": Effect.READ,
     "models:read": Effect.READ,
+    "code:read": Effect.READ,
     "billing:read": Effect.READ,
     "deployments:read": Effect.READ,
     "billing:admin": Effect.PAY,
@@ -48,6 +49,7 @@ SCOPE_EFFECTS: dict[str, Effect] = {
     "jobs:write": Effect.SPEND,
     "datasets:write": Effect.SPEND,
     "models:write": Effect.SPEND,
+    "code:write": Effect.SPEND,
     "deployments:write": Effect.SPEND,
     "predict": Effect.SPEND,
 }

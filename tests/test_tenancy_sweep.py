@@ -6,9 +6,12 @@ declare its scope, and have an entry in CALLS: the valid request a permitted rol
 proves the action ran. A route without one of these fails, saying what to add.
 """
 
+import io
 import json
 import re
 import secrets
+import tempfile
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -26,6 +29,8 @@ from safetensors.numpy import save as save_safetensors
 from billing.models import BillingAccount, Invoice
 from jobs.models import Job, JobState, ResourceClass, Sweep
 from registry.models import (
+    CodePackage,
+    CodePackageVersion,
     Dataset,
     DatasetVersion,
     ModelAlias,
@@ -33,6 +38,7 @@ from registry.models import (
     PendingUpload,
     RegisteredModel,
 )
+from registry.services import code_package_version_create
 from registry.storage import get_storage
 from serving import models as serving_models
 from serving.models import Deployment, PredictionLog, RetrainPolicy
@@ -195,6 +201,33 @@ def _make_model_version(organization, requester):
     }
 
 
+def _code_zip(name: str) -> bytes:
+    manifest = (
+        f'[package]\nname = "{name}"\n[entry]\ntrain = "pkg.main:run"\n'
+        '[runtime]\nname = "torch-2.13-py311"\n[outputs]\nmodel = true\n'
+    )
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("factory.toml", manifest)
+        archive.writestr("pkg/main.py", "def run(ctx):\n    pass\n")
+    return buffer.getvalue()
+
+
+def _make_code_package_version(organization, requester):
+    from pathlib import Path
+
+    from tenants.actors import Actor
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "made.zip"
+        path.write_bytes(_code_zip(f"made-{secrets.token_hex(3)}"))
+        version = code_package_version_create(
+            organization=organization, path=path, filename="made.zip", actor=Actor()
+        )
+    name = version.package.name
+    return {"name": name, "package_name": name, "number": version.number}
+
+
 def _make_job(organization, requester):
     return {"pk": JobFactory(organization=organization).pk}
 
@@ -289,6 +322,8 @@ OBJECT_MAKERS = {
     RegisteredModel: _make_model_version,
     ModelVersion: _make_model_version,
     ModelAlias: _make_model_version,
+    CodePackage: _make_code_package_version,
+    CodePackageVersion: _make_code_package_version,
     Job: _make_job,
     Sweep: _make_sweep,
     Invoice: _make_invoice,
@@ -400,6 +435,16 @@ def _upload_finalized(case):
     return DatasetVersion.objects.filter(
         organization=case.org, dataset__name=case.made["name"], original_filename="big.csv"
     ).exists()
+
+
+def _code_uploaded(case):
+    return CodePackageVersion.objects.filter(
+        organization=case.org, package__name="swept-code", original_filename="swept.zip"
+    ).exists()
+
+
+def _code_file():
+    return SimpleUploadedFile("swept.zip", _code_zip("swept-code"))
 
 
 def _model_made(case):
@@ -695,6 +740,15 @@ CALLS: dict[str, Call] = {
         201, body=lambda c: {"filename": "swept.csv", "size_bytes": 20}, wrote=_upload_started
     ),
     "POST dataset-upload-finalize": Call(201, prepare=_put_upload_bytes, wrote=_upload_finalized),
+    # API: code packages
+    "GET code-package-list": OK,
+    "POST code-package-list": Call(
+        201, body=lambda c: {"file": _code_file()}, multipart=True, wrote=_code_uploaded
+    ),
+    "GET code-package-detail": OK,
+    "GET code-package-version-list": OK,
+    "GET code-package-version-detail": OK,
+    "GET code-package-version-download": OK,
     # API: models
     "GET model-list": OK,
     "POST model-list": Call(201, body=lambda c: {"name": "swept-model"}, wrote=_model_made),
@@ -841,6 +895,12 @@ CALLS: dict[str, Call] = {
     "GET registry:dataset": OK,
     "GET registry:dataset_version": OK,
     "GET registry:dataset_version_download": Call(302),  # to the object's signed URL
+    "GET registry:code_packages": OK,
+    "POST registry:code_packages": Call(
+        302, body=lambda c: {"file": _code_file()}, wrote=_code_uploaded
+    ),
+    "GET registry:code_package": OK,
+    "GET registry:code_package_version": OK,
     "GET registry:models": OK,
     "POST registry:models": Call(302, body=lambda c: {"name": "swept-model"}, wrote=_model_made),
     "GET registry:model": OK,

@@ -151,6 +151,9 @@ S3_SECRET_ACCESS_KEY = env("S3_SECRET_ACCESS_KEY", default="")
 # Until plans land with billing, every organization gets this storage quota.
 STORAGE_QUOTA_DEFAULT_BYTES = env.int("STORAGE_QUOTA_DEFAULT_BYTES", default=50 * 1024**3)
 DATASET_MAX_UPLOAD_BYTES = env.int("DATASET_MAX_UPLOAD_BYTES", default=5 * 1024**3)
+# A code package is source, not data or weights (those are datasets and models): a small limit
+# keeps a bomb or a stray checkpoint out, and every upload of one fits in a direct request.
+CODE_PACKAGE_MAX_UPLOAD_BYTES = env.int("CODE_PACKAGE_MAX_UPLOAD_BYTES", default=100 * 1024**2)
 # Started, not yet finalized uploads an organization may hold at once (each reserves quota).
 STORAGE_MAX_OPEN_UPLOADS = env.int("STORAGE_MAX_OPEN_UPLOADS", default=20)
 # Uploads above this size are spooled to disk by Django, never held in memory.

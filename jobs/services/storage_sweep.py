@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from django.utils import timezone
 
 from jobs.models import Job
-from registry.models import DatasetVersion, ModelArtifact, PendingUpload
+from registry.models import CodePackageVersion, DatasetVersion, ModelArtifact, PendingUpload
 from registry.services import pending_uploads_expire
 from registry.storage import StorageError, get_storage
 from tenants.models import Organization
@@ -27,6 +27,7 @@ REFERENCES = (
     (DatasetVersion, "storage_key"),
     (ModelArtifact, "storage_key"),
     (PendingUpload, "storage_key"),
+    (CodePackageVersion, "storage_key"),
     (Job, "checkpoint_key"),
 )
 

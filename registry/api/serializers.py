@@ -4,6 +4,8 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from registry.models import (
+    CodePackage,
+    CodePackageVersion,
     Dataset,
     DatasetFormat,
     DatasetVersion,
@@ -276,3 +278,80 @@ class LineageSerializer(serializers.Serializer):
     root = serializers.CharField()
     nodes = serializers.ListField(child=serializers.DictField())
     edges = serializers.ListField(child=serializers.DictField())
+
+
+class CodePackageSerializer(serializers.ModelSerializer):
+    version_count = serializers.IntegerField(read_only=True, default=0)
+    latest_version = serializers.IntegerField(read_only=True, default=None, allow_null=True)
+
+    class Meta:
+        model = CodePackage
+        fields = ["name", "version_count", "latest_version", "created_at"]
+        read_only_fields = fields
+
+
+class CodeManifestPackageSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    version = serializers.CharField(allow_null=True)
+
+
+class CodeManifestEntrySerializer(serializers.Serializer):
+    train = serializers.CharField(help_text='"module:function" run by a training job.')
+    predict = serializers.CharField(
+        allow_null=True, help_text='"module:function" for batch inference, if the package has one.'
+    )
+
+
+class CodeManifestRuntimeSerializer(serializers.Serializer):
+    name = serializers.CharField()
+
+
+class CodeManifestOutputsSerializer(serializers.Serializer):
+    model = serializers.BooleanField()
+    dataset = serializers.BooleanField()
+
+
+class CodeManifestSerializer(serializers.Serializer):
+    """The package's factory.toml as the registry checked and stored it."""
+
+    package = CodeManifestPackageSerializer()
+    entry = CodeManifestEntrySerializer()
+    runtime = CodeManifestRuntimeSerializer()
+    outputs = CodeManifestOutputsSerializer()
+    parameters = serializers.DictField(
+        help_text="JSON Schema (Draft 2020-12) of the parameters object a job passes."
+    )
+
+
+class CodePackageVersionSerializer(serializers.ModelSerializer):
+    package = serializers.CharField(source="package.name", read_only=True)
+    created_by = serializers.EmailField(
+        source="created_by.email", read_only=True, default=None, allow_null=True
+    )
+    manifest = CodeManifestSerializer(read_only=True)
+
+    class Meta:
+        model = CodePackageVersion
+        fields = [
+            "package",
+            "number",
+            "archive_format",
+            "original_filename",
+            "size_bytes",
+            "sha256",
+            "manifest",
+            "created_by",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+
+class CodePackageUploadSerializer(serializers.Serializer):
+    file = serializers.FileField(
+        help_text="A zip or tar.gz of the package folder, with factory.toml at its root."
+    )
+    sha256 = serializers.RegexField(
+        r"^[0-9a-fA-F]{64}$",
+        required=False,
+        help_text="Optional: the file's sha256 (hex); a mismatch refuses the upload.",
+    )

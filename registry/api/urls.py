@@ -54,6 +54,36 @@ org_urlpatterns = [
         "dataset-upload-finalize",
     ),
     _route(
+        "code-packages/",
+        views.CodePackageViewSet,
+        {"get": "list", "post": "create"},
+        "code-package-list",
+    ),
+    _route(
+        "code-packages/<str:name>/",
+        views.CodePackageViewSet,
+        {"get": "retrieve"},
+        "code-package-detail",
+    ),
+    _route(
+        "code-packages/<str:package_name>/versions/",
+        views.CodePackageVersionViewSet,
+        {"get": "list"},
+        "code-package-version-list",
+    ),
+    _route(
+        "code-packages/<str:package_name>/versions/<int:number>/",
+        views.CodePackageVersionViewSet,
+        {"get": "retrieve"},
+        "code-package-version-detail",
+    ),
+    _route(
+        "code-packages/<str:package_name>/versions/<int:number>/download/",
+        views.CodePackageVersionViewSet,
+        {"get": "download"},
+        "code-package-version-download",
+    ),
+    _route(
         "models/", views.RegisteredModelViewSet, {"get": "list", "post": "create"}, "model-list"
     ),
     _route(

@@ -1,7 +1,3 @@
-import contextlib
-import tempfile
-from pathlib import Path
-
 from django.conf import settings
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import mixins, status
@@ -10,8 +6,10 @@ from rest_framework.parsers import JSONParser, MultiPartParser
 from rest_framework.response import Response
 
 from registry import selectors, services
-from registry.formats import DatasetFormatError
+from registry.formats.code_packages import CodePackageError
 from registry.models import (
+    CodePackage,
+    CodePackageVersion,
     Dataset,
     DatasetVersion,
     ModelAlias,
@@ -20,40 +18,11 @@ from registry.models import (
     RegisteredModel,
 )
 from registry.storage import DOWNLOAD_URL_TTL_S, get_storage
+from registry.uploads import refuse_oversized_body, uploaded_path
 from tenants.api.base import OrganizationScopedViewSet
 from tenants.standing import Effect
 
 from . import serializers as s
-
-# Multipart framing around the file itself.
-MULTIPART_OVERHEAD_BYTES = 1024 * 1024
-
-
-@contextlib.contextmanager
-def uploaded_path(uploaded):
-    """The upload as a file on disk: Django's spooled temp file, or a copy of a small one."""
-    if hasattr(uploaded, "temporary_file_path"):
-        yield Path(uploaded.temporary_file_path())
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "upload"
-        with path.open("wb") as target:
-            for chunk in uploaded.chunks():
-                target.write(chunk)
-        yield path
-
-
-def refuse_oversized_body(request) -> None:
-    """Refuse before reading the body when its declared length is already over the limit."""
-    try:
-        length = int(request.META.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        length = 0
-    if length > settings.DATASET_MAX_UPLOAD_BYTES + MULTIPART_OVERHEAD_BYTES:
-        raise DatasetFormatError(
-            f"The upload is {length} bytes; the limit is {settings.DATASET_MAX_UPLOAD_BYTES}. "
-            "Use a presigned upload for large files, or split the data into versions."
-        )
 
 
 def download_entry(*, name: str, key: str, size: int, sha256: str) -> dict:
@@ -464,3 +433,89 @@ class ModelAliasViewSet(
 
     def perform_destroy(self, instance):
         services.model_alias_delete(alias=instance, actor=self.actor)
+
+
+@extend_schema(tags=["code"])
+@extend_schema_view(
+    create=extend_schema(
+        request={"multipart/form-data": s.CodePackageUploadSerializer},
+        responses={201: s.CodePackageVersionSerializer},
+        description="Upload a code package (a zip or tar.gz with factory.toml at its root) as "
+        "the next version of the package its manifest names; the package is created on its "
+        "first upload. A bad archive or manifest is refused with a 400 naming the field, and "
+        "nothing is stored. Running packages comes with a later release.",
+    ),
+)
+class CodePackageViewSet(
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.CreateModelMixin,
+    OrganizationScopedViewSet,
+):
+    model = CodePackage
+    serializer_class = s.CodePackageSerializer
+    lookup_field = "name"
+    http_method_names = ["get", "post", "head"]
+    parser_classes = [MultiPartParser]
+    throttle_scopes = {"create": "upload"}
+    required_scopes = {
+        "list": "code:read",
+        "retrieve": "code:read",
+        "create": "code:write",
+    }
+
+    def narrow_queryset(self, queryset):
+        return selectors.code_package_list(organization=self.organization)
+
+    def create(self, request, *args, **kwargs):
+        refuse_oversized_body(
+            request, limit=settings.CODE_PACKAGE_MAX_UPLOAD_BYTES, error=CodePackageError
+        )
+        data = s.CodePackageUploadSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        uploaded = data.validated_data["file"]
+        with uploaded_path(uploaded) as path:
+            version = services.code_package_version_create(
+                organization=self.organization,
+                path=path,
+                filename=uploaded.name or "package",
+                expected_sha256=data.validated_data.get("sha256"),
+                actor=self.actor,
+            )
+        return Response(
+            s.CodePackageVersionSerializer(version).data, status=status.HTTP_201_CREATED
+        )
+
+
+@extend_schema(tags=["code"])
+@extend_schema_view(download=extend_schema(responses=s.DownloadSerializer))
+class CodePackageVersionViewSet(
+    mixins.ListModelMixin, mixins.RetrieveModelMixin, OrganizationScopedViewSet
+):
+    model = CodePackageVersion
+    serializer_class = s.CodePackageVersionSerializer
+    lookup_field = "number"
+    required_scopes = {
+        "list": "code:read",
+        "retrieve": "code:read",
+        "download": "code:read",
+    }
+
+    def narrow_queryset(self, queryset):
+        self.package = selectors.code_package_get(
+            organization=self.organization, name=self.kwargs["package_name"]
+        )
+        return queryset.filter(package=self.package).select_related("package", "created_by")
+
+    @action(detail=True, methods=["get"])
+    def download(self, request, *args, **kwargs):
+        version = self.get_object()
+        ext = "zip" if version.archive_format == CodePackageVersion.ArchiveFormat.ZIP else "tar.gz"
+        return Response(
+            download_entry(
+                name=f"{version.package.name}-v{version.number}.{ext}",
+                key=version.storage_key,
+                size=version.size_bytes,
+                sha256=version.sha256,
+            )
+        )

@@ -53,22 +53,7 @@ def open_checked_zip(path: Path, *, limits: DatasetLimits) -> zipfile.ZipFile:
 def check_entry(info: zipfile.ZipInfo) -> None:
     """Refuse names that could escape a folder, links, and encrypted entries."""
     name = info.filename
-    if not name.strip("/"):
-        raise DatasetFormatError("The zip has an entry without a name; re-create the zip.")
-    if "\\" in name:
-        raise DatasetFormatError(
-            f"The zip entry {name!r} uses backslashes; "
-            "create the zip with forward-slash paths (any standard zip tool does)."
-        )
-    if name.startswith("/") or _WINDOWS_DRIVE.match(name):
-        raise DatasetFormatError(
-            f"The zip entry {name!r} has an absolute path; zip the folder with relative paths."
-        )
-    if ".." in PurePosixPath(name).parts:
-        raise DatasetFormatError(
-            f"The zip entry {name!r} points outside the archive with '..'; "
-            "zip the folder itself so every path stays inside it."
-        )
+    check_entry_path(name)
     if stat.S_ISLNK(info.external_attr >> 16):
         raise DatasetFormatError(
             f"The zip entry {name!r} is a symbolic link; replace links with the files themselves."
@@ -81,6 +66,28 @@ def check_entry(info: zipfile.ZipInfo) -> None:
         raise DatasetFormatError(
             f"The zip entry {name!r} uses compression method {info.compress_type}; we accept "
             "stored or deflate entries only, which numpy.savez and every common zip tool write."
+        )
+
+
+def check_entry_path(name: str, *, archive: str = "zip") -> None:
+    """Refuse an entry name (of a zip, or of a tar with `archive="tar"`) that could land outside
+    the folder it is extracted into: empty, backslashed, absolute, or climbing with '..'."""
+    if not name.strip("/"):
+        raise DatasetFormatError(f"The {archive} has an entry without a name; re-create it.")
+    if "\\" in name:
+        raise DatasetFormatError(
+            f"The {archive} entry {name!r} uses backslashes; "
+            "create the archive with forward-slash paths (any standard tool does)."
+        )
+    if name.startswith("/") or _WINDOWS_DRIVE.match(name):
+        raise DatasetFormatError(
+            f"The {archive} entry {name!r} has an absolute path; "
+            "archive the folder with relative paths."
+        )
+    if ".." in PurePosixPath(name).parts:
+        raise DatasetFormatError(
+            f"The {archive} entry {name!r} points outside the archive with '..'; "
+            "archive the folder itself so every path stays inside it."
         )
 
 

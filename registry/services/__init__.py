@@ -1,5 +1,6 @@
 """Writes for the registry: datasets, model versions, aliases, and the storage they use."""
 
+from .code_packages import code_package_version_create
 from .datasets import (
     dataset_create,
     dataset_delete,
@@ -19,6 +20,7 @@ from .model_versions import (
 from .storage_accounts import storage_account_ensure
 
 __all__ = [
+    "code_package_version_create",
     "dataset_create",
     "dataset_delete",
     "dataset_update",

@@ -8,7 +8,7 @@ import re
 import unicodedata
 import uuid
 
-OBJECT_KINDS = frozenset({"datasets", "models", "checkpoints", "uploads", "predictions"})
+OBJECT_KINDS = frozenset({"datasets", "models", "checkpoints", "uploads", "predictions", "code"})
 
 MAX_BASENAME_LENGTH = 100
 _DEFAULT_BASENAME = "data"

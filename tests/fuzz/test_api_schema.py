@@ -16,6 +16,7 @@ in a savepoint that is rolled back, so every one sees the same seeded data.
 
 import re
 import secrets
+import zipfile
 from datetime import timedelta
 from types import SimpleNamespace
 
@@ -165,6 +166,18 @@ def _seed_tenant(tmp_path, *, marker: str, ids: int | None = None) -> dict:
         registered_model=registered_model, alias="production", version=model_version, actor=actor
     )
 
+    code_path = tmp_path / f"{marker}-code.zip"
+    with zipfile.ZipFile(code_path, "w") as archive:
+        archive.writestr(
+            "factory.toml",
+            f'[package]\nname = "{marker}-code"\n[entry]\ntrain = "pkg.main:run"\n'
+            '[runtime]\nname = "torch-2.13-py311"\n[outputs]\nmodel = true\n',
+        )
+        archive.writestr("pkg/main.py", "def run(ctx):\n    pass\n")
+    code_version = registry_services.code_package_version_create(
+        organization=organization, path=code_path, filename="code.zip", actor=actor
+    )
+
     cpu = ResourceClass.objects.get(name="cpu")
     retrain = _seed_retrain(
         organization, marker=marker, champion=model_version, weights_path=weights_path, pk=pk
@@ -220,7 +233,9 @@ def _seed_tenant(tmp_path, *, marker: str, ids: int | None = None) -> dict:
             "datasets": [dataset.name],
             "models": [registered_model.name],
             "deployments": [retrain.deployment.name],
+            "code-packages": [code_version.package.name],
         },
+        "package_name": [code_version.package.name],
         "dataset_name": [dataset.name],
         "model_name": [registered_model.name],
         "number": [dataset_version.number, model_version.number],
@@ -247,6 +262,7 @@ def _seed_tenant(tmp_path, *, marker: str, ids: int | None = None) -> dict:
             sweep.name,
             invoice.number,
             retrain.deployment.name,
+            code_version.package.name,
         ],
     }
 

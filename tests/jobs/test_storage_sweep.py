@@ -56,3 +56,24 @@ def test_an_upload_abandoned_past_its_expiry_is_forgotten_and_its_object_deleted
     assert storage.size(abandoned.storage_key) is None
     assert list(PendingUpload.objects.values_list("pk", flat=True)) == [open_upload.pk]
     assert storage.size(open_upload.storage_key) == len(b"on its way")
+
+
+def test_a_code_package_versions_archive_is_not_an_orphan(storage, org):
+    from registry.models import CodePackage, CodePackageVersion
+
+    key = _store(storage, org, "code")
+    package = CodePackage.objects.create(organization=org, name="kept")
+    CodePackageVersion.objects.create(
+        organization=org,
+        package=package,
+        number=1,
+        storage_key=key,
+        archive_format="zip",
+        size_bytes=5,
+        sha256="0" * 64,
+        manifest={},
+    )
+    orphan = _store(storage, org, "code")
+
+    assert storage_orphans_sweep(older_than=HOUR, now=timezone.now() + 2 * HOUR) == [orphan]
+    assert storage.size(key) == 5

@@ -532,6 +532,8 @@ EXPECTED_EFFECTS: dict[str, Effect] = {
     "PUT model-alias-detail": Effect.CHANGE,
     "DELETE model-alias-detail": Effect.REDUCE,
     "POST model-predict": Effect.READ,  # gone (410): deployments predict
+    "POST code-package-list": Effect.SPEND,  # an upload stores bytes
+    "POST registry:code_packages": Effect.SPEND,
     "POST registry:datasets": Effect.CHANGE,
     "POST registry:models": Effect.CHANGE,
     "POST registry:model": Effect.CHANGE,
