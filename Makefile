@@ -10,6 +10,9 @@ DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/factory_saas
 REDIS_URL ?= redis://127.0.0.1:6379/0
 # pytest-xdist processes for the suite (one per core here); `serial` tests run alone after them.
 TEST_WORKERS ?= 2
+# The runtime own-code jobs get by default: the worker's own environment (torch 2.13, numpy,
+# pyarrow, safetensors), named as jobs ask for it. Operators add others: docs/operations.md.
+WORKER_RUNTIMES ?= torch-2.13-py311=$(abspath $(BIN))/python
 TEST_ENV := DJANGO_SETTINGS_MODULE=factory_saas.settings.test DATABASE_URL=$(DATABASE_URL) REDIS_URL=$(REDIS_URL)
 
 .PHONY: install run worker test lint audit screenshots clean
@@ -24,7 +27,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: install
-	export DJANGO_SETTINGS_MODULE=factory_saas.settings.embedded; \
+	export DJANGO_SETTINGS_MODULE=factory_saas.settings.embedded WORKER_RUNTIMES="$(WORKER_RUNTIMES)"; \
 	$(BIN)/python manage.py migrate --noinput && \
 	$(BIN)/python manage.py seed_demo && \
 	$(BIN)/python manage.py seed_samples --org demo-lab && \
@@ -33,7 +36,7 @@ run: install
 
 # One GPU machine of the pool (or CPU slots without GPUs), against the configured database/broker.
 worker: install
-	$(BIN)/python manage.py run_worker
+	WORKER_RUNTIMES="$(WORKER_RUNTIMES)" $(BIN)/python manage.py run_worker
 
 lint: install
 	$(BIN)/ruff format --check .

@@ -1,10 +1,22 @@
-"""Operator console for the pool: cordon, drain, uncordon; cancel or requeue jobs; quotas."""
+"""Operator console for the pool: cordon, drain, uncordon; cancel or requeue jobs; quotas;
+the runtimes workers report (read only)."""
 
 from django.contrib import admin, messages
+from django.db.models import Count, Q
 
 from tenants.actors import Actor
 
-from .models import Job, JobAttempt, JobEvent, JobState, Quota, ResourceClass, Worker
+from .models import (
+    Job,
+    JobAttempt,
+    JobEvent,
+    JobState,
+    Quota,
+    ResourceClass,
+    Runtime,
+    Worker,
+    WorkerRuntime,
+)
 from .services import job_cancel
 from .services.pool import job_preempt, worker_set_status
 
@@ -30,6 +42,72 @@ def _set_status(status):
     return action
 
 
+class _ReadOnlyInline(admin.TabularInline):
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+class WorkerRuntimeInline(_ReadOnlyInline):
+    """A worker's runtimes as it reported them at its last start."""
+
+    model = WorkerRuntime
+    fields = ["runtime", "interpreter", "error", "reported_at"]
+    readonly_fields = fields
+
+
+class RuntimeWorkerInline(_ReadOnlyInline):
+    """The workers that reported a runtime, working or broken."""
+
+    model = WorkerRuntime
+    fields = ["worker", "interpreter", "error", "reported_at"]
+    readonly_fields = fields
+    verbose_name_plural = "workers reporting it"
+
+
+@admin.register(Runtime)
+class RuntimeAdmin(admin.ModelAdmin):
+    """Workers' reports are the source of runtimes: nothing here is added, changed or deleted
+    (a runtime no worker offers any more stays, for the jobs that name it)."""
+
+    list_display = ["name", "python_version", "package_count", "workers", "last_seen_at"]
+    search_fields = ["name"]
+    readonly_fields = ["name", "python_version", "packages", "created_at", "last_seen_at"]
+    inlines = [RuntimeWorkerInline]
+
+    def get_queryset(self, request):
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                working=Count("worker_reports", filter=Q(worker_reports__error="")),
+                reporting=Count("worker_reports"),
+            )
+        )
+
+    @admin.display(description="Packages")
+    def package_count(self, obj):
+        return len(obj.packages)
+
+    @admin.display(description="Workers (working/reporting)")
+    def workers(self, obj):
+        return f"{obj.working}/{obj.reporting}"
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
 @admin.register(Worker)
 class WorkerAdmin(admin.ModelAdmin):
     list_display = [
@@ -52,6 +130,7 @@ class WorkerAdmin(admin.ModelAdmin):
         "last_heartbeat_at",
         "status",
     ]
+    inlines = [WorkerRuntimeInline]
     actions = [
         _set_status(Worker.Status.CORDONED),
         _set_status(Worker.Status.DRAINING),

@@ -55,6 +55,48 @@ class Worker(models.Model):
         return f"{self.name} ({self.slots}x {self.resource_class})"
 
 
+class Runtime(models.Model):
+    """A named Python environment operators install on workers (`torch-2.13-py311`); own-code
+    jobs name the one they need. Rows come from workers' reports, never from a form: the name is
+    what jobs and workers agree on, the packages are what the last healthy report found."""
+
+    name = models.CharField(max_length=100, unique=True)
+    python_version = models.CharField(max_length=40, blank=True)
+    # {"numpy": "2.3.1", ...}: distribution name to version, as importlib.metadata lists them.
+    packages = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    last_seen_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+
+class WorkerRuntime(models.Model):
+    """One worker's report of one runtime: working (error blank) or broken, and why."""
+
+    worker = models.ForeignKey(Worker, on_delete=models.CASCADE, related_name="runtime_reports")
+    runtime = models.ForeignKey(Runtime, on_delete=models.CASCADE, related_name="worker_reports")
+    interpreter = models.CharField(max_length=500)
+    error = models.TextField(blank=True)
+    reported_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["worker", "runtime"]
+        constraints = [
+            models.UniqueConstraint(fields=["worker", "runtime"], name="worker_runtime_once"),
+        ]
+
+    def __str__(self):
+        return f"{self.worker.name}: {self.runtime.name}{' (broken)' if self.error else ''}"
+
+    @property
+    def is_broken(self) -> bool:
+        return bool(self.error)
+
+
 class Quota(OrganizationOwned):
     resource_class = models.ForeignKey(
         ResourceClass, on_delete=models.CASCADE, related_name="quotas"
@@ -141,6 +183,8 @@ class Job(OrganizationOwned):
     kind = models.CharField(max_length=10, choices=Kind.choices, default=Kind.TRAIN)
     recipe = models.CharField(max_length=100)
     recipe_version = models.CharField(max_length=40, blank=True)
+    # The runtime (by name) the job's code runs in; blank for recipes, which run on any worker.
+    runtime = models.CharField(max_length=100, blank=True)
     parameters = models.JSONField(default=dict, blank=True)
     input_dataset_version = models.ForeignKey(
         "registry.DatasetVersion", null=True, blank=True, on_delete=models.PROTECT, related_name="+"

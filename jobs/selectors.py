@@ -20,7 +20,16 @@ from billing.selectors import (
 )
 from tenants.models import Organization
 
-from .models import ACTIVE_STATES, Job, JobAttempt, JobState, ResourceClass, Worker
+from .models import (
+    ACTIVE_STATES,
+    Job,
+    JobAttempt,
+    JobState,
+    ResourceClass,
+    Runtime,
+    Worker,
+    WorkerRuntime,
+)
 
 
 def job_list(
@@ -163,6 +172,25 @@ def pool_overview() -> dict:
             for o, c in tenants
         ],
     }
+
+
+def runtimes_overview() -> list[Runtime]:
+    """Every runtime workers have reported, each with its packages (`package_list`: name and
+    version, by name) and its reports (`reports`: per worker, working or broken and why)."""
+    runtimes = list(
+        Runtime.objects.prefetch_related(
+            Prefetch(
+                "worker_reports",
+                queryset=WorkerRuntime.objects.select_related("worker").order_by("worker__name"),
+                to_attr="reports",
+            )
+        )
+    )
+    for runtime in runtimes:
+        runtime.package_list = sorted(runtime.packages.items(), key=lambda p: p[0].lower())
+        runtime.working = [r for r in runtime.reports if not r.error]
+        runtime.broken = [r for r in runtime.reports if r.error]
+    return runtimes
 
 
 # Operators: the whole pool at once. Only the staff-only /ops/ page reads these.

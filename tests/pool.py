@@ -61,12 +61,14 @@ class Pool:
         self.processes: dict[str, subprocess.Popen] = {}
         self.suffix = uuid.uuid4().hex[:6]
 
-    def _start(self, label: str, args: list[str]) -> subprocess.Popen:
+    def _start(
+        self, label: str, args: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen:
         log = (self.tmp / f"{label}.log").open("a")  # a restarted process adds to its log
         process = subprocess.Popen(
             args,
             cwd=ROOT,
-            env=self.env,
+            env={**self.env, **(env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -111,9 +113,10 @@ class Pool:
             ],
         )
 
-    def start_worker(self, label: str) -> str:
+    def start_worker(self, label: str, env: dict[str, str] | None = None) -> str:
+        """Start a worker process (with `env` on top of the pool's) and wait for it to register."""
         name = f"{label}-{self.suffix}"
-        self._start(label, [sys.executable, "manage.py", "run_worker", "--name", name])
+        self._start(label, [sys.executable, "manage.py", "run_worker", "--name", name], env)
         from jobs.models import Worker
 
         try:

@@ -1,12 +1,13 @@
 """The operators' pages (staff only): the overview at /ops/ (the pool, the queues, failures and
-money at a glance, each with a way into the admin or a detailed page), the pool at /ops/pool/
-and billing for all tenants at /ops/billing/."""
+money at a glance, each with a way into the admin or a detailed page), the pool at /ops/pool/,
+the runtimes workers offer at /ops/runtimes/ and billing for all tenants at /ops/billing/."""
 
 from __future__ import annotations
 
 from collections import Counter
 from datetime import datetime, timedelta
 
+from django.conf import settings
 from django.contrib.admin.views.decorators import staff_member_required
 from django.shortcuts import render
 from django.utils import timezone
@@ -19,6 +20,7 @@ from jobs.selectors import (
     pool_overview,
     pool_utilization,
     queue_by_tenant,
+    runtimes_overview,
     workers_with_jobs,
 )
 from outbox.selectors import message_stuck_counts
@@ -82,6 +84,16 @@ class PoolPage(View):
 
     def get(self, request):
         return render(request, "ops/pool.html", pool_overview())
+
+
+@method_decorator(staff_member_required, name="dispatch")
+class RuntimesPage(View):
+    """Operators: the runtimes workers reported, their packages, and which workers have them
+    (working or broken, and why). Read only: workers' reports are the source."""
+
+    def get(self, request):
+        context = {"runtimes": runtimes_overview(), "default_runtime": settings.DEFAULT_RUNTIME}
+        return render(request, "ops/runtimes.html", context)
 
 
 @method_decorator(staff_member_required, name="dispatch")

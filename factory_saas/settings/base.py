@@ -379,6 +379,12 @@ WORKER_OFFLINE_AFTER_S = env.float("WORKER_OFFLINE_AFTER_S", default=30.0)
 WORKER_NAME = env("WORKER_NAME", default="")
 WORKER_CPU_SLOTS = env.int("WORKER_CPU_SLOTS", default=2)
 WORKER_WORKDIR = env("WORKER_WORKDIR", default=str(BASE_DIR / "var" / "work"))
+# The runtimes (named Python environments) this worker offers own-code jobs, each
+# `name=/path/to/its/python`, comma-separated; probed once at start, each within the timeout.
+# `make worker` and `make run` offer DEFAULT_RUNTIME, the worker's own environment.
+DEFAULT_RUNTIME = "torch-2.13-py311"
+WORKER_RUNTIMES = env.list("WORKER_RUNTIMES", default=[])
+WORKER_RUNTIME_PROBE_TIMEOUT_S = env.float("WORKER_RUNTIME_PROBE_TIMEOUT_S", default=30.0)
 JOB_MAX_LOST_ATTEMPTS = env.int("JOB_MAX_LOST_ATTEMPTS", default=3)
 JOB_CHECKPOINT_EVERY_S = env.float("JOB_CHECKPOINT_EVERY_S", default=60.0)
 JOB_STOP_GRACE_S = env.float("JOB_STOP_GRACE_S", default=3.0)

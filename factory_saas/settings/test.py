@@ -1,5 +1,7 @@
 """Settings for `make test`: the real PostgreSQL and Redis, fast password hashing."""
 
+import sys
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from .base import *  # noqa: F403
@@ -53,6 +55,11 @@ if XDIST_WORKER:
     WORKER_WORKDIR = env(
         "WORKER_WORKDIR", default=str(BASE_DIR / "var" / f"test-{XDIST_WORKER}" / "work")
     )
+# Pool workers in tests offer the default runtime as their own interpreter, as `make worker` does.
+WORKER_RUNTIMES = env.list(
+    "WORKER_RUNTIMES",
+    default=[f"{DEFAULT_RUNTIME}={Path(sys.executable).absolute()}"],  # noqa: F405
+)
 # Replicas in tests bill each second and drain quickly, so a test sees both within seconds.
 SERVE_BILLING_INTERVAL_S = env.float("SERVE_BILLING_INTERVAL_S", default=1.0)
 SERVE_DRAIN_S = env.float("SERVE_DRAIN_S", default=10.0)

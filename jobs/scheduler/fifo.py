@@ -16,7 +16,9 @@ from .policy import (
     capacity_reason,
     job_limit_reason,
     no_quota_reason,
+    no_runtime_reason,
     over_quota_reason,
+    too_large_for_runtime_reason,
     too_large_reason,
 )
 from .types import Decisions, Placement, Queued, Snapshot, Tenant, Waiting
@@ -32,15 +34,18 @@ def fifo_schedule(snapshot: Snapshot) -> Decisions:
         held[job.resource_class, job.tenant_id] += job.gpus
         running_jobs[job.tenant_id] += 1
     free_by_class: dict[str, dict[int, list[int]]] = defaultdict(dict)
+    runtimes: dict[int, frozenset[str]] = {}
     for machine in sorted(snapshot.machines, key=lambda m: m.id):
         if machine.schedulable:
             free_by_class[machine.resource_class][machine.id] = sorted(machine.free)
-    slots_by_class: dict[str, int] = defaultdict(int)
+            runtimes[machine.id] = machine.runtimes
+    # The largest machine per (class, runtime); runtime "" stands for any machine of the class.
+    slots_by_class: dict[tuple[str, str], int] = defaultdict(int)
     for machine in snapshot.machines:
         if machine.schedulable:
-            slots_by_class[machine.resource_class] = max(
-                slots_by_class[machine.resource_class], machine.slots
-            )
+            for name in ("", *machine.runtimes):
+                key = (machine.resource_class, name)
+                slots_by_class[key] = max(slots_by_class[key], machine.slots)
     queued_by_class: dict[str, list[Queued]] = defaultdict(list)
     for job in snapshot.queued:
         queued_by_class[job.resource_class].append(job)
@@ -49,7 +54,7 @@ def fifo_schedule(snapshot: Snapshot) -> Decisions:
     waiting: list[Waiting] = []
     for resource_class in sorted(queued_by_class):
         free = free_by_class[resource_class]
-        largest = slots_by_class[resource_class]
+        any_largest = slots_by_class[resource_class, ""]
         blocked = False
         position = 0
         for job in sorted(
@@ -58,13 +63,22 @@ def fifo_schedule(snapshot: Snapshot) -> Decisions:
             tenant = snapshot.tenants.get(job.tenant_id) or Tenant(id=job.tenant_id, quotas={})
             quota = tenant.quotas.get(resource_class, NO_QUOTA)
             holding = held[resource_class, job.tenant_id]
+            runtime = job.runtime
+            largest = slots_by_class[resource_class, runtime]
             reason = None
             if not tenant.budget_ok:
                 reason = tenant.block_reason or BUDGET_REASON
             elif quota.limit <= 0:
                 reason = no_quota_reason(resource_class)
+            elif runtime and largest == 0 and any_largest > 0:
+                reason = no_runtime_reason(runtime, resource_class)
             elif job.gpus > largest:
-                reason = too_large_reason(job.gpus, resource_class, largest)
+                if runtime and largest:
+                    reason = too_large_for_runtime_reason(
+                        job.gpus, resource_class, runtime, largest
+                    )
+                else:
+                    reason = too_large_reason(job.gpus, resource_class, largest)
             elif holding + job.gpus > quota.limit:
                 reason = over_quota_reason(holding, quota.limit, resource_class)
             elif (
@@ -75,10 +89,17 @@ def fifo_schedule(snapshot: Snapshot) -> Decisions:
             elif blocked:
                 reason = BEHIND_HEAD_REASON
             else:
-                machine_id = next((m for m, f in free.items() if len(f) >= job.gpus), None)
+                machine_id = next(
+                    (
+                        m
+                        for m, f in free.items()
+                        if len(f) >= job.gpus and (not runtime or runtime in runtimes[m])
+                    ),
+                    None,
+                )
                 if machine_id is None:
                     blocked = True
-                    reason = capacity_reason(job.gpus, resource_class)
+                    reason = capacity_reason(job.gpus, resource_class, runtime)
                 else:
                     slots = free[machine_id]
                     free[machine_id] = slots[job.gpus :]

@@ -23,6 +23,10 @@ here:
   in order (lowest priority, then newest) until enough is freed, then any victim not needed is
   spared again, highest priority first. The machine with the fewest victims, then fewest victim
   GPUs, then lowest top victim priority, then lowest id wins, and is reserved for that job.
+- A job that names a runtime goes only on a machine that reported it working: placement,
+  reservations and reclaiming all skip the others, and a class where no schedulable machine has
+  it says so. Each runtime's machines are their own subset of the class, so what failed for one
+  runtime in a pass says nothing about another.
 - Waiting positions count only unplaced jobs: position 3 means two waiting jobs of that class
   are ahead in admission order. Tenants whose budget is reached come last.
 """
@@ -77,6 +81,16 @@ def too_large_reason(gpus: int, resource_class: str, largest: int) -> str:
     return f"no machine has {gpus} {resource_class} GPUs (largest has {largest})"
 
 
+def no_runtime_reason(runtime: str, resource_class: str) -> str:
+    return f"no {resource_class} worker has runtime {runtime}"
+
+
+def too_large_for_runtime_reason(gpus: int, resource_class: str, runtime: str, largest: int) -> str:
+    return (
+        f"no {resource_class} worker with runtime {runtime} has {gpus} GPUs (largest has {largest})"
+    )
+
+
 def over_quota_reason(held: int, limit: int, resource_class: str) -> str:
     return f"over quota: {held}/{limit} {resource_class}"
 
@@ -88,8 +102,9 @@ def job_limit_reason(max_running_jobs: int) -> str:
 BUDGET_REASON = "budget reached"
 
 
-def capacity_reason(gpus: int, resource_class: str) -> str:
-    return f"waiting for {gpus} free {resource_class} on one machine"
+def capacity_reason(gpus: int, resource_class: str, runtime: str = "") -> str:
+    with_runtime = f" with runtime {runtime}" if runtime else ""
+    return f"waiting for {gpus} free {resource_class} on one machine{with_runtime}"
 
 
 def _eta(seconds: float) -> str:
@@ -109,13 +124,16 @@ def _group_queued(queued: Iterable[Queued]) -> dict[str, dict[int, list[Queued]]
 class _Reservation:
     """Slots promised on one machine to one waiting job."""
 
-    __slots__ = ("extra", "gpus", "holder", "shadow")
+    __slots__ = ("extra", "gpus", "holder", "runtime", "shadow")
 
-    def __init__(self, shadow: float, extra: int, gpus: int, holder: int | None) -> None:
+    def __init__(
+        self, shadow: float, extra: int, gpus: int, holder: int | None, runtime: str = ""
+    ) -> None:
         self.shadow = shadow  # when the reserved job is expected to fit
         self.extra = extra  # slots free at the shadow time beyond what the job needs
         self.gpus = gpus  # what the job needs
         self.holder = holder  # its index among the class's waiting jobs; None: never bumped
+        self.runtime = runtime  # the runtime the job needs, for its reason if it is bumped
 
 
 class _Pool:
@@ -125,11 +143,14 @@ class _Pool:
         self.now = now
         self.free: dict[int, list[int]] = {}
         self.slots: dict[int, int] = {}
+        self.runtimes: dict[int, frozenset[str]] = {}
         for machine in sorted(machines, key=lambda m: m.id):
             if machine.schedulable:
                 self.free[machine.id] = sorted(machine.free)
                 self.slots[machine.id] = machine.slots
+                self.runtimes[machine.id] = machine.runtimes
         self.largest = max(self.slots.values(), default=0)
+        self._largest_with: dict[str, int] = {"": self.largest}
         # buckets[k]: ids (ascending) of machines with exactly k free slots, k >= 1.
         self.buckets: list[list[int]] = [[] for _ in range(self.largest + 1)]
         for machine_id, free in self.free.items():
@@ -138,19 +159,35 @@ class _Pool:
         self.max_free = max((len(f) for f in self.free.values()), default=0)
         self.reservations: dict[int, _Reservation] = {}
         self.capacity_reservations = 0
-        # Reserving only gets harder within a pass, so a size that failed once fails again.
-        self.unreservable: set[int] = set()
+        # Reserving only gets harder within a pass, so a size that failed once fails again
+        # (per runtime: each is its own subset of machines).
+        self.unreservable: set[tuple[int, str]] = set()
         self._running = running
         self._releases: dict[int, list[tuple[float, int]]] | None = None
         self._placed: list[tuple[int, float, int]] = []
 
-    def find(self, gpus: int, end: float) -> tuple[int | None, bool]:
+    def largest_with(self, runtime: str) -> int:
+        """The most slots any machine with `runtime` has (0: none has it)."""
+        largest = self._largest_with.get(runtime)
+        if largest is None:
+            largest = self._largest_with[runtime] = max(
+                (self.slots[m] for m, names in self.runtimes.items() if runtime in names),
+                default=0,
+            )
+        return largest
+
+    def has_runtime(self, machine_id: int, runtime: str) -> bool:
+        return not runtime or runtime in self.runtimes[machine_id]
+
+    def find(self, gpus: int, end: float, runtime: str = "") -> tuple[int | None, bool]:
         """Best fit: the machine left with the fewest free slots, lowest id; and whether a
         reservation was all that stood in the way."""
         behind_reservation = False
         buckets, reservations = self.buckets, self.reservations
         for count in range(gpus, self.max_free + 1):
             for machine_id in buckets[count]:
+                if runtime and runtime not in self.runtimes[machine_id]:
+                    continue
                 reservation = reservations.get(machine_id)
                 if reservation is None or end <= reservation.shadow or gpus <= reservation.extra:
                     return machine_id, behind_reservation
@@ -190,12 +227,14 @@ class _Pool:
             self._releases = releases
         return self._releases
 
-    def reserve(self, gpus: int, holder: int) -> tuple[int, float, _Reservation | None] | None:
+    def reserve(
+        self, gpus: int, holder: int, runtime: str = ""
+    ) -> tuple[int, float, _Reservation | None] | None:
         """Reserve the machine where `gpus` slots free up earliest: an unreserved one if any
         can ever fit the job, else one reserved for a smaller job, which loses it. Large jobs
         need reservations to ever find a machine empty enough; small ones fit in as slots
         free up. Returns the machine, the shadow time and the reservation taken over."""
-        if gpus in self.unreservable:
+        if (gpus, runtime) in self.unreservable:
             return None
         at_limit = self.capacity_reservations >= MAX_RESERVATIONS_PER_CLASS
         releases = self._release_times()
@@ -205,7 +244,7 @@ class _Pool:
             bumps = current is not None
             if bumps and (current.holder is None or current.gpus >= gpus):
                 continue
-            if self.slots[machine_id] < gpus:
+            if self.slots[machine_id] < gpus or not self.has_runtime(machine_id, runtime):
                 continue
             free = len(self.free[machine_id])
             for end, released in releases[machine_id]:
@@ -215,11 +254,11 @@ class _Pool:
                         best = (bumps, end, machine_id, free - gpus)
                     break
         if best is None:
-            self.unreservable.add(gpus)
+            self.unreservable.add((gpus, runtime))
             return None
         bumps, shadow, machine_id, extra = best
         bumped = self.reservations.get(machine_id) if bumps else None
-        self.reservations[machine_id] = _Reservation(shadow, extra, gpus, holder)
+        self.reservations[machine_id] = _Reservation(shadow, extra, gpus, holder, runtime)
         if not bumps:
             self.capacity_reservations += 1
         return machine_id, shadow, bumped
@@ -249,8 +288,9 @@ class _Reclaimer:
         self.machine_order = sorted(self.victims)
         # No set can beat one 1-GPU victim of the lowest priority there is: stop at the first.
         self.unbeatable = (1, 1, min((j.priority for j in running), default=0))
-        # Reclaiming only gets harder within a pass, so a size that failed once fails again.
-        self.smallest_failed = math.inf
+        # Reclaiming only gets harder within a pass, so a size that failed once fails again
+        # (per runtime: each is its own subset of machines).
+        self.smallest_failed: dict[str, float] = {}
 
     def _victims_on(self, machine_id: int, gpus: int) -> list[Running] | None:
         pool = self.pool
@@ -278,14 +318,16 @@ class _Reclaimer:
                 have -= job.gpus
         return chosen
 
-    def reclaim(self, gpus: int) -> tuple[int, list[Running]] | None:
+    def reclaim(self, gpus: int, runtime: str = "") -> tuple[int, list[Running]] | None:
         """The machine and the smallest set of victims that free `gpus` slots on it."""
-        if gpus >= self.smallest_failed:
+        if gpus >= self.smallest_failed.get(runtime, math.inf):
             return None
         best_key, best = None, None
         pool = self.pool
         for machine_id in self.machine_order:
             if machine_id in pool.reservations or pool.slots[machine_id] < gpus:
+                continue
+            if not pool.has_runtime(machine_id, runtime):
                 continue
             chosen = self._victims_on(machine_id, gpus)
             if chosen is None:
@@ -301,7 +343,7 @@ class _Reclaimer:
                 if key[:3] == self.unbeatable:
                     break
         if best is None:
-            self.smallest_failed = gpus
+            self.smallest_failed[runtime] = gpus
             return None
         machine_id, chosen = best
         freed = 0
@@ -313,7 +355,7 @@ class _Reclaimer:
         self.victim_gpus[machine_id] -= freed
         extra = len(pool.free[machine_id]) + freed - gpus
         # The freed slots are the job's next tick: nothing that outlives "now" may take them.
-        pool.reservations[machine_id] = _Reservation(pool.now, extra, gpus, None)
+        pool.reservations[machine_id] = _Reservation(pool.now, extra, gpus, None, runtime)
         return machine_id, chosen
 
 
@@ -363,7 +405,7 @@ class _ClassPass:
         # Unplaced jobs in admission order, and why each waits.
         self.unplaced: list[int] = []
         self.reasons: list[str] = []
-        self._capacity_reasons: dict[int, str] = {}
+        self._capacity_reasons: dict[tuple[int, str], str] = {}
 
     def run(self, by_tenant: dict[int, list[Queued]]) -> None:
         shared = self.shared
@@ -411,12 +453,18 @@ class _ClassPass:
 
     def _admit(self, job: Queued, tenant: Tenant, quota: Quota) -> None:
         resource_class, pool = self.resource_class, self.pool
-        tenant_id, gpus = tenant.id, job.gpus
+        tenant_id, gpus, runtime = tenant.id, job.gpus, job.runtime
         holding = self.held[tenant_id] + self.claimed[tenant_id]
+        largest = pool.largest_with(runtime) if runtime else pool.largest
         if quota.limit <= 0:
             reason = no_quota_reason(resource_class)
-        elif gpus > pool.largest:
-            reason = too_large_reason(gpus, resource_class, pool.largest)
+        elif runtime and largest == 0 and pool.largest > 0:
+            reason = no_runtime_reason(runtime, resource_class)
+        elif gpus > largest:
+            if runtime and largest:
+                reason = too_large_for_runtime_reason(gpus, resource_class, runtime, largest)
+            else:
+                reason = too_large_reason(gpus, resource_class, largest)
         elif holding + gpus > quota.limit:
             reason = over_quota_reason(holding, quota.limit, resource_class)
         elif (
@@ -428,7 +476,7 @@ class _ClassPass:
             behind = False
             if gpus <= pool.max_free:  # the common case in a full class skips the search
                 end = self.now + job.max_runtime_s
-                machine_id, behind = pool.find(gpus, end)
+                machine_id, behind = pool.find(gpus, end, runtime)
                 if machine_id is not None:
                     slots = pool.place(machine_id, gpus, end)
                     self.shared.placements.append(Placement(job.job_id, machine_id, slots))
@@ -448,27 +496,29 @@ class _ClassPass:
         """Reclaim borrowed slots or reserve a machine for a job that fits nowhere now."""
         resource_class, gpus = self.resource_class, job.gpus
         if within_guarantee:
-            reclaimed = self._reclaimer_for_class().reclaim(gpus)
+            reclaimed = self._reclaimer_for_class().reclaim(gpus, job.runtime)
             if reclaimed is not None:
                 self.claimed[tenant.id] += gpus
                 return self._preempt(job, tenant, reclaimed[1])
-        reserved = self.pool.reserve(gpus, holder=len(self.unplaced))
+        reserved = self.pool.reserve(gpus, holder=len(self.unplaced), runtime=job.runtime)
         if reserved is not None:
             machine_id, shadow, bumped = reserved
             if bumped is not None:
-                self.reasons[bumped.holder] = self._capacity_reason(bumped.gpus)
+                self.reasons[bumped.holder] = self._capacity_reason(bumped.gpus, bumped.runtime)
             return (
-                f"{capacity_reason(gpus, resource_class)} (reserved: machine {machine_id}, "
-                f"expected in {_eta(shadow - self.now)})"
+                f"{capacity_reason(gpus, resource_class, job.runtime)} (reserved: machine "
+                f"{machine_id}, expected in {_eta(shadow - self.now)})"
             )
         if behind:
             return "waiting behind a reserved larger job"
-        return self._capacity_reason(gpus)
+        return self._capacity_reason(gpus, job.runtime)
 
-    def _capacity_reason(self, gpus: int) -> str:
-        reason = self._capacity_reasons.get(gpus)
+    def _capacity_reason(self, gpus: int, runtime: str = "") -> str:
+        reason = self._capacity_reasons.get((gpus, runtime))
         if reason is None:
-            reason = self._capacity_reasons[gpus] = capacity_reason(gpus, self.resource_class)
+            reason = self._capacity_reasons[gpus, runtime] = capacity_reason(
+                gpus, self.resource_class, runtime
+            )
         return reason
 
     def _reclaimer_for_class(self) -> _Reclaimer:

@@ -15,7 +15,16 @@ from billing.selectors import (
     plan_quotas,
     unit_price,
 )
-from jobs.models import ACTIVE_STATES, Job, JobAttempt, JobState, Quota, ResourceClass, Worker
+from jobs.models import (
+    ACTIVE_STATES,
+    Job,
+    JobAttempt,
+    JobState,
+    Quota,
+    ResourceClass,
+    Worker,
+    WorkerRuntime,
+)
 from tenants.models import Organization
 
 from .types import Machine, Queued, Running, Snapshot, Tenant
@@ -76,6 +85,12 @@ def snapshot_load(*, now: datetime) -> tuple[Snapshot, dict[int, tuple[str, int 
                 expected_end=start + _expected_runtime(job["max_runtime_s"]),
             )
         )
+    # Only the runtimes a worker reported working: a broken one places nothing there.
+    runtimes: dict[int, set[str]] = defaultdict(set)
+    for worker_id, name in WorkerRuntime.objects.filter(error="").values_list(
+        "worker_id", "runtime__name"
+    ):
+        runtimes[worker_id].add(name)
     machines = tuple(
         Machine(
             id=worker.pk,
@@ -83,13 +98,14 @@ def snapshot_load(*, now: datetime) -> tuple[Snapshot, dict[int, tuple[str, int 
             slots=worker.slots,
             free=frozenset(range(worker.slots)) - frozenset(busy[worker.pk]),
             schedulable=worker.status == Worker.Status.ONLINE,
+            runtimes=frozenset(runtimes[worker.pk]),
         )
         for worker in Worker.objects.all()
     )
     queued_rows = list(
         Job.objects.filter(state=JobState.QUEUED).values(
             "pk", "organization_id", "resource_class_id", "gpu_count", "priority", "created_at",
-            "max_runtime_s", "waiting_reason", "queue_position",
+            "max_runtime_s", "waiting_reason", "queue_position", "runtime",
         )
     )  # fmt: skip
     queued = tuple(
@@ -101,6 +117,7 @@ def snapshot_load(*, now: datetime) -> tuple[Snapshot, dict[int, tuple[str, int 
             priority=row["priority"],
             submitted_at=_epoch(row["created_at"]),
             max_runtime_s=_expected_runtime(row["max_runtime_s"]),
+            runtime=row["runtime"],
         )
         for row in queued_rows
     )

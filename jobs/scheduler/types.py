@@ -17,6 +17,7 @@ class Machine:
     slots: int  # GPU slot indices are 0..slots-1
     free: frozenset[int]  # currently free slot indices
     schedulable: bool = True  # False when cordoned, draining or offline: place nothing new
+    runtimes: frozenset[str] = frozenset()  # names of the working runtimes the worker reported
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +41,7 @@ class Queued:
     priority: int  # higher runs first within a tenant
     submitted_at: float
     max_runtime_s: float
+    runtime: str = ""  # the Python environment it needs; "" (recipes) runs on any machine
 
 
 @dataclass(frozen=True, slots=True)

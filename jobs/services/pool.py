@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import timedelta
 
 from django.conf import settings
@@ -10,6 +11,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from jobs.models import ACTIVE_STATES, Job, JobAttempt, JobState, ResourceClass, Worker
+from jobs.runtimes import RuntimeReport
 
 from .attempts import (
     attempt_bill,
@@ -19,6 +21,7 @@ from .attempts import (
     job_resume_words,
 )
 from .events import job_event
+from .runtimes import worker_runtimes_record
 from .ticks import tick_soon
 
 logger = logging.getLogger(__name__)
@@ -44,8 +47,14 @@ def resource_class_for_devices(devices: list[dict]) -> ResourceClass:
 
 @transaction.atomic
 def worker_register(
-    *, name: str, devices: list[dict], hostname: str = "", version: str = ""
+    *,
+    name: str,
+    devices: list[dict],
+    hostname: str = "",
+    version: str = "",
+    runtimes: Sequence[RuntimeReport] = (),
 ) -> Worker:
+    """Record the machine as it starts: its slots, and the runtimes it probed (working or not)."""
     resource_class = resource_class_for_devices(devices)
     slots = len(devices) or settings.WORKER_CPU_SLOTS
     worker, created = Worker.objects.select_for_update().get_or_create(
@@ -63,6 +72,7 @@ def worker_register(
     if worker.status == Worker.Status.OFFLINE:
         worker.status = Worker.Status.ONLINE
     worker.save()
+    worker_runtimes_record(worker=worker, reports=runtimes, now=worker.last_heartbeat_at)
     logger.info(
         "worker %s %s with %d %s slots",
         name,

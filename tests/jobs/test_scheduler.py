@@ -29,14 +29,17 @@ H100 = "h100-80gb"
 L4 = "l4-24gb"
 
 
-def machine(machine_id, free=8, slots=8, cls=A100, schedulable=True):
+TORCH = "torch-2.13-py311"
+
+
+def machine(machine_id, free=8, slots=8, cls=A100, schedulable=True, runtimes=()):
     indices = range(slots - free, slots) if isinstance(free, int) else free
-    return Machine(machine_id, cls, slots, frozenset(indices), schedulable)
+    return Machine(machine_id, cls, slots, frozenset(indices), schedulable, frozenset(runtimes))
 
 
-def queued(job_id, tenant=1, gpus=1, cls=A100, priority=0, submitted=None, runtime=HOUR):
+def queued(job_id, tenant=1, gpus=1, cls=A100, priority=0, submitted=None, runtime=HOUR, env=""):
     submitted = NOW - 1000 + job_id if submitted is None else submitted
-    return Queued(job_id, tenant, cls, gpus, priority, submitted, runtime)
+    return Queued(job_id, tenant, cls, gpus, priority, submitted, runtime, env)
 
 
 def running(job_id, tenant, machine_id, gpus=1, cls=A100, priority=0, started=None, ends_in=HOUR):
@@ -473,6 +476,53 @@ def test_one_pass_reclaims_for_several_guaranteed_jobs_without_double_counting()
 # Reasons and positions
 
 
+# Runtimes
+
+
+@pytest.mark.parametrize("policy", [schedule, fifo_schedule], ids=["policy", "fifo"])
+def test_job_with_a_runtime_goes_to_the_machine_that_has_it(policy):
+    # Best fit alone would pick machine 1 (fewer free slots); only machine 2 has the runtime.
+    machines = [machine(1, free=2), machine(2, free=8, runtimes=[TORCH, "other-1"])]
+    decisions = policy(snap(machines, [queued(1, env=TORCH), queued(2)]))
+    assert placed(decisions)[1][0] == 2
+    assert placed(decisions)[2][0] == 1
+
+
+@pytest.mark.parametrize("policy", [schedule, fifo_schedule], ids=["policy", "fifo"])
+def test_job_whose_runtime_no_machine_has_waits_and_says_which(policy):
+    machines = [machine(1, runtimes=["other-1"]), machine(2, cls=H100, runtimes=[TORCH])]
+    decisions = policy(snap(machines, [queued(1, env=TORCH), queued(2)]))
+    assert 1 not in placed(decisions)
+    assert reasons(decisions)[1] == f"no {A100} worker has runtime {TORCH}"
+    assert placed(decisions)[2][0] == 1
+
+
+def test_a_cordoned_machine_with_the_runtime_does_not_count():
+    machines = [machine(1), machine(2, schedulable=False, runtimes=[TORCH])]
+    decisions = schedule(snap(machines, [queued(1, env=TORCH)]))
+    assert reasons(decisions) == {1: f"no {A100} worker has runtime {TORCH}"}
+
+
+def test_job_with_a_runtime_waits_for_a_busy_machine_that_has_it():
+    machines = [machine(1), machine(2, free=0, runtimes=[TORCH])]
+    busy = [running(10, 2, 2, gpus=8, ends_in=HOUR / 2)]
+    decisions = schedule(snap(machines, [queued(1, env=TORCH)], busy))
+    assert placed(decisions) == {}
+    assert reasons(decisions)[1] == (
+        f"waiting for 1 free {A100} on one machine with runtime {TORCH} "
+        "(reserved: machine 2, expected in ~30 min)"
+    )
+
+
+def test_job_with_a_runtime_reclaims_only_on_a_machine_that_has_it():
+    # Tenant 2 borrows both machines; tenant 1's guaranteed job needs the runtime on machine 2.
+    machines = [machine(1, free=0, slots=1), machine(2, free=0, slots=1, runtimes=[TORCH])]
+    busy = [running(10, 2, 1, priority=0), running(11, 2, 2, priority=3)]
+    tenants = [tenant(1, guaranteed=1, limit=2), tenant(2, guaranteed=0, limit=2)]
+    decisions = schedule(snap(machines, [queued(1, env=TORCH)], busy, tenants))
+    assert [(p.job_id, p.for_job_id) for p in decisions.preemptions] == [(11, 1)]
+
+
 def test_every_unplaced_job_gets_a_reason_and_position():
     tenants = [
         tenant(1, limit=2, classes=(A100, L4)),
@@ -529,7 +579,13 @@ def test_fifo_baseline_respects_quota_and_ignores_fair_share():
 # Invariants over random snapshots
 
 
-def random_snapshot(rng: random.Random) -> Snapshot:
+RUNTIMES = ("torch-2.13-py311", "jax-0.6-py312")
+
+
+def random_snapshot(rng: random.Random, runtimes: bool = False) -> Snapshot:
+    """A random pool; with `runtimes`, machines report some of RUNTIMES and jobs may need one
+    (drawn from a second generator, so the snapshots without them stay as they were)."""
+    extra = random.Random(rng.random()) if runtimes else None  # noqa: S311 (seeded test data)
     classes = [A100, H100, L4][: rng.randint(1, 3)]
     machines, busy = [], []
     job_id = 1
@@ -555,7 +611,8 @@ def random_snapshot(rng: random.Random) -> Snapshot:
                 )
             )
             job_id += 1
-        machines.append(Machine(machine_id, cls, slots, frozenset(free), rng.random() > 0.15))
+        has = frozenset(r for r in RUNTIMES if runtimes and extra.random() < 0.4)
+        machines.append(Machine(machine_id, cls, slots, frozenset(free), rng.random() > 0.15, has))
     jobs = [
         Queued(
             job_id + i,
@@ -565,6 +622,7 @@ def random_snapshot(rng: random.Random) -> Snapshot:
             rng.randint(0, 3),
             NOW - rng.uniform(0, HOUR),
             rng.uniform(0.1, 5) * HOUR,
+            extra.choice(("", "", *RUNTIMES)) if runtimes else "",
         )
         for i in range(rng.randint(0, 40))
     ]
@@ -601,6 +659,7 @@ def check_invariants(snapshot: Snapshot, decisions: Decisions) -> None:
         job, box = jobs[placement.job_id], machines[placement.machine_id]
         tenant = snapshot.tenants[job.tenant_id]
         assert box.schedulable and box.resource_class == job.resource_class
+        assert not job.runtime or job.runtime in box.runtimes
         assert len(placement.slots) == job.gpus
         assert set(placement.slots) <= box.free
         for slot in placement.slots:
@@ -627,6 +686,9 @@ def check_invariants(snapshot: Snapshot, decisions: Decisions) -> None:
     for preemption in decisions.preemptions:
         victim, beneficiary = by_id[preemption.job_id], jobs[preemption.for_job_id]
         assert victim.resource_class == beneficiary.resource_class
+        assert (
+            not beneficiary.runtime or beneficiary.runtime in machines[victim.machine_id].runtimes
+        )
         assert preemption.for_job_id not in placed_ids
     reclaiming = Counter()
     for job_id in {p.for_job_id for p in decisions.preemptions}:
@@ -656,6 +718,22 @@ def test_random_snapshots_keep_the_invariants(policy):
         decisions = policy(snapshot)
         check_invariants(snapshot, decisions)
         assert policy(snapshot) == decisions
+
+
+@pytest.mark.parametrize("policy", [schedule, fifo_schedule], ids=["policy", "fifo"])
+def test_a_job_is_never_placed_on_a_machine_lacking_its_runtime(policy):
+    # check_invariants holds placements and preemptions to the job's runtime; these snapshots
+    # mix machines with and without each runtime, and jobs needing one or none.
+    rng = random.Random(20261206)  # noqa: S311 (seeded test data)
+    needing_placed = 0
+    for _ in range(400):
+        snapshot = random_snapshot(rng, runtimes=True)
+        decisions = policy(snapshot)
+        check_invariants(snapshot, decisions)
+        assert policy(snapshot) == decisions
+        jobs = {j.job_id: j for j in snapshot.queued}
+        needing_placed += sum(1 for p in decisions.placements if jobs[p.job_id].runtime)
+    assert needing_placed > 100  # the property was exercised, not vacuously true
 
 
 def test_decisions_do_not_depend_on_input_order():

@@ -9,6 +9,7 @@ from django.core.management.base import BaseCommand
 from factory_saas.celery import app
 from jobs import worker as pool_worker
 from jobs.runner.isolation import keep_private
+from jobs.runtimes import runtimes_probe
 from jobs.services.pool import worker_register
 
 
@@ -30,14 +31,25 @@ class Command(BaseCommand):
         keep_private()
         name = name or pool_worker.default_name()
         devices = pool_worker.detect_devices()
+        # Once, before registering: a runtime installed or repaired later needs a restart.
+        runtimes = runtimes_probe()
         worker = worker_register(
-            name=name, devices=devices, hostname=socket.gethostname(), version="0.1.0"
+            name=name,
+            devices=devices,
+            hostname=socket.gethostname(),
+            version="0.1.0",
+            runtimes=runtimes,
         )
         os.environ["FACTORY_WORKER_ID"] = str(worker.pk)
         queues = [worker.queue, *(["default"] if with_default_queue else [])]
         self.stdout.write(
             f"worker {name}: {worker.slots}x {worker.resource_class}, queues {', '.join(queues)}"
         )
+        for runtime in runtimes:
+            state = (
+                f"broken: {runtime.error}" if runtime.error else f"Python {runtime.python_version}"
+            )
+            self.stdout.write(f"runtime {runtime.name} ({runtime.interpreter}): {state}")
         stop = threading.Event()
         threading.Thread(
             target=pool_worker.heartbeat_forever, args=(worker.pk, stop), daemon=True
