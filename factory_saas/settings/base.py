@@ -1,6 +1,5 @@
 """Settings shared by every environment; every value comes from the environment."""
 
-import sys
 from pathlib import Path
 
 import environ
@@ -389,10 +388,6 @@ WORKER_RUNTIME_PROBE_TIMEOUT_S = env.float("WORKER_RUNTIME_PROBE_TIMEOUT_S", def
 JOB_MAX_LOST_ATTEMPTS = env.int("JOB_MAX_LOST_ATTEMPTS", default=3)
 JOB_CHECKPOINT_EVERY_S = env.float("JOB_CHECKPOINT_EVERY_S", default=60.0)
 JOB_STOP_GRACE_S = env.float("JOB_STOP_GRACE_S", default=3.0)
-# The Python a code package's train entry runs under, in the sandbox (jobs.runner.code): its
-# installation must be readable by the sandbox's user (not under root's home when the worker runs
-# as root). Until workers report named runtimes, every package runs under this one.
-CODE_RUNTIME_PYTHON = env("CODE_RUNTIME_PYTHON", default=sys.executable)
 # Serving replicas (serve jobs). Each answers on WORKER_SERVE_HOST at a free port; the default
 # keeps it on the machine (one-machine setups), and production sets the worker's advertised
 # address, the one the web reaches it at. Stopping one drains its requests in flight for up to

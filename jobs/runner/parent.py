@@ -23,7 +23,7 @@ import httpx
 from django.conf import settings
 from django.db import IntegrityError
 
-from jobs.models import Job, JobState
+from jobs.models import Job, JobState, WorkerRuntime
 from jobs.services.attempts import (
     Report,
     StaleAttempt,
@@ -70,6 +70,7 @@ from .isolation import ChildFileRefused, attempt_folder_create, child_file_open,
 from .sandbox import (
     WORK_FOLDER,
     Limits,
+    Runtime,
     SandboxedProcess,
     python_runtime,
     read_lines,
@@ -554,6 +555,10 @@ class _Attempt:
         return version.pk
 
 
+class RuntimeUnavailable(Exception):
+    pass
+
+
 class _CodeAttempt(_Attempt):
     """An attempt that runs a tenant's code package (its train entry) in the sandbox.
 
@@ -578,7 +583,10 @@ class _CodeAttempt(_Attempt):
 
     def run(self) -> str:
         try:
-            reason = sandbox_unavailable_reason() or runtime_refusal(self._runtime())
+            try:
+                reason = sandbox_unavailable_reason() or runtime_refusal(self._runtime())
+            except RuntimeUnavailable as exc:
+                reason = str(exc)
             if reason is not None:
                 attempt_finish(
                     job_id=self.job.pk,
@@ -592,8 +600,22 @@ class _CodeAttempt(_Attempt):
             shutil.rmtree(self.private, ignore_errors=True)
             shutil.rmtree(self.code, ignore_errors=True)
 
-    def _runtime(self):
-        return python_runtime(settings.CODE_RUNTIME_PYTHON)
+    def _runtime(self) -> Runtime:
+        """The interpreter this worker reported for the job's runtime, working. The scheduler
+        placed the job here because of that report; a worker restarted since without it
+        refuses the job, naming the runtime."""
+        interpreter = (
+            WorkerRuntime.objects.filter(
+                worker_id=self.job.worker_id, runtime__name=self.job.runtime, error=""
+            )
+            .values_list("interpreter", flat=True)
+            .first()
+        )
+        if interpreter is None:
+            raise RuntimeUnavailable(
+                f"This worker does not offer the runtime {self.job.runtime!r} the package needs."
+            )
+        return python_runtime(interpreter)
 
     def _write_spec(self) -> None:
         job, version = self.job, self.version

@@ -86,6 +86,14 @@ class JobSpec:
         return self.recipe.name
 
     @property
+    def runtime(self) -> str:
+        """The runtime the job's code needs (the scheduler places it only where it is); blank
+        for a recipe, which runs on any worker."""
+        if self.code_package_version is not None:
+            return self.code_package_version.manifest["runtime"]["name"]
+        return ""
+
+    @property
     def recipe_version(self) -> str:
         if self.code_package_version is not None:
             return f"v{self.code_package_version.number}"
@@ -413,6 +421,7 @@ def job_admit(
                 recipe=spec.recipe_name,
                 recipe_version=spec.recipe_version,
                 code_package_version=spec.code_package_version,
+                runtime=spec.runtime,
                 parameters=spec.parameters,
                 input_dataset_version=spec.dataset_version,
                 input_model_version=spec.model_version,

@@ -21,17 +21,26 @@ from pathlib import Path
 import pytest
 
 import factory_job
-from jobs.models import TERMINAL_STATES, Job, JobAttempt, JobMetric, JobState, ResourceClass
+from jobs.models import (
+    TERMINAL_STATES,
+    Job,
+    JobAttempt,
+    JobMetric,
+    JobState,
+    ResourceClass,
+    WorkerRuntime,
+)
 from jobs.runner import code, parent, protocol, sandbox
 from jobs.runner.code import PackageRefused, package_extract, package_line
 from jobs.runner.parent import run_attempt
 from jobs.runner.sandbox import python_runtime, runtime_refusal, sandbox_unavailable_reason
+from jobs.runtimes import RuntimeReport
 from jobs.scheduler.apply import scheduler_pass
 from jobs.services import JobOptions
 from jobs.services.pool import worker_register
 from jobs.services.submission import code_job_submit
 from registry.formats.code_packages import CodePackageError
-from registry.models import ModelVersion
+from registry.models import DatasetVersion, ModelVersion
 from registry.services.code_packages import code_package_limits, code_package_version_create
 from registry.storage import get_storage, new_object_key
 from tenants.actors import Actor
@@ -39,6 +48,7 @@ from tenants.errors import DomainError
 from tests.processes import wait_for
 
 e2e = pytest.mark.django_db(transaction=True, serialized_rollback=True)
+RUNTIME = "torch-2.13-py311"
 
 MANIFEST = """
 [package]
@@ -46,9 +56,9 @@ name = "{name}"
 [entry]
 train = "trainer:run"
 [runtime]
-name = "torch-2.13-py311"
+name = "{runtime}"
 [outputs]
-model = true
+{outputs}
 [parameters]
 type = "object"
 required = ["steps"]
@@ -118,11 +128,11 @@ def run():
 """
 
 
-def _package(name: str, trainer: str) -> bytes:
+def _package(name: str, trainer: str, outputs: str = "model = true") -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
         for path, text in (
-            ("factory.toml", MANIFEST.format(name=name)),
+            ("factory.toml", MANIFEST.format(name=name, outputs=outputs, runtime=RUNTIME)),
             ("trainer.py", textwrap.dedent(trainer)),
         ):
             data = text.encode()
@@ -132,9 +142,9 @@ def _package(name: str, trainer: str) -> bytes:
     return buffer.getvalue()
 
 
-def _upload(org, owner, tmp_path, name: str, trainer: str):
+def _upload(org, owner, tmp_path, name: str, trainer: str, outputs: str = "model = true"):
     path = tmp_path / f"{name}.tar.gz"
-    path.write_bytes(_package(name, trainer))
+    path.write_bytes(_package(name, trainer, outputs))
     return code_package_version_create(
         organization=org, path=path, filename=path.name, actor=Actor(user=owner)
     )
@@ -150,6 +160,12 @@ def _submit(org, owner, version, parameters, **options):
         options=JobOptions(resource_class=ResourceClass.objects.get(name="cpu"), **options),
     )
     return job
+
+
+def _worker():
+    """A worker row offering the packages' runtime, as a worker process registers one."""
+    report = RuntimeReport(name=RUNTIME, interpreter=_runtime_python(), python_version="3")
+    return worker_register(name=f"cpu-{os.urandom(3).hex()}", devices=[], runtimes=[report])
 
 
 def _runtime_python() -> str:
@@ -174,7 +190,7 @@ def sandboxed_pool(pool):
     if os.geteuid() == 0:
         os.chown(work, sandbox.SANDBOX_UID, sandbox.SANDBOX_GID)
     pool.env["WORKER_WORKDIR"] = str(work)
-    pool.env["CODE_RUNTIME_PYTHON"] = _runtime_python()
+    pool.env["WORKER_RUNTIMES"] = f"{RUNTIME}={_runtime_python()}"
     try:
         yield pool
     finally:
@@ -264,7 +280,7 @@ def test_hostile_packages_are_refused_with_a_reason_and_the_worker_goes_on(
 
 @pytest.fixture
 def sandbox_work_root(settings):
-    """WORKER_WORKDIR and CODE_RUNTIME_PYTHON for an in-process worker running sandboxes."""
+    """WORKER_WORKDIR for an in-process worker running sandboxes."""
     reason = sandbox_unavailable_reason()
     if reason is not None:
         pytest.fail(reason)
@@ -276,7 +292,6 @@ def sandbox_work_root(settings):
     if os.geteuid() == 0:
         os.chown(work, sandbox.SANDBOX_UID, sandbox.SANDBOX_GID)
     settings.WORKER_WORKDIR = str(work)
-    settings.CODE_RUNTIME_PYTHON = _runtime_python()
     yield work
     shutil.rmtree(root, ignore_errors=True)
 
@@ -299,7 +314,7 @@ def test_a_resumed_attempt_continues_from_its_checkpoint_and_stores_new_ones(
         return real_checkpoint(**kwargs)
 
     monkeypatch.setattr(parent, "attempt_checkpoint", recording)
-    worker = worker_register(name=f"cpu-{os.urandom(3).hex()}", devices=[])
+    worker = _worker()
     scheduler_pass()
 
     assert run_attempt(job_id=job.pk, attempt=1, worker_id=worker.pk) == "succeeded"
@@ -313,6 +328,37 @@ def test_a_resumed_attempt_continues_from_its_checkpoint_and_stores_new_ones(
     (length,) = struct.unpack("<Q", weights[:8])
     assert struct.unpack("<2f", weights[8 + length :]) == (2.0, 1.0)  # 1.0 + 2 steps x 0.5
     assert not list(sandbox_work_root.iterdir())  # attempt, code and archive folders removed
+
+
+MAKES_ROWS = """
+import factory_job
+
+def run():
+    with open("/job/output/rows.csv", "w") as f:
+        f.write("x,y\\n" + "".join(f"{i},{i * i}\\n" for i in range(factory_job.params()["steps"])))
+    factory_job.register_dataset("/job/output/rows.csv")
+"""
+
+
+@pytest.mark.django_db
+def test_a_package_registers_a_dataset_version_under_the_jobs_name(
+    org, owner, local_store, sandbox_work_root
+):
+    version = _upload(
+        org, owner, local_store.parent, "rows", MAKES_ROWS, outputs="model = false\ndataset = true"
+    )
+    job = _submit(org, owner, version, {"steps": 5})
+    assert (job.output_model_name, job.output_dataset_name) == ("", "rows-output")
+    worker = _worker()
+    scheduler_pass()
+
+    assert run_attempt(job_id=job.pk, attempt=1, worker_id=worker.pk) == "succeeded"
+
+    job.refresh_from_db()
+    made = DatasetVersion.objects.get(pk=job.output_dataset_version_id)
+    assert made.dataset.name == "rows-output" and made.dataset.organization == org
+    assert (made.source, made.source_job_id, made.format) == ("job_output", job.pk, "csv")
+    assert job.output_model_version_id is None
 
 
 @pytest.mark.django_db
@@ -329,7 +375,7 @@ def test_a_worker_without_bubblewrap_refuses_code_packages_saying_why(
     )
     sandbox_unavailable_reason.cache_clear()
     try:
-        worker = worker_register(name=f"cpu-{os.urandom(3).hex()}", devices=[])
+        worker = _worker()
         scheduler_pass()
         assert run_attempt(job_id=job.pk, attempt=1, worker_id=worker.pk) == "failed"
     finally:
@@ -338,6 +384,27 @@ def test_a_worker_without_bubblewrap_refuses_code_packages_saying_why(
     assert job.state == JobState.FAILED
     assert job.failure_reason.startswith("This worker cannot run a code package: ")
     assert "bubblewrap is not installed on worker" in job.failure_reason
+
+
+@pytest.mark.django_db
+def test_a_worker_that_lost_the_runtime_refuses_the_package_naming_it(
+    org, owner, local_store, sandbox_work_root
+):
+    job = _submit(
+        org, owner, _upload(org, owner, local_store.parent, "tiny", TRAINER), {"steps": 1}
+    )
+    assert job.runtime == RUNTIME
+    worker = _worker()
+    scheduler_pass()
+    WorkerRuntime.objects.filter(worker=worker).update(error="python3: not found")
+
+    assert run_attempt(job_id=job.pk, attempt=1, worker_id=worker.pk) == "failed"
+
+    job.refresh_from_db()
+    assert job.failure_reason == (
+        "This worker cannot run a code package: This worker does not offer the runtime "
+        "'torch-2.13-py311' the package needs."
+    )
 
 
 @pytest.mark.django_db
@@ -410,7 +477,7 @@ def test_extraction_refuses_links_and_writes_read_only_files(tmp_path):
 
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
-        data = MANIFEST.format(name="tiny").encode()
+        data = MANIFEST.format(name="tiny", outputs="model = true", runtime=RUNTIME).encode()
         info = tarfile.TarInfo("factory.toml")
         info.size = len(data)
         archive.addfile(info, io.BytesIO(data))

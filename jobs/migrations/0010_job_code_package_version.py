@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('jobs', '0008_serve_and_evaluate_jobs'),
+        ('jobs', '0009_runtimes'),
         ('registry', '0006_code_packages'),
     ]
 
