@@ -195,6 +195,15 @@ class Job(OrganizationOwned):
     output_model_version = models.ForeignKey(
         "registry.ModelVersion", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
+    # An own-code job: the code package version whose train entry runs in the sandbox. `recipe`
+    # then names the package ("code:<name>") and `recipe_version` the version ("v3").
+    code_package_version = models.ForeignKey(
+        "registry.CodePackageVersion",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+    )
     output_model_name = models.CharField(max_length=100, blank=True)
     output_dataset_version = models.ForeignKey(
         "registry.DatasetVersion",

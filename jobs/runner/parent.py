@@ -17,13 +17,13 @@ import subprocess
 import tempfile
 import threading
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import httpx
 from django.conf import settings
 from django.db import IntegrityError
 
-from jobs.models import Job, JobState
+from jobs.models import Job, JobState, WorkerRuntime
 from jobs.services.attempts import (
     Report,
     StaleAttempt,
@@ -43,6 +43,7 @@ from registry.services import (
     model_version_register,
     registered_model_create,
 )
+from registry.services.code_packages import code_package_limits
 from registry.storage import (
     ObjectMismatch,
     ObjectNotFound,
@@ -54,8 +55,29 @@ from tenants.actors import Actor
 from tenants.errors import ConflictError
 
 from . import protocol
+from .code import (
+    JOB_FILE,
+    MAX_LOG_LINES,
+    MAX_METRICS,
+    PackageRefused,
+    gpu_devices,
+    package_extract,
+    package_line,
+    package_sandbox_spec,
+)
 from .evaluate_inputs import evaluation_record, evaluation_stage
 from .isolation import ChildFileRefused, attempt_folder_create, child_file_open, child_start
+from .sandbox import (
+    WORK_FOLDER,
+    Limits,
+    Runtime,
+    SandboxedProcess,
+    python_runtime,
+    read_lines,
+    runtime_refusal,
+    sandbox_start,
+    sandbox_unavailable_reason,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +131,8 @@ def run_attempt(*, job_id: int, attempt: int, worker_id: int) -> str:
         root=Path(settings.WORKER_WORKDIR), job_id=job_id, attempt=attempt
     )
     try:
-        return _Attempt(job, attempt, workdir).run()
+        runner = _CodeAttempt if job.code_package_version_id is not None else _Attempt
+        return runner(job, attempt, workdir).run()
     except StaleAttempt:
         logger.warning("job %s attempt %s is stale; stopped writing", job_id, attempt)
         return "stale"
@@ -350,8 +373,7 @@ class _Attempt:
                 unresponsive = True
                 stop_deadline = now  # hung: nothing to drain, killed at once
             if stop_deadline is not None and now > stop_deadline and child.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(child.pid, signal.SIGKILL)
+                self._kill(child)
         self._flush()
         code = child.wait()
         if over_time:
@@ -373,6 +395,10 @@ class _Attempt:
         else:
             prefix = "Training failed"
         return "failed", f"{prefix}: {detail}"
+
+    def _kill(self, child: subprocess.Popen) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
 
     def _unresponsive(self, now: float) -> bool:
         """A replica's server answers /healthz, checked a few times per SERVE_UNRESPONSIVE_S:
@@ -522,8 +548,271 @@ class _Attempt:
                 k: v for k, v in result.get("metrics", {}).items() if isinstance(v, int | float)
             },
             input_signature=result.get("input_signature", {}),
-            trained_on=[self.job.input_dataset_version],
+            trained_on=[v for v in [self.job.input_dataset_version] if v is not None],
             parent_version=self.job.input_model_version,
             source_job_id=self.job.pk,
+        )
+        return version.pk
+
+
+class RuntimeUnavailable(Exception):
+    pass
+
+
+class _CodeAttempt(_Attempt):
+    """An attempt that runs a tenant's code package (its train entry) in the sandbox.
+
+    The same supervision as a recipe's (reports, checkpoints, stop requests, the runtime limit,
+    outputs registered by the parent), with three differences: the child is started under
+    jobs.runner.sandbox with the package and the in-job library read-only; its lines are read in
+    capped pieces (sandbox.read_lines) and checked strictly (code.package_line), a refused one
+    failing the attempt; and what is kept of its chatter is capped.
+    """
+
+    def __init__(self, job: Job, attempt: int, workdir: Path):
+        super().__init__(job, attempt, workdir)
+        self.version = job.code_package_version
+        self.child: SandboxedProcess | None = None
+        self.refused: str | None = None
+        self.kept_lines = self.dropped_lines = 0
+        self.kept_metrics = 0
+        # Beside the work folder, the worker's: the archive (private) and its files (read-only
+        # to the sandbox, which sees them at /code).
+        self.private = Path(tempfile.mkdtemp(prefix=f"{workdir.name}-archive-", dir=workdir.parent))
+        self.code = Path(tempfile.mkdtemp(prefix=f"{workdir.name}-code-", dir=workdir.parent))
+
+    def run(self) -> str:
+        try:
+            try:
+                reason = sandbox_unavailable_reason() or runtime_refusal(self._runtime())
+            except RuntimeUnavailable as exc:
+                reason = str(exc)
+            if reason is not None:
+                attempt_finish(
+                    job_id=self.job.pk,
+                    attempt=self.attempt,
+                    outcome="failed",
+                    reason=f"This worker cannot run a code package: {reason}",
+                )
+                return "failed"
+            return super().run()
+        finally:
+            shutil.rmtree(self.private, ignore_errors=True)
+            shutil.rmtree(self.code, ignore_errors=True)
+
+    def _runtime(self) -> Runtime:
+        """The interpreter this worker reported for the job's runtime, working. The scheduler
+        placed the job here because of that report; a worker restarted since without it
+        refuses the job, naming the runtime."""
+        interpreter = (
+            WorkerRuntime.objects.filter(
+                worker_id=self.job.worker_id, runtime__name=self.job.runtime, error=""
+            )
+            .values_list("interpreter", flat=True)
+            .first()
+        )
+        if interpreter is None:
+            raise RuntimeUnavailable(
+                f"This worker does not offer the runtime {self.job.runtime!r} the package needs."
+            )
+        return python_runtime(interpreter)
+
+    def _write_spec(self) -> None:
+        job, version = self.job, self.version
+        dataset, model = job.input_dataset_version, job.input_model_version
+        for linked in (version, dataset, model):
+            if linked is not None and linked.organization_id != job.organization_id:
+                raise InputMismatch(f"{linked} belongs to another organization.")
+        archive = self.private / "package"
+        self._download_input(
+            f"code package {version}",
+            key=version.storage_key,
+            size=version.size_bytes,
+            sha256=version.sha256,
+            target=archive,
+        )
+        shutil.rmtree(self.code)  # a retry after an outage starts from an empty folder
+        self.code.mkdir(mode=0o755)
+        package_extract(archive, self.code, limits=code_package_limits())
+        self.code.chmod(0o755)
+        inputs_folder = self.workdir / "inputs"
+        inputs_folder.mkdir(exist_ok=True)
+        inputs = {}
+        if dataset is not None:
+            name = f"dataset.{dataset.format}"
+            self._download_input(
+                f"input dataset {dataset.dataset.name} v{dataset.number}",
+                key=dataset.storage_key,
+                size=dataset.size_bytes,
+                sha256=dataset.sha256,
+                target=inputs_folder / name,
+            )
+            inputs["dataset"] = f"{WORK_FOLDER}/inputs/{name}"
+        if model is not None:
+            (inputs_folder / "model").mkdir(exist_ok=True)
+            for artifact in model.artifacts.all():
+                self._download_input(
+                    f"input model {model.registered_model.name} v{model.number} {artifact.name}",
+                    key=artifact.storage_key,
+                    size=artifact.size_bytes,
+                    sha256=artifact.sha256,
+                    target=inputs_folder / "model" / artifact.name,
+                )
+            inputs["model"] = f"{WORK_FOLDER}/inputs/model"
+        resume_from = None
+        if job.checkpoint_key:
+            resume_from = "resume.pt"
+            self._download(job.checkpoint_key, self.workdir / resume_from)
+        for folder in ("output", "checkpoints"):
+            (self.workdir / folder).mkdir(exist_ok=True)
+        description = {
+            "entry": version.manifest["entry"]["train"],
+            "parameters": job.parameters,
+            "inputs": inputs,
+            "work_folder": WORK_FOLDER,
+            "checkpoint_dir": "checkpoints",
+            "output_dir": "output",
+            "resume_from": resume_from,
+        }
+        (self.workdir / JOB_FILE).write_text(json.dumps(description), encoding="utf-8")
+
+    def _start(self) -> SandboxedProcess:
+        job = self.job
+        grace = settings.JOB_STOP_GRACE_S
+        # The parent's own runtime check (in _supervise) ends an attempt over its maximum with
+        # that reason; the sandbox's wall clock is the backstop should the parent miss it.
+        wall_clock = job.max_runtime_s + grace + 30 if job.max_runtime_s else 7 * 24 * 3600
+        gpus = job.resource_class.name != "cpu"
+        spec = package_sandbox_spec(
+            runtime=self._runtime(),
+            work_folder=self.workdir,
+            code_folder=self.code,
+            devices=gpu_devices(job.slot_indices) if gpus else (),
+            threads=max(1, (os.cpu_count() or 1) // max(1, job.worker.slots)),
+            limits=Limits(wall_clock_s=wall_clock, stop_grace_s=grace),
+        )
+        # Started from the attempt's thread, which outlives it (the sandbox dies with it).
+        child = self.child = sandbox_start(spec)
+        for stream, pipe in (("stdout", child.stdout), ("stderr", child.stderr)):
+            threading.Thread(target=self._pump, args=(stream, pipe), daemon=True).start()
+        return child
+
+    def _pump(self, stream: str, pipe) -> None:
+        try:
+            for line in read_lines(pipe):
+                self.lines.put((stream, line))
+        finally:
+            self.lines.put(None)
+
+    def _kill(self, child) -> None:
+        child.kill()
+
+    def _keep(self, stream: str, line: str) -> None:
+        if self.kept_lines >= MAX_LOG_LINES:
+            self.dropped_lines += 1
+            return
+        self.kept_lines += 1
+        self.logs.append((stream, line))
+
+    def _take(self, stream: str, line: str) -> None:
+        if self.refused is not None:
+            return  # nothing a refused package says afterwards is read
+        if stream == "stderr":
+            self.stderr_tail = [*self.stderr_tail[-MAX_FAILURE_LINES:], line]
+            self._keep("stderr", line)
+            return
+        try:
+            kind, payload = package_line(line)
+        except PackageRefused as exc:
+            self.refused = str(exc)
+            self.logs.append(("stderr", self.refused))
+            self.child.kill()
+            return
+        if kind == "metric":
+            if self.kept_metrics < MAX_METRICS:
+                self.kept_metrics += 1
+                self.metrics.append(payload)
+        elif kind == "checkpoint":
+            self._checkpoint(payload)
+        elif kind == "result":
+            if self.result is not None:
+                self.refused = "The package printed a second @@result line; it prints one."
+                self.child.kill()
+            self.result = payload
+        elif kind == "log":
+            self._keep("stdout", payload)
+
+    def _supervise(self, child) -> tuple[str, str]:
+        outcome, reason = super()._supervise(child)
+        if self.dropped_lines:
+            self.logs.append(
+                ("stderr", f"{self.dropped_lines} more lines were not kept ({MAX_LOG_LINES} are).")
+            )
+            self._flush()
+        if self.refused is not None:
+            return "failed", self.refused
+        ending = child.ending()
+        if outcome == "failed" and ending.limit is not None:
+            return "failed", f"The sandbox ended the package: {ending.reason}."
+        return outcome, reason
+
+    def _register_outputs(self) -> dict:
+        state = attempt_state(job_id=self.job.pk, attempt=self.attempt)
+        if state is None:
+            raise StaleAttempt(f"job {self.job.pk} attempt {self.attempt}")
+        if state == JobState.CANCELLING:
+            return {}
+        artifacts = self.result["artifacts"]
+        promised = self.version.manifest["outputs"]
+        outputs: dict = {}
+        with tempfile.TemporaryDirectory(
+            prefix=f"{self.workdir.name}-outputs-", dir=self.workdir.parent
+        ) as folder:
+            copies = Path(folder)
+            if "model.safetensors" in artifacts:
+                if "config.json" not in artifacts:
+                    raise PackageRefused("The package registered weights without a config.json.")
+                config = json.loads(self._artifact_copy("config.json", copies).read_text())
+                if not isinstance(config, dict):
+                    raise PackageRefused("The package's config.json is not a JSON object.")
+                weights = self._artifact_copy("model.safetensors", copies)
+                outputs["output_model_version_id"] = self._register_model(weights, config)
+            elif promised["model"]:
+                raise PackageRefused(
+                    "The package's manifest promises a model (outputs.model), but its train "
+                    "entry registered none (factory_job.register_model)."
+                )
+            if "dataset" in artifacts:
+                copy = self._artifact_copy("dataset", copies)
+                outputs["output_dataset_version_id"] = self._register_dataset(
+                    copy, filename=PurePosixPath(artifacts["dataset"]).name
+                )
+            elif promised["dataset"]:
+                raise PackageRefused(
+                    "The package's manifest promises a dataset (outputs.dataset), but its train "
+                    "entry registered none (factory_job.register_dataset)."
+                )
+        return outputs
+
+    def _register_dataset(self, path: Path, *, filename: str) -> int:
+        organization, name = self.job.organization, self.job.output_dataset_name
+        dataset = first_or_create(
+            lambda: Dataset.objects.for_organization(organization).filter(name=name).first(),
+            lambda: dataset_create(
+                organization=organization,
+                name=name,
+                description=f"Made by {self.version}.",
+                actor=self._actor(),
+            ),
+        )
+        version = dataset_version_create(
+            dataset=dataset,
+            path=path,
+            filename=filename,
+            actor=self._actor(),
+            source=DatasetVersion.Source.JOB_OUTPUT,
+            source_job_id=self.job.pk,
+            derived_from_model_version=self.job.input_model_version,
+            derived_from_dataset_version=self.job.input_dataset_version,
         )
         return version.pk

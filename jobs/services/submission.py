@@ -23,7 +23,8 @@ from billing.selectors import gpu_resource, unit_price
 from jobs.models import Job, JobAttempt, JobState, ResourceClass, Sweep, Worker
 from jobs.recipes.base import Recipe, validate_parameters
 from jobs.recipes.catalog import get_recipe
-from registry.models import DatasetVersion, ModelVersion
+from jobs.runner.protocol import StrictValidator
+from registry.models import CodePackageVersion, DatasetVersion, ModelVersion
 from registry.selectors import dataset_list, registered_model_list
 from registry.services.datasets import validate_name
 from tenants.actors import Actor
@@ -65,7 +66,7 @@ class JobSpec:
     """One job, checked by the rules of its kind and ready for admission."""
 
     kind: str
-    recipe: type[Recipe]
+    recipe: type[Recipe] | None  # None for a code package's job
     parameters: dict
     dataset_version: DatasetVersion | None  # None for a serve job, which reads no dataset
     model_version: ModelVersion | None = None
@@ -75,6 +76,28 @@ class JobSpec:
     moves_alias: str = ""
     sweep: Sweep | None = None
     retry_of: Job | None = None
+    code_package_version: CodePackageVersion | None = None
+
+    @property
+    def recipe_name(self) -> str:
+        """What the job row's `recipe` says: the recipe, or "code:<package>" for own code."""
+        if self.code_package_version is not None:
+            return f"code:{self.code_package_version.package.name}"
+        return self.recipe.name
+
+    @property
+    def runtime(self) -> str:
+        """The runtime the job's code needs (the scheduler places it only where it is); blank
+        for a recipe, which runs on any worker."""
+        if self.code_package_version is not None:
+            return self.code_package_version.manifest["runtime"]["name"]
+        return ""
+
+    @property
+    def recipe_version(self) -> str:
+        if self.code_package_version is not None:
+            return f"v{self.code_package_version.number}"
+        return self.recipe.version
 
 
 def cost_rate_per_hour(*, resource_class: ResourceClass, gpu_count: int) -> tuple[Decimal, str]:
@@ -232,6 +255,96 @@ def inference_spec(
     )
 
 
+def code_package_spec(
+    *,
+    organization: Organization,
+    code_package_version: CodePackageVersion,
+    parameters: dict,
+    dataset_version: DatasetVersion | None = None,
+    output_model_name: str = "",
+    output_dataset_name: str = "",
+) -> JobSpec:
+    """A code package version's train entry, run in the sandbox: the parameters must match the
+    package's JSON Schema (defaults are the package's own business), its outputs are named by
+    the job (default `<package>` for a model, `<package>-output` for a dataset), never by the
+    code. The dataset version, when given, is downloaded for it as its input."""
+    version = code_package_version
+    if version.organization_id != organization.pk:
+        raise DomainError("Inputs must be this organization's own versions.")
+    if dataset_version is not None and dataset_version.organization_id != organization.pk:
+        raise DomainError("Inputs must be this organization's own versions.")
+    parameters = parameters if parameters is not None else {}
+    if not isinstance(parameters, dict):
+        raise DomainError(
+            "Parameters are a JSON object.", fields={"parameters": ["Must be an object."]}
+        )
+    schema = version.manifest["parameters"]
+    errors = sorted(StrictValidator(schema).iter_errors(parameters), key=lambda e: list(e.path))
+    if errors:
+        fields: dict[str, list[str]] = {}
+        for error in errors[:20]:
+            where = ".".join(["parameters", *(str(part) for part in error.absolute_path)])
+            fields.setdefault(where, []).append(error.message)
+        first = next(iter(fields.items()))
+        raise DomainError(
+            f"The parameters do not match {version}'s schema: {first[0]}: {first[1][0]}",
+            fields=fields,
+        )
+    outputs = version.manifest["outputs"]
+    package = version.package.name
+    return JobSpec(
+        kind=Job.Kind.TRAIN,
+        recipe=None,
+        parameters=parameters,
+        dataset_version=dataset_version,
+        output_model_name=(
+            validate_name(output_model_name or package, field="output_model")
+            if outputs["model"]
+            else ""
+        ),
+        output_dataset_name=(
+            validate_name(output_dataset_name or f"{package}-output", field="output_dataset")
+            if outputs["dataset"]
+            else ""
+        ),
+        code_package_version=version,
+    )
+
+
+def code_job_submit(
+    *,
+    organization: Organization,
+    actor: Actor,
+    code_package_version: CodePackageVersion,
+    parameters: dict,
+    options: JobOptions,
+    dataset_version: DatasetVersion | None = None,
+    output_model_name: str = "",
+    output_dataset_name: str = "",
+    idempotency_key: str | None = None,
+) -> tuple[Job, bool]:
+    """Queue a run of a code package version's train entry; returns (job, created). A repeated
+    key returns the first job."""
+    first = _job_with_key(organization=organization, idempotency_key=idempotency_key)
+    if first is not None:
+        return first, False
+    spec = code_package_spec(
+        organization=organization,
+        code_package_version=code_package_version,
+        parameters=parameters,
+        dataset_version=dataset_version,
+        output_model_name=output_model_name,
+        output_dataset_name=output_dataset_name,
+    )
+    return job_admit(
+        organization=organization,
+        actor=actor,
+        spec=spec,
+        options=options,
+        idempotency_key=idempotency_key,
+    )
+
+
 def _outputs_allowed(*, organization: Organization, actor: Actor, spec: JobSpec) -> None:
     """`jobs:write` runs jobs; a job that adds a version to an existing model or dataset, or
     moves an alias, needs the scope that doing so directly needs. A new output is the job's own."""
@@ -305,8 +418,10 @@ def job_admit(
             job = Job.objects.create(
                 organization=organization,
                 kind=spec.kind,
-                recipe=spec.recipe.name,
-                recipe_version=spec.recipe.version,
+                recipe=spec.recipe_name,
+                recipe_version=spec.recipe_version,
+                code_package_version=spec.code_package_version,
+                runtime=spec.runtime,
                 parameters=spec.parameters,
                 input_dataset_version=spec.dataset_version,
                 input_model_version=spec.model_version,
@@ -329,7 +444,7 @@ def job_admit(
             )
             data = {
                 "kind": spec.kind,
-                "recipe": spec.recipe.name,
+                "recipe": spec.recipe_name,
                 "gpus": gpu_count,
                 "resource_class": resource_class.name,
             }
@@ -466,7 +581,16 @@ def job_retry(*, job: Job, actor: Actor) -> Job:
     earlier = job.retries.order_by("pk").first()
     if earlier is not None:
         raise ConflictError(f"Job {job.pk} was already retried as job {earlier.pk}; retry that.")
-    if job.kind == Job.Kind.INFER:
+    if job.code_package_version is not None:
+        spec = code_package_spec(
+            organization=job.organization,
+            code_package_version=job.code_package_version,
+            parameters=job.parameters,
+            dataset_version=job.input_dataset_version,
+            output_model_name=job.output_model_name,
+            output_dataset_name=job.output_dataset_name,
+        )
+    elif job.kind == Job.Kind.INFER:
         spec = inference_spec(
             organization=job.organization,
             model_version=job.input_model_version,

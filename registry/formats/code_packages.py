@@ -201,7 +201,7 @@ def _read_tar_stream(stream: io.RawIOBase, limits: DatasetLimits) -> _Files:
                     f"The tar holds more than {limits.max_archive_entries:,} entries, the "
                     "most we accept; leave out what the code does not need."
                 )
-            _check_tar_member(member)
+            check_tar_member(member)
             is_manifest = _note_entry(files, seen, member.name, "tar")
             if not member.isfile():
                 continue
@@ -214,7 +214,7 @@ def _read_tar_stream(stream: io.RawIOBase, limits: DatasetLimits) -> _Files:
     return files
 
 
-def _check_tar_member(member: tarfile.TarInfo) -> None:
+def check_tar_member(member: tarfile.TarInfo) -> None:
     check_entry_path(member.name, archive="tar")
     if member.issym() or member.islnk():
         raise CodePackageError(
