@@ -258,6 +258,9 @@ class CodePackagesPage(OrganizationPageMixin, TemplateView):
 
     template_name = "registry/code_packages.html"
     required_scopes = {"get": "code:read", "post": "code:write"}
+    # Each upload is inspected in the request (up to the expansion budget): counted like an API
+    # upload.
+    throttle_scopes = {"post": "upload"}
 
     def get_context_data(self, **kwargs):
         context = super().get_context_data(**kwargs)

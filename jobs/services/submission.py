@@ -279,7 +279,13 @@ def code_package_spec(
             "Parameters are a JSON object.", fields={"parameters": ["Must be an object."]}
         )
     schema = version.manifest["parameters"]
-    errors = sorted(StrictValidator(schema).iter_errors(parameters), key=lambda e: list(e.path))
+    try:
+        errors = sorted(StrictValidator(schema).iter_errors(parameters), key=lambda e: list(e.path))
+    except RecursionError as exc:  # a schema whose $ref leads back to itself without end
+        raise DomainError(
+            f"{version}'s parameters schema refers to itself without end; fix the package.",
+            fields={"parameters": ["The package's schema cannot be checked."]},
+        ) from exc
     if errors:
         fields: dict[str, list[str]] = {}
         for error in errors[:20]:

@@ -41,6 +41,7 @@ import math
 import re
 import tarfile
 import tomllib
+import unicodedata
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -62,6 +63,23 @@ from tenants.errors import DomainError
 
 MANIFEST_NAME = "factory.toml"
 MAX_MANIFEST_BYTES = 64 * 1024
+MAX_TAR_HEADER_BYTES = 64 * 1024
+# JSON numbers a database and every JSON reader hold exactly.
+MAX_INTEGER_BITS = 64
+# Schema keywords that would let validation fetch, recurse through anchors or backtrack without
+# end on a tenant's pattern: refused, so validating parameters against a package's schema stays
+# local and bounded.
+_REFUSED_KEYWORDS = {
+    "$id",
+    "$anchor",
+    "$dynamicRef",
+    "$dynamicAnchor",
+    "$recursiveRef",
+    "$recursiveAnchor",
+    "pattern",
+    "patternProperties",
+}
+_SCHEMA_URI = "https://json-schema.org/draft/2020-12/schema"
 # Deeper than any real parameters schema; keeps the schema checker's recursion bounded.
 MAX_SCHEMA_DEPTH = 32
 _PACKAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
@@ -144,14 +162,15 @@ def _note_entry(files: _Files, seen: set[tuple[str, ...]], name: str, archive: s
     Two entries at one path extract as whichever comes last, so what we checked would not be
     what runs.
     """
-    parts = _root_path(name)
+    # Compared as a case-insensitive, Unicode-normalizing file system would store them.
+    parts = tuple(unicodedata.normalize("NFC", p).casefold() for p in _root_path(name))
     if parts in seen:
         raise CodePackageError(
             f"The {archive} holds {name!r} twice; re-create it so each path appears once."
         )
     seen.add(parts)
     files.count += 1
-    return parts == (MANIFEST_NAME,)
+    return _root_path(name) == (MANIFEST_NAME,)
 
 
 def _read_zip(path: Path, limits: DatasetLimits) -> _Files:
@@ -185,16 +204,42 @@ def _read_tar_gz(path: Path, limits: DatasetLimits) -> _Files:
             return _read_tar_stream(
                 _CappedStream(raw, budget=budget, archive=archive_bytes), limits
             )
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+    except (tarfile.TarError, EOFError, OSError, zlib.error, RecursionError) as exc:
         raise CodePackageError(
             f"The tar.gz cannot be read ({exc}); re-create it with `tar czf` and upload it again."
         ) from exc
 
 
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A tar header whose PAX or GNU long-name extension tarfile would read whole into memory:
+    refused past MAX_TAR_HEADER_BYTES, so a few compressed megabytes cannot cost the web
+    process a gigabyte."""
+
+    def _proc_pax(self, tarfile):
+        _check_header_size(self.size)
+        return super()._proc_pax(tarfile)
+
+    def _proc_gnulong(self, tarfile):
+        _check_header_size(self.size)
+        return super()._proc_gnulong(tarfile)
+
+
+def _check_header_size(size: int) -> None:
+    if size > MAX_TAR_HEADER_BYTES:
+        raise CodePackageError(
+            f"The tar has an extended header of {size:,} bytes; we accept at most "
+            f"{MAX_TAR_HEADER_BYTES:,} (long names and attributes fit in far less)."
+        )
+
+
 def _read_tar_stream(stream: io.RawIOBase, limits: DatasetLimits) -> _Files:
     files, seen = _Files(), set()
     # "r|" reads strictly forward: no member is looked up twice, nothing is seeked back to.
-    with tarfile.open(fileobj=stream, mode="r|") as archive:
+    # ignore_zeros: a bad block does not end the reading (as it would by default) but is
+    # skipped, so entries hidden behind one, which GNU tar would still unpack, are checked too.
+    with tarfile.open(
+        fileobj=stream, mode="r|", ignore_zeros=True, tarinfo=_BoundedTarInfo
+    ) as archive:
         for member in archive:
             if files.count >= limits.max_archive_entries:
                 raise CodePackageError(
@@ -289,6 +334,8 @@ def parse_manifest(data: bytes) -> dict:
         raise _field_error(MANIFEST_NAME, "is not UTF-8 text") from exc
     except tomllib.TOMLDecodeError as exc:
         raise _field_error(MANIFEST_NAME, f"is not valid TOML ({exc})") from exc
+    except ValueError as exc:  # an integer past Python's digit limit
+        raise _field_error(MANIFEST_NAME, f"holds a value out of range ({exc})") from exc
     except RecursionError as exc:
         raise _field_error(MANIFEST_NAME, "nests too deeply") from exc
     unknown = sorted(set(raw) - _TABLES)
@@ -422,6 +469,8 @@ def _parameters_schema(value: Any) -> dict:
         ) from exc
     except RecursionError as exc:
         raise _field_error("parameters", "nests too deeply") from exc
+    except (OverflowError, ValueError) as exc:
+        raise _field_error("parameters", f"is not a valid JSON Schema ({exc})") from exc
     return value
 
 
@@ -432,15 +481,29 @@ def _check_json_values(value: Any, field: str, *, depth: int) -> None:
         raise _field_error(field, f"nests deeper than {MAX_SCHEMA_DEPTH} levels")
     if isinstance(value, dict):
         for key, item in value.items():
+            if "\x00" in key:
+                raise _field_error(field, "has a key holding a NUL character")
             if key == "$ref" and not (isinstance(item, str) and item.startswith("#")):
                 raise _field_error(
                     f"{field}.$ref", 'may only point inside the schema (start with "#")'
                 )
+            if key in _REFUSED_KEYWORDS:
+                raise _field_error(
+                    f"{field}.{key}",
+                    "is not supported in a package's parameters schema (validation must stay "
+                    "local and quick); use enum, format or a check in your code instead",
+                )
+            if key == "$schema" and item != _SCHEMA_URI:
+                raise _field_error(f"{field}.$schema", f"may only be {_SCHEMA_URI!r}")
             _check_json_values(item, f"{field}.{key}", depth=depth + 1)
     elif isinstance(value, list):
         for index, item in enumerate(value):
             _check_json_values(item, f"{field}.{index}", depth=depth + 1)
     elif isinstance(value, float) and not math.isfinite(value):
         raise _field_error(field, "must be a finite number (JSON has no nan or inf)")
+    elif isinstance(value, str) and "\x00" in value:
+        raise _field_error(field, "holds a NUL character")
+    elif isinstance(value, int) and value.bit_length() > MAX_INTEGER_BITS:
+        raise _field_error(field, f"is an integer wider than {MAX_INTEGER_BITS} bits")
     elif not isinstance(value, (str, int, float, bool)):
         raise _field_error(field, "must be a string, number, boolean, array or table (JSON values)")

@@ -425,6 +425,20 @@ def test_parameters_are_checked_against_the_package_schema(
     assert (job.recipe, job.recipe_version, job.output_model_name) == ("code:tiny", "v1", "tiny")
 
 
+@pytest.mark.django_db
+def test_a_schema_that_refers_to_itself_without_end_is_a_400_not_a_500(
+    org, owner, local_store, tmp_path
+):
+    """`$ref: "#"` passes the manifest's checks (it stays inside the schema) but validating
+    against it never ends: the submission says so."""
+    version = _upload(org, owner, tmp_path, "loops", TRAINER)
+    version.manifest["parameters"] = {"type": "object", "allOf": [{"$ref": "#"}]}
+    version.save(update_fields=["manifest"])
+    with pytest.raises(DomainError, match="refers to itself"):
+        _submit(org, owner, version, {"steps": 1})
+    assert not Job.objects.exists()
+
+
 def test_the_library_speaks_the_parents_protocol():
     assert (
         factory_job.EXIT_OK,

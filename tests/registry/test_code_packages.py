@@ -2,6 +2,7 @@
 400 naming what is wrong and leave no row and no object behind; other tenants and keys without
 `code:write` get nothing. Plus the happy path for a zip and a tar.gz."""
 
+import gzip
 import hashlib
 import io
 import stat
@@ -484,3 +485,94 @@ def test_a_viewer_sees_the_code_page_without_the_upload_form(
     page = client.get(reverse("registry:code_packages", args=[org.slug]))
     assert page.status_code == 200
     assert b'enctype="multipart/form-data"' not in page.content
+
+
+# The security review's attacks (each was a 201, a 500 or a gigabyte before).
+
+
+def _hidden_behind_garbage() -> bytes:
+    """A valid package, one garbage block, then a link and a traversal: Python's tarfile stops
+    at the garbage by default, GNU tar skips it and unpacks the rest."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, data in package().items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+        archive.fileobj.write(b"\xde\xad" * 256)  # one 512-byte block no header reads
+        link = tarfile.TarInfo("evil-link")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc"
+        archive.addfile(link)
+    return gzip.compress(buffer.getvalue())
+
+
+def _long_pax_header() -> bytes:
+    """A PAX header of 5 MB of one repeated byte: a few kilobytes compressed."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        info = tarfile.TarInfo("factory.toml")
+        info.size = len(MANIFEST)
+        info.pax_headers = {"comment": "x" * 5_000_000}
+        archive.addfile(info, io.BytesIO(MANIFEST))
+    return gzip.compress(buffer.getvalue())
+
+
+def _case_twin() -> bytes:
+    return make_zip({**package(), "FACTORY.TOML": MANIFEST})
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (_hidden_behind_garbage(), "link"),
+        (_long_pax_header(), "extended header"),
+        (_case_twin(), "twice"),
+    ],
+    ids=["tar-entries-behind-garbage", "tar-huge-pax-header", "zip-case-twin"],
+)
+def test_archives_that_hide_or_swell_are_400(org, dev_client, local_store, content, message):
+    response = _upload(dev_client, org, content, filename="pkg.tar.gz")
+    assert response.status_code == 400, response.content
+    assert message in response.json()["detail"]
+    _nothing_stored(org, local_store)
+
+
+@pytest.mark.parametrize(
+    ("new", "field"),
+    [
+        (b"minimum = " + b"1" * 5000, "manifest"),
+        (b"minimum = 0x" + b"f" * 5000, "parameters.properties.epochs.minimum"),
+        (b'description = "a\\u0000b"', "parameters.properties.epochs.description"),
+        (b'pattern = "a{4294967296}"', "parameters.properties.epochs.pattern"),
+        (b'pattern = "^(a+)+$"', "parameters.properties.epochs.pattern"),
+        (b'"$dynamicRef" = "http://127.0.0.1:9/x"', "parameters.properties.epochs.$dynamicRef"),
+        (b'"$schema" = "http://127.0.0.1:9/x"', "parameters.properties.epochs.$schema"),
+    ],
+    ids=["huge-int", "huge-hex", "nul", "regex-overflow", "redos", "dynamic-ref", "schema-uri"],
+)
+def test_manifest_values_that_crashed_or_fetched_are_400(org, dev_client, local_store, new, field):
+    manifest = MANIFEST.replace(b"minimum = 1\n", new + b"\n")
+    response = _upload(dev_client, org, make_zip(package(manifest)))
+    assert response.status_code == 400, response.content
+    body = response.json()
+    assert body["code"] == "invalid_code_package"
+    if field == "manifest":
+        assert "factory.toml" in body["fields"], body
+    else:
+        assert field in body["fields"], body
+    _nothing_stored(org, local_store)
+
+
+def test_the_upload_page_counts_in_the_upload_bucket(
+    org, member_factory, client_for, local_store, settings, monkeypatch
+):
+    from tenants.api import throttles
+
+    monkeypatch.setattr(throttles, "clock", lambda: 86_400 * 20_834 + 30)
+    settings.API_RATE_LIMITS = {**settings.API_RATE_LIMITS, "upload": "1/min"}
+    client = client_for(member_factory(org, "developer"))
+    url = reverse("registry:code_packages", args=[org.slug])
+    first = client.post(url, {"file": SimpleUploadedFile("pkg.zip", make_zip(package()))})
+    assert first.status_code in (200, 302)
+    second = client.post(url, {"file": SimpleUploadedFile("pkg.zip", make_zip(package()))})
+    assert second.status_code == 429
