@@ -32,6 +32,7 @@ run: install
 	$(BIN)/python manage.py seed_demo && \
 	$(BIN)/python manage.py seed_samples --org demo-lab && \
 	$(BIN)/python manage.py seed_loop --org demo-lab && \
+	$(BIN)/python manage.py seed_code --org demo-lab && \
 	exec $(BIN)/python manage.py run_embedded
 
 # One GPU machine of the pool (or CPU slots without GPUs), against the configured database/broker.

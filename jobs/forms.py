@@ -181,3 +181,119 @@ class PredictForm(forms.Form):
         )
         for name in ("model_version", "dataset_version"):
             self.fields[name].keep_chosen(self, name)
+
+
+class CodeRunForm(forms.Form):
+    """Run a code package version: its parameters drawn from the package's JSON Schema (simple
+    types as inputs, anything else as JSON), an optional input dataset, where and how long."""
+
+    dataset_version = VersionChoiceField(
+        queryset=DatasetVersion.objects.none(),
+        required=False,
+        label="Input dataset version",
+        help_text="Optional: downloaded for the code, which finds it in factory_job.inputs().",
+    )
+    resource_class = forms.ModelChoiceField(
+        queryset=ResourceClass.objects.order_by("name"), to_field_name="name", initial="cpu"
+    )
+    max_runtime_s = forms.IntegerField(
+        min_value=60, max_value=7 * 24 * 3600, initial=3600, label="Max runtime (s)"
+    )
+
+    def __init__(self, *args, organization, version, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.version = version
+        self.fields["dataset_version"].queryset = (
+            DatasetVersion.objects.for_organization(organization)
+            .select_related("dataset")
+            .defer(*DATASET_VERSION_HEAVY)
+            .order_by("dataset__name", "-number")
+        )
+        self.fields["dataset_version"].keep_chosen(self, "dataset_version")
+        outputs = version.manifest["outputs"]
+        package = version.package.name
+        if outputs["model"]:
+            self.fields["output_model"] = forms.CharField(
+                required=False,
+                max_length=100,
+                validators=[name_validator],
+                help_text=f"Model to register the result as; default: {package}.",
+            )
+        if outputs["dataset"]:
+            self.fields["output_dataset"] = forms.CharField(
+                required=False,
+                max_length=100,
+                validators=[name_validator],
+                help_text=f"Dataset to write the output to; default: {package}-output.",
+            )
+        schema = version.manifest.get("parameters", {})
+        required = set(schema.get("required", []))
+        for name, spec in schema.get("properties", {}).items():
+            spec = spec if isinstance(spec, dict) else {}
+            self.fields[f"param_{name}"] = _schema_field(name, spec, required=name in required)
+
+    def parameter_fields(self):
+        return [self[name] for name in self.fields if name.startswith("param_")]
+
+    def cleaned_parameters(self) -> dict:
+        """The parameters given; a blank optional one is left out for the code's own default."""
+        return {
+            name.removeprefix("param_"): value
+            for name, value in self.cleaned_data.items()
+            if name.startswith("param_") and value not in (None, "")
+        }
+
+    def field_for_error(self, where: str) -> str | None:
+        """The form field of a submission error's field ("parameters.lr.0" -> "param_lr")."""
+        if where.startswith("parameters."):
+            where = "param_" + where.removeprefix("parameters.").split(".", 1)[0]
+        return where if where in self.fields else None
+
+
+class JSONValueField(forms.CharField):
+    """Any JSON value, for a parameter the form has no input for (an object, an array, a union)."""
+
+    widget = forms.Textarea(attrs={"rows": 3})
+
+    def to_python(self, value):
+        value = super().to_python(value)
+        if not value.strip():
+            return None
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise forms.ValidationError(f"Not JSON: {exc.msg} (line {exc.lineno}).") from exc
+
+
+def _schema_field(name: str, spec: dict, *, required: bool) -> forms.Field:
+    """An input for one property of a code package's parameters schema. Bounds and formats
+    beyond a type are the schema's to check on submit (its errors come back on the field)."""
+    common = {
+        "label": str(spec.get("title") or name.replace("_", " ").capitalize()),
+        "required": required,
+        "help_text": str(spec.get("description", "")),
+        "initial": spec.get("default"),
+    }
+    kind = spec.get("type")
+    if isinstance(spec.get("enum"), list) and spec["enum"]:
+        values = {json.dumps(v): v for v in spec["enum"]}
+        choices = [(key, str(value)) for key, value in values.items()]
+        if not required:
+            choices.insert(0, ("", "(the code's default)"))
+        initial = json.dumps(spec["default"]) if "default" in spec else None
+        return forms.TypedChoiceField(
+            choices=choices,
+            coerce=values.__getitem__,
+            empty_value=None,
+            **{**common, "initial": initial},
+        )
+    if kind == "integer":
+        return forms.IntegerField(**common)
+    if kind == "number":
+        return forms.FloatField(**common)
+    if kind == "boolean":
+        return forms.BooleanField(**{**common, "required": False})
+    if kind == "string":
+        return forms.CharField(strip=False, **common)
+    initial = json.dumps(spec["default"]) if "default" in spec else None
+    return JSONValueField(**{**common, "initial": initial})

@@ -49,6 +49,7 @@ def job_list(
             "output_dataset_version__dataset",
             "input_dataset_version__dataset",
             "output_model_version__registered_model",
+            "code_package_version__package",
         )
         # Jobs name their versions (name and number); a version's profile, preview, metrics
         # and parameters are kilobytes each, fetched 50 times a page for nothing.
@@ -63,6 +64,7 @@ def job_list(
                 for relation in ("input_model_version", "output_model_version")
                 for name in ("parameters", "metrics", "input_signature")
             ),
+            "code_package_version__manifest",
         )
     )
     if state:

@@ -11,10 +11,11 @@ from django.views.generic import TemplateView
 
 import charts
 from jobs import selectors, services
-from jobs.forms import JobForm, PredictForm
+from jobs.forms import CodeRunForm, JobForm, PredictForm
 from jobs.models import Job, JobEvent, JobLog, JobMetric, JobState, Sweep
 from jobs.recipes.catalog import get_recipe, list_recipes
 from jobs.services import sweeps
+from registry.models import CodePackageVersion
 from tenants.errors import DomainError
 from tenants.standing import Effect
 from tenants.views.base import OrganizationPageMixin
@@ -130,6 +131,57 @@ class JobSubmitPage(OrganizationPageMixin, TemplateView):
                 messages.success(request, f"Job {job.pk} queued.")
                 return redirect("jobs:job", org_slug, job.pk)
         return self.render_to_response(self.get_context_data(form=form, recipe=recipe), status=400)
+
+
+class CodeRunPage(OrganizationPageMixin, TemplateView):
+    """Run a code package version: a form drawn from its parameters schema, submitted as a job."""
+
+    template_name = "jobs/code_run.html"
+    required_scopes = {"get": "jobs:write", "post": "jobs:write"}
+    throttle_scopes = {"post": "submit"}
+    model = CodePackageVersion
+    lookup_fields = {"package__name": "name", "number": "number"}
+
+    def narrow_queryset(self, queryset):
+        return queryset.select_related("package")
+
+    def get_context_data(self, **kwargs):
+        context = super().get_context_data(**kwargs)
+        version = self.get_org_object()
+        context.setdefault("form", CodeRunForm(organization=self.organization, version=version))
+        context["version"] = version
+        priced = selectors.resource_classes_with_prices()
+        context["prices"] = {rc.name: price * 3600 for rc, price, _c in priced}
+        context["second_prices"] = {rc.name: str(price) for rc, price, _c in priced}
+        return context
+
+    def post(self, request, org_slug, name, number):
+        version = self.get_org_object()
+        form = CodeRunForm(request.POST, organization=self.organization, version=version)
+        if form.is_valid():
+            data = form.cleaned_data
+            try:
+                job, _ = services.code_job_submit(
+                    organization=self.organization,
+                    actor=self.actor,
+                    code_package_version=version,
+                    parameters=form.cleaned_parameters(),
+                    dataset_version=data["dataset_version"],
+                    output_model_name=data.get("output_model", ""),
+                    output_dataset_name=data.get("output_dataset", ""),
+                    options=services.JobOptions(
+                        resource_class=data["resource_class"],
+                        max_runtime_s=data["max_runtime_s"],
+                    ),
+                )
+            except DomainError as error:
+                for where, errors in (error.fields or {"": [error.detail]}).items():
+                    for message in errors:
+                        form.add_error(form.field_for_error(where), message)
+            else:
+                messages.success(request, f"Job {job.pk} queued: {version}.")
+                return redirect("jobs:job", org_slug, job.pk)
+        return self.render_to_response(self.get_context_data(form=form), status=400)
 
 
 class JobPredictPage(OrganizationPageMixin, TemplateView):

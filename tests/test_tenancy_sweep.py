@@ -522,6 +522,12 @@ def _job_submitted(case):
     return Job.objects.filter(organization=case.org, labels__swept="yes").exists()
 
 
+def _code_job_submitted(case):
+    return Job.objects.filter(
+        organization=case.org, code_package_version__package__name=case.made["name"]
+    ).exists()
+
+
 def _job_cancelled(case):
     return Job.objects.filter(
         pk=case.made["pk"], state__in=[JobState.CANCELLING, JobState.CANCELLED]
@@ -919,6 +925,12 @@ CALLS: dict[str, Call] = {
         wrote=_job_submitted,
     ),
     "GET jobs:job_predict": OK,
+    "GET jobs:code_run": OK,
+    "POST jobs:code_run": Call(
+        302,
+        body=lambda c: {"resource_class": "cpu", "max_runtime_s": 600},
+        wrote=_code_job_submitted,
+    ),
     "POST jobs:job_predict": Call(302, body=_page_predict_form, wrote=_predicted_by_job),
     "GET jobs:job": OK,
     "POST jobs:job_cancel": Call(302, wrote=_job_cancelled),

@@ -1,3 +1,4 @@
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from jobs.models import Job, JobEvent, JobLog, JobMetric, JobState, Sweep
@@ -22,10 +23,27 @@ SUBMITTED_KINDS = [(Job.Kind.TRAIN, Job.Kind.TRAIN.label), (Job.Kind.INFER, Job.
 class JobSubmitSerializer(serializers.Serializer):
     kind = serializers.ChoiceField(choices=SUBMITTED_KINDS, default=Job.Kind.TRAIN)
     recipe = serializers.CharField(
-        max_length=100, required=False, allow_blank=True, help_text="Required for training."
+        max_length=100,
+        required=False,
+        allow_blank=True,
+        help_text="Training: the recipe to run, or leave it out and name a code package.",
+    )
+    code_package = serializers.CharField(
+        max_length=100,
+        required=False,
+        allow_blank=True,
+        help_text="Training with your own code: the package whose train entry runs, instead of "
+        "a recipe. Its parameters are checked against the package version's JSON Schema.",
+    )
+    code_package_version = serializers.IntegerField(
+        min_value=1, required=False, help_text="The version number of `code_package` to run."
     )
     parameters = serializers.DictField(default=dict)
-    dataset = DatasetRefSerializer()
+    dataset = DatasetRefSerializer(
+        required=False,
+        help_text="Required for recipes and inference; optional for a code package, whose "
+        "code then finds it among its inputs.",
+    )
     model = ModelRefSerializer(
         required=False,
         help_text="Inference: the model to run. Training: a version to continue training from.",
@@ -37,6 +55,31 @@ class JobSubmitSerializer(serializers.Serializer):
     labels = serializers.DictField(child=serializers.CharField(max_length=200), default=dict)
     max_runtime_s = serializers.IntegerField(min_value=60, max_value=7 * 24 * 3600, default=3600)
     output_model = serializers.CharField(max_length=100, required=False, allow_blank=True)
+
+    def validate(self, attrs):
+        """A job runs a recipe or a code package version, never both; say which field is off."""
+        package, number = attrs.get("code_package"), attrs.get("code_package_version")
+        if not package and number is None:
+            return attrs
+        errors = {}
+        if not package:
+            errors["code_package"] = ["Name the package whose version this is."]
+        if number is None:
+            errors["code_package_version"] = ["Name the version number to run."]
+        if attrs.get("recipe"):
+            errors["recipe"] = ["Name a recipe or a code package, not both."]
+        if attrs.get("kind", Job.Kind.TRAIN) != Job.Kind.TRAIN:
+            errors["kind"] = ["A code package runs training jobs (its train entry)."]
+        if "model" in attrs:
+            errors["model"] = ["A code package job takes no input model."]
+        if errors:
+            raise serializers.ValidationError(errors)
+        return attrs
+
+
+class CodePackageRefSerializer(serializers.Serializer):
+    package = serializers.CharField()
+    number = serializers.IntegerField()
 
 
 class MoneySerializer(serializers.Serializer):
@@ -64,6 +107,7 @@ class JobSerializer(serializers.ModelSerializer):
     input_model = serializers.SerializerMethodField()
     output_dataset = serializers.SerializerMethodField()
     cost_so_far_minor = serializers.SerializerMethodField()
+    code_package = serializers.SerializerMethodField()
 
     class Meta:
         model = Job
@@ -73,6 +117,7 @@ class JobSerializer(serializers.ModelSerializer):
             "kind",
             "recipe",
             "recipe_version",
+            "code_package",
             "parameters",
             "dataset",
             "resource_class",
@@ -101,6 +146,11 @@ class JobSerializer(serializers.ModelSerializer):
     def get_dataset(self, job) -> dict | None:
         version = job.input_dataset_version
         return {"dataset": version.dataset.name, "number": version.number} if version else None
+
+    @extend_schema_field(CodePackageRefSerializer(allow_null=True))
+    def get_code_package(self, job) -> dict | None:
+        version = job.code_package_version
+        return {"package": version.package.name, "number": version.number} if version else None
 
     def get_output_model(self, job) -> dict | None:
         version = job.output_model_version

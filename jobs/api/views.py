@@ -14,7 +14,7 @@ from jobs.models import Job, JobEvent, JobLog, JobMetric, ResourceClass, Sweep
 from jobs.recipes.catalog import list_recipes
 from jobs.services import sweeps
 from registry.models import RegisteredModel
-from registry.selectors import dataset_version_get, model_version_get
+from registry.selectors import code_package_version_get, dataset_version_get, model_version_get
 from tenants.api.base import OrganizationScopedAPIView, OrganizationScopedViewSet
 from tenants.errors import DomainError
 from tenants.standing import Effect
@@ -31,6 +31,13 @@ def _estimate(resource_class: ResourceClass, gpu_count: int, max_runtime_s: int)
         "estimated_cost_per_hour": {"amount": f"{rate:.4f}", "currency": currency},
         "estimated_max_cost": {"amount": f"{most:.2f}", "currency": currency},
     }
+
+
+class CodePackageVersionNotFound(DomainError):
+    """Another organization's package answers exactly like a missing one."""
+
+    code = "not_found"
+    status = 404
 
 
 class _JobInputs:
@@ -54,6 +61,17 @@ class _JobInputs:
             raise DomainError(
                 f"Dataset {ref['dataset']} has no version {ref['number']}.",
                 fields={"dataset": ["No such dataset version in this organization."]},
+            ) from exc
+
+    def _code_package_version(self, name: str, number: int):
+        try:
+            return code_package_version_get(
+                organization=self.organization, package_name=name, number=number
+            )
+        except Http404 as exc:
+            raise CodePackageVersionNotFound(
+                f"Code package {name} has no version {number}.",
+                fields={"code_package_version": ["No such code package version."]},
             ) from exc
 
 
@@ -136,9 +154,9 @@ class JobViewSet(
         data = s.JobSubmitSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         fields = dict(data.validated_data)
-        ref = fields.pop("dataset")
+        ref = fields.pop("dataset", None)
         resource_class = self._resource_class(fields.pop("resource_class"))
-        dataset_version = self._dataset_version(ref)
+        dataset_version = self._dataset_version(ref) if ref is not None else None
         model_ref = fields.pop("model", None)
         model_version = None
         if model_ref is not None:
@@ -164,12 +182,22 @@ class JobViewSet(
             "organization": self.organization,
             "actor": self.actor,
             "dataset_version": dataset_version,
-            "model_version": model_version,
             "options": options,
             "idempotency_key": request.headers.get("Idempotency-Key") or None,
         }
-        if fields["kind"] == Job.Kind.INFER:
+        if fields.get("code_package"):
+            job, created = services.code_job_submit(
+                code_package_version=self._code_package_version(
+                    fields["code_package"], fields["code_package_version"]
+                ),
+                parameters=fields["parameters"],
+                output_model_name=fields.get("output_model", ""),
+                output_dataset_name=fields.get("output_dataset", ""),
+                **common,
+            )
+        elif fields["kind"] == Job.Kind.INFER:
             job, created = services.inference_job_submit(
+                model_version=model_version,
                 parameters=fields["parameters"],
                 output_dataset_name=fields.get("output_dataset", ""),
                 **common,
@@ -177,6 +205,7 @@ class JobViewSet(
         else:
             job, created = services.training_job_submit(
                 recipe=fields.get("recipe", ""),
+                model_version=model_version,
                 parameters=fields["parameters"],
                 output_model_name=fields.get("output_model", ""),
                 **common,

@@ -3,6 +3,7 @@
 from .submission import (
     JobOptions,
     QuotaExceeded,
+    code_job_submit,
     cost_rate_per_hour,
     inference_job_submit,
     job_cancel,
@@ -13,6 +14,7 @@ from .submission import (
 __all__ = [
     "JobOptions",
     "QuotaExceeded",
+    "code_job_submit",
     "cost_rate_per_hour",
     "inference_job_submit",
     "job_cancel",
