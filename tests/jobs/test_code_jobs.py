@@ -45,7 +45,7 @@ from registry.services.code_packages import code_package_limits, code_package_ve
 from registry.storage import get_storage, new_object_key
 from tenants.actors import Actor
 from tenants.errors import DomainError
-from tests.processes import wait_for
+from tests.processes import alive, descendants, wait_for
 
 e2e = pytest.mark.django_db(transaction=True, serialized_rollback=True)
 RUNTIME = "torch-2.13-py311"
@@ -294,6 +294,60 @@ def sandbox_work_root(settings):
     settings.WORKER_WORKDIR = str(work)
     yield work
     shutil.rmtree(root, ignore_errors=True)
+
+
+# TRAINER, a step every 0.3 s: time to kill its worker between two checkpoints.
+SLOW_TRAINER = TRAINER.replace("import json, struct", "import json, struct, time").replace(
+    "        factory_job.log(step=step",
+    "        time.sleep(0.3)\n        factory_job.log(step=step",
+)
+
+
+@e2e
+def test_a_killed_worker_loses_the_package_which_resumes_from_its_checkpoint_elsewhere(
+    sandboxed_pool, org, owner, tmp_path
+):
+    """The issue's journey on the real stack: a package runs in the sandbox, its worker is
+    killed with SIGKILL after a checkpoint, another worker resumes it from that checkpoint in its
+    own sandbox, it finishes and registers its model with lineage to the package version, and
+    each attempt that ran is billed once."""
+    from billing.models import UsageRecord
+
+    version = _upload(org, owner, tmp_path, "slow", SLOW_TRAINER)
+    job = _submit(org, owner, version, {"steps": 30, "lr": 0.5})
+    labels = {
+        sandboxed_pool.start_worker("w1"): "w1",
+        sandboxed_pool.start_worker("w2"): "w2",
+    }
+    wait_for(
+        lambda: (j := Job.objects.get(pk=job.pk)).state == JobState.RUNNING and j.checkpoint_step,
+        timeout=120,
+        what="a checkpoint",
+    )
+    job.refresh_from_db()
+    first = labels[job.worker.name]
+    doomed = descendants(sandboxed_pool.processes[first].pid) | {
+        sandboxed_pool.processes[first].pid
+    }
+    sandboxed_pool.kill(first)
+    wait_for(lambda: not alive(doomed), timeout=10, what="the killed worker's processes to die")
+
+    job = _finished(job, sandboxed_pool, timeout=240)
+
+    assert job.state == JobState.SUCCEEDED, job.failure_reason
+    attempts = list(JobAttempt.objects.filter(job=job).order_by("number"))
+    ran = [a for a in attempts if a.started_at is not None]
+    assert [a.outcome for a in ran] == ["lost", "succeeded"], [a.outcome for a in attempts]
+    assert ran[0].worker.name != ran[1].worker.name
+    assert ran[0].ended_at <= ran[1].started_at
+    resumed = JobMetric.objects.filter(job=job, attempt=ran[1].number, name="loss")
+    assert min(resumed.values_list("step", flat=True)) > 1  # it continued, it did not start over
+    model = ModelVersion.objects.get(pk=job.output_model_version_id)
+    assert Job.objects.get(pk=model.source_job_id).code_package_version == version
+    assert model.recipe_name == "code:slow"
+    # 30 steps of +0.5 from the checkpoint's state: the resumed run carried the weight on.
+    assert model.metrics == {"loss": pytest.approx(1 / 30)}
+    assert UsageRecord.objects.filter(source_id=str(job.pk)).count() == len(ran)
 
 
 @pytest.mark.django_db
