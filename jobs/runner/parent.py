@@ -484,7 +484,13 @@ class _Attempt:
                 return evaluation_record(self.job, self.result)
             if self.job.kind == Job.Kind.INFER:
                 predictions = self._artifact_copy("predictions.csv", copies)
-                return {"output_dataset_version_id": self._register_predictions(predictions)}
+                return {
+                    "output_dataset_version_id": self._register_dataset(
+                        predictions,
+                        filename="predictions.csv",
+                        description=f"Predictions of {self.job.input_model_version}.",
+                    )
+                }
             config = json.loads(self._artifact_copy("config.json", copies).read_text())
             weights = self._artifact_copy("model.safetensors", copies)
             return {"output_model_version_id": self._register_model(weights, config)}
@@ -502,21 +508,23 @@ class _Attempt:
     def _actor(self) -> Actor:
         return Actor(user=self.job.created_by, api_key=self.job.created_by_api_key)
 
-    def _register_predictions(self, predictions: Path) -> int:
+    def _register_dataset(self, path: Path, *, filename: str, description: str) -> int:
+        """The job's output as a new version of its output dataset (made with `description` if
+        it is the first)."""
         organization, name = self.job.organization, self.job.output_dataset_name
         dataset = first_or_create(
             lambda: Dataset.objects.for_organization(organization).filter(name=name).first(),
             lambda: dataset_create(
                 organization=organization,
                 name=name,
-                description=f"Predictions of {self.job.input_model_version}.",
+                description=description,
                 actor=self._actor(),
             ),
         )
         version = dataset_version_create(
             dataset=dataset,
-            path=predictions,
-            filename="predictions.csv",
+            path=path,
+            filename=filename,
             actor=self._actor(),
             source=DatasetVersion.Source.JOB_OUTPUT,
             source_job_id=self.job.pk,
@@ -785,7 +793,9 @@ class _CodeAttempt(_Attempt):
             if "dataset" in artifacts:
                 copy = self._artifact_copy("dataset", copies)
                 outputs["output_dataset_version_id"] = self._register_dataset(
-                    copy, filename=PurePosixPath(artifacts["dataset"]).name
+                    copy,
+                    filename=PurePosixPath(artifacts["dataset"]).name,
+                    description=f"Made by {self.version}.",
                 )
             elif promised["dataset"]:
                 raise PackageRefused(
@@ -793,26 +803,3 @@ class _CodeAttempt(_Attempt):
                     "entry registered none (factory_job.register_dataset)."
                 )
         return outputs
-
-    def _register_dataset(self, path: Path, *, filename: str) -> int:
-        organization, name = self.job.organization, self.job.output_dataset_name
-        dataset = first_or_create(
-            lambda: Dataset.objects.for_organization(organization).filter(name=name).first(),
-            lambda: dataset_create(
-                organization=organization,
-                name=name,
-                description=f"Made by {self.version}.",
-                actor=self._actor(),
-            ),
-        )
-        version = dataset_version_create(
-            dataset=dataset,
-            path=path,
-            filename=filename,
-            actor=self._actor(),
-            source=DatasetVersion.Source.JOB_OUTPUT,
-            source_job_id=self.job.pk,
-            derived_from_model_version=self.job.input_model_version,
-            derived_from_dataset_version=self.job.input_dataset_version,
-        )
-        return version.pk
