@@ -46,7 +46,7 @@ def idempotency_key_check(idempotency_key: str | None) -> None:
 
 
 def _repeat_of(
-    *, organization_id: int, request_key: str, now: datetime
+    *, organization, request_key: str, now: datetime
 ) -> tuple[int, PredictionCharge | None]:
     """Which repeat of this request `now` is. A client's retry (same key, same request) within
     IDEMPOTENCY_WINDOW_S of the first request is that request again; after the window the same
@@ -54,7 +54,8 @@ def _repeat_of(
     request free forever). Repeats are numbered so that concurrent retries compute the same
     number and the unique constraint keeps one charge."""
     latest = (
-        PredictionCharge.objects.filter(organization_id=organization_id, request_key=request_key)
+        PredictionCharge.objects.for_organization(organization)
+        .filter(request_key=request_key)
         .order_by("-created_at", "-pk")
         .only("repeat", "created_at")
         .first()
@@ -88,7 +89,7 @@ def prediction_charge(
         )
         request_key = hashlib.sha256(fingerprint.encode()).hexdigest()
         repeat, first = _repeat_of(
-            organization_id=deployment.organization_id, request_key=request_key, now=now
+            organization=deployment.organization, request_key=request_key, now=now
         )
         if first is not None:
             return
