@@ -13,6 +13,24 @@
                 return
         factory_job.register_model("model.safetensors", {"hidden": 32})
 
+A package whose manifest names a `predict` entry serves its models too, in batch inference jobs
+and in a deployment's replicas. The entry is called once with the model's folder (its
+model.safetensors and config.json) and returns the function that answers: a list of inputs (JSON
+values) in, a list of outputs (JSON values) out, one per input, in order.
+
+    def load(model_dir):
+        model = ...                           # read model_dir + "/model.safetensors"
+        def predict(inputs):
+            for i, item in enumerate(inputs):
+                if "x" not in item:
+                    raise factory_job.BadInput(f"inputs[{i}] has no x")
+            return [{"y": model(item["x"])} for item in inputs]
+        return predict
+
+A batch job gives it the dataset's rows as `{column: value}` objects, chunk by chunk, and
+registers what it returns as a CSV dataset (a `row` column, then one column per key of the
+outputs); a replica gives it the `inputs` of each request and returns the outputs as they are.
+
 It speaks the line protocol of jobs.runner.protocol to the trusted parent (the worker) on stdout
 and holds no credential: the parent downloaded and verified the inputs before the child started,
 and uploads what the child registers after it ends. The child only names files in its work folder;

@@ -1,31 +1,55 @@
 """`python -m factory_job`: run the package's entry point inside the sandbox.
 
 The parent starts this as the sandbox's command, with the code on PYTHONPATH and the job's
-description at $FACTORY_JOB_SPEC. It imports the entry ("module:function"), calls it with no
-arguments, and once it returns prints the one @@result line the parent registers outputs from.
+description at $FACTORY_JOB_SPEC. Its `task` says what to run:
+
+- "train": import the train entry ("module:function"), call it with no arguments, and once it
+  returns print the one @@result line the parent registers outputs from;
+- "predict": a batch inference job. Load the predict entry's function with the model's folder,
+  feed it the rows the parent wrote (one JSON object per line) chunk by chunk, write what it
+  returns to output/predictions.csv, and print @@result naming that file as the dataset;
+- "serve": a replica. Load the same function, say `{"ready": true}` on the channel the parent
+  passed (factory_job.channel), then answer each request frame until the parent closes it.
+
 Exit codes are those of jobs.runner.protocol: a stop request that the entry honoured is
 EXIT_STOPPED (no result: the job resumes from its last checkpoint), BadInput is EXIT_BAD_INPUT.
 """
 
 from __future__ import annotations
 
+import csv
 import importlib
+import json
+import os
 import signal
+import socket
 import sys
 import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import factory_job
+from factory_job import channel
+
+PREDICTIONS = "predictions.csv"
+# What a replica accepts from the parent in one frame (the parent bounds requests far below it).
+MAX_REQUEST_BYTES = 64 * 1024 * 1024
 
 
 def main() -> int:
     # Only raises the flag: the entry checkpoints and returns when it next asks should_stop().
     signal.signal(signal.SIGTERM, lambda _signum, _frame: factory_job._stop.set())
     sys.stdout.reconfigure(line_buffering=True)
+    job = factory_job._job()
+    task = job.get("task", "train")
     try:
-        entry = factory_job._job()["entry"]
-        module_name, _, function_name = entry.partition(":")
-        function = getattr(importlib.import_module(module_name), function_name)
-        function()
+        function = _entry(job["entry"])
+        if task == "train":
+            function()
+        elif task == "predict":
+            _predict_rows(_predictor(function), job)
+        else:
+            return _serve(_predictor(function))
     except factory_job.BadInput as exc:
         print(str(exc), file=sys.stderr)
         return factory_job.EXIT_BAD_INPUT
@@ -36,6 +60,107 @@ def main() -> int:
         return factory_job.EXIT_STOPPED
     factory_job._emit("result", factory_job._result())
     return factory_job.EXIT_OK
+
+
+def _entry(entry: str) -> Callable:
+    module_name, _, function_name = entry.partition(":")
+    return getattr(importlib.import_module(module_name), function_name)
+
+
+def _predictor(load: Callable) -> Callable[[list], list]:
+    predict = load(factory_job.inputs()["model"])
+    if not callable(predict):
+        raise TypeError(
+            f"The predict entry returned {type(predict).__name__}, not the function that answers "
+            "(a list of inputs in, a list of outputs out)."
+        )
+
+    def checked(inputs: list) -> list:
+        outputs = predict(inputs)
+        if not isinstance(outputs, list) or len(outputs) != len(inputs):
+            got = f"{len(outputs)} outputs" if isinstance(outputs, list) else type(outputs).__name__
+            raise TypeError(
+                f"predict returned {got} for {len(inputs)} inputs; it returns a list, "
+                "one output per input."
+            )
+        return outputs
+
+    return checked
+
+
+def _chunks(path: Path, size: int) -> Iterator[list]:
+    chunk: list = []
+    with path.open(encoding="utf-8") as rows:
+        for line in rows:
+            chunk.append(json.loads(line))
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk
+
+
+def _predict_rows(predict: Callable[[list], list], job: dict) -> None:
+    """Predict every row, writing the CSV as it goes; a stop request leaves no result."""
+    total, done = job["rows"], 0
+    path = factory_job._work() / job["output_dir"] / PREDICTIONS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns: list[str] | None = None
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        for inputs in _chunks(Path(factory_job.inputs()["rows"]), job["chunk_rows"]):
+            if factory_job.should_stop():
+                return
+            outputs = json.loads(channel.dumps(predict(inputs)))
+            if columns is None:
+                columns = list(outputs[0]) if isinstance(outputs[0], dict) else ["prediction"]
+                writer.writerow(["row", *columns])
+            for offset, output in enumerate(outputs):
+                writer.writerow([done + offset + 1, *_cells(output, columns, done + offset)])
+            done += len(inputs)
+            factory_job._emit("progress", {"step": done, "total": total, "epoch": 1})
+    factory_job._last_metrics["rows"] = done
+    factory_job._artifacts["dataset"] = path.relative_to(factory_job._work()).as_posix()
+
+
+def _cells(output, columns: list[str], index: int) -> list:
+    if not isinstance(output, dict):
+        output = {"prediction": output}
+    extra = set(output) - set(columns)
+    if extra:
+        raise TypeError(
+            f"Output {index} has {sorted(extra)[0]!r}, which the first output did not; every "
+            "output of a batch has the same keys (they are the CSV's columns)."
+        )
+    return [_cell(output.get(column)) for column in columns]
+
+
+def _cell(value) -> object:
+    if value is None:
+        return ""
+    if isinstance(value, str | int | float | bool):
+        return value
+    return json.dumps(value, allow_nan=False)
+
+
+def _serve(predict: Callable[[list], list]) -> int:
+    """Answer the parent's frames until it closes the channel (its stop), then EXIT_STOPPED."""
+    link = socket.socket(fileno=int(os.environ[channel.FD_ENV]))
+    channel.send(link, {"ready": True})
+    while (request := channel.receive(link, max_bytes=MAX_REQUEST_BYTES)) is not None:
+        try:
+            answer = {"outputs": predict(request["inputs"])}
+        except factory_job.BadInput as exc:
+            answer = {"error": str(exc), "bad_input": True}
+        except Exception:
+            traceback.print_exc()
+            answer = {"error": "The model failed on this request.", "bad_input": False}
+        try:
+            channel.send(link, answer)
+        except (ValueError, TypeError):  # an output that is not JSON (NaN, an object)
+            traceback.print_exc()
+            channel.send(link, {"error": "The model's output is not JSON.", "bad_input": False})
+    return factory_job.EXIT_STOPPED
 
 
 if __name__ == "__main__":

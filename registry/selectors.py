@@ -94,6 +94,24 @@ def code_package_version_get(
     return version
 
 
+# An own-code model's recipe: the package that made it ("code:<name>"; its recipe version "v<n>").
+CODE_RECIPE_PREFIX = "code:"
+
+
+def model_version_code_package(model_version: ModelVersion) -> CodePackageVersion | None:
+    """The code package version whose train entry made `model_version`, of the version's own
+    organization; None for a recipe's model."""
+    recipe, number = model_version.recipe_name, model_version.recipe_version
+    if not recipe.startswith(CODE_RECIPE_PREFIX) or not number[1:].isdigit():
+        return None
+    return (
+        CodePackageVersion.objects.for_organization(model_version.organization_id)
+        .select_related("package")
+        .filter(package__name=recipe.removeprefix(CODE_RECIPE_PREFIX), number=int(number[1:]))
+        .first()
+    )
+
+
 def registered_model_list(*, organization: Organization) -> QuerySet[RegisteredModel]:
     return RegisteredModel.objects.for_organization(organization).annotate(
         version_count=Count("versions")

@@ -16,6 +16,7 @@ from django.db import transaction
 
 from jobs.recipes.catalog import list_recipes
 from registry.models import Dataset
+from registry.selectors import CODE_RECIPE_PREFIX
 from tenants.actors import Actor
 from tenants.errors import DomainError
 from tenants.services import audit_record
@@ -314,6 +315,14 @@ def retrain_policy_set(*, deployment: Deployment, actor: Actor, **fields) -> Ret
     wrong = _type_errors(fields)
     if wrong:
         raise RetrainPolicyInvalid("The retrain policy is not valid.", fields=wrong)
+    if deployment.recipe.startswith(CODE_RECIPE_PREFIX):
+        raise RetrainPolicyInvalid(
+            f"A deployment of own code ({deployment.recipe}) has no retrain policy: the loop's "
+            "gate scores a recipe's models on the held-out data that recipe defines, which a "
+            "package does not declare. Retrain by running the package, then route its new "
+            "version.",
+            fields={"": ["Own code is retrained by hand."]},
+        )
     organization = deployment.organization
     dataset = fields.get("dataset")
     if dataset is not None and (

@@ -29,6 +29,7 @@ from jobs.models import ResourceClass
 from jobs.recipes.catalog import list_recipes
 from jobs.services import replicas as replica_jobs
 from registry.models import Dataset, DatasetVersion, ModelVersion
+from registry.selectors import CODE_RECIPE_PREFIX, code_package_list
 from registry.services import dataset_create, dataset_version_create
 from tenants.actors import Actor
 from tenants.errors import ConflictError, DomainError
@@ -80,10 +81,20 @@ def _check_sizes(*, min_replicas: int, max_replicas: int) -> None:
         )
 
 
-def _check_recipe(recipe: str) -> None:
+def _check_recipe(recipe: str, organization: Organization) -> None:
+    """A recipe, or one of the organization's code packages ("code:<name>"), whose models'
+    packages then serve them through their predict entry."""
+    if recipe.startswith(CODE_RECIPE_PREFIX):
+        name = recipe.removeprefix(CODE_RECIPE_PREFIX)
+        if code_package_list(organization=organization).filter(name=name).exists():
+            return
+        raise DomainError(f"No code package named {name!r}.", fields={"recipe": ["Not found."]})
     if recipe not in list_recipes():
         names = ", ".join(sorted(list_recipes()))
-        raise DomainError("Unknown recipe.", fields={"recipe": [f"Choose one of {names}."]})
+        raise DomainError(
+            "Unknown recipe.",
+            fields={"recipe": [f"Choose one of {names}, or code:<package> for your own code."]},
+        )
 
 
 def _event(deployment: Deployment, kind: str, message: str, **fields) -> LoopEvent:
@@ -111,7 +122,7 @@ def deployment_create(
     unknown = set(options) - set(UPDATABLE)
     if unknown:
         raise TypeError(f"deployment_create got unknown options {sorted(unknown)}")
-    _check_recipe(recipe)
+    _check_recipe(recipe, organization)
     deployment = Deployment(
         organization=organization,
         name=name,

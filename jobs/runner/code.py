@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
+import socket
 import stat
 import tarfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
 import factory_job
+from factory_job import channel as job_channel
+from jobs.recipes.base import RecipeInputError
 from registry.formats.archives import check_entry, check_entry_path
 from registry.formats.base import DatasetLimits
 from registry.formats.code_packages import check_tar_member, inspect_code_package
@@ -193,9 +197,11 @@ def package_sandbox_spec(
     devices: tuple[str, ...],
     threads: int,
     limits: Limits,
+    channel_fd: int | None = None,
 ) -> SandboxSpec:
     """The sandbox an attempt runs in: the runtime, the code and the in-job library read-only,
-    the work folder writable, and an environment of the runtime's paths and nothing else."""
+    the work folder writable, and an environment of the runtime's paths and nothing else; a
+    replica's also gets its end of the channel (`channel_fd`, factory_job.channel)."""
     python_path = [LIBRARY_FOLDER, CODE_FOLDER]
     if runtime.environment.get("PYTHONPATH"):
         python_path.append(runtime.environment["PYTHONPATH"])
@@ -208,6 +214,8 @@ def package_sandbox_spec(
         "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads),
     }
+    if channel_fd is not None:
+        environment[job_channel.FD_ENV] = str(channel_fd)
     return SandboxSpec(
         # -P: the work folder (the command's directory) is not put first on sys.path, so the
         # library and the code are what `import` finds.
@@ -221,4 +229,128 @@ def package_sandbox_spec(
         devices=devices,
         environment=environment,
         limits=limits,
+        pass_fds=(channel_fd,) if channel_fd is not None else (),
     )
+
+
+# --- predictions -------------------------------------------------------------------------------
+
+# Rows per call of the package's predict in a batch job.
+PREDICT_CHUNK_ROWS = 256
+ROWS_FILE = "rows.jsonl"
+# The most a replica's package may answer to one request; past it the request fails.
+MAX_ANSWER_BYTES = 32 * MB
+# What of a package's own words for a refused input reaches the caller.
+MAX_ERROR_CHARS = 1000
+
+
+def prediction_rows_write(
+    dataset_path: Path,
+    *,
+    dataset_format: str,
+    csv_dialect: dict | None,
+    schema: list[dict],
+    target: Path,
+) -> int:
+    """Write the dataset's rows as a batch job's package reads them: one JSON object per line,
+    `{column: value}`, typed as the registry profiled the column (a CSV's cells cast to it; a
+    missing cell is null); columns of a type JSON has no value for are left out. Returns the
+    number of rows. One chunk in memory at a time, whatever the dataset's size."""
+    from jobs.recipes.data import cast_column, read_table_chunks
+    from registry.formats.csv_reader import CsvDialect
+
+    if dataset_format not in ("csv", "parquet"):
+        raise PackageRefused(
+            f"A package's batch inference reads CSV or Parquet datasets, not {dataset_format}."
+        )
+    dtypes = {column["name"]: column["dtype"] for column in schema}
+    dialect = CsvDialect.from_json(csv_dialect) if csv_dialect else None
+    rows = 0
+    with target.open("w", encoding="utf-8") as out:
+        for table in read_table_chunks(
+            dataset_path, dataset_format, chunk_rows=PREDICT_CHUNK_ROWS * 4, csv_dialect=dialect
+        ):
+            columns = [
+                cast_column(column, dtypes[name], first_row=table.first_row)
+                if dtypes.get(name) in ("int64", "float64", "bool")
+                else column
+                for name, column in table.columns.items()
+            ]
+            for index in range(table.row_count):
+                row = {column.name: _json_value(column.values[index]) for column in columns}
+                out.write(json.dumps(row, allow_nan=False, ensure_ascii=True) + "\n")
+            rows += table.row_count
+    return rows
+
+
+def _json_value(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class ReplicaBroken(Exception):
+    """The package in the sandbox broke the channel's contract or stopped answering; the replica
+    is ended (a deployment's reconciler starts another)."""
+
+
+class SandboxPredictor:
+    """A replica's predictor for an own-code model: each call is one request frame to the
+    package's predict entry in its sandbox, over the socket pair the worker handed it, and its
+    answer checked as anything the package says is: at most MAX_ANSWER_BYTES of plain JSON, one
+    output per input, in `timeout_s`. A package's BadInput is the tenant's own 400; anything
+    else ends the replica (`broken` says why), since a package that broke its contract once
+    cannot be trusted to answer the next request in step."""
+
+    def __init__(self, channel: socket.socket, *, timeout_s: float, on_broken):
+        self.channel, self.timeout_s, self.on_broken = channel, timeout_s, on_broken
+        self.broken: str | None = None
+
+    def ready(self) -> None:
+        """Wait for the package's `{"ready": true}`: its model is loaded."""
+        self.channel.settimeout(None)  # loading has the attempt's own limits, not a request's
+        if self._receive() != {"ready": True}:
+            self._break("The package's predict entry did not say it was ready.")
+
+    def __call__(self, inputs: list) -> list:
+        if self.broken is not None:
+            raise ReplicaBroken(self.broken)
+        self.channel.settimeout(self.timeout_s)
+        try:
+            job_channel.send(self.channel, {"inputs": inputs})
+            answer = self._receive()
+        except TimeoutError:
+            self._break(f"The package did not answer a request within {self.timeout_s:g} s.")
+        except OSError as exc:
+            self._break(f"The package's channel failed ({exc}).")
+        if isinstance(answer, dict) and set(answer) == {"outputs"}:
+            outputs = answer["outputs"]
+            if isinstance(outputs, list) and len(outputs) == len(inputs):
+                return outputs
+            self._break(
+                f"The package answered {len(inputs)} inputs with other than a list of "
+                f"{len(inputs)} outputs."
+            )
+        if (
+            isinstance(answer, dict)
+            and set(answer) == {"error", "bad_input"}
+            and isinstance(answer["error"], str)
+        ):
+            if answer["bad_input"] is True:
+                raise RecipeInputError(answer["error"][:MAX_ERROR_CHARS])
+            raise RuntimeError("The package's predict failed on this request.")
+        self._break("The package answered with something other than outputs or an error.")
+
+    def _receive(self):
+        try:
+            answer = job_channel.receive(self.channel, max_bytes=MAX_ANSWER_BYTES)
+        except job_channel.FrameRefused as exc:
+            self._break(f"The package sent {exc}.")
+        if answer is None:
+            self._break("The package closed its channel.")
+        return answer
+
+    def _break(self, reason: str):
+        self.broken = reason
+        self.on_broken(reason)
+        raise ReplicaBroken(reason)

@@ -13,6 +13,7 @@ import os
 import queue
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -59,11 +60,16 @@ from .code import (
     JOB_FILE,
     MAX_LOG_LINES,
     MAX_METRICS,
+    PREDICT_CHUNK_ROWS,
+    ROWS_FILE,
     PackageRefused,
+    ReplicaBroken,
+    SandboxPredictor,
     gpu_devices,
     package_extract,
     package_line,
     package_sandbox_spec,
+    prediction_rows_write,
 )
 from .evaluate_inputs import evaluation_record, evaluation_stage
 from .isolation import ChildFileRefused, attempt_folder_create, child_file_open, child_start
@@ -299,15 +305,18 @@ class _Attempt:
                 "csv_dialect": dataset.csv_dialect,
             }
         if self.serving:
-            spec["serve"] = {
-                "host": settings.WORKER_SERVE_HOST,
-                # Derived for this attempt: the only secret the child gets.
-                "token": replica_token(self.job.pk, self.attempt),
-                "max_items": settings.ONLINE_PREDICTION_MAX_ROWS,
-                "max_body_bytes": settings.SERVE_MAX_BODY_BYTES,
-                "drain_s": settings.SERVE_DRAIN_S,
-            }
+            spec["serve"] = self._serve_options()
         protocol.write_spec(self.workdir, spec)
+
+    def _serve_options(self) -> dict:
+        return {
+            "host": settings.WORKER_SERVE_HOST,
+            # Derived for this attempt: the only secret the replica's server gets.
+            "token": replica_token(self.job.pk, self.attempt),
+            "max_items": settings.ONLINE_PREDICTION_MAX_ROWS,
+            "max_body_bytes": settings.SERVE_MAX_BODY_BYTES,
+            "drain_s": settings.SERVE_DRAIN_S,
+        }
 
     def _start(self) -> subprocess.Popen:
         # Children share the machine's cores: a slot's share of threads each, no oversubscription.
@@ -355,7 +364,7 @@ class _Attempt:
                 next_report = now + REPORT_EVERY_S
                 state = self._flush()
                 if stop_deadline is None and state in (JobState.CANCELLING, JobState.PREEMPTED):
-                    child.send_signal(signal.SIGTERM)
+                    self._ask_to_stop(child)
                     stop_deadline = now + grace
                 # max_runtime_s 0: no limit (a replica serves until it is stopped).
                 if (
@@ -364,7 +373,7 @@ class _Attempt:
                     and now - started > self.job.max_runtime_s
                 ):
                     over_time = True
-                    child.send_signal(signal.SIGTERM)
+                    self._ask_to_stop(child)
                     stop_deadline = now + grace
             if self.serving and now >= next_bill:
                 next_bill = now + settings.SERVE_BILLING_INTERVAL_S
@@ -395,6 +404,10 @@ class _Attempt:
         else:
             prefix = "Training failed"
         return "failed", f"{prefix}: {detail}"
+
+    def _ask_to_stop(self, child: subprocess.Popen) -> None:
+        """SIGTERM: a job checkpoints and exits, a replica drains and exits."""
+        child.send_signal(signal.SIGTERM)
 
     def _kill(self, child: subprocess.Popen) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -429,13 +442,17 @@ class _Attempt:
         elif kind == "result":
             self.result = payload
         elif kind == "serving" and self.serving:
-            host = settings.WORKER_SERVE_HOST
-            address = f"[{host}]:{payload['port']}" if ":" in host else f"{host}:{payload['port']}"
-            if attempt_advertise(job_id=self.job.pk, attempt=self.attempt, address=address):
-                self.logs.append(("stdout", f"Serving at {address}."))
-                self.address, self.answered_at = address, time.monotonic()
+            self._advertise(payload["port"])
         elif kind == "log":
             self.logs.append(("stdout", payload))
+
+    def _advertise(self, port: int) -> None:
+        """The replica serves on `port`: the web may route to it from now on."""
+        host = settings.WORKER_SERVE_HOST
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if attempt_advertise(job_id=self.job.pk, attempt=self.attempt, address=address):
+            self.logs.append(("stdout", f"Serving at {address}."))
+            self.address, self.answered_at = address, time.monotonic()
 
     def _flush(self) -> str:
         report = Report(logs=self.logs, metrics=self.metrics)
@@ -568,13 +585,17 @@ class RuntimeUnavailable(Exception):
 
 
 class _CodeAttempt(_Attempt):
-    """An attempt that runs a tenant's code package (its train entry) in the sandbox.
+    """An attempt that runs a tenant's code package in the sandbox: its train entry for a
+    training job, its predict entry for a batch inference job or a replica.
 
     The same supervision as a recipe's (reports, checkpoints, stop requests, the runtime limit,
-    outputs registered by the parent), with three differences: the child is started under
+    outputs registered by the parent), with these differences: the child is started under
     jobs.runner.sandbox with the package and the in-job library read-only; its lines are read in
     capped pieces (sandbox.read_lines) and checked strictly (code.package_line), a refused one
-    failing the attempt; and what is kept of its chatter is capped.
+    failing the attempt; and what is kept of its chatter is capped. A batch job's dataset is
+    read by the parent and handed over as JSON rows. A replica's HTTP server is the worker's own
+    (jobs.runner.serve in a thread of this attempt), which forwards each request to the package
+    over a socket pair (code.SandboxPredictor): the package never listens on a network.
     """
 
     def __init__(self, job: Job, attempt: int, workdir: Path):
@@ -588,6 +609,11 @@ class _CodeAttempt(_Attempt):
         # to the sandbox, which sees them at /code).
         self.private = Path(tempfile.mkdtemp(prefix=f"{workdir.name}-archive-", dir=workdir.parent))
         self.code = Path(tempfile.mkdtemp(prefix=f"{workdir.name}-code-", dir=workdir.parent))
+        self.task = TASKS[job.kind]
+        # A replica's: the server's thread, its stop, and why the package was ended if it was.
+        self.server: threading.Thread | None = None
+        self.server_stop = threading.Event()
+        self.broken: str | None = None
 
     def run(self) -> str:
         try:
@@ -646,16 +672,29 @@ class _CodeAttempt(_Attempt):
         inputs_folder = self.workdir / "inputs"
         inputs_folder.mkdir(exist_ok=True)
         inputs = {}
+        rows = None
         if dataset is not None:
             name = f"dataset.{dataset.format}"
+            # A batch job's package reads the parent's JSON rows, not the file.
+            target = (self.private if self.task == "predict" else inputs_folder) / name
             self._download_input(
                 f"input dataset {dataset.dataset.name} v{dataset.number}",
                 key=dataset.storage_key,
                 size=dataset.size_bytes,
                 sha256=dataset.sha256,
-                target=inputs_folder / name,
+                target=target,
             )
-            inputs["dataset"] = f"{WORK_FOLDER}/inputs/{name}"
+            if self.task == "predict":
+                rows = prediction_rows_write(
+                    target,
+                    dataset_format=dataset.format,
+                    csv_dialect=dataset.csv_dialect,
+                    schema=dataset.schema,
+                    target=inputs_folder / ROWS_FILE,
+                )
+                inputs["rows"] = f"{WORK_FOLDER}/inputs/{ROWS_FILE}"
+            else:
+                inputs["dataset"] = f"{WORK_FOLDER}/inputs/{name}"
         if model is not None:
             (inputs_folder / "model").mkdir(exist_ok=True)
             for artifact in model.artifacts.all():
@@ -674,13 +713,16 @@ class _CodeAttempt(_Attempt):
         for folder in ("output", "checkpoints"):
             (self.workdir / folder).mkdir(exist_ok=True)
         description = {
-            "entry": version.manifest["entry"]["train"],
+            "task": self.task,
+            "entry": version.manifest["entry"]["train" if self.task == "train" else "predict"],
             "parameters": job.parameters,
             "inputs": inputs,
             "work_folder": WORK_FOLDER,
             "checkpoint_dir": "checkpoints",
             "output_dir": "output",
             "resume_from": resume_from,
+            "rows": rows,
+            "chunk_rows": PREDICT_CHUNK_ROWS,
         }
         (self.workdir / JOB_FILE).write_text(json.dumps(description), encoding="utf-8")
 
@@ -691,6 +733,7 @@ class _CodeAttempt(_Attempt):
         # that reason; the sandbox's wall clock is the backstop should the parent miss it.
         wall_clock = job.max_runtime_s + grace + 30 if job.max_runtime_s else 7 * 24 * 3600
         gpus = job.resource_class.name != "cpu"
+        link, inside = socket.socketpair() if self.serving else (None, None)
         spec = package_sandbox_spec(
             runtime=self._runtime(),
             work_folder=self.workdir,
@@ -698,12 +741,52 @@ class _CodeAttempt(_Attempt):
             devices=gpu_devices(job.slot_indices) if gpus else (),
             threads=max(1, (os.cpu_count() or 1) // max(1, job.worker.slots)),
             limits=Limits(wall_clock_s=wall_clock, stop_grace_s=grace),
+            channel_fd=inside.fileno() if inside is not None else None,
         )
-        # Started from the attempt's thread, which outlives it (the sandbox dies with it).
-        child = self.child = sandbox_start(spec)
+        try:
+            # Started from the attempt's thread, which outlives it (the sandbox dies with it).
+            child = self.child = sandbox_start(spec)
+        finally:
+            if inside is not None:
+                inside.close()  # the sandbox holds its end; the worker keeps `link`
         for stream, pipe in (("stdout", child.stdout), ("stderr", child.stderr)):
             threading.Thread(target=self._pump, args=(stream, pipe), daemon=True).start()
+        if link is not None:
+            self.server = threading.Thread(target=self._serve, args=(link,), daemon=True)
+            self.server.start()
         return child
+
+    def _serve(self, link: socket.socket) -> None:
+        """The replica's server, once the package has loaded its model; on its stop it closes
+        the channel, which is the package's stop."""
+        from .serve import serve  # uvicorn: only a replica's attempt needs it
+
+        predictor = SandboxPredictor(
+            link, timeout_s=settings.SERVE_UNRESPONSIVE_S, on_broken=self._replica_broken
+        )
+        try:
+            predictor.ready()
+            serve(
+                predictor,
+                self._serve_options(),
+                self.server_stop,
+                on_serving=lambda port: self.lines.put(("serving", str(port))),
+            )
+        except ReplicaBroken:
+            pass  # said by _replica_broken, which ended the sandbox
+        finally:
+            link.close()
+
+    def _replica_broken(self, reason: str) -> None:
+        self.broken = reason
+        self.server_stop.set()
+        self.child.kill()
+
+    def _ask_to_stop(self, child) -> None:
+        if self.serving:
+            self.server_stop.set()  # drains, then closes the package's channel
+        else:
+            child.send_signal(signal.SIGTERM)
 
     def _pump(self, stream: str, pipe) -> None:
         try:
@@ -723,6 +806,9 @@ class _CodeAttempt(_Attempt):
         self.logs.append((stream, line))
 
     def _take(self, stream: str, line: str) -> None:
+        if stream == "serving":  # from the replica's server thread, not the package
+            self._advertise(int(line))
+            return
         if self.refused is not None:
             return  # nothing a refused package says afterwards is read
         if stream == "stderr":
@@ -751,7 +837,12 @@ class _CodeAttempt(_Attempt):
             self._keep("stdout", payload)
 
     def _supervise(self, child) -> tuple[str, str]:
-        outcome, reason = super()._supervise(child)
+        try:
+            outcome, reason = super()._supervise(child)
+        finally:
+            if self.server is not None:
+                self.server_stop.set()
+                self.server.join(timeout=settings.SERVE_DRAIN_S + settings.JOB_STOP_GRACE_S)
         if self.dropped_lines:
             self.logs.append(
                 ("stderr", f"{self.dropped_lines} more lines were not kept ({MAX_LOG_LINES} are).")
@@ -759,6 +850,8 @@ class _CodeAttempt(_Attempt):
             self._flush()
         if self.refused is not None:
             return "failed", self.refused
+        if self.broken is not None:
+            return "failed", f"The replica was ended: {self.broken}"
         ending = child.ending()
         if outcome == "failed" and ending.limit is not None:
             return "failed", f"The sandbox ended the package: {ending.reason}."
@@ -772,6 +865,10 @@ class _CodeAttempt(_Attempt):
             return {}
         artifacts = self.result["artifacts"]
         promised = self.version.manifest["outputs"]
+        if self.task == "predict":
+            # What the library wrote from the predict entry's outputs; validated like an upload.
+            promised = {"model": False, "dataset": True}
+            artifacts = {"dataset": artifacts.get("dataset")} if "dataset" in artifacts else {}
         outputs: dict = {}
         with tempfile.TemporaryDirectory(
             prefix=f"{self.workdir.name}-outputs-", dir=self.workdir.parent
@@ -795,7 +892,11 @@ class _CodeAttempt(_Attempt):
                 outputs["output_dataset_version_id"] = self._register_dataset(
                     copy,
                     filename=PurePosixPath(artifacts["dataset"]).name,
-                    description=f"Made by {self.version}.",
+                    description=(
+                        f"Predictions of {self.job.input_model_version} by {self.version}."
+                        if self.task == "predict"
+                        else f"Made by {self.version}."
+                    ),
                 )
             elif promised["dataset"]:
                 raise PackageRefused(

@@ -119,6 +119,9 @@ class SandboxSpec:
     devices: tuple[str, ...] = ()
     environment: Mapping[str, str] = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
+    # Descriptors the child inherits as they are numbered here: a replica's end of the socket
+    # pair its parent talks to it over (the sandbox has no network).
+    pass_fds: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -640,7 +643,7 @@ def sandbox_start(spec: SandboxSpec, *, bwrap: str = BWRAP) -> SandboxedProcess:
                 errors="replace",  # the child may print bytes that are not UTF-8
                 bufsize=1,
                 env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-                pass_fds=(arguments.fileno(), info_write),
+                pass_fds=(arguments.fileno(), info_write, *spec.pass_fds),
                 start_new_session=True,
                 **(
                     {"user": user[0], "group": user[1], "extra_groups": []}

@@ -1,5 +1,7 @@
 """A replica's HTTP server, run by the job's child for spec task "serve": the recipe's online
-predictor behind a minimal ASGI app (no web framework) on uvicorn.
+predictor behind a minimal ASGI app (no web framework) on uvicorn. For an own-code replica the
+worker runs the same server in a thread of its own, its predictor forwarding each request to the
+package in its sandbox (jobs.runner.code.SandboxPredictor), which has no network to serve from.
 
 The web is the only client (jobs/services/replicas.py has the contract): `POST /predict` with the
 attempt's bearer token and `{"inputs": [...]}`, `GET /healthz`. Everything a request carries is
@@ -19,6 +21,7 @@ import socket
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -172,12 +175,25 @@ def listening_socket(host: str) -> socket.socket:
     return listener
 
 
-def serve(predictor: OnlinePredictor, options: dict[str, Any], stop: threading.Event) -> int:
-    """Answer on a free port of `options["host"]` until SIGTERM, then drain; EXIT_STOPPED.
+def _print_serving(port: int) -> None:
+    print(format_line("serving", {"port": port}), flush=True)
 
-    The socket is bound here, so its port is known before uvicorn starts; @@serving is printed
-    once uvicorn accepts connections on it. `stop` is the child's own SIGTERM flag, for a signal
-    that came before uvicorn took SIGTERM over."""
+
+def serve(
+    predictor: OnlinePredictor,
+    options: dict[str, Any],
+    stop: threading.Event,
+    *,
+    on_serving: Callable[[int], None] = _print_serving,
+) -> int:
+    """Answer on a free port of `options["host"]` until SIGTERM or `stop`, then drain;
+    EXIT_STOPPED.
+
+    The socket is bound here, so its port is known before uvicorn starts; `on_serving(port)`
+    (by default: print @@serving) is called once uvicorn accepts connections on it. `stop` is
+    the child's own SIGTERM flag, for a signal that came before uvicorn took SIGTERM over, or
+    the stop of a server a worker runs in one of its threads (an own-code replica's, which
+    takes no signal)."""
     import uvicorn
 
     listener = listening_socket(options["host"])
@@ -208,7 +224,10 @@ def serve(predictor: OnlinePredictor, options: dict[str, Any], stop: threading.E
             if stop.is_set():
                 self.should_exit = True
             if not self.should_exit:
-                print(format_line("serving", {"port": port}), flush=True)
+                on_serving(port)
+
+        async def on_tick(self, counter: int) -> bool:
+            return stop.is_set() or await super().on_tick(counter)
 
     _Server(config).run(sockets=[listener])
     sys.stdout.flush()

@@ -42,7 +42,7 @@ from tenants.standing import Effect, standing_check
 
 from ..models import Job, JobState, ResourceClass
 from .events import job_event
-from .submission import JobOptions, JobSpec, job_admit, job_stop_request
+from .submission import JobOptions, JobSpec, job_admit, job_stop_request, predicting_package
 from .ticks import tick_soon
 
 
@@ -54,8 +54,9 @@ def replica_token(job_id: int, attempt: int) -> str:
 
 
 def replica_spec(*, organization: Organization, model_version: ModelVersion) -> JobSpec:
-    """A serve job: a version of this organization, trained by a recipe that serves online,
-    with the weights and config its recipe loads."""
+    """A serve job: a version of this organization, trained by a recipe that serves online or
+    by a code package with a predict entry (which then serves it in the sandbox), with the
+    weights and config its recipe or package loads."""
     if model_version is None or model_version.organization_id != organization.pk:
         # The same words as for a version that does not exist: nothing of another tenant shows.
         raise DomainError(
@@ -67,8 +68,9 @@ def replica_spec(*, organization: Organization, model_version: ModelVersion) -> 
             f"{model_version} was not trained by a recipe, so no replica can serve it.",
             fields={"model_version": ["Choose a version trained on the platform."]},
         )
-    recipe_cls = get_recipe(model_version.recipe_name)
-    if not recipe_cls.online:
+    package = predicting_package(model_version, field="model_version")
+    recipe_cls = get_recipe(model_version.recipe_name) if package is None else None
+    if recipe_cls is not None and not recipe_cls.online:
         raise DomainError(
             f"Models of {recipe_cls.name} do not serve online; use batch inference jobs.",
             fields={"model_version": [f"{recipe_cls.name} has no online predictor."]},
@@ -85,6 +87,7 @@ def replica_spec(*, organization: Organization, model_version: ModelVersion) -> 
         parameters={},
         dataset_version=None,
         model_version=model_version,
+        code_package_version=package,
     )
 
 

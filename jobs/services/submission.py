@@ -1,8 +1,10 @@
 """Submitting, cancelling and retrying jobs: what a tenant asks of the pool.
 
 Each kind of job has its own checks, which turn a request into a `JobSpec`: `training_spec` (a
-recipe trains on a dataset version, perhaps continuing a model version) and `inference_spec` (a
-model version predicts over a dataset version); a sweep builds training specs for its trials.
+recipe trains on a dataset version, perhaps continuing a model version), `code_package_spec` (a
+tenant's package trains) and `inference_spec` (a model version predicts over a dataset version,
+by its recipe or by the predict entry of the package that made it); a sweep builds training
+specs for its trials.
 Every kind then passes through `job_admit`, the one admission path: the scopes the job's outputs
 need, the options, the quota under its lock, the job row with its event and audit record, and a
 tick after commit. `training_job_submit` and `inference_job_submit` put an idempotency key in
@@ -25,7 +27,12 @@ from jobs.recipes.base import Recipe, validate_parameters
 from jobs.recipes.catalog import get_recipe
 from jobs.runner.protocol import StrictValidator
 from registry.models import CodePackageVersion, DatasetVersion, ModelVersion
-from registry.selectors import dataset_list, registered_model_list
+from registry.selectors import (
+    CODE_RECIPE_PREFIX,
+    dataset_list,
+    model_version_code_package,
+    registered_model_list,
+)
 from registry.services.datasets import validate_name
 from tenants.actors import Actor
 from tenants.errors import ConflictError, DomainError, PermissionDeniedError
@@ -37,6 +44,9 @@ from .attempts import attempt_close, attempt_release, checkpoint_forget
 from .events import job_event
 from .quotas import quota_ensure
 from .ticks import tick_soon
+
+# What a code package's batch inference reads (the worker hands its rows over as JSON objects).
+PACKAGE_PREDICT_FORMATS = ("csv", "parquet")
 
 
 class QuotaExceeded(ConflictError):
@@ -82,7 +92,7 @@ class JobSpec:
     def recipe_name(self) -> str:
         """What the job row's `recipe` says: the recipe, or "code:<package>" for own code."""
         if self.code_package_version is not None:
-            return f"code:{self.code_package_version.package.name}"
+            return f"{CODE_RECIPE_PREFIX}{self.code_package_version.package.name}"
         return self.recipe.name
 
     @property
@@ -234,6 +244,15 @@ def inference_spec(
     )
     if model_version is None:
         raise DomainError("Batch inference needs a model version.", fields={"model": ["Required."]})
+    package = predicting_package(model_version, field="model")
+    if package is not None:
+        return _package_inference_spec(
+            package,
+            model_version=model_version,
+            dataset_version=dataset_version,
+            parameters=parameters,
+            output_dataset_name=output_dataset_name,
+        )
     if not model_version.recipe_name:
         raise DomainError(
             f"{model_version} was not trained by a recipe, so no recipe can run it.",
@@ -252,6 +271,62 @@ def inference_spec(
             output_dataset_name or f"{model_version.registered_model.name}-predictions",
             field="output_dataset",
         ),
+    )
+
+
+def predicting_package(model_version: ModelVersion, *, field: str) -> CodePackageVersion | None:
+    """The code package version whose predict entry runs `model_version`: the one whose train
+    entry made it. None for a recipe's model; a DomainError on `field` for an own-code model
+    whose package has no predict entry (or no longer exists)."""
+    if not model_version.recipe_name.startswith(CODE_RECIPE_PREFIX):
+        return None
+    package = model_version_code_package(model_version)
+    made_by = f"{model_version.recipe_name} {model_version.recipe_version}"
+    if package is None:
+        raise DomainError(
+            f"{model_version} was made by {made_by}, which no longer exists.",
+            fields={field: ["Its code package version is gone."]},
+        )
+    if not package.manifest["entry"].get("predict"):
+        raise DomainError(
+            f"{model_version} was made by {made_by}, whose factory.toml names no predict entry, "
+            'so nothing can run it. Add `predict = "module:function"` under [entry] and train '
+            "with the new version.",
+            fields={field: [f"{made_by} has no predict entry."]},
+        )
+    return package
+
+
+def _package_inference_spec(
+    package: CodePackageVersion,
+    *,
+    model_version: ModelVersion,
+    dataset_version: DatasetVersion,
+    parameters: dict | None,
+    output_dataset_name: str,
+) -> JobSpec:
+    if parameters:
+        raise DomainError(
+            "A package's predict entry takes no parameters.",
+            fields={"parameters": ["Leave empty for a code package's model."]},
+        )
+    if dataset_version.format not in PACKAGE_PREDICT_FORMATS:
+        raise DomainError(
+            f"A package's batch inference reads CSV or Parquet datasets; "
+            f"{dataset_version} is {dataset_version.get_format_display()}.",
+            fields={"dataset": ["Choose a CSV or Parquet version."]},
+        )
+    return JobSpec(
+        kind=Job.Kind.INFER,
+        recipe=None,
+        parameters={},
+        dataset_version=dataset_version,
+        model_version=model_version,
+        output_dataset_name=validate_name(
+            output_dataset_name or f"{model_version.registered_model.name}-predictions",
+            field="output_dataset",
+        ),
+        code_package_version=package,
     )
 
 

@@ -3,6 +3,7 @@ import pytest
 from jobs.models import ResourceClass
 from jobs.services.pool import worker_register
 from tests.factories import DatasetVersionFactory
+from tests.jobs.code_helpers import sandboxed_pool  # noqa: F401 (a fixture)
 
 
 @pytest.fixture

@@ -12,17 +12,14 @@ import json
 import os
 import shutil
 import struct
-import sys
 import tarfile
 import tempfile
-import textwrap
 from pathlib import Path
 
 import pytest
 
 import factory_job
 from jobs.models import (
-    TERMINAL_STATES,
     Job,
     JobAttempt,
     JobMetric,
@@ -33,7 +30,7 @@ from jobs.models import (
 from jobs.runner import code, parent, protocol, sandbox
 from jobs.runner.code import PackageRefused, package_extract, package_line
 from jobs.runner.parent import run_attempt
-from jobs.runner.sandbox import python_runtime, runtime_refusal, sandbox_unavailable_reason
+from jobs.runner.sandbox import sandbox_unavailable_reason
 from jobs.runtimes import RuntimeReport
 from jobs.scheduler.apply import scheduler_pass
 from jobs.services import JobOptions
@@ -45,10 +42,10 @@ from registry.services.code_packages import code_package_limits, code_package_ve
 from registry.storage import get_storage, new_object_key
 from tenants.actors import Actor
 from tenants.errors import DomainError
+from tests.jobs.code_helpers import RUNTIME, archive, finished, runtime_python
 from tests.processes import alive, descendants, wait_for
 
 e2e = pytest.mark.django_db(transaction=True, serialized_rollback=True)
-RUNTIME = "torch-2.13-py311"
 
 MANIFEST = """
 [package]
@@ -129,17 +126,12 @@ def run():
 
 
 def _package(name: str, trainer: str, outputs: str = "model = true") -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
-        for path, text in (
-            ("factory.toml", MANIFEST.format(name=name, outputs=outputs, runtime=RUNTIME)),
-            ("trainer.py", textwrap.dedent(trainer)),
-        ):
-            data = text.encode()
-            info = tarfile.TarInfo(path)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+    return archive(
+        {
+            "factory.toml": MANIFEST.format(name=name, outputs=outputs, runtime=RUNTIME),
+            "trainer.py": trainer,
+        }
+    )
 
 
 def _upload(org, owner, tmp_path, name: str, trainer: str, outputs: str = "model = true"):
@@ -164,51 +156,8 @@ def _submit(org, owner, version, parameters, **options):
 
 def _worker():
     """A worker row offering the packages' runtime, as a worker process registers one."""
-    report = RuntimeReport(name=RUNTIME, interpreter=_runtime_python(), python_version="3")
+    report = RuntimeReport(name=RUNTIME, interpreter=runtime_python(), python_version="3")
     return worker_register(name=f"cpu-{os.urandom(3).hex()}", devices=[], runtimes=[report])
-
-
-def _runtime_python() -> str:
-    """This interpreter when the sandbox's user can read it, else the system's Python (the
-    packages here need only the standard library)."""
-    usable = runtime_refusal(python_runtime(sys.executable)) is None
-    return sys.executable if usable else "/usr/bin/python3"
-
-
-@pytest.fixture
-def sandboxed_pool(pool):
-    """The pool's workers set up to run code packages: a work root the sandbox's user may pass
-    through but not list (as the image lays it out), and a runtime it can read."""
-    reason = sandbox_unavailable_reason()
-    if reason is not None:
-        pytest.fail(reason)
-    root = Path(tempfile.mkdtemp(prefix="code-jobs-", dir="/tmp"))
-    root.chmod(0o755)
-    work = root / "work"
-    work.mkdir(mode=0o1733)
-    work.chmod(0o1733)
-    if os.geteuid() == 0:
-        os.chown(work, sandbox.SANDBOX_UID, sandbox.SANDBOX_GID)
-    pool.env["WORKER_WORKDIR"] = str(work)
-    pool.env["WORKER_RUNTIMES"] = f"{RUNTIME}={_runtime_python()}"
-    try:
-        yield pool
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _finished(job: Job, pool, timeout: float = 120) -> Job:
-    try:
-        wait_for(
-            lambda: Job.objects.get(pk=job.pk).state in TERMINAL_STATES,
-            timeout=timeout,
-            what=f"job {job.pk} to finish",
-        )
-    except AssertionError:
-        print(pool.logs())
-        raise
-    job.refresh_from_db()
-    return job
 
 
 @e2e
@@ -220,7 +169,7 @@ def test_a_code_package_trains_in_the_sandbox_and_registers_its_model(
     assert job.code_package_version == version and job.recipe == "code:tiny"
     sandboxed_pool.start_worker("w1")
 
-    job = _finished(job, sandboxed_pool)
+    job = finished(job, sandboxed_pool)
 
     assert job.state == JobState.SUCCEEDED, job.failure_reason
     metrics = JobMetric.objects.filter(job=job, name="loss").order_by("step")
@@ -257,15 +206,15 @@ def test_hostile_packages_are_refused_with_a_reason_and_the_worker_goes_on(
     # Below the 60 s a submission may ask for, so that the test does not wait a minute.
     Job.objects.filter(pk=jobs["past-its-clock"].pk).update(max_runtime_s=2)
     sandboxed_pool.start_worker("w1")
-    finished = {name: _finished(job, sandboxed_pool, timeout=180) for name, job in jobs.items()}
+    ended = {name: finished(job, sandboxed_pool, timeout=180) for name, job in jobs.items()}
 
-    assert all(job.state == JobState.FAILED for job in finished.values()), {
-        name: (job.state, job.failure_reason) for name, job in finished.items()
+    assert all(job.state == JobState.FAILED for job in ended.values()), {
+        name: (job.state, job.failure_reason) for name, job in ended.items()
     }
-    reasons = {name: job.failure_reason for name, job in finished.items()}
+    reasons = {name: job.failure_reason for name, job in ended.items()}
     assert "refused @@metric" in reasons["forged-attempt"]
     assert "'attempt'" in reasons["forged-attempt"]
-    assert not JobMetric.objects.filter(job=finished["forged-attempt"]).exists()
+    assert not JobMetric.objects.filter(job=ended["forged-attempt"]).exists()
     assert (
         "refused @@result" in reasons["outside-path"] and "/etc/passwd" in reasons["outside-path"]
     )
@@ -275,7 +224,7 @@ def test_hostile_packages_are_refused_with_a_reason_and_the_worker_goes_on(
     assert not ModelVersion.objects.filter(organization=org).exists()
     # The worker went on: after all four, a good package still runs on it.
     good = _submit(org, owner, _upload(org, owner, tmp_path, "tiny", TRAINER), {"steps": 1})
-    assert _finished(good, sandboxed_pool).state == JobState.SUCCEEDED, good.failure_reason
+    assert finished(good, sandboxed_pool).state == JobState.SUCCEEDED, good.failure_reason
 
 
 @pytest.fixture
@@ -332,7 +281,7 @@ def test_a_killed_worker_loses_the_package_which_resumes_from_its_checkpoint_els
     sandboxed_pool.kill(first)
     wait_for(lambda: not alive(doomed), timeout=10, what="the killed worker's processes to die")
 
-    job = _finished(job, sandboxed_pool, timeout=240)
+    job = finished(job, sandboxed_pool, timeout=240)
 
     assert job.state == JobState.SUCCEEDED, job.failure_reason
     attempts = list(JobAttempt.objects.filter(job=job).order_by("number"))
