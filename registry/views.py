@@ -250,6 +250,7 @@ class ModelVersionPage(OrganizationPageMixin, TemplateView):
             for a in version.artifacts.all()
         ]
         context["lineage"] = lineage_with_links(self.organization, version)
+        context["package"] = selectors.model_version_code_package(version)
         return context
 
 

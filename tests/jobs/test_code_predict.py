@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from django.urls import reverse
 
 import factory_job
 from factory_job import channel
@@ -326,7 +327,7 @@ def code_model(org, owner, tmp_path):
                 organization=org,
                 model_version=model,
                 name=name,
-                storage_key=f"models/{model.pk}/{name}",
+                storage_key=f"orgs/{org.pk}/models/{model.pk}/{name}",
                 size_bytes=1,
                 sha256="0" * 64,
             )
@@ -450,3 +451,19 @@ def test_the_examples_predict_entry_answers_and_refuses_in_its_own_words(tmp_pat
     assert set(outputs[0]["probabilities"]) == {"horizontal", "vertical"}
     with pytest.raises(factory_job.BadInput, match=r"inputs\[1\] needs 64 numbers"):
         predict([{"pixels": vertical}, {"pixels": [1, 2]}])
+
+
+def test_a_code_models_page_names_the_package_that_made_it_and_whether_it_predicts(
+    code_model, org, owner, client
+):
+    _version, model = code_model()
+    client.force_login(owner)
+    page = client.get(
+        reverse(
+            "registry:model_version", args=[org.slug, model.registered_model.name, model.number]
+        )
+    ).content.decode()
+    package_url = reverse("registry:code_package_version", args=[org.slug, "scaler", 1])
+    assert f'href="{package_url}"' in page
+    assert "predicts with <code>model:load</code>" in page
+    assert "Run a batch prediction with this version" in page
