@@ -175,6 +175,14 @@ def storage_usage(*, organization: Organization) -> dict:
 
 
 def _node(obj) -> dict:
+    if isinstance(obj, CodePackageVersion):
+        return {
+            "type": "code_package_version",
+            "id": f"code_package_version:{obj.pk}",
+            "package": obj.package.name,
+            "number": obj.number,
+            "label": f"code package {obj.package.name} v{obj.number}",
+        }
     if isinstance(obj, DatasetVersion):
         return {
             "type": "dataset_version",
@@ -220,7 +228,10 @@ class _Graph:
 
 
 def _parents(obj) -> list[tuple[object, int | None, str]]:
-    """(parent, job id, relation) for each direct input of a version."""
+    """(parent, job id, relation) for each direct input of a version: the datasets and models
+    it was made from, and for a model made by own code, the code package version that ran."""
+    if isinstance(obj, CodePackageVersion):
+        return []
     if isinstance(obj, DatasetVersion):
         parents = []
         if obj.derived_from_dataset_version_id:
@@ -233,6 +244,9 @@ def _parents(obj) -> list[tuple[object, int | None, str]]:
     ]
     if obj.parent_version_id:
         parents.append((obj.parent_version, obj.source_job_id, "fine-tuned"))
+    package = model_version_code_package(obj)
+    if package is not None:
+        parents.append((package, obj.source_job_id, "ran"))
     return parents
 
 

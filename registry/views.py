@@ -42,6 +42,11 @@ def lineage_with_links(organization, version) -> dict:
             node["url"] = reverse(
                 "registry:model_version", args=[organization.slug, node["model"], node["number"]]
             )
+        elif node["type"] == "code_package_version":
+            node["url"] = reverse(
+                "registry:code_package_version",
+                args=[organization.slug, node["package"], node["number"]],
+            )
     by_id = {node["id"]: node for node in graph["nodes"]}
     graph["links"] = [(by_id[e["from"]], e["relation"], by_id[e["to"]]) for e in graph["edges"]]
     return graph

@@ -38,6 +38,8 @@ from jobs.services.pool import worker_register
 from jobs.services.submission import code_job_submit
 from registry.formats.code_packages import CodePackageError
 from registry.models import DatasetVersion, ModelVersion
+from registry.selectors import lineage
+from registry.services import dataset_create, dataset_version_create
 from registry.services.code_packages import code_package_limits, code_package_version_create
 from registry.storage import get_storage, new_object_key
 from tenants.actors import Actor
@@ -142,13 +144,14 @@ def _upload(org, owner, tmp_path, name: str, trainer: str, outputs: str = "model
     )
 
 
-def _submit(org, owner, version, parameters, **options):
+def _submit(org, owner, version, parameters, dataset_version=None, **options):
     options.setdefault("max_runtime_s", 600)
     job, _ = code_job_submit(
         organization=org,
         actor=Actor(user=owner),
         code_package_version=version,
         parameters=parameters,
+        dataset_version=dataset_version,
         options=JobOptions(resource_class=ResourceClass.objects.get(name="cpu"), **options),
     )
     return job
@@ -258,12 +261,17 @@ def test_a_killed_worker_loses_the_package_which_resumes_from_its_checkpoint_els
 ):
     """The issue's journey on the real stack: a package runs in the sandbox, its worker is
     killed with SIGKILL after a checkpoint, another worker resumes it from that checkpoint in its
-    own sandbox, it finishes and registers its model with lineage to the package version, and
-    each attempt that ran is billed once."""
+    own sandbox, it finishes and registers its model with lineage to the package version and its
+    input dataset version, and each attempt that ran is billed once."""
     from billing.models import UsageRecord
 
     version = _upload(org, owner, tmp_path, "slow", SLOW_TRAINER)
-    job = _submit(org, owner, version, {"steps": 30, "lr": 0.5})
+    (tmp_path / "rows.csv").write_text("x,y\n1,2\n3,4\n")
+    dataset = dataset_create(organization=org, name="rows", actor=Actor(user=owner))
+    data = dataset_version_create(
+        dataset=dataset, path=tmp_path / "rows.csv", filename="rows.csv", actor=Actor(user=owner)
+    )
+    job = _submit(org, owner, version, {"steps": 30, "lr": 0.5}, dataset_version=data)
     labels = {
         sandboxed_pool.start_worker("w1"): "w1",
         sandboxed_pool.start_worker("w2"): "w2",
@@ -294,6 +302,13 @@ def test_a_killed_worker_loses_the_package_which_resumes_from_its_checkpoint_els
     model = ModelVersion.objects.get(pk=job.output_model_version_id)
     assert Job.objects.get(pk=model.source_job_id).code_package_version == version
     assert model.recipe_name == "code:slow"
+    graph = lineage(version=model)
+    made = {(e["from"], e["relation"], e["to"]) for e in graph["edges"]}
+    assert made >= {
+        (f"code_package_version:{version.pk}", "ran", f"job:{job.pk}"),
+        (f"dataset_version:{data.pk}", "trained", f"job:{job.pk}"),
+        (f"job:{job.pk}", "produced", f"model_version:{model.pk}"),
+    }
     # 30 steps of +0.5 from the checkpoint's state: the resumed run carried the weight on.
     assert model.metrics == {"loss": pytest.approx(1 / 30)}
     assert UsageRecord.objects.filter(source_id=str(job.pk)).count() == len(ran)

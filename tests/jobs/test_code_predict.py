@@ -467,3 +467,29 @@ def test_a_code_models_page_names_the_package_that_made_it_and_whether_it_predic
     assert f'href="{package_url}"' in page
     assert "predicts with <code>model:load</code>" in page
     assert "Run a batch prediction with this version" in page
+
+
+def test_the_jobs_api_queues_batch_inference_of_a_code_model_as_for_a_recipes(
+    code_model, org, owner, key_client_for
+):
+    version, model = code_model()
+    data = DatasetVersionFactory(organization=org)
+    client = key_client_for(owner, org)
+    body = {
+        "kind": "infer",
+        "model": {"model": model.registered_model.name, "version": str(model.number)},
+        "dataset": {"dataset": data.dataset.name, "number": data.number},
+    }
+    response = client.post(f"/api/v1/orgs/{org.slug}/jobs/", body, format="json")
+    assert response.status_code == 201, response.content
+    job = response.json()
+    assert (job["kind"], job["recipe"], job["code_package"]) == (
+        "infer",
+        "code:scaler",
+        {"package": "scaler", "number": version.number},
+    )
+    refused = client.post(
+        f"/api/v1/orgs/{org.slug}/jobs/", {**body, "parameters": {"t": 1}}, format="json"
+    )
+    assert refused.status_code == 400
+    assert refused.json()["fields"] == {"parameters": ["Leave empty for a code package's model."]}
