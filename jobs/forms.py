@@ -193,6 +193,13 @@ class CodeRunForm(forms.Form):
         label="Input dataset version",
         help_text="Optional: downloaded for the code, which finds it in factory_job.inputs().",
     )
+    model_version = VersionChoiceField(
+        queryset=ModelVersion.objects.none(),
+        required=False,
+        label="Model version to start from",
+        help_text="Optional, to fine-tune: its files are in factory_job.inputs()['model'], and "
+        "the model the run registers records it as its parent.",
+    )
     resource_class = forms.ModelChoiceField(
         queryset=ResourceClass.objects.order_by("name"), to_field_name="name", initial="cpu"
     )
@@ -210,6 +217,13 @@ class CodeRunForm(forms.Form):
             .order_by("dataset__name", "-number")
         )
         self.fields["dataset_version"].keep_chosen(self, "dataset_version")
+        self.fields["model_version"].queryset = (
+            ModelVersion.objects.for_organization(organization)
+            .select_related("registered_model")
+            .defer(*MODEL_VERSION_HEAVY)
+            .order_by("registered_model__name", "-number")
+        )
+        self.fields["model_version"].keep_chosen(self, "model_version")
         outputs = version.manifest["outputs"]
         package = version.package.name
         if outputs["model"]:

@@ -167,6 +167,7 @@ class CodeRunPage(OrganizationPageMixin, TemplateView):
                     code_package_version=version,
                     parameters=form.cleaned_parameters(),
                     dataset_version=data["dataset_version"],
+                    model_version=data["model_version"],
                     output_model_name=data.get("output_model", ""),
                     output_dataset_name=data.get("output_dataset", ""),
                     options=services.JobOptions(

@@ -46,7 +46,8 @@ class JobSubmitSerializer(serializers.Serializer):
     )
     model = ModelRefSerializer(
         required=False,
-        help_text="Inference: the model to run. Training: a version to continue training from.",
+        help_text="Inference: the model to run. Training: a version to continue training from "
+        "(a code package finds it among its inputs).",
     )
     output_dataset = serializers.CharField(max_length=100, required=False, allow_blank=True)
     resource_class = serializers.CharField(max_length=40, default="cpu")
@@ -70,8 +71,6 @@ class JobSubmitSerializer(serializers.Serializer):
             errors["recipe"] = ["Name a recipe or a code package, not both."]
         if attrs.get("kind", Job.Kind.TRAIN) != Job.Kind.TRAIN:
             errors["kind"] = ["A code package runs training jobs (its train entry)."]
-        if "model" in attrs:
-            errors["model"] = ["A code package job takes no input model."]
         if errors:
             raise serializers.ValidationError(errors)
         return attrs

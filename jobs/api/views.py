@@ -191,6 +191,7 @@ class JobViewSet(
                     fields["code_package"], fields["code_package_version"]
                 ),
                 parameters=fields["parameters"],
+                model_version=model_version,
                 output_model_name=fields.get("output_model", ""),
                 output_dataset_name=fields.get("output_dataset", ""),
                 **common,

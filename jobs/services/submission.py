@@ -336,18 +336,20 @@ def code_package_spec(
     code_package_version: CodePackageVersion,
     parameters: dict,
     dataset_version: DatasetVersion | None = None,
+    model_version: ModelVersion | None = None,
     output_model_name: str = "",
     output_dataset_name: str = "",
 ) -> JobSpec:
     """A code package version's train entry, run in the sandbox: the parameters must match the
     package's JSON Schema (defaults are the package's own business), its outputs are named by
     the job (default `<package>` for a model, `<package>-output` for a dataset), never by the
-    code. The dataset version, when given, is downloaded for it as its input."""
+    code. The dataset version and the model version (a fine-tune's starting point), when given,
+    are downloaded for it as its inputs; a model it registers then records that version as its
+    parent."""
     version = code_package_version
-    if version.organization_id != organization.pk:
-        raise DomainError("Inputs must be this organization's own versions.")
-    if dataset_version is not None and dataset_version.organization_id != organization.pk:
-        raise DomainError("Inputs must be this organization's own versions.")
+    for linked in (version, dataset_version, model_version):
+        if linked is not None and linked.organization_id != organization.pk:
+            raise DomainError("Inputs must be this organization's own versions.")
     parameters = parameters if parameters is not None else {}
     if not isinstance(parameters, dict):
         raise DomainError(
@@ -378,6 +380,7 @@ def code_package_spec(
         recipe=None,
         parameters=parameters,
         dataset_version=dataset_version,
+        model_version=model_version,
         output_model_name=(
             validate_name(output_model_name or package, field="output_model")
             if outputs["model"]
@@ -400,6 +403,7 @@ def code_job_submit(
     parameters: dict,
     options: JobOptions,
     dataset_version: DatasetVersion | None = None,
+    model_version: ModelVersion | None = None,
     output_model_name: str = "",
     output_dataset_name: str = "",
     idempotency_key: str | None = None,
@@ -414,6 +418,7 @@ def code_job_submit(
         code_package_version=code_package_version,
         parameters=parameters,
         dataset_version=dataset_version,
+        model_version=model_version,
         output_model_name=output_model_name,
         output_dataset_name=output_dataset_name,
     )

@@ -8,7 +8,6 @@ import csv
 import io
 import json
 import socket
-import sys
 import threading
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from jobs.services import JobOptions, inference_job_submit
 from jobs.services.replicas import replica_spec
 from jobs.services.submission import code_job_submit
 from registry.models import DatasetVersion, ModelArtifact
+from registry.selectors import lineage, model_version_code_package
 from registry.services import dataset_create, dataset_version_create
 from registry.services.code_packages import code_package_version_create
 from registry.storage import get_storage
@@ -43,6 +43,7 @@ from tests.processes import wait_for
 from tests.serving.loop_stack import Caller
 
 e2e = pytest.mark.django_db(transaction=True, serialized_rollback=True)
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tiny-cnn"
 
 MANIFEST = f"""
 [package]
@@ -65,6 +66,10 @@ from factory_job import channel
 
 def train():
     w = factory_job.params().get("w", 2.0)
+    base = factory_job.inputs().get("model")
+    if base:  # a fine-tune: it goes on from the version it was given
+        with open(base + "/config.json") as config:
+            w += json.load(config)["w"]
     header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
     path = factory_job.checkpoint_dir().parent / "output" / "model.safetensors"
     path.parent.mkdir(exist_ok=True)
@@ -114,13 +119,14 @@ def _cpu(**options) -> JobOptions:
     )
 
 
-def _trained(org, owner, tmp_path, pool, *, w: float = 2.0):
-    version = _upload(org, owner, tmp_path)
+def _trained(org, owner, tmp_path, pool, *, w: float = 2.0, base=None):
+    version = _upload(org, owner, tmp_path) if base is None else model_version_code_package(base)
     job, _ = code_job_submit(
         organization=org,
         actor=Actor(user=owner),
         code_package_version=version,
         parameters={"w": w},
+        model_version=base,
         options=_cpu(),
     )
     job = finished(job, pool)
@@ -137,11 +143,15 @@ def _csv_version(org, owner, tmp_path, text: str, name: str = "points") -> Datas
 
 
 @e2e
-def test_a_packages_model_predicts_a_dataset_in_a_batch_job_in_the_sandbox(
+def test_a_packages_fine_tuned_model_predicts_a_dataset_in_a_batch_job_in_the_sandbox(
     sandboxed_pool, org, owner, tmp_path
 ):
+    """The package trains a model, fine-tunes it (the job names the first version, which the
+    code finds among its inputs), then its predict entry runs over a dataset in a batch job."""
     sandboxed_pool.start_worker("w1")
-    model = _trained(org, owner, tmp_path, sandboxed_pool, w=2.0)
+    first = _trained(org, owner, tmp_path, sandboxed_pool, w=2.0)
+    model = _trained(org, owner, tmp_path, sandboxed_pool, w=1.0, base=first)
+    assert model.parent_version == first and model.registered_model == first.registered_model
     rows = "x,note\n" + "".join(f"{x},row {x}\n" for x in range(1, 601))
     data = _csv_version(org, owner, tmp_path, rows)
 
@@ -166,13 +176,24 @@ def test_a_packages_model_predicts_a_dataset_in_a_batch_job_in_the_sandbox(
     with get_storage().open(output.storage_key) as stored:
         table = list(csv.DictReader(io.TextIOWrapper(stored, encoding="utf-8")))
     assert [row["row"] for row in table] == [str(n) for n in range(1, 601)]
-    # x arrived as a number (the registry profiled the column as int64), in the dataset's order.
-    assert [(row["label"], float(row["y"])) for row in table[3:6]] == [
-        ("small", 8.0),
-        ("small", 10.0),
+    # x arrived as a number (the registry profiled the column as int64), in the dataset's order,
+    # and met the fine-tuned w of 2 + 1.
+    assert [(row["label"], float(row["y"])) for row in table[2:5]] == [
+        ("small", 9.0),
         ("big", 12.0),
+        ("big", 15.0),
     ]
-    assert job.logs.filter(line="loaded 2.0").exists()  # the package's own print
+    assert job.logs.filter(line="loaded 3.0").exists()  # the package's own print
+    made = {(e["from"], e["relation"], e["to"]) for e in lineage(version=output)["edges"]}
+    assert made >= {
+        (f"model_version:{model.pk}", "predicted by", f"job:{job.pk}"),
+        (f"model_version:{first.pk}", "fine-tuned", f"job:{model.source_job_id}"),
+        (
+            f"code_package_version:{job.code_package_version_id}",
+            "ran",
+            f"job:{first.source_job_id}",
+        ),
+    }
 
 
 @e2e
@@ -419,18 +440,16 @@ def test_a_batch_jobs_rows_are_the_datasets_typed_as_profiled(tmp_path, org, own
         )
 
 
-def test_the_examples_predict_entry_answers_and_refuses_in_its_own_words(tmp_path):
+def test_the_examples_predict_entry_answers_and_refuses_in_its_own_words(tmp_path, monkeypatch):
     """examples/tiny-cnn's predict entry, with torch, outside a sandbox (the sandbox's user
     cannot read this machine's torch): a bar's direction, and a BadInput for a wrong shape."""
     import torch
     from safetensors.torch import save_file
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples" / "tiny-cnn"))
-    try:
-        from tinycnn.model import TinyCNN
-        from tinycnn.predict import load
-    finally:
-        sys.path.pop(0)
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    from tinycnn.model import TinyCNN
+    from tinycnn.predict import load
+
     torch.manual_seed(0)
     model = TinyCNN(4)
     with torch.no_grad():  # a filter that answers vertical bars, by construction
@@ -493,3 +512,90 @@ def test_the_jobs_api_queues_batch_inference_of_a_code_model_as_for_a_recipes(
     )
     assert refused.status_code == 400
     assert refused.json()["fields"] == {"parameters": ["Leave empty for a code package's model."]}
+
+
+def _example_run(work: Path, monkeypatch, *, parameters: dict, inputs: dict) -> dict:
+    """Run examples/tiny-cnn's train entry in this process, through the in-job library as the
+    sandbox would (its job.json in `work`); the artifacts it registered."""
+    from tinycnn.train import run
+
+    work.mkdir()
+    spec = {
+        "work_folder": str(work),
+        "checkpoint_dir": "checkpoints",
+        "output_dir": "output",
+        "parameters": parameters,
+        "inputs": inputs,
+        "resume_from": None,
+    }
+    (work / "job.json").write_text(json.dumps(spec))
+    monkeypatch.setenv(factory_job.SPEC_ENV, str(work / "job.json"))
+    monkeypatch.setattr(factory_job, "_spec", None)
+    monkeypatch.setattr(factory_job, "_artifacts", {})
+    monkeypatch.setattr(factory_job, "_last_metrics", {})
+    run()
+    return dict(factory_job._artifacts)
+
+
+def test_the_example_fine_tunes_a_registered_version_on_labelled_rows(
+    tmp_path, monkeypatch, capsys
+):
+    """examples/tiny-cnn given a model version and a dataset: it starts from the version's
+    weights and shape and trains on the rows; a row without its label is its input error."""
+    from safetensors.torch import load_file
+
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    _example_run(tmp_path / "base", monkeypatch, parameters={"steps": 20, "channels": 4}, inputs={})
+    base = tmp_path / "base" / "output"
+    vertical = [1.0 if column == 3 else 0.0 for _row in range(8) for column in range(8)]
+    horizontal = [1.0 if row == 5 else 0.0 for row in range(8) for _column in range(8)]
+    rows = tmp_path / "rows.csv"
+    with rows.open("w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow([*(f"p{i}" for i in range(64)), "label"])
+        writer.writerows([[*vertical, "vertical"], [*horizontal, "horizontal"]] * 8)
+
+    artifacts = _example_run(
+        tmp_path / "tuned",
+        monkeypatch,
+        parameters={"steps": 10, "channels": 16},  # the base version's 4 channels win
+        inputs={"model": str(base), "dataset": str(rows)},
+    )
+
+    assert "fine-tuning the registered version" in capsys.readouterr().out
+    tuned = tmp_path / "tuned" / artifacts["model.safetensors"]
+    before, after = load_file(base / "model.safetensors"), load_file(tuned)
+    assert after["conv.weight"].shape == before["conv.weight"].shape == (4, 1, 3, 3)
+    assert not (after["conv.weight"] == before["conv.weight"]).all()
+    (rows.parent / "bad.csv").write_text("p0,label\n1,diagonal\n")
+    with pytest.raises(factory_job.BadInput, match="Line 2 of the dataset"):
+        _example_run(
+            tmp_path / "bad",
+            monkeypatch,
+            parameters={"steps": 1},
+            inputs={"model": str(base), "dataset": str(rows.parent / "bad.csv")},
+        )
+
+
+def test_a_package_job_names_a_model_version_to_fine_tune_through_the_api(
+    code_model, org, other_org, owner, key_client_for
+):
+    _version, model = code_model()
+    client = key_client_for(owner, org)
+    body = {
+        "code_package": "scaler",
+        "code_package_version": 1,
+        "model": {"model": model.registered_model.name, "version": str(model.number)},
+    }
+    response = client.post(f"/api/v1/orgs/{org.slug}/jobs/", body, format="json")
+    assert response.status_code == 201, response.content
+    job = Job.objects.get(pk=response.json()["id"])
+    assert (job.kind, job.input_model_version) == (Job.Kind.TRAIN, model)
+    theirs = ModelVersionFactory(organization=other_org)
+    refused = client.post(
+        f"/api/v1/orgs/{org.slug}/jobs/",
+        {**body, "model": {"model": theirs.registered_model.name, "version": "1"}},
+        format="json",
+    )
+    assert refused.status_code == 400
+    assert refused.json()["fields"] == {"model": ["No such model version in this organization."]}

@@ -1,13 +1,20 @@
-"""The train entry: resumes from the latest checkpoint, logs each step, stops when asked."""
+"""The train entry: resumes from the latest checkpoint, logs each step, stops when asked.
 
+Given a model version (the job's `model`), it fine-tunes it: it starts from those weights, and,
+given a dataset too, trains on its labelled rows instead of the synthetic bars.
+"""
+
+import csv
 import json
+from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import factory_job
 
-from .model import TinyCNN, batch
+from .model import SIZE, TinyCNN, batch
+from .predict import COLUMNS, LABELS
 
 BATCH = 32
 
@@ -18,7 +25,14 @@ def run():
     channels = p.get("channels", 8)
     every = p.get("checkpoint_every", 50)
     torch.manual_seed(0)
+    base = factory_job.inputs().get("model")
+    if base is not None:  # a fine-tune: the registered version's shape and weights
+        channels = json.loads(Path(base, "config.json").read_text())["channels"]
     model = TinyCNN(channels)
+    if base is not None:
+        model.load_state_dict(load_file(str(Path(base, "model.safetensors"))))
+        print("fine-tuning the registered version")
+    rows = _labelled_rows(factory_job.inputs().get("dataset"))
     optimizer_cls = torch.optim.Adam if p.get("optimizer", "adam") == "adam" else torch.optim.SGD
     optimizer = optimizer_cls(model.parameters(), lr=p.get("learning_rate", 0.01))
     generator = torch.Generator().manual_seed(1)
@@ -45,7 +59,11 @@ def run():
 
     loss_fn = torch.nn.CrossEntropyLoss()
     for step in range(start + 1, steps + 1):
-        images, labels = batch(generator, BATCH, augment=p.get("augment", False))
+        if rows is None:
+            images, labels = batch(generator, BATCH, augment=p.get("augment", False))
+        else:
+            pick = torch.randint(0, len(rows[1]), (BATCH,), generator=generator)
+            images, labels = rows[0][pick], rows[1][pick]
         logits = model(images)
         loss = loss_fn(logits, labels)
         optimizer.zero_grad()
@@ -69,3 +87,24 @@ def run():
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     factory_job.register_model(weights, {"channels": channels, "size": 8, "classes": 2})
     print(json.dumps({"val_accuracy": val_accuracy}))
+
+
+def _labelled_rows(path: str | None):
+    """A CSV's rows as (images, labels): the columns p0 ... p63 and `label` (horizontal or
+    vertical); None without a dataset. A row that does not fit is the job's input error."""
+    if path is None:
+        return None
+    images, labels = [], []
+    with open(path, newline="", encoding="utf-8") as file:
+        for number, row in enumerate(csv.DictReader(file), start=2):
+            try:
+                images.append([float(row[name]) for name in COLUMNS])
+                labels.append(LABELS.index(row["label"]))
+            except (KeyError, TypeError, ValueError):
+                raise factory_job.BadInput(
+                    f"Line {number} of the dataset needs numbers p0 to p63 and a label "
+                    f"({' or '.join(LABELS)})."
+                ) from None
+    if not labels:
+        raise factory_job.BadInput("The dataset has no rows to fine-tune on.")
+    return torch.tensor(images).view(-1, 1, SIZE, SIZE), torch.tensor(labels)
