@@ -48,20 +48,25 @@ import math
 import os
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "BadInput",
+    "LineWriter",
     "checkpoint_dir",
     "inputs",
     "latest",
     "log",
     "params",
+    "progress",
+    "read_checkpoint",
     "register_dataset",
     "register_model",
     "save",
     "should_stop",
+    "write_checkpoint",
 ]
 
 # The parent writes the job's description here; its paths are the sandbox's (/job/...).
@@ -97,11 +102,84 @@ def _work() -> Path:
     return Path(_job()["work_folder"])
 
 
-def _emit(kind: str, payload: dict) -> None:
+class LineWriter:
+    """The child's side of the line protocol (jobs.runner.protocol), the one both a package's
+    calls here and the platform's recipes (jobs.recipes.base.RecipeContext) write through: each
+    method checks what it is given, as the parent will, and hands `write` one line.
+
+    `write` takes a line without its newline: stdout for a job's one process, nothing for the
+    ranks of a data-parallel run that are not rank 0, a list in a test.
+    """
+
+    def __init__(self, write: Callable[[str], None]):
+        self.write = write
+
+    def line(self, kind: str, payload: dict) -> None:
+        self.write(structured_line(kind, payload))
+
+    def text(self, message: object) -> None:
+        """Plain log lines. A line of the job's that starts with the prefix (it may quote the
+        tenant's data) gets a leading space, so it never reads as a structured one."""
+        for line in str(message).splitlines() or [""]:
+            self.write(f" {line}" if line.startswith(LINE_PREFIX) else line)
+
+    def metric(self, *, step: int, name: str, value: float, split: str = "train") -> float:
+        _check_step(step)
+        if split not in ("train", "val"):
+            raise ValueError(f'split must be "train" or "val", not {split!r}.')
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"Metric {name} is {value} at step {step}; metrics must be finite.")
+        if not name or len(name) > MAX_METRIC_NAME:
+            raise ValueError(
+                f"A metric's name is 1 to {MAX_METRIC_NAME} characters: {name[:20]!r}."
+            )
+        self.line("metric", {"step": step, "name": name, "value": value, "split": split})
+        return value
+
+    def progress(self, *, step: int, total: int | None, epoch: int) -> None:
+        _check_step(step)
+        _check_step(epoch)
+        if total is not None:
+            _check_step(total)
+        self.line("progress", {"step": step, "total": total, "epoch": epoch})
+
+    def checkpoint(self, *, path: str, step: int) -> None:
+        _check_step(step)
+        self.line("checkpoint", {"path": path, "step": step})
+
+    def result(
+        self, *, metrics: dict, artifacts: dict, input_signature: dict, parameters: dict
+    ) -> None:
+        self.line(
+            "result",
+            {
+                "metrics": metrics,
+                "artifacts": artifacts,
+                "input_signature": input_signature,
+                "parameters": parameters,
+            },
+        )
+
+
+def structured_line(kind: str, payload: dict) -> str:
+    """`@@kind {json}`: plain JSON (ValueError for NaN or infinity), ASCII, on one line."""
     text = json.dumps(payload, allow_nan=False, ensure_ascii=True, separators=(",", ":"))
+    return f"{LINE_PREFIX}{kind} {text}"
+
+
+def _check_step(step: object) -> None:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be an integer >= 0, not {step!r}.")
+
+
+def _write_stdout(line: str) -> None:
     with _lock:
-        sys.stdout.write(f"{LINE_PREFIX}{kind} {text}\n")
+        sys.stdout.write(line + "\n")
         sys.stdout.flush()
+
+
+_out = LineWriter(_write_stdout)
 
 
 def _relative(path: str | os.PathLike, what: str) -> str:
@@ -135,18 +213,14 @@ def inputs() -> dict[str, str]:
 def log(*, step: int, split: str = "train", **metrics: float) -> None:
     """Record metrics at `step` (an integer >= 0): each becomes a point of the job's curves.
     `split` is "train" or "val"."""
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be an integer >= 0, not {step!r}.")
-    if split not in ("train", "val"):
-        raise ValueError(f'split must be "train" or "val", not {split!r}.')
     for name, value in metrics.items():
-        value = float(value)
-        if not math.isfinite(value):
-            raise ValueError(f"Metric {name} is {value} at step {step}; metrics must be finite.")
-        if len(name) > MAX_METRIC_NAME:
-            raise ValueError(f"Metric name {name[:20]}... is over {MAX_METRIC_NAME} characters.")
-        _emit("metric", {"step": step, "name": name, "value": value, "split": split})
-        _last_metrics[name] = value
+        _last_metrics[name] = _out.metric(step=step, name=name, value=value, split=split)
+
+
+def progress(step: int, total: int | None = None, *, epoch: int = 1) -> None:
+    """Say how far the run is: `step` of `total` (None when unknown) in `epoch`; the job's page
+    shows it at once, before any metric."""
+    _out.progress(step=step, total=total, epoch=epoch)
 
 
 def checkpoint_dir() -> Path:
@@ -161,36 +235,44 @@ def save(state: Any, *, step: int) -> Path:
 
     With torch in the runtime, `state` may hold tensors (torch.save); without, it must be JSON.
     """
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be an integer >= 0, not {step!r}.")
+    _check_step(step)
     folder = checkpoint_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"ckpt-{step:08d}.pt"
-    partial = path.with_suffix(".partial")
+    path = write_checkpoint(state, folder / f"ckpt-{step:08d}.pt")
+    _out.checkpoint(path=path.relative_to(_work()).as_posix(), step=step)
+    return path
+
+
+def write_checkpoint(state: Any, path: Path) -> Path:
+    """Write `state` to `path` whole or not at all (the parent reads only a complete file):
+    torch.save where torch is installed, else JSON."""
+    partial = path.with_name(f".{path.name}.partial")
     try:
         import torch
     except ImportError:
         partial.write_text(json.dumps(state, allow_nan=False), encoding="utf-8")
     else:
         torch.save(state, partial)
-    partial.replace(path)  # the parent reads only a complete file
-    _emit("checkpoint", {"path": path.relative_to(_work()).as_posix(), "step": step})
+    os.replace(partial, path)
     return path
 
 
-def latest() -> Any | None:
-    """The state of the checkpoint this attempt resumes from, or None on a first run."""
-    resume = _job().get("resume_from")
-    if not resume:
-        return None
-    path = _work() / resume
+def read_checkpoint(path: Path) -> Any:
+    """A checkpoint `write_checkpoint` wrote: JSON, or torch's with tensors and plain data only
+    (weights_only), onto the CPU."""
     with path.open("rb") as file:
         head = file.read(2)
     if head[:1] in (b"{", b"[", b'"') or head.isdigit():
         return json.loads(path.read_text(encoding="utf-8"))
     import torch
 
-    return torch.load(path, weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def latest() -> Any | None:
+    """The state of the checkpoint this attempt resumes from, or None on a first run."""
+    resume = _job().get("resume_from")
+    return read_checkpoint(_work() / resume) if resume else None
 
 
 def should_stop() -> bool:

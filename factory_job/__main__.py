@@ -58,7 +58,7 @@ def main() -> int:
         return factory_job.EXIT_FAILED
     if factory_job.should_stop():
         return factory_job.EXIT_STOPPED
-    factory_job._emit("result", factory_job._result())
+    factory_job._out.result(**factory_job._result())
     return factory_job.EXIT_OK
 
 
@@ -118,7 +118,7 @@ def _predict_rows(predict: Callable[[list], list], job: dict) -> None:
             for offset, output in enumerate(outputs):
                 writer.writerow([done + offset + 1, *_cells(output, columns, done + offset)])
             done += len(inputs)
-            factory_job._emit("progress", {"step": done, "total": total, "epoch": 1})
+            factory_job.progress(done, total)
     factory_job._last_metrics["rows"] = done
     factory_job._artifacts["dataset"] = path.relative_to(factory_job._work()).as_posix()
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 import abc
 import copy
 import json
-import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -20,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from jobs.runner.protocol import DEFAULT_CHUNK_ROWS, StrictValidator, format_line
+import factory_job
+from jobs.runner.protocol import DEFAULT_CHUNK_ROWS, StrictValidator
 from tenants.errors import DomainError
 
 if TYPE_CHECKING:
@@ -276,23 +275,18 @@ def default_devices() -> list[str]:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint written by RecipeContext.save_checkpoint, unpickling tensors and plain data
     only, onto the CPU (the recipe moves it where it trains)."""
-    import torch
-
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = factory_job.read_checkpoint(path)
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a checkpoint dictionary.")
     return state
 
 
-def _print_line(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
 @dataclass
 class RecipeContext:
     """Everything a recipe may touch while it runs: its inputs, where outputs go, and the only
-    channel back to the parent (structured lines through `emit`).
+    channel back to the parent: lines through `emit`, written by the in-job library's
+    LineWriter (`lines`), the same one a tenant's package writes through, and checkpoints
+    written and read by the library's functions.
 
     `model_dir` is the model to predict with or to fine-tune. `rank` and `world_size` place
     this process among data-parallel ones (0 and 1 alone); `chunk_rows` bounds the rows a
@@ -314,14 +308,19 @@ class RecipeContext:
     model_dir: Path | None = None
     devices: list[str] = field(default_factory=default_devices)
     stop_event: threading.Event = field(default_factory=threading.Event)
-    emit: Callable[[str], None] = _print_line
+    emit: Callable[[str], None] = factory_job._write_stdout
     rank: int = 0
     world_size: int = 1
     chunk_rows: int = DEFAULT_CHUNK_ROWS
     csv_dialect: CsvDialect | None = None
+    lines: factory_job.LineWriter = field(init=False, repr=False)
     _started: float = field(default_factory=time.monotonic, init=False, repr=False)
     _last_checkpoint: float = field(default_factory=time.monotonic, init=False, repr=False)
     _last_progress: float | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Through `emit` as it is at each line: a caller may swap it after construction.
+        self.lines = factory_job.LineWriter(lambda line: self.emit(line))
 
     @property
     def device(self) -> str:
@@ -333,21 +332,18 @@ class RecipeContext:
         return self.rank == 0
 
     def log(self, message: str) -> None:
-        # Messages quote tenant data (column names, values); a line of theirs that starts with
-        # the prefix must not read as a structured line, so it gets a leading space.
-        for line in str(message).splitlines() or [""]:
-            self.emit(f" {line}" if line.startswith("@@") else line)
+        # Messages quote tenant data (column names, values): the writer escapes the prefix.
+        self.lines.text(message)
 
     def log_metric(self, step: int, name: str, value: float, split: str) -> None:
-        payload = {"step": step, "name": name, "value": float(value), "split": split}
-        self.emit(format_line("metric", payload))
+        self.lines.metric(step=step, name=name, value=value, split=split)
 
     def progress(self, step: int, total: int | None, epoch: int) -> None:
         now = time.monotonic()
         due = self._last_progress is None or now - self._last_progress >= PROGRESS_EVERY_S
         if due or step == total:
             self._last_progress = now
-            self.emit(format_line("progress", {"step": step, "total": total, "epoch": epoch}))
+            self.lines.progress(step=step, total=total, epoch=epoch)
 
     def should_stop(self) -> bool:
         """True once SIGTERM arrived or max_runtime_s has passed.
@@ -377,20 +373,16 @@ class RecipeContext:
     def save_checkpoint(self, state: dict[str, Any], step: int) -> Path:
         """Write `state` (tensors and plain data only, so that it loads with weights_only=True)
         and announce it once complete. Only rank 0 writes; every rank gets the path."""
-        import torch
-
         path = self.checkpoint_dir / f"ckpt-{step:08d}.pt"
         if not self.is_main:
             return path
         _check_checkpoint_value(state, "state")
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         # No fsync: the file lives only until the parent uploads it, and a crash loses the
-        # working directory anyway. The rename keeps the parent from reading a partial file.
-        temporary = path.with_name(f".{path.name}.tmp")
-        torch.save(state, temporary)
-        os.replace(temporary, path)
+        # working directory anyway.
+        factory_job.write_checkpoint(state, path)
         self._last_checkpoint = time.monotonic()
-        self.emit(format_line("checkpoint", {"path": self.relative(path), "step": step}))
+        self.lines.checkpoint(path=self.relative(path), step=step)
         return path
 
     def write_artifacts(

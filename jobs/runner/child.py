@@ -41,7 +41,6 @@ from jobs.runner.protocol import (
     EXIT_OK,
     EXIT_STOPPED,
     SpecError,
-    format_line,
     read_spec,
 )
 from registry.formats.csv_reader import CsvDialect
@@ -171,7 +170,7 @@ def _execute(
     if spec["task"] == "evaluate":
         from jobs.runner.evaluate import evaluation_run
 
-        ctx.emit(format_line("result", evaluation_run(ctx, recipe, spec["evaluate"])))
+        ctx.lines.line("result", evaluation_run(ctx, recipe, spec["evaluate"]))
         return EXIT_OK
     if spec["task"] == "predict":
         if spec["processes"] > 1:
@@ -183,13 +182,12 @@ def _execute(
         if not stop.is_set():
             raise RuntimeError(f"Recipe {recipe_cls.name!r} returned no result unasked.")
         return EXIT_STOPPED
-    payload = {
-        "metrics": result.metrics,
-        "artifacts": result.artifacts,
-        "input_signature": result.input_signature,
-        "parameters": parameters if result.parameters is None else result.parameters,
-    }
-    ctx.emit(format_line("result", payload))
+    ctx.lines.result(
+        metrics=result.metrics,
+        artifacts=result.artifacts,
+        input_signature=result.input_signature,
+        parameters=parameters if result.parameters is None else result.parameters,
+    )
     return EXIT_OK
 
 

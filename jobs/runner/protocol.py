@@ -95,6 +95,8 @@ from typing import Any
 
 from jsonschema import Draft202012Validator, validators
 
+import factory_job
+
 SPEC_FILENAME = "spec.json"
 LINE_PREFIX = "@@"
 
@@ -241,8 +243,7 @@ def format_line(kind: str, payload: Mapping[str, Any]) -> str:
     error = next(_LINE_VALIDATORS[kind].iter_errors(payload), None)
     if error is not None:
         raise ValueError(f"Malformed @@{kind} payload: {error.message}")
-    text = json.dumps(payload, allow_nan=False, ensure_ascii=True, separators=(",", ":"))
-    return f"{LINE_PREFIX}{kind} {text}"
+    return factory_job.structured_line(kind, payload)
 
 
 def parse_line(line: str) -> tuple[str, dict] | tuple[str, str]:

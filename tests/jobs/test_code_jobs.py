@@ -102,7 +102,7 @@ OUTSIDE_PATH = """
 import factory_job
 
 def run():
-    factory_job._emit("result", {"metrics": {}, "input_signature": {}, "parameters": {},
+    factory_job._out.line("result", {"metrics": {}, "input_signature": {}, "parameters": {},
         "artifacts": {"model.safetensors": "/etc/passwd", "config.json": "output/config.json"}})
 """
 SYMLINK_OUT = """
@@ -112,7 +112,7 @@ def run():
     os.symlink("/etc/passwd", "/job/output/model.safetensors")
     with open("/job/output/config.json", "w") as f:
         json.dump({}, f)
-    factory_job._emit("result", {"metrics": {}, "input_signature": {}, "parameters": {},
+    factory_job._out.line("result", {"metrics": {}, "input_signature": {}, "parameters": {},
         "artifacts": {"model.safetensors": "output/model.safetensors",
                       "config.json": "output/config.json"}})
     os._exit(0)  # its own result stands: the library prints none after it
