@@ -398,6 +398,9 @@ _GRAPHS: dict[str, Callable[[Path, dict[str, Any]], _Graph]] = {
 }
 
 
+EXPORTABLE_RECIPES = frozenset(_GRAPHS)
+
+
 def _readme(recipe: str, source: str, inputs_words: str, check: dict[str, Any]) -> str:
     outputs = (
         '{"forecast": [value, ...]}'
