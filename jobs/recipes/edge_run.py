@@ -73,6 +73,8 @@ def _tabular(session: onnxruntime.InferenceSession, config: dict[str, Any]) -> P
     }
 
     def predict(inputs: list[Any]) -> list[dict[str, Any]]:
+        if not inputs:
+            return []
         numeric, categorical = [], []
         for position, row in enumerate(inputs):
             if not isinstance(row, dict):
@@ -96,7 +98,7 @@ def _tabular(session: onnxruntime.InferenceSession, config: dict[str, Any]) -> P
             "numeric": np.array(numeric, dtype=np.float32).reshape(rows, -1),
             "categorical": np.array(categorical, dtype=np.int64).reshape(rows, -1),
         }
-        return _classes(config, _run(session, feeds)) if inputs else []
+        return _classes(config, _run(session, feeds))
 
     return predict
 
