@@ -10,6 +10,7 @@ import sys
 import zipfile
 
 import pytest
+from django.test import Client
 from django.urls import reverse
 
 from jobs.models import TERMINAL_STATES, Job, JobState, ResourceClass
@@ -273,3 +274,8 @@ def test_a_worker_exports_checks_and_stores_the_bundle_with_lineage_to_its_versi
     assert [o["label"] for o in json.loads(run.stdout)] == [o["label"] for o in platform]
     with pytest.raises(ConflictError):
         _submit(org, Actor(user=owner), version)
+    client = Client()
+    client.force_login(owner)
+    job_page = client.get(reverse("jobs:job", kwargs={"org_slug": org.slug, "pk": job.pk}))
+    assert "edge export" in job_page.content.decode()
+    assert "Edge bundle: on" in job_page.content.decode()
