@@ -4,15 +4,24 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('jobs', '0010_job_code_package_version'),
+        ("jobs", "0010_job_code_package_version"),
     ]
 
     operations = [
         migrations.AlterField(
-            model_name='job',
-            name='kind',
-            field=models.CharField(choices=[('train', 'Train'), ('infer', 'Inference'), ('serve', 'Serving replica'), ('evaluate', 'Evaluation'), ('export', 'Edge export')], default='train', max_length=10),
+            model_name="job",
+            name="kind",
+            field=models.CharField(
+                choices=[
+                    ("train", "Train"),
+                    ("infer", "Inference"),
+                    ("serve", "Serving replica"),
+                    ("evaluate", "Evaluation"),
+                    ("export", "Edge export"),
+                ],
+                default="train",
+                max_length=10,
+            ),
         ),
     ]
