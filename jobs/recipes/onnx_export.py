@@ -116,6 +116,11 @@ def bundle_check(folder: Path, reference: OnlinePredictor, samples: list[Any]) -
     worst = (0.0, 0.0, "")  # (difference / tolerance, difference, where)
     for position, (ours, theirs) in enumerate(zip(edge, platform, strict=True)):
         for where, value, expected, tolerance in _paired(ours, theirs):
+            if not math.isfinite(expected):
+                raise ExportMismatch(
+                    f"The model's own output at sample {position} {where} is {expected}, not a "
+                    "number the bundle can be checked against; the export was not stored."
+                )
             difference = abs(value - expected)
             if not math.isfinite(difference):
                 difference = math.inf

@@ -6,12 +6,19 @@ with the largest difference shown."""
 from __future__ import annotations
 
 import base64
+import importlib.util
+import io
 import json
+import math
 import subprocess
 import sys
 import zipfile
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from jobs.recipes.images import ImageClassifier
 from jobs.recipes.onnx_export import (
@@ -202,3 +209,32 @@ def test_a_bundle_that_disagrees_with_the_model_is_refused_with_the_difference(t
     assert "atol 0.0001 on probabilities" in message
     assert "the largest difference is" in message
     assert "probability of" in message
+
+
+def test_a_model_whose_outputs_are_not_numbers_is_not_exported(tmp_path):
+    model_dir, _inputs = _tabular(tmp_path)
+    weights = load_file(model_dir / "model.safetensors")
+    save_file(
+        {name: torch.full_like(w, math.nan) for name, w in weights.items()},
+        model_dir / "model.safetensors",
+    )
+    with pytest.raises(ExportMismatch, match="is nan, not a number the bundle can be checked"):
+        export_bundle(model_dir, tmp_path / "edge.zip", log=lambda line: None)
+    assert not (tmp_path / "edge.zip").exists()
+
+
+def test_images_given_as_pixels_score_as_the_same_images_given_as_files(tmp_path):
+    model_dir, inputs = _images(tmp_path)
+    export_bundle(model_dir, tmp_path / "edge.zip", log=lambda line: None)
+    folder = tmp_path / "unpacked"
+    with zipfile.ZipFile(tmp_path / "edge.zip") as archive:
+        archive.extractall(folder)
+    spec = importlib.util.spec_from_file_location("edge_run_under_test", folder / "run.py")
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    predict = runner.load(folder)
+    pixels = []
+    for item in inputs[:3]:
+        with Image.open(io.BytesIO(base64.b64decode(item["image"]))) as image:
+            pixels.append({"pixels": np.asarray(image).tolist()})
+    assert predict(pixels) == predict(inputs[:3])
