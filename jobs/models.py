@@ -179,6 +179,8 @@ class Job(OrganizationOwned):
         SERVE = "serve", "Serving replica"
         # Scores model versions on the same held-out data, for a retrained challenger's gate.
         EVALUATE = "evaluate", "Evaluation"
+        # Exports a model version to ONNX as an edge bundle (jobs.recipes.onnx_export).
+        EXPORT = "export", "Edge export"
 
     kind = models.CharField(max_length=10, choices=Kind.choices, default=Kind.TRAIN)
     recipe = models.CharField(max_length=100)

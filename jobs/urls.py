@@ -10,6 +10,11 @@ urlpatterns = [
     path("jobs/new/", views.JobSubmitPage.as_view(), name="job_submit"),
     path("jobs/predict/", views.JobPredictPage.as_view(), name="job_predict"),
     path("code/<str:name>/v/<int:number>/run/", views.CodeRunPage.as_view(), name="code_run"),
+    path(
+        "models/<str:name>/v/<int:number>/export/",
+        views.ModelVersionExportAction.as_view(),
+        name="model_version_export",
+    ),
     path("jobs/<int:pk>/", views.JobPage.as_view(), name="job"),
     path("jobs/<int:pk>/cancel/", views.JobCancelAction.as_view(), name="job_cancel"),
     path("jobs/<int:pk>/retry/", views.JobRetryAction.as_view(), name="job_retry"),

@@ -12,10 +12,10 @@ from django.views.generic import TemplateView
 import charts
 from jobs import selectors, services
 from jobs.forms import CodeRunForm, JobForm, PredictForm
-from jobs.models import Job, JobEvent, JobLog, JobMetric, JobState, Sweep
+from jobs.models import Job, JobEvent, JobLog, JobMetric, JobState, ResourceClass, Sweep
 from jobs.recipes.catalog import get_recipe, list_recipes
 from jobs.services import sweeps
-from registry.models import CodePackageVersion
+from registry.models import CodePackageVersion, ModelVersion
 from tenants.errors import DomainError
 from tenants.standing import Effect
 from tenants.views.base import OrganizationPageMixin
@@ -217,6 +217,33 @@ class JobPredictPage(OrganizationPageMixin, TemplateView):
                 messages.success(request, f"Prediction job {job.pk} queued.")
                 return redirect("jobs:job", org_slug, job.pk)
         return self.render_to_response(self.get_context_data(form=form), status=400)
+
+
+class ModelVersionExportAction(OrganizationPageMixin, View):
+    """The model version page's export button: an edge export job on the CPU class."""
+
+    model = ModelVersion
+    lookup_fields = {"registered_model__name": "name", "number": "number"}
+    required_scopes = {"post": "jobs:write"}
+    throttle_scopes = {"post": "submit"}
+
+    def narrow_queryset(self, queryset):
+        return queryset.select_related("registered_model")
+
+    def post(self, request, org_slug, name, number):
+        version = self.get_org_object()
+        try:
+            job, _ = services.export_job_submit(
+                organization=self.organization,
+                actor=self.actor,
+                model_version=version,
+                options=services.JobOptions(resource_class=ResourceClass.objects.get(name="cpu")),
+            )
+        except DomainError as error:
+            messages.error(request, error.detail)
+            return redirect("registry:model_version", org_slug, name, number)
+        messages.success(request, f"Edge export job {job.pk} queued for {version}.")
+        return redirect("jobs:job", org_slug, job.pk)
 
 
 class JobPage(OrganizationPageMixin, TemplateView):

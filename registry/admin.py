@@ -9,6 +9,7 @@ from .models import (
     CodePackageVersion,
     Dataset,
     DatasetVersion,
+    EdgeBundle,
     ModelAlias,
     ModelArtifact,
     ModelVersion,
@@ -59,6 +60,25 @@ class ModelArtifactInline(admin.TabularInline):
         return False
 
 
+class EdgeBundleInline(admin.TabularInline):
+    model = EdgeBundle
+    extra = 0
+    can_delete = False
+    readonly_fields = [
+        "storage_key",
+        "size_bytes",
+        "sha256",
+        "self_check",
+        "source_job_id",
+        "created_by",
+        "created_at",
+    ]
+    exclude = ["organization"]
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
 @admin.register(RegisteredModel)
 class RegisteredModelAdmin(admin.ModelAdmin):
     list_display = ["name", "organization", "created_by", "created_at"]
@@ -81,7 +101,7 @@ class ModelVersionAdmin(ReadOnlyAdmin):
     list_filter = ["recipe_name", "organization", "created_at"]
     search_fields = ["registered_model__name", "recipe_name"]
     list_select_related = ["registered_model", "organization"]
-    inlines = [ModelArtifactInline]
+    inlines = [ModelArtifactInline, EdgeBundleInline]
 
 
 @admin.register(ModelAlias)

@@ -176,6 +176,42 @@ class ModelArtifact(OrganizationOwned):
         return f"{self.model_version} {self.name}"
 
 
+class EdgeBundle(OrganizationOwned):
+    """A model version exported for the edge: one zip of model.onnx, preprocessing.json, run.py
+    and a README, made and checked by an export job (jobs.recipes.onnx_export).
+
+    Its lineage is its version. It is not one of the version's ModelArtifacts: every job that
+    reads a version downloads all of those, and the bundle is for use outside the platform.
+    """
+
+    model_version = models.ForeignKey(
+        ModelVersion, on_delete=models.CASCADE, related_name="edge_bundles"
+    )
+    storage_key = models.CharField(max_length=500, unique=True)
+    size_bytes = models.BigIntegerField()
+    sha256 = models.CharField(max_length=64)
+    # What the export's self-check found: {"samples": n, "max_difference": x, "tolerance":
+    # "atol 0.0001 on probabilities", "export_s": s, ...}.
+    self_check = models.JSONField(default=dict)
+    # The export job that made it.
+    source_job_id = models.BigIntegerField(null=True, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["model_version"], name="edge_bundle_one_per_version"),
+            models.CheckConstraint(
+                condition=models.Q(size_bytes__gte=0), name="edge_bundle_size_nonneg"
+            ),
+        ]
+
+    def __str__(self):
+        return f"{self.model_version} edge bundle"
+
+
 class ModelAlias(OrganizationOwned):
     registered_model = models.ForeignKey(
         RegisteredModel, on_delete=models.CASCADE, related_name="aliases"

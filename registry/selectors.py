@@ -14,6 +14,7 @@ from .models import (
     CodePackageVersion,
     Dataset,
     DatasetVersion,
+    EdgeBundle,
     ModelAlias,
     ModelVersion,
     PendingUpload,
@@ -145,6 +146,15 @@ def model_version_get(
     if version is None:
         raise Http404
     return version
+
+
+def edge_bundle_get(*, model_version: ModelVersion) -> EdgeBundle | None:
+    """The version's edge bundle, None until an export job made it."""
+    return (
+        EdgeBundle.objects.for_organization(model_version.organization)
+        .filter(model_version=model_version)
+        .first()
+    )
 
 
 def model_versions_compare(*, registered_model: RegisteredModel, numbers: list[int]) -> dict:

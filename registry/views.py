@@ -254,6 +254,15 @@ class ModelVersionPage(OrganizationPageMixin, TemplateView):
             )
             for a in version.artifacts.all()
         ]
+        bundle = selectors.edge_bundle_get(model_version=version)
+        context["edge_bundle"] = bundle and (
+            bundle,
+            get_storage().presigned_get_url(
+                bundle.storage_key,
+                filename=f"{version.registered_model.name}-v{version.number}-edge.zip",
+                expires_s=DOWNLOAD_URL_TTL_S,
+            ),
+        )
         context["lineage"] = lineage_with_links(self.organization, version)
         context["package"] = selectors.model_version_code_package(version)
         return context

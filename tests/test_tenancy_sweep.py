@@ -499,6 +499,38 @@ def _second_version(case):
     )
 
 
+def _edge_bundle_stored(case):
+    from pathlib import Path
+
+    from registry.services import edge_bundle_register
+    from tenants.actors import Actor
+
+    # The model's own organization: another one's, where the sweep asks across tenants.
+    version = ModelVersion.objects.get(
+        registered_model=case.made["_model"], number=case.made["number"]
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "edge.zip"
+        with zipfile.ZipFile(path, "w") as bundle:
+            for name in ("model.onnx", "preprocessing.json", "run.py", "README.md"):
+                bundle.writestr(name, "swept")
+        edge_bundle_register(model_version=version, path=path, self_check={}, actor=Actor())
+
+
+def _version_made_by_a_recipe(case):
+    ModelVersion.objects.filter(
+        registered_model=case.made["_model"], number=case.made["number"]
+    ).update(recipe_name="tabular-classifier")
+
+
+def _export_queued(case):
+    return Job.objects.filter(
+        organization=case.org,
+        kind=Job.Kind.EXPORT,
+        input_model_version__registered_model=case.made["_model"],
+    ).exists()
+
+
 def _alias_moved(case):
     return ModelAlias.objects.filter(
         organization=case.org, name=case.made["alias"], version=case.made.get("_v2")
@@ -777,6 +809,7 @@ CALLS: dict[str, Call] = {
     "GET model-version-detail": OK,
     "GET model-version-download": OK,
     "GET model-version-lineage": OK,
+    "GET model-version-edge-bundle": Call(200, prepare=_edge_bundle_stored),
     "GET model-alias-list": OK,
     "GET model-alias-detail": OK,
     "PUT model-alias-detail": Call(
@@ -935,6 +968,9 @@ CALLS: dict[str, Call] = {
     "GET jobs:job": OK,
     "POST jobs:job_cancel": Call(302, wrote=_job_cancelled),
     "POST jobs:job_retry": Call(302, prepare=_job_failed, wrote=_job_retried),
+    "POST jobs:model_version_export": Call(
+        302, prepare=_version_made_by_a_recipe, wrote=_export_queued
+    ),
     "GET jobs:sweeps": OK,
     "GET jobs:sweep": OK,
     "POST jobs:sweep_cancel": Call(302, wrote=_sweep_cancelled),

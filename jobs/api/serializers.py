@@ -17,7 +17,7 @@ class ModelRefSerializer(serializers.Serializer):
 
 # The kinds a tenant submits: replicas and evaluations are started by deployments and their
 # policies (serving), never through this API.
-SUBMITTED_KINDS = [(Job.Kind.TRAIN, Job.Kind.TRAIN.label), (Job.Kind.INFER, Job.Kind.INFER.label)]
+SUBMITTED_KINDS = [(kind, kind.label) for kind in (Job.Kind.TRAIN, Job.Kind.INFER, Job.Kind.EXPORT)]
 
 
 class JobSubmitSerializer(serializers.Serializer):
@@ -47,7 +47,8 @@ class JobSubmitSerializer(serializers.Serializer):
     model = ModelRefSerializer(
         required=False,
         help_text="Inference: the model to run. Training: a version to continue training from "
-        "(a code package finds it among its inputs).",
+        "(a code package finds it among its inputs). Export: the version to export to ONNX as an "
+        "edge bundle (no dataset).",
     )
     output_dataset = serializers.CharField(max_length=100, required=False, allow_blank=True)
     resource_class = serializers.CharField(max_length=40, default="cpu")

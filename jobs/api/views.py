@@ -196,6 +196,13 @@ class JobViewSet(
                 output_dataset_name=fields.get("output_dataset", ""),
                 **common,
             )
+        elif fields["kind"] == Job.Kind.EXPORT:
+            if common.pop("dataset_version") is not None:
+                raise DomainError(
+                    "An export reads no dataset; name only the model version.",
+                    fields={"dataset": ["Leave it out for an export."]},
+                )
+            job, created = services.export_job_submit(model_version=model_version, **common)
         elif fields["kind"] == Job.Kind.INFER:
             job, created = services.inference_job_submit(
                 model_version=model_version,

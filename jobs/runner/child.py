@@ -102,6 +102,10 @@ def _run(workdir: Path, stop: threading.Event) -> int:
     spec, recipe_cls, parameters = _checked_request(workdir)
     if spec["task"] == "serve":
         return _serve(workdir, spec, recipe_cls, stop)
+    if spec["task"] == "export":
+        from jobs.runner.export import export_run
+
+        return export_run(workdir, spec)
     if spec["processes"] > 1 and spec["task"] == "train":
         return _supervise_ranks(workdir, spec["processes"], stop)
     return _execute(workdir, spec, recipe_cls, parameters, stop)
@@ -114,6 +118,8 @@ def _checked_request(workdir: Path) -> tuple[dict[str, Any], type[Recipe], dict[
     if spec["task"] == "serve":
         if not recipe_cls.online:
             raise RecipeInputError(f"Recipe {recipe_cls.name!r} does not serve online.")
+        return spec, recipe_cls, {}
+    if spec["task"] == "export":
         return spec, recipe_cls, {}
     parameters = validate_parameters(recipe_cls, spec["parameters"], task=spec["task"])
     dataset_format = spec["dataset"]["format"]

@@ -25,6 +25,7 @@ from django.conf import settings
 from django.db import IntegrityError
 
 from jobs.models import Job, JobState, WorkerRuntime
+from jobs.recipes.onnx_export import BUNDLE_FILENAME
 from jobs.services.attempts import (
     Report,
     StaleAttempt,
@@ -72,6 +73,7 @@ from .code import (
     prediction_rows_write,
 )
 from .evaluate_inputs import evaluation_record, evaluation_stage
+from .export_outputs import export_record
 from .isolation import ChildFileRefused, attempt_folder_create, child_file_open, child_start
 from .sandbox import (
     WORK_FOLDER,
@@ -94,6 +96,7 @@ TASKS = {
     Job.Kind.INFER: "predict",
     Job.Kind.SERVE: "serve",
     Job.Kind.EVALUATE: "evaluate",
+    Job.Kind.EXPORT: "export",
 }
 MAX_FAILURE_LINES = 20
 STOPPED = "Stopped on request."
@@ -499,6 +502,9 @@ class _Attempt:
             copies = Path(folder)
             if self.job.kind == Job.Kind.EVALUATE:
                 return evaluation_record(self.job, self.result)
+            if self.job.kind == Job.Kind.EXPORT:
+                bundle = self._artifact_copy(BUNDLE_FILENAME, copies)
+                return export_record(self.job, bundle, self.result, self._actor())
             if self.job.kind == Job.Kind.INFER:
                 predictions = self._artifact_copy("predictions.csv", copies)
                 return {

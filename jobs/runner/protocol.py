@@ -6,7 +6,7 @@ Both sides import this module, so it imports neither torch nor Django.
 The parent prepares a working directory, puts the inputs in it and writes `spec.json`:
 
     {
-      "task": "train" | "predict" | "serve" | "evaluate",  # optional, default "train"
+      "task": "train" | "predict" | "serve" | "evaluate" | "export",  # default "train"
       "recipe": "tabular-classifier",           # a name from jobs.recipes.catalog
       "parameters": {...},                       # validated (and defaults filled) by the child
       "dataset": {"path": "data.csv", "format": "csv" | "parquet",
@@ -40,6 +40,9 @@ time, so memory stays flat whatever its size. `model_dir` holds a model version'
 
 `task` "evaluate" scores the model in `model_dir` against a second one on a held-out split, for
 serving's gate; its inputs, result and coverage are in jobs.runner.evaluate.
+
+`task` "export" writes the model in `model_dir` as an ONNX edge bundle and checks it
+(jobs.runner.export); it reads no dataset (null) and does not resume.
 
 `task` "serve" runs a replica: `model_dir` is required, `dataset` and `resume_from` are left out
 (null), and the child loads the model once, through the recipe's `online_predictor`, and answers
@@ -105,7 +108,7 @@ EXIT_FAILED = 1  # an unexpected error; the traceback is on stderr
 EXIT_BAD_INPUT = 2  # the parameters or the data cannot be trained on; the reason is on stderr
 EXIT_STOPPED = 3  # SIGTERM or max_runtime_s; a checkpoint was printed first when there was one
 
-TASKS = ("train", "predict", "serve", "evaluate")
+TASKS = ("train", "predict", "serve", "evaluate", "export")
 MAX_PROCESSES = 64  # the most GPUs a job may ask for
 # Rows a streaming reader holds at once: tens of MB of Python values for a wide table.
 DEFAULT_CHUNK_ROWS = 10_000
@@ -300,6 +303,10 @@ def _check_spec(spec: Any) -> None:
             raise SpecError(f"{SPEC_FILENAME}: a serve task needs model_dir and serve.")
         if spec.get("resume_from") is not None:
             raise SpecError(f"{SPEC_FILENAME}: a serve task does not resume; resume_from is set.")
+        return
+    if task == "export":
+        if spec.get("model_dir") is None or spec.get("resume_from") is not None:
+            raise SpecError(f"{SPEC_FILENAME}: an export task needs model_dir and no resume_from.")
         return
     if spec.get("dataset") is None:
         raise SpecError(f"{SPEC_FILENAME}: the spec: 'dataset' is a required property")

@@ -14,7 +14,13 @@ from datetime import datetime, timedelta
 from django.utils import timezone
 
 from jobs.models import Job
-from registry.models import CodePackageVersion, DatasetVersion, ModelArtifact, PendingUpload
+from registry.models import (
+    CodePackageVersion,
+    DatasetVersion,
+    EdgeBundle,
+    ModelArtifact,
+    PendingUpload,
+)
 from registry.services import pending_uploads_expire
 from registry.storage import StorageError, get_storage
 from tenants.models import Organization
@@ -26,6 +32,7 @@ CHUNK = 1000
 REFERENCES = (
     (DatasetVersion, "storage_key"),
     (ModelArtifact, "storage_key"),
+    (EdgeBundle, "storage_key"),
     (PendingUpload, "storage_key"),
     (CodePackageVersion, "storage_key"),
     (Job, "checkpoint_key"),

@@ -2,9 +2,9 @@
 
 Each kind of job has its own checks, which turn a request into a `JobSpec`: `training_spec` (a
 recipe trains on a dataset version, perhaps continuing a model version), `code_package_spec` (a
-tenant's package trains) and `inference_spec` (a model version predicts over a dataset version,
-by its recipe or by the predict entry of the package that made it); a sweep builds training
-specs for its trials.
+tenant's package trains), `inference_spec` (a model version predicts over a dataset version,
+by its recipe or by the predict entry of the package that made it) and `export_spec` (a model
+version becomes an ONNX edge bundle); a sweep builds training specs for its trials.
 Every kind then passes through `job_admit`, the one admission path: the scopes the job's outputs
 need, the options, the quota under its lock, the job row with its event and audit record, and a
 tick after commit. `training_job_submit` and `inference_job_submit` put an idempotency key in
@@ -25,11 +25,13 @@ from billing.selectors import gpu_resource, unit_price
 from jobs.models import Job, JobAttempt, JobState, ResourceClass, Sweep, Worker
 from jobs.recipes.base import Recipe, validate_parameters
 from jobs.recipes.catalog import get_recipe
+from jobs.recipes.onnx_export import EXPORTABLE_RECIPES
 from jobs.runner.protocol import StrictValidator
 from registry.models import CodePackageVersion, DatasetVersion, ModelVersion
 from registry.selectors import (
     CODE_RECIPE_PREFIX,
     dataset_list,
+    edge_bundle_get,
     model_version_code_package,
     registered_model_list,
 )
@@ -330,6 +332,30 @@ def _package_inference_spec(
     )
 
 
+def export_spec(*, organization: Organization, model_version: ModelVersion | None) -> JobSpec:
+    """An edge export: a version of this organization, made by a recipe that exports, and not
+    exported yet (its bundle is then there to download)."""
+    if model_version is None:
+        raise DomainError("An edge export needs a model version.", fields={"model": ["Required."]})
+    if model_version.organization_id != organization.pk:
+        raise DomainError("Inputs must be this organization's own versions.")
+    if model_version.recipe_name not in EXPORTABLE_RECIPES:
+        raise DomainError(
+            f"{model_version} was made by {model_version.recipe_name or 'no recipe'}, which has "
+            f"no edge export; the recipes that do: {', '.join(sorted(EXPORTABLE_RECIPES))}.",
+            fields={"model": ["Choose a version trained by a built-in recipe."]},
+        )
+    if edge_bundle_get(model_version=model_version) is not None:
+        raise ConflictError(f"{model_version} is already exported; download its edge bundle.")
+    return JobSpec(
+        kind=Job.Kind.EXPORT,
+        recipe=get_recipe(model_version.recipe_name),
+        parameters={"source": str(model_version)},
+        dataset_version=None,
+        model_version=model_version,
+    )
+
+
 def code_package_spec(
     *,
     organization: Organization,
@@ -443,6 +469,8 @@ def _outputs_allowed(*, organization: Organization, actor: Actor, spec: JobSpec)
         needs["models:write"] = f"adds a version to the existing model {model_name}"
     if dataset_name and dataset_list(organization=organization).filter(name=dataset_name).exists():
         needs["datasets:write"] = f"adds a version to the existing dataset {dataset_name}"
+    if spec.kind == Job.Kind.EXPORT:
+        needs["models:write"] = f"adds an edge bundle to the model version {spec.model_version}"
     if spec.moves_alias:
         needs["models:promote"] = f"moves the alias {spec.moves_alias!r} of model {model_name}"
     if not needs:
@@ -617,6 +645,28 @@ def inference_job_submit(
     )
 
 
+def export_job_submit(
+    *,
+    organization: Organization,
+    actor: Actor,
+    model_version: ModelVersion | None,
+    options: JobOptions,
+    idempotency_key: str | None = None,
+) -> tuple[Job, bool]:
+    """Queue an edge export of `model_version`; returns (job, created). A repeated key returns
+    the first job."""
+    first = _job_with_key(organization=organization, idempotency_key=idempotency_key)
+    if first is not None:
+        return first, False
+    return job_admit(
+        organization=organization,
+        actor=actor,
+        spec=export_spec(organization=organization, model_version=model_version),
+        options=options,
+        idempotency_key=idempotency_key,
+    )
+
+
 def job_stop_request(job: Job) -> None:
     """Cancel a job not started yet at once; ask a started one's runner to stop it (the caller
     holds the row lock and saves)."""
@@ -676,6 +726,8 @@ def job_retry(*, job: Job, actor: Actor) -> Job:
             output_model_name=job.output_model_name,
             output_dataset_name=job.output_dataset_name,
         )
+    elif job.kind == Job.Kind.EXPORT:
+        spec = export_spec(organization=job.organization, model_version=job.input_model_version)
     elif job.kind == Job.Kind.INFER:
         spec = inference_spec(
             organization=job.organization,

@@ -127,6 +127,16 @@ class DownloadSerializer(serializers.Serializer):
     expires_in = serializers.IntegerField()
 
 
+class EdgeBundleSerializer(DownloadSerializer):
+    model_version = serializers.DictField(help_text="The version the bundle was exported from.")
+    source_job = serializers.IntegerField(allow_null=True, help_text="The export job.")
+    self_check = serializers.DictField(
+        help_text="What the export checked: the sample inputs, the stated tolerance and the "
+        "largest difference between the bundle's outputs and the platform model's."
+    )
+    created_at = serializers.DateTimeField()
+
+
 class RegisteredModelSerializer(serializers.ModelSerializer):
     version_count = serializers.IntegerField(read_only=True, default=0)
     aliases = serializers.SerializerMethodField()

@@ -124,6 +124,12 @@ org_urlpatterns = [
         "model-version-lineage",
     ),
     _route(
+        "models/<str:model_name>/versions/<int:number>/edge-bundle/",
+        views.ModelVersionViewSet,
+        {"get": "edge_bundle"},
+        "model-version-edge-bundle",
+    ),
+    _route(
         "models/<str:model_name>/aliases/",
         views.ModelAliasViewSet,
         {"get": "list"},

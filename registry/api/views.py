@@ -2,6 +2,7 @@ from django.conf import settings
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import mixins, status
 from rest_framework.decorators import action
+from rest_framework.exceptions import NotFound
 from rest_framework.parsers import JSONParser, MultiPartParser
 from rest_framework.response import Response
 
@@ -306,6 +307,12 @@ class _InModel:
     ),
     download=extend_schema(responses=s.DownloadSerializer(many=True)),
     lineage=extend_schema(responses=s.LineageSerializer),
+    edge_bundle=extend_schema(
+        responses=s.EdgeBundleSerializer,
+        description="The version's ONNX edge bundle (a zip: model.onnx, preprocessing.json, "
+        "run.py, README.md), made by an export job (POST jobs/ with kind `export`); 404 until "
+        "one has.",
+    ),
 )
 class ModelVersionViewSet(
     _InModel,
@@ -324,6 +331,7 @@ class ModelVersionViewSet(
         "retrieve": "models:read",
         "download": "models:read",
         "lineage": "models:read",
+        "edge_bundle": "models:read",
         "create": "models:write",
     }
 
@@ -380,6 +388,30 @@ class ModelVersionViewSet(
     @action(detail=True, methods=["get"])
     def lineage(self, request, *args, **kwargs):
         return Response(selectors.lineage(version=self.get_object()))
+
+    @action(detail=True, methods=["get"], url_path="edge-bundle")
+    def edge_bundle(self, request, *args, **kwargs):
+        version = self.get_object()
+        bundle = selectors.edge_bundle_get(model_version=version)
+        if bundle is None:
+            raise NotFound(
+                f"{version} has no edge bundle yet; export it with a job of kind export."
+            )
+        entry = download_entry(
+            name=f"{version.registered_model.name}-v{version.number}-edge.zip",
+            key=bundle.storage_key,
+            size=bundle.size_bytes,
+            sha256=bundle.sha256,
+        )
+        return Response(
+            entry
+            | {
+                "model_version": {"model": version.registered_model.name, "number": version.number},
+                "source_job": bundle.source_job_id,
+                "self_check": bundle.self_check,
+                "created_at": bundle.created_at,
+            }
+        )
 
 
 @extend_schema(tags=["models"])

@@ -10,6 +10,7 @@ from .datasets import (
     pending_upload_finalize,
     pending_uploads_expire,
 )
+from .edge_bundles import edge_bundle_register
 from .model_versions import (
     model_alias_delete,
     model_alias_set,
@@ -25,6 +26,7 @@ __all__ = [
     "dataset_delete",
     "dataset_update",
     "dataset_version_create",
+    "edge_bundle_register",
     "model_alias_delete",
     "model_alias_set",
     "model_version_register",

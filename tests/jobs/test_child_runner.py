@@ -179,7 +179,7 @@ def test_spec_fills_the_optional_keys(tmp_path):
     [
         (
             {"task": "dance"},
-            "task: 'dance' is not one of ['train', 'predict', 'serve', 'evaluate']",
+            "task: 'dance' is not one of ['train', 'predict', 'serve', 'evaluate', 'export']",
         ),
         ({"task": "evaluate", "model_dir": "model"}, "an evaluate task needs model_dir"),
         ({"processes": 0}, "processes: 0 is less than the minimum of 1"),
@@ -189,6 +189,7 @@ def test_spec_fills_the_optional_keys(tmp_path):
             "a predict task does not resume",
         ),
         ({"task": "serve", "parameters": {}, "model_dir": "m"}, "a serve task needs model_dir"),
+        ({"task": "export", "parameters": {}}, "an export task needs model_dir"),
     ],
 )
 def test_spec_refuses_what_the_child_cannot_run(tmp_path, spec, message):
