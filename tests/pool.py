@@ -76,7 +76,9 @@ class Pool:
         self.processes[label] = process
         return process
 
-    def start_control_plane(self) -> None:
+    def start_control_plane(self, env: dict[str, str] | None = None, concurrency: int = 1) -> None:
+        """Beat and the default-queue worker (`concurrency` pool processes, `env` on top of the
+        pool's for that worker)."""
         python = sys.executable
         self._start(
             "beat",
@@ -105,12 +107,13 @@ class Pool:
                 "-Q",
                 "default",
                 "-c",
-                "1",
+                str(concurrency),
                 "-l",
                 "warning",
                 "-n",
                 f"default-{self.suffix}@%h",
             ],
+            env,
         )
 
     def start_worker(self, label: str, env: dict[str, str] | None = None) -> str:
