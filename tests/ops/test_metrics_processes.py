@@ -4,9 +4,8 @@ processes each record their own metrics, and one scrape of any of them adds up a
 import socket
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 
+import httpx
 import pytest
 from django.test import override_settings
 
@@ -26,18 +25,15 @@ def _free_port() -> int:
 
 def _get(url: str, token: str | None = None) -> tuple[int, str]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
+    response = httpx.get(url, headers=headers, timeout=10)
+    return response.status_code, response.text
 
 
 def _answers(url: str):
     def check():
         try:
             return _get(url)
-        except OSError:
+        except httpx.TransportError:
             return None
 
     return check
