@@ -10,6 +10,7 @@ from pathlib import Path
 import jsonschema
 import kubernetes_validate
 import pytest
+import yaml
 from django.conf import settings
 from django.core.management import get_commands
 
@@ -24,11 +25,18 @@ SERVICE_MONITOR_SCHEMA = json.loads(
     (Path(__file__).parent / "servicemonitor.schema.json").read_text()
 )
 RENDERINGS = {"base": K8S / "base", "production": K8S / "overlays" / "production"}
+# Not in the kustomizations (applying one must never overwrite the real Secret): the operator
+# creates it with these keys.
+SECRET_EXAMPLE = K8S / "secret.example.yaml"
+
+
+def _secret():
+    return yaml.safe_load(SECRET_EXAMPLE.read_text())
 
 
 @pytest.fixture(scope="module", params=sorted(RENDERINGS))
 def manifests(request):
-    return render(RENDERINGS[request.param])
+    return [*render(RENDERINGS[request.param]), _secret()]
 
 
 def _ids(folder):
@@ -37,7 +45,7 @@ def _ids(folder):
 
 @pytest.mark.parametrize("rendering", sorted(RENDERINGS))
 def test_every_object_is_valid_for_kubernetes_or_its_own_schema(rendering):
-    for doc in render(RENDERINGS[rendering]):
+    for doc in [*render(RENDERINGS[rendering]), _secret()]:
         if doc["kind"] in CUSTOM_KINDS:
             jsonschema.validate(doc, SERVICE_MONITOR_SCHEMA)
         else:
@@ -257,6 +265,11 @@ def test_every_pod_runs_unprivileged(manifests):
         for container in cs:
             assert container["securityContext"]["allowPrivilegeEscalation"] is False
             assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+
+
+def test_no_kustomization_carries_a_secret():
+    for folder in RENDERINGS.values():
+        assert not [doc for doc in render(folder) if doc["kind"] == "Secret"]
 
 
 def test_production_pins_every_image_to_a_release():
