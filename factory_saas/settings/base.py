@@ -51,10 +51,12 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
-    # First and last: request latency and counts per view for Prometheus (GET /metrics).
-    "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "factory_saas.middleware.ContentSecurityPolicyMiddleware",
+    # With PrometheusAfterMiddleware last, they time every request the app answers for
+    # Prometheus (GET /metrics); production's static files (whitenoise, inserted before this)
+    # and HTTPS redirects are not counted.
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
