@@ -28,7 +28,8 @@ TIMINGS = {
 }
 
 
-def _database_url() -> str:
+def database_url() -> str:
+    """The test database as a URL, for processes a test starts."""
     db = settings.DATABASES["default"]
     auth = db["USER"] + (f":{db['PASSWORD']}" if db.get("PASSWORD") else "")
     return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
@@ -46,7 +47,7 @@ class Pool:
             **inherited,
             **TIMINGS,
             "DJANGO_SETTINGS_MODULE": "factory_saas.settings.test",
-            "DATABASE_URL": _database_url(),
+            "DATABASE_URL": database_url(),
             "REDIS_URL": settings.REDIS_URL,
             "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
             "STORAGE_BACKEND": "local",

@@ -7,11 +7,12 @@ import sys
 
 import httpx
 import pytest
+from django.conf import settings
 from django.test import override_settings
 
 from tests.factories import JobFactory, OrganizationFactory
 from tests.ops.scrape import samples, value
-from tests.pool import ROOT, Pool
+from tests.pool import ROOT, Pool, database_url
 from tests.processes import wait_for
 
 TOKEN = "scrape-token-0123456789"
@@ -54,6 +55,9 @@ def test_gunicorn_workers_are_summed_in_one_scrape(tmp_path):
         "PATH": "/usr/bin:/bin",
         "PYTHONPATH": str(ROOT),
         "DJANGO_SETTINGS_MODULE": "factory_saas.settings.test",
+        # Neither /healthz nor /metrics reads them; this run's own, should that change.
+        "DATABASE_URL": database_url(),
+        "REDIS_URL": settings.REDIS_URL,
         "METRICS_TOKEN": TOKEN,
         "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
     }
