@@ -24,7 +24,8 @@ TICKS = Counter(
     ["outcome"],
 )
 PLACEMENTS = Counter(
-    "factory_scheduler_placements", "Jobs the scheduler placed on a worker's slots."
+    "factory_scheduler_placements",
+    "Placements the scheduler decided (a job cancelled between snapshot and apply is skipped).",
 )
 PREEMPTIONS = Counter(
     "factory_scheduler_preemptions", "Running jobs the scheduler preempted to reclaim slots."
