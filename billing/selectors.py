@@ -10,7 +10,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 from django.conf import settings
-from django.db.models import F, Max, Q, QuerySet, Sum
+from django.db.models import Count, F, Max, Min, Q, QuerySet, Sum
 from django.utils import timezone
 
 from tenants.models import Organization
@@ -328,6 +328,14 @@ def meter_push_stuck(*, now: datetime) -> QuerySet[MeterPush]:
     """Outbox rows an operator should look at: retried often, or overdue by over an hour."""
     return MeterPush.objects.filter(state=MeterPush.State.PENDING).filter(
         Q(attempts__gte=STUCK_ATTEMPTS) | Q(next_attempt_at__lte=now - STUCK_OVERDUE)
+    )
+
+
+def meter_push_pending() -> dict:
+    """The Stripe meter-event outbox's backlog: `pending` rows and `oldest`, when the earliest
+    of their ledger rows was written (None with none); one query (Prometheus)."""
+    return MeterPush.objects.filter(state=MeterPush.State.PENDING).aggregate(
+        pending=Count("pk"), oldest=Min("usage__created_at")
     )
 
 

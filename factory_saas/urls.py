@@ -7,12 +7,14 @@ from django.views.generic import RedirectView
 from billing.views import stripe_webhook
 
 from . import health, views
+from .metrics import metrics_view
 
 dashboard_patterns = ([path("", views.home, name="home")], "dashboard")
 
 urlpatterns = [
     path("healthz", health.healthz, name="healthz"),
     path("readyz", health.readyz, name="readyz"),
+    path("metrics", metrics_view, name="metrics"),
     # Staff sign in through the same throttled form as everyone else.
     path(
         "admin/login/",

@@ -393,3 +393,55 @@ def replica_endpoints(job_ids) -> dict[int, ReplicaEndpoint]:
             "pk", "serve_address", "attempt", "serve_ready_at"
         )
     }
+
+
+# Prometheus (factory_saas/ops/metrics.py): read at every scrape, so each is one grouped query.
+
+
+def jobs_unfinished_counts() -> list[dict]:
+    """Queued and active jobs counted per resource class, state and organization (slug), with
+    the GPUs they hold or ask for: `resource_class`, `state`, `organization`, `jobs`, `gpus`."""
+    rows = (
+        Job.objects.filter(state__in=[JobState.QUEUED, *ACTIVE_STATES])
+        .values("state", "resource_class__name", "organization__slug")
+        .annotate(jobs=Count("id"), gpus=Sum("gpu_count"))
+        .order_by()
+    )
+    return [
+        {
+            "resource_class": row["resource_class__name"],
+            "state": row["state"],
+            "organization": row["organization__slug"],
+            "jobs": row["jobs"],
+            "gpus": row["gpus"],
+        }
+        for row in rows
+    ]
+
+
+def pool_slot_counts() -> list[dict]:
+    """Per resource class and worker status: `workers`, their `slots`, and `busy` slots (held
+    by active jobs, a job's slots being its GPUs, as the scheduler counts them); two grouped
+    queries."""
+    busy = {
+        (row["worker__resource_class__name"], row["worker__status"]): row["busy"]
+        for row in Job.objects.filter(state__in=ACTIVE_STATES, worker__isnull=False)
+        .values("worker__resource_class__name", "worker__status")
+        .annotate(busy=Sum("gpu_count"))
+        .order_by()
+    }
+    rows = (
+        Worker.objects.values("resource_class__name", "status")
+        .annotate(workers=Count("id"), slots=Sum("slots"))
+        .order_by()
+    )
+    return [
+        {
+            "resource_class": row["resource_class__name"],
+            "status": row["status"],
+            "workers": row["workers"],
+            "slots": row["slots"],
+            "busy": busy.get((row["resource_class__name"], row["status"]), 0),
+        }
+        for row in rows
+    ]

@@ -6,6 +6,7 @@ from datetime import timedelta
 from celery import shared_task
 from django.conf import settings
 
+from jobs.metrics import tick_observed
 from jobs.runner.parent import run_attempt as run_attempt_service
 from jobs.scheduler.apply import scheduler_pass
 from jobs.services.storage_sweep import storage_orphans_sweep
@@ -13,7 +14,7 @@ from jobs.services.storage_sweep import storage_orphans_sweep
 
 @shared_task(name="jobs.scheduler_tick", ignore_result=True, soft_time_limit=50, time_limit=60)
 def scheduler_tick() -> None:
-    scheduler_pass()
+    tick_observed(scheduler_pass)
 
 
 @shared_task(

@@ -2,7 +2,7 @@
 
 from datetime import timedelta
 
-from django.db.models import Count, Q, QuerySet
+from django.db.models import Count, Min, Q, QuerySet
 from django.utils import timezone
 
 from .models import Message
@@ -22,4 +22,15 @@ def message_stuck_counts(*, older_than_s: float = 300) -> dict[str, int]:
     return message_stuck(older_than_s=older_than_s).aggregate(
         given_up=Count("pk", filter=Q(state=Message.State.DEAD)),
         owed=Count("pk", filter=Q(state=Message.State.PENDING)),
+    )
+
+
+def message_unsent_by_handler() -> list[dict]:
+    """Per handler and state (pending, given up): `handler`, `state`, `messages`, and `oldest`,
+    the earliest `owed_since`; one grouped query on the unsent rows' index (Prometheus)."""
+    return list(
+        Message.objects.filter(state__in=[Message.State.PENDING, Message.State.DEAD])
+        .values("handler", "state")
+        .annotate(messages=Count("pk"), oldest=Min("owed_since"))
+        .order_by()
     )

@@ -34,6 +34,7 @@ from tenants.errors import DomainError
 
 from . import counters
 from .metering import idempotency_key_check, prediction_charge
+from .metrics import prediction_observed
 from .models import Deployment, PredictionLog, Replica, Route
 from .reconciler import cold_start
 from .services import DeploymentNotRouted
@@ -329,11 +330,16 @@ def _call(
         if stale and isinstance(exc, ReplicaUnreachable):
             raise
         latency = (time.perf_counter() - started) * 1000
+        prediction_observed(
+            deployment=deployment, mode=mode, outcome=exc.code, seconds=latency / 1000
+        )
         _log(deployment, version_id, mode, inputs, None, ids, latency, error=exc.code)
         raise
     finally:
         if touch_due:
             _touch(deployment)
+
+    prediction_observed(deployment=deployment, mode=mode, outcome="ok", seconds=latency / 1000)
 
     def log():
         _log(deployment, version_id, mode, inputs, outputs, ids, latency)

@@ -28,7 +28,8 @@ TIMINGS = {
 }
 
 
-def _database_url() -> str:
+def database_url() -> str:
+    """The test database as a URL, for processes a test starts."""
     db = settings.DATABASES["default"]
     auth = db["USER"] + (f":{db['PASSWORD']}" if db.get("PASSWORD") else "")
     return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
@@ -46,7 +47,7 @@ class Pool:
             **inherited,
             **TIMINGS,
             "DJANGO_SETTINGS_MODULE": "factory_saas.settings.test",
-            "DATABASE_URL": _database_url(),
+            "DATABASE_URL": database_url(),
             "REDIS_URL": settings.REDIS_URL,
             "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
             "STORAGE_BACKEND": "local",
@@ -76,7 +77,9 @@ class Pool:
         self.processes[label] = process
         return process
 
-    def start_control_plane(self) -> None:
+    def start_control_plane(self, env: dict[str, str] | None = None, concurrency: int = 1) -> None:
+        """Beat and the default-queue worker (`concurrency` pool processes, `env` on top of the
+        pool's for that worker)."""
         python = sys.executable
         self._start(
             "beat",
@@ -105,12 +108,13 @@ class Pool:
                 "-Q",
                 "default",
                 "-c",
-                "1",
+                str(concurrency),
                 "-l",
                 "warning",
                 "-n",
                 f"default-{self.suffix}@%h",
             ],
+            env,
         )
 
     def start_worker(self, label: str, env: dict[str, str] | None = None) -> str:

@@ -17,6 +17,10 @@ DEBUG = env.bool("DEBUG", default=False)
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 SITE_URL = env("SITE_URL", default="http://127.0.0.1:8000")
+# Kubernetes hands each pod its address (docs/operations.md, Kubernetes): the kubelet's probes
+# and Prometheus reach a pod by it, so it is one more host the pod answers to.
+if POD_IP := env("POD_IP", default=""):
+    ALLOWED_HOSTS = [*ALLOWED_HOSTS, POD_IP]
 # Proxies in front of the web process that append the address they saw to X-Forwarded-For (one
 # load balancer: 1). The failed-login limit, the API's rate limits and the audit log all take
 # the client's address from it; 0 ignores the header, which a client could otherwise forge.
@@ -34,6 +38,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "django_htmx",
+    "django_prometheus",
     "allauth",
     "allauth.account",
     "outbox",
@@ -48,6 +53,10 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "factory_saas.middleware.ContentSecurityPolicyMiddleware",
+    # With PrometheusAfterMiddleware last, they time every request the app answers for
+    # Prometheus (GET /metrics); production's static files (whitenoise, inserted before this)
+    # and HTTPS redirects are not counted.
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -56,6 +65,7 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
     "allauth.account.middleware.AccountMiddleware",
+    "django_prometheus.middleware.PrometheusAfterMiddleware",
 ]
 
 ROOT_URLCONF = "factory_saas.urls"
@@ -412,6 +422,14 @@ DEFAULT_QUOTA = {
     "max_running_jobs": env.int("DEFAULT_QUOTA_MAX_RUNNING_JOBS", default=10),
     "max_queued_jobs": env.int("DEFAULT_QUOTA_MAX_QUEUED_JOBS", default=100),
 }
+
+# Prometheus (docs/operations.md, Metrics): GET /metrics on the web, and on METRICS_PORT of the
+# control plane's Celery worker (0: no server), answer only `Authorization: Bearer
+# <METRICS_TOKEN>`; with no token set they refuse every scrape. Queue depth per tenant names the
+# METRICS_TOP_TENANTS organizations with the most queued jobs and sums the rest.
+METRICS_TOKEN = env("METRICS_TOKEN", default="")
+METRICS_PORT = env.int("METRICS_PORT", default=0)
+METRICS_TOP_TENANTS = env.int("METRICS_TOP_TENANTS", default=20)
 
 API_KEY_LAST_USED_RESOLUTION_S = 60
 INVITATION_TTL_DAYS = 7

@@ -109,3 +109,37 @@ def test_django_setup_does_not_import_torch():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+_SCRAPE = (
+    "from django.test import Client; "
+    "r = Client().get('/metrics', HTTP_HOST='{host}', HTTP_AUTHORIZATION='{authorization}'); "
+    "print('STATUS', r.status_code)"
+)
+
+
+def _production_scrape(host: str, authorization: str, **env) -> str:
+    result = _manage(
+        "shell",
+        "-c",
+        _SCRAPE.format(host=host, authorization=authorization),
+        **PRODUCTION_ENV,
+        **env,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split("STATUS")[-1].strip()
+
+
+def test_production_refuses_every_scrape_without_a_metrics_token():
+    """Never open by default: no METRICS_TOKEN, no metrics, even for an empty bearer token."""
+    assert _production_scrape("factory.example.com", "Bearer ") == "403"
+
+
+def test_prometheus_scrapes_a_pod_by_its_address_over_plain_http_with_the_token():
+    """Inside the cluster Prometheus sends the pod's address as Host and no TLS: the pod's
+    address is an allowed host and /metrics is not redirected to HTTPS."""
+    token = "scrape-token-0123456789"
+    env = {"POD_IP": "10.1.2.3", "METRICS_TOKEN": token}
+    assert _production_scrape("10.1.2.3:8000", f"Bearer {token}", **env) == "200"
+    assert _production_scrape("10.1.2.3:8000", "Bearer wrong", **env) == "401"
+    assert _production_scrape("10.9.9.9:8000", f"Bearer {token}", **env) == "400"
