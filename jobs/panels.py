@@ -2,7 +2,7 @@
 
 from django.db.models import Count
 
-from jobs.models import ACTIVE_STATES, Job, JobState
+from jobs.models import ACTIVE_STATES, Job, JobState, with_queue_position
 from tenants.models import Organization
 
 OPEN_STATES = (JobState.QUEUED, *ACTIVE_STATES)
@@ -18,11 +18,9 @@ def overview_panel(*, organization: Organization, scopes: frozenset[str]) -> dic
         .annotate(n=Count("pk"))
         .values_list("state", "n")
     )
-    open_jobs = (
-        jobs.filter(state__in=OPEN_STATES)
-        .select_related("resource_class")
-        .order_by("-state", "queue_position", "-created_at")[:8]
-    )
+    open_jobs = with_queue_position(
+        jobs.filter(state__in=OPEN_STATES).select_related("resource_class")
+    ).order_by("-state", "queued_ahead", "-created_at")[:8]
     return {
         "template": "jobs/_overview_panel.html",
         "running": sum(counts.get(state, 0) for state in ACTIVE_STATES),

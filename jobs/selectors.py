@@ -29,6 +29,7 @@ from .models import (
     Runtime,
     Worker,
     WorkerRuntime,
+    with_queue_position,
 )
 
 
@@ -78,7 +79,7 @@ def job_list(
             jobs = jobs.filter(labels__has_key=key)
     if created_by:
         jobs = jobs.filter(created_by__email__icontains=created_by)
-    return jobs
+    return with_queue_position(jobs)
 
 
 def job_cost_so_far(*, job: Job, now=None) -> int:

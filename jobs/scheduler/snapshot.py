@@ -32,6 +32,9 @@ from .types import Quota as QuotaSpec
 
 STOPPING_PRIORITY = -(10**9)
 
+# What a queued job stores of its last decision: reason, reserved machine, expected start.
+StoredWaiting = tuple[str, int | None, datetime | None]
+
 
 # A job without a maximum runtime (a serving replica, max_runtime_s 0) is expected to hold its
 # slots this long: reservations and backfill never count on it ending.
@@ -46,8 +49,9 @@ def _epoch(moment: datetime) -> float:
     return moment.timestamp()
 
 
-def snapshot_load(*, now: datetime) -> tuple[Snapshot, dict[int, tuple[str, int | None]]]:
-    """The snapshot, and each queued job's current (reason, position) to skip unchanged ones."""
+def snapshot_load(*, now: datetime) -> tuple[Snapshot, dict[int, StoredWaiting]]:
+    """The snapshot, and what each queued job stores of its last decision, so that applying
+    this pass's decisions skips the unchanged ones."""
     classes = {rc.pk: rc.name for rc in ResourceClass.objects.all()}
     prices = {
         name: float(unit_price(resource=gpu_resource(name), at=now)[0]) for name in classes.values()
@@ -103,23 +107,23 @@ def snapshot_load(*, now: datetime) -> tuple[Snapshot, dict[int, tuple[str, int 
         for worker in Worker.objects.all()
     )
     queued_rows = list(
-        Job.objects.filter(state=JobState.QUEUED).values(
+        Job.objects.filter(state=JobState.QUEUED).values_list(
             "pk", "organization_id", "resource_class_id", "gpu_count", "priority", "created_at",
-            "max_runtime_s", "waiting_reason", "queue_position", "runtime",
+            "max_runtime_s", "runtime", "waiting_reason", "reserved_machine", "expected_start_at",
         )
     )  # fmt: skip
     queued = tuple(
         Queued(
-            job_id=row["pk"],
-            tenant_id=row["organization_id"],
-            resource_class=classes[row["resource_class_id"]],
-            gpus=row["gpu_count"],
-            priority=row["priority"],
-            submitted_at=_epoch(row["created_at"]),
-            max_runtime_s=_expected_runtime(row["max_runtime_s"]),
-            runtime=row["runtime"],
+            job_id=pk,
+            tenant_id=tenant,
+            resource_class=classes[class_id],
+            gpus=gpus,
+            priority=priority,
+            submitted_at=_epoch(created),
+            max_runtime_s=_expected_runtime(runtime_s),
+            runtime=runtime,
         )
-        for row in queued_rows
+        for pk, tenant, class_id, gpus, priority, created, runtime_s, runtime, *_ in queued_rows
     )
     tenant_ids = {job.tenant_id for job in queued} | {job.tenant_id for job in running}
     snapshot = Snapshot(
@@ -132,9 +136,7 @@ def snapshot_load(*, now: datetime) -> tuple[Snapshot, dict[int, tuple[str, int 
         ),
         prices=prices,
     )
-    return snapshot, {
-        row["pk"]: (row["waiting_reason"], row["queue_position"]) for row in queued_rows
-    }
+    return snapshot, {row[0]: tuple(row[8:]) for row in queued_rows}
 
 
 def _tenants(tenant_ids, classes, prices, running, started, now) -> dict[int, Tenant]:
