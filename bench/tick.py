@@ -219,15 +219,18 @@ def tick(*, rollback: bool) -> dict:
     from django.db import connection, transaction
     from django.utils import timezone
 
-    from jobs.models import Worker
+    from jobs.models import Job, Worker
     from jobs.scheduler import schedule
     from jobs.scheduler.apply import _try_lock, decisions_apply, waiting_changed
     from jobs.scheduler.snapshot import snapshot_load
+    from jobs.services.attempts import lease_deadline
     from jobs.services.pool import reap_lost, replicas_move_off_draining
 
-    # The machines' heartbeats, as their workers send them, so none is reaped as silent while
-    # the bench runs (not part of the tick, nor counted).
+    # The machines' heartbeats and their jobs' lease renewals, as their workers send them, so
+    # none is reaped as silent while the bench runs, however slow the machine (not part of the
+    # tick, nor counted).
     Worker.objects.update(last_heartbeat_at=timezone.now())
+    Job.objects.filter(lease_expires_at__isnull=False).update(lease_expires_at=lease_deadline())
     counter = RowCounter()
     with connection.execute_wrapper(counter), transaction.atomic():
         t0 = time.perf_counter()
@@ -240,9 +243,9 @@ def tick(*, rollback: bool) -> dict:
         t1 = time.perf_counter()
         decisions = schedule(snapshot)
         t2 = time.perf_counter()
-        decisions_apply(decisions=decisions, current=current)
+        decisions_apply(decisions=decisions, current=current, now=now)
         t3 = time.perf_counter()
-        changed = len(waiting_changed(decisions.waiting, current, now=timezone.now()))
+        changed = len(waiting_changed(decisions.waiting, current, now=now))
         if rollback:
             transaction.set_rollback(True)
     figures = {

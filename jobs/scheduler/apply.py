@@ -62,15 +62,21 @@ def scheduler_pass() -> Decisions | None:
         replicas_move_off_draining()
         snapshot, current = snapshot_load(now=now)
         decisions = schedule(snapshot)
-        dispatches = decisions_apply(decisions=decisions, current=current)
+        dispatches = decisions_apply(decisions=decisions, current=current, now=now)
         transaction.on_commit(lambda: dispatch(dispatches))
     sweeps_progress()
     return decisions
 
 
-def decisions_apply(*, decisions: Decisions, current: dict[int, StoredWaiting]) -> list[Dispatch]:
-    """Place, preempt, and store the waiting reasons that changed; the run messages to send."""
-    now = timezone.now()
+def decisions_apply(
+    *, decisions: Decisions, current: dict[int, StoredWaiting], now: datetime
+) -> list[Dispatch]:
+    """Place, preempt, and store the waiting reasons that changed; the run messages to send.
+
+    `now` is the snapshot's: a job placed is scheduled at the moment the pass decided from, so
+    the next pass counts its expected end, and the reservations behind it, as this one did
+    (and leaves them unwritten).
+    """
     workers = Worker.objects.in_bulk([p.machine_id for p in decisions.placements])
     placed = Job.objects.select_for_update().in_bulk([p.job_id for p in decisions.placements])
     dispatches = []
@@ -99,7 +105,17 @@ def decisions_apply(*, decisions: Decisions, current: dict[int, StoredWaiting]) 
         )
         dispatches.append(Dispatch(job.pk, job.attempt, worker.queue))
 
+    # The policy offers victims already stopping first, and asking them again changes nothing:
+    # one read finds the victims still to ask, not one locked read (and savepoint) per victim.
+    to_stop = set(
+        Job.objects.filter(
+            pk__in=[p.job_id for p in decisions.preemptions],
+            state__in=[JobState.RUNNING, JobState.SCHEDULED],
+        ).values_list("pk", flat=True)
+    )
     for preemption in decisions.preemptions:
+        if preemption.job_id not in to_stop:
+            continue
         job_preempt(
             job_id=preemption.job_id,
             reason=preemption.reason,

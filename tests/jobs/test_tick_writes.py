@@ -45,7 +45,7 @@ def _pass_at(now) -> tuple[int, object]:
     with connection.execute_wrapper(counter), transaction.atomic():
         snapshot, current = snapshot_load(now=now)
         decisions = schedule(snapshot)
-        decisions_apply(decisions=decisions, current=current)
+        decisions_apply(decisions=decisions, current=current, now=now)
     return counter.rows, decisions
 
 
@@ -140,13 +140,27 @@ def test_rows_written_are_the_rows_whose_decision_changed(reserved_pool, org, a1
 
 def test_a_job_cancelled_meanwhile_keeps_its_state(reserved_pool):
     big, _small = reserved_pool
-    snapshot, current = snapshot_load(now=timezone.now())
+    now = timezone.now()
+    snapshot, current = snapshot_load(now=now)
     decisions = schedule(snapshot)
     Job.objects.filter(pk=big.pk).update(
         state=JobState.CANCELLED, waiting_reason="", reserved_machine=None, expected_start_at=None
     )
     current[big.pk] = ("stale", None, None)  # as loaded before the cancel, for it to be written
     with transaction.atomic():
-        decisions_apply(decisions=decisions, current=current)
+        decisions_apply(decisions=decisions, current=current, now=now)
     big.refresh_from_db()
     assert (big.state, big.waiting_reason, big.reserved_machine) == (JobState.CANCELLED, "", None)
+
+
+def test_the_snapshot_reads_submit_times_to_the_microsecond(org):
+    """PostgreSQL works out the epoch (the load's cost was decoding timestamps in Python); the
+    policy orders by it, so it must be the very float the datetime gives."""
+    now = timezone.now()
+    jobs = [
+        JobFactory(organization=org, created_at=now - timedelta(days=days, microseconds=micro))
+        for days, micro in [(0, 1), (3, 499_999), (400, 500_000), (0, 999_999)]
+    ]
+    snapshot, _current = snapshot_load(now=now)
+    submitted = {job.job_id: job.submitted_at for job in snapshot.queued}
+    assert submitted == {job.pk: job.created_at.timestamp() for job in jobs}
