@@ -1,7 +1,5 @@
 """The pool (resource classes, workers, quotas) and the work on it (jobs and their attempts)."""
 
-from datetime import datetime
-
 from django.conf import settings
 from django.db import models
 from django.utils import timezone
@@ -326,8 +324,9 @@ class Job(OrganizationOwned):
         scheduler takes them (priority, then submit time); None unless queued.
 
         Worked out when read: the scheduler's own class-wide admission order moves with every
-        tick's fair shares, so storing it rewrote most queued jobs each tick. A list annotates
-        `queued_ahead` (`with_queue_position`) instead of asking once per job.
+        tick's fair shares, so storing it rewrote most queued jobs each tick. A list sets
+        `queued_ahead` on its jobs (`selectors.queue_positions_attach`, one query) instead of
+        asking once per job.
         """
         if self.state != JobState.QUEUED:
             return None
@@ -339,47 +338,14 @@ class Job(OrganizationOwned):
                     resource_class_id=self.resource_class_id,
                     state=JobState.QUEUED,
                 )
-                .filter(queued_before(self.priority, self.created_at, self.pk))
+                .filter(
+                    models.Q(priority__gt=self.priority)
+                    | models.Q(priority=self.priority, created_at__lt=self.created_at)
+                    | models.Q(priority=self.priority, created_at=self.created_at, pk__lt=self.pk)
+                )
                 .count()
             )
         return ahead + 1
-
-
-def queued_before(priority, created_at: datetime, pk) -> models.Q:
-    """Jobs the scheduler takes before one of this priority, submit time and id (values or
-    OuterRefs), within one tenant and class: `within_tenant_order`."""
-    return (
-        models.Q(priority__gt=priority)
-        | models.Q(priority=priority, created_at__lt=created_at)
-        | models.Q(priority=priority, created_at=created_at, pk__lt=pk)
-    )
-
-
-def with_queue_position(jobs: models.QuerySet) -> models.QuerySet:
-    """`jobs` with `queued_ahead` for the queued ones, read by `Job.queue_position`: one
-    correlated count per queued job in the same query, none for the others."""
-    ahead = (
-        Job.objects.filter(
-            organization_id=models.OuterRef("organization_id"),
-            resource_class_id=models.OuterRef("resource_class_id"),
-            state=JobState.QUEUED,
-        )
-        .filter(
-            queued_before(
-                models.OuterRef("priority"), models.OuterRef("created_at"), models.OuterRef("pk")
-            )
-        )
-        .order_by()
-        .annotate(n=models.Func("pk", function="COUNT"))
-        .values("n")
-    )
-    return jobs.annotate(
-        queued_ahead=models.Case(
-            models.When(state=JobState.QUEUED, then=models.Subquery(ahead)),
-            default=None,
-            output_field=models.IntegerField(null=True),
-        )
-    )
 
 
 class JobAttempt(OrganizationOwned):
