@@ -221,7 +221,12 @@ def tick(*, rollback: bool) -> dict:
 
     from jobs.models import Job, Worker
     from jobs.scheduler import schedule
-    from jobs.scheduler.apply import _try_lock, decisions_apply, waiting_changed
+    from jobs.scheduler.apply import (
+        _try_lock,
+        cyclic_gc_paused,
+        decisions_apply,
+        waiting_changed,
+    )
     from jobs.scheduler.snapshot import snapshot_load
     from jobs.services.attempts import lease_deadline
     from jobs.services.pool import reap_lost, replicas_move_off_draining
@@ -232,7 +237,7 @@ def tick(*, rollback: bool) -> dict:
     Worker.objects.update(last_heartbeat_at=timezone.now())
     Job.objects.filter(lease_expires_at__isnull=False).update(lease_expires_at=lease_deadline())
     counter = RowCounter()
-    with connection.execute_wrapper(counter), transaction.atomic():
+    with connection.execute_wrapper(counter), cyclic_gc_paused(), transaction.atomic():
         t0 = time.perf_counter()
         if not _try_lock():
             raise SystemExit("another scheduler pass holds the lock on the bench database")

@@ -74,18 +74,18 @@ def snapshot_load(*, now: datetime) -> tuple[Snapshot, dict[int, StoredWaiting]]
         name: float(unit_price(resource=gpu_resource(name), at=now)[0]) for name in classes.values()
     }
 
+    placed = Job.objects.filter(state__in=ACTIVE_STATES, worker__isnull=False)
     active = list(
-        Job.objects.filter(state__in=ACTIVE_STATES, worker__isnull=False).values(
+        placed.values(
             "pk", "organization_id", "resource_class_id", "gpu_count", "worker_id", "slot_indices",
             "priority", "scheduled_at", "max_runtime_s", "state",
         )
     )  # fmt: skip
     # The current attempt's start, not the job's first: a resumed job's clock restarts.
     attempt_started = dict(
-        JobAttempt.objects.filter(
-            job_id__in=[job["pk"] for job in active], outcome=JobAttempt.Outcome.ACTIVE
-        )
-        .order_by()  # the default order joins each attempt's job
+        # A subquery, not a thousand job ids; no order (the default one joins each job).
+        JobAttempt.objects.filter(job__in=placed.values("pk"), outcome=JobAttempt.Outcome.ACTIVE)
+        .order_by()
         .values_list("job_id", "started_at")
     )
     busy: dict[int, set[int]] = defaultdict(set)
