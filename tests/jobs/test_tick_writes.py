@@ -54,9 +54,10 @@ def _job_rows() -> dict[int, dict]:
 
 
 @pytest.fixture
-def reserved_pool(register_worker, org, a100):
+def reserved_pool(register_worker, org, a100, settings):
     """One 2-GPU a100 machine, both GPUs running hour-long jobs: a 2-GPU job waits with the
     machine reserved, a 1-GPU job waits for a free GPU."""
+    settings.WORKER_OFFLINE_AFTER_S = 3600  # no lease runs out while a slow machine runs the test
     Quota.objects.create(organization=org, resource_class=a100, limit_gpus=8)
     register_worker("a", gpus=2)
     running = JobFactory(organization=org, resource_class=a100, max_runtime_s=3600)
@@ -78,6 +79,11 @@ def test_a_second_pass_with_nothing_changed_writes_no_job_row(reserved_pool):
     big.refresh_from_db()
     assert big.reserved_machine is not None and big.expected_start_at is not None
     before = _job_rows()
+
+    counter = JobRowsWritten()
+    with connection.execute_wrapper(counter):
+        assert scheduler_pass() is not None  # the tick itself, at once
+    assert counter.rows == 0 and _job_rows() == before
 
     later = timezone.now() + timedelta(minutes=10)
     rows, decisions = _pass_at(later)
