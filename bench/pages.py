@@ -430,7 +430,6 @@ def seed_jobs(rng, seeds: list[OrgSeed], sizes, workers, *, scale: Scale, now: d
         for (sweep, model), start in zip(org_sweeps, sweep_starts, strict=True):
             for i in range(start, start + 12):
                 sweep_of.setdefault(i, (sweep, model))
-        queue_position = 0
         for i, created in enumerate(times):
             pk = next_pk
             next_pk += 1
@@ -564,8 +563,6 @@ def seed_jobs(rng, seeds: list[OrgSeed], sizes, workers, *, scale: Scale, now: d
                             )
                         )
             if state == JobState.QUEUED:
-                queue_position += 1
-                job.queue_position = queue_position
                 job.waiting_reason = rng.choice(WAITING_REASONS)
                 if rng.random() < 0.2:  # requeued after a lost worker
                     job.attempt, job.lost_attempts = 1, 1

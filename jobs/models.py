@@ -4,6 +4,7 @@ from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
+from jobs.scheduler.policy import reserved_reason
 from tenants.errors import ConflictError
 from tenants.models import OrganizationOwned
 
@@ -247,8 +248,12 @@ class Job(OrganizationOwned):
     )
     slot_indices = models.JSONField(default=list, blank=True)
     lease_expires_at = models.DateTimeField(null=True, blank=True)
+    # Why a queued job waits, as of the last scheduling pass that changed it. A reservation is
+    # stored as its machine and the moment it is expected to fit, not as "expected in ~N min"
+    # (which counts down): a pass rewrites a job only when its decision changed.
     waiting_reason = models.CharField(max_length=255, blank=True)
-    queue_position = models.PositiveIntegerField(null=True, blank=True)
+    reserved_machine = models.PositiveIntegerField(null=True, blank=True)
+    expected_start_at = models.DateTimeField(null=True, blank=True)
     failure_reason = models.TextField(blank=True)
     # A serve job's answering address ("host:port" on its worker), set once its server is ready,
     # cleared whenever the attempt ends; the web presents a token derived from job and attempt.
@@ -302,6 +307,47 @@ class Job(OrganizationOwned):
     @property
     def is_terminal(self) -> bool:
         return self.state in TERMINAL_STATES
+
+    def clear_waiting(self) -> None:
+        self.waiting_reason, self.reserved_machine, self.expected_start_at = "", None, None
+
+    @property
+    def waiting_text(self) -> str:
+        """The waiting reason as a person reads it now, a reservation's ETA worked out from its
+        stored moment."""
+        if self.reserved_machine is None or self.expected_start_at is None:
+            return self.waiting_reason
+        seconds = (self.expected_start_at - timezone.now()).total_seconds()
+        return reserved_reason(self.waiting_reason, self.reserved_machine, seconds)
+
+    @property
+    def queue_position(self) -> int | None:
+        """1-based place among its organization's queued jobs of its class, in the order the
+        scheduler takes them (priority, then submit time); None unless queued.
+
+        Worked out when read: the scheduler's own class-wide admission order moves with every
+        tick's fair shares, so storing it rewrote most queued jobs each tick. A list sets
+        `queued_ahead` on its jobs (`selectors.queue_positions_attach`, one query) instead of
+        asking once per job.
+        """
+        if self.state != JobState.QUEUED:
+            return None
+        ahead = self.__dict__.get("queued_ahead")
+        if ahead is None:
+            ahead = (
+                Job.objects.filter(
+                    organization_id=self.organization_id,
+                    resource_class_id=self.resource_class_id,
+                    state=JobState.QUEUED,
+                )
+                .filter(
+                    models.Q(priority__gt=self.priority)
+                    | models.Q(priority=self.priority, created_at__lt=self.created_at)
+                    | models.Q(priority=self.priority, created_at=self.created_at, pk__lt=self.pk)
+                )
+                .count()
+            )
+        return ahead + 1
 
 
 class JobAttempt(OrganizationOwned):

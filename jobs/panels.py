@@ -3,6 +3,7 @@
 from django.db.models import Count
 
 from jobs.models import ACTIVE_STATES, Job, JobState
+from jobs.selectors import queue_positions_attach
 from tenants.models import Organization
 
 OPEN_STATES = (JobState.QUEUED, *ACTIVE_STATES)
@@ -18,14 +19,16 @@ def overview_panel(*, organization: Organization, scopes: frozenset[str]) -> dic
         .annotate(n=Count("pk"))
         .values_list("state", "n")
     )
-    open_jobs = (
+    # Waiting jobs in the order the scheduler takes them.
+    open_jobs = list(
         jobs.filter(state__in=OPEN_STATES)
         .select_related("resource_class")
-        .order_by("-state", "queue_position", "-created_at")[:8]
+        .order_by("-state", "-priority", "created_at", "pk")[:8]
     )
+    queue_positions_attach(organization=organization, jobs=open_jobs)
     return {
         "template": "jobs/_overview_panel.html",
         "running": sum(counts.get(state, 0) for state in ACTIVE_STATES),
         "queued": counts.get(JobState.QUEUED, 0),
-        "open_jobs": list(open_jobs),
+        "open_jobs": open_jobs,
     }

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from django.db.models import Count, F, Max, Min, Prefetch, Q, QuerySet, Sum
+from django.db.models import Count, F, Max, Min, Prefetch, Q, QuerySet, Sum, Window
+from django.db.models.functions import RowNumber
 from django.utils import timezone
 
 from billing.selectors import (
@@ -79,6 +81,30 @@ def job_list(
     if created_by:
         jobs = jobs.filter(created_by__email__icontains=created_by)
     return jobs
+
+
+def queue_positions_attach(*, organization: Organization, jobs: Iterable[Job]) -> None:
+    """Set `queued_ahead` on the organization's queued `jobs` (a page), read by
+    `Job.queue_position`: one query numbering the organization's queue of their classes,
+    not a count per job."""
+    queued = [job for job in jobs if job.state == JobState.QUEUED]
+    if not queued:
+        return
+    positions = dict(
+        Job.objects.for_organization(organization)
+        .filter(state=JobState.QUEUED, resource_class__in={job.resource_class_id for job in queued})
+        .annotate(
+            position=Window(
+                RowNumber(),
+                partition_by=F("resource_class_id"),
+                order_by=[F("priority").desc(), F("created_at"), F("pk")],
+            )
+        )
+        .values_list("pk", "position")
+    )
+    for job in queued:
+        if job.pk in positions:
+            job.queued_ahead = positions[job.pk] - 1
 
 
 def job_cost_so_far(*, job: Job, now=None) -> int:

@@ -65,6 +65,9 @@ class JobsPage(OrganizationPageMixin, TemplateView):
             organization=self.organization, state=state, label=self.request.GET.get("label") or None
         )
         context["page"] = Paginator(jobs, 50).get_page(self.request.GET.get("page"))
+        selectors.queue_positions_attach(
+            organization=self.organization, jobs=context["page"].object_list
+        )
         context["states"] = JobState.choices
         context["state"] = state
         context["recipes"] = sorted(list_recipes())

@@ -108,6 +108,9 @@ class JobSerializer(serializers.ModelSerializer):
     output_dataset = serializers.SerializerMethodField()
     cost_so_far_minor = serializers.SerializerMethodField()
     code_package = serializers.SerializerMethodField()
+    # A reservation's ETA is worked out when read (Job.waiting_text); the position too.
+    waiting_reason = serializers.CharField(source="waiting_text", read_only=True)
+    queue_position = serializers.IntegerField(read_only=True, allow_null=True)
 
     class Meta:
         model = Job

@@ -142,6 +142,7 @@ class JobViewSet(
         queryset = self.filter_queryset(self.get_queryset())
         page = self.paginate_queryset(queryset)
         jobs = page if page is not None else list(queryset)
+        selectors.queue_positions_attach(organization=self.organization, jobs=jobs)
         # The page's running jobs are priced together: two queries, not two per running job.
         context = {
             **self.get_serializer_context(),

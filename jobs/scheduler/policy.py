@@ -46,6 +46,7 @@ from .types import (
     Preemption,
     Queued,
     Quota,
+    Reservation,
     Running,
     Snapshot,
     Tenant,
@@ -112,6 +113,12 @@ def _eta(seconds: float) -> str:
     if minutes < 120:
         return f"~{minutes} min"
     return f"~{round(minutes / 60)} h"
+
+
+def reserved_reason(waiting_for: str, machine_id: int, seconds: float) -> str:
+    """A reservation's reason, `seconds` before its machine is expected to fit the job: the pass
+    words it as of its snapshot, and a page as of when it is read."""
+    return f"{waiting_for} (reserved: machine {machine_id}, expected in {_eta(seconds)})"
 
 
 def _group_queued(queued: Iterable[Queued]) -> dict[str, dict[int, list[Queued]]]:
@@ -402,9 +409,10 @@ class _ClassPass:
             self.held[job.tenant_id] += job.gpus
         self.claimed: dict[int, int] = defaultdict(int)  # GPUs being reclaimed for a tenant
         self._reclaimer: _Reclaimer | None = None
-        # Unplaced jobs in admission order, and why each waits.
+        # Unplaced jobs in admission order, why each waits, and the machine held for it if any.
         self.unplaced: list[int] = []
         self.reasons: list[str] = []
+        self.reservations: list[Reservation | None] = []
         self._capacity_reasons: dict[tuple[int, str], str] = {}
 
     def run(self, by_tenant: dict[int, list[Queued]]) -> None:
@@ -447,8 +455,15 @@ class _ClassPass:
             for job in by_tenant[tenant_id]:
                 self.unplaced.append(job.job_id)
                 self.reasons.append(tenants[tenant_id].block_reason or BUDGET_REASON)
+                self.reservations.append(None)
         shared.waiting.extend(
-            map(Waiting, self.unplaced, self.reasons, range(1, len(self.unplaced) + 1))
+            map(
+                Waiting,
+                self.unplaced,
+                self.reasons,
+                range(1, len(self.unplaced) + 1),
+                self.reservations,
+            )
         )
 
     def _admit(self, job: Queued, tenant: Tenant, quota: Quota) -> None:
@@ -456,6 +471,7 @@ class _ClassPass:
         tenant_id, gpus, runtime = tenant.id, job.gpus, job.runtime
         holding = self.held[tenant_id] + self.claimed[tenant_id]
         largest = pool.largest_with(runtime) if runtime else pool.largest
+        reservation = None
         if quota.limit <= 0:
             reason = no_quota_reason(resource_class)
         elif runtime and largest == 0 and pool.largest > 0:
@@ -484,34 +500,35 @@ class _ClassPass:
                     self.shared.running_jobs[tenant_id] += 1
                     self.shared.charge[tenant_id] += gpus * self.charge_per_gpu
                     return
-            reason = self._wait_for_capacity(
+            reason, reservation = self._wait_for_capacity(
                 job, tenant, holding + gpus <= quota.guaranteed, behind
             )
         self.unplaced.append(job.job_id)
         self.reasons.append(reason)
+        self.reservations.append(reservation)
 
     def _wait_for_capacity(
         self, job: Queued, tenant: Tenant, within_guarantee: bool, behind: bool
-    ) -> str:
+    ) -> tuple[str, Reservation | None]:
         """Reclaim borrowed slots or reserve a machine for a job that fits nowhere now."""
-        resource_class, gpus = self.resource_class, job.gpus
+        gpus = job.gpus
         if within_guarantee:
             reclaimed = self._reclaimer_for_class().reclaim(gpus, job.runtime)
             if reclaimed is not None:
                 self.claimed[tenant.id] += gpus
-                return self._preempt(job, tenant, reclaimed[1])
+                return self._preempt(job, tenant, reclaimed[1]), None
         reserved = self.pool.reserve(gpus, holder=len(self.unplaced), runtime=job.runtime)
         if reserved is not None:
             machine_id, shadow, bumped = reserved
             if bumped is not None:
                 self.reasons[bumped.holder] = self._capacity_reason(bumped.gpus, bumped.runtime)
-            return (
-                f"{capacity_reason(gpus, resource_class, job.runtime)} (reserved: machine "
-                f"{machine_id}, expected in {_eta(shadow - self.now)})"
-            )
+                self.reservations[bumped.holder] = None
+            waiting_for = self._capacity_reason(gpus, job.runtime)
+            reason = reserved_reason(waiting_for, machine_id, shadow - self.now)
+            return reason, Reservation(waiting_for, machine_id, shadow)
         if behind:
-            return "waiting behind a reserved larger job"
-        return self._capacity_reason(gpus, job.runtime)
+            return "waiting behind a reserved larger job", None
+        return self._capacity_reason(gpus, job.runtime), None
 
     def _capacity_reason(self, gpus: int, runtime: str = "") -> str:
         reason = self._capacity_reasons.get((gpus, runtime))

@@ -87,10 +87,21 @@ class Preemption:
 
 
 @dataclass(frozen=True, slots=True)
+class Reservation:
+    """A machine held for a waiting job. The job stores this, not its reason's ETA: the shadow
+    time stays put from tick to tick while "expected in ~N min" counts down."""
+
+    waiting_for: str  # the reason without the reservation ("waiting for 4 free h100 on ...")
+    machine_id: int
+    expected_at: float  # epoch seconds when enough slots are expected to be free
+
+
+@dataclass(frozen=True, slots=True)
 class Waiting:
     job_id: int
-    reason: str  # a sentence a person understands
+    reason: str  # a sentence a person understands, as of the snapshot's `now`
     position: int  # 1-based queue position within its resource class, in admission order
+    reservation: Reservation | None = None  # when `reason` is a reservation's
 
 
 @dataclass(frozen=True, slots=True)

@@ -674,7 +674,7 @@ def job_stop_request(job: Job) -> None:
         # Not started: a scheduled run message finds the job cancelled when it claims it.
         job.transition_to(JobState.CANCELLED)
         job.finished_at = timezone.now()
-        job.waiting_reason, job.queue_position = "", None
+        job.clear_waiting()
         attempt_close(job=job, outcome=JobAttempt.Outcome.CANCELLED)
         checkpoint_forget(job=job)
         attempt_release(job)

@@ -11,9 +11,8 @@ pytestmark = pytest.mark.django_db
 
 
 def test_the_overview_shows_open_jobs_and_spend_against_the_budget(org, owner, client_for):
-    JobFactory(
-        organization=org, state=JobState.QUEUED, waiting_reason="no room yet", queue_position=2
-    )
+    JobFactory(organization=org, state=JobState.QUEUED, waiting_reason="no room yet")
+    JobFactory(organization=org, state=JobState.QUEUED, waiting_reason="no room yet")
     JobFactory(organization=org, state=JobState.SUCCEEDED)
     budget_set(
         organization=org,
@@ -23,7 +22,7 @@ def test_the_overview_shows_open_jobs_and_spend_against_the_budget(org, owner, c
         hard_cap=False,
     )
     html = client_for(owner).get(f"/o/{org.slug}/").content.decode()
-    assert "<strong>0</strong> running, <strong>1</strong> waiting" in html
+    assert "<strong>0</strong> running, <strong>2</strong> waiting" in html
     assert "#2 · no room yet" in html
     assert "of $123.00" in html and "Usage report" in html
 

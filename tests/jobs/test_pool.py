@@ -59,8 +59,9 @@ def test_waiting_jobs_get_a_reason_and_a_position(register_worker, org):
     register_worker("cpu-1")
     jobs = [JobFactory(organization=org) for _ in range(4)]
     scheduler_pass()
-    waiting = Job.objects.filter(pk__in=[j.pk for j in jobs], state=JobState.QUEUED).order_by(
-        "queue_position"
+    waiting = sorted(
+        Job.objects.filter(pk__in=[j.pk for j in jobs], state=JobState.QUEUED),
+        key=lambda j: j.queue_position,
     )
     assert [j.queue_position for j in waiting] == [1, 2]
     assert all(j.waiting_reason for j in waiting)
