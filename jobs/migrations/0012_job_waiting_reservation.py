@@ -34,7 +34,7 @@ def split_reservations(apps, schema_editor):
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('jobs', '0010_job_code_package_version'),
+        ('jobs', '0011_job_kind_export'),
     ]
 
     operations = [
