@@ -316,7 +316,8 @@ def test_chart_draws_resources_past_the_palette_as_one_other_series():
 
 @pytest.mark.django_db
 def test_report_takes_a_fixed_number_of_queries(ledger, django_assert_num_queries):
-    with django_assert_num_queries(3):
+    """One aggregate: groups, totals and the daily series are sums of its cells."""
+    with django_assert_num_queries(1):
         report_for(ledger, "user")
 
 
