@@ -117,6 +117,7 @@ def version_names(
         rows = (
             model.objects.for_organization(organization)
             .filter(pk__in=ids)
+            .order_by()  # a lookup by id: the models' orders would only add sorting
             .values_list("pk", parent_name, "number")
             if ids
             else []
