@@ -111,7 +111,7 @@ def job_costs_so_far(*, jobs: list[dict], now=None) -> dict[int, int]:
         attempt.job_id: attempt.started_at
         for attempt in JobAttempt.objects.filter(job_id__in=active, started_at__isnull=False)
         .only("job_id", "number", "started_at")
-        .order_by()  # the model's order joins the jobs table, for rows read into a dict
+        .order_by()  # the model's order (job, number) would join the jobs table, for nothing
         if attempt.number == active[attempt.job_id]["attempt"]
     }
     # A replica's running attempt is billed as it runs: cost_minor holds those parts already.

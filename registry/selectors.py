@@ -105,7 +105,7 @@ def version_names(
     what a page of jobs shows of the versions it names, in one small query per kind named.
 
     Apart from the page's own query: joining the eight version and parent tables into it made
-    PostgreSQL's planner spend 10 to 20 ms on every page (bench/load.py, docs/benchmarks.md).
+    PostgreSQL's planner spend 10 to 28 ms on every page (bench/load.py, docs/benchmarks.md).
     """
     kinds = {
         "dataset": (DatasetVersion, dataset_versions, "dataset__name"),
