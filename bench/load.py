@@ -17,7 +17,8 @@ Starts gunicorn (`bench.load_settings`: production settings plus two baseline ro
 worker waits on PostgreSQL for part of each request, so one more worker than cores keeps them
 busy, and more would only add switching while the clients and PostgreSQL share the same two
 cores) on a free port, with CONN_MAX_AGE=60, Redis db 11 (cache and the Celery broker: each
-submit sends one `tick_soon` message; db 11 is flushed before and after).
+submit sends one `tick_soon` message; flushed before and after; BENCH_LOAD_REDIS_URL overrides
+it, so two benches on one Redis need not flush each other's).
 
 Clients run in `--client-procs` spawned processes (2), threads in each, every client with its
 own API key and its own organization's URLs, one new connection per request (sync gunicorn
@@ -69,7 +70,7 @@ from bench.gunicorn import gunicorn  # noqa: E402
 DATABASE_URL = os.environ.get(
     "BENCH_LOAD_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/factory_saas_load_bench"
 )
-REDIS_URL = "redis://127.0.0.1:6379/11"
+REDIS_URL = os.environ.get("BENCH_LOAD_REDIS_URL", "redis://127.0.0.1:6379/11")
 SETTINGS_MODULE = "bench.load_settings"
 ORGS = 8
 ADMINS_PER_ORG = 4

@@ -11,7 +11,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 from django.conf import settings
-from django.db.models import Case, CharField, Count, F, Min, Sum, Value, When
+from django.db.models import Case, CharField, F, Sum, Value, When
 from django.db.models.fields.json import KeyTextTransform
 from django.db.models.functions import TruncDate
 
@@ -224,43 +224,49 @@ def usage_report(
 ) -> UsageReport:
     """The organization's ledger from `start` to `end` (UTC days of period_end, inclusive).
 
-    Three aggregate queries: the groups, the totals, the daily series by resource. The groups of
-    every grouping add up to the totals, since each ledger row falls in exactly one group.
+    One aggregate query, by group, day, resource, currency and unit: the groups, the totals and
+    the daily series by resource are sums of its cells (three queries over the same rows cost the
+    API's usage summary a third of its time). The groups of every grouping add up to the totals,
+    since each ledger row falls in exactly one group.
     """
     label_key = label_key.strip()
     errors = _errors(start=start, end=end, group_by=group_by, label_key=label_key)
     if errors:
         raise _invalid(errors)
     since, until = _day_bounds(start, end)
-    ledger = UsageRecord.objects.for_organization(organization).filter(
-        period_end__gte=since, period_end__lt=until
-    )
-
-    totals = [
-        UsageTotal(currency=row["currency"], amount_minor=row["amount"])
-        for row in ledger.values("currency")
-        .annotate(amount=Sum("amount_minor"))
-        .order_by("-amount", "currency")
-    ]
-    currency = _report_currency(totals)
-    total_minor = next((t.amount_minor for t in totals if t.currency == currency), 0)
-
     groups = _group_expression(group_by, label_key)
-    grouped = (
-        ledger.annotate(**groups)
-        .values(*groups, "currency")
-        .annotate(
-            amount=Sum("amount_minor"),
-            quantity=Sum("quantity"),
-            units=Count("unit", distinct=True),
-            unit=Min("unit"),
-        )
+    cells = list(
+        UsageRecord.objects.for_organization(organization)
+        .filter(period_end__gte=since, period_end__lt=until)
+        .annotate(**groups, cell_day=TruncDate("period_end", tzinfo=UTC))
+        .values(*groups, "cell_day", "resource", "currency", "unit")
+        .annotate(amount=Sum("amount_minor"), quantity=Sum("quantity"))
         .order_by()
     )
+
+    by_currency: dict[str, int] = defaultdict(int)
+    for cell in cells:
+        by_currency[cell["currency"]] += cell["amount"]
+    totals = sorted(
+        (UsageTotal(currency=name, amount_minor=amount) for name, amount in by_currency.items()),
+        key=lambda total: (-total.amount_minor, total.currency),
+    )
+    currency = _report_currency(totals)
+    total_minor = by_currency.get(currency, 0)
+
+    grouped: dict[tuple, dict] = {}
+    for cell in cells:
+        group = grouped.setdefault(
+            (*(cell[name] for name in groups), cell["currency"]),
+            {**cell, "amount": 0, "quantity": Decimal(0), "units": set()},
+        )
+        group["amount"] += cell["amount"]
+        group["quantity"] += cell["quantity"]
+        group["units"].add(cell["unit"])
     rows = []
-    for values in grouped:
+    for values in grouped.values():
         name, key = _group_name(group_by, values)
-        one_unit = values["units"] == 1
+        one_unit = len(values["units"]) == 1
         rows.append(
             UsageRow(
                 group=name,
@@ -268,7 +274,7 @@ def usage_report(
                 amount_minor=values["amount"],
                 currency=values["currency"],
                 quantity=values["quantity"] if one_unit else None,
-                unit=values["unit"] if one_unit else "",
+                unit=min(values["units"]) if one_unit else "",
             )
         )
     if group_by == "day":
@@ -276,7 +282,7 @@ def usage_report(
     else:
         rows.sort(key=lambda row: (-row.amount_minor, row.group, row.currency))
 
-    daily, resources = _daily_by_resource(ledger, start=start, end=end, currency=currency)
+    daily, resources = _daily_by_resource(cells, start=start, end=end, currency=currency)
     return UsageReport(
         start=start,
         end=end,
@@ -299,20 +305,15 @@ def _report_currency(totals: list[UsageTotal]) -> str:
 
 
 def _daily_by_resource(
-    ledger, *, start: date, end: date, currency: str
+    cells: list[dict], *, start: date, end: date, currency: str
 ) -> tuple[list[UsageDay], list[str]]:
     """Every day of the range, zero-filled, with its cost per resource (in the report currency)."""
-    cells = (
-        ledger.filter(currency=currency)
-        .annotate(day=TruncDate("period_end", tzinfo=UTC))
-        .values("day", "resource")
-        .annotate(amount=Sum("amount_minor"))
-        .order_by()
-    )
-    by_day: dict[date, dict[str, int]] = defaultdict(dict)
+    by_day: dict[date, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     per_resource: dict[str, int] = defaultdict(int)
     for cell in cells:
-        by_day[cell["day"]][cell["resource"]] = cell["amount"]
+        if cell["currency"] != currency:
+            continue
+        by_day[cell["cell_day"]][cell["resource"]] += cell["amount"]
         per_resource[cell["resource"]] += cell["amount"]
     resources = sorted(per_resource, key=lambda name: (-per_resource[name], name))
     daily = []

@@ -169,6 +169,14 @@ ACTIVE_STATES = (JobState.SCHEDULED, JobState.RUNNING, JobState.PREEMPTED, JobSt
 TERMINAL_STATES = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 
 
+def waiting_text(reason: str, reserved_machine, expected_start_at) -> str:
+    """A stored waiting reason as a person reads it now (Job.waiting_text, and a page's rows)."""
+    if reserved_machine is None or expected_start_at is None:
+        return reason
+    seconds = (expected_start_at - timezone.now()).total_seconds()
+    return reserved_reason(reason, reserved_machine, seconds)
+
+
 class Job(OrganizationOwned):
     State = JobState
 
@@ -315,10 +323,7 @@ class Job(OrganizationOwned):
     def waiting_text(self) -> str:
         """The waiting reason as a person reads it now, a reservation's ETA worked out from its
         stored moment."""
-        if self.reserved_machine is None or self.expected_start_at is None:
-            return self.waiting_reason
-        seconds = (self.expected_start_at - timezone.now()).total_seconds()
-        return reserved_reason(self.waiting_reason, self.reserved_machine, seconds)
+        return waiting_text(self.waiting_reason, self.reserved_machine, self.expected_start_at)
 
     @property
     def queue_position(self) -> int | None:

@@ -83,16 +83,18 @@ def job_list(
     return jobs
 
 
-def queue_positions_attach(*, organization: Organization, jobs: Iterable[Job]) -> None:
-    """Set `queued_ahead` on the organization's queued `jobs` (a page), read by
-    `Job.queue_position`: one query numbering the organization's queue of their classes,
-    not a count per job."""
-    queued = [job for job in jobs if job.state == JobState.QUEUED]
-    if not queued:
-        return
-    positions = dict(
+# What job_costs_so_far reads of each job: a page's values() rows carry these keys.
+COST_FIELDS = ("id", "state", "kind", "attempt", "gpu_count", "cost_minor", "resource_class__name")
+
+
+def queue_positions(*, organization: Organization, resource_class_ids: set[int]) -> dict[int, int]:
+    """{job id: 1-based place} of the organization's queued jobs of these classes, in the order
+    the scheduler takes them (priority, then submit time): one query for a whole page."""
+    if not resource_class_ids:
+        return {}
+    return dict(
         Job.objects.for_organization(organization)
-        .filter(state=JobState.QUEUED, resource_class__in={job.resource_class_id for job in queued})
+        .filter(state=JobState.QUEUED, resource_class__in=resource_class_ids)
         .annotate(
             position=Window(
                 RowNumber(),
@@ -102,6 +104,15 @@ def queue_positions_attach(*, organization: Organization, jobs: Iterable[Job]) -
         )
         .values_list("pk", "position")
     )
+
+
+def queue_positions_attach(*, organization: Organization, jobs: Iterable[Job]) -> None:
+    """Set `queued_ahead` on the organization's queued `jobs` (a page), read by
+    `Job.queue_position`, not a count per job."""
+    queued = [job for job in jobs if job.state == JobState.QUEUED]
+    positions = queue_positions(
+        organization=organization, resource_class_ids={job.resource_class_id for job in queued}
+    )
     for job in queued:
         if job.pk in positions:
             job.queued_ahead = positions[job.pk] - 1
@@ -109,40 +120,52 @@ def queue_positions_attach(*, organization: Organization, jobs: Iterable[Job]) -
 
 def job_cost_so_far(*, job: Job, now=None) -> int:
     """Billed cents for finished attempts plus the running attempt's cost so far."""
-    return job_costs_so_far(jobs=[job], now=now)[job.pk]
+    row = {
+        "id": job.pk,
+        "state": job.state,
+        "kind": job.kind,
+        "attempt": job.attempt,
+        "gpu_count": job.gpu_count,
+        "cost_minor": job.cost_minor,
+        "resource_class__name": job.resource_class.name,
+    }
+    return job_costs_so_far(jobs=[row], now=now)[job.pk]
 
 
-def job_costs_so_far(*, jobs: list[Job], now=None) -> dict[int, int]:
-    """job_cost_so_far of each job, in two queries whatever the number of running jobs (a page
-    of the API's job list), not two per running job."""
-    costs = {job.pk: job.cost_minor for job in jobs}
-    active = {job.pk: job for job in jobs if job.state in ACTIVE_STATES}
+def job_costs_so_far(*, jobs: list[dict], now=None) -> dict[int, int]:
+    """job_cost_so_far of each job (a dict with COST_FIELDS' keys: a page of the API's job list
+    serializes from values() rows), in two queries whatever the number of running jobs, not two
+    per running job."""
+    costs = {job["id"]: job["cost_minor"] for job in jobs}
+    active = {job["id"]: job for job in jobs if job["state"] in ACTIVE_STATES}
     if not active:
         return costs
     started = {
         attempt.job_id: attempt.started_at
-        for attempt in JobAttempt.objects.filter(job_id__in=active, started_at__isnull=False).only(
-            "job_id", "number", "started_at"
-        )
-        if attempt.number == active[attempt.job_id].attempt
+        for attempt in JobAttempt.objects.filter(job_id__in=active, started_at__isnull=False)
+        .only("job_id", "number", "started_at")
+        .order_by()  # the model's order (job, number) would join the jobs table, for nothing
+        if attempt.number == active[attempt.job_id]["attempt"]
     }
     # A replica's running attempt is billed as it runs: cost_minor holds those parts already.
     billed = usage_billed_through(
         source_type="job_attempt",
         attempts={
-            str(pk): active[pk].attempt for pk in started if active[pk].kind == Job.Kind.SERVE
+            str(pk): active[pk]["attempt"] for pk in started if active[pk]["kind"] == Job.Kind.SERVE
         },
     )
-    prices = price_table(resources={gpu_resource(active[pk].resource_class.name) for pk in started})
+    prices = price_table(
+        resources={gpu_resource(active[pk]["resource_class__name"]) for pk in started}
+    )
     now = now or timezone.now()
     for pk, started_at in started.items():
         job = active[pk]
         since = max(started_at, billed.get(str(pk), started_at))
         seconds = Decimal(max(0.0, (now - since).total_seconds()))
         price, currency = price_at(
-            prices, resource=gpu_resource(job.resource_class.name), at=started_at
+            prices, resource=gpu_resource(job["resource_class__name"]), at=started_at
         )
-        costs[pk] += int(seconds * job.gpu_count * price * minor_per_unit(currency))
+        costs[pk] += int(seconds * job["gpu_count"] * price * minor_per_unit(currency))
     return costs
 
 

@@ -113,6 +113,38 @@ def model_version_code_package(model_version: ModelVersion) -> CodePackageVersio
     )
 
 
+def version_names(
+    *,
+    organization: Organization,
+    dataset_versions: set[int],
+    model_versions: set[int],
+    code_package_versions: set[int],
+) -> dict[str, dict[int, tuple[str, int]]]:
+    """(name, number) of each version by id, per kind ("dataset", "model", "code_package"):
+    what a page of jobs shows of the versions it names, in one small query per kind named.
+
+    Apart from the page's own query: joining the eight version and parent tables into it made
+    PostgreSQL's planner spend 10 to 28 ms on every page (bench/load.py, docs/benchmarks.md).
+    """
+    kinds = {
+        "dataset": (DatasetVersion, dataset_versions, "dataset__name"),
+        "model": (ModelVersion, model_versions, "registered_model__name"),
+        "code_package": (CodePackageVersion, code_package_versions, "package__name"),
+    }
+    names: dict[str, dict[int, tuple[str, int]]] = {}
+    for kind, (model, ids, parent_name) in kinds.items():
+        rows = (
+            model.objects.for_organization(organization)
+            .filter(pk__in=ids)
+            .order_by()  # a lookup by id: the models' orders would only add sorting
+            .values_list("pk", parent_name, "number")
+            if ids
+            else []
+        )
+        names[kind] = {pk: (name, number) for pk, name, number in rows}
+    return names
+
+
 def registered_model_list(*, organization: Organization) -> QuerySet[RegisteredModel]:
     return RegisteredModel.objects.for_organization(organization).annotate(
         version_count=Count("versions")

@@ -1,8 +1,14 @@
-from drf_spectacular.utils import extend_schema_field
-from rest_framework import serializers
+from functools import cache
 
-from jobs.models import Job, JobEvent, JobLog, JobMetric, JobState, Sweep
-from jobs.selectors import job_cost_so_far
+from django.utils import timezone
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import ISO_8601, serializers
+from rest_framework.settings import api_settings
+
+from jobs.models import Job, JobEvent, JobLog, JobMetric, JobState, Sweep, waiting_text
+from jobs.selectors import COST_FIELDS, job_cost_so_far, job_costs_so_far, queue_positions
+from registry.selectors import version_names
+from tenants.models import Organization
 
 
 class DatasetRefSerializer(serializers.Serializer):
@@ -172,11 +178,124 @@ class JobSerializer(serializers.ModelSerializer):
         return {"dataset": version.dataset.name, "number": version.number} if version else None
 
     def get_cost_so_far_minor(self, job) -> int:
-        # A list computes its whole page's costs at once (JobViewSet.list).
-        costs = self.context.get("costs_so_far")
-        if costs is not None and job.pk in costs:
-            return costs[job.pk]
         return job_cost_so_far(job=job)
+
+
+# The reads (one job, a page of them) answer JobSerializer's fields from values() rows: the
+# serializer's per-field machinery over model instances with seven related objects each was most
+# of a page's CPU (docs/benchmarks.md, API under load). Plain fields go through JobSerializer's own
+# field objects, so a plain field added to it appears here too; its method fields are rebuilt
+# below from the row and the names of the versions it points at, and a method field added there
+# without a counterpart here fails at the first read (and in tests/jobs/test_api_rows.py).
+_VERSION_FIELDS = {
+    # JobSerializer method field: (the job's foreign key, kind in version_names, name key).
+    "dataset": ("input_dataset_version", "dataset", "dataset"),
+    "code_package": ("code_package_version", "code_package", "package"),
+    "input_model": ("input_model_version", "model", "model"),
+    "output_model": ("output_model_version", "model", "model"),
+    "output_dataset": ("output_dataset_version", "dataset", "dataset"),
+}
+
+
+# JobSerializer fields read from a property a scheduling pass leaves to be worked out when read:
+# the row keys each needs (job_rows_data computes them as the properties do).
+_COMPUTED_FIELDS = {
+    "waiting_reason": ("waiting_reason", "reserved_machine", "expected_start_at"),
+    "queue_position": ("state", "resource_class"),
+}
+
+
+@cache
+def _row_plan() -> tuple[tuple, tuple[str, ...]]:
+    """(per JobSerializer field: name, row key, how to show a value), and the values() keys."""
+    plan = []
+    for name, field in JobSerializer().fields.items():
+        if name in _COMPUTED_FIELDS:
+            plan.append((name, None, None))
+        elif isinstance(field, serializers.SerializerMethodField):
+            if name != "cost_so_far_minor" and name not in _VERSION_FIELDS:
+                raise LookupError(f"JobSerializer.{name} has no counterpart in job_rows_data.")
+            plan.append((name, None, None))
+        elif isinstance(field, serializers.RelatedField):
+            plan.append((name, field.source, None))  # values() gives the primary key itself
+        elif _iso_datetime(field):
+            plan.append((name, field.source, _DATETIME))
+        else:
+            plan.append((name, field.source.replace(".", "__"), field.to_representation))
+    keys = {key for _, key, _ in plan if key} | set(COST_FIELDS)
+    keys |= {relation for relation, _, _ in _VERSION_FIELDS.values()}
+    keys |= {key for needed in _COMPUTED_FIELDS.values() for key in needed}
+    return tuple(plan), tuple(sorted(keys))
+
+
+# DateTimeField's ISO 8601 output, the API's format, shown in job_rows_data with the current
+# timezone read once per page: DRF reads it for every value (four a job); formatting a page of
+# 50 rows took 1.2 ms of CPU that way, 0.5 ms this way.
+_DATETIME = object()
+
+
+def _iso_datetime(field) -> bool:
+    return (
+        isinstance(field, serializers.DateTimeField)
+        and not hasattr(field, "format")
+        and not hasattr(field, "timezone")
+        and api_settings.DATETIME_FORMAT.lower() == ISO_8601
+    )
+
+
+def job_row_fields() -> tuple[str, ...]:
+    """The values() keys job_rows_data reads."""
+    return _row_plan()[1]
+
+
+def job_rows_data(*, rows: list[dict], organization: Organization) -> list[dict]:
+    """JobSerializer(job).data of each row of `job_row_fields()`, the same dicts field by field;
+    the page's running jobs priced together and its versions named in a query per kind."""
+    plan, _ = _row_plan()
+    costs = job_costs_so_far(jobs=rows)
+    ids: dict[str, set[int]] = {"dataset": set(), "model": set(), "code_package": set()}
+    for row in rows:
+        for relation, kind, _ in _VERSION_FIELDS.values():
+            if row[relation] is not None:
+                ids[kind].add(row[relation])
+    names = version_names(
+        organization=organization,
+        dataset_versions=ids["dataset"],
+        model_versions=ids["model"],
+        code_package_versions=ids["code_package"],
+    )
+    positions = queue_positions(
+        organization=organization,
+        resource_class_ids={
+            row["resource_class"] for row in rows if row["state"] == JobState.QUEUED
+        },
+    )
+    zone = timezone.get_current_timezone()
+    data = []
+    for row in rows:
+        item = {}
+        for name, key, show in plan:
+            if key is not None:
+                value = row[key]
+                if value is None or show is None:
+                    item[name] = value
+                elif show is _DATETIME:
+                    text = value.astimezone(zone).isoformat()
+                    item[name] = text[:-6] + "Z" if text.endswith("+00:00") else text
+                else:
+                    item[name] = show(value)
+            elif name == "cost_so_far_minor":
+                item[name] = costs[row["id"]]
+            elif name == "waiting_reason":
+                item[name] = waiting_text(*(row[key] for key in _COMPUTED_FIELDS[name]))
+            elif name == "queue_position":
+                item[name] = positions.get(row["id"]) if row["state"] == JobState.QUEUED else None
+            else:
+                relation, kind, label = _VERSION_FIELDS[name]
+                version = names[kind].get(row[relation])
+                item[name] = {label: version[0], "number": version[1]} if version else None
+        data.append(item)
+    return data
 
 
 class JobSubmittedSerializer(JobSerializer):

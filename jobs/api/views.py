@@ -138,18 +138,21 @@ class JobViewSet(
         filters.is_valid(raise_exception=True)
         return selectors.job_list(organization=self.organization, **filters.validated_data)
 
+    # The reads answer from values() rows (serializers.job_rows_data), not model instances: the
+    # same fields, a fraction of the CPU. Both still start from the org-scoped queryset.
     def list(self, request, *args, **kwargs):
-        queryset = self.filter_queryset(self.get_queryset())
+        queryset = self.filter_queryset(self.get_queryset()).values(*s.job_row_fields())
         page = self.paginate_queryset(queryset)
-        jobs = page if page is not None else list(queryset)
-        selectors.queue_positions_attach(organization=self.organization, jobs=jobs)
-        # The page's running jobs are priced together: two queries, not two per running job.
-        context = {
-            **self.get_serializer_context(),
-            "costs_so_far": selectors.job_costs_so_far(jobs=jobs),
-        }
-        data = self.get_serializer(jobs, many=True, context=context).data
+        rows = page if page is not None else list(queryset)
+        data = s.job_rows_data(rows=rows, organization=self.organization)
         return self.get_paginated_response(data) if page is not None else Response(data)
+
+    def retrieve(self, request, *args, **kwargs):
+        rows = self.filter_queryset(self.get_queryset()).values(*s.job_row_fields())
+        lookup = self.lookup_url_kwarg or self.lookup_field
+        row = generics.get_object_or_404(rows, **{self.lookup_field: self.kwargs[lookup]})
+        self.check_object_permissions(request, row)
+        return Response(s.job_rows_data(rows=[row], organization=self.organization)[0])
 
     def create(self, request, *args, **kwargs):
         data = s.JobSubmitSerializer(data=request.data)

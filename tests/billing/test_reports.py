@@ -316,7 +316,8 @@ def test_chart_draws_resources_past_the_palette_as_one_other_series():
 
 @pytest.mark.django_db
 def test_report_takes_a_fixed_number_of_queries(ledger, django_assert_num_queries):
-    with django_assert_num_queries(3):
+    """One aggregate: groups, totals and the daily series are sums of its cells."""
+    with django_assert_num_queries(1):
         report_for(ledger, "user")
 
 
@@ -659,3 +660,53 @@ def test_ops_overview_queries_do_not_grow_with_tenants(month_ledger):
     with CaptureQueriesContext(connection) as after:
         reports.ops_billing_overview(now=now)
     assert len(after) == len(before)
+
+
+@pytest.mark.django_db
+def test_currencies_and_units_keep_apart_in_the_one_query(settings):
+    """Groups split by currency, quantity only where a group has one unit, and the daily series
+    in the report's currency alone: what the three aggregates said, from one query's cells."""
+    settings.BILLING_CURRENCY = "usd"
+    org = OrganizationFactory()
+
+    def row(n, *, resource, unit, quantity, amount, currency, day):
+        UsageRecord.objects.create(
+            organization=org,
+            resource=resource,
+            quantity=Decimal(quantity),
+            unit=unit,
+            unit_price=Decimal("0.01"),
+            amount_minor=amount,
+            currency=currency,
+            period_start=at(day) - timedelta(seconds=1),
+            period_end=at(day),
+            idempotency_key=f"mixed:{n}",
+        )
+
+    row(1, resource="gpu:a", unit="gpu_second", quantity="1.5", amount=300, currency="usd", day=2)
+    row(2, resource="gpu:a", unit="gpu_second", quantity="2.25", amount=200, currency="usd", day=3)
+    row(3, resource="gpu:a", unit="gpu_hour", quantity="1", amount=100, currency="usd", day=3)
+    row(4, resource="storage", unit="gb_month", quantity="0.5", amount=40, currency="usd", day=3)
+    row(5, resource="gpu:a", unit="gpu_second", quantity="9", amount=900, currency="eur", day=4)
+    report = reports.usage_report(
+        organization=org, start=START, end=END, group_by="resource", label_key=""
+    )
+    assert report.currency == "usd" and report.total_minor == 640
+    assert [(t.currency, t.amount_minor) for t in report.totals] == [("eur", 900), ("usd", 640)]
+    assert [(r.group, r.currency, r.amount_minor, r.quantity, r.unit) for r in report.rows] == [
+        ("gpu:a", "eur", 900, Decimal("9.000000"), "gpu_second"),
+        ("gpu:a", "usd", 600, None, ""),  # seconds and hours: no one quantity
+        ("storage", "usd", 40, Decimal("0.500000"), "gb_month"),
+    ]
+    assert report.resources == ["gpu:a", "storage"]
+    assert [(d.day.day, d.amounts, d.total_minor) for d in report.daily[1:4]] == [
+        (2, {"gpu:a": 300, "storage": 0}, 300),
+        (3, {"gpu:a": 300, "storage": 40}, 340),
+        (4, {"gpu:a": 0, "storage": 0}, 0),  # euros only that day
+    ]
+    by_day = reports.usage_report(organization=org, start=START, end=END, group_by="day")
+    assert [(r.key, r.currency, r.amount_minor) for r in by_day.rows] == [
+        ("2026-10-02", "usd", 300),
+        ("2026-10-03", "usd", 340),
+        ("2026-10-04", "eur", 900),
+    ]

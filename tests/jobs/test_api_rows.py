@@ -1,0 +1,145 @@
+"""The job reads (one job, a page of them) answer from values() rows; what they answer is exactly
+what JobSerializer says of the same jobs, field by field, in every state and with every relation
+a job can name."""
+
+from datetime import timedelta
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from jobs.api.serializers import JobSerializer
+from jobs.models import Job, JobAttempt, JobState, ResourceClass, Worker
+from registry.models import CodePackage, CodePackageVersion
+from tests.factories import (
+    DatasetVersionFactory,
+    JobFactory,
+    MembershipFactory,
+    ModelVersionFactory,
+)
+
+pytestmark = pytest.mark.django_db
+
+RUNNING_LIKE = {JobState.SCHEDULED, JobState.RUNNING, JobState.PREEMPTED, JobState.CANCELLING}
+
+
+def _code_package_version(org):
+    package = CodePackage.objects.create(organization=org, name="own-code")
+    return CodePackageVersion.objects.create(
+        organization=org,
+        package=package,
+        number=3,
+        storage_key=f"orgs/{org.pk}/code/own-code/3.zip",
+        archive_format="zip",
+        size_bytes=10,
+        sha256="0" * 64,
+        manifest={},
+    )
+
+
+@pytest.fixture
+def jobs(org, member_factory):
+    """One job per state, each with a started attempt where it has one; the first also names
+    every version, a worker, its submitter and the job it retries."""
+    submitter = member_factory(org, "developer")
+    worker = Worker.objects.create(
+        name="w-rows", resource_class=ResourceClass.objects.get(name="cpu"), slots=4, queue="q"
+    )
+    first = JobFactory(organization=org, state=JobState.FAILED, failure_reason="out of memory")
+    now = timezone.now()
+    made = [first]
+    for n, state in enumerate(JobState.values):
+        running = state in RUNNING_LIKE
+        job = JobFactory(
+            organization=org,
+            state=state,
+            created_by=submitter if n % 2 else None,
+            created_at=now - timedelta(minutes=n),
+            attempt=1 if state != JobState.QUEUED else 0,
+            started_at=now - timedelta(hours=1) if state != JobState.QUEUED else None,
+            finished_at=now if not running and state != JobState.QUEUED else None,
+            worker=worker if running else None,
+            slot_indices=[n % 4] if running else [],
+            waiting_reason="waiting for 1 free cpu" if state == JobState.QUEUED else "",
+            # A reservation, whose ETA both paths work out when read (the middle of a minute).
+            reserved_machine=worker.pk if state == JobState.QUEUED else None,
+            expected_start_at=now + timedelta(minutes=10, seconds=30)
+            if state == JobState.QUEUED
+            else None,
+            cost_minor=n * 7,
+            labels={"team": "ml"},
+        )
+        if state != JobState.QUEUED:
+            JobAttempt.objects.create(
+                organization=org, job=job, number=1, started_at=now - timedelta(hours=1)
+            )
+        made.append(job)
+    named = made[1]
+    named.output_dataset_version = DatasetVersionFactory(organization=org)
+    named.input_model_version = ModelVersionFactory(organization=org)
+    named.output_model_version = ModelVersionFactory(organization=org)
+    named.code_package_version = _code_package_version(org)
+    named.retry_of = first
+    named.save()
+    return made
+
+
+def _expected(job: Job) -> dict:
+    return dict(JobSerializer(Job.objects.get(pk=job.pk)).data)
+
+
+def _assert_same(got: dict, want: dict) -> None:
+    assert list(got) == list(want)  # the same fields, in the same order
+    for field, value in want.items():
+        if field == "cost_so_far_minor":
+            # A running job's cost grows while the test runs: a cent at most between the two.
+            assert value <= got[field] <= value + 1, field
+        else:
+            assert got[field] == value, field
+
+
+def test_list_and_detail_answer_what_the_job_serializer_says(org, jobs, member_factory, client_for):
+    client = client_for(member_factory(org, "viewer"))
+    url = f"/api/v1/orgs/{org.slug}/jobs/"
+    listed = {row["id"]: row for row in client.get(url).json()["results"]}
+    assert set(listed) == {job.pk for job in jobs}
+    for job in jobs:
+        want = _expected(job)
+        _assert_same(listed[job.pk], want)
+        detail = client.get(f"{url}{job.pk}/")
+        assert detail.status_code == 200
+        _assert_same(detail.json(), want)
+    named = next(row for row in listed.values() if row["code_package"])
+    assert named["code_package"] == {"package": "own-code", "number": 3}
+    assert named["input_model"] and named["output_model"] and named["output_dataset"]
+    assert named["retry_of"] and any(row["worker"] == "w-rows" for row in listed.values())
+    running = next(job for job in jobs if job.state == JobState.RUNNING)
+    assert listed[running.pk]["cost_so_far_minor"] > running.cost_minor  # an hour, priced
+
+
+def test_another_organizations_job_is_404_and_never_listed(org, other_org, jobs, key_client_for):
+    outsider = MembershipFactory(organization=other_org, role="owner").user
+    client = key_client_for(outsider, other_org)
+    assert client.get(f"/api/v1/orgs/{other_org.slug}/jobs/").json()["results"] == []
+    for path in (f"{jobs[0].pk}/", "not-a-number/"):
+        assert client.get(f"/api/v1/orgs/{other_org.slug}/jobs/{path}").status_code == 404
+    assert client.get(f"/api/v1/orgs/{org.slug}/jobs/{jobs[0].pk}/").status_code == 404
+
+
+def test_a_page_reads_in_a_fixed_number_of_queries(org, jobs, member_factory, key_client_for):
+    """The page's versions are named in one query per kind, however many jobs name them."""
+    client = key_client_for(member_factory(org, "developer"), org)
+    url = f"/api/v1/orgs/{org.slug}/jobs/"
+    client.get(url)
+    with CaptureQueriesContext(connection) as before:
+        client.get(url)
+    for _ in range(5):
+        JobFactory(
+            organization=org,
+            input_model_version=ModelVersionFactory(organization=org),
+            output_dataset_version=DatasetVersionFactory(organization=org),
+        )
+    with CaptureQueriesContext(connection) as after:
+        assert len(client.get(url).json()["results"]) == len(jobs) + 5
+    assert len(after.captured_queries) == len(before.captured_queries)
