@@ -23,6 +23,7 @@ most 10). Datetime columns add `min` and `max` as ISO strings. An image zip's pr
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from registry.formats.base import (
@@ -57,12 +58,17 @@ _EXTENSIONS = {"csv": ".csv", "parquet": ".parquet", "npz": ".npz", "image_folde
 
 
 def inspect_dataset(
-    path: Path, *, limits: DatasetLimits = DEFAULT_LIMITS, declared_format: str | None = None
+    path: Path,
+    *,
+    limits: DatasetLimits = DEFAULT_LIMITS,
+    declared_format: str | None = None,
+    progress: Callable[[float], None] | None = None,
 ) -> DatasetInspection:
     """Check the file against `limits` and return its schema, profile and preview.
 
     Raises DatasetFormatError when the content is not an accepted dataset, breaks a limit, or is
-    not the `declared_format` (a file whose name lies about its content is refused).
+    not the `declared_format` (a file whose name lies about its content is refused). CSV and
+    Parquet call `progress` with the fraction read so far as they go.
     """
     size = path.stat().st_size
     if size > limits.max_bytes:
@@ -73,7 +79,7 @@ def inspect_dataset(
     detected = sniff_format(path, limits=limits)
     if declared_format is not None:
         _check_declared(declared_format, detected)
-    return _inspector(detected)(path, limits)
+    return _inspector(detected, progress)(path, limits)
 
 
 def _check_declared(declared_format: str, detected: str) -> None:
@@ -90,17 +96,19 @@ def _check_declared(declared_format: str, detected: str) -> None:
         )
 
 
-def _inspector(detected: str) -> Callable[[Path, DatasetLimits], DatasetInspection]:
+def _inspector(
+    detected: str, progress: Callable[[float], None] | None
+) -> Callable[[Path, DatasetLimits], DatasetInspection]:
     """Import each reader only when its format arrives: pyarrow alone adds a noticeable start-up
     cost that a web process which never sees Parquet should not pay."""
     if detected == "csv":
         from registry.formats.csv_files import inspect_csv
 
-        return inspect_csv
+        return partial(inspect_csv, progress=progress)
     if detected == "parquet":
         from registry.formats.parquet_files import inspect_parquet
 
-        return inspect_parquet
+        return partial(inspect_parquet, progress=progress)
     if detected == "npz":
         from registry.formats.npz_files import inspect_npz
 

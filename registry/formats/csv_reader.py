@@ -128,10 +128,61 @@ def read_csv(
     (about a block at a time) without it; always at least one chunk, so the header is known.
 
     `dialect` is the one stored at upload; None (a version recorded before dialects were
-    stored) detects it exactly as the upload did. Raises DatasetFormatError, naming the row
-    where it can, for a header that does not name every column once, a row with a different
-    number of cells, a cell over MAX_CELL_BYTES, a row longer than BLOCK_BYTES (or a quote never
-    closed), and text that is not in the dialect's encoding.
+    stored) detects it exactly as the upload did. Raises what `read_csv_blocks` raises.
+    """
+    pending: list[list[str]] = []
+    first_row = 0
+    names: list[str] = []
+    for block in read_csv_blocks(path, dialect, max_columns=max_columns):
+        names = block.names
+        batch = block.batch
+        if not pending:
+            pending = [[] for _ in names]
+        if chunk_rows is None:
+            if batch.num_rows or not first_row:
+                cells = [column.to_pylist() for column in batch.columns]
+                yield CsvChunk(names, cells, first_row)
+            first_row += batch.num_rows
+            continue
+        # Only a chunk's rows become Python strings at a time; the block stays in Arrow.
+        offset = 0
+        while offset < batch.num_rows:
+            take = min(chunk_rows - len(pending[0]), batch.num_rows - offset)
+            piece = batch.slice(offset, take)
+            for column, more in zip(pending, piece.columns, strict=True):
+                column.extend(more.to_pylist())
+            offset += take
+            if len(pending[0]) == chunk_rows:
+                yield CsvChunk(names, pending, first_row)
+                pending = [[] for _ in names]
+                first_row += chunk_rows
+    if chunk_rows is not None and (pending[0] or not first_row):
+        yield CsvChunk(names, pending, first_row)
+
+
+@dataclass(frozen=True)
+class CsvBlock:
+    """One parsed block: `batch` holds column `names[i]`'s cells as Arrow strings in column i.
+    `first_row` is the number of data rows before it; `bytes_read` how far into the file the
+    reader is (it reads a little ahead), for progress."""
+
+    names: list[str]
+    batch: Any
+    first_row: int
+    bytes_read: int
+
+
+def read_csv_blocks(
+    path: Path, dialect: CsvDialect | None = None, *, max_columns: int | None = None
+) -> Iterator[CsvBlock]:
+    """The file's data rows as Arrow record batches of about BLOCK_BYTES, never as Python
+    objects, for readers that work on whole columns; always at least one block (empty for a
+    header alone), so the header is known.
+
+    Raises DatasetFormatError, naming the row where it can, for a header that does not name
+    every column once, a row with a different number of cells, a cell over MAX_CELL_BYTES, a
+    row longer than BLOCK_BYTES (or a quote never closed), and text that is not in the
+    dialect's encoding.
     """
     import pyarrow as pa
     import pyarrow.csv as pa_csv
@@ -165,33 +216,21 @@ def read_csv(
             strings_can_be_null=False,
             quoted_strings_can_be_null=False,
         )
-        pending: list[list[str]] = [[] for _ in names]
-        first_row = 0
-        with pa_csv.open_csv(
-            path, read_options=read, parse_options=parse, convert_options=convert
-        ) as reader:
+        yielded = False
+        with (
+            pa.OSFile(str(path)) as source,
+            pa_csv.open_csv(
+                source, read_options=read, parse_options=parse, convert_options=convert
+            ) as reader,
+        ):
             for batch in reader:
                 _check_cell_sizes(batch, names, rows)
+                yield CsvBlock(names, batch, rows, source.tell())
+                yielded = True
                 rows += batch.num_rows
-                if chunk_rows is None:
-                    cells = [column.to_pylist() for column in batch.columns]
-                    yield CsvChunk(names, cells, first_row)
-                    first_row += batch.num_rows
-                    continue
-                # Only a chunk's rows become Python strings at a time; the block stays in Arrow.
-                offset = 0
-                while offset < batch.num_rows:
-                    take = min(chunk_rows - len(pending[0]), batch.num_rows - offset)
-                    piece = batch.slice(offset, take)
-                    for column, more in zip(pending, piece.columns, strict=True):
-                        column.extend(more.to_pylist())
-                    offset += take
-                    if len(pending[0]) == chunk_rows:
-                        yield CsvChunk(names, pending, first_row)
-                        pending = [[] for _ in names]
-                        first_row += chunk_rows
-        if pending[0] or not first_row:
-            yield CsvChunk(names, pending, first_row)
+            if not yielded:
+                empty = pa.RecordBatch.from_pylist([], schema=reader.schema)
+                yield CsvBlock(names, empty, 0, source.tell())
     except pa.ArrowInvalid as exc:
         raise _parse_error(path, exc, refused, rows) from exc
 
