@@ -25,7 +25,7 @@ from jobs.recipes.base import Recipe, validate_parameters
 from jobs.recipes.catalog import get_recipe
 from jobs.runner.protocol import StrictValidator
 from registry.models import CodePackageVersion, DatasetVersion, ModelVersion
-from registry.selectors import dataset_list, registered_model_list
+from registry.selectors import dataset_list, dataset_version_require_ready, registered_model_list
 from registry.services.datasets import validate_name
 from tenants.actors import Actor
 from tenants.errors import ConflictError, DomainError, PermissionDeniedError
@@ -162,6 +162,7 @@ def _inputs_check(
         raise DomainError(
             "A job needs an input dataset version.", fields={"dataset": ["Required."]}
         )
+    dataset_version_require_ready(dataset_version)
 
 
 def _format_check(recipe_cls: type[Recipe], dataset_version: DatasetVersion) -> None:
@@ -273,6 +274,8 @@ def code_package_spec(
         raise DomainError("Inputs must be this organization's own versions.")
     if dataset_version is not None and dataset_version.organization_id != organization.pk:
         raise DomainError("Inputs must be this organization's own versions.")
+    if dataset_version is not None:
+        dataset_version_require_ready(dataset_version)
     parameters = parameters if parameters is not None else {}
     if not isinstance(parameters, dict):
         raise DomainError(

@@ -40,6 +40,7 @@ __all__ = [
     "DatasetFormatError",
     "DatasetInspection",
     "DatasetLimits",
+    "check_format",
     "compare_profiles",
     "inspect_dataset",
     "sniff_format",
@@ -70,6 +71,16 @@ def inspect_dataset(
     not the `declared_format` (a file whose name lies about its content is refused). CSV and
     Parquet call `progress` with the fraction read so far as they go.
     """
+    detected = check_format(path, limits=limits, declared_format=declared_format)
+    return _inspector(detected, progress)(path, limits)
+
+
+def check_format(
+    path: Path, *, limits: DatasetLimits = DEFAULT_LIMITS, declared_format: str | None = None
+) -> str:
+    """The first, cheap part of `inspect_dataset`: the size, the format the content is, and
+    whether that is the one declared; returns the format. Reads the head of a CSV, the ends of
+    a Parquet file, the directory of a zip, never the data."""
     size = path.stat().st_size
     if size > limits.max_bytes:
         raise DatasetFormatError(
@@ -79,7 +90,7 @@ def inspect_dataset(
     detected = sniff_format(path, limits=limits)
     if declared_format is not None:
         _check_declared(declared_format, detected)
-    return _inspector(detected, progress)(path, limits)
+    return detected
 
 
 def _check_declared(declared_format: str, detected: str) -> None:
