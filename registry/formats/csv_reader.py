@@ -17,8 +17,10 @@ imports pyarrow only when a CSV arrives.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import re
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -37,6 +39,9 @@ BLOCK_BYTES = 2 * MAX_CELL_BYTES
 # Text files never hold these; binary files almost always do within 64 KiB.
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _ENCODINGS = {"utf-8": "utf8"}  # ours -> pyarrow's name; a byte order mark is skipped
+# Blocks the parser may read beyond those already handed out: it needs the next one to finish a
+# row that straddles two, and one more to keep the disk busy while a block is worked on.
+READ_AHEAD_BLOCKS = 2
 
 
 @dataclass(frozen=True)
@@ -208,7 +213,7 @@ def read_csv_blocks(
     )
     rows = 0
     try:
-        with pa_csv.open_csv(path, read_options=read, parse_options=parse) as first_block:
+        with _paced_csv(path, read_options=read, parse_options=parse) as (first_block, _):
             raw_names = first_block.schema.names
         names = _checked_header(raw_names, max_columns)
         convert = pa_csv.ConvertOptions(
@@ -217,22 +222,104 @@ def read_csv_blocks(
             quoted_strings_can_be_null=False,
         )
         yielded = False
-        with (
-            pa.OSFile(str(path)) as source,
-            pa_csv.open_csv(
-                source, read_options=read, parse_options=parse, convert_options=convert
-            ) as reader,
+        with _paced_csv(path, read_options=read, parse_options=parse, convert_options=convert) as (
+            reader,
+            source,
         ):
             for batch in reader:
+                source.handed_out()
                 _check_cell_sizes(batch, names, rows)
-                yield CsvBlock(names, batch, rows, source.tell())
+                yield CsvBlock(names, batch, rows, source.position)
                 yielded = True
                 rows += batch.num_rows
             if not yielded:
                 empty = pa.RecordBatch.from_pylist([], schema=reader.schema)
-                yield CsvBlock(names, empty, 0, source.tell())
+                yield CsvBlock(names, empty, 0, source.position)
     except pa.ArrowInvalid as exc:
         raise _parse_error(path, exc, refused, rows) from exc
+
+
+class _PacedFile:
+    """The file as pyarrow's streaming CSV reader reads it, a block per `read`, but never more
+    than READ_AHEAD_BLOCKS past the blocks handed out (`handed_out`).
+
+    The reader reads on a background thread that would otherwise run up to 32 blocks (256 MiB)
+    ahead of a consumer slower than the disk. `release` lets it run free, so that a reader
+    closed early (an error, a consumer that stopped) is never left waiting.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._file = path.open("rb")
+        self._turn = threading.Condition()
+        self._reads = 0
+        self._handed_out = 0
+        self._released = False
+        self.position = 0
+        self.closed = False
+
+    def read_buffer(self, size: int) -> Any:
+        """The next `size` bytes, read straight into an Arrow buffer: no Python bytes object,
+        so a block costs its memory once, in Arrow's pool."""
+        import pyarrow as pa
+
+        with self._turn:
+            self._turn.wait_for(
+                lambda: self._released or self._reads <= self._handed_out + READ_AHEAD_BLOCKS
+            )
+            self._reads += 1
+        buffer = pa.allocate_buffer(size, resizable=True)
+        read = self._file.readinto(memoryview(buffer)) or 0
+        buffer.resize(read)
+        self.position += read
+        return buffer
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0:
+            size = max(self._file.seek(0, 2) - self.position, 0)
+            self._file.seek(self.position)
+        return self.read_buffer(size).to_pybytes()
+
+    def handed_out(self) -> None:
+        with self._turn:
+            self._handed_out += 1
+            self._turn.notify_all()
+
+    def release(self) -> None:
+        with self._turn:
+            self._released = True
+            self._turn.notify_all()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def tell(self) -> int:
+        return self.position
+
+    def close(self) -> None:
+        self.closed = True
+        self._file.close()
+
+
+@contextlib.contextmanager
+def _paced_csv(path: Path, **options: Any) -> Iterator[tuple[Any, _PacedFile]]:
+    """pyarrow's streaming CSV reader over a _PacedFile, and that file."""
+    import pyarrow as pa
+    import pyarrow.csv as pa_csv
+
+    source = _PacedFile(path)
+    try:
+        reader = pa_csv.open_csv(pa.PythonFile(source, mode="r"), **options)
+        try:
+            yield reader, source
+        finally:
+            source.release()
+            reader.close()
+    finally:
+        source.release()
+        source.close()
 
 
 def _check_cell_sizes(batch: Any, names: list[str], rows_before: int) -> None:
