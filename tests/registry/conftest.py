@@ -7,7 +7,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
-from django.test import override_settings
+from django.test import TestCase, override_settings
 from safetensors.numpy import save as save_safetensors
 
 from registry.models import DatasetVersion
@@ -24,23 +24,18 @@ def local_store(tmp_path, settings):
         yield root
 
 
-@pytest.fixture
-def run_checks(django_capture_on_commit_callbacks):
+def check_uploads() -> list[DatasetVersion]:
     """Run the checks the uploads owe, as a worker does once the outbox has sent them (the
     outbox and the worker themselves are proven with real processes in test_upload_checks);
     returns the versions checked, as the checks left them."""
-
-    def run() -> list[DatasetVersion]:
-        checking = DatasetVersion.objects.filter(state=DatasetVersion.State.CHECKING)
-        checked = []
-        for version_id in checking.order_by("pk").values_list("pk", flat=True):
-            # The check deletes a rejected file once its transaction commits.
-            with django_capture_on_commit_callbacks(execute=True):
-                dataset_version_check(version_id=version_id)
-            checked.append(DatasetVersion.objects.get(pk=version_id))
-        return checked
-
-    return run
+    checking = DatasetVersion.objects.filter(state=DatasetVersion.State.CHECKING)
+    checked = []
+    for version_id in checking.order_by("pk").values_list("pk", flat=True):
+        # The check deletes a rejected file once its transaction commits.
+        with TestCase.captureOnCommitCallbacks(execute=True):
+            dataset_version_check(version_id=version_id)
+        checked.append(DatasetVersion.objects.get(pk=version_id))
+    return checked
 
 
 def stored_files(root) -> list[str]:

@@ -16,7 +16,7 @@ from django.utils import timezone
 from registry.models import DatasetVersion, PendingUpload, StorageAccount
 from registry.storage import get_storage
 from tenants.models import AuditEvent
-from tests.registry.conftest import post_presigned, stored_files, zip_bytes
+from tests.registry.conftest import check_uploads, post_presigned, stored_files, zip_bytes
 
 pytestmark = pytest.mark.django_db
 
@@ -47,7 +47,7 @@ def _upload(client, org, name, content: bytes, filename="data.csv", **extra):
 
 
 def test_upload_creates_numbered_versions_with_schema_profile_and_preview(
-    org, dev_client, local_store, csv_bytes, run_checks
+    org, dev_client, local_store, csv_bytes
 ):
     name = _create_dataset(dev_client, org)
     first = _upload(dev_client, org, name, csv_bytes)
@@ -56,7 +56,7 @@ def test_upload_creates_numbered_versions_with_schema_profile_and_preview(
     assert (answered["number"], answered["state"], answered["row_count"]) == (1, "checking", None)
     assert answered["profile"] == {} and answered["rejection_reason"] == ""
 
-    run_checks()
+    check_uploads()
 
     body = dev_client.get(f"/api/v1/orgs/{org.slug}/datasets/{name}/versions/1/").json()
     assert (body["number"], body["format"], body["row_count"]) == (1, "csv", 3)
@@ -86,7 +86,7 @@ def test_upload_creates_numbered_versions_with_schema_profile_and_preview(
     ids=["inconsistent-csv", "lying-format", "zip-traversal", "garbage"],
 )
 def test_bad_uploads_are_refused_and_leave_nothing_behind(
-    org, dev_client, local_store, content, filename, extra, message, run_checks
+    org, dev_client, local_store, content, filename, extra, message
 ):
     """What the file's ends give away is a 400 at once; the rest, the check's rejection. Either
     way no object and no usable version is left, and the reason is the same."""
@@ -98,7 +98,7 @@ def test_bad_uploads_are_refused_and_leave_nothing_behind(
         assert not DatasetVersion.objects.exists()
     else:
         assert response.status_code == 201, response.content
-        [rejected] = run_checks()
+        [rejected] = check_uploads()
         assert (rejected.state, rejected.storage_key) == ("rejected", None)
         reason = rejected.rejection_reason
     assert message.lower() in reason.lower()
@@ -106,13 +106,13 @@ def test_bad_uploads_are_refused_and_leave_nothing_behind(
     assert not StorageAccount.objects.filter(organization=org, used_bytes__gt=0).exists()
 
 
-def test_npz_with_object_arrays_is_rejected_by_the_check(org, dev_client, local_store, run_checks):
+def test_npz_with_object_arrays_is_rejected_by_the_check(org, dev_client, local_store):
     buffer = io.BytesIO()
     np.savez(buffer, x=np.array([{"a": 1}, None], dtype=object))
     name = _create_dataset(dev_client, org)
     response = _upload(dev_client, org, name, buffer.getvalue(), "arrays.npz")
     assert response.status_code == 201, response.content
-    [rejected] = run_checks()
+    [rejected] = check_uploads()
     assert rejected.state == "rejected" and "unpickle" in rejected.rejection_reason
     assert stored_files(local_store) == []
 
@@ -146,9 +146,7 @@ def _start_upload(client, org, name, size):
     return started.json()
 
 
-def test_presigned_upload_then_finalize(
-    org, dev_client, local_store, csv_bytes, client, run_checks
-):
+def test_presigned_upload_then_finalize(org, dev_client, local_store, csv_bytes, client):
     name = _create_dataset(dev_client, org)
     started = _start_upload(dev_client, org, name, len(csv_bytes))
     assert (started["size_bytes"], started["fields"]) == (len(csv_bytes), {})
@@ -159,7 +157,7 @@ def test_presigned_upload_then_finalize(
     assert finalized.status_code == 201, finalized.content
     assert finalized.json()["state"] == "checking"
     assert not PendingUpload.objects.exists()
-    [checked] = run_checks()
+    [checked] = check_uploads()
     assert (checked.state, checked.row_count) == ("ready", 3)
     assert checked.sha256 == hashlib.sha256(csv_bytes).hexdigest()
     assert dev_client.post(finalize_url).status_code == 404
@@ -182,7 +180,7 @@ def test_starting_an_upload_needs_its_exact_size_within_the_limit(org, dev_clien
 
 
 def test_a_write_racing_the_finalize_does_not_reach_the_version(
-    org, dev_client, local_store, csv_bytes, client, monkeypatch, run_checks
+    org, dev_client, local_store, csv_bytes, client, monkeypatch
 ):
     """The check hashes and inspects finalize's own copy, so bytes swapped into the upload's key
     after the copy (its URL is still valid on S3) never become the version."""
@@ -202,7 +200,7 @@ def test_a_write_racing_the_finalize_does_not_reach_the_version(
     )
 
     assert finalized.status_code == 201, finalized.content
-    [checked] = run_checks()
+    [checked] = check_uploads()
     assert (checked.state, checked.row_count) == ("ready", 3)
     assert checked.sha256 == hashlib.sha256(csv_bytes).hexdigest()
     assert (local_store / checked.storage_key).read_bytes() == csv_bytes
@@ -228,7 +226,7 @@ def test_an_upload_of_another_size_than_declared_is_refused_at_finalize_and_disc
 
 
 def test_a_finalized_upload_the_check_rejects_leaves_neither_the_copy_nor_the_upload(
-    org, dev_client, local_store, client, run_checks
+    org, dev_client, local_store, client
 ):
     bad = b"a,b\n1,2\n3,4,5\n"
     name = _create_dataset(dev_client, org)
@@ -240,7 +238,7 @@ def test_a_finalized_upload_the_check_rejects_leaves_neither_the_copy_nor_the_up
     )
 
     assert finalized.status_code == 201, finalized.content
-    [rejected] = run_checks()
+    [rejected] = check_uploads()
     assert rejected.state == "rejected" and "columns" in rejected.rejection_reason
     assert not PendingUpload.objects.exists()
     assert stored_files(local_store) == []
@@ -248,14 +246,14 @@ def test_a_finalized_upload_the_check_rejects_leaves_neither_the_copy_nor_the_up
 
 
 def test_download_link_serves_the_bytes_once_checked(
-    org, dev_client, local_store, csv_bytes, client, run_checks
+    org, dev_client, local_store, csv_bytes, client
 ):
     name = _create_dataset(dev_client, org)
     _upload(dev_client, org, name, csv_bytes, "people.csv")
     download = f"/api/v1/orgs/{org.slug}/datasets/{name}/versions/1/download/"
     early = dev_client.get(download)
     assert (early.status_code, early.json()["code"]) == (409, "dataset_version_not_ready")
-    run_checks()
+    check_uploads()
     link = dev_client.get(download).json()
     assert link["sha256"] and link["name"] == "people.csv"
     response = client.get(_local_path(link["url"]))
@@ -276,12 +274,12 @@ def test_deleting_a_dataset_frees_its_storage(
 
 
 def test_upload_to_s3_and_fetch_the_presigned_download_over_http(
-    org, dev_client, s3_storage, csv_bytes, run_checks
+    org, dev_client, s3_storage, csv_bytes
 ):
     name = _create_dataset(dev_client, org)
     created = _upload(dev_client, org, name, csv_bytes, "s3.csv")
     assert created.status_code == 201, created.content
-    assert run_checks()[0].state == "ready"
+    assert check_uploads()[0].state == "ready"
     link = dev_client.get(f"/api/v1/orgs/{org.slug}/datasets/{name}/versions/1/download/").json()
     with urllib.request.urlopen(link["url"], timeout=10) as response:  # noqa: S310  the test S3 server
         assert response.read() == csv_bytes

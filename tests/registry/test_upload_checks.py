@@ -14,7 +14,7 @@ from tenants.models import AuditEvent
 from tests.chaos.redis_server import RedisServer, celery_broker
 from tests.pool import Pool
 from tests.processes import wait_for
-from tests.registry.conftest import stored_files
+from tests.registry.conftest import check_uploads, stored_files
 
 # Passes the checks the request makes (a CSV, by its head), fails the reading.
 BAD_CSV = b"a,b\n1,2\n3,4,5\n"
@@ -60,9 +60,7 @@ def _submit_training(client, org, version):
 pytestmark = pytest.mark.django_db
 
 
-def test_an_upload_still_checking_cannot_be_used_by_a_job(
-    org, dev_client, local_store, csv_bytes, run_checks
-):
+def test_an_upload_still_checking_cannot_be_used_by_a_job(org, dev_client, local_store, csv_bytes):
     version = _upload(dev_client, org, csv_bytes)
 
     refused = _submit_training(dev_client, org, version)
@@ -75,18 +73,18 @@ def test_an_upload_still_checking_cannot_be_used_by_a_job(
     assert "still being checked" in refused.json()["detail"]
     assert download.status_code == 409
     assert not Job.objects.exists()
-    run_checks()
+    check_uploads()
     assert _submit_training(dev_client, org, version).status_code == 201
     assert Job.objects.get().input_dataset_version == version
 
 
 def test_an_upload_the_check_rejects_leaves_no_object_and_no_usable_version(
-    org, dev_client, local_store, run_checks
+    org, dev_client, local_store
 ):
     version = _upload(dev_client, org, BAD_CSV)
     assert stored_files(local_store) == [version.storage_key]
 
-    [rejected] = run_checks()
+    [rejected] = check_uploads()
 
     assert rejected.state == DatasetVersion.State.REJECTED
     assert rejected.rejection_reason.startswith("Row 3 has 3 columns")
@@ -101,11 +99,11 @@ def test_an_upload_the_check_rejects_leaves_no_object_and_no_usable_version(
     assert not Job.objects.exists()
 
 
-def test_a_check_delivered_twice_decides_once(org, dev_client, local_store, run_checks):
+def test_a_check_delivered_twice_decides_once(org, dev_client, local_store):
     """The outbox delivers at least once: a second check of a decided version changes
     nothing (no second refund, no second audit row)."""
     version = _upload(dev_client, org, BAD_CSV)
-    run_checks()
+    check_uploads()
 
     assert dataset_version_check(version_id=version.pk) is None
 
@@ -123,7 +121,7 @@ def test_the_upload_owes_its_check_in_the_outbox(org, dev_client, local_store, c
 
 
 def test_the_version_page_shows_the_check_progress_then_redraws_once_checked(
-    org, dev_client, dev_page, local_store, csv_bytes, run_checks
+    org, dev_client, dev_page, local_store, csv_bytes
 ):
     version = _upload(dev_client, org, csv_bytes)
     DatasetVersion.objects.filter(pk=version.pk).update(check_progress=0.42)
@@ -136,17 +134,15 @@ def test_the_version_page_shows_the_check_progress_then_redraws_once_checked(
     assert "Checking the file" in page.content.decode() and "42% read" in page.content.decode()
     assert 'hx-trigger="every 2s"' in polled.content.decode()
     assert "HX-Refresh" not in polled
-    run_checks()
+    check_uploads()
     checked = dev_page.get(url, HTTP_HX_REQUEST="true")
     assert checked["HX-Refresh"] == "true"
     assert "Schema and profile" in dev_page.get(url).content.decode()
 
 
-def test_the_version_page_shows_why_the_check_rejected_it(
-    org, dev_client, dev_page, local_store, run_checks
-):
+def test_the_version_page_shows_why_the_check_rejected_it(org, dev_client, dev_page, local_store):
     version = _upload(dev_client, org, BAD_CSV)
-    run_checks()
+    check_uploads()
 
     url = f"/o/{org.slug}/datasets/readings/v/{version.number}/"
     page = dev_page.get(url)
