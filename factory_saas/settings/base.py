@@ -363,6 +363,7 @@ SPECTACULAR_SETTINGS = {
         "SubmittedJobKindEnum": "jobs.api.serializers.SUBMITTED_KINDS",
         "SweepStateEnum": "jobs.models.Sweep.State",
         "SourceEnum": "registry.models.DatasetVersion.Source",
+        "DatasetVersionStateEnum": "registry.models.DatasetVersionState",
         "InvoiceSourceEnum": "billing.models.Invoice.Source",
         "InvoiceStatusEnum": "billing.models.Invoice.Status",
         "ModeEnum": "jobs.models.Sweep.Mode",
