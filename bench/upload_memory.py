@@ -6,8 +6,9 @@ on the PostgreSQL database `factory_saas_bench` and Redis db 5, uploads a genera
 client that streams it, reads the web worker's peak RSS across the request, then polls the
 version until its check has made it ready, reading the Celery worker's peak RSS across the
 check. The baseline, in the same run, is a second gunicorn whose naive view reads the whole body
-into memory (`request.body`). Targets for a 200 MB upload: under 100 MB of growth, at least
-50 MB/s answered (upload_mb_per_s).
+into memory (`request.body`); beside it, the store's own ceiling: the same file put into
+SeaweedFS by boto3's `upload_file` (parts in parallel), nothing else. Targets for a 200 MB
+upload: under 100 MB of growth, at least 50 MB/s answered (upload_mb_per_s).
 
     .venv/bin/python -m bench.upload_memory             # 200 MB; a few minutes
     .venv/bin/python -m bench.upload_memory --mb 5      # smoke check
@@ -152,8 +153,17 @@ def run(*, size_mb: int) -> None:
             slug, token = create_tenant(env)
             ours, check = measure_api_upload(env, tmp, slug, token, csv_path, warm_path, rows)
             naive = measure_naive_upload(env, tmp, csv_path, warm_path)
+            store_put_s = measure_store_put(s3, csv_path)
             size_bytes = csv_path.stat().st_size
-    report(size_mb=size_mb, size_bytes=size_bytes, rows=rows, api=ours, check=check, baseline=naive)
+    report(
+        size_mb=size_mb,
+        size_bytes=size_bytes,
+        rows=rows,
+        api=ours,
+        check=check,
+        baseline=naive,
+        store_put_s=store_put_s,
+    )
 
 
 # --- the two cases ---------------------------------------------------------------------------
@@ -224,6 +234,15 @@ def wait_until_ready(port: int, target: str, auth: dict) -> dict:
             raise SystemExit(f"the check rejected the upload: {version.json()['rejection_reason']}")
         time.sleep(0.1)
     raise SystemExit(f"the upload was not checked within {READY_TIMEOUT_S}s")
+
+
+def measure_store_put(s3, csv_path: Path) -> float:
+    """Seconds for boto3 alone to put the file into the same store: what any upload to it,
+    ours included, cannot beat on this machine."""
+    progress("store ceiling: boto3 upload_file")
+    started = time.perf_counter()
+    s3.client().upload_file(str(csv_path), s3.bucket, "bench/store-ceiling.csv")
+    return time.perf_counter() - started
 
 
 def measure_naive_upload(env: dict, tmp: Path, csv_path: Path, warm_path: Path) -> Measurement:
@@ -522,6 +541,7 @@ def report(
     api: Measurement,
     check: Check,
     baseline: Measurement,
+    store_put_s: float,
 ) -> None:
     client_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -542,6 +562,11 @@ def report(
         (
             "upload start -> ready",
             f"{check.ready_s:.1f} s ({size_bytes / MB / check.ready_s:.1f} MB/s)",
+            "-",
+        ),
+        (
+            "S3 put alone (ceiling)",
+            f"{store_put_s:.1f} s ({size_bytes / MB / store_put_s:.1f} MB/s)",
             "-",
         ),
         (
@@ -577,6 +602,7 @@ def report(
         "upload_mb_per_s": round(upload_mb_per_s, 1),
         "ready_s": round(check.ready_s, 1),
         "check_rss_growth_mb": round(check.growth_mb, 1),
+        "store_put_mb_per_s": round(size_bytes / MB / store_put_s, 1),
     }
     print(f"RESULT {json.dumps(result)}")
 
