@@ -67,6 +67,9 @@ class DatasetVersion(OrganizationOwned):
     rejection_reason = models.TextField(blank=True)
     # How far the check has read, 0 to 1; the version page shows it while checking.
     check_progress = models.FloatField(default=0.0)
+    # When the check was last owed or last wrote its progress: one silent for long was lost
+    # (a broker that dropped its queue, a worker gone past redelivery) and is owed again.
+    check_touched_at = models.DateTimeField(default=timezone.now)
     # What the uploader called the format, checked against the content by the check.
     declared_format = models.CharField(max_length=20, blank=True)
     # Null once rejected: its object is deleted, and the orphan sweep takes it if that failed.

@@ -1,6 +1,9 @@
 """Celery entry points of the registry (thin: each calls one service)."""
 
+from datetime import timedelta
+
 from celery import shared_task
+from django.conf import settings
 
 from registry import services
 from registry.storage import StorageError
@@ -20,3 +23,15 @@ from registry.storage import StorageError
 )
 def dataset_version_check(version_id: int) -> None:
     services.dataset_version_check(version_id=version_id)
+
+
+@shared_task(
+    name="registry.dataset_version_checks_resend",
+    ignore_result=True,
+    soft_time_limit=60,
+    time_limit=90,
+)
+def dataset_version_checks_resend() -> int:
+    return services.dataset_version_checks_resend(
+        silent_for=timedelta(seconds=settings.DATASET_CHECK_SILENT_S)
+    )

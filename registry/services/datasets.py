@@ -301,6 +301,37 @@ def dataset_version_check_send(*, version_id: int) -> None:
     current_app.send_task("registry.dataset_version_check", args=[version_id], retry=False)
 
 
+def dataset_version_checks_resend(*, silent_for: timedelta, now: datetime | None = None) -> int:
+    """Owe the check again for versions whose check has been silent for `silent_for` (never
+    started, or stopped writing its progress); returns how many.
+
+    A system task across organizations. What it recovers: a check whose message a broker lost
+    after the outbox sent it, or whose worker died past the broker's redelivery. A check that
+    was only slow runs twice, which its idempotence makes harmless.
+    """
+    now = now or timezone.now()
+    cutoff = now - silent_for
+    silent = DatasetVersion.objects.filter(
+        state=DatasetVersion.State.CHECKING, check_touched_at__lt=cutoff
+    )
+    owed = 0
+    for version_id in list(silent.order_by("pk").values_list("pk", flat=True)[:500]):
+        with transaction.atomic():
+            touched = DatasetVersion.objects.filter(
+                pk=version_id, state=DatasetVersion.State.CHECKING, check_touched_at__lt=cutoff
+            ).update(check_touched_at=now)
+            if touched:
+                message_enqueue(
+                    handler=dataset_version_check_send,
+                    payload={"version_id": version_id},
+                    key=f"dataset_version_check:{version_id}:{now.isoformat()}",
+                )
+                owed += 1
+    if owed:
+        logger.warning("owed %d dataset version checks again after %s of silence", owed, silent_for)
+    return owed
+
+
 def dataset_version_check(*, version_id: int) -> DatasetVersion | None:
     """Read a version in `checking` from storage, as the upload check always did, and make it
     `ready` or `rejected`; None when there is no such version left to check.
@@ -394,7 +425,7 @@ class _ProgressWriter:
         self._written_at = now
         DatasetVersion.objects.filter(
             pk=self.version_id, state=DatasetVersion.State.CHECKING
-        ).update(check_progress=min(max(fraction, 0.0), 1.0))
+        ).update(check_progress=min(max(fraction, 0.0), 1.0), check_touched_at=timezone.now())
 
 
 @transaction.atomic

@@ -2,14 +2,17 @@
 makes it `ready`; `rejected` keeps the reason and leaves no object and no usable version; the
 check is owed through the outbox, so it still happens after the broker was down."""
 
+from datetime import timedelta
+
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import override_settings
+from django.utils import timezone
 
 from jobs.models import Job
 from outbox.models import Message
 from registry.models import DatasetVersion, StorageAccount
-from registry.services import dataset_version_check
+from registry.services import dataset_version_check, dataset_version_checks_resend
 from tenants.models import AuditEvent
 from tests.chaos.redis_server import RedisServer, celery_broker
 from tests.pool import Pool
@@ -118,6 +121,32 @@ def test_the_upload_owes_its_check_in_the_outbox(org, dev_client, local_store, c
 
     assert message.handler == "registry.services.datasets.dataset_version_check_send"
     assert message.payload == {"version_id": version.pk}
+
+
+def test_a_check_silent_past_its_time_is_owed_again_and_then_runs(
+    org, dev_client, local_store, csv_bytes
+):
+    """A check whose message was lost after the outbox sent it (a broker that dropped its
+    queue) never writes its progress; once silent long enough it is owed again, once."""
+    version = _upload(dev_client, org, csv_bytes)
+    fresh = _upload(dev_client, org, csv_bytes)
+    Message.objects.update(state=Message.State.SENT)  # sent, then lost with the queue
+    DatasetVersion.objects.filter(pk=version.pk).update(
+        check_touched_at=timezone.now() - timedelta(hours=1)
+    )
+
+    owed = dataset_version_checks_resend(silent_for=timedelta(minutes=40))
+    owed_again = dataset_version_checks_resend(silent_for=timedelta(minutes=40))
+
+    assert (owed, owed_again) == (1, 0)
+    [message] = Message.objects.filter(state=Message.State.PENDING)
+    assert message.payload == {"version_id": version.pk}
+    assert fresh.pk not in [
+        m.payload["version_id"] for m in Message.objects.filter(state="pending")
+    ]
+    check_uploads()
+    version.refresh_from_db()
+    assert version.state == DatasetVersion.State.READY
 
 
 def test_the_version_page_shows_the_check_progress_then_redraws_once_checked(
