@@ -76,7 +76,7 @@ class JobForm(forms.Form):
         self.recipe = recipe
         self.fields["dataset_version"].queryset = (
             DatasetVersion.objects.for_organization(organization)
-            .filter(format__in=recipe.dataset_formats)
+            .filter(format__in=recipe.dataset_formats, state=DatasetVersion.State.READY)
             .select_related("dataset")
             .defer(*DATASET_VERSION_HEAVY)
             .order_by("dataset__name", "-number")
@@ -175,6 +175,7 @@ class PredictForm(forms.Form):
         )
         self.fields["dataset_version"].queryset = (
             DatasetVersion.objects.for_organization(organization)
+            .filter(state=DatasetVersion.State.READY)
             .select_related("dataset")
             .defer(*DATASET_VERSION_HEAVY)
             .order_by("dataset__name", "-number")
@@ -212,6 +213,7 @@ class CodeRunForm(forms.Form):
         self.version = version
         self.fields["dataset_version"].queryset = (
             DatasetVersion.objects.for_organization(organization)
+            .filter(state=DatasetVersion.State.READY)
             .select_related("dataset")
             .defer(*DATASET_VERSION_HEAVY)
             .order_by("dataset__name", "-number")

@@ -38,13 +38,14 @@ class DatasetVersionAdmin(ReadOnlyAdmin):
         "dataset",
         "number",
         "organization",
+        "state",
         "format",
         "row_count",
         "size_bytes",
         "source",
         "created_at",
     ]
-    list_filter = ["format", "source", "organization", "created_at"]
+    list_filter = ["state", "format", "source", "organization", "created_at"]
     search_fields = ["dataset__name", "sha256", "storage_key", "original_filename"]
     list_select_related = ["dataset", "organization"]
 

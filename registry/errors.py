@@ -30,3 +30,9 @@ class InvalidArtifact(DomainError):
 
 class InUseError(ConflictError):
     code = "in_use"
+
+
+class DatasetVersionNotReady(ConflictError):
+    """A dataset version still being checked, or rejected by its check, was asked to be used."""
+
+    code = "dataset_version_not_ready"

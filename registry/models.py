@@ -38,8 +38,21 @@ class Dataset(OrganizationOwned):
         return self.name
 
 
+class DatasetVersionState(models.TextChoices):
+    CHECKING = "checking", "Checking"
+    READY = "ready", "Ready"
+    REJECTED = "rejected", "Rejected"
+
+
 class DatasetVersion(OrganizationOwned):
-    """One immutable upload (or job output) of a dataset, with what we learned reading it."""
+    """One immutable upload (or job output) of a dataset, with what we learned reading it.
+
+    An upload is stored and answered at once in `checking`; a background check (the registry's
+    `dataset_version_check`) reads it and makes it `ready`, filling in what it learned, or
+    `rejected` with the reason, its object deleted. Only a `ready` version is ever used.
+    """
+
+    State = DatasetVersionState
 
     class Source(models.TextChoices):
         UPLOAD = "upload", "Upload"
@@ -47,12 +60,27 @@ class DatasetVersion(OrganizationOwned):
 
     dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="versions")
     number = models.PositiveIntegerField()
-    storage_key = models.CharField(max_length=500, unique=True)
+    state = models.CharField(
+        max_length=10, choices=DatasetVersionState.choices, default=DatasetVersionState.READY
+    )
+    # Why the check refused the file, in the uploader's words; empty unless rejected.
+    rejection_reason = models.TextField(blank=True)
+    # How far the check has read, 0 to 1; the version page shows it while checking.
+    check_progress = models.FloatField(default=0.0)
+    # When the check was last owed or last wrote its progress: one silent for long was lost
+    # (a broker that dropped its queue, a worker gone past redelivery) and is owed again.
+    check_touched_at = models.DateTimeField(default=timezone.now)
+    # What the uploader called the format, checked against the content by the check.
+    declared_format = models.CharField(max_length=20, blank=True)
+    # Null once rejected: its object is deleted, and the orphan sweep takes it if that failed.
+    storage_key = models.CharField(max_length=500, unique=True, null=True, blank=True)
     original_filename = models.CharField(max_length=255, blank=True)
     size_bytes = models.BigIntegerField()
-    sha256 = models.CharField(max_length=64)
-    format = models.CharField(max_length=20, choices=DatasetFormat.choices)
-    row_count = models.BigIntegerField()
+    # Known when the check has read the bytes (empty before for a finalized large upload).
+    sha256 = models.CharField(max_length=64, blank=True)
+    # Blank and null until the check has decided them.
+    format = models.CharField(max_length=20, choices=DatasetFormat.choices, blank=True)
+    row_count = models.BigIntegerField(null=True, blank=True)
     schema = models.JSONField(default=list)
     profile = models.JSONField(default=dict)
     preview = models.JSONField(default=list)
@@ -86,14 +114,38 @@ class DatasetVersion(OrganizationOwned):
                 condition=models.Q(size_bytes__gte=0), name="dataset_version_size_nonneg"
             ),
             models.CheckConstraint(
-                condition=models.Q(format__in=DatasetFormat.values),
+                condition=models.Q(format__in=DatasetFormat.values)
+                | (~models.Q(state=DatasetVersionState.READY) & models.Q(format="")),
                 name="dataset_version_format_valid",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(state__in=DatasetVersionState.values),
+                name="dataset_version_state_valid",
+            ),
+            # A ready version is whole; a rejected one holds no object.
+            models.CheckConstraint(
+                condition=~models.Q(state=DatasetVersionState.READY)
+                | (models.Q(storage_key__isnull=False) & models.Q(row_count__isnull=False)),
+                name="dataset_version_ready_is_whole",
+            ),
+            models.CheckConstraint(
+                condition=~models.Q(state=DatasetVersionState.REJECTED)
+                | models.Q(storage_key__isnull=True),
+                name="dataset_version_rejected_has_no_object",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(check_progress__gte=0) & models.Q(check_progress__lte=1),
+                name="dataset_version_progress_fraction",
             ),
         ]
         indexes = [models.Index(fields=["organization", "-created_at"], name="dsv_org_time")]
 
     def __str__(self):
         return f"{self.dataset.name} v{self.number}"
+
+    @property
+    def is_ready(self) -> bool:
+        return self.state == DatasetVersionState.READY
 
 
 class RegisteredModel(OrganizationOwned):

@@ -9,6 +9,7 @@ from django.utils import timezone
 
 from tenants.models import Organization
 
+from .errors import DatasetVersionNotReady
 from .models import (
     CodePackage,
     CodePackageVersion,
@@ -48,6 +49,24 @@ def dataset_version_get(
     if version is None:
         raise Http404
     return version
+
+
+def dataset_version_require_ready(version: DatasetVersion, *, field: str = "dataset") -> None:
+    """Refuse to use a version its check has not passed: every job, evaluation, deployment
+    and lineage that picks a dataset version asks this first."""
+    if version.state == DatasetVersion.State.READY:
+        return
+    if version.state == DatasetVersion.State.CHECKING:
+        message = (
+            f"Dataset {version} is still being checked ({version.check_progress:.0%} read); "
+            "use it once it is ready."
+        )
+    else:
+        message = (
+            f"Dataset {version} was rejected by its check and cannot be used: "
+            f"{version.rejection_reason} Upload a corrected file as a new version."
+        )
+    raise DatasetVersionNotReady(message, fields={field: [message]})
 
 
 def pending_upload_accepts(*, organization_id: int, storage_key: str) -> bool:

@@ -135,6 +135,21 @@ class DatasetVersionPage(OrganizationPageMixin, TemplateView):
     def narrow_queryset(self, queryset):
         return queryset.select_related("dataset")
 
+    def get_template_names(self):
+        # The check's progress for its own refresh; a boosted navigation needs the whole page.
+        htmx = self.request.htmx
+        if htmx and not htmx.boosted:
+            return ["registry/_dataset_version_state.html"]
+        return [self.template_name]
+
+    def render_to_response(self, context, **kwargs):
+        response = super().render_to_response(context, **kwargs)
+        htmx = self.request.htmx
+        if htmx and not htmx.boosted and context["version"].state != DatasetVersion.State.CHECKING:
+            # Checked: the schema, profile and preview appear, so the whole page is redrawn.
+            response["HX-Refresh"] = "true"
+        return response
+
     def get_context_data(self, **kwargs):
         context = super().get_context_data(**kwargs)
         version = self.get_org_object()
@@ -154,6 +169,8 @@ class DatasetVersionDownload(OrganizationPageMixin, View):
 
     def get(self, request, org_slug, name, number):
         version = self.get_org_object()
+        if not version.is_ready:  # nothing to download yet, or ever: its page says why
+            return redirect("registry:dataset_version", org_slug, name, number)
         filename = version.original_filename or f"{name}-v{number}.{version.format}"
         return redirect(
             get_storage().presigned_get_url(

@@ -64,7 +64,7 @@ def _newest_version(dataset_id: int | None, organization) -> DatasetVersion | No
         return None
     return (
         DatasetVersion.objects.for_organization(organization)
-        .filter(dataset_id=dataset_id)
+        .filter(dataset_id=dataset_id, state=DatasetVersion.State.READY)
         .select_related("dataset")
         .order_by("-number")
         .first()

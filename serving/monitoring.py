@@ -110,7 +110,7 @@ def reference_profile(version: ModelVersion) -> dict:
     """The profile of the newest dataset version `version` was trained on ({} without one)."""
     dataset_version = (
         DatasetVersion.objects.for_organization(version.organization)
-        .filter(trained_models=version)
+        .filter(trained_models=version, state=DatasetVersion.State.READY)
         .order_by("-created_at", "-pk")
         .first()
     )

@@ -161,6 +161,9 @@ S3_SECRET_ACCESS_KEY = env("S3_SECRET_ACCESS_KEY", default="")
 # Until plans land with billing, every organization gets this storage quota.
 STORAGE_QUOTA_DEFAULT_BYTES = env.int("STORAGE_QUOTA_DEFAULT_BYTES", default=50 * 1024**3)
 DATASET_MAX_UPLOAD_BYTES = env.int("DATASET_MAX_UPLOAD_BYTES", default=5 * 1024**3)
+# A dataset version's check silent this long (no progress written; past the check task's hard
+# time limit, so it cannot still be running) was lost and is owed again.
+DATASET_CHECK_SILENT_S = env.int("DATASET_CHECK_SILENT_S", default=40 * 60)
 # A code package is source, not data or weights (those are datasets and models): a small limit
 # keeps a bomb or a stray checkpoint out, and every upload of one fits in a direct request.
 CODE_PACKAGE_MAX_UPLOAD_BYTES = env.int("CODE_PACKAGE_MAX_UPLOAD_BYTES", default=100 * 1024**2)
@@ -287,6 +290,10 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": crontab(minute=5, hour=0, day_of_month=1),
     },
     "billing-meter-push": {"task": "billing.meter_push", "schedule": 10.0},
+    "registry-checks-resend": {
+        "task": "registry.dataset_version_checks_resend",
+        "schedule": 300.0,
+    },
     "outbox-drain": {
         "task": "outbox.drain",
         "schedule": env.float("OUTBOX_DRAIN_EVERY_S", default=10.0),
@@ -373,6 +380,7 @@ SPECTACULAR_SETTINGS = {
         "SubmittedJobKindEnum": "jobs.api.serializers.SUBMITTED_KINDS",
         "SweepStateEnum": "jobs.models.Sweep.State",
         "SourceEnum": "registry.models.DatasetVersion.Source",
+        "DatasetVersionStateEnum": "registry.models.DatasetVersionState",
         "InvoiceSourceEnum": "billing.models.Invoice.Source",
         "InvoiceStatusEnum": "billing.models.Invoice.Status",
         "ModeEnum": "jobs.models.Sweep.Mode",

@@ -31,6 +31,7 @@ from registry.models import CodePackageVersion, DatasetVersion, ModelVersion
 from registry.selectors import (
     CODE_RECIPE_PREFIX,
     dataset_list,
+    dataset_version_require_ready,
     edge_bundle_get,
     model_version_code_package,
     registered_model_list,
@@ -174,6 +175,7 @@ def _inputs_check(
         raise DomainError(
             "A job needs an input dataset version.", fields={"dataset": ["Required."]}
         )
+    dataset_version_require_ready(dataset_version)
 
 
 def _format_check(recipe_cls: type[Recipe], dataset_version: DatasetVersion) -> None:
@@ -376,6 +378,8 @@ def code_package_spec(
     for linked in (version, dataset_version, model_version):
         if linked is not None and linked.organization_id != organization.pk:
             raise DomainError("Inputs must be this organization's own versions.")
+    if dataset_version is not None:
+        dataset_version_require_ready(dataset_version)
     parameters = parameters if parameters is not None else {}
     if not isinstance(parameters, dict):
         raise DomainError(

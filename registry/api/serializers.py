@@ -45,12 +45,27 @@ class DatasetVersionSerializer(serializers.ModelSerializer):
         source="created_by.email", read_only=True, default=None, allow_null=True
     )
     csv_dialect = CsvDialectSerializer(read_only=True, allow_null=True)
+    state = serializers.ChoiceField(
+        choices=DatasetVersion.State.choices,
+        read_only=True,
+        help_text="`checking` until the background check has read the file, then `ready` "
+        "(usable by jobs) or `rejected` (see `rejection_reason`; the file is deleted).",
+    )
+    check_progress = serializers.FloatField(
+        read_only=True, help_text="How much of the file the check has read, 0 to 1."
+    )
+    rejection_reason = serializers.CharField(
+        read_only=True, help_text="Why the check refused the file; empty unless rejected."
+    )
 
     class Meta:
         model = DatasetVersion
         fields = [
             "dataset",
             "number",
+            "state",
+            "check_progress",
+            "rejection_reason",
             "format",
             "original_filename",
             "size_bytes",

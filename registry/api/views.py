@@ -101,7 +101,10 @@ class _InDataset:
     create=extend_schema(
         request={"multipart/form-data": s.DatasetUploadSerializer},
         responses={201: s.DatasetVersionDetailSerializer},
-        description="Upload a file (multipart) as the dataset's next version.",
+        description="Upload a file (multipart) as the dataset's next version. The answer comes "
+        "once the file is stored, with the version in `checking`: a background check then reads "
+        "it and makes it `ready` or `rejected`. Poll the version until then; only a ready "
+        "version can be used by a job or downloaded.",
     ),
     retrieve=extend_schema(responses=s.DatasetVersionDetailSerializer),
     download=extend_schema(responses=s.DownloadSerializer),
@@ -143,7 +146,7 @@ class DatasetVersionViewSet(
         data.is_valid(raise_exception=True)
         uploaded = data.validated_data["file"]
         with uploaded_path(uploaded) as path:
-            version = services.dataset_version_create(
+            version = services.dataset_version_upload(
                 dataset=dataset,
                 path=path,
                 filename=uploaded.name or "data",
@@ -157,6 +160,7 @@ class DatasetVersionViewSet(
     @action(detail=True, methods=["get"])
     def download(self, request, *args, **kwargs):
         version = self.get_object()
+        selectors.dataset_version_require_ready(version, field="number")
         name = (
             version.original_filename
             or f"{version.dataset.name}-v{version.number}.{version.format}"
@@ -182,7 +186,12 @@ class DatasetVersionViewSet(
         "(the store refuses any other size); then call finalize. Once finalized, the version's "
         "bytes live under a key no upload URL points at.",
     ),
-    finalize=extend_schema(request=None, responses={201: s.DatasetVersionDetailSerializer}),
+    finalize=extend_schema(
+        request=None,
+        responses={201: s.DatasetVersionDetailSerializer},
+        description="Record the uploaded file as the dataset's next version, in `checking` "
+        "until the background check makes it `ready` or `rejected`.",
+    ),
 )
 class PendingUploadViewSet(_InDataset, mixins.CreateModelMixin, OrganizationScopedViewSet):
     model = PendingUpload

@@ -23,6 +23,7 @@ most 10). Datetime columns add `min` and `max` as ISO strings. An image zip's pr
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from registry.formats.base import (
@@ -39,6 +40,7 @@ __all__ = [
     "DatasetFormatError",
     "DatasetInspection",
     "DatasetLimits",
+    "check_format",
     "compare_profiles",
     "inspect_dataset",
     "sniff_format",
@@ -57,13 +59,28 @@ _EXTENSIONS = {"csv": ".csv", "parquet": ".parquet", "npz": ".npz", "image_folde
 
 
 def inspect_dataset(
-    path: Path, *, limits: DatasetLimits = DEFAULT_LIMITS, declared_format: str | None = None
+    path: Path,
+    *,
+    limits: DatasetLimits = DEFAULT_LIMITS,
+    declared_format: str | None = None,
+    progress: Callable[[float], None] | None = None,
 ) -> DatasetInspection:
     """Check the file against `limits` and return its schema, profile and preview.
 
     Raises DatasetFormatError when the content is not an accepted dataset, breaks a limit, or is
-    not the `declared_format` (a file whose name lies about its content is refused).
+    not the `declared_format` (a file whose name lies about its content is refused). CSV and
+    Parquet call `progress` with the fraction read so far as they go.
     """
+    detected = check_format(path, limits=limits, declared_format=declared_format)
+    return _inspector(detected, progress)(path, limits)
+
+
+def check_format(
+    path: Path, *, limits: DatasetLimits = DEFAULT_LIMITS, declared_format: str | None = None
+) -> str:
+    """The first, cheap part of `inspect_dataset`: the size, the format the content is, and
+    whether that is the one declared; returns the format. Reads the head of a CSV, the ends of
+    a Parquet file, the directory of a zip, never the data."""
     size = path.stat().st_size
     if size > limits.max_bytes:
         raise DatasetFormatError(
@@ -73,7 +90,7 @@ def inspect_dataset(
     detected = sniff_format(path, limits=limits)
     if declared_format is not None:
         _check_declared(declared_format, detected)
-    return _inspector(detected)(path, limits)
+    return detected
 
 
 def _check_declared(declared_format: str, detected: str) -> None:
@@ -90,17 +107,19 @@ def _check_declared(declared_format: str, detected: str) -> None:
         )
 
 
-def _inspector(detected: str) -> Callable[[Path, DatasetLimits], DatasetInspection]:
+def _inspector(
+    detected: str, progress: Callable[[float], None] | None
+) -> Callable[[Path, DatasetLimits], DatasetInspection]:
     """Import each reader only when its format arrives: pyarrow alone adds a noticeable start-up
     cost that a web process which never sees Parquet should not pay."""
     if detected == "csv":
         from registry.formats.csv_files import inspect_csv
 
-        return inspect_csv
+        return partial(inspect_csv, progress=progress)
     if detected == "parquet":
         from registry.formats.parquet_files import inspect_parquet
 
-        return inspect_parquet
+        return partial(inspect_parquet, progress=progress)
     if detected == "npz":
         from registry.formats.npz_files import inspect_npz
 

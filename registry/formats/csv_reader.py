@@ -17,8 +17,10 @@ imports pyarrow only when a CSV arrives.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import re
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -37,6 +39,9 @@ BLOCK_BYTES = 2 * MAX_CELL_BYTES
 # Text files never hold these; binary files almost always do within 64 KiB.
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _ENCODINGS = {"utf-8": "utf8"}  # ours -> pyarrow's name; a byte order mark is skipped
+# Blocks the parser may read beyond those already handed out: it needs the next one to finish a
+# row that straddles two, and one more to keep the disk busy while a block is worked on.
+READ_AHEAD_BLOCKS = 2
 
 
 @dataclass(frozen=True)
@@ -128,10 +133,61 @@ def read_csv(
     (about a block at a time) without it; always at least one chunk, so the header is known.
 
     `dialect` is the one stored at upload; None (a version recorded before dialects were
-    stored) detects it exactly as the upload did. Raises DatasetFormatError, naming the row
-    where it can, for a header that does not name every column once, a row with a different
-    number of cells, a cell over MAX_CELL_BYTES, a row longer than BLOCK_BYTES (or a quote never
-    closed), and text that is not in the dialect's encoding.
+    stored) detects it exactly as the upload did. Raises what `read_csv_blocks` raises.
+    """
+    pending: list[list[str]] = []
+    first_row = 0
+    names: list[str] = []
+    for block in read_csv_blocks(path, dialect, max_columns=max_columns):
+        names = block.names
+        batch = block.batch
+        if not pending:
+            pending = [[] for _ in names]
+        if chunk_rows is None:
+            if batch.num_rows or not first_row:
+                cells = [column.to_pylist() for column in batch.columns]
+                yield CsvChunk(names, cells, first_row)
+            first_row += batch.num_rows
+            continue
+        # Only a chunk's rows become Python strings at a time; the block stays in Arrow.
+        offset = 0
+        while offset < batch.num_rows:
+            take = min(chunk_rows - len(pending[0]), batch.num_rows - offset)
+            piece = batch.slice(offset, take)
+            for column, more in zip(pending, piece.columns, strict=True):
+                column.extend(more.to_pylist())
+            offset += take
+            if len(pending[0]) == chunk_rows:
+                yield CsvChunk(names, pending, first_row)
+                pending = [[] for _ in names]
+                first_row += chunk_rows
+    if chunk_rows is not None and (pending[0] or not first_row):
+        yield CsvChunk(names, pending, first_row)
+
+
+@dataclass(frozen=True)
+class CsvBlock:
+    """One parsed block: `batch` holds column `names[i]`'s cells as Arrow strings in column i.
+    `first_row` is the number of data rows before it; `bytes_read` how far into the file the
+    reader is (it reads a little ahead), for progress."""
+
+    names: list[str]
+    batch: Any
+    first_row: int
+    bytes_read: int
+
+
+def read_csv_blocks(
+    path: Path, dialect: CsvDialect | None = None, *, max_columns: int | None = None
+) -> Iterator[CsvBlock]:
+    """The file's data rows as Arrow record batches of about BLOCK_BYTES, never as Python
+    objects, for readers that work on whole columns; always at least one block (empty for a
+    header alone), so the header is known.
+
+    Raises DatasetFormatError, naming the row where it can, for a header that does not name
+    every column once, a row with a different number of cells, a cell over MAX_CELL_BYTES, a
+    row longer than BLOCK_BYTES (or a quote never closed), and text that is not in the
+    dialect's encoding.
     """
     import pyarrow as pa
     import pyarrow.csv as pa_csv
@@ -157,7 +213,7 @@ def read_csv(
     )
     rows = 0
     try:
-        with pa_csv.open_csv(path, read_options=read, parse_options=parse) as first_block:
+        with _paced_csv(path, read_options=read, parse_options=parse) as (first_block, _):
             raw_names = first_block.schema.names
         names = _checked_header(raw_names, max_columns)
         convert = pa_csv.ConvertOptions(
@@ -165,35 +221,105 @@ def read_csv(
             strings_can_be_null=False,
             quoted_strings_can_be_null=False,
         )
-        pending: list[list[str]] = [[] for _ in names]
-        first_row = 0
-        with pa_csv.open_csv(
-            path, read_options=read, parse_options=parse, convert_options=convert
-        ) as reader:
+        yielded = False
+        with _paced_csv(path, read_options=read, parse_options=parse, convert_options=convert) as (
+            reader,
+            source,
+        ):
             for batch in reader:
+                source.handed_out()
                 _check_cell_sizes(batch, names, rows)
+                yield CsvBlock(names, batch, rows, source.position)
+                yielded = True
                 rows += batch.num_rows
-                if chunk_rows is None:
-                    cells = [column.to_pylist() for column in batch.columns]
-                    yield CsvChunk(names, cells, first_row)
-                    first_row += batch.num_rows
-                    continue
-                # Only a chunk's rows become Python strings at a time; the block stays in Arrow.
-                offset = 0
-                while offset < batch.num_rows:
-                    take = min(chunk_rows - len(pending[0]), batch.num_rows - offset)
-                    piece = batch.slice(offset, take)
-                    for column, more in zip(pending, piece.columns, strict=True):
-                        column.extend(more.to_pylist())
-                    offset += take
-                    if len(pending[0]) == chunk_rows:
-                        yield CsvChunk(names, pending, first_row)
-                        pending = [[] for _ in names]
-                        first_row += chunk_rows
-        if pending[0] or not first_row:
-            yield CsvChunk(names, pending, first_row)
+            if not yielded:
+                empty = pa.RecordBatch.from_pylist([], schema=reader.schema)
+                yield CsvBlock(names, empty, 0, source.position)
     except pa.ArrowInvalid as exc:
         raise _parse_error(path, exc, refused, rows) from exc
+
+
+class _PacedFile:
+    """The file as pyarrow's streaming CSV reader reads it, a block per `read`, but never more
+    than READ_AHEAD_BLOCKS past the blocks handed out (`handed_out`).
+
+    The reader reads on a background thread that would otherwise run up to 32 blocks (256 MiB)
+    ahead of a consumer slower than the disk. `release` lets it run free, so that a reader
+    closed early (an error, a consumer that stopped) is never left waiting.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._file = path.open("rb")
+        self._turn = threading.Condition()
+        self._reads = 0
+        self._handed_out = 0
+        self._released = False
+        self.position = 0
+        self.closed = False
+
+    def read_buffer(self, size: int) -> Any:
+        """The next `size` bytes, read straight into an Arrow buffer: no Python bytes object,
+        so a block costs its memory once, in Arrow's pool."""
+        import pyarrow as pa
+
+        with self._turn:
+            self._turn.wait_for(
+                lambda: self._released or self._reads <= self._handed_out + READ_AHEAD_BLOCKS
+            )
+            self._reads += 1
+        buffer = pa.allocate_buffer(size, resizable=True)
+        read = self._file.readinto(memoryview(buffer)) or 0
+        buffer.resize(read)
+        self.position += read
+        return buffer
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0:
+            size = max(self._file.seek(0, 2) - self.position, 0)
+            self._file.seek(self.position)
+        return self.read_buffer(size).to_pybytes()
+
+    def handed_out(self) -> None:
+        with self._turn:
+            self._handed_out += 1
+            self._turn.notify_all()
+
+    def release(self) -> None:
+        with self._turn:
+            self._released = True
+            self._turn.notify_all()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def tell(self) -> int:
+        return self.position
+
+    def close(self) -> None:
+        self.closed = True
+        self._file.close()
+
+
+@contextlib.contextmanager
+def _paced_csv(path: Path, **options: Any) -> Iterator[tuple[Any, _PacedFile]]:
+    """pyarrow's streaming CSV reader over a _PacedFile, and that file."""
+    import pyarrow as pa
+    import pyarrow.csv as pa_csv
+
+    source = _PacedFile(path)
+    try:
+        reader = pa_csv.open_csv(pa.PythonFile(source, mode="r"), **options)
+        try:
+            yield reader, source
+        finally:
+            source.release()
+            reader.close()
+    finally:
+        source.release()
+        source.close()
 
 
 def _check_cell_sizes(batch: Any, names: list[str], rows_before: int) -> None:

@@ -10,6 +10,7 @@ columns are read as dictionaries, so a value repeated a million times is held on
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,9 @@ _CELLS_PER_BATCH = 4_000_000
 _BYTES_PER_BATCH = 64 * 1024 * 1024
 
 
-def inspect_parquet(path: Path, limits: DatasetLimits) -> DatasetInspection:
+def inspect_parquet(
+    path: Path, limits: DatasetLimits, progress: Callable[[float], None] | None = None
+) -> DatasetInspection:
     file_bytes = path.stat().st_size
     try:
         footer = pq.ParquetFile(path).metadata
@@ -81,6 +84,8 @@ def inspect_parquet(path: Path, limits: DatasetLimits) -> DatasetInspection:
                 preview.extend(_preview_rows(columns, arrays, PREVIEW_ROWS - len(preview)))
             for column, array in zip(columns, arrays, strict=True):
                 column.add(array)
+            if progress is not None:
+                progress(min(rows / max(footer.num_rows, 1), 1.0))
     except (pa.ArrowException, OSError) as exc:
         raise _unreadable(exc) from exc
     if rows != footer.num_rows:

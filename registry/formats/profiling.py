@@ -132,8 +132,12 @@ class NumericSummary:
             self.maximum = value
         self.sample.offer(value)
 
-    def add_array(self, values: np.ndarray) -> None:
-        """Add a 1-D numeric array (no nulls; NaN and infinity are counted as non-finite)."""
+    def add_array(self, values: np.ndarray, extremes: tuple[int, int] | None = None) -> None:
+        """Add a 1-D numeric array (no nulls; NaN and infinity are counted as non-finite).
+
+        `extremes` are its exact least and greatest values when they are integers that float64
+        would round (past 2**53), so an integer column's min and max stay exact.
+        """
         values = values.astype(np.float64, copy=False)
         finite = np.isfinite(values)
         if not finite.all():
@@ -149,7 +153,7 @@ class NumericSummary:
         self._mean += delta * batch_count / total
         self._m2 += batch_m2 + delta * delta * self.count * batch_count / total
         self.count = total
-        low, high = float(values.min()), float(values.max())
+        low, high = extremes or (float(values.min()), float(values.max()))
         self.minimum = low if self.minimum is None else min(self.minimum, low)
         self.maximum = high if self.maximum is None else max(self.maximum, high)
         self.sample.offer_batch(values)
@@ -207,6 +211,9 @@ class TopValues:
         self.capacity = capacity
         self.overflowed = False
         self._counts: dict[Hashable, int] = {}
+
+    def counted(self) -> list[Hashable]:
+        return list(self._counts)
 
     def add(self, value: Hashable, count: int = 1) -> None:
         if isinstance(value, str) and len(value) > COUNTED_VALUE_CHARS:

@@ -1,4 +1,10 @@
-"""Datasets and their versions: inspect first, store second, record last, leave nothing behind.
+"""Datasets and their versions: store first, record second, leave nothing behind.
+
+A tenant's upload is stored and recorded at once as a version in `checking`, with its check owed
+through the outbox in the same transaction; a worker reads it (`dataset_version_check`) and makes
+it `ready` with its schema and profile, or `rejected` with the reason, its object deleted and its
+bytes given back. Files the platform writes (a job's predictions) are inspected before they are
+recorded, and are ready at once.
 
 Network calls (storage) run outside any transaction; the database rows, the storage charge and
 the audit event are written together afterwards, and a failure there deletes the stored object.
@@ -7,21 +13,29 @@ the audit event are written together afterwards, and a failure there deletes the
 from __future__ import annotations
 
 import hashlib
+import logging
 import tempfile
+import time
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from celery import current_app
+from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.db.models import Max, Min, Q, Sum
 from django.utils import timezone
+from kombu.exceptions import OperationalError as BrokerError
 
+from outbox.services import handler, message_enqueue
 from registry.errors import InUseError, TooManyOpenUploads, UploadBeingFinalized, UploadSizeMismatch
-from registry.formats import DatasetFormatError, DatasetLimits, inspect_dataset
+from registry.formats import DatasetFormatError, DatasetLimits, check_format, inspect_dataset
 from registry.models import Dataset, DatasetVersion, ModelVersion, PendingUpload, name_validator
 from registry.selectors import pending_uploads_open
-from registry.storage import PresignedPost, get_storage, new_object_key
+from registry.storage import PresignedPost, StorageError, get_storage, new_object_key
+from registry.storage.base import ObjectNotFound
 from tenants.actors import Actor
 from tenants.errors import ConflictError, DomainError
 from tenants.models import Organization
@@ -34,10 +48,17 @@ from .storage_accounts import (
     stored_objects_delete,
 )
 
+logger = logging.getLogger(__name__)
+
 PENDING_UPLOAD_TTL = timedelta(hours=6)
-# Long enough for a finalize to copy, hash and inspect the largest upload; a finalize that died
-# blocks retries of its upload no longer than this.
+# Long enough for a finalize to check the size and copy the largest upload inside the store; a
+# finalize that died blocks retries of its upload no longer than this.
 FINALIZE_CLAIM_TTL = timedelta(minutes=30)
+# The check writes its progress at most this often: enough for a page that polls, few writes.
+CHECK_PROGRESS_EVERY_S = 0.5
+# Of the check's progress, the share that reading the object from storage counts for.
+CHECK_DOWNLOAD_SHARE = 0.2
+SYSTEM = Actor()
 
 
 def validate_name(name: str, *, field: str = "name") -> str:
@@ -93,9 +114,11 @@ def dataset_delete(*, dataset: Dataset, actor: Actor) -> None:
                 f"Models or predictions were made from {dataset.name}; delete them first so "
                 "their lineage stays whole."
             )
-        keys = list(versions.values_list("storage_key", flat=True))
+        # A rejected version holds no object and its bytes were given back when it was.
+        stored = versions.exclude(state=DatasetVersion.State.REJECTED)
+        keys = list(stored.values_list("storage_key", flat=True))
         keys += list(dataset.pending_uploads.values_list("storage_key", flat=True))
-        freed = versions.aggregate(total=Sum("size_bytes"))["total"] or 0
+        freed = stored.aggregate(total=Sum("size_bytes"))["total"] or 0
         audit_record(
             organization=dataset.organization,
             actor=actor,
@@ -120,7 +143,9 @@ def dataset_version_create(
     derived_from_model_version: ModelVersion | None = None,
     derived_from_dataset_version: DatasetVersion | None = None,
 ) -> DatasetVersion:
-    """Inspect a local file, store it under the organization's prefix, and record a version."""
+    """Inspect a file the platform wrote (a job's output), store it under the organization's
+    prefix, and record it as a ready version. A tenant's upload goes through
+    `dataset_version_upload` instead, which answers before the file is read."""
     organization = dataset.organization
     size = path.stat().st_size
     limits = dataset_limits()
@@ -141,16 +166,91 @@ def dataset_version_create(
             size=stored.size,
             sha256=stored.sha256,
             filename=filename,
-            inspection=inspection,
             actor=actor,
             source=source,
             source_job_id=source_job_id,
             derived_from_model_version=derived_from_model_version,
             derived_from_dataset_version=derived_from_dataset_version,
+            **_inspected_fields(inspection),
         )
     except BaseException:
         stored_objects_delete([key])
         raise
+
+
+def dataset_version_upload(
+    *, dataset: Dataset, path: Path, filename: str, actor: Actor, declared_format: str | None = None
+) -> DatasetVersion:
+    """Store a tenant's uploaded file and record it as a version in `checking`, its check owed
+    in the same transaction; answers without reading the data.
+
+    What can be told from the file's ends (its size, its format, the declared format) is
+    refused here at once; everything else, the whole reading included, is the check's.
+    """
+    organization = dataset.organization
+    limits = dataset_limits()
+    storage_check(organization=organization, adding_bytes=path.stat().st_size)
+    detected = check_format(path, limits=limits, declared_format=declared_format or None)
+    key = new_object_key(organization_id=organization.pk, kind="datasets", filename=filename)
+    with path.open("rb") as stream:
+        stored = get_storage().save(key, stream, max_bytes=limits.max_bytes)
+    try:
+        with transaction.atomic():
+            return _record_checking(
+                dataset=dataset,
+                key=key,
+                size=stored.size,
+                sha256=stored.sha256,
+                filename=filename,
+                declared_format=declared_format or "",
+                detected_format=detected,
+                actor=actor,
+            )
+    except BaseException:
+        stored_objects_delete([key])
+        raise
+
+
+def _record_checking(
+    *,
+    dataset: Dataset,
+    key: str,
+    size: int,
+    sha256: str,
+    filename: str,
+    declared_format: str,
+    actor: Actor,
+    detected_format: str = "",
+) -> DatasetVersion:
+    version = _record_version(
+        dataset=dataset,
+        key=key,
+        size=size,
+        sha256=sha256,
+        filename=filename,
+        actor=actor,
+        source=DatasetVersion.Source.UPLOAD,
+        state=DatasetVersion.State.CHECKING,
+        declared_format=declared_format,
+        format=detected_format,
+    )
+    message_enqueue(
+        handler=dataset_version_check_send,
+        payload={"version_id": version.pk},
+        key=f"dataset_version_check:{version.pk}",
+    )
+    return version
+
+
+def _inspected_fields(inspection) -> dict:
+    return {
+        "format": inspection.format,
+        "row_count": inspection.row_count,
+        "schema": inspection.schema,
+        "profile": inspection.profile,
+        "preview": inspection.preview,
+        "csv_dialect": inspection.csv_dialect,
+    }
 
 
 @transaction.atomic
@@ -161,9 +261,8 @@ def _record_version(
     size: int,
     sha256: str,
     filename: str,
-    inspection,
     actor: Actor,
-    **lineage,
+    **fields,
 ) -> DatasetVersion:
     dataset = Dataset.objects.select_for_update().get(pk=dataset.pk)
     number = (dataset.versions.aggregate(n=Max("number"))["n"] or 0) + 1
@@ -175,14 +274,8 @@ def _record_version(
         original_filename=filename[:255],
         size_bytes=size,
         sha256=sha256,
-        format=inspection.format,
-        row_count=inspection.row_count,
-        schema=inspection.schema,
-        profile=inspection.profile,
-        preview=inspection.preview,
-        csv_dialect=inspection.csv_dialect,
         created_by=actor.user,
-        **lineage,
+        **fields,
     )
     storage_charge(organization=dataset.organization, delta_bytes=size)
     audit_record(
@@ -190,8 +283,202 @@ def _record_version(
         actor=actor,
         action="dataset.version_create",
         target=version,
-        data={"format": version.format, "rows": version.row_count, "bytes": size, "sha256": sha256},
+        data={
+            "format": version.format,
+            "rows": version.row_count,
+            "bytes": size,
+            "sha256": sha256,
+            "state": version.state,
+        },
     )
+    return version
+
+
+@handler(retry_on=(BrokerError, OSError))
+def dataset_version_check_send(*, version_id: int) -> None:
+    """Hand a version's check to a worker (an outbox handler: sent again while the broker is
+    down, so an upload recorded during an outage is still checked once it is back)."""
+    current_app.send_task("registry.dataset_version_check", args=[version_id], retry=False)
+
+
+def dataset_version_checks_resend(*, silent_for: timedelta, now: datetime | None = None) -> int:
+    """Owe the check again for versions whose check has been silent for `silent_for` (never
+    started, or stopped writing its progress); returns how many.
+
+    A system task across organizations. What it recovers: a check whose message a broker lost
+    after the outbox sent it, or whose worker died past the broker's redelivery. A check that
+    was only slow runs twice, which its idempotence makes harmless.
+    """
+    now = now or timezone.now()
+    cutoff = now - silent_for
+    silent = DatasetVersion.objects.filter(
+        state=DatasetVersion.State.CHECKING, check_touched_at__lt=cutoff
+    )
+    owed = 0
+    for version_id in list(silent.order_by("pk").values_list("pk", flat=True)[:500]):
+        with transaction.atomic():
+            touched = DatasetVersion.objects.filter(
+                pk=version_id, state=DatasetVersion.State.CHECKING, check_touched_at__lt=cutoff
+            ).update(check_touched_at=now)
+            if touched:
+                message_enqueue(
+                    handler=dataset_version_check_send,
+                    payload={"version_id": version_id},
+                    key=f"dataset_version_check:{version_id}:{now.isoformat()}",
+                )
+                owed += 1
+    if owed:
+        logger.warning("owed %d dataset version checks again after %s of silence", owed, silent_for)
+    return owed
+
+
+def dataset_version_check(*, version_id: int) -> DatasetVersion | None:
+    """Read a version in `checking` from storage, as the upload check always did, and make it
+    `ready` or `rejected`; None when there is no such version left to check.
+
+    Idempotent: a version already decided (a check delivered twice) is left as it is, and of
+    two checks running at once only the first to finish writes. A storage outage raises
+    StorageError for the caller to try again; anything else the file makes go wrong rejects it.
+    """
+    version = (
+        DatasetVersion.objects.select_related("dataset", "organization")
+        .filter(pk=version_id, state=DatasetVersion.State.CHECKING)
+        .first()
+    )
+    if version is None:
+        return None
+    progress = _ProgressWriter(version.pk)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "data"
+            sha256 = _download_checked(version, path, progress)
+            inspection = inspect_dataset(
+                path,
+                limits=dataset_limits(),
+                declared_format=version.declared_format or None,
+                progress=progress.part(CHECK_DOWNLOAD_SHARE, 1.0),
+            )
+    except (DatasetFormatError, UploadSizeMismatch) as exc:
+        return _check_reject(version_id=version.pk, reason=exc.detail)
+    except ObjectNotFound:
+        return _check_reject(
+            version_id=version.pk, reason="The uploaded file is gone from storage; upload it again."
+        )
+    except StorageError:
+        raise
+    except SoftTimeLimitExceeded:
+        return _check_reject(
+            version_id=version.pk,
+            reason="The file took too long to check; split it into smaller versions.",
+        )
+    except Exception:
+        # A file that breaks the readers in a way they do not name is refused all the same:
+        # refusing is safe, and the log keeps the details for a fix.
+        logger.exception("checking dataset version %s failed", version.pk)
+        return _check_reject(
+            version_id=version.pk,
+            reason="The file could not be read as a dataset; export it again and re-upload.",
+        )
+    return _check_accept(version_id=version.pk, sha256=sha256, inspection=inspection)
+
+
+def _download_checked(version: DatasetVersion, path: Path, progress: _ProgressWriter) -> str:
+    """Copy the version's object to `path`; its sha256. Its size must be the one recorded, and
+    its hash too when the upload recorded one."""
+    digest = hashlib.sha256()
+    read = 0
+    report = progress.part(0.0, CHECK_DOWNLOAD_SHARE)
+    with get_storage().open(version.storage_key) as source, path.open("wb") as target:
+        for chunk in iter(lambda: source.read(8 * 1024 * 1024), b""):
+            digest.update(chunk)
+            target.write(chunk)
+            read += len(chunk)
+            if read > version.size_bytes:
+                break
+            report(read / max(version.size_bytes, 1))
+    if read != version.size_bytes:
+        raise UploadSizeMismatch(
+            f"{read} bytes were stored, but {version.size_bytes} were uploaded; upload the file "
+            "again."
+        )
+    sha256 = digest.hexdigest()
+    if version.sha256 and sha256 != version.sha256:
+        raise UploadSizeMismatch("The stored file is not the one uploaded; upload it again.")
+    return sha256
+
+
+class _ProgressWriter:
+    """Writes the check's progress on the version, at most every CHECK_PROGRESS_EVERY_S."""
+
+    def __init__(self, version_id: int) -> None:
+        self.version_id = version_id
+        self._written_at = 0.0
+
+    def part(self, start: float, end: float) -> Callable[[float], None]:
+        """A callback for one step of the check, mapping its 0..1 onto `start`..`end`."""
+        return lambda fraction: self.write(start + (end - start) * fraction)
+
+    def write(self, fraction: float) -> None:
+        now = time.monotonic()
+        if now - self._written_at < CHECK_PROGRESS_EVERY_S:
+            return
+        self._written_at = now
+        DatasetVersion.objects.filter(
+            pk=self.version_id, state=DatasetVersion.State.CHECKING
+        ).update(check_progress=min(max(fraction, 0.0), 1.0), check_touched_at=timezone.now())
+
+
+@transaction.atomic
+def _check_accept(*, version_id: int, sha256: str, inspection) -> DatasetVersion | None:
+    version = (
+        DatasetVersion.objects.select_for_update()
+        .filter(pk=version_id, state=DatasetVersion.State.CHECKING)
+        .first()
+    )
+    if version is None:
+        return None
+    for field, value in _inspected_fields(inspection).items():
+        setattr(version, field, value)
+    version.sha256 = sha256
+    version.state = DatasetVersion.State.READY
+    version.check_progress = 1.0
+    version.save()
+    audit_record(
+        organization=version.organization,
+        actor=SYSTEM,
+        action="dataset.version_ready",
+        target=version,
+        data={"format": version.format, "rows": version.row_count, "sha256": sha256},
+    )
+    return version
+
+
+@transaction.atomic
+def _check_reject(*, version_id: int, reason: str) -> DatasetVersion | None:
+    """Reject a version: its reason kept for the uploader, its object deleted once this commits
+    (the orphan sweep takes it should that fail: no row refers to it any more), its bytes given
+    back."""
+    version = (
+        DatasetVersion.objects.select_for_update()
+        .filter(pk=version_id, state=DatasetVersion.State.CHECKING)
+        .first()
+    )
+    if version is None:
+        return None
+    key = version.storage_key
+    version.state = DatasetVersion.State.REJECTED
+    version.rejection_reason = reason
+    version.storage_key = None
+    version.save()
+    storage_charge(organization=version.organization, delta_bytes=-version.size_bytes)
+    audit_record(
+        organization=version.organization,
+        actor=SYSTEM,
+        action="dataset.version_reject",
+        target=version,
+        data={"reason": reason, "bytes": version.size_bytes},
+    )
+    transaction.on_commit(lambda: stored_objects_delete([key]))
     return version
 
 
@@ -250,11 +537,12 @@ def pending_upload_create(
 
 
 def pending_upload_finalize(*, upload: PendingUpload, actor: Actor) -> DatasetVersion:
-    """Copy what the client uploaded to a fresh key, check and inspect the copy, and record it.
+    """Copy what the client uploaded to a fresh key and record the copy as a version in
+    `checking`, its check owed in the same transaction; answers without reading the data.
 
     The upload's key stays writable through its URL until that expires (S3 cannot revoke a
-    presigned POST); the version's key never was, and what is hashed, inspected and recorded
-    is the copy, so a write racing the finalize changes nothing. A finalize first claims the
+    presigned POST); the version's key never was, and what the check hashes and reads is the
+    copy, so a write racing the finalize changes nothing. A finalize first claims the
     upload, so a second one sent meanwhile is refused before it copies anything. Bytes that can
     never become a version discard the upload; any other refusal releases the claim for a retry.
     """
@@ -308,56 +596,37 @@ def _finalize_claimed(*, upload: PendingUpload, claim: datetime, actor: Actor) -
         )
     if uploaded_size != upload.size_bytes:
         raise _size_mismatch(upload, uploaded_size)
+    storage_check(
+        organization=upload.organization, adding_bytes=upload.size_bytes, excluding_upload=upload
+    )
     key = new_object_key(
         organization_id=upload.organization_id, kind="datasets", filename=upload.original_filename
     )
     storage.copy(upload.storage_key, key)
     try:
-        version = _finalize_copy(upload=upload, key=key, claim=claim, actor=actor)
+        with transaction.atomic():
+            # A claim that lapsed while this copy ran may have been taken by a later finalize.
+            if (
+                not PendingUpload.objects.select_for_update()
+                .filter(pk=upload.pk, finalize_claimed_until=claim)
+                .exists()
+            ):
+                raise ConflictError("This upload was finalized by another request.")
+            # The copy's size and hash are the check's: it reads the copy whole anyway.
+            version = _record_checking(
+                dataset=upload.dataset,
+                key=key,
+                size=upload.size_bytes,
+                sha256="",
+                filename=upload.original_filename,
+                declared_format=upload.declared_format,
+                actor=actor,
+            )
+            PendingUpload.objects.filter(pk=upload.pk).delete()
     except BaseException:
         stored_objects_delete([key])
         raise
     stored_objects_delete([upload.storage_key])
-    return version
-
-
-def _finalize_copy(
-    *, upload: PendingUpload, key: str, claim: datetime, actor: Actor
-) -> DatasetVersion:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "upload"
-        digest = hashlib.sha256()
-        with get_storage().open(key) as source, path.open("wb") as target:
-            for chunk in iter(lambda: source.read(1024 * 1024), b""):
-                digest.update(chunk)
-                target.write(chunk)
-        size = path.stat().st_size
-        # Checked again on the copy: the upload may have been replaced after the first check.
-        if size != upload.size_bytes:
-            raise _size_mismatch(upload, size)
-        storage_check(organization=upload.organization, adding_bytes=size, excluding_upload=upload)
-        inspection = inspect_dataset(
-            path, limits=dataset_limits(), declared_format=upload.declared_format or None
-        )
-    with transaction.atomic():
-        # A claim that lapsed while this copy ran may have been taken by a later finalize.
-        if (
-            not PendingUpload.objects.select_for_update()
-            .filter(pk=upload.pk, finalize_claimed_until=claim)
-            .exists()
-        ):
-            raise ConflictError("This upload was finalized by another request.")
-        version = _record_version(
-            dataset=upload.dataset,
-            key=key,
-            size=size,
-            sha256=digest.hexdigest(),
-            filename=upload.original_filename,
-            inspection=inspection,
-            actor=actor,
-            source=DatasetVersion.Source.UPLOAD,
-        )
-        PendingUpload.objects.filter(pk=upload.pk).delete()
     return version
 
 

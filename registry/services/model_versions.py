@@ -19,6 +19,7 @@ from registry.models import (
     ModelVersion,
     RegisteredModel,
 )
+from registry.selectors import dataset_version_require_ready
 from registry.storage import get_storage, new_object_key
 from registry.weights import read_safetensors_header
 from tenants.actors import Actor
@@ -131,6 +132,8 @@ def model_version_register(
     for linked in [*trained_on, parent_version]:
         if linked is not None and linked.organization_id != organization.pk:
             raise DomainError("Lineage can only point at this organization's own versions.")
+    for dataset_version in trained_on:
+        dataset_version_require_ready(dataset_version, field="trained_on")
     if not all(isinstance(v, int | float) for v in (metrics or {}).values()):
         raise InvalidArtifact(
             "Metrics must map names to numbers.", fields={"metrics": ["Numbers only."]}

@@ -4,7 +4,9 @@ import base64
 import contextlib
 import hashlib
 import logging
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from typing import Any, BinaryIO
 
@@ -27,6 +29,9 @@ from .base import (
 logger = logging.getLogger(__name__)
 
 PART_SIZE = 8 * 1024 * 1024
+# Parts sent at once: the store's work on some (a round trip each, most of an upload's time)
+# overlaps the reading and hashing of the next. Memory holds this many parts, plus one.
+PARTS_IN_FLIGHT = 4
 # DeleteObjects takes at most this many keys per call.
 _DELETE_BATCH = 1000
 # A missing bucket is a misconfiguration, not a missing object: GET reports it as NoSuchBucket,
@@ -111,20 +116,16 @@ class S3Storage(Storage):
             )["UploadId"]
         try:
             parts = []
-            while part:
-                number = len(parts) + 1
-                with _s3_errors(key):
-                    response = self._client.upload_part(
-                        Bucket=self.bucket,
-                        Key=key,
-                        UploadId=upload_id,
-                        PartNumber=number,
-                        Body=part,
-                        ContentMD5=_md5(part),
-                    )
-                parts.append({"PartNumber": number, "ETag": response["ETag"]})
-                part = read_up_to(stream, PART_SIZE)
-                digest.update(part)
+            in_flight: deque[Future] = deque()
+            with ThreadPoolExecutor(max_workers=PARTS_IN_FLIGHT) as sender:
+                while part:
+                    number = len(parts) + len(in_flight) + 1
+                    in_flight.append(sender.submit(self._upload_part, key, upload_id, number, part))
+                    if len(in_flight) == PARTS_IN_FLIGHT:
+                        parts.append(in_flight.popleft().result())
+                    part = read_up_to(stream, PART_SIZE)
+                    digest.update(part)
+                parts.extend(future.result() for future in in_flight)
             with _s3_errors(key):
                 self._client.complete_multipart_upload(
                     Bucket=self.bucket,
@@ -136,6 +137,18 @@ class S3Storage(Storage):
             self._abort_upload(key, upload_id)
             raise
         return digest.stored()
+
+    def _upload_part(self, key: str, upload_id: str, number: int, part: bytes) -> dict:
+        with _s3_errors(key):
+            response = self._client.upload_part(
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=part,
+                ContentMD5=_md5(part),
+            )
+        return {"PartNumber": number, "ETag": response["ETag"]}
 
     @contextlib.contextmanager
     def _open(self, key: str) -> Iterator[BinaryIO]:

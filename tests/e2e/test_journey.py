@@ -72,7 +72,8 @@ def test_a_new_tenant_goes_from_sign_up_to_an_invoice_and_the_operator_sees_it(
     page.set_input_files("#upload-file", str(csv_path))
     page.get_by_role("button", name="Upload").click()
     expect(page).to_have_url(re.compile(r"/datasets/churn/v/1/$"))
-    expect(page.get_by_text("label").first).to_be_visible()
+    # The version is checked in the background; its page polls and redraws once it is ready.
+    expect(page.get_by_text("label").first).to_be_visible(timeout=60_000)
     page.screens("dataset-version")
 
     # Pick a recipe, fill its generated form, see the cost estimate, submit.

@@ -24,6 +24,7 @@ from registry.formats import inspect_dataset
 from registry.formats.csv_reader import CsvDialect
 from registry.models import DatasetVersion, ModelVersion
 from tenants.actors import Actor
+from tests.registry.conftest import check_uploads
 
 pytestmark = pytest.mark.django_db
 
@@ -39,8 +40,8 @@ def worker(register_worker):
 
 
 def upload(client, org, name: str, content: bytes, filename: str) -> tuple[dict, DatasetVersion]:
-    """Create the dataset and upload its first version through the API, as a tenant does; the
-    response and the version it recorded."""
+    """Create the dataset and upload its first version through the API, as a tenant does, and
+    let the check read it; the version as the API then shows it, and its row."""
     created = client.post(f"/api/v1/orgs/{org.slug}/datasets/", {"name": name}, format="json")
     assert created.status_code == 201, created.content
     response = client.post(
@@ -49,7 +50,10 @@ def upload(client, org, name: str, content: bytes, filename: str) -> tuple[dict,
         format="multipart",
     )
     assert response.status_code == 201, response.content
-    return response.json(), DatasetVersion.objects.get(dataset__name=name, number=1)
+    check_uploads()
+    shown = client.get(f"/api/v1/orgs/{org.slug}/datasets/{name}/versions/1/")
+    assert shown.json()["state"] == "ready", shown.json()
+    return shown.json(), DatasetVersion.objects.get(dataset__name=name, number=1)
 
 
 def run_job(job: Job, worker, workdir) -> Job:

@@ -7,9 +7,11 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
-from django.test import override_settings
+from django.test import TestCase, override_settings
 from safetensors.numpy import save as save_safetensors
 
+from registry.models import DatasetVersion
+from registry.services import dataset_version_check
 from registry.storage import get_storage
 
 
@@ -20,6 +22,20 @@ def local_store(tmp_path, settings):
     with override_settings(STORAGE_BACKEND="local", STORAGE_LOCAL_ROOT=str(root)):
         get_storage()  # built from the overridden settings
         yield root
+
+
+def check_uploads() -> list[DatasetVersion]:
+    """Run the checks the uploads owe, as a worker does once the outbox has sent them (the
+    outbox and the worker themselves are proven with real processes in test_upload_checks);
+    returns the versions checked, as the checks left them."""
+    checking = DatasetVersion.objects.filter(state=DatasetVersion.State.CHECKING)
+    checked = []
+    for version_id in checking.order_by("pk").values_list("pk", flat=True):
+        # The check deletes a rejected file once its transaction commits.
+        with TestCase.captureOnCommitCallbacks(execute=True):
+            dataset_version_check(version_id=version_id)
+        checked.append(DatasetVersion.objects.get(pk=version_id))
+    return checked
 
 
 def stored_files(root) -> list[str]:

@@ -16,7 +16,7 @@ from django.utils import timezone
 from registry.models import DatasetVersion, PendingUpload, StorageAccount
 from registry.storage import get_storage
 from tenants.models import AuditEvent
-from tests.registry.conftest import post_presigned, stored_files, zip_bytes
+from tests.registry.conftest import check_uploads, post_presigned, stored_files, zip_bytes
 
 pytestmark = pytest.mark.django_db
 
@@ -52,8 +52,15 @@ def test_upload_creates_numbered_versions_with_schema_profile_and_preview(
     name = _create_dataset(dev_client, org)
     first = _upload(dev_client, org, name, csv_bytes)
     assert first.status_code == 201, first.content
-    body = first.json()
+    answered = first.json()
+    assert (answered["number"], answered["state"], answered["row_count"]) == (1, "checking", None)
+    assert answered["profile"] == {} and answered["rejection_reason"] == ""
+
+    check_uploads()
+
+    body = dev_client.get(f"/api/v1/orgs/{org.slug}/datasets/{name}/versions/1/").json()
     assert (body["number"], body["format"], body["row_count"]) == (1, "csv", 3)
+    assert (body["state"], body["check_progress"]) == ("ready", 1.0)
     assert [c["name"] for c in body["schema"]] == ["age", "city", "score"]
     assert body["profile"]["age"]["mean"] == pytest.approx((31 + 45 + 27) / 3)
     assert body["profile"]["score"]["nulls"] == 1
@@ -65,6 +72,7 @@ def test_upload_creates_numbered_versions_with_schema_profile_and_preview(
     assert (local_store / version.storage_key).read_bytes() == csv_bytes
     assert StorageAccount.objects.get(organization=org).used_bytes == 2 * len(csv_bytes)
     assert AuditEvent.objects.filter(organization=org, action="dataset.version_create").count() == 2
+    assert AuditEvent.objects.filter(organization=org, action="dataset.version_ready").count() == 1
 
 
 @pytest.mark.parametrize(
@@ -77,24 +85,35 @@ def test_upload_creates_numbered_versions_with_schema_profile_and_preview(
     ],
     ids=["inconsistent-csv", "lying-format", "zip-traversal", "garbage"],
 )
-def test_bad_uploads_are_400_and_leave_nothing_behind(
+def test_bad_uploads_are_refused_and_leave_nothing_behind(
     org, dev_client, local_store, content, filename, extra, message
 ):
+    """What the file's ends give away is a 400 at once; the rest, the check's rejection. Either
+    way no object and no usable version is left, and the reason is the same."""
     name = _create_dataset(dev_client, org)
     response = _upload(dev_client, org, name, content, filename, **extra)
-    assert response.status_code == 400, response.content
-    assert response.json()["code"] == "invalid_dataset"
-    assert message.lower() in response.json()["detail"].lower()
-    assert not DatasetVersion.objects.exists()
+    if response.status_code == 400:
+        assert response.json()["code"] == "invalid_dataset"
+        reason = response.json()["detail"]
+        assert not DatasetVersion.objects.exists()
+    else:
+        assert response.status_code == 201, response.content
+        [rejected] = check_uploads()
+        assert (rejected.state, rejected.storage_key) == ("rejected", None)
+        reason = rejected.rejection_reason
+    assert message.lower() in reason.lower()
     assert stored_files(local_store) == []
+    assert not StorageAccount.objects.filter(organization=org, used_bytes__gt=0).exists()
 
 
-def test_npz_with_object_arrays_is_refused(org, dev_client, local_store):
+def test_npz_with_object_arrays_is_rejected_by_the_check(org, dev_client, local_store):
     buffer = io.BytesIO()
     np.savez(buffer, x=np.array([{"a": 1}, None], dtype=object))
     name = _create_dataset(dev_client, org)
     response = _upload(dev_client, org, name, buffer.getvalue(), "arrays.npz")
-    assert response.status_code == 400 and "unpickle" in response.json()["detail"]
+    assert response.status_code == 201, response.content
+    [rejected] = check_uploads()
+    assert rejected.state == "rejected" and "unpickle" in rejected.rejection_reason
     assert stored_files(local_store) == []
 
 
@@ -136,8 +155,11 @@ def test_presigned_upload_then_finalize(org, dev_client, local_store, csv_bytes,
     finalize_url = f"/api/v1/orgs/{org.slug}/datasets/{name}/uploads/{started['id']}/finalize/"
     finalized = dev_client.post(finalize_url)
     assert finalized.status_code == 201, finalized.content
-    assert finalized.json()["row_count"] == 3
+    assert finalized.json()["state"] == "checking"
     assert not PendingUpload.objects.exists()
+    [checked] = check_uploads()
+    assert (checked.state, checked.row_count) == ("ready", 3)
+    assert checked.sha256 == hashlib.sha256(csv_bytes).hexdigest()
     assert dev_client.post(finalize_url).status_code == 404
     version = DatasetVersion.objects.get()
     assert version.storage_key.startswith(f"orgs/{org.pk}/datasets/")
@@ -160,8 +182,8 @@ def test_starting_an_upload_needs_its_exact_size_within_the_limit(org, dev_clien
 def test_a_write_racing_the_finalize_does_not_reach_the_version(
     org, dev_client, local_store, csv_bytes, client, monkeypatch
 ):
-    """Finalize hashes and inspects its own copy, so bytes swapped into the upload's key after the
-    copy (its URL is still valid on S3) never become the version."""
+    """The check hashes and inspects finalize's own copy, so bytes swapped into the upload's key
+    after the copy (its URL is still valid on S3) never become the version."""
     name = _create_dataset(dev_client, org)
     started = _start_upload(dev_client, org, name, len(csv_bytes))
     assert post_presigned(client, started["url"], started["fields"], csv_bytes) == 204
@@ -178,8 +200,10 @@ def test_a_write_racing_the_finalize_does_not_reach_the_version(
     )
 
     assert finalized.status_code == 201, finalized.content
-    assert finalized.json()["sha256"] == hashlib.sha256(csv_bytes).hexdigest()
-    assert (local_store / DatasetVersion.objects.get().storage_key).read_bytes() == csv_bytes
+    [checked] = check_uploads()
+    assert (checked.state, checked.row_count) == ("ready", 3)
+    assert checked.sha256 == hashlib.sha256(csv_bytes).hexdigest()
+    assert (local_store / checked.storage_key).read_bytes() == csv_bytes
 
 
 def test_an_upload_of_another_size_than_declared_is_refused_at_finalize_and_discarded(
@@ -201,7 +225,7 @@ def test_an_upload_of_another_size_than_declared_is_refused_at_finalize_and_disc
     assert stored_files(local_store) == []
 
 
-def test_a_refused_finalize_leaves_neither_the_copy_nor_the_upload(
+def test_a_finalized_upload_the_check_rejects_leaves_neither_the_copy_nor_the_upload(
     org, dev_client, local_store, client
 ):
     bad = b"a,b\n1,2\n3,4,5\n"
@@ -213,15 +237,24 @@ def test_a_refused_finalize_leaves_neither_the_copy_nor_the_upload(
         f"/api/v1/orgs/{org.slug}/datasets/{name}/uploads/{started['id']}/finalize/"
     )
 
-    assert finalized.status_code == 400 and finalized.json()["code"] == "invalid_dataset"
+    assert finalized.status_code == 201, finalized.content
+    [rejected] = check_uploads()
+    assert rejected.state == "rejected" and "columns" in rejected.rejection_reason
     assert not PendingUpload.objects.exists()
     assert stored_files(local_store) == []
+    assert StorageAccount.objects.get(organization=org).used_bytes == 0
 
 
-def test_download_link_serves_the_bytes(org, dev_client, local_store, csv_bytes, client):
+def test_download_link_serves_the_bytes_once_checked(
+    org, dev_client, local_store, csv_bytes, client
+):
     name = _create_dataset(dev_client, org)
     _upload(dev_client, org, name, csv_bytes, "people.csv")
-    link = dev_client.get(f"/api/v1/orgs/{org.slug}/datasets/{name}/versions/1/download/").json()
+    download = f"/api/v1/orgs/{org.slug}/datasets/{name}/versions/1/download/"
+    early = dev_client.get(download)
+    assert (early.status_code, early.json()["code"]) == (409, "dataset_version_not_ready")
+    check_uploads()
+    link = dev_client.get(download).json()
     assert link["sha256"] and link["name"] == "people.csv"
     response = client.get(_local_path(link["url"]))
     assert response.status_code == 200
@@ -246,6 +279,7 @@ def test_upload_to_s3_and_fetch_the_presigned_download_over_http(
     name = _create_dataset(dev_client, org)
     created = _upload(dev_client, org, name, csv_bytes, "s3.csv")
     assert created.status_code == 201, created.content
+    assert check_uploads()[0].state == "ready"
     link = dev_client.get(f"/api/v1/orgs/{org.slug}/datasets/{name}/versions/1/download/").json()
     with urllib.request.urlopen(link["url"], timeout=10) as response:  # noqa: S310  the test S3 server
         assert response.read() == csv_bytes

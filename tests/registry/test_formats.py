@@ -201,6 +201,45 @@ def test_csv_bool_and_datetime_columns(tmp_path):
     assert inspection.preview[1] == {"active": False, "seen": "2024-01-15T08:30:00"}
 
 
+def test_csv_cells_are_typed_as_python_reads_each_one(tmp_path):
+    """Blocks are typed with Arrow, but each cell gets the type `int()`, `float()` and
+    `datetime.fromisoformat` give it; blocks Arrow cannot decide exactly (an integer past
+    int64, a date that does not exist) fall back to typing cell by cell."""
+    path = write_text(
+        tmp_path,
+        "signed,big,edge,sci,when,zoned,nonsense,nan\n"
+        "+5,1,9223372036854775807,1e3,2024-01-01,2024-01-01T10:00:05+05:30,2024-02-01,NAN\n"
+        "007,99999999999999999999,-9223372036854775808,-Infinity,2024-01-01 10:00,"
+        "2024-01-01T00:00:05Z,2024-02-30,nan\n",
+    )
+
+    inspection = inspect_dataset(path)
+
+    dtypes = {column["name"]: column["dtype"] for column in inspection.schema}
+    assert dtypes == {
+        "signed": "int64",
+        "big": "float64",
+        "edge": "int64",
+        "sci": "float64",
+        "when": "datetime",
+        "zoned": "datetime",
+        "nonsense": "string",
+        "nan": "string",
+    }
+    profile = inspection.profile
+    assert (profile["signed"]["min"], profile["signed"]["max"]) == (5, 7)
+    assert (profile["edge"]["min"], profile["edge"]["max"]) == (-(2**63), 2**63 - 1)
+    assert profile["big"]["max"] == 1e20
+    assert (profile["sci"]["non_finite"], profile["sci"]["max"]) == (1, 1000.0)
+    assert (profile["zoned"]["min"], profile["zoned"]["max"]) == (
+        "2024-01-01T00:00:05",
+        "2024-01-01T04:30:05",
+    )
+    assert profile["nonsense"]["top"] == [["2024-02-01", 1], ["2024-02-30", 1]]
+    # "nan" is a missing value; "NAN" is not one, nor a number.
+    assert (profile["nan"]["count"], profile["nan"]["nulls"]) == (1, 1)
+
+
 def test_csv_histogram_counts_sum_to_the_sample_size(tmp_path):
     values = np.random.default_rng(7).normal(50, 10, size=25_000)
     lines = "".join(f"{value:.4f}\n" for value in values)

@@ -17,7 +17,7 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from registry.models import DatasetVersion, PendingUpload, StorageAccount
-from tests.registry.conftest import post_presigned
+from tests.registry.conftest import check_uploads, post_presigned
 
 pytestmark = pytest.mark.django_db
 
@@ -75,13 +75,17 @@ def test_a_finalized_upload_cannot_be_overwritten_through_its_upload_url(
     assert _post_file(client, started, CHECKED) in (200, 204)
     finalized = _finalize(attacker, org, started)
     assert finalized.status_code == 201, finalized.content
-    recorded = finalized.json()["sha256"]
-    assert recorded == hashlib.sha256(CHECKED).hexdigest()
 
-    # The declared size, so the store's size bound alone cannot stop it.
+    # The declared size, so the store's size bound alone cannot stop it; sent before the
+    # background check has read the version.
     poison = b"age,city,score\n99,Nowhere,9.9\n" + b"9" * (len(CHECKED) - 31) + b"\n"
     assert len(poison) == len(CHECKED)
     late = _post_file(client, started, poison)
+    check_uploads()
+    recorded = attacker.get(f"/api/v1/orgs/{org.slug}/datasets/people/versions/1/").json()
+    assert recorded["state"] == "ready"
+    recorded = recorded["sha256"]
+    assert recorded == hashlib.sha256(CHECKED).hexdigest()
 
     link = attacker.get(f"/api/v1/orgs/{org.slug}/datasets/people/versions/1/download/").json()
     served = _get(client, link["url"])
