@@ -547,6 +547,7 @@ EXPECTED_EFFECTS: dict[str, Effect] = {
     "POST jobs:job_submit": Effect.SPEND,
     "POST jobs:job_predict": Effect.SPEND,
     "POST jobs:code_run": Effect.SPEND,
+    "POST jobs:model_version_export": Effect.SPEND,
     "POST jobs:job_cancel": Effect.REDUCE,
     "POST jobs:job_retry": Effect.SPEND,
     "POST jobs:sweep_cancel": Effect.REDUCE,
