@@ -8,7 +8,7 @@ from tenants.actors import Actor
 from tenants.services import api_key_create
 from tests.factories import MembershipFactory, OrganizationFactory, UserFactory
 
-pytest_plugins = ["tests.s3server", "tests.pool", "tests.smtp"]
+pytest_plugins = ["tests.s3server", "tests.pool", "tests.smtp", "tests.chaos.redis_server"]
 
 
 @pytest.fixture(autouse=True)

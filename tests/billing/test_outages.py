@@ -9,7 +9,7 @@ from datetime import timedelta
 from decimal import Decimal
 
 import pytest
-from django.test import Client, override_settings
+from django.test import Client
 from django.utils import timezone
 
 from billing import services, stripe_sync, tasks
@@ -18,7 +18,6 @@ from outbox.models import Message
 from outbox.services import outbox_drain
 from tenants.actors import Actor
 from tenants.scopes import Role
-from tests.chaos.redis_server import RedisServer, celery_broker
 from tests.factories import MembershipFactory, OrganizationFactory, PriceFactory
 from tests.pool import Pool
 from tests.processes import wait_for
@@ -32,21 +31,6 @@ def _deliver(client, fake, event):
     return client.post(
         WEBHOOK, data=body, content_type="application/json", HTTP_STRIPE_SIGNATURE=fake.sign(body)
     )
-
-
-@pytest.fixture
-def broker_down(tmp_path):
-    """A broker of the test's own, stopped, that this process sends to; `.start()` brings it
-    back."""
-    broker = RedisServer(tmp_path)
-    broker.start()
-    broker.stop()
-    with (
-        celery_broker(broker.url),
-        override_settings(REDIS_URL=broker.url, CELERY_BROKER_URL=broker.url),
-    ):
-        yield broker
-    broker.stop()
 
 
 @pytest.mark.django_db(transaction=True, serialized_rollback=True)

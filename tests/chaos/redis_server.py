@@ -8,7 +8,9 @@ import socket
 import subprocess
 from pathlib import Path
 
+import pytest
 import redis
+from django.test import override_settings
 
 from factory_saas.celery import app as celery_app
 from tests.processes import wait_for
@@ -95,3 +97,18 @@ def celery_broker(url: str):
         yield
     finally:
         celery_app.conf.broker_url, celery_app._pool, celery_app.amqp._producer_pool = saved
+
+
+@pytest.fixture
+def broker_down(tmp_path):
+    """A broker of the test's own, stopped, that this process (web and Celery sends) uses;
+    `.start()` brings it back."""
+    broker = RedisServer(tmp_path)
+    broker.start()
+    broker.stop()
+    with (
+        celery_broker(broker.url),
+        override_settings(REDIS_URL=broker.url, CELERY_BROKER_URL=broker.url),
+    ):
+        yield broker
+    broker.stop()

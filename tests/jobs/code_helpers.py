@@ -3,6 +3,7 @@ real bubblewrap sandbox, the runtime they offer, and waiting for a job's end."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -41,10 +42,10 @@ def runtime_python() -> str:
     return sys.executable if usable else "/usr/bin/python3"
 
 
-@pytest.fixture
-def sandboxed_pool(pool):
-    """The pool's workers set up to run code packages: a work root the sandbox's user may pass
-    through but not list (as the image lays it out), and a runtime it can read."""
+@contextlib.contextmanager
+def sandbox_work_root():
+    """A work root the sandbox's user may pass through but not list (as the image lays it out),
+    removed afterwards; fails the test on a machine that cannot build sandboxes."""
     reason = sandbox_unavailable_reason()
     if reason is not None:
         pytest.fail(reason)
@@ -55,12 +56,20 @@ def sandboxed_pool(pool):
     work.chmod(0o1733)
     if os.geteuid() == 0:
         os.chown(work, sandbox.SANDBOX_UID, sandbox.SANDBOX_GID)
-    pool.env["WORKER_WORKDIR"] = str(work)
-    pool.env["WORKER_RUNTIMES"] = f"{RUNTIME}={runtime_python()}"
     try:
-        yield pool
+        yield work
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def sandboxed_pool(pool):
+    """The pool's workers set up to run code packages: a work root for sandboxes and a runtime
+    the sandbox's user can read."""
+    with sandbox_work_root() as work:
+        pool.env["WORKER_WORKDIR"] = str(work)
+        pool.env["WORKER_RUNTIMES"] = f"{RUNTIME}={runtime_python()}"
+        yield pool
 
 
 def finished(job: Job, pool, timeout: float = 120) -> Job:

@@ -13,8 +13,6 @@ import os
 import shutil
 import struct
 import tarfile
-import tempfile
-from pathlib import Path
 
 import pytest
 
@@ -44,6 +42,7 @@ from registry.services.code_packages import code_package_limits, code_package_ve
 from registry.storage import get_storage, new_object_key
 from tenants.actors import Actor
 from tenants.errors import DomainError
+from tests.jobs import code_helpers
 from tests.jobs.code_helpers import RUNTIME, archive, finished, runtime_python
 from tests.processes import alive, descendants, wait_for
 
@@ -233,19 +232,9 @@ def test_hostile_packages_are_refused_with_a_reason_and_the_worker_goes_on(
 @pytest.fixture
 def sandbox_work_root(settings):
     """WORKER_WORKDIR for an in-process worker running sandboxes."""
-    reason = sandbox_unavailable_reason()
-    if reason is not None:
-        pytest.fail(reason)
-    root = Path(tempfile.mkdtemp(prefix="code-jobs-", dir="/tmp"))
-    root.chmod(0o755)
-    work = root / "work"
-    work.mkdir(mode=0o1733)
-    work.chmod(0o1733)
-    if os.geteuid() == 0:
-        os.chown(work, sandbox.SANDBOX_UID, sandbox.SANDBOX_GID)
-    settings.WORKER_WORKDIR = str(work)
-    yield work
-    shutil.rmtree(root, ignore_errors=True)
+    with code_helpers.sandbox_work_root() as work:
+        settings.WORKER_WORKDIR = str(work)
+        yield work
 
 
 # TRAINER, a step every 0.3 s: time to kill its worker between two checkpoints.

@@ -6,7 +6,6 @@ from datetime import timedelta
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
-from django.test import override_settings
 from django.utils import timezone
 
 from jobs.models import Job
@@ -14,7 +13,6 @@ from outbox.models import Message
 from registry.models import DatasetVersion, StorageAccount
 from registry.services import dataset_version_check, dataset_version_checks_resend
 from tenants.models import AuditEvent
-from tests.chaos.redis_server import RedisServer, celery_broker
 from tests.pool import Pool
 from tests.processes import wait_for
 from tests.registry.conftest import check_uploads, stored_files
@@ -181,21 +179,6 @@ def test_the_version_page_shows_why_the_check_rejected_it(org, dev_client, dev_p
     assert "Rejected" in body and "Row 3 has 3 columns" in body
     assert 'hx-trigger="every 2s"' not in body
     assert (download.status_code, download["Location"]) == (302, url)
-
-
-@pytest.fixture
-def broker_down(tmp_path):
-    """A broker of the test's own, stopped, that this process sends to; `.start()` brings it
-    back."""
-    broker = RedisServer(tmp_path)
-    broker.start()
-    broker.stop()
-    with (
-        celery_broker(broker.url),
-        override_settings(REDIS_URL=broker.url, CELERY_BROKER_URL=broker.url),
-    ):
-        yield broker
-    broker.stop()
 
 
 @pytest.mark.django_db(transaction=True, serialized_rollback=True)

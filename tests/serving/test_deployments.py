@@ -5,7 +5,6 @@ from datetime import timedelta
 
 import pytest
 from django.db import connection
-from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
@@ -16,7 +15,6 @@ from serving.services import deployment_delete, deployments_purge, routes_set
 from tenants.actors import Actor
 from tenants.errors import DomainError
 from tenants.models import AuditEvent
-from tests.chaos.redis_server import RedisServer, celery_broker
 from tests.factories import JobFactory, ModelVersionFactory
 
 
@@ -423,19 +421,6 @@ def test_a_purge_out_of_time_stops_between_batches_and_the_next_run_goes_on(
     assert Deployment.all_objects.get(pk=deployment.pk).deleted_at is not None
     assert deployments_purge(now=timezone.now() + timedelta(hours=1)) == 700
     assert not Deployment.all_objects.filter(pk=deployment.pk).exists()
-
-
-@pytest.fixture
-def broker_down(tmp_path):
-    """A broker of the test's own, stopped, that this process sends to."""
-    broker = RedisServer(tmp_path)
-    broker.start()
-    broker.stop()
-    with (
-        celery_broker(broker.url),
-        override_settings(REDIS_URL=broker.url, CELERY_BROKER_URL=broker.url),
-    ):
-        yield broker
 
 
 def test_a_deletion_during_a_broker_outage_is_answered_and_purged_by_the_beats_run(
