@@ -153,7 +153,8 @@ def test_the_api_starts_an_export_and_refuses_a_dataset_beside_it(
     body = {"kind": "export", "model": {"model": "churn", "version": "1"}}
     refused = client.post(
         url,
-        body | {"dataset": {"dataset": dataset_version.dataset.name, "number": 1}},
+        body
+        | {"dataset": {"dataset": dataset_version.dataset.name, "number": dataset_version.number}},
         format="json",
     )
     assert refused.status_code == 400 and "reads no dataset" in refused.json()["detail"]
