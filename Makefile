@@ -15,7 +15,7 @@ TEST_WORKERS ?= 2
 WORKER_RUNTIMES ?= torch-2.13-py311=$(abspath $(BIN))/python
 TEST_ENV := DJANGO_SETTINGS_MODULE=factory_saas.settings.test DATABASE_URL=$(DATABASE_URL) REDIS_URL=$(REDIS_URL)
 
-.PHONY: install run worker test lint audit screenshots clean
+.PHONY: install run worker test test-fast lint audit screenshots clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -71,6 +71,11 @@ test: install $(CHROMIUM) $(BWRAP)
 	$(BIN)/python tests/security/pip_audit_gate.py
 	$(TEST_ENV) $(BIN)/pytest -n $(TEST_WORKERS) -m "not serial"
 	$(TEST_ENV) $(BIN)/pytest -m serial
+
+# The edit-run loop: everything that needs no process of its own (no pool, browser, S3 or Redis
+# server, no fuzzing), in parallel. `make test` still runs everything.
+test-fast: install
+	$(TEST_ENV) $(BIN)/pytest -n $(TEST_WORKERS) -m "not slow and not serial" -q
 
 # Re-take the user guide's screenshots (docs/img/journey/) from the browser journey.
 screenshots: install $(CHROMIUM)

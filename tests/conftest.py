@@ -11,6 +11,23 @@ from tests.factories import MembershipFactory, OrganizationFactory, UserFactory
 pytest_plugins = ["tests.s3server", "tests.pool", "tests.smtp", "tests.chaos.redis_server"]
 
 
+# What makes a test slow: it starts real processes (pool workers, beat, a browser, an S3 or a
+# Redis server of its own) or sweeps inputs by the thousand. `make test-fast` leaves these out.
+SLOW_FIXTURES = frozenset(
+    {
+        "pool",
+        "sandboxed_pool",
+        "stack",
+        "s3_server",
+        "browser",
+        "page",
+        "broker_down",
+        "live_server",
+    }
+)
+SLOW_FOLDERS = ("tests/e2e/", "tests/chaos/", "tests/fuzz/")
+
+
 @pytest.fixture(autouse=True)
 def _clear_cache():
     """Rate-limit counters live in Redis; each test starts with none."""
@@ -86,10 +103,17 @@ def user(db):
     return UserFactory()
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m reads the marks
 def pytest_collection_modifyitems(items):
-    """A transactional test without a serialized rollback flushes the database at its end and
-    Django re-creates the content types with new ids; every serialized test after it then fails
-    to restore its rows (duplicate content types). Refuse the mix at collection."""
+    """Mark the slow tests (SLOW_FIXTURES, SLOW_FOLDERS) for `make test-fast` to leave out.
+
+    And refuse a transactional test without a serialized rollback: it flushes the database at
+    its end and Django re-creates the content types with new ids; every serialized test after
+    it then fails to restore its rows (duplicate content types)."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & SLOW_FIXTURES or item.nodeid.startswith(SLOW_FOLDERS):
+            item.add_marker(pytest.mark.slow)
     bare = [
         item.nodeid
         for item in items
