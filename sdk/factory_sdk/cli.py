@@ -362,7 +362,15 @@ def jobs_submit(
         return
     if not as_json:
         stderr.print(f"Job {job['id']} submitted ({job['state']}); following its log.")
-    job = _follow(client, job["id"], _log_printer(as_json=False, to_stderr=as_json), poll_interval)
+    try:
+        job = _follow(
+            client, job["id"], _log_printer(as_json=False, to_stderr=as_json), poll_interval
+        )
+    except KeyboardInterrupt:
+        stderr.print(
+            f"Stopped following; job {job['id']} goes on (factory jobs cancel {job['id']})."
+        )
+        raise typer.Exit(130) from None
     _emit(job, as_json, _render_job)
     if job["state"] != "succeeded":
         raise typer.Exit(1)

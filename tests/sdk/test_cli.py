@@ -196,6 +196,8 @@ def test_usage_for_a_month_covers_its_days(cli, org):
 
 
 def test_predict_on_a_missing_deployment_is_a_clear_404(cli, org):
+    assert _json(cli("deployments", "list", "--json")) == []
+
     refused = cli("predict", "nowhere", "--inputs", '[{"x": 1}]', "--json")
 
     assert refused.exit_code == 1

@@ -5,12 +5,15 @@ import contextlib
 import hashlib
 import json
 import socket
+import subprocess
+import sys
 import threading
 from urllib.parse import urlsplit
 
 import pytest
 
 from registry.models import DatasetVersion, PendingUpload
+from tests.processes import wait_for
 from tests.registry.conftest import check_uploads
 from tests.sdk.conftest import live
 
@@ -118,6 +121,27 @@ def test_a_dropped_upload_continues_the_same_upload_when_run_again(cli, proxy, o
     [checked] = check_uploads()
     assert (checked.number, checked.state, checked.row_count) == (1, "ready", 40_000)
     assert checked.sha256 == hashlib.sha256(big_csv.read_bytes()).hexdigest()
+
+
+def test_upload_wait_answers_once_the_check_has_made_the_version_ready(factory_env, org, big_csv):
+    env = {name: value for name, value in factory_env.items() if value is not None}
+    command = [sys.executable, "-m", "factory_sdk", "datasets", "upload", big_csv]
+    command += ["--name", "churn", "--wait", "--poll-interval", "0.1", "--json"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        wait_for(
+            lambda: DatasetVersion.objects.filter(state="checking").exists(),
+            timeout=30,
+            what="the finalized upload",
+        )
+        check_uploads()  # what the worker the outbox sends the check to does
+        out, _ = process.communicate(timeout=30)
+    finally:
+        process.kill()
+
+    assert process.returncode == 0
+    version = json.loads(out)["version"]
+    assert (version["state"], version["row_count"]) == ("ready", 40_000)
 
 
 def test_an_unreachable_server_is_one_clear_error(cli, factory_env, org, big_csv):
