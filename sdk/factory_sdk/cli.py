@@ -192,7 +192,9 @@ def datasets_upload(
     ctx: typer.Context,
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
     name: Annotated[str, typer.Option("--name", "-n", help="The dataset (made if missing).")],
-    format: Annotated[str, typer.Option(help="csv, parquet, npz or image_zip.")] = "",
+    format: Annotated[
+        str, typer.Option(help="csv, parquet, npz or image_folder_zip (default: from the content).")
+    ] = "",
     wait: Annotated[bool, typer.Option(help="Wait for the check to make it ready.")] = False,
     poll_interval: PollFlag = 1.0,
     as_json: JsonFlag = False,
