@@ -17,11 +17,12 @@ TEST_ENV := DJANGO_SETTINGS_MODULE=factory_saas.settings.test DATABASE_URL=$(DAT
 
 .PHONY: install run worker test test-fast lint audit screenshots clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml sdk/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch is pinned to 2.13.0; on these machines pip takes the CPU wheel already on disk.
 	$(BIN)/python -m pip install --quiet -e ".[worker,dev]"
+	$(BIN)/python -m pip install --quiet -e sdk  # the `factory` CLI and client (no Django)
 	touch $(STAMP)
 
 install: $(STAMP)
