@@ -89,7 +89,12 @@ from .sandbox import (
 
 logger = logging.getLogger(__name__)
 
+# A report renews the lease and reads a stop request at least this often; lines go sooner.
 REPORT_EVERY_S = 0.5
+# A log, metric or progress line is stored within this long of arriving, so a person sees it at
+# once; the lines that arrive meanwhile go in the same report, which bounds a chatty child's
+# reports to one per this long.
+LINES_REPORT_WITHIN_S = 0.02
 # The child's task for each kind of job (protocol.TASKS).
 TASKS = {
     Job.Kind.TRAIN: "train",
@@ -156,6 +161,7 @@ class _Attempt:
         self.lines: queue.Queue[tuple[str, str] | None] = queue.Queue()
         self.logs: list[tuple[str, str]] = []
         self.metrics: list[dict] = []
+        self.progress: dict | None = None
         self.stderr_tail: list[str] = []
         self.result: dict | None = None
         self.serving = job.kind == Job.Kind.SERVE
@@ -350,21 +356,25 @@ class _Attempt:
         over_time = unresponsive = False
         open_pipes = 2
         next_report = time.monotonic()
+        lines_due = None  # when the lines taken since the last report must be stored
         next_bill = started + settings.SERVE_BILLING_INTERVAL_S
         # A replica answers its requests in flight before it exits; a job only checkpoints.
         grace = settings.JOB_STOP_GRACE_S + (settings.SERVE_DRAIN_S if self.serving else 0)
         while open_pipes or child.poll() is None:
+            wait = 0.1 if lines_due is None else max(0.0, lines_due - time.monotonic())
             try:
-                item = self.lines.get(timeout=0.1)
+                item = self.lines.get(timeout=wait)
             except queue.Empty:
                 item = False
             if item is None:
                 open_pipes -= 1
             elif item:
                 self._take(*item)
+                if lines_due is None and (self.logs or self.metrics or self.progress):
+                    lines_due = time.monotonic() + LINES_REPORT_WITHIN_S
             now = time.monotonic()
-            if now >= next_report:
-                next_report = now + REPORT_EVERY_S
+            if now >= next_report or (lines_due is not None and now >= lines_due):
+                next_report, lines_due = now + REPORT_EVERY_S, None
                 state = self._flush()
                 if stop_deadline is None and state in (JobState.CANCELLING, JobState.PREEMPTED):
                     self._ask_to_stop(child)
@@ -440,6 +450,8 @@ class _Attempt:
         kind, payload = protocol.parse_line(line)
         if kind == "metric":
             self.metrics.append(payload)
+        elif kind == "progress":
+            self.progress = payload
         elif kind == "checkpoint":
             self._checkpoint(payload)
         elif kind == "result":
@@ -458,8 +470,8 @@ class _Attempt:
             self.address, self.answered_at = address, time.monotonic()
 
     def _flush(self) -> str:
-        report = Report(logs=self.logs, metrics=self.metrics)
-        self.logs, self.metrics = [], []
+        report = Report(logs=self.logs, metrics=self.metrics, progress=self.progress)
+        self.logs, self.metrics, self.progress = [], [], None
         return attempt_report(job_id=self.job.pk, attempt=self.attempt, report=report)
 
     def _checkpoint(self, payload: dict) -> None:
@@ -832,6 +844,8 @@ class _CodeAttempt(_Attempt):
             if self.kept_metrics < MAX_METRICS:
                 self.kept_metrics += 1
                 self.metrics.append(payload)
+        elif kind == "progress":
+            self.progress = payload
         elif kind == "checkpoint":
             self._checkpoint(payload)
         elif kind == "result":
