@@ -7,6 +7,7 @@ side owns every database and storage write, each fenced by the attempt number.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -74,7 +75,13 @@ from .code import (
 )
 from .evaluate_inputs import evaluation_record, evaluation_stage
 from .export_outputs import export_record
-from .isolation import ChildFileRefused, attempt_folder_create, child_file_open, child_start
+from .isolation import (
+    ChildFileRefused,
+    attempt_folder_create,
+    child_file_open,
+    child_start,
+    child_threads,
+)
 from .sandbox import (
     WORK_FOLDER,
     Limits,
@@ -86,6 +93,7 @@ from .sandbox import (
     sandbox_start,
     sandbox_unavailable_reason,
 )
+from .warm import warm_child_replace, warm_child_take
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +160,7 @@ def run_attempt(*, job_id: int, attempt: int, worker_id: int) -> str:
         return "stale"
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        warm_child_replace()  # for the next job, now that this one's child is gone
 
 
 class _Attempt:
@@ -328,23 +337,33 @@ class _Attempt:
         }
 
     def _start(self) -> subprocess.Popen:
-        # Children share the machine's cores: a slot's share of threads each, no oversubscription.
-        threads = max(1, (os.cpu_count() or 1) // max(1, self.job.worker.slots))
-        child = child_start(
-            workdir=self.workdir,
-            cuda_visible_devices=(
-                ",".join(map(str, self.job.slot_indices))
-                if self.job.resource_class.name != "cpu"
-                else ""
-            ),
-            threads=threads,
+        threads = child_threads(self.job.worker.slots)
+        devices = (
+            ",".join(map(str, self.job.slot_indices))
+            if self.job.resource_class.name != "cpu"
+            else ""
         )
-        for stream, pipe in (("stdout", child.stdout), ("stderr", child.stderr)):
-            threading.Thread(target=self._pump, args=(stream, pipe), daemon=True).start()
+        waiting = warm_child_take(threads=threads)
+        hand_over = None
+        if waiting is None:
+            child = child_start(workdir=self.workdir, cuda_visible_devices=devices, threads=threads)
+        else:
+            # A child still importing says READY later: it is handed its job from the thread
+            # that reads its stdout, while this one supervises (and reports) meanwhile.
+            child = waiting.process
+            hand_over = functools.partial(
+                waiting.hand_over, workdir=self.workdir, cuda_visible_devices=devices
+            )
+        threading.Thread(
+            target=self._pump, args=("stdout", child.stdout, hand_over), daemon=True
+        ).start()
+        threading.Thread(target=self._pump, args=("stderr", child.stderr), daemon=True).start()
         return child
 
-    def _pump(self, stream: str, pipe) -> None:
+    def _pump(self, stream: str, pipe, hand_over=None) -> None:
         try:
+            if hand_over is not None:
+                hand_over()  # reads the child's READY line
             for line in pipe:
                 self.lines.put((stream, line.rstrip("\n")))
         finally:
@@ -757,7 +776,7 @@ class _CodeAttempt(_Attempt):
             work_folder=self.workdir,
             code_folder=self.code,
             devices=gpu_devices(job.slot_indices) if gpus else (),
-            threads=max(1, (os.cpu_count() or 1) // max(1, job.worker.slots)),
+            threads=child_threads(job.worker.slots),
             limits=Limits(wall_clock_s=wall_clock, stop_grace_s=grace),
             channel_fd=inside.fileno() if inside is not None else None,
         )
