@@ -9,21 +9,25 @@ job before anything is timed.
     .venv/bin/python -m bench.e2e --quick      # smoke check, ~1 min
 
 Latency: `training_job_submit` of a short tabular-classifier job, timed from just before the call
-to the moment the bench's poll (every 20 ms) sees the job's step-1 metric row in the database. The
-platform keeps no trace of a step before the recipe's metrics (the worker drops `@@progress`
-lines), and the recipe writes metrics at the end of each epoch, so these jobs train with a
+to the moment the bench's poll (every 20 ms) first sees step 1 in the database, as the job's
+page and API show it: the job's stored progress (`Job.progress`, from the child's `@@progress`
+lines) or its step-1 metric row, whichever comes first (a worker that drops `@@progress` lines,
+as before issue 15, shows only the metric); and the moment it sees the first metric row
+(first_metric). The recipe writes metrics at the end of each epoch, so these jobs train with a
 batch as large as the training set: epoch 1 is step 1, and its metrics follow that step's
-validation pass by milliseconds. JobEvent and JobLog timestamps split the time into legs; after
-each job, the same child command run alone (no platform) gives the child's own start-up.
+validation pass. JobEvent and JobLog timestamps split the time into legs; after each job, the
+same child command run alone (no platform) gives the child's own start-up, and gives the
+worker's warm child (jobs.runner.warm) the seconds it needs to be ready again, as an idle slot
+between jobs would.
 
 Overhead: the same recipe, parameters, seed and CSV (a) as a job through the pool, (b) as its
 child command run alone, and (c) in this process, calling `TabularClassifier().train(ctx)`
 with the thread count and determinism the child uses. Training time is the span from epoch
 1's train-loss metric to the last epoch's, so data loading and start-up are left out; the job's
-span comes from JobMetric.created_at (stored by the worker's 0.5 s flushes, so each end lags 0
-to 0.5 s), the others from the moment the line arrived. overhead_pct = (median platform span /
-median direct span - 1) * 100; the median of each round's ratio and the fastest-to-fastest
-ratio are printed beside it, since the machine is shared. The three run one after another in
+span comes from JobMetric.created_at (stored within LINES_REPORT_WITHIN_S of arriving), the
+others from the moment the line arrived. overhead_pct = (median platform span / median direct
+span - 1) * 100; the median of each round's ratio and the fastest-to-fastest ratio are printed
+beside it, since the machine is shared. The three run one after another in
 each round, so that noise from the shared machine hits all of them. The CPU time that the
 pool's own processes use meanwhile is read from /proc.
 
@@ -110,7 +114,8 @@ class Latency:
     started: float
     data_ready: float  # the recipe's "Training on N rows" log line stored
     metric_stored: float
-    seen: float
+    seen: float  # step 1 seen: the job's progress or its step-1 metric, whichever came first
+    metric_seen: float
 
 
 @dataclass(frozen=True)
@@ -225,9 +230,14 @@ def measure_latency(pool: Pool, tenant: Tenant) -> Latency:
     started = time.time()
     job = tenant.submit(LATENCY_PARAMETERS)
     returned = time.time()
-    first = None
+    first = step_seen = None
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while first is None:
+        state, reason, shown = Job.objects.values_list("state", "failure_reason", "progress").get(
+            pk=job.pk
+        )
+        if step_seen is None and shown and shown["step"] >= 1:
+            step_seen = time.time()
         first = (
             JobMetric.objects.filter(job_id=job.pk, step=1)
             .order_by("created_at")
@@ -236,13 +246,12 @@ def measure_latency(pool: Pool, tenant: Tenant) -> Latency:
         )
         if first is None:
             pool.check_alive()
-            state, reason = Job.objects.values_list("state", "failure_reason").get(pk=job.pk)
             if state in TERMINAL_STATES:
                 raise SystemExit(f"job {job.pk} {state} before its first step: {reason}")
             if time.monotonic() > deadline:
                 raise SystemExit(f"job {job.pk}: no step-1 metric after {JOB_TIMEOUT_S} s")
             time.sleep(POLL_S)
-    seen = time.time()
+    metric_seen = time.time()
     pool.wait_finished(job)
     events = dict(
         JobEvent.objects.filter(job_id=job.pk, kind__in=["scheduled", "started"]).values_list(
@@ -262,7 +271,8 @@ def measure_latency(pool: Pool, tenant: Tenant) -> Latency:
         started=_after(events["started"], started),
         data_ready=_after(data_ready, started),
         metric_stored=_after(first, started),
-        seen=seen - started,
+        seen=(step_seen or metric_seen) - started,
+        metric_seen=metric_seen - started,
     )
 
 
@@ -703,6 +713,7 @@ def report(
     med = statistics.median
     seen = [lat.seen for lat in latencies]
     p50, p90 = med(seen), percentile(seen, 0.9)
+    metric_seen = [lat.metric_seen for lat in latencies]
     legs = {
         "training_job_submit() call (commit, tick_soon sent)": [
             lat.submit_call for lat in latencies
@@ -717,7 +728,9 @@ def report(
         "data ready -> step-1 metric row stored": [
             lat.metric_stored - lat.data_ready for lat in latencies
         ],
-        "stored -> seen by the bench's poll": [lat.seen - lat.metric_stored for lat in latencies],
+        "metric row stored -> seen by the bench's poll": [
+            lat.metric_seen - lat.metric_stored for lat in latencies
+        ],
     }
     platform, direct = spans["platform"], spans["direct"]
     platform_s, direct_s = med(s.seconds for s in platform), med(s.seconds for s in direct)
@@ -731,14 +744,15 @@ def report(
     )
     print()
     print(
-        f"1. Submit -> step-1 metric row seen in the database, {runs} sequential jobs (epochs 1, "
+        f"1. Submit -> step 1 seen in the database, {runs} sequential jobs (epochs 1, "
         f"batch_size {LATENCY_PARAMETERS['batch_size']}: step 1 is epoch 1, whose metrics the "
         "recipe writes right after that step's validation pass)"
     )
     print(f"   {'':58}{'median s':>10}{'p90 s':>10}{'min s':>10}{'max s':>10}")
     for label, values in legs.items():
         print(f"   {label:58}{_row(values)}")
-    print(f"   {'total: submit -> first step seen':58}{_row(seen)}")
+    print(f"   {'total: submit -> first metric seen':58}{_row(metric_seen)}")
+    print(f"   {'total: submit -> first step seen (progress or metric)':58}{_row(seen)}")
     print(f"   each run, s: {' '.join(f'{value:.2f}' for value in seen)}")
     child = {
         "spawn -> data read and encoded ('Training on' line)": [s.data_ready for s in starts],
@@ -755,7 +769,7 @@ def report(
         for lat, start in zip(latencies, starts, strict=True)
     ]
     print(f"   {'platform started -> stored, less the child alone':58}{_row(rest)}")
-    print("     (download, spec, spawn, and the wait for the worker's next 0.5 s flush)")
+    print("     (download, spec, the child's start or handover, and storing the line)")
     verdict = "met" if p50 < TARGET_FIRST_STEP_S else "MISSED"
     print(f"   target median < {TARGET_FIRST_STEP_S:g} s: {verdict} ({p50:.3f} s, p90 {p90:.3f} s)")
     print()
@@ -818,6 +832,7 @@ def report(
         "submit_to_first_step_p50_s": round(p50, 3),
         "overhead_pct": round(overhead, 2),
         "submit_to_first_step_p90_s": round(p90, 3),
+        "first_metric_p50_s": round(med(metric_seen), 3),
         "direct_train_s": round(direct_s, 2),
         "platform_train_s": round(platform_s, 2),
     }

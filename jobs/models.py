@@ -269,6 +269,15 @@ class Job(OrganizationOwned):
     serve_ready_at = models.DateTimeField(null=True, blank=True)
     checkpoint_key = models.CharField(max_length=500, blank=True)
     checkpoint_step = models.PositiveIntegerField(null=True, blank=True)
+    # Kept on the row, newest only, since a person watches where a run is, not its history; the
+    # history that matters is in the metrics.
+    progress = models.JSONField(
+        null=True,
+        blank=True,
+        help_text="Where the current attempt last said it was, as it runs: "
+        '{"step", "total" (null when unknown), "epoch"}; for batch inference, rows. '
+        "Null until its first step.",
+    )
     cost_minor = models.BigIntegerField(
         default=0, help_text="Billed for finished attempts, in cents."
     )
@@ -315,6 +324,19 @@ class Job(OrganizationOwned):
     @property
     def is_terminal(self) -> bool:
         return self.state in TERMINAL_STATES
+
+    @property
+    def progress_text(self) -> str:
+        """Where the current attempt is, in words ("Epoch 2, step 120 of 400 (30%)", "1,200 of
+        5,000 rows predicted (24%)"); "" before its first step."""
+        if not self.progress:
+            return ""
+        step, total = self.progress["step"], self.progress["total"]
+        of = f" of {total:,}" if total else ""
+        share = f" ({min(100, 100 * step // total)}%)" if total else ""
+        if self.kind == self.Kind.INFER:
+            return f"{step:,}{of} rows predicted{share}"
+        return f"Epoch {self.progress['epoch']}, step {step:,}{of}{share}"
 
     def clear_waiting(self) -> None:
         self.waiting_reason, self.reserved_machine, self.expected_start_at = "", None, None

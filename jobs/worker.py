@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -16,7 +17,8 @@ from celery.signals import worker_process_init
 from django.conf import settings
 from django.db import close_old_connections
 
-from jobs.runner.isolation import keep_private
+from jobs.runner.isolation import child_threads, keep_private
+from jobs.runner.warm import warm_children_keep
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,10 @@ def _pool_process_setup(**kwargs) -> None:
     die_with_parent()
     # Forked pool processes inherit this from run_worker; a worker started otherwise gets it here.
     keep_private()
+    # A pool machine's (run_worker names its slots): its next job's child, warm before the job.
+    slots = os.environ.get("FACTORY_WORKER_SLOTS")
+    if slots and settings.WORKER_WARM_CHILDREN:
+        warm_children_keep(threads=child_threads(int(slots)))
 
 
 def detect_devices() -> list[dict]:

@@ -397,6 +397,9 @@ WORKER_OFFLINE_AFTER_S = env.float("WORKER_OFFLINE_AFTER_S", default=30.0)
 WORKER_NAME = env("WORKER_NAME", default="")
 WORKER_CPU_SLOTS = env.int("WORKER_CPU_SLOTS", default=2)
 WORKER_WORKDIR = env("WORKER_WORKDIR", default=str(BASE_DIR / "var" / "work"))
+# Each pool process keeps its next recipe job's child started, torch imported (jobs.runner.warm):
+# a job's first step comes seconds sooner, for an idle child's memory per slot.
+WORKER_WARM_CHILDREN = env.bool("WORKER_WARM_CHILDREN", default=True)
 # The runtimes (named Python environments) this worker offers own-code jobs, each
 # `name=/path/to/its/python`, comma-separated; probed once at start, each within the timeout.
 # `make worker` and `make run` offer DEFAULT_RUNTIME, the worker's own environment.

@@ -135,6 +135,7 @@ class JobSerializer(serializers.ModelSerializer):
             "labels",
             "max_runtime_s",
             "attempt",
+            "progress",
             "queue_position",
             "waiting_reason",
             "failure_reason",

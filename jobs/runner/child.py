@@ -1,6 +1,7 @@
-"""The job's child process, `python -m jobs.runner.child [<workdir>]`: trains one recipe on the
-files in the working directory, fine-tunes a model, or predicts with one (spec `task`). The worker
-hands it the directory on stdin once it is private (jobs.runner.isolation).
+"""The job's child process, `python -m jobs.runner.child [--warm] [<workdir>]`: trains one recipe on
+the files in the working directory, fine-tunes a model, or predicts with one (spec `task`). The
+worker hands it the directory on stdin once it is private (jobs.runner.isolation); with --warm it
+first imports what a job needs, started ahead of its job (jobs.runner.warm). It runs one job.
 
 It talks to its parent, the GPU worker, only through stdout lines, stderr and files (see
 jobs.runner.protocol); no Django, no database, no network. Exit codes are protocol.EXIT_*.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib
 import multiprocessing
 import signal
 import sys
@@ -33,7 +35,7 @@ from jobs.recipes.base import (
     load_checkpoint,
     validate_parameters,
 )
-from jobs.recipes.catalog import get_recipe
+from jobs.recipes.catalog import get_recipe, list_recipes
 from jobs.runner.isolation import attempt_enter, keep_private
 from jobs.runner.protocol import (
     EXIT_BAD_INPUT,
@@ -50,6 +52,10 @@ if TYPE_CHECKING:
     from multiprocessing.synchronize import Event as SharedEvent
 
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+# What a warm child imports before its job, beyond the recipes: torch, what
+# torch.use_deterministic_algorithms (and the first optimizer) import on first use (about a
+# second more than torch alone: docs/benchmarks.md), the tabular readers and the weights' writer.
+WARM_IMPORTS = ("torch._inductor.config", "pyarrow.csv", "pyarrow.compute", "safetensors.torch")
 # Once a rank fails, the others are stuck in a collective: they get this long to report their
 # own error before they are killed.
 RANK_FAILURE_GRACE_S = 5.0
@@ -78,8 +84,26 @@ def prepare(argv: list[str] | None = None) -> Path:
         help="the directory holding spec.json; the worker leaves it out and hands the directory "
         "over on stdin once the child is private (jobs.runner.isolation)",
     )
-    workdir = parser.parse_args(argv).workdir
-    return (workdir if workdir is not None else attempt_enter()).resolve()
+    parser.add_argument(
+        "--warm",
+        action="store_true",
+        help="import torch and the recipes before saying READY: the worker starts such a child "
+        "before its job, so that the job does not wait for them (jobs.runner.warm)",
+    )
+    arguments = parser.parse_args(argv)
+    if arguments.workdir is not None:
+        return arguments.workdir.resolve()
+    if arguments.warm:
+        _warm_up()
+    return attempt_enter().resolve()
+
+
+def _warm_up() -> None:
+    """Import what every job imports: the platform's own code, holding nothing of a tenant's.
+    Neither starts CUDA, whose GPUs the job names (attempt_enter)."""
+    for module in WARM_IMPORTS:
+        importlib.import_module(module)
+    list_recipes()
 
 
 def _guarded(run: Callable[[], int], *, report_input_errors: bool = True) -> int:

@@ -13,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import json
 import os
 import secrets
+import signal
 import stat
 import subprocess
 import sys
@@ -24,7 +26,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 CHILD_COMMAND = (sys.executable, "-m", "jobs.runner.child")
-# The child's first line: it is private now, so it may be told where its folder is.
+# The child's first line: it is private now (and, when started ahead of its job, has imported
+# what a job needs), so it may be told where its folder is.
 READY = "@@ready"
 PR_SET_DUMPABLE = 4  # from <linux/prctl.h>
 
@@ -48,6 +51,12 @@ def keep_private() -> None:
     if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         errno = ctypes.get_errno()
         raise OSError(errno, f"prctl(PR_SET_DUMPABLE) failed with errno {errno}")
+
+
+def child_threads(slots: int) -> int:
+    """The threads a job's child gets on a machine of `slots`: children share the machine's
+    cores, a slot's share each, so that they do not oversubscribe them."""
+    return max(1, (os.cpu_count() or 1) // max(1, slots))
 
 
 def child_environment() -> dict[str, str]:
@@ -80,6 +89,72 @@ def attempt_folder_create(*, root: Path, job_id: int, attempt: int) -> Path:
     return workdir
 
 
+class WaitingChild:
+    """A job's child, started before it is told its job: private to the other processes of its
+    user, without a GPU, in its own process group, and waiting to read on stdin which folder and
+    GPUs are its job's (`hand_over`). Each serves one job.
+
+    Until then nothing it shows in /proc names the folder: its command line, working directory
+    and environment do not, and the path reaches its stdin only after its READY line.
+    """
+
+    def __init__(
+        self,
+        *,
+        threads: int,
+        command: Sequence[str] = CHILD_COMMAND,
+        cuda_visible_devices: str = "",
+    ):
+        keep_private()
+        env = child_environment()
+        env.update(
+            PYTHONUNBUFFERED="1",
+            OMP_NUM_THREADS=str(threads),
+            CUDA_VISIBLE_DEVICES=cuda_visible_devices,
+        )
+        self.threads = threads
+        handover_read, self._handover = os.pipe()
+        try:
+            self.process = subprocess.Popen(
+                list(command),
+                cwd="/",
+                env=env,
+                stdin=handover_read,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                errors="replace",  # native libraries may print bytes that are not UTF-8
+                bufsize=1,
+                start_new_session=True,  # its own group, so stopping it stops its DDP ranks too
+            )
+        except BaseException:
+            os.close(self._handover)
+            raise
+        finally:
+            os.close(handover_read)
+
+    def hand_over(self, *, workdir: Path, cuda_visible_devices: str) -> subprocess.Popen:
+        """Once the child says READY, tell it its folder and GPUs; returns the child.
+
+        A child that dies before READY says why on stderr; the caller reads that as its failure.
+        """
+        handover = json.dumps(
+            {"workdir": str(workdir), "cuda_visible_devices": cuda_visible_devices}
+        )
+        with contextlib.suppress(BrokenPipeError), open(self._handover, "w") as pipe:
+            if self.process.stdout.readline().rstrip("\n") == READY:
+                pipe.write(f"{handover}\n")
+        return self.process
+
+    def discard(self) -> None:
+        """End a child that was never handed a job."""
+        with contextlib.suppress(OSError):
+            os.close(self._handover)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.communicate()
+
+
 def child_start(
     *,
     workdir: Path,
@@ -88,51 +163,26 @@ def child_start(
     command: Sequence[str] = CHILD_COMMAND,
 ) -> subprocess.Popen:
     """Start the child with its GPUs and its share of the machine's threads, and hand it
-    `workdir` once it is private.
-
-    Until then nothing it shows in /proc names the folder: its command line, working directory
-    and environment do not, and the path reaches its stdin only after its READY line.
-    """
-    keep_private()
-    env = child_environment()
-    env.update(
-        PYTHONUNBUFFERED="1",
-        OMP_NUM_THREADS=str(threads),
-        CUDA_VISIBLE_DEVICES=cuda_visible_devices,
+    `workdir` once it is private (WaitingChild)."""
+    waiting = WaitingChild(
+        threads=threads, command=command, cuda_visible_devices=cuda_visible_devices
     )
-    handover_read, handover_write = os.pipe()
-    try:
-        child = subprocess.Popen(
-            list(command),
-            cwd="/",
-            env=env,
-            stdin=handover_read,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            errors="replace",  # native libraries may print bytes that are not UTF-8
-            bufsize=1,
-            start_new_session=True,  # its own group, so stopping it stops its DDP ranks too
-        )
-    finally:
-        os.close(handover_read)
-    # A child that dies before READY says why on stderr; the caller reads that as its failure.
-    with contextlib.suppress(BrokenPipeError), open(handover_write, "w") as handover:
-        if child.stdout.readline().rstrip("\n") == READY:
-            handover.write(f"{workdir}\n")
-    return child
+    return waiting.hand_over(workdir=workdir, cuda_visible_devices=cuda_visible_devices)
 
 
 def attempt_enter() -> Path:
-    """The child's side of `child_start`: become private, say READY, read the folder's path and
-    move in, with HOME and TMPDIR there too, so that nothing it writes lands where another
+    """The child's side of `WaitingChild`: become private, say READY, read its folder and GPUs
+    and move in, with HOME and TMPDIR there too, so that nothing it writes lands where another
     attempt could read it."""
     keep_private()
     print(READY, flush=True)
-    line = sys.stdin.readline().rstrip("\n")
-    if not line:
+    line = sys.stdin.readline()
+    if not line.strip():
         raise RuntimeError("The worker named no working directory on stdin.")
-    workdir = Path(line)
+    handover = json.loads(line)
+    workdir = Path(handover["workdir"])
+    # Read by CUDA when it starts, which a waiting child's imports do not do.
+    os.environ["CUDA_VISIBLE_DEVICES"] = handover["cuda_visible_devices"]
     os.chdir(workdir)
     os.environ.update(HOME=str(workdir / "home"), TMPDIR=str(workdir / "tmp"))
     tempfile.tempdir = None  # gettempdir() reads TMPDIR again

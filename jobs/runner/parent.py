@@ -7,6 +7,7 @@ side owns every database and storage write, each fenced by the attempt number.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -74,7 +75,13 @@ from .code import (
 )
 from .evaluate_inputs import evaluation_record, evaluation_stage
 from .export_outputs import export_record
-from .isolation import ChildFileRefused, attempt_folder_create, child_file_open, child_start
+from .isolation import (
+    ChildFileRefused,
+    attempt_folder_create,
+    child_file_open,
+    child_start,
+    child_threads,
+)
 from .sandbox import (
     WORK_FOLDER,
     Limits,
@@ -86,10 +93,16 @@ from .sandbox import (
     sandbox_start,
     sandbox_unavailable_reason,
 )
+from .warm import warm_child_replace, warm_child_take
 
 logger = logging.getLogger(__name__)
 
+# A report renews the lease and reads a stop request at least this often; lines go sooner.
 REPORT_EVERY_S = 0.5
+# A log, metric or progress line is stored within this long of arriving, so a person sees it at
+# once; the lines that arrive meanwhile go in the same report, which bounds a chatty child's
+# reports to one per this long.
+LINES_REPORT_WITHIN_S = 0.02
 # The child's task for each kind of job (protocol.TASKS).
 TASKS = {
     Job.Kind.TRAIN: "train",
@@ -147,6 +160,7 @@ def run_attempt(*, job_id: int, attempt: int, worker_id: int) -> str:
         return "stale"
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        warm_child_replace()  # for the next job, now that this one's child is gone
 
 
 class _Attempt:
@@ -156,6 +170,7 @@ class _Attempt:
         self.lines: queue.Queue[tuple[str, str] | None] = queue.Queue()
         self.logs: list[tuple[str, str]] = []
         self.metrics: list[dict] = []
+        self.progress: dict | None = None
         self.stderr_tail: list[str] = []
         self.result: dict | None = None
         self.serving = job.kind == Job.Kind.SERVE
@@ -322,23 +337,33 @@ class _Attempt:
         }
 
     def _start(self) -> subprocess.Popen:
-        # Children share the machine's cores: a slot's share of threads each, no oversubscription.
-        threads = max(1, (os.cpu_count() or 1) // max(1, self.job.worker.slots))
-        child = child_start(
-            workdir=self.workdir,
-            cuda_visible_devices=(
-                ",".join(map(str, self.job.slot_indices))
-                if self.job.resource_class.name != "cpu"
-                else ""
-            ),
-            threads=threads,
+        threads = child_threads(self.job.worker.slots)
+        devices = (
+            ",".join(map(str, self.job.slot_indices))
+            if self.job.resource_class.name != "cpu"
+            else ""
         )
-        for stream, pipe in (("stdout", child.stdout), ("stderr", child.stderr)):
-            threading.Thread(target=self._pump, args=(stream, pipe), daemon=True).start()
+        waiting = warm_child_take(threads=threads)
+        hand_over = None
+        if waiting is None:
+            child = child_start(workdir=self.workdir, cuda_visible_devices=devices, threads=threads)
+        else:
+            # A child still importing says READY later: it is handed its job from the thread
+            # that reads its stdout, while this one supervises (and reports) meanwhile.
+            child = waiting.process
+            hand_over = functools.partial(
+                waiting.hand_over, workdir=self.workdir, cuda_visible_devices=devices
+            )
+        threading.Thread(
+            target=self._pump, args=("stdout", child.stdout, hand_over), daemon=True
+        ).start()
+        threading.Thread(target=self._pump, args=("stderr", child.stderr), daemon=True).start()
         return child
 
-    def _pump(self, stream: str, pipe) -> None:
+    def _pump(self, stream: str, pipe, hand_over=None) -> None:
         try:
+            if hand_over is not None:
+                hand_over()  # reads the child's READY line
             for line in pipe:
                 self.lines.put((stream, line.rstrip("\n")))
         finally:
@@ -350,21 +375,25 @@ class _Attempt:
         over_time = unresponsive = False
         open_pipes = 2
         next_report = time.monotonic()
+        lines_due = None  # when the lines taken since the last report must be stored
         next_bill = started + settings.SERVE_BILLING_INTERVAL_S
         # A replica answers its requests in flight before it exits; a job only checkpoints.
         grace = settings.JOB_STOP_GRACE_S + (settings.SERVE_DRAIN_S if self.serving else 0)
         while open_pipes or child.poll() is None:
+            wait = 0.1 if lines_due is None else max(0.0, lines_due - time.monotonic())
             try:
-                item = self.lines.get(timeout=0.1)
+                item = self.lines.get(timeout=wait)
             except queue.Empty:
                 item = False
             if item is None:
                 open_pipes -= 1
             elif item:
                 self._take(*item)
+                if lines_due is None and (self.logs or self.metrics or self.progress):
+                    lines_due = time.monotonic() + LINES_REPORT_WITHIN_S
             now = time.monotonic()
-            if now >= next_report:
-                next_report = now + REPORT_EVERY_S
+            if now >= next_report or (lines_due is not None and now >= lines_due):
+                next_report, lines_due = now + REPORT_EVERY_S, None
                 state = self._flush()
                 if stop_deadline is None and state in (JobState.CANCELLING, JobState.PREEMPTED):
                     self._ask_to_stop(child)
@@ -440,6 +469,8 @@ class _Attempt:
         kind, payload = protocol.parse_line(line)
         if kind == "metric":
             self.metrics.append(payload)
+        elif kind == "progress":
+            self.progress = payload
         elif kind == "checkpoint":
             self._checkpoint(payload)
         elif kind == "result":
@@ -458,8 +489,8 @@ class _Attempt:
             self.address, self.answered_at = address, time.monotonic()
 
     def _flush(self) -> str:
-        report = Report(logs=self.logs, metrics=self.metrics)
-        self.logs, self.metrics = [], []
+        report = Report(logs=self.logs, metrics=self.metrics, progress=self.progress)
+        self.logs, self.metrics, self.progress = [], [], None
         return attempt_report(job_id=self.job.pk, attempt=self.attempt, report=report)
 
     def _checkpoint(self, payload: dict) -> None:
@@ -745,7 +776,7 @@ class _CodeAttempt(_Attempt):
             work_folder=self.workdir,
             code_folder=self.code,
             devices=gpu_devices(job.slot_indices) if gpus else (),
-            threads=max(1, (os.cpu_count() or 1) // max(1, job.worker.slots)),
+            threads=child_threads(job.worker.slots),
             limits=Limits(wall_clock_s=wall_clock, stop_grace_s=grace),
             channel_fd=inside.fileno() if inside is not None else None,
         )
@@ -832,6 +863,8 @@ class _CodeAttempt(_Attempt):
             if self.kept_metrics < MAX_METRICS:
                 self.kept_metrics += 1
                 self.metrics.append(payload)
+        elif kind == "progress":
+            self.progress = payload
         elif kind == "checkpoint":
             self._checkpoint(payload)
         elif kind == "result":

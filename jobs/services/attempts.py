@@ -173,7 +173,8 @@ def attempt_claim(*, job_id: int, attempt: int, worker_id: int) -> Job | None:
     job.transition_to(JobState.RUNNING)
     job.started_at = job.started_at or now
     job.lease_expires_at = lease_deadline()
-    job.save(update_fields=["state", "started_at", "lease_expires_at"])
+    job.progress = None  # this attempt's own, once it reports a step
+    job.save(update_fields=["state", "started_at", "lease_expires_at", "progress"])
     JobAttempt.objects.filter(job=job, number=attempt).update(started_at=now)
     job_event(job=job, kind="started", message=f"Attempt {attempt} started on {job.worker.name}.")
     return job
@@ -212,14 +213,17 @@ class Report:
 
     logs: list[tuple[str, str]]  # (stream, line)
     metrics: list[dict]  # {"step", "name", "value", "split"}
+    progress: dict | None = None  # the newest {"step", "total", "epoch"} since the last report
 
 
 @transaction.atomic
 def attempt_report(*, job_id: int, attempt: int, report: Report) -> str:
-    """Store logs and metrics and extend the lease; returns the job's state so the runner can react
-    to cancel/preempt. Only a runner that reports keeps its job: a dead one lets the lease lapse."""
+    """Store logs, metrics and progress and extend the lease; returns the job's state so the
+    runner can react to cancel/preempt. Only a runner that reports keeps its job: a dead one lets
+    the lease lapse."""
     job = _locked(job_id, attempt)
-    Job.objects.filter(pk=job.pk).update(lease_expires_at=lease_deadline())
+    progress = {} if report.progress is None else {"progress": report.progress}
+    Job.objects.filter(pk=job.pk).update(lease_expires_at=lease_deadline(), **progress)
     JobLog.objects.bulk_create(
         JobLog(
             organization_id=job.organization_id,

@@ -41,6 +41,7 @@ class Command(BaseCommand):
             runtimes=runtimes,
         )
         os.environ["FACTORY_WORKER_ID"] = str(worker.pk)
+        os.environ["FACTORY_WORKER_SLOTS"] = str(worker.slots)  # its pool processes warm children
         queues = [worker.queue, *(["default"] if with_default_queue else [])]
         self.stdout.write(
             f"worker {name}: {worker.slots}x {worker.resource_class}, queues {', '.join(queues)}"
