@@ -1,6 +1,7 @@
 """Money in templates: amounts are integer minor units (cents)."""
 
 from django import template
+from django.template.defaultfilters import floatformat
 from django.utils.html import format_html
 
 from billing.money import money_format
@@ -32,3 +33,12 @@ def cost_with_usage(amount_minor, slot_seconds, resource_class, currency: str = 
         cents(amount_minor, currency),
         usage_text(slot_seconds or 0, str(resource_class)),
     )
+
+
+@register.filter
+def quantity(row) -> str:
+    """A usage row's quantity in its unit (`42 gpu_second`), as the ledger and the API name it;
+    `mixed units` for a group whose rows count different things."""
+    if row.quantity is None:
+        return "mixed units"
+    return f"{floatformat(row.quantity, '-3g')} {row.unit}"
