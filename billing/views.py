@@ -51,12 +51,11 @@ class BillingPage(OrganizationPageMixin, TemplateView):
                 }
             ),
         )
-        start, end = reports.usage_defaults(today=timezone.now().date())
         context.update(
             summary=selectors.account_summary(account=account, at=timezone.now()),
-            month_usage=reports.usage_report(
-                organization=self.organization, start=start, end=end, group_by="resource"
-            ).rows,
+            month_usage=reports.month_usage(
+                organization=self.organization, today=timezone.now().date()
+            ),
             credits=CreditGrant.objects.for_organization(self.organization)[:20],
             can_admin=self.has_scope("billing:admin"),
             stripe_enabled=selectors.stripe_enabled(),

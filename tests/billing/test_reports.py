@@ -605,7 +605,7 @@ def test_billing_page_links_to_the_usage_report(org, owner, client):
 
 
 @pytest.mark.django_db
-def test_billing_page_shows_this_months_usage_beside_its_cost_even_when_free(
+def test_billing_page_and_overview_show_this_months_usage_beside_its_cost_even_when_free(
     prices, org, owner, client
 ):
     Price.objects.create(
@@ -616,11 +616,10 @@ def test_billing_page_shows_this_months_usage_beside_its_cost_even_when_free(
     )
     record(org, resource="gpu:cpu", quantity="42", end=timezone.now(), key="cpu")
     client.force_login(owner)
-    html = client.get(page_url(org, "billing:billing")).content.decode()
-    usage = html[
-        html.index('<ul id="month-usage"') : html.index("</ul>", html.index('id="month-usage"'))
-    ]
-    assert "gpu:cpu: 42 gpu_second · $0.00" in usage
+    for url in (page_url(org, "billing:billing"), page_url(org, "tenants:overview")):
+        html = client.get(url).content.decode()
+        start = html.index('<ul id="month-usage"')
+        assert "gpu:cpu: 42 gpu_second · $0.00" in html[start : html.index("</ul>", start)], url
 
 
 # Operators
