@@ -114,6 +114,13 @@ def usage_defaults(*, today: date) -> tuple[date, date]:
     return today.replace(day=1), today
 
 
+def month_usage(*, organization: Organization, today: date) -> list[UsageRow]:
+    """Month to date by resource, for the summaries that show spend: what was used beside what
+    it cost, so work priced at nothing (CPU) still shows."""
+    start, end = usage_defaults(today=today)
+    return usage_report(organization=organization, start=start, end=end, group_by="resource").rows
+
+
 def _parse_day(value: str, name: str, errors: dict[str, list[str]]) -> date | None:
     try:
         return datetime.strptime(value.strip(), "%Y-%m-%d").date()

@@ -53,6 +53,9 @@ class BillingPage(OrganizationPageMixin, TemplateView):
         )
         context.update(
             summary=selectors.account_summary(account=account, at=timezone.now()),
+            month_usage=reports.month_usage(
+                organization=self.organization, today=timezone.now().date()
+            ),
             credits=CreditGrant.objects.for_organization(self.organization)[:20],
             can_admin=self.has_scope("billing:admin"),
             stripe_enabled=selectors.stripe_enabled(),

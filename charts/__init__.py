@@ -40,6 +40,35 @@ def step_ceiling(value: float, *, step: float, at_least: float) -> float:
     return max(at_least, math.ceil(value / step) * step)
 
 
+def nice_step(span: float, *, most: int) -> float:
+    """The smallest 1, 2 or 5 times a power of ten (which may be below 1) that cuts `span` into
+    at most `most` steps."""
+    power = 10.0 ** math.floor(math.log10(span / most))
+    return next(f * power for f in (1, 2, 5, 10) if span / (f * power) <= most * (1 + 1e-9))
+
+
+def nice_bounds(low: float, high: float, *, most: int) -> tuple[float, float, float]:
+    """A scale holding `low`..`high` whose ends are multiples of a round step, at most `most`
+    steps apart: (floor, ceiling, step). For values that need not start at 0 (a loss falling
+    from 0.9 to 0.2); a flat series gets room around its value, so it is drawn mid-height."""
+    if high == low:
+        half = abs(low) / 2 or 0.5
+        low, high = low - half, high + half
+    step = nice_step(high - low, most=most)
+    while True:
+        floor, ceiling = math.floor(low / step + 1e-9), math.ceil(high / step - 1e-9)
+        if ceiling - floor <= most:
+            return floor * step, ceiling * step, step
+        step = nice_step(step * most * 1.01, most=most)
+
+
+def tick_text(value: float, *, step: float) -> str:
+    """`value` with as many decimals as `step` needs: ticks every 0.05 read 0.10, 0.15, not 0.1,
+    0.15000000000000002."""
+    places = max(0, -math.floor(math.log10(step) + 1e-9))
+    return f"{value:.{places}f}"
+
+
 def polylines(points: Sequence[tuple[float, float] | None]) -> list[str]:
     """SVG `points` lists, one per run of known points: a None (no value there) breaks the line
     instead of drawing it through a made-up value."""
@@ -150,11 +179,22 @@ class Frame:
         slot = self.slot_width(count)
         return self.px(self.left + index * slot + slot / 2)
 
-    def y_ticks(self, *, ceiling: float, step: float) -> list[Tick]:
-        """Grid lines from 0 up to `ceiling`, every `step` (which divides it)."""
+    def y_ticks(self, *, ceiling: float, step: float, low: float = 0) -> list[Tick]:
+        """Grid lines from `low` (0 unless told) up to `ceiling`, every `step` (which divides
+        the span)."""
         return [
-            Tick(value=step * n, y=self.y(step * n, high=ceiling))
-            for n in range(round(ceiling / step) + 1)
+            Tick(value=low + step * n, y=self.y(low + step * n, high=ceiling, low=low))
+            for n in range(round((ceiling - low) / step) + 1)
+        ]
+
+    def x_ticks(self, *, low: int, high: int, most: int) -> list[Label]:
+        """Labels at the round whole numbers (training steps) on a scale from `low` to `high`,
+        at most `most` + 1 of them."""
+        step = max(1, round(nice_step((high - low) or 1, most=most)))
+        first = -(-low // step) * step
+        return [
+            Label(x=self.x(value, low=low, high=high), text=str(value))
+            for value in range(first, high + 1, step)
         ]
 
     def x_labels(self, texts: Sequence[str], *, most: int) -> list[Label]:

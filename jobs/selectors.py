@@ -118,6 +118,26 @@ def queue_positions_attach(*, organization: Organization, jobs: Iterable[Job]) -
             job.queued_ahead = positions[job.pk] - 1
 
 
+def slot_seconds_attach(*, organization: Organization, jobs: Iterable[Job], now=None) -> None:
+    """Set `slot_seconds` on `jobs` (a page): the seconds each attempt ran times the slots the
+    job holds, as usage is billed, a running attempt counted up to `now`. Pages show it beside
+    the cost, so work priced at nothing (CPU) still says how much was done; one query."""
+    jobs = list(jobs)
+    now = now or timezone.now()
+    seconds: Counter[int] = Counter()
+    for job_id, started_at, ended_at, outcome in (
+        JobAttempt.objects.for_organization(organization)
+        .filter(job_id__in=[job.pk for job in jobs], started_at__isnull=False)
+        .order_by()
+        .values_list("job_id", "started_at", "ended_at", "outcome")
+    ):
+        # An attempt lost without an end was billed for nothing past its start.
+        end = ended_at or (now if outcome == JobAttempt.Outcome.ACTIVE else started_at)
+        seconds[job_id] += max(0.0, (end - started_at).total_seconds())
+    for job in jobs:
+        job.slot_seconds = seconds[job.pk] * job.gpu_count
+
+
 def job_cost_so_far(*, job: Job, now=None) -> int:
     """Billed cents for finished attempts plus the running attempt's cost so far."""
     row = {

@@ -9,8 +9,8 @@ from django.shortcuts import redirect
 from django.views import View
 from django.views.generic import TemplateView
 
-import charts
 from jobs import selectors, services
+from jobs.charts import metric_chart
 from jobs.forms import CodeRunForm, JobForm, PredictForm
 from jobs.models import Job, JobEvent, JobLog, JobMetric, JobState, ResourceClass, Sweep
 from jobs.recipes.catalog import get_recipe, list_recipes
@@ -21,35 +21,6 @@ from tenants.standing import Effect
 from tenants.views.base import OrganizationPageMixin
 
 LOG_TAIL = 200
-# A line without axes across the job page; a tenth of a unit is finer than it is drawn.
-METRIC_FRAME = charts.Frame(width=600, height=160, places=1)
-
-
-def metric_chart(points: list[tuple[int, float]]) -> dict | None:
-    """One metric's values over its steps, scaled from their lowest to their highest both ways."""
-    if len(points) < 2:
-        return None
-    steps = [step for step, _value in points]
-    values = [value for _step, value in points]
-    first, last = min(steps), max(steps)
-    low, high = min(values), max(values)
-    [line] = charts.polylines(
-        [
-            (
-                METRIC_FRAME.x(step, low=first, high=last),
-                METRIC_FRAME.y(value, low=low, high=high),
-            )
-            for step, value in points
-        ]
-    )
-    return {
-        "points": line,
-        "min": low,
-        "max": high,
-        "last": values[-1],
-        "width": METRIC_FRAME.width,
-        "height": METRIC_FRAME.height,
-    }
 
 
 class JobsPage(OrganizationPageMixin, TemplateView):
@@ -66,6 +37,9 @@ class JobsPage(OrganizationPageMixin, TemplateView):
         )
         context["page"] = Paginator(jobs, 50).get_page(self.request.GET.get("page"))
         selectors.queue_positions_attach(
+            organization=self.organization, jobs=context["page"].object_list
+        )
+        selectors.slot_seconds_attach(
             organization=self.organization, jobs=context["page"].object_list
         )
         context["states"] = JobState.choices
@@ -268,6 +242,7 @@ class JobPage(OrganizationPageMixin, TemplateView):
     def get_context_data(self, **kwargs):
         context = super().get_context_data(**kwargs)
         job = self.get_org_object()
+        selectors.slot_seconds_attach(organization=self.organization, jobs=[job])
         logs = list(
             JobLog.objects.for_organization(self.organization)
             .filter(job=job)
@@ -285,7 +260,7 @@ class JobPage(OrganizationPageMixin, TemplateView):
             job=job,
             events=JobEvent.objects.for_organization(self.organization).filter(job=job),
             logs=reversed(logs),
-            charts=[(name, chart) for name, pts in series.items() if (chart := metric_chart(pts))],
+            charts=[chart for name, pts in series.items() if (chart := metric_chart(name, pts))],
             cost_so_far=selectors.job_cost_so_far(job=job),
         )
         return context

@@ -12,7 +12,7 @@ from django.shortcuts import redirect
 from django.utils import timezone
 from django.views.generic import TemplateView
 
-from jobs.selectors import job_list
+from jobs.selectors import job_list, slot_seconds_attach
 from registry.models import ModelVersion
 from tenants.errors import DomainError
 from tenants.standing import Effect
@@ -353,7 +353,9 @@ class RetrainPage(OrganizationPageMixin, TemplateView):
                 .select_related("registered_model")
                 .first()
             )
-        costs = [job.cost_minor for job in (retrain.job, retrain.evaluation_job) if job]
+        jobs = [job for job in (retrain.job, retrain.evaluation_job) if job]
+        slot_seconds_attach(organization=self.organization, jobs=jobs)
+        costs = [job.cost_minor for job in jobs]
         context.update(
             deployment=retrain.deployment,
             retrain=retrain,

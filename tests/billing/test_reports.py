@@ -18,7 +18,7 @@ from billing import reports
 from billing import views as billing_views
 from billing.charts import MAX_SERIES, stacked_daily_chart
 from billing.errors import BillingError
-from billing.models import MeterPush, Reconciliation, UsageRecord
+from billing.models import MeterPush, Price, Reconciliation, UsageRecord
 from charts import PALETTE
 from factory_saas.templatetags.money import cents
 from tenants.actors import Actor
@@ -602,6 +602,24 @@ def test_billing_page_links_to_the_usage_report(org, owner, client):
     client.force_login(owner)
     html = client.get(page_url(org, "billing:billing")).content.decode()
     assert f'href="{page_url(org)}"' in html
+
+
+@pytest.mark.django_db
+def test_billing_page_and_overview_show_this_months_usage_beside_its_cost_even_when_free(
+    prices, org, owner, client
+):
+    Price.objects.create(
+        resource="gpu:cpu",
+        unit="gpu_second",
+        unit_price=Decimal(0),
+        effective_from=timezone.now() - timedelta(days=400),
+    )
+    record(org, resource="gpu:cpu", quantity="42", end=timezone.now(), key="cpu")
+    client.force_login(owner)
+    for url in (page_url(org, "billing:billing"), page_url(org, "tenants:overview")):
+        html = client.get(url).content.decode()
+        start = html.index('<ul id="month-usage"')
+        assert "gpu:cpu: 42 gpu_second · $0.00" in html[start : html.index("</ul>", start)], url
 
 
 # Operators

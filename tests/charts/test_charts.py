@@ -137,3 +137,49 @@ def test_colours_come_from_the_palette_in_order_and_repeat_past_it():
     assert [charts.colour(n) for n in range(3)] == ["#0072B2", "#E69F00", "#009E73"]
     assert charts.colour(len(charts.PALETTE)) == charts.colour(0)
     assert charts.OTHER_COLOUR not in charts.PALETTE
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "bounds"),
+    [
+        (0.0, 1.0, (0.0, 1.0, 0.2)),
+        (0.9, 2.1, (0.5, 2.5, 0.5)),
+        (0.0012, 0.0031, (0.001, 0.0035, 0.0005)),
+        (-3.0, 7.0, (-5.0, 10.0, 5.0)),  # on 2s it would take 6 steps
+        (2.0, 2.0, (1.0, 3.0, 0.5)),  # flat: room around the value
+        (0.0, 0.0, (-0.5, 0.5, 0.5)),
+    ],
+)
+def test_nice_bounds_hold_the_values_on_round_steps(low, high, bounds):
+    floor, ceiling, step = charts.nice_bounds(low, high, most=5)
+    assert (floor, ceiling, step) == pytest.approx(bounds)
+    assert floor <= low and ceiling >= high and round((ceiling - floor) / step) <= 5
+
+
+def test_ticks_may_start_below_zero_and_read_with_the_steps_decimals():
+    frame = Frame(width=100, height=50, top=10)
+    ticks = frame.y_ticks(ceiling=0.3, step=0.1, low=-0.1)
+    assert [charts.tick_text(t.value, step=0.1) for t in ticks] == [
+        "-0.1",
+        "0.0",
+        "0.1",
+        "0.2",
+        "0.3",
+    ]
+    assert (ticks[0].y, ticks[-1].y) == (50, 10)
+    assert charts.tick_text(1500.0, step=500) == "1500"
+
+
+def test_x_ticks_label_round_whole_steps_inside_the_range():
+    frame = Frame(width=110, height=50, left=10)
+    assert [label.text for label in frame.x_ticks(low=3, high=97, most=5)] == [
+        "20",
+        "40",
+        "60",
+        "80",
+    ]
+    assert frame.x_ticks(low=0, high=2, most=6) == [
+        Label(x=10, text="0"),
+        Label(x=60, text="1"),
+        Label(x=110, text="2"),
+    ]

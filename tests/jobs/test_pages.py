@@ -1,12 +1,17 @@
 """Job pages: the generated submit form, the live job page and its metric charts."""
 
+from datetime import timedelta
+
 import pytest
 from django.urls import reverse
+from django.utils import timezone
 
-from jobs.models import Job
+from factory_saas.templatetags.money import usage_text
+from jobs.charts import HOVER_POINTS, metric_chart
+from jobs.models import Job, JobAttempt, JobMetric, JobState
 from jobs.scheduler.apply import scheduler_pass
+from jobs.selectors import slot_seconds_attach
 from jobs.services.attempts import Report, attempt_claim, attempt_report
-from jobs.views import metric_chart
 from tests.factories import DatasetVersionFactory, JobFactory, ModelVersionFactory
 
 pytestmark = pytest.mark.django_db
@@ -91,14 +96,83 @@ def test_job_page_shows_logs_a_chart_and_refreshes_while_active(org, dev, regist
     assert "<html" in boosted and "<h1>" in boosted
 
 
-def test_metric_chart_spans_the_steps_and_the_values_from_lowest_to_highest():
-    chart = metric_chart([(0, 1.0), (10, 0.0), (20, 0.5)])
-    assert chart["points"] == "0.0,0.0 300.0,160.0 600.0,80.0"
+def test_metric_chart_spans_the_steps_on_a_round_scale_around_the_values():
+    chart = metric_chart("train loss", [(0, 1.0), (10, 0.0), (20, 0.5)])
+    # Steps run edge to edge; values from the lowest tick (0.0, the baseline) to the highest (1.0).
+    assert chart["points"] == "56.0,22.0 258.0,196.0 460.0,109.0"
+    assert [tick["label"] for tick in chart["ticks"]] == ["0.0", "0.2", "0.4", "0.6", "0.8", "1.0"]
+    assert [label.text for label in chart["x_labels"]] == ["0", "5", "10", "15", "20"]
+    assert (chart["x_unit"], chart["y_unit"]) == ("step", "train loss")
+    assert [(p["step"], p["label"]) for p in chart["hover"]] == [(0, "1"), (10, "0"), (20, "0.5")]
     assert (chart["min"], chart["max"], chart["last"]) == (0.0, 1.0, 0.5)
-    assert (chart["width"], chart["height"]) == (600, 160)
-    # A flat series lies on the bottom edge; a single point draws nothing.
-    assert metric_chart([(1, 2.0), (3, 2.0)])["points"] == "0.0,160.0 600.0,160.0"
-    assert metric_chart([(1, 2.0)]) is None
+    # A flat series is drawn mid-height on a scale around it; a single point draws nothing.
+    flat = metric_chart("lr", [(1, 2.0), (3, 2.0)])
+    assert flat["points"] == "56.0,109.0 460.0,109.0" and flat["ticks"][0]["label"] == "1.0"
+    assert flat["ticks"][-1]["label"] == "3.0"
+    assert metric_chart("lr", [(1, 2.0)]) is None
+
+
+def test_a_long_metric_keeps_its_whole_line_but_hovers_a_bounded_number_of_points():
+    chart = metric_chart("loss", [(step, 1 / (step + 1)) for step in range(5000)])
+    assert chart["points"].count(",") == 5000
+    assert len(chart["hover"]) <= HOVER_POINTS + 1 and chart["hover"][-1]["step"] == 4999
+
+
+def test_job_page_chart_has_axes_units_and_a_value_per_point_on_hover(org, dev):
+    job = JobFactory(organization=org, state=JobState.SUCCEEDED)
+    JobMetric.objects.bulk_create(
+        JobMetric(
+            organization=org, job=job, attempt=1, step=step, name="loss", split="train", value=value
+        )
+        for step, value in [(1, 0.9), (2, 0.5), (3, 0.25)]
+    )
+    html = dev.get(reverse("jobs:job", args=[org.slug, job.pk])).content.decode()
+    svg = html[html.index('<figure id="metric-1">') : html.index("</figure>")]
+    assert 'class="usage-chart-grid"' in svg and svg.count("<line ") == 5  # a grid line per tick
+    assert ">0.2</text>" in svg and ">1.0</text>" in svg  # value axis
+    assert ">1</text>" in svg and ">3</text>" in svg  # step axis
+    assert 'class="chart-unit"' in svg and ">step</text>" in svg and ">train loss</text>" in svg
+    assert "<title>train loss, step 2: 0.5</title>" in svg
+
+
+def test_a_job_priced_at_nothing_shows_the_work_beside_its_cost(org, dev):
+    job = JobFactory(organization=org, state=JobState.SUCCEEDED, cost_minor=0)
+    started = timezone.now() - timedelta(minutes=5)
+    JobAttempt.objects.create(
+        organization=org,
+        job=job,
+        number=1,
+        started_at=started,
+        ended_at=started + timedelta(seconds=42),
+        outcome=JobAttempt.Outcome.SUCCEEDED,
+    )
+    shown = '$0.00 <span class="muted">· 42 CPU-seconds</span>'
+    assert shown in dev.get(reverse("jobs:jobs", args=[org.slug])).content.decode()
+    assert shown in dev.get(reverse("jobs:job", args=[org.slug, job.pk])).content.decode()
+
+
+def test_slot_seconds_count_every_slot_and_a_running_attempt_up_to_now(org):
+    job = JobFactory(organization=org, gpu_count=2, state=JobState.RUNNING, attempt=2)
+    now = timezone.now()
+    JobAttempt.objects.create(
+        organization=org,
+        job=job,
+        number=1,
+        started_at=now - timedelta(hours=2),
+        ended_at=now - timedelta(hours=1, minutes=30),
+        outcome=JobAttempt.Outcome.PREEMPTED,
+    )
+    JobAttempt.objects.create(
+        organization=org,
+        job=job,
+        number=2,
+        started_at=now - timedelta(minutes=30),
+        outcome=JobAttempt.Outcome.ACTIVE,
+    )
+    slot_seconds_attach(organization=org, jobs=[job], now=now)
+    assert job.slot_seconds == 2 * 3600
+    assert usage_text(job.slot_seconds, "a100-40gb") == "2.00 GPU-hours"
+    assert usage_text(1, "cpu") == "1 CPU-second"
 
 
 def test_jobs_list_shows_queue_position_and_reason(org, dev, register_worker):

@@ -1,10 +1,15 @@
 """Retrains and model cards through the API and the pages: listing, the card, and approving or
 rejecting a challenger that awaits a person, attacked by everyone who may not decide."""
 
+from datetime import timedelta
+
 import pytest
 from django.urls import reverse
+from django.utils import timezone
 from django.utils.html import escape
 
+from factory_saas.templatetags.money import usage_text
+from jobs.models import Job, JobAttempt
 from serving.models import LoopEvent, ModelCard, Retrain, Route
 from tenants.actors import Actor
 from tests.serving import test_loop as loop
@@ -200,6 +205,26 @@ def test_the_card_page_renders_lineage_metrics_and_the_decision(
     assert "0.9100" in html and "0.8500" in html and "0.0600" in html
     assert escape(awaiting.reasons[0]) in html
     assert 'id="approve-form"' in html and 'id="reject-form"' in html
+
+
+def test_the_card_page_shows_the_work_beside_a_jobs_cost(awaiting, org, deployment, client, owner):
+    """Training priced at nothing (CPU) still says what it did, not just $0.00."""
+    job = awaiting.retrain.job
+    Job.objects.filter(pk=job.pk).update(cost_minor=0)
+    JobAttempt.objects.filter(job=job).delete()  # the loop's own attempts, of no fixed length
+    started = timezone.now() - timedelta(minutes=5)
+    JobAttempt.objects.create(
+        organization=org,
+        job=job,
+        number=job.attempt,
+        started_at=started,
+        ended_at=started + timedelta(seconds=42),
+        outcome=JobAttempt.Outcome.SUCCEEDED,
+    )
+    client.force_login(owner)
+    html = client.get(_page(org, deployment, awaiting.retrain)).content.decode()
+    usage = usage_text(42 * job.gpu_count, job.resource_class.name)
+    assert f'$0.00 <span class="muted">· {usage}</span>' in html
 
 
 def test_a_viewer_sees_the_state_without_buttons_and_is_refused_a_post(
