@@ -428,13 +428,19 @@ class _ProgressWriter:
         ).update(check_progress=min(max(fraction, 0.0), 1.0), check_touched_at=timezone.now())
 
 
-@transaction.atomic
-def _check_accept(*, version_id: int, sha256: str, inspection) -> DatasetVersion | None:
-    version = (
+def _checking_locked(version_id: int) -> DatasetVersion | None:
+    """The version, locked, while it is still being checked; None once a check decided it (a
+    check delivered twice decides once)."""
+    return (
         DatasetVersion.objects.select_for_update()
         .filter(pk=version_id, state=DatasetVersion.State.CHECKING)
         .first()
     )
+
+
+@transaction.atomic
+def _check_accept(*, version_id: int, sha256: str, inspection) -> DatasetVersion | None:
+    version = _checking_locked(version_id)
     if version is None:
         return None
     for field, value in _inspected_fields(inspection).items():
@@ -458,11 +464,7 @@ def _check_reject(*, version_id: int, reason: str) -> DatasetVersion | None:
     """Reject a version: its reason kept for the uploader, its object deleted once this commits
     (the orphan sweep takes it should that fail: no row refers to it any more), its bytes given
     back."""
-    version = (
-        DatasetVersion.objects.select_for_update()
-        .filter(pk=version_id, state=DatasetVersion.State.CHECKING)
-        .first()
-    )
+    version = _checking_locked(version_id)
     if version is None:
         return None
     key = version.storage_key
