@@ -47,7 +47,22 @@ class VersionChoiceField(forms.ModelChoiceField):
         self.keep = [int(value)] if str(value or "").isdigit() else []
 
 
-class JobForm(forms.Form):
+class _ParameterForm(forms.Form):
+    """A form whose `param_<name>` fields are drawn from a JSON Schema of parameters."""
+
+    def parameter_fields(self):
+        return [self[name] for name in self.fields if name.startswith("param_")]
+
+    def cleaned_parameters(self) -> dict:
+        """The parameters given; a blank optional one is left out for the code's own default."""
+        return {
+            name.removeprefix("param_"): value
+            for name, value in self.cleaned_data.items()
+            if name.startswith("param_") and value not in (None, "")
+        }
+
+
+class JobForm(_ParameterForm):
     dataset_version = VersionChoiceField(
         queryset=DatasetVersion.objects.none(), label="Dataset version"
     )
@@ -85,16 +100,6 @@ class JobForm(forms.Form):
         required = set(recipe.parameter_schema.get("required", []))
         for name, spec in recipe.parameter_schema.get("properties", {}).items():
             self.fields[f"param_{name}"] = _field_for(name, spec, required=name in required)
-
-    def parameter_fields(self):
-        return [self[name] for name in self.fields if name.startswith("param_")]
-
-    def cleaned_parameters(self) -> dict:
-        return {
-            name.removeprefix("param_"): value
-            for name, value in self.cleaned_data.items()
-            if name.startswith("param_") and value not in (None, "")
-        }
 
     def clean_labels(self) -> dict:
         labels = {}
@@ -184,7 +189,7 @@ class PredictForm(forms.Form):
             self.fields[name].keep_chosen(self, name)
 
 
-class CodeRunForm(forms.Form):
+class CodeRunForm(_ParameterForm):
     """Run a code package version: its parameters drawn from the package's JSON Schema (simple
     types as inputs, anything else as JSON), an optional input dataset, where and how long."""
 
@@ -247,17 +252,6 @@ class CodeRunForm(forms.Form):
         for name, spec in schema.get("properties", {}).items():
             spec = spec if isinstance(spec, dict) else {}
             self.fields[f"param_{name}"] = _schema_field(name, spec, required=name in required)
-
-    def parameter_fields(self):
-        return [self[name] for name in self.fields if name.startswith("param_")]
-
-    def cleaned_parameters(self) -> dict:
-        """The parameters given; a blank optional one is left out for the code's own default."""
-        return {
-            name.removeprefix("param_"): value
-            for name, value in self.cleaned_data.items()
-            if name.startswith("param_") and value not in (None, "")
-        }
 
     def field_for_error(self, where: str) -> str | None:
         """The form field of a submission error's field ("parameters.lr.0" -> "param_lr")."""
