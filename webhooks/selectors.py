@@ -1,8 +1,6 @@
 """Reads of webhooks; each takes the organization explicitly and never writes."""
 
-from datetime import datetime
-
-from django.db.models import Min, QuerySet
+from django.db.models import Count, Min, QuerySet
 
 from tenants.models import Organization
 
@@ -29,9 +27,9 @@ def attempt_list(*, organization: Organization, delivery: WebhookDelivery) -> Qu
     return WebhookAttempt.objects.for_organization(organization).filter(delivery=delivery)
 
 
-def delivery_oldest_owed() -> datetime | None:
-    """When the longest-owed pending delivery to an enabled endpoint became owed (Prometheus:
-    the webhook outbox's lag), across organizations, on the due index."""
+def delivery_pending_summary() -> dict:
+    """Across organizations, the deliveries owed to enabled endpoints: `pending`, and `oldest`,
+    when the longest-owed one became owed (Prometheus: the webhook outbox's lag); one query."""
     return WebhookDelivery.objects.filter(
         state=WebhookDelivery.State.PENDING, endpoint__enabled=True
-    ).aggregate(oldest=Min("owed_since"))["oldest"]
+    ).aggregate(pending=Count("pk"), oldest=Min("owed_since"))

@@ -241,11 +241,15 @@ def event_publish(*, organization: Organization, type: str, data: dict) -> Webho
         raise ValueError(f"unknown webhook event type {type!r}")
     if not transaction.get_connection().in_atomic_block:
         raise RuntimeError("event_publish must run inside the transaction that makes the change")
-    endpoints = list(
-        WebhookEndpoint.objects.for_organization(organization)
-        .filter(enabled=True, event_types__contains=[type])
-        .values_list("pk", flat=True)
-    )
+    # Matched here, not by a JSON lookup SQLite lacks (the embedded default): an organization
+    # has at most MAX_ENDPOINTS endpoints.
+    endpoints = [
+        pk
+        for pk, types in WebhookEndpoint.objects.for_organization(organization)
+        .filter(enabled=True)
+        .values_list("pk", "event_types")
+        if type in types
+    ]
     if not endpoints:
         return None
     now = timezone.now()
