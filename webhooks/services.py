@@ -519,3 +519,21 @@ def webhooks_drain(*, now: datetime | None = None, limit: int = 100) -> int:
         if time.monotonic() >= deadline:
             break
     return delivered
+
+
+def webhook_log_expire(*, now: datetime | None = None, batch: int = 1000) -> int:
+    """Delete events older than WEBHOOKS_LOG_RETENTION_DAYS with their deliveries and tries,
+    once none of their deliveries is still owed; returns how many events went."""
+    now = now or timezone.now()
+    cutoff = now - timedelta(days=settings.WEBHOOKS_LOG_RETENTION_DAYS)
+    deleted = 0
+    while True:
+        ids = list(
+            WebhookEvent.objects.filter(created_at__lt=cutoff)
+            .exclude(deliveries__state=WebhookDelivery.State.PENDING)
+            .values_list("pk", flat=True)[:batch]
+        )
+        if not ids:
+            return deleted
+        WebhookEvent.objects.filter(pk__in=ids).delete()
+        deleted += len(ids)

@@ -13,3 +13,8 @@ def deliver(delivery_id: int) -> bool:
 @shared_task(name="webhooks.drain", ignore_result=True, soft_time_limit=120, time_limit=150)
 def drain() -> int:
     return services.webhooks_drain()
+
+
+@shared_task(name="webhooks.log_expire", ignore_result=True, soft_time_limit=600, time_limit=660)
+def log_expire() -> int:
+    return services.webhook_log_expire()

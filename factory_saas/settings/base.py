@@ -253,6 +253,8 @@ WEBHOOKS_GIVE_UP_AFTER_S = env.float("WEBHOOKS_GIVE_UP_AFTER_S", default=3 * 24 
 WEBHOOKS_ROTATION_OVERLAP_S = env.int("WEBHOOKS_ROTATION_OVERLAP_S", default=24 * 3600)
 WEBHOOKS_CLAIM_S = env.float("WEBHOOKS_CLAIM_S", default=120.0)
 WEBHOOKS_DRAIN_BUDGET_S = env.float("WEBHOOKS_DRAIN_BUDGET_S", default=8.0)
+# How long the delivery log keeps an event (and its deliveries' tries) once nothing is owed.
+WEBHOOKS_LOG_RETENTION_DAYS = env.int("WEBHOOKS_LOG_RETENTION_DAYS", default=30)
 
 # Drift monitoring (serving.monitoring): how often beat checks, how long one run may take, which
 # deployments count as recently used, and bounds on a window (a deployment's drift_window_rows is
@@ -317,6 +319,7 @@ CELERY_BEAT_SCHEDULE = {
         "task": "webhooks.drain",
         "schedule": env.float("WEBHOOKS_DRAIN_EVERY_S", default=10.0),
     },
+    "webhooks-log-expire": {"task": "webhooks.log_expire", "schedule": crontab(minute=25)},
     "billing-reconcile": {"task": "billing.reconcile", "schedule": crontab(minute=30, hour=3)},
     "serving-drift-check": {"task": "serving.drift_check", "schedule": DRIFT_CHECK_EVERY_S},
     "serving-loop-tick": {"task": "serving.loop_tick", "schedule": SERVING_LOOP_TICK_S},

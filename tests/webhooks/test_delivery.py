@@ -22,6 +22,7 @@ from webhooks.services import (
     endpoint_test_send,
     endpoint_update,
     event_publish,
+    webhook_log_expire,
     webhooks_drain,
 )
 
@@ -197,3 +198,15 @@ def test_endpoint_that_succeeded_meanwhile_is_not_disabled(org, endpoint, receiv
     assert WebhookDelivery.objects.get(endpoint=endpoint).state == WebhookDelivery.State.FAILED
     endpoint.refresh_from_db()
     assert endpoint.enabled
+
+
+def test_the_log_forgets_old_events_once_nothing_is_owed(org, endpoint, receiver, settings):
+    settings.WEBHOOKS_LOG_RETENTION_DAYS = 30
+    delivered, owed = _publish(org), _publish(org)
+    webhooks_drain()
+    WebhookDelivery.objects.filter(event=owed).update(state=WebhookDelivery.State.PENDING)
+    later = timezone.now() + timedelta(days=31)
+    assert webhook_log_expire(now=later - timedelta(days=2)) == 0
+    assert webhook_log_expire(now=later) == 1
+    assert not WebhookDelivery.objects.filter(event=delivered).exists()
+    assert WebhookDelivery.objects.filter(event=owed).exists()
