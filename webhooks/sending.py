@@ -88,13 +88,17 @@ def target_resolve(url: str) -> Target:
         raise UnsafeAddress("Only http and https URLs can receive webhooks.")
     if parts.username is not None or parts.password is not None:
         raise UnsafeAddress("Put no user name or password in the URL; verify signatures instead.")
-    host = parts.hostname
-    if not host:
+    if not parts.hostname:
         raise UnsafeAddress("The URL has no host.")
+    try:
+        # An international name in its ASCII form, as DNS, the Host header and SNI need it.
+        host = parts.hostname.encode("idna").decode("ascii")
+    except UnicodeError as error:
+        raise UnsafeAddress(f"The host {parts.hostname!r} is not a valid name.") from error
     port = port or (443 if parts.scheme == "https" else 80)
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as error:
+    except (OSError, UnicodeError) as error:
         raise UnsafeAddress(f"The host {host!r} does not resolve.") from error
     addresses = list(dict.fromkeys(info[4][0] for info in infos))
     if not addresses:
@@ -139,8 +143,10 @@ def post(*, target: Target, body: bytes, headers: dict[str, str]) -> Answer:
                 # A huge or dripping answer is cut, not waited for: the log keeps an excerpt.
                 if len(body_read) >= limit or time.monotonic() - started > timeout:
                     break
-    except httpx.HTTPError as exc:
-        error = f"{type(exc).__name__}: {exc}"[:500] or type(exc).__name__
+    except Exception as exc:
+        # Whatever the tenant's URL and receiver make of the request is the receiver's failure,
+        # logged and retried; never an error that stops the drain.
+        error = f"{type(exc).__name__}: {exc}"[:500]
     duration_ms = int((time.monotonic() - started) * 1000)
     text = body_read[:limit].decode("utf-8", errors="replace")
     if status_code is not None and 300 <= status_code < 400:

@@ -130,6 +130,19 @@ def _target(url):
     return Target(url=url, scheme="http", host=parts.hostname, port=parts.port, address="127.0.0.1")
 
 
+def test_international_name_is_resolved_and_sent_in_its_ascii_form(monkeypatch):
+    asked = []
+
+    def resolve(host, port, **kw):
+        asked.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.215.14", port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    target = target_resolve("https://bücher.example/in")
+    assert asked == ["xn--bcher-kva.example"]
+    assert target.host_header == "xn--bcher-kva.example"
+
+
 def test_redirect_to_an_internal_address_is_not_followed():
     internal = Receiver().start()
     redirecting = Receiver(statuses=[307], location=internal.url).start()
