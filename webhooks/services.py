@@ -38,7 +38,7 @@ from tenants.services import audit_record
 
 from .events import EVENT_TYPES, TEST_EVENT
 from .models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookEvent, WebhookSecret
-from .sending import Target, UnsafeAddress, post, target_resolve
+from .sending import Answer, Target, UnsafeAddress, post, target_resolve
 
 logger = logging.getLogger(__name__)
 
@@ -392,20 +392,18 @@ def delivery_attempt(*, delivery_id: int, now: datetime | None = None) -> bool:
     try:
         target: Target = target_resolve(endpoint.url)
     except UnsafeAddress as refused:
-        answer_status, answer_body, error, duration_ms = None, "", str(refused)[:500], 0
+        answer = Answer(status_code=None, body="", error=str(refused)[:500], duration_ms=0)
     else:
         answer = post(target=target, body=body, headers=headers)
-        answer_status, answer_body = answer.status_code, answer.body
-        error, duration_ms = answer.error, answer.duration_ms
-    ok = answer_status is not None and 200 <= answer_status < 300
+    ok = answer.ok
     _attempt_record(
         delivery=delivery,
         now=now,
         headers=headers,
-        status_code=answer_status,
-        body=answer_body,
-        error=error or ("" if ok else f"Answered {answer_status}."),
-        duration_ms=duration_ms,
+        status_code=answer.status_code,
+        body=answer.body,
+        error=answer.error or ("" if ok else f"Answered {answer.status_code}."),
+        duration_ms=answer.duration_ms,
         ok=ok,
     )
     return ok
