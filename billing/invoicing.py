@@ -22,6 +22,7 @@ from .errors import BillingError
 from .models import BillingAccount, Invoice, InvoiceLine, UsageRecord
 from .selectors import month_bounds
 from .services import billing_account_ensure, credits_apply
+from .stripe_events import invoice_event_publish
 
 logger = logging.getLogger(__name__)
 
@@ -229,6 +230,7 @@ def invoice_mark_paid(
         target=invoice,
         data={"number": invoice.number, "total_minor": invoice.total_minor},
     )
+    invoice_event_publish(invoice=invoice, type="invoice.paid")
     return invoice
 
 

@@ -27,6 +27,7 @@ from tenants.actors import Actor
 from tenants.models import ApiKey, Membership, Organization, User
 from tenants.scopes import Role
 from tenants.services import audit_record
+from webhooks.services import event_publish
 
 from . import stripe_gateway, stripe_sync
 from .errors import BillingError
@@ -360,6 +361,18 @@ def _budget_alert(*, account: BillingAccount, month, threshold: int, spend: int)
             handler=budget_alert_mail,
             payload={"alert_id": alert.pk},
             key=f"budget-alert:{alert.pk}",
+        )
+        event_publish(
+            organization=organization,
+            type="billing.budget_threshold_reached",
+            data={
+                "month": str(month),
+                "threshold_percent": threshold,
+                "budget_minor": alert.budget_minor,
+                "spend_minor": spend,
+                "currency": settings.BILLING_CURRENCY,
+                "hard_cap": account.budget_hard_cap,
+            },
         )
     return True
 

@@ -26,6 +26,7 @@ from outbox.services import handler, message_enqueue
 from tenants.actors import Actor
 from tenants.models import Organization
 from tenants.services import audit_record, organization_status_set
+from webhooks.services import event_publish
 
 from . import stripe_gateway
 from .models import BillingAccount, Invoice, InvoiceLine, WebhookEvent
@@ -145,9 +146,39 @@ def _apply(*, payload: dict, created: datetime) -> str:
     if account is None:
         logger.warning("stripe webhook %s: unknown customer %r", payload.get("id"), customer_id)
         return _unmatched(customer_id)
-    invoice_mirror(account=account, event=payload, created=created)
+    was = Invoice.objects.filter(stripe_id=data["id"]).values_list("status", flat=True).first()
+    invoice = invoice_mirror(account=account, event=payload, created=created)
     standing_update(account=account)
+    if invoice is not None and invoice.pk is not None:
+        if invoice.status == Invoice.Status.PAID and was != Invoice.Status.PAID:
+            invoice_event_publish(invoice=invoice, type="invoice.paid")
+        # Each failed charge is its own Stripe event (stored once): each is worth telling.
+        elif payload["type"] == "invoice.payment_failed" and invoice.status not in FINAL:
+            invoice_event_publish(invoice=invoice, type="invoice.payment_failed")
     return ""
+
+
+def invoice_event_publish(*, invoice: Invoice, type: str) -> None:
+    """Owe `invoice.paid` / `invoice.payment_failed` to the organization's webhooks (Stripe's
+    mirrored invoices here, the built-in ledger's from billing.invoicing)."""
+    event_publish(
+        organization=invoice.organization,
+        type=type,
+        data={
+            "invoice": {
+                "id": invoice.pk,
+                "number": invoice.number,
+                "source": invoice.source,
+                "status": invoice.status,
+                "currency": invoice.currency,
+                "total_minor": invoice.total_minor,
+                "period_start": invoice.period_start.isoformat(),
+                "period_end": invoice.period_end.isoformat(),
+                "paid_at": invoice.paid_at.isoformat() if invoice.paid_at else None,
+                "hosted_url": invoice.hosted_url,
+            }
+        },
+    )
 
 
 def _checkout_completed(*, payload: dict) -> str:

@@ -10,6 +10,7 @@ from jobs.api import urls as jobs_urls
 from registry.api import urls as registry_urls
 from serving.api import urls as serving_urls
 from tenants.api import urls as tenants_urls
+from webhooks.api import urls as webhooks_urls
 
 org_urlpatterns = [
     *tenants_urls.org_urlpatterns,
@@ -17,6 +18,7 @@ org_urlpatterns = [
     *jobs_urls.org_urlpatterns,
     *billing_urls.org_urlpatterns,
     *serving_urls.org_urlpatterns,
+    *webhooks_urls.org_urlpatterns,
 ]
 
 

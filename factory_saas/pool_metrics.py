@@ -4,7 +4,7 @@ processes recorded (the scheduler tick's metrics).
 
 Read at scrape time rather than set by the tick: the figures are true even when the tick is
 stuck or dead (exactly when a growing queue must show), they need no multiprocess gauge rules,
-and the outboxes are not the tick's business. It costs five grouped queries per scrape, on the
+and the outboxes are not the tick's business. It costs six grouped queries per scrape, on the
 control plane only, so adding web replicas does not multiply them.
 """
 
@@ -29,6 +29,7 @@ from jobs.models import ACTIVE_STATES, JobState, Worker
 from jobs.selectors import jobs_unfinished_counts, pool_slot_counts
 from outbox.models import Message
 from outbox.selectors import message_unsent_by_handler
+from webhooks.selectors import delivery_pending_summary
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +61,14 @@ class PoolCollector(Collector):
         slots = pool_slot_counts()
         outbox = message_unsent_by_handler()
         meter = meter_push_pending()
+        webhooks = delivery_pending_summary()
         now = timezone.now()
         classes = sorted({row["resource_class"] for row in jobs + slots})
         return [
             *self._queues(jobs, classes),
             *self._pool(jobs, slots, classes),
             *self._outboxes(outbox, meter, now),
+            *self._webhooks(webhooks, now),
         ]
 
     def _queues(self, jobs: list[dict], classes: list[str]) -> list[GaugeMetricFamily]:
@@ -165,6 +168,20 @@ class PoolCollector(Collector):
         oldest = meter["oldest"]
         meter_lag.add_metric([], (now - oldest).total_seconds() if oldest else 0.0)
         return [messages, lag, pending, meter_lag]
+
+    def _webhooks(self, webhooks: dict, now) -> list[GaugeMetricFamily]:
+        pending = GaugeMetricFamily(
+            "factory_webhook_deliveries_pending",
+            "Tenant webhook deliveries owed to enabled endpoints (tried with backoff for 3 days).",
+        )
+        pending.add_metric([], webhooks["pending"])
+        lag = GaugeMetricFamily(
+            "factory_webhook_outbox_lag_seconds",
+            "Age of the longest-owed webhook delivery to an enabled endpoint (0 with none).",
+        )
+        oldest = webhooks["oldest"]
+        lag.add_metric([], (now - oldest).total_seconds() if oldest else 0.0)
+        return [pending, lag]
 
 
 def _scrape(environ, start_response):

@@ -31,6 +31,7 @@ urlpatterns = [
     path("o/<slug:org_slug>/", include("jobs.urls")),
     path("o/<slug:org_slug>/", include("serving.urls")),
     path("o/<slug:org_slug>/", include("billing.urls")),
+    path("o/<slug:org_slug>/", include("webhooks.urls")),
     path("ops/", include("factory_saas.ops.urls")),
     path("", include("registry.storage_views")),
 ]

@@ -47,6 +47,7 @@ from tenants.services import audit_record
 
 from . import drift
 from .models import Deployment, DriftReport, LoopEvent, PredictionLog, Route
+from .timeline import deployment_event_publish
 
 logger = logging.getLogger(__name__)
 SYSTEM = Actor()
@@ -392,4 +393,9 @@ def _record_drift(report: DriftReport) -> None:
         action="serving.drift_detected",
         target=report.deployment,
         data=data,
+    )
+    deployment_event_publish(
+        deployment=report.deployment,
+        type="deployment.drift_detected",
+        data={"model_version_id": report.model_version_id, **data},
     )

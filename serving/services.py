@@ -39,6 +39,7 @@ from tenants.services import audit_record
 from .deletion import delete_in_batches
 from .metering import prediction_charges_expire
 from .models import Deployment, LoopEvent, PredictionLog, Replica, Route
+from .timeline import deployment_event_publish
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +149,11 @@ def deployment_create(
         actor=actor,
         action="deployment.create",
         target=deployment,
+        data={"recipe": recipe, "resource_class": resource_class.name},
+    )
+    deployment_event_publish(
+        deployment=deployment,
+        type="deployment.created",
         data={"recipe": recipe, "resource_class": resource_class.name},
     )
     if routes:

@@ -15,8 +15,16 @@ from jobs.services.submission import MAX_RUNTIME_S
 from registry.models import ModelVersion
 from tenants.actors import Actor
 from tenants.services import audit_record
+from webhooks.services import event_publish
 
 from .models import Deployment, LoopEvent, RetrainPolicy
+
+# The loop's steps a tenant's own systems are told of (webhooks), by timeline kind.
+WEBHOOK_EVENTS = {
+    LoopEvent.Kind.RETRAIN_SUBMITTED: "deployment.retrain_submitted",
+    LoopEvent.Kind.PROMOTED: "deployment.promoted",
+    LoopEvent.Kind.ROLLED_BACK: "deployment.rolled_back",
+}
 
 # The shortest max runtime the pool admits for a job: a spending limit that buys less cannot pay
 # for one.
@@ -102,4 +110,24 @@ def loop_step_record(
             "model_version": model_version.pk if model_version else None,
         },
     )
+    if kind in WEBHOOK_EVENTS:
+        deployment_event_publish(
+            deployment=deployment,
+            type=WEBHOOK_EVENTS[kind],
+            data={
+                "message": message,
+                "cost_minor": cost_minor,
+                "job_id": job.pk if job else None,
+                "model_version_id": model_version.pk if model_version else None,
+            },
+        )
     return event
+
+
+def deployment_event_publish(*, deployment: Deployment, type: str, data: dict) -> None:
+    """Owe a `deployment.*` event to the organization's webhooks, naming the deployment."""
+    event_publish(
+        organization=deployment.organization,
+        type=type,
+        data={"deployment": {"id": deployment.pk, "name": deployment.name}, **data},
+    )

@@ -36,6 +36,8 @@ SCOPES: dict[str, str] = {
     "predict": "Call a deployment for predictions and send back their labels",
     "billing:read": "See usage, costs and invoices",
     "billing:admin": "Manage budgets and payment methods",
+    "webhooks:read": "See webhook endpoints and their delivery log (payloads included)",
+    "webhooks:admin": "Create, change, test and delete webhook endpoints and rotate their secrets",
 }
 
 _READ = {"org:read", "members:read", "keys:write"}

@@ -60,6 +60,7 @@ from tests.factories import (
     PendingUploadFactory,
 )
 from tests.serving.replicas import FakeReplica, ready_replica
+from webhooks.models import WebhookDelivery, WebhookEndpoint, WebhookEvent, WebhookSecret
 
 API_PREFIX = "api/v1/orgs/<slug:org_slug>/"
 PAGE_PREFIX = "o/<slug:org_slug>/"
@@ -311,6 +312,39 @@ def _make_retrain(organization, requester):
     return made | {"pk": retrain.pk, "_retrain": retrain}
 
 
+# A public address written as an IP, so creating an endpoint needs no DNS here.
+WEBHOOK_URL = "https://93.184.215.14/hook"
+
+
+def _make_webhook_endpoint(organization, requester):
+    endpoint = WebhookEndpoint.objects.create(
+        organization=organization, url=WEBHOOK_URL, event_types=["job.succeeded"]
+    )
+    WebhookSecret.objects.create(
+        organization=organization, endpoint=endpoint, salt=secrets.token_hex(32)
+    )
+    return {"pk": endpoint.pk, "_endpoint": endpoint}
+
+
+def _make_webhook_delivery(organization, requester):
+    """A delivery that failed for good, so it can be resent."""
+    endpoint = _make_webhook_endpoint(organization, requester)["_endpoint"]
+    event = WebhookEvent.objects.create(
+        organization=organization,
+        type="job.succeeded",
+        payload={"type": "job.succeeded", "timestamp": "2026-01-01T00:00:00Z", "data": {}},
+    )
+    delivery = WebhookDelivery.objects.create(
+        organization=organization,
+        endpoint=endpoint,
+        event=event,
+        message_id=f"msg_{secrets.token_hex(16)}",
+        state=WebhookDelivery.State.FAILED,
+        attempts=1,
+    )
+    return {"pk": delivery.pk, "_delivery": delivery}
+
+
 # One maker per kind of object a route is about (the view's `model`).
 OBJECT_MAKERS = {
     Membership: _make_membership,
@@ -329,6 +363,8 @@ OBJECT_MAKERS = {
     Invoice: _make_invoice,
     Deployment: _make_deployment,
     serving_models.Retrain: _make_retrain,
+    WebhookEndpoint: _make_webhook_endpoint,
+    WebhookDelivery: _make_webhook_delivery,
 }
 
 
@@ -726,6 +762,40 @@ def _window():
     }
 
 
+def _webhook_made(case):
+    return WebhookEndpoint.objects.filter(organization=case.org, description="swept").exists()
+
+
+def _webhook_changed(case):
+    return WebhookEndpoint.objects.filter(pk=case.made["pk"], description="swept").exists()
+
+
+def _webhook_gone(case):
+    return not WebhookEndpoint.objects.filter(pk=case.made["pk"]).exists()
+
+
+def _webhook_rotated(case):
+    return WebhookSecret.objects.filter(
+        endpoint_id=case.made["pk"], expires_at__isnull=False
+    ).exists()
+
+
+def _webhook_test_sent(case):
+    return WebhookDelivery.objects.filter(
+        endpoint_id=case.made["pk"], event__type="webhook.test"
+    ).exists()
+
+
+def _webhook_resent(case):
+    return WebhookDelivery.objects.filter(
+        pk=case.made["pk"], state=WebhookDelivery.State.PENDING
+    ).exists()
+
+
+def _webhook_form(case):
+    return {"url": WEBHOOK_URL, "description": "swept", "event_types": ["job.failed"]}
+
+
 OK = Call(200)
 NEW_KEY = {"name": "made-by-the-sweep", "scopes": ["org:read"]}
 SWEEP_BODY = {
@@ -910,6 +980,19 @@ CALLS: dict[str, Call] = {
     "POST billing-portal": Call(
         200, stripe=True, wrote=_stripe_session("/v1/billing_portal/sessions")
     ),
+    # API: webhooks
+    "GET webhook-list": OK,
+    "POST webhook-list": Call(201, body=_webhook_form, wrote=_webhook_made),
+    "GET webhook-detail": OK,
+    "PATCH webhook-detail": Call(
+        200, body=lambda c: {"description": "swept"}, wrote=_webhook_changed
+    ),
+    "DELETE webhook-detail": Call(204, wrote=_webhook_gone),
+    "POST webhook-rotate": Call(200, wrote=_webhook_rotated),
+    "POST webhook-test": Call(202, wrote=_webhook_test_sent),
+    "GET webhook-deliveries": OK,
+    "GET webhook-delivery-detail": OK,
+    "POST webhook-delivery-resend": Call(202, wrote=_webhook_resent),
     # Pages: a form that went through redirects (302); one that did not is re-rendered (400).
     "GET tenants:overview": OK,
     "GET tenants:settings": OK,
@@ -1034,6 +1117,17 @@ CALLS: dict[str, Call] = {
     "POST billing:portal": Call(
         302, stripe=True, wrote=_stripe_session("/v1/billing_portal/sessions")
     ),
+    "GET webhooks:endpoints": OK,
+    "POST webhooks:endpoints": Call(201, body=_webhook_form, wrote=_webhook_made),
+    "GET webhooks:endpoint": OK,
+    "POST webhooks:endpoint": Call(
+        302, body=lambda c: _webhook_form(c) | {"enabled": "on"}, wrote=_webhook_changed
+    ),
+    "POST webhooks:endpoint_rotate": Call(200, wrote=_webhook_rotated),
+    "POST webhooks:endpoint_test": Call(302, wrote=_webhook_test_sent),
+    "POST webhooks:endpoint_delete": Call(302, wrote=_webhook_gone),
+    "GET webhooks:delivery": OK,
+    "POST webhooks:delivery_resend": Call(302, wrote=_webhook_resent),
 }
 
 

@@ -47,6 +47,7 @@ INSTALLED_APPS = [
     "jobs",
     "billing",
     "serving",
+    "webhooks",
     "factory_saas",
 ]
 
@@ -239,6 +240,22 @@ OUTBOX_CLAIM_S = env.float("OUTBOX_CLAIM_S", default=300.0)
 OUTBOX_DRAIN_BUDGET_S = env.float("OUTBOX_DRAIN_BUDGET_S", default=8.0)
 OUTBOX_GIVE_UP_AFTER_S = env.float("OUTBOX_GIVE_UP_AFTER_S", default=3 * 24 * 3600.0)
 
+# Tenant webhooks (webhooks app). Outbound addresses must be public (checked after DNS
+# resolution, and the request pinned to the address checked); only tests that run a receiver
+# on this machine open private ones.
+WEBHOOKS_ALLOW_PRIVATE_ADDRESSES = env.bool("WEBHOOKS_ALLOW_PRIVATE_ADDRESSES", default=False)
+# Secrets are derived from this key (empty: SECRET_KEY) and a stored salt; changing it changes
+# every endpoint's secret (receivers must then take the new ones).
+WEBHOOKS_SIGNING_KEY = env("WEBHOOKS_SIGNING_KEY", default="")
+WEBHOOKS_TIMEOUT_S = env.float("WEBHOOKS_TIMEOUT_S", default=10.0)
+WEBHOOKS_RESPONSE_MAX_BYTES = env.int("WEBHOOKS_RESPONSE_MAX_BYTES", default=4096)
+WEBHOOKS_GIVE_UP_AFTER_S = env.float("WEBHOOKS_GIVE_UP_AFTER_S", default=3 * 24 * 3600.0)
+WEBHOOKS_ROTATION_OVERLAP_S = env.int("WEBHOOKS_ROTATION_OVERLAP_S", default=24 * 3600)
+WEBHOOKS_CLAIM_S = env.float("WEBHOOKS_CLAIM_S", default=120.0)
+WEBHOOKS_DRAIN_BUDGET_S = env.float("WEBHOOKS_DRAIN_BUDGET_S", default=8.0)
+# How long the delivery log keeps an event (and its deliveries' tries) once nothing is owed.
+WEBHOOKS_LOG_RETENTION_DAYS = env.int("WEBHOOKS_LOG_RETENTION_DAYS", default=30)
+
 # Drift monitoring (serving.monitoring): how often beat checks, how long one run may take, which
 # deployments count as recently used, and bounds on a window (a deployment's drift_window_rows is
 # the tenant's choice; a huge one must not load millions of rows into a worker).
@@ -298,6 +315,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "outbox.drain",
         "schedule": env.float("OUTBOX_DRAIN_EVERY_S", default=10.0),
     },
+    "webhooks-drain": {
+        "task": "webhooks.drain",
+        "schedule": env.float("WEBHOOKS_DRAIN_EVERY_S", default=10.0),
+    },
+    "webhooks-log-expire": {"task": "webhooks.log_expire", "schedule": crontab(minute=25)},
     "billing-reconcile": {"task": "billing.reconcile", "schedule": crontab(minute=30, hour=3)},
     "serving-drift-check": {"task": "serving.drift_check", "schedule": DRIFT_CHECK_EVERY_S},
     "serving-loop-tick": {"task": "serving.loop_tick", "schedule": SERVING_LOOP_TICK_S},
@@ -387,6 +409,7 @@ SPECTACULAR_SETTINGS = {
         "LoopEventKindEnum": "serving.models.LoopEvent.Kind",
         "RouteModeEnum": "serving.models.Route.Mode",
         "RetrainStateEnum": "serving.models.Retrain.State",
+        "WebhookDeliveryStateEnum": "webhooks.models.DeliveryState",
     },
 }
 

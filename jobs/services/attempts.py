@@ -19,7 +19,7 @@ from billing.services import usage_record
 from jobs.models import ACTIVE_STATES, Job, JobAttempt, JobLog, JobMetric, JobState
 from registry.services.storage_accounts import stored_objects_delete
 
-from .events import job_event
+from .events import job_ended_publish, job_event
 from .ticks import tick_soon
 
 
@@ -302,6 +302,7 @@ def attempt_finish(
         checkpoint_forget(job=job)
     job.save()
     job_event(job=job, kind=outcome, message=reason[:500] or f"Attempt {attempt} {outcome}.")
+    job_ended_publish(job=job)
     transaction.on_commit(tick_soon)
     return job
 

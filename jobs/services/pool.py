@@ -20,7 +20,7 @@ from .attempts import (
     checkpoint_forget,
     job_resume_words,
 )
-from .events import job_event
+from .events import job_ended_publish, job_event
 from .runtimes import worker_runtimes_record
 from .ticks import tick_soon
 
@@ -165,6 +165,7 @@ def reap_lost(*, now=None) -> int:
             kind="lost",
             message=f"Attempt {job.attempt} lost: {worker_name} stopped responding.",
         )
+        job_ended_publish(job=job)
     return count
 
 

@@ -44,7 +44,7 @@ from tenants.selectors import actor_scopes
 from tenants.services import audit_record
 
 from .attempts import attempt_close, attempt_release, checkpoint_forget
-from .events import job_event
+from .events import job_ended_publish, job_event
 from .quotas import quota_ensure
 from .ticks import tick_soon
 
@@ -682,6 +682,7 @@ def job_stop_request(job: Job) -> None:
         attempt_close(job=job, outcome=JobAttempt.Outcome.CANCELLED)
         checkpoint_forget(job=job)
         attempt_release(job)
+        job_ended_publish(job=job)
     else:
         job.transition_to(JobState.CANCELLING)
 

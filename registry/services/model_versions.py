@@ -26,6 +26,7 @@ from tenants.actors import Actor
 from tenants.errors import ConflictError, DomainError
 from tenants.models import Organization
 from tenants.services import audit_record
+from webhooks.services import event_publish
 
 from .datasets import validate_name
 from .storage_accounts import storage_charge, storage_check, stored_objects_delete
@@ -208,6 +209,22 @@ def _record_model_version(*, registered_model, stored, actor, trained_on, **fiel
         target=version,
         data={"metrics": version.metrics, "trained_on": [str(v) for v in trained_on]},
     )
+    event_publish(
+        organization=registered_model.organization,
+        type="model.version_created",
+        data={
+            "model": {"id": registered_model.pk, "name": registered_model.name},
+            "version": {
+                "id": version.pk,
+                "number": version.number,
+                "recipe": version.recipe_name,
+                "metrics": version.metrics,
+                "source_job_id": version.source_job_id,
+                "trained_on": [{"id": v.pk, "name": str(v)} for v in trained_on],
+                "created_at": version.created_at.isoformat(),
+            },
+        },
+    )
     return version
 
 
@@ -260,7 +277,31 @@ def model_alias_set(
             "to": version.number,
         },
     )
+    _alias_moved_publish(
+        registered_model=registered_model, alias=alias, previous=previous, version=version
+    )
     return current
+
+
+def _alias_moved_publish(
+    *,
+    registered_model: RegisteredModel,
+    alias: str,
+    previous: int | None,
+    version: ModelVersion | None,
+) -> None:
+    """Owe `model.alias_moved` (to a version, or to none when the alias is removed)."""
+    event_publish(
+        organization=registered_model.organization,
+        type="model.alias_moved",
+        data={
+            "model": {"id": registered_model.pk, "name": registered_model.name},
+            "alias": alias,
+            "from_version": previous,
+            "to_version": version.number if version else None,
+            "to_version_id": version.pk if version else None,
+        },
+    )
 
 
 @transaction.atomic
@@ -275,5 +316,11 @@ def model_alias_delete(*, alias: ModelAlias, actor: Actor) -> None:
             "alias": alias.name,
             "was": alias.version.number,
         },
+    )
+    _alias_moved_publish(
+        registered_model=alias.registered_model,
+        alias=alias.name,
+        previous=alias.version.number,
+        version=None,
     )
     alias.delete()

@@ -49,6 +49,7 @@ from tenants.scopes import ROLE_SCOPES, Role
 from tenants.selectors import hash_secret
 from tenants.services import api_key_create
 from tests.factories import UserFactory
+from webhooks.models import WebhookDelivery, WebhookEndpoint, WebhookEvent
 
 MAX_EXAMPLES = 50
 # Every identifier of the second tenant carries this marker, so a leak is easy to spot.
@@ -226,6 +227,26 @@ def _seed_tenant(tmp_path, *, marker: str, ids: int | None = None) -> dict:
         idempotency_key=f"{marker}-grant",
         **pk(1),
     )
+    endpoint = WebhookEndpoint.objects.create(
+        organization=organization,
+        url=f"https://93.184.215.14/{marker}",
+        event_types=["job.succeeded"],
+        **pk(1),
+    )
+    delivery = WebhookDelivery.objects.create(
+        organization=organization,
+        endpoint=endpoint,
+        event=WebhookEvent.objects.create(
+            organization=organization,
+            type="job.succeeded",
+            payload={"type": "job.succeeded", "timestamp": "2026-01-01T00:00:00Z", "data": {}},
+            **pk(1),
+        ),
+        message_id=f"msg_{marker}",
+        state=WebhookDelivery.State.FAILED,
+        attempts=1,
+        **pk(1),
+    )
     return {
         "token": token,
         "org_slug": [organization.slug],
@@ -249,6 +270,8 @@ def _seed_tenant(tmp_path, *, marker: str, ids: int | None = None) -> dict:
             "invoices": [invoice.pk],
             "uploads": [upload.pk],
             "retrains": [retrain.pk],
+            "webhooks": [endpoint.pk],
+            "webhook-deliveries": [delivery.pk],
         },
         "identifiers": [
             organization.slug,
@@ -263,6 +286,8 @@ def _seed_tenant(tmp_path, *, marker: str, ids: int | None = None) -> dict:
             invoice.number,
             retrain.deployment.name,
             code_version.package.name,
+            endpoint.url,
+            delivery.message_id,
         ],
     }
 

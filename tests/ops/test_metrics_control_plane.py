@@ -1,6 +1,6 @@
 """The control plane's /metrics, in this process: the scheduler tick on real jobs moves queue
 depth, placements, tick duration and free slots; queue depth per tenant stays bounded; the
-outboxes' lag is read from their rows."""
+outboxes' lag (the webhook outbox's too) is read from their rows."""
 
 from datetime import timedelta
 
@@ -18,6 +18,8 @@ from outbox.models import Message
 from outbox.services import message_enqueue
 from tests.factories import JobFactory, OrganizationFactory
 from tests.ops.scrape import samples, value
+from webhooks.models import WebhookDelivery, WebhookEndpoint
+from webhooks.services import event_publish
 
 pytestmark = pytest.mark.django_db
 
@@ -82,3 +84,19 @@ def test_outbox_and_meter_event_lag_come_from_the_oldest_pending_row():
     assert 300 <= value(scraped, "factory_outbox_lag_seconds", handler=handler) < 360
     assert value(scraped, "factory_meter_events_pending") == 0
     assert value(scraped, "factory_meter_events_lag_seconds") == 0
+
+
+def test_webhook_outbox_lag_is_the_oldest_delivery_owed_to_an_enabled_endpoint(org):
+    assert value(_scrape(), "factory_webhook_outbox_lag_seconds") == 0
+    endpoint = WebhookEndpoint.objects.create(
+        organization=org, url="https://93.184.215.14/", event_types=["job.failed"]
+    )
+    with transaction.atomic():
+        event_publish(organization=org, type="job.failed", data={})
+    WebhookDelivery.objects.update(owed_since=timezone.now() - timedelta(minutes=5))
+    scraped = _scrape()
+    assert value(scraped, "factory_webhook_deliveries_pending") == 1
+    assert 300 <= value(scraped, "factory_webhook_outbox_lag_seconds") < 360
+    # A disabled endpoint's deliveries wait for a person, not for the drain: no lag.
+    WebhookEndpoint.objects.filter(pk=endpoint.pk).update(enabled=False)
+    assert value(_scrape(), "factory_webhook_outbox_lag_seconds") == 0

@@ -577,6 +577,19 @@ EXPECTED_EFFECTS: dict[str, Effect] = {
     "POST billing:billing": Effect.PAY,
     "POST billing:checkout": Effect.PAY,
     "POST billing:portal": Effect.PAY,
+    # webhooks: settings of the organization (no spend); deleting one lowers exposure
+    "POST webhook-list": Effect.CHANGE,
+    "PATCH webhook-detail": Effect.CHANGE,
+    "DELETE webhook-detail": Effect.REDUCE,
+    "POST webhook-rotate": Effect.CHANGE,
+    "POST webhook-test": Effect.CHANGE,
+    "POST webhook-delivery-resend": Effect.CHANGE,
+    "POST webhooks:endpoints": Effect.CHANGE,
+    "POST webhooks:endpoint": Effect.CHANGE,
+    "POST webhooks:endpoint_rotate": Effect.CHANGE,
+    "POST webhooks:endpoint_test": Effect.CHANGE,
+    "POST webhooks:endpoint_delete": Effect.REDUCE,
+    "POST webhooks:delivery_resend": Effect.CHANGE,
 }
 
 
