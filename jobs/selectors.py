@@ -29,9 +29,11 @@ from .models import (
     JobState,
     ResourceClass,
     Runtime,
+    UtilizationSample,
     Worker,
     WorkerRuntime,
 )
+from .utilization import ClassPrice, Hint, rightsizing_hint
 
 
 def job_list(
@@ -187,6 +189,54 @@ def job_costs_so_far(*, jobs: list[dict], now=None) -> dict[int, int]:
         )
         costs[pk] += int(seconds * job["gpu_count"] * price * minor_per_unit(currency))
     return costs
+
+
+def job_rightsizing_hint(*, job: Job, now=None) -> Hint | None:
+    """The right-sizing hint for the job's newest sampled attempt, priced from today's rate card
+    for the span it was sampled (jobs.utilization.rightsizing_hint says what is assumed)."""
+    summary = job.utilization
+    if not summary or not summary.get("gpu_samples"):
+        return None  # a CPU job, or no GPU readings: nothing to price
+    classes = list(ResourceClass.objects.order_by("name"))
+    now = now or timezone.now()
+    prices = price_table(resources={gpu_resource(rc.name) for rc in classes})
+    priced = [
+        ClassPrice(
+            rc.name, rc.gpu_memory_gb, *price_at(prices, resource=gpu_resource(rc.name), at=now)
+        )
+        for rc in classes
+    ]
+    current = next((c for c in priced if c.name == job.resource_class.name), None)
+    if current is None:
+        return None
+    return rightsizing_hint(
+        summary=summary,
+        current=current,
+        classes=priced,
+        gpu_count=job.gpu_count,
+        run_seconds=summary["seconds"],
+        minor_per_unit=minor_per_unit(current.currency),
+    )
+
+
+def utilization_series(*, organization: Organization, job: Job) -> list[tuple]:
+    """The newest sampled attempt's samples, oldest first: (at, cpu_cores, memory_bytes,
+    gpu_utilization, gpu_memory_bytes); at most UTILIZATION_MAX_SAMPLES rows by construction."""
+    newest = (
+        UtilizationSample.objects.for_organization(organization)
+        .filter(job=job)
+        .order_by("-attempt")
+        .values_list("attempt", flat=True)
+        .first()
+    )
+    if newest is None:
+        return []
+    return list(
+        UtilizationSample.objects.for_organization(organization)
+        .filter(job=job, attempt=newest)
+        .order_by("at", "pk")
+        .values_list("at", "cpu_cores", "memory_bytes", "gpu_utilization", "gpu_memory_bytes")
+    )
 
 
 def resource_classes_with_prices() -> list[tuple[ResourceClass, Decimal, str]]:
