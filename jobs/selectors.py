@@ -191,12 +191,14 @@ def job_costs_so_far(*, jobs: list[dict], now=None) -> dict[int, int]:
     return costs
 
 
-def job_rightsizing_hint(*, job: Job, now=None) -> Hint | None:
-    """The right-sizing hint for the job's newest sampled attempt, priced from today's rate card
-    for the span it was sampled (jobs.utilization.rightsizing_hint says what is assumed)."""
-    summary = job.utilization
-    if not summary or not summary.get("gpu_samples"):
-        return None  # a CPU job, or no GPU readings: nothing to price
+def job_rightsizing_hint(
+    *, utilization: dict | None, resource_class_name: str, gpu_count: int, now=None
+) -> Hint | None:
+    """The right-sizing hint for a job's newest sampled attempt (its `utilization` summary),
+    priced from the rate card in force `now` for the span it was sampled
+    (jobs.utilization.rightsizing_hint says what is assumed)."""
+    if not utilization or not utilization.get("gpu_samples"):
+        return None  # a CPU job, or no GPU readings: nothing to price, and no query
     classes = list(ResourceClass.objects.order_by("name"))
     now = now or timezone.now()
     prices = price_table(resources={gpu_resource(rc.name) for rc in classes})
@@ -206,15 +208,15 @@ def job_rightsizing_hint(*, job: Job, now=None) -> Hint | None:
         )
         for rc in classes
     ]
-    current = next((c for c in priced if c.name == job.resource_class.name), None)
+    current = next((c for c in priced if c.name == resource_class_name), None)
     if current is None:
         return None
     return rightsizing_hint(
-        summary=summary,
+        summary=utilization,
         current=current,
         classes=priced,
-        gpu_count=job.gpu_count,
-        run_seconds=summary["seconds"],
+        gpu_count=gpu_count,
+        run_seconds=utilization["seconds"],
         minor_per_unit=minor_per_unit(current.currency),
     )
 

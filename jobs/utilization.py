@@ -155,11 +155,11 @@ def rightsizing_hint(
         return None
     seconds = Decimal(str(run_seconds)) * gpu_count
 
-    def cost(price: ClassPrice) -> int:
-        return int(seconds * price.unit_price * minor_per_unit)
+    def cost(price: ClassPrice) -> Decimal:  # in minor units, unrounded: a short run's cents
+        return seconds * price.unit_price * minor_per_unit
 
-    current_minor = cost(current)
-    if current_minor <= 0:
+    current_cost = cost(current)
+    if current_cost <= 0:
         return None
     needed_gb = peak * (1 + HINT_MEMORY_HEADROOM) / GB
     fitting = [
@@ -173,11 +173,11 @@ def rightsizing_hint(
     if not fitting:
         return None
     best = min(fitting, key=lambda c: (cost(c), c.name))
-    cheaper_minor = cost(best)
-    saving = 1 - cheaper_minor / current_minor
+    saving = 1 - cost(best) / current_cost
     if saving < HINT_MIN_SAVING:
         return None
     percent = min(100, math.floor(saving * 100))
+    current_minor, cheaper_minor = round(current_cost), round(cost(best))
     total = summary.get("gpu_memory_total_bytes") or current.gpu_memory_gb * GB
     text = (
         f"Peak GPU memory {_gb(peak)} of {_gb(total)}, utilization "

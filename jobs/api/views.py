@@ -96,6 +96,7 @@ class _JobInputs:
             )
         ],
     ),
+    retrieve=extend_schema(responses=s.JobDetailSerializer),
     estimate=extend_schema(request=s.EstimateRequestSerializer, responses=s.EstimateSerializer),
     cancel=extend_schema(request=None, responses=s.JobSerializer),
     retry=extend_schema(request=None, responses={201: s.JobSerializer}),
@@ -152,7 +153,7 @@ class JobViewSet(
         lookup = self.lookup_url_kwarg or self.lookup_field
         row = generics.get_object_or_404(rows, **{self.lookup_field: self.kwargs[lookup]})
         self.check_object_permissions(request, row)
-        return Response(s.job_rows_data(rows=[row], organization=self.organization)[0])
+        return Response(s.job_detail_data(row=row, organization=self.organization))
 
     def create(self, request, *args, **kwargs):
         data = s.JobSubmitSerializer(data=request.data)

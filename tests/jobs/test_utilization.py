@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from django.db import connection
+from django.urls import reverse
 
 from jobs.models import Job, JobAttempt, UtilizationSample
 from jobs.runner import parent
@@ -251,6 +252,84 @@ def test_a_gpu_attempts_samples_are_stored_thinned_and_summarized(org, monkeypat
     assert summary["gpu_utilization_avg"] == 22.0
     assert summary["gpu_memory_bytes_peak"] == 9 * GB
     assert summary["gpu_memory_total_bytes"] == 80 * GB
+
+
+def _sampled_gpu_job(org, *, peak_gb: float, utilization: float, samples=8, gpu_count=1):
+    """A running H100 job whose attempt reported `samples` readings of a fake NVML."""
+    fake = FakeNvml({i: (utilization, int(peak_gb * GB), 80 * GB) for i in range(gpu_count)})
+    sys.modules["pynvml"] = fake
+    try:
+        # A minute a sample: a run long enough to cost cents (sampled at once, not waited for).
+        sampler = Sampler(
+            root_pid=os.getpid(), gpu_indices=list(range(gpu_count)), interval=60, max_samples=50
+        )
+        for _ in range(samples):
+            sampler.take(sampler.due)
+    finally:
+        del sys.modules["pynvml"]
+    job = JobFactory(
+        organization=org,
+        state=Job.State.RUNNING,
+        attempt=1,
+        gpu_count=gpu_count,
+        resource_class_id=_class("h100-80gb"),
+    )
+    JobAttempt.objects.create(organization=org, job=job, number=1)
+    samples, _ = sampler.drain()
+    attempt_report(job_id=job.pk, attempt=1, report=Report(logs=[], metrics=[], samples=samples))
+    job.refresh_from_db()
+    return job
+
+
+@pytest.mark.django_db
+def test_the_job_page_draws_the_utilization_and_says_the_priced_hint(org, owner, client):
+    job = _sampled_gpu_job(org, peak_gb=9.1, utilization=22)
+    client.force_login(owner)
+    page = client.get(reverse("jobs:job", args=[org.slug, job.pk])).content.decode()
+    section = page[page.index('id="utilization"') :]
+    for name in ("CPU cores used", "Memory", "GPU utilization", "GPU memory"):
+        assert f'aria-label="{name} in' in section
+    assert "<title>GPU utilization at" in section and ": 22 %</title>" in section
+    hint = section[section.index('id="rightsizing-hint"') :]
+    assert "Peak GPU memory 9.1 GB of 80.0 GB, utilization 22%" in hint
+    assert "on 1 l4 would cost about 83% less" in hint
+
+    listed = client.get(reverse("jobs:jobs", args=[org.slug])).content.decode()
+    assert "GPU 22%, 9.1\xa0GB peak" in listed
+
+
+@pytest.mark.django_db
+def test_the_api_gives_the_summary_on_the_list_and_the_hint_on_one_job(org, owner, client_for):
+    job = _sampled_gpu_job(org, peak_gb=30, utilization=60, gpu_count=2)
+    api = client_for(owner)
+    one = api.get(f"/api/v1/orgs/{org.slug}/jobs/{job.pk}/").json()
+    assert one["utilization"]["gpu_samples"] == 8
+    assert one["utilization"]["gpu_utilization_avg"] == 60.0
+    assert one["utilization"]["gpu_memory_bytes_peak"] == 30 * GB
+    assert one["rightsizing_hint"]["resource_class"] == "a100-40gb"  # 36 GB fits 40, not 24
+    assert one["rightsizing_hint"]["saving_percent"] == 33
+    assert "on 2 a100-40gb" in one["rightsizing_hint"]["text"]
+    [row] = api.get(f"/api/v1/orgs/{org.slug}/jobs/").json()["results"]
+    assert row["utilization"] == one["utilization"]
+    assert "rightsizing_hint" not in row  # priced for one job only
+
+
+@pytest.mark.django_db
+def test_a_cpu_job_has_no_hint_and_a_job_not_yet_sampled_no_summary(org, owner, client_for):
+    job = JobFactory(organization=org)
+    api = client_for(owner)
+    one = api.get(f"/api/v1/orgs/{org.slug}/jobs/{job.pk}/").json()
+    assert one["utilization"] is None and one["rightsizing_hint"] is None
+
+
+@pytest.mark.django_db
+def test_samples_of_another_organization_are_not_drawn(org, owner, client):
+    job = _sampled_gpu_job(org, peak_gb=9, utilization=20)
+    # Rows filed under another organization, though they name this job: never read for it.
+    UtilizationSample.objects.filter(job=job).update(organization=JobFactory().organization)
+    client.force_login(owner)
+    page = client.get(reverse("jobs:job", args=[org.slug, job.pk])).content.decode()
+    assert 'aria-label="CPU cores used in' not in page
 
 
 def _class(name: str) -> int:
