@@ -221,23 +221,21 @@ def job_rightsizing_hint(
     )
 
 
+def utilization_samples(*, organization: Organization, job: Job) -> QuerySet[UtilizationSample]:
+    """The newest sampled attempt's samples, oldest first (at most UTILIZATION_MAX_SAMPLES rows
+    by construction)."""
+    samples = UtilizationSample.objects.for_organization(organization).filter(job=job)
+    newest = samples.order_by("-attempt").values_list("attempt", flat=True).first()
+    return samples.filter(attempt=newest or 0).order_by("at", "pk")
+
+
 def utilization_series(*, organization: Organization, job: Job) -> list[tuple]:
-    """The newest sampled attempt's samples, oldest first: (at, cpu_cores, memory_bytes,
-    gpu_utilization, gpu_memory_bytes); at most UTILIZATION_MAX_SAMPLES rows by construction."""
-    newest = (
-        UtilizationSample.objects.for_organization(organization)
-        .filter(job=job)
-        .order_by("-attempt")
-        .values_list("attempt", flat=True)
-        .first()
-    )
-    if newest is None:
-        return []
+    """utilization_samples as (at, cpu_cores, memory_bytes, gpu_utilization, gpu_memory_bytes)
+    rows, for the charts."""
     return list(
-        UtilizationSample.objects.for_organization(organization)
-        .filter(job=job, attempt=newest)
-        .order_by("at", "pk")
-        .values_list("at", "cpu_cores", "memory_bytes", "gpu_utilization", "gpu_memory_bytes")
+        utilization_samples(organization=organization, job=job).values_list(
+            "at", "cpu_cores", "memory_bytes", "gpu_utilization", "gpu_memory_bytes"
+        )
     )
 
 

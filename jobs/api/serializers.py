@@ -6,7 +6,16 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import ISO_8601, serializers
 from rest_framework.settings import api_settings
 
-from jobs.models import Job, JobEvent, JobLog, JobMetric, JobState, Sweep, waiting_text
+from jobs.models import (
+    Job,
+    JobEvent,
+    JobLog,
+    JobMetric,
+    JobState,
+    Sweep,
+    UtilizationSample,
+    waiting_text,
+)
 from jobs.selectors import (
     COST_FIELDS,
     job_cost_so_far,
@@ -407,6 +416,20 @@ class JobMetricSerializer(serializers.ModelSerializer):
     class Meta:
         model = JobMetric
         fields = ["attempt", "step", "name", "split", "value", "created_at"]
+
+
+class UtilizationSampleSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = UtilizationSample
+        fields = [
+            "attempt",
+            "at",
+            "seconds",
+            "cpu_cores",
+            "memory_bytes",
+            "gpu_utilization",
+            "gpu_memory_bytes",
+        ]
 
 
 class RecipeSerializer(serializers.Serializer):

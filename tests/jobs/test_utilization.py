@@ -312,6 +312,12 @@ def test_the_api_gives_the_summary_on_the_list_and_the_hint_on_one_job(org, owne
     [row] = api.get(f"/api/v1/orgs/{org.slug}/jobs/").json()["results"]
     assert row["utilization"] == one["utilization"]
     assert "rightsizing_hint" not in row  # priced for one job only
+    series = api.get(f"/api/v1/orgs/{org.slug}/jobs/{job.pk}/utilization/").json()
+    assert len(series) == 8
+    assert {(p["attempt"], p["gpu_utilization"], p["gpu_memory_bytes"]) for p in series} == {
+        (1, 60.0, 30 * GB)
+    }
+    assert all(p["memory_bytes"] > 0 and p["seconds"] > 0 for p in series)
 
 
 @pytest.mark.django_db
