@@ -144,7 +144,8 @@ def rightsizing_hint(
 ) -> Hint | None:
     """The cheapest class whose GPUs hold the job's peak GPU memory with HINT_MEMORY_HEADROOM to
     spare, if the same run time with the same GPU count costs at least HINT_MIN_SAVING less there;
-    else None (no GPU samples, too few samples, nothing cheaper that fits).
+    else None (no GPU samples, too few samples, a run that cost under a cent so far, nothing
+    cheaper that fits).
 
     Assumes the run takes as long on the other class: a slower GPU takes longer, which the
     utilization tells a person to weigh (a GPU busy 20% of the time has room to spare)."""
@@ -159,8 +160,8 @@ def rightsizing_hint(
         return seconds * price.unit_price * minor_per_unit
 
     current_cost = cost(current)
-    if current_cost <= 0:
-        return None
+    if current_cost < 1:
+        return None  # under a cent: "$0.00 instead of $0.00" helps nobody
     needed_gb = peak * (1 + HINT_MEMORY_HEADROOM) / GB
     fitting = [
         c

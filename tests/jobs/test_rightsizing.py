@@ -113,6 +113,11 @@ def test_no_hint_without_enough_gpu_samples(summary):
     assert _hint(summary) is None
 
 
+def test_no_hint_for_a_run_that_cost_under_a_cent():
+    assert _hint(_summary(9, 10), run_seconds=8) is None  # 8 s x $0.0012 = 0.96 cents
+    assert _hint(_summary(9, 10), run_seconds=9).cheaper_minor == 0  # 1.08 cents -> 0.18
+
+
 def test_a_class_priced_in_another_currency_is_not_compared():
     euros = ClassPrice("l4", 24, Decimal("0.0001"), "eur")
     assert _hint(_summary(9, 10), classes=[H100, euros]) is None
