@@ -82,6 +82,7 @@ class Sampler:
         self.interval, self.max_samples = interval, max(2, max_samples)
         self.pending: list[Sample] = []
         self.stored = 0
+        self.broken = False
         self.nvml: Nvml | None = None
         if self.gpu_indices:
             try:
@@ -101,10 +102,19 @@ class Sampler:
         return None if usage is None else usage[0]
 
     def take(self, now: float) -> None:
-        """Read the tree and the GPUs, if the interval has passed."""
-        if now < self.due:
+        """Read the tree and the GPUs, if the interval has passed. Sampling is an extra: should
+        a reading fail in a way not foreseen, the attempt goes on unsampled, said once."""
+        if self.broken or now < self.due:
             return
         self.due = now + self.interval
+        try:
+            self._take(now)
+        except Exception:
+            logger.exception("utilization sampling stopped for this attempt")
+            self.broken = True
+            self.close()
+
+    def _take(self, now: float) -> None:
         try:
             usage = tree_usage(self.root_pid)
         except (OSError, ValueError, IndexError):

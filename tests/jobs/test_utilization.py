@@ -18,7 +18,7 @@ import pytest
 from django.db import connection
 from django.urls import reverse
 
-from jobs.models import Job, JobAttempt, UtilizationSample
+from jobs.models import Job, JobAttempt, Quota, ResourceClass, UtilizationSample
 from jobs.runner import parent
 from jobs.runner.isolation import child_start
 from jobs.runner.parent import run_attempt
@@ -89,15 +89,7 @@ def test_a_real_cpu_job_stores_its_process_trees_cpu_and_memory(
     settings.UTILIZATION_SAMPLE_S = 0.2
     monkeypatch.setenv("PYTHONPATH", str(REPO))  # the child starts in /
     worker = worker_register(name=f"cpu-{uuid.uuid4().hex[:6]}", devices=[])
-    data = tmp_path / "points.csv"
-    data.write_bytes(_separable_csv(20))
-    actor = Actor(user=owner)
-    version = dataset_version_create(
-        dataset=dataset_create(organization=org, name="points", actor=actor),
-        path=data,
-        filename="points.csv",
-        actor=actor,
-    )
+    version = _dataset_version(org, owner, tmp_path)
     job = JobFactory(organization=org, input_dataset_version=version, created_by=owner)
     scheduler_pass()
     release = tmp_path / "release"
@@ -134,6 +126,68 @@ def test_a_real_cpu_job_stores_its_process_trees_cpu_and_memory(
     assert 0 < summary["cpu_cores_avg"] <= summary["cpu_cores_peak"]
     assert summary["gpu_samples"] == 0 and summary["gpu_utilization_avg"] is None
     assert Job.objects.get(pk=job.pk).utilization == summary
+
+
+@e2e
+@pytest.mark.parametrize("nvml", ["answers", "fails"])
+def test_a_gpu_job_through_the_runner_reads_nvml_at_its_edge_and_runs_on_when_it_fails(
+    local_storage, org, owner, tmp_path, settings, monkeypatch, nvml
+):
+    settings.WORKER_WORKDIR = str(tmp_path / "work")
+    settings.UTILIZATION_SAMPLE_S = 0.2
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    fake = FakeNvml({0: (22.0, 9 * GB, 80 * GB)})
+    fake.fail_reads = nvml == "fails"
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    h100 = ResourceClass.objects.get(name="h100-80gb")
+    Quota.objects.create(organization=org, resource_class=h100, limit_gpus=1)
+    worker = worker_register(
+        name=f"h100-{uuid.uuid4().hex[:6]}", devices=[{"name": "NVIDIA H100 80GB HBM3"}]
+    )
+    job = JobFactory(
+        organization=org,
+        input_dataset_version=_dataset_version(org, owner, tmp_path),
+        resource_class=h100,
+    )
+    scheduler_pass()
+    release = tmp_path / "release"
+    runner, outcome = _run_held(job, worker, release, monkeypatch)
+    try:
+        wait_for(
+            lambda: (
+                outcome
+                or UtilizationSample.objects.filter(
+                    job=job, memory_bytes__gt=HELD_MIB * MIB
+                ).count()
+                >= 3
+            ),
+            timeout=60,
+            what="three samples of the grandchild",
+        )
+        assert not outcome, "the attempt ended before it was sampled"
+    finally:
+        release.touch()
+        runner.join(timeout=60)
+    assert outcome == ["failed"]  # the held child's own exit 1, nothing of NVML's
+    assert "NVML" not in Job.objects.get(pk=job.pk).failure_reason
+    samples = list(UtilizationSample.objects.filter(job=job))
+    if nvml == "answers":
+        assert {(s.gpu_utilization, s.gpu_memory_bytes) for s in samples} == {(22.0, 9 * GB)}
+        assert Job.objects.get(pk=job.pk).utilization["gpu_memory_total_bytes"] == 80 * GB
+    else:
+        assert {(s.gpu_utilization, s.gpu_memory_bytes) for s in samples} == {(None, None)}
+
+
+def _dataset_version(org, owner, tmp_path):
+    data = tmp_path / "points.csv"
+    data.write_bytes(_separable_csv(20))
+    actor = Actor(user=owner)
+    return dataset_version_create(
+        dataset=dataset_create(organization=org, name="points", actor=actor),
+        path=data,
+        filename="points.csv",
+        actor=actor,
+    )
 
 
 def test_tree_usage_counts_a_grandchild_and_ends_with_its_root(tmp_path):
@@ -223,6 +277,20 @@ def test_nvml_failing_leaves_cpu_and_memory_sampled(monkeypatch, caplog, where):
     assert all(s.memory_bytes > 0 for s in samples)
     assert "GPU utilization is" in caplog.text
     assert caplog.text.count("GPU utilization is") == 1  # said once, not per sample
+
+
+def test_a_reading_failing_unforeseen_stops_sampling_not_the_job(monkeypatch, caplog):
+    sampler = Sampler(root_pid=os.getpid(), gpu_indices=[], interval=0.01, max_samples=100)
+    sampler.take(sampler.due)
+
+    def broken(pid):
+        raise RuntimeError("a /proc unlike any other")
+
+    monkeypatch.setattr("jobs.runner.sampler.tree_usage", broken)
+    for _ in range(3):
+        sampler.take(sampler.due)  # raises nothing
+    assert len(sampler.drain()[0]) == 1
+    assert caplog.text.count("utilization sampling stopped") == 1
 
 
 @pytest.mark.django_db
