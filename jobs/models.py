@@ -281,6 +281,9 @@ class Job(OrganizationOwned):
     cost_minor = models.BigIntegerField(
         default=0, help_text="Billed for finished attempts, in cents."
     )
+    # The newest sampled attempt's utilization summary (jobs.utilization.summary_merge), copied
+    # from its JobAttempt in the same write: the jobs list reads it from the job's own row.
+    utilization = models.JSONField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at", "-pk"]
@@ -396,6 +399,9 @@ class JobAttempt(OrganizationOwned):
     started_at = models.DateTimeField(null=True, blank=True)
     ended_at = models.DateTimeField(null=True, blank=True)
     outcome = models.CharField(max_length=20, choices=Outcome.choices, default=Outcome.ACTIVE)
+    # Running summary of its UtilizationSamples (counts, time-weighted averages, peaks), kept up
+    # to date with each report so that nothing reads the samples to summarize them.
+    utilization = models.JSONField(null=True, blank=True)
 
     class Meta:
         ordering = ["job", "number"]
@@ -455,6 +461,30 @@ class JobMetric(OrganizationOwned):
 
     def __str__(self):
         return f"{self.name}[{self.step}]={self.value}"
+
+
+class UtilizationSample(OrganizationOwned):
+    """One reading of a running attempt (jobs.utilization.Sample): its processes' CPU cores and
+    resident memory and, on GPUs, their utilization and the fullest one's memory. An attempt keeps
+    at most UTILIZATION_MAX_SAMPLES of them (thinned as it runs)."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="utilization_samples")
+    attempt = models.PositiveIntegerField()
+    at = models.DateTimeField()
+    seconds = models.FloatField(help_text="The span this sample stands for.")
+    cpu_cores = models.FloatField()
+    memory_bytes = models.BigIntegerField()
+    gpu_utilization = models.FloatField(null=True, blank=True)
+    gpu_memory_bytes = models.BigIntegerField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["at", "pk"]
+        indexes = [
+            models.Index(fields=["job", "attempt", "at"], name="utilsample_job_attempt_at"),
+        ]
+
+    def __str__(self):
+        return f"job {self.job_id} attempt {self.attempt} at {self.at:%H:%M:%S}"
 
 
 class Sweep(OrganizationOwned):

@@ -29,9 +29,11 @@ from .models import (
     JobState,
     ResourceClass,
     Runtime,
+    UtilizationSample,
     Worker,
     WorkerRuntime,
 )
+from .utilization import ClassPrice, Hint, rightsizing_hint
 
 
 def job_list(
@@ -187,6 +189,54 @@ def job_costs_so_far(*, jobs: list[dict], now=None) -> dict[int, int]:
         )
         costs[pk] += int(seconds * job["gpu_count"] * price * minor_per_unit(currency))
     return costs
+
+
+def job_rightsizing_hint(
+    *, utilization: dict | None, resource_class_name: str, gpu_count: int, now=None
+) -> Hint | None:
+    """The right-sizing hint for a job's newest sampled attempt (its `utilization` summary),
+    priced from the rate card in force `now` for the span it was sampled
+    (jobs.utilization.rightsizing_hint says what is assumed)."""
+    if not utilization or not utilization.get("gpu_samples"):
+        return None  # a CPU job, or no GPU readings: nothing to price, and no query
+    classes = list(ResourceClass.objects.order_by("name"))
+    now = now or timezone.now()
+    prices = price_table(resources={gpu_resource(rc.name) for rc in classes})
+    priced = [
+        ClassPrice(
+            rc.name, rc.gpu_memory_gb, *price_at(prices, resource=gpu_resource(rc.name), at=now)
+        )
+        for rc in classes
+    ]
+    current = next((c for c in priced if c.name == resource_class_name), None)
+    if current is None:
+        return None
+    return rightsizing_hint(
+        summary=utilization,
+        current=current,
+        classes=priced,
+        gpu_count=gpu_count,
+        run_seconds=utilization["seconds"],
+        minor_per_unit=minor_per_unit(current.currency),
+    )
+
+
+def utilization_samples(*, organization: Organization, job: Job) -> QuerySet[UtilizationSample]:
+    """The newest sampled attempt's samples, oldest first (at most UTILIZATION_MAX_SAMPLES rows
+    by construction)."""
+    samples = UtilizationSample.objects.for_organization(organization).filter(job=job)
+    newest = samples.order_by("-attempt").values_list("attempt", flat=True).first()
+    return samples.filter(attempt=newest or 0).order_by("at", "pk")
+
+
+def utilization_series(*, organization: Organization, job: Job) -> list[tuple]:
+    """utilization_samples as (at, cpu_cores, memory_bytes, gpu_utilization, gpu_memory_bytes)
+    rows, for the charts."""
+    return list(
+        utilization_samples(organization=organization, job=job).values_list(
+            "at", "cpu_cores", "memory_bytes", "gpu_utilization", "gpu_memory_bytes"
+        )
+    )
 
 
 def resource_classes_with_prices() -> list[tuple[ResourceClass, Decimal, str]]:

@@ -10,7 +10,7 @@ from django.views import View
 from django.views.generic import TemplateView
 
 from jobs import selectors, services
-from jobs.charts import metric_chart
+from jobs.charts import metric_chart, utilization_charts
 from jobs.forms import CodeRunForm, JobForm, PredictForm
 from jobs.models import Job, JobEvent, JobLog, JobMetric, JobState, ResourceClass, Sweep
 from jobs.recipes.catalog import get_recipe, list_recipes
@@ -262,6 +262,14 @@ class JobPage(OrganizationPageMixin, TemplateView):
             logs=reversed(logs),
             charts=[chart for name, pts in series.items() if (chart := metric_chart(name, pts))],
             cost_so_far=selectors.job_cost_so_far(job=job),
+            utilization_charts=utilization_charts(
+                selectors.utilization_series(organization=self.organization, job=job)
+            ),
+            rightsizing_hint=selectors.job_rightsizing_hint(
+                utilization=job.utilization,
+                resource_class_name=job.resource_class.name,
+                gpu_count=job.gpu_count,
+            ),
         )
         return context
 

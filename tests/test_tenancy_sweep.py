@@ -914,6 +914,7 @@ CALLS: dict[str, Call] = {
     "GET job-events": OK,
     "GET job-logs": OK,
     "GET job-metrics": OK,
+    "GET job-utilization": OK,
     "POST job-retry": Call(201, prepare=_job_failed, wrote=_job_retried),
     "GET sweep-list": OK,
     "POST sweep-list": Call(

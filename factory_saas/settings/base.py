@@ -432,6 +432,11 @@ WORKER_RUNTIME_PROBE_TIMEOUT_S = env.float("WORKER_RUNTIME_PROBE_TIMEOUT_S", def
 JOB_MAX_LOST_ATTEMPTS = env.int("JOB_MAX_LOST_ATTEMPTS", default=3)
 JOB_CHECKPOINT_EVERY_S = env.float("JOB_CHECKPOINT_EVERY_S", default=60.0)
 JOB_STOP_GRACE_S = env.float("JOB_STOP_GRACE_S", default=3.0)
+# A running attempt's utilization (its processes' CPU and memory, its GPUs' use and memory through
+# NVML) is sampled this often; an attempt keeps at most UTILIZATION_MAX_SAMPLES of them, thinned
+# to every other one (and sampled half as often) each time it reaches that many.
+UTILIZATION_SAMPLE_S = env.float("UTILIZATION_SAMPLE_S", default=5.0)
+UTILIZATION_MAX_SAMPLES = env.int("UTILIZATION_MAX_SAMPLES", default=2000)
 # Serving replicas (serve jobs). Each answers on WORKER_SERVE_HOST at a free port; the default
 # keeps it on the machine (one-machine setups), and production sets the worker's advertised
 # address, the one the web reaches it at. Stopping one drains its requests in flight for up to

@@ -60,6 +60,8 @@ WORKER_RUNTIMES = env.list(
     "WORKER_RUNTIMES",
     default=[f"{DEFAULT_RUNTIME}={Path(sys.executable).absolute()}"],  # noqa: F405
 )
+# Attempts in tests are sampled often enough that a second's run shows several samples.
+UTILIZATION_SAMPLE_S = env.float("UTILIZATION_SAMPLE_S", default=0.2)
 # Replicas in tests bill each second and drain quickly, so a test sees both within seconds.
 SERVE_BILLING_INTERVAL_S = env.float("SERVE_BILLING_INTERVAL_S", default=1.0)
 SERVE_DRAIN_S = env.float("SERVE_DRAIN_S", default=10.0)

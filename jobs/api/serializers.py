@@ -1,3 +1,4 @@
+import dataclasses
 from functools import cache
 
 from django.utils import timezone
@@ -5,8 +6,23 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import ISO_8601, serializers
 from rest_framework.settings import api_settings
 
-from jobs.models import Job, JobEvent, JobLog, JobMetric, JobState, Sweep, waiting_text
-from jobs.selectors import COST_FIELDS, job_cost_so_far, job_costs_so_far, queue_positions
+from jobs.models import (
+    Job,
+    JobEvent,
+    JobLog,
+    JobMetric,
+    JobState,
+    Sweep,
+    UtilizationSample,
+    waiting_text,
+)
+from jobs.selectors import (
+    COST_FIELDS,
+    job_cost_so_far,
+    job_costs_so_far,
+    job_rightsizing_hint,
+    queue_positions,
+)
 from registry.selectors import version_names
 from tenants.models import Organization
 
@@ -104,6 +120,36 @@ class EstimateSerializer(serializers.Serializer):
     estimated_max_cost = MoneySerializer(help_text="Price x GPUs x max runtime: the most it costs.")
 
 
+class UtilizationSerializer(serializers.Serializer):
+    """The newest sampled attempt's use of its slots (jobs.utilization.summary_merge): averages
+    are weighted by the time each sample stands for. GPU fields are null on a CPU slot or where
+    the worker could not read NVML; on several GPUs, utilization is their mean and memory the
+    fullest one's."""
+
+    samples = serializers.IntegerField()
+    seconds = serializers.FloatField(help_text="The run time the samples cover.")
+    cpu_cores_avg = serializers.FloatField(allow_null=True)
+    cpu_cores_peak = serializers.FloatField(allow_null=True)
+    memory_bytes_avg = serializers.IntegerField(allow_null=True, help_text="Resident memory.")
+    memory_bytes_peak = serializers.IntegerField(allow_null=True)
+    gpu_samples = serializers.IntegerField()
+    gpu_seconds = serializers.FloatField()
+    gpu_utilization_avg = serializers.FloatField(allow_null=True, help_text="Percent.")
+    gpu_utilization_peak = serializers.FloatField(allow_null=True)
+    gpu_memory_bytes_avg = serializers.IntegerField(allow_null=True)
+    gpu_memory_bytes_peak = serializers.IntegerField(allow_null=True)
+    gpu_memory_total_bytes = serializers.IntegerField(allow_null=True)
+
+
+class RightsizingHintSerializer(serializers.Serializer):
+    resource_class = serializers.CharField(help_text="The cheaper class that holds the job.")
+    current_minor = serializers.IntegerField(help_text="The sampled run on its own class.")
+    cheaper_minor = serializers.IntegerField(help_text="The same run time on `resource_class`.")
+    currency = serializers.CharField()
+    saving_percent = serializers.IntegerField()
+    text = serializers.CharField()
+
+
 class JobSerializer(serializers.ModelSerializer):
     dataset = serializers.SerializerMethodField()
     resource_class = serializers.CharField(source="resource_class.name")
@@ -117,6 +163,9 @@ class JobSerializer(serializers.ModelSerializer):
     # A reservation's ETA is worked out when read (Job.waiting_text); the position too.
     waiting_reason = serializers.CharField(source="waiting_text", read_only=True)
     queue_position = serializers.IntegerField(read_only=True, allow_null=True)
+    utilization = UtilizationSerializer(
+        read_only=True, allow_null=True, help_text="Null until the job's first sample."
+    )
 
     class Meta:
         model = Job
@@ -144,6 +193,7 @@ class JobSerializer(serializers.ModelSerializer):
             "output_model",
             "output_dataset",
             "cost_so_far_minor",
+            "utilization",
             "created_by",
             "created_at",
             "scheduled_at",
@@ -299,6 +349,40 @@ def job_rows_data(*, rows: list[dict], organization: Organization) -> list[dict]
     return data
 
 
+class JobDetailSerializer(JobSerializer):
+    """One job: its fields as listed, and the right-sizing hint (worked out for one job only)."""
+
+    rightsizing_hint = serializers.SerializerMethodField(
+        help_text="A cheaper resource class whose GPUs hold the job's peak GPU memory with 20% to "
+        "spare, and the same run time priced on it from today's rate card; null when none is "
+        "cheaper, on CPU, or before enough samples."
+    )
+
+    class Meta(JobSerializer.Meta):
+        fields = [*JobSerializer.Meta.fields, "rightsizing_hint"]
+        read_only_fields = fields
+
+    @extend_schema_field(RightsizingHintSerializer(allow_null=True))
+    def get_rightsizing_hint(self, job) -> dict | None:
+        return _hint_data(job.utilization, job.resource_class.name, job.gpu_count)
+
+
+def _hint_data(utilization: dict | None, resource_class_name: str, gpu_count: int) -> dict | None:
+    hint = job_rightsizing_hint(
+        utilization=utilization, resource_class_name=resource_class_name, gpu_count=gpu_count
+    )
+    return None if hint is None else dataclasses.asdict(hint)
+
+
+def job_detail_data(*, row: dict, organization: Organization) -> dict:
+    """JobDetailSerializer(job).data, from one values() row of `job_row_fields()`."""
+    [data] = job_rows_data(rows=[row], organization=organization)
+    data["rightsizing_hint"] = _hint_data(
+        row["utilization"], row["resource_class__name"], row["gpu_count"]
+    )
+    return data
+
+
 class JobSubmittedSerializer(JobSerializer):
     estimated_cost_per_hour = MoneySerializer(read_only=True)
     estimated_max_cost = MoneySerializer(
@@ -332,6 +416,20 @@ class JobMetricSerializer(serializers.ModelSerializer):
     class Meta:
         model = JobMetric
         fields = ["attempt", "step", "name", "split", "value", "created_at"]
+
+
+class UtilizationSampleSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = UtilizationSample
+        fields = [
+            "attempt",
+            "at",
+            "seconds",
+            "cpu_cores",
+            "memory_bytes",
+            "gpu_utilization",
+            "gpu_memory_bytes",
+        ]
 
 
 class RecipeSerializer(serializers.Serializer):

@@ -96,6 +96,7 @@ class _JobInputs:
             )
         ],
     ),
+    retrieve=extend_schema(responses=s.JobDetailSerializer),
     estimate=extend_schema(request=s.EstimateRequestSerializer, responses=s.EstimateSerializer),
     cancel=extend_schema(request=None, responses=s.JobSerializer),
     retry=extend_schema(request=None, responses={201: s.JobSerializer}),
@@ -107,6 +108,7 @@ class _JobInputs:
         responses=s.JobLogSerializer(many=True),
     ),
     metrics=extend_schema(responses=s.JobMetricSerializer(many=True)),
+    utilization=extend_schema(responses=s.UtilizationSampleSerializer(many=True)),
 )
 class JobViewSet(
     _JobInputs,
@@ -123,6 +125,7 @@ class JobViewSet(
         "events": "jobs:read",
         "logs": "jobs:read",
         "metrics": "jobs:read",
+        "utilization": "jobs:read",
         "create": "jobs:write",
         "estimate": "jobs:read",
         "cancel": "jobs:write",
@@ -152,7 +155,7 @@ class JobViewSet(
         lookup = self.lookup_url_kwarg or self.lookup_field
         row = generics.get_object_or_404(rows, **{self.lookup_field: self.kwargs[lookup]})
         self.check_object_permissions(request, row)
-        return Response(s.job_rows_data(rows=[row], organization=self.organization)[0])
+        return Response(s.job_detail_data(row=row, organization=self.organization))
 
     def create(self, request, *args, **kwargs):
         data = s.JobSubmitSerializer(data=request.data)
@@ -283,6 +286,15 @@ class JobViewSet(
             .order_by("step", "pk")[:10_000]
         )
         return Response(s.JobMetricSerializer(points, many=True).data)
+
+    @action(detail=True, methods=["get"], pagination_class=None)
+    def utilization(self, request, *args, **kwargs):
+        """The newest sampled attempt's utilization samples, oldest first: CPU cores and
+        resident memory of its processes; on GPUs, utilization (%) and the fullest GPU's memory.
+        The job's `utilization` field summarizes them."""
+        job = self.get_object()
+        samples = selectors.utilization_samples(organization=self.organization, job=job)
+        return Response(s.UtilizationSampleSerializer(samples, many=True).data)
 
 
 @extend_schema(tags=["jobs"], responses=s.RecipeSerializer(many=True))

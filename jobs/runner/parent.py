@@ -82,6 +82,7 @@ from .isolation import (
     child_start,
     child_threads,
 )
+from .sampler import Sampler
 from .sandbox import (
     WORK_FOLDER,
     Limits,
@@ -177,6 +178,7 @@ class _Attempt:
         # A replica's address once it serves, and when it last answered a health check.
         self.address: str | None = None
         self.answered_at = self.next_health_check = 0.0
+        self.sampler: Sampler | None = None
 
     def run(self) -> str:
         try:
@@ -370,6 +372,18 @@ class _Attempt:
             self.lines.put(None)
 
     def _supervise(self, child: subprocess.Popen) -> tuple[str, str]:
+        self.sampler = Sampler(
+            root_pid=child.pid,
+            gpu_indices=self.job.slot_indices if self.job.resource_class.name != "cpu" else [],
+            interval=settings.UTILIZATION_SAMPLE_S,
+            max_samples=settings.UTILIZATION_MAX_SAMPLES,
+        )
+        try:
+            return self._supervise_sampled(child)
+        finally:
+            self.sampler.close()
+
+    def _supervise_sampled(self, child: subprocess.Popen) -> tuple[str, str]:
         started = time.monotonic()
         stop_deadline = None
         over_time = unresponsive = False
@@ -392,6 +406,7 @@ class _Attempt:
                 if lines_due is None and (self.logs or self.metrics or self.progress):
                     lines_due = time.monotonic() + LINES_REPORT_WITHIN_S
             now = time.monotonic()
+            self.sampler.take(now)
             if now >= next_report or (lines_due is not None and now >= lines_due):
                 next_report, lines_due = now + REPORT_EVERY_S, None
                 state = self._flush()
@@ -489,7 +504,14 @@ class _Attempt:
             self.address, self.answered_at = address, time.monotonic()
 
     def _flush(self) -> str:
-        report = Report(logs=self.logs, metrics=self.metrics, progress=self.progress)
+        samples, thin = self.sampler.drain() if self.sampler is not None else ([], False)
+        report = Report(
+            logs=self.logs,
+            metrics=self.metrics,
+            progress=self.progress,
+            samples=samples,
+            thin_samples=thin,
+        )
         self.logs, self.metrics, self.progress = [], [], None
         return attempt_report(job_id=self.job.pk, attempt=self.attempt, report=report)
 

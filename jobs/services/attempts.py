@@ -6,7 +6,7 @@ its lease (and whose job was handed to another worker) can no longer change anyt
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from decimal import Decimal
 
@@ -16,7 +16,16 @@ from django.utils import timezone
 
 from billing.selectors import gpu_resource, usage_latest_keyed
 from billing.services import usage_record
-from jobs.models import ACTIVE_STATES, Job, JobAttempt, JobLog, JobMetric, JobState
+from jobs.models import (
+    ACTIVE_STATES,
+    Job,
+    JobAttempt,
+    JobLog,
+    JobMetric,
+    JobState,
+    UtilizationSample,
+)
+from jobs.utilization import Sample, summary_merge
 from registry.services.storage_accounts import stored_objects_delete
 
 from .events import job_ended_publish, job_event
@@ -214,6 +223,10 @@ class Report:
     logs: list[tuple[str, str]]  # (stream, line)
     metrics: list[dict]  # {"step", "name", "value", "split"}
     progress: dict | None = None  # the newest {"step", "total", "epoch"} since the last report
+    samples: list[Sample] = field(default_factory=list)  # utilization since the last report
+    # Thin the attempt's stored samples to every other one (after adding these), as its sampler
+    # counts them (jobs.runner.sampler.Sampler.drain).
+    thin_samples: bool = False
 
 
 @transaction.atomic
@@ -246,7 +259,40 @@ def attempt_report(*, job_id: int, attempt: int, report: Report) -> str:
         )
         for m in report.metrics
     )
+    if report.samples or report.thin_samples:
+        _samples_store(job=job, attempt=attempt, samples=report.samples, thin=report.thin_samples)
     return job.state
+
+
+def _samples_store(*, job: Job, attempt: int, samples: list[Sample], thin: bool) -> None:
+    """Add the samples (one insert) and fold them into the attempt's summary, copied onto the
+    job; thinning keeps the 1st, 3rd, 5th... of the attempt's samples in time order."""
+    UtilizationSample.objects.bulk_create(
+        UtilizationSample(
+            organization_id=job.organization_id,
+            job=job,
+            attempt=attempt,
+            at=sample.at,
+            seconds=sample.seconds,
+            cpu_cores=sample.cpu_cores,
+            memory_bytes=sample.memory_bytes,
+            gpu_utilization=sample.gpu_utilization,
+            gpu_memory_bytes=sample.gpu_memory_bytes,
+        )
+        for sample in samples
+    )
+    if thin:
+        kept = UtilizationSample.objects.filter(job=job, attempt=attempt).order_by("at", "pk")
+        ids = list(kept.values_list("pk", flat=True))
+        UtilizationSample.objects.filter(pk__in=ids[1::2]).delete()
+    if not samples:
+        return
+    record = JobAttempt.objects.filter(job=job, number=attempt).only("utilization").first()
+    if record is None:
+        return
+    summary = summary_merge(record.utilization, samples)
+    JobAttempt.objects.filter(pk=record.pk).update(utilization=summary)
+    Job.objects.filter(pk=job.pk).update(utilization=summary)
 
 
 @transaction.atomic

@@ -110,6 +110,10 @@ class Job(TypedDict, total=False):
     failure_reason: str
     output_model: dict | None
     cost_so_far_minor: int
+    # The newest attempt's averages and peaks (CPU cores, memory, GPU %, GPU memory); null at first.
+    utilization: dict | None
+    # One job's read only: a cheaper resource class that holds it, priced for the same run time.
+    rightsizing_hint: dict | None
     created_at: str
 
 

@@ -9,8 +9,9 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from jobs.api.serializers import JobSerializer
+from jobs.api.serializers import JobDetailSerializer, JobSerializer
 from jobs.models import Job, JobAttempt, JobState, ResourceClass, Worker
+from jobs.utilization import Sample, summary_merge
 from registry.models import CodePackage, CodePackageVersion
 from tests.factories import (
     DatasetVersionFactory,
@@ -81,12 +82,16 @@ def jobs(org, member_factory):
     named.output_model_version = ModelVersionFactory(organization=org)
     named.code_package_version = _code_package_version(org)
     named.retry_of = first
+    named.utilization = summary_merge(
+        None,
+        [Sample(at=now, seconds=5.0, cpu_cores=1.5, memory_bytes=2**30, gpu_utilization=40.0)],
+    )
     named.save()
     return made
 
 
-def _expected(job: Job) -> dict:
-    return dict(JobSerializer(Job.objects.get(pk=job.pk)).data)
+def _expected(job: Job, serializer=JobSerializer) -> dict:
+    return dict(serializer(Job.objects.get(pk=job.pk)).data)
 
 
 def _assert_same(got: dict, want: dict) -> None:
@@ -109,7 +114,7 @@ def test_list_and_detail_answer_what_the_job_serializer_says(org, jobs, member_f
         _assert_same(listed[job.pk], want)
         detail = client.get(f"{url}{job.pk}/")
         assert detail.status_code == 200
-        _assert_same(detail.json(), want)
+        _assert_same(detail.json(), _expected(job, JobDetailSerializer))
     named = next(row for row in listed.values() if row["code_package"])
     assert named["code_package"] == {"package": "own-code", "number": 3}
     assert named["input_model"] and named["output_model"] and named["output_dataset"]

@@ -23,6 +23,7 @@ from jobs.models import (
     JobMetric,
     JobState,
     ResourceClass,
+    UtilizationSample,
     WorkerRuntime,
 )
 from jobs.runner import code, parent, protocol, sandbox
@@ -335,6 +336,36 @@ def test_a_resumed_attempt_continues_from_its_checkpoint_and_stores_new_ones(
     (length,) = struct.unpack("<Q", weights[:8])
     assert struct.unpack("<2f", weights[8 + length :]) == (2.0, 1.0)  # 1.0 + 2 steps x 0.5
     assert not list(sandbox_work_root.iterdir())  # attempt, code and archive folders removed
+
+
+# Holds 64 MiB and burns a core for a second and a half, in a process of its own inside the
+# sandbox: what the worker samples is the sandbox's whole tree, seen from outside it.
+BURN = (
+    "held = b'x' * (64 * 2**20)\nimport time\n"
+    "end = time.time() + 1.5\nwhile time.time() < end: pass"
+)
+BURNS = TRAINER.replace(
+    "def run():\n",
+    f"import subprocess, sys\n\ndef run():\n    subprocess.run([sys.executable, '-c', {BURN!r}])\n",
+)
+
+
+@pytest.mark.django_db
+def test_a_sandboxed_packages_processes_are_sampled_from_outside(
+    org, owner, local_store, sandbox_work_root, settings
+):
+    settings.UTILIZATION_SAMPLE_S = 0.2
+    version = _upload(org, owner, local_store.parent, "burns", BURNS)
+    job = _submit(org, owner, version, {"steps": 1})
+    worker = _worker()
+    scheduler_pass()
+
+    assert run_attempt(job_id=job.pk, attempt=1, worker_id=worker.pk) == "succeeded"
+
+    samples = UtilizationSample.objects.filter(job=job, attempt=1)
+    assert samples.filter(memory_bytes__gt=64 * 2**20, cpu_cores__gt=0.3).count() >= 2
+    summary = JobAttempt.objects.get(job=job, number=1).utilization
+    assert summary["samples"] == samples.count() and summary["memory_bytes_peak"] > 64 * 2**20
 
 
 MAKES_ROWS = """
