@@ -98,7 +98,7 @@ def upload_dataset(
     if not state["sent"]:
         try:
             if upload.get("part_count"):
-                _send_parts(client, dataset, upload, path, progress)
+                send_parts(client, dataset, upload, path, progress)
             else:
                 with path.open("rb") as file:
                     client.upload_send(upload, _Reporting(file, progress), filename=path.name)
@@ -119,7 +119,7 @@ def upload_dataset(
     return UploadResult(version=version, upload_id=upload["id"], sha256=sha256, resumed=resumed)
 
 
-def _send_parts(
+def send_parts(
     client: Client,
     dataset: str,
     upload: PendingUpload,
