@@ -177,6 +177,7 @@ def run(*, size_mb: int) -> None:
             )
             naive = measure_naive_upload(env, tmp, csv_path, warm_path)
             store_put_s = measure_store_put(s3, csv_path)
+            store_parts_s = measure_store_parts(s3, csv_path)
             size_bytes = csv_path.stat().st_size
     report(
         size_mb=size_mb,
@@ -188,6 +189,7 @@ def run(*, size_mb: int) -> None:
         check=single_check,
         baseline=naive,
         store_put_s=store_put_s,
+        store_parts_s=store_parts_s,
     )
 
 
@@ -313,6 +315,64 @@ def measure_store_put(s3, csv_path: Path) -> float:
     progress("store ceiling: boto3 upload_file")
     started = time.perf_counter()
     s3.client().upload_file(str(csv_path), s3.bucket, "bench/store-ceiling.csv")
+    return time.perf_counter() - started
+
+
+def measure_store_parts(s3, csv_path: Path) -> float:
+    """Seconds for the parts path with no API around it: a multipart upload started by boto3,
+    its parts PUT to presigned URLs by the SDK's sender (same geometry, same threads), then
+    completed. What the upload in parts cannot beat on this machine."""
+    from factory_sdk import uploads
+    from factory_sdk.client import Client
+
+    progress("store ceiling in parts: presigned part PUTs, no API")
+    client = s3.client()
+    size = csv_path.stat().st_size
+    key = "bench/store-parts.csv"
+    started = time.perf_counter()
+    upload_id = client.create_multipart_upload(Bucket=s3.bucket, Key=key)["UploadId"]
+    part_size = uploads.PART_BYTES
+    count = -(-size // part_size)
+    parts = [
+        {
+            "number": number,
+            "size_bytes": min(part_size, size - (number - 1) * part_size),
+            "url": client.generate_presigned_url(
+                "upload_part",
+                Params={
+                    "Bucket": s3.bucket,
+                    "Key": key,
+                    "UploadId": upload_id,
+                    "PartNumber": number,
+                    "ContentLength": min(part_size, size - (number - 1) * part_size),
+                },
+                ExpiresIn=600,
+            ),
+        }
+        for number in range(1, count + 1)
+    ]
+
+    class Direct(Client):
+        """The SDK's client with the part URLs already in hand: no API call at all."""
+
+        def upload_parts(self, dataset, upload_id):
+            return {"missing": list(range(1, count + 1))}
+
+        def upload_part_urls(self, dataset, upload_id, numbers):
+            return [parts[number - 1] for number in numbers]
+
+    with Direct("http://127.0.0.1:9", "", org="bench", timeout=UPLOAD_TIMEOUT_S) as direct:
+        upload = {"id": 0, "size_bytes": size, "part_size_bytes": part_size}
+        uploads.send_parts(direct, "", upload, csv_path, None)
+    held = client.list_parts(Bucket=s3.bucket, Key=key, UploadId=upload_id, MaxParts=1000)
+    client.complete_multipart_upload(
+        Bucket=s3.bucket,
+        Key=key,
+        UploadId=upload_id,
+        MultipartUpload={
+            "Parts": [{"PartNumber": p["PartNumber"], "ETag": p["ETag"]} for p in held["Parts"]]
+        },
+    )
     return time.perf_counter() - started
 
 
@@ -617,6 +677,7 @@ def report(
     check: Check,
     baseline: Measurement,
     store_put_s: float,
+    store_parts_s: float,
 ) -> None:
     from factory_sdk import uploads
 
@@ -642,6 +703,7 @@ def report(
         ("upload wall time", rate(parts.seconds), rate(api.seconds), rate(baseline.seconds)),
         ("upload start -> ready", rate(parts_check.ready_s), rate(check.ready_s), "-"),
         ("S3 put alone (ceiling)", rate(store_put_s), "-", "-"),
+        ("S3 parts alone (ceiling)", rate(store_parts_s), "-", "-"),
         (
             "check worker growth",
             f"{parts_check.growth_mb:.1f} MB (peak {mb(parts_check.peak_kb)})",
@@ -686,6 +748,7 @@ def report(
         "single_request_ready_s": round(check.ready_s, 1),
         "single_request_check_rss_growth_mb": round(check.growth_mb, 1),
         "store_put_mb_per_s": round(size_bytes / MB / store_put_s, 1),
+        "store_parts_mb_per_s": round(size_bytes / MB / store_parts_s, 1),
         "load_average": round(os.getloadavg()[0], 2),
     }
     print(f"RESULT {json.dumps(result)}")

@@ -113,7 +113,7 @@ class PendingUploadCreateSerializer(serializers.Serializer):
         required=False,
         min_value=1,
         max_value=MAX_PART_BYTES,
-        help_text="With `parts`: the size of every part but the last (default 32 MiB, at least "
+        help_text="With `parts`: the size of every part but the last (default 8 MiB, at least "
         "5 MiB). The server may raise it so the file fits in 10,000 parts.",
     )
 

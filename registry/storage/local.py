@@ -1,7 +1,8 @@
 """Local-directory storage for the embedded setup: files under a root, written atomically.
 
 Its presigned URLs point at this Django site (`registry.storage_views`) and carry the key in a
-token signed with SECRET_KEY, one salt per purpose, so a download token cannot upload.
+token signed with SECRET_KEY, one salt per purpose, so a download token cannot upload. Multipart
+uploads keep their parts in a folder of their own beside the objects, joined on completion.
 """
 
 import contextlib

@@ -27,9 +27,9 @@ from factory_sdk.client import Client, DatasetVersion, FactoryError, PendingUplo
 from factory_sdk.config import cache_dir
 
 CHUNK_BYTES = 1024 * 1024
-# Measured fastest against SeaweedFS on a 2-vCPU machine (docs/benchmarks.md): a part size that
-# keeps a handful of parts in flight, and as many threads as the store overlaps usefully.
-PART_BYTES = 32 * 1024 * 1024
+# The fastest of 5 to 64 MiB parts and 2 to 8 in flight, measured against SeaweedFS on a 2-vCPU
+# machine (docs/benchmarks.md); S3's smallest part is 5 MiB.
+PART_BYTES = 8 * 1024 * 1024
 PARALLEL_PARTS = 4
 # The most part URLs the API signs per call.
 URLS_PER_CALL = 1000
