@@ -288,3 +288,21 @@ def test_a_multipart_upload_no_row_holds_is_aborted_by_the_sweep(storage, org):
     assert [upload_id for _k, upload_id, _s in _open_multipart(storage, org)] == [
         held.multipart_upload_id
     ]
+
+
+def test_a_finalize_that_died_after_completing_is_recorded_by_the_next(
+    storage, org, attacker, client
+):
+    """The store completed the upload but the finalize died before recording it: sent again,
+    finalize finds no open upload, the whole object under the upload's key, and records it."""
+    started = _start(attacker, org)
+    _send(attacker, client, org, started, [1, 2])
+    upload = PendingUpload.objects.get()
+    held = storage.multipart_parts(upload.storage_key, upload_id=upload.multipart_upload_id)
+    storage.multipart_complete(upload.storage_key, upload_id=upload.multipart_upload_id, parts=held)
+
+    finalized = _finalize(attacker, org, started)
+
+    assert finalized.status_code == 201, finalized.content
+    assert DatasetVersion.objects.get().storage_key == upload.storage_key
+    assert [v.state for v in check_uploads()] == ["ready"]
