@@ -252,20 +252,7 @@ class PendingUploadViewSet(_InDataset, mixins.CreateModelMixin, OrganizationScop
 
     @action(detail=True, methods=["get"])
     def parts(self, request, *args, **kwargs):
-        upload = self.get_object()
-        numbers = range(1, upload.part_count + 1)
-        held = [
-            part
-            for part in services.pending_upload_parts_held(upload=upload)
-            if part.number in numbers
-        ]
-        whole = {part.number for part in held if part.size == upload.part_size(part.number)}
-        body = {
-            "part_size_bytes": upload.part_size_bytes,
-            "part_count": upload.part_count,
-            "parts": held,
-            "missing": [number for number in numbers if number not in whole],
-        }
+        body = selectors.pending_upload_parts(upload=self.get_object())
         return Response(s.UploadPartsSerializer(body).data)
 
     @action(detail=True, methods=["post"])

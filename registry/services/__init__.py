@@ -13,7 +13,6 @@ from .datasets import (
     pending_upload_create,
     pending_upload_finalize,
     pending_upload_part_urls,
-    pending_upload_parts_held,
     pending_uploads_expire,
 )
 from .edge_bundles import edge_bundle_register
@@ -43,7 +42,6 @@ __all__ = [
     "pending_upload_create",
     "pending_upload_finalize",
     "pending_upload_part_urls",
-    "pending_upload_parts_held",
     "pending_uploads_expire",
     "registered_model_create",
     "registered_model_update",

@@ -35,18 +35,16 @@ from registry.errors import (
     TooManyOpenUploads,
     UploadBeingFinalized,
     UploadIncomplete,
-    UploadNotInParts,
     UploadSizeMismatch,
 )
 from registry.formats import DatasetFormatError, DatasetLimits, check_format, inspect_dataset
 from registry.models import Dataset, DatasetVersion, ModelVersion, PendingUpload, name_validator
-from registry.selectors import pending_uploads_open
+from registry.selectors import pending_upload_require_parts, pending_uploads_open
 from registry.storage import PresignedPost, StorageError, get_storage, new_object_key
 from registry.storage.base import (
     MAX_PART_BYTES,
     MAX_PARTS,
     ObjectNotFound,
-    StoredPart,
     UploadNotFound,
 )
 from tenants.actors import Actor
@@ -618,7 +616,7 @@ def _pending_upload_reserve(
 def pending_upload_part_urls(*, upload: PendingUpload, numbers: list[int]) -> list[dict]:
     """Where to PUT each of the upload's parts `numbers`, with the exact size each must have
     (the store refuses any other); valid until the upload expires."""
-    _require_parts(upload)
+    pending_upload_require_parts(upload)
     count = upload.part_count
     outside = sorted({number for number in numbers if not 1 <= number <= count})
     if outside:
@@ -642,19 +640,6 @@ def pending_upload_part_urls(*, upload: PendingUpload, numbers: list[int]) -> li
     ]
 
 
-def pending_upload_parts_held(*, upload: PendingUpload) -> list[StoredPart]:
-    """The parts storage holds for the upload, each as storage reports it."""
-    _require_parts(upload)
-    try:
-        return get_storage().multipart_parts(
-            upload.storage_key, upload_id=upload.multipart_upload_id
-        )
-    except UploadNotFound as exc:
-        raise ConflictError(
-            "This upload takes no more parts (a finalize completed it): finalize it again."
-        ) from exc
-
-
 @transaction.atomic
 def pending_upload_cancel(*, upload: PendingUpload, actor: Actor) -> None:
     """Give up an upload: its place and its reserved quota are freed at once, and what storage
@@ -673,14 +658,6 @@ def pending_upload_cancel(*, upload: PendingUpload, actor: Actor) -> None:
     )
     locked.delete()
     transaction.on_commit(lambda: _release_stored(locked))
-
-
-def _require_parts(upload: PendingUpload) -> None:
-    if not (upload.in_parts and upload.multipart_upload_id):
-        raise UploadNotInParts(
-            "This upload takes its file in one POST; it has no parts. Start an upload with "
-            "`parts: true` to send one in parts."
-        )
 
 
 def _seconds_left(upload: PendingUpload) -> int:
