@@ -2,16 +2,23 @@
 to S3, and how long until the background check has made it ready.
 
 Starts SeaweedFS, gunicorn (one sync worker) and a Celery worker (the default queue, solo pool)
-on the PostgreSQL database `factory_saas_bench` and Redis db 5, uploads a generated CSV with a
-client that streams it, reads the web worker's peak RSS across the request, then polls the
-version until its check has made it ready, reading the Celery worker's peak RSS across the
-check. The baseline, in the same run, is a second gunicorn whose naive view reads the whole body
-into memory (`request.body`); beside it, the store's own ceiling: the same file put into
-SeaweedFS by boto3's `upload_file` (parts in parallel), nothing else. Targets for a 200 MB
-upload: under 100 MB of growth, at least 50 MB/s answered (upload_mb_per_s).
+on the PostgreSQL database `factory_saas_bench` and Redis db 5, and uploads a generated CSV two
+ways, reading the web worker's peak RSS across each upload and the Celery worker's across each
+check (the version is polled until ready):
+
+- in parts (what the SDK does): start an upload in parts, PUT the parts straight to SeaweedFS
+  with the SDK's own sender (`factory_sdk.uploads.send_parts`, parts in parallel), finalize;
+- in one request (the baseline, as older clients and the dashboard send it): the file as a
+  multipart body to `POST .../versions/`, streamed by the client.
+
+Beside them, a second gunicorn whose naive view reads the whole body into memory
+(`request.body`), and the store's own ceiling: the same file put into SeaweedFS by boto3's
+`upload_file` (parts in parallel), nothing else. Targets for a 200 MB upload: under 100 MB of
+growth, at least 50 MB/s from upload start to finalize answered (upload_mb_per_s).
 
     .venv/bin/python -m bench.upload_memory             # 200 MB; a few minutes
     .venv/bin/python -m bench.upload_memory --mb 5      # smoke check
+    .venv/bin/python -m bench.upload_memory --part-mb 16 --threads 8   # another part geometry
 
 MB here is 2**20 bytes. The table goes to stdout, ending with one `RESULT {json}` line; progress
 goes to stderr.
@@ -108,14 +115,28 @@ class Check:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, default=200, help="size of the CSV to upload (MiB)")
+    parser.add_argument(
+        "--part-mb", type=int, default=0, help="part size (MiB; default: the SDK's PART_BYTES)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="parts in flight (default: the SDK's)"
+    )
     args = parser.parse_args()
     if args.mb < 1:
         parser.error("--mb must be at least 1")
+    if args.part_mb and args.part_mb < 5:
+        parser.error("--part-mb must be at least 5 (S3's smallest part)")
     # A plain `kill` should clean up like Ctrl-C does: gunicorn and SeaweedFS run in their own
     # sessions and would outlive us.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
+    from factory_sdk import uploads
+
+    if args.part_mb:
+        uploads.PART_BYTES = args.part_mb * MB
+    if args.threads:
+        uploads.PARALLEL_PARTS = args.threads
     run(size_mb=args.mb)
 
 
@@ -151,18 +172,24 @@ def run(*, size_mb: int) -> None:
             ensure_database(DATABASE_URL)
             migrate(env)
             slug, token = create_tenant(env)
-            ours, check = measure_api_upload(env, tmp, slug, token, csv_path, warm_path, rows)
+            single, single_check, parts, parts_check = measure_api_upload(
+                env, tmp, slug, token, csv_path, warm_path, rows
+            )
             naive = measure_naive_upload(env, tmp, csv_path, warm_path)
             store_put_s = measure_store_put(s3, csv_path)
+            store_parts_s = measure_store_parts(s3, csv_path)
             size_bytes = csv_path.stat().st_size
     report(
         size_mb=size_mb,
         size_bytes=size_bytes,
         rows=rows,
-        api=ours,
-        check=check,
+        parts=parts,
+        parts_check=parts_check,
+        api=single,
+        check=single_check,
         baseline=naive,
         store_put_s=store_put_s,
+        store_parts_s=store_parts_s,
     )
 
 
@@ -171,7 +198,9 @@ def run(*, size_mb: int) -> None:
 
 def measure_api_upload(
     env: dict, tmp: Path, slug: str, token: str, csv_path: Path, warm_path: Path, rows: int
-) -> tuple[Measurement, Check]:
+) -> tuple[Measurement, Check, Measurement, Check]:
+    """The upload in one request, then in parts, to the same web and check workers; each with
+    its web growth and its check."""
     auth = {"Authorization": f"Bearer {token}"}
     datasets = f"/api/v1/orgs/{slug}/datasets/"
     versions = f"{datasets}readings/versions/"
@@ -202,24 +231,68 @@ def measure_api_upload(
         running_celery_worker(env, tmp / "celery.log") as worker_pid,
     ):
         checked["worker_pid"] = worker_pid
-        measured = measure(web, warm=warm, upload=upload, label="API upload")
-        # The clock runs from the upload's first byte: the request's own time plus the wait.
-        waited_from = time.perf_counter()
-        version = wait_until_ready(web.port, f"{versions}{checked['number']}/", auth)
-        ready_s = measured.seconds + (time.perf_counter() - waited_from)
-        check = Check(
-            ready_s=ready_s,
-            base_kb=checked["base_kb"],
-            peak_kb=memory_kb(worker_pid)["VmHWM"],
-            peak_is_reset=bool(checked["peak_is_reset"]),
-        )
+        measured = measure(web, warm=warm, upload=upload, label="API upload in one request")
+        check = wait_for_check(web, versions, auth, measured, checked, size=size, rows=rows)
+
+        def upload_in_parts(web: Web) -> Reply:
+            checked["base_kb"] = memory_kb(worker_pid)["VmRSS"]
+            checked["peak_is_reset"] = reset_peak(worker_pid)
+            done = send_in_parts(web.port, slug, token, csv_path)
+            checked["number"] = done.json()["number"]
+            return done
+
+        in_parts = measure(web, warm=None, upload=upload_in_parts, label="API upload in parts")
+        parts_check = wait_for_check(web, versions, auth, in_parts, checked, size=size, rows=rows)
+    return measured, check, in_parts, parts_check
+
+
+def wait_for_check(
+    web: Web, versions: str, auth: dict, measured: Measurement, checked: dict, *, size, rows
+) -> Check:
+    """Wait for the uploaded version's check; the clock runs from the upload's first byte (the
+    upload's own time plus the wait)."""
+    waited_from = time.perf_counter()
+    version = wait_until_ready(web.port, f"{versions}{checked['number']}/", auth)
+    check = Check(
+        ready_s=measured.seconds + (time.perf_counter() - waited_from),
+        base_kb=checked["base_kb"],
+        peak_kb=memory_kb(checked["worker_pid"])["VmHWM"],
+        peak_is_reset=bool(checked["peak_is_reset"]),
+    )
     if (version["size_bytes"], version["row_count"]) != (size, rows):
         raise SystemExit(
             f"the check recorded {version['size_bytes']} bytes and {version['row_count']} rows; "
             f"sent {size} bytes and {rows} rows"
         )
-    progress(f"API upload: ready after {check.ready_s:.1f} s")
-    return measured, check
+    progress(f"ready after {check.ready_s:.1f} s")
+    return check
+
+
+def send_in_parts(port: int, slug: str, token: str, csv_path: Path) -> Reply:
+    """Start an upload in parts, send them with the SDK's sender, finalize; the finalize's
+    answer, timed from the start."""
+    from factory_sdk import uploads
+    from factory_sdk.client import Client
+
+    size = csv_path.stat().st_size
+    progress(f"parts of {uploads.PART_BYTES // MB} MiB, {uploads.PARALLEL_PARTS} in flight")
+    with Client(f"http://127.0.0.1:{port}", token, org=slug, timeout=UPLOAD_TIMEOUT_S) as client:
+        start = time.perf_counter()
+        started = client.upload_start(
+            "readings",
+            filename=csv_path.name,
+            size_bytes=size,
+            parts=True,
+            part_size_bytes=uploads.PART_BYTES,
+        )
+        if not started.get("part_count"):
+            raise SystemExit(f"the server offered no parts: {started}")
+        uploads.send_parts(client, "readings", started, csv_path, None)
+        version = client.upload_finalize("readings", started["id"])
+        seconds = time.perf_counter() - start
+    if version["size_bytes"] != size:
+        raise SystemExit(f"the API recorded {version['size_bytes']} bytes; sent {size}")
+    return Reply(201, json.dumps(version).encode(), seconds)
 
 
 def wait_until_ready(port: int, target: str, auth: dict) -> dict:
@@ -245,6 +318,64 @@ def measure_store_put(s3, csv_path: Path) -> float:
     return time.perf_counter() - started
 
 
+def measure_store_parts(s3, csv_path: Path) -> float:
+    """Seconds for the parts path with no API around it: a multipart upload started by boto3,
+    its parts PUT to presigned URLs by the SDK's sender (same geometry, same threads), then
+    completed. What the upload in parts cannot beat on this machine."""
+    from factory_sdk import uploads
+    from factory_sdk.client import Client
+
+    progress("store ceiling in parts: presigned part PUTs, no API")
+    client = s3.client()
+    size = csv_path.stat().st_size
+    key = "bench/store-parts.csv"
+    started = time.perf_counter()
+    upload_id = client.create_multipart_upload(Bucket=s3.bucket, Key=key)["UploadId"]
+    part_size = uploads.PART_BYTES
+    count = -(-size // part_size)
+    parts = [
+        {
+            "number": number,
+            "size_bytes": min(part_size, size - (number - 1) * part_size),
+            "url": client.generate_presigned_url(
+                "upload_part",
+                Params={
+                    "Bucket": s3.bucket,
+                    "Key": key,
+                    "UploadId": upload_id,
+                    "PartNumber": number,
+                    "ContentLength": min(part_size, size - (number - 1) * part_size),
+                },
+                ExpiresIn=600,
+            ),
+        }
+        for number in range(1, count + 1)
+    ]
+
+    class Direct(Client):
+        """The SDK's client with the part URLs already in hand: no API call at all."""
+
+        def upload_parts(self, dataset, upload_id):
+            return {"missing": list(range(1, count + 1))}
+
+        def upload_part_urls(self, dataset, upload_id, numbers):
+            return [parts[number - 1] for number in numbers]
+
+    with Direct("http://127.0.0.1:9", "", org="bench", timeout=UPLOAD_TIMEOUT_S) as direct:
+        upload = {"id": 0, "size_bytes": size, "part_size_bytes": part_size}
+        uploads.send_parts(direct, "", upload, csv_path, None)
+    held = client.list_parts(Bucket=s3.bucket, Key=key, UploadId=upload_id, MaxParts=1000)
+    client.complete_multipart_upload(
+        Bucket=s3.bucket,
+        Key=key,
+        UploadId=upload_id,
+        MultipartUpload={
+            "Parts": [{"PartNumber": p["PartNumber"], "ETag": p["ETag"]} for p in held["Parts"]]
+        },
+    )
+    return time.perf_counter() - started
+
+
 def measure_naive_upload(env: dict, tmp: Path, csv_path: Path, warm_path: Path) -> Measurement:
     target = "/bench/naive-upload"
     size = csv_path.stat().st_size
@@ -264,13 +395,15 @@ def measure_naive_upload(env: dict, tmp: Path, csv_path: Path, warm_path: Path) 
 
 
 def measure(
-    web: Web, *, warm: Callable[[Web], None], upload: Callable[[Web], Reply], label: str
+    web: Web, *, warm: Callable[[Web], None] | None, upload: Callable[[Web], Reply], label: str
 ) -> Measurement:
-    """Base RSS after a warm-up, then the peak RSS across one upload."""
+    """Base RSS after a warm-up (none when an earlier measure warmed the worker), then the peak
+    RSS across one upload."""
     boot_kb = memory_kb(web.worker_pid)["VmRSS"]
-    for _ in range(3):
-        expect(request(web.port, "GET", "/healthz"), 200, "GET /healthz")
-    warm(web)
+    if warm is not None:
+        for _ in range(3):
+            expect(request(web.port, "GET", "/healthz"), 200, "GET /healthz")
+        warm(web)
     base_kb = memory_kb(web.worker_pid)["VmRSS"]
     peak_is_reset = reset_peak(web.worker_pid)
     progress(f"{label}: sending")
@@ -538,71 +671,85 @@ def report(
     size_mb: int,
     size_bytes: int,
     rows: int,
+    parts: Measurement,
+    parts_check: Check,
     api: Measurement,
     check: Check,
     baseline: Measurement,
     store_put_s: float,
+    store_parts_s: float,
 ) -> None:
+    from factory_sdk import uploads
+
     client_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     def mb(kb: int) -> str:
         return f"{kb / 1024:.1f} MB"
 
+    def rate(seconds: float) -> str:
+        return f"{seconds:.1f} s ({size_bytes / MB / seconds:.1f} MB/s)"
+
     table = [
-        ("", "API upload (ours)", "naive request.body"),
-        ("worker RSS after boot", mb(api.boot_kb), mb(baseline.boot_kb)),
-        ("worker RSS warmed (base)", mb(api.base_kb), mb(baseline.base_kb)),
-        ("worker peak RSS (VmHWM)", mb(api.peak_kb), mb(baseline.peak_kb)),
-        ("growth (peak - base)", f"{api.growth_mb:.1f} MB", f"{baseline.growth_mb:.1f} MB"),
+        ("", "in parts (ours)", "one request (old)", "naive request.body"),
+        ("worker RSS after boot", mb(parts.boot_kb), mb(api.boot_kb), mb(baseline.boot_kb)),
+        ("worker RSS warmed (base)", mb(parts.base_kb), mb(api.base_kb), mb(baseline.base_kb)),
+        ("worker peak RSS (VmHWM)", mb(parts.peak_kb), mb(api.peak_kb), mb(baseline.peak_kb)),
         (
-            "upload wall time",
-            f"{api.seconds:.1f} s ({size_bytes / MB / api.seconds:.1f} MB/s)",
-            f"{baseline.seconds:.1f} s ({size_bytes / MB / baseline.seconds:.1f} MB/s)",
+            "growth (peak - base)",
+            f"{parts.growth_mb:.1f} MB",
+            f"{api.growth_mb:.1f} MB",
+            f"{baseline.growth_mb:.1f} MB",
         ),
-        (
-            "upload start -> ready",
-            f"{check.ready_s:.1f} s ({size_bytes / MB / check.ready_s:.1f} MB/s)",
-            "-",
-        ),
-        (
-            "S3 put alone (ceiling)",
-            f"{store_put_s:.1f} s ({size_bytes / MB / store_put_s:.1f} MB/s)",
-            "-",
-        ),
+        ("upload wall time", rate(parts.seconds), rate(api.seconds), rate(baseline.seconds)),
+        ("upload start -> ready", rate(parts_check.ready_s), rate(check.ready_s), "-"),
+        ("S3 put alone (ceiling)", rate(store_put_s), "-", "-"),
+        ("S3 parts alone (ceiling)", rate(store_parts_s), "-", "-"),
         (
             "check worker growth",
+            f"{parts_check.growth_mb:.1f} MB (peak {mb(parts_check.peak_kb)})",
             f"{check.growth_mb:.1f} MB (peak {mb(check.peak_kb)})",
             "-",
         ),
     ]
     print(
-        f"Upload memory: {size_mb} MB CSV ({size_bytes:,} bytes, {rows:,} rows) through "
-        "POST .../datasets/<name>/versions/ to S3 (SeaweedFS); gunicorn, 1 sync worker"
+        f"Upload memory: {size_mb} MB CSV ({size_bytes:,} bytes, {rows:,} rows) to S3 "
+        f"(SeaweedFS); in parts of {uploads.PART_BYTES // MB} MiB, {uploads.PARALLEL_PARTS} in "
+        "flight, vs one POST .../datasets/<name>/versions/; gunicorn, 1 sync worker"
     )
     print()
-    for label, left, right in table:
-        print(f"  {label:<26}{left:>28}  {right:>28}")
+    for label, ours, old, naive in table:
+        print(f"  {label:<26}{ours:>26}  {old:>26}  {naive:>24}")
     print()
-    ratio = api.growth_mb / baseline.growth_mb if baseline.growth_mb > 0 else float("nan")
-    verdict = "met" if api.growth_mb < TARGET_GROWTH_MB else "MISSED"
-    upload_mb_per_s = size_bytes / MB / api.seconds
+    ratio = parts.growth_mb / baseline.growth_mb if baseline.growth_mb > 0 else float("nan")
+    verdict = "met" if parts.growth_mb < TARGET_GROWTH_MB else "MISSED"
+    upload_mb_per_s = size_bytes / MB / parts.seconds
     speed_verdict = "met" if upload_mb_per_s >= TARGET_UPLOAD_MB_PER_S else "MISSED"
-    print(f"  growth ours / baseline: {ratio:.2f}")
+    print(f"  growth ours / naive: {ratio:.2f}")
+    print(f"  in parts / one request: {api.seconds / parts.seconds:.2f}x as fast")
     print(f"  target growth < {TARGET_GROWTH_MB} MB: {verdict}")
     print(f"  target upload >= {TARGET_UPLOAD_MB_PER_S} MB/s: {speed_verdict}")
     print(f"  load average after the run: {os.getloadavg()[0]:.2f}")
     print(f"  bench client peak RSS: {client_peak_mb:.1f} MB (the whole bench process)")
-    if not (api.peak_is_reset and baseline.peak_is_reset and check.peak_is_reset):
+    if not all(m.peak_is_reset for m in (parts, api, baseline, parts_check, check)):
         print("  note: VmHWM could not be reset, so a peak may be the warm-up's")
     result = {
         "upload_mb": size_mb,
-        "rss_growth_mb": round(api.growth_mb, 1),
+        "part_mb": uploads.PART_BYTES // MB,
+        "parts_in_flight": uploads.PARALLEL_PARTS,
+        "rss_growth_mb": round(parts.growth_mb, 1),
         "baseline_rss_growth_mb": round(baseline.growth_mb, 1),
-        "upload_s": round(api.seconds, 1),
+        "upload_s": round(parts.seconds, 1),
         "upload_mb_per_s": round(upload_mb_per_s, 1),
-        "ready_s": round(check.ready_s, 1),
-        "check_rss_growth_mb": round(check.growth_mb, 1),
+        "ready_s": round(parts_check.ready_s, 1),
+        "check_rss_growth_mb": round(parts_check.growth_mb, 1),
+        "single_request_rss_growth_mb": round(api.growth_mb, 1),
+        "single_request_s": round(api.seconds, 1),
+        "single_request_mb_per_s": round(size_bytes / MB / api.seconds, 1),
+        "single_request_ready_s": round(check.ready_s, 1),
+        "single_request_check_rss_growth_mb": round(check.growth_mb, 1),
         "store_put_mb_per_s": round(size_bytes / MB / store_put_s, 1),
+        "store_parts_mb_per_s": round(size_bytes / MB / store_parts_s, 1),
+        "load_average": round(os.getloadavg()[0], 2),
     }
     print(f"RESULT {json.dumps(result)}")
 

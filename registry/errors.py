@@ -12,6 +12,18 @@ class UploadSizeMismatch(DomainError):
     """The uploaded object is not the size declared when the upload started."""
 
 
+class UploadIncomplete(DomainError):
+    """Finalize was asked before storage held every part at its reserved size."""
+
+    code = "upload_incomplete"
+
+
+class UploadNotInParts(DomainError):
+    """A parts call on an upload started for one POST."""
+
+    code = "upload_not_in_parts"
+
+
 class TooManyOpenUploads(ConflictError):
     code = "too_many_open_uploads"
 

@@ -290,8 +290,10 @@ class ModelAlias(OrganizationOwned):
 class PendingUpload(OrganizationOwned):
     """A large upload the client sends straight to storage, then asks us to finalize.
 
-    Its key is only ever written by the client; finalizing copies the object to a fresh key that
-    no upload URL points at, so a version's bytes cannot change after they were checked.
+    Sent in one POST, its key is only ever written by the client; finalizing copies the object
+    to a fresh key that no upload URL points at, so a version's bytes cannot change after they
+    were checked. Sent in parts (a multipart upload), its key is the version's: nothing is there
+    until finalizing completes the upload, and a completed upload takes no more parts.
     """
 
     dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="pending_uploads")
@@ -308,6 +310,10 @@ class PendingUpload(OrganizationOwned):
     # Set by the finalize that is copying the upload, so a second one is refused before it
     # copies; it lapses by itself, so a finalize that died mid-way does not block a retry.
     finalize_claimed_until = models.DateTimeField(null=True, blank=True)
+    # Set for an upload in parts: the store's multipart upload id and the size of every part
+    # but the last (which holds the rest).
+    multipart_upload_id = models.CharField(max_length=255, blank=True)
+    part_size_bytes = models.BigIntegerField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]
@@ -315,10 +321,31 @@ class PendingUpload(OrganizationOwned):
             models.CheckConstraint(
                 condition=models.Q(size_bytes__gte=0), name="pending_upload_size_nonneg"
             ),
+            models.CheckConstraint(
+                condition=models.Q(part_size_bytes__isnull=True) | models.Q(part_size_bytes__gt=0),
+                name="pending_upload_part_size_positive",
+            ),
         ]
 
     def __str__(self):
         return f"upload to {self.dataset.name} ({self.original_filename})"
+
+    @property
+    def in_parts(self) -> bool:
+        return self.part_size_bytes is not None
+
+    @property
+    def part_count(self) -> int:
+        """How many parts make the file (0 for an upload in one POST)."""
+        if self.part_size_bytes is None:
+            return 0
+        return max(1, -(-self.size_bytes // self.part_size_bytes))
+
+    def part_size(self, number: int) -> int:
+        """The exact size part `number` (1-based) must have."""
+        if not 1 <= number <= self.part_count:
+            raise ValueError(f"part {number} is not among 1..{self.part_count}")
+        return min(self.part_size_bytes, self.size_bytes - (number - 1) * self.part_size_bytes)
 
 
 class StorageAccount(OrganizationOwned):

@@ -7,9 +7,10 @@ from django.db.models import Count, Max, QuerySet
 from django.http import Http404
 from django.utils import timezone
 
+from tenants.errors import ConflictError
 from tenants.models import Organization
 
-from .errors import DatasetVersionNotReady
+from .errors import DatasetVersionNotReady, UploadNotInParts
 from .models import (
     CodePackage,
     CodePackageVersion,
@@ -22,6 +23,8 @@ from .models import (
     RegisteredModel,
     StorageAccount,
 )
+from .storage import get_storage
+from .storage.base import StoredPart, UploadNotFound
 
 LINEAGE_DEPTH = 6
 
@@ -77,6 +80,38 @@ def pending_upload_accepts(*, organization_id: int, storage_key: str) -> bool:
     return PendingUpload.objects.filter(
         organization_id=organization_id, storage_key=storage_key, expires_at__gt=timezone.now()
     ).exists()
+
+
+def pending_upload_require_parts(upload: PendingUpload) -> None:
+    """Refuse a parts call on an upload started for one POST."""
+    if not (upload.in_parts and upload.multipart_upload_id):
+        raise UploadNotInParts(
+            "This upload takes its file in one POST; it has no parts. Start an upload with "
+            "`parts: true` to send one in parts."
+        )
+
+
+def pending_upload_parts(*, upload: PendingUpload) -> dict:
+    """What storage holds of an upload in parts (`parts`, as storage reports them) and the
+    numbers still to send (`missing`: absent, or not their reserved size)."""
+    pending_upload_require_parts(upload)
+    try:
+        stored = get_storage().multipart_parts(
+            upload.storage_key, upload_id=upload.multipart_upload_id
+        )
+    except UploadNotFound as exc:
+        raise ConflictError(
+            "This upload takes no more parts (a finalize completed it): finalize it again."
+        ) from exc
+    numbers = range(1, upload.part_count + 1)
+    held: list[StoredPart] = [part for part in stored if part.number in numbers]
+    whole = {part.number for part in held if part.size == upload.part_size(part.number)}
+    return {
+        "part_size_bytes": upload.part_size_bytes,
+        "part_count": upload.part_count,
+        "parts": held,
+        "missing": [number for number in numbers if number not in whole],
+    }
 
 
 def pending_uploads_open(*, organization: Organization) -> QuerySet[PendingUpload]:

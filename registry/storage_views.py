@@ -2,7 +2,7 @@
 
 The signed token in the URL is the whole credential, as with an S3 presigned URL: no session,
 no CSRF token, and only the key that was signed. Anything wrong with a token is a plain 404; so
-is an upload token whose pending upload was finalized, discarded or has expired.
+is an upload or part token whose pending upload was finalized, discarded or has expired.
 """
 
 from django.core.files.uploadhandler import StopUpload, TemporaryFileUploadHandler
@@ -14,9 +14,11 @@ from django.views.decorators.http import require_http_methods
 
 from registry.selectors import pending_upload_accepts
 from registry.storage import get_storage
+from registry.storage.base import ObjectTooLarge, UploadNotFound
 from registry.storage.keys import key_organization_id
 from registry.storage.local import (
     DOWNLOAD_SALT,
+    PART_SALT,
     UPLOAD_SALT,
     LocalGrant,
     LocalStorage,
@@ -92,6 +94,42 @@ def local_upload(request: HttpRequest, token: str) -> HttpResponse:
     return HttpResponse(status=204)
 
 
+@csrf_exempt
+@require_http_methods(["PUT"])
+def local_part(request: HttpRequest, token: str) -> HttpResponse:
+    """The local twin of an S3 presigned upload_part URL: a raw body of exactly the signed
+    length, accepted only while its pending upload is open; answers the part's ETag."""
+    storage, grant = _granted(token, salt=PART_SALT)
+    size = grant.size_bytes
+    if (
+        size is None
+        or grant.part_number is None
+        or not pending_upload_accepts(
+            organization_id=key_organization_id(grant.key), storage_key=grant.key
+        )
+    ):
+        raise Http404
+    declared = request.headers.get("Content-Length", "")
+    # As S3 does with the signed length: any other declared length is refused before a byte.
+    if declared != str(size):
+        return _invalid(f"Send this part with a Content-Length of exactly {size} bytes.")
+    try:
+        part = storage.receive_part(
+            grant.key,
+            upload_id=grant.upload_id,
+            number=grant.part_number,
+            stream=request,
+            size_bytes=size,
+        )
+    except UploadNotFound as exc:
+        raise Http404 from exc
+    except ObjectTooLarge:
+        return _invalid(f"The body ended before {size} bytes.")
+    response = HttpResponse(status=200)
+    response["ETag"] = part.etag
+    return response
+
+
 def _granted(token: str, *, salt: str) -> tuple[LocalStorage, LocalGrant]:
     storage = get_storage()
     grant = verify_token(token, salt=salt)
@@ -114,4 +152,5 @@ def _invalid(detail: str) -> JsonResponse:
 urlpatterns = [
     path("storage/local/<str:token>/download", local_download, name="storage-local-download"),
     path("storage/local/<str:token>/upload", local_upload, name="storage-local-upload"),
+    path("storage/local/<str:token>/part", local_part, name="storage-local-part"),
 ]

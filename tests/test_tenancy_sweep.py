@@ -473,6 +473,18 @@ def _upload_finalized(case):
     ).exists()
 
 
+def _upload_in_parts(case):
+    """The case's upload turned into one in parts: one part, open in storage."""
+    upload = PendingUpload.objects.get(pk=case.made["pk"])
+    upload.part_size_bytes = upload.size_bytes
+    upload.multipart_upload_id = get_storage().multipart_start(upload.storage_key)
+    upload.save(update_fields=["part_size_bytes", "multipart_upload_id"])
+
+
+def _upload_cancelled(case):
+    return not PendingUpload.objects.filter(pk=case.made["pk"]).exists()
+
+
 def _code_uploaded(case):
     return CodePackageVersion.objects.filter(
         organization=case.org, package__name="swept-code", original_filename="swept.zip"
@@ -848,6 +860,14 @@ CALLS: dict[str, Call] = {
         201, body=lambda c: {"filename": "swept.csv", "size_bytes": 20}, wrote=_upload_started
     ),
     "POST dataset-upload-finalize": Call(201, prepare=_put_upload_bytes, wrote=_upload_finalized),
+    "DELETE dataset-upload-detail": Call(204, wrote=_upload_cancelled),
+    "GET dataset-upload-parts": Call(200, prepare=_upload_in_parts),
+    "POST dataset-upload-parts": Call(
+        200,
+        prepare=_upload_in_parts,
+        body=lambda c: {"numbers": [1]},
+        writes_nothing="signs part URLs; the bytes go to storage, and finalize records them",
+    ),
     # API: code packages
     "GET code-package-list": OK,
     "POST code-package-list": Call(

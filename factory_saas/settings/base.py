@@ -168,6 +168,10 @@ DATASET_CHECK_SILENT_S = env.int("DATASET_CHECK_SILENT_S", default=40 * 60)
 # A code package is source, not data or weights (those are datasets and models): a small limit
 # keeps a bomb or a stray checkpoint out, and every upload of one fits in a direct request.
 CODE_PACKAGE_MAX_UPLOAD_BYTES = env.int("CODE_PACKAGE_MAX_UPLOAD_BYTES", default=100 * 1024**2)
+# An upload in parts: the part size a client gets when it asks for none, and the smallest it
+# may ask for (S3 refuses parts under 5 MiB but the last; the local backend has no such floor).
+DATASET_UPLOAD_PART_BYTES = env.int("DATASET_UPLOAD_PART_BYTES", default=8 * 1024**2)
+DATASET_UPLOAD_PART_MIN_BYTES = env.int("DATASET_UPLOAD_PART_MIN_BYTES", default=5 * 1024**2)
 # Started, not yet finalized uploads an organization may hold at once (each reserves quota).
 STORAGE_MAX_OPEN_UPLOADS = env.int("STORAGE_MAX_OPEN_UPLOADS", default=20)
 # Uploads above this size are spooled to disk by Django, never held in memory.

@@ -49,6 +49,7 @@ def storage_orphans_sweep(*, older_than: timedelta, now: datetime | None = None)
     # sent to it (unbilled) is an orphan like any other.
     pending_uploads_expire(before=cutoff)
     storage = get_storage()
+    _abandoned_multipart_uploads_abort(storage, cutoff=cutoff)
     candidates = [
         key
         for organization_id in Organization.objects.order_by("pk").values_list("pk", flat=True)
@@ -75,3 +76,29 @@ def storage_orphans_sweep(*, older_than: timedelta, now: datetime | None = None)
     if deleted:
         logger.info("deleted %d orphan objects, e.g. %s", len(deleted), deleted[0])
     return deleted
+
+
+def _abandoned_multipart_uploads_abort(storage, *, cutoff: datetime) -> None:
+    """Abort multipart uploads started before `cutoff` that no pending upload holds: one whose
+    row was deleted while its abort failed, or whose start died before recording its id. Their
+    parts are not objects, so the listing below never sees them."""
+    for organization_id in Organization.objects.order_by("pk").values_list("pk", flat=True):
+        started = [
+            (key, upload_id)
+            for key, upload_id, initiated in storage.multipart_uploads(f"orgs/{organization_id}/")
+            if initiated < cutoff
+        ]
+        held = set(
+            PendingUpload.objects.filter(
+                multipart_upload_id__in=[upload_id for _key, upload_id in started]
+            ).values_list("multipart_upload_id", flat=True)
+        )
+        for key, upload_id in started:
+            if upload_id in held:
+                continue
+            try:
+                storage.multipart_abort(key, upload_id=upload_id)
+            except StorageError:
+                logger.warning("multipart upload %s of %s not aborted; next sweep", upload_id, key)
+            else:
+                logger.info("aborted abandoned multipart upload %s of %s", upload_id, key)

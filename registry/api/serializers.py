@@ -15,6 +15,7 @@ from registry.models import (
     PendingUpload,
     RegisteredModel,
 )
+from registry.storage.base import MAX_PART_BYTES, MAX_PARTS
 
 
 class DatasetSerializer(serializers.ModelSerializer):
@@ -102,22 +103,48 @@ class PendingUploadCreateSerializer(serializers.Serializer):
     size_bytes = serializers.IntegerField(
         min_value=0, help_text="The file's exact size in bytes; the store accepts no other."
     )
+    parts = serializers.BooleanField(
+        required=False,
+        default=False,
+        help_text="Send the file in parts (PUT each to its own URL, in parallel, and after a "
+        "dropped connection only the parts storage lacks) instead of in one POST.",
+    )
+    part_size_bytes = serializers.IntegerField(
+        required=False,
+        min_value=1,
+        max_value=MAX_PART_BYTES,
+        help_text="With `parts`: the size of every part but the last (default 8 MiB, at least "
+        "5 MiB). The server may raise it so the file fits in 10,000 parts.",
+    )
 
 
 class PendingUploadSerializer(serializers.ModelSerializer):
-    """A started upload, with the form to POST its file with."""
+    """A started upload, with the form to POST its file with, or the geometry of its parts."""
 
-    # `url` and `fields` come from the storage's PresignedPost, which the view sets as `form`.
+    # `url` and `fields` come from the storage's PresignedPost, which the view sets as `form`;
+    # an upload in parts has none.
     url = serializers.CharField(
         source="form.url",
         read_only=True,
+        allow_null=True,
         help_text="POST the file here as multipart/form-data: every entry of `fields` first, "
-        "then the file's bytes as `file`. Then call finalize.",
+        "then the file's bytes as `file`. Then call finalize. Null for an upload in parts.",
+    )
+    part_count = serializers.IntegerField(
+        read_only=True, help_text="How many parts to send (0 for an upload in one POST)."
     )
 
     class Meta:
         model = PendingUpload
-        fields = ["id", "original_filename", "size_bytes", "url", "expires_at"]
+        fields = [
+            "id",
+            "original_filename",
+            "size_bytes",
+            "url",
+            "part_size_bytes",
+            "part_count",
+            "expires_at",
+        ]
         read_only_fields = fields
 
     def get_fields(self):
@@ -128,10 +155,51 @@ class PendingUploadSerializer(serializers.ModelSerializer):
                 source="form.fields",
                 child=serializers.CharField(),
                 read_only=True,
+                allow_null=True,
                 help_text="Form entries to send, unchanged, before the file (empty for local "
                 "storage).",
             ),
         }
+
+
+class StoredPartSerializer(serializers.Serializer):
+    number = serializers.IntegerField()
+    size_bytes = serializers.IntegerField(source="size")
+    etag = serializers.CharField()
+
+
+class UploadPartsSerializer(serializers.Serializer):
+    """The parts storage holds for an upload, and those still to send."""
+
+    part_size_bytes = serializers.IntegerField()
+    part_count = serializers.IntegerField()
+    parts = StoredPartSerializer(many=True, help_text="Held by storage, as storage reports them.")
+    missing = serializers.ListField(
+        child=serializers.IntegerField(),
+        help_text="Parts to send: absent, or not their reserved size (send those again).",
+    )
+
+
+class UploadPartUrlsRequestSerializer(serializers.Serializer):
+    numbers = serializers.ListField(
+        child=serializers.IntegerField(min_value=1, max_value=MAX_PARTS),
+        min_length=1,
+        max_length=1000,
+        help_text="Part numbers (1 to the upload's part_count), at most 1000 per call.",
+    )
+
+
+class UploadPartUrlSerializer(serializers.Serializer):
+    number = serializers.IntegerField()
+    size_bytes = serializers.IntegerField(
+        help_text="Send exactly this many bytes, as Content-Length; the store refuses any other."
+    )
+    url = serializers.CharField(help_text="PUT the part's bytes here; no other header needed.")
+
+
+class UploadPartUrlsSerializer(serializers.Serializer):
+    parts = UploadPartUrlSerializer(many=True)
+    expires_at = serializers.DateTimeField()
 
 
 class DownloadSerializer(serializers.Serializer):

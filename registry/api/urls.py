@@ -48,6 +48,18 @@ org_urlpatterns = [
         "dataset-upload-list",
     ),
     _route(
+        "datasets/<str:dataset_name>/uploads/<int:pk>/",
+        views.PendingUploadViewSet,
+        {"delete": "destroy"},
+        "dataset-upload-detail",
+    ),
+    _route(
+        "datasets/<str:dataset_name>/uploads/<int:pk>/parts/",
+        views.PendingUploadViewSet,
+        {"get": "parts", "post": "part_urls"},
+        "dataset-upload-parts",
+    ),
+    _route(
         "datasets/<str:dataset_name>/uploads/<int:pk>/finalize/",
         views.PendingUploadViewSet,
         {"post": "finalize"},

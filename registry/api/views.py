@@ -181,24 +181,49 @@ class DatasetVersionViewSet(
     create=extend_schema(
         request=s.PendingUploadCreateSerializer,
         responses={201: s.PendingUploadSerializer},
-        description="Start a large upload: POST the file as multipart/form-data to `url`, with "
-        "every entry of `fields` before it and the bytes as `file`, exactly `size_bytes` long "
-        "(the store refuses any other size); then call finalize. Once finalized, the version's "
-        "bytes live under a key no upload URL points at.",
+        description="Start a large upload. In one POST (the default): POST the file as "
+        "multipart/form-data to `url`, with every entry of `fields` before it and the bytes as "
+        "`file`, exactly `size_bytes` long (the store refuses any other size); then call "
+        "finalize. In parts (`parts: true`): ask for part URLs (`POST .../parts/`), PUT each "
+        "part to its URL with exactly its `size_bytes`, in parallel if you like; after a dropped "
+        "connection, `GET .../parts/` says which parts are still missing; then call finalize. "
+        "Once finalized, the version's bytes live under a key no upload URL can write.",
     ),
     finalize=extend_schema(
         request=None,
         responses={201: s.DatasetVersionDetailSerializer},
         description="Record the uploaded file as the dataset's next version, in `checking` "
-        "until the background check makes it `ready` or `rejected`.",
+        "until the background check makes it `ready` or `rejected`. In parts: every part must "
+        "be in storage at its reserved size (as storage reports it), else 400 "
+        "`upload_incomplete` naming the parts to send, and nothing is recorded.",
+    ),
+    parts=extend_schema(
+        responses=s.UploadPartsSerializer,
+        description="The parts storage holds for an upload in parts, and those still missing.",
+    ),
+    part_urls=extend_schema(
+        request=s.UploadPartUrlsRequestSerializer,
+        responses=s.UploadPartUrlsSerializer,
+        description="URLs to PUT parts of an upload in parts to, each signed for its exact "
+        "size; valid until the upload expires.",
+    ),
+    destroy=extend_schema(
+        description="Cancel an upload: its place and reserved quota are freed, and what "
+        "storage holds for it (sent parts, or the posted file) is dropped.",
     ),
 )
 class PendingUploadViewSet(_InDataset, mixins.CreateModelMixin, OrganizationScopedViewSet):
     model = PendingUpload
     serializer_class = s.PendingUploadSerializer
     parser_classes = [JSONParser]
-    required_scopes = {"create": "datasets:write", "finalize": "datasets:write"}
-    throttle_scopes = {"create": "upload", "finalize": "upload"}
+    required_scopes = {
+        "create": "datasets:write",
+        "finalize": "datasets:write",
+        "parts": "datasets:write",
+        "part_urls": "datasets:write",
+        "destroy": "datasets:write",
+    }
+    throttle_scopes = {"create": "upload", "finalize": "upload", "part_urls": "upload"}
 
     def create(self, request, *args, **kwargs):
         dataset = selectors.dataset_get(
@@ -211,6 +236,8 @@ class PendingUploadViewSet(_InDataset, mixins.CreateModelMixin, OrganizationScop
             filename=data.validated_data["filename"],
             declared_format=data.validated_data.get("format", ""),
             size_bytes=data.validated_data["size_bytes"],
+            parts=data.validated_data["parts"],
+            part_size_bytes=data.validated_data.get("part_size_bytes"),
             actor=self.actor,
         )
         upload.form = form
@@ -222,6 +249,26 @@ class PendingUploadViewSet(_InDataset, mixins.CreateModelMixin, OrganizationScop
         return Response(
             s.DatasetVersionDetailSerializer(version).data, status=status.HTTP_201_CREATED
         )
+
+    @action(detail=True, methods=["get"])
+    def parts(self, request, *args, **kwargs):
+        body = selectors.pending_upload_parts(upload=self.get_object())
+        return Response(s.UploadPartsSerializer(body).data)
+
+    @action(detail=True, methods=["post"])
+    def part_urls(self, request, *args, **kwargs):
+        upload = self.get_object()
+        data = s.UploadPartUrlsRequestSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        parts = services.pending_upload_part_urls(
+            upload=upload, numbers=data.validated_data["numbers"]
+        )
+        body = {"parts": parts, "expires_at": upload.expires_at}
+        return Response(s.UploadPartUrlsSerializer(body).data)
+
+    def destroy(self, request, *args, **kwargs):
+        services.pending_upload_cancel(upload=self.get_object(), actor=self.actor)
+        return Response(status=status.HTTP_204_NO_CONTENT)
 
 
 @extend_schema(tags=["models"])

@@ -9,8 +9,10 @@ from .datasets import (
     dataset_version_checks_resend,
     dataset_version_create,
     dataset_version_upload,
+    pending_upload_cancel,
     pending_upload_create,
     pending_upload_finalize,
+    pending_upload_part_urls,
     pending_uploads_expire,
 )
 from .edge_bundles import edge_bundle_register
@@ -36,8 +38,10 @@ __all__ = [
     "model_alias_delete",
     "model_alias_set",
     "model_version_register",
+    "pending_upload_cancel",
     "pending_upload_create",
     "pending_upload_finalize",
+    "pending_upload_part_urls",
     "pending_uploads_expire",
     "registered_model_create",
     "registered_model_update",

@@ -30,18 +30,30 @@ from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerError
 
 from outbox.services import handler, message_enqueue
-from registry.errors import InUseError, TooManyOpenUploads, UploadBeingFinalized, UploadSizeMismatch
+from registry.errors import (
+    InUseError,
+    TooManyOpenUploads,
+    UploadBeingFinalized,
+    UploadIncomplete,
+    UploadSizeMismatch,
+)
 from registry.formats import DatasetFormatError, DatasetLimits, check_format, inspect_dataset
 from registry.models import Dataset, DatasetVersion, ModelVersion, PendingUpload, name_validator
-from registry.selectors import pending_uploads_open
+from registry.selectors import pending_upload_require_parts, pending_uploads_open
 from registry.storage import PresignedPost, StorageError, get_storage, new_object_key
-from registry.storage.base import ObjectNotFound
+from registry.storage.base import (
+    MAX_PART_BYTES,
+    MAX_PARTS,
+    ObjectNotFound,
+    UploadNotFound,
+)
 from tenants.actors import Actor
 from tenants.errors import ConflictError, DomainError
 from tenants.models import Organization
 from tenants.services import audit_record
 
 from .storage_accounts import (
+    multipart_uploads_abort,
     storage_account_lock,
     storage_charge,
     storage_check,
@@ -118,6 +130,11 @@ def dataset_delete(*, dataset: Dataset, actor: Actor) -> None:
         stored = versions.exclude(state=DatasetVersion.State.REJECTED)
         keys = list(stored.values_list("storage_key", flat=True))
         keys += list(dataset.pending_uploads.values_list("storage_key", flat=True))
+        multipart = list(
+            dataset.pending_uploads.exclude(multipart_upload_id="").values_list(
+                "storage_key", "multipart_upload_id"
+            )
+        )
         freed = stored.aggregate(total=Sum("size_bytes"))["total"] or 0
         audit_record(
             organization=dataset.organization,
@@ -128,6 +145,7 @@ def dataset_delete(*, dataset: Dataset, actor: Actor) -> None:
         )
         dataset.delete()
         storage_charge(organization=dataset.organization, delta_bytes=-freed)
+        transaction.on_commit(lambda: multipart_uploads_abort(multipart))
         transaction.on_commit(lambda: stored_objects_delete(keys))
 
 
@@ -484,7 +502,6 @@ def _check_reject(*, version_id: int, reason: str) -> DatasetVersion | None:
     return version
 
 
-@transaction.atomic
 def pending_upload_create(
     *,
     dataset: Dataset,
@@ -492,13 +509,73 @@ def pending_upload_create(
     size_bytes: int,
     declared_format: str = "",
     actor: Actor,
-) -> tuple[PendingUpload, PresignedPost]:
+    parts: bool = False,
+    part_size_bytes: int | None = None,
+) -> tuple[PendingUpload, PresignedPost | None]:
     """Reserve a key for a large upload sent straight to storage; returns it with the form to
-    POST the file to, which the store accepts only at exactly `size_bytes`.
+    POST the file to, which the store accepts only at exactly `size_bytes`, or, with `parts`,
+    with no form: the upload is a multipart upload in storage, its parts PUT to URLs from
+    `pending_upload_part_urls`, each of them signed for its exact size.
 
     Until finalized or expired, the upload holds its declared size of the quota and one of the
     organization's few open-upload places: bytes can land under its key before anything is billed.
     """
+    part_size = _part_size(size_bytes=size_bytes, requested=part_size_bytes) if parts else None
+    upload = _pending_upload_reserve(
+        dataset=dataset,
+        filename=filename,
+        size_bytes=size_bytes,
+        declared_format=declared_format,
+        actor=actor,
+        part_size_bytes=part_size,
+    )
+    storage = get_storage()
+    if not parts:
+        form = storage.presigned_post(
+            upload.storage_key, size_bytes=size_bytes, expires_s=_seconds_left(upload)
+        )
+        return upload, form
+    # Started after the reservation commits (no network call inside a transaction); an upload
+    # started and never recorded (this process dying here) is aborted by the orphan sweep.
+    try:
+        upload_id = storage.multipart_start(upload.storage_key)
+    except BaseException:
+        PendingUpload.objects.filter(pk=upload.pk).delete()
+        raise
+    PendingUpload.objects.filter(pk=upload.pk).update(multipart_upload_id=upload_id)
+    upload.multipart_upload_id = upload_id
+    return upload, None
+
+
+def _part_size(*, size_bytes: int, requested: int | None) -> int:
+    """The size of every part but the last: the one asked for, or the default, grown where the
+    file would otherwise need more than the store's 10,000 parts."""
+    smallest = settings.DATASET_UPLOAD_PART_MIN_BYTES
+    part_size = requested or settings.DATASET_UPLOAD_PART_BYTES
+    if not smallest <= part_size <= MAX_PART_BYTES:
+        message = f"Between {smallest} and {MAX_PART_BYTES} bytes."
+        raise DomainError(
+            f"A part must be between {smallest} and {MAX_PART_BYTES} bytes, not {part_size}.",
+            fields={"part_size_bytes": [message]},
+        )
+    if size_bytes == 0:
+        raise DomainError(
+            "An empty file has no parts; start it as a single upload.",
+            fields={"parts": ["Not for an empty file."]},
+        )
+    return max(part_size, -(-size_bytes // MAX_PARTS))
+
+
+@transaction.atomic
+def _pending_upload_reserve(
+    *,
+    dataset: Dataset,
+    filename: str,
+    size_bytes: int,
+    declared_format: str,
+    actor: Actor,
+    part_size_bytes: int | None,
+) -> PendingUpload:
     limit = dataset_limits().max_bytes
     if size_bytes > limit:
         raise DatasetFormatError(
@@ -518,24 +595,76 @@ def pending_upload_create(
             f"{first_expiry:%Y-%m-%d %H:%M} UTC."
         )
     storage_check(organization=organization, adding_bytes=size_bytes)
-    upload = PendingUpload.objects.create(
+    return PendingUpload.objects.create(
         organization=organization,
         dataset=dataset,
+        # In parts, the key is the version's to be: only completing the upload writes there.
         storage_key=new_object_key(
-            organization_id=organization.pk, kind="uploads", filename=filename
+            organization_id=organization.pk,
+            kind="uploads" if part_size_bytes is None else "datasets",
+            filename=filename,
         ),
         original_filename=filename[:255],
         declared_format=declared_format,
         size_bytes=size_bytes,
+        part_size_bytes=part_size_bytes,
         created_by=actor.user,
         expires_at=timezone.now() + PENDING_UPLOAD_TTL,
     )
-    form = get_storage().presigned_post(
-        upload.storage_key,
-        size_bytes=size_bytes,
-        expires_s=int(PENDING_UPLOAD_TTL.total_seconds()),
+
+
+def pending_upload_part_urls(*, upload: PendingUpload, numbers: list[int]) -> list[dict]:
+    """Where to PUT each of the upload's parts `numbers`, with the exact size each must have
+    (the store refuses any other); valid until the upload expires."""
+    pending_upload_require_parts(upload)
+    count = upload.part_count
+    outside = sorted({number for number in numbers if not 1 <= number <= count})
+    if outside:
+        message = f"This upload has parts 1 to {count}; there is no part {outside[0]}."
+        raise DomainError(message, fields={"numbers": [message]})
+    expires_s = _seconds_left(upload)
+    storage = get_storage()
+    return [
+        {
+            "number": number,
+            "size_bytes": upload.part_size(number),
+            "url": storage.multipart_part_url(
+                upload.storage_key,
+                upload_id=upload.multipart_upload_id,
+                number=number,
+                size_bytes=upload.part_size(number),
+                expires_s=expires_s,
+            ),
+        }
+        for number in sorted(set(numbers))
+    ]
+
+
+@transaction.atomic
+def pending_upload_cancel(*, upload: PendingUpload, actor: Actor) -> None:
+    """Give up an upload: its place and its reserved quota are freed at once, and what storage
+    holds for it (its parts, or its object) is dropped once this commits."""
+    locked = PendingUpload.objects.select_for_update().filter(pk=upload.pk).first()
+    if locked is None:
+        raise ConflictError("This upload was already finalized or discarded.")
+    if locked.finalize_claimed_until and locked.finalize_claimed_until > timezone.now():
+        raise UploadBeingFinalized("A finalize of this upload is running; wait for its answer.")
+    audit_record(
+        organization=locked.organization,
+        actor=actor,
+        action="dataset.upload_cancel",
+        target=locked.dataset,
+        data={"upload": locked.pk, "bytes": locked.size_bytes, "parts": locked.part_count},
     )
-    return upload, form
+    locked.delete()
+    transaction.on_commit(lambda: _release_stored(locked))
+
+
+def _seconds_left(upload: PendingUpload) -> int:
+    left = int((upload.expires_at - timezone.now()).total_seconds())
+    if left < 1:
+        raise DomainError("This upload expired; start a new one.")
+    return left
 
 
 def pending_upload_finalize(*, upload: PendingUpload, actor: Actor) -> DatasetVersion:
@@ -552,8 +681,9 @@ def pending_upload_finalize(*, upload: PendingUpload, actor: Actor) -> DatasetVe
         _discard_upload(upload)
         raise DomainError("This upload expired; start a new one.")
     claim = _claim_for_finalize(upload)
+    finalize = _finalize_parts_claimed if upload.in_parts else _finalize_claimed
     try:
-        return _finalize_claimed(upload=upload, claim=claim, actor=actor)
+        return finalize(upload=upload, claim=claim, actor=actor)
     except (DatasetFormatError, UploadSizeMismatch):
         _discard_upload(upload)
         raise
@@ -632,13 +762,94 @@ def _finalize_claimed(*, upload: PendingUpload, claim: datetime, actor: Actor) -
     return version
 
 
-def pending_uploads_expire(*, before: datetime) -> int:
-    """Forget uploads that expired before `before` without being finalized; returns how many.
+def _finalize_parts_claimed(
+    *, upload: PendingUpload, claim: datetime, actor: Actor
+) -> DatasetVersion:
+    """Complete the upload from the parts storage reports, each checked against its reserved
+    number and size (the client's word on them is never asked), and record the object as a
+    version in `checking`. Parts missing or of another size: a 400 naming them, and nothing
+    written, so the client sends those and finalizes again."""
+    storage = get_storage()
+    key = upload.storage_key
+    try:
+        held = storage.multipart_parts(key, upload_id=upload.multipart_upload_id)
+    except UploadNotFound:
+        # An earlier finalize completed the upload and died before recording it: the object
+        # is whole (only completing writes under this key). Anything else means it was lost.
+        if storage.size(key) != upload.size_bytes:
+            raise UploadSizeMismatch(
+                "The upload's parts are gone from storage; start a new upload."
+            ) from None
+    else:
+        by_number = {part.number: part for part in held}
+        numbers = range(1, upload.part_count + 1)
+        owed = [
+            number
+            for number in numbers
+            if number not in by_number or by_number[number].size != upload.part_size(number)
+        ]
+        if owed:
+            listed = ", ".join(map(str, owed[:20])) + (", ..." if len(owed) > 20 else "")
+            raise UploadIncomplete(
+                f"{len(owed)} of {upload.part_count} parts are missing or not their reserved "
+                f"size: send part {listed}, then finalize again.",
+                fields={"parts": [f"Send part {listed}."]},
+            )
+        storage_check(
+            organization=upload.organization,
+            adding_bytes=upload.size_bytes,
+            excluding_upload=upload,
+        )
+        storage.multipart_complete(
+            key,
+            upload_id=upload.multipart_upload_id,
+            parts=[by_number[number] for number in numbers],
+        )
+        stored = storage.size(key)
+        if stored != upload.size_bytes:
+            raise _size_mismatch(upload, stored or 0)
+    # A failure from here leaves the object and the row: a finalize sent again records it, and
+    # an upload left to expire is swept, object and all.
+    with transaction.atomic():
+        if (
+            not PendingUpload.objects.select_for_update()
+            .filter(pk=upload.pk, finalize_claimed_until=claim)
+            .exists()
+        ):
+            raise ConflictError("This upload was finalized by another request.")
+        version = _record_checking(
+            dataset=upload.dataset,
+            key=key,
+            size=upload.size_bytes,
+            sha256="",
+            filename=upload.original_filename,
+            declared_format=upload.declared_format,
+            actor=actor,
+        )
+        PendingUpload.objects.filter(pk=upload.pk).delete()
+    return version
 
-    A system task across organizations. Their objects (never billed) are left for the orphan
-    sweep, which deletes what no row refers to.
+
+def pending_uploads_expire(*, before: datetime) -> int:
+    """Forget uploads that expired before `before` without being finalized, aborting their
+    multipart uploads so storage drops the parts; returns how many were forgotten.
+
+    A system task across organizations. Objects sent in one POST (never billed) are left for
+    the orphan sweep, which deletes what no row refers to. An upload whose abort fails keeps its
+    row, so the next run tries again.
     """
-    deleted, _ = PendingUpload.objects.filter(expires_at__lt=before).delete()
+    expired = PendingUpload.objects.filter(expires_at__lt=before)
+    storage = get_storage()
+    kept = []
+    for pk, key, upload_id in expired.exclude(multipart_upload_id="").values_list(
+        "pk", "storage_key", "multipart_upload_id"
+    ):
+        try:
+            storage.multipart_abort(key, upload_id=upload_id)
+        except StorageError:
+            logger.warning("could not abort multipart upload %s of %s; next sweep", upload_id, key)
+            kept.append(pk)
+    deleted, _ = expired.exclude(pk__in=kept).delete()
     return deleted
 
 
@@ -651,4 +862,11 @@ def _size_mismatch(upload: PendingUpload, size: int) -> UploadSizeMismatch:
 
 def _discard_upload(upload: PendingUpload) -> None:
     PendingUpload.objects.filter(pk=upload.pk).delete()
+    _release_stored(upload)
+
+
+def _release_stored(upload: PendingUpload) -> None:
+    """Drop what storage holds for an upload whose row is gone: its parts, and its object."""
+    if upload.multipart_upload_id:
+        multipart_uploads_abort([(upload.storage_key, upload.multipart_upload_id)])
     stored_objects_delete([upload.storage_key])

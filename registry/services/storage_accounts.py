@@ -106,3 +106,14 @@ def stored_objects_delete(keys: list[str]) -> None:
             storage.delete(key)
         except Exception:  # an orphan object is left for cleanup; the caller's outcome stands
             logger.exception("could not delete storage object %s", key)
+
+
+def multipart_uploads_abort(uploads: list[tuple[str, str]]) -> None:
+    """Abort multipart uploads (key, upload id) whose rows are gone, dropping the parts they
+    hold; failures are logged, and the orphan sweep aborts them later."""
+    storage = get_storage()
+    for key, upload_id in uploads:
+        try:
+            storage.multipart_abort(key, upload_id=upload_id)
+        except Exception:  # left for the sweep; the caller's outcome stands
+            logger.exception("could not abort multipart upload %s of %s", upload_id, key)

@@ -3,6 +3,8 @@
 Public methods check their key here before a backend sees it, so no backend can forget to.
 """
 
+from __future__ import annotations
+
 import abc
 import hashlib
 from collections.abc import Iterator
@@ -17,6 +19,11 @@ from .keys import check_key, check_prefix, download_filename
 CHUNK_SIZE = 1024 * 1024
 # SigV4 presigned URLs live at most a week.
 MAX_URL_EXPIRY_S = 7 * 24 * 3600
+# S3's bounds on a multipart upload: part numbers 1..10000, every part but the last at least
+# 5 MiB, none over 5 GiB.
+MAX_PARTS = 10_000
+MIN_PART_BYTES = 5 * 1024 * 1024
+MAX_PART_BYTES = 5 * 1024**3
 
 
 @dataclass(frozen=True)
@@ -35,8 +42,21 @@ class PresignedPost:
     fields: dict[str, str]
 
 
+@dataclass(frozen=True)
+class StoredPart:
+    """One part a multipart upload holds, as the store reports it."""
+
+    number: int
+    size: int
+    etag: str
+
+
 class StorageError(Exception):
     """The backend failed: network, permissions, a full disk."""
+
+
+class UploadNotFound(StorageError):
+    """No multipart upload with that id under that key: completed, aborted, or never started."""
 
 
 class ObjectTooLarge(StorageError):
@@ -113,6 +133,45 @@ class Storage(abc.ABC):
             check_key(key), size_bytes=size_bytes, expires_s=_expiry(expires_s)
         )
 
+    def multipart_start(self, key: str) -> str:
+        """Start a multipart upload to `key`; returns its id. Parts are sent by clients to URLs
+        from `multipart_part_url`; nothing is under `key` until `multipart_complete`."""
+        return self._multipart_start(check_key(key))
+
+    def multipart_part_url(
+        self, key: str, *, upload_id: str, number: int, size_bytes: int, expires_s: int
+    ) -> str:
+        """A URL a client PUTs part `number` to, exactly `size_bytes` long: the length is signed,
+        so the store refuses any other."""
+        if not 1 <= number <= MAX_PARTS:
+            raise ValueError(f"part number must be between 1 and {MAX_PARTS}, not {number}")
+        if size_bytes < 0:
+            raise ValueError(f"size_bytes must not be negative, not {size_bytes}")
+        return self._multipart_part_url(
+            check_key(key),
+            upload_id=upload_id,
+            number=number,
+            size_bytes=size_bytes,
+            expires_s=_expiry(expires_s),
+        )
+
+    def multipart_parts(self, key: str, *, upload_id: str) -> list[StoredPart]:
+        """The parts the upload holds, by number; UploadNotFound when it is no longer open."""
+        return sorted(self._multipart_parts(check_key(key), upload_id=upload_id), key=_number)
+
+    def multipart_complete(self, key: str, *, upload_id: str, parts: list[StoredPart]) -> None:
+        """Join `parts` (as `multipart_parts` reported them) into the object under `key`; the
+        upload takes no more parts afterwards."""
+        self._multipart_complete(check_key(key), upload_id=upload_id, parts=parts)
+
+    def multipart_abort(self, key: str, *, upload_id: str) -> None:
+        """Drop the upload and the parts it holds; one already gone is fine."""
+        self._multipart_abort(check_key(key), upload_id=upload_id)
+
+    def multipart_uploads(self, prefix: str) -> Iterator[tuple[str, str, datetime]]:
+        """Each open multipart upload under `prefix`: key, upload id, when it was started."""
+        return self._multipart_uploads(check_prefix(prefix))
+
     def copy(self, source_key: str, target_key: str) -> None:
         """Copy an object to another key inside the store, replacing any object there."""
         self._copy(check_key(source_key), check_key(target_key))
@@ -173,6 +232,26 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def _copy(self, source_key: str, target_key: str) -> None: ...
 
+    @abc.abstractmethod
+    def _multipart_start(self, key: str) -> str: ...
+
+    @abc.abstractmethod
+    def _multipart_part_url(
+        self, key: str, *, upload_id: str, number: int, size_bytes: int, expires_s: int
+    ) -> str: ...
+
+    @abc.abstractmethod
+    def _multipart_parts(self, key: str, *, upload_id: str) -> list[StoredPart]: ...
+
+    @abc.abstractmethod
+    def _multipart_complete(self, key: str, *, upload_id: str, parts: list[StoredPart]) -> None: ...
+
+    @abc.abstractmethod
+    def _multipart_abort(self, key: str, *, upload_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def _multipart_uploads(self, prefix: str) -> Iterator[tuple[str, str, datetime]]: ...
+
 
 class StreamDigest:
     """Size and sha256 of the bytes written so far, refusing them once past `max_bytes`."""
@@ -207,6 +286,10 @@ def read_up_to(stream: BinaryIO, size: int) -> bytes:
         pieces.append(piece)
         remaining -= len(piece)
     return b"".join(pieces)
+
+
+def _number(part: StoredPart) -> int:
+    return part.number
 
 
 def _expiry(expires_s: int) -> int:

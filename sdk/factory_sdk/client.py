@@ -8,7 +8,7 @@ renamed or removed route fails the suite as a stale generated client would.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, BinaryIO, TypedDict
 from urllib.parse import quote
 
@@ -28,6 +28,9 @@ ENDPOINTS: dict[str, tuple[str, str]] = {
     "dataset_version_get": ("GET", "orgs/{org}/datasets/{name}/versions/{number}/"),
     "upload_start": ("POST", "orgs/{org}/datasets/{name}/uploads/"),
     "upload_finalize": ("POST", "orgs/{org}/datasets/{name}/uploads/{id}/finalize/"),
+    "upload_parts": ("GET", "orgs/{org}/datasets/{name}/uploads/{id}/parts/"),
+    "upload_part_urls": ("POST", "orgs/{org}/datasets/{name}/uploads/{id}/parts/"),
+    "upload_cancel": ("DELETE", "orgs/{org}/datasets/{name}/uploads/{id}/"),
     "jobs_list": ("GET", "orgs/{org}/jobs/"),
     "job_submit": ("POST", "orgs/{org}/jobs/"),
     "job_get": ("GET", "orgs/{org}/jobs/{id}/"),
@@ -86,13 +89,23 @@ class DatasetVersion(TypedDict, total=False):
     created_at: str
 
 
-class PendingUpload(TypedDict):
+class PendingUpload(TypedDict, total=False):
     id: int
     original_filename: str
     size_bytes: int
-    url: str
-    fields: dict[str, str]
+    # Set for an upload in one POST (null in parts); older servers always set them.
+    url: str | None
+    fields: dict[str, str] | None
+    # Set for an upload in parts; absent from older servers' answers.
+    part_size_bytes: int | None
+    part_count: int
     expires_at: str
+
+
+class UploadPart(TypedDict):
+    number: int
+    size_bytes: int
+    url: str
 
 
 class Job(TypedDict, total=False):
@@ -228,12 +241,54 @@ class Client:
         return self._call("dataset_version_get", name=name, number=number)
 
     def upload_start(
-        self, dataset: str, *, filename: str, size_bytes: int, format: str = ""
+        self,
+        dataset: str,
+        *,
+        filename: str,
+        size_bytes: int,
+        format: str = "",
+        parts: bool = False,
+        part_size_bytes: int | None = None,
     ) -> PendingUpload:
+        """Start an upload: in one POST, or with `parts` in parts (a server that predates
+        parts ignores the ask and answers an upload in one POST)."""
         body: dict[str, Any] = {"filename": filename, "size_bytes": size_bytes}
         if format:
             body["format"] = format
+        if parts:
+            body["parts"] = True
+            if part_size_bytes:
+                body["part_size_bytes"] = part_size_bytes
         return self._call("upload_start", name=dataset, json=body)
+
+    def upload_parts(self, dataset: str, upload_id: int) -> dict[str, Any]:
+        """The parts storage holds for an upload in parts, and `missing`: those to send."""
+        return self._call("upload_parts", name=dataset, id=upload_id)
+
+    def upload_part_urls(
+        self, dataset: str, upload_id: int, numbers: list[int]
+    ) -> list[UploadPart]:
+        """Where to PUT each of the parts `numbers` (at most 1000 per call)."""
+        answer = self._call(
+            "upload_part_urls", name=dataset, id=upload_id, json={"numbers": numbers}
+        )
+        return answer["parts"]
+
+    def upload_part_send(self, part: UploadPart, body: Iterable[bytes]) -> None:
+        """PUT one part's bytes, exactly `part["size_bytes"]` of them, to its storage URL. The
+        length goes as Content-Length (signed in the URL), so the body streams unchunked."""
+        response = self._storage.put(
+            part["url"], content=body, headers={"Content-Length": str(part["size_bytes"])}
+        )
+        if response.status_code >= 300:
+            raise FactoryError(
+                response.status_code,
+                "upload_refused",
+                f"The store refused part {part['number']}: {response.text[:500]}",
+            )
+
+    def upload_cancel(self, dataset: str, upload_id: int) -> None:
+        self._call("upload_cancel", name=dataset, id=upload_id)
 
     def upload_send(self, upload: PendingUpload, file: BinaryIO, *, filename: str) -> None:
         """POST the file to the upload's storage URL (S3, or the server's local twin) with its

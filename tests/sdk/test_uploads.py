@@ -11,23 +11,33 @@ import threading
 from urllib.parse import urlsplit
 
 import pytest
+from django.test import override_settings
+from factory_sdk.client import Client
+from factory_sdk.uploads import UploadInterrupted, upload_dataset
 
 from registry.models import DatasetVersion, PendingUpload
+from registry.storage import get_storage
 from tests.processes import wait_for
 from tests.registry.conftest import check_uploads
 from tests.sdk.conftest import live
 
 pytestmark = live
+MIB = 1024 * 1024
 
 
 class DroppingProxy:
-    """A TCP proxy in front of the live server that, while `cut_after` is set, drops each
-    connection once that many bytes of its request have passed: a connection lost mid-upload."""
+    """A TCP proxy in front of the live server (or the S3 server) that, while `cut_after` is
+    set, drops each connection once that many bytes of its requests have passed: a connection
+    lost mid-upload. It counts the part PUTs it relays (requests starting `part_put`), whole or
+    cut."""
 
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream_port: int, *, part_put: bytes = b"PUT /storage/local/") -> None:
         self.upstream_port = upstream_port
+        self.part_put = part_put
         self.cut_after: int | None = None
         self.cuts = 0
+        self.part_puts = 0
+        self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
         threading.Thread(target=self._accept, daemon=True).start()
@@ -47,14 +57,28 @@ class DroppingProxy:
         upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
         answers = threading.Thread(target=self._pump, args=(upstream, downstream), daemon=True)
         answers.start()
-        self._pump(downstream, upstream, limit=self.cut_after)
+        self._pump(downstream, upstream, limit=self.cut_after, requests=True)
 
-    def _pump(self, source: socket.socket, target: socket.socket, limit: int | None = None):
+    def _pump(
+        self,
+        source: socket.socket,
+        target: socket.socket,
+        limit: int | None = None,
+        requests: bool = False,
+    ):
         passed = 0
+        # A request line may straddle two reads; the CSV bodies never contain one.
+        tail = b""
         try:
             while data := source.recv(65536):
+                if requests:
+                    seen = tail + data
+                    with self._lock:
+                        self.part_puts += seen.count(self.part_put) - tail.count(self.part_put)
+                    tail = seen[-len(self.part_put) :]
                 if limit is not None and passed + len(data) > limit:
-                    self.cuts += 1
+                    with self._lock:
+                        self.cuts += 1
                     break
                 target.sendall(data)
                 passed += len(data)
@@ -121,6 +145,88 @@ def test_a_dropped_upload_continues_the_same_upload_when_run_again(cli, proxy, o
     [checked] = check_uploads()
     assert (checked.number, checked.state, checked.row_count) == (1, "ready", 40_000)
     assert checked.sha256 == hashlib.sha256(big_csv.read_bytes()).hexdigest()
+
+
+def test_a_resumed_upload_sends_only_the_parts_storage_lacks(
+    cli, proxy, org, big_csv, settings, monkeypatch
+):
+    """Parts of 64 KiB, four at a time; each connection is cut once 100 kB of it have passed,
+    so each thread's second part is lost. The second run asks which parts storage holds and
+    PUTs only the others. Before parts, it sent the whole file again."""
+    settings.DATASET_UPLOAD_PART_MIN_BYTES = 64 * 1024
+    monkeypatch.setattr("factory_sdk.uploads.PART_BYTES", 64 * 1024)
+    part_count = -(-big_csv.stat().st_size // (64 * 1024))
+    proxy.cut_after = 100_000
+
+    dropped = cli("datasets", "upload", big_csv, "--name", "churn", "--json")
+
+    assert dropped.exit_code == 1, dropped.output
+    assert json.loads(dropped.stderr)["code"] == "upload_interrupted"
+    [pending] = PendingUpload.objects.all()
+    held = get_storage().multipart_parts(pending.storage_key, upload_id=pending.multipart_upload_id)
+    assert 0 < len(held) < part_count
+    assert not DatasetVersion.objects.exists()
+    proxy.cut_after = None
+    proxy.part_puts = 0
+
+    done = cli("datasets", "upload", big_csv, "--name", "churn", "--json")
+
+    assert done.exit_code == 0, done.output
+    assert (json.loads(done.stdout)["upload_id"], json.loads(done.stdout)["resumed"]) == (
+        pending.pk,
+        True,
+    )
+    assert proxy.part_puts == part_count - len(held)
+    [checked] = check_uploads()
+    assert (checked.state, checked.row_count) == ("ready", 40_000)
+    assert checked.sha256 == hashlib.sha256(big_csv.read_bytes()).hexdigest()
+    assert list(get_storage().multipart_uploads(f"orgs/{org.pk}/")) == []
+
+
+def _csv_of(path, size: int) -> None:
+    rows = "".join(f"{n},{n % 7},{'yes' if n % 3 else 'no'}\n" for n in range(size // 10))
+    path.write_text("id,plan,churned\n" + rows[: size - 16 - 1].rpartition("\n")[0] + "\n")
+
+
+def test_an_upload_to_s3_resumes_with_the_parts_the_store_lacks(
+    s3_server, s3_storage, live_server, api_key, tmp_path, monkeypatch
+):
+    """The same resume against the real S3 server, its 5 MiB smallest part and its own
+    multipart uploads: the proxy stands in front of SeaweedFS, so the part URLs the server signs
+    point at it, and cuts each connection in its second part."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr("factory_sdk.uploads.PART_BYTES", 5 * MIB)
+    monkeypatch.setattr("factory_sdk.uploads.PARALLEL_PARTS", 2)
+    path = tmp_path / "churn.csv"
+    _csv_of(path, 16 * MIB)
+    part_count = -(-path.stat().st_size // (5 * MIB))
+    store = DroppingProxy(
+        urlsplit(s3_server.endpoint_url).port, part_put=f"PUT /{s3_server.bucket}/".encode()
+    )
+    try:
+        with override_settings(S3_ENDPOINT_URL=store.url):
+            store.cut_after = 8 * MIB
+            with Client(live_server.url, api_key) as sdk, pytest.raises(UploadInterrupted):
+                upload_dataset(sdk, path, dataset="churn")
+            [pending] = PendingUpload.objects.all()
+            held = get_storage().multipart_parts(
+                pending.storage_key, upload_id=pending.multipart_upload_id
+            )
+            store.cut_after = None
+            store.part_puts = 0
+
+            # A second run: a fresh client, as a second command is.
+            with Client(live_server.url, api_key) as sdk:
+                result = upload_dataset(sdk, path, dataset="churn")
+    finally:
+        store.close()
+
+    assert 0 < len(held) < part_count == 4
+    assert (result.upload_id, result.resumed) == (pending.pk, True)
+    assert store.part_puts == part_count - len(held)
+    [checked] = check_uploads()
+    assert (checked.state, checked.size_bytes) == ("ready", path.stat().st_size)
+    assert checked.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_upload_wait_answers_once_the_check_has_made_the_version_ready(factory_env, org, big_csv):

@@ -526,6 +526,8 @@ EXPECTED_EFFECTS: dict[str, Effect] = {
     "POST dataset-version-list": Effect.SPEND,
     "POST dataset-upload-list": Effect.SPEND,
     "POST dataset-upload-finalize": Effect.SPEND,
+    "POST dataset-upload-parts": Effect.SPEND,  # signs URLs that store bytes
+    "DELETE dataset-upload-detail": Effect.REDUCE,
     "POST model-list": Effect.CHANGE,
     "PATCH model-detail": Effect.CHANGE,
     "POST model-version-list": Effect.SPEND,
