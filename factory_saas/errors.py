@@ -6,7 +6,11 @@ from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler
 
+from registry.storage.base import StorageError
 from tenants.errors import DomainError
+
+# Seconds a client is told to wait when the object store did not answer.
+STORAGE_RETRY_AFTER_S = 30
 
 
 def _flatten(detail) -> str:
@@ -29,6 +33,19 @@ def api_exception_handler(exc, context):
         response = Response(body, status=exc.status)
         if retry_after is not None:
             response["Retry-After"] = str(retry_after)
+        return response
+    if isinstance(exc, StorageError):
+        # An outage of the store, not a bug of ours nor of the request: say so, and when to
+        # come back. What the request had written is rolled back with its transaction.
+        response = Response(
+            {
+                "code": "storage_unavailable",
+                "detail": "The object store did not answer; nothing was changed. Try again "
+                "shortly.",
+            },
+            status=status.HTTP_503_SERVICE_UNAVAILABLE,
+        )
+        response["Retry-After"] = str(STORAGE_RETRY_AFTER_S)
         return response
     if isinstance(exc, Http404):
         exc = exceptions.NotFound()

@@ -4,6 +4,7 @@ organization's upload, a second finalize; and an expired or cancelled upload lea
 upload in storage."""
 
 import hashlib
+import socket
 import urllib.error
 import urllib.request
 from datetime import timedelta
@@ -306,3 +307,24 @@ def test_a_finalize_that_died_after_completing_is_recorded_by_the_next(
     assert finalized.status_code == 201, finalized.content
     assert DatasetVersion.objects.get().storage_key == upload.storage_key
     assert [v.state for v in check_uploads()] == ["ready"]
+
+
+def test_a_store_that_does_not_answer_gets_503_and_the_upload_is_not_kept(
+    s3_storage, settings, org, attacker
+):
+    """An outage of S3 when an upload in parts starts is a 503 saying when to come back, never
+    a 500, and leaves no reservation holding the organization's quota or upload places."""
+    with socket.socket() as closed:  # a port nothing listens on: the store is down
+        closed.bind(("127.0.0.1", 0))
+        settings.S3_ENDPOINT_URL = f"http://127.0.0.1:{closed.getsockname()[1]}"
+
+    answer = attacker.post(
+        _uploads(org),
+        {"filename": "people.csv", "size_bytes": len(DATA), "parts": True},
+        format="json",
+    )
+
+    assert answer.status_code == 503, answer.content
+    assert answer.json()["code"] == "storage_unavailable"
+    assert int(answer["Retry-After"]) > 0
+    assert not PendingUpload.objects.filter(dataset__organization=org).exists()
