@@ -1,5 +1,10 @@
 from django.conf import settings
-from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    OpenApiResponse,
+    extend_schema,
+    extend_schema_view,
+)
 from rest_framework import mixins, status
 from rest_framework.decorators import action
 from rest_framework.exceptions import NotFound
@@ -21,6 +26,7 @@ from registry.models import (
 from registry.storage import DOWNLOAD_URL_TTL_S, get_storage
 from registry.uploads import refuse_oversized_body, uploaded_path
 from tenants.api.base import OrganizationScopedViewSet
+from tenants.api.schema import ErrorSerializer
 from tenants.standing import Effect
 
 from . import serializers as s
@@ -198,7 +204,12 @@ class DatasetVersionViewSet(
         "`upload_incomplete` naming the parts to send, and nothing is recorded.",
     ),
     parts=extend_schema(
-        responses=s.UploadPartsSerializer,
+        responses={
+            200: s.UploadPartsSerializer,
+            400: OpenApiResponse(
+                ErrorSerializer, description="`upload_not_in_parts`: a single-POST upload."
+            ),
+        },
         description="The parts storage holds for an upload in parts, and those still missing.",
     ),
     part_urls=extend_schema(
