@@ -11,6 +11,7 @@ import json
 import os
 import stat
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -25,8 +26,9 @@ from jobs.scheduler.apply import scheduler_pass
 from jobs.services.pool import worker_register
 from registry.models import ModelVersion
 from tests.jobs import code_helpers
-from tests.jobs.code_helpers import RUNTIME, runtime_python
+from tests.jobs.code_helpers import RUNTIME, finished, runtime_python
 from tests.jobs.test_code_jobs import TRAINER, _submit, _upload
+from tests.processes import wait_for
 
 OTHER_RUNTIME = "plain-py"
 FOUND = "found "
@@ -218,3 +220,34 @@ def test_a_sandbox_that_died_while_waiting_is_replaced_and_the_job_starts_cold(
     assert job.state == JobState.SUCCEEDED and handed_over == []
     assert not dead.work.exists(), "its folders went with it"
     assert warm._sandbox is not None and warm._sandbox is not dead and warm._sandbox.alive()
+
+
+def _staged(work_root) -> set[str]:
+    """The work folders of the sandboxes started ahead (each has a code folder beside it)."""
+    return {
+        path.name
+        for path in work_root.iterdir()
+        if path.name.startswith("staged-") and "-code-" not in path.name
+    }
+
+
+@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+def test_a_pool_worker_keeps_a_sandbox_ahead_and_runs_the_next_package_in_it(
+    sandboxed_pool, org, owner, tmp_path
+):
+    work_root = Path(sandboxed_pool.env["WORKER_WORKDIR"])
+    sandboxed_pool.start_worker("w1")
+    # One per pool process (a slot each).
+    ahead = wait_for(lambda: _staged(work_root), timeout=60, what="sandboxes started ahead")
+    version = _upload(org, owner, tmp_path, "tiny", TRAINER)
+
+    job = finished(_submit(org, owner, version, {"steps": 3, "lr": 0.5}), sandboxed_pool)
+
+    assert job.state == JobState.SUCCEEDED, job.failure_reason
+    assert JobMetric.objects.filter(job=job).count() == 3
+    # Its folder was the job's (removed with it), and the next job's sandbox waits already.
+    wait_for(
+        lambda: len(now := _staged(work_root)) >= len(ahead) and ahead - now,
+        timeout=60,
+        what="the next sandbox started ahead",
+    )
