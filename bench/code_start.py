@@ -24,9 +24,11 @@ Figures, from just before `code_job_submit`: `first step` = the step-1 metric ro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import statistics
 import sys
@@ -81,6 +83,15 @@ def run():
     factory_job.register_model(path, {"steps": steps})
 """
 TIMEOUT_S = 120
+# For the sandbox-level measure with torch: the entry imports torch and takes one step.
+TORCH_TRAINER = """
+def run():
+    import torch
+    torch.set_num_threads(1)
+    model = torch.nn.Linear(64, 10)
+    torch.nn.functional.cross_entropy(model(torch.randn(32, 64)), torch.zeros(32).long()).backward()
+    print("first-step", flush=True)
+"""
 
 
 def main() -> None:
@@ -153,7 +164,108 @@ def run(*, runs: int) -> None:
             raise
         finally:
             pool.stop()
-    _report(timed, runs=runs, load=(load_before, os.getloadavg()))
+    progress("the sandbox alone, with torch")
+    with_torch = measure_torch_start(rounds=max(3, runs // 2))
+    _report(timed, with_torch, runs=runs, load=(load_before, os.getloadavg()))
+
+
+def measure_torch_start(*, rounds: int) -> dict[str, list[float]]:
+    """Seconds from the job's files being written to the package's `first-step` line, for a
+    package that imports torch: in a sandbox started ahead (its ahead-imports done) against one
+    started for it. No platform: the runtime is bench.sandbox's (the system's Python with this
+    environment's site-packages read-only), which the worker's WORKER_RUNTIMES cannot name."""
+    from bench.sandbox import _runtime
+    from jobs.runner.code import JOB_FILE, WarmSandbox, package_sandbox_spec
+    from jobs.runner.isolation import staging_folder_create
+    from jobs.runner.sandbox import Limits, read_lines, sandbox_start
+
+    runtime, _ = _runtime()
+    root = Path(tempfile.mkdtemp(prefix="code-bench-torch-", dir="/tmp"))
+    root.chmod(0o755)
+    work_root = root / "work"
+    work_root.mkdir(mode=0o1733)
+    work_root.chmod(0o1733)
+    if os.geteuid() == 0:
+        os.chown(work_root, SANDBOX_UID, SANDBOX_UID)
+    limits = Limits(wall_clock_s=600)
+    took: dict[str, list[float]] = {"warm": [], "cold": []}
+    try:
+        for number in range(rounds):
+            for side in ("warm", "cold") if number % 2 == 0 else ("cold", "warm"):
+                if side == "warm":
+                    sandbox = WarmSandbox(runtime=runtime, root=work_root, threads=1)
+                    _until_torch_imported(sandbox.process)
+                    began = time.perf_counter()
+                    _job_files(sandbox.work, sandbox.code, JOB_FILE)
+                    process = sandbox.go(limits=limits)
+                    work, code = sandbox.work, sandbox.code
+                else:
+                    work = staging_folder_create(root=work_root)
+                    code = Path(tempfile.mkdtemp(dir=work_root))
+                    code.chmod(0o755)
+                    began = time.perf_counter()
+                    _job_files(work, code, JOB_FILE)
+                    process = sandbox_start(
+                        package_sandbox_spec(
+                            runtime=runtime,
+                            work_folder=work,
+                            code_folder=code,
+                            devices=(),
+                            threads=1,
+                            limits=limits,
+                        )
+                    )
+                lines = read_lines(process.stdout)
+                if next((line for line in lines if line == "first-step"), None) is None:
+                    raise SystemExit(f"{side}: no first step: {process.stderr.read()[-2000:]}")
+                took[side].append(time.perf_counter() - began)
+                for _line in lines:
+                    pass
+                process.wait()
+                process.stdout.close()
+                process.stderr.close()
+                shutil.rmtree(work, ignore_errors=True)
+                shutil.rmtree(code, ignore_errors=True)
+                progress(f"with torch {number + 1}/{rounds} {side}: {took[side][-1]:.3f} s")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return took
+
+
+def _until_torch_imported(process) -> None:
+    """Wait until the waiting child has torch loaded (its shared library mapped) and sleeps."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline:
+        for pid in process.processes()[1:]:
+            with contextlib.suppress(OSError):
+                state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+                if state == "S" and "libtorch_cpu" in Path(f"/proc/{pid}/maps").read_text():
+                    return
+        if process.poll() is not None:
+            raise SystemExit(f"the warm sandbox ended: {process.stderr.read()[-2000:]}")
+        time.sleep(POLL_S)
+    raise SystemExit(f"the warm sandbox did not import torch in {TIMEOUT_S} s")
+
+
+def _job_files(work: Path, code: Path, job_file: str) -> None:
+    """What the parent writes for a job: the package's file, the folders and the job file."""
+    (code / "trainer.py").write_text(TORCH_TRAINER)
+    (code / "trainer.py").chmod(0o644)
+    for folder in ("output", "checkpoints"):
+        (work / folder).mkdir()
+    description = {
+        "task": "train",
+        "entry": "trainer:run",
+        "parameters": {},
+        "inputs": {},
+        "work_folder": "/job",
+        "checkpoint_dir": "checkpoints",
+        "output_dir": "output",
+        "resume_from": None,
+        "rows": None,
+        "chunk_rows": 256,
+    }
+    (work / job_file).write_text(json.dumps(description))
 
 
 def _tenant(tmp: Path) -> dict:
@@ -232,7 +344,7 @@ def _measure(pool: Pool, tenant: dict, runtime: str) -> tuple[float, float]:
     return _after(first, began), (first - started).total_seconds()
 
 
-def _report(timed: dict, *, runs: int, load) -> None:
+def _report(timed: dict, with_torch: dict, *, runs: int, load) -> None:
     def stats(values: list[float]) -> str:
         return f"p50 {statistics.median(values):6.3f} s   p90 {percentile(values, 0.9):6.3f} s"
 
@@ -244,6 +356,12 @@ def _report(timed: dict, *, runs: int, load) -> None:
     for side, label in ((WARM_RUNTIME, "warm sandbox"), (COLD_RUNTIME, "cold sandbox")):
         print(f"  {label}  submit -> first step     {stats([t[0] for t in timed[side]])}")
         print(f"  {label}  started -> first step    {stats([t[1] for t in timed[side]])}")
+    print(
+        f"  the sandbox alone, a package importing torch, {len(with_torch['warm'])} rounds: "
+        "job files written -> first step"
+    )
+    for side in ("warm", "cold"):
+        print(f"  {side} sandbox  files -> first step     {stats(with_torch[side])}")
     result = {
         "code_submit_to_first_step_p50_s": round(
             statistics.median(t[0] for t in timed[WARM_RUNTIME]), 3
@@ -258,6 +376,10 @@ def _report(timed: dict, *, runs: int, load) -> None:
             statistics.median(t[1] for t in timed[COLD_RUNTIME]), 3
         ),
         "runs": runs,
+        "code_torch_files_to_first_step_p50_s": round(statistics.median(with_torch["warm"]), 3),
+        "code_torch_files_to_first_step_cold_p50_s": round(
+            statistics.median(with_torch["cold"]), 3
+        ),
     }
     print(f"RESULT {json.dumps(result)}")
 
