@@ -285,6 +285,7 @@ class WarmSandbox:
 
     def __init__(self, *, runtime: Runtime, root: Path, threads: int):
         self.runtime, self.threads = runtime, threads
+        self.went = False
         self.work = staging_folder_create(root=root)
         self.code = Path(tempfile.mkdtemp(prefix=f"{self.work.name}-code-", dir=root))
         self.code.chmod(0o755)  # as a cold attempt's once extracted: the sandbox's user reads it
@@ -320,21 +321,28 @@ class WarmSandbox:
 
     def go(self, *, limits: Limits) -> SandboxedProcess:
         """Hand the job the parent wrote into `work` and `code` to the waiting child, under
-        `limits` from now on; returns the running sandbox."""
+        `limits` from now on; returns the running sandbox, which the caller now ends."""
+        self.went = True
         self.process.rearm(limits)
         sandbox_hand_over(self.work)
         with contextlib.suppress(BrokenPipeError), open(self._go, "wb") as go:
             go.write(factory_job.GO)
         return self.process
 
-    def discard(self) -> None:
-        """End a sandbox that was never handed a job, and remove its folders."""
+    def end(self) -> None:
+        """End it, unless it was handed a job (its attempt ends it then); its folders stay."""
+        if self.went:
+            return
         with contextlib.suppress(OSError):
             os.close(self._go)
         self.process.kill()
         self.process.wait()
         self.process.stdout.close()
         self.process.stderr.close()
+
+    def discard(self) -> None:
+        """`end`, and remove its folders."""
+        self.end()
         self._remove_folders()
 
     def _remove_folders(self) -> None:

@@ -168,6 +168,8 @@ def run_attempt(*, job_id: int, attempt: int, worker_id: int) -> str:
         logger.warning("job %s attempt %s is stale; stopped writing", job_id, attempt)
         return "stale"
     finally:
+        if warm is not None:
+            warm.discard()  # ends it if it never got the job (its inputs did not arrive)
         shutil.rmtree(workdir, ignore_errors=True)
         warm_child_replace()  # for the next job, now that this one's child is gone
 
@@ -736,8 +738,6 @@ class _CodeAttempt(_Attempt):
                 return "failed"
             return super().run()
         finally:
-            if self.warm is not None:  # never handed the job: its inputs did not arrive
-                self.warm.discard()
             shutil.rmtree(self.private, ignore_errors=True)
             shutil.rmtree(self.code, ignore_errors=True)
 
@@ -829,9 +829,12 @@ class _CodeAttempt(_Attempt):
         gpus = job.resource_class.name != "cpu"
         limits = Limits(wall_clock_s=wall_clock, stop_grace_s=grace)
         link, inside = socket.socketpair() if self.serving else (None, None)
+        if self.warm is not None and not self.warm.alive():
+            # Died while the inputs arrived: the job starts cold, in the same folders.
+            self.warm.end()
+            self.warm = None
         if self.warm is not None:
             child = self.child = self.warm.go(limits=limits)
-            self.warm = None
         else:
             spec = package_sandbox_spec(
                 runtime=self._runtime(),

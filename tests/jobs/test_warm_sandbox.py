@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from jobs.models import Job, JobLog, JobMetric, JobState
-from jobs.runner import warm
+from jobs.runner import parent, warm
 from jobs.runner.code import WarmSandbox
 from jobs.runner.isolation import child_threads
 from jobs.runner.parent import run_attempt
@@ -251,3 +251,23 @@ def test_a_pool_worker_keeps_a_sandbox_ahead_and_runs_the_next_package_in_it(
         timeout=60,
         what="the next sandbox started ahead",
     )
+
+
+@pytest.mark.django_db
+def test_a_sandbox_that_died_while_its_job_was_prepared_leaves_the_job_to_a_cold_one(
+    worker, handed_over, org, owner, local_store, monkeypatch
+):
+    write_spec = parent._CodeAttempt._write_spec
+
+    def prepared_then_died(self):
+        write_spec(self)
+        self.warm.process.kill()
+        self.warm.process.wait()
+
+    monkeypatch.setattr(parent._CodeAttempt, "_write_spec", prepared_then_died)
+    version = _upload(org, owner, local_store.parent, "tiny", TRAINER)
+
+    job = _run(_submit(org, owner, version, {"steps": 2}), worker)
+
+    assert job.state == JobState.SUCCEEDED and handed_over == []
+    assert JobMetric.objects.filter(job=job).count() == 2
