@@ -51,10 +51,20 @@ def _pool_process_setup(**kwargs) -> None:
 
 def warm_sandbox_starter(*, threads: int) -> Callable[[], WarmSandbox] | None:
     """What starts this worker's own-code sandboxes ahead of their jobs: for its default runtime
-    (the first of WORKER_RUNTIMES), when it has one the sandbox's user can read and the machine
+    (the first of WORKER_RUNTIMES), on a CPU worker (a GPU worker's jobs all start cold: see
+    code.WarmSandbox.fits), when it has a runtime the sandbox's user can read and the machine
     can build sandboxes; else None, and own code starts cold (saying why if it cannot)."""
+    from jobs.models import Worker
+
+    worker_id = os.environ.get("FACTORY_WORKER_ID")
     configured = runtimes_configured()
-    if not configured or not configured[0][1] or sandbox_unavailable_reason() is not None:
+    if (
+        not worker_id
+        or not configured
+        or not configured[0][1]
+        or not Worker.objects.filter(pk=worker_id, resource_class__name="cpu").exists()
+        or sandbox_unavailable_reason() is not None
+    ):
         return None
     try:
         runtime = python_runtime(configured[0][1])

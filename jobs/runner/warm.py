@@ -8,7 +8,7 @@ and the next job's child was started before that job's inputs existed.
 
 Own-code packages get the same from a sandbox started ahead (code.WarmSandbox), for the jobs
 that fit one: the worker's default runtime, no GPU, not a replica; the others start theirs
-cold. A pool process keeps one of each, each replaced once it served a job.
+cold. A CPU worker's pool process keeps one of each, each replaced once it served a job.
 
 Only a worker's pool processes keep them (jobs.worker starts keeping them); elsewhere, as in
 tests that call run_attempt themselves, each attempt starts its child cold.
