@@ -72,6 +72,11 @@ __all__ = [
 # The parent writes the job's description here; its paths are the sandbox's (/job/...).
 SPEC_ENV = "FACTORY_JOB_SPEC"
 DEFAULT_SPEC = "/job/job.json"
+# A sandbox started ahead of its job (`python -m factory_job --warm`) waits for "go" on this
+# descriptor, then reads its job as any other.
+WARM_FLAG = "--warm"
+GO_FD_ENV = "FACTORY_JOB_GO_FD"
+GO = b"go\n"
 LINE_PREFIX = "@@"
 # The exit codes of jobs.runner.protocol (a test checks they stay the same).
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3

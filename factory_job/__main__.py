@@ -11,6 +11,11 @@ description at $FACTORY_JOB_SPEC. Its `task` says what to run:
 - "serve": a replica. Load the same function, say `{"ready": true}` on the channel the parent
   passed (factory_job.channel), then answer each request frame until the parent closes it.
 
+Started with --warm, it is a sandbox started ahead of its job: it imports what the runtime
+offers that jobs often use (WARM_IMPORTS, each only if it imports), then waits for the parent's
+"go" (factory_job.GO_FD_ENV); its job file and the package's files exist only from then on. The
+descriptor closed without a "go" (the parent discarded it) ends it without running anything.
+
 Exit codes are those of jobs.runner.protocol: a stop request that the entry honoured is
 EXIT_STOPPED (no result: the job resumes from its last checkpoint), BadInput is EXIT_BAD_INPUT.
 """
@@ -32,6 +37,9 @@ import factory_job
 from factory_job import channel
 
 PREDICTIONS = "predictions.csv"
+# Imported by a sandbox started ahead of its job, when the runtime has them: the slow imports of
+# a typical job, none of which holds anything of a tenant's.
+WARM_IMPORTS = ("numpy", "torch")
 # What a replica accepts from the parent in one frame (the parent bounds requests far below it).
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
 
@@ -163,5 +171,24 @@ def _serve(predict: Callable[[list], list]) -> int:
     return factory_job.EXIT_STOPPED
 
 
+def _wait_for_go() -> bool:
+    """Import ahead, then wait for the parent's go; False when it discarded this sandbox."""
+    for module in WARM_IMPORTS:
+        try:
+            importlib.import_module(module)
+        except Exception:  # noqa: S112 - absent or broken: the job's own import says why
+            continue
+    with open(int(os.environ.pop(factory_job.GO_FD_ENV)), "rb") as go:
+        said = go.readline()
+    if said != factory_job.GO:
+        return False
+    # The package's files arrived after the import system last listed /code.
+    importlib.invalidate_caches()
+    del sys.argv[1:]
+    return True
+
+
 if __name__ == "__main__":
+    if factory_job.WARM_FLAG in sys.argv[1:] and not _wait_for_go():
+        sys.exit(factory_job.EXIT_STOPPED)
     sys.exit(main())

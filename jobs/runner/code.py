@@ -19,6 +19,7 @@ import shutil
 import socket
 import stat
 import tarfile
+import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
@@ -30,7 +31,17 @@ from registry.formats.base import DatasetLimits
 from registry.formats.code_packages import check_tar_member, inspect_code_package
 
 from . import protocol
-from .sandbox import MB, WORK_FOLDER, Limits, Runtime, SandboxSpec
+from .isolation import staging_folder_create
+from .sandbox import (
+    MB,
+    WORK_FOLDER,
+    Limits,
+    Runtime,
+    SandboxedProcess,
+    SandboxSpec,
+    sandbox_hand_over,
+    sandbox_start,
+)
 
 # Where the package's files and the in-job library appear inside the sandbox.
 CODE_FOLDER = "/code"
@@ -198,10 +209,12 @@ def package_sandbox_spec(
     threads: int,
     limits: Limits,
     channel_fd: int | None = None,
+    go_fd: int | None = None,
 ) -> SandboxSpec:
     """The sandbox an attempt runs in: the runtime, the code and the in-job library read-only,
     the work folder writable, and an environment of the runtime's paths and nothing else; a
-    replica's also gets its end of the channel (`channel_fd`, factory_job.channel)."""
+    replica's also gets its end of the channel (`channel_fd`, factory_job.channel), and one
+    started ahead of its job the pipe it waits on for its go (`go_fd`, WarmSandbox)."""
     python_path = [LIBRARY_FOLDER, CODE_FOLDER]
     if runtime.environment.get("PYTHONPATH"):
         python_path.append(runtime.environment["PYTHONPATH"])
@@ -216,10 +229,20 @@ def package_sandbox_spec(
     }
     if channel_fd is not None:
         environment[job_channel.FD_ENV] = str(channel_fd)
+    if go_fd is not None:
+        environment[factory_job.GO_FD_ENV] = str(go_fd)
+    passed = tuple(fd for fd in (channel_fd, go_fd) if fd is not None)
     return SandboxSpec(
         # -P: the work folder (the command's directory) is not put first on sys.path, so the
         # library and the code are what `import` finds.
-        command=(runtime.interpreter, "-s", "-P", "-m", "factory_job"),
+        command=(
+            runtime.interpreter,
+            "-s",
+            "-P",
+            "-m",
+            "factory_job",
+            *((factory_job.WARM_FLAG,) if go_fd is not None else ()),
+        ),
         work_folder=work_folder,
         read_only={
             **runtime.read_only,
@@ -229,8 +252,102 @@ def package_sandbox_spec(
         devices=devices,
         environment=environment,
         limits=limits,
-        pass_fds=(channel_fd,) if channel_fd is not None else (),
+        pass_fds=passed,
     )
+
+
+def folder_empty(folder: Path) -> None:
+    """Remove what `folder` holds, keeping the folder itself (a started sandbox has it bound)."""
+    for entry in os.scandir(folder):
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            os.unlink(entry.path)
+
+
+# What a sandbox waiting for its job may run for: its wall clock until the job's replaces it.
+WARM_WAIT_S = 7 * 24 * 3600.0
+
+
+class WarmSandbox:
+    """An own-code sandbox started before its job, so that the job does not wait for bubblewrap,
+    the interpreter and the runtime's slow imports (docs/benchmarks.md).
+
+    Nothing it is started with depends on the job: the worker's default runtime, a new private
+    work folder and an empty code folder (both made for this sandbox alone, under the work
+    root), no GPU, the slot's thread count, the default limits. The parent fills both folders
+    when a job that fits arrives (`fits`), then hands it over (`go`): the job's wall clock
+    starts, the folder goes to the sandbox's user, and the child reads its job file and runs the
+    entry as a cold one does. It serves that one job; the next job gets a new sandbox and new
+    folders. Until its go only the platform's code runs in it (factory_job waiting), so nothing
+    of a tenant's is there while the parent writes.
+    """
+
+    def __init__(self, *, runtime: Runtime, root: Path, threads: int):
+        self.runtime, self.threads = runtime, threads
+        self.went = False
+        self.work = staging_folder_create(root=root)
+        self.code = Path(tempfile.mkdtemp(prefix=f"{self.work.name}-code-", dir=root))
+        self.code.chmod(0o755)  # as a cold attempt's once extracted: the sandbox's user reads it
+        go_read, self._go = os.pipe()
+        try:
+            self.process = sandbox_start(
+                package_sandbox_spec(
+                    runtime=runtime,
+                    work_folder=self.work,
+                    code_folder=self.code,
+                    devices=(),
+                    threads=threads,
+                    limits=Limits(wall_clock_s=WARM_WAIT_S),
+                    go_fd=go_read,
+                )
+            )
+        except BaseException:
+            os.close(self._go)
+            self._remove_folders()
+            raise
+        finally:
+            os.close(go_read)
+
+    def fits(self, *, runtime: Runtime, threads: int, gpus: bool, serving: bool) -> bool:
+        """Whether a job may run in this sandbox: one of the same runtime and thread count, on
+        no GPU (device nodes are bound at start, a sandbox sees only its own job's GPUs, and a
+        pool process does not know its next job's GPUs), and not a replica (its channel is made
+        with it). Others start a sandbox cold."""
+        return runtime == self.runtime and threads == self.threads and not gpus and not serving
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def go(self, *, limits: Limits) -> SandboxedProcess:
+        """Hand the job the parent wrote into `work` and `code` to the waiting child, under
+        `limits` from now on; returns the running sandbox, which the caller now ends."""
+        self.went = True
+        self.process.rearm(limits)
+        sandbox_hand_over(self.work)
+        with contextlib.suppress(BrokenPipeError), open(self._go, "wb") as go:
+            go.write(factory_job.GO)
+        return self.process
+
+    def end(self) -> None:
+        """End it, unless it was handed a job (its attempt ends it then); its folders stay."""
+        if self.went:
+            return
+        with contextlib.suppress(OSError):
+            os.close(self._go)
+        self.process.kill()
+        self.process.wait()
+        self.process.stdout.close()
+        self.process.stderr.close()
+
+    def discard(self) -> None:
+        """`end`, and remove its folders."""
+        self.end()
+        self._remove_folders()
+
+    def _remove_folders(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)
+        shutil.rmtree(self.code, ignore_errors=True)
 
 
 # --- predictions -------------------------------------------------------------------------------

@@ -79,9 +79,19 @@ def attempt_folder_create(*, root: Path, job_id: int, attempt: int) -> Path:
     """A new folder for one attempt, for its owner only, under a name nobody can guess: a child
     finds another attempt's folder neither by naming it nor, under a root another user owns, by
     listing the root."""
+    return _private_folder_create(root, f"job-{job_id}-attempt-{attempt}")
+
+
+def staging_folder_create(*, root: Path) -> Path:
+    """As attempt_folder_create, for a sandbox started before its job is known: the job's
+    folder, bound into it ahead and filled by the worker once the job arrives."""
+    return _private_folder_create(root, "staged")
+
+
+def _private_folder_create(root: Path, prefix: str) -> Path:
     keep_private()  # the worker's open files in the folder must not show in its /proc
     _work_root_prepare(root)
-    workdir = root / f"job-{job_id}-attempt-{attempt}-{secrets.token_hex(16)}"
+    workdir = root / f"{prefix}-{secrets.token_hex(16)}"
     workdir.mkdir(mode=0o700)
     workdir.chmod(0o700)  # whatever the umask
     for private in ("home", "tmp"):

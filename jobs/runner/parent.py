@@ -67,6 +67,8 @@ from .code import (
     PackageRefused,
     ReplicaBroken,
     SandboxPredictor,
+    WarmSandbox,
+    folder_empty,
     gpu_devices,
     package_extract,
     package_line,
@@ -94,7 +96,7 @@ from .sandbox import (
     sandbox_start,
     sandbox_unavailable_reason,
 )
-from .warm import warm_child_replace, warm_child_take
+from .warm import warm_child_replace, warm_child_take, warm_sandbox_take
 
 logger = logging.getLogger(__name__)
 
@@ -150,18 +152,58 @@ def run_attempt(*, job_id: int, attempt: int, worker_id: int) -> str:
     job = attempt_claim(job_id=job_id, attempt=attempt, worker_id=worker_id)
     if job is None:
         return "not claimed"  # cancelled, moved to another attempt, or a duplicate message
-    workdir = attempt_folder_create(
-        root=Path(settings.WORKER_WORKDIR), job_id=job_id, attempt=attempt
+    warm = _warm_sandbox_take(job) if job.code_package_version_id is not None else None
+    workdir = (
+        warm.work
+        if warm is not None
+        else attempt_folder_create(
+            root=Path(settings.WORKER_WORKDIR), job_id=job_id, attempt=attempt
+        )
     )
     try:
-        runner = _CodeAttempt if job.code_package_version_id is not None else _Attempt
-        return runner(job, attempt, workdir).run()
+        if job.code_package_version_id is not None:
+            return _CodeAttempt(job, attempt, workdir, warm=warm).run()
+        return _Attempt(job, attempt, workdir).run()
     except StaleAttempt:
         logger.warning("job %s attempt %s is stale; stopped writing", job_id, attempt)
         return "stale"
     finally:
+        if warm is not None:
+            warm.discard()  # ends it if it never got the job (its inputs did not arrive)
         shutil.rmtree(workdir, ignore_errors=True)
         warm_child_replace()  # for the next job, now that this one's child is gone
+
+
+def _warm_sandbox_take(job: Job) -> WarmSandbox | None:
+    """The own-code sandbox this process started ahead, when the job fits it (WarmSandbox.fits)."""
+    try:
+        runtime = _job_runtime(job)
+    except RuntimeUnavailable:
+        return None  # the attempt fails saying so, without a sandbox
+    return warm_sandbox_take(
+        lambda sandbox: sandbox.fits(
+            runtime=runtime,
+            threads=child_threads(job.worker.slots),
+            gpus=job.resource_class.name != "cpu",
+            serving=job.kind == Job.Kind.SERVE,
+        )
+    )
+
+
+def _job_runtime(job: Job) -> Runtime:
+    """The interpreter this worker reported for the job's runtime, working. The scheduler placed
+    the job here because of that report; a worker restarted since without it refuses the job,
+    naming the runtime."""
+    interpreter = (
+        WorkerRuntime.objects.filter(worker_id=job.worker_id, runtime__name=job.runtime, error="")
+        .values_list("interpreter", flat=True)
+        .first()
+    )
+    if interpreter is None:
+        raise RuntimeUnavailable(
+            f"This worker does not offer the runtime {job.runtime!r} the package needs."
+        )
+    return python_runtime(interpreter)
 
 
 class _Attempt:
@@ -657,8 +699,10 @@ class _CodeAttempt(_Attempt):
     over a socket pair (code.SandboxPredictor): the package never listens on a network.
     """
 
-    def __init__(self, job: Job, attempt: int, workdir: Path):
+    def __init__(self, job: Job, attempt: int, workdir: Path, *, warm: WarmSandbox | None = None):
         super().__init__(job, attempt, workdir)
+        # A sandbox started ahead with `workdir` and its own code folder bound, until its go.
+        self.warm = warm
         self.version = job.code_package_version
         self.child: SandboxedProcess | None = None
         self.refused: str | None = None
@@ -667,7 +711,11 @@ class _CodeAttempt(_Attempt):
         # Beside the work folder, the worker's: the archive (private) and its files (read-only
         # to the sandbox, which sees them at /code).
         self.private = Path(tempfile.mkdtemp(prefix=f"{workdir.name}-archive-", dir=workdir.parent))
-        self.code = Path(tempfile.mkdtemp(prefix=f"{workdir.name}-code-", dir=workdir.parent))
+        self.code = (
+            warm.code
+            if warm is not None
+            else Path(tempfile.mkdtemp(prefix=f"{workdir.name}-code-", dir=workdir.parent))
+        )
         self.task = TASKS[job.kind]
         # A replica's: the server's thread, its stop, and why the package was ended if it was.
         self.server: threading.Thread | None = None
@@ -694,21 +742,7 @@ class _CodeAttempt(_Attempt):
             shutil.rmtree(self.code, ignore_errors=True)
 
     def _runtime(self) -> Runtime:
-        """The interpreter this worker reported for the job's runtime, working. The scheduler
-        placed the job here because of that report; a worker restarted since without it
-        refuses the job, naming the runtime."""
-        interpreter = (
-            WorkerRuntime.objects.filter(
-                worker_id=self.job.worker_id, runtime__name=self.job.runtime, error=""
-            )
-            .values_list("interpreter", flat=True)
-            .first()
-        )
-        if interpreter is None:
-            raise RuntimeUnavailable(
-                f"This worker does not offer the runtime {self.job.runtime!r} the package needs."
-            )
-        return python_runtime(interpreter)
+        return _job_runtime(self.job)
 
     def _write_spec(self) -> None:
         job, version = self.job, self.version
@@ -724,8 +758,9 @@ class _CodeAttempt(_Attempt):
             sha256=version.sha256,
             target=archive,
         )
-        shutil.rmtree(self.code)  # a retry after an outage starts from an empty folder
-        self.code.mkdir(mode=0o755)
+        # A retry after an outage starts from an empty folder; emptied, not replaced, since a
+        # warm sandbox has this one bound.
+        folder_empty(self.code)
         package_extract(archive, self.code, limits=code_package_limits())
         self.code.chmod(0o755)
         inputs_folder = self.workdir / "inputs"
@@ -792,22 +827,30 @@ class _CodeAttempt(_Attempt):
         # that reason; the sandbox's wall clock is the backstop should the parent miss it.
         wall_clock = job.max_runtime_s + grace + 30 if job.max_runtime_s else 7 * 24 * 3600
         gpus = job.resource_class.name != "cpu"
+        limits = Limits(wall_clock_s=wall_clock, stop_grace_s=grace)
         link, inside = socket.socketpair() if self.serving else (None, None)
-        spec = package_sandbox_spec(
-            runtime=self._runtime(),
-            work_folder=self.workdir,
-            code_folder=self.code,
-            devices=gpu_devices(job.slot_indices) if gpus else (),
-            threads=child_threads(job.worker.slots),
-            limits=Limits(wall_clock_s=wall_clock, stop_grace_s=grace),
-            channel_fd=inside.fileno() if inside is not None else None,
-        )
-        try:
-            # Started from the attempt's thread, which outlives it (the sandbox dies with it).
-            child = self.child = sandbox_start(spec)
-        finally:
-            if inside is not None:
-                inside.close()  # the sandbox holds its end; the worker keeps `link`
+        if self.warm is not None and not self.warm.alive():
+            # Died while the inputs arrived: the job starts cold, in the same folders.
+            self.warm.end()
+            self.warm = None
+        if self.warm is not None:
+            child = self.child = self.warm.go(limits=limits)
+        else:
+            spec = package_sandbox_spec(
+                runtime=self._runtime(),
+                work_folder=self.workdir,
+                code_folder=self.code,
+                devices=gpu_devices(job.slot_indices) if gpus else (),
+                threads=child_threads(job.worker.slots),
+                limits=limits,
+                channel_fd=inside.fileno() if inside is not None else None,
+            )
+            try:
+                # Started from the attempt's thread, which outlives it (the sandbox dies with it).
+                child = self.child = sandbox_start(spec)
+            finally:
+                if inside is not None:
+                    inside.close()  # the sandbox holds its end; the worker keeps `link`
         for stream, pipe in (("stdout", child.stdout), ("stderr", child.stderr)):
             threading.Thread(target=self._pump, args=(stream, pipe), daemon=True).start()
         if link is not None:

@@ -53,7 +53,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -385,6 +385,14 @@ def sandbox_command(spec: SandboxSpec) -> list[str]:
     return [*_limit_arguments(spec.limits, gpus=bool(spec.devices)), *spec.command]
 
 
+def sandbox_hand_over(work_folder: Path) -> None:
+    """Give the sandbox's user what the parent wrote into a started sandbox's work folder (the
+    inputs of a job handed to a sandbox started ahead of it), as sandbox_start does at start."""
+    user = _sandbox_user()
+    if user is not None:
+        _hand_over(work_folder, user)
+
+
 def _hand_over(work_folder: Path, user: tuple[int, int]) -> None:
     """Give the folder the parent prepared (inputs included) to the sandbox's user."""
     uid, gid = user
@@ -550,8 +558,18 @@ class SandboxedProcess:
         else:
             self.kill()
 
+    def rearm(self, limits: Limits) -> None:
+        """Hold `limits` from now on, the wall clock counted from now: a sandbox started ahead of
+        its job gets that job's clock and grace when the job is handed to it. Only the limits the
+        watchdog holds may change; the others were set in the sandbox when it started."""
+        held_inside = {"wall_clock_s": 0.0, "stop_grace_s": 0.0}
+        if replace(limits, **held_inside) != replace(self.spec.limits, **held_inside):
+            raise SandboxRefused("Only the wall clock and the grace of a started sandbox change.")
+        with self._lock:
+            self.spec = replace(self.spec, limits=limits)
+            self.started = time.monotonic()
+
     def _watch(self) -> None:
-        limits = self.spec.limits
         next_disk = self.started
         while True:
             try:
@@ -559,6 +577,7 @@ class SandboxedProcess:
                 return
             except subprocess.TimeoutExpired:
                 pass
+            limits = self.spec.limits  # rearm() may have changed them
             now = time.monotonic()
             if self._kill_at is not None and now >= self._kill_at:
                 self._ignored_term = True
