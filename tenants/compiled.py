@@ -1,0 +1,93 @@
+"""A values() query compiled to SQL once per process and database, then run with new values.
+
+Building and compiling a read's queryset cost a job read 1 to 2.5 ms of CPU per request; the
+statement itself ran in 0.15 ms (docs/benchmarks.md, API under load).
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from django.core.exceptions import ImproperlyConfigured
+from django.db import DEFAULT_DB_ALIAS, connections
+from django.db.models import QuerySet
+
+# Stand-ins for the values a statement takes at run time: negative, so never a real id, and
+# apart from anything a query holds as a constant.
+_MARK = -730_000_001
+
+
+@dataclass(frozen=True)
+class _Statement:
+    sql: str
+    params: tuple
+    slots: tuple[tuple[int, str], ...]  # (place in params, name of the value run() fills in)
+    names: tuple[str, ...]
+    converters: tuple[tuple[int, tuple, object], ...]  # (column, from_db_value chain, expression)
+
+
+class CompiledRows:
+    """`build(**values)` (a values() queryset of integer `values`: ids) compiled on first use per
+    database; `rows(**values)` runs that SQL with the values given, returning what the queryset
+    would: a dict per row, each column converted as the ORM converts it.
+
+    `build` runs once per database with stand-ins for the values, so whatever it checks (the
+    tenancy seal) it checks on the shape of the query, which is the same for every value."""
+
+    def __init__(self, build: Callable[..., QuerySet], *names: str) -> None:
+        self._build = build
+        self._names = names
+        self._statements: dict[str, _Statement] = {}
+
+    def _compile(self, using: str) -> _Statement:
+        marks = {name: _MARK - n for n, name in enumerate(self._names)}
+        queryset = self._build(**marks)
+        query = queryset.query
+        if query.values_select == () and not query.annotation_select:
+            raise ImproperlyConfigured("CompiledRows builds values() querysets only.")
+        compiler = query.get_compiler(using=using)
+        sql, params = compiler.as_sql()
+        slots = tuple(
+            (place, name)
+            for place, param in enumerate(params)
+            for name, mark in marks.items()
+            if type(param) is int and param == mark
+        )
+        if {name for _, name in slots} != set(self._names):
+            raise ImproperlyConfigured(
+                f"CompiledRows: the query takes {sorted(name for _, name in slots)} of "
+                f"{sorted(self._names)} as parameters; every value must be one."
+            )
+        fields = [column for column, _, _ in compiler.select[: compiler.col_count]]
+        converters = compiler.get_converters(fields)
+        return _Statement(
+            sql=sql,
+            params=tuple(params),
+            slots=slots,
+            names=(*query.extra_select, *query.values_select, *query.annotation_select),
+            converters=tuple(
+                (column, tuple(chain), expression)
+                for column, (chain, expression) in converters.items()
+            ),
+        )
+
+    def rows(self, *, using: str = DEFAULT_DB_ALIAS, **values: int) -> list[dict]:
+        statement = self._statements.get(using)
+        if statement is None:
+            statement = self._statements[using] = self._compile(using)
+        params = list(statement.params)
+        for place, name in statement.slots:
+            params[place] = values[name]
+        connection = connections[using]
+        with connection.cursor() as cursor:
+            cursor.execute(statement.sql, params)
+            fetched = cursor.fetchall()
+        result = []
+        for row in fetched:
+            row = list(row)
+            for column, chain, expression in statement.converters:
+                value = row[column]
+                for converter in chain:
+                    value = converter(value, expression, connection)
+                row[column] = value
+            result.append(dict(zip(statement.names, row, strict=True)))
+        return result
