@@ -38,14 +38,15 @@ def dataset_get(*, organization: Organization, name: str) -> Dataset:
 
 
 def dataset_version_get(
-    *, organization: Organization, dataset_name: str, number: int
+    *, organization: Organization, dataset_name: str, number: int, as_input: bool = False
 ) -> DatasetVersion:
-    version = (
-        DatasetVersion.objects.for_organization(organization)
-        .select_related("dataset")
-        .filter(dataset__name=dataset_name, number=number)
-        .first()
-    )
+    """A version by its dataset's name and number; `as_input`, without its schema, profile and
+    preview (kilobytes of JSON each on real data), which naming it as a job's input never reads:
+    reading one of them later costs a query."""
+    versions = DatasetVersion.objects.for_organization(organization).select_related("dataset")
+    if as_input:
+        versions = versions.defer("schema", "profile", "preview")
+    version = versions.filter(dataset__name=dataset_name, number=number).first()
     if version is None:
         raise Http404
     return version

@@ -63,7 +63,10 @@ class _JobInputs:
     def _dataset_version(self, ref: dict):
         try:
             return dataset_version_get(
-                organization=self.organization, dataset_name=ref["dataset"], number=ref["number"]
+                organization=self.organization,
+                dataset_name=ref["dataset"],
+                number=ref["number"],
+                as_input=True,
             )
         except Http404 as exc:
             raise DomainError(
