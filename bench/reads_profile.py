@@ -5,7 +5,8 @@
 Runs against bench/load.py's seeded database (BENCH_LOAD_DATABASE_URL) with its settings
 (production plus the baseline routes) through Django's test client: no server, no clients, so
 the figure is the view's own CPU (authentication, queries, serialization, rendering). Prints,
-per endpoint, the median over rounds of CPU ms per request and the queries one request makes;
+per endpoint, the medians over rounds of CPU ms per request (this process's, and its PostgreSQL
+backend's, read from /proc like bench/load.py's) and the queries one request makes;
 `--profile NAME` prints that endpoint's cProfile instead.
 """
 
@@ -16,7 +17,14 @@ import pstats
 import statistics
 import time
 
-from bench.load import DATABASE_URL, REDIS_URL, SETTINGS_MODULE, token_for
+from bench.load import (
+    DATABASE_URL,
+    REDIS_URL,
+    SETTINGS_MODULE,
+    cpu_seconds,
+    forget_submitted,
+    token_for,
+)
 
 
 def main() -> None:
@@ -48,6 +56,7 @@ def main() -> None:
     from jobs.models import Job, JobState
     from tenants.models import Organization
 
+    forget_submitted()  # the seed's jobs as bench/load.py reads them, not its last run's submits
     org = Organization.objects.get(slug="load-org-0")
     base = f"/api/v1/orgs/{org.slug}"
     jobs = Job.objects.filter(organization=org)
@@ -86,18 +95,26 @@ def main() -> None:
         with CaptureQueriesContext(connection) as captured:
             get(url)
         queries[name] = len(captured)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        [backend] = cursor.fetchone()
     cpu: dict[str, list[float]] = {name: [] for name in urls}
+    db: dict[str, list[float]] = {name: [] for name in urls}
     for _ in range(args.rounds):
         for name, url in urls.items():
-            began = time.process_time()
+            began, db_began = time.process_time(), cpu_seconds(backend)
             for _ in range(args.n):
                 get(url)
             cpu[name].append((time.process_time() - began) * 1000 / args.n)
+            db[name].append((cpu_seconds(backend) - db_began) * 1000 / args.n)
     print(f"load average {os.getloadavg()[0]:.2f}")
+    bare = statistics.median(cpu["bare_drf"]) + statistics.median(db["bare_drf"])
     for name in urls:
-        ms = statistics.median(cpu[name])
-        ratio = statistics.median(cpu["bare_drf"]) / ms
-        print(f"{name:18} {ms:6.2f} ms CPU  {queries[name]} queries  vs bare {ratio:.2f}")
+        ms, db_ms = statistics.median(cpu[name]), statistics.median(db[name])
+        print(
+            f"{name:18} web {ms:6.2f} ms  db {db_ms:5.2f} ms  {queries[name]} queries  "
+            f"CPU vs bare {bare / (ms + db_ms):.2f}"
+        )
 
 
 if __name__ == "__main__":

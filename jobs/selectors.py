@@ -9,11 +9,8 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 from django.db.models import (
-    Case,
     Count,
     F,
-    Func,
-    IntegerField,
     Max,
     Min,
     OuterRef,
@@ -22,7 +19,6 @@ from django.db.models import (
     QuerySet,
     Subquery,
     Sum,
-    When,
     Window,
 )
 from django.db.models.functions import RowNumber
@@ -105,36 +101,15 @@ def job_list(
 COST_FIELDS = ("id", "state", "kind", "attempt", "gpu_count", "cost_minor", "resource_class__name")
 
 
-# A read's row answers two things its fields need beside the job's own columns, as subqueries of
-# the row's query rather than queries of their own (a query was 0.5 to 1.5 ms of CPU per read,
-# docs/benchmarks.md): the started time of the job's current attempt (what job_costs_so_far
-# prices a running job from) and, for a queued job, how many of its class are queued ahead of it
-# (queue_positions' order: priority, then submit time, then id).
+# A read's row brings the started time of the job's current attempt (what job_costs_so_far
+# prices a running job from) as a subquery of its own query, not a query of its own (a query
+# was 0.5 to 1.5 ms of CPU per read, docs/benchmarks.md). A queued job's place stays a query of
+# its own (queue_positions): as a subquery it counted the queue once per queued row of the page.
 ATTEMPT_STARTED = "current_attempt_started_at"
-QUEUED_AHEAD = "queued_ahead_count"
 
 
 def job_row_annotations() -> dict:
-    """The values() expressions of ATTEMPT_STARTED and QUEUED_AHEAD for a job row."""
-    ahead = (
-        Job.objects.filter(
-            organization=OuterRef("organization"),
-            resource_class=OuterRef("resource_class"),
-            state=JobState.QUEUED,
-        )
-        .filter(
-            Q(priority__gt=OuterRef("priority"))
-            | Q(priority=OuterRef("priority"), created_at__lt=OuterRef("created_at"))
-            | Q(
-                priority=OuterRef("priority"),
-                created_at=OuterRef("created_at"),
-                pk__lt=OuterRef("pk"),
-            )
-        )
-        .order_by()
-        .annotate(n=Func("pk", function="COUNT", output_field=IntegerField()))
-        .values("n")
-    )
+    """The values() expression of ATTEMPT_STARTED for a job row."""
     started = (
         JobAttempt.objects.filter(
             job=OuterRef("pk"), number=OuterRef("attempt"), started_at__isnull=False
@@ -142,10 +117,7 @@ def job_row_annotations() -> dict:
         .order_by()
         .values("started_at")[:1]
     )
-    return {
-        ATTEMPT_STARTED: Subquery(started),
-        QUEUED_AHEAD: Case(When(state=JobState.QUEUED, then=Subquery(ahead))),
-    }
+    return {ATTEMPT_STARTED: Subquery(started)}
 
 
 def queue_positions(*, organization: Organization, resource_class_ids: set[int]) -> dict[int, int]:

@@ -18,11 +18,11 @@ from jobs.models import (
 )
 from jobs.selectors import (
     COST_FIELDS,
-    QUEUED_AHEAD,
     job_cost_so_far,
     job_costs_so_far,
     job_rightsizing_hint,
     job_row_annotations,
+    queue_positions,
 )
 from registry.selectors import (
     VERSION_NAME,
@@ -258,7 +258,7 @@ _VERSION_FIELDS = {
 # the row keys each needs (job_rows_data computes them as the properties do).
 _COMPUTED_FIELDS = {
     "waiting_reason": ("waiting_reason", "reserved_machine", "expected_start_at"),
-    "queue_position": ("state",),  # and QUEUED_AHEAD, a job_row_annotations subquery
+    "queue_position": ("state", "resource_class"),
 }
 
 
@@ -302,7 +302,7 @@ def _iso_datetime(field) -> bool:
 
 def job_rows(queryset, *, versions: bool = False):
     """`queryset` (of jobs) as the values() rows job_rows_data reads: the row's fields and the
-    subqueries that price a running job and place a queued one; with `versions`, the names of
+    subquery that prices a running job; with `versions`, the names of
     the versions it points at too, which job_rows_data otherwise reads in a query per kind (ten
     subqueries more to compile: for a statement compiled once, tenants.compiled)."""
     annotations = job_row_annotations()
@@ -328,6 +328,12 @@ def job_rows_data(*, rows: list[dict], organization: Organization) -> list[dict]
         model_versions=ids["model"],
         code_package_versions=ids["code_package"],
     )
+    positions = queue_positions(
+        organization=organization,
+        resource_class_ids={
+            row["resource_class"] for row in rows if row["state"] == JobState.QUEUED
+        },
+    )
     zone = timezone.get_current_timezone()
     data = []
     for row in rows:
@@ -347,8 +353,7 @@ def job_rows_data(*, rows: list[dict], organization: Organization) -> list[dict]
             elif name == "waiting_reason":
                 item[name] = waiting_text(*(row[key] for key in _COMPUTED_FIELDS[name]))
             elif name == "queue_position":
-                ahead = row[QUEUED_AHEAD]
-                item[name] = ahead + 1 if row["state"] == JobState.QUEUED else None
+                item[name] = positions.get(row["id"]) if row["state"] == JobState.QUEUED else None
             else:
                 relation, kind, label = _VERSION_FIELDS[name]
                 if VERSION_NAME.format(relation) in row:

@@ -96,7 +96,7 @@ def _job_row(*, organization: int, job: int):
     return s.job_rows(rows.filter(pk=job), versions=True)
 
 
-_JOB_ROW = CompiledRows(_job_row, "organization", "job")
+_JOB_ROW = CompiledRows(_job_row, organization=int, job=int)
 
 
 def _job_page(*, organization: int, limit: int):
@@ -129,7 +129,7 @@ class _FirstPage:
             raise ImproperlyConfigured("The first page is read from its start.")
         if window.stop not in _JOB_PAGES:
             _JOB_PAGES[window.stop] = CompiledRows(
-                functools.partial(_job_page, limit=window.stop), "organization"
+                functools.partial(_job_page, limit=window.stop), organization=int
             )
         return _JOB_PAGES[window.stop].rows(organization=self.organization)
 
