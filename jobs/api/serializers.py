@@ -302,9 +302,9 @@ def _iso_datetime(field) -> bool:
 
 def job_rows(queryset, *, versions: bool = False):
     """`queryset` (of jobs) as the values() rows job_rows_data reads: the row's fields and the
-    subquery that prices a running job; with `versions`, the names of
-    the versions it points at too, which job_rows_data otherwise reads in a query per kind (ten
-    subqueries more to compile: for a statement compiled once, tenants.compiled)."""
+    subquery that prices a running job; with `versions`, the names of the versions it points at
+    too, which job_rows_data otherwise reads in a query per kind (ten subqueries more to compile:
+    for a statement compiled once, tenants.compiled)."""
     annotations = job_row_annotations()
     if versions:
         for relation, kind, _ in _VERSION_FIELDS.values():
