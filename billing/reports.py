@@ -4,6 +4,7 @@ and the operators' billing overview (all tenants, staff only)."""
 from __future__ import annotations
 
 import csv
+import functools
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -11,10 +12,11 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 from django.conf import settings
-from django.db.models import Case, CharField, F, Sum, Value, When
+from django.db.models import Case, CharField, F, QuerySet, Sum, Value, When
 from django.db.models.fields.json import KeyTextTransform
 from django.db.models.functions import TruncDate
 
+from tenants.compiled import CompiledRows
 from tenants.models import Organization
 
 from .errors import BillingError
@@ -226,6 +228,23 @@ def _group_name(group_by: str, values: dict) -> tuple[str, str | None]:
     return str(key), str(key)
 
 
+def _cells(*, organization: int, since: datetime, until: datetime, groups: dict) -> QuerySet:
+    """The ledger's sums by group, day, resource, currency and unit (usage_report's one query)."""
+    return (
+        UsageRecord.objects.for_organization(organization)
+        .filter(period_end__gte=since, period_end__lt=until)
+        .annotate(**groups, cell_day=TruncDate("period_end", tzinfo=UTC))
+        .values(*groups, "cell_day", "resource", "currency", "unit")
+        .annotate(amount=Sum("amount_minor"), quantity=Sum("quantity"))
+        .order_by()
+    )
+
+
+# usage_report's query compiled once per grouping (tenants.compiled): building and compiling it
+# was most of the usage summary's CPU beside authentication (docs/benchmarks.md).
+_CELLS: dict[str, CompiledRows] = {}
+
+
 def usage_report(
     *, organization: Organization, start: date, end: date, group_by: str, label_key: str = ""
 ) -> UsageReport:
@@ -242,14 +261,17 @@ def usage_report(
         raise _invalid(errors)
     since, until = _day_bounds(start, end)
     groups = _group_expression(group_by, label_key)
-    cells = list(
-        UsageRecord.objects.for_organization(organization)
-        .filter(period_end__gte=since, period_end__lt=until)
-        .annotate(**groups, cell_day=TruncDate("period_end", tzinfo=UTC))
-        .values(*groups, "cell_day", "resource", "currency", "unit")
-        .annotate(amount=Sum("amount_minor"), quantity=Sum("quantity"))
-        .order_by()
-    )
+    if group_by == "label":  # the label key is part of the query's text
+        cells = list(_cells(organization=organization.pk, since=since, until=until, groups=groups))
+    else:
+        if group_by not in _CELLS:
+            _CELLS[group_by] = CompiledRows(
+                functools.partial(_cells, groups=groups),
+                organization=int,
+                since=datetime,
+                until=datetime,
+            )
+        cells = _CELLS[group_by].rows(organization=organization.pk, since=since, until=until)
 
     by_currency: dict[str, int] = defaultdict(int)
     for cell in cells:

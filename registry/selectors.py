@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from django.conf import settings
-from django.db.models import Count, Max, QuerySet
+from django.db.models import Count, Max, OuterRef, QuerySet, Subquery
 from django.http import Http404
 from django.utils import timezone
 
@@ -41,14 +41,15 @@ def dataset_get(*, organization: Organization, name: str) -> Dataset:
 
 
 def dataset_version_get(
-    *, organization: Organization, dataset_name: str, number: int
+    *, organization: Organization, dataset_name: str, number: int, as_input: bool = False
 ) -> DatasetVersion:
-    version = (
-        DatasetVersion.objects.for_organization(organization)
-        .select_related("dataset")
-        .filter(dataset__name=dataset_name, number=number)
-        .first()
-    )
+    """A version by its dataset's name and number; `as_input`, without its schema, profile and
+    preview (kilobytes of JSON each on real data), which naming it as a job's input never reads:
+    reading one of them later costs a query."""
+    versions = DatasetVersion.objects.for_organization(organization).select_related("dataset")
+    if as_input:
+        versions = versions.defer("schema", "profile", "preview")
+    version = versions.filter(dataset__name=dataset_name, number=number).first()
     if version is None:
         raise Http404
     return version
@@ -197,6 +198,27 @@ def version_names(
         )
         names[kind] = {pk: (name, number) for pk, name, number in rows}
     return names
+
+
+VERSION_NAME, VERSION_NUMBER = "{}__version_name", "{}__version_number"
+
+
+def version_name_subqueries(*, kind: str, ref: str) -> dict[str, Subquery]:
+    """What version_names answers for one row, as two subqueries of the row's own query: the
+    name and number of the `kind` version whose id the row's `ref` column holds, under the keys
+    VERSION_NAME and VERSION_NUMBER formatted with `ref` (both null where it holds none)."""
+    model, parent_name = {
+        "dataset": (DatasetVersion, "dataset__name"),
+        "model": (ModelVersion, "registered_model__name"),
+        "code_package": (CodePackageVersion, "package__name"),
+    }[kind]
+    version = model.objects.filter(
+        organization=OuterRef("organization"), pk=OuterRef(ref)
+    ).order_by()
+    return {
+        VERSION_NAME.format(ref): Subquery(version.values(parent_name)[:1]),
+        VERSION_NUMBER.format(ref): Subquery(version.values("number")[:1]),
+    }
 
 
 def registered_model_list(*, organization: Organization) -> QuerySet[RegisteredModel]:

@@ -45,7 +45,7 @@ from tenants.services import audit_record
 
 from .attempts import attempt_close, attempt_release, checkpoint_forget
 from .events import job_ended_publish, job_event
-from .quotas import quota_ensure
+from .quotas import quota_locked
 from .ticks import tick_soon
 
 # What a code package's batch inference reads (the worker hands its rows over as JSON objects).
@@ -515,8 +515,7 @@ def job_admit(
         with transaction.atomic():
             # Locking the quota row serialises concurrent submits of one organization and class,
             # so the queued-jobs cap holds under races.
-            quota = quota_ensure(organization=organization, resource_class=resource_class)
-            quota = type(quota).objects.select_for_update().get(pk=quota.pk)
+            quota = quota_locked(organization=organization, resource_class=resource_class)
             if gpu_count > quota.limit_gpus:
                 raise QuotaExceeded(
                     f"The job asks for {gpu_count} {resource_class} GPUs; "

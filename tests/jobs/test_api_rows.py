@@ -104,10 +104,15 @@ def _assert_same(got: dict, want: dict) -> None:
             assert got[field] == value, field
 
 
-def test_list_and_detail_answer_what_the_job_serializer_says(org, jobs, member_factory, client_for):
+# The first page of an unfiltered list reads from a statement compiled once per page size
+# (jobs.api.views._FirstPage); a filter, a cursor or any other parameter builds the queryset.
+@pytest.mark.parametrize("query", ["", "?page_size=200", "?other=1"])
+def test_list_and_detail_answer_what_the_job_serializer_says(
+    org, jobs, member_factory, client_for, query
+):
     client = client_for(member_factory(org, "viewer"))
     url = f"/api/v1/orgs/{org.slug}/jobs/"
-    listed = {row["id"]: row for row in client.get(url).json()["results"]}
+    listed = {row["id"]: row for row in client.get(url + query).json()["results"]}
     assert set(listed) == {job.pk for job in jobs}
     for job in jobs:
         want = _expected(job)
@@ -127,7 +132,8 @@ def test_another_organizations_job_is_404_and_never_listed(org, other_org, jobs,
     outsider = MembershipFactory(organization=other_org, role="owner").user
     client = key_client_for(outsider, other_org)
     assert client.get(f"/api/v1/orgs/{other_org.slug}/jobs/").json()["results"] == []
-    for path in (f"{jobs[0].pk}/", "not-a-number/"):
+    # Ids no job can have answer 404 like a missing one, never a database error.
+    for path in (f"{jobs[0].pk}/", "not-a-number/", "0/", "%C2%B2/", f"{2**63}/", f"{10**30}/"):
         assert client.get(f"/api/v1/orgs/{other_org.slug}/jobs/{path}").status_code == 404
     assert client.get(f"/api/v1/orgs/{org.slug}/jobs/{jobs[0].pk}/").status_code == 404
 
@@ -148,3 +154,43 @@ def test_a_page_reads_in_a_fixed_number_of_queries(org, jobs, member_factory, ke
     with CaptureQueriesContext(connection) as after:
         assert len(client.get(url).json()["results"]) == len(jobs) + 5
     assert len(after.captured_queries) == len(before.captured_queries)
+
+
+def test_the_first_page_links_on_as_the_queryset_path_does(org, jobs, member_factory, client_for):
+    """Pages of 4 from the compiled first page and from the queryset path (a parameter more):
+    the same jobs, the same order, and the next links lead through all of them once."""
+    client = client_for(member_factory(org, "viewer"))
+    url = f"/api/v1/orgs/{org.slug}/jobs/"
+    compiled, built = (
+        client.get(f"{url}?page_size=4").json(),
+        client.get(f"{url}?page_size=4&other=1").json(),
+    )
+    assert compiled["results"] == built["results"] and compiled["previous"] is None
+    assert compiled["next"].replace("&other=1", "") == built["next"].replace("&other=1", "")
+    seen, page = [], compiled
+    while True:
+        seen += [row["id"] for row in page["results"]]
+        if page["next"] is None:
+            break
+        page = client.get(page["next"]).json()
+    want = Job.objects.filter(organization=org).order_by("-created_at", "-pk")
+    assert seen == list(want.values_list("pk", flat=True))
+
+
+def test_a_job_read_from_a_compiled_statement_is_another_organizations_404(
+    org, other_org, jobs, key_client_for
+):
+    """The statement compiled for one organization's read serves the next organization's read
+    with its own id, not the first one's."""
+    insider = key_client_for(MembershipFactory(organization=org, role="owner").user, org)
+    outsider_user = MembershipFactory(organization=other_org, role="owner").user
+    outsider = key_client_for(outsider_user, other_org)
+    theirs = JobFactory(organization=other_org)
+    assert insider.get(f"/api/v1/orgs/{org.slug}/jobs/{jobs[0].pk}/").status_code == 200
+    assert insider.get(f"/api/v1/orgs/{org.slug}/jobs/{theirs.pk}/").status_code == 404
+    assert outsider.get(f"/api/v1/orgs/{other_org.slug}/jobs/{jobs[0].pk}/").status_code == 404
+    assert (
+        outsider.get(f"/api/v1/orgs/{other_org.slug}/jobs/{theirs.pk}/").json()["id"] == theirs.pk
+    )
+    listed = outsider.get(f"/api/v1/orgs/{other_org.slug}/jobs/").json()["results"]
+    assert [row["id"] for row in listed] == [theirs.pk]

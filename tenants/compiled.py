@@ -1,0 +1,102 @@
+"""A values() query compiled to SQL once per process and database, then run with new values.
+
+Building and compiling a read's queryset cost a job read 1 to 2.5 ms of CPU per request; the
+statement itself ran in 0.15 ms (docs/benchmarks.md, API under load).
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from django.core.exceptions import ImproperlyConfigured
+from django.db import DEFAULT_DB_ALIAS, connections
+from django.db.models import QuerySet
+from django.db.models.query import ValuesIterable
+
+# Stand-ins for the values a statement takes at run time, by type: a negative id, never a real
+# one, and a moment in 1901, before any row; each apart from anything a query holds as a constant.
+_MARKS = {
+    int: lambda n: -730_000_001 - n,
+    datetime: lambda n: datetime(1901, 1, 1, tzinfo=UTC) + timedelta(seconds=n),
+}
+
+
+@dataclass(frozen=True)
+class _Statement:
+    sql: str
+    params: tuple
+    slots: tuple[tuple[int, str], ...]  # (place in params, name of the value run() fills in)
+    names: tuple[str, ...]
+    converters: tuple[tuple[int, tuple, object], ...]  # (column, from_db_value chain, expression)
+
+
+class CompiledRows:
+    """`build(**values)` (a values() queryset; `types` names each value's type, int or datetime)
+    compiled on first use per database; `rows(**values)` runs that SQL with the values given,
+    returning what the queryset would: a dict per row, each column converted as the ORM does.
+
+    `build` runs once per database with stand-ins for the values, so whatever it checks (the
+    tenancy seal) it checks on the shape of the query, which is the same for every value. Where
+    a database's SQL does not carry each value as a parameter of its own (SQLite writes moments
+    as text), every call builds and runs the queryset instead."""
+
+    def __init__(self, build: Callable[..., QuerySet], **types: type) -> None:
+        self._build = build
+        self._types = types
+        self._statements: dict[str, _Statement | None] = {}
+
+    def _compile(self, using: str) -> _Statement | None:
+        marks = {name: _MARKS[kind](n) for n, (name, kind) in enumerate(self._types.items())}
+        queryset = self._build(**marks)
+        query = queryset.query
+        if queryset._iterable_class is not ValuesIterable:
+            raise ImproperlyConfigured("CompiledRows builds values() querysets only.")
+        compiler = query.get_compiler(using=using)
+        sql, params = compiler.as_sql()
+        slots = tuple(
+            (place, name)
+            for place, param in enumerate(params)
+            for name, mark in marks.items()
+            if type(param) is type(mark) and param == mark
+        )
+        if {name for _, name in slots} != set(self._types):
+            return None
+        fields = [column for column, _, _ in compiler.select[: compiler.col_count]]
+        converters = compiler.get_converters(fields)
+        return _Statement(
+            sql=sql,
+            params=tuple(params),
+            slots=slots,
+            # The keys as ValuesIterable names the columns.
+            names=tuple(query.selected)
+            if query.selected
+            else (*query.extra_select, *query.values_select, *query.annotation_select),
+            converters=tuple(
+                (column, tuple(chain), expression)
+                for column, (chain, expression) in converters.items()
+            ),
+        )
+
+    def rows(self, *, using: str = DEFAULT_DB_ALIAS, **values) -> list[dict]:
+        if using not in self._statements:
+            self._statements[using] = self._compile(using)
+        statement = self._statements[using]
+        if statement is None:
+            return list(self._build(**values).using(using))
+        params = list(statement.params)
+        for place, name in statement.slots:
+            params[place] = values[name]
+        connection = connections[using]
+        with connection.cursor() as cursor:
+            cursor.execute(statement.sql, params)
+            fetched = cursor.fetchall()
+        result = []
+        for row in fetched:
+            row = list(row)
+            for column, chain, expression in statement.converters:
+                value = row[column]
+                for converter in chain:
+                    value = converter(value, expression, connection)
+                row[column] = value
+            result.append(dict(zip(statement.names, row, strict=True)))
+        return result
