@@ -11,19 +11,11 @@ from django.views.generic import TemplateView
 
 from tenants.errors import DomainError
 from tenants.standing import Effect
-from tenants.views.base import OrganizationPageMixin
+from tenants.views.base import OrganizationPageMixin, form_add_domain_error
 
 from . import selectors, services
 from .forms import EndpointForm, EndpointUpdateForm
 from .models import WebhookDelivery, WebhookEndpoint
-
-
-def _add_domain_error(form, error: DomainError) -> None:
-    for field, errors in (error.fields or {}).items():
-        for message in errors:
-            form.add_error(field if field in form.fields else None, message)
-    if not error.fields:
-        form.add_error(None, error.detail)
 
 
 class EndpointsPage(OrganizationPageMixin, TemplateView):
@@ -44,7 +36,7 @@ class EndpointsPage(OrganizationPageMixin, TemplateView):
                     organization=self.organization, actor=self.actor, **form.cleaned_data
                 )
             except DomainError as error:
-                _add_domain_error(form, error)
+                form_add_domain_error(form, error)
             else:
                 # The secret is shown in this response only (derived again on request: rotate).
                 context = self.get_context_data(form=EndpointForm(), new=endpoint, secret=secret)
@@ -92,7 +84,7 @@ class EndpointPage(OrganizationPageMixin, TemplateView):
                     endpoint=self.get_org_object(), actor=self.actor, **form.cleaned_data
                 )
             except DomainError as error:
-                _add_domain_error(form, error)
+                form_add_domain_error(form, error)
             else:
                 messages.success(request, "Endpoint saved.")
                 return redirect("webhooks:endpoint", org_slug, pk)

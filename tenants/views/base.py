@@ -15,6 +15,7 @@ from django.shortcuts import get_object_or_404, render
 
 from tenants.actors import Actor
 from tenants.api.throttles import throttle_wait
+from tenants.errors import DomainError
 from tenants.seal import SealBroken, organization_rows, refuse_unsealed
 from tenants.selectors import organization_access
 from tenants.standing import Effect, OrganizationRestricted, action_effect, standing_check
@@ -132,3 +133,13 @@ class OrganizationPageMixin(LoginRequiredMixin):
             organization=self.organization, membership=self.membership, scopes=self.granted_scopes
         )
         return context
+
+
+def form_add_domain_error(form, error: DomainError) -> None:
+    """Show a service's refusal on the form: each field's messages beside the field (or above
+    the form for a field it does not have), else the refusal's detail above it."""
+    for field, errors in (error.fields or {}).items():
+        for message in errors:
+            form.add_error(field if field in form.fields else None, message)
+    if not error.fields:
+        form.add_error(None, error.detail)

@@ -26,15 +26,7 @@ from tenants.models import ApiKey, Invitation, Membership
 from tenants.scopes import Role, roles_within
 from tenants.standing import Effect
 
-from .base import OrganizationPageMixin, throttled_page
-
-
-def _add_domain_error(form, error: DomainError) -> None:
-    for field, errors in (error.fields or {}).items():
-        for message in errors:
-            form.add_error(field if field in form.fields else None, message)
-    if not error.fields:
-        form.add_error(None, error.detail)
+from .base import OrganizationPageMixin, form_add_domain_error, throttled_page
 
 
 class OrganizationCreatePage(LoginRequiredMixin, View):
@@ -58,7 +50,7 @@ class OrganizationCreatePage(LoginRequiredMixin, View):
                     actor=Actor.from_request(request),
                 )
             except DomainError as error:
-                _add_domain_error(form, error)
+                form_add_domain_error(form, error)
             else:
                 messages.success(request, f"{organization.name} is ready.")
                 return redirect("tenants:overview", organization.slug)
@@ -100,7 +92,7 @@ class InvitationAcceptPage(View):
                     actor=Actor.from_request(request),
                 )
             except DomainError as error:
-                _add_domain_error(form, error)
+                form_add_domain_error(form, error)
                 status = error.status
             else:
                 messages.success(request, f"Welcome to {membership.organization.name}.")
@@ -149,7 +141,7 @@ class SettingsPage(OrganizationPageMixin, TemplateView):
                     organization=self.organization, name=form.cleaned_data["name"], actor=self.actor
                 )
             except DomainError as error:
-                _add_domain_error(form, error)
+                form_add_domain_error(form, error)
             else:
                 messages.success(request, "Saved.")
                 return redirect("tenants:settings", org_slug)
@@ -184,7 +176,7 @@ class MembersPage(OrganizationPageMixin, TemplateView):
                     organization=self.organization, actor=self.actor, **form.cleaned_data
                 )
             except DomainError as error:
-                _add_domain_error(form, error)
+                form_add_domain_error(form, error)
             else:
                 messages.success(request, f"Invitation sent to {invitation.email}.")
                 return redirect("tenants:members", org_slug)
@@ -274,7 +266,7 @@ class ApiKeysPage(_OwnKeysUnlessAdmin, OrganizationPageMixin, TemplateView):
                     organization=self.organization, actor=self.actor, **form.cleaned_data
                 )
             except DomainError as error:
-                _add_domain_error(form, error)
+                form_add_domain_error(form, error)
             else:
                 # The token exists only in this response: it is never stored or shown again.
                 context = self.get_context_data(
