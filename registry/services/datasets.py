@@ -736,25 +736,7 @@ def _finalize_claimed(*, upload: PendingUpload, claim: datetime, actor: Actor) -
     )
     storage.copy(upload.storage_key, key)
     try:
-        with transaction.atomic():
-            # A claim that lapsed while this copy ran may have been taken by a later finalize.
-            if (
-                not PendingUpload.objects.select_for_update()
-                .filter(pk=upload.pk, finalize_claimed_until=claim)
-                .exists()
-            ):
-                raise ConflictError("This upload was finalized by another request.")
-            # The copy's size and hash are the check's: it reads the copy whole anyway.
-            version = _record_checking(
-                dataset=upload.dataset,
-                key=key,
-                size=upload.size_bytes,
-                sha256="",
-                filename=upload.original_filename,
-                declared_format=upload.declared_format,
-                actor=actor,
-            )
-            PendingUpload.objects.filter(pk=upload.pk).delete()
+        version = _record_claimed(upload=upload, claim=claim, key=key, actor=actor)
     except BaseException:
         stored_objects_delete([key])
         raise
@@ -810,23 +792,33 @@ def _finalize_parts_claimed(
             raise _size_mismatch(upload, stored or 0)
     # A failure from here leaves the object and the row: a finalize sent again records it, and
     # an upload left to expire is swept, object and all.
-    with transaction.atomic():
-        if (
-            not PendingUpload.objects.select_for_update()
-            .filter(pk=upload.pk, finalize_claimed_until=claim)
-            .exists()
-        ):
-            raise ConflictError("This upload was finalized by another request.")
-        version = _record_checking(
-            dataset=upload.dataset,
-            key=key,
-            size=upload.size_bytes,
-            sha256="",
-            filename=upload.original_filename,
-            declared_format=upload.declared_format,
-            actor=actor,
-        )
-        PendingUpload.objects.filter(pk=upload.pk).delete()
+    return _record_claimed(upload=upload, claim=claim, key=key, actor=actor)
+
+
+@transaction.atomic
+def _record_claimed(
+    *, upload: PendingUpload, claim: datetime, key: str, actor: Actor
+) -> DatasetVersion:
+    """Record the object under `key` as the upload's version in `checking` and forget the
+    upload, if this finalize still holds its claim (one that lapsed while storage was busy may
+    have been taken by a later finalize). Its size and hash are the check's to find: the check
+    reads the object whole anyway."""
+    if (
+        not PendingUpload.objects.select_for_update()
+        .filter(pk=upload.pk, finalize_claimed_until=claim)
+        .exists()
+    ):
+        raise ConflictError("This upload was finalized by another request.")
+    version = _record_checking(
+        dataset=upload.dataset,
+        key=key,
+        size=upload.size_bytes,
+        sha256="",
+        filename=upload.original_filename,
+        declared_format=upload.declared_format,
+        actor=actor,
+    )
+    PendingUpload.objects.filter(pk=upload.pk).delete()
     return version
 
 
