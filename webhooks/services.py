@@ -109,7 +109,6 @@ def _check_event_types(event_types) -> list[str]:
     return sorted(set(event_types))
 
 
-@transaction.atomic
 def endpoint_create(
     *,
     organization: Organization,
@@ -119,29 +118,30 @@ def endpoint_create(
     description: str = "",
 ) -> tuple[WebhookEndpoint, str]:
     """A new endpoint and its secret, returned once here (it is shown again only on request)."""
+    # Checked before the transaction opens: resolving the name is a network call.
     url, event_types = _check_url(url), _check_event_types(event_types)
-    Organization.objects.select_for_update().get(pk=organization.pk)
-    if WebhookEndpoint.objects.for_organization(organization).count() >= MAX_ENDPOINTS:
-        raise ConflictError(f"An organization has at most {MAX_ENDPOINTS} webhook endpoints.")
-    endpoint = WebhookEndpoint.objects.create(
-        organization=organization,
-        url=url,
-        description=description[:200],
-        event_types=event_types,
-        created_by=actor.user,
-    )
-    secret = _secret_new(endpoint)
-    audit_record(
-        organization=organization,
-        actor=actor,
-        action="webhook.create",
-        target=endpoint,
-        data={"url": url, "event_types": event_types},
-    )
+    with transaction.atomic():
+        Organization.objects.select_for_update().get(pk=organization.pk)
+        if WebhookEndpoint.objects.for_organization(organization).count() >= MAX_ENDPOINTS:
+            raise ConflictError(f"An organization has at most {MAX_ENDPOINTS} webhook endpoints.")
+        endpoint = WebhookEndpoint.objects.create(
+            organization=organization,
+            url=url,
+            description=description[:200],
+            event_types=event_types,
+            created_by=actor.user,
+        )
+        secret = _secret_new(endpoint)
+        audit_record(
+            organization=organization,
+            actor=actor,
+            action="webhook.create",
+            target=endpoint,
+            data={"url": url, "event_types": event_types},
+        )
     return endpoint, secret_value(secret)
 
 
-@transaction.atomic
 def endpoint_update(
     *,
     endpoint: WebhookEndpoint,
@@ -152,10 +152,32 @@ def endpoint_update(
     enabled: bool | None = None,
 ) -> WebhookEndpoint:
     """Change an endpoint; enabling one clears why it was disabled."""
+    # A new URL is checked before the transaction opens: resolving the name is a network call.
+    url = _check_url(url) if url is not None and url != endpoint.url else None
+    return _endpoint_change(
+        endpoint=endpoint,
+        actor=actor,
+        url=url,
+        event_types=event_types,
+        description=description,
+        enabled=enabled,
+    )
+
+
+@transaction.atomic
+def _endpoint_change(
+    *,
+    endpoint: WebhookEndpoint,
+    actor: Actor,
+    url: str | None,
+    event_types: list[str] | None,
+    description: str | None,
+    enabled: bool | None,
+) -> WebhookEndpoint:
     endpoint = WebhookEndpoint.objects.select_for_update().get(pk=endpoint.pk)
     changed = {}
     if url is not None and url != endpoint.url:
-        endpoint.url = changed["url"] = _check_url(url)
+        endpoint.url = changed["url"] = url
     if event_types is not None:
         event_types = _check_event_types(event_types)
         if event_types != endpoint.event_types:
