@@ -45,10 +45,9 @@ from bench.e2e import (
     WORKER_NAME,
     Pool,
     _after,
-    flush_redis,
+    django_fresh,
     percentile,
     progress,
-    recreate_database,
 )
 
 DATABASE_URL = os.environ.get(
@@ -107,7 +106,6 @@ def main() -> None:
 
 
 def run(*, runs: int) -> None:
-    from bench.databases import migrate
 
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="code-bench-") as tmp_name:
@@ -134,14 +132,7 @@ def run(*, runs: int) -> None:
             "WORKER_WORKDIR": str(work),
             "WORKER_RUNTIMES": f"{WARM_RUNTIME}={INTERPRETER},{COLD_RUNTIME}={cold_path}",
         }
-        progress(f"recreating {DATABASE_URL} and flushing {REDIS_URL}")
-        recreate_database(DATABASE_URL)
-        migrate(env)
-        flush_redis(REDIS_URL)
-        os.environ.update(env)
-        import django
-
-        django.setup()
+        django_fresh(env, database_url=DATABASE_URL, redis_url=REDIS_URL)
         tenant = _tenant(tmp)
         pool = Pool(tmp, env)
         try:

@@ -169,15 +169,7 @@ def run(*, runs: int, pairs: int, epochs: int, quick: bool) -> None:
         }
         csv_path = tmp / "customers.csv"
         write_csv(csv_path, rows=ROWS, seed=1)
-        progress(f"recreating {DATABASE_URL} and flushing {REDIS_URL}")
-        recreate_database(DATABASE_URL)
-        migrate(env)
-        flush_redis(REDIS_URL)
-        # Settings are read at setup, so the environment must be in place first.
-        os.environ.update(env)
-        import django
-
-        django.setup()
+        django_fresh(env, database_url=DATABASE_URL, redis_url=REDIS_URL)
         tenant = create_tenant(csv_path)
         pool = Pool(tmp, env)
         try:
@@ -534,6 +526,19 @@ def recreate_database(url: str) -> None:
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
         )
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+
+def django_fresh(env: dict, *, database_url: str, redis_url: str) -> None:
+    """A fresh, migrated database and a flushed Redis db, then Django set up in this process on
+    `env` (settings are read at setup, so the environment goes in first)."""
+    progress(f"recreating {database_url} and flushing {redis_url}")
+    recreate_database(database_url)
+    migrate(env)
+    flush_redis(redis_url)
+    os.environ.update(env)
+    import django
+
+    django.setup()
 
 
 def flush_redis(url: str) -> None:

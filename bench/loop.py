@@ -42,8 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.databases import migrate
-from bench.e2e import flush_redis, progress, recreate_database
+from bench.e2e import django_fresh, progress
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATABASE_URL = os.environ.get(
@@ -80,14 +79,7 @@ def main() -> None:
             "STORAGE_LOCAL_ROOT": str(tmp / "storage"),
             "PYTHONPATH": str(REPO_ROOT),
         }
-        progress(f"recreating {DATABASE_URL} and flushing {REDIS_URL}")
-        recreate_database(DATABASE_URL)
-        migrate(env)
-        flush_redis(REDIS_URL)
-        os.environ.update(env)
-        import django
-
-        django.setup()
+        django_fresh(env, database_url=DATABASE_URL, redis_url=REDIS_URL)
         from tests.pool import Pool
         from tests.serving.loop_stack import LOOP_TIMINGS
 
