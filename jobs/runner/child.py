@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import faulthandler
 import importlib
 import multiprocessing
 import signal
@@ -49,6 +50,7 @@ from registry.formats.csv_reader import CsvDialect
 from tenants.errors import DomainError
 
 if TYPE_CHECKING:
+    from multiprocessing.sharedctypes import Array
     from multiprocessing.synchronize import Event as SharedEvent
 
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
@@ -59,6 +61,7 @@ WARM_IMPORTS = ("torch._inductor.config", "pyarrow.csv", "pyarrow.compute", "saf
 # Once a rank fails, the others are stuck in a collective: they get this long to report their
 # own error before they are killed.
 RANK_FAILURE_GRACE_S = 5.0
+NOT_FINISHED = -1000  # a rank's slot in the supervisor's `finished` until its task returns
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,17 +258,20 @@ def _supervise_ranks(workdir: Path, world_size: int, stop: threading.Event) -> i
     rendezvous = host_rendezvous()
     context = multiprocessing.get_context("spawn")
     shared_stop = context.Event()
+    # Each rank's task's exit code, written before it leaves the process group.
+    finished = context.Array("i", [NOT_FINISHED] * world_size, lock=False)
     ranks = [
         context.Process(
             target=_rank_main,
-            args=(rank, world_size, rendezvous.port, workdir, shared_stop),
+            args=(rank, world_size, rendezvous.port, workdir, shared_stop, finished),
             name=f"rank-{rank}",
         )
         for rank in range(world_size)
     ]
     for process in ranks:
         process.start()
-    failure: tuple[int, int] | None = None  # (rank, exit code) of the first rank to fail
+    outcomes: dict[int, int] = {}
+    failure: tuple[int, int] | None = None  # (rank, outcome) of the first rank to fail
     failed_at = None
     running = list(ranks)
     while running:
@@ -274,14 +280,16 @@ def _supervise_ranks(workdir: Path, world_size: int, stop: threading.Event) -> i
             shared_stop.set()
         for process in [process for process in running if process.exitcode is not None]:
             running.remove(process)
-            if failure is None and process.exitcode not in (EXIT_OK, EXIT_STOPPED):
-                failure = (ranks.index(process), process.exitcode)
+            rank = ranks.index(process)
+            outcomes[rank] = _rank_outcome(rank, process.exitcode, finished[rank])
+            if failure is None and outcomes[rank] not in (EXIT_OK, EXIT_STOPPED):
+                failure = (rank, outcomes[rank])
                 failed_at = time.monotonic()
         if failed_at is not None and time.monotonic() - failed_at > RANK_FAILURE_GRACE_S:
             for process in running:
                 process.kill()
     if failure is None:
-        return ranks[0].exitcode
+        return outcomes[0]
     rank, code = failure
     if code < 0:
         print(f"Rank {rank} was killed by signal {-code}.", file=sys.stderr)
@@ -289,28 +297,46 @@ def _supervise_ranks(workdir: Path, world_size: int, stop: threading.Event) -> i
     return code
 
 
-def _rank_main(rank: int, world_size: int, port: int, workdir: Path, stop: SharedEvent) -> None:
+def _rank_outcome(rank: int, exitcode: int, finished: int) -> int:
+    """A rank's outcome: how its process ended, unless its task had returned (`finished`).
+    Then the task's code stands, since the work is done and every rank agreed on it: leaving
+    the process group and the interpreter can still crash (gloo has aborted a rank there)."""
+    if finished == NOT_FINISHED:
+        return exitcode
+    if exitcode != finished:
+        how = f"signal {-exitcode}" if exitcode < 0 else f"exit code {exitcode}"
+        print(f"Rank {rank} ended with {how} after its task returned {finished}.", file=sys.stderr)
+    return finished
+
+
+def _rank_main(
+    rank: int, world_size: int, port: int, workdir: Path, stop: SharedEvent, finished: Array
+) -> None:
     """One rank's process: join the group, run the task, exit with its code. Only rank 0
     prints lines and reports a bad request; the others report only their own failures."""
     keep_private()
     signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())
     _die_with_parent()
+    # Should a rank abort in native code, its Python stack goes to stderr with the reason.
+    faulthandler.enable()
     sys.stdout.reconfigure(line_buffering=True)
     sys.exit(
         _guarded(
-            lambda: _run_rank(rank, world_size, port, workdir, stop), report_input_errors=rank == 0
+            lambda: _run_rank(rank, world_size, port, workdir, stop, finished),
+            report_input_errors=rank == 0,
         )
     )
 
 
-def _run_rank(rank: int, world_size: int, port: int, workdir: Path, stop: SharedEvent) -> int:
+def _run_rank(
+    rank: int, world_size: int, port: int, workdir: Path, stop: SharedEvent, finished: Array
+) -> int:
     import torch
 
     from jobs.recipes import distributed
 
     spec, recipe_cls, parameters = _checked_request(workdir)
     device = distributed.init(rank, world_size, port)
-    finished = False
     try:
         if device == "cpu":
             # The parent sized the thread pool for the whole job; the ranks share it.
@@ -326,10 +352,10 @@ def _run_rank(rank: int, world_size: int, port: int, workdir: Path, stop: Shared
             if rank:
                 print(f"Rank {rank} failed:", file=sys.stderr)
             raise
-        finished = True
+        finished[rank] = code
         return code
     finally:
-        distributed.teardown(finished=finished)
+        distributed.teardown(finished=finished[rank] != NOT_FINISHED)
 
 
 def _silent(_line: str) -> None:

@@ -169,3 +169,15 @@ def test_a_recipe_that_trains_on_one_device_refuses_several(tmp_path, monkeypatc
     )
     with pytest.raises(RecipeInputError, match="trains on one device; ask for 1 GPU, not 2"):
         child._run(tmp_path, threading.Event())
+
+
+def test_a_rank_that_crashes_after_its_task_returned_keeps_the_tasks_result(capsys):
+    # gloo has aborted a rank while it left the process group, after every rank had agreed to
+    # stop and rank 0 had written the checkpoint: the job stopped, it did not fail.
+    assert child._rank_outcome(1, -signal.SIGABRT, EXIT_STOPPED) == EXIT_STOPPED
+    assert "Rank 1 ended with signal 6 after its task returned 3." in capsys.readouterr().err
+
+    # Before the task returned, the crash is the rank's outcome.
+    assert child._rank_outcome(1, -signal.SIGABRT, child.NOT_FINISHED) == -signal.SIGABRT
+    assert child._rank_outcome(0, EXIT_OK, EXIT_OK) == EXIT_OK
+    assert capsys.readouterr().err == ""
