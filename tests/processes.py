@@ -3,6 +3,10 @@
 import subprocess
 import time
 
+# How often a test's HTTP server (serve_forever) looks for shutdown(): stop() waits up to this long,
+# and the default of 0.5 s, paid in every teardown, added minutes to the suite.
+SERVER_POLL_S = 0.05
+
 
 def wait_for(condition, *, timeout: float, what: str, every: float = 0.1):
     """Poll `condition` until it returns something truthy (returned), or fail naming `what`."""

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, urlsplit
 
+from tests.processes import SERVER_POLL_S
+
 
 class StripeFault(Exception):
     def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error", code=""):
@@ -640,7 +642,9 @@ class StripeServer:
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.fake = self.fake
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(SERVER_POLL_S,), daemon=True
+        )
 
     def start(self) -> StripeServer:
         self._thread.start()

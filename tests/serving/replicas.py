@@ -14,6 +14,7 @@ from jobs.models import Job, JobState
 from jobs.services.replicas import replica_token
 from serving.models import Replica
 from tests.factories import JobFactory
+from tests.processes import SERVER_POLL_S
 
 
 class _Server(ThreadingHTTPServer):
@@ -40,7 +41,9 @@ class FakeReplica:
         self.requests: list[list] = []
         self.unauthorized = 0
         self._server = _Server(("127.0.0.1", 0), self._handler())
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(SERVER_POLL_S,), daemon=True
+        )
 
     @property
     def address(self) -> str:

@@ -11,6 +11,7 @@ import pytest
 from django.utils import timezone
 
 from tenants.actors import Actor
+from tests.processes import SERVER_POLL_S
 from webhooks.models import WebhookDelivery
 from webhooks.sending import Target, UnsafeAddress, post, target_resolve
 from webhooks.services import WebhookError, endpoint_create, event_publish, webhooks_drain
@@ -189,7 +190,7 @@ def test_answer_that_drips_forever_is_cut_at_the_timeout(settings):
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Drip)
     server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(SERVER_POLL_S,), daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/"
         started = timezone.now()
