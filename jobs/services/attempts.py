@@ -235,8 +235,9 @@ def attempt_report(*, job_id: int, attempt: int, report: Report) -> str:
     runner can react to cancel/preempt. Only a runner that reports keeps its job: a dead one lets
     the lease lapse."""
     job = _locked(job_id, attempt)
-    progress = {} if report.progress is None else {"progress": report.progress}
-    Job.objects.filter(pk=job.pk).update(lease_expires_at=lease_deadline(), **progress)
+    changes: dict = {"lease_expires_at": lease_deadline()}
+    if report.progress is not None:
+        changes["progress"] = report.progress
     JobLog.objects.bulk_create(
         JobLog(
             organization_id=job.organization_id,
@@ -260,13 +261,21 @@ def attempt_report(*, job_id: int, attempt: int, report: Report) -> str:
         for m in report.metrics
     )
     if report.samples or report.thin_samples:
-        _samples_store(job=job, attempt=attempt, samples=report.samples, thin=report.thin_samples)
+        summary = _samples_store(
+            job=job, attempt=attempt, samples=report.samples, thin=report.thin_samples
+        )
+        if summary is not None:
+            changes["utilization"] = summary
+    # One update of the job's row per report: the lease, and progress and the utilization
+    # summary when the report moved them.
+    Job.objects.filter(pk=job.pk).update(**changes)
     return job.state
 
 
-def _samples_store(*, job: Job, attempt: int, samples: list[Sample], thin: bool) -> None:
-    """Add the samples (one insert) and fold them into the attempt's summary, copied onto the
-    job; thinning keeps the 1st, 3rd, 5th... of the attempt's samples in time order."""
+def _samples_store(*, job: Job, attempt: int, samples: list[Sample], thin: bool) -> dict | None:
+    """Add the samples (one insert) and fold them into the attempt's summary, which is returned
+    for the job's row; thinning keeps the 1st, 3rd, 5th... of the attempt's samples in time
+    order. None when there is no new sample (or no attempt row) to fold."""
     UtilizationSample.objects.bulk_create(
         UtilizationSample(
             organization_id=job.organization_id,
@@ -286,13 +295,13 @@ def _samples_store(*, job: Job, attempt: int, samples: list[Sample], thin: bool)
         ids = list(kept.values_list("pk", flat=True))
         UtilizationSample.objects.filter(pk__in=ids[1::2]).delete()
     if not samples:
-        return
+        return None
     record = JobAttempt.objects.filter(job=job, number=attempt).only("utilization").first()
     if record is None:
-        return
+        return None
     summary = summary_merge(record.utilization, samples)
     JobAttempt.objects.filter(pk=record.pk).update(utilization=summary)
-    Job.objects.filter(pk=job.pk).update(utilization=summary)
+    return summary
 
 
 @transaction.atomic

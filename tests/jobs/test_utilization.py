@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from jobs.models import Job, JobAttempt, Quota, ResourceClass, UtilizationSample
@@ -307,11 +308,15 @@ def test_a_gpu_attempts_samples_are_stored_thinned_and_summarized(org, monkeypat
             sampler.take(sampler.due)
         samples, thin = sampler.drain()
         thinned.append(thin)
-        attempt_report(
-            job_id=job.pk,
-            attempt=1,
-            report=Report(logs=[], metrics=[], samples=samples, thin_samples=thin),
-        )
+        with CaptureQueriesContext(connection) as queries:
+            attempt_report(
+                job_id=job.pk,
+                attempt=1,
+                report=Report(logs=[], metrics=[], samples=samples, thin_samples=thin),
+            )
+        # The lease and the summary ride in one update of the job's row.
+        job_updates = [q for q in queries if q["sql"].startswith('UPDATE "jobs_job"')]
+        assert len(job_updates) == 1 and '"utilization"' in job_updates[0]["sql"]
         assert UtilizationSample.objects.filter(job=job).count() == sampler.stored
     assert thinned == [False, True, True]  # 3 stored; 6 -> 3; 6 -> 3
     assert sampler.interval == pytest.approx(0.04)  # twice as sparse after each thinning
