@@ -139,10 +139,13 @@ class Pool:
         self.processes[label].send_signal(signal.SIGKILL)
         self.processes[label].wait()
 
-    def stop(self) -> None:
+    def stop(self, *, graceful: bool = True) -> None:
+        """SIGTERM every process group (the workers' warm shutdown: in-flight tasks finish),
+        SIGKILL after 15 s; with graceful=False, SIGKILL at once: a test's teardown, where
+        nothing is checked after, need not wait seconds for each worker's shutdown."""
         for process in self.processes.values():
             if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
+                os.killpg(process.pid, signal.SIGTERM if graceful else signal.SIGKILL)
         for process in self.processes.values():
             try:
                 process.wait(timeout=15)
@@ -164,4 +167,4 @@ def pool(tmp_path):
             pool.start_control_plane()
             yield pool
         finally:
-            pool.stop()
+            pool.stop(graceful=False)
