@@ -5,7 +5,7 @@ statement itself ran in 0.15 ms (docs/benchmarks.md, API under load).
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from django.core.exceptions import ImproperlyConfigured
@@ -77,19 +77,25 @@ class CompiledRows:
             ),
         )
 
-    def rows(self, *, using: str = DEFAULT_DB_ALIAS, **values) -> list[dict]:
+    def _statement(self, using: str) -> _Statement | None:
         if using not in self._statements:
             self._statements[using] = self._compile(using)
-        statement = self._statements[using]
-        if statement is None:
-            return list(self._build(**values).using(using))
+        return self._statements[using]
+
+    def _run(self, statement: _Statement, using: str, values: dict) -> list[tuple]:
         params = list(statement.params)
         for place, name in statement.slots:
             params[place] = values[name]
-        connection = connections[using]
-        with connection.cursor() as cursor:
+        with connections[using].cursor() as cursor:
             cursor.execute(statement.sql, params)
-            fetched = cursor.fetchall()
+            return cursor.fetchall()
+
+    def rows(self, *, using: str = DEFAULT_DB_ALIAS, **values) -> list[dict]:
+        statement = self._statement(using)
+        if statement is None:
+            return list(self._build(**values).using(using))
+        fetched = self._run(statement, using, values)
+        connection = connections[using]
         result = []
         for row in fetched:
             row = list(row)
@@ -100,3 +106,29 @@ class CompiledRows:
                 row[column] = value
             result.append(dict(zip(statement.names, row, strict=True)))
         return result
+
+
+class CompiledSelect(CompiledRows):
+    """A SELECT over CompiledRows' statement: `select(table)` writes it around `table`, the
+    compiled query as a derived table named `compiled` whose columns are its values() keys, so
+    what the tenancy seal checked is the query itself and the SELECT only shapes its rows (the
+    JSON of an API page built by PostgreSQL). `fetch(**values)` gives the SELECT's rows as
+    tuples, or None where the statement does not compile to parameters (CompiledRows)."""
+
+    def __init__(self, build: Callable[..., QuerySet], select: Callable[[str], str], **types):
+        super().__init__(build, **types)
+        self._select = select
+
+    def _compile(self, using: str) -> _Statement | None:
+        statement = super()._compile(using)
+        if statement is None:
+            return None
+        names = connections[using].ops.quote_name
+        table = (
+            f"({statement.sql}) AS compiled ({', '.join(names(name) for name in statement.names)})"
+        )
+        return replace(statement, sql=self._select(table), converters=())
+
+    def fetch(self, *, using: str = DEFAULT_DB_ALIAS, **values) -> list[tuple] | None:
+        statement = self._statement(using)
+        return None if statement is None else self._run(statement, using, values)

@@ -194,3 +194,34 @@ def test_a_job_read_from_a_compiled_statement_is_another_organizations_404(
     )
     listed = outsider.get(f"/api/v1/orgs/{other_org.slug}/jobs/").json()["results"]
     assert [row["id"] for row in listed] == [theirs.pk]
+
+
+def test_the_first_page_json_reads_back_text_and_numbers_as_written(
+    org, member_factory, client_for
+):
+    """The first page's JSON is written by PostgreSQL: text with quotes, backslashes, control
+    characters and any script reads back as stored, U+2028 and U+2029 escaped as DRF's renderer
+    escapes them, and JSON values keep their numbers and nesting."""
+    text = 'a "quote" \\ tab\t line\n bell\x07 é 雪 \u2028 \u2029 </script>'
+    job = JobFactory(
+        organization=org,
+        state=JobState.FAILED,
+        failure_reason=text,
+        recipe=text[:100],
+        labels={"k": text},
+        parameters={"lr": 0.1, "tiny": 1.5e-07, "big": 2**53, "x": [1.5, None, True, {}]},
+    )
+    client = client_for(member_factory(org, "viewer"))
+    response = client.get(f"/api/v1/orgs/{org.slug}/jobs/")
+    [row] = response.json()["results"]
+    _assert_same(row, _expected(job))
+    assert row["failure_reason"] == text and row["labels"] == {"k": text}
+    assert row["parameters"] == {
+        "lr": 0.1,
+        "tiny": 1.5e-07,
+        "big": 2**53,
+        "x": [1.5, None, True, {}],
+    }
+    body = response.content.decode()
+    assert "\u2028" not in body and "\u2029" not in body
+    assert body.count("\\u2028") == 3  # failure_reason, recipe, the label
