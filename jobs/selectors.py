@@ -28,9 +28,12 @@ from django.db.models.functions import RowNumber
 from django.utils import timezone
 
 from billing.selectors import (
+    PRICE_AT,
     gpu_resource,
+    gpu_resource_expression,
     minor_per_unit,
     price_at,
+    price_at_subqueries,
     price_table,
     unit_price,
     usage_billed_through,
@@ -113,20 +116,30 @@ ATTEMPT_STARTED = "current_attempt_started_at"
 
 
 def job_row_annotations() -> dict:
-    """The values() expression of ATTEMPT_STARTED for a job row: null unless the job is active,
-    the only state job_costs_so_far reads it in (so PostgreSQL runs the subquery for those rows
-    only, not for every row of a page)."""
-    started = (
-        JobAttempt.objects.filter(
-            job=OuterRef("pk"), number=OuterRef("attempt"), started_at__isnull=False
+    """The values() expressions of ATTEMPT_STARTED and PRICE_AT (the price in force then) for a
+    job row: null unless the job is active, the only state job_costs_so_far reads them in (so
+    PostgreSQL runs the subqueries for those rows only, not for every row of a page)."""
+
+    def started(job):  # the job's current attempt's start; `job` refers to the job's row
+        return (
+            JobAttempt.objects.filter(
+                job=job("pk"), number=job("attempt"), started_at__isnull=False
+            )
+            .order_by()
+            .values("started_at")[:1]
         )
-        .order_by()
-        .values("started_at")[:1]
+
+    active = Q(state__in=ACTIVE_STATES)
+    # The price in force when that attempt started, as job_costs_so_far prices it.
+    price = price_at_subqueries(
+        resource=gpu_resource_expression(OuterRef("resource_class__name")),
+        at=Subquery(started(lambda name: OuterRef(OuterRef(name)))),
     )
     return {
         ATTEMPT_STARTED: Case(
-            When(state__in=ACTIVE_STATES, then=Subquery(started)), output_field=DateTimeField()
-        )
+            When(active, then=Subquery(started(OuterRef))), output_field=DateTimeField()
+        ),
+        **{key: Case(When(active, then=value)) for key, value in price.items()},
     }
 
 
@@ -145,7 +158,7 @@ def _queue_of_class(*, organization: int, resource_class: int):
 
 # Compiled once per process (tenants.compiled): building and compiling the window query was
 # most of its cost on a list page (0.8 ms of CPU against well under 0.1 ms to run it).
-_QUEUE_OF_CLASS = CompiledRows(_queue_of_class, organization=int, resource_class=int)
+_QUEUE_OF_CLASS = CompiledRows(_queue_of_class, prepared=True, organization=int, resource_class=int)
 
 
 def queue_positions(*, organization: Organization, resource_class_ids: set[int]) -> dict[int, int]:
@@ -208,7 +221,8 @@ def job_cost_so_far(*, job: Job, now=None) -> int:
 def job_costs_so_far(*, jobs: list[dict], now=None) -> dict[int, int]:
     """job_cost_so_far of each job (a dict with COST_FIELDS' keys: a page of the API's job list
     serializes from values() rows), in two queries whatever the number of running jobs, not two
-    per running job; one where the rows bring ATTEMPT_STARTED (job_row_annotations)."""
+    per running job; none where the rows bring ATTEMPT_STARTED and PRICE_AT
+    (job_row_annotations)."""
     costs = {job["id"]: job["cost_minor"] for job in jobs}
     active = {job["id"]: job for job in jobs if job["state"] in ACTIVE_STATES}
     if not active:
@@ -234,17 +248,25 @@ def job_costs_so_far(*, jobs: list[dict], now=None) -> dict[int, int]:
             str(pk): active[pk]["attempt"] for pk in started if active[pk]["kind"] == Job.Kind.SERVE
         },
     )
-    prices = price_table(
-        resources={gpu_resource(active[pk]["resource_class__name"]) for pk in started}
+    brought = all(PRICE_AT[0] in active[pk] for pk in started)  # rows that bring it along
+    prices = (
+        {}
+        if brought
+        else price_table(
+            resources={gpu_resource(active[pk]["resource_class__name"]) for pk in started}
+        )
     )
     now = now or timezone.now()
     for pk, started_at in started.items():
         job = active[pk]
         since = max(started_at, billed.get(str(pk), started_at))
         seconds = Decimal(max(0.0, (now - since).total_seconds()))
-        price, currency = price_at(
-            prices, resource=gpu_resource(job["resource_class__name"]), at=started_at
-        )
+        if brought and job[PRICE_AT[0]] is not None:
+            price, currency = job[PRICE_AT[0]], job[PRICE_AT[1]]
+        else:  # the table's, or with none (no price yet) price_at's default
+            price, currency = price_at(
+                prices, resource=gpu_resource(job["resource_class__name"]), at=started_at
+            )
         costs[pk] += int(seconds * job["gpu_count"] * price * minor_per_unit(currency))
     return costs
 

@@ -7,6 +7,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import ISO_8601, serializers
 from rest_framework.settings import api_settings
 
+from billing.selectors import PRICE_AT
 from jobs.models import (
     ACTIVE_STATES,
     Job,
@@ -396,6 +397,7 @@ _POSITION_SQL = (
 _JSON_RAW = (
     *COST_FIELDS,
     ATTEMPT_STARTED,
+    *PRICE_AT,
     "resource_class",
     "waiting_reason",
     "reserved_machine",

@@ -98,7 +98,7 @@ def _job_row(*, organization: int, job: int):
     return s.job_rows(rows.filter(pk=job), versions=True)
 
 
-_JOB_ROW = CompiledRows(_job_row, organization=int, job=int)
+_JOB_ROW = CompiledRows(_job_row, prepared=True, organization=int, job=int)
 
 
 def _job_page(*, organization: int, limit: int):
@@ -136,14 +136,14 @@ class _FirstPage:
         if self.as_json:
             if window.stop not in _JSON_PAGES:
                 _JSON_PAGES[window.stop] = CompiledSelect(
-                    build, s.job_json_select, organization=int
+                    build, s.job_json_select, prepared=True, organization=int
                 )
             rows = _JSON_PAGES[window.stop].fetch(organization=self.organization)
             if rows is None:
                 raise ImproperlyConfigured("The JSON page needs its statement compiled.")
             return [s.JobJSONRow(row) for row in rows]
         if window.stop not in _JOB_PAGES:
-            _JOB_PAGES[window.stop] = CompiledRows(build, organization=int)
+            _JOB_PAGES[window.stop] = CompiledRows(build, prepared=True, organization=int)
         return _JOB_PAGES[window.stop].rows(organization=self.organization)
 
 

@@ -225,3 +225,28 @@ def test_the_first_page_json_reads_back_text_and_numbers_as_written(
     body = response.content.decode()
     assert "\u2028" not in body and "\u2029" not in body
     assert body.count("\\u2028") == 3  # failure_reason, recipe, the label
+
+
+def test_a_prepared_read_answers_each_organization_with_its_own_jobs(
+    org, other_org, jobs, key_client_for
+):
+    """The reads' statements are prepared once psycopg has run them prepare_threshold times on
+    a connection (tenants.compiled): prepared, they still take the organization and the job as
+    values of every run."""
+    insider = key_client_for(MembershipFactory(organization=org, role="owner").user, org)
+    outsider_user = MembershipFactory(organization=other_org, role="owner").user
+    outsider = key_client_for(outsider_user, other_org)
+    theirs = JobFactory(organization=other_org)
+    ours, url = {job.pk for job in jobs}, "/api/v1/orgs/{}/jobs/"
+    for _ in range(2 * connection.settings_dict["OPTIONS"]["prepare_threshold"] + 1):
+        listed = insider.get(url.format(org.slug)).json()["results"]
+        assert {row["id"] for row in listed} == ours
+        assert [
+            row["id"] for row in outsider.get(url.format(other_org.slug)).json()["results"]
+        ] == [theirs.pk]
+        assert insider.get(f"{url.format(org.slug)}{theirs.pk}/").status_code == 404
+        assert outsider.get(f"{url.format(other_org.slug)}{theirs.pk}/").status_code == 200
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement FROM pg_prepared_statements")
+        prepared = [statement for (statement,) in cursor.fetchall()]
+    assert any('"jobs_job"' in statement for statement in prepared)
