@@ -10,7 +10,19 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 from django.conf import settings
-from django.db.models import Count, F, Max, Min, Q, QuerySet, Sum
+from django.db.models import (
+    CharField,
+    Count,
+    F,
+    Max,
+    Min,
+    Q,
+    QuerySet,
+    Subquery,
+    Sum,
+    Value,
+)
+from django.db.models.functions import Concat
 from django.utils import timezone
 
 from tenants.models import Organization
@@ -71,6 +83,28 @@ def price_at(table: dict[str, list[Price]], *, resource: str, at: datetime) -> t
         if price.effective_from <= at:
             return price.unit_price, price.currency
     return Decimal(settings.DEFAULT_GPU_SECOND_PRICE), settings.BILLING_CURRENCY
+
+
+def price_at_subqueries(*, resource, at) -> dict[str, Subquery]:
+    """price_at's unit price and currency of `resource` at `at` (expressions of a row's query,
+    OuterRef for its columns) as two subqueries of that query, under PRICE_AT's keys: null
+    where the resource has no price yet (price_at's default then applies)."""
+    prices = Price.objects.filter(resource=resource, effective_from__lte=at).order_by(
+        "-effective_from"
+    )
+    unit, currency = PRICE_AT
+    return {
+        unit: Subquery(prices.values("unit_price")[:1]),
+        currency: Subquery(prices.values("currency")[:1]),
+    }
+
+
+PRICE_AT = ("price_at__unit_price", "price_at__currency")
+
+
+def gpu_resource_expression(resource_class_name):
+    """gpu_resource() of an expression, in SQL."""
+    return Concat(Value("gpu:"), resource_class_name, output_field=CharField())
 
 
 def unit_price(*, resource: str, at: datetime) -> tuple[Decimal, str]:

@@ -357,8 +357,8 @@ class Job(OrganizationOwned):
 
         Worked out when read: the scheduler's own class-wide admission order moves with every
         tick's fair shares, so storing it rewrote most queued jobs each tick. A list sets
-        `queued_ahead` on its jobs (`selectors.queue_positions_attach`, one query) instead of
-        asking once per job.
+        `queued_ahead` on its jobs (`selectors.queue_positions_attach`, a query per resource
+        class of its queued jobs) instead of asking once per job.
         """
         if self.state != JobState.QUEUED:
             return None

@@ -9,7 +9,9 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 from django.db.models import (
+    Case,
     Count,
+    DateTimeField,
     F,
     Max,
     Min,
@@ -19,19 +21,24 @@ from django.db.models import (
     QuerySet,
     Subquery,
     Sum,
+    When,
     Window,
 )
 from django.db.models.functions import RowNumber
 from django.utils import timezone
 
 from billing.selectors import (
+    PRICE_AT,
     gpu_resource,
+    gpu_resource_expression,
     minor_per_unit,
     price_at,
+    price_at_subqueries,
     price_table,
     unit_price,
     usage_billed_through,
 )
+from tenants.compiled import CompiledRows
 from tenants.models import Organization
 
 from .models import (
@@ -109,34 +116,60 @@ ATTEMPT_STARTED = "current_attempt_started_at"
 
 
 def job_row_annotations() -> dict:
-    """The values() expression of ATTEMPT_STARTED for a job row."""
-    started = (
-        JobAttempt.objects.filter(
-            job=OuterRef("pk"), number=OuterRef("attempt"), started_at__isnull=False
+    """The values() expressions of ATTEMPT_STARTED and PRICE_AT (the price in force then) for a
+    job row: null unless the job is active, the only state job_costs_so_far reads them in (so
+    PostgreSQL runs the subqueries for those rows only, not for every row of a page)."""
+
+    def started(job):  # the job's current attempt's start; `job` refers to the job's row
+        return (
+            JobAttempt.objects.filter(
+                job=job("pk"), number=job("attempt"), started_at__isnull=False
+            )
+            .order_by()
+            .values("started_at")[:1]
         )
-        .order_by()
-        .values("started_at")[:1]
+
+    active = Q(state__in=ACTIVE_STATES)
+    # The price in force when that attempt started, as job_costs_so_far prices it.
+    price = price_at_subqueries(
+        resource=gpu_resource_expression(OuterRef("resource_class__name")),
+        at=Subquery(started(lambda name: OuterRef(OuterRef(name)))),
     )
-    return {ATTEMPT_STARTED: Subquery(started)}
+    return {
+        ATTEMPT_STARTED: Case(
+            When(active, then=Subquery(started(OuterRef))), output_field=DateTimeField()
+        ),
+        **{key: Case(When(active, then=value)) for key, value in price.items()},
+    }
+
+
+def _queue_of_class(*, organization: int, resource_class: int):
+    """The organization's queued jobs of one class with their 1-based place, in the order the
+    scheduler takes them (priority, then submit time)."""
+    return (
+        Job.objects.for_organization(Organization(pk=organization))
+        .filter(state=JobState.QUEUED, resource_class=resource_class)
+        .annotate(
+            position=Window(RowNumber(), order_by=[F("priority").desc(), F("created_at"), F("pk")])
+        )
+        .values("pk", "position")
+    )
+
+
+# Compiled once per process (tenants.compiled): building and compiling the window query was
+# most of its cost on a list page (0.8 ms of CPU against well under 0.1 ms to run it).
+_QUEUE_OF_CLASS = CompiledRows(_queue_of_class, prepared=True, organization=int, resource_class=int)
 
 
 def queue_positions(*, organization: Organization, resource_class_ids: set[int]) -> dict[int, int]:
     """{job id: 1-based place} of the organization's queued jobs of these classes, in the order
-    the scheduler takes them (priority, then submit time): one query for a whole page."""
-    if not resource_class_ids:
-        return {}
-    return dict(
-        Job.objects.for_organization(organization)
-        .filter(state=JobState.QUEUED, resource_class__in=resource_class_ids)
-        .annotate(
-            position=Window(
-                RowNumber(),
-                partition_by=F("resource_class_id"),
-                order_by=[F("priority").desc(), F("created_at"), F("pk")],
-            )
-        )
-        .values_list("pk", "position")
-    )
+    the scheduler takes them (priority, then submit time): a query per class (a page's queued
+    jobs are mostly of one), not one per job."""
+    return {
+        row["pk"]: row["position"]
+        for resource_class in sorted(resource_class_ids)
+        for row in _QUEUE_OF_CLASS.rows(organization=organization.pk, resource_class=resource_class)
+    }
 
 
 def queue_positions_attach(*, organization: Organization, jobs: Iterable[Job]) -> None:
@@ -188,7 +221,8 @@ def job_cost_so_far(*, job: Job, now=None) -> int:
 def job_costs_so_far(*, jobs: list[dict], now=None) -> dict[int, int]:
     """job_cost_so_far of each job (a dict with COST_FIELDS' keys: a page of the API's job list
     serializes from values() rows), in two queries whatever the number of running jobs, not two
-    per running job; one where the rows bring ATTEMPT_STARTED (job_row_annotations)."""
+    per running job; none where the rows bring ATTEMPT_STARTED and PRICE_AT
+    (job_row_annotations)."""
     costs = {job["id"]: job["cost_minor"] for job in jobs}
     active = {job["id"]: job for job in jobs if job["state"] in ACTIVE_STATES}
     if not active:
@@ -214,17 +248,25 @@ def job_costs_so_far(*, jobs: list[dict], now=None) -> dict[int, int]:
             str(pk): active[pk]["attempt"] for pk in started if active[pk]["kind"] == Job.Kind.SERVE
         },
     )
-    prices = price_table(
-        resources={gpu_resource(active[pk]["resource_class__name"]) for pk in started}
+    brought = all(PRICE_AT[0] in active[pk] for pk in started)  # rows that bring it along
+    prices = (
+        {}
+        if brought
+        else price_table(
+            resources={gpu_resource(active[pk]["resource_class__name"]) for pk in started}
+        )
     )
     now = now or timezone.now()
     for pk, started_at in started.items():
         job = active[pk]
         since = max(started_at, billed.get(str(pk), started_at))
         seconds = Decimal(max(0.0, (now - since).total_seconds()))
-        price, currency = price_at(
-            prices, resource=gpu_resource(job["resource_class__name"]), at=started_at
-        )
+        if brought and job[PRICE_AT[0]] is not None:
+            price, currency = job[PRICE_AT[0]], job[PRICE_AT[1]]
+        else:  # the table's, or with none (no price yet) price_at's default
+            price, currency = price_at(
+                prices, resource=gpu_resource(job["resource_class__name"]), at=started_at
+            )
         costs[pk] += int(seconds * job["gpu_count"] * price * minor_per_unit(currency))
     return costs
 

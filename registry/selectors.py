@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 from django.conf import settings
-from django.db.models import Count, Max, OuterRef, QuerySet, Subquery
+from django.db.models import (
+    Case,
+    CharField,
+    Count,
+    Max,
+    OuterRef,
+    PositiveIntegerField,
+    Q,
+    QuerySet,
+    Subquery,
+    When,
+)
 from django.http import Http404
 from django.utils import timezone
 
@@ -215,9 +226,17 @@ def version_name_subqueries(*, kind: str, ref: str) -> dict[str, Subquery]:
     version = model.objects.filter(
         organization=OuterRef("organization"), pk=OuterRef(ref)
     ).order_by()
+    # Only where the row names a version: PostgreSQL runs a subquery per row it is asked for,
+    # and most jobs name one or two of the five kinds.
+    named = Q(**{f"{ref}__isnull": False})
     return {
-        VERSION_NAME.format(ref): Subquery(version.values(parent_name)[:1]),
-        VERSION_NUMBER.format(ref): Subquery(version.values("number")[:1]),
+        VERSION_NAME.format(ref): Case(
+            When(named, then=Subquery(version.values(parent_name)[:1])), output_field=CharField()
+        ),
+        VERSION_NUMBER.format(ref): Case(
+            When(named, then=Subquery(version.values("number")[:1])),
+            output_field=PositiveIntegerField(),
+        ),
     }
 
 

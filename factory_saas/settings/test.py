@@ -30,6 +30,9 @@ DEBUG = False
 DATABASES = {
     "default": env.db("DATABASE_URL", default="postgres://postgres@127.0.0.1:5432/factory_saas")
 }
+# As in production: the compiled reads' statements are prepared per connection (tenants.compiled).
+if DATABASES["default"]["ENGINE"].endswith("postgresql"):
+    DATABASES["default"].setdefault("OPTIONS", {})["prepare_threshold"] = 5
 REDIS_URL = _per_worker_redis(env("REDIS_URL", default="redis://127.0.0.1:6379/0"))
 CACHES = {
     "default": {

@@ -1,8 +1,10 @@
 import functools
+import json
 
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connection
 from django.http import Http404
+from django.utils import timezone
 from drf_spectacular.utils import (
     OpenApiParameter,
     OpenApiResponse,
@@ -21,7 +23,7 @@ from jobs.services import sweeps
 from registry.models import RegisteredModel
 from registry.selectors import code_package_version_get, dataset_version_get, model_version_get
 from tenants.api.base import OrganizationScopedAPIView, OrganizationScopedViewSet
-from tenants.compiled import CompiledRows
+from tenants.compiled import CompiledRows, CompiledSelect
 from tenants.errors import DomainError
 from tenants.models import Organization
 from tenants.seal import organization_rows
@@ -96,7 +98,7 @@ def _job_row(*, organization: int, job: int):
     return s.job_rows(rows.filter(pk=job), versions=True)
 
 
-_JOB_ROW = CompiledRows(_job_row, organization=int, job=int)
+_JOB_ROW = CompiledRows(_job_row, prepared=True, organization=int, job=int)
 
 
 def _job_page(*, organization: int, limit: int):
@@ -110,28 +112,61 @@ def _job_page(*, organization: int, limit: int):
 
 _PAGE_ORDER = CreatedCursorPagination.ordering
 _JOB_PAGES: dict[int, CompiledRows] = {}  # by limit, a page size plus one: at most 201
+_JSON_PAGES: dict[int, CompiledSelect] = {}  # the same, each row as JSON built by PostgreSQL
 
 
 class _FirstPage:
     """What CursorPagination reads a list's first page from, as from a queryset: its order and
-    its slice run _job_page compiled once per page size."""
+    its slice run _job_page compiled once per page size; `as_json`, each row's JSON built by
+    PostgreSQL (serializers.job_json_select), else values() rows."""
 
-    def __init__(self, organization: int) -> None:
+    def __init__(self, organization: int, *, as_json: bool = False) -> None:
         self.organization = organization
+        self.as_json = as_json
 
     def order_by(self, *ordering: str) -> "_FirstPage":
         if tuple(ordering) != tuple(_PAGE_ORDER):
             raise ImproperlyConfigured(f"The first page is compiled in {_PAGE_ORDER} order.")
         return self
 
-    def __getitem__(self, window: slice) -> list[dict]:
+    def __getitem__(self, window: slice) -> list:
         if window.start or window.stop is None:
             raise ImproperlyConfigured("The first page is read from its start.")
+        build = functools.partial(_job_page, limit=window.stop)
+        if self.as_json:
+            if window.stop not in _JSON_PAGES:
+                _JSON_PAGES[window.stop] = CompiledSelect(
+                    build, s.job_json_select, prepared=True, organization=int
+                )
+            rows = _JSON_PAGES[window.stop].fetch(organization=self.organization)
+            if rows is None:
+                raise ImproperlyConfigured("The JSON page needs its statement compiled.")
+            return [s.JobJSONRow(row) for row in rows]
         if window.stop not in _JOB_PAGES:
-            _JOB_PAGES[window.stop] = CompiledRows(
-                functools.partial(_job_page, limit=window.stop), organization=int
-            )
+            _JOB_PAGES[window.stop] = CompiledRows(build, prepared=True, organization=int)
         return _JOB_PAGES[window.stop].rows(organization=self.organization)
+
+
+class _JSONResultsResponse(Response):
+    """A page whose results are JSON texts already (the first page, built by PostgreSQL): DRF
+    renders the rest (links) as on any page, and the results are joined in as they are."""
+
+    def __init__(self, data: dict, results: list[str]) -> None:
+        super().__init__(data)
+        self.results = results
+
+    @property
+    def rendered_content(self) -> bytes:
+        content = super().rendered_content
+        empty = b'"results":[]}'
+        if not (self.data["results"] == [] and content.endswith(empty)):
+            # Another renderer or format (indented): render the results as parsed values.
+            self.data["results"] = [json.loads(text) for text in self.results]
+            return super().rendered_content
+        # As DRF's JSONRenderer writes them, for JavaScript that reads JSON as code.
+        results = ",".join(self.results).replace("\u2028", "\\u2028")
+        results = results.replace("\u2029", "\\u2029")
+        return content[: -len(empty)] + b'"results":[' + results.encode() + b"]}"
 
 
 def _job_id(value: str | int) -> int | None:
@@ -233,7 +268,13 @@ class JobViewSet(
             and isinstance(self.paginator, CreatedCursorPagination)
             and request.query_params.keys() <= {"page_size", "format"}
         ):
-            queryset = _FirstPage(self.organization.pk)  # no cursor, no filter: the usual poll
+            # No cursor, no filter: the usual poll. On PostgreSQL each row's JSON is built by
+            # the statement (serializers.job_json_select); DRF renders only the links.
+            if connection.vendor == "postgresql" and timezone.get_current_timezone_name() == "UTC":
+                page = self.paginate_queryset(_FirstPage(self.organization.pk, as_json=True))
+                results = s.job_json_rows(rows=page, organization=self.organization)
+                return _JSONResultsResponse(self.get_paginated_response([]).data, results)
+            queryset = _FirstPage(self.organization.pk)
         else:
             queryset = s.job_rows(self.filter_queryset(self.get_queryset()))
         page = self.paginate_queryset(queryset)

@@ -194,3 +194,59 @@ def test_a_job_read_from_a_compiled_statement_is_another_organizations_404(
     )
     listed = outsider.get(f"/api/v1/orgs/{other_org.slug}/jobs/").json()["results"]
     assert [row["id"] for row in listed] == [theirs.pk]
+
+
+def test_the_first_page_json_reads_back_text_and_numbers_as_written(
+    org, member_factory, client_for
+):
+    """The first page's JSON is written by PostgreSQL: text with quotes, backslashes, control
+    characters and any script reads back as stored, U+2028 and U+2029 escaped as DRF's renderer
+    escapes them, and JSON values keep their numbers and nesting."""
+    text = 'a "quote" \\ tab\t line\n bell\x07 é 雪 \u2028 \u2029 </script>'
+    job = JobFactory(
+        organization=org,
+        state=JobState.FAILED,
+        failure_reason=text,
+        recipe=text[:100],
+        labels={"k": text},
+        parameters={"lr": 0.1, "tiny": 1.5e-07, "big": 2**53, "x": [1.5, None, True, {}]},
+    )
+    client = client_for(member_factory(org, "viewer"))
+    response = client.get(f"/api/v1/orgs/{org.slug}/jobs/")
+    [row] = response.json()["results"]
+    _assert_same(row, _expected(job))
+    assert row["failure_reason"] == text and row["labels"] == {"k": text}
+    assert row["parameters"] == {
+        "lr": 0.1,
+        "tiny": 1.5e-07,
+        "big": 2**53,
+        "x": [1.5, None, True, {}],
+    }
+    body = response.content.decode()
+    assert "\u2028" not in body and "\u2029" not in body
+    assert body.count("\\u2028") == 3  # failure_reason, recipe, the label
+
+
+def test_a_prepared_read_answers_each_organization_with_its_own_jobs(
+    org, other_org, jobs, key_client_for
+):
+    """The reads' statements are prepared once psycopg has run them prepare_threshold times on
+    a connection (tenants.compiled): prepared, they still take the organization and the job as
+    values of every run."""
+    insider = key_client_for(MembershipFactory(organization=org, role="owner").user, org)
+    outsider_user = MembershipFactory(organization=other_org, role="owner").user
+    outsider = key_client_for(outsider_user, other_org)
+    theirs = JobFactory(organization=other_org)
+    ours, url = {job.pk for job in jobs}, "/api/v1/orgs/{}/jobs/"
+    for _ in range(2 * connection.settings_dict["OPTIONS"]["prepare_threshold"] + 1):
+        listed = insider.get(url.format(org.slug)).json()["results"]
+        assert {row["id"] for row in listed} == ours
+        assert [
+            row["id"] for row in outsider.get(url.format(other_org.slug)).json()["results"]
+        ] == [theirs.pk]
+        assert insider.get(f"{url.format(org.slug)}{theirs.pk}/").status_code == 404
+        assert outsider.get(f"{url.format(other_org.slug)}{theirs.pk}/").status_code == 200
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement FROM pg_prepared_statements")
+        prepared = [statement for (statement,) in cursor.fetchall()]
+    assert any('"jobs_job"' in statement for statement in prepared)
