@@ -1,13 +1,16 @@
 """The API reads in one process: CPU per request and queries of bench/load.py's endpoints.
 
     .venv/bin/python -m bench.reads_profile [--rounds 3] [--n 200] [--profile job_list]
+    .venv/bin/python -m bench.reads_profile --submit [--profile job_submit]
 
 Runs against bench/load.py's seeded database (BENCH_LOAD_DATABASE_URL) with its settings
 (production plus the baseline routes) through Django's test client: no server, no clients, so
 the figure is the view's own CPU (authentication, queries, serialization, rendering). Prints,
 per endpoint, the medians over rounds of CPU ms per request (this process's, and its PostgreSQL
 backend's, read from /proc like bench/load.py's) and the queries one request makes;
-`--profile NAME` prints that endpoint's cProfile instead.
+`--profile NAME` prints that endpoint's cProfile instead. `--submit` measures job submit (POST
+jobs/ with bench/load.py's body and a new Idempotency-Key each) beside bare DRF instead of the
+reads; the jobs it submits are deleted at the end, as bench/load.py deletes its own.
 """
 
 import argparse
@@ -16,11 +19,14 @@ import os
 import pstats
 import statistics
 import time
+import uuid
 
 from bench.load import (
     DATABASE_URL,
     REDIS_URL,
     SETTINGS_MODULE,
+    SUBMIT_BODY,
+    SUBMIT_KEY_PREFIX,
     cpu_seconds,
     forget_submitted,
     token_for,
@@ -34,6 +40,8 @@ def main() -> None:
     parser.add_argument("--profile", help="an endpoint to run under cProfile (CPU time)")
     parser.add_argument("--sort", default="cumulative", help="cProfile's sort key")
     parser.add_argument("--lines", type=int, default=45, help="cProfile's lines shown")
+    parser.add_argument("--submit", action="store_true", help="job submit instead of the reads")
+    parser.add_argument("--sql", action="store_true", help="print each endpoint's statements")
     args = parser.parse_args()
     os.environ.update(
         {
@@ -49,9 +57,7 @@ def main() -> None:
     import django
 
     django.setup()
-    from django.db import connection
     from django.test import Client
-    from django.test.utils import CaptureQueriesContext
 
     from jobs.models import Job, JobState
     from tenants.models import Organization
@@ -62,13 +68,16 @@ def main() -> None:
     jobs = Job.objects.filter(organization=org)
     finished = jobs.filter(state=JobState.SUCCEEDED).order_by("-created_at").first()
     running = jobs.filter(state=JobState.RUNNING).order_by("-created_at").first()
-    urls = {
-        "bare_drf": "/api/v1/bench/bare/",
-        "job_get_finished": f"{base}/jobs/{finished.pk}/",
-        "job_get_running": f"{base}/jobs/{running.pk}/",
-        "job_list": f"{base}/jobs/",
-        "usage": f"{base}/billing/usage/",
-    }
+    urls = {"bare_drf": "/api/v1/bench/bare/"}
+    if args.submit:
+        urls["job_submit"] = f"{base}/jobs/"
+    else:
+        urls |= {
+            "job_get_finished": f"{base}/jobs/{finished.pk}/",
+            "job_get_running": f"{base}/jobs/{running.pk}/",
+            "job_list": f"{base}/jobs/",
+            "usage": f"{base}/billing/usage/",
+        }
     client = Client(
         HTTP_AUTHORIZATION=f"Bearer {token_for(0, 0)[1]}",
         HTTP_X_FORWARDED_PROTO="https",
@@ -76,8 +85,29 @@ def main() -> None:
     )
 
     def get(url: str) -> None:
-        response = client.get(url)
-        assert response.status_code == 200, (url, response.status_code, response.content[:300])
+        if url == urls.get("job_submit"):
+            response = client.post(
+                url,
+                SUBMIT_BODY,
+                content_type="application/json",
+                HTTP_IDEMPOTENCY_KEY=f"{SUBMIT_KEY_PREFIX}{uuid.uuid4().hex}",
+            )
+            expected = 201
+        else:
+            response = client.get(url)
+            expected = 200
+        assert response.status_code == expected, (url, response.status_code, response.content[:300])
+
+    try:
+        measure(args, urls, get)
+    finally:
+        if args.submit:
+            forget_submitted()
+
+
+def measure(args, urls: dict[str, str], get) -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
 
     for url in urls.values():
         for _ in range(20):
@@ -95,6 +125,10 @@ def main() -> None:
         with CaptureQueriesContext(connection) as captured:
             get(url)
         queries[name] = len(captured)
+        if args.sql:
+            print(f"{name}:")
+            for query in captured:
+                print(f"  {query['sql']}")
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_backend_pid()")
         [backend] = cursor.fetchone()

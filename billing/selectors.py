@@ -25,6 +25,7 @@ from django.db.models import (
 from django.db.models.functions import Concat
 from django.utils import timezone
 
+from tenants.compiled import CompiledRows
 from tenants.models import Organization
 from tenants.standing import Restriction, budget_reached, payment_past_due
 
@@ -85,13 +86,19 @@ def price_at(table: dict[str, list[Price]], *, resource: str, at: datetime) -> t
     return Decimal(settings.DEFAULT_GPU_SECOND_PRICE), settings.BILLING_CURRENCY
 
 
+def _prices_in_force(*, resource, at) -> QuerySet:
+    """The prices of `resource` that started by `at`, newest first: price_at's answer is the
+    first (either argument may be an expression of an outer query)."""
+    return Price.objects.filter(resource=resource, effective_from__lte=at).order_by(
+        "-effective_from"
+    )
+
+
 def price_at_subqueries(*, resource, at) -> dict[str, Subquery]:
     """price_at's unit price and currency of `resource` at `at` (expressions of a row's query,
     OuterRef for its columns) as two subqueries of that query, under PRICE_AT's keys: null
     where the resource has no price yet (price_at's default then applies)."""
-    prices = Price.objects.filter(resource=resource, effective_from__lte=at).order_by(
-        "-effective_from"
-    )
+    prices = _prices_in_force(resource=resource, at=at)
     unit, currency = PRICE_AT
     return {
         unit: Subquery(prices.values("unit_price")[:1]),
@@ -107,8 +114,21 @@ def gpu_resource_expression(resource_class_name):
     return Concat(Value("gpu:"), resource_class_name, output_field=CharField())
 
 
+def _price_in_force(*, resource: str, at: datetime):
+    """price_at's answer for one resource, as a row."""
+    return _prices_in_force(resource=resource, at=at).values("unit_price", "currency")[:1]
+
+
+# Every job submit prices its estimate: compiled once per process (tenants.compiled).
+_PRICE_IN_FORCE = CompiledRows(_price_in_force, resource=str, at=datetime)
+
+
 def unit_price(*, resource: str, at: datetime) -> tuple[Decimal, str]:
-    return price_at(price_table(resources={resource}), resource=resource, at=at)
+    """What price_at says of `resource` at `at`, in one statement compiled once."""
+    rows = _PRICE_IN_FORCE.rows(resource=resource, at=at)
+    if not rows:
+        return Decimal(settings.DEFAULT_GPU_SECOND_PRICE), settings.BILLING_CURRENCY
+    return rows[0]["unit_price"], rows[0]["currency"]
 
 
 def gpu_resource(resource_class_name: str) -> str:
@@ -203,12 +223,33 @@ def placement_blocks(
     return blocks
 
 
+def _account_may_block(*, organization: int):
+    """The organization's account where placement_blocks could stop it (past due, or a hard
+    budget cap): its one query's condition, for the organization alone."""
+    return (
+        BillingAccount.objects.for_organization(Organization(pk=organization))
+        .filter(
+            Q(past_due_since__isnull=False)
+            | Q(budget_hard_cap=True, monthly_budget_minor__isnull=False)
+        )
+        .order_by()
+        .values("pk")
+    )
+
+
+# Asked on every request that spends (every job submit): compiled once per process.
+_ACCOUNT_MAY_BLOCK = CompiledRows(_account_may_block, organization=int)
+
+
 def organization_standing(organization: Organization) -> Restriction | None:
     """Billing's part of what an organization may still do (registered with tenants.standing).
 
     The same rule as placement, from the ledger alone: the running attempts' cost, which the
-    scheduler adds, lives in jobs, which billing does not read.
+    scheduler adds, lives in jobs, which billing does not read. An account that is neither past
+    due nor hard-capped (most) answers from one compiled statement; the others as placement.
     """
+    if not _ACCOUNT_MAY_BLOCK.rows(organization=organization.pk):
+        return None
     reason = placement_blocks(
         organizations=[organization], now=timezone.now(), running_minor={}
     ).get(organization.pk)

@@ -38,7 +38,7 @@ from billing.selectors import (
     unit_price,
     usage_billed_through,
 )
-from tenants.compiled import CompiledRows
+from tenants.compiled import CompiledRows, row_fields, row_instance
 from tenants.models import Organization
 
 from .models import (
@@ -170,6 +170,57 @@ def queue_positions(*, organization: Organization, resource_class_ids: set[int])
         for resource_class in sorted(resource_class_ids)
         for row in _QUEUE_OF_CLASS.rows(organization=organization.pk, resource_class=resource_class)
     }
+
+
+def _queued_ahead(
+    *, organization: int, resource_class: int, priority: int, created_at: datetime, job: int
+):
+    """How many of the organization's queued jobs of the class the scheduler takes before the
+    job (Job.queue_position's count): one row, none for none."""
+    return (
+        Job.objects.for_organization(Organization(pk=organization))
+        .filter(resource_class=resource_class, state=JobState.QUEUED)
+        .filter(
+            Q(priority__gt=priority)
+            | Q(priority=priority, created_at__lt=created_at)
+            | Q(priority=priority, created_at=created_at, pk__lt=job)
+        )
+        .order_by()
+        .values("organization")
+        .annotate(n=Count("pk"))
+    )
+
+
+_QUEUED_AHEAD = CompiledRows(
+    _queued_ahead, organization=int, resource_class=int, priority=int, created_at=datetime, job=int
+)
+
+
+def job_queue_position(*, job: Job) -> int | None:
+    """Job.queue_position, from a statement compiled once per process (a submit's response)."""
+    if job.state != JobState.QUEUED:
+        return None
+    rows = _QUEUED_AHEAD.rows(
+        organization=job.organization_id,
+        resource_class=job.resource_class_id,
+        priority=job.priority,
+        created_at=job.created_at,
+        job=job.pk,
+    )
+    return (rows[0]["n"] if rows else 0) + 1
+
+
+def _resource_class_named(*, name: str):
+    return ResourceClass.objects.filter(name=name).order_by().values(*row_fields(ResourceClass))
+
+
+_RESOURCE_CLASS_NAMED = CompiledRows(_resource_class_named, name=str)
+
+
+def resource_class_named(name: str) -> ResourceClass | None:
+    """The resource class of that name (a job submit names one), or None."""
+    rows = _RESOURCE_CLASS_NAMED.rows(name=name)
+    return row_instance(ResourceClass, rows[0]) if rows else None
 
 
 def queue_positions_attach(*, organization: Organization, jobs: Iterable[Job]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from django.conf import settings
+from django.db import connection
 from django.db.models import (
     Case,
     CharField,
@@ -18,6 +19,7 @@ from django.db.models import (
 from django.http import Http404
 from django.utils import timezone
 
+from tenants.compiled import CompiledRows, row_fields, row_instance
 from tenants.errors import ConflictError
 from tenants.models import Organization
 
@@ -57,13 +59,42 @@ def dataset_version_get(
     """A version by its dataset's name and number; `as_input`, without its schema, profile and
     preview (kilobytes of JSON each on real data), which naming it as a job's input never reads:
     reading one of them later costs a query."""
+    if as_input:  # every job submit: a statement compiled once per process
+        low, high = connection.ops.integer_field_range(
+            DatasetVersion._meta.get_field("number").get_internal_type()
+        )
+        if not low <= number <= high:  # no version has it (the ORM's answer, not an overflow)
+            raise Http404
+        rows = _INPUT_VERSION.rows(
+            organization=organization.pk, dataset=dataset_name, number=number
+        )
+        if not rows:
+            raise Http404
+        version = row_instance(DatasetVersion, rows[0])
+        version.dataset = row_instance(Dataset, rows[0], prefix="dataset__")
+        return version
     versions = DatasetVersion.objects.for_organization(organization).select_related("dataset")
-    if as_input:
-        versions = versions.defer("schema", "profile", "preview")
     version = versions.filter(dataset__name=dataset_name, number=number).first()
     if version is None:
         raise Http404
     return version
+
+
+def _input_version(*, organization: int, dataset: str, number: int):
+    """dataset_version_get(as_input=True)'s row: the version without its schema, profile and
+    preview, and its dataset (a dataset's version numbers are unique)."""
+    return (
+        DatasetVersion.objects.for_organization(Organization(pk=organization))
+        .filter(dataset__name=dataset, number=number)
+        .order_by()
+        .values(
+            *row_fields(DatasetVersion, leave_out=("schema", "profile", "preview")),
+            *row_fields(Dataset, prefix="dataset__"),
+        )
+    )
+
+
+_INPUT_VERSION = CompiledRows(_input_version, organization=int, dataset=str, number=int)
 
 
 def dataset_version_require_ready(version: DatasetVersion, *, field: str = "dataset") -> None:
@@ -244,6 +275,24 @@ def registered_model_list(*, organization: Organization) -> QuerySet[RegisteredM
     return RegisteredModel.objects.for_organization(organization).annotate(
         version_count=Count("versions")
     )
+
+
+def _model_named(*, organization: int, name: str):
+    return (
+        RegisteredModel.objects.for_organization(Organization(pk=organization))
+        .filter(name=name)
+        .order_by()
+        .values("pk")[:1]
+    )
+
+
+_MODEL_NAMED = CompiledRows(_model_named, organization=int, name=str)
+
+
+def registered_model_exists(*, organization: Organization, name: str) -> bool:
+    """Whether the organization has a model of that name (a job submit asks on every training
+    job: its statement is compiled once per process, tenants.compiled)."""
+    return bool(_MODEL_NAMED.rows(organization=organization.pk, name=name))
 
 
 def registered_model_get(*, organization: Organization, name: str) -> RegisteredModel:

@@ -8,24 +8,33 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
-from django.core.exceptions import ImproperlyConfigured
+from django.core.exceptions import EmptyResultSet, ImproperlyConfigured
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.models import QuerySet
 from django.db.models.query import ValuesIterable
 
 # Stand-ins for the values a statement takes at run time, by type: a negative id, never a real
-# one, and a moment in 1901, before any row; each apart from anything a query holds as a constant.
+# one, a moment in 1901, before any row, and text no name or key holds; each apart from anything
+# a query holds as a constant. A value a lookup rewrites (`startswith` adds a wildcard) no longer
+# equals its stand-in, so that statement is built on every call instead.
 _MARKS = {
     int: lambda n: -730_000_001 - n,
     datetime: lambda n: datetime(1901, 1, 1, tzinfo=UTC) + timedelta(seconds=n),
+    str: lambda n: f"\uffffcompiled-value-{n}\uffff",
 }
+
+
+def _positive_int(n: int) -> int:
+    """The int stand-in where a field's range starts at 0: beyond any id a table reaches."""
+    return 1_730_000_001 + n
 
 
 @dataclass(frozen=True)
 class _Statement:
     sql: str
     params: tuple
-    slots: tuple[tuple[int, str], ...]  # (place in params, name of the value run() fills in)
+    # (place in params, name of the value run() fills in, the type it is wrapped in or None)
+    slots: tuple[tuple[int, str, type | None], ...]
     names: tuple[str, ...]
     converters: tuple[tuple[int, tuple, object], ...]  # (column, from_db_value chain, expression)
 
@@ -57,9 +66,10 @@ def _cursor(connection):
 
 
 class CompiledRows:
-    """`build(**values)` (a values() queryset; `types` names each value's type, int or datetime)
-    compiled on first use per database; `rows(**values)` runs that SQL with the values given,
-    returning what the queryset would: a dict per row, each column converted as the ORM does.
+    """`build(**values)` (a values() queryset; `types` names each value's type: int, datetime
+    or str) compiled on first use per database; `rows(**values)` runs that SQL with the values
+    given, returning what the queryset would: a dict per row, each column converted as the ORM
+    does.
 
     `build` runs once per database with stand-ins for the values, so whatever it checks (the
     tenancy seal) it checks on the shape of the query, which is the same for every value. Where
@@ -81,19 +91,27 @@ class CompiledRows:
 
     def _compile(self, using: str) -> _Statement | None:
         marks = {name: _MARKS[kind](n) for n, (name, kind) in enumerate(self._types.items())}
-        queryset = self._build(**marks)
+        try:
+            queryset, compiler, (sql, params) = self._compiled(marks, using)
+        except EmptyResultSet:
+            # A field whose range starts at 0 (a version number) refuses a negative value outright.
+            marks = {
+                name: _positive_int(n) if kind is int else mark
+                for n, ((name, kind), mark) in enumerate(
+                    zip(self._types.items(), marks.values(), strict=True)
+                )
+            }
+            queryset, compiler, (sql, params) = self._compiled(marks, using)
         query = queryset.query
-        if queryset._iterable_class is not ValuesIterable:
-            raise ImproperlyConfigured("CompiledRows builds values() querysets only.")
-        compiler = query.get_compiler(using=using)
-        sql, params = compiler.as_sql()
+        # A value may reach the SQL wrapped (psycopg's Int4 for a 4-byte integer column): the
+        # run wraps its own value the same way.
         slots = tuple(
-            (place, name)
+            (place, name, None if type(param) is type(mark) else type(param))
             for place, param in enumerate(params)
             for name, mark in marks.items()
-            if type(param) is type(mark) and param == mark
+            if isinstance(param, type(mark)) and not isinstance(param, bool) and param == mark
         )
-        if {name for _, name in slots} != set(self._types):
+        if {name for _, name, _ in slots} != set(self._types):
             return None
         fields = [column for column, _, _ in compiler.select[: compiler.col_count]]
         converters = compiler.get_converters(fields)
@@ -111,6 +129,13 @@ class CompiledRows:
             ),
         )
 
+    def _compiled(self, marks: dict, using: str):
+        queryset = self._build(**marks)
+        if queryset._iterable_class is not ValuesIterable:
+            raise ImproperlyConfigured("CompiledRows builds values() querysets only.")
+        compiler = queryset.query.get_compiler(using=using)
+        return queryset, compiler, compiler.as_sql()
+
     def _statement(self, using: str) -> _Statement | None:
         if using not in self._statements:
             self._statements[using] = self._compile(using)
@@ -118,8 +143,8 @@ class CompiledRows:
 
     def _run(self, statement: _Statement, using: str, values: dict) -> list[tuple]:
         params = list(statement.params)
-        for place, name in statement.slots:
-            params[place] = values[name]
+        for place, name, wrap in statement.slots:
+            params[place] = values[name] if wrap is None else wrap(values[name])
         connection = connections[using]
         with _cursor(connection) if self._prepared else connection.cursor() as cursor:
             cursor.execute(statement.sql, params)
@@ -175,3 +200,20 @@ class CompiledSelect(CompiledRows):
     def fetch(self, *, using: str = DEFAULT_DB_ALIAS, **values) -> list[tuple] | None:
         statement = self._statement(using)
         return None if statement is None else self._run(statement, using, values)
+
+
+def row_fields(model, *, prefix: str = "", leave_out: tuple[str, ...] = ()) -> list[str]:
+    """The values() keys of `model`'s columns (`prefix` + each field's name; a foreign key's
+    gives its id), for a statement whose rows become instances again (`row_instance`)."""
+    return [
+        prefix + field.name for field in model._meta.concrete_fields if field.name not in leave_out
+    ]
+
+
+def row_instance(model, row: dict, *, prefix: str = "", using: str = DEFAULT_DB_ALIAS):
+    """The `model` instance a queryset would have loaded from the row's `row_fields` columns;
+    the fields left out are deferred, as with defer()."""
+    fields = [field for field in model._meta.concrete_fields if prefix + field.name in row]
+    return model.from_db(
+        using, [field.attname for field in fields], [row[prefix + field.name] for field in fields]
+    )

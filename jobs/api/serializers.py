@@ -24,6 +24,7 @@ from jobs.selectors import (
     COST_FIELDS,
     job_cost_so_far,
     job_costs_so_far,
+    job_queue_position,
     job_rightsizing_hint,
     job_row_annotations,
     queue_positions,
@@ -316,9 +317,12 @@ def job_rows(queryset, *, versions: bool = False):
     return queryset.values(*_row_plan()[1], **annotations)
 
 
-def job_rows_data(*, rows: list[dict], organization: Organization) -> list[dict]:
+def job_rows_data(
+    *, rows: list[dict], organization: Organization, queue_places: dict[int, int] | None = None
+) -> list[dict]:
     """JobSerializer(job).data of each row of `job_rows()`, the same dicts field by field; the
-    page's running jobs priced together and its versions named in a query per kind."""
+    page's running jobs priced together and its versions named in a query per kind; its queued
+    jobs placed in one query, or by `queue_places` (job id: place) where the caller has them."""
     plan, _ = _row_plan()
     costs = job_costs_so_far(jobs=rows)
     ids: dict[str, set[int]] = {"dataset": set(), "model": set(), "code_package": set()}
@@ -332,11 +336,15 @@ def job_rows_data(*, rows: list[dict], organization: Organization) -> list[dict]
         model_versions=ids["model"],
         code_package_versions=ids["code_package"],
     )
-    positions = queue_positions(
-        organization=organization,
-        resource_class_ids={
-            row["resource_class"] for row in rows if row["state"] == JobState.QUEUED
-        },
+    positions = (
+        queue_places
+        if queue_places is not None
+        else queue_positions(
+            organization=organization,
+            resource_class_ids={
+                row["resource_class"] for row in rows if row["state"] == JobState.QUEUED
+            },
+        )
     )
     zone = timezone.get_current_timezone()
     data = []
@@ -592,6 +600,50 @@ class JobSubmittedSerializer(JobSerializer):
     class Meta(JobSerializer.Meta):
         fields = [*JobSerializer.Meta.fields, "estimated_cost_per_hour", "estimated_max_cost"]
         read_only_fields = fields
+
+
+# The parent whose name a version of each kind shows (what version_names reads).
+_VERSION_PARENTS = {"dataset": "dataset", "model": "registered_model", "code_package": "package"}
+
+
+def _instance_value(job: Job, key: str):
+    """What values(key) gives for the job: a column, a foreign key's id, or a related field
+    (`resource_class__name`) read through the related objects the job holds."""
+    head, *path = key.split("__")
+    if not path:
+        return getattr(job, Job._meta.get_field(head).attname)
+    value = getattr(job, head)
+    for name in path:
+        if value is None:
+            return None
+        value = getattr(value, name)
+    return value
+
+
+def job_submitted_data(*, job: Job, organization: Organization, estimate: dict) -> dict:
+    """JobSubmittedSerializer(job).data (with `estimate`, _estimate's two amounts), from the
+    job's own attributes through job_rows_data: a submit's response without building
+    ModelSerializer's fields on every request. A job just submitted holds the objects its
+    versions name, so this reads nothing more than its place in the queue (one query, as
+    Job.queue_position)."""
+    row = {key: _instance_value(job, key) for key in _row_plan()[1]}
+    for relation, kind, _ in _VERSION_FIELDS.values():
+        version = getattr(job, relation)
+        parent = getattr(version, _VERSION_PARENTS[kind]) if version is not None else None
+        row[VERSION_NAME.format(relation)] = parent.name if parent is not None else None
+        row[VERSION_NUMBER.format(relation)] = version.number if version is not None else None
+    place = job_queue_position(job=job)
+    [data] = job_rows_data(
+        rows=[row],
+        organization=organization,
+        queue_places={} if place is None else {job.pk: place},
+    )
+    for name in ("estimated_cost_per_hour", "estimated_max_cost"):
+        data[name] = {
+            "amount": str(estimate[name]["amount"]),
+            "currency": str(estimate[name]["currency"]),
+        }
+    return data
 
 
 class JobFilterSerializer(serializers.Serializer):

@@ -54,7 +54,7 @@ class _JobInputs:
     """Resolve what a submission names (resource class, dataset version) or say what is wrong."""
 
     def _resource_class(self, name: str) -> ResourceClass:
-        resource_class = ResourceClass.objects.filter(name=name).first()
+        resource_class = selectors.resource_class_named(name)
         if resource_class is None:
             names = ", ".join(ResourceClass.objects.values_list("name", flat=True))
             raise DomainError(
@@ -369,13 +369,14 @@ class JobViewSet(
                 output_model_name=fields.get("output_model", ""),
                 **common,
             )
-        job.estimated_cost_per_hour, job.estimated_max_cost = _estimate(
-            job.resource_class, job.gpu_count, job.max_runtime_s
-        ).values()
-        return Response(
-            s.JobSubmittedSerializer(job).data,
-            status=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
+        # JobSubmittedSerializer's fields, built from the job without the serializer's
+        # per-request field building (tests/jobs/test_api_rows.py compares the two).
+        data = s.job_submitted_data(
+            job=job,
+            organization=self.organization,
+            estimate=_estimate(job.resource_class, job.gpu_count, job.max_runtime_s),
         )
+        return Response(data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
     @action(detail=False, methods=["post"])
     def estimate(self, request, *args, **kwargs):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal
 
 from django.db import IntegrityError, transaction
-from django.db.models import Max
+from django.db.models import Count, Max
 from django.utils import timezone
 
 from billing.selectors import gpu_resource, unit_price
@@ -34,10 +34,11 @@ from registry.selectors import (
     dataset_version_require_ready,
     edge_bundle_get,
     model_version_code_package,
-    registered_model_list,
+    registered_model_exists,
 )
 from registry.services.datasets import validate_name
 from tenants.actors import Actor
+from tenants.compiled import CompiledRows
 from tenants.errors import ConflictError, DomainError, PermissionDeniedError
 from tenants.models import Organization
 from tenants.selectors import actor_scopes
@@ -142,11 +143,27 @@ def _validate_labels(labels: dict) -> dict:
     return labels
 
 
+def _largest_worker(*, resource_class: int):
+    """The most GPUs one worker of the class has: one row, none where the class has no worker."""
+    return (
+        Worker.objects.filter(resource_class=resource_class)
+        .order_by()
+        .values("resource_class")
+        .annotate(largest=Max("slots"))
+    )
+
+
+# Statements a submit runs, compiled once per process (tenants.compiled): building and compiling
+# each was most of its CPU; the organization is a parameter of every run of a tenant's statement.
+_LARGEST_WORKER = CompiledRows(_largest_worker, resource_class=int)
+
+
 def _options_check(options: JobOptions, *, kind: str) -> None:
     gpu_count, resource_class = options.gpu_count, options.resource_class
     if not 1 <= gpu_count <= 64:
         raise DomainError("Ask for 1 to 64 GPUs.", fields={"gpu_count": ["Between 1 and 64."]})
-    largest = Worker.objects.filter(resource_class=resource_class).aggregate(m=Max("slots"))["m"]
+    rows = _LARGEST_WORKER.rows(resource_class=resource_class.pk)
+    largest = rows[0]["largest"] if rows else None
     if largest is not None and gpu_count > largest:
         raise DomainError(
             f"No {resource_class} machine has {gpu_count} GPUs (the largest has {largest}).",
@@ -466,10 +483,7 @@ def _outputs_allowed(*, organization: Organization, actor: Actor, spec: JobSpec)
     moves an alias, needs the scope that doing so directly needs. A new output is the job's own."""
     needs: dict[str, str] = {}
     model_name, dataset_name = spec.output_model_name, spec.output_dataset_name
-    if (
-        model_name
-        and registered_model_list(organization=organization).filter(name=model_name).exists()
-    ):
+    if model_name and registered_model_exists(organization=organization, name=model_name):
         needs["models:write"] = f"adds a version to the existing model {model_name}"
     if dataset_name and dataset_list(organization=organization).filter(name=dataset_name).exists():
         needs["datasets:write"] = f"adds a version to the existing dataset {dataset_name}"
@@ -493,9 +507,38 @@ def _job_with_key(*, organization: Organization, idempotency_key: str | None) ->
             "The Idempotency-Key is longer than 200 characters.",
             fields={"idempotency_key": ["At most 200 characters, e.g. a UUID."]},
         )
+    keyed = _KEYED_JOB.rows(organization=organization.pk, key=idempotency_key)
+    # A retry, the rare case: the first job, read whole.
+    if not keyed:
+        return None
+    return Job.objects.for_organization(organization).filter(pk=keyed[0]["pk"]).first()
+
+
+def _keyed_job(*, organization: int, key: str):
+    """The id of the organization's job submitted with the idempotency key (one at most)."""
     return (
-        Job.objects.for_organization(organization).filter(idempotency_key=idempotency_key).first()
+        Job.objects.for_organization(Organization(pk=organization))
+        .filter(idempotency_key=key)
+        .order_by()
+        .values("pk")
     )
+
+
+_KEYED_JOB = CompiledRows(_keyed_job, organization=int, key=str)
+
+
+def _queued(*, organization: int, resource_class: int):
+    """How many of the organization's jobs wait in the class's queue: one row, none for none."""
+    return (
+        Job.objects.for_organization(Organization(pk=organization))
+        .filter(resource_class=resource_class, state=JobState.QUEUED)
+        .order_by()
+        .values("organization")
+        .annotate(n=Count("pk"))
+    )
+
+
+_QUEUED = CompiledRows(_queued, organization=int, resource_class=int)
 
 
 def job_admit(
@@ -522,11 +565,10 @@ def job_admit(
                     f"your quota allows {quota.limit_gpus}.",
                     fields={"gpu_count": [f"At most {quota.limit_gpus}."]},
                 )
-            queued = (
-                Job.objects.for_organization(organization)
-                .filter(resource_class=resource_class, state=JobState.QUEUED)
-                .count()
-            )
+            # Its own statement, after the lock: one taken with the lock would count from a
+            # snapshot older than the submit it waited for.
+            counted = _QUEUED.rows(organization=organization.pk, resource_class=resource_class.pk)
+            queued = counted[0]["n"] if counted else 0
             if queued >= quota.max_queued_jobs:
                 raise QuotaExceeded(
                     f"{queued} jobs are already queued on {resource_class}, the most your quota "

@@ -250,3 +250,34 @@ def test_a_prepared_read_answers_each_organization_with_its_own_jobs(
         cursor.execute("SELECT statement FROM pg_prepared_statements")
         prepared = [statement for (statement,) in cursor.fetchall()]
     assert any('"jobs_job"' in statement for statement in prepared)
+
+
+def test_a_submit_answers_what_the_submitted_serializer_says(org, member_factory, client_for):
+    """A submit's response (jobs.api.serializers.job_submitted_data) is JobSubmittedSerializer's,
+    field by field: a new job (201) behind others in the queue, and a retry with its key (200)."""
+    from jobs.api.serializers import JobSubmittedSerializer
+    from jobs.api.views import _estimate
+
+    version = DatasetVersionFactory(organization=org)
+    for priority in (5, 0, -5):  # ahead, ahead (earlier, same priority), behind
+        JobFactory(organization=org, state=JobState.QUEUED, priority=priority)
+    client = client_for(member_factory(org, "developer"))
+    body = {
+        "recipe": "tabular-classifier",
+        "parameters": {"target": "x"},
+        "dataset": {"dataset": version.dataset.name, "number": version.number},
+        "labels": {"team": "ml"},
+        "max_runtime_s": 7200,
+    }
+    url = f"/api/v1/orgs/{org.slug}/jobs/"
+    for status in (201, 200):
+        response = client.post(url, body, format="json", HTTP_IDEMPOTENCY_KEY="k-rows")
+        assert response.status_code == status, response.content
+        job = Job.objects.get(pk=response.json()["id"])
+        job.estimated_cost_per_hour, job.estimated_max_cost = _estimate(
+            job.resource_class, job.gpu_count, job.max_runtime_s
+        ).values()
+        want = dict(JobSubmittedSerializer(job).data)
+        assert response.json() == want
+        assert list(response.json()) == list(want)
+        assert want["queue_position"] == 3 and want["dataset"]["number"] == version.number

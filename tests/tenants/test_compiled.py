@@ -72,3 +72,47 @@ def test_only_values_querysets_compile(org):
     )
     with pytest.raises(ImproperlyConfigured):
         compiled.rows(organization=org.pk)
+
+
+def test_text_values_are_parameters_and_a_rewritten_one_runs_the_queryset(org, other_org):
+    _events(org, datetime.now(UTC), 3)
+    _events(other_org, datetime.now(UTC), 1)
+
+    def by_action(*, organization: int, action: str):
+        return AuditEvent.objects.filter(organization=organization, action=action).values("pk")
+
+    compiled = CompiledRows(by_action, organization=int, action=str)
+    for organization, action in [(org.pk, "act.0"), (org.pk, "act.1"), (other_org.pk, "act.0")]:
+        got = compiled.rows(organization=organization, action=action)
+        assert got == list(by_action(organization=organization, action=action))
+    assert len(compiled.rows(organization=org.pk, action="act.0")) == 2
+    assert compiled.rows(organization=org.pk, action="act.%") == []  # a parameter, not a pattern
+    assert compiled._statements["default"] is not None
+
+    def by_prefix(*, organization: int, prefix: str):  # startswith writes the value as prefix%
+        return AuditEvent.objects.filter(organization=organization, action__startswith=prefix)
+
+    prefixed = CompiledRows(lambda **v: by_prefix(**v).values("pk"), organization=int, prefix=str)
+    assert len(prefixed.rows(organization=org.pk, prefix="act.")) == 3
+    assert prefixed._statements["default"] is None
+
+
+def test_a_column_that_starts_at_zero_and_a_wrapped_value_compile_too(org, other_org):
+    """A version number (PositiveIntegerField) refuses a negative stand-in, and psycopg wraps the
+    value it is compared with (Int4): the statement still compiles once and answers each run."""
+    from registry.models import DatasetVersion
+    from tests.factories import DatasetVersionFactory
+
+    mine = [DatasetVersionFactory(organization=org) for _ in range(2)]
+    theirs = DatasetVersionFactory(organization=other_org)
+
+    def numbered(*, organization: int, number: int):
+        return DatasetVersion.objects.filter(organization=organization, number=number).values("pk")
+
+    compiled = CompiledRows(numbered, organization=int, number=int)
+    for version in [*mine, theirs]:
+        assert compiled.rows(organization=version.organization_id, number=version.number) == [
+            {"pk": version.pk}
+        ]
+    assert compiled.rows(organization=org.pk, number=10**6) == []
+    assert compiled._statements["default"] is not None
