@@ -4,6 +4,7 @@ import uuid
 from datetime import timedelta
 
 import factory
+from django.contrib.auth.hashers import make_password
 from django.db import transaction
 from django.utils import timezone
 
@@ -30,12 +31,13 @@ class UserFactory(factory.django.DjangoModelFactory):
         skip_postgeneration_save = True
 
     email = factory.Sequence(lambda n: f"user{n}@example.test")
-    password = factory.PostGenerationMethodCall("set_password", TEST_PASSWORD)
+    # Hashed before the INSERT (`UserFactory(password="x")` hashes "x"), so a user is one write,
+    # not an INSERT and then an UPDATE that stores what set_password() set after it.
+    password = factory.Transformer(TEST_PASSWORD, transform=make_password)
 
     @factory.post_generation
     def verified(obj, create, extracted, **kwargs):
         if create:
-            obj.save()
             from allauth.account.models import EmailAddress
 
             EmailAddress.objects.create(user=obj, email=obj.email, verified=True, primary=True)

@@ -30,9 +30,16 @@ DEBUG = False
 DATABASES = {
     "default": env.db("DATABASE_URL", default="postgres://postgres@127.0.0.1:5432/factory_saas")
 }
-# As in production: the compiled reads' statements are prepared per connection (tenants.compiled).
 if DATABASES["default"]["ENGINE"].endswith("postgresql"):
-    DATABASES["default"].setdefault("OPTIONS", {})["prepare_threshold"] = 5
+    _options = DATABASES["default"].setdefault("OPTIONS", {})
+    # As in production: the compiled reads' statements are prepared per connection
+    # (tenants.compiled).
+    _options["prepare_threshold"] = 5
+    # A commit in the test database returns without waiting for its WAL to reach the disk
+    # (about 1.4 ms less per commit here: transactional tests, pool workers, beat). What another
+    # connection sees is unchanged; only a crash of the PostgreSQL server could lose the last
+    # commits.
+    _options["options"] = f"{_options.get('options', '')} -c synchronous_commit=off".strip()
 REDIS_URL = _per_worker_redis(env("REDIS_URL", default="redis://127.0.0.1:6379/0"))
 CACHES = {
     "default": {

@@ -44,7 +44,7 @@ from jobs.models import Job, ResourceClass, Sweep
 from registry import services as registry_services
 from serving.models import Deployment, ModelCard, Retrain, RetrainPolicy
 from tenants.actors import Actor
-from tenants.models import Invitation, Membership, Organization
+from tenants.models import ApiKey, Invitation, Membership, Organization
 from tenants.scopes import ROLE_SCOPES, Role
 from tenants.selectors import hash_secret
 from tenants.services import api_key_create
@@ -329,6 +329,9 @@ def seeded(django_db_setup, django_db_blocker, tmp_path_factory):
 def tenants(seeded, db, wsgi_keeps_the_test_transaction):
     """Our tenant (with data) and a foreign one whose identifiers must never come back."""
     ours, foreign = seeded
+    # The key has just been used, as it is after a real client's first request: each example
+    # rolls back its own writes, and would otherwise record the key's use (an UPDATE) every time.
+    ApiKey.objects.filter(pk__in=ours["id"]["api-keys"]).update(last_used_at=timezone.now())
     foreign_ids = [pk for pks in foreign["id"].values() for pk in pks if pk >= FOREIGN_ID_BASE]
     SEEDED.update(ours=ours, foreign=foreign)
     yield {
