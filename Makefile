@@ -8,6 +8,11 @@ STAMP := $(VENV)/.installed-stamp
 
 DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/factory_saas
 REDIS_URL ?= redis://127.0.0.1:6379/0
+# Python keeps the bytecode it compiles (__pycache__, ignored by git) even where the environment
+# says not to: otherwise every process of the suite (each xdist worker, pool worker, Celery
+# process and job child) compiles every module of the project again, about 7 s of CPU for a
+# pytest process alone.
+unexport PYTHONDONTWRITEBYTECODE
 # pytest-xdist processes for the suite (one per core here); `serial` tests run alone after them.
 TEST_WORKERS ?= 2
 # The runtime own-code jobs get by default: the worker's own environment (torch 2.13, numpy,
