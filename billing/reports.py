@@ -191,7 +191,7 @@ def _group_expression(group_by: str, label_key: str) -> dict:
     if group_by == "resource":
         return {"g_key": F("resource")}
     if group_by == "day":
-        return {"g_key": TruncDate("period_end", tzinfo=UTC)}
+        return {"g_key": UTCDate("period_end")}
     if group_by == "user":
         return {"g_key": F("user_id"), "g_email": F("user__email")}
     if group_by == "api_key":
@@ -211,6 +211,21 @@ def _group_expression(group_by: str, label_key: str) -> dict:
             output_field=CharField(),
         )
     }
+
+
+class UTCDate(TruncDate):
+    """The UTC day of a moment. PostgreSQL's SQL names the time zone in its text, where TruncDate
+    makes it a parameter: the day grouping selects the day twice (its group and the cell's day),
+    and with values bound on the server two parameters are two expressions to PostgreSQL, so the
+    GROUP BY no longer covers the SELECT (Django's ticket 20516). With no parameter the report's
+    statement can be prepared (CompiledRows). Elsewhere TruncDate's own SQL."""
+
+    def __init__(self, expression, **extra) -> None:
+        super().__init__(expression, tzinfo=UTC, **extra)
+
+    def as_postgresql(self, compiler, connection):
+        sql, params = compiler.compile(self.lhs)
+        return f"({sql} AT TIME ZONE 'UTC')::date", tuple(params)
 
 
 def _group_name(group_by: str, values: dict) -> tuple[str, str | None]:
@@ -233,7 +248,7 @@ def _cells(*, organization: int, since: datetime, until: datetime, groups: dict)
     return (
         UsageRecord.objects.for_organization(organization)
         .filter(period_end__gte=since, period_end__lt=until)
-        .annotate(**groups, cell_day=TruncDate("period_end", tzinfo=UTC))
+        .annotate(**groups, cell_day=UTCDate("period_end"))
         .values(*groups, "cell_day", "resource", "currency", "unit")
         .annotate(amount=Sum("amount_minor"), quantity=Sum("quantity"))
         .order_by()
@@ -270,6 +285,7 @@ def usage_report(
                 organization=int,
                 since=datetime,
                 until=datetime,
+                prepared=True,
             )
         cells = _CELLS[group_by].rows(organization=organization.pk, since=since, until=until)
 

@@ -136,7 +136,7 @@ class UsageReportView(OrganizationScopedAPIView):
 
     @extend_schema(parameters=USAGE_PARAMETERS, responses=s.UsageReportSerializer)
     def get(self, request, *args, **kwargs):
-        return Response(s.UsageReportSerializer(_usage_report(self, request)).data)
+        return Response(s.usage_report_data(_usage_report(self, request)))
 
 
 class CsvRenderer(BaseRenderer):

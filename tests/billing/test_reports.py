@@ -3,12 +3,14 @@ tested with the other /ops/ pages in tests/factory_saas/test_ops.py)."""
 
 import csv
 import io
+import json
 import re
 from collections import defaultdict
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
@@ -16,6 +18,7 @@ from django.utils import timezone
 
 from billing import reports
 from billing import views as billing_views
+from billing.api.serializers import UsageReportSerializer, usage_report_data
 from billing.charts import MAX_SERIES, stacked_daily_chart
 from billing.errors import BillingError
 from billing.models import MeterPush, Price, Reconciliation, UsageRecord
@@ -403,6 +406,18 @@ def test_api_reports_the_ledger_for_each_grouping(ledger, billing_user, client_f
     assert body["currency"] == "usd"
     assert [day["date"] for day in body["daily"]][0::6] == ["2026-10-01", "2026-10-07"]
     assert sum(day["total_minor"] for day in body["daily"]) == expected_total
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("group_by", GROUPINGS)
+def test_api_data_is_the_serializers_field_by_field(ledger, group_by):
+    report = report_for(ledger, group_by)
+    assert report.rows and report.daily
+    data = usage_report_data(report)
+    assert data == UsageReportSerializer(report).data
+    assert json.dumps(data, cls=DjangoJSONEncoder) == json.dumps(
+        UsageReportSerializer(report).data, cls=DjangoJSONEncoder
+    )
 
 
 @pytest.mark.django_db
