@@ -126,8 +126,8 @@ _PRICE_IN_FORCE = CompiledRows(_price_in_force, resource=str, at=datetime)
 def unit_price(*, resource: str, at: datetime) -> tuple[Decimal, str]:
     """What price_at says of `resource` at `at`, in one statement compiled once."""
     rows = _PRICE_IN_FORCE.rows(resource=resource, at=at)
-    if not rows:
-        return Decimal(settings.DEFAULT_GPU_SECOND_PRICE), settings.BILLING_CURRENCY
+    if not rows:  # no price yet: price_at's default
+        return price_at({}, resource=resource, at=at)
     return rows[0]["unit_price"], rows[0]["currency"]
 
 

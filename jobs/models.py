@@ -177,6 +177,16 @@ def waiting_text(reason: str, reserved_machine, expected_start_at) -> str:
     return reserved_reason(reason, reserved_machine, seconds)
 
 
+def queued_ahead_of(*, priority, created_at, pk) -> models.Q:
+    """The queued jobs the scheduler takes before a job of that priority, submit time and id
+    (within its organization and class): higher priority, then earlier, then a lower id."""
+    return (
+        models.Q(priority__gt=priority)
+        | models.Q(priority=priority, created_at__lt=created_at)
+        | models.Q(priority=priority, created_at=created_at, pk__lt=pk)
+    )
+
+
 class Job(OrganizationOwned):
     State = JobState
 
@@ -371,9 +381,7 @@ class Job(OrganizationOwned):
                     state=JobState.QUEUED,
                 )
                 .filter(
-                    models.Q(priority__gt=self.priority)
-                    | models.Q(priority=self.priority, created_at__lt=self.created_at)
-                    | models.Q(priority=self.priority, created_at=self.created_at, pk__lt=self.pk)
+                    queued_ahead_of(priority=self.priority, created_at=self.created_at, pk=self.pk)
                 )
                 .count()
             )

@@ -51,6 +51,7 @@ from .models import (
     UtilizationSample,
     Worker,
     WorkerRuntime,
+    queued_ahead_of,
 )
 from .utilization import ClassPrice, Hint, rightsizing_hint
 
@@ -180,11 +181,7 @@ def _queued_ahead(
     return (
         Job.objects.for_organization(Organization(pk=organization))
         .filter(resource_class=resource_class, state=JobState.QUEUED)
-        .filter(
-            Q(priority__gt=priority)
-            | Q(priority=priority, created_at__lt=created_at)
-            | Q(priority=priority, created_at=created_at, pk__lt=job)
-        )
+        .filter(queued_ahead_of(priority=priority, created_at=created_at, pk=job))
         .order_by()
         .values("organization")
         .annotate(n=Count("pk"))

@@ -210,6 +210,15 @@ def model_version_code_package(model_version: ModelVersion) -> CodePackageVersio
     )
 
 
+# Each kind of version a job names: its model, and the relation to the parent whose name it
+# shows with its number.
+VERSION_KINDS = {
+    "dataset": (DatasetVersion, "dataset"),
+    "model": (ModelVersion, "registered_model"),
+    "code_package": (CodePackageVersion, "package"),
+}
+
+
 def version_names(
     *,
     organization: Organization,
@@ -223,18 +232,19 @@ def version_names(
     Apart from the page's own query: joining the eight version and parent tables into it made
     PostgreSQL's planner spend 10 to 28 ms on every page (bench/load.py, docs/benchmarks.md).
     """
-    kinds = {
-        "dataset": (DatasetVersion, dataset_versions, "dataset__name"),
-        "model": (ModelVersion, model_versions, "registered_model__name"),
-        "code_package": (CodePackageVersion, code_package_versions, "package__name"),
+    ids_of = {
+        "dataset": dataset_versions,
+        "model": model_versions,
+        "code_package": code_package_versions,
     }
     names: dict[str, dict[int, tuple[str, int]]] = {}
-    for kind, (model, ids, parent_name) in kinds.items():
+    for kind, (model, parent) in VERSION_KINDS.items():
+        ids = ids_of[kind]
         rows = (
             model.objects.for_organization(organization)
             .filter(pk__in=ids)
             .order_by()  # a lookup by id: the models' orders would only add sorting
-            .values_list("pk", parent_name, "number")
+            .values_list("pk", f"{parent}__name", "number")
             if ids
             else []
         )
@@ -249,11 +259,8 @@ def version_name_subqueries(*, kind: str, ref: str) -> dict[str, Subquery]:
     """What version_names answers for one row, as two subqueries of the row's own query: the
     name and number of the `kind` version whose id the row's `ref` column holds, under the keys
     VERSION_NAME and VERSION_NUMBER formatted with `ref` (both null where it holds none)."""
-    model, parent_name = {
-        "dataset": (DatasetVersion, "dataset__name"),
-        "model": (ModelVersion, "registered_model__name"),
-        "code_package": (CodePackageVersion, "package__name"),
-    }[kind]
+    model, parent = VERSION_KINDS[kind]
+    parent_name = f"{parent}__name"
     version = model.objects.filter(
         organization=OuterRef("organization"), pk=OuterRef(ref)
     ).order_by()

@@ -30,6 +30,7 @@ from jobs.selectors import (
     queue_positions,
 )
 from registry.selectors import (
+    VERSION_KINDS,
     VERSION_NAME,
     VERSION_NUMBER,
     version_name_subqueries,
@@ -602,10 +603,6 @@ class JobSubmittedSerializer(JobSerializer):
         read_only_fields = fields
 
 
-# The parent whose name a version of each kind shows (what version_names reads).
-_VERSION_PARENTS = {"dataset": "dataset", "model": "registered_model", "code_package": "package"}
-
-
 def _instance_value(job: Job, key: str):
     """What values(key) gives for the job: a column, a foreign key's id, or a related field
     (`resource_class__name`) read through the related objects the job holds."""
@@ -629,7 +626,7 @@ def job_submitted_data(*, job: Job, organization: Organization, estimate: dict) 
     row = {key: _instance_value(job, key) for key in _row_plan()[1]}
     for relation, kind, _ in _VERSION_FIELDS.values():
         version = getattr(job, relation)
-        parent = getattr(version, _VERSION_PARENTS[kind]) if version is not None else None
+        parent = getattr(version, VERSION_KINDS[kind][1]) if version is not None else None
         row[VERSION_NAME.format(relation)] = parent.name if parent is not None else None
         row[VERSION_NUMBER.format(relation)] = version.number if version is not None else None
     place = job_queue_position(job=job)
