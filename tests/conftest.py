@@ -8,7 +8,13 @@ from tenants.actors import Actor
 from tenants.services import api_key_create
 from tests.factories import MembershipFactory, OrganizationFactory, UserFactory
 
-pytest_plugins = ["tests.s3server", "tests.pool", "tests.smtp", "tests.chaos.redis_server"]
+pytest_plugins = [
+    "tests.migrated_state",
+    "tests.s3server",
+    "tests.pool",
+    "tests.smtp",
+    "tests.chaos.redis_server",
+]
 
 
 # What makes a test slow: it starts real processes (pool workers, beat, a browser, an S3 or a
@@ -105,24 +111,8 @@ def user(db):
 
 @pytest.hookimpl(tryfirst=True)  # before -m reads the marks
 def pytest_collection_modifyitems(items):
-    """Mark the slow tests (SLOW_FIXTURES, SLOW_FOLDERS) for `make test-fast` to leave out.
-
-    And refuse a transactional test without a serialized rollback: it flushes the database at
-    its end and Django re-creates the content types with new ids; every serialized test after
-    it then fails to restore its rows (duplicate content types)."""
+    """Mark the slow tests (SLOW_FIXTURES, SLOW_FOLDERS) for `make test-fast` to leave out."""
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
         if fixtures & SLOW_FIXTURES or item.nodeid.startswith(SLOW_FOLDERS):
             item.add_marker(pytest.mark.slow)
-    bare = [
-        item.nodeid
-        for item in items
-        if (marker := item.get_closest_marker("django_db"))
-        and marker.kwargs.get("transaction")
-        and not marker.kwargs.get("serialized_rollback")
-    ]
-    if bare:
-        raise pytest.UsageError(
-            "Transactional tests need serialized_rollback=True (see tests/conftest.py): "
-            + ", ".join(bare)
-        )
