@@ -213,7 +213,7 @@ def test_an_operator_marks_an_open_invoice_paid_once(org, invoiced, user):
         invoice_mark_paid(invoice=invoiced, actor=Actor(user=user))
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 def test_concurrent_runs_issue_each_invoice_once_with_gapless_numbers():
     """Each thread invoices its own organization first (racing for the next number), then runs
     the whole month (racing for every organization's invoice)."""

@@ -75,7 +75,7 @@ def _backend_waits_on_a_lock(pid: int) -> bool:
         return cursor.fetchone() is not None
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 def test_a_writer_that_loses_the_race_for_a_key_retries_and_returns_the_winners_row(monkeypatch):
     """The race forced, not hoped for: the loser checks for the key while the winner's row is
     written but not committed, blocks on the winner's locks, and meets the unique key on its

@@ -33,7 +33,7 @@ def _deliver(client, fake, event):
     )
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 def test_a_checkout_webhook_during_a_broker_outage_is_answered_and_followed_up_once_it_is_back(
     stripe_server, broker_down, tmp_path, client_for
 ):
@@ -107,7 +107,7 @@ def _fee_amounts(fake, subscription_id):
     ]
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 def test_a_plan_change_during_a_broker_outage_reaches_the_stripe_subscription(
     fake_stripe, broker_down, caplog
 ):

@@ -79,7 +79,7 @@ PARAMETERS = {
     "early_stopping_patience": 0,
 }
 
-chaos = pytest.mark.django_db(transaction=True, serialized_rollback=True)
+chaos = pytest.mark.django_db(transaction=True)
 # Its deadlines assume the machine to itself: make test runs it after the parallel part.
 pytestmark = pytest.mark.serial
 

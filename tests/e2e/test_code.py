@@ -20,7 +20,7 @@ from registry.models import CodePackageVersion
 from tests.factories import TEST_PASSWORD
 from tests.registry.conftest import local_store  # noqa: F401  a fixture used below
 
-browser_test = pytest.mark.django_db(transaction=True, serialized_rollback=True)
+browser_test = pytest.mark.django_db(transaction=True)
 
 
 @browser_test

@@ -20,7 +20,7 @@ from tenants.services import invitation_create
 from tests.factories import MembershipFactory, OrganizationFactory, UserFactory
 from tests.tenants.invitations import invitation_link
 
-browser_test = pytest.mark.django_db(transaction=True, serialized_rollback=True)
+browser_test = pytest.mark.django_db(transaction=True)
 
 PASSWORD = "a-long-and-unusual-passphrase-42"
 

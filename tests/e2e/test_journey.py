@@ -19,7 +19,7 @@ from billing.selectors import billing_month
 from jobs.samples.tabular import write_tabular_sample
 from tests.factories import UserFactory
 
-browser_test = pytest.mark.django_db(transaction=True, serialized_rollback=True)
+browser_test = pytest.mark.django_db(transaction=True)
 
 PASSWORD = "a-long-and-unusual-passphrase-42"
 JOB_TIMEOUT_MS = 180_000

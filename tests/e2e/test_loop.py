@@ -32,7 +32,7 @@ from tenants.services import api_key_create
 from tests.factories import TEST_PASSWORD, ModelVersionFactory
 from tests.serving.replicas import FakeReplica, ready_replica
 
-browser_test = pytest.mark.django_db(transaction=True, serialized_rollback=True)
+browser_test = pytest.mark.django_db(transaction=True)
 
 WINDOW = 300  # rows per drift window: three requests of 100
 

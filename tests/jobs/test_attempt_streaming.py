@@ -29,7 +29,7 @@ from tests.jobs.test_pool_e2e import _separable_csv
 from tests.processes import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
-e2e = pytest.mark.django_db(transaction=True, serialized_rollback=True)
+e2e = pytest.mark.django_db(transaction=True)
 
 # A child that says its lines, then holds until the test has seen them stored.
 HELD = r"""

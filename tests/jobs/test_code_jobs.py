@@ -47,7 +47,7 @@ from tests.jobs import code_helpers
 from tests.jobs.code_helpers import RUNTIME, archive, finished, runtime_python
 from tests.processes import alive, descendants, wait_for
 
-e2e = pytest.mark.django_db(transaction=True, serialized_rollback=True)
+e2e = pytest.mark.django_db(transaction=True)
 
 MANIFEST = """
 [package]

@@ -42,7 +42,7 @@ from tests.jobs.code_helpers import RUNTIME, archive, finished
 from tests.processes import wait_for
 from tests.serving.loop_stack import Caller
 
-e2e = pytest.mark.django_db(transaction=True, serialized_rollback=True)
+e2e = pytest.mark.django_db(transaction=True)
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tiny-cnn"
 
 MANIFEST = f"""

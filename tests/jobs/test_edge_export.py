@@ -31,7 +31,7 @@ from tenants.services import api_key_create
 from tests.jobs.recipe_helpers import read_csv, recipe_context
 from tests.processes import wait_for
 
-e2e = pytest.mark.django_db(transaction=True, serialized_rollback=True)
+e2e = pytest.mark.django_db(transaction=True)
 
 
 def _cpu() -> ResourceClass:

@@ -1,7 +1,7 @@
 """The pool end to end: real Celery worker processes on Redis, real child processes with torch.
 
 These tests commit to the test database (worker processes must see the rows), so they use
-`transaction=True` with a serialized rollback that restores the seeded resource classes.
+`transaction=True`; each ends with the database as migrated again (tests/migrated_state.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from registry.services import dataset_create, dataset_version_create
 from tenants.actors import Actor
 from tests.processes import alive, descendants, wait_for
 
-e2e = pytest.mark.django_db(transaction=True, serialized_rollback=True)
+e2e = pytest.mark.django_db(transaction=True)
 
 
 def _separable_csv(rows: int, seed: int = 7) -> bytes:

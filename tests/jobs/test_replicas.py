@@ -46,7 +46,7 @@ from tests.factories import JobFactory, PriceFactory
 from tests.jobs.recipe_helpers import read_csv, recipe_context
 from tests.processes import alive, descendants, wait_for
 
-e2e = pytest.mark.django_db(transaction=True, serialized_rollback=True)
+e2e = pytest.mark.django_db(transaction=True)
 
 
 def _cpu() -> ResourceClass:

@@ -27,7 +27,7 @@ from tests.factories import JobFactory
 from tests.jobs.test_pool_e2e import _separable_csv
 from tests.processes import wait_for
 
-e2e = pytest.mark.django_db(transaction=True, serialized_rollback=True)
+e2e = pytest.mark.django_db(transaction=True)
 
 
 def _same_size_tampering(data: bytes) -> bytes:

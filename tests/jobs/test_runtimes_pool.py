@@ -13,7 +13,7 @@ from jobs.models import JobState, Runtime, Worker, WorkerRuntime
 from tests.factories import JobFactory
 from tests.processes import wait_for
 
-e2e = pytest.mark.django_db(transaction=True, serialized_rollback=True)
+e2e = pytest.mark.django_db(transaction=True)
 
 
 def _reports(name: str) -> dict[str, WorkerRuntime]:

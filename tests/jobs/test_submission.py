@@ -49,7 +49,7 @@ def test_gpus_over_the_quota_limit_are_refused(submit, org, a100):
         submit(resource_class=a100, gpu_count=4)
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 def test_queued_cap_holds_under_concurrent_submits(org, owner, cpu):
     """Ten threads race to submit against a cap of 3 queued jobs: exactly 3 get in."""
     Quota.objects.create(organization=org, resource_class=cpu, limit_gpus=8, max_queued_jobs=3)
@@ -102,7 +102,7 @@ def test_retry_submits_a_new_job_pointing_at_the_old_one(submit, owner):
     assert retried.labels == {"project": "fraud"} and retried.state == JobState.QUEUED
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 def test_a_retry_sent_twice_at_once_makes_one_audited_job(org, owner):
     """A double click, or a client retrying a timed-out call: two retries of one failed job race.
     One new job points at the old one, with its audit event; the other is refused and leaves

@@ -34,7 +34,7 @@ from tests.jobs.test_pool_e2e import _separable_csv
 from tests.processes import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
-e2e = pytest.mark.django_db(transaction=True, serialized_rollback=True)
+e2e = pytest.mark.django_db(transaction=True)
 MIB = 2**20
 HELD_MIB = 96
 

@@ -231,7 +231,7 @@ def _staged(work_root) -> set[str]:
     }
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 def test_a_pool_worker_keeps_a_sandbox_ahead_and_runs_the_next_package_in_it(
     sandboxed_pool, org, owner, tmp_path
 ):

@@ -103,7 +103,7 @@ def test_gunicorn_workers_are_summed_in_one_scrape(tmp_path):
         log.close()
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 def test_the_control_plane_serves_the_tick_and_the_pool_from_its_worker(tmp_path):
     from jobs.services.pool import worker_register
 

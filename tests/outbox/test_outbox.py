@@ -32,7 +32,7 @@ def effects(tmp_path):
     return tmp_path / "effects.txt"
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 def test_an_effect_is_owed_only_if_its_transaction_commits(effects):
     with pytest.raises(ZeroDivisionError), transaction.atomic():
         message_enqueue(handler=handlers.append_line, payload={"path": str(effects), "line": "a"})
@@ -49,7 +49,7 @@ def test_an_effect_is_owed_only_if_its_transaction_commits(effects):
     assert lines(effects) == ["b"]
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 def test_enqueueing_outside_a_transaction_is_refused(effects):
     with pytest.raises(RuntimeError, match="inside the transaction"):
         message_enqueue(handler=handlers.append_line, payload={"path": str(effects), "line": "x"})
@@ -258,7 +258,7 @@ def test_backoff_doubles_and_is_capped(settings):
     assert backoff_s(30) == 3600
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 def test_an_effect_owed_while_the_broker_is_down_is_delivered_by_a_worker_once_it_is_back(
     effects, tmp_path, caplog
 ):

@@ -181,7 +181,7 @@ def test_the_version_page_shows_why_the_check_rejected_it(org, dev_client, dev_p
     assert (download.status_code, download["Location"]) == (302, url)
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 def test_uploads_during_a_broker_outage_are_checked_by_a_worker_once_it_is_back(
     org, dev_client, local_store, csv_bytes, broker_down, tmp_path
 ):

@@ -13,7 +13,7 @@ from tenants.services import api_key_create
 from tests.registry.conftest import local_store  # noqa: F401 (a fixture)
 
 # live_server answers from another thread, so the test's rows must be committed.
-live = pytest.mark.django_db(transaction=True, serialized_rollback=True)
+live = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture

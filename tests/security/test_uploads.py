@@ -195,7 +195,7 @@ def test_an_organization_cannot_hold_more_open_uploads_than_the_cap(local_storag
     assert _open_upload(attacker, org, 10).status_code == 201
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 def test_two_finalizes_of_one_upload_copy_it_once(storage, org, member_factory, key_client_for):
     """A client sends finalize twice at once (a retry, or on purpose to make the server copy and
     stream one upload many times over). The first claims the upload; the second gets 409 at once,

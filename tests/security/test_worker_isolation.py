@@ -248,7 +248,7 @@ print(json.dumps(seen))
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run as an ordinary user would")
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 def test_a_child_cannot_read_the_environment_of_the_worker_or_its_pool_processes(tmp_path):
     """`manage.py run_worker` holds the database, broker and storage credentials, and so do its
     Celery pool processes: a process of the same user, as a job's child is, cannot read them."""

@@ -290,7 +290,7 @@ def test_a_deployment_never_checked_goes_before_ones_checked_before(org, make_de
     assert DriftReport.objects.filter(deployment=checked).count() == 1
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 def test_two_checks_at_once_report_a_window_once(org, make_deployment):
     rng = np.random.default_rng(10)
     deployment, version = make_deployment(org, profile=tabular_profile(rng))

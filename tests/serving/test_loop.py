@@ -717,7 +717,7 @@ def test_a_person_rolls_an_inconclusive_canary_back(
     assert not Retrain.objects.filter(state__in=Retrain.ACTIVE_STATES).exists()
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 def test_a_tick_skips_a_deployment_another_tick_holds(deployment, policy, champion):
     """Two ticks at once: the one that finds the deployment locked leaves it to the holder."""
     import threading

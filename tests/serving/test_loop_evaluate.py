@@ -36,7 +36,7 @@ from serving.selectors import LIVE_METRICS
 from tenants.actors import Actor
 from tests.processes import wait_for
 
-e2e = pytest.mark.django_db(transaction=True, serialized_rollback=True)
+e2e = pytest.mark.django_db(transaction=True)
 
 
 def _points(rows: int, *, flipped: bool, seed: int) -> bytes:

@@ -50,7 +50,7 @@ from .loop_stack import (
     world,
 )
 
-e2e = pytest.mark.django_db(transaction=True, serialized_rollback=True)
+e2e = pytest.mark.django_db(transaction=True)
 pytestmark = [pytest.mark.serial]
 
 

@@ -97,7 +97,7 @@ def test_a_failed_roll_up_bills_nothing_and_the_next_one_bills_everything(org, c
     assert sum(r.quantity for r in _ledger(org)) == Decimal("0.004")
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 def test_concurrent_roll_ups_bill_each_charge_once(org, charge):
     """Two roll-ups at once (two beat runs overlapping): each takes charges the other has not
     locked; together they bill every charge, none twice."""

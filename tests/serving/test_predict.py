@@ -465,7 +465,7 @@ def test_more_inputs_than_a_replica_takes_are_400_here_not_a_502_from_it(
     )
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 def test_concurrent_retries_with_one_key_agree_and_are_billed_once(
     org, caller, make_deployment, serve
 ):

@@ -73,7 +73,7 @@ def test_a_route_change_is_seen_once_the_entry_is_old(
     assert _answer(caller, deployment) == "b"
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 def test_a_cached_replica_that_stopped_answering_is_replaced_without_an_error(
     org, caller, make_deployment, serve
 ):

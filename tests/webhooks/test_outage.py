@@ -14,7 +14,7 @@ from webhooks.models import WebhookDelivery
 from webhooks.services import endpoint_create, event_publish
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 def test_an_event_owed_during_a_broker_outage_is_delivered_by_the_periodic_drain(
     org, owner, receiver, local_receivers, broker_down, tmp_path
 ):
