@@ -98,7 +98,7 @@ class Builds:
             raise RuntimeError("a migration failed")
 
 
-def clone(base, digest, suffix, build):
+def clone(base, digest, suffix, build, keepdb=False):
     """What a pytest process does: its test database (`<base>_<suffix>`) from the template of
     the digest (`<base>_tmpl_<digest>`)."""
     return dbtemplate.ensure_and_clone(
@@ -108,6 +108,7 @@ def clone(base, digest, suffix, build):
         template=f"{base}_tmpl_{digest}",
         target=f"{base}_{suffix}",
         build=build,
+        keepdb=keepdb,
     )
 
 
@@ -138,9 +139,9 @@ def test_processes_starting_together_build_the_template_once_and_clone_it(scratc
         (f"{scratch}_tmpl_aaaa", True, False),
     ]
 
-    # A migration changed: another digest, another template; the older one is dropped, and
-    # the process's old test database replaced.
-    assert clone(scratch, "bbbb", "gw1", Builds()) is True
+    # A migration changed: another digest, another template; the older one is dropped (the
+    # process's test database, kept with --reuse-db, is left as it is).
+    assert clone(scratch, "bbbb", "gw1", Builds(), keepdb=True) is True
     assert databases(scratch) == [
         (f"{scratch}_gw0", False, True),
         (f"{scratch}_gw1", False, True),
