@@ -6,7 +6,7 @@ from rest_framework.test import APIClient
 
 from tenants.actors import Actor
 from tenants.services import api_key_create
-from tests import dbtemplate
+from tests import dbtemplate, migrated_state
 from tests.factories import MembershipFactory, OrganizationFactory, UserFactory
 
 pytest_plugins = [
@@ -46,12 +46,13 @@ def _test_databases_from_template(django_db_use_migrations):
 
 
 @pytest.fixture(scope="session")
-def django_db_setup(_test_databases_from_template, django_db_setup):
-    """pytest-django's django_db_setup, unchanged (--reuse-db, --create-db, the serialized
-    contents for serialized_rollback, the teardown) but for how each test database is created:
-    cloned from a template that the migrations ran into once, not migrated in every pytest
-    process (11 to 19 s each here). The template is kept for the next run."""
-    return django_db_setup
+def django_db_setup(_test_databases_from_template, django_db_setup, django_db_blocker):
+    """pytest-django's django_db_setup (--reuse-db, --create-db, the teardown) but for how each
+    test database is created: cloned from a template that the migrations ran into once, not
+    migrated in every pytest process (11 to 19 s each here; the template is kept for the next
+    run); and transactional tests end by restoring the migrated rows (tests/migrated_state.py)."""
+    with migrated_state.restoring(django_db_blocker):
+        yield django_db_setup
 
 
 @pytest.fixture(autouse=True)

@@ -12,6 +12,9 @@ batch of statements, tens of milliseconds. Between tests the database is always 
 tests may run in any order (see `pytest_collection_modifyitems` in tests/conftest.py).
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 from django.db import connections
 
@@ -60,14 +63,15 @@ def _restore_after_the_test(self) -> None:
         restore(connections[alias])
 
 
-@pytest.fixture(scope="session")
-def django_db_setup(django_db_setup, django_db_blocker):
-    """pytest-django's test databases, each with its snapshot; transactional tests restore it."""
+@contextmanager
+def restoring(django_db_blocker) -> Iterator[None]:
+    """While open, transactional tests end by restoring the test databases' snapshots (taken
+    here) instead of Django's flush; tests/conftest.py's django_db_setup holds it open."""
     from django.test import TransactionTestCase
 
     databases = connections.all(initialized_only=False)
     if any(connection.vendor != "postgresql" for connection in databases):
-        yield  # Django's own flush and serialized rollback
+        yield  # Django's own flush
         return
     with django_db_blocker.unblock():
         for connection in databases:
@@ -78,8 +82,10 @@ def django_db_setup(django_db_setup, django_db_blocker):
                 del connection._test_serialized_contents
     flush = TransactionTestCase._fixture_teardown
     TransactionTestCase._fixture_teardown = _restore_after_the_test
-    yield
-    TransactionTestCase._fixture_teardown = flush
+    try:
+        yield
+    finally:
+        TransactionTestCase._fixture_teardown = flush
 
 
 def _heavy(item) -> bool:
