@@ -6,7 +6,7 @@ from rest_framework.test import APIClient
 
 from tenants.actors import Actor
 from tenants.services import api_key_create
-from tests import dbtemplate, migrated_state
+from tests import dbtemplate
 from tests.factories import MembershipFactory, OrganizationFactory, UserFactory
 
 pytest_plugins = [
@@ -51,6 +51,8 @@ def django_db_setup(_test_databases_from_template, django_db_setup, django_db_bl
     test database is created: cloned from a template that the migrations ran into once, not
     migrated in every pytest process (11 to 19 s each here; the template is kept for the next
     run); and transactional tests end by restoring the migrated rows (tests/migrated_state.py)."""
+    from tests import migrated_state  # a plugin (pytest_plugins): imported once pytest loaded it
+
     with migrated_state.restoring(django_db_blocker):
         yield django_db_setup
 
