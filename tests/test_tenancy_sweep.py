@@ -15,14 +15,19 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from importlib import import_module
 from urllib.parse import urlencode
 
 import numpy as np
 import pytest
+from django.conf import settings
+from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY
+from django.contrib.sessions.backends.base import VALID_KEY_CHARS
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import override_settings
 from django.urls import URLPattern, URLResolver, get_resolver, reverse
 from django.utils import timezone
+from django.utils.crypto import get_random_string
 from rest_framework.test import APIClient
 from safetensors.numpy import save as save_safetensors
 
@@ -1195,20 +1200,45 @@ def _send(client, route, url, case):
 
 
 def _session_client(user):
+    """A client signed in as `user`, holding what `force_login` leaves behind: a session row with
+    the user, the backend and the password's hash, and the cookie that names it. Each request
+    still authenticates through SessionMiddleware and AuthenticationMiddleware (and DRF's session
+    authentication) as a signed-in browser's does; only the sign-in itself is skipped, which no
+    swept route depends on (force_login saves a throwaway session, cycles its key and sends
+    user_logged_in: 15 queries, not one INSERT)."""
+    store = import_module(settings.SESSION_ENGINE).SessionStore()
+    session_key = get_random_string(32, VALID_KEY_CHARS)
+    store.get_model_class().objects.create(
+        session_key=session_key,
+        session_data=store.encode(
+            {
+                SESSION_KEY: user._meta.pk.value_to_string(user),
+                BACKEND_SESSION_KEY: settings.AUTHENTICATION_BACKENDS[0],
+                HASH_SESSION_KEY: user.get_session_auth_hash(),
+            }
+        ),
+        expire_date=store.get_expiry_date(),
+    )
     client = APIClient()
-    client.force_login(user)
+    client.cookies[settings.SESSION_COOKIE_NAME] = session_key
     return client
 
 
 def _key_client(user, organization, scopes):
-    from tenants.actors import Actor
-    from tenants.services import api_key_create
-
-    _key, token = api_key_create(
-        organization=organization, name="sweep", scopes=sorted(scopes), actor=Actor(user=user)
+    """A client holding a new key of `user` with `scopes`, stored as api_key_create stores it
+    (prefix, hashed secret, creator) in one INSERT; api_key_create's own checks and audit row
+    (seven queries) are tested in tests/tenants, and no swept request reads them."""
+    prefix, secret = "fsk" + secrets.token_hex(5)[:9], secrets.token_hex(20)
+    ApiKey.objects.create(
+        organization=organization,
+        name="sweep",
+        prefix=prefix,
+        secret_hash=hash_secret(secret),
+        scopes=sorted(scopes),
+        created_by=user,
     )
     client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {prefix}_{secret}")
     return client
 
 
