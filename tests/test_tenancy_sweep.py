@@ -6,6 +6,7 @@ declare its scope, and have an entry in CALLS: the valid request a permitted rol
 proves the action ran. A route without one of these fails, saying what to add.
 """
 
+import copy
 import io
 import json
 import re
@@ -15,14 +16,21 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from importlib import import_module
+from types import SimpleNamespace
 from urllib.parse import urlencode
 
 import numpy as np
 import pytest
+from django.conf import settings
+from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY
+from django.contrib.sessions.backends.base import VALID_KEY_CHARS
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.db import DEFAULT_DB_ALIAS, transaction
 from django.test import override_settings
 from django.urls import URLPattern, URLResolver, get_resolver, reverse
 from django.utils import timezone
+from django.utils.crypto import get_random_string
 from rest_framework.test import APIClient
 from safetensors.numpy import save as save_safetensors
 
@@ -1194,22 +1202,158 @@ def _send(client, route, url, case):
     return send(url, body, format="multipart" if call.multipart else "json")
 
 
-def _session_client(user):
-    client = APIClient()
-    client.force_login(user)
-    return client
+# Who sends the swept requests. The organizations, members and credentials the tests sign in with
+# are seeded once for the module (`seeded`); each test runs in a savepoint inside it.
 
 
-def _key_client(user, organization, scopes):
-    from tenants.actors import Actor
-    from tenants.services import api_key_create
-
-    _key, token = api_key_create(
-        organization=organization, name="sweep", scopes=sorted(scopes), actor=Actor(user=user)
+def _session_for(user):
+    """A session signed in as `user`, holding what `force_login` leaves behind: the user, the
+    backend and the password's hash. Each request still authenticates through SessionMiddleware
+    and AuthenticationMiddleware (and DRF's session authentication) as a signed-in browser's
+    does; only the sign-in itself is skipped, which no swept route depends on (force_login saves
+    a throwaway session, cycles its key and sends user_logged_in: 15 queries, not one INSERT)."""
+    store = import_module(settings.SESSION_ENGINE).SessionStore()
+    session_key = get_random_string(32, VALID_KEY_CHARS)
+    store.get_model_class().objects.create(
+        session_key=session_key,
+        session_data=store.encode(
+            {
+                SESSION_KEY: user._meta.pk.value_to_string(user),
+                BACKEND_SESSION_KEY: settings.AUTHENTICATION_BACKENDS[0],
+                HASH_SESSION_KEY: user.get_session_auth_hash(),
+            }
+        ),
+        expire_date=store.get_expiry_date(),
     )
+    return "session", session_key
+
+
+def _key_for(user, organization, scopes):
+    """A key of `user` with `scopes`, stored as api_key_create stores it (prefix, hashed secret,
+    creator) in one INSERT; api_key_create's own checks and audit row are tested in
+    tests/tenants, and no swept request reads them."""
+    prefix, secret = "fsk" + secrets.token_hex(5)[:9], secrets.token_hex(20)
+    ApiKey.objects.create(
+        organization=organization,
+        name="sweep",
+        prefix=prefix,
+        secret_hash=hash_secret(secret),
+        scopes=sorted(scopes),
+        created_by=user,
+    )
+    return "key", f"{prefix}_{secret}"
+
+
+def _signed_in(user, organization, via, scopes):
+    return _session_for(user) if via == "session" else _key_for(user, organization, scopes)
+
+
+def _client(credential):
+    """A new API client presenting `credential` (a session's cookie or a key), or nothing."""
     client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
+    if credential is not None:
+        kind, secret = credential
+        if kind == "session":
+            client.cookies[settings.SESSION_COOKIE_NAME] = secret
+        else:
+            client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
     return client
+
+
+def _row(instance):
+    names = tuple(field.attname for field in instance._meta.concrete_fields)
+    return type(instance), names, tuple(getattr(instance, name) for name in names)
+
+
+def _fresh(row):
+    """A new instance of a seeded row, as a query would load it (no query, no cached relations):
+    what one test's code caches on an instance never reaches the next test."""
+    model, names, values = row
+    return model.from_db(DEFAULT_DB_ALIAS, names, copy.deepcopy(values))
+
+
+@dataclass(frozen=True)
+class Seat:
+    """One seeded world, as rows: its organizations (the first is the one the requests name),
+    the user who signs in and the credential presented."""
+
+    orgs: tuple
+    user: tuple | None = None
+    credential: tuple | None = None
+
+
+VIAS = ("session", "key")
+
+
+def _seed():
+    """Each test's world before its objects are made, as each test used to build it for itself:
+    one world per (test, role, way in), so no test sees a row another kind would not have."""
+
+    def seat(orgs, user=None, credential=None):
+        return Seat(tuple(map(_row, orgs)), user and _row(user), credential)
+
+    seats = {("nobody",): seat([OrganizationFactory()])}
+    for via in VIAS:
+        org, outsider_org = OrganizationFactory(), OrganizationFactory()
+        outsider = MembershipFactory(organization=outsider_org, role=Role.OWNER).user
+        credential = _signed_in(outsider, outsider_org, via, ROLE_SCOPES[Role.OWNER])
+        seats["outsider", via] = seat([org], outsider, credential)
+    org, other = OrganizationFactory(), OrganizationFactory()
+    owner = MembershipFactory(organization=org, role=Role.OWNER).user
+    seats[("foreign object",)] = seat([org, other], owner, _session_for(owner))
+    for role in Role.values:
+        for via in VIAS:
+            org = OrganizationFactory()
+            MembershipFactory(organization=org, role=Role.OWNER)  # never the last owner under test
+            user = MembershipFactory(organization=org, role=role).user
+            seats["role", role, via] = seat(
+                [org], user, _signed_in(user, org, via, ROLE_SCOPES[role])
+            )
+    for narrow in ("org:read", "members:read"):
+        org = OrganizationFactory()
+        owner = MembershipFactory(organization=org, role=Role.OWNER).user
+        seats["narrow key", narrow] = seat([org], owner, _key_for(owner, org, {narrow}))
+    return seats
+
+
+@pytest.fixture(scope="module")
+def seeded(django_db_setup, django_db_blocker):
+    """The seats, seeded once for the module in a transaction rolled back at its end.
+
+    As in tests/fuzz/test_api_schema.py, each test's own transaction (pytest-django) nests inside
+    as a savepoint that is rolled back, so every test starts from the same seeded rows and none
+    sees another's writes; Redis is emptied around each test (tests/conftest.py), and `seat`
+    hands out fresh instances and a fresh client. Seeding once saves each test its
+    organizations, members and credentials (8 to 10 queries).
+    """
+    outer = transaction.atomic()
+    # A test case's own block, as Django marks those: code that refuses to make a network call
+    # inside an open transaction (billing.stripe_gateway) looks past it, as past the test's own.
+    outer._from_testcase = True
+    with django_db_blocker.unblock():
+        outer.__enter__()
+        seats = _seed()
+    yield seats
+    with django_db_blocker.unblock():
+        transaction.set_rollback(True)
+        outer.__exit__(None, None, None)
+
+
+@pytest.fixture
+def seat(seeded, db):
+    """`seat(*key)`: that seeded world's organization(s), user and a client signed in as them."""
+
+    def take(*key):
+        seated = seeded[key]
+        orgs = [_fresh(row) for row in seated.orgs]
+        return SimpleNamespace(
+            org=orgs[0],
+            other=orgs[1] if len(orgs) > 1 else None,
+            user=seated.user and _fresh(seated.user),
+            client=_client(seated.credential),
+        )
+
+    return take
 
 
 def test_sweep_finds_the_org_scoped_routes():
@@ -1273,9 +1417,10 @@ def test_calls_name_only_routes_that_exist():
 
 @pytest.mark.django_db
 @pytest.mark.parametrize("route", ROUTES, ids=str)
-def test_no_credentials_is_refused(route, world):
-    case, url = world(route, OrganizationFactory())
-    response = _send(APIClient(), route, url, case)
+def test_no_credentials_is_refused(route, world, seat):
+    seated = seat("nobody")
+    case, url = world(route, seated.org)
+    response = _send(seated.client, route, url, case)
     if route.kind == "api":
         assert response.status_code == 401
     else:
@@ -1287,42 +1432,31 @@ def test_no_credentials_is_refused(route, world):
 
 @pytest.mark.django_db
 @pytest.mark.parametrize(("route", "via"), ROUTES_VIA, ids=str)
-def test_member_of_another_organization_gets_404(route, via, world):
-    org, outsider_org = OrganizationFactory(), OrganizationFactory()
-    outsider = MembershipFactory(organization=outsider_org, role=Role.OWNER).user
-    client = (
-        _session_client(outsider)
-        if via == "session"
-        else _key_client(outsider, outsider_org, ROLE_SCOPES[Role.OWNER])
-    )
-    case, url = world(route, org)
-    assert _send(client, route, url, case).status_code == 404
+def test_member_of_another_organization_gets_404(route, via, world, seat):
+    seated = seat("outsider", via)  # an owner of another organization
+    case, url = world(route, seated.org)
+    assert _send(seated.client, route, url, case).status_code == 404
     if CALLS[str(route)].wrote:
         assert not CALLS[str(route)].wrote(case)
 
 
 @pytest.mark.django_db
 @pytest.mark.parametrize("route", [r for r in ROUTES if r.kwargs], ids=str)
-def test_object_of_another_organization_is_404_through_ones_own_slug(route, world):
-    org, other = OrganizationFactory(), OrganizationFactory()
-    owner = MembershipFactory(organization=org, role=Role.OWNER).user
-    case, url = world(route, org, requester=owner, object_org=other)
-    assert _send(_session_client(owner), route, url, case).status_code == 404
+def test_object_of_another_organization_is_404_through_ones_own_slug(route, world, seat):
+    seated = seat("foreign object")  # an owner of `org`; the object is in `other`
+    case, url = world(route, seated.org, requester=seated.user, object_org=seated.other)
+    assert _send(seated.client, route, url, case).status_code == 404
 
 
 @pytest.mark.django_db
 @pytest.mark.parametrize("role", Role.values)
 @pytest.mark.parametrize(("route", "via"), ROUTES_VIA, ids=str)
-def test_each_role_is_allowed_or_403_as_the_scope_table_says(route, via, role, world):
+def test_each_role_is_allowed_or_403_as_the_scope_table_says(route, via, role, world, seat):
     """Allowed: the route's success code, and its write happened. Denied: 403, nothing written."""
-    org = OrganizationFactory()
-    MembershipFactory(organization=org, role=Role.OWNER)  # never the last owner under test
-    user = MembershipFactory(organization=org, role=role).user
-    client = (
-        _session_client(user) if via == "session" else _key_client(user, org, ROLE_SCOPES[role])
-    )
+    seated = seat("role", role, via)  # `user` has `role`, beside an owner; the key has its scopes
+    client = seated.client
     call = CALLS[str(route)]
-    case, url = world(route, org, requester=user)
+    case, url = world(route, seated.org, requester=seated.user)
     if call.wrote:
         assert not call.wrote(case), f"{route}: the write check holds before the call"
     response = _send(client, route, url, case)
@@ -1341,10 +1475,9 @@ def test_each_role_is_allowed_or_403_as_the_scope_table_says(route, via, role, w
 
 @pytest.mark.django_db
 @pytest.mark.parametrize("route", [r for r in ROUTES if r.kind == "api"], ids=str)
-def test_key_without_the_scope_is_403_even_if_its_creator_has_it(route, world):
-    org = OrganizationFactory()
-    owner = MembershipFactory(organization=org, role=Role.OWNER).user
-    narrow = {"org:read"} if route.scope != "org:read" else {"members:read"}
-    case, url = world(route, org, requester=owner)
-    response = _send(_key_client(owner, org, narrow), route, url, case)
+def test_key_without_the_scope_is_403_even_if_its_creator_has_it(route, world, seat):
+    narrow = "org:read" if route.scope != "org:read" else "members:read"
+    seated = seat("narrow key", narrow)  # an owner's key with the narrow scope alone
+    case, url = world(route, seated.org, requester=seated.user)
+    response = _send(seated.client, route, url, case)
     assert response.status_code == 403
