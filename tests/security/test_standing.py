@@ -43,7 +43,6 @@ from tests.test_tenancy_sweep import (
     CALLS,
     ROUTES,
     _send,
-    _session_client,
     world,  # noqa: F401  the sweep's fixture, used below
 )
 
@@ -133,6 +132,12 @@ class Tenant:
 
     def page(self, name: str, *args) -> str:
         return reverse(name, args=[self.org.slug, *args])
+
+
+def _session_client(user):
+    client = APIClient()
+    client.force_login(user)
+    return client
 
 
 def _key_client(user, org):
