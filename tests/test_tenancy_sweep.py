@@ -16,21 +16,17 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from importlib import import_module
 from types import SimpleNamespace
 from urllib.parse import urlencode
 
 import numpy as np
 import pytest
 from django.conf import settings
-from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY
-from django.contrib.sessions.backends.base import VALID_KEY_CHARS
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.db import DEFAULT_DB_ALIAS, transaction
 from django.test import override_settings
 from django.urls import URLPattern, URLResolver, get_resolver, reverse
 from django.utils import timezone
-from django.utils.crypto import get_random_string
 from rest_framework.test import APIClient
 from safetensors.numpy import save as save_safetensors
 
@@ -51,11 +47,13 @@ from registry.storage import get_storage
 from serving import models as serving_models
 from serving.models import Deployment, PredictionLog, RetrainPolicy
 from serving.services import routes_set
+from tenants.actors import Actor
 from tenants.api.base import OrganizationScopedAPIView, OrganizationScopedViewSet
 from tenants.models import ApiKey, Invitation, Membership, Organization
 from tenants.scopes import ROLE_SCOPES, Role
 from tenants.seal import sealed_overrides
 from tenants.selectors import hash_secret
+from tenants.services import api_key_create
 from tenants.views.base import OrganizationPageMixin
 from tests.billing.stripe_server import StripeServer
 from tests.factories import (
@@ -1207,41 +1205,17 @@ def _send(client, route, url, case):
 
 
 def _session_for(user):
-    """A session signed in as `user`, holding what `force_login` leaves behind: the user, the
-    backend and the password's hash. Each request still authenticates through SessionMiddleware
-    and AuthenticationMiddleware (and DRF's session authentication) as a signed-in browser's
-    does; only the sign-in itself is skipped, which no swept route depends on (force_login saves
-    a throwaway session, cycles its key and sends user_logged_in: 15 queries, not one INSERT)."""
-    store = import_module(settings.SESSION_ENGINE).SessionStore()
-    session_key = get_random_string(32, VALID_KEY_CHARS)
-    store.get_model_class().objects.create(
-        session_key=session_key,
-        session_data=store.encode(
-            {
-                SESSION_KEY: user._meta.pk.value_to_string(user),
-                BACKEND_SESSION_KEY: settings.AUTHENTICATION_BACKENDS[0],
-                HASH_SESSION_KEY: user.get_session_auth_hash(),
-            }
-        ),
-        expire_date=store.get_expiry_date(),
-    )
-    return "session", session_key
+    """A session signed in as `user` by force_login; each test's client presents its cookie."""
+    client = APIClient()
+    client.force_login(user)
+    return "session", client.cookies[settings.SESSION_COOKIE_NAME].value
 
 
 def _key_for(user, organization, scopes):
-    """A key of `user` with `scopes`, stored as api_key_create stores it (prefix, hashed secret,
-    creator) in one INSERT; api_key_create's own checks and audit row are tested in
-    tests/tenants, and no swept request reads them."""
-    prefix, secret = "fsk" + secrets.token_hex(5)[:9], secrets.token_hex(20)
-    ApiKey.objects.create(
-        organization=organization,
-        name="sweep",
-        prefix=prefix,
-        secret_hash=hash_secret(secret),
-        scopes=sorted(scopes),
-        created_by=user,
+    _key, token = api_key_create(
+        organization=organization, name="sweep", scopes=sorted(scopes), actor=Actor(user=user)
     )
-    return "key", f"{prefix}_{secret}"
+    return "key", token
 
 
 def _signed_in(user, organization, via, scopes):
@@ -1324,7 +1298,7 @@ def seeded(django_db_setup, django_db_blocker):
     as a savepoint that is rolled back, so every test starts from the same seeded rows and none
     sees another's writes; Redis is emptied around each test (tests/conftest.py), and `seat`
     hands out fresh instances and a fresh client. Seeding once saves each test its
-    organizations, members and credentials (8 to 10 queries).
+    organizations, members and sign-in (force_login, api_key_create): 15 to 25 queries.
     """
     outer = transaction.atomic()
     # A test case's own block, as Django marks those: code that refuses to make a network call
