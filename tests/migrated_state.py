@@ -9,7 +9,7 @@ pytest-django runs them last, where their waits on real processes pile up at the
 Here the rows the migrations wrote are copied once per test database into the `migrated` schema,
 and a transactional test's teardown deletes every row of every table and copies those back: one
 batch of statements, tens of milliseconds. Between tests the database is always as migrated, so
-tests may run in any order (see `pytest_collection_modifyitems` in tests/conftest.py).
+tests may run in any order (`pytest_collection_modifyitems` below).
 """
 
 from collections.abc import Iterator
@@ -28,18 +28,14 @@ def _tables(connection) -> list[str]:
 def _snapshot(connection) -> None:
     """Copy the rows the migrations wrote (content types, permissions, resource classes...)."""
     quote = connection.ops.quote_name
+    connection.migrated_tables, connection.migrated_rows = _tables(connection), []
     with connection.cursor() as cursor:
         cursor.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE; CREATE SCHEMA {SCHEMA}")
-        for table in _tables(connection):
+        for table in connection.migrated_tables:
             cursor.execute(f"SELECT EXISTS (SELECT 1 FROM {quote(table)})")  # noqa: S608
             if cursor.fetchone()[0]:
                 cursor.execute(f"CREATE TABLE {SCHEMA}.{quote(table)} AS TABLE {quote(table)}")
-    connection.migrated_tables = _tables(connection)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = %s", [SCHEMA]
-        )
-        connection.migrated_rows = sorted(row[0] for row in cursor.fetchall())
+                connection.migrated_rows.append(table)
 
 
 def restore(connection) -> None:
@@ -76,8 +72,8 @@ def restoring(django_db_blocker) -> Iterator[None]:
     with django_db_blocker.unblock():
         for connection in databases:
             _snapshot(connection)
-            # Nothing to deserialize at the start of a transactional test: it finds the
-            # database as migrated, whatever ran before it.
+            # A test that still asks for serialized_rollback finds the database as migrated,
+            # whatever ran before it: nothing to deserialize at its start.
             if hasattr(connection, "_test_serialized_contents"):
                 del connection._test_serialized_contents
     flush = TransactionTestCase._fixture_teardown
@@ -122,8 +118,9 @@ def pytest_collection_modifyitems(items):
     modules: dict[str, list] = {}
     for item in items:
         modules.setdefault(item.nodeid.split("::")[0], []).append(item)
-    heavy = [tests for tests in modules.values() if any(_heavy(item) for item in tests)]
-    quick = [tests for tests in modules.values() if not any(_heavy(item) for item in tests)]
+    heavy, quick = [], []
+    for tests in modules.values():
+        (heavy if any(map(_heavy, tests)) else quick).append(tests)
     spread = (1 - QUICK_TAIL) * sum(map(len, quick))
     ordered, placed = [], 0
     for index, tests in enumerate(heavy):

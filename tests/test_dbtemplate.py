@@ -3,7 +3,6 @@ once, under a lock, and cloned after. The build/clone tests run against the real
 empty databases of their own prefix, so they neither need nor touch the suite's template."""
 
 import threading
-import time
 import uuid
 
 import pytest
@@ -11,6 +10,7 @@ from django.conf import settings
 from django.db import connection
 
 from tests import dbtemplate
+from tests.processes import wait_for
 
 
 def test_the_digest_follows_every_migration_file_and_fact(tmp_path):
@@ -82,18 +82,26 @@ def databases(base):
         return cursor.fetchall()
 
 
-class Builds:
-    """A stand-in for the migrations: creates the (empty) database, slowly, and counts."""
+def _waiting_on_an_advisory_lock() -> bool:
+    with connection._nodb_cursor() as cursor:
+        cursor.execute("SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+        return cursor.fetchone() is not None
 
-    def __init__(self, fail=False):
+
+class Builds:
+    """A stand-in for the migrations: creates the (empty) database and counts; with `rival`,
+    finishes only once another process waits on the lock, so both really start together."""
+
+    def __init__(self, fail=False, rival=False):
         self.names = []
-        self.fail = fail
+        self.fail, self.rival = fail, rival
 
     def __call__(self, name):
         self.names.append(name)
         with connection._nodb_cursor() as cursor:
             cursor.execute(f"CREATE DATABASE {connection.ops.quote_name(name)}")
-        time.sleep(0.3)  # long enough for a second process to arrive while this one builds
+        if self.rival:
+            wait_for(_waiting_on_an_advisory_lock, timeout=30, what="the other process to wait")
         if self.fail:
             raise RuntimeError("a migration failed")
 
@@ -119,7 +127,7 @@ def test_processes_starting_together_build_the_template_once_and_clone_it(scratc
     assert databases(scratch) == [(f"{scratch}_tmpl_aaaa_new", False, True)]
 
     # Two processes start at once: one builds (over the leftover), the other waits and clones.
-    build = Builds()
+    build = Builds(rival=True)
     results = {}
 
     def start(worker):
