@@ -10,6 +10,7 @@ from django.db.models import OuterRef, QuerySet, Subquery
 from django.http import Http404
 
 from .actors import Actor
+from .compiled import CompiledRows, row_fields, row_instance
 from .models import ApiKey, AuditEvent, Invitation, Membership, Organization, User
 from .scopes import scopes_for_role
 
@@ -79,23 +80,40 @@ def organization_access(
     return membership.organization, membership, _scopes_held(role=membership.role, api_key=None)
 
 
-def api_key_get_by_token(*, token: str) -> ApiKey | None:
-    prefix, sep, secret = token.partition("_")
-    if not sep or not secret:
-        return None
+def _api_key_by_prefix(*, prefix: str) -> QuerySet:
     # The creator's current role in the key's organization too (None when no longer a
     # member): every request a key makes needs it (api_key_scopes), so it rides on this query.
     creator_role = Membership.objects.filter(
         organization=OuterRef("organization"), user=OuterRef("created_by")
     ).values("role")[:1]
-    api_key = (
-        ApiKey.objects.select_related("organization", "created_by")
+    return (
+        ApiKey.objects.filter(prefix=prefix)
+        .order_by()
         .annotate(creator_role=Subquery(creator_role))
-        .filter(prefix=prefix)
-        .first()
+        .values(
+            *row_fields(ApiKey),
+            *row_fields(Organization, prefix="organization__"),
+            *row_fields(User, prefix="created_by__"),
+            "creator_role",
+        )
     )
-    if api_key is None or not hmac.compare_digest(api_key.secret_hash, hash_secret(secret)):
+
+
+# Every request a key makes reads it: building and compiling this query cost 3 of its 4 ms.
+_API_KEY_BY_PREFIX = CompiledRows(_api_key_by_prefix, prepared=True, prefix=str)
+
+
+def api_key_get_by_token(*, token: str) -> ApiKey | None:
+    prefix, sep, secret = token.partition("_")
+    if not sep or not secret or "\x00" in prefix:  # PostgreSQL text cannot hold NUL
         return None
+    rows = _API_KEY_BY_PREFIX.rows(prefix=prefix)
+    if not rows or not hmac.compare_digest(rows[0]["secret_hash"], hash_secret(secret)):
+        return None
+    api_key = row_instance(ApiKey, rows[0])
+    api_key.organization = row_instance(Organization, rows[0], prefix="organization__")
+    api_key.created_by = row_instance(User, rows[0], prefix="created_by__")
+    api_key.creator_role = rows[0]["creator_role"]
     return api_key
 
 

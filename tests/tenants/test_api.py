@@ -56,6 +56,24 @@ def test_expired_and_malformed_keys_are_401(org, owner, api_client):
     assert response.status_code == 401 and response["WWW-Authenticate"] == "Bearer"
 
 
+def test_a_forged_secret_a_nul_in_the_prefix_and_a_deactivated_creator_are_401(
+    org, owner, api_client
+):
+    key, token = api_key_create(
+        organization=org, name="k", scopes=["org:read"], actor=Actor(user=owner)
+    )
+    url = f"/api/v1/orgs/{org.slug}/"
+    assert _bearer(api_client, token).get(url).status_code == 200
+    forged = f"{key.prefix}_{'0' * (len(token) - len(key.prefix) - 1)}"
+    assert _bearer(api_client, forged).get(url).status_code == 401
+    # PostgreSQL text cannot hold NUL: the lookup must refuse it, not fail with a 500.
+    assert _bearer(api_client, f"{key.prefix}\x00_{token}").get(url).status_code == 401
+    owner.is_active = False
+    owner.save(update_fields=["is_active"])
+    response = _bearer(api_client, token).get(url)
+    assert response.status_code == 401 and response.json()["detail"] == "The API key is not valid."
+
+
 def test_a_key_reaches_only_its_own_organization(
     org, other_org, owner, member_factory, key_client_for
 ):
