@@ -118,21 +118,31 @@ class Pool:
         )
 
     def start_worker(self, label: str, env: dict[str, str] | None = None) -> str:
-        """Start a worker process (with `env` on top of the pool's) and wait for it to register."""
-        name = f"{label}-{self.suffix}"
-        self._start(label, [sys.executable, "manage.py", "run_worker", "--name", name], env)
+        """Start a worker process (with `env` on top of the pool's) and wait for it to register;
+        returns its registered name."""
+        (name,) = self.start_workers(label, env=env)
+        return name
+
+    def start_workers(self, *labels: str, env: dict[str, str] | None = None) -> dict[str, str]:
+        """Start a worker process per label at once, then wait for each to register; returns
+        {registered name: label}. Started together, their start-ups overlap instead of adding up,
+        and no job placed on the first finishes before the second can take over."""
+        names = {f"{label}-{self.suffix}": label for label in labels}
+        for name, label in names.items():
+            self._start(label, [sys.executable, "manage.py", "run_worker", "--name", name], env)
         from jobs.models import Worker
 
-        try:
-            wait_for(
-                lambda: Worker.objects.filter(name=name).exists(),
-                timeout=90,
-                what=f"worker {name} to register",
-            )
-        except AssertionError:
-            print(self.logs())
-            raise
-        return name
+        for name in names:
+            try:
+                wait_for(
+                    lambda name=name: Worker.objects.filter(name=name).exists(),
+                    timeout=90,
+                    what=f"worker {name} to register",
+                )
+            except AssertionError:
+                print(self.logs())
+                raise
+        return names
 
     def kill(self, label: str) -> None:
         """SIGKILL the worker's main process only, as when its machine dies."""

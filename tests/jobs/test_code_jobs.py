@@ -18,6 +18,7 @@ import pytest
 
 import factory_job
 from jobs.models import (
+    TERMINAL_STATES,
     Job,
     JobAttempt,
     JobMetric,
@@ -261,17 +262,22 @@ def test_a_killed_worker_loses_the_package_which_resumes_from_its_checkpoint_els
     data = dataset_version_create(
         dataset=dataset, path=tmp_path / "rows.csv", filename="rows.csv", actor=Actor(user=owner)
     )
+    # Both workers up before the submit: submitted first, the job could run to its end on the
+    # first worker while the second was still starting, leaving no checkpoint to wait for.
+    labels = sandboxed_pool.start_workers("w1", "w2")
     job = _submit(org, owner, version, {"steps": 30, "lr": 0.5}, dataset_version=data)
-    labels = {
-        sandboxed_pool.start_worker("w1"): "w1",
-        sandboxed_pool.start_worker("w2"): "w2",
-    }
-    wait_for(
-        lambda: (j := Job.objects.get(pk=job.pk)).state == JobState.RUNNING and j.checkpoint_step,
-        timeout=120,
-        what="a checkpoint",
-    )
+
+    def checkpointed_or_ended():
+        j = Job.objects.get(pk=job.pk)
+        return j.state in TERMINAL_STATES or (j.state == JobState.RUNNING and j.checkpoint_step)
+
+    try:
+        wait_for(checkpointed_or_ended, timeout=120, what="a checkpoint")
+    except AssertionError:
+        print(sandboxed_pool.logs())
+        raise
     job.refresh_from_db()
+    assert job.state == JobState.RUNNING, f"it ended ({job.state}) before its worker was killed"
     first = labels[job.worker.name]
     doomed = descendants(sandboxed_pool.processes[first].pid) | {
         sandboxed_pool.processes[first].pid

@@ -103,7 +103,7 @@ def test_cancel_stops_a_running_job_within_five_seconds(pool, org, owner, traini
 def test_a_killed_worker_loses_its_job_which_resumes_from_its_checkpoint_elsewhere(
     pool, org, owner, training_data
 ):
-    labels = {pool.start_worker("w1"): "w1", pool.start_worker("w2"): "w2"}
+    labels = pool.start_workers("w1", "w2")
     job = _submit(org, owner, training_data, epochs=12, early_stopping_patience=1000, batch_size=16)
     wait_for(
         lambda: _state(job) == JobState.RUNNING and job.checkpoint_step,

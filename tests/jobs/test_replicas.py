@@ -443,7 +443,7 @@ def test_a_replica_whose_worker_is_killed_is_placed_again_elsewhere_with_a_new_a
     pool, org, owner, served_version
 ):
     version, rows = served_version
-    labels = {pool.start_worker("w1"): "w1", pool.start_worker("w2"): "w2"}
+    labels = pool.start_workers("w1", "w2")
     job = replica_job_submit(
         organization=org, model_version=version, resource_class=_cpu(), actor=Actor(user=owner)
     )

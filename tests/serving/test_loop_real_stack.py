@@ -99,7 +99,7 @@ def test_predictions_survive_a_killed_worker_and_appear_in_usage_and_invoices(
     replica answers again from the other worker; its serving time and the predictions are on
     the organization's usage report and invoice."""
     actor = Actor(user=owner)
-    labels = {stack.start_worker("w1"): "w1", stack.start_worker("w2"): "w2"}
+    labels = stack.start_workers("w1", "w2")
     points = dataset_create(organization=org, name="points", actor=actor)
     v1 = dataset_add(points, world(600, seed=1), tmp_path, actor=actor)
     champion = train(org, v1, actor=actor, wait_for=lambda *a, **k: _logged(stack, *a, **k))
