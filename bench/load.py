@@ -25,8 +25,10 @@ own API key and its own organization's URLs, one new connection per request (syn
 closes every connection) and `X-Forwarded-Proto: https`, which production trusts from its proxy.
 Endpoints: POST jobs/ (submit, a unique Idempotency-Key each), GET jobs/ (list, first page of
 50), GET jobs/<id>/ (cycling over the organization's 50 newest jobs), GET billing/usage/
-(month to date by resource); baselines on the same server: `bare DRF` (constant JSON behind the
-API-key authentication) and `bare open` (no authentication).
+(month to date by resource); baselines on the same server: `bare DRF` (constant JSON behind an
+API key read through the ORM, as a DRF app reads one and as the product did when the targets
+were set), `bare key` (the same behind the product's own authentication, the floor of every API
+request) and `bare open` (no authentication); bench/load_urls.py.
 
 Phases: a ramp (closed loop, 1 to 32 clients) per endpoint; then rounds at 32 clients, the
 endpoints interleaved, whose median is the table (reads before submits, so the job list shows
@@ -80,7 +82,7 @@ QUEUED_PER_ORG = 3
 SUBMIT_KEY_PREFIX = "load-"
 TARGET_SUBMIT_P99_MS = 100.0
 TARGET_READ_RATIO = 0.7
-BASELINES = ("bare_open", "bare_drf")
+BASELINES = ("bare_open", "bare_drf", "bare_key")
 READS = ("job_get", "job_list", "usage")
 SUBMIT = "job_submit"
 EXPECTED_STATUS = {SUBMIT: 201}
@@ -645,6 +647,7 @@ def client_specs() -> dict[str, list[dict]]:
 
             specs["bare_open"].append(spec("GET", ["/api/v1/bench/open/"], key=None))
             specs["bare_drf"].append(spec("GET", ["/api/v1/bench/bare/"]))
+            specs["bare_key"].append(spec("GET", ["/api/v1/bench/key/"]))
             specs["job_get"].append(spec("GET", [f"{base}/jobs/{pk}/" for pk in job_ids]))
             specs["job_list"].append(spec("GET", [f"{base}/jobs/"]))
             specs["usage"].append(spec("GET", [f"{base}/billing/usage/"]))
@@ -737,6 +740,7 @@ def warm_up(port: int) -> None:
         for method, target, body in (
             ("GET", "/api/v1/bench/open/", None),
             ("GET", "/api/v1/bench/bare/", None),
+            ("GET", "/api/v1/bench/key/", None),
             ("GET", f"{base}/jobs/", None),
             ("GET", f"{base}/billing/usage/", None),
             ("POST", f"{base}/jobs/", SUBMIT_BODY),

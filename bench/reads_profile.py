@@ -68,7 +68,7 @@ def main() -> None:
     jobs = Job.objects.filter(organization=org)
     finished = jobs.filter(state=JobState.SUCCEEDED).order_by("-created_at").first()
     running = jobs.filter(state=JobState.RUNNING).order_by("-created_at").first()
-    urls = {"bare_drf": "/api/v1/bench/bare/"}
+    urls = {"bare_drf": "/api/v1/bench/bare/", "bare_key": "/api/v1/bench/key/"}
     if args.submit:
         urls["job_submit"] = f"{base}/jobs/"
     else:

@@ -25,7 +25,7 @@ Per model, four tiers with one input per request, 1 client then 8 clients, in in
   batch at a time);
 - replica: its HTTP server called directly with the attempt's token over a keep-alive client
   (the web's own hop, without the web);
-- bare-api: GET /api/v1/bench/bare/ on the same gunicorn with the same key (bench/load.py's
+- bare-api: GET /api/v1/bench/key/ on the same gunicorn with the same key (bench/load.py's
   floor: a constant answer behind the API key's authentication), what any API request costs
   the web before it does anything;
 - platform: POST /api/v1/orgs/<slug>/deployments/<name>/predict with an API key, a new
@@ -446,7 +446,7 @@ def platform_call(port: int, tenant: Tenant, deployment: str, body: bytes) -> Ca
 def bare_api_call(port: int, tenant: Tenant) -> Callable[[], int]:
     """bench/load.py's floor on the same gunicorn: a constant JSON answer behind the API key's
     authentication, what any authenticated API request costs before doing anything."""
-    return _web_call(port, tenant, "GET", "/api/v1/bench/bare/", None)
+    return _web_call(port, tenant, "GET", "/api/v1/bench/key/", None)
 
 
 def _web_call(port: int, tenant: Tenant, method: str, url: str, body: bytes | None):
