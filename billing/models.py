@@ -67,7 +67,13 @@ class UsageRecord(OrganizationOwned):
     class Meta:
         ordering = ["-period_end", "-pk"]
         indexes = [
-            models.Index(fields=["organization", "-period_end"], name="usage_org_period"),
+            # The usage summary reads an organization's month from the index alone (no row
+            # visits): 1.7 -> 0.5 ms for a month of about 340 rows (docs/benchmarks.md).
+            models.Index(
+                fields=["organization", "-period_end"],
+                include=["resource", "currency", "unit", "amount_minor", "quantity"],
+                name="usage_org_period_cover",
+            ),
             models.Index(
                 fields=["organization", "source_type", "source_id"], name="usage_org_source"
             ),
