@@ -59,9 +59,6 @@ class BareApiKeyView(APIView):
 class BareDrfView(BareApiKeyView):
     authentication_classes = [OrmApiKeyAuthentication]
 
-    def get(self, request):
-        return Response({"ok": True})
-
 
 class BareOpenView(APIView):
     authentication_classes: list = []

@@ -125,23 +125,23 @@ class Pool:
 
     def start_workers(self, *labels: str, env: dict[str, str] | None = None) -> dict[str, str]:
         """Start a worker process per label at once, then wait for each to register; returns
-        {registered name: label}. Started together, their start-ups overlap instead of adding up,
-        and no job placed on the first finishes before the second can take over."""
+        {registered name: label}. Started together, their start-ups overlap instead of adding
+        up."""
         names = {f"{label}-{self.suffix}": label for label in labels}
         for name, label in names.items():
             self._start(label, [sys.executable, "manage.py", "run_worker", "--name", name], env)
         from jobs.models import Worker
 
-        for name in names:
-            try:
+        try:
+            for name in names:
                 wait_for(
                     lambda name=name: Worker.objects.filter(name=name).exists(),
                     timeout=90,
                     what=f"worker {name} to register",
                 )
-            except AssertionError:
-                print(self.logs())
-                raise
+        except AssertionError:
+            print(self.logs())
+            raise
         return names
 
     def kill(self, label: str) -> None:
