@@ -14,7 +14,6 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
-from rest_framework.test import APIClient
 
 from billing.models import BillingAccount, UsageRecord
 from billing.services import billing_account_ensure, budget_set, usage_record
@@ -24,8 +23,7 @@ from registry.models import Dataset, DatasetVersion, ModelVersion, PendingUpload
 from serving.models import Deployment
 from tenants.actors import Actor
 from tenants.models import ApiKey, Invitation, Membership, Organization
-from tenants.scopes import ROLE_SCOPES, Role
-from tenants.services import api_key_create
+from tenants.scopes import Role
 from tenants.standing import Effect, action_effect
 from tests.billing.conftest import fake_stripe, stripe_server  # noqa: F401  fixtures used below
 from tests.factories import (
@@ -134,30 +132,12 @@ class Tenant:
         return reverse(name, args=[self.org.slug, *args])
 
 
-def _session_client(user):
-    client = APIClient()
-    client.force_login(user)
-    return client
-
-
-def _key_client(user, org):
-    _key, token = api_key_create(
-        organization=org,
-        name="ci",
-        scopes=sorted(ROLE_SCOPES[Role.OWNER]),
-        actor=Actor(user=user),
-    )
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
-    return client
-
-
 @pytest.fixture
-def tenant(org, local_store, model_dir):  # noqa: F811
+def tenant(org, local_store, model_dir, client_for):  # noqa: F811
     """An organization in good standing with something of everything, made before it fell."""
     owner = MembershipFactory(organization=org, role=Role.OWNER).user
     version = DatasetVersionFactory(organization=org)
-    session = _session_client(owner)
+    session = client_for(owner)
     assert (
         session.post(
             f"/api/v1/orgs/{org.slug}/models/", {"name": "churn"}, format="json"
@@ -298,9 +278,11 @@ def _api_spends(t: Tenant):
 
 @pytest.mark.parametrize("via", ["session", "key"])
 @pytest.mark.parametrize("standing", STANDINGS, ids=str)
-def test_an_organization_that_may_not_spend_cannot_spend_through_the_api(tenant, standing, via):
+def test_an_organization_that_may_not_spend_cannot_spend_through_the_api(
+    tenant, standing, via, client_for, key_client_for
+):
     client = (
-        _session_client(tenant.owner) if via == "session" else _key_client(tenant.owner, tenant.org)
+        client_for(tenant.owner) if via == "session" else key_client_for(tenant.owner, tenant.org)
     )
     before = _spent(tenant)
     standing.reach(tenant.org, tenant.owner)
@@ -349,10 +331,12 @@ def test_an_organization_that_may_not_spend_cannot_spend_through_the_dashboard(t
     assert _spent(tenant) == before
 
 
-def test_a_suspended_organization_cannot_hand_out_access_or_change_settings(tenant):
+def test_a_suspended_organization_cannot_hand_out_access_or_change_settings(
+    tenant, client_for, key_client_for
+):
     """Suspension is an operator's decision: besides spending, no new keys, members or names."""
-    session = _session_client(tenant.owner)
-    key = _key_client(tenant.owner, tenant.org)
+    session = client_for(tenant.owner)
+    key = key_client_for(tenant.owner, tenant.org)
     _suspend(tenant.org, tenant.owner)
     keys, invitations = ApiKey.objects.count(), Invitation.objects.count()
     attempts = [
@@ -379,7 +363,7 @@ def test_a_suspended_organization_cannot_hand_out_access_or_change_settings(tena
     assert tenant.org.name != "Renamed"
 
 
-def test_a_suspended_organization_takes_no_new_members(org, owner):
+def test_a_suspended_organization_takes_no_new_members(org, owner, client_for):
     """An invitation sent before the suspension is still in the invitee's mailbox: accepting it,
     through the API or the page, must not add a member to the suspended organization."""
     _invitation, token = invite(
@@ -387,7 +371,7 @@ def test_a_suspended_organization_takes_no_new_members(org, owner):
     )
     joiner = UserFactory(email="late@example.test")
     _suspend(org, owner)
-    response = _session_client(joiner).post(
+    response = client_for(joiner).post(
         "/api/v1/invitations/accept/", {"token": token}, format="json"
     )
     assert response.status_code == 403, response.content
@@ -406,9 +390,11 @@ def test_a_suspended_organization_takes_no_new_members(org, owner):
 
 
 @pytest.mark.parametrize("standing", STANDINGS[1:], ids=str)
-def test_an_organization_that_owes_money_may_still_invite_someone_to_pay(tenant, standing):
+def test_an_organization_that_owes_money_may_still_invite_someone_to_pay(
+    tenant, standing, client_for
+):
     standing.reach(tenant.org, tenant.owner)
-    response = _session_client(tenant.owner).post(
+    response = client_for(tenant.owner).post(
         tenant.api("invitations/"),
         {"email": "payer@example.test", "role": "billing"},
         format="json",
@@ -417,9 +403,9 @@ def test_an_organization_that_owes_money_may_still_invite_someone_to_pay(tenant,
 
 
 @pytest.mark.parametrize("standing", STANDINGS, ids=str)
-def test_reading_cancelling_and_deleting_still_work(tenant, standing):
+def test_reading_cancelling_and_deleting_still_work(tenant, standing, key_client_for):
     standing.reach(tenant.org, tenant.owner)
-    client = _key_client(tenant.owner, tenant.org)
+    client = key_client_for(tenant.owner, tenant.org)
     assert client.get(tenant.api("jobs/")).status_code == 200
     assert client.get(tenant.api(f"jobs/{tenant.queued_job.pk}/")).status_code == 200
     assert client.post(tenant.api("jobs/estimate/"), {}, format="json").status_code == 200
@@ -452,9 +438,9 @@ def test_every_page_shows_the_standing_in_a_banner(tenant, standing):
 
 
 @pytest.mark.parametrize("standing", STANDINGS, ids=str)
-def test_paying_still_works(tenant, standing, fake_stripe):  # noqa: F811
+def test_paying_still_works(tenant, standing, fake_stripe, client_for):  # noqa: F811
     standing.reach(tenant.org, tenant.owner)
-    client = _session_client(tenant.owner)
+    client = client_for(tenant.owner)
     checkout = client.post(tenant.api("billing/checkout/"), {}, format="json")
     assert checkout.status_code == 200, checkout.content
     assert checkout.json()["url"].startswith("https://checkout.stripe.test/")
@@ -476,9 +462,9 @@ def answering(tenant):
     fake.stop()
 
 
-def test_raising_a_reached_budget_lets_the_tenant_spend_again(tenant, answering):
+def test_raising_a_reached_budget_lets_the_tenant_spend_again(tenant, answering, key_client_for):
     _over_budget(tenant.org, tenant.owner)
-    client = _key_client(tenant.owner, tenant.org)
+    client = key_client_for(tenant.owner, tenant.org)
     body = {"inputs": [ROW]}
     url = tenant.api(f"deployments/{tenant.deployment}/predict/")
     refused = client.post(url, body, format="json")
@@ -492,10 +478,10 @@ def test_raising_a_reached_budget_lets_the_tenant_spend_again(tenant, answering)
     assert answered.status_code == 200, answered.content
 
 
-def test_past_due_within_the_grace_period_may_still_spend(tenant, answering):
+def test_past_due_within_the_grace_period_may_still_spend(tenant, answering, client_for):
     account = billing_account_ensure(organization=tenant.org)
     past_due_set(account=account, since=timezone.now() - timedelta(days=1))
-    response = _session_client(tenant.owner).post(
+    response = client_for(tenant.owner).post(
         tenant.api(f"deployments/{tenant.deployment}/predict/"),
         {"inputs": [ROW]},
         format="json",
@@ -626,12 +612,17 @@ SUSPENDED_ROUTES = [route for route in ROUTES if route.kind == "api" or route.me
 
 @pytest.mark.parametrize("standing", [STANDINGS[0], STANDINGS[1]], ids=str)
 @pytest.mark.parametrize("route", SUSPENDED_ROUTES, ids=str)
-def test_every_route_applies_the_standing_to_what_it_does(route, standing, world):  # noqa: F811
+def test_every_route_applies_the_standing_to_what_it_does(
+    route,
+    standing,
+    world,  # noqa: F811
+    client_for,
+):
     org = OrganizationFactory()
     owner = MembershipFactory(organization=org, role=Role.OWNER).user
     case, url = world(route, org, requester=owner)
     standing.reach(org, owner)
-    response = _send(_session_client(owner), route, url, case)
+    response = _send(client_for(owner), route, url, case)
     effect = expected_effect(route)
     stopped = {Effect.SPEND} | ({Effect.CHANGE} if standing.name == "suspended" else set())
     if effect in stopped:
