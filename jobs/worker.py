@@ -3,12 +3,10 @@ and privacy from the job children it starts."""
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -21,20 +19,12 @@ from django.conf import settings
 from django.db import close_old_connections
 
 from jobs.runner.code import WarmSandbox
-from jobs.runner.isolation import child_threads, keep_private
+from jobs.runner.isolation import child_threads, die_with_parent, keep_private
 from jobs.runner.sandbox import python_runtime, runtime_refusal, sandbox_unavailable_reason
 from jobs.runner.warm import warm_children_keep
 from jobs.runtimes import runtimes_configured
 
 logger = logging.getLogger(__name__)
-
-PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:
-    """Ask Linux to kill this process when its parent dies, so a killed worker leaves no orphans."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 @worker_process_init.connect

@@ -15,7 +15,6 @@ nothing but the working directory's path and the rendezvous port is pickled to t
 from __future__ import annotations
 
 import argparse
-import ctypes
 import faulthandler
 import importlib
 import multiprocessing
@@ -37,7 +36,7 @@ from jobs.recipes.base import (
     validate_parameters,
 )
 from jobs.recipes.catalog import get_recipe, list_recipes
-from jobs.runner.isolation import attempt_enter, keep_private
+from jobs.runner.isolation import attempt_enter, die_with_parent, keep_private
 from jobs.runner.protocol import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
@@ -53,11 +52,14 @@ if TYPE_CHECKING:
     from multiprocessing.sharedctypes import Array
     from multiprocessing.synchronize import Event as SharedEvent
 
-PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 # What a warm child imports before its job, beyond the recipes: torch, what
-# torch.use_deterministic_algorithms (and the first optimizer) import on first use (about a
-# second more than torch alone: docs/benchmarks.md), the tabular readers and the weights' writer.
-WARM_IMPORTS = ("torch._inductor.config", "pyarrow.csv", "pyarrow.compute", "safetensors.torch")
+# torch.use_deterministic_algorithms (and the first optimizer) import on first use (seconds more
+# than torch alone: docs/benchmarks.md) and the weights' writer, in the zygote it is forked from
+# (jobs.runner.zygote); then the tabular readers, in the child, since pyarrow starts a thread
+# (jemalloc's) that would keep the zygote from forking safely.
+ZYGOTE_IMPORTS = ("torch._inductor.config", "safetensors.torch")
+WARM_IMPORTS = ("pyarrow.csv", "pyarrow.compute")
+_zygote_warm = False
 # Once a rank fails, the others are stuck in a collective: they get this long to report their
 # own error before they are killed.
 RANK_FAILURE_GRACE_S = 5.0
@@ -77,7 +79,7 @@ def prepare(argv: list[str] | None = None) -> Path:
     of its user, dying with its parent, in its working directory, which it returns. (The isolation
     test runs its hostile code from here, in the environment a recipe gets.)"""
     keep_private()
-    _die_with_parent()
+    die_with_parent()
     sys.stdout.reconfigure(line_buffering=True)
     parser = argparse.ArgumentParser(prog="python -m jobs.runner.child", description=__doc__)
     parser.add_argument(
@@ -101,12 +103,23 @@ def prepare(argv: list[str] | None = None) -> Path:
     return attempt_enter().resolve()
 
 
-def _warm_up() -> None:
-    """Import what every job imports: the platform's own code, holding nothing of a tenant's.
-    Neither starts CUDA, whose GPUs the job names (attempt_enter)."""
-    for module in WARM_IMPORTS:
+def zygote_warm_up() -> None:
+    """What the zygote imports before it forks warm children: the platform's own code, holding
+    nothing of a tenant's. Nothing here starts CUDA, whose GPUs the job names (attempt_enter),
+    or a thread."""
+    global _zygote_warm
+    for module in ZYGOTE_IMPORTS:
         importlib.import_module(module)
     list_recipes()
+    _zygote_warm = True
+
+
+def _warm_up() -> None:
+    """Import what every job imports, the zygote's part once (a forked child has it)."""
+    if not _zygote_warm:
+        zygote_warm_up()
+    for module in WARM_IMPORTS:
+        importlib.import_module(module)
 
 
 def _guarded(run: Callable[[], int], *, report_input_errors: bool = True) -> int:
@@ -316,7 +329,7 @@ def _rank_main(
     prints lines and reports a bad request; the others report only their own failures."""
     keep_private()
     signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())
-    _die_with_parent()
+    die_with_parent()
     # Should a rank abort in native code, its Python stack goes to stderr with the reason.
     faulthandler.enable()
     sys.stdout.reconfigure(line_buffering=True)
@@ -360,17 +373,6 @@ def _run_rank(
 
 def _silent(_line: str) -> None:
     """The lines of ranks other than 0: rank 0 says the same for all of them."""
-
-
-def _die_with_parent() -> None:
-    """Have Linux SIGKILL this process when the thread that started it exits, so that no
-    orphan keeps a GPU busy after its worker died."""
-    if not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL)) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"prctl(PR_SET_PDEATHSIG) failed with errno {errno}")
 
 
 def _report(exc: Exception) -> None:

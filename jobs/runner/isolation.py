@@ -23,13 +23,19 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
+
+if TYPE_CHECKING:
+    from jobs.runner.zygote import ForkedChild, Zygote
+
+    ChildProcess = subprocess.Popen | ForkedChild
 
 CHILD_COMMAND = (sys.executable, "-m", "jobs.runner.child")
 # The child's first line: it is private now (and, when started ahead of its job, has imported
 # what a job needs), so it may be told where its folder is.
 READY = "@@ready"
 PR_SET_DUMPABLE = 4  # from <linux/prctl.h>
+PR_SET_PDEATHSIG = 1
 
 # What a job's child may see of the worker's environment: what torch and the numeric libraries
 # read, never the database, broker, storage or Stripe credentials, since it parses tenant data.
@@ -51,6 +57,17 @@ def keep_private() -> None:
     if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         errno = ctypes.get_errno()
         raise OSError(errno, f"prctl(PR_SET_DUMPABLE) failed with errno {errno}")
+
+
+def die_with_parent() -> None:
+    """Have Linux SIGKILL this process when the thread that started it exits, so that no
+    orphan keeps a GPU busy after its worker died."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL)) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"prctl(PR_SET_PDEATHSIG) failed with errno {errno}")
 
 
 def child_threads(slots: int) -> int:
@@ -114,36 +131,25 @@ class WaitingChild:
         threads: int,
         command: Sequence[str] = CHILD_COMMAND,
         cuda_visible_devices: str = "",
+        zygote: Zygote | None = None,
     ):
+        """Start `command`, or, given a `zygote` (started with `threads`), have it fork the
+        child (zygote.ZygoteError if it cannot)."""
         keep_private()
-        env = child_environment()
-        env.update(
-            PYTHONUNBUFFERED="1",
-            OMP_NUM_THREADS=str(threads),
-            CUDA_VISIBLE_DEVICES=cuda_visible_devices,
-        )
         self.threads = threads
         handover_read, self._handover = os.pipe()
         try:
-            self.process = subprocess.Popen(
-                list(command),
-                cwd="/",
-                env=env,
-                stdin=handover_read,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                errors="replace",  # native libraries may print bytes that are not UTF-8
-                bufsize=1,
-                start_new_session=True,  # its own group, so stopping it stops its DDP ranks too
-            )
+            if zygote is not None:
+                self.process = zygote.fork(stdin=handover_read)
+            else:
+                self.process = _child_popen(command, threads, cuda_visible_devices, handover_read)
         except BaseException:
             os.close(self._handover)
             raise
         finally:
             os.close(handover_read)
 
-    def hand_over(self, *, workdir: Path, cuda_visible_devices: str) -> subprocess.Popen:
+    def hand_over(self, *, workdir: Path, cuda_visible_devices: str) -> ChildProcess:
         """Once the child says READY, tell it its folder and GPUs; returns the child.
 
         A child that dies before READY says why on stderr; the caller reads that as its failure.
@@ -160,9 +166,33 @@ class WaitingChild:
         """End a child that was never handed a job."""
         with contextlib.suppress(OSError):
             os.close(self._handover)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
         self.process.communicate()
+
+
+def _child_popen(
+    command: Sequence[str], threads: int, cuda_visible_devices: str, stdin: int
+) -> subprocess.Popen:
+    env = child_environment()
+    env.update(
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS=str(threads),
+        CUDA_VISIBLE_DEVICES=cuda_visible_devices,
+    )
+    return subprocess.Popen(
+        list(command),
+        cwd="/",
+        env=env,
+        stdin=stdin,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="replace",  # native libraries may print bytes that are not UTF-8
+        bufsize=1,
+        start_new_session=True,  # its own group, so stopping it stops its DDP ranks too
+    )
 
 
 def child_start(

@@ -387,7 +387,7 @@ class _Attempt:
             if self.job.resource_class.name != "cpu"
             else ""
         )
-        waiting = warm_child_take(threads=threads)
+        waiting = warm_child_take(threads=threads, meanwhile=self._flush, every=REPORT_EVERY_S)
         hand_over = None
         if waiting is None:
             child = child_start(workdir=self.workdir, cuda_visible_devices=devices, threads=threads)

@@ -3,29 +3,31 @@ test: it reports what an earlier job left, then leaves its own marks (a module g
 attribute, an environment variable, files in its folder, TMPDIR and HOME) and trains as the
 tabular recipe does.
 
-The worker's child command, started warm, with this recipe registered as `leaky`:
-LEAKY_WARM_COMMAND.
+The zygote that forks the worker's warm children with this recipe registered as `leaky`:
+LEAKY_ZYGOTE_COMMAND.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
+from jobs.recipes import catalog
 from jobs.recipes.tabular import TabularClassifier
+from jobs.runner import child
+from jobs.runner.child import main  # noqa: F401  what each forked child runs
+from jobs.runner.zygote import ZYGOTE_COMMAND
 
-LEAKY_WARM_COMMAND = (
-    sys.executable,
-    "-c",
-    "import sys; from jobs.recipes import catalog; "
-    "catalog.BUILTIN_RECIPES['leaky'] = 'tests.jobs.leaky_recipe:Leaky'; "
-    "from jobs.runner.child import main; sys.exit(main(['--warm']))",
-)
+LEAKY_ZYGOTE_COMMAND = (*ZYGOTE_COMMAND[:-1], __name__)
 FOUND = "found "
 LEFT_BEHIND: list[str] = []
+
+
+def zygote_warm_up() -> None:
+    catalog.BUILTIN_RECIPES["leaky"] = f"{__name__}:Leaky"
+    child.zygote_warm_up()
 
 
 class Leaky(TabularClassifier):

@@ -202,7 +202,7 @@ def test_the_child_dies_with_its_parent():
     SIGKILL when its parent goes. Here the parent exits as soon as the child is armed; the
     child would otherwise wait on stdin for ever."""
     child = (
-        "import os, sys; from jobs.runner.child import _die_with_parent; _die_with_parent(); "
+        "import os, sys; from jobs.runner.isolation import die_with_parent; die_with_parent(); "
         "print(os.getpid(), flush=True); sys.stdin.read()"
     )
     parent = (

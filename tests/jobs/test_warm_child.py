@@ -1,11 +1,10 @@
-"""The job child a worker keeps warm: a job runs in a child started (torch imported) before it,
+"""The job child a worker keeps warm: a job runs in a child forked (torch imported) before it,
 and nothing a job leaves in its process, its folder, TMPDIR or HOME reaches the next job, of
 another tenant, which runs in a fresh warm child."""
 
 from __future__ import annotations
 
 import json
-import sys
 import uuid
 from pathlib import Path
 
@@ -20,8 +19,9 @@ from jobs.services.pool import worker_register
 from registry.services import dataset_create, dataset_version_create
 from tenants.actors import Actor
 from tests.factories import JobFactory
-from tests.jobs.leaky_recipe import FOUND, LEAKY_WARM_COMMAND
+from tests.jobs.leaky_recipe import FOUND, LEAKY_ZYGOTE_COMMAND
 from tests.jobs.test_pool_e2e import _separable_csv
+from tests.processes import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,7 +32,7 @@ def worker(local_storage, settings, tmp_path, monkeypatch):
     recipe's command."""
     settings.WORKER_WORKDIR = str(tmp_path / "work")
     monkeypatch.setenv("PYTHONPATH", str(REPO))  # the child starts in /
-    monkeypatch.setattr(warm, "WARM_COMMAND", LEAKY_WARM_COMMAND)
+    monkeypatch.setattr(warm, "ZYGOTE_COMMAND", LEAKY_ZYGOTE_COMMAND)
     worker = worker_register(name=f"cpu-{uuid.uuid4().hex[:6]}", devices=[])
     warm.warm_children_keep(threads=child_threads(worker.slots))
     yield worker
@@ -62,7 +62,9 @@ def _run(job: Job, worker) -> dict:
     """Run the job's attempt here; what its recipe found left over, and its child's pid."""
     scheduler_pass()
     job.refresh_from_db()
-    waiting = warm._waiting  # the child started before this job: the one it must run in
+    wait_for(warm._zygote.ready, timeout=120, what="the zygote's imports")
+    warm.warm_child_replace()  # forks the next job's child, once the zygote has its imports
+    waiting = warm._waiting  # the child forked before this job: the one it must run in
     assert waiting is not None and waiting.process.poll() is None
     outcome = run_attempt(job_id=job.pk, attempt=job.attempt, worker_id=worker.pk)
     job.refresh_from_db()
@@ -84,25 +86,3 @@ def test_the_next_job_of_another_tenant_finds_nothing_a_job_left_in_its_warm_chi
     second = _leaky_job(other_org, member_factory(other_org, "owner"), tmp_path)
     assert _run(second, worker) == nothing
     assert Job.objects.get(pk=second.pk).state == JobState.SUCCEEDED
-
-
-def test_a_warm_child_that_died_or_has_another_thread_count_is_not_handed_a_job(monkeypatch):
-    monkeypatch.setattr(
-        warm, "WARM_COMMAND", (sys.executable, "-c", "import sys; sys.stdin.read()")
-    )
-    warm.warm_children_keep(threads=1)
-    try:
-        other_threads = warm._waiting.process
-        assert warm.warm_child_take(threads=2) is None
-        assert other_threads.poll() is not None, "discarded: ended, not left waiting"
-        warm.warm_child_replace()
-        dead = warm._waiting.process
-        dead.kill()
-        dead.wait()
-        assert warm.warm_child_take(threads=1) is None
-        warm.warm_child_replace()
-        alive = warm.warm_child_take(threads=1)
-        assert alive is not None and alive.process.poll() is None
-        alive.discard()
-    finally:
-        warm.warm_children_stop()

@@ -10,7 +10,6 @@ import functools
 import json
 import os
 import stat
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,8 +26,11 @@ from jobs.services.pool import worker_register
 from registry.models import ModelVersion
 from tests.jobs import code_helpers
 from tests.jobs.code_helpers import RUNTIME, finished, runtime_python
+from tests.jobs.idle_child import IDLE_ZYGOTE_COMMAND
 from tests.jobs.test_code_jobs import TRAINER, _submit, _upload
 from tests.processes import wait_for
+
+REPO = Path(__file__).resolve().parents[2]
 
 OTHER_RUNTIME = "plain-py"
 FOUND = "found "
@@ -76,9 +78,8 @@ def worker(settings, sandbox_work_root, monkeypatch):
     """A CPU worker offering two runtimes, whose attempts, run in this process, take the
     sandboxes it starts ahead for the first; its recipe warm children are a stand-in that only
     waits (no recipe runs here)."""
-    monkeypatch.setattr(
-        warm, "WARM_COMMAND", (sys.executable, "-c", "import sys; sys.stdin.read()")
-    )
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # the zygote starts in /
+    monkeypatch.setattr(warm, "ZYGOTE_COMMAND", IDLE_ZYGOTE_COMMAND)
     interpreter = runtime_python()
     other = os.path.realpath(interpreter)
     if other == interpreter:
