@@ -23,12 +23,12 @@ import statistics
 import time
 from pathlib import Path
 
-from jobs.runner.isolation import CHILD_COMMAND, READY, WaitingChild
+from jobs.runner.isolation import CHILD_COMMAND, READY, WaitingChild, child_threads
 from jobs.runner.zygote import Zygote
 
 REPO = Path(__file__).resolve().parents[1]
 WARM_COMMAND = (*CHILD_COMMAND, "--warm")
-THREADS = 1
+THREADS = child_threads(1)  # a one-slot worker's: all of the machine's cores
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -91,7 +91,7 @@ def main() -> None:
         zygote.stop()
 
     print(
-        f"\nA job's warm child, {runs} of each, alternating; {THREADS} thread per child; "
+        f"\nA job's warm child, {runs} of each, alternating; {THREADS} threads per child; "
         f"load average {os.getloadavg()[0]:.2f}"
     )
     print(f"{'':42}{'median':>9} {'min':>9} {'max':>9}")

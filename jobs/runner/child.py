@@ -18,6 +18,7 @@ import argparse
 import faulthandler
 import importlib
 import multiprocessing
+import os
 import signal
 import sys
 import threading
@@ -99,7 +100,7 @@ def prepare(argv: list[str] | None = None) -> Path:
     if arguments.workdir is not None:
         return arguments.workdir.resolve()
     if arguments.warm:
-        _warm_up()
+        warm_up()
     return attempt_enter().resolve()
 
 
@@ -114,12 +115,17 @@ def zygote_warm_up() -> None:
     _zygote_warm = True
 
 
-def _warm_up() -> None:
-    """Import what every job imports, the zygote's part once (a forked child has it)."""
+def warm_up() -> None:
+    """Import what every job imports, the zygote's part once (a forked child has it), and take
+    this child's share of the cores: a zygote imports torch with one thread (torch would start
+    the others at import, and a process with two threads cannot fork safely), and puts the
+    child's count in its environment."""
     if not _zygote_warm:
         zygote_warm_up()
     for module in WARM_IMPORTS:
         importlib.import_module(module)
+    torch = sys.modules["torch"]
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
 
 
 def _guarded(run: Callable[[], int], *, report_input_errors: bool = True) -> int:

@@ -1,11 +1,12 @@
 """The zygote a worker's pool process forks its warm job children from, so that each child does
 not import torch and the recipes again (seconds of CPU a job; docs/benchmarks.md).
 
-`python -m jobs.runner.zygote <entry module> <control fd>` imports what the entry module's
-`zygote_warm_up()` imports, then, for each request on its control socket, forks a child that
-runs `entry.main(["--warm"])`: a warm child (isolation.WaitingChild) as one started by its own
-interpreter would be. The zygote never reads a job's spec, data or folder, so a child starts
-with nothing of any tenant's: the same as a fresh interpreter.
+`python -m jobs.runner.zygote <entry module> <control fd> <threads>` imports what the entry
+module's `zygote_warm_up()` imports, with one thread, then, for each request on its control
+socket, forks a child that runs `entry.main(["--warm"])` with OMP_NUM_THREADS=<threads>: a warm
+child (isolation.WaitingChild) as one started by its own interpreter would be. The zygote never
+reads a job's spec, data or folder, so a child starts with nothing of any tenant's: the same as
+a fresh interpreter.
 
 The pool process sees a forked child as the subprocess.Popen a started one is (ForkedChild): its
 pipes are the pool process's, sent with the request; the zygote reaps it and writes its exit
@@ -51,7 +52,9 @@ class Zygote:
     def __init__(self, *, threads: int, command: Sequence[str] = ZYGOTE_COMMAND):
         keep_private()
         env = child_environment()
-        env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads), CUDA_VISIBLE_DEVICES="")
+        # One thread while it imports: torch starts its others at import when told more, and a
+        # process with two threads cannot fork safely. Each child is told `threads`.
+        env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
         self.threads = threads
         self._ready = False
         # Why it cannot fork safely, once it said so (see main): a new one could not either.
@@ -59,7 +62,7 @@ class Zygote:
         self._control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.process = subprocess.Popen(
-                [*command, str(theirs.fileno())],
+                [*command, str(theirs.fileno()), str(threads)],
                 cwd="/",
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -197,7 +200,7 @@ class ForkedChild:
 
 def main(argv: list[str]) -> int:
     """The zygote: import, say READY, fork on request; the code a forked child exits with."""
-    entry_name, control_fd = argv
+    entry_name, control_fd, threads = argv
     keep_private()
     die_with_parent()
     entry = importlib.import_module(entry_name)
@@ -235,6 +238,7 @@ def main(argv: list[str]) -> int:
         pid = os.fork()
         if pid == 0:
             zygote_fds = (control.detach(), wakeup_read, wakeup_write, *statuses.values())
+            os.environ["OMP_NUM_THREADS"] = threads  # the entry's main takes its share
             return _child(entry, fds, zygote_fds)
         *child_ends, status = fds
         _close(child_ends)

@@ -19,6 +19,7 @@ from jobs.runner.isolation import WaitingChild
 from jobs.runner.zygote import Zygote, ZygoteError
 from tests.jobs.idle_child import IDLE_ZYGOTE_COMMAND
 from tests.jobs.threaded_zygote import THREADED_ZYGOTE_COMMAND
+from tests.jobs.torch_threads_child import TORCH_THREADS_ZYGOTE_COMMAND
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,8 +30,8 @@ def _repository_importable(monkeypatch):
 
 
 @contextmanager
-def _zygote(command=IDLE_ZYGOTE_COMMAND):
-    zygote = Zygote(threads=1, command=command)
+def _zygote(command=IDLE_ZYGOTE_COMMAND, *, threads=1):
+    zygote = Zygote(threads=threads, command=command)
     try:
         yield zygote
     finally:
@@ -172,3 +173,14 @@ def test_a_zygote_that_cannot_fork_leaves_the_job_to_start_cold(monkeypatch, cap
         assert warm.warm_child_take(threads=1) is None
     finally:
         warm.warm_children_stop()
+
+
+def test_a_child_forked_from_a_zygote_of_two_threads_per_child_computes_with_two():
+    """The zygote imports torch with one thread (told two, torch starts the second at import,
+    and the zygote could not fork); each child takes its share of the cores once forked."""
+    with (
+        _zygote(TORCH_THREADS_ZYGOTE_COMMAND, threads=2) as zygote,
+        _child(zygote) as (child, _stdin),
+    ):
+        assert json.loads(child.stdout.readline()) == {"torch": 2, "env": "2"}
+        assert child.wait(timeout=60) == 0
