@@ -253,7 +253,9 @@ def main(argv: list[str]) -> int:
 def _fork_refusal() -> bytes:
     """Why this process cannot fork safely, if it cannot: another thread (say, one an import
     started) may hold a lock that the child, which has only the forking thread, would wait on
-    for ever."""
+    for ever. Off Linux, it has no pidfd to signal its children through, and so never forks."""
+    if not hasattr(os, "pidfd_open"):
+        return b"this platform has no pidfd to signal a forked child through"
     threads = len(os.listdir("/proc/self/task"))
     if threads == 1:
         return b""
