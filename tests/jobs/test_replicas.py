@@ -480,14 +480,24 @@ def test_a_replica_whose_worker_is_killed_is_placed_again_elsewhere_with_a_new_a
 
 
 def _child_of(pool, label: str) -> int:
+    """The job's child under the worker: of the processes there that run the child's code (the
+    zygote and the children it forked, all with its command line), the one that has moved into
+    an attempt's folder; the zygote and a child waiting for its job stay in /."""
     ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True, check=True)
     children = {
         int(pid)
         for pid, _, args in (line.strip().partition(" ") for line in ps.stdout.splitlines())
         if "jobs.runner.child" in args
     }
-    [child] = children & descendants(pool.processes[label].pid)
+    [child] = {pid for pid in children & descendants(pool.processes[label].pid) if _moved_in(pid)}
     return child
+
+
+def _moved_in(pid: int) -> bool:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd") != "/"
+    except FileNotFoundError:  # ended meanwhile
+        return False
 
 
 @e2e
