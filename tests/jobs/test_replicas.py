@@ -325,11 +325,13 @@ def _predict(job: Job, body, *, token: str | None = None) -> httpx.Response:
 
 
 def _refuses_connections(address: str) -> bool:
+    """True once the server no longer accepts: a connect is refused, or reset by a listener that
+    closed while the connect waited in its backlog."""
     host, port = address.rsplit(":", 1)
     try:
         with socket.create_connection((host, int(port)), timeout=1):
             return False
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):
         return True
 
 
