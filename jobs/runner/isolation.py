@@ -76,12 +76,20 @@ def child_threads(slots: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, slots))
 
 
-def child_environment() -> dict[str, str]:
-    return {
+def child_environment(*, threads: int, cuda_visible_devices: str) -> dict[str, str]:
+    """A job child's environment: the allowed part of the worker's, unbuffered output, its
+    thread count and its GPUs."""
+    env = {
         name: value
         for name, value in os.environ.items()
         if name in CHILD_ENV_NAMES or name.startswith(CHILD_ENV_PREFIXES)
     }
+    env.update(
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS=str(threads),
+        CUDA_VISIBLE_DEVICES=cuda_visible_devices,
+    )
+    return env
 
 
 def _work_root_prepare(root: Path) -> None:
@@ -175,16 +183,10 @@ class WaitingChild:
 def _child_popen(
     command: Sequence[str], threads: int, cuda_visible_devices: str, stdin: int
 ) -> subprocess.Popen:
-    env = child_environment()
-    env.update(
-        PYTHONUNBUFFERED="1",
-        OMP_NUM_THREADS=str(threads),
-        CUDA_VISIBLE_DEVICES=cuda_visible_devices,
-    )
     return subprocess.Popen(
         list(command),
         cwd="/",
-        env=env,
+        env=child_environment(threads=threads, cuda_visible_devices=cuda_visible_devices),
         stdin=stdin,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -34,7 +34,13 @@ from typing import NoReturn
 
 from jobs.runner.isolation import child_environment, die_with_parent, keep_private
 
-ZYGOTE_COMMAND = (sys.executable, "-m", "jobs.runner.zygote", "jobs.runner.child")
+
+def zygote_command(entry: str) -> tuple[str, ...]:
+    """The command of a zygote whose children run the module `entry` (see above)."""
+    return (sys.executable, "-m", "jobs.runner.zygote", entry)
+
+
+ZYGOTE_COMMAND = zygote_command("jobs.runner.child")
 READY = b"ready"
 FORK = b"fork"
 # What a fork request hands over: the child's stdin, stdout and stderr, and its status pipe.
@@ -51,10 +57,9 @@ class Zygote:
 
     def __init__(self, *, threads: int, command: Sequence[str] = ZYGOTE_COMMAND):
         keep_private()
-        env = child_environment()
         # One thread while it imports: torch starts its others at import when told more, and a
         # process with two threads cannot fork safely. Each child is told `threads`.
-        env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+        env = child_environment(threads=1, cuda_visible_devices="")
         self.threads = threads
         self._ready = False
         # Why it cannot fork safely, once it said so (see main): a new one could not either.

@@ -11,9 +11,9 @@ import json
 import os
 import sys
 
-from jobs.runner.zygote import ZYGOTE_COMMAND
+from jobs.runner.zygote import zygote_command
 
-IDLE_ZYGOTE_COMMAND = (*ZYGOTE_COMMAND[:-1], __name__)
+IDLE_ZYGOTE_COMMAND = zygote_command(__name__)
 
 
 def zygote_warm_up() -> None:

@@ -18,9 +18,9 @@ from jobs.recipes import catalog
 from jobs.recipes.tabular import TabularClassifier
 from jobs.runner import child
 from jobs.runner.child import main  # noqa: F401  what each forked child runs
-from jobs.runner.zygote import ZYGOTE_COMMAND
+from jobs.runner.zygote import zygote_command
 
-LEAKY_ZYGOTE_COMMAND = (*ZYGOTE_COMMAND[:-1], __name__)
+LEAKY_ZYGOTE_COMMAND = zygote_command(__name__)
 FOUND = "found "
 LEFT_BEHIND: list[str] = []
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import threading
 
-from jobs.runner.zygote import ZYGOTE_COMMAND
+from jobs.runner.zygote import zygote_command
 from tests.jobs.idle_child import main  # noqa: F401  what each forked child would run
 
-THREADED_ZYGOTE_COMMAND = (*ZYGOTE_COMMAND[:-1], __name__)
+THREADED_ZYGOTE_COMMAND = zygote_command(__name__)
 
 
 def zygote_warm_up() -> None:

@@ -8,9 +8,9 @@ import os
 
 from jobs.runner import child
 from jobs.runner.child import zygote_warm_up  # noqa: F401  what the zygote imports
-from jobs.runner.zygote import ZYGOTE_COMMAND
+from jobs.runner.zygote import zygote_command
 
-TORCH_THREADS_ZYGOTE_COMMAND = (*ZYGOTE_COMMAND[:-1], __name__)
+TORCH_THREADS_ZYGOTE_COMMAND = zygote_command(__name__)
 
 
 def main(argv: list[str]) -> int:
