@@ -15,6 +15,7 @@ pytest_plugins = [
     "tests.pool",
     "tests.smtp",
     "tests.chaos.redis_server",
+    "tests.process_guard",
 ]
 
 

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# Every test here starts processes.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 PRODUCTION_ENV = {
     "DJANGO_SETTINGS_MODULE": "factory_saas.settings.production",

@@ -51,6 +51,7 @@ sys.exit(1)
 
 
 @e2e
+@pytest.mark.slow
 def test_progress_metrics_and_logs_are_shown_while_the_child_still_runs(
     local_storage, org, owner, client, client_for, tmp_path, settings, monkeypatch
 ):

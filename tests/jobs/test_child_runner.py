@@ -64,6 +64,7 @@ def make_workdir(workdir: Path, parameters: dict | None = None, **spec) -> Path:
     return workdir
 
 
+@pytest.mark.slow
 def test_child_trains_and_reports_metrics_checkpoints_and_result(tmp_path):
     workdir = make_workdir(tmp_path, checkpoint_every_s=0)
     run = run_child(workdir)
@@ -88,6 +89,7 @@ def test_child_trains_and_reports_metrics_checkpoints_and_result(tmp_path):
     assert result["input_signature"]["classes"] == ["no", "yes"]
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_stops_then_the_checkpoint_resumes_to_the_end(tmp_path):
     # 160 training rows in batches of 8 for 25 epochs: 500 steps, each one checkpointed, so the
     # run is still going when the signal lands.
@@ -132,6 +134,7 @@ def test_sigterm_checkpoints_and_stops_then_the_checkpoint_resumes_to_the_end(tm
         ({"dataset": {"path": "data.csv", "format": "npz"}}, ["trains on csv, parquet"]),
     ],
 )
+@pytest.mark.slow
 def test_bad_requests_exit_2_with_the_reason_on_stderr(tmp_path, spec, reasons):
     run = run_child(make_workdir(tmp_path, **spec))
     assert run.returncode == EXIT_BAD_INPUT
@@ -140,6 +143,7 @@ def test_bad_requests_exit_2_with_the_reason_on_stderr(tmp_path, spec, reasons):
         assert reason in run.stderr
 
 
+@pytest.mark.slow
 def test_an_invalid_spec_is_the_platform_failing(tmp_path):
     (tmp_path / "spec.json").write_text('{"recipe": "tabular-classifier"}')
     run = run_child(tmp_path)
@@ -147,6 +151,7 @@ def test_an_invalid_spec_is_the_platform_failing(tmp_path):
     assert "'parameters' is a required property" in run.stderr
 
 
+@pytest.mark.slow
 def test_child_fine_tunes_only_a_dataset_shaped_like_the_model(tmp_path):
     parameters = {"target": "label", "epochs": 2, "learning_rate": 0.05, "hidden_sizes": [8]}
     trained = run_child(make_workdir(tmp_path / "first", parameters))
@@ -197,6 +202,7 @@ def test_spec_refuses_what_the_child_cannot_run(tmp_path, spec, message):
         make_workdir(tmp_path, **spec)
 
 
+@pytest.mark.slow
 def test_the_child_dies_with_its_parent():
     """A worker that dies must not leave its child holding a GPU: the child asks Linux for
     SIGKILL when its parent goes. Here the parent exits as soon as the child is armed; the

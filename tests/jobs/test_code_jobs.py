@@ -311,6 +311,7 @@ def test_a_killed_worker_loses_the_package_which_resumes_from_its_checkpoint_els
 
 
 @pytest.mark.django_db
+@pytest.mark.slow
 def test_a_resumed_attempt_continues_from_its_checkpoint_and_stores_new_ones(
     org, owner, local_store, sandbox_work_root, monkeypatch
 ):
@@ -357,6 +358,7 @@ BURNS = TRAINER.replace(
 
 
 @pytest.mark.django_db
+@pytest.mark.slow
 def test_a_sandboxed_packages_processes_are_sampled_from_outside(
     org, owner, local_store, sandbox_work_root, settings
 ):
@@ -385,6 +387,7 @@ def run():
 
 
 @pytest.mark.django_db
+@pytest.mark.slow
 def test_a_package_registers_a_dataset_version_under_the_jobs_name(
     org, owner, local_store, sandbox_work_root
 ):
@@ -406,6 +409,7 @@ def test_a_package_registers_a_dataset_version_under_the_jobs_name(
 
 
 @pytest.mark.django_db
+@pytest.mark.slow
 def test_a_worker_without_bubblewrap_refuses_code_packages_saying_why(
     org, owner, local_store, tmp_path, monkeypatch, settings
 ):
@@ -431,6 +435,7 @@ def test_a_worker_without_bubblewrap_refuses_code_packages_saying_why(
 
 
 @pytest.mark.django_db
+@pytest.mark.slow
 def test_a_worker_that_lost_the_runtime_refuses_the_package_naming_it(
     org, owner, local_store, sandbox_work_root
 ):

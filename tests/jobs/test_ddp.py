@@ -101,6 +101,7 @@ def test_two_processes_train_one_model_and_only_rank_0_speaks(uninterrupted, dat
     assert TabularClassifier().evaluate(ctx)["accuracy"] > 0.9
 
 
+@pytest.mark.slow
 def test_sigterm_stops_every_rank_with_a_checkpoint_that_resumes_exactly(
     tmp_path, uninterrupted, dataset
 ):

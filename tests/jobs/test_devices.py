@@ -5,6 +5,8 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import pytest
+
 from jobs.runner import devices
 
 ASK = (
@@ -24,6 +26,7 @@ def _ask(patch: str = "") -> list:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_without_the_cuda_driver_there_are_no_gpus_and_torch_is_never_imported():
     gpus, imported_torch = _ask("devices.CUDA_DRIVER = 'libcuda-not-installed.so.1'; ")
     assert gpus == [] and imported_torch is False

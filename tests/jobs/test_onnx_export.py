@@ -146,6 +146,7 @@ def _close(edge: list[dict], platform: list[dict]) -> None:
     ],
     ids=["tabular", "text-bag", "text-transformer", "images", "timeseries-mlp", "timeseries-gru"],
 )
+@pytest.mark.slow
 def test_the_bundle_runs_alone_and_answers_as_the_platform_does(tmp_path, make):
     model_dir, inputs = make(tmp_path)
     bundle = tmp_path / "edge.zip"

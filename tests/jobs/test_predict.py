@@ -169,6 +169,7 @@ def new_rows(tmp_path_factory) -> Path:
 # Batch inference through the child
 
 
+@pytest.mark.slow
 def test_child_predicts_every_row_chunk_by_chunk(tmp_path, model_dir, new_rows):
     (tmp_path / "data.csv").write_bytes(new_rows.read_bytes())
     run = run_child(
@@ -215,6 +216,7 @@ def test_child_predicts_every_row_chunk_by_chunk(tmp_path, model_dir, new_rows):
     ],
     ids=["missing-column", "text-in-a-number-column"],
 )
+@pytest.mark.slow
 def test_data_the_model_cannot_read_exits_2_saying_why(
     tmp_path, model_dir, new_rows, edit, message
 ):
@@ -226,6 +228,7 @@ def test_data_the_model_cannot_read_exits_2_saying_why(
     assert not (tmp_path / "out" / "predictions.csv").exists()
 
 
+@pytest.mark.slow
 def test_predict_parameters_follow_the_predict_schema(tmp_path, model_dir, new_rows):
     (tmp_path / "data.csv").write_bytes(new_rows.read_bytes())
     run = run_child(tmp_path, task="predict", parameters={"epochs": 3}, model_dir=str(model_dir))
@@ -361,6 +364,7 @@ def test_the_online_predictor_names_the_input_and_column_it_cannot_read(model_di
     assert str(caught.value) == message
 
 
+@pytest.mark.slow
 def test_the_spec_still_fails_predict_without_a_model(tmp_path):
     """A spec written by hand, bypassing write_spec, is the platform's error, not the tenant's."""
     (tmp_path / "spec.json").write_text(

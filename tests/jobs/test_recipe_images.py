@@ -128,6 +128,7 @@ def test_schema_is_valid_and_documents_the_npz_arrays():
     assert ImageClassifier.dataset_formats == ("image_folder_zip", "npz")
 
 
+@pytest.mark.slow
 def test_importing_the_recipe_loads_neither_torch_nor_numpy():
     probe = textwrap.dedent(
         """

@@ -122,6 +122,7 @@ def image_zip(pillow_format: str, suffix: str) -> bytes:
         ("WEBP", "webp", "webp"),
     ],
 )
+@pytest.mark.slow
 def test_an_image_zip_the_registry_accepts_trains_on_the_worker(
     org,
     owner,
@@ -173,6 +174,7 @@ def reviews_csv() -> bytes:
     return ("\ufeff" + "\r\n".join(lines) + "\r\n").encode()
 
 
+@pytest.mark.slow
 def test_a_csv_trains_and_predicts_on_exactly_the_rows_and_columns_the_registry_shows(
     org, owner, dev_client, local_store, worker, cpu, tmp_path
 ):

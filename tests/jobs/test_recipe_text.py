@@ -126,6 +126,7 @@ def test_wrong_values_name_the_field_and_the_rule(parameters, field, message):
     assert caught.value.fields == {field: [message]}
 
 
+@pytest.mark.slow
 def test_importing_the_recipe_and_validating_does_not_import_torch():
     probe = textwrap.dedent(
         """

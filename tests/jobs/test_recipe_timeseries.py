@@ -130,6 +130,7 @@ def test_unknown_parameter_is_rejected_by_name():
     assert list(caught.value.fields) == ["parameters.lookback"]
 
 
+@pytest.mark.slow
 def test_importing_the_recipe_and_validating_does_not_import_torch():
     probe = textwrap.dedent(
         """

@@ -194,6 +194,7 @@ def test_unknown_recipe_names_the_available_ones():
     assert "tabular-classifier" in caught.value.fields["recipe"][0]
 
 
+@pytest.mark.slow
 def test_registry_and_validation_do_not_import_torch():
     probe = textwrap.dedent(
         """
@@ -212,6 +213,7 @@ def test_registry_and_validation_do_not_import_torch():
     assert run.stdout.strip() == ""
 
 
+@pytest.mark.slow
 def test_installed_packages_add_recipes_through_entry_points(tmp_path):
     """A package's `factory_saas.recipes` entry point adds a recipe; one that reuses a built-in's
     name is ignored."""

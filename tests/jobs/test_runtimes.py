@@ -29,6 +29,7 @@ def _script(tmp_path: Path, name: str, body: str) -> str:
 # Probing (no database)
 
 
+@pytest.mark.slow
 def test_probe_reads_the_interpreters_python_and_packages():
     report = runtime_probe(TORCH, SELF)
     assert report.error == ""
@@ -38,6 +39,7 @@ def test_probe_reads_the_interpreters_python_and_packages():
     assert {"numpy", "pyarrow", "safetensors"} <= set(report.packages)
 
 
+@pytest.mark.slow
 def test_probe_ignores_the_workers_pythonpath(tmp_path, monkeypatch):
     # -I: what the runtime itself has installed, not what the worker's environment adds.
     fake = tmp_path / "fake-1.0.dist-info"
@@ -55,23 +57,27 @@ def test_probe_ignores_the_workers_pythonpath(tmp_path, monkeypatch):
         ("bin/python", "is not an absolute path"),
     ],
 )
+@pytest.mark.slow
 def test_a_runtime_that_cannot_start_is_reported_broken_with_why(interpreter, words):
     report = runtime_probe("broken-1", interpreter)
     assert words in report.error
     assert report.packages == {} and report.python_version == ""
 
 
+@pytest.mark.slow
 def test_a_runtime_that_fails_reports_its_error_output(tmp_path):
     crash = _script(tmp_path, "python", "echo 'ImportError: libpython3.11.so' >&2; exit 3")
     report = runtime_probe("broken-1", crash)
     assert report.error == "its interpreter exited with status 3: ImportError: libpython3.11.so"
 
 
+@pytest.mark.slow
 def test_a_runtime_that_answers_nonsense_is_broken(tmp_path):
     report = runtime_probe("odd-1", _script(tmp_path, "python", "echo hello"))
     assert report.error == "its interpreter printed no report of its packages"
 
 
+@pytest.mark.slow
 def test_a_runtime_that_hangs_is_given_up_after_the_timeout(tmp_path):
     hangs = _script(tmp_path, "python", "exec sleep 60")
     report = runtime_probe("hangs-1", hangs, timeout_s=0.5)
@@ -83,6 +89,7 @@ def test_configured_runtimes_parse_name_equals_path_and_skip_nameless_entries():
     assert runtimes_configured(entries) == [(TORCH, SELF), ("no-path", "")]
 
 
+@pytest.mark.slow
 def test_the_test_settings_offer_the_default_runtime_as_this_interpreter():
     assert runtimes_configured() == [(settings.DEFAULT_RUNTIME, SELF)]
     assert [r.name for r in runtimes_probe() if not r.error] == [TORCH]

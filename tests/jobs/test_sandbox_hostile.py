@@ -89,6 +89,7 @@ def runtime():
     return _runtime()
 
 
+@pytest.mark.slow
 def test_this_worker_can_run_sandboxes():
     assert sandbox_unavailable_reason() is None
 
@@ -281,6 +282,7 @@ print(json.dumps(report))
 """
 
 
+@pytest.mark.slow
 def test_the_parents_secrets_are_not_in_any_environment_the_child_can_read(
     runtime, host, monkeypatch
 ):
@@ -301,6 +303,7 @@ def test_the_parents_secrets_are_not_in_any_environment_the_child_can_read(
     assert SECRETS["SECRET_KEY"] in control.stdout
 
 
+@pytest.mark.slow
 def test_the_hosts_files_are_out_of_reach(runtime, host):
     files = [
         host.project / ".env",
@@ -354,6 +357,7 @@ def web_port():
     server.close()
 
 
+@pytest.mark.slow
 def test_the_network_is_out_of_reach(runtime, host, web_port):
     targets = [("127.0.0.1", 5432), ("127.0.0.1", 6379), ("127.0.0.1", web_port)]
     plan = {
@@ -372,6 +376,7 @@ def test_the_network_is_out_of_reach(runtime, host, web_port):
     assert WEB_SECRET in json.dumps(control)
 
 
+@pytest.mark.slow
 def test_nothing_outside_the_work_folder_can_be_written(runtime, host):
     places = [
         "/pwned",
@@ -416,6 +421,7 @@ print(written)
 """
 
 
+@pytest.mark.slow
 def test_tmp_and_shared_memory_fill_up_at_their_size(runtime, host):
     limits = Limits(wall_clock_s=60, memory_bytes=1024 * MB, processes=64, tmp_bytes=16 * MB)
 
@@ -437,6 +443,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_a_fork_bomb_is_killed_at_the_process_limit(runtime, host):
     limits = Limits(wall_clock_s=60, memory_bytes=1024 * MB, processes=32)
 
@@ -459,6 +466,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_memory_without_end_is_refused_at_the_limit(runtime, host):
     limits = Limits(wall_clock_s=60, memory_bytes=256 * MB, processes=64)
 
@@ -471,6 +479,7 @@ def test_memory_without_end_is_refused_at_the_limit(runtime, host):
     _machine_still_works()
 
 
+@pytest.mark.slow
 def test_memory_without_end_is_killed_by_the_watchdog_where_gpus_rule_out_an_address_limit(
     runtime, host
 ):
@@ -514,6 +523,7 @@ while True:
         ),
     ],
 )
+@pytest.mark.slow
 def test_filling_the_work_folder_is_stopped_at_its_limit(runtime, host, how, limit, reason):
     limits = Limits(
         wall_clock_s=60,
@@ -554,6 +564,7 @@ time.sleep(3600)
         ),
     ],
 )
+@pytest.mark.slow
 def test_running_past_the_wall_clock_is_killed_with_everything_it_started(
     runtime, host, how, reason
 ):
@@ -588,6 +599,7 @@ print(json.dumps(report))
 """
 
 
+@pytest.mark.slow
 def test_a_link_planted_in_the_work_folder_leads_nowhere(runtime, host):
     secret = host.project / ".env"
 
@@ -627,6 +639,7 @@ print("x" * 200_000)
 """
 
 
+@pytest.mark.slow
 def test_forged_lines_reach_the_parser_unchanged_and_a_long_line_in_pieces(runtime, host):
     """The sandbox hands stdout to protocol.parse_line as the child wrote it: a line claiming an
     attempt number is a metric with an extra key the parent never reads (attempt_report records
@@ -651,6 +664,7 @@ def test_forged_lines_reach_the_parser_unchanged_and_a_long_line_in_pieces(runti
     assert [len(text) for _, text in pieces] == [65536, 65536, 65536, 200_000 - 3 * 65536]
 
 
+@pytest.mark.slow
 def test_the_parent_can_stop_it_and_the_child_hears_sigterm(runtime, host):
     script = r"""
 import signal, sys, time
@@ -717,6 +731,7 @@ def test_a_worker_without_bubblewrap_says_so():
     )
 
 
+@pytest.mark.slow
 def test_a_worker_where_bubblewrap_cannot_make_namespaces_says_why(host):
     """What bubblewrap says in a container without user namespaces, through a stand-in."""
     fake = host.code / "bwrap"
@@ -736,6 +751,7 @@ def test_a_worker_where_bubblewrap_cannot_make_namespaces_says_why(host):
     )
 
 
+@pytest.mark.slow
 def test_the_child_sees_only_its_folder_at_a_fixed_place_and_a_clean_environment(runtime, host):
     script = r"""
 import json, os
@@ -780,6 +796,7 @@ for line in plan["lines"]:
 
 
 @pytest.mark.django_db
+@pytest.mark.slow
 def test_a_sandboxed_child_claiming_another_attempt_or_job_changes_neither(
     runtime, host, local_storage, org, other_org, owner, settings, monkeypatch, tmp_path
 ):

@@ -751,6 +751,7 @@ def test_decisions_do_not_depend_on_input_order():
         assert schedule(shuffled) == schedule(snapshot)
 
 
+@pytest.mark.slow
 def test_scheduler_imports_no_django():
     code = "import sys, jobs.scheduler; sys.exit('django' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

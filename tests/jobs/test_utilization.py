@@ -83,6 +83,7 @@ def _run_held(job, worker, release: Path, monkeypatch) -> tuple[threading.Thread
 
 
 @e2e
+@pytest.mark.slow
 def test_a_real_cpu_job_stores_its_process_trees_cpu_and_memory(
     local_storage, org, owner, tmp_path, settings, monkeypatch
 ):
@@ -131,6 +132,7 @@ def test_a_real_cpu_job_stores_its_process_trees_cpu_and_memory(
 
 @e2e
 @pytest.mark.parametrize("nvml", ["answers", "fails"])
+@pytest.mark.slow
 def test_a_gpu_job_through_the_runner_reads_nvml_at_its_edge_and_runs_on_when_it_fails(
     local_storage, org, owner, tmp_path, settings, monkeypatch, nvml
 ):
@@ -191,6 +193,7 @@ def _dataset_version(org, owner, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_tree_usage_counts_a_grandchild_and_ends_with_its_root(tmp_path):
     release = tmp_path / "release"
     child = subprocess.Popen(

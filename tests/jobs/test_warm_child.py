@@ -23,6 +23,9 @@ from tests.jobs.leaky_recipe import FOUND, LEAKY_ZYGOTE_COMMAND
 from tests.jobs.test_pool_e2e import _separable_csv
 from tests.processes import wait_for
 
+# Every test here starts processes.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 
 

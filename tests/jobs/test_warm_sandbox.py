@@ -137,6 +137,7 @@ def _outcome(job: Job) -> tuple:
 
 
 @pytest.mark.django_db
+@pytest.mark.slow
 def test_a_package_runs_in_the_sandbox_started_ahead_with_the_results_of_a_cold_one(
     worker, handed_over, org, owner, local_store, sandbox_work_root
 ):
@@ -161,6 +162,7 @@ def test_a_package_runs_in_the_sandbox_started_ahead_with_the_results_of_a_cold_
 
 
 @pytest.mark.django_db
+@pytest.mark.slow
 def test_the_next_package_of_another_tenant_finds_nothing_the_first_left_in_its_sandbox(
     worker, handed_over, org, owner, other_org, member_factory, local_store
 ):
@@ -182,6 +184,7 @@ def test_the_next_package_of_another_tenant_finds_nothing_the_first_left_in_its_
 
 
 @pytest.mark.django_db
+@pytest.mark.slow
 def test_jobs_that_do_not_fit_the_sandbox_started_ahead_start_cold_and_it_waits_on(
     worker, handed_over, org, owner, local_store
 ):
@@ -208,6 +211,7 @@ def test_jobs_that_do_not_fit_the_sandbox_started_ahead_start_cold_and_it_waits_
 
 
 @pytest.mark.django_db
+@pytest.mark.slow
 def test_a_sandbox_that_died_while_waiting_is_replaced_and_the_job_starts_cold(
     worker, handed_over, org, owner, local_store
 ):
@@ -255,6 +259,7 @@ def test_a_pool_worker_keeps_a_sandbox_ahead_and_runs_the_next_package_in_it(
 
 
 @pytest.mark.django_db
+@pytest.mark.slow
 def test_a_sandbox_that_died_while_its_job_was_prepared_leaves_the_job_to_a_cold_one(
     worker, handed_over, org, owner, local_store, monkeypatch
 ):

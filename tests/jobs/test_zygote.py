@@ -21,6 +21,9 @@ from tests.jobs.idle_child import IDLE_ZYGOTE_COMMAND
 from tests.jobs.threaded_zygote import THREADED_ZYGOTE_COMMAND
 from tests.jobs.torch_threads_child import TORCH_THREADS_ZYGOTE_COMMAND
 
+# Every test here starts processes.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 
 

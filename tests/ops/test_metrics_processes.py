@@ -15,6 +15,9 @@ from tests.ops.scrape import samples, value
 from tests.pool import ROOT, Pool, database_url
 from tests.processes import wait_for
 
+# Every test here starts processes.
+pytestmark = pytest.mark.slow
+
 TOKEN = "scrape-token-0123456789"
 
 

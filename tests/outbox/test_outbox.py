@@ -259,6 +259,7 @@ def test_backoff_doubles_and_is_capped(settings):
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.slow
 def test_an_effect_owed_while_the_broker_is_down_is_delivered_by_a_worker_once_it_is_back(
     effects, tmp_path, caplog
 ):

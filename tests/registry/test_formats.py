@@ -110,6 +110,7 @@ def reject(path: Path, match: str, **kwargs) -> DatasetFormatError:
     return caught.value
 
 
+@pytest.mark.slow
 def test_importing_the_package_loads_neither_pyarrow_nor_numpy():
     """The web process imports the package; the heavy readers load only for their format."""
     code = "import sys, registry.formats; print('pyarrow' in sys.modules, 'numpy' in sys.modules)"

@@ -5,10 +5,12 @@ import re
 import subprocess
 import sys
 
+import pytest
 from django.core.management import call_command
 from factory_sdk.client import ENDPOINTS
 
 
+@pytest.mark.slow
 def test_importing_the_sdk_and_its_cli_loads_no_django():
     probe = (
         "import sys, factory_sdk, factory_sdk.cli, factory_sdk.uploads; "

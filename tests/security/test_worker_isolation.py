@@ -195,6 +195,7 @@ def _without_capabilities() -> None:
 @pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root to lay out the work root as the image does"
 )
+@pytest.mark.slow
 def test_a_hostile_child_reads_no_secret_and_no_other_attempts_files(tmp_path):
     home = tmp_path / "home"
     (home / ".aws").mkdir(parents=True)
@@ -249,6 +250,7 @@ print(json.dumps(seen))
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run as an ordinary user would")
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.slow
 def test_a_child_cannot_read_the_environment_of_the_worker_or_its_pool_processes(tmp_path):
     """`manage.py run_worker` holds the database, broker and storage credentials, and so do its
     Celery pool processes: a process of the same user, as a job's child is, cannot read them."""
@@ -453,6 +455,7 @@ def _run_hostile(scene, monkeypatch, plan: dict, *, infer: bool = False) -> Job:
         "predictions-to-another-tenants-dataset",
     ],
 )
+@pytest.mark.slow
 def test_a_child_naming_a_link_fails_its_attempt_and_nothing_it_points_at_is_stored(
     scene, monkeypatch, name, plan, infer
 ):
