@@ -10,6 +10,7 @@ from tests import dbtemplate
 from tests.factories import MembershipFactory, OrganizationFactory, UserFactory
 
 pytest_plugins = [
+    "pytester",
     "tests.migrated_state",
     "tests.s3server",
     "tests.pool",
