@@ -50,34 +50,33 @@ def pytest_configure(config):
         setattr(module, name, watched(module, name))
 
 
-@pytest.hookimpl(hookwrapper=True)
+@pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     _running.append(item)
     try:
-        yield
+        return (yield)
     finally:
         _running.pop()
 
 
-@pytest.hookimpl(hookwrapper=True)
+@pytest.hookimpl(wrapper=True)
 def pytest_fixture_setup(fixturedef, request):
     shared = fixturedef.scope != "function"
     if shared:
         _shared_setups.append(fixturedef.argname)
     try:
-        yield
+        return (yield)
     finally:
         if shared:
             _shared_setups.pop()
 
 
-@pytest.hookimpl(hookwrapper=True)
+@pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
     """A test not marked `slow` that started a process (in its body or a function-scoped
     fixture) fails at its teardown, naming how: `make test-fast` is the subset that starts none,
     and stays so as tests are added."""
-    outcome = yield
-    report = outcome.get_result()
+    report = yield
     started = item.stash.get(_processes_started, [])
     if (
         call.when == "teardown"
@@ -93,3 +92,4 @@ def pytest_runtest_makereport(item, call):
             "SLOW_FIXTURES (tests/conftest.py), so that `make test-fast` stays the subset that "
             "starts none"
         )
+    return report
