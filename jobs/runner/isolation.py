@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import json
 import os
 import secrets
@@ -21,7 +22,7 @@ import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -203,13 +204,18 @@ def child_start(
     cuda_visible_devices: str,
     threads: int,
     command: Sequence[str] = CHILD_COMMAND,
-) -> subprocess.Popen:
-    """Start the child with its GPUs and its share of the machine's threads, and hand it
-    `workdir` once it is private (WaitingChild)."""
+) -> tuple[subprocess.Popen, Callable[[], subprocess.Popen]]:
+    """Start the child with its GPUs and its share of the machine's threads (WaitingChild);
+    returns it and what hands it `workdir` once it is private and says READY. A child started
+    cold says so after its imports, so the caller hands it over from another thread and
+    supervises it (reporting) meanwhile, as it does a warm child still importing; the child must
+    be started by the thread that supervises it, since it dies with that thread."""
     waiting = WaitingChild(
         threads=threads, command=command, cuda_visible_devices=cuda_visible_devices
     )
-    return waiting.hand_over(workdir=workdir, cuda_visible_devices=cuda_visible_devices)
+    return waiting.process, functools.partial(
+        waiting.hand_over, workdir=workdir, cuda_visible_devices=cuda_visible_devices
+    )
 
 
 def attempt_enter() -> Path:

@@ -388,12 +388,14 @@ class _Attempt:
             else ""
         )
         waiting = warm_child_take(threads=threads, meanwhile=self._flush, every=REPORT_EVERY_S)
-        hand_over = None
+        # A child still importing (started cold, or warm and not done) says READY later: it is
+        # handed its job from the thread that reads its stdout, while this one supervises (and
+        # reports, keeping the attempt's lease) meanwhile.
         if waiting is None:
-            child = child_start(workdir=self.workdir, cuda_visible_devices=devices, threads=threads)
+            child, hand_over = child_start(
+                workdir=self.workdir, cuda_visible_devices=devices, threads=threads
+            )
         else:
-            # A child still importing says READY later: it is handed its job from the thread
-            # that reads its stdout, while this one supervises (and reports) meanwhile.
             child = waiting.process
             hand_over = functools.partial(
                 waiting.hand_over, workdir=self.workdir, cuda_visible_devices=devices

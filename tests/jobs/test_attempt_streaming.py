@@ -126,6 +126,82 @@ def test_progress_metrics_and_logs_are_shown_while_the_child_still_runs(
     assert outcome == ["failed"]
 
 
+# A child started cold whose imports take as long as the test likes: it says it is importing,
+# says READY (in prepare) only once released, and then fails.
+SLOW_IMPORTS = r"""
+import json, sys, time
+from pathlib import Path
+
+plan = json.loads(sys.argv[1])
+Path(plan["importing"]).touch()
+release = Path(plan["release"])
+while not release.exists():
+    time.sleep(0.01)
+from jobs.runner.child import prepare
+
+prepare([])
+sys.exit(1)
+"""
+
+
+@e2e
+@pytest.mark.slow
+def test_a_child_started_cold_keeps_its_attempts_lease_while_it_imports(
+    local_storage, org, owner, tmp_path, settings, monkeypatch
+):
+    """No zygote, so the child starts cold; until it says READY the runner reports as it does
+    once the child runs, so a machine slow to import loses no job to its own lease."""
+    settings.WORKER_WORKDIR = str(tmp_path / "work")
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # the child starts in /
+    importing, release = tmp_path / "importing", tmp_path / "release"
+    plan = {"importing": str(importing), "release": str(release)}
+    monkeypatch.setattr(
+        parent,
+        "child_start",
+        functools.partial(
+            child_start, command=(sys.executable, "-c", SLOW_IMPORTS, json.dumps(plan))
+        ),
+    )
+    data = tmp_path / "points.csv"
+    data.write_bytes(_separable_csv(20))
+    actor = Actor(user=owner)
+    version = dataset_version_create(
+        dataset=dataset_create(organization=org, name="points", actor=actor),
+        path=data,
+        filename="points.csv",
+        actor=actor,
+    )
+    worker = worker_register(name=f"cpu-{uuid.uuid4().hex[:6]}", devices=[])
+    job = JobFactory(organization=org, input_dataset_version=version, created_by=owner)
+    scheduler_pass()
+    outcome = []
+
+    def run() -> None:
+        try:
+            outcome.append(run_attempt(job_id=job.pk, attempt=1, worker_id=worker.pk))
+        finally:
+            connection.close()  # this thread's
+
+    def lease():
+        return Job.objects.get(pk=job.pk).lease_expires_at
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    try:
+        wait_for(importing.exists, timeout=30, what="the child to start importing")
+        first = lease()
+        wait_for(
+            lambda: lease() > first,
+            timeout=10,
+            what="the lease to be renewed while the child is still importing",
+        )
+        assert not outcome, "the child was held before READY, so its attempt cannot have ended"
+    finally:
+        release.touch()
+        runner.join(timeout=60)
+    assert outcome == ["failed"]
+
+
 @pytest.mark.parametrize(
     ("kind", "progress", "words"),
     [

@@ -844,6 +844,7 @@ def test_a_sandboxed_child_claiming_another_attempt_or_job_changes_neither(
     (host.code / "attack.py").write_text(FORGED)
 
     def start_in_sandbox(*, workdir, cuda_visible_devices, threads):
+        """The parent's child_start, in a sandbox: started in its folder, nothing to hand over."""
         return sandbox_start(
             SandboxSpec(
                 command=(runtime.interpreter, "/code/attack.py", plan),
@@ -852,7 +853,7 @@ def test_a_sandboxed_child_claiming_another_attempt_or_job_changes_neither(
                 environment=runtime.environment,
                 limits=Limits(wall_clock_s=60, memory_bytes=1024 * MB, processes=64),
             )
-        )
+        ), None
 
     monkeypatch.setattr(parent, "child_start", start_in_sandbox)
     worker = worker_register(name=f"cpu-{os.urandom(3).hex()}", devices=[])

@@ -159,7 +159,8 @@ write_spec(
         "max_runtime_s": None,
     },
 )
-victim = child_start(workdir=victim_dir, cuda_visible_devices="", threads=1)
+_, hand_over = child_start(workdir=victim_dir, cuda_visible_devices="", threads=1)
+victim = hand_over()  # its folder, once it says READY
 try:
     # Past its start-up: the recipe is training on tenant A's rows.
     for line in victim.stdout:
@@ -167,12 +168,13 @@ try:
             break
     else:
         sys.exit("the victim child ended early: " + victim.stderr.read())
-    attacker = child_start(
+    _, hand_over = child_start(
         workdir=attempt_folder_create(root=root, job_id=2, attempt=1),
         cuda_visible_devices="",
         threads=1,
         command=(sys.executable, "-c", attack),
     )
+    attacker = hand_over()
     out, err = attacker.communicate(timeout=120)
     print(json.dumps({"report": out, "stderr": err, "code": attacker.returncode}))
 finally:
