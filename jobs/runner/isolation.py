@@ -171,6 +171,15 @@ class WaitingChild:
                 pipe.write(f"{handover}\n")
         return self.process
 
+    def for_job(
+        self, *, workdir: Path, cuda_visible_devices: str
+    ) -> tuple[ChildProcess, Callable[[], ChildProcess]]:
+        """The child, and what hands it this job's folder and GPUs (`hand_over`): a child still
+        importing says READY later, so its supervisor calls that from another thread."""
+        return self.process, functools.partial(
+            self.hand_over, workdir=workdir, cuda_visible_devices=cuda_visible_devices
+        )
+
     def discard(self) -> None:
         """End a child that was never handed a job."""
         with contextlib.suppress(OSError):
@@ -213,9 +222,7 @@ def child_start(
     waiting = WaitingChild(
         threads=threads, command=command, cuda_visible_devices=cuda_visible_devices
     )
-    return waiting.process, functools.partial(
-        waiting.hand_over, workdir=workdir, cuda_visible_devices=cuda_visible_devices
-    )
+    return waiting.for_job(workdir=workdir, cuda_visible_devices=cuda_visible_devices)
 
 
 def attempt_enter() -> Path:

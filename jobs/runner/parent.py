@@ -7,7 +7,6 @@ side owns every database and storage write, each fenced by the attempt number.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -396,10 +395,7 @@ class _Attempt:
                 workdir=self.workdir, cuda_visible_devices=devices, threads=threads
             )
         else:
-            child = waiting.process
-            hand_over = functools.partial(
-                waiting.hand_over, workdir=self.workdir, cuda_visible_devices=devices
-            )
+            child, hand_over = waiting.for_job(workdir=self.workdir, cuda_visible_devices=devices)
         threading.Thread(
             target=self._pump, args=("stdout", child.stdout, hand_over), daemon=True
         ).start()
