@@ -50,13 +50,53 @@ sys.exit(1)
 """
 
 
+@pytest.fixture
+def attempt_running(local_storage, org, owner, tmp_path, settings, monkeypatch):
+    """Start attempt 1 of a new job of `org` on a thread, its child started cold as `script`
+    with `plan` as its argument; returns the job, the thread and the list its outcome joins."""
+    settings.WORKER_WORKDIR = str(tmp_path / "work")
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # the child starts in /
+
+    def start(script: str, plan: dict) -> tuple[Job, threading.Thread, list]:
+        monkeypatch.setattr(
+            parent,
+            "child_start",
+            functools.partial(
+                child_start, command=(sys.executable, "-c", script, json.dumps(plan))
+            ),
+        )
+        data = tmp_path / "points.csv"
+        data.write_bytes(_separable_csv(20))
+        actor = Actor(user=owner)
+        version = dataset_version_create(
+            dataset=dataset_create(organization=org, name="points", actor=actor),
+            path=data,
+            filename="points.csv",
+            actor=actor,
+        )
+        worker = worker_register(name=f"cpu-{uuid.uuid4().hex[:6]}", devices=[])
+        job = JobFactory(organization=org, input_dataset_version=version, created_by=owner)
+        scheduler_pass()
+        outcome = []
+
+        def run() -> None:
+            try:
+                outcome.append(run_attempt(job_id=job.pk, attempt=1, worker_id=worker.pk))
+            finally:
+                connection.close()  # this thread's
+
+        runner = threading.Thread(target=run)
+        runner.start()
+        return job, runner, outcome
+
+    return start
+
+
 @e2e
 @pytest.mark.slow
 def test_progress_metrics_and_logs_are_shown_while_the_child_still_runs(
-    local_storage, org, owner, client, client_for, tmp_path, settings, monkeypatch
+    attempt_running, org, owner, client, client_for, tmp_path
 ):
-    settings.WORKER_WORKDIR = str(tmp_path / "work")
-    monkeypatch.setenv("PYTHONPATH", str(REPO))  # the child starts in /
     release = tmp_path / "release"
     plan = {
         "lines": [
@@ -66,33 +106,7 @@ def test_progress_metrics_and_logs_are_shown_while_the_child_still_runs(
         ],
         "release": str(release),
     }
-    monkeypatch.setattr(
-        parent,
-        "child_start",
-        functools.partial(child_start, command=(sys.executable, "-c", HELD, json.dumps(plan))),
-    )
-    data = tmp_path / "points.csv"
-    data.write_bytes(_separable_csv(20))
-    actor = Actor(user=owner)
-    version = dataset_version_create(
-        dataset=dataset_create(organization=org, name="points", actor=actor),
-        path=data,
-        filename="points.csv",
-        actor=actor,
-    )
-    worker = worker_register(name=f"cpu-{uuid.uuid4().hex[:6]}", devices=[])
-    job = JobFactory(organization=org, input_dataset_version=version, created_by=owner)
-    scheduler_pass()
-    outcome = []
-
-    def run() -> None:
-        try:
-            outcome.append(run_attempt(job_id=job.pk, attempt=1, worker_id=worker.pk))
-        finally:
-            connection.close()  # this thread's
-
-    runner = threading.Thread(target=run)
-    runner.start()
+    job, runner, outcome = attempt_running(HELD, plan)
     try:
         wait_for(
             lambda: Job.objects.get(pk=job.pk).progress is not None,
@@ -146,47 +160,17 @@ sys.exit(1)
 
 @e2e
 @pytest.mark.slow
-def test_a_child_started_cold_keeps_its_attempts_lease_while_it_imports(
-    local_storage, org, owner, tmp_path, settings, monkeypatch
-):
+def test_a_child_started_cold_keeps_its_attempts_lease_while_it_imports(attempt_running, tmp_path):
     """No zygote, so the child starts cold; until it says READY the runner reports as it does
     once the child runs, so a machine slow to import loses no job to its own lease."""
-    settings.WORKER_WORKDIR = str(tmp_path / "work")
-    monkeypatch.setenv("PYTHONPATH", str(REPO))  # the child starts in /
     importing, release = tmp_path / "importing", tmp_path / "release"
-    plan = {"importing": str(importing), "release": str(release)}
-    monkeypatch.setattr(
-        parent,
-        "child_start",
-        functools.partial(
-            child_start, command=(sys.executable, "-c", SLOW_IMPORTS, json.dumps(plan))
-        ),
+    job, runner, outcome = attempt_running(
+        SLOW_IMPORTS, {"importing": str(importing), "release": str(release)}
     )
-    data = tmp_path / "points.csv"
-    data.write_bytes(_separable_csv(20))
-    actor = Actor(user=owner)
-    version = dataset_version_create(
-        dataset=dataset_create(organization=org, name="points", actor=actor),
-        path=data,
-        filename="points.csv",
-        actor=actor,
-    )
-    worker = worker_register(name=f"cpu-{uuid.uuid4().hex[:6]}", devices=[])
-    job = JobFactory(organization=org, input_dataset_version=version, created_by=owner)
-    scheduler_pass()
-    outcome = []
-
-    def run() -> None:
-        try:
-            outcome.append(run_attempt(job_id=job.pk, attempt=1, worker_id=worker.pk))
-        finally:
-            connection.close()  # this thread's
 
     def lease():
         return Job.objects.get(pk=job.pk).lease_expires_at
 
-    runner = threading.Thread(target=run)
-    runner.start()
     try:
         wait_for(importing.exists, timeout=30, what="the child to start importing")
         first = lease()
