@@ -4,28 +4,19 @@ page and in the API, not only when an epoch ends."""
 
 from __future__ import annotations
 
-import functools
-import json
-import sys
 import threading
 import uuid
 from pathlib import Path
 
 import pytest
-from django.db import connection
 from django.urls import reverse
 
 from jobs.models import Job, JobLog, JobMetric
-from jobs.runner import parent
-from jobs.runner.isolation import child_start
-from jobs.runner.parent import run_attempt
 from jobs.runner.protocol import format_line
 from jobs.scheduler.apply import scheduler_pass
 from jobs.services.pool import worker_register
-from registry.services import dataset_create, dataset_version_create
-from tenants.actors import Actor
 from tests.factories import JobFactory
-from tests.jobs.test_pool_e2e import _separable_csv
+from tests.jobs.held_attempt import attempt_start, points_version
 from tests.processes import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,36 +49,11 @@ def attempt_running(local_storage, org, owner, tmp_path, settings, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(REPO))  # the child starts in /
 
     def start(script: str, plan: dict) -> tuple[Job, threading.Thread, list]:
-        monkeypatch.setattr(
-            parent,
-            "child_start",
-            functools.partial(
-                child_start, command=(sys.executable, "-c", script, json.dumps(plan))
-            ),
-        )
-        data = tmp_path / "points.csv"
-        data.write_bytes(_separable_csv(20))
-        actor = Actor(user=owner)
-        version = dataset_version_create(
-            dataset=dataset_create(organization=org, name="points", actor=actor),
-            path=data,
-            filename="points.csv",
-            actor=actor,
-        )
         worker = worker_register(name=f"cpu-{uuid.uuid4().hex[:6]}", devices=[])
+        version = points_version(org, owner, tmp_path)
         job = JobFactory(organization=org, input_dataset_version=version, created_by=owner)
         scheduler_pass()
-        outcome = []
-
-        def run() -> None:
-            try:
-                outcome.append(run_attempt(job_id=job.pk, attempt=1, worker_id=worker.pk))
-            finally:
-                connection.close()  # this thread's
-
-        runner = threading.Thread(target=run)
-        runner.start()
-        return job, runner, outcome
+        return (job, *attempt_start(job, worker, script, plan, monkeypatch))
 
     return start
 

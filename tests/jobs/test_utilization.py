@@ -4,8 +4,6 @@ series bounded, and NVML's failures never failing a job."""
 
 from __future__ import annotations
 
-import functools
-import json
 import os
 import subprocess
 import sys
@@ -20,17 +18,12 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from jobs.models import Job, JobAttempt, Quota, ResourceClass, UtilizationSample
-from jobs.runner import parent
-from jobs.runner.isolation import child_start
-from jobs.runner.parent import run_attempt
 from jobs.runner.sampler import Sampler, tree_usage
 from jobs.scheduler.apply import scheduler_pass
 from jobs.services.attempts import Report, attempt_report
 from jobs.services.pool import worker_register
-from registry.services import dataset_create, dataset_version_create
-from tenants.actors import Actor
 from tests.factories import JobFactory
-from tests.jobs.test_pool_e2e import _separable_csv
+from tests.jobs.held_attempt import attempt_start, points_version
 from tests.processes import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,23 +56,9 @@ sys.exit(1)
 
 
 def _run_held(job, worker, release: Path, monkeypatch) -> tuple[threading.Thread, list]:
-    plan = {"burner": BURNER, "release": str(release)}
-    monkeypatch.setattr(
-        parent,
-        "child_start",
-        functools.partial(child_start, command=(sys.executable, "-c", HELD, json.dumps(plan))),
+    return attempt_start(
+        job, worker, HELD, {"burner": BURNER, "release": str(release)}, monkeypatch
     )
-    outcome: list[str] = []
-
-    def run() -> None:
-        try:
-            outcome.append(run_attempt(job_id=job.pk, attempt=1, worker_id=worker.pk))
-        finally:
-            connection.close()  # this thread's
-
-    runner = threading.Thread(target=run)
-    runner.start()
-    return runner, outcome
 
 
 @e2e
@@ -91,7 +70,7 @@ def test_a_real_cpu_job_stores_its_process_trees_cpu_and_memory(
     settings.UTILIZATION_SAMPLE_S = 0.2
     monkeypatch.setenv("PYTHONPATH", str(REPO))  # the child starts in /
     worker = worker_register(name=f"cpu-{uuid.uuid4().hex[:6]}", devices=[])
-    version = _dataset_version(org, owner, tmp_path)
+    version = points_version(org, owner, tmp_path)
     job = JobFactory(organization=org, input_dataset_version=version, created_by=owner)
     scheduler_pass()
     release = tmp_path / "release"
@@ -149,7 +128,7 @@ def test_a_gpu_job_through_the_runner_reads_nvml_at_its_edge_and_runs_on_when_it
     )
     job = JobFactory(
         organization=org,
-        input_dataset_version=_dataset_version(org, owner, tmp_path),
+        input_dataset_version=points_version(org, owner, tmp_path),
         resource_class=h100,
     )
     scheduler_pass()
@@ -179,18 +158,6 @@ def test_a_gpu_job_through_the_runner_reads_nvml_at_its_edge_and_runs_on_when_it
         assert Job.objects.get(pk=job.pk).utilization["gpu_memory_total_bytes"] == 80 * GB
     else:
         assert {(s.gpu_utilization, s.gpu_memory_bytes) for s in samples} == {(None, None)}
-
-
-def _dataset_version(org, owner, tmp_path):
-    data = tmp_path / "points.csv"
-    data.write_bytes(_separable_csv(20))
-    actor = Actor(user=owner)
-    return dataset_version_create(
-        dataset=dataset_create(organization=org, name="points", actor=actor),
-        path=data,
-        filename="points.csv",
-        actor=actor,
-    )
 
 
 @pytest.mark.slow
