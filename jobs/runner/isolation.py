@@ -214,11 +214,9 @@ def child_start(
     threads: int,
     command: Sequence[str] = CHILD_COMMAND,
 ) -> tuple[subprocess.Popen, Callable[[], subprocess.Popen]]:
-    """Start the child with its GPUs and its share of the machine's threads (WaitingChild);
-    returns it and what hands it `workdir` once it is private and says READY. A child started
-    cold says so after its imports, so the caller hands it over from another thread and
-    supervises it (reporting) meanwhile, as it does a warm child still importing; the child must
-    be started by the thread that supervises it, since it dies with that thread."""
+    """Start the child with its GPUs and its share of the machine's threads, and return it with
+    its hand-over of `workdir` (WaitingChild.for_job). Call it from the thread that will
+    supervise the child, since the child dies with the thread that started it."""
     waiting = WaitingChild(
         threads=threads, command=command, cuda_visible_devices=cuda_visible_devices
     )
