@@ -21,10 +21,11 @@ from tenants.actors import Actor
 from tests.jobs.test_pool_e2e import _separable_csv
 
 
-def points_version(org, owner, tmp_path: Path) -> DatasetVersion:
-    """A small CSV dataset version of `org`, for a job to download."""
+def points_version(org, owner, tmp_path: Path, *, rows: int = 20) -> DatasetVersion:
+    """A CSV dataset version of `org` (tmp_path/points.csv, two separable classes), for a job to
+    download."""
     data = tmp_path / "points.csv"
-    data.write_bytes(_separable_csv(20))
+    data.write_bytes(_separable_csv(rows))
     actor = Actor(user=owner)
     return dataset_version_create(
         dataset=dataset_create(organization=org, name="points", actor=actor),

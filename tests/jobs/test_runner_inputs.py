@@ -16,15 +16,13 @@ from jobs.scheduler.apply import scheduler_pass
 from jobs.services import JobOptions, training_job_submit
 from jobs.services.attempts import attempt_claim
 from registry.services import (
-    dataset_create,
-    dataset_version_create,
     model_version_register,
     registered_model_create,
 )
 from registry.storage import get_storage
 from tenants.actors import Actor
 from tests.factories import JobFactory
-from tests.jobs.test_pool_e2e import _separable_csv
+from tests.jobs.held_attempt import points_version
 from tests.processes import wait_for
 
 e2e = pytest.mark.django_db(transaction=True)
@@ -43,15 +41,7 @@ def _replace_stored(key: str, data: bytes) -> None:
 
 @pytest.fixture
 def dataset_version(local_storage, org, owner, tmp_path):
-    path = tmp_path / "points.csv"
-    path.write_bytes(_separable_csv(50))
-    actor = Actor(user=owner)
-    return dataset_version_create(
-        dataset=dataset_create(organization=org, name="points", actor=actor),
-        path=path,
-        filename="points.csv",
-        actor=actor,
-    )
+    return points_version(org, owner, tmp_path, rows=50)
 
 
 @pytest.fixture
@@ -175,23 +165,15 @@ def test_an_attempt_with_a_changed_input_fails_at_once_with_the_reason(
 
 @e2e
 def test_a_job_whose_dataset_was_changed_in_storage_fails_saying_so(pool, org, owner, tmp_path):
-    path = tmp_path / "points.csv"
-    path.write_bytes(_separable_csv(300))
-    actor = Actor(user=owner)
-    version = dataset_version_create(
-        dataset=dataset_create(organization=org, name="points", actor=actor),
-        path=path,
-        filename="points.csv",
-        actor=actor,
-    )
-    tampered = _same_size_tampering(path.read_bytes())
+    version = points_version(org, owner, tmp_path, rows=300)
+    tampered = _same_size_tampering((tmp_path / "points.csv").read_bytes())
     assert len(tampered) == version.size_bytes
     get_storage().save(version.storage_key, io.BytesIO(tampered))  # behind the registry's back
     pool.start_worker("w1")
 
     job, _ = training_job_submit(
         organization=org,
-        actor=actor,
+        actor=Actor(user=owner),
         recipe="tabular-classifier",
         parameters={"target": "label", "epochs": 2},
         dataset_version=version,
